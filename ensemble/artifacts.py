@@ -1,0 +1,96 @@
+"""Where built artifacts live, and the serving settings saved beside them.
+
+An artifact directory (default `artifacts/default/`, or `$FEEDSERVE_ARTIFACTS`) holds everything
+the server loads; export writes it, the Triton backends and the clients read it:
+
+    hf/                 Hugging Face checkpoint (LlamaModel weights + tokenizer files)
+    encoder.onnx        ONNX graph: LLaMA + pooling + L2 norm + Matryoshka truncation
+    encoder.onnx.data   external weights, only for models over 2 GB
+    buckets.json        percentile cut points for engagement counts (feedserve.buckets)
+    serving.json        EncoderSettings below: pooling, dimension, token budgets
+    index/posts.npz     post ids + embeddings served by the knn model
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS_ENV = "FEEDSERVE_ARTIFACTS"
+
+Pooling = Literal["mean", "last"]
+
+
+@dataclass
+class EncoderSettings:
+    """How prompts are built and embedded; one copy shared by export, serving and training."""
+
+    pooling: Pooling = "mean"
+    # Matryoshka truncation: keep the first `dim` dimensions and renormalise (None = full size).
+    dim: int | None = None
+    # Hard cap on a prompt's tokens; longer prompts are cut (members: oldest history first).
+    max_prompt_tokens: int = 512
+    # Token budget for a post's free text inside its own prompt and inside a member's history.
+    post_text_tokens: int = 192
+    history_item_tokens: int = 48
+    # Engaged posts kept in a member prompt at most (newest kept), before the token budget applies.
+    max_history_items: int = 50
+    # Rows of a batch are padded to the next of these lengths, so that same-bucket requests batch.
+    length_buckets: tuple[int, ...] = (32, 64, 128, 256, 512)
+    schema_version: int = 1
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> EncoderSettings:
+        data = json.loads(path.read_text())
+        data["length_buckets"] = tuple(data.get("length_buckets", cls.length_buckets))
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ArtifactLayout:
+    root: Path
+
+    @property
+    def hf_dir(self) -> Path:
+        return self.root / "hf"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.hf_dir / "tokenizer.json"
+
+    @property
+    def onnx(self) -> Path:
+        return self.root / "encoder.onnx"
+
+    @property
+    def buckets(self) -> Path:
+        return self.root / "buckets.json"
+
+    @property
+    def settings(self) -> Path:
+        return self.root / "serving.json"
+
+    @property
+    def index(self) -> Path:
+        return self.root / "index" / "posts.npz"
+
+    def required_for_serving(self) -> list[Path]:
+        return [self.tokenizer, self.onnx, self.buckets, self.settings]
+
+    def missing(self) -> list[Path]:
+        return [p for p in self.required_for_serving() if not p.exists()]
+
+
+def default_artifacts_dir() -> Path:
+    return Path(os.environ.get(ARTIFACTS_ENV, REPO_ROOT / "artifacts" / "default")).resolve()

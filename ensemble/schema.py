@@ -1,0 +1,99 @@
+"""The one place that names every Triton model, tensor, dtype and dimension of the pipeline.
+
+Configs (`feedserve.repository`), backends (`feedserve.triton`) and clients (`feedserve.clients`)
+all read these specs, so a renamed tensor or a changed dtype is a one-line change here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final
+
+import numpy as np
+
+
+class ModelName(StrEnum):
+    PREPROCESS_POST = "preprocess_post"
+    PREPROCESS_MEMBER = "preprocess_member"
+    ENCODER = "encoder"
+    KNN = "knn"
+    EMBED_POST = "embed_post"
+    EMBED_MEMBER = "embed_member"
+    RETRIEVE = "retrieve"
+
+
+class RecordKind(StrEnum):
+    POST = "post"
+    MEMBER = "member"
+
+
+# Triton datatype (as in config.pbtxt TYPE_*, and as the KServe v2 protocol spells it) -> numpy.
+_NP_DTYPES: Final[dict[str, type]] = {
+    "BYTES": np.object_,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP32": np.float32,
+    "FP16": np.float16,
+    "BOOL": np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor as one request sees it, without the batch dimension Triton adds in front."""
+
+    name: str
+    datatype: str  # KServe v2 spelling: BYTES, INT64, FP32...
+    dims: tuple[int, ...]
+    optional: bool = False
+    # Let the dynamic batcher group requests whose shapes differ in this input (the backend pads).
+    ragged: bool = False
+
+    @property
+    def np_dtype(self) -> type:
+        return _NP_DTYPES[self.datatype]
+
+    @property
+    def config_dtype(self) -> str:
+        return "TYPE_STRING" if self.datatype == "BYTES" else f"TYPE_{self.datatype}"
+
+
+# One JSON record (post or member) per batch row.
+RECORDS = TensorSpec("RECORDS", "BYTES", (1,))
+# Token ids and mask of one prompt per row; rows of one request share a length (right-padded).
+INPUT_IDS = TensorSpec("INPUT_IDS", "INT64", (-1,), ragged=True)
+ATTENTION_MASK = TensorSpec("ATTENTION_MASK", "INT64", (-1,), ragged=True)
+# Post ids a member already engaged with: never retrieved again. -1 pads rows to a common length.
+EXCLUDE_IDS = TensorSpec("EXCLUDE_IDS", "INT64", (-1,), optional=True, ragged=True)
+# L2-normalised embedding (after Matryoshka truncation): inner product == cosine similarity.
+EMBEDDING = TensorSpec("EMBEDDING", "FP32", (-1,))
+QUERY = TensorSpec("QUERY", "FP32", (-1,))
+# How many posts to return for this row, 1..max_k (max_k is in the knn config's parameters).
+K = TensorSpec("K", "INT32", (1,))
+IDS = TensorSpec("IDS", "INT64", (-1,))
+SCORES = TensorSpec("SCORES", "FP32", (-1,))
+
+# Padding value for EXCLUDE_IDS and for IDS when fewer than k posts exist.
+NO_ID: Final[int] = -1
+
+
+@dataclass(frozen=True)
+class ModelIO:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+IO: Final[dict[ModelName, ModelIO]] = {
+    ModelName.PREPROCESS_POST: ModelIO((RECORDS,), (INPUT_IDS, ATTENTION_MASK)),
+    ModelName.PREPROCESS_MEMBER: ModelIO((RECORDS,), (INPUT_IDS, ATTENTION_MASK, EXCLUDE_IDS)),
+    ModelName.ENCODER: ModelIO((INPUT_IDS, ATTENTION_MASK), (EMBEDDING,)),
+    ModelName.KNN: ModelIO((QUERY, K, EXCLUDE_IDS), (IDS, SCORES)),
+    ModelName.EMBED_POST: ModelIO((RECORDS,), (EMBEDDING,)),
+    ModelName.EMBED_MEMBER: ModelIO((RECORDS,), (EMBEDDING,)),
+    ModelName.RETRIEVE: ModelIO((RECORDS, K), (IDS, SCORES)),
+}
+
+# Names of the ONNX graph's inputs/outputs (the exporter and the ONNX Runtime encoder share them).
+ONNX_INPUTS: Final[tuple[str, str]] = ("input_ids", "attention_mask")
+ONNX_OUTPUT: Final[str] = "embedding"
