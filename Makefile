@@ -1,0 +1,23 @@
+# The two commands of the README: `make demo` (the main job) and `make test`. Both set up first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test test-all bench render
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m feedserve.cli demo $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(ARGS)
+
+# Everything, the real-model (slow) tests included; no GPU tests.
+test-all: setup
+	$(PY) -m pytest -m "not gpu" $(ARGS)
+
+render:
+	$(PY) -m feedserve.cli render
+
+bench: setup
+	$(PY) -m benchmarks.run $(ARGS)

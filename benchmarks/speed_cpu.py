@@ -1,0 +1,141 @@
+"""CPU speed of the default model, same inputs everywhere (issue 2's measurements).
+
+1. encoder alone: prompts/s of ONNX Runtime and of PyTorch eager on the same token batches;
+2. `embed_post` through Triton: prompts/s with the async gRPC batch client;
+3. `retrieve` latency with perf_analyzer at concurrency 1 and 8 (p50/p99).
+
+    .venv/bin/python -m benchmarks.speed_cpu [--posts 256] [--out benchmarks/reports]
+
+Needs the default artifacts (`feedserve build`) and an index (the demo builds one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from feedserve.artifacts import ArtifactLayout, EncoderSettings, default_artifacts_dir
+from feedserve.build import SAMPLE_CORPUS
+
+logger = logging.getLogger("benchmarks.speed_cpu")
+
+
+def _machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def _rate(fn, batches, repeat: int = 1) -> float:  # type: ignore[no-untyped-def]
+    fn(*batches[0])  # warm-up
+    n = sum(len(b[0]) for b in batches) * repeat
+    t = time.perf_counter()
+    for _ in range(repeat):
+        for ids, mask in batches:
+            fn(ids, mask)
+    return n / (time.perf_counter() - t)
+
+
+def perf_analyzer(url: str, model: str, data: Path, concurrency: int, seconds: float = 8.0) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "pa.csv"
+        cmd = [
+            str(Path(sys.executable).parent / "perf_analyzer"), "-m", model, "-u", url, "-i", "grpc",
+            "--input-data", str(data), "-b", "1", f"--concurrency-range={concurrency}",
+            f"--measurement-interval={int(seconds * 1000)}", "--stability-percentage=50",
+            "--max-trials=4", "--percentile=99", "-f", str(report),
+        ]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if out.returncode != 0:
+            raise RuntimeError(f"perf_analyzer failed:\n{out.stdout}\n{out.stderr}")
+        row = next(csv.DictReader(io.StringIO(report.read_text())))
+    return {
+        "concurrency": concurrency,
+        "infer_per_s": float(row["Inferences/Second"]),
+        "p50_ms": float(row["p50 latency"]) / 1000,
+        "p90_ms": float(row["p90 latency"]) / 1000,
+        "p99_ms": float(row["p99 latency"]) / 1000,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifacts", type=Path, default=default_artifacts_dir())
+    parser.add_argument("--posts", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "reports")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    from tokenizers import Tokenizer
+
+    from feedserve.buckets import PercentileBuckets
+    from feedserve.clients.batch import embed_records
+    from feedserve.encoder import TorchEncoder
+    from feedserve.movielens import load_movielens
+    from feedserve.prompts import PromptBuilder
+    from feedserve.repository import write_repository
+    from feedserve.runtime import OnnxEncoder
+    from feedserve.server import ServerOptions, TritonServer, free_port
+
+    layout = ArtifactLayout(args.artifacts)
+    settings = EncoderSettings.load(layout.settings)
+    builder = PromptBuilder(Tokenizer.from_file(str(layout.tokenizer)), PercentileBuckets.load(layout.buckets), settings)
+    ml = load_movielens(SAMPLE_CORPUS)
+    posts = sorted(ml.posts(), key=lambda p: -p.counts.get("ratings", 0))[: args.posts]
+    batches = []
+    for s in range(0, len(posts), args.batch):
+        b = builder.encode_posts(posts[s : s + args.batch])
+        batches.append((b.input_ids, b.attention_mask))
+    tokens = sum(int(m.sum()) for _, m in batches)
+    results: dict[str, object] = {
+        "machine": _machine(), "posts": len(posts), "batch": args.batch,
+        "mean_prompt_tokens": tokens / len(posts), "padded_tokens_per_prompt": sum(i.size for i, _ in batches) / len(posts),
+    }
+    results["onnxruntime_prompts_per_s"] = _rate(OnnxEncoder(layout.onnx).encode, batches)
+    results["pytorch_prompts_per_s"] = _rate(TorchEncoder(layout.hf_dir, settings).encode, batches)
+    logger.info("encoder alone: %s", results)
+
+    write_repository()
+    opts = ServerOptions(artifacts=layout.root, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                         log_file=layout.root.parent / "logs" / "bench-tritonserver.log")
+    members = [m for m in ml.members() if 5 <= len(m.history) <= 60][:32]
+    with TritonServer(opts) as server:
+        embed_records(posts[:16], url=server.grpc_url, progress=False)  # warm-up
+        for conc in (1, 4):
+            t = time.perf_counter()
+            embed_records(posts, url=server.grpc_url, batch_size=args.batch if conc == 1 else 8, concurrency=conc, progress=False)
+            results[f"embed_post_prompts_per_s_c{conc}"] = len(posts) / (time.perf_counter() - t)
+        with tempfile.TemporaryDirectory() as tmp:
+            data = Path(tmp) / "members.json"
+            data.write_text(json.dumps({"data": [
+                {"RECORDS": {"content": [m.model_dump_json(exclude_none=True)], "shape": [1]}, "K": {"content": [10], "shape": [1]}}
+                for m in members
+            ]}))
+            results["retrieve"] = [perf_analyzer(server.grpc_url, "retrieve", data, c) for c in (1, 8)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "speed_cpu.json").write_text(json.dumps(results, indent=2) + "\n")
+    logger.info("results: %s", json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Online client: retrieve top-k posts for a member and embed records, over Triton HTTP or gRPC.
+
+    with FeedClient("127.0.0.1:8001", protocol="grpc") as client:
+        hits = client.retrieve(member_json, k=10)
+
+Records go to the server as JSON text, one per batch row (the `RECORDS` tensor); a dict, a JSON
+string or a pydantic record all work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal
+
+import numpy as np
+from tritonclient.utils import InferenceServerException
+
+from feedserve.schema import EMBEDDING, IDS, K, NO_ID, RECORDS, SCORES, ModelName
+
+logger = logging.getLogger(__name__)
+
+Protocol = Literal["http", "grpc"]
+Record = dict[str, Any] | str | bytes | Any  # Any: a pydantic record (has model_dump_json)
+
+
+class ClientError(RuntimeError):
+    """The server refused or failed a request; the message carries its reason."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    post_id: int
+    score: float
+
+
+def encode_record(record: Record) -> bytes:
+    if isinstance(record, bytes):
+        return record
+    if isinstance(record, str):
+        return record.encode()
+    if hasattr(record, "model_dump_json"):
+        return str(record.model_dump_json(exclude_none=True)).encode()
+    return json.dumps(record, ensure_ascii=False).encode()
+
+
+def records_tensor(records: Sequence[Record]) -> np.ndarray:
+    return np.array([[encode_record(r)] for r in records], dtype=np.object_)
+
+
+def protocol_module(protocol: Protocol) -> Any:
+    if protocol == "http":
+        import tritonclient.http as module
+    elif protocol == "grpc":
+        import tritonclient.grpc as module
+    else:
+        raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
+    return module
+
+
+class FeedClient:
+    def __init__(self, url: str = "127.0.0.1:8000", protocol: Protocol = "http", timeout_s: float = 30.0) -> None:
+        self.protocol = protocol
+        self.timeout_s = timeout_s
+        self._tc = protocol_module(protocol)
+        if protocol == "http":
+            self._client = self._tc.InferenceServerClient(
+                url, connection_timeout=timeout_s, network_timeout=timeout_s
+            )
+        else:
+            self._client = self._tc.InferenceServerClient(url)
+
+    def ready(self) -> bool:
+        try:
+            return bool(self._client.is_server_ready())
+        except (InferenceServerException, OSError):
+            return False
+
+    def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """One inference with numpy inputs; tensors travel in binary, not JSON."""
+        tensors = []
+        for name, value in inputs.items():
+            t = self._tc.InferInput(name, list(value.shape), _datatype(value))
+            if self.protocol == "http":
+                t.set_data_from_numpy(value, binary_data=True)
+            else:
+                t.set_data_from_numpy(value)
+            tensors.append(t)
+        if self.protocol == "http":
+            requested = [self._tc.InferRequestedOutput(o, binary_data=True) for o in outputs]
+            kwargs: dict[str, Any] = {}
+        else:
+            requested = [self._tc.InferRequestedOutput(o) for o in outputs]
+            kwargs = {"client_timeout": self.timeout_s}
+        try:
+            result = self._client.infer(model, tensors, outputs=requested, **kwargs)
+        except InferenceServerException as err:
+            raise ClientError(f"{model}: {err.message()}") from err
+        return {o: result.as_numpy(o) for o in outputs}
+
+    def retrieve_many(self, members: Sequence[Record], k: int = 10) -> list[list[Hit]]:
+        out = self.infer(
+            ModelName.RETRIEVE,
+            {RECORDS.name: records_tensor(members), K.name: np.full((len(members), 1), k, np.int32)},
+            (IDS.name, SCORES.name),
+        )
+        return [
+            [Hit(int(i), float(s)) for i, s in zip(ids, scores, strict=True) if i != NO_ID]
+            for ids, scores in zip(out[IDS.name], out[SCORES.name], strict=True)
+        ]
+
+    def retrieve(self, member: Record, k: int = 10) -> list[Hit]:
+        return self.retrieve_many([member], k)[0]
+
+    def embed_posts(self, posts: Sequence[Record]) -> np.ndarray:
+        return self.infer(ModelName.EMBED_POST, {RECORDS.name: records_tensor(posts)}, (EMBEDDING.name,))[EMBEDDING.name]
+
+    def embed_members(self, members: Sequence[Record]) -> np.ndarray:
+        return self.infer(ModelName.EMBED_MEMBER, {RECORDS.name: records_tensor(members)}, (EMBEDDING.name,))[EMBEDDING.name]
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> FeedClient:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+def _datatype(value: np.ndarray) -> str:
+    from tritonclient.utils import np_to_triton_dtype
+
+    return str(np_to_triton_dtype(value.dtype))

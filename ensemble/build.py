@@ -1,0 +1,50 @@
+"""Build the artifacts the server loads: import the checkpoint, export ONNX, fit the buckets.
+
+Each step is skipped when its output is already there and up to date, so `feedserve build` (and the
+demo, which calls it) is cheap the second time.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from feedserve.artifacts import REPO_ROOT, ArtifactLayout, EncoderSettings
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_CORPUS = REPO_ROOT / "data" / "movielens-latest-small"
+
+
+@dataclass
+class BuildOptions:
+    artifacts: Path
+    source: Path | None = None  # a .gguf file or a local HF checkpoint; None = bundled SmolLM2
+    settings: EncoderSettings | None = None  # None = keep the saved settings (or defaults)
+    corpus: Path = SAMPLE_CORPUS  # MovieLens directory the buckets are fitted on
+    force: bool = False
+
+
+def build_artifacts(opts: BuildOptions) -> ArtifactLayout:
+    from feedserve.export.import_model import default_gguf_path, import_checkpoint
+    from feedserve.export.onnx import export_onnx
+    from feedserve.movielens import load_movielens
+
+    layout = ArtifactLayout(opts.artifacts)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    settings = opts.settings
+    if settings is None:
+        settings = EncoderSettings.load(layout.settings) if layout.settings.exists() else EncoderSettings()
+    settings_changed = not layout.settings.exists() or EncoderSettings.load(layout.settings) != settings
+    settings.save(layout.settings)
+
+    import_checkpoint(opts.source or default_gguf_path(), layout.hf_dir)
+    if opts.force or settings_changed or not layout.onnx.exists():
+        export_onnx(layout.hf_dir, settings, layout.onnx)
+    else:
+        logger.info("ONNX model up to date: %s", layout.onnx)
+    if opts.force or not layout.buckets.exists():
+        load_movielens(opts.corpus).fit_buckets().save(layout.buckets)
+        logger.info("fitted percentile buckets on %s", opts.corpus)
+    return layout

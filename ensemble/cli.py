@@ -1,0 +1,211 @@
+"""`feedserve`: one command line over the bundle.
+
+    feedserve build      import the model, export ONNX, fit buckets   (artifacts/default)
+    feedserve render     write model_repository/ from code (--check: fail on drift)
+    feedserve serve      run tritonserver on 127.0.0.1 until interrupted
+    feedserve index      embed a post corpus through the server and build the knn index
+    feedserve retrieve   top-k posts for a member record
+    feedserve embed      embeddings of post or member records
+    feedserve demo       all of the above on the MovieLens sample, end to end
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from feedserve.artifacts import ArtifactLayout, EncoderSettings, default_artifacts_dir
+from feedserve.build import SAMPLE_CORPUS
+
+logger = logging.getLogger("feedserve")
+
+
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=None, help="host:port (default 127.0.0.1:8000 http, :8001 grpc)")
+    p.add_argument("--protocol", choices=("http", "grpc"), default="grpc")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+
+
+def _url(args: argparse.Namespace) -> str:
+    return args.url or ("127.0.0.1:8001" if args.protocol == "grpc" else "127.0.0.1:8000")
+
+
+def _read_records(value: str) -> list[str]:
+    """A JSON record, a .json file, or a .jsonl file (one record per line)."""
+    path = Path(value)
+    if path.suffix == ".jsonl" and path.exists():
+        return [line for line in path.read_text().splitlines() if line.strip()]
+    if path.exists():
+        return [path.read_text()]
+    return [value]
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from feedserve.build import BuildOptions, build_artifacts
+
+    settings = None
+    if args.pooling or args.dim:
+        settings = EncoderSettings(pooling=args.pooling or "mean", dim=args.dim)
+    build_artifacts(BuildOptions(args.artifacts, args.source, settings, args.corpus, args.force))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from feedserve.server import ServerOptions, TritonServer
+
+    opts = ServerOptions(
+        artifacts=args.artifacts, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port, log_file=args.log_file,
+    )
+    if args.host != "127.0.0.1" and not args.expose:
+        logger.error("refusing to listen on %s without --expose (default is loopback only)", args.host)
+        return 2
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with TritonServer(opts) as server:
+        print(f"tritonserver ready: http {server.http_url}  grpc {server.grpc_url}  (Ctrl-C stops)", flush=True)
+        try:
+            while not stop.wait(1.0):
+                if server.process is None or server.process.poll() is not None:
+                    logger.error("tritonserver exited")
+                    return 1
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from feedserve.clients.batch import index_corpus
+    from feedserve.movielens import load_movielens
+    from feedserve.records import read_posts_jsonl
+
+    if args.corpus.is_dir():
+        posts = load_movielens(args.corpus).posts()
+    else:
+        posts = read_posts_jsonl(args.corpus)
+    if args.limit:
+        posts = posts[: args.limit]
+    stats = index_corpus(
+        posts, [p.id for p in posts], ArtifactLayout(args.artifacts).index,
+        embeddings_dir=args.embeddings_out, url=args.url or "127.0.0.1:8001",
+        batch_size=args.batch_size, concurrency=args.concurrency,
+    )
+    print(f"indexed {stats.posts} posts in {stats.seconds:.1f} s ({stats.posts_per_s:.1f} posts/s)")
+    return 0
+
+
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    from feedserve.clients.online import FeedClient
+
+    with FeedClient(_url(args), args.protocol, args.timeout) as client:
+        for hits in client.retrieve_many(_read_records(args.member), args.k):
+            print(json.dumps([{"post_id": h.post_id, "score": round(h.score, 4)} for h in hits]))
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from feedserve.clients.online import FeedClient
+
+    records = _read_records(args.records)
+    with FeedClient(_url(args), args.protocol, args.timeout) as client:
+        vectors = client.embed_members(records) if args.kind == "member" else client.embed_posts(records)
+    if args.out:
+        np.save(args.out, vectors, allow_pickle=False)
+        print(f"wrote {vectors.shape} to {args.out}")
+    else:
+        for v in vectors:
+            print(json.dumps([round(float(x), 6) for x in v]))
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from feedserve.repository import main as render_main
+
+    return render_main(["--out", str(args.out)] + (["--check"] if args.check else []))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from feedserve.demo import DemoOptions, run_demo
+
+    return run_demo(DemoOptions(artifacts=args.artifacts, limit=None if args.full else args.limit, k=args.k))
+
+
+def parser() -> argparse.ArgumentParser:
+    from feedserve.server import DEFAULT_REPOSITORY
+
+    p = argparse.ArgumentParser(prog="feedserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--artifacts", type=Path, default=default_artifacts_dir())
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="import the model, export ONNX, fit buckets")
+    b.add_argument("--source", type=Path, help="a .gguf file or a local HF LLaMA-family checkpoint")
+    b.add_argument("--corpus", type=Path, default=SAMPLE_CORPUS, help="MovieLens dir to fit buckets on")
+    b.add_argument("--pooling", choices=("mean", "last"))
+    b.add_argument("--dim", type=int, help="Matryoshka dimension (default: full)")
+    b.add_argument("--force", action="store_true")
+    b.set_defaults(func=cmd_build)
+
+    r = sub.add_parser("render", help="write the model repository from code")
+    r.add_argument("--out", type=Path, default=DEFAULT_REPOSITORY)
+    r.add_argument("--check", action="store_true")
+    r.set_defaults(func=cmd_render)
+
+    s = sub.add_parser("serve", help="run tritonserver until interrupted")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--expose", action="store_true", help="allow a non-loopback --host")
+    s.add_argument("--http-port", type=int, default=8000)
+    s.add_argument("--grpc-port", type=int, default=8001)
+    s.add_argument("--metrics-port", type=int, default=8002)
+    s.add_argument("--log-file", type=Path)
+    s.set_defaults(func=cmd_serve)
+
+    i = sub.add_parser("index", help="embed a corpus via embed_post and build the index")
+    i.add_argument("--corpus", type=Path, default=SAMPLE_CORPUS, help="posts .jsonl or a MovieLens dir")
+    i.add_argument("--limit", type=int, default=0)
+    i.add_argument("--url", default=None, help="gRPC host:port (default 127.0.0.1:8001)")
+    i.add_argument("--batch-size", type=int, default=8)
+    i.add_argument("--concurrency", type=int, default=4)
+    i.add_argument("--embeddings-out", type=Path)
+    i.set_defaults(func=cmd_index)
+
+    q = sub.add_parser("retrieve", help="top-k posts for member records")
+    q.add_argument("member", help="member JSON, a .json file or a .jsonl file")
+    q.add_argument("-k", type=int, default=10)
+    _add_server_args(q)
+    q.set_defaults(func=cmd_retrieve)
+
+    e = sub.add_parser("embed", help="embeddings of records")
+    e.add_argument("kind", choices=("post", "member"))
+    e.add_argument("records", help="JSON, a .json file or a .jsonl file")
+    e.add_argument("--out", type=Path, help="write a .npy instead of printing")
+    _add_server_args(e)
+    e.set_defaults(func=cmd_embed)
+
+    d = sub.add_parser("demo", help="build, serve, index MovieLens, print retrievals")
+    d.add_argument("--limit", type=int, default=1000, help="movies to index (the most rated first)")
+    d.add_argument("--full", action="store_true", help="index the whole catalog (9,742 movies)")
+    d.add_argument("-k", type=int, default=10)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+    )
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Exhaustive inner-product index over post embeddings, keyed by int64 post id (faiss-cpu).
+
+Embeddings are L2-normalised, so inner product is cosine similarity. The index is exact
+(`IndexFlatIP`): at the sizes served here an exhaustive scan is fast and gives perfect recall,
+which is also what the system we reproduce runs on GPU.
+
+On disk an index is one `.npz` (ids, vectors, metadata as JSON text), written atomically and read
+with `allow_pickle=False`: loading an index never executes code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from feedserve.schema import NO_ID
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "feedserve.index/1"
+
+
+class IndexError_(ValueError):
+    """An index file or an index write is invalid."""
+
+
+@dataclass
+class SearchResult:
+    ids: np.ndarray  # int64 [n], n <= k
+    scores: np.ndarray  # float32 [n]
+
+
+class PostIndex:
+    """Thread-safe: faiss must not search while it is being written, so one lock guards both."""
+
+    def __init__(self, dim: int, meta: dict[str, object] | None = None) -> None:
+        if dim <= 0:
+            raise IndexError_(f"index dimension must be positive, got {dim}")
+        self.dim = dim
+        self.meta: dict[str, object] = dict(meta or {})
+        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return int(self._index.ntotal)
+
+    def upsert(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add posts; a post id already present gets its vector replaced."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise IndexError_(f"vectors must have shape [n, {self.dim}], got {list(vectors.shape)}")
+        if len(ids) != len(vectors):
+            raise IndexError_(f"{len(ids)} ids for {len(vectors)} vectors")
+        if len(np.unique(ids)) != len(ids):
+            raise IndexError_("duplicate post ids in one write")
+        if not np.isfinite(vectors).all():
+            raise IndexError_("vectors contain NaN or inf")
+        with self._lock:
+            self._index.remove_ids(ids)
+            self._index.add_with_ids(vectors, ids)
+
+    def delete(self, ids: np.ndarray) -> int:
+        with self._lock:
+            return int(self._index.remove_ids(np.asarray(ids, dtype=np.int64).reshape(-1)))
+
+    def search(
+        self, queries: np.ndarray, ks: Sequence[int], exclude: Sequence[np.ndarray] | None = None
+    ) -> list[SearchResult]:
+        """Top-k per query row, skipping that row's excluded ids (NO_ID entries are padding)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        n = len(queries)
+        excl = [np.asarray(e, dtype=np.int64) for e in exclude] if exclude is not None else [np.empty(0, np.int64)] * n
+        excl = [e[e != NO_ID] for e in excl]
+        with self._lock:
+            total = int(self._index.ntotal)
+            if total == 0 or n == 0:
+                return [SearchResult(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in range(n)]
+            # One search for the whole batch, deep enough that every row still has k after exclusion.
+            depth = min(total, max(ks) + max((len(e) for e in excl), default=0))
+            scores, ids = self._index.search(queries, depth)
+        results = []
+        for row, (k, e) in enumerate(zip(ks, excl, strict=True)):
+            keep = ids[row] != NO_ID
+            if len(e):
+                keep &= ~np.isin(ids[row], e)
+            row_ids, row_scores = ids[row][keep][:k], scores[row][keep][:k]
+            results.append(SearchResult(row_ids.astype(np.int64), row_scores.astype(np.float32)))
+        return results
+
+    def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) currently in the index."""
+        with self._lock:
+            n = int(self._index.ntotal)
+            ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+            vectors = self._index.index.reconstruct_n(0, n) if n else np.empty((0, self.dim), np.float32)
+        return ids, vectors
+
+    def save(self, path: Path) -> None:
+        ids, vectors = self.snapshot()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = json.dumps({"format": FORMAT, "dim": self.dim, "count": len(ids), **self.meta})
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, ids=ids, vectors=vectors, meta=np.array(meta))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+        logger.info("saved %d posts (dim %d) to %s", len(ids), self.dim, path)
+
+    @classmethod
+    def load(cls, path: Path) -> PostIndex:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                ids, vectors = data["ids"], data["vectors"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            raise IndexError_(f"cannot read index {path}: {err}") from err
+        if meta.get("format") != FORMAT:
+            raise IndexError_(f"{path}: unknown index format {meta.get('format')!r}")
+        if vectors.ndim != 2 or len(ids) != len(vectors) or vectors.shape[1] != meta["dim"]:
+            raise IndexError_(f"{path}: ids {ids.shape} and vectors {vectors.shape} do not match")
+        index = cls(int(meta["dim"]), {k: v for k, v in meta.items() if k not in ("format", "dim", "count")})
+        if len(ids):
+            index.upsert(ids, vectors)
+        logger.info("loaded %d posts (dim %d) from %s", len(index), index.dim, path)
+        return index
+
+
+def file_signature(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_mtime_ns, st.st_size)

@@ -1,0 +1,229 @@
+"""Start and stop the bundled `tritonserver` (from the nvidia-pytriton wheel) on loopback.
+
+The wheel is used for its server binary and python backend only; the project talks plain Triton
+(model repository, config.pbtxt, KServe v2). What makes the bundled binary work here:
+- its shared libraries live in `nvidia_pytriton.libs/`, which must be on LD_LIBRARY_PATH;
+- the python backend needs the stub built for *this* interpreter's minor version copied next to
+  `libtriton_python.so`, in a backend directory of our own (`--backend-directory`);
+- the stub finds this virtual environment's packages only when its `bin/` is first on PATH.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from feedserve.artifacts import ARTIFACTS_ENV, REPO_ROOT, ArtifactLayout, default_artifacts_dir
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
+LOOPBACK = "127.0.0.1"
+BACKEND_CACHE = REPO_ROOT / "build" / "triton-backends"
+
+
+class ServerError(RuntimeError):
+    """The server could not be started, or stopped being ready."""
+
+
+def _pytriton_dir() -> Path:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError("nvidia-pytriton is not installed: run scripts/setup.sh")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def tritonserver_binary() -> Path:
+    return _pytriton_dir() / "tritonserver" / "bin" / "tritonserver"
+
+
+def _library_dir() -> Path:
+    return _pytriton_dir().parent / "nvidia_pytriton.libs"
+
+
+def prepare_backend_dir(dest: Path) -> Path:
+    """A `--backend-directory` whose python backend carries the stub for this interpreter."""
+    triton = _pytriton_dir() / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = triton / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise ServerError(f"no python backend stub for Python {version} in {stub.parent.parent}")
+    python_dir = dest / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for src in (stub, *(triton / "backends" / "python").glob("*.*")):
+        target = python_dir / src.name
+        if not target.exists() or target.stat().st_mtime < src.stat().st_mtime:
+            shutil.copy2(src, target)
+    return dest
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+@dataclass
+class ServerOptions:
+    repository: Path = DEFAULT_REPOSITORY
+    artifacts: Path = field(default_factory=default_artifacts_dir)
+    host: str = LOOPBACK
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    log_file: Path | None = None
+    log_verbose: int = 0
+    startup_timeout_s: float = 300.0
+    exit_timeout_s: int = 5
+    extra_args: tuple[str, ...] = ()
+
+
+class TritonServer:
+    """A tritonserver child process; use as a context manager or call start()/stop()."""
+
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log_handle: object | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.options.host}:{self.options.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.options.host}:{self.options.grpc_port}"
+
+    def command(self, backend_dir: Path) -> list[str]:
+        o = self.options
+        return [
+            str(tritonserver_binary()),
+            f"--model-repository={o.repository}",
+            f"--backend-directory={backend_dir}",
+            f"--http-address={o.host}",
+            f"--http-port={o.http_port}",
+            f"--grpc-address={o.host}",
+            f"--grpc-port={o.grpc_port}",
+            f"--metrics-address={o.host}",
+            f"--metrics-port={o.metrics_port}",
+            # Models are fixed at start; nobody on the network may load or unload them.
+            "--model-control-mode=none",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            # Idle keep-alive client connections would otherwise hold shutdown for 30 s.
+            f"--exit-timeout-secs={o.exit_timeout_s}",
+            f"--log-verbose={o.log_verbose}",
+            *o.extra_args,
+        ]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        venv_bin = str(Path(sys.executable).parent)
+        env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (str(_library_dir()), env.get("LD_LIBRARY_PATH", "")) if p
+        )
+        env[ARTIFACTS_ENV] = str(self.options.artifacts)
+        return env
+
+    def check_artifacts(self) -> None:
+        layout = ArtifactLayout(self.options.artifacts)
+        missing = layout.missing()
+        if missing:
+            names = ", ".join(str(p) for p in missing)
+            raise ServerError(
+                f"missing artifacts: {names}. Build them first: `feedserve build` "
+                "(imports the model, exports ONNX, fits buckets)."
+            )
+        if not (self.options.repository / "knn" / "config.pbtxt").exists():
+            raise ServerError(
+                f"{self.options.repository} is not a rendered model repository: `feedserve render`"
+            )
+
+    def start(self) -> TritonServer:
+        o = self.options
+        self.check_artifacts()
+        for port in (o.http_port, o.grpc_port, o.metrics_port):
+            if _port_open(o.host, port):
+                raise ServerError(f"port {o.host}:{port} is already in use (another server?)")
+        backend_dir = prepare_backend_dir(BACKEND_CACHE)
+        cmd = self.command(backend_dir)
+        logger.info("starting %s", " ".join(cmd))
+        stdout: int | object = subprocess.DEVNULL
+        if o.log_file is not None:
+            o.log_file.parent.mkdir(parents=True, exist_ok=True)
+            self._log_handle = open(o.log_file, "ab")  # noqa: SIM115 (closed in stop)
+            stdout = self._log_handle
+        self.process = subprocess.Popen(
+            cmd, env=self.environment(), stdout=stdout, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            self.wait_ready(o.startup_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        logger.info("tritonserver ready: http %s, grpc %s", self.http_url, self.grpc_url)
+        return self
+
+    def _ready(self) -> bool:
+        url = f"http://{self.http_url}/v2/health/ready"
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            code = self.process.poll()
+            if code is not None:
+                hint = f"; see {self.options.log_file}" if self.options.log_file else ""
+                raise ServerError(f"tritonserver exited with code {code} during start-up{hint}")
+            if self._ready():
+                return
+            time.sleep(0.25)
+        raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        proc, self.process = self.process, None
+        if proc is not None and proc.poll() is None:
+            # SIGINT lets Triton unload models and stop the python stubs cleanly.
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("tritonserver did not stop in %.0f s; killing it", timeout_s)
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if self._log_handle is not None:
+            self._log_handle.close()  # type: ignore[attr-defined]
+            self._log_handle = None
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,99 @@
+"""`encoder` on CPU: ONNX Runtime over the exported LLaMA + pooling graph.
+
+Requests in a dynamic batch may differ in length (the inputs are ragged). Rows are trimmed to their
+own length, sorted, and run in groups padded to a length bucket, so one long prompt does not make
+every short one pay for its padding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from feedserve.artifacts import ArtifactLayout, EncoderSettings
+from feedserve.runtime import OnnxEncoder
+from feedserve.schema import ATTENTION_MASK, EMBEDDING, INPUT_IDS, ModelName
+from feedserve.triton.base import Arrays, BatchModel, RequestError, check_2d, require
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Tokens:
+    rows: list[np.ndarray]  # each row's unpadded token ids
+
+
+def pad_to_bucket(length: int, buckets: Sequence[int]) -> int:
+    return next((b for b in buckets if b >= length), length)
+
+
+class EncoderModel(BatchModel[Tokens]):
+    name = ModelName.ENCODER
+
+    def setup(self, layout: ArtifactLayout, params: dict[str, str]) -> None:
+        self.settings = EncoderSettings.load(layout.settings)
+        threads = int(params.get("intra_op_threads", "0")) or os.cpu_count() or 1
+        self.max_rows = int(params.get("max_rows_per_run", "32"))
+        self.encoder = OnnxEncoder(layout.onnx, intra_op_threads=threads)
+        # Out-of-vocabulary ids would fail the whole ONNX run, so they are rejected per request.
+        self.vocab_size = int(json.loads((layout.hf_dir / "config.json").read_text())["vocab_size"])
+
+    def parse(self, inputs: dict[str, np.ndarray | None]) -> Tokens:
+        ids = check_2d(INPUT_IDS.name, require(inputs, INPUT_IDS.name), np.int64)
+        mask = check_2d(ATTENTION_MASK.name, require(inputs, ATTENTION_MASK.name), np.int64)
+        if ids.shape != mask.shape:
+            raise RequestError(
+                f"{INPUT_IDS.name} {list(ids.shape)} and {ATTENTION_MASK.name} {list(mask.shape)} differ in shape"
+            )
+        if ids.shape[1] > self.settings.max_prompt_tokens:
+            raise RequestError(
+                f"{INPUT_IDS.name}: {ids.shape[1]} tokens exceed the limit of {self.settings.max_prompt_tokens}"
+            )
+        if not np.isin(mask, (0, 1)).all():
+            raise RequestError(f"{ATTENTION_MASK.name}: values must be 0 or 1")
+        if ids.min(initial=0) < 0 or ids.max(initial=0) >= self.vocab_size:
+            raise RequestError(f"{INPUT_IDS.name}: token ids must be in [0, {self.vocab_size})")
+        lengths = mask.sum(axis=1)
+        if (lengths == 0).any():
+            raise RequestError(f"{ATTENTION_MASK.name}: a row has no tokens")
+        # Right padding is the contract; a row with holes in its mask would be silently misread.
+        if not (mask[:, : lengths.max()] == (np.arange(lengths.max()) < lengths[:, None])).all():
+            raise RequestError(f"{ATTENTION_MASK.name}: rows must be right-padded (1s then 0s)")
+        return Tokens([ids[i, : lengths[i]] for i in range(len(ids))])
+
+    def _groups(self, lengths: Sequence[int]) -> list[tuple[list[int], int]]:
+        """Row indices grouped by length bucket, at most max_rows per group, with the group's width."""
+        by_bucket: dict[int, list[int]] = {}
+        for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+            by_bucket.setdefault(pad_to_bucket(lengths[i], self.settings.length_buckets), []).append(i)
+        return [
+            (rows[start : start + self.max_rows], width)
+            for width, rows in by_bucket.items()
+            for start in range(0, len(rows), self.max_rows)
+        ]
+
+    def compute(self, items: Sequence[Tokens]) -> list[Arrays | RequestError]:
+        rows = [r for it in items for r in it.rows]
+        embeddings: list[np.ndarray | None] = [None] * len(rows)
+        for group, width in self._groups([len(r) for r in rows]):
+            ids = np.zeros((len(group), width), np.int64)
+            mask = np.zeros((len(group), width), np.int64)
+            for j, i in enumerate(group):
+                ids[j, : len(rows[i])] = rows[i]
+                mask[j, : len(rows[i])] = 1
+            for i, vec in zip(group, self.encoder.encode(ids, mask), strict=True):
+                embeddings[i] = vec
+        outputs: list[Arrays | RequestError] = []
+        pos = 0
+        for it in items:
+            outputs.append({EMBEDDING.name: np.stack(embeddings[pos : pos + len(it.rows)])})  # type: ignore[arg-type]
+            pos += len(it.rows)
+        return outputs
+
+
+TritonPythonModel = EncoderModel

@@ -1,0 +1,107 @@
+"""The `knn` model: exact top-k over the post index, excluding posts the member has seen.
+
+The index file is re-read when it changes on disk (a batch job has rebuilt it): the new index is
+loaded fully before it replaces the old one, so no request sees a half-built index.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from feedserve.artifacts import ArtifactLayout
+from feedserve.knn import PostIndex, file_signature
+from feedserve.schema import EXCLUDE_IDS, IDS, K, QUERY, SCORES, ModelName
+from feedserve.triton.base import Arrays, BatchModel, RequestError, check_2d, require
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_K = 2000
+
+
+@dataclass
+class KnnRequest:
+    queries: np.ndarray  # [b, d]
+    ks: list[int]
+    exclude: list[np.ndarray]
+
+
+class KnnModel(BatchModel[KnnRequest]):
+    name = ModelName.KNN
+
+    def setup(self, layout: ArtifactLayout, params: dict[str, str]) -> None:
+        self.max_k = int(params.get("max_k", DEFAULT_MAX_K))
+        self.path: Path = layout.index
+        self.index: PostIndex | None = None
+        self._signature: tuple[int, int] | None = None
+        self._refresh()
+        if self.index is None:
+            logger.warning("knn: no index at %s yet; searches return nothing until it is built", self.path)
+
+    def _refresh(self) -> None:
+        signature = file_signature(self.path)
+        if signature is None or signature == self._signature:
+            return
+        # A bad new file keeps the old index serving; the error is logged, not raised per request.
+        try:
+            self.index = PostIndex.load(self.path)
+            self._signature = signature
+        except ValueError:
+            logger.exception("knn: keeping the previous index")
+            self._signature = signature
+
+    def parse(self, inputs: dict[str, np.ndarray | None]) -> KnnRequest:
+        queries = check_2d(QUERY.name, require(inputs, QUERY.name), np.float32)
+        ks_arr = check_2d(K.name, require(inputs, K.name), np.int32)
+        if ks_arr.shape != (len(queries), 1):
+            raise RequestError(f"{K.name}: expected shape [{len(queries)}, 1], got {list(ks_arr.shape)}")
+        ks = [int(k) for k in ks_arr[:, 0]]
+        for k in ks:
+            if not 1 <= k <= self.max_k:
+                raise RequestError(f"{K.name}: k={k} is out of range [1, {self.max_k}]")
+        if not np.isfinite(queries).all():
+            raise RequestError(f"{QUERY.name}: contains NaN or inf")
+        if self.index is not None and queries.shape[1] != self.index.dim:
+            raise RequestError(
+                f"{QUERY.name}: dimension {queries.shape[1]} does not match the index ({self.index.dim})"
+            )
+        excl = inputs.get(EXCLUDE_IDS.name)
+        if excl is None:
+            exclude = [np.empty(0, np.int64)] * len(queries)
+        else:
+            excl = check_2d(EXCLUDE_IDS.name, excl, np.int64)
+            if len(excl) != len(queries):
+                raise RequestError(f"{EXCLUDE_IDS.name}: {len(excl)} rows for {len(queries)} queries")
+            exclude = list(excl)
+        return KnnRequest(queries, ks, exclude)
+
+    def compute(self, items: Sequence[KnnRequest]) -> list[Arrays | RequestError]:
+        self._refresh()
+        queries = np.concatenate([it.queries for it in items])
+        ks = [k for it in items for k in it.ks]
+        exclude = [e for it in items for e in it.exclude]
+        if self.index is None:
+            found = [None] * len(ks)
+        else:
+            found = self.index.search(queries, ks, exclude)
+        outputs: list[Arrays | RequestError] = []
+        row = 0
+        for it in items:
+            rows = found[row : row + len(it.ks)]
+            row += len(it.ks)
+            # Rows of one request share a width: when posts run out, shorter rows are padded with id -1.
+            width = max((0 if r is None else len(r.ids)) for r in rows)
+            ids = np.full((len(rows), width), -1, np.int64)
+            scores = np.zeros((len(rows), width), np.float32)
+            for i, r in enumerate(rows):
+                if r is not None:
+                    ids[i, : len(r.ids)], scores[i, : len(r.ids)] = r.ids, r.scores
+            outputs.append({IDS.name: ids, SCORES.name: scores})
+        return outputs
+
+
+TritonPythonModel = KnnModel

@@ -1,0 +1,75 @@
+"""`preprocess_post` / `preprocess_member`: JSON records -> prompt tokens (+ history ids to exclude).
+
+Both models run this class; the config parameter `record_kind` says which side it serves.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from feedserve.artifacts import ArtifactLayout, EncoderSettings
+from feedserve.buckets import PercentileBuckets
+from feedserve.prompts import PromptBuilder
+from feedserve.records import Member, Post, RecordError, parse_member, parse_post
+from feedserve.schema import ATTENTION_MASK, EXCLUDE_IDS, INPUT_IDS, RECORDS, ModelName, RecordKind
+from feedserve.triton.base import Arrays, BatchModel, RequestError, require
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Records:
+    posts: list[Post] | None = None
+    members: list[Member] | None = None
+
+
+class PreprocessModel(BatchModel[Records]):
+    name = ModelName.PREPROCESS_POST
+
+    def setup(self, layout: ArtifactLayout, params: dict[str, str]) -> None:
+        self.kind = RecordKind(params.get("record_kind", RecordKind.POST))
+        self.name = ModelName.PREPROCESS_MEMBER if self.kind is RecordKind.MEMBER else ModelName.PREPROCESS_POST
+        self.builder = PromptBuilder(
+            Tokenizer.from_file(str(layout.tokenizer)),
+            PercentileBuckets.load(layout.buckets),
+            EncoderSettings.load(layout.settings),
+        )
+
+    def parse(self, inputs: dict[str, np.ndarray | None]) -> Records:
+        raw = require(inputs, RECORDS.name)
+        if raw.ndim != 2 or raw.shape[1] != 1 or raw.shape[0] == 0:
+            raise RequestError(f"{RECORDS.name}: expected shape [batch, 1], got {list(raw.shape)}")
+        parse = parse_member if self.kind is RecordKind.MEMBER else parse_post
+        records = []
+        for i, value in enumerate(raw[:, 0]):
+            if not isinstance(value, bytes | str):
+                raise RequestError(f"{RECORDS.name}[{i}]: expected a JSON string, got {type(value).__name__}")
+            try:
+                records.append(parse(value))
+            except RecordError as err:
+                raise RequestError(f"{RECORDS.name}[{i}]: {err}") from err
+        if self.kind is RecordKind.MEMBER:
+            return Records(members=records)  # type: ignore[arg-type]
+        return Records(posts=records)  # type: ignore[arg-type]
+
+    def compute(self, items: Sequence[Records]) -> list[Arrays | RequestError]:
+        outputs: list[Arrays | RequestError] = []
+        for item in items:
+            if item.members is not None:
+                batch = self.builder.encode_members(item.members)
+                out = {INPUT_IDS.name: batch.input_ids, ATTENTION_MASK.name: batch.attention_mask}
+                out[EXCLUDE_IDS.name] = batch.exclude_ids
+            else:
+                assert item.posts is not None
+                batch = self.builder.encode_posts(item.posts)
+                out = {INPUT_IDS.name: batch.input_ids, ATTENTION_MASK.name: batch.attention_mask}
+            outputs.append(out)
+        return outputs
+
+
+TritonPythonModel = PreprocessModel

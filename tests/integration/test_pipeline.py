@@ -1,0 +1,198 @@
+"""The whole retrieval path on a real tritonserver (tiny model), over HTTP and gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from feedserve.artifacts import ArtifactLayout, EncoderSettings
+from feedserve.build import SAMPLE_CORPUS
+from feedserve.clients.batch import index_corpus
+from feedserve.clients.online import ClientError, FeedClient, records_tensor
+from feedserve.schema import ModelName
+
+pytestmark = pytest.mark.integration
+
+N_POSTS = 120
+PROTOCOLS = ("http", "grpc")
+
+
+@pytest.fixture(scope="module")
+def movielens():  # type: ignore[no-untyped-def]
+    from feedserve.movielens import load_movielens
+
+    return load_movielens(SAMPLE_CORPUS)
+
+
+@pytest.fixture(scope="module")
+def posts(movielens):  # type: ignore[no-untyped-def]
+    return sorted(movielens.posts(), key=lambda p: -p.counts.get("ratings", 0))[:N_POSTS]
+
+
+@pytest.fixture(scope="module")
+def members(movielens):  # type: ignore[no-untyped-def]
+    return [m for m in movielens.members() if 3 <= len(m.history) <= 40][:4]
+
+
+@pytest.fixture(scope="module")
+def indexed(triton_server, tiny_artifacts: ArtifactLayout, posts) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Index the posts through embed_post (async gRPC batch client); returns their embeddings."""
+    index_corpus(
+        posts, [p.id for p in posts], tiny_artifacts.index, embeddings_dir=tiny_artifacts.root / "emb",
+        url=triton_server.grpc_url, batch_size=8, concurrency=4, progress=False,
+    )
+    return np.load(tiny_artifacts.root / "emb" / "embeddings.npy")
+
+
+def _client(server, protocol: str) -> FeedClient:  # type: ignore[no-untyped-def]
+    return FeedClient(server.grpc_url if protocol == "grpc" else server.http_url, protocol, timeout_s=60)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def local(tiny_artifacts: ArtifactLayout):  # type: ignore[no-untyped-def]
+    """The same pipeline in-process: prompt builder + ONNX Runtime, no server."""
+    from tokenizers import Tokenizer
+
+    from feedserve.buckets import PercentileBuckets
+    from feedserve.prompts import PromptBuilder
+    from feedserve.runtime import OnnxEncoder
+
+    settings = EncoderSettings.load(tiny_artifacts.settings)
+    builder = PromptBuilder(
+        Tokenizer.from_file(str(tiny_artifacts.tokenizer)), PercentileBuckets.load(tiny_artifacts.buckets), settings
+    )
+    return builder, OnnxEncoder(tiny_artifacts.onnx)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_every_model_is_ready(triton_server, protocol: str) -> None:  # type: ignore[no-untyped-def]
+    with _client(triton_server, protocol) as client:
+        assert client.ready()
+        for name in ModelName:
+            assert client._client.is_model_ready(name), name
+
+
+def test_batch_index_embeds_like_the_local_pipeline(indexed: np.ndarray, posts, local) -> None:  # type: ignore[no-untyped-def]
+    builder, encoder = local
+    assert indexed.shape == (N_POSTS, 32)
+    np.testing.assert_allclose(np.linalg.norm(indexed, axis=1), 1.0, atol=1e-4)
+    batch = builder.encode_posts(posts[:8])
+    expected = encoder.encode(batch.input_ids, batch.attention_mask)
+    cos = (expected * indexed[:8]).sum(axis=1)
+    assert cos.min() > 0.9999
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_embed_post_and_member(triton_server, indexed, posts, members, local, protocol: str) -> None:  # type: ignore[no-untyped-def]
+    builder, encoder = local
+    with _client(triton_server, protocol) as client:
+        got = client.embed_posts(posts[:3])
+        np.testing.assert_allclose(got, indexed[:3], atol=1e-5)
+        m = client.embed_members(members[:2])
+    batch = builder.encode_members(members[:2])
+    expected = encoder.encode(batch.input_ids, batch.attention_mask)
+    assert ((m * expected).sum(axis=1)).min() > 0.9999
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_retrieve_matches_brute_force_and_skips_history(  # type: ignore[no-untyped-def]
+    triton_server, indexed, posts, members, local, protocol: str
+) -> None:
+    builder, encoder = local
+    ids = np.array([p.id for p in posts])
+    with _client(triton_server, protocol) as client:
+        results = client.retrieve_many(members, k=10)
+    batch = builder.encode_members(members)
+    queries = encoder.encode(batch.input_ids, batch.attention_mask)
+    for member, hits, q in zip(members, results, queries, strict=True):
+        seen = {h.post_id for h in member.history}
+        order = [i for i in ids[np.argsort(-(indexed @ q))] if i not in seen][:10]
+        assert [h.post_id for h in hits] == order
+        assert not seen & {h.post_id for h in hits}
+        scores = [h.score for h in hits]
+        assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_component_models_answer_directly(triton_server, indexed, posts, protocol: str) -> None:  # type: ignore[no-untyped-def]
+    with _client(triton_server, protocol) as client:
+        tokens = client.infer(ModelName.PREPROCESS_POST, {"RECORDS": records_tensor(posts[:2])}, ("INPUT_IDS", "ATTENTION_MASK"))
+        assert tokens["INPUT_IDS"].dtype == np.int64 and tokens["INPUT_IDS"].shape == tokens["ATTENTION_MASK"].shape
+        emb = client.infer(ModelName.ENCODER, tokens, ("EMBEDDING",))["EMBEDDING"]
+        np.testing.assert_allclose(emb, indexed[:2], atol=1e-5)
+        out = client.infer(ModelName.KNN, {"QUERY": emb, "K": np.array([[1], [1]], np.int32)}, ("IDS", "SCORES"))
+        assert out["IDS"][:, 0].tolist() == [posts[0].id, posts[1].id]
+
+
+BAD_REQUESTS = [
+    # (model, inputs, words the error must contain)
+    (ModelName.EMBED_POST, {"RECORDS": np.array([[b"{not json"]], object)}, "JSON"),
+    (ModelName.EMBED_POST, {"RECORDS": np.array([[b'{"format": "text", "text": "no id"}']], object)}, "id"),
+    (ModelName.EMBED_POST, {"RECORDS": np.array([[b'{"id": 1, "text": "x", "bogus": 1}']], object)}, "bogus"),
+    (ModelName.EMBED_POST, {"RECORDS": np.array([[b'{"id": "one", "text": "x"}']], object)}, "id"),
+    (ModelName.EMBED_MEMBER, {"RECORDS": np.array([[b'{"id": 5, "history": [{"engaged_at": 1}]}']], object)}, "post_id"),
+    (ModelName.RETRIEVE, {"RECORDS": np.array([[b'{"id": 5}']], object), "K": np.array([[0]], np.int32)}, "k=0"),
+    (ModelName.RETRIEVE, {"RECORDS": np.array([[b'{"id": 5}']], object), "K": np.array([[100000]], np.int32)}, "out of range"),
+    (ModelName.KNN, {"QUERY": np.zeros((1, 7), np.float32), "K": np.array([[1]], np.int32)}, "dimension"),
+    (ModelName.ENCODER, {"INPUT_IDS": np.ones((1, 4), np.int64), "ATTENTION_MASK": np.ones((1, 5), np.int64)}, "shape"),
+    (ModelName.ENCODER, {"INPUT_IDS": np.full((1, 4), 10**9, np.int64), "ATTENTION_MASK": np.ones((1, 4), np.int64)}, "token ids"),
+    # Triton itself checks declared dtypes before the backend sees the request.
+    (ModelName.KNN, {"QUERY": np.zeros((1, 32), np.float64), "K": np.array([[1]], np.int32)}, "FP64"),
+]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("model,inputs,words", BAD_REQUESTS, ids=[f"{m}-{w}" for m, _, w in BAD_REQUESTS])
+def test_bad_input_is_named_and_server_keeps_answering(  # type: ignore[no-untyped-def]
+    triton_server, indexed, posts, protocol: str, model: str, inputs, words: str
+) -> None:
+    with _client(triton_server, protocol) as client:
+        with pytest.raises(ClientError, match=words):
+            client.infer(model, inputs, ("IDS",) if model in (ModelName.KNN, ModelName.RETRIEVE) else ("EMBEDDING",))
+        assert client.ready()
+        assert client.embed_posts(posts[:1]).shape == (1, 32)
+
+
+def test_bad_requests_fail_alone_inside_a_dynamic_batch(triton_server, indexed, posts, members) -> None:  # type: ignore[no-untyped-def]
+    """Good and bad requests sent together, so that the dynamic batcher groups them."""
+    import tritonclient.grpc.aio as grpcaio
+    from tritonclient.utils import InferenceServerException
+
+    member_json = json.dumps(json.loads(members[0].model_dump_json())).encode()
+
+    async def send(client, record: bytes, k: int):  # type: ignore[no-untyped-def]
+        rec = grpcaio.InferInput("RECORDS", [1, 1], "BYTES")
+        rec.set_data_from_numpy(np.array([[record]], object))
+        kk = grpcaio.InferInput("K", [1, 1], "INT32")
+        kk.set_data_from_numpy(np.array([[k]], np.int32))
+        try:
+            res = await client.infer("retrieve", [rec, kk])
+            return res.as_numpy("IDS")
+        except InferenceServerException as err:
+            return err
+
+    async def main():  # type: ignore[no-untyped-def]
+        async with grpcaio.InferenceServerClient(triton_server.grpc_url) as client:
+            jobs = []
+            for i in range(24):
+                if i % 3 == 0:
+                    jobs.append(send(client, b'{"id": 1, "skills": "not a list"}', 5))
+                elif i % 3 == 1:
+                    jobs.append(send(client, member_json, 0))
+                else:
+                    jobs.append(send(client, member_json, 5))
+            return await asyncio.gather(*jobs)
+
+    results = asyncio.run(main())
+    for i, r in enumerate(results):
+        if i % 3 == 2:
+            assert isinstance(r, np.ndarray) and r.shape == (1, 5), r
+        else:
+            assert isinstance(r, InferenceServerException)
+            assert ("skills" in r.message()) if i % 3 == 0 else ("k=0" in r.message())
+    # Every good answer is the same: a bad neighbour in the batch changed nothing.
+    good = [r for i, r in enumerate(results) if i % 3 == 2]
+    assert all((g == good[0]).all() for g in good)

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from feedserve.knn import IndexError_, PostIndex
+from feedserve.triton.base import RequestError
+from feedserve.triton.knn import KnnModel
+
+
+def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    v = rng.normal(size=(n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def index() -> PostIndex:
+    idx = PostIndex(16)
+    idx.upsert(np.arange(1000, 1200), _unit(np.random.default_rng(0), 200, 16))
+    return idx
+
+
+def test_search_matches_brute_force(index: PostIndex) -> None:
+    ids, vectors = index.snapshot()
+    queries = _unit(np.random.default_rng(1), 5, 16)
+    results = index.search(queries, [10] * 5)
+    expected = ids[np.argsort(-(queries @ vectors.T), axis=1)[:, :10]]
+    for r, e in zip(results, expected, strict=True):
+        assert r.ids.tolist() == e.tolist()
+        assert np.all(np.diff(r.scores) <= 1e-6)
+
+
+def test_exclusion_still_returns_k(index: PostIndex) -> None:
+    q = _unit(np.random.default_rng(2), 1, 16)
+    top = index.search(q, [20])[0].ids
+    excluded = np.concatenate([top[:15], [-1, -1]])  # -1 is padding, not an id
+    got = index.search(q, [10], [excluded])[0].ids
+    assert len(got) == 10 and not set(got) & set(top[:15])
+    assert got[:5].tolist() == top[15:20].tolist()
+
+
+def test_upsert_replaces_and_delete_removes(index: PostIndex) -> None:
+    v = _unit(np.random.default_rng(3), 1, 16)
+    index.upsert(np.array([1005]), v)
+    assert len(index) == 200
+    assert index.search(v, [1])[0].ids.tolist() == [1005]
+    assert index.delete(np.array([1005])) == 1
+    assert 1005 not in index.search(v, [200])[0].ids
+
+
+def test_bad_writes_are_refused(index: PostIndex) -> None:
+    with pytest.raises(IndexError_, match="shape"):
+        index.upsert(np.array([1]), np.zeros((1, 8), np.float32))
+    with pytest.raises(IndexError_, match="duplicate"):
+        index.upsert(np.array([1, 1]), np.zeros((2, 16), np.float32))
+    with pytest.raises(IndexError_, match="NaN"):
+        index.upsert(np.array([1]), np.full((1, 16), np.nan, np.float32))
+    assert len(index) == 200
+
+
+def test_save_load_round_trip_and_corruption(index: PostIndex, tmp_path: Path) -> None:
+    path = tmp_path / "posts.npz"
+    index.save(path)
+    loaded = PostIndex.load(path)
+    assert sorted(loaded.snapshot()[0].tolist()) == sorted(index.snapshot()[0].tolist())
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(IndexError_, match="cannot read index"):
+        PostIndex.load(path)
+
+
+def _knn_model(tmp_path: Path, index: PostIndex) -> KnnModel:
+    from feedserve.artifacts import ArtifactLayout
+
+    layout = ArtifactLayout(tmp_path)
+    index.save(layout.index)
+    model = KnnModel()
+    model.setup(layout, {"max_k": "50"})
+    return model
+
+
+def test_knn_model_isolates_bad_requests(index: PostIndex, tmp_path: Path) -> None:
+    model = _knn_model(tmp_path, index)
+    q = _unit(np.random.default_rng(4), 2, 16)
+    good = {"QUERY": q, "K": np.array([[5], [3]], np.int32), "EXCLUDE_IDS": None}
+    results = model.run([
+        {"QUERY": q[:1], "K": np.array([[0]], np.int32)},
+        good,
+        {"QUERY": q[:1], "K": np.array([[51]], np.int32)},
+        {"QUERY": q[:1].astype(np.float64), "K": np.array([[1]], np.int32)},
+        {"QUERY": np.zeros((1, 8), np.float32), "K": np.array([[1]], np.int32)},
+        {"QUERY": np.full((1, 16), np.nan, np.float32), "K": np.array([[1]], np.int32)},
+        {"K": np.array([[1]], np.int32)},
+    ])
+    assert isinstance(results[0], RequestError) and "k=0 is out of range [1, 50]" in str(results[0])
+    assert not isinstance(results[1], RequestError)
+    assert results[1]["IDS"].shape == (2, 5) and (results[1]["IDS"][1, 3:] == -1).all()
+    assert "k=51" in str(results[2])
+    assert "QUERY: expected dtype float32" in str(results[3])
+    assert "dimension 8 does not match the index (16)" in str(results[4])
+    assert "NaN" in str(results[5])
+    assert "QUERY is missing" in str(results[6])
+
+
+def test_knn_model_picks_up_a_rebuilt_index(index: PostIndex, tmp_path: Path) -> None:
+    model = _knn_model(tmp_path, index)
+    v = _unit(np.random.default_rng(5), 1, 16)
+    fresh = PostIndex(16)
+    fresh.upsert(np.array([7]), v)
+    fresh.save(tmp_path / "index" / "posts.npz")
+    out = model.run([{"QUERY": v, "K": np.array([[3]], np.int32)}])[0]
+    assert out["IDS"].tolist() == [[7]]
