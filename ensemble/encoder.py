@@ -1,0 +1,107 @@
+"""The embedding model in PyTorch: LLaMA + pooling + L2 norm + Matryoshka truncation.
+
+This module is the reference: ONNX (and later TensorRT) exports are checked against it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from feedserve.artifacts import EncoderSettings, Pooling
+
+logger = logging.getLogger(__name__)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions count real tokens only, so left padding does not shift a prompt's positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def additive_causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[batch, 1, query, key] additive mask: causal, and no attention to padding.
+
+    Built from tensor ops on the mask (no Python ints from shapes) so the traced ONNX graph keeps a
+    dynamic sequence axis; passing it as a 4D mask also skips transformers' vmap-based mask
+    builder, which the TorchScript tracer cannot follow.
+    """
+    index = torch.ones_like(attention_mask).cumsum(-1)
+    causal = index[:, :, None] >= index[:, None, :]
+    allowed = causal & attention_mask.bool()[:, None, :]
+    zeros = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
+    return zeros.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The last real token of each row, wherever the padding is (left or right)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (attention_mask.long() * positions).argmax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def normalize_truncate(pooled: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """L2-normalise; with Matryoshka `dim`, keep the first `dim` values and renormalise."""
+    out = F.normalize(pooled.float(), dim=-1)
+    if dim is not None and dim < out.shape[-1]:
+        out = F.normalize(out[..., :dim], dim=-1)
+    return out
+
+
+class EmbeddingModel(nn.Module):
+    def __init__(self, backbone: nn.Module, pooling: Pooling = "mean", dim: int | None = None) -> None:
+        super().__init__()
+        if pooling not in ("mean", "last"):
+            raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
+        self.backbone = backbone
+        self.pooling = pooling
+        hidden = int(backbone.config.hidden_size)  # type: ignore[union-attr]
+        if dim is not None and not 0 < dim <= hidden:
+            raise ValueError(f"Matryoshka dim must be in [1, {hidden}], got {dim}")
+        self.dim = dim or hidden
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(
+            input_ids=input_ids,
+            attention_mask=additive_causal_mask(attention_mask, self.backbone.dtype),
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
+        pool = mean_pool if self.pooling == "mean" else last_token_pool
+        return normalize_truncate(pool(hidden, attention_mask), self.dim)
+
+
+def load_embedding_model(hf_dir: Path, settings: EncoderSettings) -> EmbeddingModel:
+    from transformers import AutoModel
+
+    # Eager attention: the same math in PyTorch and in the traced ONNX graph (no SDPA kernels
+    # whose masking differs under tracing).
+    backbone = AutoModel.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    return EmbeddingModel(backbone, settings.pooling, settings.dim).eval()
+
+
+class TorchEncoder:
+    """PyTorch eager on CPU, with the same interface as `feedserve.runtime.OnnxEncoder`."""
+
+    def __init__(self, hf_dir: Path, settings: EncoderSettings, threads: int | None = None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = load_embedding_model(hf_dir, settings)
+
+    @property
+    def dim(self) -> int:
+        return self.model.dim
+
+    @torch.inference_mode()
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        out = self.model(torch.from_numpy(np.asarray(input_ids, np.int64)), torch.from_numpy(np.asarray(attention_mask, np.int64)))
+        return out.numpy().astype(np.float32)

@@ -1,0 +1,162 @@
+"""The prompt library: post and member records -> tagged text -> padded token batches.
+
+Every field is wrapped in its own tag (`<author><name>...</name></author>`) and empty fields are left
+out, so the model sees the record's structure rather than guessing it from prose; counts appear only
+as percentile tokens. Both sides go through one tokenizer and one set of budgets
+(`EncoderSettings`), which training and serving share.
+
+A member's history keeps engaged posts only (positives): the system we reproduce found that cheaper
+and better than mixing in impressions. When the prompt is too long, the oldest items go first.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from html import escape
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from feedserve.artifacts import EncoderSettings
+from feedserve.buckets import PercentileBuckets
+from feedserve.records import Engagement, Member, Post
+from feedserve.schema import NO_ID
+
+logger = logging.getLogger(__name__)
+
+PAD_ID = 0  # any id works: padded positions are masked out of attention and pooling
+
+
+@dataclass
+class TokenBatch:
+    input_ids: np.ndarray  # int64 [batch, length], right-padded
+    attention_mask: np.ndarray  # int64 [batch, length]
+    exclude_ids: np.ndarray | None = None  # int64 [batch, history], members only, NO_ID-padded
+
+
+def _tag(name: str, value: object) -> str:
+    # Escaping keeps user text from closing or faking our structure tags.
+    text = escape(str(value), quote=False).strip() if value is not None else ""
+    return f"<{name}>{text}</{name}>" if text else ""
+
+
+def pad_length(longest: int, buckets: Sequence[int]) -> int:
+    return next((b for b in buckets if b >= longest), longest)
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer: Tokenizer, buckets: PercentileBuckets, settings: EncoderSettings) -> None:
+        self.tokenizer = tokenizer
+        self.buckets = buckets
+        self.settings = settings
+
+    # --- text ------------------------------------------------------------------------------
+    def cut(self, text: str, max_tokens: int) -> str:
+        """The longest prefix of `text` that is at most `max_tokens` tokens (token boundaries)."""
+        if not text or max_tokens <= 0:
+            return ""
+        if len(text) <= max_tokens:  # a token is at least one character
+            return text
+        enc = self.tokenizer.encode(text, add_special_tokens=False)
+        if len(enc.ids) <= max_tokens:
+            return text
+        return text[: enc.offsets[max_tokens - 1][1]]
+
+    def _counts(self, post: Post) -> str:
+        known = set(self.buckets.cut_points)
+        # Counts the buckets were not fitted on have no percentile: they are left out of the prompt.
+        return "".join(self.buckets.tag(f, v) for f, v in sorted(post.counts.items()) if f in known)
+
+    def _post_body(self, post: Post, text_tokens: int) -> str:
+        author = ""
+        if post.author is not None:
+            a = post.author
+            inner = _tag("name", a.name) + _tag("headline", a.headline) + _tag("company", a.company) + _tag("industry", a.industry)
+            author = f"<author>{inner}</author>" if inner else ""
+        article = ""
+        if post.article is not None:
+            article = _tag("title", post.article.title) + _tag("source", post.article.source)
+        return (
+            _tag("format", post.format) + author + article + _tag("year", post.year)
+            + _tag("tags", ", ".join(post.tags)) + self._counts(post)
+            + _tag("text", self.cut(post.text, text_tokens))
+        )
+
+    def post_prompt(self, post: Post) -> str:
+        return f"<post>{self._post_body(post, self.settings.post_text_tokens)}</post>"
+
+    def _history_item(self, item: Engagement) -> str:
+        if item.post is None:
+            return f"<item>{_tag('id', item.post_id)}</item>"
+        p = item.post
+        title = p.article.title if p.article is not None else ""
+        author = p.author.name if p.author is not None else ""
+        body = (
+            _tag("title", title) + _tag("author", author) + _tag("year", p.year) + _tag("tags", ", ".join(p.tags[:8]))
+            + _tag("text", self.cut(p.text, self.settings.history_item_tokens))
+        )
+        return f"<item>{_tag('action', item.action)}{body}</item>"
+
+    def _member_header(self, member: Member) -> str:
+        positions = "".join(
+            "<position>" + _tag("title", p.title) + _tag("company", p.company)
+            + _tag("years", "-".join(str(y) for y in (p.start_year, p.end_year) if y is not None)) + "</position>"
+            for p in member.positions
+        )
+        education = "".join(
+            "<school>" + _tag("name", e.school) + _tag("degree", e.degree) + _tag("field", e.field) + "</school>"
+            for e in member.education
+        )
+        return (
+            _tag("headline", member.headline) + _tag("industry", member.industry)
+            + _tag("summary", self.cut(member.summary, self.settings.post_text_tokens))
+            + _tag("skills", ", ".join(member.skills))
+            + (f"<positions>{positions}</positions>" if positions else "")
+            + (f"<education>{education}</education>" if education else "")
+        )
+
+    def member_prompt(self, member: Member) -> str:
+        """Profile, then engaged posts oldest to newest; the oldest are dropped to fit the budget."""
+        head = f"<member>{self._member_header(member)}<history>"
+        tail = "</history></member>"
+        items = [self._history_item(h) for h in member.history[-self.settings.max_history_items :]]
+        budget = self.settings.max_prompt_tokens - self._n_tokens(head + tail) - 2  # 2: special tokens
+        kept: list[str] = []
+        if items and budget > 0:
+            costs = [len(e.ids) for e in self.tokenizer.encode_batch(items, add_special_tokens=False)]
+            for item, cost in zip(reversed(items), reversed(costs), strict=True):
+                if cost > budget:
+                    break
+                kept.append(item)
+                budget -= cost
+        return head + "".join(reversed(kept)) + tail
+
+    def _n_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    # --- tokens ----------------------------------------------------------------------------
+    def tokenize(self, prompts: Sequence[str]) -> TokenBatch:
+        limit = self.settings.max_prompt_tokens
+        rows = [e.ids[:limit] for e in self.tokenizer.encode_batch(list(prompts))]
+        width = pad_length(max(len(r) for r in rows), self.settings.length_buckets)
+        ids = np.full((len(rows), width), PAD_ID, np.int64)
+        mask = np.zeros((len(rows), width), np.int64)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = row
+            mask[i, : len(row)] = 1
+        return TokenBatch(ids, mask)
+
+    def encode_posts(self, posts: Sequence[Post]) -> TokenBatch:
+        return self.tokenize([self.post_prompt(p) for p in posts])
+
+    def encode_members(self, members: Sequence[Member]) -> TokenBatch:
+        batch = self.tokenize([self.member_prompt(m) for m in members])
+        # Every engaged post is excluded from retrieval, also those too old to fit in the prompt.
+        width = max(1, max(len(m.history) for m in members))
+        exclude = np.full((len(members), width), NO_ID, np.int64)
+        for i, m in enumerate(members):
+            exclude[i, : len(m.history)] = [h.post_id for h in m.history]
+        batch.exclude_ids = exclude
+        return batch

@@ -1,0 +1,182 @@
+"""Post and member records: the JSON that clients send, validated strictly.
+
+Every request's records are checked before any work is done; a problem raises RecordError with the
+field path (`member.history[3].post_id: Field required`), which the Triton backend returns to that
+request's client as INVALID_ARG. Unknown fields are errors, not silently ignored: a typo in a field
+name would otherwise change what the model sees without anyone noticing.
+
+A post:    {"id": 42, "format": "article", "author": {"name": ..., "headline": ..., "company": ...,
+            "industry": ...}, "article": {"title": ..., "source": ...}, "text": ..., "tags": [...],
+            "created_at": 1700000000, "counts": {"views": 12345, "likes": 210, ...}}
+A member:  {"id": 7, "headline": ..., "summary": ..., "industry": ..., "skills": [...],
+            "positions": [{"title", "company", "start_year", "end_year"}], "education": [{"school",
+            "degree", "field"}], "history": [{"post_id": 42, "engaged_at": ..., "action": "like",
+            "post": {...a post...}}, ...]}   history: engaged posts only, oldest first
+See ensemble/examples/ for complete examples and `json_schema()` for the JSON Schema.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# Limits: a record is one feed item or one profile, never a document dump.
+MAX_RECORD_BYTES = 1024 * 1024
+MAX_TEXT_CHARS = 32 * 1024
+MAX_HISTORY = 2000
+INT64_MAX = 2**63 - 1
+
+PostId = Annotated[int, Field(ge=0, le=INT64_MAX)]
+ShortText = Annotated[str, Field(max_length=1024)]
+LongText = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+
+
+class RecordError(ValueError):
+    """A record that cannot be used; the message names the field and the problem."""
+
+
+class _Record(BaseModel):
+    # strict: "42" is not an int, 1 is not a string; forbid: unknown fields are errors.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Author(_Record):
+    name: ShortText = ""
+    headline: ShortText = ""
+    company: ShortText = ""
+    industry: ShortText = ""
+
+
+class Article(_Record):
+    title: ShortText = ""
+    source: ShortText = ""
+
+
+class Post(_Record):
+    id: PostId
+    format: ShortText = "text"
+    author: Author | None = None
+    article: Article | None = None
+    text: LongText = ""
+    tags: Annotated[list[ShortText], Field(max_length=64)] = []
+    year: int | None = None
+    created_at: int | None = None
+    # Engagement counts by name (views, likes, comments, shares; ratings, mean_rating on MovieLens).
+    # The prompt shows them as percentile buckets fitted on a corpus, never as raw numbers.
+    counts: Annotated[dict[Annotated[str, Field(max_length=64)], float], Field(max_length=32)] = {}
+
+    @field_validator("counts", mode="before")
+    @classmethod
+    def _ints_are_counts(cls, value: Any) -> Any:
+        # Counts usually arrive as JSON integers; strict mode would refuse them as floats.
+        if isinstance(value, dict):
+            return {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in value.items()}
+        return value
+
+    @field_validator("counts")
+    @classmethod
+    def _finite_non_negative(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, count in value.items():
+            if not math.isfinite(count) or count < 0:
+                raise ValueError(f"count {name!r} must be a finite number >= 0, got {count}")
+        return value
+
+
+class Position(_Record):
+    title: ShortText = ""
+    company: ShortText = ""
+    start_year: int | None = None
+    end_year: int | None = None
+
+
+class Education(_Record):
+    school: ShortText = ""
+    degree: ShortText = ""
+    field: ShortText = ""
+
+
+class Engagement(_Record):
+    post_id: PostId
+    engaged_at: int | None = None
+    action: ShortText = ""
+    # The engaged post itself, for the prompt; without it the item is known only by id.
+    post: Post | None = None
+
+
+class Member(_Record):
+    id: PostId
+    headline: ShortText = ""
+    summary: LongText = ""
+    industry: ShortText = ""
+    skills: Annotated[list[ShortText], Field(max_length=256)] = []
+    positions: Annotated[list[Position], Field(max_length=64)] = []
+    education: Annotated[list[Education], Field(max_length=32)] = []
+    history: Annotated[list[Engagement], Field(max_length=MAX_HISTORY)] = []
+
+
+def _path(kind: str, loc: tuple[int | str, ...]) -> str:
+    out = kind
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def _parse(model: type[_Record], kind: str, raw: bytes | str | dict[str, Any]) -> Any:
+    if isinstance(raw, dict):
+        data: Any = raw
+    else:
+        size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
+        if size > MAX_RECORD_BYTES:
+            raise RecordError(f"{kind}: record of {size} bytes exceeds the limit of {MAX_RECORD_BYTES}")
+        if isinstance(raw, bytes):
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise RecordError(f"{kind}: not valid UTF-8 at byte {err.start}") from err
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise RecordError(f"{kind}: invalid JSON: {err.msg} at line {err.lineno} column {err.colno}") from err
+    if not isinstance(data, dict):
+        raise RecordError(f"{kind}: expected a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+        raise RecordError(f"{_path(kind, first['loc'])}: {first['msg']}{more}") from None
+
+
+def parse_post(raw: bytes | str | dict[str, Any]) -> Post:
+    return _parse(Post, "post", raw)  # type: ignore[no-any-return]
+
+
+def parse_member(raw: bytes | str | dict[str, Any]) -> Member:
+    return _parse(Member, "member", raw)  # type: ignore[no-any-return]
+
+
+def json_schema(kind: str) -> dict[str, Any]:
+    return {"post": Post, "member": Member}[kind].model_json_schema()
+
+
+def read_posts_jsonl(path: Path) -> list[Post]:
+    posts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    posts.append(parse_post(line))
+                except RecordError as err:
+                    raise RecordError(f"{path}:{n}: {err}") from err
+    return posts
+
+
+def write_posts_jsonl(posts: Iterable[Post], path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for post in posts:
+            f.write(post.model_dump_json(exclude_defaults=True) + "\n")

@@ -1,0 +1,196 @@
+"""Hugging Face checkpoint -> ONNX (LLaMA + pooling + L2 norm + Matryoshka), parity checked.
+
+    python -m feedserve.export.onnx --hf-dir artifacts/default/hf --out artifacts/default/encoder.onnx
+
+The graph takes `input_ids` and `attention_mask` (int64, dynamic batch and sequence) and returns
+`embedding` (float32 [batch, dim]). Models whose weights exceed 2 GB (protobuf's limit) are saved
+with external data beside the graph. Every export is compared with PyTorch on varied batches and
+refused with ParityError below `min_cosine`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from feedserve.artifacts import EncoderSettings
+from feedserve.schema import ONNX_INPUTS, ONNX_OUTPUT
+
+logger = logging.getLogger(__name__)
+
+PROTOBUF_LIMIT = 2 * 1024**3
+
+
+class ParityError(AssertionError):
+    """An exported model disagrees with the PyTorch reference beyond tolerance."""
+
+    def __init__(self, message: str, worst_cosine: float, max_abs_diff: float) -> None:
+        super().__init__(message)
+        self.worst_cosine = worst_cosine
+        self.max_abs_diff = max_abs_diff
+
+
+@dataclass
+class ParityReport:
+    batches: list[list[int]]  # [batch size, sequence length] of each checked batch
+    worst_cosine: float
+    max_abs_diff: float
+    min_cosine: float
+
+
+@dataclass
+class ExportReport:
+    onnx_path: str
+    sha256: str
+    external_data: bool
+    parameters: int
+    export_s: float
+    parity_s: float
+    settings: dict[str, object]
+    parity: ParityReport | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def parity_batches(vocab_size: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Varied shapes, mixed lengths inside a batch, left and right padding."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for batch, seq, left in ((1, 7, False), (2, 33, False), (4, 64, True), (8, 17, False), (3, 128, False)):
+        ids = rng.integers(3, vocab_size, size=(batch, seq), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for row in range(batch):
+            n = seq if row == 0 else int(rng.integers(1, seq + 1))
+            if left:
+                mask[row, seq - n :] = 1
+            else:
+                mask[row, :n] = 1
+        out.append((ids * mask, mask))
+    return out
+
+
+def check_parity(
+    hf_dir: Path, settings: EncoderSettings, onnx_path: Path, min_cosine: float = 0.9999,
+    batches: list[tuple[np.ndarray, np.ndarray]] | None = None,
+) -> ParityReport:
+    from feedserve.encoder import TorchEncoder
+    from feedserve.runtime import OnnxEncoder
+
+    reference = TorchEncoder(hf_dir, settings)
+    candidate = OnnxEncoder(onnx_path)
+    vocab = int(reference.model.backbone.config.vocab_size)
+    batches = batches or parity_batches(vocab)
+    worst_cos, worst_abs, worst_at = 1.0, 0.0, (0, 0)
+    for ids, mask in batches:
+        a, b = reference.encode(ids, mask), candidate.encode(ids, mask)
+        if a.shape != b.shape:
+            raise ParityError(f"shape {b.shape} != reference {a.shape} for batch {ids.shape}", -1.0, float("inf"))
+        cos = float((a * b).sum(axis=1).min() / 1.0)
+        if cos < worst_cos:
+            worst_cos, worst_at = cos, ids.shape
+        worst_abs = max(worst_abs, float(np.abs(a - b).max()))
+    report = ParityReport([list(i.shape) for i, _ in batches], worst_cos, worst_abs, min_cosine)
+    if worst_cos < min_cosine:
+        raise ParityError(
+            f"{onnx_path}: worst cosine {worst_cos:.6f} < {min_cosine} (batch {list(worst_at)}), "
+            f"max abs difference {worst_abs:.3g}",
+            worst_cos, worst_abs,
+        )
+    logger.info("parity ok: worst cosine %.6f, max abs diff %.3g", worst_cos, worst_abs)
+    return report
+
+
+def export_onnx(
+    hf_dir: Path, settings: EncoderSettings, out_path: Path, opset: int = 18,
+    external_data_threshold: int = PROTOBUF_LIMIT, min_cosine: float = 0.9999,
+) -> ExportReport:
+    import onnx
+    import torch
+
+    from feedserve.encoder import load_embedding_model
+
+    model = load_embedding_model(hf_dir, settings)
+    n_params = sum(p.numel() for p in model.parameters())
+    big = n_params * 4 >= external_data_threshold
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    ids = torch.ones((2, 16), dtype=torch.int64)
+    mask = torch.ones((2, 16), dtype=torch.int64)
+    axes = {0: "batch", 1: "sequence"}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+        # Export into a scratch dir first: a failed export or parity check never replaces a good model.
+        raw = Path(tmp) / "raw.onnx"
+        # no_grad, not inference_mode: the TorchScript tracer cannot trace inference tensors.
+        with torch.no_grad():
+            torch.onnx.export(
+                model, (ids, mask), str(raw), input_names=list(ONNX_INPUTS), output_names=[ONNX_OUTPUT],
+                dynamic_axes={ONNX_INPUTS[0]: axes, ONNX_INPUTS[1]: axes, ONNX_OUTPUT: {0: "batch"}},
+                opset_version=opset, dynamo=False,
+            )
+        graph = onnx.load(str(raw), load_external_data=True)
+        staged = Path(tmp) / out_path.name
+        data_name = out_path.name + ".data"
+        if big:
+            onnx.save_model(graph, str(staged), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
+        else:
+            onnx.save_model(graph, str(staged))
+        del graph
+        export_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        parity = check_parity(hf_dir, settings, staged, min_cosine)
+        parity_s = time.perf_counter() - t1
+        (out_path.parent / data_name).unlink(missing_ok=True)
+        if big:
+            (Path(tmp) / data_name).replace(out_path.parent / data_name)
+        staged.replace(out_path)
+    report = ExportReport(
+        str(out_path), sha256_file(out_path), big, n_params, export_s, parity_s, asdict(settings), parity,
+        {"opset": opset, "torch": torch.__version__, "onnx": onnx.__version__},
+    )
+    out_path.with_name("export_report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
+    logger.info("exported %s (%d params, %.0f s, parity %.0f s)", out_path, n_params, export_s, parity_s)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hf-dir", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--settings", type=Path, help="serving.json to take pooling/dim from")
+    p.add_argument("--pooling", choices=("mean", "last"))
+    p.add_argument("--dim", type=int)
+    p.add_argument("--opset", type=int, default=18)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = EncoderSettings.load(args.settings) if args.settings else EncoderSettings()
+    if args.pooling:
+        settings.pooling = args.pooling
+    if args.dim:
+        settings.dim = args.dim
+    try:
+        report = export_onnx(args.hf_dir, settings, args.out, opset=args.opset)
+    except ParityError as err:
+        logger.error("%s", err)
+        return 1
+    print(json.dumps(asdict(report), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The python backends' logic on numpy, without a server (tiny model)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from feedserve.artifacts import ArtifactLayout
+from feedserve.triton.base import RequestError
+from feedserve.triton.encoder import EncoderModel
+from feedserve.triton.preprocess import PreprocessModel
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_artifacts: ArtifactLayout) -> EncoderModel:
+    model = EncoderModel()
+    model.setup(tiny_artifacts, {"max_rows_per_run": "3"})
+    return model
+
+
+def _rows(rng: np.random.Generator, lengths: list[int], width: int) -> dict[str, np.ndarray]:
+    ids = np.zeros((len(lengths), width), np.int64)
+    mask = np.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = rng.integers(4, 200, n)
+        mask[i, :n] = 1
+    return {"INPUT_IDS": ids, "ATTENTION_MASK": mask}
+
+
+def test_ragged_batch_equals_rows_alone(encoder: EncoderModel) -> None:
+    rng = np.random.default_rng(0)
+    requests = [_rows(rng, [5, 40], 40), _rows(rng, [100], 130), _rows(rng, [7, 7, 3, 60, 2], 64)]
+    batched = encoder.run(requests)
+    for req, out in zip(requests, batched, strict=True):
+        assert not isinstance(out, RequestError)
+        for i in range(len(req["INPUT_IDS"])):
+            n = int(req["ATTENTION_MASK"][i].sum())
+            alone = encoder.encoder.encode(req["INPUT_IDS"][i : i + 1, :n], req["ATTENTION_MASK"][i : i + 1, :n])
+            np.testing.assert_allclose(out["EMBEDDING"][i], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "inputs,words",
+    [
+        ({"INPUT_IDS": np.ones((1, 4), np.int64)}, "ATTENTION_MASK is missing"),
+        ({"INPUT_IDS": np.ones((1, 4), np.int32), "ATTENTION_MASK": np.ones((1, 4), np.int64)}, "expected dtype int64"),
+        ({"INPUT_IDS": np.ones((1, 4), np.int64), "ATTENTION_MASK": np.zeros((1, 4), np.int64)}, "no tokens"),
+        ({"INPUT_IDS": np.ones((1, 4), np.int64), "ATTENTION_MASK": np.array([[0, 1, 1, 1]])}, "right-padded"),
+        ({"INPUT_IDS": np.ones((1, 4), np.int64), "ATTENTION_MASK": np.full((1, 4), 2)}, "0 or 1"),
+        ({"INPUT_IDS": -np.ones((1, 4), np.int64), "ATTENTION_MASK": np.ones((1, 4), np.int64)}, "token ids"),
+        ({"INPUT_IDS": np.ones((1, 999), np.int64), "ATTENTION_MASK": np.ones((1, 999), np.int64)}, "exceed the limit"),
+    ],
+)
+def test_encoder_rejects_bad_tensors_alone(encoder: EncoderModel, inputs: dict[str, np.ndarray], words: str) -> None:
+    good = _rows(np.random.default_rng(1), [6], 6)
+    bad, ok = encoder.run([inputs, good])
+    assert isinstance(bad, RequestError) and words in str(bad)
+    assert ok["EMBEDDING"].shape == (1, 32)
+
+
+def test_preprocess_names_the_bad_record(tiny_artifacts: ArtifactLayout) -> None:
+    model = PreprocessModel()
+    model.setup(tiny_artifacts, {"record_kind": "post"})
+    good = json.dumps({"id": 1, "format": "text", "text": "hello world"}).encode()
+    out = model.run([
+        {"RECORDS": np.array([[good], [b'{"id": 2, "text": 5}']], object)},
+        {"RECORDS": np.array([[good]], object)},
+        {"RECORDS": np.array([good], object)},
+    ])
+    assert isinstance(out[0], RequestError) and "RECORDS[1]" in str(out[0]) and "text" in str(out[0])
+    assert out[1]["INPUT_IDS"].shape == out[1]["ATTENTION_MASK"].shape
+    assert isinstance(out[2], RequestError) and "shape [batch, 1]" in str(out[2])
