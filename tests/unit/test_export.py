@@ -1,0 +1,103 @@
+"""Import and ONNX export with parity, on tiny models built at test time."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from feedserve.artifacts import EncoderSettings
+from feedserve.export.import_model import import_checkpoint
+from feedserve.export.onnx import ParityError, check_parity, export_onnx
+from feedserve.runtime import OnnxEncoder
+
+
+def test_export_parity_and_report(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "encoder.onnx"
+    report = export_onnx(tiny_checkpoint, EncoderSettings(dim=24), out)
+    assert report.parity is not None and report.parity.worst_cosine >= 0.9999
+    assert not report.external_data and not (tmp_path / "encoder.onnx.data").exists()
+    saved = json.loads((tmp_path / "export_report.json").read_text())
+    assert saved["sha256"] == report.sha256 and saved["settings"]["dim"] == 24
+    enc = OnnxEncoder(out)
+    assert enc.dim == 24
+    # Dynamic axes: a batch and length never seen at export time.
+    assert enc.encode(np.ones((5, 77), np.int64), np.ones((5, 77), np.int64)).shape == (5, 24)
+
+
+def test_external_data_path(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "encoder.onnx"
+    report = export_onnx(tiny_checkpoint, EncoderSettings(), out, external_data_threshold=0)
+    assert report.external_data and (tmp_path / "encoder.onnx.data").exists()
+    assert out.stat().st_size < (tmp_path / "encoder.onnx.data").stat().st_size
+    assert OnnxEncoder(out).dim == 64
+
+
+def test_parity_error_reports_the_worst_difference(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "encoder.onnx"
+    export_onnx(tiny_checkpoint, EncoderSettings(pooling="last"), out)
+    with pytest.raises(ParityError, match=r"worst cosine .* < 0.9999 \(batch \[.*\]\), max abs difference") as err:
+        check_parity(tiny_checkpoint, EncoderSettings(pooling="mean"), out)
+    assert err.value.worst_cosine < 0.9999 and err.value.max_abs_diff > 0
+
+
+def test_failed_export_keeps_the_previous_model(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import feedserve.export.onnx as onnx_export
+
+    out = tmp_path / "encoder.onnx"
+    export_onnx(tiny_checkpoint, EncoderSettings(), out)
+    before = out.read_bytes()
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ParityError("forced", 0.5, 1.0)
+
+    monkeypatch.setattr(onnx_export, "check_parity", broken)
+    with pytest.raises(ParityError):
+        export_onnx(tiny_checkpoint, EncoderSettings(dim=8), out)
+    assert out.read_bytes() == before
+
+
+def test_missing_onnx_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope.onnx"):
+        OnnxEncoder(tmp_path / "nope.onnx")
+
+
+def test_import_causal_lm_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModel, LlamaForCausalLM
+
+    lm_dir = tmp_path / "lm"
+    lm = LlamaForCausalLM.from_pretrained(tiny_checkpoint)  # a causal-LM checkpoint, as fine-tuning saves
+    lm.save_pretrained(lm_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny_checkpoint / name, lm_dir / name)
+    out = import_checkpoint(lm_dir, tmp_path / "hf")
+    base = AutoModel.from_pretrained(out)
+    assert type(base).__name__ == "LlamaModel"
+    assert torch.equal(base.embed_tokens.weight, lm.model.embed_tokens.weight)
+    record = json.loads((out / "import.json").read_text())
+    assert record["architecture"] == "LlamaModel"
+    mtime = (out / "model.safetensors").stat().st_mtime_ns
+    import_checkpoint(lm_dir, tmp_path / "hf")  # same source: skipped
+    assert (out / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_import_refuses_what_is_not_a_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        import_checkpoint(tmp_path / "missing", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither a .gguf file nor a Hugging Face checkpoint"):
+        import_checkpoint(tmp_path / "empty", tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_real_smollm2_imports_and_exports_with_parity(tmp_path: Path) -> None:
+    from feedserve.export.import_model import default_gguf_path
+
+    hf = import_checkpoint(default_gguf_path(), tmp_path / "hf")
+    report = export_onnx(hf, EncoderSettings(), tmp_path / "encoder.onnx")
+    assert report.parity is not None and report.parity.worst_cosine >= 0.9999
+    assert report.parameters > 100_000_000

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from feedserve.records import (
+    MAX_RECORD_BYTES,
+    RecordError,
+    json_schema,
+    parse_member,
+    parse_post,
+    read_posts_jsonl,
+    write_posts_jsonl,
+)
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "ensemble" / "examples"
+
+
+def test_examples_parse() -> None:
+    post = parse_post((EXAMPLES / "post.json").read_bytes())
+    member = parse_member((EXAMPLES / "member.json").read_text())
+    assert post.counts["views"] == 12345
+    assert [h.post_id for h in member.history] == [7301940001, 7301940555]
+    assert set(json_schema("post")["properties"]) >= {"id", "author", "counts", "text"}
+
+
+@pytest.mark.parametrize(
+    "raw,words",
+    [
+        (b'{"format": "text"}', "post.id: Field required"),
+        (b'{"id": "42"}', "post.id: Input should be a valid integer"),
+        (b'{"id": 1, "text": 5}', "post.text: Input should be a valid string"),
+        (b'{"id": 1, "colour": "red"}', "post.colour: Extra inputs are not permitted"),
+        (b'{"id": 1, "counts": {"views": -3}}', "post.counts: Value error, count 'views' must be a finite number >= 0"),
+        (b'{"id": 1, "counts": {"views": NaN}}', "finite"),
+        (b'{"id": 1, "counts": {"views": Infinity}}', "finite"),
+        (b'{"id": -1}', "post.id: Input should be greater than or equal to 0"),
+        (b'{"id": 1, "author": {"name": 3}}', "post.author.name"),
+        (b"{not json", "post: invalid JSON"),
+        (b"[1, 2]", "post: expected a JSON object, got list"),
+        (b'{"id": 1, "text": "\xff\xfe"}', "post: not valid UTF-8 at byte"),
+        (json.dumps({"id": 1, "text": "x" * 40000}).encode(), "post.text: String should have at most"),
+        (b"x" * (MAX_RECORD_BYTES + 1), "exceeds the limit"),
+    ],
+)
+def test_bad_posts_name_the_field(raw: bytes, words: str) -> None:
+    with pytest.raises(RecordError) as err:
+        parse_post(raw)
+    assert words in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "raw,words",
+    [
+        ({"id": 5, "history": [{"engaged_at": 1}]}, "member.history[0].post_id: Field required"),
+        ({"id": 5, "skills": "python"}, "member.skills: Input should be a valid list"),
+        ({"id": 5, "history": [{"post_id": 1, "post": {"id": 1, "counts": {"likes": -1}}}]}, "member.history[0].post.counts"),
+        ({"id": 5, "positions": [{"title": "x", "start_year": "2020"}]}, "member.positions[0].start_year"),
+    ],
+)
+def test_bad_members_name_the_field(raw: dict[str, object], words: str) -> None:
+    with pytest.raises(RecordError) as err:
+        parse_member(json.dumps(raw))
+    assert words in str(err.value)
+
+
+def test_empty_history_is_fine() -> None:
+    assert parse_member('{"id": 1}').history == []
+
+
+def test_jsonl_round_trip(tmp_path: Path) -> None:
+    post = parse_post((EXAMPLES / "post.json").read_bytes())
+    write_posts_jsonl([post, post.model_copy(update={"id": 2})], tmp_path / "p.jsonl")
+    assert [p.id for p in read_posts_jsonl(tmp_path / "p.jsonl")] == [post.id, 2]
+    (tmp_path / "bad.jsonl").write_text('{"id": 1}\n{"id": "x"}\n')
+    with pytest.raises(RecordError, match=r"bad.jsonl:2: post.id"):
+        read_posts_jsonl(tmp_path / "bad.jsonl")
