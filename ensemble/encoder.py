@@ -52,7 +52,7 @@ def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch
 def normalize_truncate(pooled: torch.Tensor, dim: int | None) -> torch.Tensor:
     """L2-normalise; with Matryoshka `dim`, keep the first `dim` values and renormalise."""
     out = F.normalize(pooled.float(), dim=-1)
-    if dim is not None and dim < out.shape[-1]:
+    if dim is not None:
         out = F.normalize(out[..., :dim], dim=-1)
     return out
 
@@ -68,6 +68,8 @@ class EmbeddingModel(nn.Module):
         if dim is not None and not 0 < dim <= hidden:
             raise ValueError(f"Matryoshka dim must be in [1, {hidden}], got {dim}")
         self.dim = dim or hidden
+        # A Python-level decision, so the traced graph holds no data-dependent branch.
+        self._truncate = self.dim if self.dim < hidden else None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(
@@ -77,7 +79,7 @@ class EmbeddingModel(nn.Module):
             use_cache=False,
         ).last_hidden_state
         pool = mean_pool if self.pooling == "mean" else last_token_pool
-        return normalize_truncate(pool(hidden, attention_mask), self.dim)
+        return normalize_truncate(pool(hidden, attention_mask), self._truncate)
 
 
 def load_embedding_model(hf_dir: Path, settings: EncoderSettings) -> EmbeddingModel:

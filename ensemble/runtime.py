@@ -37,7 +37,9 @@ class OnnxEncoder:
         names = [i.name for i in self.session.get_inputs()]
         if sorted(names) != sorted(ONNX_INPUTS):
             raise ValueError(f"{path}: inputs {names}, expected {list(ONNX_INPUTS)}")
-        self._dim = int(self.session.get_outputs()[0].shape[-1])
+        dim = self.session.get_outputs()[0].shape[-1]
+        # The exporter may leave the output width symbolic; one tiny run tells it.
+        self._dim = dim if isinstance(dim, int) else int(self.encode(np.ones((1, 1), np.int64), np.ones((1, 1), np.int64)).shape[1])
         logger.info("ONNX encoder %s: dim %d", path, self._dim)
 
     @property

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ def builder() -> PromptBuilder:
 
 def _member(n: int) -> Member:
     history = [
-        Engagement(post_id=100 + i, engaged_at=i, post=Post(id=100 + i, text=f"post number {i} about python and kafka"))
+        Engagement(post_id=100 + i, engaged_at=i, post=Post(id=100 + i, text=f"{i} is a post about python and kafka"))
         for i in range(n)
     ]
     return Member(id=1, headline="Data engineer", skills=["python", "kafka"], history=history)
@@ -57,7 +58,7 @@ def test_text_is_cut_to_its_token_budget(builder: PromptBuilder) -> None:
 def test_history_drops_oldest_first_within_budget(builder: PromptBuilder) -> None:
     prompt = builder.member_prompt(_member(60))
     assert len(builder.tokenizer.encode(prompt).ids) <= SETTINGS.max_prompt_tokens
-    kept = [int(p.split(" ")[0]) for p in prompt.split("post number ")[1:]]
+    kept = [int(n) for n in re.findall(r"<text>(\d+) is", prompt)]
     assert kept == sorted(kept) and kept[-1] == 59  # chronological, newest kept
     assert kept == list(range(kept[0], 60))  # a contiguous newest suffix: only the oldest dropped
     assert builder.member_prompt(_member(60)) == prompt  # deterministic
