@@ -54,13 +54,13 @@ def _rate(fn, batches, repeat: int = 1) -> float:  # type: ignore[no-untyped-def
     return n / (time.perf_counter() - t)
 
 
-def perf_analyzer(url: str, model: str, data: Path, concurrency: int, seconds: float = 8.0) -> dict[str, float]:
+def perf_analyzer(url: str, model: str, data: Path, concurrency: int, seconds: float = 20.0) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "pa.csv"
         cmd = [
             str(Path(sys.executable).parent / "perf_analyzer"), "-m", model, "-u", url, "-i", "grpc",
             "--input-data", str(data), "-b", "1", f"--concurrency-range={concurrency}",
-            f"--measurement-interval={int(seconds * 1000)}", "--stability-percentage=50",
+            f"--measurement-interval={int(seconds * 1000)}", "--stability-percentage=50", "--measurement-mode=time_windows",
             "--max-trials=4", "--percentile=99", "-f", str(report),
         ]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -74,6 +74,33 @@ def perf_analyzer(url: str, model: str, data: Path, concurrency: int, seconds: f
         "p90_ms": float(row["p90 latency"]) / 1000,
         "p99_ms": float(row["p99 latency"]) / 1000,
     }
+
+
+def render_markdown(r: dict[str, object]) -> str:
+    lines = [
+        "# CPU speed: default model (SmolLM2-135M, fp32)",
+        "",
+        f"Machine: {r['machine']}. Same {r['posts']} MovieLens post prompts everywhere "
+        f"(mean {r['mean_prompt_tokens']:.0f} tokens, padded to {r['padded_tokens_per_prompt']:.0f}).",
+        "Command: `.venv/bin/python -m benchmarks.speed_cpu --posts 128`",
+        "",
+        "| path | prompts/s |",
+        "|---|---|",
+        f"| encoder alone, ONNX Runtime (batch {r['batch']}) | {r['onnxruntime_prompts_per_s']:.2f} |",
+        f"| encoder alone, PyTorch eager (batch {r['batch']}) | {r['pytorch_prompts_per_s']:.2f} |",
+        f"| `embed_post` ensemble via Triton gRPC, 1 request of {r['batch']} in flight | {r['embed_post_prompts_per_s_c1']:.2f} |",
+        f"| `embed_post` ensemble via Triton gRPC, 4 requests of 8 in flight | {r['embed_post_prompts_per_s_c4']:.2f} |",
+        "",
+        "`retrieve` (member record -> top-10), perf_analyzer over gRPC, batch 1, members with 5-60 liked movies:",
+        "",
+        "| concurrency | inferences/s | p50 ms | p90 ms | p99 ms |",
+        "|---|---|---|---|---|",
+    ]
+    for row in r["retrieve"]:  # type: ignore[attr-defined]
+        lines.append(
+            f"| {row['concurrency']} | {row['infer_per_s']:.2f} | {row['p50_ms']:.0f} | {row['p90_ms']:.0f} | {row['p99_ms']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             results["retrieve"] = [perf_analyzer(server.grpc_url, "retrieve", data, c) for c in (1, 8)]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "speed_cpu.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "speed_cpu.md").write_text(render_markdown(results))
     logger.info("results: %s", json.dumps(results, indent=2))
     return 0
 
