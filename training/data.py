@@ -1,0 +1,160 @@
+"""Training and evaluation data for the dual encoder.
+
+An example is (member as of some moment, a post they engaged with next, hard negatives). Member
+history holds engaged posts only. Hard negatives are posts the member was shown but did not engage
+with (on MovieLens: movies they rated <= 2.5). Easy negatives are the other positives of the batch
+plus posts sampled from the corpus (the trainer adds those).
+
+`movielens_split` cuts at one global time: every evaluated target is later than every event trained
+on, so nothing from the future leaks into training.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from feedserve.movielens import MovieLens
+from feedserve.records import Engagement, Member, Post
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Example:
+    member: Member  # history strictly before the positive
+    positive: Post
+    hard_negatives: tuple[Post, ...] = ()
+
+
+@dataclass
+class EvalCase:
+    member: Member  # history up to the cutoff
+    targets: set[int]  # posts engaged with after the cutoff
+
+
+@dataclass
+class Split:
+    train: list[Example]
+    test: list[EvalCase]
+    cutoff: int
+    corpus: list[Post] = field(repr=False, default_factory=list)
+    train_positives: dict[int, int] = field(repr=False, default_factory=dict)  # post id -> count
+
+
+def _member(base: Member, history: list[Engagement]) -> Member:
+    return base.model_copy(update={"history": history})
+
+
+def movielens_split(
+    ml: MovieLens,
+    test_fraction: float = 0.1,
+    positive_rating: float = 4.0,
+    negative_rating: float = 2.5,
+    examples_per_member: int = 8,
+    min_history: int = 1,
+    seed: int = 0,
+) -> Split:
+    """Global time split; training examples sample each member's positives before the cutoff."""
+    rng = random.Random(seed)
+    positives = sorted((r for r in ml.ratings if r.rating >= positive_rating), key=lambda r: (r.timestamp, r.user, r.movie))
+    cutoff = positives[int(len(positives) * (1 - test_fraction))].timestamp
+    liked: dict[int, list] = defaultdict(list)
+    disliked: dict[int, list[int]] = defaultdict(list)
+    for r in sorted(ml.ratings, key=lambda r: (r.timestamp, r.movie)):
+        if r.rating >= positive_rating:
+            liked[r.user].append(r)
+        elif r.rating <= negative_rating and r.timestamp < cutoff:
+            disliked[r.user].append(r.movie)
+    train: list[Example] = []
+    test: list[EvalCase] = []
+    counts: dict[int, int] = defaultdict(int)
+    for user, events in liked.items():
+        past = [e for e in events if e.timestamp < cutoff]
+        future = {e.movie for e in events if e.timestamp >= cutoff}
+        history = [Engagement(post_id=e.movie, engaged_at=e.timestamp, action=f"rated {e.rating:g}", post=ml.movies[e.movie]) for e in past]
+        base = Member(id=user, headline=f"MovieLens user {user}")
+        for e in past:
+            counts[e.movie] += 1
+        if future and len(history) >= min_history:
+            test.append(EvalCase(_member(base, history), future - {h.post_id for h in history}))
+        positions = list(range(min_history, len(past)))
+        for i in rng.sample(positions, min(examples_per_member, len(positions))):
+            negs = rng.sample(disliked[user], min(4, len(disliked[user])))
+            train.append(Example(_member(base, history[:i]), ml.movies[past[i].movie], tuple(ml.movies[m] for m in negs)))
+    rng.shuffle(train)
+    test = [t for t in test if t.targets]
+    logger.info("MovieLens split at %d: %d training examples, %d test members", cutoff, len(train), len(test))
+    return Split(train, test, cutoff, ml.posts(), dict(counts))
+
+
+# --- synthetic LinkedIn-shaped data --------------------------------------------------------
+
+TOPICS: dict[str, list[str]] = {
+    "data": ["spark", "kafka", "warehouse", "pipelines", "sql"],
+    "ml": ["transformers", "embeddings", "retrieval", "training", "gpus"],
+    "design": ["figma", "typography", "accessibility", "prototypes", "color"],
+    "finance": ["markets", "bonds", "valuation", "risk", "equity"],
+    "health": ["clinical", "nursing", "patients", "trials", "care"],
+    "sales": ["pipeline", "quota", "prospects", "negotiation", "crm"],
+}
+FIRST = ["Ada", "Lin", "Omar", "Sara", "Kenji", "Maya", "Tom", "Ines", "Ravi", "Zoe"]
+LAST = ["Chen", "Okafor", "Silva", "Novak", "Haddad", "Kim", "Berg", "Rossi"]
+
+
+@dataclass
+class Synthetic:
+    posts: list[Post]
+    members: list[Member]
+    train: list[Example]
+    test: list[EvalCase]
+    topic_of: dict[int, str]
+
+
+def synthetic_feed(n_members: int = 200, n_posts: int = 400, history: int = 6, seed: int = 0) -> Synthetic:
+    """Members follow one topic; they engage with posts of it and ignore (shown, not engaged) others."""
+    rng = np.random.default_rng(seed)
+    topics = list(TOPICS)
+    posts, topic_of = [], {}
+    for pid in range(n_posts):
+        topic = topics[pid % len(topics)]
+        words = rng.choice(TOPICS[topic], size=3, replace=False).tolist()
+        author = f"{rng.choice(FIRST)} {rng.choice(LAST)}"
+        posts.append(Post(
+            id=10_000 + pid, format=str(rng.choice(["text", "article", "video"])),
+            text=f"Thoughts on {words[0]}, {words[1]} and {words[2]} this week.",
+            author=None if pid % 3 else _author(author, topic),
+            counts={"views": float(rng.lognormal(7, 2)), "likes": float(rng.poisson(20))},
+        ))
+        topic_of[10_000 + pid] = topic
+    by_topic: dict[str, list[Post]] = defaultdict(list)
+    for p in posts:
+        by_topic[topic_of[p.id]].append(p)
+    members, train, test = [], [], []
+    for mid in range(n_members):
+        topic = topics[mid % len(topics)]
+        own = rng.permutation(len(by_topic[topic]))[: history + 2]
+        liked = [by_topic[topic][i] for i in own]
+        others = [p for p in posts if topic_of[p.id] != topic]
+        shown = [others[i] for i in rng.choice(len(others), 4, replace=False)]
+        hist = [Engagement(post_id=p.id, engaged_at=1_700_000_000 + 60 * k, action="like", post=p) for k, p in enumerate(liked[:history])]
+        member = Member(
+            id=mid, headline=f"{topic} professional", industry=topic,
+            skills=rng.choice(TOPICS[topic], size=2, replace=False).tolist(), history=hist,
+        )
+        members.append(member)
+        for k in range(1, history):
+            train.append(Example(_member(member, hist[:k]), liked[k], tuple(shown[:2])))
+        test.append(EvalCase(member, {p.id for p in liked[history:]}))
+    order = rng.permutation(len(train))
+    return Synthetic(posts, members, [train[i] for i in order], test, topic_of)
+
+
+def _author(name: str, topic: str) -> object:
+    from feedserve.records import Author
+
+    return Author(name=name, headline=f"{topic} lead", company="Initech", industry=topic)

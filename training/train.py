@@ -1,0 +1,255 @@
+"""Fine-tune the LLaMA encoder as a dual encoder with InfoNCE.
+
+    python -m feedserve.training.train --data movielens --out artifacts/finetuned --steps 300 --lora-r 8
+
+Each step embeds a batch of members and, with the same shared encoder, their positive posts, their
+hard negatives (shown, not engaged) and posts sampled from the corpus (easy negatives); every
+member's positive is scored against all of those posts, so the other members' positives serve as
+in-batch negatives too. With Matryoshka dims the same loss is taken on truncated, renormalised
+prefixes of the embedding, so a prefix can serve alone.
+
+Checkpoints (trainable weights as safetensors, optimizer, step) are written every
+`checkpoint_every` steps; a rerun with the same `--out` resumes from the newest. Batches depend only
+on (seed, step), so a resumed run sees the batches an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from feedserve.artifacts import EncoderSettings
+from feedserve.buckets import PercentileBuckets
+from feedserve.encoder import EmbeddingModel, load_embedding_model
+from feedserve.prompts import PromptBuilder
+from feedserve.records import Post
+from feedserve.training.data import Example
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    temperature: float = 0.05
+    hard_negatives: int = 2
+    easy_negatives: int = 16
+    matryoshka_dims: tuple[int, ...] = ()  # extra prefix sizes; the full size is always trained
+    lora_r: int = 0  # 0: train every weight
+    lora_alpha: int = 16
+    keep_layers: int | None = None  # keep only the first N transformer layers
+    seed: int = 0
+    checkpoint_every: int = 50
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    losses: list[float]
+    seconds: float
+    peak_rss_mb: float
+    resumed_from: int
+
+
+def info_nce(members: torch.Tensor, posts: torch.Tensor, targets: torch.Tensor, same: torch.Tensor, temperature: float) -> torch.Tensor:
+    """members [B, D], posts [N, D] (normalised); targets [B] column of each member's positive;
+    `same` [B, N] marks other columns holding the very same post, which must not count as negatives."""
+    logits = members @ posts.T / temperature
+    logits = logits.masked_fill(same, torch.finfo(logits.dtype).min)
+    return F.cross_entropy(logits, targets)
+
+
+def matryoshka_loss(m: torch.Tensor, p: torch.Tensor, targets: torch.Tensor, same: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    dims = sorted({m.shape[1], *(d for d in cfg.matryoshka_dims if d < m.shape[1])})
+    losses = [info_nce(F.normalize(m[:, :d], dim=-1), F.normalize(p[:, :d], dim=-1), targets, same, cfg.temperature) for d in dims]
+    return torch.stack(losses).mean()
+
+
+def build_model(hf_dir: Path, settings: EncoderSettings, cfg: TrainConfig) -> EmbeddingModel:
+    # Train the full width; Matryoshka truncation happens in the loss and at export time.
+    model = load_embedding_model(hf_dir, EncoderSettings(pooling=settings.pooling))
+    backbone = model.backbone
+    if cfg.keep_layers:
+        backbone.layers = backbone.layers[: cfg.keep_layers]
+        backbone.config.num_hidden_layers = cfg.keep_layers
+    if cfg.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        model.backbone = get_peft_model(backbone, lora)
+    return model.train()
+
+
+class Batcher:
+    """Deterministic batches from (seed, step): a resumed run sees the same data."""
+
+    def __init__(self, examples: Sequence[Example], corpus: Sequence[Post], cfg: TrainConfig) -> None:
+        self.examples, self.corpus, self.cfg = examples, corpus, cfg
+
+    def __call__(self, step: int, micro: int) -> tuple[list[Example], list[Post]]:
+        rng = random.Random(self.cfg.seed * 1_000_003 + step * 101 + micro)
+        batch = rng.sample(list(self.examples), min(self.cfg.batch_size, len(self.examples)))
+        easy = rng.sample(list(self.corpus), min(self.cfg.easy_negatives, len(self.corpus)))
+        return batch, easy
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, losses: list[float]) -> None:
+    final = out / "checkpoints" / f"step-{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_trainable(model), str(tmp / "trainable.safetensors"))
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses}))
+    tmp.replace(final)  # a crash mid-write leaves only a .tmp, which resume ignores
+    for old in _checkpoints(out)[:-2]:
+        shutil.rmtree(old)
+
+
+def train(
+    hf_dir: Path, out: Path, examples: Sequence[Example], corpus: Sequence[Post], buckets: PercentileBuckets,
+    settings: EncoderSettings, cfg: TrainConfig, progress: bool = True,
+) -> TrainResult:
+    torch.manual_seed(cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    builder = PromptBuilder(Tokenizer.from_file(str(hf_dir / "tokenizer.json")), buckets, settings)
+    model = build_model(hf_dir, settings, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start, losses = 0, []
+    if ckpts := _checkpoints(out):
+        latest = ckpts[-1]
+        model.load_state_dict(load_file(str(latest / "trainable.safetensors")), strict=False)
+        opt.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
+        state = json.loads((latest / "state.json").read_text())
+        start, losses = int(state["step"]), list(state["losses"])
+        logger.info("resuming from %s", latest)
+    batcher = Batcher(examples, corpus, cfg)
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train")
+    for step in bar:
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            batch, easy = batcher(step, micro)
+            loss = _step_loss(model, builder, batch, easy, cfg) / cfg.grad_accum
+            loss.backward()
+            total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(total)
+        bar.set_postfix(loss=f"{total:.3f}")
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            save_checkpoint(out, step + 1, model, opt, losses)
+    seconds = time.perf_counter() - t0
+    model_dir = save_model(model, hf_dir, out / "model", cfg)
+    buckets.save(out / "buckets.json")
+    settings.save(out / "serving.json")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    (out / "train_report.json").write_text(json.dumps({"steps": cfg.steps, "seconds": seconds, "peak_rss_mb": peak,
+                                                        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}, indent=2))
+    return TrainResult(model_dir, losses, seconds, peak, start)
+
+
+def _step_loss(model: EmbeddingModel, builder: PromptBuilder, batch: list[Example], easy: list[Post], cfg: TrainConfig) -> torch.Tensor:
+    posts = [ex.positive for ex in batch]
+    for ex in batch:
+        posts.extend(ex.hard_negatives[: cfg.hard_negatives])
+    posts.extend(easy)
+    m = builder.encode_members([ex.member for ex in batch])
+    p = builder.encode_posts(posts)
+    member_vecs = _raw(model, m.input_ids, m.attention_mask)
+    post_vecs = _raw(model, p.input_ids, p.attention_mask)
+    ids = torch.tensor([x.id for x in posts])
+    targets = torch.arange(len(batch))
+    same = (ids[None, :] == ids[targets][:, None]) & (torch.arange(len(posts))[None, :] != targets[:, None])
+    return matryoshka_loss(member_vecs, post_vecs, targets, same, cfg)
+
+
+def _raw(model: EmbeddingModel, ids: np.ndarray, mask: np.ndarray) -> torch.Tensor:
+    # Full-width pooled embedding; the loss normalises each Matryoshka prefix itself.
+    return model(torch.from_numpy(ids), torch.from_numpy(mask))
+
+
+def save_model(model: EmbeddingModel, hf_dir: Path, dest: Path, cfg: TrainConfig) -> Path:
+    """A plain HF LlamaModel checkpoint (LoRA merged), which export/ takes unchanged."""
+    backbone = model.backbone
+    if cfg.lora_r:
+        backbone.save_pretrained(dest.parent / "adapter")  # the small artifact worth committing
+        backbone = backbone.merge_and_unload()
+    dest.mkdir(parents=True, exist_ok=True)
+    backbone.save_pretrained(dest)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (hf_dir / name).exists():
+            shutil.copy(hf_dir / name, dest / name)
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    from feedserve.artifacts import ArtifactLayout, default_artifacts_dir
+    from feedserve.build import SAMPLE_CORPUS
+    from feedserve.movielens import load_movielens
+    from feedserve.training.data import movielens_split, synthetic_feed
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", choices=("movielens", "synthetic"), default="movielens")
+    p.add_argument("--base", type=Path, default=default_artifacts_dir(), help="artifact dir of the model to tune")
+    p.add_argument("--out", type=Path, required=True)
+    for f in ("steps", "batch_size", "grad_accum", "hard_negatives", "easy_negatives", "lora_r", "keep_layers", "seed", "checkpoint_every"):
+        p.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(TrainConfig, f, None))
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--temperature", type=float, default=TrainConfig.temperature)
+    p.add_argument("--matryoshka", type=int, nargs="*", default=[])
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = TrainConfig(**{f: getattr(args, f) for f in ("steps", "batch_size", "grad_accum", "hard_negatives", "easy_negatives",
+                                                       "lora_r", "keep_layers", "seed", "checkpoint_every", "lr", "temperature")},
+                      matryoshka_dims=tuple(args.matryoshka))
+    base = ArtifactLayout(args.base)
+    settings = EncoderSettings.load(base.settings)
+    if args.data == "movielens":
+        ml = load_movielens(SAMPLE_CORPUS)
+        split = movielens_split(ml)
+        examples, corpus, buckets = split.train, split.corpus, ml.fit_buckets()
+    else:
+        syn = synthetic_feed()
+        examples, corpus, buckets = syn.train, syn.posts, PercentileBuckets.fit_posts(syn.posts)
+    result = train(base.hf_dir, args.out, examples, corpus, buckets, settings, cfg)
+    print(json.dumps({"model": str(result.model_dir), "seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb,
+                      "first_loss": result.losses[0], "last_loss": result.losses[-1]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
