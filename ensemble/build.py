@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from feedserve.artifacts import REPO_ROOT, ArtifactLayout, EncoderSettings
+from feedserve.buckets import PercentileBuckets
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +25,7 @@ class BuildOptions:
     settings: EncoderSettings | None = None  # None = keep the saved settings (or defaults)
     corpus: Path = SAMPLE_CORPUS  # MovieLens directory the buckets are fitted on
     force: bool = False
+    buckets: Path | None = None  # a saved buckets.json (e.g. a training run's), used unchanged
 
 
 def build_artifacts(opts: BuildOptions) -> ArtifactLayout:
@@ -44,7 +46,10 @@ def build_artifacts(opts: BuildOptions) -> ArtifactLayout:
         export_onnx(layout.hf_dir, settings, layout.onnx)
     else:
         logger.info("ONNX model up to date: %s", layout.onnx)
-    if opts.force or not layout.buckets.exists():
+    if opts.buckets is not None:
+        # Validate before copying: serving must use exactly the cut points the model was trained with.
+        PercentileBuckets.load(opts.buckets).save(layout.buckets)
+    elif opts.force or not layout.buckets.exists():
         load_movielens(opts.corpus).fit_buckets().save(layout.buckets)
         logger.info("fitted percentile buckets on %s", opts.corpus)
     return layout

@@ -53,7 +53,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     settings = None
     if args.pooling or args.dim:
         settings = EncoderSettings(pooling=args.pooling or "mean", dim=args.dim)
-    build_artifacts(BuildOptions(args.artifacts, args.source, settings, args.corpus, args.force))
+    build_artifacts(BuildOptions(args.artifacts, args.source, settings, args.corpus, args.force, args.buckets))
     return 0
 
 
@@ -150,6 +150,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--corpus", type=Path, default=SAMPLE_CORPUS, help="MovieLens dir to fit buckets on")
     b.add_argument("--pooling", choices=("mean", "last"))
     b.add_argument("--dim", type=int, help="Matryoshka dimension (default: full)")
+    b.add_argument("--buckets", type=Path, help="use this buckets.json (a training run's) instead of fitting")
     b.add_argument("--force", action="store_true")
     b.set_defaults(func=cmd_build)
 

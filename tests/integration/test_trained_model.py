@@ -1,0 +1,48 @@
+"""A model fine-tuned here goes through import, ONNX export and a real tritonserver unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from feedserve.artifacts import ArtifactLayout
+from feedserve.buckets import PercentileBuckets
+from feedserve.build import BuildOptions, build_artifacts
+from feedserve.clients.online import FeedClient
+from feedserve.encoder import TorchEncoder
+from feedserve.prompts import PromptBuilder
+from feedserve.repository import write_repository
+from feedserve.server import ServerOptions, TritonServer, free_port
+from feedserve.training.data import synthetic_feed
+from feedserve.training.train import TrainConfig, train
+from tests.conftest import TINY_SETTINGS
+
+pytestmark = pytest.mark.integration
+
+
+def test_trained_artifact_serves_the_embeddings_pytorch_gives(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    syn = synthetic_feed(n_members=20, n_posts=40, history=4)
+    buckets = PercentileBuckets.fit_posts(syn.posts)
+    run = tmp_path / "run"
+    cfg = TrainConfig(steps=4, batch_size=6, lr=1e-3, easy_negatives=4, lora_r=4)
+    result = train(tiny_checkpoint, run, syn.train, syn.posts, buckets, TINY_SETTINGS, cfg, progress=False)
+
+    layout = build_artifacts(BuildOptions(tmp_path / "artifacts", source=result.model_dir, settings=TINY_SETTINGS,
+                                          buckets=run / "buckets.json"))
+    assert (layout.buckets.read_text() == (run / "buckets.json").read_text())
+    repo = tmp_path / "repo"
+    write_repository(repo)
+    opts = ServerOptions(repository=repo, artifacts=layout.root, http_port=free_port(), grpc_port=free_port(),
+                         metrics_port=free_port(), log_file=tmp_path / "server.log")
+    with TritonServer(opts) as server, FeedClient(server.grpc_url, "grpc") as client:
+        served = client.embed_posts(syn.posts[:5])
+        served_members = client.embed_members(syn.members[:3])
+
+    reference = TorchEncoder(result.model_dir, TINY_SETTINGS)
+    builder = PromptBuilder(Tokenizer.from_file(str(ArtifactLayout(layout.root).tokenizer)), buckets, TINY_SETTINGS)
+    for got, batch in ((served, builder.encode_posts(syn.posts[:5])), (served_members, builder.encode_members(syn.members[:3]))):
+        want = reference.encode(batch.input_ids, batch.attention_mask)
+        assert (got * want).sum(axis=1).min() > 0.9999
