@@ -50,6 +50,10 @@ def _member(base: Member, history: list[Engagement]) -> Member:
     return base.model_copy(update={"history": history})
 
 
+def _engagement(ml: MovieLens, r: object) -> Engagement:
+    return Engagement(post_id=r.movie, engaged_at=r.timestamp, action=f"rated {r.rating:g}", post=ml.movies[r.movie])  # type: ignore[attr-defined]
+
+
 def movielens_split(
     ml: MovieLens,
     test_fraction: float = 0.1,
@@ -75,13 +79,19 @@ def movielens_split(
     counts: dict[int, int] = defaultdict(int)
     for user, events in liked.items():
         past = [e for e in events if e.timestamp < cutoff]
-        future = {e.movie for e in events if e.timestamp >= cutoff}
-        history = [Engagement(post_id=e.movie, engaged_at=e.timestamp, action=f"rated {e.rating:g}", post=ml.movies[e.movie]) for e in past]
+        future = [e for e in events if e.timestamp >= cutoff]
+        history = [_engagement(ml, e) for e in past]
         base = Member(id=user, headline=f"MovieLens user {user}")
         for e in past:
             counts[e.movie] += 1
-        if future and len(history) >= min_history:
-            test.append(EvalCase(_member(base, history), future - {h.post_id for h in history}))
+        if future:
+            # Members active only after the cutoff are evaluated too: the first half of their new
+            # engagements is context (never trained on), the second half the targets, still later.
+            context = future[: len(future) // 2] if len(past) < min_history else []
+            targets = {e.movie for e in future[len(context):]}
+            seen = history + [_engagement(ml, e) for e in context]
+            if len(seen) >= min_history:
+                test.append(EvalCase(_member(base, seen), targets - {h.post_id for h in seen}))
         positions = list(range(min_history, len(past)))
         for i in rng.sample(positions, min(examples_per_member, len(positions))):
             negs = rng.sample(disliked[user], min(4, len(disliked[user])))

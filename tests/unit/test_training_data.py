@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from feedserve.build import SAMPLE_CORPUS
+from feedserve.movielens import load_movielens
+from feedserve.training.data import movielens_split, synthetic_feed
+
+
+def test_movielens_split_never_trains_on_the_future() -> None:
+    ml = load_movielens(SAMPLE_CORPUS)
+    split = movielens_split(ml, test_fraction=0.1)
+    when = {(r.user, r.movie): r.timestamp for r in ml.ratings}
+    assert split.train and len(split.test) >= 50
+    for ex in split.train:
+        assert when[(ex.member.id, ex.positive.id)] < split.cutoff
+        assert all(h.engaged_at < when[(ex.member.id, ex.positive.id)] or h.engaged_at == when[(ex.member.id, ex.positive.id)] for h in ex.member.history)
+        assert all(ml.movies[n.id] for n in ex.hard_negatives)
+    for case in split.test:
+        assert case.targets and all(when[(case.member.id, t)] >= split.cutoff for t in case.targets)
+        assert not case.targets & {h.post_id for h in case.member.history}
+        latest_seen = max(h.engaged_at or 0 for h in case.member.history)
+        assert all(when[(case.member.id, t)] >= latest_seen for t in case.targets)
+
+
+def test_hard_negatives_are_disliked_movies() -> None:
+    ml = load_movielens(SAMPLE_CORPUS)
+    rating = {(r.user, r.movie): r.rating for r in ml.ratings}
+    split = movielens_split(ml)
+    negs = [(ex.member.id, n.id) for ex in split.train for n in ex.hard_negatives]
+    assert negs and all(rating[k] <= 2.5 for k in negs)
+
+
+def test_synthetic_members_engage_with_their_topic() -> None:
+    syn = synthetic_feed(n_members=12, n_posts=60, history=4)
+    for m, case in zip(syn.members, syn.test, strict=True):
+        topics = {syn.topic_of[h.post_id] for h in m.history} | {syn.topic_of[t] for t in case.targets}
+        assert topics == {m.industry}
+    for ex in syn.train:
+        assert all(syn.topic_of[n.id] != ex.member.industry for n in ex.hard_negatives)
