@@ -19,5 +19,7 @@ test-all: setup
 render:
 	$(PY) -m feedserve.cli render
 
-bench: setup
-	$(PY) -m benchmarks.run $(ARGS)
+bench:
+	bash scripts/setup.sh --bench
+	$(PY) -m benchmarks.quality
+	$(PY) -m benchmarks.speed_cpu --posts 128

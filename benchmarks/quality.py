@@ -20,7 +20,7 @@ import numpy as np
 
 from feedserve.build import SAMPLE_CORPUS
 from feedserve.movielens import load_movielens
-from feedserve.training.baselines import BM25, ItemKNN, Popularity
+from feedserve.training.baselines import BM25, ItemKNN, Popularity, SentenceEmbedder
 from feedserve.training.data import EvalCase, movielens_split
 from feedserve.training.evaluate import metrics, rank
 
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         "popularity": Popularity(split, ids).score,
         "ItemKNN": ItemKNN(engaged, ids).score,
         "BM25": BM25(split.corpus).score,
+        "all-MiniLM-L6-v2 (mean of recent posts)": SentenceEmbedder(split.corpus).score,
     }
     groups = slices(split.test, split.train_positives)
     results: dict[str, dict[str, dict[str, float]]] = {}

