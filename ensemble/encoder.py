@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -16,6 +17,8 @@ from torch import nn
 from feedserve.artifacts import EncoderSettings, Pooling
 
 logger = logging.getLogger(__name__)
+
+AttnImplementation = Literal["sdpa", "eager"]
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -28,7 +31,8 @@ def additive_causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> to
 
     Built from tensor ops on the mask (no Python ints from shapes) so the traced ONNX graph keeps a
     dynamic sequence axis; passing it as a 4D mask also skips transformers' vmap-based mask
-    builder, which the TorchScript tracer cannot follow.
+    builder, which the TorchScript tracer cannot follow. The fill is finfo.min, not -inf: a
+    left-padding query row sees no key at all, and -inf there would make softmax NaN.
     """
     index = torch.ones_like(attention_mask).cumsum(-1)
     causal = index[:, :, None] >= index[:, None, :]
@@ -38,8 +42,11 @@ def additive_causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> to
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+    """Mean over real tokens. Padding rows are zeroed with `where`, not multiplied by 0, so a
+    non-finite value in a padding position cannot leak into the mean."""
+    keep = attention_mask.bool().unsqueeze(-1)
+    summed = torch.where(keep, hidden, torch.zeros_like(hidden)).sum(dim=1)
+    return summed / keep.sum(dim=1).clamp(min=1).to(hidden.dtype)
 
 
 def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -58,6 +65,8 @@ def normalize_truncate(pooled: torch.Tensor, dim: int | None) -> torch.Tensor:
 
 
 class EmbeddingModel(nn.Module):
+    """(input_ids, attention_mask) [B, T] int64 -> unit-norm float32 embeddings [B, dim]."""
+
     def __init__(self, backbone: nn.Module, pooling: Pooling = "mean", dim: int | None = None) -> None:
         super().__init__()
         if pooling not in ("mean", "last"):
@@ -82,12 +91,17 @@ class EmbeddingModel(nn.Module):
         return normalize_truncate(pool(hidden, attention_mask), self._truncate)
 
 
-def load_embedding_model(hf_dir: Path, settings: EncoderSettings) -> EmbeddingModel:
+def load_embedding_model(
+    hf_dir: Path, settings: EncoderSettings, attn_implementation: AttnImplementation = "sdpa"
+) -> EmbeddingModel:
+    """Load a checkpoint (base or causal-LM; the LM head is dropped) in fp32, in eval mode.
+
+    SDPA is about 25% faster than eager on CPU for SmolLM2 and, given our explicit float mask,
+    traces to the same plain MatMul/Softmax ONNX graph, so it serves both PyTorch and export.
+    """
     from transformers import AutoModel
 
-    # Eager attention: the same math in PyTorch and in the traced ONNX graph (no SDPA kernels
-    # whose masking differs under tracing).
-    backbone = AutoModel.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    backbone = AutoModel.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation=attn_implementation)
     return EmbeddingModel(backbone, settings.pooling, settings.dim).eval()
 
 
@@ -96,6 +110,7 @@ class TorchEncoder:
 
     def __init__(self, hf_dir: Path, settings: EncoderSettings, threads: int | None = None) -> None:
         if threads:
+            # Process-wide in torch: the last TorchEncoder created decides for all of them.
             torch.set_num_threads(threads)
         self.model = load_embedding_model(hf_dir, settings)
 
@@ -105,5 +120,6 @@ class TorchEncoder:
 
     @torch.inference_mode()
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        out = self.model(torch.from_numpy(np.asarray(input_ids, np.int64)), torch.from_numpy(np.asarray(attention_mask, np.int64)))
-        return out.numpy().astype(np.float32)
+        ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64))
+        mask = torch.from_numpy(np.ascontiguousarray(attention_mask, dtype=np.int64))
+        return self.model(ids, mask).numpy().astype(np.float32, copy=False)

@@ -1,10 +1,14 @@
-"""Encoder runtimes that need no torch: ONNX Runtime on CPU (the Triton `encoder` backend)."""
+"""Encoder runtimes that need no torch: ONNX Runtime on CPU (the Triton `encoder` backend).
+
+Kept free of torch imports on purpose: the Triton python backend loads this module, and pulling
+torch into every backend process would cost hundreds of MB and seconds of start-up.
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -13,8 +17,12 @@ from feedserve.schema import ONNX_INPUTS, ONNX_OUTPUT
 logger = logging.getLogger(__name__)
 
 
+@runtime_checkable
 class Encoder(Protocol):
-    """Token batch (right- or left-padded, int64) -> L2-normalised embeddings [batch, dim]."""
+    """Token batch (right- or left-padded, int64) -> L2-normalised embeddings [batch, dim].
+
+    Satisfied by `OnnxEncoder` here and `feedserve.encoder.TorchEncoder`.
+    """
 
     @property
     def dim(self) -> int: ...
@@ -23,23 +31,34 @@ class Encoder(Protocol):
 
 
 class OnnxEncoder:
+    """ONNX Runtime (CPUExecutionProvider) over the graph written by `feedserve.export.onnx`."""
+
     def __init__(self, path: Path, intra_op_threads: int | None = None) -> None:
         import onnxruntime as ort
 
         path = Path(path)
-        if not path.exists():
+        if not path.is_file():
             raise FileNotFoundError(f"ONNX encoder not found: {path} (run `feedserve build`)")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
+        self.path = path
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        names = [i.name for i in self.session.get_inputs()]
-        if sorted(names) != sorted(ONNX_INPUTS):
-            raise ValueError(f"{path}: inputs {names}, expected {list(ONNX_INPUTS)}")
-        dim = self.session.get_outputs()[0].shape[-1]
-        # The exporter may leave the output width symbolic; one tiny run tells it.
-        self._dim = dim if isinstance(dim, int) else int(self.encode(np.ones((1, 1), np.int64), np.ones((1, 1), np.int64)).shape[1])
+        inputs = sorted(i.name for i in self.session.get_inputs())
+        outputs = [o.name for o in self.session.get_outputs()]
+        if inputs != sorted(ONNX_INPUTS) or ONNX_OUTPUT not in outputs:
+            raise ValueError(
+                f"{path}: graph has inputs {inputs} and outputs {outputs}, "
+                f"expected inputs {list(ONNX_INPUTS)} and output {ONNX_OUTPUT!r}"
+            )
+        width = next(o for o in self.session.get_outputs() if o.name == ONNX_OUTPUT).shape[-1]
+        if isinstance(width, int):
+            self._dim = width
+        else:
+            # The exporter may leave the output width symbolic; one tiny run tells it.
+            one = np.ones((1, 1), np.int64)
+            self._dim = int(self.encode(one, one).shape[1])
         logger.info("ONNX encoder %s: dim %d", path, self._dim)
 
     @property
