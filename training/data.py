@@ -62,25 +62,37 @@ def movielens_split(
     examples_per_member: int = 8,
     min_history: int = 1,
     seed: int = 0,
+    history_negatives: bool = False,
 ) -> Split:
-    """Global time split; training examples sample each member's positives before the cutoff."""
+    """Global time split; training examples sample each member's positives before the cutoff.
+
+    `history_negatives` puts the movies a member rated <= `negative_rating` into their history too
+    (action "rated 2", say): the ablation of the finding that engaged-only history works better.
+    """
     rng = random.Random(seed)
     positives = sorted((r for r in ml.ratings if r.rating >= positive_rating), key=lambda r: (r.timestamp, r.user, r.movie))
     cutoff = positives[int(len(positives) * (1 - test_fraction))].timestamp
     liked: dict[int, list] = defaultdict(list)
-    disliked: dict[int, list[int]] = defaultdict(list)
+    disliked: dict[int, list] = defaultdict(list)
     for r in sorted(ml.ratings, key=lambda r: (r.timestamp, r.movie)):
         if r.rating >= positive_rating:
             liked[r.user].append(r)
         elif r.rating <= negative_rating and r.timestamp < cutoff:
-            disliked[r.user].append(r.movie)
+            disliked[r.user].append(r)
+
+    def history_of(user: int, engaged: list) -> list[Engagement]:
+        # Engaged items, plus (for the ablation) the disliked ones rated before the last of them.
+        events = list(engaged)
+        if history_negatives and engaged:
+            events += [r for r in disliked[user] if r.timestamp <= engaged[-1].timestamp]
+        return [_engagement(ml, e) for e in sorted(events, key=lambda r: (r.timestamp, r.movie))]
+
     train: list[Example] = []
     test: list[EvalCase] = []
     counts: dict[int, int] = defaultdict(int)
     for user, events in liked.items():
         past = [e for e in events if e.timestamp < cutoff]
         future = [e for e in events if e.timestamp >= cutoff]
-        history = [_engagement(ml, e) for e in past]
         base = Member(id=user, headline=f"MovieLens user {user}")
         for e in past:
             counts[e.movie] += 1
@@ -89,13 +101,14 @@ def movielens_split(
             # engagements is context (never trained on), the second half the targets, still later.
             context = future[: len(future) // 2] if len(past) < min_history else []
             targets = {e.movie for e in future[len(context):]}
-            seen = history + [_engagement(ml, e) for e in context]
-            if len(seen) >= min_history:
+            seen = history_of(user, past) + [_engagement(ml, e) for e in context]
+            if len(past) + len(context) >= min_history:
                 test.append(EvalCase(_member(base, seen), targets - {h.post_id for h in seen}))
         positions = list(range(min_history, len(past)))
         for i in rng.sample(positions, min(examples_per_member, len(positions))):
             negs = rng.sample(disliked[user], min(4, len(disliked[user])))
-            train.append(Example(_member(base, history[:i]), ml.movies[past[i].movie], tuple(ml.movies[m] for m in negs)))
+            train.append(Example(_member(base, history_of(user, past[:i])), ml.movies[past[i].movie],
+                                 tuple(ml.movies[r.movie] for r in negs)))
     rng.shuffle(train)
     test = [t for t in test if t.targets]
     logger.info("MovieLens split at %d: %d training examples, %d test members", cutoff, len(train), len(test))

@@ -24,7 +24,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +34,9 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from feedserve.artifacts import EncoderSettings
+from feedserve.artifacts import ADAPTER_META, EncoderSettings
 from feedserve.buckets import PercentileBuckets
-from feedserve.encoder import EmbeddingModel, load_embedding_model
+from feedserve.encoder import EmbeddingModel, keep_first_layers, load_embedding_model
 from feedserve.prompts import PromptBuilder
 from feedserve.records import Post
 from feedserve.training.data import Example
@@ -91,8 +91,7 @@ def build_model(hf_dir: Path, settings: EncoderSettings, cfg: TrainConfig) -> Em
     model = load_embedding_model(hf_dir, EncoderSettings(pooling=settings.pooling))
     backbone = model.backbone
     if cfg.keep_layers:
-        backbone.layers = backbone.layers[: cfg.keep_layers]
-        backbone.config.num_hidden_layers = cfg.keep_layers
+        keep_first_layers(backbone, cfg.keep_layers)
     if cfg.lora_r:
         from peft import LoraConfig, get_peft_model
 
@@ -174,8 +173,9 @@ def train(
             save_checkpoint(out, step + 1, model, opt, losses)
     seconds = time.perf_counter() - t0
     model_dir = save_model(model, hf_dir, out / "model", cfg)
-    buckets.save(out / "buckets.json")
-    settings.save(out / "serving.json")
+    for where in (out, out / "adapter") if cfg.lora_r else (out,):
+        buckets.save(where / "buckets.json")
+        settings.save(where / "serving.json")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (out / "train_report.json").write_text(json.dumps({"steps": cfg.steps, "seconds": seconds, "peak_rss_mb": peak,
                                                         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}, indent=2))
@@ -206,7 +206,13 @@ def save_model(model: EmbeddingModel, hf_dir: Path, dest: Path, cfg: TrainConfig
     """A plain HF LlamaModel checkpoint (LoRA merged), which export/ takes unchanged."""
     backbone = model.backbone
     if cfg.lora_r:
-        backbone.save_pretrained(dest.parent / "adapter")  # the small artifact worth committing
+        adapter = dest.parent / "adapter"  # the small artifact worth committing
+        backbone.save_pretrained(adapter)
+        record = hf_dir / "import.json"
+        meta = {"keep_layers": cfg.keep_layers, "lora_r": cfg.lora_r,
+                "base_sha256": json.loads(record.read_text())["sha256"] if record.exists() else None,
+                "train_config": asdict(cfg)}
+        (adapter / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
         backbone = backbone.merge_and_unload()
     dest.mkdir(parents=True, exist_ok=True)
     backbone.save_pretrained(dest)
@@ -231,16 +237,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--temperature", type=float, default=TrainConfig.temperature)
     p.add_argument("--matryoshka", type=int, nargs="*", default=[])
+    p.add_argument("--max-prompt-tokens", type=int, help="token budget of a prompt (default: the base's serving.json)")
+    # Ablations of the choices the system we reproduce made (benchmarks/quality.py evaluates them).
+    p.add_argument("--raw-counts", action="store_true", help="counts as raw numbers, not percentile tokens")
+    p.add_argument("--history-negatives", action="store_true", help="member history includes disliked movies")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = TrainConfig(**{f: getattr(args, f) for f in ("steps", "batch_size", "grad_accum", "hard_negatives", "easy_negatives",
                                                        "lora_r", "keep_layers", "seed", "checkpoint_every", "lr", "temperature")},
-                      matryoshka_dims=tuple(args.matryoshka))
+                      matryoshka_dims=tuple(args.matryoshka),
+                      extra={"data": args.data, "history": "engaged+disliked" if args.history_negatives else "engaged"})
     base = ArtifactLayout(args.base)
     settings = EncoderSettings.load(base.settings)
+    if args.max_prompt_tokens:
+        settings = replace(settings, max_prompt_tokens=args.max_prompt_tokens)
+    if args.raw_counts:
+        settings = replace(settings, count_format="raw")
     if args.data == "movielens":
         ml = load_movielens(SAMPLE_CORPUS)
-        split = movielens_split(ml)
+        split = movielens_split(ml, history_negatives=args.history_negatives)
         examples, corpus, buckets = split.train, split.corpus, ml.fit_buckets()
     else:
         syn = synthetic_feed()

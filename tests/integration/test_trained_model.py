@@ -1,14 +1,19 @@
-"""A model fine-tuned here goes through import, ONNX export and a real tritonserver unchanged."""
+"""A model fine-tuned here goes through import, ONNX export and a real tritonserver unchanged.
+
+It ships the way the bundled MovieLens fine-tune does: base checkpoint + adapter package, cut to the
+layers it was trained on, merged at build time.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from feedserve.artifacts import ArtifactLayout
+from feedserve.artifacts import ArtifactLayout, EncoderSettings
 from feedserve.buckets import PercentileBuckets
 from feedserve.build import BuildOptions, build_artifacts
 from feedserve.clients.online import FeedClient
@@ -27,12 +32,13 @@ def test_trained_artifact_serves_the_embeddings_pytorch_gives(tiny_checkpoint: P
     syn = synthetic_feed(n_members=20, n_posts=40, history=4)
     buckets = PercentileBuckets.fit_posts(syn.posts)
     run = tmp_path / "run"
-    cfg = TrainConfig(steps=4, batch_size=6, lr=1e-3, easy_negatives=4, lora_r=4)
+    cfg = TrainConfig(steps=4, batch_size=6, lr=1e-3, easy_negatives=4, lora_r=4, keep_layers=1)
     result = train(tiny_checkpoint, run, syn.train, syn.posts, buckets, TINY_SETTINGS, cfg, progress=False)
 
-    layout = build_artifacts(BuildOptions(tmp_path / "artifacts", source=result.model_dir, settings=TINY_SETTINGS,
-                                          buckets=run / "buckets.json"))
-    assert (layout.buckets.read_text() == (run / "buckets.json").read_text())
+    layout = build_artifacts(BuildOptions(tmp_path / "artifacts", source=tiny_checkpoint, adapter=run / "adapter"))
+    assert layout.buckets.read_text() == (run / "buckets.json").read_text()
+    assert EncoderSettings.load(layout.settings) == TINY_SETTINGS
+    assert json.loads((layout.hf_dir / "config.json").read_text())["num_hidden_layers"] == 1
     repo = tmp_path / "repo"
     write_repository(repo)
     opts = ServerOptions(repository=repo, artifacts=layout.root, http_port=free_port(), grpc_port=free_port(),

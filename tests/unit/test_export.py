@@ -74,14 +74,15 @@ def test_import_causal_lm_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> N
     lm.save_pretrained(lm_dir)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(tiny_checkpoint / name, lm_dir / name)
-    out = import_checkpoint(lm_dir, tmp_path / "hf")
+    out = tmp_path / "hf"
+    assert import_checkpoint(lm_dir, out)
     base = AutoModel.from_pretrained(out)
     assert type(base).__name__ == "LlamaModel"
     assert torch.equal(base.embed_tokens.weight, lm.model.embed_tokens.weight)
     record = json.loads((out / "import.json").read_text())
     assert record["architecture"] == "LlamaModel"
     mtime = (out / "model.safetensors").stat().st_mtime_ns
-    import_checkpoint(lm_dir, tmp_path / "hf")  # same source: skipped
+    assert not import_checkpoint(lm_dir, out)  # same source: skipped
     assert (out / "model.safetensors").stat().st_mtime_ns == mtime
 
 
@@ -97,7 +98,23 @@ def test_import_refuses_what_is_not_a_checkpoint(tmp_path: Path) -> None:
 def test_real_smollm2_imports_and_exports_with_parity(tmp_path: Path) -> None:
     from feedserve.export.import_model import default_gguf_path
 
-    hf = import_checkpoint(default_gguf_path(), tmp_path / "hf")
+    hf = tmp_path / "hf"
+    import_checkpoint(default_gguf_path(), hf)
     report = export_onnx(hf, EncoderSettings(), tmp_path / "encoder.onnx")
     assert report.parity is not None and report.parity.worst_cosine >= 0.9999
     assert report.parameters > 100_000_000
+
+
+def test_adapter_packages_are_checked_before_merging(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from feedserve.artifacts import ADAPTER_META
+    from feedserve.export.import_model import AdapterMismatch
+
+    with pytest.raises(FileNotFoundError, match="adapter not found"):
+        import_checkpoint(tiny_checkpoint, tmp_path / "a", adapter=tmp_path / "missing")
+    package = tmp_path / "package"
+    package.mkdir()
+    with pytest.raises(FileNotFoundError, match=ADAPTER_META):
+        import_checkpoint(tiny_checkpoint, tmp_path / "b", adapter=package)
+    (package / ADAPTER_META).write_text(json.dumps({"keep_layers": 1, "base_sha256": "0" * 64}))
+    with pytest.raises(AdapterMismatch, match="was trained on base 000000000000"):
+        import_checkpoint(tiny_checkpoint, tmp_path / "c", adapter=package)

@@ -40,6 +40,15 @@ def test_post_prompt_has_tags_and_percentiles(builder: PromptBuilder) -> None:
     assert "<title>Serving LLM embeddings under 10 ms</title>" in prompt
 
 
+def test_raw_count_format_shows_the_numbers(builder: PromptBuilder) -> None:
+    """The ablation's prompts: the same counts, as numbers instead of percentile tokens."""
+    from dataclasses import replace
+
+    raw = PromptBuilder(builder.tokenizer, builder.buckets, replace(SETTINGS, count_format="raw"))
+    prompt = raw.post_prompt(parse_post((EXAMPLES / "post.json").read_bytes()))
+    assert "<view>12345</view>" in prompt and "_percentile>" not in prompt
+
+
 def test_empty_fields_are_left_out(builder: PromptBuilder) -> None:
     assert builder.post_prompt(Post(id=1, text="hi")) == "<post><format>text</format><text>hi</text></post>"
 

@@ -29,6 +29,22 @@ def test_hard_negatives_are_disliked_movies() -> None:
     assert negs and all(rating[k] <= 2.5 for k in negs)
 
 
+def test_history_with_negatives_adds_only_earlier_disliked_movies() -> None:
+    ml = load_movielens(SAMPLE_CORPUS)
+    rating = {(r.user, r.movie): r.rating for r in ml.ratings}
+    plain, mixed = movielens_split(ml), movielens_split(ml, history_negatives=True)
+    assert [(e.member.id, e.positive.id) for e in plain.train] == [(e.member.id, e.positive.id) for e in mixed.train]
+    grew = 0
+    for a, b in zip(plain.train, mixed.train, strict=True):
+        engaged = [h.post_id for h in b.member.history if rating[(b.member.id, h.post_id)] >= 4.0]
+        disliked = [h for h in b.member.history if rating[(b.member.id, h.post_id)] <= 2.5]
+        assert engaged == [h.post_id for h in a.member.history]
+        assert all(h.engaged_at <= a.member.history[-1].engaged_at and h.action.startswith("rated ") for h in disliked)
+        grew += bool(disliked)
+    assert grew > len(plain.train) // 4
+    assert all(h.engaged_at < mixed.cutoff for c in mixed.test for h in c.member.history if rating[(c.member.id, h.post_id)] <= 2.5)
+
+
 def test_synthetic_members_engage_with_their_topic() -> None:
     syn = synthetic_feed(n_members=12, n_posts=60, history=4)
     for m, case in zip(syn.members, syn.test, strict=True):
