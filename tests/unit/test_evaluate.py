@@ -1,0 +1,39 @@
+"""The in-process dual-encoder scorer the quality benchmark uses, and the popularity correlation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from feedserve.buckets import PercentileBuckets
+from feedserve.training.data import synthetic_feed
+from feedserve.training.evaluate import EmbeddingRetriever, popularity_correlation
+from tests.conftest import TINY_SETTINGS
+
+
+def test_retriever_caches_posts_and_truncates_to_matryoshka_prefixes(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    syn = synthetic_feed(n_members=6, n_posts=20, history=3)
+    buckets = PercentileBuckets.fit_posts(syn.posts)
+    first = EmbeddingRetriever(tiny_checkpoint, TINY_SETTINGS, buckets, syn.posts, tmp_path, batch=7)
+    assert len(list(tmp_path.glob("posts-*.npz"))) == 1
+    again = EmbeddingRetriever(tiny_checkpoint, TINY_SETTINGS, buckets, syn.posts, tmp_path)
+    np.testing.assert_array_equal(first.posts, again.posts)
+    # Batching sorts prompts by length; the rows must still come back in corpus order.
+    one = EmbeddingRetriever(tiny_checkpoint, TINY_SETTINGS, buckets, syn.posts[3:4], None)
+    np.testing.assert_allclose(one.posts[0], first.posts[3], atol=1e-5)
+
+    full = first.score(syn.members)
+    assert full.shape == (6, 20) and np.all(np.abs(full) <= 1 + 1e-5)
+    m, p = first.member_vectors(syn.members), first.posts
+    prefix = first.score(syn.members, dim=16)
+    want = (m[:, :16] / np.linalg.norm(m[:, :16], axis=1, keepdims=True)) @ (p[:, :16] / np.linalg.norm(p[:, :16], axis=1, keepdims=True)).T
+    np.testing.assert_allclose(prefix, want, atol=1e-5)
+
+
+def test_popularity_correlation() -> None:
+    popularity = np.array([0, 1, 10, 100, 1000], np.float64)
+    follows = np.tile(np.log1p(popularity), (3, 1)) + np.array([[0.0], [0.1], [0.2]])
+    assert popularity_correlation(follows, popularity) > 0.99
+    assert popularity_correlation(-follows, popularity) < -0.99
+    assert popularity_correlation(np.ones((3, 5)), popularity) == 0.0
