@@ -222,6 +222,25 @@ def save_model(model: EmbeddingModel, hf_dir: Path, dest: Path, cfg: TrainConfig
     return dest
 
 
+def materialize_checkpoint(hf_dir: Path, run: Path, checkpoint: Path, dest: Path) -> Path:
+    """A run's intermediate checkpoint as a run-shaped directory (model/, adapter/, settings,
+    buckets), e.g. to evaluate the model at step 100 against 100-step ablation runs."""
+    data = json.loads((run / "train_config.json").read_text())
+    cfg = TrainConfig(**{**data, "matryoshka_dims": tuple(data.get("matryoshka_dims", ()))})
+    settings = EncoderSettings.load(run / "serving.json")
+    model = build_model(hf_dir, settings, cfg)
+    missing = set(_trainable(model)) - set(load_file(str(checkpoint / "trainable.safetensors")))
+    if missing:
+        raise ValueError(f"{checkpoint} lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
+    model.load_state_dict(load_file(str(checkpoint / "trainable.safetensors")), strict=False)
+    state = json.loads((checkpoint / "state.json").read_text())
+    save_model(model.eval(), hf_dir, dest / "model", replace(cfg, steps=int(state["step"])))
+    for name in ("serving.json", "buckets.json"):
+        shutil.copy(run / name, dest / name)
+    (dest / "train_config.json").write_text(json.dumps({**data, "steps": state["step"]}, indent=2))
+    return dest / "model"
+
+
 def main(argv: list[str] | None = None) -> int:
     from feedserve.artifacts import ArtifactLayout, default_artifacts_dir
     from feedserve.build import SAMPLE_CORPUS

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 
 from feedserve.artifacts import EncoderSettings
 from feedserve.buckets import PercentileBuckets
@@ -64,3 +65,20 @@ def test_resume_continues_where_it_stopped(tiny_checkpoint: Path, tmp_path: Path
     assert resumed.resumed_from == 3
     np.testing.assert_allclose(resumed.losses, full.losses, rtol=1e-4)
     assert (tmp_path / "b" / "adapter" / "adapter_config.json").exists()
+
+
+def test_an_intermediate_checkpoint_is_the_shorter_run(tiny_checkpoint: Path, tmp_path: Path, syn) -> None:  # type: ignore[no-untyped-def]
+    """Constant learning rate and (seed, step) batches: step 3 of a 6-step run is a 3-step run, so
+    ablations trained for N steps compare with the main run's step-N checkpoint."""
+    from feedserve.training.train import materialize_checkpoint
+
+    buckets = PercentileBuckets.fit_posts(syn.posts)
+    base = dict(batch_size=8, lr=1e-3, easy_negatives=4, checkpoint_every=3, lora_r=4)
+    train(tiny_checkpoint, tmp_path / "long", syn.train, syn.posts, buckets, SETTINGS, TrainConfig(steps=6, **base), progress=False)
+    short = train(tiny_checkpoint, tmp_path / "short", syn.train, syn.posts, buckets, SETTINGS, TrainConfig(steps=3, **base), progress=False)
+    model = materialize_checkpoint(tiny_checkpoint, tmp_path / "long", tmp_path / "long" / "checkpoints" / "step-3", tmp_path / "at3")
+    batch = PromptBuilder(Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json")), buckets, SETTINGS).encode_posts(syn.posts[:6])
+    a = TorchEncoder(model, SETTINGS).encode(batch.input_ids, batch.attention_mask)
+    b = TorchEncoder(short.model_dir, SETTINGS).encode(batch.input_ids, batch.attention_mask)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert (tmp_path / "at3" / "serving.json").exists() and (tmp_path / "at3" / "adapter").is_dir()
