@@ -64,6 +64,10 @@ class EncoderDir:
         cfg = root / "train_config.json"
         extra = json.loads(cfg.read_text()).get("extra", {}) if cfg.exists() else {}
         report = root / "train_report.json"
+        imported = hf / "import.json"
+        adapter = json.loads(imported.read_text()).get("adapter") if imported.exists() else None
+        if not report.exists() and adapter:  # an artifact dir built from an adapter package
+            report = Path(adapter) / "train_report.json"
         return cls(hf, EncoderSettings.load(root / "serving.json"), PercentileBuckets.load(root / "buckets.json"),
                    extra.get("history") == "engaged+disliked", json.loads(report.read_text()) if report.exists() else None)
 

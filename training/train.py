@@ -9,8 +9,9 @@ in-batch negatives too. With Matryoshka dims the same loss is taken on truncated
 prefixes of the embedding, so a prefix can serve alone.
 
 Checkpoints (trainable weights as safetensors, optimizer, step) are written every
-`checkpoint_every` steps; a rerun with the same `--out` resumes from the newest. Batches depend only
-on (seed, step), so a resumed run sees the batches an uninterrupted one would have.
+`checkpoint_every` steps and at the end; a rerun with the same `--out` resumes from the newest, and
+with a larger `--steps` extends the run. Batches depend only on (seed, step), so a resumed run sees
+the batches an uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -169,7 +170,8 @@ def train(
         opt.step()
         losses.append(total)
         bar.set_postfix(loss=f"{total:.3f}")
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            # The last step too: a run can be extended later with a larger --steps.
             save_checkpoint(out, step + 1, model, opt, losses)
     seconds = time.perf_counter() - t0
     model_dir = save_model(model, hf_dir, out / "model", cfg)

@@ -118,3 +118,25 @@ def test_adapter_packages_are_checked_before_merging(tiny_checkpoint: Path, tmp_
     (package / ADAPTER_META).write_text(json.dumps({"keep_layers": 1, "base_sha256": "0" * 64}))
     with pytest.raises(AdapterMismatch, match="was trained on base 000000000000"):
         import_checkpoint(tiny_checkpoint, tmp_path / "c", adapter=package)
+
+
+def test_the_default_build_merges_the_bundled_fine_tune_only_into_the_bundled_base() -> None:
+    from feedserve.artifacts import DEFAULT_ADAPTER
+    from feedserve.build import resolve_adapter
+
+    assert resolve_adapter(None, None) == DEFAULT_ADAPTER
+    assert resolve_adapter(None, None, untuned=True) is None
+    assert resolve_adapter(Path("my.gguf"), None) is None
+    assert resolve_adapter(Path("my.gguf"), Path("pkg")) == Path("pkg")
+
+
+def test_the_bundled_fine_tune_is_complete_and_matches_the_bundled_base() -> None:
+    from feedserve.artifacts import ADAPTER_META, DEFAULT_ADAPTER, EncoderSettings
+    from feedserve.buckets import PercentileBuckets
+    from feedserve.export.import_model import default_gguf_path, source_checksum
+
+    meta = json.loads((DEFAULT_ADAPTER / ADAPTER_META).read_text())
+    assert meta["base_sha256"] == source_checksum(default_gguf_path())
+    assert meta["keep_layers"] and (DEFAULT_ADAPTER / "adapter_model.safetensors").stat().st_size < 10 * 2**20
+    PercentileBuckets.load(DEFAULT_ADAPTER / "buckets.json")  # verifies its checksum
+    assert EncoderSettings.load(DEFAULT_ADAPTER / "serving.json").count_format == "percentile"

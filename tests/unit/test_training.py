@@ -59,10 +59,10 @@ def test_resume_continues_where_it_stopped(tiny_checkpoint: Path, tmp_path: Path
     buckets = PercentileBuckets.fit_posts(syn.posts)
     base = dict(batch_size=8, lr=1e-3, easy_negatives=4, checkpoint_every=3, lora_r=4)
     full = train(tiny_checkpoint, tmp_path / "a", syn.train, syn.posts, buckets, SETTINGS, TrainConfig(steps=6, **base), progress=False)
-    # Stop after step 4 (checkpoint at 3), then rerun to 6: it resumes at 3 and ends where `full` did.
+    # A 4-step run (checkpoints at 3 and 4), extended to 6: it resumes at 4 and ends where `full` did.
     train(tiny_checkpoint, tmp_path / "b", syn.train, syn.posts, buckets, SETTINGS, TrainConfig(steps=4, **base), progress=False)
     resumed = train(tiny_checkpoint, tmp_path / "b", syn.train, syn.posts, buckets, SETTINGS, TrainConfig(steps=6, **base), progress=False)
-    assert resumed.resumed_from == 3
+    assert resumed.resumed_from == 4
     np.testing.assert_allclose(resumed.losses, full.losses, rtol=1e-4)
     assert (tmp_path / "b" / "adapter" / "adapter_config.json").exists()
 
