@@ -44,6 +44,7 @@ def additive_causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> to
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean over real tokens. Padding rows are zeroed with `where`, not multiplied by 0, so a
     non-finite value in a padding position cannot leak into the mean."""
+    hidden = hidden.float()  # a bf16 sum over hundreds of tokens loses digits; a no-op in fp32 graphs
     keep = attention_mask.bool().unsqueeze(-1)
     summed = torch.where(keep, hidden, torch.zeros_like(hidden)).sum(dim=1)
     return summed / keep.sum(dim=1).clamp(min=1).to(hidden.dtype)
@@ -105,27 +106,35 @@ def keep_first_layers(backbone: nn.Module, n: int) -> None:
 
 
 def load_embedding_model(
-    hf_dir: Path, settings: EncoderSettings, attn_implementation: AttnImplementation = "sdpa"
+    hf_dir: Path, settings: EncoderSettings, attn_implementation: AttnImplementation = "sdpa",
+    dtype: torch.dtype = torch.float32,
 ) -> EmbeddingModel:
-    """Load a checkpoint (base or causal-LM; the LM head is dropped) in fp32, in eval mode.
+    """Load a checkpoint (base or causal-LM; the LM head is dropped), in eval mode.
 
     SDPA is about 25% faster than eager on CPU for SmolLM2 and, given our explicit float mask,
     traces to the same plain MatMul/Softmax ONNX graph, so it serves both PyTorch and export.
     """
     from transformers import AutoModel
 
-    backbone = AutoModel.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation=attn_implementation)
+    backbone = AutoModel.from_pretrained(hf_dir, dtype=dtype, attn_implementation=attn_implementation)
     return EmbeddingModel(backbone, settings.pooling, settings.dim).eval()
 
 
 class TorchEncoder:
-    """PyTorch eager on CPU, with the same interface as `feedserve.runtime.OnnxEncoder`."""
+    """PyTorch eager, with the same interface as `feedserve.runtime.OnnxEncoder`: fp32 on CPU (the
+    reference), bf16 on a GPU unless `dtype` says otherwise (pooling and the norm stay fp32)."""
 
-    def __init__(self, hf_dir: Path, settings: EncoderSettings, threads: int | None = None) -> None:
+    def __init__(
+        self, hf_dir: Path, settings: EncoderSettings, threads: int | None = None,
+        device: str = "cpu", dtype: torch.dtype | None = None,
+    ) -> None:
         if threads:
             # Process-wide in torch: the last TorchEncoder created decides for all of them.
             torch.set_num_threads(threads)
-        self.model = load_embedding_model(hf_dir, settings)
+        self.device = torch.device(device)
+        if dtype is None:
+            dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        self.model = load_embedding_model(hf_dir, settings, dtype=dtype).to(self.device)
 
     @property
     def dim(self) -> int:
@@ -133,6 +142,6 @@ class TorchEncoder:
 
     @torch.inference_mode()
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64))
-        mask = torch.from_numpy(np.ascontiguousarray(attention_mask, dtype=np.int64))
-        return self.model(ids, mask).numpy().astype(np.float32, copy=False)
+        ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).to(self.device)
+        mask = torch.from_numpy(np.ascontiguousarray(attention_mask, dtype=np.int64)).to(self.device)
+        return self.model(ids, mask).cpu().numpy().astype(np.float32, copy=False)

@@ -80,7 +80,7 @@ class EmbeddingRetriever:
 
     def __init__(
         self, hf_dir: Path, settings: EncoderSettings, buckets: PercentileBuckets, corpus: Sequence[Post],
-        cache_dir: Path | None = None, batch: int = 32,
+        cache_dir: Path | None = None, batch: int = 32, device: str = "cpu",
     ) -> None:
         from tokenizers import Tokenizer
 
@@ -89,7 +89,7 @@ class EmbeddingRetriever:
 
         self.settings, self.batch = settings, batch
         self._members: dict[str, np.ndarray] = {}
-        self.encoder = TorchEncoder(hf_dir, replace(settings, dim=None))  # full width; `score` truncates
+        self.encoder = TorchEncoder(hf_dir, replace(settings, dim=None), device=device)  # full width; `score` truncates
         self.builder = PromptBuilder(Tokenizer.from_file(str(hf_dir / "tokenizer.json")), buckets, settings)
         key = self._cache_key(hf_dir, settings, buckets, corpus)
         path = cache_dir / f"posts-{key[:16]}.npz" if cache_dir else None

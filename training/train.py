@@ -120,7 +120,7 @@ def _checkpoints(out: Path) -> list[Path]:
 
 
 def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_checkpoint(out: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, losses: list[float]) -> None:
@@ -138,24 +138,27 @@ def save_checkpoint(out: Path, step: int, model: torch.nn.Module, opt: torch.opt
 
 def train(
     hf_dir: Path, out: Path, examples: Sequence[Example], corpus: Sequence[Post], buckets: PercentileBuckets,
-    settings: EncoderSettings, cfg: TrainConfig, progress: bool = True,
+    settings: EncoderSettings, cfg: TrainConfig, progress: bool = True, device: str = "cpu",
 ) -> TrainResult:
+    """On a GPU (`device="cuda"`) the weights stay fp32 and the steps run under bf16 autocast; the
+    checkpoints, the saved model and the adapter are the same files as a CPU run's."""
     torch.manual_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     builder = PromptBuilder(Tokenizer.from_file(str(hf_dir / "tokenizer.json")), buckets, settings)
-    model = build_model(hf_dir, settings, cfg)
+    model = build_model(hf_dir, settings, cfg).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, losses = 0, []
     if ckpts := _checkpoints(out):
         latest = ckpts[-1]
         model.load_state_dict(load_file(str(latest / "trainable.safetensors")), strict=False)
-        opt.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
+        opt.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True, map_location=device))
         state = json.loads((latest / "state.json").read_text())
         start, losses = int(state["step"]), list(state["losses"])
         logger.info("resuming from %s", latest)
     batcher = Batcher(examples, corpus, cfg)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train")
     for step in bar:
@@ -163,7 +166,8 @@ def train(
         total = 0.0
         for micro in range(cfg.grad_accum):
             batch, easy = batcher(step, micro)
-            loss = _step_loss(model, builder, batch, easy, cfg) / cfg.grad_accum
+            with autocast:
+                loss = _step_loss(model, builder, batch, easy, cfg) / cfg.grad_accum
             loss.backward()
             total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -174,13 +178,16 @@ def train(
             # The last step too: a run can be extended later with a larger --steps.
             save_checkpoint(out, step + 1, model, opt, losses)
     seconds = time.perf_counter() - t0
-    model_dir = save_model(model, hf_dir, out / "model", cfg)
+    model_dir = save_model(model.cpu(), hf_dir, out / "model", cfg)
     for where in (out, out / "adapter") if cfg.lora_r else (out,):
         buckets.save(where / "buckets.json")
         settings.save(where / "serving.json")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    (out / "train_report.json").write_text(json.dumps({"steps": cfg.steps, "seconds": seconds, "peak_rss_mb": peak,
-                                                        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}, indent=2))
+    report = {"steps": cfg.steps, "seconds": seconds, "peak_rss_mb": peak, "device": _device_name(device),
+              "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
+    if torch.device(device).type == "cuda":
+        report["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    (out / "train_report.json").write_text(json.dumps(report, indent=2))
     return TrainResult(model_dir, losses, seconds, peak, start)
 
 
@@ -193,15 +200,23 @@ def _step_loss(model: EmbeddingModel, builder: PromptBuilder, batch: list[Exampl
     p = builder.encode_posts(posts)
     member_vecs = _raw(model, m.input_ids, m.attention_mask)
     post_vecs = _raw(model, p.input_ids, p.attention_mask)
-    ids = torch.tensor([x.id for x in posts])
-    targets = torch.arange(len(batch))
-    same = (ids[None, :] == ids[targets][:, None]) & (torch.arange(len(posts))[None, :] != targets[:, None])
-    return matryoshka_loss(member_vecs, post_vecs, targets, same, cfg)
+    device = member_vecs.device
+    ids = torch.tensor([x.id for x in posts], device=device)
+    targets = torch.arange(len(batch), device=device)
+    same = (ids[None, :] == ids[targets][:, None]) & (torch.arange(len(posts), device=device)[None, :] != targets[:, None])
+    return matryoshka_loss(member_vecs.float(), post_vecs.float(), targets, same, cfg)
 
 
 def _raw(model: EmbeddingModel, ids: np.ndarray, mask: np.ndarray) -> torch.Tensor:
     # Full-width pooled embedding; the loss normalises each Matryoshka prefix itself.
-    return model(torch.from_numpy(ids), torch.from_numpy(mask))
+    device = next(model.parameters()).device
+    return model(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
+
+
+def _device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def save_model(model: EmbeddingModel, hf_dir: Path, dest: Path, cfg: TrainConfig) -> Path:
@@ -244,14 +259,16 @@ def materialize_checkpoint(hf_dir: Path, run: Path, checkpoint: Path, dest: Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from feedserve.artifacts import ArtifactLayout, default_artifacts_dir
+    from feedserve.artifacts import REPO_ROOT, ArtifactLayout
     from feedserve.build import SAMPLE_CORPUS
     from feedserve.movielens import load_movielens
     from feedserve.training.data import movielens_split, synthetic_feed
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", choices=("movielens", "synthetic"), default="movielens")
-    p.add_argument("--base", type=Path, default=default_artifacts_dir(), help="artifact dir of the model to tune")
+    p.add_argument("--base", type=Path, default=REPO_ROOT / "artifacts" / "untuned",
+                   help="artifact dir of the untuned model (`feedserve --artifacts artifacts/untuned build --untuned`)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda: bf16 autocast on the GPU")
     p.add_argument("--out", type=Path, required=True)
     for f in ("steps", "batch_size", "grad_accum", "hard_negatives", "easy_negatives", "lora_r", "keep_layers", "seed", "checkpoint_every"):
         p.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(TrainConfig, f, None))
@@ -269,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
                       matryoshka_dims=tuple(args.matryoshka),
                       extra={"data": args.data, "history": "engaged+disliked" if args.history_negatives else "engaged"})
     base = ArtifactLayout(args.base)
+    if (record := base.hf_dir / "import.json").exists() and json.loads(record.read_text()).get("adapter"):
+        # An adapter trained on a merged fine-tune would not apply to the plain base it ships with.
+        p.error(f"{args.base} already has an adapter merged in; tune the untuned base (feedserve --artifacts DIR build --untuned)")
     settings = EncoderSettings.load(base.settings)
     if args.max_prompt_tokens:
         settings = replace(settings, max_prompt_tokens=args.max_prompt_tokens)
@@ -281,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         syn = synthetic_feed()
         examples, corpus, buckets = syn.train, syn.posts, PercentileBuckets.fit_posts(syn.posts)
-    result = train(base.hf_dir, args.out, examples, corpus, buckets, settings, cfg)
+    result = train(base.hf_dir, args.out, examples, corpus, buckets, settings, cfg, device=args.device)
     print(json.dumps({"model": str(result.model_dir), "seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb,
                       "first_loss": result.losses[0], "last_loss": result.losses[-1]}))
     return 0

@@ -82,3 +82,17 @@ def test_an_intermediate_checkpoint_is_the_shorter_run(tiny_checkpoint: Path, tm
     b = TorchEncoder(short.model_dir, SETTINGS).encode(batch.input_ids, batch.attention_mask)
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert (tmp_path / "at3" / "serving.json").exists() and (tmp_path / "at3" / "adapter").is_dir()
+
+
+def test_cli_refuses_a_base_with_an_adapter_merged_in(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The shipped adapter applies to the plain base; one tuned on top of a merged fine-tune would not.
+    import json
+
+    from feedserve.training.train import main
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "import.json").write_text(json.dumps({"sha256": "0" * 64, "adapter": "models/smollm2-movielens"}))
+    SETTINGS.save(tmp_path / "serving.json")
+    with pytest.raises(SystemExit):
+        main(["--base", str(tmp_path), "--out", str(tmp_path / "run"), "--steps", "1"])
+    assert "already has an adapter merged in" in capsys.readouterr().err
