@@ -68,7 +68,9 @@ def normalize_truncate(pooled: torch.Tensor, dim: int | None) -> torch.Tensor:
 class EmbeddingModel(nn.Module):
     """(input_ids, attention_mask) [B, T] int64 -> unit-norm float32 embeddings [B, dim]."""
 
-    def __init__(self, backbone: nn.Module, pooling: Pooling = "mean", dim: int | None = None) -> None:
+    def __init__(
+        self, backbone: nn.Module, pooling: Pooling = "mean", dim: int | None = None, right_padded: bool = False,
+    ) -> None:
         super().__init__()
         if pooling not in ("mean", "last"):
             raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
@@ -80,16 +82,28 @@ class EmbeddingModel(nn.Module):
         self.dim = dim or hidden
         # A Python-level decision, so the traced graph holds no data-dependent branch.
         self._truncate = self.dim if self.dim < hidden else None
+        # With right padding, causal attention alone already keeps every real token away from the
+        # padding after it (padding rows are dropped by pooling), and positions are 0..n-1: no mask
+        # is needed, and SDPA can take its fused causal (flash) kernel instead of a masked one.
+        self.right_padded = right_padded
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(
-            input_ids=input_ids,
-            attention_mask=additive_causal_mask(attention_mask, self.backbone.dtype),
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        ).last_hidden_state
+        if self.right_padded:
+            hidden = self.backbone(input_ids=input_ids, use_cache=False).last_hidden_state
+        else:
+            hidden = self.backbone(
+                input_ids=input_ids,
+                attention_mask=additive_causal_mask(attention_mask, self.backbone.dtype),
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+            ).last_hidden_state
         pool = mean_pool if self.pooling == "mean" else last_token_pool
         return normalize_truncate(pool(hidden, attention_mask), self._truncate)
+
+
+def is_right_padded(attention_mask: np.ndarray) -> bool:
+    mask = np.asarray(attention_mask)
+    return bool(np.isin(mask, (0, 1)).all() and (np.diff(mask, axis=1) <= 0).all())
 
 
 def keep_first_layers(backbone: nn.Module, n: int) -> None:
@@ -107,7 +121,7 @@ def keep_first_layers(backbone: nn.Module, n: int) -> None:
 
 def load_embedding_model(
     hf_dir: Path, settings: EncoderSettings, attn_implementation: AttnImplementation = "sdpa",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, right_padded: bool = False,
 ) -> EmbeddingModel:
     """Load a checkpoint (base or causal-LM; the LM head is dropped), in eval mode.
 
@@ -117,16 +131,20 @@ def load_embedding_model(
     from transformers import AutoModel
 
     backbone = AutoModel.from_pretrained(hf_dir, dtype=dtype, attn_implementation=attn_implementation)
-    return EmbeddingModel(backbone, settings.pooling, settings.dim).eval()
+    return EmbeddingModel(backbone, settings.pooling, settings.dim, right_padded).eval()
 
 
 class TorchEncoder:
     """PyTorch eager, with the same interface as `feedserve.runtime.OnnxEncoder`: fp32 on CPU (the
-    reference), bf16 on a GPU unless `dtype` says otherwise (pooling and the norm stay fp32)."""
+    reference), bf16 on a GPU unless `dtype` says otherwise (pooling and the norm stay fp32).
+
+    `right_padded=True` promises right-padded batches (the Triton encoder's contract) and buys the
+    fused causal attention kernel; a batch that breaks the promise is refused, not misread.
+    """
 
     def __init__(
         self, hf_dir: Path, settings: EncoderSettings, threads: int | None = None,
-        device: str = "cpu", dtype: torch.dtype | None = None,
+        device: str = "cpu", dtype: torch.dtype | None = None, right_padded: bool = False,
     ) -> None:
         if threads:
             # Process-wide in torch: the last TorchEncoder created decides for all of them.
@@ -134,7 +152,7 @@ class TorchEncoder:
         self.device = torch.device(device)
         if dtype is None:
             dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
-        self.model = load_embedding_model(hf_dir, settings, dtype=dtype).to(self.device)
+        self.model = load_embedding_model(hf_dir, settings, dtype=dtype, right_padded=right_padded).to(self.device)
 
     @property
     def dim(self) -> int:
@@ -142,6 +160,8 @@ class TorchEncoder:
 
     @torch.inference_mode()
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        if self.model.right_padded and not is_right_padded(attention_mask):
+            raise ValueError("this encoder takes right-padded batches only (1s, then 0s, in every mask row)")
         ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).to(self.device)
         mask = torch.from_numpy(np.ascontiguousarray(attention_mask, dtype=np.int64)).to(self.device)
         return self.model(ids, mask).cpu().numpy().astype(np.float32, copy=False)

@@ -4,6 +4,11 @@ Embeddings are L2-normalised, so inner product is cosine similarity. The index i
 (`IndexFlatIP`): at the sizes served here an exhaustive scan is fast and gives perfect recall,
 which is also what the system we reproduce runs on GPU.
 
+Searches can run elsewhere (`Engine`): faiss-cpu (the default), a PyTorch matmul + top-k on a GPU
+(`feedserve.knn_torch`), or faiss-gpu. The faiss CPU index stays the store of record either way
+(writes, snapshots, saves); a GPU engine holds a device copy of the vectors, rebuilt on the first
+search after a write, so a search never sees half of one.
+
 On disk an index is one `.npz` (ids, vectors, metadata as JSON text), written atomically and read
 with `allow_pickle=False`: loading an index never executes code.
 """
@@ -33,6 +38,45 @@ class IndexError_(ValueError):
     """An index file or an index write is invalid."""
 
 
+ENGINES = ("faiss", "torch", "faiss-gpu")
+
+
+@dataclass(frozen=True)
+class Engine:
+    kind: str = "faiss"
+    device: str = "cuda"  # for the torch engine ("cpu" works too, in fp32)
+    dtype: str = "fp16"  # device storage of a GPU engine: fp16 halves the bytes a search scans
+
+    def __post_init__(self) -> None:
+        if self.kind not in ENGINES:
+            raise ValueError(f"unknown kNN engine {self.kind!r}; expected one of {ENGINES}")
+
+
+class _FaissGpuFlat:
+    """faiss-gpu flat inner product over positions 0..n-1 (GPU indexes cannot remove ids, so the
+    copy is rebuilt from the store instead)."""
+
+    def __init__(self, vectors: np.ndarray, dtype: str) -> None:
+        if not hasattr(faiss, "GpuIndexFlatIP"):
+            raise IndexError_("the faiss-gpu engine needs a faiss built with GPU support (faiss-gpu); this one is CPU-only")
+        self._resources = faiss.StandardGpuResources()
+        config = faiss.GpuIndexFlatConfig()
+        config.useFloat16 = dtype == "fp16"
+        self.index = faiss.GpuIndexFlatIP(self._resources, int(vectors.shape[1]), config)
+        self.index.add(np.ascontiguousarray(vectors, np.float32))
+
+    def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.search(queries, depth)
+
+
+def _device_index(engine: Engine, vectors: np.ndarray) -> _FaissGpuFlat:  # or TorchFlatIndex: same search()
+    if engine.kind == "torch":
+        from feedserve.knn_torch import TorchFlatIndex
+
+        return TorchFlatIndex(vectors, engine.device, engine.dtype)  # type: ignore[return-value]
+    return _FaissGpuFlat(vectors, engine.dtype)
+
+
 @dataclass
 class SearchResult:
     ids: np.ndarray  # int64 [n], n <= k
@@ -42,13 +86,18 @@ class SearchResult:
 class PostIndex:
     """Thread-safe: faiss must not search while it is being written, so one lock guards both."""
 
-    def __init__(self, dim: int, meta: dict[str, object] | None = None) -> None:
+    def __init__(self, dim: int, meta: dict[str, object] | None = None, engine: Engine = Engine()) -> None:
         if dim <= 0:
             raise IndexError_(f"index dimension must be positive, got {dim}")
         self.dim = dim
         self.meta: dict[str, object] = dict(meta or {})
+        self.engine = engine
         self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self._lock = threading.Lock()
+        self._version = 0  # bumped by every write; a device copy of another version is stale
+        self._device: _FaissGpuFlat | None = None
+        self._device_ids = np.empty(0, np.int64)
+        self._device_version = -1
 
     def __len__(self) -> int:
         return int(self._index.ntotal)
@@ -68,10 +117,24 @@ class PostIndex:
         with self._lock:
             self._index.remove_ids(ids)
             self._index.add_with_ids(vectors, ids)
+            self._version += 1
 
     def delete(self, ids: np.ndarray) -> int:
         with self._lock:
+            self._version += 1
             return int(self._index.remove_ids(np.asarray(ids, dtype=np.int64).reshape(-1)))
+
+    def _search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, post ids) [n, depth]; the lock is held."""
+        if self.engine.kind == "faiss":
+            return self._index.search(queries, depth)
+        if self._device_version != self._version:
+            self._device_ids, vectors = self._snapshot()
+            self._device = _device_index(self.engine, vectors)
+            self._device_version = self._version
+        assert self._device is not None
+        scores, rows = self._device.search(queries, depth)
+        return scores, np.where(rows >= 0, self._device_ids[np.maximum(rows, 0)], NO_ID)
 
     def search(
         self, queries: np.ndarray, ks: Sequence[int], exclude: Sequence[np.ndarray] | None = None
@@ -87,7 +150,7 @@ class PostIndex:
                 return [SearchResult(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in range(n)]
             # One search for the whole batch, deep enough that every row still has k after exclusion.
             depth = min(total, max(ks) + max((len(e) for e in excl), default=0))
-            scores, ids = self._index.search(queries, depth)
+            scores, ids = self._search(queries, depth)
         results = []
         for row, (k, e) in enumerate(zip(ks, excl, strict=True)):
             keep = ids[row] != NO_ID
@@ -100,9 +163,12 @@ class PostIndex:
     def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) currently in the index."""
         with self._lock:
-            n = int(self._index.ntotal)
-            ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
-            vectors = self._index.index.reconstruct_n(0, n) if n else np.empty((0, self.dim), np.float32)
+            return self._snapshot()
+
+    def _snapshot(self) -> tuple[np.ndarray, np.ndarray]:
+        n = int(self._index.ntotal)
+        ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        vectors = self._index.index.reconstruct_n(0, n) if n else np.empty((0, self.dim), np.float32)
         return ids, vectors
 
     def save(self, path: Path) -> None:
@@ -118,7 +184,7 @@ class PostIndex:
         logger.info("saved %d posts (dim %d) to %s", len(ids), self.dim, path)
 
     @classmethod
-    def load(cls, path: Path) -> PostIndex:
+    def load(cls, path: Path, engine: Engine = Engine()) -> PostIndex:
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
@@ -129,7 +195,7 @@ class PostIndex:
             raise IndexError_(f"{path}: unknown index format {meta.get('format')!r}")
         if vectors.ndim != 2 or len(ids) != len(vectors) or vectors.shape[1] != meta["dim"]:
             raise IndexError_(f"{path}: ids {ids.shape} and vectors {vectors.shape} do not match")
-        index = cls(int(meta["dim"]), {k: v for k, v in meta.items() if k not in ("format", "dim", "count")})
+        index = cls(int(meta["dim"]), {k: v for k, v in meta.items() if k not in ("format", "dim", "count")}, engine)
         if len(ids):
             index.upsert(ids, vectors)
         logger.info("loaded %d posts (dim %d) from %s", len(index), index.dim, path)

@@ -39,6 +39,9 @@ class BatchModel(ABC, Generic[P]):
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        if args.get("model_instance_kind") == "GPU":
+            # A KIND_GPU instance runs on the device Triton placed it on.
+            params["device"] = f"cuda:{args.get('model_instance_device_id', '0')}"
         artifacts = Path(params.get("artifacts") or os.environ.get(ARTIFACTS_ENV) or default_artifacts_dir())
         logger.info("%s: loading artifacts from %s", self.name, artifacts)
         self.setup(ArtifactLayout(artifacts), params)

@@ -1,4 +1,6 @@
-"""`encoder` on CPU: ONNX Runtime over the exported LLaMA + pooling graph.
+"""`encoder` as a python backend: ONNX Runtime over the exported graph on CPU (`runtime:
+onnxruntime`), or PyTorch bf16 on a GPU (`runtime: torch`, for GPU hosts without TensorRT; the
+TensorRT variant is a `tensorrt_plan` model, no Python).
 
 Requests in a dynamic batch may differ in length (the inputs are ragged). Rows are trimmed to their
 own length, sorted, and run in groups padded to a length bucket, so one long prompt does not make
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from feedserve.artifacts import ArtifactLayout, EncoderSettings
-from feedserve.runtime import OnnxEncoder
+from feedserve.runtime import Encoder, OnnxEncoder
 from feedserve.schema import ATTENTION_MASK, EMBEDDING, INPUT_IDS, ModelName
 from feedserve.triton.base import Arrays, BatchModel, RequestError, check_2d, require
 
@@ -37,11 +39,22 @@ class EncoderModel(BatchModel[Tokens]):
 
     def setup(self, layout: ArtifactLayout, params: dict[str, str]) -> None:
         self.settings = EncoderSettings.load(layout.settings)
-        threads = int(params.get("intra_op_threads", "0")) or os.cpu_count() or 1
         self.max_rows = int(params.get("max_rows_per_run", "32"))
-        self.encoder = OnnxEncoder(layout.onnx, intra_op_threads=threads)
+        self.encoder = self._runtime(layout, params)
         # Out-of-vocabulary ids would fail the whole ONNX run, so they are rejected per request.
         self.vocab_size = int(json.loads((layout.hf_dir / "config.json").read_text())["vocab_size"])
+
+    def _runtime(self, layout: ArtifactLayout, params: dict[str, str]) -> Encoder:
+        runtime = params.get("runtime", "onnxruntime")
+        if runtime == "onnxruntime":
+            threads = int(params.get("intra_op_threads", "0")) or os.cpu_count() or 1
+            return OnnxEncoder(layout.onnx, intra_op_threads=threads)
+        if runtime == "torch":
+            from feedserve.encoder import TorchEncoder  # torch only in the processes that run it
+
+            # compute() pads every group on the right, which lets the fused causal kernel run.
+            return TorchEncoder(layout.hf_dir, self.settings, device=params.get("device", "cuda"), right_padded=True)
+        raise ValueError(f"encoder: unknown runtime {runtime!r} (onnxruntime or torch)")
 
     def parse(self, inputs: dict[str, np.ndarray | None]) -> Tokens:
         ids = check_2d(INPUT_IDS.name, require(inputs, INPUT_IDS.name), np.int64)

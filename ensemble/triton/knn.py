@@ -1,7 +1,8 @@
 """The `knn` model: exact top-k over the post index, excluding posts the member has seen.
 
 The index file is re-read when it changes on disk (a batch job has rebuilt it): the new index is
-loaded fully before it replaces the old one, so no request sees a half-built index.
+loaded fully before it replaces the old one, so no request sees a half-built index. The `engine`
+parameter picks where searches run (faiss on CPU, torch or faiss-gpu on the instance's GPU).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from feedserve.artifacts import ArtifactLayout
-from feedserve.knn import PostIndex, file_signature
+from feedserve.knn import Engine, PostIndex, file_signature
 from feedserve.schema import EXCLUDE_IDS, IDS, K, QUERY, SCORES, ModelName
 from feedserve.triton.base import Arrays, BatchModel, RequestError, check_2d, require
 
@@ -35,6 +36,7 @@ class KnnModel(BatchModel[KnnRequest]):
 
     def setup(self, layout: ArtifactLayout, params: dict[str, str]) -> None:
         self.max_k = int(params.get("max_k", DEFAULT_MAX_K))
+        self.engine = Engine(params.get("engine", "faiss"), params.get("device", "cuda"), params.get("dtype", "fp16"))
         self.path: Path = layout.index
         self.index: PostIndex | None = None
         self._signature: tuple[int, int] | None = None
@@ -48,7 +50,10 @@ class KnnModel(BatchModel[KnnRequest]):
             return
         # A bad new file keeps the old index serving; the error is logged, not raised per request.
         try:
-            self.index = PostIndex.load(self.path)
+            index = PostIndex.load(self.path, self.engine)
+            if len(index):  # build a GPU engine's device copy now, not in the first request
+                index.search(np.zeros((1, index.dim), np.float32), [1])
+            self.index = index
             self._signature = signature
         except ValueError:
             logger.exception("knn: keeping the previous index")

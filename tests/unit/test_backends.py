@@ -72,3 +72,25 @@ def test_preprocess_names_the_bad_record(tiny_artifacts: ArtifactLayout) -> None
     assert isinstance(out[0], RequestError) and "RECORDS[1]" in str(out[0]) and "text" in str(out[0])
     assert out[1]["INPUT_IDS"].shape == out[1]["ATTENTION_MASK"].shape
     assert isinstance(out[2], RequestError) and "shape [batch, 1]" in str(out[2])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_torch_runtime_serves_the_onnx_embeddings(tiny_artifacts: ArtifactLayout, encoder: EncoderModel, device: str) -> None:
+    # The gpu-torch variant's encoder: same backend, PyTorch instead of ONNX Runtime (bf16 on a GPU).
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch_encoder = EncoderModel()
+    torch_encoder.setup(tiny_artifacts, {"runtime": "torch", "device": device, "max_rows_per_run": "3"})
+    rng = np.random.default_rng(5)
+    batch = [_rows(rng, [5, 40, 12], 40), _rows(rng, [90], 90), _rows(rng, [3, 3], 3)]
+    for got, want in zip(torch_encoder.run(batch), encoder.run(batch), strict=True):
+        assert not isinstance(got, RequestError) and not isinstance(want, RequestError)
+        cosine = (got["EMBEDDING"] * want["EMBEDDING"]).sum(axis=1)
+        assert cosine.min() >= (0.999 if device == "cuda" else 0.99999)
+
+
+def test_unknown_runtime_is_refused(tiny_artifacts: ArtifactLayout) -> None:
+    with pytest.raises(ValueError, match="unknown runtime"):
+        EncoderModel().setup(tiny_artifacts, {"runtime": "tensorflow"})

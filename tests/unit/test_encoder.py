@@ -62,3 +62,15 @@ def test_bad_settings_are_refused(tiny_checkpoint: Path) -> None:
         EmbeddingModel(backbone, "max")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="Matryoshka dim"):
         EmbeddingModel(backbone, "mean", 1000)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_right_padded_fast_path_equals_the_masked_reference(tiny_checkpoint: Path, pooling: str) -> None:
+    # The GPU encoder drops the explicit mask for right-padded batches (fused causal attention).
+    settings = EncoderSettings(pooling=pooling)  # type: ignore[arg-type]
+    rng = np.random.default_rng(2)
+    ids, mask = _pad([rng.integers(4, 300, n) for n in (9, 31, 2, 17)], "right")
+    fast = TorchEncoder(tiny_checkpoint, settings, right_padded=True)
+    np.testing.assert_allclose(fast.encode(ids, mask), TorchEncoder(tiny_checkpoint, settings).encode(ids, mask), atol=1e-5)
+    with pytest.raises(ValueError, match="right-padded"):
+        fast.encode(*_pad([rng.integers(4, 300, n) for n in (3, 8)], "left"))

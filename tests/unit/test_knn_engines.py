@@ -1,0 +1,101 @@
+"""Search engines of the post index: PyTorch (chunked matmul + top-k) against faiss, on CPU here
+and on a GPU where the `gpu` tests run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from feedserve.knn import Engine, IndexError_, PostIndex
+from feedserve.knn_torch import TorchFlatIndex, exact_topk
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    v = rng.normal(size=(n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _pair(engine: Engine, n: int = 3000, d: int = 32) -> tuple[PostIndex, PostIndex]:
+    vectors = _unit(np.random.default_rng(0), n, d)
+    ids = np.arange(n, dtype=np.int64) * 7 + 11  # ids are not positions
+    reference, other = PostIndex(d), PostIndex(d, engine=engine)
+    for index in (reference, other):
+        index.upsert(ids, vectors)
+    return reference, other
+
+
+def _same_results(a: PostIndex, b: PostIndex, queries: np.ndarray, k: int, exclude: list[np.ndarray]) -> None:
+    for x, y in zip(a.search(queries, [k] * len(queries), exclude), b.search(queries, [k] * len(queries), exclude), strict=True):
+        assert x.ids.tolist() == y.ids.tolist()
+        np.testing.assert_allclose(x.scores, y.scores, atol=1e-5)
+
+
+@pytest.mark.parametrize(("chunk_rows", "block"), [(37, 128), (1 << 20, 3), (997, 4)])
+def test_chunked_blocked_topk_is_the_exact_answer(chunk_rows: int, block: int) -> None:
+    rng = np.random.default_rng(1)
+    vectors, queries = _unit(rng, 1000, 16), _unit(rng, 9, 16)
+    index = TorchFlatIndex(vectors, device="cpu", dtype="fp32", chunk_rows=chunk_rows, block=block)
+    scores, rows = index.search(queries, 25)
+    expected = np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :25]
+    assert rows.tolist() == expected.tolist()
+    np.testing.assert_allclose(scores, np.take_along_axis(queries @ vectors.T, expected, axis=1), atol=1e-5)
+
+
+def test_blocked_topk_equals_torch_topk_with_a_ragged_tail() -> None:
+    scores = torch.randn(9, 10_001)
+    values, indices = exact_topk(scores, 50, block=64)
+    top = torch.topk(scores, 50, dim=1)
+    assert torch.equal(values, top.values) and torch.equal(indices, top.indices)
+
+
+def test_torch_engine_follows_writes_and_exclusions() -> None:
+    reference, other = _pair(Engine("torch", device="cpu", dtype="fp32"))
+    rng = np.random.default_rng(2)
+    queries = _unit(rng, 4, 32)
+    exclude = [np.array([11, 18, -1]), np.empty(0, np.int64), np.array([25]), np.empty(0, np.int64)]
+    _same_results(reference, other, queries, 10, exclude)
+    # A replaced vector and a deleted id are seen by the very next search (the device copy is rebuilt).
+    top = other.search(queries[:1], [1])[0].ids[0]
+    for index in (reference, other):
+        index.delete(np.array([top]))
+        index.upsert(np.array([5]), queries[1:2])
+    assert top not in other.search(queries[:1], [50])[0].ids
+    assert other.search(queries[1:2], [1])[0].ids.tolist() == [5]
+    _same_results(reference, other, queries, 10, exclude)
+
+
+def test_engine_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="unknown kNN engine"):
+        Engine("annoy")
+    with pytest.raises(ValueError, match="fp32 only"):
+        TorchFlatIndex(np.zeros((2, 4), np.float32), device="cpu", dtype="fp16")
+    index = PostIndex(4, engine=Engine("faiss-gpu"))
+    index.upsert(np.array([1]), np.ones((1, 4), np.float32) / 2)
+    if not hasattr(__import__("faiss"), "GpuIndexFlatIP"):
+        with pytest.raises(IndexError_, match="faiss-gpu"):
+            index.search(np.ones((1, 4), np.float32), [1])
+
+
+@pytest.mark.gpu
+@CUDA
+def test_gpu_torch_engine_fp32_returns_the_faiss_ids() -> None:
+    reference, gpu = _pair(Engine("torch", device="cuda", dtype="fp32"), n=200_000, d=256)
+    queries = _unit(np.random.default_rng(3), 64, 256)
+    _same_results(reference, gpu, queries, 100, [np.empty(0, np.int64)] * 64)
+
+
+@pytest.mark.gpu
+@CUDA
+def test_gpu_torch_engine_fp16_agrees_with_faiss_up_to_rounding() -> None:
+    reference, gpu = _pair(Engine("torch", device="cuda", dtype="fp16"), n=200_000, d=256)
+    queries = _unit(np.random.default_rng(4), 64, 256)
+    none = [np.empty(0, np.int64)] * 64
+    overlap = []
+    for x, y in zip(reference.search(queries, [100] * 64, none), gpu.search(queries, [100] * 64, none), strict=True):
+        overlap.append(len(set(x.ids.tolist()) & set(y.ids.tolist())) / 100)
+        # fp16 storage moves a score by about 1e-3; the k-th best scores agree to that.
+        assert abs(x.scores[-1] - y.scores[-1]) < 2e-3
+    assert np.mean(overlap) >= 0.99
