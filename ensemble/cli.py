@@ -129,7 +129,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     from feedserve.repository import main as render_main
 
-    return render_main(["--out", str(args.out)] + (["--check"] if args.check else []))
+    return render_main(["--out", str(args.out), "--variant", args.variant] + (["--check"] if args.check else []))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -164,6 +164,8 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("render", help="write the model repository from code")
     r.add_argument("--out", type=Path, default=DEFAULT_REPOSITORY)
     r.add_argument("--check", action="store_true")
+    r.add_argument("--variant", choices=("cpu", "gpu-torch", "gpu-trt"), default="cpu",
+                   help="cpu (ONNX Runtime, faiss), gpu-torch (PyTorch encoder and kNN on GPU), gpu-trt (TensorRT plan)")
     r.set_defaults(func=cmd_render)
 
     s = sub.add_parser("serve", help="run tritonserver until interrupted")

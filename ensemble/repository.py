@@ -27,6 +27,13 @@ from {module} import TritonPythonModel  # noqa: F401
 '''
 
 
+# cpu: ONNX Runtime encoder + faiss kNN on CPU instances (what runs on these machines).
+# gpu-torch: the python encoder in PyTorch bf16 and a PyTorch kNN, on GPU instances (a GPU host
+#   without TensorRT). gpu-trt: the encoder as a TensorRT plan (`feedserve.export.tensorrt`), the
+#   PyTorch kNN; for the NVIDIA Triton container. Same models, ensembles and tensor names in all.
+VARIANTS = ("cpu", "gpu-torch", "gpu-trt")
+
+
 @dataclass(frozen=True)
 class RepositorySettings:
     variant: str = "cpu"
@@ -39,6 +46,15 @@ class RepositorySettings:
     encoder_queue_delay_us: int = 2000
     knn_queue_delay_us: int = 500
     max_k: int = 2000
+    knn_dtype: str = "fp16"  # device storage of the GPU kNN
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown repository variant {self.variant!r}; expected one of {VARIANTS}")
+
+    @property
+    def gpu(self) -> bool:
+        return self.variant != "cpu"
 
 
 def _io(config: mc.ModelConfig, name: ModelName) -> None:
@@ -53,13 +69,17 @@ def _io(config: mc.ModelConfig, name: ModelName) -> None:
     config.output.extend(tensor(s, mc.ModelOutput) for s in IO[name].outputs)
 
 
+def _kind(gpu: bool) -> int:
+    return mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
+
+
 def _python_model(
     name: ModelName, module: str, settings: RepositorySettings, instances: int, delay_us: int | None,
-    params: dict[str, str] | None = None,
+    params: dict[str, str] | None = None, gpu: bool = False,
 ) -> mc.ModelConfig:
     config = mc.ModelConfig(name=str(name), backend="python", max_batch_size=settings.max_batch_size)
     _io(config, name)
-    config.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances))
+    config.instance_group.append(mc.ModelInstanceGroup(kind=_kind(gpu), count=instances))
     if delay_us is not None:
         config.dynamic_batching.max_queue_delay_microseconds = delay_us
     for key, value in (params or {}).items():
@@ -79,9 +99,24 @@ def _ensemble(name: ModelName, settings: RepositorySettings, steps: list[tuple[M
     return config
 
 
+def _tensorrt_encoder(settings: RepositorySettings) -> mc.ModelConfig:
+    """The plan's inputs and outputs are the schema's (the exporter names them so) and Triton reads
+    them, with their shapes, from the engine; listing them here could only disagree with it."""
+    config = mc.ModelConfig(name=str(ModelName.ENCODER), platform="tensorrt_plan", max_batch_size=settings.max_batch_size)
+    config.instance_group.append(mc.ModelInstanceGroup(kind=_kind(True), count=settings.encoder_instances))
+    config.dynamic_batching.max_queue_delay_microseconds = settings.encoder_queue_delay_us
+    return config
+
+
+def _encoder(settings: RepositorySettings) -> mc.ModelConfig:
+    if settings.variant == "gpu-trt":
+        return _tensorrt_encoder(settings)
+    params = {"runtime": "torch", "max_rows_per_run": "256"} if settings.gpu else {"runtime": "onnxruntime", "max_rows_per_run": "32"}
+    return _python_model(ModelName.ENCODER, "feedserve.triton.encoder", settings, settings.encoder_instances,
+                         settings.encoder_queue_delay_us, params, gpu=settings.gpu)
+
+
 def render_configs(settings: RepositorySettings = RepositorySettings()) -> dict[ModelName, mc.ModelConfig]:
-    if settings.variant != "cpu":
-        raise ValueError(f"unknown variant {settings.variant!r}; this build renders 'cpu'")
     m = ModelName
     # Ensemble-internal tensor names: the same map reads a step's outputs and the next step's inputs.
     tokens = tokens_in = {"INPUT_IDS": "input_ids", "ATTENTION_MASK": "attention_mask"}
@@ -95,13 +130,11 @@ def render_configs(settings: RepositorySettings = RepositorySettings()) -> dict[
             m.PREPROCESS_MEMBER, "feedserve.triton.preprocess", settings, settings.preprocess_instances, None,
             {"record_kind": RecordKind.MEMBER.value},
         ),
-        m.ENCODER: _python_model(
-            m.ENCODER, "feedserve.triton.encoder", settings, settings.encoder_instances,
-            settings.encoder_queue_delay_us, {"runtime": "onnxruntime", "max_rows_per_run": "32"},
-        ),
+        m.ENCODER: _encoder(settings),
         m.KNN: _python_model(
             m.KNN, "feedserve.triton.knn", settings, settings.knn_instances, settings.knn_queue_delay_us,
-            {"max_k": str(settings.max_k)},
+            {"max_k": str(settings.max_k), **({"engine": "torch", "dtype": settings.knn_dtype} if settings.gpu else {})},
+            gpu=settings.gpu,
         ),
         m.EMBED_POST: _ensemble(m.EMBED_POST, settings, [
             (m.PREPROCESS_POST, {"RECORDS": "RECORDS"}, tokens),
@@ -154,11 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="feedserve render", description=__doc__)
     parser.add_argument("--out", type=Path, default=DEFAULT_REPOSITORY)
     parser.add_argument("--check", action="store_true", help="exit 1 if the files drift instead of writing")
+    parser.add_argument("--variant", choices=VARIANTS, default="cpu")
     args = parser.parse_args(argv)
+    settings = RepositorySettings(variant=args.variant)
     if args.check:
-        stale = drift(args.out)
+        stale = drift(args.out, settings)
         for rel in stale:
             logger.error("drifted: %s", rel)
         return 1 if stale else 0
-    write_repository(args.out)
+    write_repository(args.out, settings)
     return 0

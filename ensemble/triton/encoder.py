@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from feedserve.artifacts import ArtifactLayout, EncoderSettings
+from feedserve.prompts import pad_length
 from feedserve.runtime import Encoder, OnnxEncoder
 from feedserve.schema import ATTENTION_MASK, EMBEDDING, INPUT_IDS, ModelName
 from feedserve.triton.base import Arrays, BatchModel, RequestError, check_2d, require
@@ -28,10 +29,6 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Tokens:
     rows: list[np.ndarray]  # each row's unpadded token ids
-
-
-def pad_to_bucket(length: int, buckets: Sequence[int]) -> int:
-    return next((b for b in buckets if b >= length), length)
 
 
 class EncoderModel(BatchModel[Tokens]):
@@ -83,7 +80,7 @@ class EncoderModel(BatchModel[Tokens]):
         """Row indices grouped by length bucket, at most max_rows per group, with the group's width."""
         by_bucket: dict[int, list[int]] = {}
         for i in sorted(range(len(lengths)), key=lengths.__getitem__):
-            by_bucket.setdefault(pad_to_bucket(lengths[i], self.settings.length_buckets), []).append(i)
+            by_bucket.setdefault(pad_length(lengths[i], self.settings.length_buckets), []).append(i)
         return [
             (rows[start : start + self.max_rows], width)
             for width, rows in by_bucket.items()

@@ -31,3 +31,29 @@ def test_ensemble_steps_only_use_produced_tensors() -> None:
             assert set(step.input_map.values()) <= available, (config.name, step.model_name)
             available |= set(step.output_map.values())
         assert {o.name for o in config.output} <= available
+
+
+def test_gpu_variants_change_only_where_models_run() -> None:
+    import pytest
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from feedserve.repository import VARIANTS, RepositorySettings
+
+    cpu = render_configs(RepositorySettings())
+    for variant in VARIANTS[1:]:
+        gpu = render_configs(RepositorySettings(variant=variant))
+        assert set(gpu) == set(cpu)
+        for name in (ModelName.EMBED_POST, ModelName.EMBED_MEMBER, ModelName.RETRIEVE):
+            assert gpu[name] == cpu[name]  # the same ensembles, tensor for tensor
+        for name in (ModelName.PREPROCESS_POST, ModelName.PREPROCESS_MEMBER):
+            assert gpu[name] == cpu[name]  # tokenising stays on CPU instances
+        for name in (ModelName.ENCODER, ModelName.KNN):
+            assert [g.kind for g in gpu[name].instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+        assert gpu[ModelName.KNN].parameters["engine"].string_value == "torch"
+    trt = render_configs(RepositorySettings(variant="gpu-trt"))[ModelName.ENCODER]
+    assert trt.platform == "tensorrt_plan" and not trt.backend
+    assert not trt.input and not trt.output  # read from the plan, whose names the exporter sets
+    torch_encoder = render_configs(RepositorySettings(variant="gpu-torch"))[ModelName.ENCODER]
+    assert torch_encoder.parameters["runtime"].string_value == "torch"
+    with pytest.raises(ValueError, match="unknown repository variant"):
+        RepositorySettings(variant="tpu")
