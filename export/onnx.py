@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from feedserve.artifacts import EncoderSettings
+from feedserve.runtime import Encoder
 from feedserve.schema import ONNX_INPUTS, ONNX_OUTPUT
 
 logger = logging.getLogger(__name__)
@@ -93,22 +94,27 @@ def check_parity(
     from feedserve.runtime import OnnxEncoder
 
     reference = TorchEncoder(hf_dir, settings)
-    candidate = OnnxEncoder(onnx_path)
-    vocab = int(reference.model.backbone.config.vocab_size)
-    batches = batches or parity_batches(vocab)
+    batches = batches or parity_batches(int(reference.model.backbone.config.vocab_size))
+    return compare_encoders(reference, OnnxEncoder(onnx_path), batches, min_cosine, str(onnx_path))
+
+
+def compare_encoders(
+    reference: Encoder, candidate: Encoder, batches: list[tuple[np.ndarray, np.ndarray]], min_cosine: float, label: str,
+) -> ParityReport:
+    """Worst per-row cosine of `candidate` against `reference`; ParityError below `min_cosine`."""
     worst_cos, worst_abs, worst_at = 1.0, 0.0, (0, 0)
     for ids, mask in batches:
         a, b = reference.encode(ids, mask), candidate.encode(ids, mask)
         if a.shape != b.shape:
-            raise ParityError(f"shape {b.shape} != reference {a.shape} for batch {ids.shape}", -1.0, float("inf"))
-        cos = float((a * b).sum(axis=1).min() / 1.0)
+            raise ParityError(f"{label}: shape {b.shape} != reference {a.shape} for batch {ids.shape}", -1.0, float("inf"))
+        cos = float((a * b).sum(axis=1).min())
         if cos < worst_cos:
             worst_cos, worst_at = cos, ids.shape
         worst_abs = max(worst_abs, float(np.abs(a - b).max()))
     report = ParityReport([list(i.shape) for i, _ in batches], worst_cos, worst_abs, min_cosine)
     if worst_cos < min_cosine:
         raise ParityError(
-            f"{onnx_path}: worst cosine {worst_cos:.6f} < {min_cosine} (batch {list(worst_at)}), "
+            f"{label}: worst cosine {worst_cos:.6f} < {min_cosine} (batch {list(worst_at)}), "
             f"max abs difference {worst_abs:.3g}",
             worst_cos, worst_abs,
         )

@@ -1,0 +1,321 @@
+"""ONNX -> TensorRT engine for the `gpu-trt` repository variant, parity checked against PyTorch.
+
+    python -m feedserve.export.tensorrt build  --artifacts artifacts/default --precision fp16
+    python -m feedserve.export.tensorrt ensure --artifacts /artifacts --plan /models/encoder/1/model.plan
+
+The engine is built with the TensorRT Python API from the exported ONNX graph, whose inputs and
+output are first renamed to the schema's tensor names (INPUT_IDS, ATTENTION_MASK, EMBEDDING) so
+that Triton's `tensorrt_plan` model plugs into the same ensembles as the python encoders. One
+optimisation profile covers batch 1..max_batch and tokens 1..max_prompt_tokens, tuned for an
+"opt" shape. Under fp16/bf16 the layers of RMSNorm and pooling that square, reduce and take roots
+are pinned to fp32 (a sum of squares of 576 activations overflows fp16's 65,504). A timing cache
+makes rebuilds fast. Beside the plan, `<plan>.json` records what it was built from and for
+(TensorRT version, GPU, compute capability, precision, profile, source checksum); `ensure` rebuilds
+when any of them no longer matches, which is what the container's entrypoint runs at start.
+
+Where TensorRT or a GPU is absent, `unavailable_reason()` says which, the commands exit with status
+3 and that sentence, and the tests skip with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from feedserve.artifacts import ArtifactLayout, EncoderSettings
+from feedserve.export.onnx import PROTOBUF_LIMIT, ParityError, compare_encoders, parity_batches, sha256_file
+from feedserve.schema import ATTENTION_MASK, EMBEDDING, INPUT_IDS, ONNX_INPUTS, ONNX_OUTPUT
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
+UNAVAILABLE_EXIT = 3
+TRITON_NAMES = {ONNX_INPUTS[0]: INPUT_IDS.name, ONNX_INPUTS[1]: ATTENTION_MASK.name, ONNX_OUTPUT: EMBEDDING.name}
+
+
+class TensorRTUnavailable(RuntimeError):
+    """TensorRT or a CUDA GPU is missing here; the message says which."""
+
+
+class EngineBuildError(RuntimeError):
+    """TensorRT refused the network or the build failed."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """min/opt/max of the two dynamic axes (the same for both inputs)."""
+
+    batch: tuple[int, int, int]
+    tokens: tuple[int, int, int]
+
+    @classmethod
+    def for_settings(cls, settings: EncoderSettings, max_batch: int, opt_batch: int = 32) -> Profile:
+        # Optimise for the middle length bucket: MovieLens posts are ~100 tokens, members 256.
+        buckets = sorted(settings.length_buckets)
+        opt_tokens = min(buckets[len(buckets) // 2], settings.max_prompt_tokens)
+        return cls((1, min(opt_batch, max_batch), max_batch), (1, opt_tokens, settings.max_prompt_tokens))
+
+    def shapes(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        return tuple((b, t) for b, t in zip(self.batch, self.tokens, strict=True))  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    precision: str = "fp16"
+    profile: Profile = Profile((1, 32, 64), (1, 128, 512))
+    workspace_gib: float = 4.0
+    fp32_norms: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+def unavailable_reason(precision: str = "fp16") -> str | None:
+    """None when an engine can be built here, else why not."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return ("TensorRT is not installed (it ships in the NVIDIA Triton container, or `pip install tensorrt`); "
+                "the gpu-trt variant cannot be built here")
+    try:
+        import torch
+    except ImportError:
+        return "PyTorch is needed to hold the engine's buffers on the GPU and is not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible (TensorRT builds an engine for the GPU it runs on)"
+    if precision == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        return f"fp8 needs compute capability 8.9 or newer; this GPU is {torch.cuda.get_device_capability()}"
+    return None
+
+
+def rename_io(src: Path, dst: Path) -> Path:
+    """Copy an exported ONNX graph with its inputs/output named as Triton's schema names them."""
+    import onnx
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    for value in [*graph.input, *graph.output]:
+        value.name = TRITON_NAMES.get(value.name, value.name)
+    for node in graph.node:
+        node.input[:] = [TRITON_NAMES.get(n, n) for n in node.input]
+        node.output[:] = [TRITON_NAMES.get(n, n) for n in node.output]
+    names = {v.name for v in [*graph.input, *graph.output]}
+    if not set(TRITON_NAMES.values()) <= names:
+        raise EngineBuildError(f"{src}: expected inputs {list(ONNX_INPUTS)} and output {ONNX_OUTPUT!r}, found {sorted(names)}")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    large = model.ByteSize() > PROTOBUF_LIMIT
+    onnx.save_model(model, str(dst), save_as_external_data=large, location=dst.name + ".data" if large else None)
+    return dst
+
+
+def _gpu() -> dict[str, object]:
+    import torch
+
+    return {"name": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability())}
+
+
+def expected_meta(onnx_path: Path, options: EngineOptions) -> dict[str, object]:
+    """What a plan built now, here, from `onnx_path` would record (the fields `ensure` compares)."""
+    import tensorrt as trt
+
+    return {"tensorrt": trt.__version__, "gpu": _gpu(), "precision": options.precision,
+            "profile": asdict(options.profile), "fp32_norms": options.fp32_norms, "source_sha256": sha256_file(onnx_path)}
+
+
+def stale_fields(meta_path: Path, expected: dict[str, object]) -> list[str]:
+    """Fields of a plan's metadata that differ from `expected`; ["plan"] when there is none."""
+    if not meta_path.exists() or not meta_path.with_suffix("").exists():
+        return ["plan"]
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError:
+        return ["metadata"]
+    return [key for key, value in expected.items() if json.loads(json.dumps(meta.get(key))) != json.loads(json.dumps(value))]
+
+
+def _pin_norms_to_fp32(network: Any) -> int:
+    """Square, reduce and root layers (RMSNorm, mean pooling, L2 norm) compute in fp32."""
+    import tensorrt as trt
+
+    pinned = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if (layer.type == trt.LayerType.REDUCE
+                or (layer.type == trt.LayerType.ELEMENTWISE and layer.op == trt.ElementWiseOperation.POW)
+                or (layer.type == trt.LayerType.UNARY and layer.op in (trt.UnaryOperation.SQRT, trt.UnaryOperation.RECIP))):
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
+            pinned += 1
+    return pinned
+
+
+def build_engine(onnx_path: Path, plan_path: Path, options: EngineOptions, timing_cache: Path | None = None) -> dict[str, object]:
+    """Build `plan_path` (written atomically) and `<plan>.json`; returns the metadata."""
+    if reason := unavailable_reason(options.precision):
+        raise TensorRTUnavailable(reason)
+    import tensorrt as trt
+
+    t0 = time.perf_counter()
+    trt_logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(trt_logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, trt_logger)
+    renamed = plan_path.with_name(plan_path.stem + ".onnx")
+    rename_io(onnx_path, renamed)
+    if not parser.parse_from_file(str(renamed)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineBuildError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * 2**30))
+    if options.precision in ("fp16", "fp8"):
+        config.set_flag(trt.BuilderFlag.FP16)
+    if options.precision == "bf16":
+        config.set_flag(trt.BuilderFlag.BF16)
+    if options.precision == "fp8":
+        config.set_flag(trt.BuilderFlag.FP8)
+    pinned = 0
+    if options.precision != "fp32" and options.fp32_norms:
+        pinned = _pin_norms_to_fp32(network)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    profile = builder.create_optimization_profile()
+    lo, opt, hi = options.profile.shapes()
+    for name in (INPUT_IDS.name, ATTENTION_MASK.name):
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.exists() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineBuildError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
+    _write_atomic(plan_path, bytes(serialized))
+    if timing_cache:
+        _write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
+    meta = {**expected_meta(onnx_path, options), "layers_pinned_fp32": pinned, "build_s": time.perf_counter() - t0,
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    _write_atomic(plan_path.with_name(plan_path.name + ".json"), json.dumps(meta, indent=2).encode())
+    renamed.unlink()
+    logger.info("built %s (%s, %d layers in fp32) in %.0f s", plan_path, options.precision, pinned, meta["build_s"])
+    return meta
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class TensorRTEncoder:
+    """Runs a plan with PyTorch CUDA tensors as its buffers; the `Encoder` interface."""
+
+    def __init__(self, plan_path: Path) -> None:
+        if reason := unavailable_reason():
+            raise TensorRTUnavailable(reason)
+        import tensorrt as trt
+        import torch
+
+        self._torch = torch
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
+        if self.engine is None:
+            raise EngineBuildError(f"{plan_path}: not a TensorRT plan for this TensorRT and GPU (rebuild it)")
+        self.context = self.engine.create_execution_context()
+        self._dim = int(self.engine.get_tensor_shape(EMBEDDING.name)[-1])
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        ids = torch.from_numpy(np.ascontiguousarray(input_ids, np.int64)).cuda()
+        mask = torch.from_numpy(np.ascontiguousarray(attention_mask, np.int64)).cuda()
+        out = torch.empty((ids.shape[0], self._dim), dtype=torch.float32, device="cuda")
+        for name, tensor in ((INPUT_IDS.name, ids), (ATTENTION_MASK.name, mask)):
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        self.context.set_tensor_address(EMBEDDING.name, out.data_ptr())
+        stream = torch.cuda.current_stream()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise EngineBuildError("TensorRT execution failed")
+        stream.synchronize()
+        return out.cpu().numpy()
+
+
+def check_plan_parity(plan_path: Path, hf_dir: Path, settings: EncoderSettings, profile: Profile,
+                      min_cosine: float = 0.999) -> dict[str, object]:
+    """Cosine against the fp32 PyTorch reference on varied batches inside the profile."""
+    from feedserve.encoder import TorchEncoder
+
+    reference = TorchEncoder(hf_dir, settings)
+    batches = [(i, m) for i, m in parity_batches(int(reference.model.backbone.config.vocab_size))
+               if i.shape[0] <= profile.batch[2] and i.shape[1] <= profile.tokens[2]]
+    report = compare_encoders(reference, TensorRTEncoder(plan_path), batches, min_cosine, str(plan_path))
+    return asdict(report)
+
+
+def ensure_engine(layout: ArtifactLayout, plan_path: Path, options: EngineOptions, min_cosine: float = 0.999) -> bool:
+    """Build the plan unless one built from this ONNX, for this GPU and TensorRT, is there; True if built."""
+    meta_path = plan_path.with_name(plan_path.name + ".json")
+    if not (stale := stale_fields(meta_path, expected_meta(layout.onnx, options))):
+        logger.info("%s is up to date", plan_path)
+        return False
+    logger.info("building %s (stale: %s)", plan_path, ", ".join(stale))
+    build_engine(layout.onnx, plan_path, options, plan_path.parent / "timing.cache")
+    try:
+        parity = check_plan_parity(plan_path, layout.hf_dir, EncoderSettings.load(layout.settings), options.profile, min_cosine)
+    except ParityError:
+        for path in (plan_path, meta_path):  # never leave a plan that failed its check to be served
+            path.unlink(missing_ok=True)
+        raise
+    meta = json.loads(meta_path.read_text())
+    _write_atomic(meta_path, json.dumps({**meta, "parity": parity}, indent=2).encode())
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from feedserve.artifacts import default_artifacts_dir
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=("build", "ensure", "check"), help="check: only say whether a build can run here")
+    p.add_argument("--artifacts", type=Path, default=default_artifacts_dir())
+    p.add_argument("--plan", type=Path, help="default: ARTIFACTS/encoder.plan")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp16")
+    p.add_argument("--max-batch", type=int, default=64, help="the repository's max_batch_size")
+    p.add_argument("--min-cosine", type=float, default=0.999)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if reason := unavailable_reason(args.precision):
+        print(f"feedserve.export.tensorrt: {reason}", file=sys.stderr)
+        return UNAVAILABLE_EXIT
+    if args.command == "check":
+        print("TensorRT and a GPU are available")
+        return 0
+    layout = ArtifactLayout(args.artifacts)
+    settings = EncoderSettings.load(layout.settings)
+    options = EngineOptions(args.precision, Profile.for_settings(settings, args.max_batch))
+    plan = args.plan or layout.root / "encoder.plan"
+    if args.command == "build":  # unconditionally: forget the old plan's metadata
+        plan.with_name(plan.name + ".json").unlink(missing_ok=True)
+    ensure_engine(layout, plan, options, args.min_cosine)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
