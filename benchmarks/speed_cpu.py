@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from feedserve.clients.perf_data import perf_input
 from feedserve.artifacts import ArtifactLayout, EncoderSettings, default_artifacts_dir
 from feedserve.build import SAMPLE_CORPUS
 
@@ -153,10 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             results[f"embed_post_prompts_per_s_c{conc}"] = len(posts) / (time.perf_counter() - t)
         with tempfile.TemporaryDirectory() as tmp:
             data = Path(tmp) / "members.json"
-            data.write_text(json.dumps({"data": [
-                {"RECORDS": {"content": [m.model_dump_json(exclude_none=True)], "shape": [1]}, "K": {"content": [10], "shape": [1]}}
-                for m in members
-            ]}))
+            data.write_text(json.dumps(perf_input(members, k=10)))
             results["retrieve"] = [perf_analyzer(server.grpc_url, "retrieve", data, c) for c in (1, 8)]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "speed_cpu.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -1,0 +1,55 @@
+"""perf_analyzer input data from real records: MovieLens members for `retrieve` / `embed_member`,
+MovieLens movies for `embed_post`, one JSON record per request.
+
+    python -m feedserve.clients.perf_data --model retrieve --out perf/retrieve.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from feedserve.records import Member, Post
+from feedserve.schema import K, RECORDS
+
+
+def perf_input(records: Sequence[Member | Post], k: int | None = None) -> dict[str, object]:
+    """perf_analyzer's --input-data document: one request per record (batch 1), K when given."""
+    rows = []
+    for record in records:
+        row: dict[str, object] = {RECORDS.name: {"content": [record.model_dump_json(exclude_none=True)], "shape": [1]}}
+        if k is not None:
+            row[K.name] = {"content": [k], "shape": [1]}
+        rows.append(row)
+    return {"data": rows}
+
+
+def movielens_input(model: str, count: int = 32, k: int = 10) -> dict[str, object]:
+    from feedserve.build import SAMPLE_CORPUS
+    from feedserve.movielens import load_movielens
+
+    ml = load_movielens(SAMPLE_CORPUS)
+    if model == "embed_post":
+        return perf_input(ml.posts()[:count])
+    # Members with a realistic history: long enough to say something, short enough to be typical.
+    members = [m for m in ml.members() if 5 <= len(m.history) <= 60][:count]
+    return perf_input(members, k if model == "retrieve" else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=("retrieve", "embed_member", "embed_post"), default="retrieve")
+    p.add_argument("--count", type=int, default=32)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(movielens_input(args.model, args.count, args.k)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Start feedserve in a container: render the model repository for the variant, make sure the
+# TensorRT plan was built for this node's GPU and TensorRT (rebuilt on first start or when its
+# metadata no longer matches), then hand the process over to the server.
+#
+# Environment: FEEDSERVE_VARIANT (gpu-trt | gpu-torch | cpu), FEEDSERVE_ARTIFACTS (a directory
+# built by `feedserve build`, mounted read-only), FEEDSERVE_REPOSITORY (writable: the rendered
+# repository and the plan), FEEDSERVE_TRT_PRECISION (fp16 | bf16 | fp8), FEEDSERVE_LISTEN (the
+# address inside the container; compose publishes the ports on the host's loopback only).
+set -euo pipefail
+
+variant="${FEEDSERVE_VARIANT:-gpu-trt}"
+artifacts="${FEEDSERVE_ARTIFACTS:-/artifacts}"
+repository="${FEEDSERVE_REPOSITORY:-/models}"
+precision="${FEEDSERVE_TRT_PRECISION:-fp16}"
+listen="${FEEDSERVE_LISTEN:-0.0.0.0}"
+
+case "$variant" in
+  cpu|gpu-torch|gpu-trt) ;;
+  *) echo "feedserve-entrypoint: unknown FEEDSERVE_VARIANT '$variant' (gpu-trt, gpu-torch or cpu)" >&2; exit 2 ;;
+esac
+if [[ ! -f "$artifacts/serving.json" ]]; then
+  echo "feedserve-entrypoint: no built artifacts in $artifacts (mount the directory 'feedserve build' wrote)" >&2
+  exit 2
+fi
+export FEEDSERVE_ARTIFACTS="$artifacts"
+
+if [[ "$variant" == cpu ]]; then
+  # The CPU image serves through feedserve's own launcher (the tritonserver of the PyPI wheel).
+  exec feedserve --artifacts "$artifacts" serve --host "$listen" --expose "$@"
+fi
+
+feedserve render --variant "$variant" --out "$repository"
+if [[ "$variant" == gpu-trt ]]; then
+  python3 -m feedserve.export.tensorrt ensure --artifacts "$artifacts" \
+    --plan "$repository/encoder/1/model.plan" --precision "$precision"
+fi
+# model-control-mode none: no load/unload API; the repository is fixed for the process's life.
+exec tritonserver --model-repository="$repository" --model-control-mode=none \
+  --http-address="$listen" --grpc-address="$listen" --metrics-address="$listen" \
+  --strict-readiness=true --exit-on-error=true "$@"

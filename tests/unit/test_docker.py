@@ -1,0 +1,144 @@
+"""The container files, checked without a Docker engine: they parse, every path they copy exists,
+versions agree with the project's, they run as non-root on loopback-published ports, and the
+entrypoint does the right things in the right order (run as a script against stub commands)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from feedserve.artifacts import REPO_ROOT
+
+DOCKER = REPO_ROOT / "docker"
+# Each Triton container release pins a TensorRT; a plan only loads in the TensorRT that built it.
+TRITON_TENSORRT = {"24.12": "10.7"}
+
+
+def instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    joined = re.sub(r"\\\n", " ", "\n".join(line for line in dockerfile.read_text().splitlines() if not line.lstrip().startswith("#")))
+    out = []
+    for line in joined.splitlines():
+        if line.strip():
+            op, _, rest = line.strip().partition(" ")
+            out.append((op.upper(), rest.strip()))
+    return out
+
+
+def pins(path: Path) -> dict[str, str]:
+    found = {}
+    for line in path.read_text().splitlines():
+        if m := re.match(r"^([A-Za-z0-9_.\-]+)(\[[^\]]*\])?==([^\s#]+)", line.strip()):
+            found[m.group(1).lower()] = m.group(3)
+    return found
+
+
+def project_version() -> str:
+    return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.gpu", "Dockerfile.cpu"])
+def test_dockerfile_is_pinned_non_root_and_copies_what_exists(name: str) -> None:
+    ops = instructions(DOCKER / name)
+    known = {"FROM", "LABEL", "ENV", "WORKDIR", "COPY", "RUN", "USER", "VOLUME", "EXPOSE", "HEALTHCHECK", "ENTRYPOINT", "ARG", "CMD"}
+    assert {op for op, _ in ops} <= known
+    base = next(args for op, args in ops if op == "FROM")
+    assert ":" in base and not base.endswith(":latest"), f"{name}: unpinned base image {base}"
+    for op, args in ops:
+        if op == "COPY":
+            *sources, _ = args.split()
+            for src in sources:
+                assert (REPO_ROOT / src).exists(), f"{name} copies {src}, which is not in the repository"
+    users = [args for op, args in ops if op == "USER"]
+    assert users and users[-1] not in ("root", "0"), f"{name} must end as a non-root user"
+    labels = " ".join(args for op, args in ops if op == "LABEL")
+    assert f'org.opencontainers.image.version="{project_version()}"' in labels
+    assert any(op == "HEALTHCHECK" and "/v2/health/ready" in args for op, args in ops)
+    assert ("ENTRYPOINT", '["feedserve-entrypoint"]') in ops
+
+
+def test_gpu_image_is_the_triton_container_with_its_tensorrt() -> None:
+    base = next(args for op, args in instructions(DOCKER / "Dockerfile.gpu") if op == "FROM")
+    m = re.fullmatch(r"nvcr\.io/nvidia/tritonserver:(\d\d\.\d\d)-py3", base)
+    assert m, base
+    gpu = pins(DOCKER / "requirements-gpu.txt")
+    assert gpu["tensorrt-cu12"].startswith(TRITON_TENSORRT[m.group(1)] + ".")
+    cpu = pins(REPO_ROOT / "requirements.txt")
+    for package, version in gpu.items():
+        if package in cpu and package != "torch":  # torch: CPU wheel here, CUDA wheel there
+            assert cpu[package] == version, f"{package}: {version} in the GPU image, {cpu[package]} in requirements.txt"
+
+
+def test_compose_publishes_on_loopback_with_health_checks() -> None:
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    services = compose["services"]
+    triton, perf = services["triton"], services["perf"]
+    assert (REPO_ROOT / triton["build"]["dockerfile"]).exists()
+    assert triton["image"].endswith(":" + project_version())
+    assert all(str(p).startswith("127.0.0.1:") for p in triton["ports"])
+    assert "/v2/health/ready" in " ".join(triton["healthcheck"]["test"])
+    assert triton["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    base = next(args for op, args in instructions(DOCKER / "Dockerfile.gpu") if op == "FROM")
+    assert perf["image"] == base + "-sdk"  # perf_analyzer from the SDK image of the same release
+    assert perf["depends_on"]["triton"]["condition"] == "service_healthy"
+    assert "perf_analyzer" in perf["command"] and "-u triton:8001" in perf["command"]
+    named = set(compose["volumes"])
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            assert source in named or source.startswith(("${", ".", "/")), volume
+
+
+def _run_entrypoint(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir(exist_ok=True)
+    for command in ("feedserve", "python3", "tritonserver"):
+        stub = bin_dir / command
+        stub.write_text(f'#!/bin/sh\necho "{command} $*" >> "{log}"\n')
+        stub.chmod(0o755)
+    result = subprocess.run(["bash", str(DOCKER / "entrypoint.sh"), "--log-verbose=1"], capture_output=True, text=True,
+                            env={"PATH": f"{bin_dir}:{os.environ['PATH']}", **env}, timeout=30)
+    return result, log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.fixture
+def artifacts(tmp_path: Path) -> Path:
+    (tmp_path / "artifacts").mkdir()
+    (tmp_path / "artifacts" / "serving.json").write_text("{}")
+    return tmp_path / "artifacts"
+
+
+def test_entrypoint_builds_the_plan_then_starts_triton(tmp_path: Path, artifacts: Path) -> None:
+    env = {"FEEDSERVE_ARTIFACTS": str(artifacts), "FEEDSERVE_REPOSITORY": str(tmp_path / "models"), "FEEDSERVE_TRT_PRECISION": "bf16"}
+    result, calls = _run_entrypoint(tmp_path, env)
+    assert result.returncode == 0, result.stderr
+    assert calls[0] == f"feedserve render --variant gpu-trt --out {tmp_path / 'models'}"
+    assert calls[1].startswith("python3 -m feedserve.export.tensorrt ensure")
+    assert f"--plan {tmp_path / 'models'}/encoder/1/model.plan" in calls[1] and "--precision bf16" in calls[1]
+    assert calls[2].startswith(f"tritonserver --model-repository={tmp_path / 'models'} --model-control-mode=none")
+    assert calls[2].endswith("--log-verbose=1")  # extra arguments reach the server
+
+
+def test_entrypoint_gpu_torch_builds_no_plan_and_cpu_uses_the_launcher(tmp_path: Path, artifacts: Path) -> None:
+    result, calls = _run_entrypoint(tmp_path, {"FEEDSERVE_ARTIFACTS": str(artifacts), "FEEDSERVE_VARIANT": "gpu-torch",
+                                               "FEEDSERVE_REPOSITORY": str(tmp_path / "models")})
+    assert result.returncode == 0 and len(calls) == 2 and calls[1].startswith("tritonserver ")
+    (tmp_path / "calls.log").unlink()
+    result, calls = _run_entrypoint(tmp_path, {"FEEDSERVE_ARTIFACTS": str(artifacts), "FEEDSERVE_VARIANT": "cpu"})
+    assert result.returncode == 0
+    assert calls == [f"feedserve --artifacts {artifacts} serve --host 0.0.0.0 --expose --log-verbose=1"]
+
+
+@pytest.mark.parametrize(("env", "words"), [
+    ({"FEEDSERVE_VARIANT": "tpu"}, "unknown FEEDSERVE_VARIANT"),
+    ({"FEEDSERVE_ARTIFACTS": "/nonexistent"}, "no built artifacts"),
+])
+def test_entrypoint_refuses_bad_settings(tmp_path: Path, artifacts: Path, env: dict[str, str], words: str) -> None:
+    result, calls = _run_entrypoint(tmp_path, {"FEEDSERVE_ARTIFACTS": str(artifacts), **env})
+    assert result.returncode == 2 and words in result.stderr and not calls
