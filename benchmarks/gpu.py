@@ -127,7 +127,7 @@ def bench_knn(sizes: list[int], dim: int, batches: list[int], k: int, copy_gb_pe
                          "ms": seconds * 1e3, "ms_with_host_copies": end_to_end * 1e3, "bound_ms": bound * 1e3,
                          "x_bound": seconds / bound, "queries_per_s": b / seconds})
             logger.info("%s", rows[-1])
-        del index
+        index.vectors = torch.empty(0, device="cuda")  # free the device copy before the next size
         torch.cuda.empty_cache()
     return rows
 

@@ -24,11 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-from feedserve.clients.perf_data import perf_input
 from feedserve.artifacts import ArtifactLayout, EncoderSettings, default_artifacts_dir
 from feedserve.build import SAMPLE_CORPUS
+from feedserve.clients.perf_data import perf_input
 
 logger = logging.getLogger("benchmarks.speed_cpu")
 

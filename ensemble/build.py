@@ -10,8 +10,9 @@ model must see prompts cut and bucketed exactly as in training.
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from feedserve.artifacts import DEFAULT_ADAPTER, REPO_ROOT, ArtifactLayout, EncoderSettings
@@ -31,6 +32,8 @@ class BuildOptions:
     force: bool = False
     buckets: Path | None = None  # a saved buckets.json (e.g. a training run's), used unchanged
     adapter: Path | None = None  # a fine-tuning package to merge (see feedserve.artifacts.ADAPTER_META)
+    dim: int | None = None  # Matryoshka dimension to serve, over the settings above
+    pooling: str | None = None  # must agree with an adapter's: a model is trained for one pooling
 
 
 def resolve_adapter(source: Path | None, adapter: Path | None, untuned: bool = False) -> Path | None:
@@ -45,6 +48,34 @@ def resolve_adapter(source: Path | None, adapter: Path | None, untuned: bool = F
     return None
 
 
+def resolve_settings(opts: BuildOptions, layout: ArtifactLayout) -> EncoderSettings:
+    """The serving settings: given ones, else the adapter's (what it was trained with), else the
+    saved ones, else defaults; then --dim / --pooling on top. A pooling the adapter was not
+    trained with is refused."""
+    settings = opts.settings
+    if settings is None and opts.adapter is not None:
+        settings = EncoderSettings.load(opts.adapter / "serving.json")
+    if settings is None:
+        settings = EncoderSettings.load(layout.settings) if layout.settings.exists() else EncoderSettings()
+    if opts.pooling and opts.adapter is not None and opts.pooling != settings.pooling:
+        raise ValueError(f"{opts.adapter} was trained with {settings.pooling} pooling; it cannot serve {opts.pooling}")
+    return replace(settings, dim=opts.dim if opts.dim is not None else settings.dim,
+                   pooling=opts.pooling or settings.pooling)  # type: ignore[arg-type]
+
+
+def _import_record(layout: ArtifactLayout) -> dict[str, object] | None:
+    path = layout.hf_dir / "import.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _exported_from(layout: ArtifactLayout) -> dict[str, object] | None:
+    """The import record of the checkpoint the current ONNX model was exported from."""
+    report = layout.root / "export_report.json"
+    if not layout.onnx.exists() or not report.exists():
+        return None
+    return json.loads(report.read_text()).get("extra", {}).get("hf_import")
+
+
 def build_artifacts(opts: BuildOptions) -> ArtifactLayout:
     from feedserve.export.import_model import default_gguf_path, import_checkpoint
     from feedserve.export.onnx import export_onnx
@@ -52,18 +83,16 @@ def build_artifacts(opts: BuildOptions) -> ArtifactLayout:
 
     layout = ArtifactLayout(opts.artifacts)
     layout.root.mkdir(parents=True, exist_ok=True)
-    settings, buckets = opts.settings, opts.buckets
-    if opts.adapter is not None:
-        settings = settings or EncoderSettings.load(opts.adapter / "serving.json")
-        buckets = buckets or opts.adapter / "buckets.json"
-    if settings is None:
-        settings = EncoderSettings.load(layout.settings) if layout.settings.exists() else EncoderSettings()
+    settings = resolve_settings(opts, layout)
+    buckets = opts.buckets or (opts.adapter / "buckets.json" if opts.adapter is not None else None)
     settings_changed = not layout.settings.exists() or EncoderSettings.load(layout.settings) != settings
     settings.save(layout.settings)
 
     imported = import_checkpoint(opts.source or default_gguf_path(), layout.hf_dir, adapter=opts.adapter)
-    if opts.force or imported or settings_changed or not layout.onnx.exists():
-        export_onnx(layout.hf_dir, settings, layout.onnx)
+    record = _import_record(layout)
+    if opts.force or imported or settings_changed or _exported_from(layout) != record:
+        # The comparison, not just `imported`, also catches an export that failed after an import.
+        export_onnx(layout.hf_dir, settings, layout.onnx, extra={"hf_import": record})
         if layout.index.exists():
             # Its vectors came from the previous model and are not comparable with the new one's.
             layout.index.unlink()

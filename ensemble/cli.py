@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from feedserve.artifacts import ArtifactLayout, EncoderSettings, default_artifacts_dir
+from feedserve.artifacts import ArtifactLayout, default_artifacts_dir
 from feedserve.build import SAMPLE_CORPUS
 
 logger = logging.getLogger("feedserve")
@@ -50,11 +50,13 @@ def _read_records(value: str) -> list[str]:
 def cmd_build(args: argparse.Namespace) -> int:
     from feedserve.build import BuildOptions, build_artifacts, resolve_adapter
 
-    settings = None
-    if args.pooling or args.dim:
-        settings = EncoderSettings(pooling=args.pooling or "mean", dim=args.dim)
+    if args.untuned and args.adapter:
+        logger.error("--untuned and --adapter contradict each other")
+        return 2
     adapter = resolve_adapter(args.source, args.adapter, args.untuned)
-    build_artifacts(BuildOptions(args.artifacts, args.source, settings, args.corpus, args.force, args.buckets, adapter))
+    # --dim and --pooling change the saved (or the adapter's) settings; they do not replace them.
+    build_artifacts(BuildOptions(args.artifacts, args.source, None, args.corpus, args.force, args.buckets, adapter,
+                                 dim=args.dim, pooling=args.pooling))
     return 0
 
 

@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from feedserve.artifacts import ArtifactLayout
 from feedserve.build import SAMPLE_CORPUS, BuildOptions, build_artifacts
 from feedserve.clients.batch import index_corpus
 from feedserve.clients.online import FeedClient

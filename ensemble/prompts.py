@@ -69,7 +69,8 @@ class PromptBuilder:
         # Counts the buckets were not fitted on have no percentile: they are left out of the prompt.
         counts = [(f, v) for f, v in sorted(post.counts.items()) if f in known]
         if self.settings.count_format == "raw":
-            return "".join(_tag(tag_name(f), f"{v:g}") for f, v in counts)
+            # Whole numbers in full (1234567, not 1.23457e+06): that is what a raw count looks like.
+            return "".join(_tag(tag_name(f), str(int(v)) if float(v).is_integer() else f"{v:g}") for f, v in counts)
         return "".join(self.buckets.tag(f, v) for f, v in counts)
 
     def _post_body(self, post: Post, text_tokens: int) -> str:

@@ -124,7 +124,7 @@ def compare_encoders(
 
 def export_onnx(
     hf_dir: Path, settings: EncoderSettings, out_path: Path, opset: int = 18,
-    external_data_threshold: int = PROTOBUF_LIMIT, min_cosine: float = 0.9999,
+    external_data_threshold: int = PROTOBUF_LIMIT, min_cosine: float = 0.9999, extra: dict[str, object] | None = None,
 ) -> ExportReport:
     import onnx
     import torch
@@ -167,7 +167,7 @@ def export_onnx(
         staged.replace(out_path)
     report = ExportReport(
         str(out_path), sha256_file(out_path), big, n_params, export_s, parity_s, asdict(settings), parity,
-        {"opset": opset, "torch": torch.__version__, "onnx": onnx.__version__},
+        {"opset": opset, "torch": torch.__version__, "onnx": onnx.__version__, **(extra or {})},
     )
     out_path.with_name("export_report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     logger.info("exported %s (%d params, %.0f s, parity %.0f s)", out_path, n_params, export_s, parity_s)

@@ -102,7 +102,10 @@ class EmbeddingRetriever:
             logger.info("embedded %d posts in %.0f s", len(corpus), time.perf_counter() - t)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                np.savez(path, embeddings=self.posts)
+                tmp = path.with_name(path.name + ".tmp")
+                with open(tmp, "wb") as f:  # a killed run leaves a .tmp, never a truncated cache
+                    np.savez(f, embeddings=self.posts)
+                tmp.replace(path)
 
     @staticmethod
     def _cache_key(hf_dir: Path, settings: EncoderSettings, buckets: PercentileBuckets, corpus: Sequence[Post]) -> str:
@@ -140,7 +143,9 @@ class EmbeddingRetriever:
         return np.stack([self._members[p] for p in prompts])
 
     def score(self, members: Sequence[Member], dim: int | None = None) -> np.ndarray:
-        """Cosine scores [members, posts]; `dim` takes a renormalised Matryoshka prefix."""
+        """Cosine scores [members, posts]; `dim` takes a renormalised Matryoshka prefix (default:
+        the dimension the settings serve)."""
+        dim = dim if dim is not None else self.settings.dim
         m, p = self.member_vectors(members), self.posts
         if dim is not None:
             m, p = _unit(m[:, :dim]), _unit(p[:, :dim])

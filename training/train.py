@@ -182,6 +182,10 @@ def train(
     for where in (out, out / "adapter") if cfg.lora_r else (out,):
         buckets.save(where / "buckets.json")
         settings.save(where / "serving.json")
+    if start >= cfg.steps and (out / "train_report.json").exists():
+        # Nothing was trained: the report of the run that did the work stays.
+        logger.info("%s already has %d steps; its train_report.json is kept", out, start)
+        return TrainResult(model_dir, losses, seconds, 0.0, start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = {"steps": cfg.steps, "seconds": seconds, "peak_rss_mb": peak, "device": _device_name(device),
               "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
@@ -252,8 +256,10 @@ def materialize_checkpoint(hf_dir: Path, run: Path, checkpoint: Path, dest: Path
     model.load_state_dict(load_file(str(checkpoint / "trainable.safetensors")), strict=False)
     state = json.loads((checkpoint / "state.json").read_text())
     save_model(model.eval(), hf_dir, dest / "model", replace(cfg, steps=int(state["step"])))
+    targets = [dest, dest / "adapter"] if (dest / "adapter").is_dir() else [dest]  # the package is complete too
     for name in ("serving.json", "buckets.json"):
-        shutil.copy(run / name, dest / name)
+        for target in targets:
+            shutil.copy(run / name, target / name)
     (dest / "train_config.json").write_text(json.dumps({**data, "steps": state["step"]}, indent=2))
     return dest / "model"
 

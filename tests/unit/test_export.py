@@ -140,3 +140,17 @@ def test_the_bundled_fine_tune_is_complete_and_matches_the_bundled_base() -> Non
     assert meta["keep_layers"] and (DEFAULT_ADAPTER / "adapter_model.safetensors").stat().st_size < 10 * 2**20
     PercentileBuckets.load(DEFAULT_ADAPTER / "buckets.json")  # verifies its checksum
     assert EncoderSettings.load(DEFAULT_ADAPTER / "serving.json").count_format == "percentile"
+
+
+def test_dim_and_pooling_change_the_adapters_settings_without_replacing_them(tmp_path: Path) -> None:
+    from feedserve.artifacts import DEFAULT_ADAPTER, ArtifactLayout, EncoderSettings
+    from feedserve.build import BuildOptions, resolve_settings
+
+    trained = EncoderSettings.load(DEFAULT_ADAPTER / "serving.json")
+    layout = ArtifactLayout(tmp_path)
+    got = resolve_settings(BuildOptions(tmp_path, adapter=DEFAULT_ADAPTER, dim=256), layout)
+    assert got.dim == 256 and got.max_prompt_tokens == trained.max_prompt_tokens == 256
+    assert resolve_settings(BuildOptions(tmp_path, adapter=DEFAULT_ADAPTER), layout) == trained
+    with pytest.raises(ValueError, match="trained with mean pooling"):
+        resolve_settings(BuildOptions(tmp_path, adapter=DEFAULT_ADAPTER, pooling="last"), layout)
+    assert resolve_settings(BuildOptions(tmp_path, pooling="last"), layout).pooling == "last"  # no adapter: free
