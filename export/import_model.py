@@ -73,8 +73,10 @@ def merge_adapter(encoder: Any, adapter_dir: Path, base_sha256: str) -> Any:
         raise FileNotFoundError(f"{adapter_dir} is not an adapter package: {ADAPTER_META} is missing")
     meta = json.loads(meta_path.read_text())
     trained_on = meta.get("base_sha256")
-    if trained_on and trained_on != base_sha256:
-        raise AdapterMismatch(f"{adapter_dir} was trained on base {trained_on[:12]}, not on this one ({base_sha256[:12]})")
+    if not trained_on:
+        logger.warning("%s does not record the base it was trained on: merging it unchecked", adapter_dir)
+    elif trained_on != base_sha256:
+        raise AdapterMismatch(f"{adapter_dir} was trained on base {trained_on}, not on this one ({base_sha256})")
     if meta.get("keep_layers"):
         keep_first_layers(encoder, int(meta["keep_layers"]))
     merged = PeftModel.from_pretrained(encoder, adapter_dir).merge_and_unload()

@@ -61,6 +61,7 @@ class TrainConfig:
     keep_layers: int | None = None  # keep only the first N transformer layers
     seed: int = 0
     checkpoint_every: int = 50
+    keep_checkpoints: int = 2  # the newest N are kept; 0 keeps every one (e.g. for learning curves)
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -123,7 +124,8 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(out: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, losses: list[float]) -> None:
+def save_checkpoint(out: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, losses: list[float],
+                    keep: int = 2) -> None:
     final = out / "checkpoints" / f"step-{step}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -132,7 +134,7 @@ def save_checkpoint(out: Path, step: int, model: torch.nn.Module, opt: torch.opt
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses}))
     tmp.replace(final)  # a crash mid-write leaves only a .tmp, which resume ignores
-    for old in _checkpoints(out)[:-2]:
+    for old in _checkpoints(out)[:-keep] if keep else []:
         shutil.rmtree(old)
 
 
@@ -176,7 +178,7 @@ def train(
         bar.set_postfix(loss=f"{total:.3f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             # The last step too: a run can be extended later with a larger --steps.
-            save_checkpoint(out, step + 1, model, opt, losses)
+            save_checkpoint(out, step + 1, model, opt, losses, cfg.keep_checkpoints)
     seconds = time.perf_counter() - t0
     model_dir = save_model(model.cpu(), hf_dir, out / "model", cfg)
     for where in (out, out / "adapter") if cfg.lora_r else (out,):
@@ -276,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="artifact dir of the untuned model (`feedserve --artifacts artifacts/untuned build --untuned`)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda: bf16 autocast on the GPU")
     p.add_argument("--out", type=Path, required=True)
-    for f in ("steps", "batch_size", "grad_accum", "hard_negatives", "easy_negatives", "lora_r", "keep_layers", "seed", "checkpoint_every"):
+    for f in ("steps", "batch_size", "grad_accum", "hard_negatives", "easy_negatives", "lora_r", "keep_layers", "seed",
+              "checkpoint_every", "keep_checkpoints"):
         p.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(TrainConfig, f, None))
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--temperature", type=float, default=TrainConfig.temperature)
@@ -288,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = TrainConfig(**{f: getattr(args, f) for f in ("steps", "batch_size", "grad_accum", "hard_negatives", "easy_negatives",
-                                                       "lora_r", "keep_layers", "seed", "checkpoint_every", "lr", "temperature")},
+                                                       "lora_r", "keep_layers", "seed", "checkpoint_every", "keep_checkpoints",
+                                                       "lr", "temperature")},
                       matryoshka_dims=tuple(args.matryoshka),
                       extra={"data": args.data, "history": "engaged+disliked" if args.history_negatives else "engaged"})
     base = ArtifactLayout(args.base)

@@ -100,3 +100,12 @@ def test_cli_refuses_a_base_with_an_adapter_merged_in(tmp_path: Path, capsys: py
     with pytest.raises(SystemExit):
         main(["--base", str(tmp_path), "--out", str(tmp_path / "run"), "--steps", "1"])
     assert "already has an adapter merged in" in capsys.readouterr().err
+
+
+def test_checkpoints_kept(tiny_checkpoint: Path, tmp_path: Path, syn) -> None:  # type: ignore[no-untyped-def]
+    buckets = PercentileBuckets.fit_posts(syn.posts)
+    base = dict(steps=4, batch_size=4, easy_negatives=2, checkpoint_every=1)
+    for keep, expected in ((2, ["step-3", "step-4"]), (0, ["step-1", "step-2", "step-3", "step-4"])):
+        out = tmp_path / f"keep{keep}"
+        train(tiny_checkpoint, out, syn.train, syn.posts, buckets, SETTINGS, TrainConfig(keep_checkpoints=keep, **base), progress=False)
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == expected
