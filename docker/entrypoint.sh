@@ -5,7 +5,7 @@
 #
 # Environment: FEEDSERVE_VARIANT (gpu-trt | gpu-torch | cpu), FEEDSERVE_ARTIFACTS (a directory
 # built by `feedserve build`, mounted read-only), FEEDSERVE_REPOSITORY (writable: the rendered
-# repository and the plan), FEEDSERVE_TRT_PRECISION (fp16 | bf16 | fp8), FEEDSERVE_LISTEN (the
+# repository and the plan), FEEDSERVE_TRT_PRECISION (fp16 | bf16; fp8 needs a Q/DQ graph), FEEDSERVE_LISTEN (the
 # address inside the container; compose publishes the ports on the host's loopback only).
 set -euo pipefail
 

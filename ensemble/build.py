@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from feedserve.artifacts import DEFAULT_ADAPTER, REPO_ROOT, ArtifactLayout, EncoderSettings
@@ -68,12 +68,13 @@ def _import_record(layout: ArtifactLayout) -> dict[str, object] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _exported_from(layout: ArtifactLayout) -> dict[str, object] | None:
-    """The import record of the checkpoint the current ONNX model was exported from."""
+def _exported_from(layout: ArtifactLayout) -> tuple[object, object] | None:
+    """(import record of the checkpoint, settings) the current ONNX model was exported with."""
     report = layout.root / "export_report.json"
     if not layout.onnx.exists() or not report.exists():
         return None
-    return json.loads(report.read_text()).get("extra", {}).get("hf_import")
+    data = json.loads(report.read_text())
+    return data.get("extra", {}).get("hf_import"), data.get("settings")
 
 
 def build_artifacts(opts: BuildOptions) -> ArtifactLayout:
@@ -90,8 +91,9 @@ def build_artifacts(opts: BuildOptions) -> ArtifactLayout:
 
     imported = import_checkpoint(opts.source or default_gguf_path(), layout.hf_dir, adapter=opts.adapter)
     record = _import_record(layout)
-    if opts.force or imported or settings_changed or _exported_from(layout) != record:
-        # The comparison, not just `imported`, also catches an export that failed after an import.
+    if opts.force or imported or settings_changed or _exported_from(layout) != (record, json.loads(json.dumps(asdict(settings)))):
+        # Comparing with what the ONNX model was exported from, not just `imported` and
+        # `settings_changed`, also redoes an export that failed after an import or a settings change.
         export_onnx(layout.hf_dir, settings, layout.onnx, extra={"hf_import": record})
         if layout.index.exists():
             # Its vectors came from the previous model and are not comparable with the new one's.

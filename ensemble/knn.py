@@ -56,17 +56,21 @@ class _FaissGpuFlat:
     """faiss-gpu flat inner product over positions 0..n-1 (GPU indexes cannot remove ids, so the
     copy is rebuilt from the store instead)."""
 
-    def __init__(self, vectors: np.ndarray, dtype: str) -> None:
+    MAX_K = 2048  # faiss-gpu's flat search returns at most this many per query
+
+    def __init__(self, vectors: np.ndarray, engine: Engine) -> None:
         if not hasattr(faiss, "GpuIndexFlatIP"):
             raise IndexError_("the faiss-gpu engine needs a faiss built with GPU support (faiss-gpu); this one is CPU-only")
         self._resources = faiss.StandardGpuResources()
         config = faiss.GpuIndexFlatConfig()
-        config.useFloat16 = dtype == "fp16"
+        config.useFloat16 = engine.dtype == "fp16"
+        config.device = int(engine.device.partition(":")[2] or 0)
         self.index = faiss.GpuIndexFlatIP(self._resources, int(vectors.shape[1]), config)
         self.index.add(np.ascontiguousarray(vectors, np.float32))
 
     def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.index.search(queries, depth)
+        # Deeper searches are cut: a row whose exclusions eat into the cut returns fewer than k.
+        return self.index.search(queries, min(depth, self.MAX_K))
 
 
 def _device_index(engine: Engine, vectors: np.ndarray) -> _FaissGpuFlat:  # or TorchFlatIndex: same search()
@@ -74,7 +78,7 @@ def _device_index(engine: Engine, vectors: np.ndarray) -> _FaissGpuFlat:  # or T
         from feedserve.knn_torch import TorchFlatIndex
 
         return TorchFlatIndex(vectors, engine.device, engine.dtype)  # type: ignore[return-value]
-    return _FaissGpuFlat(vectors, engine.dtype)
+    return _FaissGpuFlat(vectors, engine)
 
 
 @dataclass

@@ -38,7 +38,7 @@ from feedserve.schema import ATTENTION_MASK, EMBEDDING, INPUT_IDS, ONNX_INPUTS, 
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8")  # fp8: explicitly quantized (Q/DQ) graphs only
 UNAVAILABLE_EXIT = 3
 TRITON_NAMES = {ONNX_INPUTS[0]: INPUT_IDS.name, ONNX_INPUTS[1]: ATTENTION_MASK.name, ONNX_OUTPUT: EMBEDDING.name}
 
@@ -61,9 +61,13 @@ class Profile:
     @classmethod
     def for_settings(cls, settings: EncoderSettings, max_batch: int, opt_batch: int = 32) -> Profile:
         # Optimise for the middle length bucket: MovieLens posts are ~100 tokens, members 256.
+        from feedserve.prompts import pad_length
+
         buckets = sorted(settings.length_buckets)
-        opt_tokens = min(buckets[len(buckets) // 2], settings.max_prompt_tokens)
-        return cls((1, min(opt_batch, max_batch), max_batch), (1, opt_tokens, settings.max_prompt_tokens))
+        # Preprocess pads up to a bucket, which can exceed the token budget when the budget is no bucket.
+        longest = pad_length(settings.max_prompt_tokens, buckets)
+        opt_tokens = min(buckets[len(buckets) // 2], longest)
+        return cls((1, min(opt_batch, max_batch), max_batch), (1, opt_tokens, longest))
 
     def shapes(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
         return tuple((b, t) for b, t in zip(self.batch, self.tokens, strict=True))  # type: ignore[return-value]
@@ -130,17 +134,27 @@ def expected_meta(onnx_path: Path, options: EngineOptions) -> dict[str, object]:
     import tensorrt as trt
 
     return {"tensorrt": trt.__version__, "gpu": _gpu(), "precision": options.precision,
-            "profile": asdict(options.profile), "fp32_norms": options.fp32_norms, "source_sha256": sha256_file(onnx_path)}
+            "profile": asdict(options.profile), "fp32_norms": options.fp32_norms, "source_sha256": onnx_checksum(onnx_path)}
+
+
+def onnx_checksum(onnx_path: Path) -> str:
+    """The graph and, for large models, its external weights: new weights must rebuild the plan."""
+    data = onnx_path.with_name(onnx_path.name + ".data")
+    digest = sha256_file(onnx_path)
+    return digest if not data.exists() else f"{digest}+{sha256_file(data)}"
 
 
 def stale_fields(meta_path: Path, expected: dict[str, object]) -> list[str]:
-    """Fields of a plan's metadata that differ from `expected`; ["plan"] when there is none."""
+    """Fields of a plan's metadata that differ from `expected`; ["plan"] when there is none, and
+    ["parity"] for a plan whose check never finished (metadata is written only after it passes)."""
     if not meta_path.exists() or not meta_path.with_suffix("").exists():
         return ["plan"]
     try:
         meta = json.loads(meta_path.read_text())
     except ValueError:
         return ["metadata"]
+    if "parity" not in meta:
+        return ["parity"]
     return [key for key, value in expected.items() if json.loads(json.dumps(meta.get(key))) != json.loads(json.dumps(value))]
 
 
@@ -148,12 +162,22 @@ def _pin_norms_to_fp32(network: Any) -> int:
     """Square, reduce and root layers (RMSNorm, mean pooling, L2 norm) compute in fp32."""
     import tensorrt as trt
 
+    floating = (trt.float32, trt.float16, trt.bfloat16)
     pinned = 0
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        if (layer.type == trt.LayerType.REDUCE
-                or (layer.type == trt.LayerType.ELEMENTWISE and layer.op == trt.ElementWiseOperation.POW)
-                or (layer.type == trt.LayerType.UNARY and layer.op in (trt.UnaryOperation.SQRT, trt.UnaryOperation.RECIP))):
+        if layer.num_inputs == 0 or layer.get_input(0) is None or layer.get_input(0).dtype not in floating:
+            continue  # integer layers (the mask's token count) keep their type
+        # get_layer returns the base ILayer; the operation lives on the subclass.
+        if layer.type == trt.LayerType.ELEMENTWISE:
+            layer.__class__ = trt.IElementWiseLayer
+            pin = layer.op == trt.ElementWiseOperation.POW
+        elif layer.type == trt.LayerType.UNARY:
+            layer.__class__ = trt.IUnaryLayer
+            pin = layer.op in (trt.UnaryOperation.SQRT, trt.UnaryOperation.RECIP)
+        else:
+            pin = layer.type == trt.LayerType.REDUCE
+        if pin:
             layer.precision = trt.float32
             for j in range(layer.num_outputs):
                 layer.set_output_type(j, trt.float32)
@@ -162,7 +186,8 @@ def _pin_norms_to_fp32(network: Any) -> int:
 
 
 def build_engine(onnx_path: Path, plan_path: Path, options: EngineOptions, timing_cache: Path | None = None) -> dict[str, object]:
-    """Build `plan_path` (written atomically) and `<plan>.json`; returns the metadata."""
+    """Build `plan_path` (written atomically); returns its metadata, which the caller writes to
+    `<plan>.json` once the plan has passed its parity check."""
     if reason := unavailable_reason(options.precision):
         raise TensorRTUnavailable(reason)
     import tensorrt as trt
@@ -173,10 +198,18 @@ def build_engine(onnx_path: Path, plan_path: Path, options: EngineOptions, timin
     network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
     parser = trt.OnnxParser(network, trt_logger)
     renamed = plan_path.with_name(plan_path.stem + ".onnx")
-    rename_io(onnx_path, renamed)
-    if not parser.parse_from_file(str(renamed)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EngineBuildError(f"TensorRT could not parse {onnx_path}: {errors}")
+    try:
+        rename_io(onnx_path, renamed)
+        if options.precision == "fp8" and not _has_qdq(renamed):
+            # TensorRT 10 runs fp8 only where the graph says so (explicit quantization).
+            raise EngineBuildError("fp8 needs an explicitly quantized ONNX graph (QuantizeLinear/DequantizeLinear nodes); "
+                                   f"{onnx_path} has none: use fp16 or bf16")
+        if not parser.parse_from_file(str(renamed)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise EngineBuildError(f"TensorRT could not parse {onnx_path}: {errors}")
+    finally:
+        renamed.unlink(missing_ok=True)
+        renamed.with_name(renamed.name + ".data").unlink(missing_ok=True)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * 2**30))
     if options.precision in ("fp16", "fp8"):
@@ -205,10 +238,15 @@ def build_engine(onnx_path: Path, plan_path: Path, options: EngineOptions, timin
         _write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
     meta = {**expected_meta(onnx_path, options), "layers_pinned_fp32": pinned, "build_s": time.perf_counter() - t0,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    _write_atomic(plan_path.with_name(plan_path.name + ".json"), json.dumps(meta, indent=2).encode())
-    renamed.unlink()
     logger.info("built %s (%s, %d layers in fp32) in %.0f s", plan_path, options.precision, pinned, meta["build_s"])
     return meta
+
+
+def _has_qdq(onnx_path: Path) -> bool:
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in graph.node)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -277,14 +315,13 @@ def ensure_engine(layout: ArtifactLayout, plan_path: Path, options: EngineOption
         logger.info("%s is up to date", plan_path)
         return False
     logger.info("building %s (stale: %s)", plan_path, ", ".join(stale))
-    build_engine(layout.onnx, plan_path, options, plan_path.parent / "timing.cache")
+    meta_path.unlink(missing_ok=True)
+    meta = build_engine(layout.onnx, plan_path, options, plan_path.parent / "timing.cache")
     try:
         parity = check_plan_parity(plan_path, layout.hf_dir, EncoderSettings.load(layout.settings), options.profile, min_cosine)
     except ParityError:
-        for path in (plan_path, meta_path):  # never leave a plan that failed its check to be served
-            path.unlink(missing_ok=True)
+        plan_path.unlink(missing_ok=True)  # never leave a plan that failed its check to be served
         raise
-    meta = json.loads(meta_path.read_text())
     _write_atomic(meta_path, json.dumps({**meta, "parity": parity}, indent=2).encode())
     return True
 

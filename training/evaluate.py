@@ -92,7 +92,9 @@ class EmbeddingRetriever:
         self.encoder = TorchEncoder(hf_dir, replace(settings, dim=None), device=device)  # full width; `score` truncates
         self.builder = PromptBuilder(Tokenizer.from_file(str(hf_dir / "tokenizer.json")), buckets, settings)
         key = self._cache_key(hf_dir, settings, buckets, corpus)
-        path = cache_dir / f"posts-{key[:16]}.npz" if cache_dir else None
+        # bf16 vectors from a GPU are not the fp32 CPU ones: the device is part of the name.
+        device_tag = "" if device == "cpu" else "-" + device.replace(":", "")
+        path = cache_dir / f"posts-{key[:16]}{device_tag}.npz" if cache_dir else None
         if path is not None and path.exists():
             self.posts = np.load(path, allow_pickle=False)["embeddings"]
             logger.info("post embeddings from cache %s", path)

@@ -161,6 +161,8 @@ def train(
         logger.info("resuming from %s", latest)
     batcher = Batcher(examples, corpus, cfg)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # this run's peak, not an earlier one's in the same process
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train")
     for step in bar:

@@ -40,22 +40,25 @@ class KnnModel(BatchModel[KnnRequest]):
         self.path: Path = layout.index
         self.index: PostIndex | None = None
         self._signature: tuple[int, int] | None = None
-        self._refresh()
+        self._refresh(at_load=True)
         if self.index is None:
             logger.warning("knn: no index at %s yet; searches return nothing until it is built", self.path)
 
-    def _refresh(self) -> None:
+    def _refresh(self, at_load: bool = False) -> None:
         signature = file_signature(self.path)
         if signature is None or signature == self._signature:
             return
-        # A bad new file keeps the old index serving; the error is logged, not raised per request.
+        # At load, a bad index or an engine that cannot run here fails the model (better than a model
+        # that answers nothing); later, a bad new file keeps the old index serving and is logged once.
         try:
             index = PostIndex.load(self.path, self.engine)
             if len(index):  # build a GPU engine's device copy now, not in the first request
                 index.search(np.zeros((1, index.dim), np.float32), [1])
             self.index = index
             self._signature = signature
-        except ValueError:
+        except Exception:
+            if at_load:
+                raise
             logger.exception("knn: keeping the previous index")
             self._signature = signature
 

@@ -154,3 +154,21 @@ def test_dim_and_pooling_change_the_adapters_settings_without_replacing_them(tmp
     with pytest.raises(ValueError, match="trained with mean pooling"):
         resolve_settings(BuildOptions(tmp_path, adapter=DEFAULT_ADAPTER, pooling="last"), layout)
     assert resolve_settings(BuildOptions(tmp_path, pooling="last"), layout).pooling == "last"  # no adapter: free
+
+
+def test_an_export_that_failed_is_redone_by_the_next_build(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import feedserve.export.onnx as onnx_export
+    from feedserve.build import BuildOptions, build_artifacts
+
+    layout = build_artifacts(BuildOptions(tmp_path, source=tiny_checkpoint, dim=32))
+    real = onnx_export.export_onnx
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("killed mid-export")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", failing)
+    with pytest.raises(RuntimeError):
+        build_artifacts(BuildOptions(tmp_path, source=tiny_checkpoint, dim=16))  # serving.json now says 16
+    monkeypatch.setattr(onnx_export, "export_onnx", real)
+    build_artifacts(BuildOptions(tmp_path, source=tiny_checkpoint, dim=16))
+    assert json.loads((layout.root / "export_report.json").read_text())["settings"]["dim"] == 16

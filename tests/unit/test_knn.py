@@ -111,3 +111,19 @@ def test_knn_model_picks_up_a_rebuilt_index(index: PostIndex, tmp_path: Path) ->
     fresh.save(tmp_path / "index" / "posts.npz")
     out = model.run([{"QUERY": v, "K": np.array([[3]], np.int32)}])[0]
     assert out["IDS"].tolist() == [[7]]
+
+
+def test_knn_model_refuses_a_bad_index_at_load_and_keeps_a_good_one_later(index: PostIndex, tmp_path: Path) -> None:
+    import os
+
+    from feedserve.artifacts import ArtifactLayout
+
+    model = _knn_model(tmp_path, index)
+    path = tmp_path / "index" / "posts.npz"
+    path.write_bytes(b"not an index")
+    os.utime(path, ns=(1, 1))  # a new signature even within the filesystem's timestamp resolution
+    q = _unit(np.random.default_rng(6), 1, 16)
+    out = model.run([{"QUERY": q, "K": np.array([[3]], np.int32)}])[0]
+    assert not isinstance(out, RequestError) and out["IDS"].shape == (1, 3)  # the old index still serves
+    with pytest.raises(IndexError_, match="cannot read index"):
+        KnnModel().setup(ArtifactLayout(tmp_path), {"max_k": "50"})  # a model that would answer nothing fails to load

@@ -38,6 +38,8 @@ def test_profile_follows_the_serving_settings() -> None:
     profile = Profile.for_settings(settings, max_batch=64)
     assert profile.batch == (1, 32, 64) and profile.tokens == (1, 128, 256)
     assert profile.shapes() == ((1, 1), (32, 128), (64, 256))
+    # A budget between buckets is padded up to the next bucket by preprocess: the profile covers it.
+    assert Profile.for_settings(EncoderSettings(max_prompt_tokens=200, length_buckets=(64, 128, 256)), 8).tokens == (1, 128, 256)
     with pytest.raises(ValueError, match="precision"):
         EngineOptions(precision="int4")
 
@@ -49,6 +51,8 @@ def test_a_plan_is_stale_when_anything_it_was_built_from_changed(tmp_path: Path)
     assert stale_fields(meta, expected) == ["plan"]
     plan.write_bytes(b"engine")
     meta.write_text(json.dumps({**expected, "build_s": 12.0}))
+    assert stale_fields(meta, expected) == ["parity"]  # built, never checked: not to be served
+    meta.write_text(json.dumps({**expected, "build_s": 12.0, "parity": {"worst_cosine": 0.9995}}))
     assert stale_fields(meta, expected) == []
     moved = {**expected, "gpu": {"name": "NVIDIA L40S", "capability": [8, 9]}, "source_sha256": "cd"}
     assert stale_fields(meta, moved) == ["gpu", "source_sha256"]
