@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from feedserve.artifacts import REPO_ROOT, EncoderSettings
+from feedserve.artifacts import ADAPTER_META, REPO_ROOT, EncoderSettings
 from feedserve.buckets import PercentileBuckets
 from feedserve.build import SAMPLE_CORPUS
 from feedserve.movielens import MovieLens, load_movielens
@@ -55,6 +55,7 @@ class EncoderDir:
     settings: EncoderSettings
     buckets: PercentileBuckets
     history_negatives: bool
+    matryoshka_dims: tuple[int, ...]  # the prefix sizes it was trained for (none: untuned)
     train_report: dict[str, object] | None
 
     @classmethod
@@ -62,15 +63,25 @@ class EncoderDir:
         hf = root / "hf" if (root / "hf").is_dir() else root / "model"
         if not (hf / "config.json").exists():
             raise FileNotFoundError(f"{root}: no checkpoint in hf/ or model/")
-        cfg = root / "train_config.json"
-        extra = json.loads(cfg.read_text()).get("extra", {}) if cfg.exists() else {}
-        report = root / "train_report.json"
+        config, report = cls._training(root, hf)
+        return cls(hf, EncoderSettings.load(root / "serving.json"), PercentileBuckets.load(root / "buckets.json"),
+                   config.get("extra", {}).get("history") == "engaged+disliked", tuple(config.get("matryoshka_dims", ())),
+                   json.loads(report.read_text()) if report.exists() else None)
+
+    @staticmethod
+    def _training(root: Path, hf: Path) -> tuple[dict, Path]:
+        """(training config, train report path): a run directory holds both; an artifact directory
+        built from an adapter package finds them in the package it records in hf/import.json."""
+        if (root / "train_config.json").exists():
+            return json.loads((root / "train_config.json").read_text()), root / "train_report.json"
         imported = hf / "import.json"
         adapter = json.loads(imported.read_text()).get("adapter") if imported.exists() else None
-        if not report.exists() and adapter:  # an artifact dir built from an adapter package
-            report = Path(adapter) / "train_report.json"
-        return cls(hf, EncoderSettings.load(root / "serving.json"), PercentileBuckets.load(root / "buckets.json"),
-                   extra.get("history") == "engaged+disliked", json.loads(report.read_text()) if report.exists() else None)
+        if not adapter:
+            return {}, root / "train_report.json"
+        package = Path(adapter)
+        meta = json.loads((package / ADAPTER_META).read_text()) if (package / ADAPTER_META).exists() else {}
+        report = package / "train_report.json"  # the bundled package keeps it beside the adapter
+        return meta.get("train_config", {}), report if report.exists() else package.parent / "train_report.json"
 
 
 def slices(cases: list[EvalCase], train_positives: dict[int, int]) -> dict[str, list[EvalCase]]:
@@ -103,13 +114,16 @@ class Evaluation:
         # Popularity for the correlation: positives in the training period.
         self.popularity = np.array([self.split.train_positives.get(int(i), 0) for i in self.ids], np.float64)
 
-    def groups_for(self, history_negatives: bool) -> dict[str, list[EvalCase]]:
+    def scorer(self, score: Scorer, history_negatives: bool) -> Scorer:
+        """`score` with members as the model was trained to see them. Targets, slices and the
+        excluded history stay the plain split's for every model, so a history that also lists
+        disliked movies cannot hide more candidates (and so look better) than an engaged-only one."""
         if not history_negatives:
-            return self.groups
+            return score
         if self._with_negatives is None:
             self._with_negatives = movielens_split(self.ml, test_fraction=self.test_fraction, history_negatives=True)
-        # Same members and targets; only their histories carry the disliked movies as well.
-        return slices(self._with_negatives.test, self._with_negatives.train_positives)
+        seen_as = {c.member.id: c.member for c in self._with_negatives.test}
+        return lambda members: score([seen_as[m.id] for m in members])
 
     def run(self, score: Scorer, groups: dict[str, list[EvalCase]] | None = None) -> dict[str, dict[str, float]]:
         out = {}
@@ -163,19 +177,21 @@ def main(argv: list[str] | None = None) -> int:
         for i, (name, root) in enumerate(specs):
             t = time.perf_counter()
             retriever, d = ev.encoder(root)
-            groups = ev.groups_for(d.history_negatives)
-            results[name] = ev.run(retriever.score, groups)
-            correlation[name] = popularity_correlation(retriever.score([c.member for c in groups["all"]]), ev.popularity)
+            score = ev.scorer(retriever.score, d.history_negatives)
+            results[name] = ev.run(score)
+            correlation[name] = popularity_correlation(score([c.member for c in ev.groups["all"]]), ev.popularity)
             if d.train_report:
                 training[name] = d.train_report
             seconds[name] = time.perf_counter() - t
             (main_rows if section == "main" else ablation_rows).append(name)
             logger.info("%s: %s, popularity corr %.3f (%.0f s)", name, results[name]["all"], correlation[name], seconds[name])
             if section == "main" and i == len(specs) - 1:
-                for dim in args.matryoshka:
+                # Prefix rows only for the sizes the model was trained for: any other prefix of an
+                # embedding is not an embedding.
+                for dim in (x for x in args.matryoshka if x in d.matryoshka_dims):
                     row = f"{name} @ {dim} dims"
-                    results[row] = ev.run(lambda ms, dim=dim: retriever.score(ms, dim), groups)
-                    correlation[row] = popularity_correlation(retriever.score([c.member for c in groups["all"]], dim), ev.popularity)
+                    results[row] = ev.run(lambda ms, dim=dim: retriever.score(ms, dim))
+                    correlation[row] = popularity_correlation(retriever.score([c.member for c in ev.groups["all"]], dim), ev.popularity)
                     ablation_rows.append(row)
 
     report = {

@@ -42,15 +42,21 @@ def default_gguf_path() -> Path:
     return path
 
 
-def _source_files(source: Path) -> list[Path]:
+# What an adapter package is, for its checksum: its README or training report may change freely.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", ADAPTER_META, "serving.json", "buckets.json")
+
+
+def _source_files(source: Path, names: tuple[str, ...] | None = None) -> list[Path]:
     if source.is_file():
         return [source]
+    if names is not None:
+        return [source / n for n in names if (source / n).exists()]
     return sorted(p for p in source.iterdir() if p.suffix in (".json", ".safetensors", ".bin", ".model"))
 
 
-def source_checksum(source: Path) -> str:
+def source_checksum(source: Path, names: tuple[str, ...] | None = None) -> str:
     h = hashlib.sha256()
-    for path in _source_files(source):
+    for path in _source_files(source, names):
         h.update(path.name.encode())
         with open(path, "rb") as f:
             while block := f.read(1 << 20):
@@ -95,7 +101,7 @@ def import_checkpoint(source: Path, out_dir: Path, force: bool = False, adapter:
     if adapter is not None and not Path(adapter).is_dir():
         raise FileNotFoundError(f"adapter not found: {adapter}")
     base_checksum = source_checksum(source)
-    checksum = base_checksum if adapter is None else f"{base_checksum}+{source_checksum(Path(adapter))}"
+    checksum = base_checksum if adapter is None else f"{base_checksum}+{source_checksum(Path(adapter), ADAPTER_FILES)}"
     record_path = out_dir / RECORD
     if not force and record_path.exists() and json.loads(record_path.read_text()).get("sha256") == checksum:
         logger.info("%s already imported from %s", out_dir, source)
@@ -131,7 +137,7 @@ def import_checkpoint(source: Path, out_dir: Path, force: bool = False, adapter:
     if not (out_dir / "tokenizer.json").exists():
         raise ValueError(f"{source}: no fast tokenizer (tokenizer.json) could be saved; serving needs one")
     record = {
-        "source": str(source), "adapter": str(adapter) if adapter else None, "sha256": checksum, "architecture": type(encoder).__name__,
+        "source": str(source), "adapter": str(Path(adapter).resolve()) if adapter else None, "sha256": checksum, "architecture": type(encoder).__name__,
         "parameters": sum(p.numel() for p in encoder.parameters()), "hidden_size": encoder.config.hidden_size,
         "vocab_size": encoder.config.vocab_size,
     }

@@ -37,3 +37,20 @@ def test_popularity_correlation() -> None:
     assert popularity_correlation(follows, popularity) > 0.99
     assert popularity_correlation(-follows, popularity) < -0.99
     assert popularity_correlation(np.ones((3, 5)), popularity) == 0.0
+
+
+def test_an_artifact_dir_built_from_an_adapter_knows_how_it_was_trained(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from benchmarks.quality import EncoderDir
+    from feedserve.artifacts import DEFAULT_ADAPTER
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "hf" / "import.json").write_text(json.dumps({"adapter": str(DEFAULT_ADAPTER)}))
+    for name in ("serving.json", "buckets.json"):
+        (tmp_path / name).write_text((DEFAULT_ADAPTER / name).read_text())
+    d = EncoderDir.load(tmp_path)
+    trained = json.loads((DEFAULT_ADAPTER / "train_config.json").read_text())
+    assert d.matryoshka_dims == tuple(trained["matryoshka_dims"]) and not d.history_negatives
+    assert d.train_report is not None and d.train_report["steps"] == trained["steps"]
