@@ -106,8 +106,9 @@ class PostIndex:
     def __len__(self) -> int:
         return int(self._index.ntotal)
 
-    def upsert(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Add posts; a post id already present gets its vector replaced."""
+    def check_write(self, ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The write as contiguous int64 ids and float32 vectors, or IndexError_ naming what is wrong
+        (a durable index checks before it logs, so a logged write always applies)."""
         ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
@@ -116,8 +117,15 @@ class PostIndex:
             raise IndexError_(f"{len(ids)} ids for {len(vectors)} vectors")
         if len(np.unique(ids)) != len(ids):
             raise IndexError_("duplicate post ids in one write")
+        if (ids == NO_ID).any():
+            raise IndexError_(f"post id {NO_ID} is reserved (it pads results)")
         if not np.isfinite(vectors).all():
             raise IndexError_("vectors contain NaN or inf")
+        return ids, vectors
+
+    def upsert(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add posts; a post id already present gets its vector replaced."""
+        ids, vectors = self.check_write(ids, vectors)
         with self._lock:
             self._index.remove_ids(ids)
             self._index.add_with_ids(vectors, ids)
