@@ -95,10 +95,12 @@ def build_artifacts(opts: BuildOptions) -> ArtifactLayout:
         # Comparing with what the ONNX model was exported from, not just `imported` and
         # `settings_changed`, also redoes an export that failed after an import or a settings change.
         export_onnx(layout.hf_dir, settings, layout.onnx, extra={"hf_import": record})
-        if layout.index.exists():
-            # Its vectors came from the previous model and are not comparable with the new one's.
-            layout.index.unlink()
-            logger.warning("removed %s: it was built with the previous model; re-run `feedserve index`", layout.index)
+        stale = [p for p in (layout.index, layout.index.with_suffix(".wal")) if p.exists()]
+        for path in stale:
+            # Its vectors came from the previous model and are not comparable with the new one's
+            # (the live index's log too: replayed, it would mix the two models' vectors).
+            path.unlink()
+            logger.warning("removed %s: it was built with the previous model; re-run `feedserve index`", path)
     else:
         logger.info("ONNX model up to date: %s", layout.onnx)
     if buckets is not None:

@@ -47,6 +47,7 @@ class RepositorySettings:
     knn_queue_delay_us: int = 500
     max_k: int = 2000
     knn_dtype: str = "fp16"  # device storage of the GPU kNN
+    snapshot_every: int = 1000  # live-index writes between snapshots (each restarts the log)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -135,6 +136,11 @@ def render_configs(settings: RepositorySettings = RepositorySettings()) -> dict[
             m.KNN, "feedserve.triton.knn", settings, settings.knn_instances, settings.knn_queue_delay_us,
             {"max_k": str(settings.max_k), **({"engine": "torch", "dtype": settings.knn_dtype} if settings.gpu else {})},
             gpu=settings.gpu,
+        ),
+        # The live index's single writer: one instance on purpose (see feedserve.live_index).
+        m.INDEX_WRITE: _python_model(
+            m.INDEX_WRITE, "feedserve.triton.index_write", settings, 1, settings.knn_queue_delay_us,
+            {"snapshot_every": str(settings.snapshot_every)},
         ),
         m.EMBED_POST: _ensemble(m.EMBED_POST, settings, [
             (m.PREPROCESS_POST, {"RECORDS": "RECORDS"}, tokens),

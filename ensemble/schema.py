@@ -21,6 +21,7 @@ class ModelName(StrEnum):
     EMBED_POST = "embed_post"
     EMBED_MEMBER = "embed_member"
     RETRIEVE = "retrieve"
+    INDEX_WRITE = "index_write"
 
 
 class RecordKind(StrEnum):
@@ -74,6 +75,16 @@ K = TensorSpec("K", "INT32", (1,))
 IDS = TensorSpec("IDS", "INT64", (-1,))
 SCORES = TensorSpec("SCORES", "FP32", (-1,))
 
+# Writes to the live index (`index_write`), one post per row: OP 1 upserts POST_ID with its EMBEDDING
+# (re-embedding replaces), OP 2 deletes it (EMBEDDING may be left out of delete-only requests).
+# LSN: the write's sequence number in the index's log, returned once it is durable and applied.
+OP = TensorSpec("OP", "INT32", (1,))
+POST_ID = TensorSpec("POST_ID", "INT64", (1,))
+WRITE_EMBEDDING = TensorSpec("EMBEDDING", "FP32", (-1,), optional=True)
+LSN = TensorSpec("LSN", "INT64", (1,))
+OP_UPSERT: Final[int] = 1
+OP_DELETE: Final[int] = 2
+
 # Padding value for EXCLUDE_IDS and for IDS when fewer than k posts exist.
 NO_ID: Final[int] = -1
 
@@ -92,6 +103,7 @@ IO: Final[dict[ModelName, ModelIO]] = {
     ModelName.EMBED_POST: ModelIO((RECORDS,), (EMBEDDING,)),
     ModelName.EMBED_MEMBER: ModelIO((RECORDS,), (EMBEDDING,)),
     ModelName.RETRIEVE: ModelIO((RECORDS, K), (IDS, SCORES)),
+    ModelName.INDEX_WRITE: ModelIO((OP, POST_ID, WRITE_EMBEDDING), (LSN,)),
 }
 
 # Names of the ONNX graph's inputs/outputs (the exporter and the ONNX Runtime encoder share them).

@@ -1,7 +1,10 @@
 """The `knn` model: exact top-k over the post index, excluding posts the member has seen.
 
-The index file is re-read when it changes on disk (a batch job has rebuilt it): the new index is
-loaded fully before it replaces the old one, so no request sees a half-built index. The `engine`
+The index is a follower of the live index (`feedserve.live_index`): before each batch it applies
+the writes `index_write` has acknowledged since, so a search sees every write acknowledged before
+it started. When the snapshot file changes on disk (a batch job rebuilt it, or the writer took a
+snapshot) the index is reopened, fully, before it replaces the old one: no request sees a
+half-built index. The `engine`
 parameter picks where searches run (faiss on CPU, torch or faiss-gpu on the instance's GPU).
 """
 
@@ -16,6 +19,7 @@ import numpy as np
 
 from feedserve.artifacts import ArtifactLayout
 from feedserve.knn import Engine, PostIndex, file_signature
+from feedserve.live_index import LiveIndex
 from feedserve.schema import EXCLUDE_IDS, IDS, K, QUERY, SCORES, ModelName
 from feedserve.triton.base import Arrays, BatchModel, RequestError, check_2d, require
 
@@ -38,23 +42,34 @@ class KnnModel(BatchModel[KnnRequest]):
         self.max_k = int(params.get("max_k", DEFAULT_MAX_K))
         self.engine = Engine(params.get("engine", "faiss"), params.get("device", "cuda"), params.get("dtype", "fp16"))
         self.path: Path = layout.index
-        self.index: PostIndex | None = None
+        self.live: LiveIndex | None = None
         self._signature: tuple[int, int] | None = None
         self._refresh(at_load=True)
         if self.index is None:
             logger.warning("knn: no index at %s yet; searches return nothing until it is built", self.path)
 
+    @property
+    def index(self) -> PostIndex | None:
+        return self.live.index if self.live is not None else None
+
     def _refresh(self, at_load: bool = False) -> None:
         signature = file_signature(self.path)
-        if signature is None or signature == self._signature:
+        if signature is None:
+            return
+        if signature == self._signature:
+            assert self.live is not None
+            try:
+                self.live.catch_up()
+            except Exception:  # a damaged log: keep serving what we have, loudly
+                logger.exception("knn: could not follow %s", self.live.log_path)
             return
         # At load, a bad index or an engine that cannot run here fails the model (better than a model
         # that answers nothing); later, a bad new file keeps the old index serving and is logged once.
         try:
-            index = PostIndex.load(self.path, self.engine)
-            if len(index):  # build a GPU engine's device copy now, not in the first request
-                index.search(np.zeros((1, index.dim), np.float32), [1])
-            self.index = index
+            live = LiveIndex.open(self.path.parent, engine=self.engine)
+            if len(live.index):  # build a GPU engine's device copy now, not in the first request
+                live.index.search(np.zeros((1, live.index.dim), np.float32), [1])
+            self.live = live
             self._signature = signature
         except Exception:
             if at_load:

@@ -12,7 +12,7 @@ from feedserve.artifacts import ArtifactLayout, EncoderSettings
 from feedserve.build import SAMPLE_CORPUS
 from feedserve.clients.batch import index_corpus
 from feedserve.clients.online import ClientError, FeedClient, records_tensor
-from feedserve.schema import ModelName
+from feedserve.schema import IO, ModelName
 
 pytestmark = pytest.mark.integration
 
@@ -127,6 +127,24 @@ def test_component_models_answer_directly(triton_server, indexed, posts, protoco
         assert out["IDS"][:, 0].tolist() == [posts[0].id, posts[1].id]
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_live_writes_are_searchable_once_acknowledged(triton_server, indexed, protocol: str) -> None:  # type: ignore[no-untyped-def]
+    new_id = 10**12 + PROTOCOLS.index(protocol)
+    query = indexed[5:6]
+    k = np.array([[1]], np.int32)
+    with _client(triton_server, protocol) as client:
+        write = {"OP": np.array([[1]], np.int32), "POST_ID": np.array([[new_id]], np.int64), "EMBEDDING": query}
+        lsn = client.infer(ModelName.INDEX_WRITE, write, ("LSN",))["LSN"]
+        assert lsn.shape == (1, 1) and lsn[0, 0] >= 1
+        # The same vector as an indexed post: both score 1.0, so ask for two.
+        top = client.infer(ModelName.KNN, {"QUERY": query, "K": np.array([[2]], np.int32)}, ("IDS",))["IDS"][0]
+        assert new_id in top.tolist()
+        delete = {"OP": np.array([[2]], np.int32), "POST_ID": np.array([[new_id]], np.int64)}
+        assert client.infer(ModelName.INDEX_WRITE, delete, ("LSN",))["LSN"][0, 0] > lsn[0, 0]
+        top = client.infer(ModelName.KNN, {"QUERY": query, "K": k * 50}, ("IDS",))["IDS"][0]
+        assert new_id not in top.tolist()
+
+
 BAD_REQUESTS = [
     # (model, inputs, words the error must contain)
     (ModelName.EMBED_POST, {"RECORDS": np.array([[b"{not json"]], object)}, "JSON"),
@@ -139,6 +157,9 @@ BAD_REQUESTS = [
     (ModelName.KNN, {"QUERY": np.zeros((1, 7), np.float32), "K": np.array([[1]], np.int32)}, "dimension"),
     (ModelName.ENCODER, {"INPUT_IDS": np.ones((1, 4), np.int64), "ATTENTION_MASK": np.ones((1, 5), np.int64)}, "shape"),
     (ModelName.ENCODER, {"INPUT_IDS": np.full((1, 4), 10**9, np.int64), "ATTENTION_MASK": np.ones((1, 4), np.int64)}, "token ids"),
+    (ModelName.INDEX_WRITE, {"OP": np.array([[3]], np.int32), "POST_ID": np.array([[1]], np.int64)}, "upsert"),
+    (ModelName.INDEX_WRITE, {"OP": np.array([[1]], np.int32), "POST_ID": np.array([[1]], np.int64),
+                             "EMBEDDING": np.zeros((1, 7), np.float32)}, "EMBEDDING: vectors must have shape"),
     # Triton itself checks declared dtypes before the backend sees the request.
     (ModelName.KNN, {"QUERY": np.zeros((1, 32), np.float64), "K": np.array([[1]], np.int32)}, "FP64"),
 ]
@@ -151,7 +172,7 @@ def test_bad_input_is_named_and_server_keeps_answering(  # type: ignore[no-untyp
 ) -> None:
     with _client(triton_server, protocol) as client:
         with pytest.raises(ClientError, match=words):
-            client.infer(model, inputs, ("IDS",) if model in (ModelName.KNN, ModelName.RETRIEVE) else ("EMBEDDING",))
+            client.infer(model, inputs, (IO[ModelName(model)].outputs[0].name,))
         assert client.ready()
         assert client.embed_posts(posts[:1]).shape == (1, 32)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from feedserve.index_log import LogError, Op, WriteAheadLog, read_records
+from feedserve.index_log import LogError, WriteAheadLog, read_records
 from feedserve.knn import IndexError_
 from feedserve.live_index import LiveIndex
 

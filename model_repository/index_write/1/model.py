@@ -1,0 +1,3 @@
+"""Thin Triton entry point: the logic lives in feedserve.triton.index_write."""
+
+from feedserve.triton.index_write import TritonPythonModel  # noqa: F401

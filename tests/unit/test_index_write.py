@@ -1,0 +1,102 @@
+"""`index_write` (the live index's writer) and `knn` (its followers), on plain numpy: writes are
+acknowledged with their LSN, seen by the next search, and a bad request fails alone."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from feedserve.artifacts import ArtifactLayout
+from feedserve.index_log import read_records
+from feedserve.knn import PostIndex
+from feedserve.triton.base import RequestError
+from feedserve.triton.index_write import IndexWriteModel
+from feedserve.triton.knn import KnnModel
+
+DIM = 32  # the tiny artifacts' serving dimension
+
+
+@pytest.fixture
+def layout(tiny_artifacts: ArtifactLayout, tmp_path: Path) -> ArtifactLayout:
+    out = ArtifactLayout(tmp_path)
+    (tmp_path / "hf").mkdir()
+    shutil.copy(tiny_artifacts.hf_dir / "config.json", out.hf_dir / "config.json")
+    shutil.copy(tiny_artifacts.settings, out.settings)
+    return out
+
+
+def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
+    v = rng.normal(size=(n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _write(ops: list[int], ids: list[int], vectors: np.ndarray | None) -> dict[str, np.ndarray | None]:
+    return {"OP": np.array(ops, np.int32)[:, None], "POST_ID": np.array(ids, np.int64)[:, None], "EMBEDDING": vectors}
+
+
+def _search(knn: KnnModel, q: np.ndarray, k: int) -> list[int]:
+    out = knn.run([{"QUERY": q, "K": np.array([[k]], np.int32)}])[0]
+    assert not isinstance(out, RequestError)
+    return [i for i in out["IDS"][0].tolist() if i != -1]
+
+
+def test_writes_are_acknowledged_then_seen_by_every_follower(layout: ArtifactLayout) -> None:
+    rng = np.random.default_rng(0)
+    writer = IndexWriteModel()
+    writer.setup(layout, {"snapshot_every": "3"})
+    followers = [KnnModel(), KnnModel()]
+    for knn in followers:
+        knn.setup(layout, {"max_k": "50"})
+    vectors = _unit(rng, 10)
+    out = writer.run([_write([1] * 10, list(range(10)), vectors)])[0]
+    assert not isinstance(out, RequestError) and out["LSN"].ravel().tolist() == [1] * 10
+    q = vectors[3:4]
+    assert all(_search(knn, q, 1) == [3] for knn in followers)
+    # A delete and a re-embedding in one request; then more writes than snapshot_every.
+    moved = _unit(rng, 1)
+    out = writer.run([_write([2, 1], [3, 7], np.concatenate([np.zeros((1, DIM), np.float32), moved]))])[0]
+    assert sorted(out["LSN"].ravel().tolist()) == [2, 3]
+    for knn in followers:
+        assert 3 not in _search(knn, q, 50)
+        assert _search(knn, moved, 1) == [7]
+    # Three log records so far (the second request wrote two): snapshot_every=3 took a snapshot
+    # and started a new log; the followers reload it and go on following.
+    assert PostIndex.load(layout.index).meta["lsn"] == 3
+    writer.run([_write([1], [11], _unit(rng, 1))])
+    writer.run([_write([1], [12], _unit(rng, 1))])
+    assert [r.lsn for r in read_records(layout.index.with_suffix(".wal"))] == [4, 5]
+    for knn in followers:
+        assert set(_search(knn, q, 50)) == {0, 1, 2, 4, 5, 6, 7, 8, 9, 11, 12}
+
+
+@pytest.mark.parametrize(("bad", "words"), [
+    (_write([3], [5], np.zeros((1, DIM), np.float32)), "must be 1 (upsert) or 2 (delete)"),
+    (_write([1], [5], None), "EMBEDDING is missing"),
+    (_write([1], [5], np.zeros((1, DIM + 1), np.float32)), f"must have shape [n, {DIM}]"),
+    (_write([1], [5], np.full((1, DIM), np.nan, np.float32)), "NaN"),
+    (_write([1, 2], [5, 5], np.zeros((2, DIM), np.float32)), "appears twice"),
+    ({"OP": np.array([[1]], np.int64), "POST_ID": np.array([[5]], np.int64), "EMBEDDING": None}, "OP: expected dtype int32"),
+])
+def test_a_bad_write_fails_alone_and_logs_nothing(layout: ArtifactLayout, bad: dict[str, np.ndarray | None], words: str) -> None:
+    writer = IndexWriteModel()
+    writer.setup(layout, {})
+    good = _write([1], [1], _unit(np.random.default_rng(1), 1))
+    failed, ok = writer.run([bad, good])
+    assert isinstance(failed, RequestError) and words in str(failed)
+    assert not isinstance(ok, RequestError) and ok["LSN"].tolist() == [[1]]  # the bad one took no lsn
+
+
+def test_a_rebuilt_index_is_picked_up_by_the_writer(layout: ArtifactLayout) -> None:
+    rng = np.random.default_rng(2)
+    writer = IndexWriteModel()
+    writer.setup(layout, {})
+    writer.run([_write([1], [1], _unit(rng, 1))])
+    rebuilt = PostIndex(DIM)
+    rebuilt.upsert(np.arange(100, 110), _unit(rng, 10))
+    rebuilt.save(layout.index)  # what `feedserve index` does
+    writer.run([_write([1], [200], _unit(rng, 1))])
+    ids = set(writer.live.index.snapshot()[0].tolist())
+    assert set(range(100, 110)) | {200} <= ids
