@@ -101,7 +101,11 @@ def load_embeddings(out_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_index(ids: np.ndarray, vectors: np.ndarray, index_path: Path, meta: dict[str, object] | None = None) -> PostIndex:
-    index = PostIndex(int(vectors.shape[1]), meta)
+    """A full rebuild. It replaces the live index as of now: the writes already in its log are
+    behind it (its lsn), so neither the writer nor the followers replay them on top of it."""
+    from feedserve.live_index import logged_lsn
+
+    index = PostIndex(int(vectors.shape[1]), {**(meta or {}), "lsn": logged_lsn(index_path.parent)})
     index.upsert(ids, vectors)
     index.save(index_path)
     return index

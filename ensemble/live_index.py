@@ -142,3 +142,15 @@ class LiveIndex:
             self.index.upsert(ids, vectors)
         else:
             self.index.delete(ids)
+
+
+def logged_lsn(directory: Path) -> int:
+    """The last lsn in a directory's log (0 without one): a full rebuild saved with it supersedes
+    every write logged so far."""
+    path = Path(directory) / LOG
+    if not path.exists():
+        return 0
+    last = read_header(path)
+    for record in read_records(path):
+        last = record.lsn
+    return last

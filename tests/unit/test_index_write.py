@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from feedserve.artifacts import ArtifactLayout
+from feedserve.clients.batch import build_index
 from feedserve.index_log import read_records
 from feedserve.knn import PostIndex
 from feedserve.triton.base import RequestError
@@ -94,9 +95,10 @@ def test_a_rebuilt_index_is_picked_up_by_the_writer(layout: ArtifactLayout) -> N
     writer = IndexWriteModel()
     writer.setup(layout, {})
     writer.run([_write([1], [1], _unit(rng, 1))])
-    rebuilt = PostIndex(DIM)
-    rebuilt.upsert(np.arange(100, 110), _unit(rng, 10))
-    rebuilt.save(layout.index)  # what `feedserve index` does
+    build_index(np.arange(100, 110), _unit(rng, 10), layout.index)  # what `feedserve index` does
     writer.run([_write([1], [200], _unit(rng, 1))])
-    ids = set(writer.live.index.snapshot()[0].tolist())
-    assert set(range(100, 110)) | {200} <= ids
+    # The rebuild replaced the index as of its time: the write before it is not replayed on top.
+    assert set(writer.live.index.snapshot()[0].tolist()) == set(range(100, 110)) | {200}
+    follower = KnnModel()
+    follower.setup(layout, {"max_k": "50"})
+    assert set(_search(follower, _unit(rng, 1), 50)) == set(range(100, 110)) | {200}

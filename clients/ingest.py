@@ -1,0 +1,251 @@
+"""Nearline ingestion: post events -> `embed_post` -> `index_write`, in time windows, resumable.
+
+    feedserve ingest --events events.jsonl --state runs/ingest [--follow] [--window-ms 200]
+
+One JSON event per line:
+
+    {"type": "create" | "update", "post": {...a post record...}, "ts": 1700000000.5}
+    {"type": "counts", "post_id": 7, "counts": {"views": 1200, "likes": 40}}   # new engagement
+    {"type": "delete", "post_id": 7}
+
+Events are gathered for up to `window_s` (or `max_batch` events), folded per post (the last event
+of a post in a window wins; new counts are merged into the post's last known record, and the
+server's preprocess turns them into percentile tokens with the saved buckets), embedded through
+`embed_post` in one batch, and written through `index_write`. Only once the index has acknowledged
+the writes (they are in its fsynced log) is the batch's end offset saved (atomically) in the state
+directory: a restart resumes there. Events between the saved offset and a crash are processed
+again; writes are idempotent (an upsert puts the same vector, a delete of a deleted post is a
+no-op), so the index ends the same as if nothing had happened: no gaps, and no duplicated posts.
+
+A bad event (malformed JSON, an unknown type, an invalid post, counts for a post never seen) is
+logged with its line's offset, counted, and skipped; the rest of its window goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+from pydantic import ValidationError
+
+from feedserve.clients.online import FeedClient
+from feedserve.records import Post
+from feedserve.schema import LSN, OP, OP_DELETE, OP_UPSERT, POST_ID, WRITE_EMBEDDING, ModelName
+
+logger = logging.getLogger(__name__)
+
+
+class BadEvent(ValueError):
+    """An event that cannot be applied; the message says why."""
+
+
+@dataclass
+class Event:
+    offset: int  # byte offset just past the event's line
+    kind: str
+    post_id: int
+    post: Post | None = None
+    counts: dict[str, float] | None = None
+    ts: float | None = None
+
+
+def parse_event(line: bytes, offset: int) -> Event:
+    try:
+        data = json.loads(line)
+    except ValueError as err:
+        raise BadEvent(f"not JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise BadEvent("an event must be a JSON object")
+    kind, ts = data.get("type"), data.get("ts")
+    if ts is not None and not isinstance(ts, int | float):
+        raise BadEvent("ts must be a number (unix seconds)")
+    try:
+        if kind in ("create", "update"):
+            post = Post.model_validate(data.get("post"))
+            return Event(offset, kind, post.id, post=post, ts=ts)
+        if kind in ("delete", "counts"):
+            post_id = data.get("post_id")
+            if not isinstance(post_id, int) or isinstance(post_id, bool):
+                raise BadEvent("post_id must be an integer")
+            counts = None
+            if kind == "counts":
+                # Validated the way a post's counts are: finite, non-negative numbers.
+                counts = Post.model_validate({"id": post_id, "counts": data.get("counts")}).counts
+            return Event(offset, kind, post_id, counts=counts, ts=ts)
+    except ValidationError as err:
+        raise BadEvent(f"invalid {kind} event: {err.errors()[0]['loc']}: {err.errors()[0]['msg']}") from err
+    raise BadEvent(f"unknown event type {kind!r} (create, update, counts, delete)")
+
+
+class PostStore:
+    """The last known record of every live post (counts events need the rest of the post)."""
+
+    def __init__(self, path: Path) -> None:
+        self.db = sqlite3.connect(path)
+        self.db.execute("CREATE TABLE IF NOT EXISTS posts (id INTEGER PRIMARY KEY, record TEXT NOT NULL)")
+
+    def get(self, post_id: int) -> Post | None:
+        row = self.db.execute("SELECT record FROM posts WHERE id = ?", (post_id,)).fetchone()
+        return Post.model_validate_json(row[0]) if row else None
+
+    def apply(self, upserts: dict[int, Post], deletes: set[int]) -> None:
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO posts VALUES (?, ?)",
+                                [(i, p.model_dump_json(exclude_none=True)) for i, p in upserts.items()])
+            self.db.executemany("DELETE FROM posts WHERE id = ?", [(i,) for i in deletes])
+
+
+@dataclass
+class Stats:
+    events: int = 0
+    bad: int = 0
+    upserts: int = 0
+    deletes: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    lags_s: list[float] = field(default_factory=list)
+
+    def line(self) -> str:
+        lag = f", lag p50 {np.percentile(self.lags_s, 50):.2f} s p99 {np.percentile(self.lags_s, 99):.2f} s" if self.lags_s else ""
+        rate = self.events / self.seconds if self.seconds else 0.0
+        return (f"{self.events} events ({self.bad} bad) in {self.batches} batches: {self.upserts} upserts, "
+                f"{self.deletes} deletes, {rate:.1f} events/s{lag}")
+
+
+class Ingester:
+    def __init__(self, client: FeedClient, state_dir: Path, window_s: float = 0.2, max_batch: int = 64) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.client, self.window_s, self.max_batch = client, window_s, max_batch
+        self.offset_path = state_dir / "offset.json"
+        self.store = PostStore(state_dir / "posts.sqlite")
+        self.stats = Stats()
+
+    @property
+    def offset(self) -> int:
+        return int(json.loads(self.offset_path.read_text())["offset"]) if self.offset_path.exists() else 0
+
+    def _commit(self, offset: int) -> None:
+        tmp = self.offset_path.with_name(self.offset_path.name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"offset": offset}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.offset_path)
+
+    def run(self, source: IO[bytes], follow: bool = False, idle_exit_s: float | None = None) -> Stats:
+        """Ingest from the saved offset on; returns at end of input (or, following, after
+        `idle_exit_s` without a new event)."""
+        source.seek(self.offset)
+        start = time.perf_counter()
+        events = _lines(source, self.offset, follow, idle_exit_s)
+        while batch := self._window(events):
+            self._process(batch)
+            self.stats.seconds = time.perf_counter() - start
+        logger.info("ingest: %s", self.stats.line())
+        return self.stats
+
+    def _window(self, events: Iterator[tuple[int, bytes] | None]) -> list[tuple[int, bytes]]:
+        batch: list[tuple[int, bytes]] = []
+        deadline = None
+        for item in events:
+            if item is not None:
+                batch.append(item)
+                deadline = deadline or time.monotonic() + self.window_s
+            if batch and (len(batch) >= self.max_batch or time.monotonic() >= (deadline or 0)):
+                break
+        return batch
+
+    def _process(self, lines: list[tuple[int, bytes]]) -> None:
+        upserts: dict[int, Post] = {}
+        deletes: set[int] = set()
+        for offset, line in lines:
+            self.stats.events += 1
+            try:
+                event = parse_event(line, offset)
+                self._fold(event, upserts, deletes)
+            except BadEvent as err:
+                self.stats.bad += 1
+                logger.warning("ingest: skipping the event ending at byte %d: %s", offset, err)
+                continue
+            if event.ts is not None:
+                self.stats.lags_s.append(time.time() - event.ts)
+        ids = list(upserts)
+        ops = [OP_UPSERT] * len(ids) + [OP_DELETE] * len(deletes)
+        if ops:
+            inputs = {OP.name: np.array(ops, np.int32)[:, None], POST_ID.name: np.array(ids + sorted(deletes), np.int64)[:, None]}
+            if ids:  # delete rows ride along with zero vectors, which the writer ignores
+                embedded = self.client.embed_posts([upserts[i] for i in ids])
+                inputs[WRITE_EMBEDDING.name] = np.concatenate([embedded, np.zeros((len(deletes), embedded.shape[1]), np.float32)])
+            self.client.infer(ModelName.INDEX_WRITE, inputs, (LSN.name,))  # durable when this returns
+        self.store.apply(upserts, deletes)
+        self._commit(lines[-1][0])  # only now: the index has everything up to here
+        self.stats.upserts += len(ids)
+        self.stats.deletes += len(deletes)
+        self.stats.batches += 1
+
+    def _fold(self, event: Event, upserts: dict[int, Post], deletes: set[int]) -> None:
+        if event.kind == "delete":
+            upserts.pop(event.post_id, None)
+            deletes.add(event.post_id)
+            return
+        if event.kind == "counts":
+            base = upserts.get(event.post_id) or (None if event.post_id in deletes else self.store.get(event.post_id))
+            if base is None:
+                raise BadEvent(f"counts for post {event.post_id}, which was never created (or was deleted)")
+            post = base.model_copy(update={"counts": {**base.counts, **(event.counts or {})}})
+        else:
+            assert event.post is not None
+            post = event.post
+        deletes.discard(event.post_id)
+        upserts[event.post_id] = post
+
+
+def _lines(source: IO[bytes], offset: int, follow: bool, idle_exit_s: float | None) -> Iterator[tuple[int, bytes] | None]:
+    """(offset past the line, line) for whole lines; None while following and waiting (so a
+    window can close on time). A last line without its newline is not an event yet."""
+    idle_since = time.monotonic()
+    while True:
+        line = source.readline()
+        if line.endswith(b"\n"):
+            offset += len(line)
+            idle_since = time.monotonic()
+            if line.strip():
+                yield offset, line
+            continue
+        if line:  # a partial line: rewind and wait for the writer to finish it
+            source.seek(offset)
+        if not follow or (idle_exit_s is not None and time.monotonic() - idle_since >= idle_exit_s):
+            return
+        yield None
+        time.sleep(0.02)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="feedserve ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--events", type=Path, required=True, help="a JSONL file of post events")
+    p.add_argument("--state", type=Path, required=True, help="where the offset and the post store live")
+    p.add_argument("--url", default="127.0.0.1:8001", help="gRPC host:port of the server")
+    p.add_argument("--follow", action="store_true", help="keep reading as the file grows")
+    p.add_argument("--idle-exit-s", type=float, default=None, help="with --follow: stop after this long without events")
+    p.add_argument("--window-ms", type=float, default=200.0)
+    p.add_argument("--max-batch", type=int, default=64)
+    args = p.parse_args(argv)
+    with FeedClient(args.url, "grpc", timeout_s=60) as client, open(args.events, "rb") as source:
+        stats = Ingester(client, args.state, args.window_ms / 1000, args.max_batch).run(source, args.follow, args.idle_exit_s)
+    print(stats.line(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    sys.exit(main())

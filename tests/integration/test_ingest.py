@@ -1,0 +1,115 @@
+"""Nearline ingestion against a real tritonserver: events become searchable posts, bad events are
+skipped by name, a restart resumes at the acknowledged offset, and kill -9 loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from feedserve.artifacts import ArtifactLayout
+from feedserve.build import SAMPLE_CORPUS
+from feedserve.clients.ingest import Ingester
+from feedserve.clients.online import FeedClient
+from feedserve.movielens import load_movielens
+from feedserve.records import Post
+from feedserve.schema import ModelName
+
+pytestmark = pytest.mark.integration
+
+BASE_ID = 10**11  # far from MovieLens ids: other tests' brute-force checks never see these posts
+
+
+def _posts(n: int, offset: int) -> list[Post]:
+    movies = load_movielens(SAMPLE_CORPUS).posts()[:n]
+    return [m.model_copy(update={"id": BASE_ID + offset + i}) for i, m in enumerate(movies)]
+
+
+def _event(kind: str, **fields: object) -> str:
+    return json.dumps({"type": kind, "ts": time.time(), **fields}) + "\n"
+
+
+def _create(post: Post) -> str:
+    return _event("create", post=json.loads(post.model_dump_json(exclude_none=True)))
+
+
+def _top1(client: FeedClient, vectors: np.ndarray) -> list[int]:
+    k = np.ones((len(vectors), 1), np.int32)
+    ids = client.infer(ModelName.KNN, {"QUERY": vectors, "K": k}, ("IDS",))["IDS"]
+    return ids[:, 0].tolist() if ids.shape[1] else [-1] * len(vectors)  # an empty index: no hits at all
+
+
+def _present(client: FeedClient, posts: list[Post]) -> list[bool]:
+    """Whether each post is in the index under its id (its own vector's nearest neighbour is itself)."""
+    return [hit == p.id for hit, p in zip(_top1(client, client.embed_posts(posts)), posts, strict=True)]
+
+
+def test_events_become_posts_and_a_restart_resumes(triton_server, tiny_artifacts: ArtifactLayout, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    posts = _posts(8, 0)
+    events = tmp_path / "events.jsonl"
+    renamed = posts[1].model_copy(update={"text": "an entirely different text about sailing boats"})
+    lines = [_create(p) for p in posts] + [
+        _event("update", post=json.loads(renamed.model_dump_json(exclude_none=True))),
+        _event("counts", post_id=posts[2].id, counts={"ratings": 5000}),
+        _event("delete", post_id=posts[3].id),
+        "{not json\n",
+        _event("counts", post_id=BASE_ID - 1, counts={"ratings": 1}),
+    ]
+    events.write_text("".join(lines))
+    state = tmp_path / "state"
+    with FeedClient(triton_server.grpc_url, "grpc", timeout_s=60) as client:
+        with open(events, "rb") as source:
+            stats = Ingester(client, state, window_s=0.05, max_batch=4).run(source)
+        assert (stats.events, stats.bad) == (13, 2) and stats.lags_s
+        counted = posts[2].model_copy(update={"counts": {**posts[2].counts, "ratings": 5000.0}})
+        expected = [p for p in (posts[0], renamed, counted, *posts[4:])]
+        assert all(_present(client, expected))
+        assert posts[3].id not in client.infer(ModelName.KNN, {"QUERY": client.embed_posts(posts[3:4]),
+                                                               "K": np.array([[50]], np.int32)}, ("IDS",))["IDS"][0]
+        # Appended events only: a new ingester on the same state starts where the last one stopped.
+        with open(events, "a") as f:
+            f.write("".join(_event("delete", post_id=p.id) for p in posts))
+        with open(events, "rb") as source:
+            again = Ingester(client, state, window_s=0.05).run(source)
+        assert (again.events, again.deletes) == (len(posts), len(posts))
+        assert not any(_present(client, expected))
+
+
+WORKER = """
+import logging, sys
+from feedserve.clients.ingest import main
+logging.basicConfig(level=logging.WARNING)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_9_mid_ingestion_then_resume_loses_nothing(triton_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    posts = _posts(40, 1000)
+    events = tmp_path / "events.jsonl"
+    events.write_text("".join(_create(p) for p in posts))
+    state = tmp_path / "state"
+    args = [sys.executable, "-c", WORKER, "--events", str(events), "--state", str(state), "--url", triton_server.grpc_url,
+            "--window-ms", "10", "--max-batch", "3"]
+    proc = subprocess.Popen(args)
+    offset_file = state / "offset.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (offset_file.exists() and json.loads(offset_file.read_text())["offset"] > 0):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    done = json.loads(offset_file.read_text())["offset"]
+    assert 0 < done < events.stat().st_size, "the kill should land mid-ingestion"
+    subprocess.run(args, check=True, timeout=300)
+    assert json.loads(offset_file.read_text())["offset"] == events.stat().st_size
+    with FeedClient(triton_server.grpc_url, "grpc", timeout_s=60) as client:
+        assert all(_present(client, posts))
+        # Leave the shared index as it was for the other tests.
+        ops = np.full((len(posts), 1), 2, np.int32)
+        client.infer(ModelName.INDEX_WRITE, {"OP": ops, "POST_ID": np.array([[p.id] for p in posts], np.int64)}, ("LSN",))
