@@ -168,6 +168,7 @@ class Ingester:
     def _process(self, lines: list[tuple[int, bytes]]) -> None:
         upserts: dict[int, Post] = {}
         deletes: set[int] = set()
+        stamps: list[float] = []
         for offset, line in lines:
             self.stats.events += 1
             try:
@@ -178,7 +179,7 @@ class Ingester:
                 logger.warning("ingest: skipping the event ending at byte %d: %s", offset, err)
                 continue
             if event.ts is not None:
-                self.stats.lags_s.append(time.time() - event.ts)
+                stamps.append(event.ts)
         ids = list(upserts)
         ops = [OP_UPSERT] * len(ids) + [OP_DELETE] * len(deletes)
         if ops:
@@ -189,6 +190,9 @@ class Ingester:
             self.client.infer(ModelName.INDEX_WRITE, inputs, (LSN.name,))  # durable when this returns
         self.store.apply(upserts, deletes)
         self._commit(lines[-1][0])  # only now: the index has everything up to here
+        # Lag: from the event's time to its write being acknowledged, i.e. retrievable by any search.
+        acknowledged = time.time()
+        self.stats.lags_s.extend(acknowledged - ts for ts in stamps)
         self.stats.upserts += len(ids)
         self.stats.deletes += len(deletes)
         self.stats.batches += 1

@@ -1,0 +1,173 @@
+"""Freshness of the live index with the default model on this machine: how long from a post event
+to the post being retrievable at a steady event rate (p50, p99), retrievals/s served while
+ingesting against idle, and a full rebuild + swap of the index under retrieval load.
+
+    .venv/bin/python -m benchmarks.freshness --rate 4 --seconds 60
+
+Needs `artifacts/default` (`make demo` or `feedserve build`). It serves them from a scratch
+directory (links to the model files, its own index) on free loopback ports, so the demo's index
+is left alone. "Retrievable" is the ingester's acknowledgement: `index_write` answers once the
+write is in the fsynced log and applied, and every `knn` instance applies the log before its next
+batch (tests/integration/test_live_writes.py checks that guarantee under load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from feedserve.artifacts import ArtifactLayout, default_artifacts_dir
+from feedserve.build import SAMPLE_CORPUS
+from feedserve.clients.batch import index_corpus
+from feedserve.clients.ingest import Ingester
+from feedserve.clients.online import FeedClient
+from feedserve.movielens import load_movielens
+from feedserve.server import ServerOptions, TritonServer, free_port
+
+logger = logging.getLogger("benchmarks.freshness")
+
+
+def scratch_artifacts(source: ArtifactLayout, dest: Path) -> ArtifactLayout:
+    """The model files linked, the small files copied, an empty index directory."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in source.root.iterdir():
+        if path.name == "index":
+            continue
+        target = dest / path.name
+        if path.is_dir() or path.stat().st_size > 1 << 20:
+            target.symlink_to(path.resolve())
+        else:
+            shutil.copy(path, target)
+    return ArtifactLayout(dest)
+
+
+class Load:
+    """`workers` threads retrieving for real members, counting answers and failures, until stopped."""
+
+    def __init__(self, url: str, members: list, workers: int = 2) -> None:
+        self.url, self.members, self.workers = url, members, workers
+        self.done = self.failed = 0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def _run(self, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with FeedClient(self.url, "grpc", timeout_s=60) as client:
+            for _ in range(100_000):  # bounded; normally stopped long before
+                if self._stop.is_set():
+                    return
+                try:
+                    client.retrieve(self.members[int(rng.integers(len(self.members)))], k=10)
+                    self.done += 1
+                except Exception:  # noqa: BLE001 - a failed request is what we count
+                    self.failed += 1
+
+    def __enter__(self) -> Load:
+        self.t0 = time.perf_counter()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(self.workers)]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=120)
+        self.seconds = time.perf_counter() - self.t0
+
+    @property
+    def per_s(self) -> float:
+        return self.done / self.seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifacts", type=Path, default=default_artifacts_dir())
+    p.add_argument("--base-posts", type=int, default=1000, help="indexed before the stream starts")
+    p.add_argument("--rate", type=float, default=4.0, help="post events per second")
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--idle-seconds", type=float, default=20.0)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "reports")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    ml = load_movielens(SAMPLE_CORPUS)
+    posts = ml.posts()
+    members = [m for m in ml.members() if 5 <= len(m.history) <= 60][:64]
+    base, stream = posts[: args.base_posts], posts[args.base_posts :]
+    report: dict[str, object] = {"command": "python -m benchmarks.freshness " + " ".join(argv or sys.argv[1:])}
+    with tempfile.TemporaryDirectory() as tmp:
+        layout = scratch_artifacts(ArtifactLayout(args.artifacts), Path(tmp) / "artifacts")
+        opts = ServerOptions(artifacts=layout.root, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                             log_file=Path(tmp) / "tritonserver.log")
+        with TritonServer(opts) as server:
+            stats = index_corpus(base, [q.id for q in base], layout.index, url=server.grpc_url, progress=False)
+            report["initial_index"] = {"posts": stats.posts, "seconds": stats.seconds}
+            with Load(server.grpc_url, members) as idle:
+                time.sleep(args.idle_seconds)
+            report["retrieve_idle"] = {"per_s": idle.per_s, "failed": idle.failed}
+
+            # A steady stream of new posts, appended with their time, ingested as it grows.
+            events = Path(tmp) / "events.jsonl"
+            events.touch()
+            n_events = int(args.rate * args.seconds)
+
+            def produce() -> None:
+                with open(events, "a") as f:
+                    for i, post in enumerate(stream[:n_events]):
+                        time.sleep(max(0.0, i / args.rate - (time.perf_counter() - t0)))
+                        f.write(json.dumps({"type": "create", "ts": time.time(), "post": json.loads(post.model_dump_json(exclude_none=True))}) + "\n")
+                        f.flush()
+
+            with FeedClient(server.grpc_url, "grpc", timeout_s=60) as client, open(events, "rb") as source, \
+                    Load(server.grpc_url, members) as busy:
+                t0 = time.perf_counter()
+                producer = threading.Thread(target=produce)
+                producer.start()
+                ingested = Ingester(client, Path(tmp) / "ingest").run(source, follow=True, idle_exit_s=5.0)
+                producer.join()
+            lags = np.array(ingested.lags_s)
+            report["stream"] = {"rate_per_s": args.rate, "events": ingested.events, "upserts": ingested.upserts,
+                                "batches": ingested.batches, "lag_p50_s": float(np.percentile(lags, 50)),
+                                "lag_p99_s": float(np.percentile(lags, 99)), "lag_max_s": float(lags.max())}
+            report["retrieve_while_ingesting"] = {"per_s": busy.per_s, "failed": busy.failed}
+
+            with Load(server.grpc_url, members) as during:
+                t = time.perf_counter()
+                rebuilt = index_corpus(base, [q.id for q in base], layout.index, url=server.grpc_url, progress=False)
+                rebuild_s = time.perf_counter() - t
+                time.sleep(2.0)  # searches on the swapped-in index
+            report["rebuild_under_load"] = {"posts": rebuilt.posts, "seconds": rebuild_s, "retrieves": during.done,
+                                            "failed": during.failed}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "freshness.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "freshness.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+def markdown(r: dict) -> str:
+    s, idle, busy, rb = r["stream"], r["retrieve_idle"], r["retrieve_while_ingesting"], r["rebuild_under_load"]
+    return "\n".join([
+        "# Live index freshness (default model, 2-core CPU)", "",
+        f"Command: `{r['command']}`. Initial index: {r['initial_index']['posts']} MovieLens posts in {r['initial_index']['seconds']:.0f} s.", "",
+        "| measure | value |", "|---|---|",
+        f"| event -> retrievable at {s['rate_per_s']:g} events/s, p50 / p99 / max | {s['lag_p50_s']:.2f} / {s['lag_p99_s']:.2f} / {s['lag_max_s']:.2f} s |",
+        f"| events ingested (batches) | {s['events']} ({s['batches']}) |",
+        f"| retrievals/s, idle (2 clients) | {idle['per_s']:.2f} (failed {idle['failed']}) |",
+        f"| retrievals/s while ingesting | {busy['per_s']:.2f} (failed {busy['failed']}) |",
+        f"| full rebuild + swap of {rb['posts']} posts under retrieval load | {rb['seconds']:.0f} s, {rb['retrieves']} retrievals, {rb['failed']} failed |",
+        "",
+    ])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
