@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,6 +39,12 @@ class EncoderModel(BatchModel[Tokens]):
         self.settings = EncoderSettings.load(layout.settings)
         self.max_rows = int(params.get("max_rows_per_run", "32"))
         self.encoder = self._runtime(layout, params)
+        # Prompt tokens -> embedding, least recently used out first. A member retrieved again with an
+        # unchanged profile and history has the same tokens and is not re-encoded; any change to
+        # them (a new engaged post, a new headline) changes the tokens and misses.
+        self.cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self.cache_rows = int(params.get("cache_rows", "10000"))
+        self.cache_hits = self.cache_misses = 0
         # Out-of-vocabulary ids would fail the whole ONNX run, so they are rejected per request.
         self.vocab_size = int(json.loads((layout.hf_dir / "config.json").read_text())["vocab_size"])
 
@@ -89,8 +96,10 @@ class EncoderModel(BatchModel[Tokens]):
 
     def compute(self, items: Sequence[Tokens]) -> list[Arrays | RequestError]:
         rows = [r for it in items for r in it.rows]
-        embeddings: list[np.ndarray | None] = [None] * len(rows)
-        for group, width in self._groups([len(r) for r in rows]):
+        embeddings: list[np.ndarray | None] = [self._cached(r) for r in rows]
+        todo = [i for i, e in enumerate(embeddings) if e is None]
+        for group, width in self._groups([len(rows[i]) for i in todo]):
+            group = [todo[g] for g in group]
             ids = np.zeros((len(group), width), np.int64)
             mask = np.zeros((len(group), width), np.int64)
             for j, i in enumerate(group):
@@ -98,12 +107,31 @@ class EncoderModel(BatchModel[Tokens]):
                 mask[j, : len(rows[i])] = 1
             for i, vec in zip(group, self.encoder.encode(ids, mask), strict=True):
                 embeddings[i] = vec
+                self._remember(rows[i], vec)
         outputs: list[Arrays | RequestError] = []
         pos = 0
         for it in items:
             outputs.append({EMBEDDING.name: np.stack(embeddings[pos : pos + len(it.rows)])})  # type: ignore[arg-type]
             pos += len(it.rows)
         return outputs
+
+
+    def _cached(self, row: np.ndarray) -> np.ndarray | None:
+        if not self.cache_rows:
+            return None
+        vec = self.cache.get(key := row.tobytes())
+        if vec is None:
+            self.cache_misses += 1
+            return None
+        self.cache.move_to_end(key)
+        self.cache_hits += 1
+        return vec
+
+    def _remember(self, row: np.ndarray, vec: np.ndarray) -> None:
+        if self.cache_rows:
+            self.cache[row.tobytes()] = vec
+            while len(self.cache) > self.cache_rows:
+                self.cache.popitem(last=False)
 
 
 TritonPythonModel = EncoderModel

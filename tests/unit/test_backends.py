@@ -94,3 +94,25 @@ def test_torch_runtime_serves_the_onnx_embeddings(tiny_artifacts: ArtifactLayout
 def test_unknown_runtime_is_refused(tiny_artifacts: ArtifactLayout) -> None:
     with pytest.raises(ValueError, match="unknown runtime"):
         EncoderModel().setup(tiny_artifacts, {"runtime": "tensorflow"})
+
+
+def test_an_unchanged_prompt_is_not_encoded_again(tiny_artifacts: ArtifactLayout) -> None:
+    # The member embedding cache: same tokens (unchanged profile and history) -> no encoder run.
+    model = EncoderModel()
+    model.setup(tiny_artifacts, {"max_rows_per_run": "3", "cache_rows": "4"})
+    rng = np.random.default_rng(7)
+    member = _rows(rng, [12], 12)
+    first = model.run([member])[0]
+    calls = []
+    real = model.encoder.encode
+    model.encoder.encode = lambda ids, mask: calls.append(ids.shape) or real(ids, mask)  # type: ignore[method-assign]
+    again = model.run([member])[0]
+    assert not calls and model.cache_hits == 1
+    np.testing.assert_array_equal(again["EMBEDDING"], first["EMBEDDING"])
+    changed = {k: v.copy() for k, v in member.items()}
+    changed["INPUT_IDS"][0, -1] += 1  # one more engaged post, say: different tokens
+    model.run([changed])
+    assert calls == [(1, 32)]  # encoded once, padded to its length bucket
+    for n in range(6):  # more distinct prompts than the cache holds: the oldest go first
+        model.run([_rows(np.random.default_rng(100 + n), [5], 5)])
+    assert len(model.cache) == 4 and member["INPUT_IDS"][0].tobytes() not in model.cache
