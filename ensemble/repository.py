@@ -48,6 +48,7 @@ class RepositorySettings:
     max_k: int = 2000
     knn_dtype: str = "fp16"  # device storage of the GPU kNN
     snapshot_every: int = 1000  # live-index writes between snapshots (each restarts the log)
+    encoder_cache_rows: int = 10000  # prompts whose embeddings the python encoder keeps (0: off)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -113,6 +114,7 @@ def _encoder(settings: RepositorySettings) -> mc.ModelConfig:
     if settings.variant == "gpu-trt":
         return _tensorrt_encoder(settings)
     params = {"runtime": "torch", "max_rows_per_run": "256"} if settings.gpu else {"runtime": "onnxruntime", "max_rows_per_run": "32"}
+    params["cache_rows"] = str(settings.encoder_cache_rows)
     return _python_model(ModelName.ENCODER, "feedserve.triton.encoder", settings, settings.encoder_instances,
                          settings.encoder_queue_delay_us, params, gpu=settings.gpu)
 
