@@ -28,7 +28,7 @@ import numpy as np
 from feedserve.artifacts import ArtifactLayout, default_artifacts_dir
 from feedserve.build import SAMPLE_CORPUS
 from feedserve.clients.batch import index_corpus
-from feedserve.clients.ingest import Ingester
+from feedserve.clients.ingest import Ingester, JsonlSource
 from feedserve.clients.online import FeedClient
 from feedserve.movielens import load_movielens
 from feedserve.server import ServerOptions, TritonServer, free_port
@@ -127,12 +127,12 @@ def main(argv: list[str] | None = None) -> int:
                         f.write(json.dumps({"type": "create", "ts": time.time(), "post": json.loads(post.model_dump_json(exclude_none=True))}) + "\n")
                         f.flush()
 
-            with FeedClient(server.grpc_url, "grpc", timeout_s=60) as client, open(events, "rb") as source, \
-                    Load(server.grpc_url, members) as busy:
+            source = JsonlSource(events, Path(tmp) / "ingest", follow=True, idle_exit_s=5.0)
+            with FeedClient(server.grpc_url, "grpc", timeout_s=60) as client, Load(server.grpc_url, members) as busy:
                 t0 = time.perf_counter()
                 producer = threading.Thread(target=produce)
                 producer.start()
-                ingested = Ingester(client, Path(tmp) / "ingest").run(source, follow=True, idle_exit_s=5.0)
+                ingested = Ingester(client, Path(tmp) / "ingest").run(source)
                 producer.join()
             lags = np.array(ingested.lags_s)
             report["stream"] = {"rate_per_s": args.rate, "events": ingested.events, "upserts": ingested.upserts,

@@ -1,8 +1,9 @@
 """Nearline ingestion: post events -> `embed_post` -> `index_write`, in time windows, resumable.
 
-    feedserve ingest --events events.jsonl --state runs/ingest [--follow] [--window-ms 200]
+    python -m feedserve.clients.ingest --events events.jsonl --state runs/ingest [--follow] [--window-ms 200]
+    python -m feedserve.clients.ingest --redis redis://127.0.0.1:6379/0 --stream post-events --state runs/ingest
 
-One JSON event per line:
+One JSON event per line (or per Redis Stream entry, in its `event` field):
 
     {"type": "create" | "update", "post": {...a post record...}, "ts": 1700000000.5}
     {"type": "counts", "post_id": 7, "counts": {"views": 1200, "likes": 40}}   # new engagement
@@ -12,8 +13,9 @@ Events are gathered for up to `window_s` (or `max_batch` events), folded per pos
 of a post in a window wins; new counts are merged into the post's last known record, and the
 server's preprocess turns them into percentile tokens with the saved buckets), embedded through
 `embed_post` in one batch, and written through `index_write`. Only once the index has acknowledged
-the writes (they are in its fsynced log) is the batch's end offset saved (atomically) in the state
-directory: a restart resumes there. Events between the saved offset and a crash are processed
+the writes (they are in its fsynced log) is the batch committed: its end offset saved atomically in
+the state directory, or its stream entries acknowledged (XACK) in the consumer group. A restart
+resumes there (a Redis consumer first takes back its delivered, unacknowledged entries). Events between the saved offset and a crash are processed
 again; writes are idempotent (an upsert puts the same vector, a delete of a deleted post is a
 no-op), so the index ends the same as if nothing had happened: no gaps, and no duplicated posts.
 
@@ -33,7 +35,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, Protocol
 
 import numpy as np
 from pydantic import ValidationError
@@ -51,7 +53,6 @@ class BadEvent(ValueError):
 
 @dataclass
 class Event:
-    offset: int  # byte offset just past the event's line
     kind: str
     post_id: int
     post: Post | None = None
@@ -59,7 +60,7 @@ class Event:
     ts: float | None = None
 
 
-def parse_event(line: bytes, offset: int) -> Event:
+def parse_event(line: bytes) -> Event:
     try:
         data = json.loads(line)
     except ValueError as err:
@@ -72,7 +73,7 @@ def parse_event(line: bytes, offset: int) -> Event:
     try:
         if kind in ("create", "update"):
             post = Post.model_validate(data.get("post"))
-            return Event(offset, kind, post.id, post=post, ts=ts)
+            return Event(kind, post.id, post=post, ts=ts)
         if kind in ("delete", "counts"):
             post_id = data.get("post_id")
             if not isinstance(post_id, int) or isinstance(post_id, bool):
@@ -81,7 +82,7 @@ def parse_event(line: bytes, offset: int) -> Event:
             if kind == "counts":
                 # Validated the way a post's counts are: finite, non-negative numbers.
                 counts = Post.model_validate({"id": post_id, "counts": data.get("counts")}).counts
-            return Event(offset, kind, post_id, counts=counts, ts=ts)
+            return Event(kind, post_id, counts=counts, ts=ts)
     except ValidationError as err:
         raise BadEvent(f"invalid {kind} event: {err.errors()[0]['loc']}: {err.errors()[0]['msg']}") from err
     raise BadEvent(f"unknown event type {kind!r} (create, update, counts, delete)")
@@ -122,40 +123,107 @@ class Stats:
                 f"{self.deletes} deletes, {rate:.1f} events/s{lag}")
 
 
-class Ingester:
-    def __init__(self, client: FeedClient, state_dir: Path, window_s: float = 0.2, max_batch: int = 64) -> None:
+class EventSource(Protocol):
+    """Where events come from: `events()` yields (position, event bytes), or None while waiting
+    (so a window can close on time), and ends when the source is exhausted; `commit(position)`
+    records that everything up to that position is in the index."""
+
+    def events(self) -> Iterator[tuple[Any, bytes] | None]: ...
+
+    def commit(self, positions: list[Any]) -> None: ...
+
+
+class JsonlSource:
+    """A JSONL file (or a growing one, with `follow`); the position is a byte offset, committed to
+    `offset.json` in the state directory (fsync + rename)."""
+
+    def __init__(self, path: Path, state_dir: Path, follow: bool = False, idle_exit_s: float | None = None) -> None:
+        self.path, self.follow, self.idle_exit_s = Path(path), follow, idle_exit_s
         state_dir.mkdir(parents=True, exist_ok=True)
-        self.client, self.window_s, self.max_batch = client, window_s, max_batch
         self.offset_path = state_dir / "offset.json"
-        self.store = PostStore(state_dir / "posts.sqlite")
-        self.stats = Stats()
 
     @property
     def offset(self) -> int:
         return int(json.loads(self.offset_path.read_text())["offset"]) if self.offset_path.exists() else 0
 
-    def _commit(self, offset: int) -> None:
+    def events(self) -> Iterator[tuple[int, bytes] | None]:
+        with open(self.path, "rb") as source:
+            offset = self.offset
+            source.seek(offset)
+            yield from _lines(source, offset, self.follow, self.idle_exit_s)
+
+    def commit(self, positions: list[Any]) -> None:
         tmp = self.offset_path.with_name(self.offset_path.name + ".tmp")
         with open(tmp, "w") as f:
-            json.dump({"offset": offset}, f)
+            json.dump({"offset": positions[-1]}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.offset_path)
 
-    def run(self, source: IO[bytes], follow: bool = False, idle_exit_s: float | None = None) -> Stats:
-        """Ingest from the saved offset on; returns at end of input (or, following, after
-        `idle_exit_s` without a new event)."""
-        source.seek(self.offset)
+
+class RedisSource:
+    """A Redis Stream read through a consumer group; an entry's `event` field is one JSON event.
+    Entries are acknowledged (XACK) only once the index has them; a restarted consumer first
+    takes its own pending (delivered, never acknowledged) entries again, then new ones."""
+
+    def __init__(self, url: str, stream: str, group: str = "feedserve", consumer: str = "ingester-1",
+                 idle_exit_s: float | None = None, block_ms: int = 100) -> None:
+        import redis
+
+        self.redis = redis.Redis.from_url(url)
+        self.stream, self.group, self.consumer = stream, group, consumer
+        self.idle_exit_s, self.block_ms = idle_exit_s, block_ms
+        try:
+            self.redis.xgroup_create(stream, group, id="0", mkstream=True)
+        except redis.ResponseError as err:
+            if "BUSYGROUP" not in str(err):
+                raise
+
+    def _read(self, start: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        reply = self.redis.xreadgroup(self.group, self.consumer, {self.stream: start}, count=256,
+                                      block=None if start == "0" else self.block_ms)
+        return reply[0][1] if reply else []
+
+    def events(self) -> Iterator[tuple[bytes, bytes] | None]:
+        pending = self._read("0")  # delivered before a crash, never acknowledged
+        for entry_id, fields in pending:
+            yield entry_id, fields.get(b"event", b"")
+        idle_since = time.monotonic()
+        while True:
+            entries = self._read(">")
+            for entry_id, fields in entries:
+                yield entry_id, fields.get(b"event", b"")
+            if entries:
+                idle_since = time.monotonic()
+            elif self.idle_exit_s is not None and time.monotonic() - idle_since >= self.idle_exit_s:
+                return
+            else:
+                yield None
+
+    def commit(self, positions: list[Any]) -> None:
+        self.redis.xack(self.stream, self.group, *positions)
+
+
+class Ingester:
+    def __init__(self, client: FeedClient, state_dir: Path, window_s: float = 0.2, max_batch: int = 64) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.client, self.window_s, self.max_batch = client, window_s, max_batch
+        self.store = PostStore(state_dir / "posts.sqlite")
+        self.stats = Stats()
+
+    def run(self, source: EventSource) -> Stats:
+        """Ingest from where the source last committed; returns when the source ends."""
         start = time.perf_counter()
-        events = _lines(source, self.offset, follow, idle_exit_s)
+        events = source.events()
         while batch := self._window(events):
             self._process(batch)
+            source.commit([position for position, _ in batch])  # only now: the index has them all
             self.stats.seconds = time.perf_counter() - start
         logger.info("ingest: %s", self.stats.line())
         return self.stats
 
-    def _window(self, events: Iterator[tuple[int, bytes] | None]) -> list[tuple[int, bytes]]:
-        batch: list[tuple[int, bytes]] = []
+    def _window(self, events: Iterator[tuple[Any, bytes] | None]) -> list[tuple[Any, bytes]]:
+        batch: list[tuple[Any, bytes]] = []
         deadline = None
         for item in events:
             if item is not None:
@@ -165,18 +233,18 @@ class Ingester:
                 break
         return batch
 
-    def _process(self, lines: list[tuple[int, bytes]]) -> None:
+    def _process(self, lines: list[tuple[Any, bytes]]) -> None:
         upserts: dict[int, Post] = {}
         deletes: set[int] = set()
         stamps: list[float] = []
         for offset, line in lines:
             self.stats.events += 1
             try:
-                event = parse_event(line, offset)
+                event = parse_event(line)
                 self._fold(event, upserts, deletes)
             except BadEvent as err:
                 self.stats.bad += 1
-                logger.warning("ingest: skipping the event ending at byte %d: %s", offset, err)
+                logger.warning("ingest: skipping the event at %s: %s", _position(offset), err)
                 continue
             if event.ts is not None:
                 stamps.append(event.ts)
@@ -189,7 +257,6 @@ class Ingester:
                 inputs[WRITE_EMBEDDING.name] = np.concatenate([embedded, np.zeros((len(deletes), embedded.shape[1]), np.float32)])
             self.client.infer(ModelName.INDEX_WRITE, inputs, (LSN.name,))  # durable when this returns
         self.store.apply(upserts, deletes)
-        self._commit(lines[-1][0])  # only now: the index has everything up to here
         # Lag: from the event's time to its write being acknowledged, i.e. retrievable by any search.
         acknowledged = time.time()
         self.stats.lags_s.extend(acknowledged - ts for ts in stamps)
@@ -234,18 +301,32 @@ def _lines(source: IO[bytes], offset: int, follow: bool, idle_exit_s: float | No
         time.sleep(0.02)
 
 
+def _position(position: Any) -> str:
+    return f"stream entry {position.decode()}" if isinstance(position, bytes) else f"the line ending at byte {position}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="feedserve ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--events", type=Path, required=True, help="a JSONL file of post events")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--events", type=Path, help="a JSONL file of post events")
+    source.add_argument("--redis", metavar="URL", help="a Redis server, e.g. redis://127.0.0.1:6379/0")
+    p.add_argument("--stream", default="post-events", help="with --redis: the stream's key")
+    p.add_argument("--group", default="feedserve", help="with --redis: the consumer group")
+    p.add_argument("--consumer", default="ingester-1", help="with --redis: this consumer's name (keep it across restarts)")
     p.add_argument("--state", type=Path, required=True, help="where the offset and the post store live")
     p.add_argument("--url", default="127.0.0.1:8001", help="gRPC host:port of the server")
-    p.add_argument("--follow", action="store_true", help="keep reading as the file grows")
-    p.add_argument("--idle-exit-s", type=float, default=None, help="with --follow: stop after this long without events")
+    p.add_argument("--follow", action="store_true", help="with --events: keep reading as the file grows")
+    p.add_argument("--idle-exit-s", type=float, default=None, help="stop after this long without events (default: never, when following)")
     p.add_argument("--window-ms", type=float, default=200.0)
     p.add_argument("--max-batch", type=int, default=64)
     args = p.parse_args(argv)
-    with FeedClient(args.url, "grpc", timeout_s=60) as client, open(args.events, "rb") as source:
-        stats = Ingester(client, args.state, args.window_ms / 1000, args.max_batch).run(source, args.follow, args.idle_exit_s)
+    events: EventSource
+    if args.redis:
+        events = RedisSource(args.redis, args.stream, args.group, args.consumer, args.idle_exit_s)
+    else:
+        events = JsonlSource(args.events, args.state, args.follow, args.idle_exit_s)
+    with FeedClient(args.url, "grpc", timeout_s=60) as client:
+        stats = Ingester(client, args.state, args.window_ms / 1000, args.max_batch).run(events)
     print(stats.line(), flush=True)
     return 0
 

@@ -9,9 +9,10 @@ command -v "$PY" >/dev/null || PY=python3
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-# libpython3.11: the python backend stub links it; libb64-0d: perf_analyzer links it.
+# libpython3.11: the python backend stub links it; libb64-0d: perf_analyzer links it;
+# redis-server: the broker the nearline ingester reads (its tests start one on loopback).
 need_apt=()
-for pkg in libpython3.11 libb64-0d; do
+for pkg in libpython3.11 libb64-0d redis-server; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then

@@ -16,7 +16,7 @@ import pytest
 
 from feedserve.artifacts import ArtifactLayout
 from feedserve.build import SAMPLE_CORPUS
-from feedserve.clients.ingest import Ingester
+from feedserve.clients.ingest import Ingester, JsonlSource
 from feedserve.clients.online import FeedClient
 from feedserve.movielens import load_movielens
 from feedserve.records import Post
@@ -65,8 +65,7 @@ def test_events_become_posts_and_a_restart_resumes(triton_server, tiny_artifacts
     events.write_text("".join(lines))
     state = tmp_path / "state"
     with FeedClient(triton_server.grpc_url, "grpc", timeout_s=60) as client:
-        with open(events, "rb") as source:
-            stats = Ingester(client, state, window_s=0.05, max_batch=4).run(source)
+        stats = Ingester(client, state, window_s=0.05, max_batch=4).run(JsonlSource(events, state))
         assert (stats.events, stats.bad) == (13, 2) and stats.lags_s
         counted = posts[2].model_copy(update={"counts": {**posts[2].counts, "ratings": 5000.0}})
         expected = [p for p in (posts[0], renamed, counted, *posts[4:])]
@@ -76,8 +75,7 @@ def test_events_become_posts_and_a_restart_resumes(triton_server, tiny_artifacts
         # Appended events only: a new ingester on the same state starts where the last one stopped.
         with open(events, "a") as f:
             f.write("".join(_event("delete", post_id=p.id) for p in posts))
-        with open(events, "rb") as source:
-            again = Ingester(client, state, window_s=0.05).run(source)
+        again = Ingester(client, state, window_s=0.05).run(JsonlSource(events, state))
         assert (again.events, again.deletes) == (len(posts), len(posts))
         assert not any(_present(client, expected))
 
@@ -113,3 +111,59 @@ def test_kill_9_mid_ingestion_then_resume_loses_nothing(triton_server, tmp_path:
         # Leave the shared index as it was for the other tests.
         ops = np.full((len(posts), 1), 2, np.int32)
         client.infer(ModelName.INDEX_WRITE, {"OP": ops, "POST_ID": np.array([[p.id] for p in posts], np.int64)}, ("LSN",))
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A real redis-server (Debian's, installed by scripts/setup.sh) on a free loopback port."""
+    import shutil as sh
+
+    from feedserve.server import free_port
+
+    if sh.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (scripts/setup.sh installs it)")
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    import redis
+
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_redis_stream_events_are_acknowledged_only_once_indexed(triton_server, redis_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import redis
+
+    from feedserve.clients.ingest import RedisSource
+
+    posts = _posts(10, 2000)
+    broker = redis.Redis.from_url(redis_url)
+    for p in posts:
+        broker.xadd("post-events", {"event": _create(p)})
+    broker.xadd("post-events", {"event": "{not json"})
+    # A consumer is delivered the entries and dies before the index has them (no XACK) ...
+    crashed = RedisSource(redis_url, "post-events", idle_exit_s=0.5).events()
+    assert all(next(crashed) is not None for _ in range(5))
+    assert broker.xpending("post-events", "feedserve")["pending"] == 11  # delivered in one read
+    # ... and, restarted under the same name, takes them back before the new ones.
+    state = tmp_path / "state"
+    with FeedClient(triton_server.grpc_url, "grpc", timeout_s=60) as client:
+        stats = Ingester(client, state, window_s=0.05, max_batch=4).run(RedisSource(redis_url, "post-events", idle_exit_s=0.5))
+        assert (stats.events, stats.bad, stats.upserts) == (11, 1, 10)
+        assert broker.xpending("post-events", "feedserve")["pending"] == 0
+        assert all(_present(client, posts))
+        for p in posts:
+            broker.xadd("post-events", {"event": _event("delete", post_id=p.id)})
+        Ingester(client, state, window_s=0.05).run(RedisSource(redis_url, "post-events", idle_exit_s=0.5))
+        assert not any(_present(client, posts))
