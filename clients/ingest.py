@@ -32,7 +32,7 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -40,7 +40,7 @@ from typing import IO, Any, Protocol
 import numpy as np
 from pydantic import ValidationError
 
-from feedserve.clients.online import FeedClient
+from feedserve.clients.online import ClientError, FeedClient
 from feedserve.records import Post
 from feedserve.schema import LSN, OP, OP_DELETE, OP_UPSERT, POST_ID, WRITE_EMBEDDING, ModelName
 
@@ -205,9 +205,10 @@ class RedisSource:
 
 
 class Ingester:
-    def __init__(self, client: FeedClient, state_dir: Path, window_s: float = 0.2, max_batch: int = 64) -> None:
+    def __init__(self, client: FeedClient, state_dir: Path, window_s: float = 0.2, max_batch: int = 64,
+                 retry_s: float = 120.0) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
-        self.client, self.window_s, self.max_batch = client, window_s, max_batch
+        self.client, self.window_s, self.max_batch, self.retry_s = client, window_s, max_batch, retry_s
         self.store = PostStore(state_dir / "posts.sqlite")
         self.stats = Stats()
 
@@ -249,13 +250,8 @@ class Ingester:
             if event.ts is not None:
                 stamps.append(event.ts)
         ids = list(upserts)
-        ops = [OP_UPSERT] * len(ids) + [OP_DELETE] * len(deletes)
-        if ops:
-            inputs = {OP.name: np.array(ops, np.int32)[:, None], POST_ID.name: np.array(ids + sorted(deletes), np.int64)[:, None]}
-            if ids:  # delete rows ride along with zero vectors, which the writer ignores
-                embedded = self.client.embed_posts([upserts[i] for i in ids])
-                inputs[WRITE_EMBEDDING.name] = np.concatenate([embedded, np.zeros((len(deletes), embedded.shape[1]), np.float32)])
-            self.client.infer(ModelName.INDEX_WRITE, inputs, (LSN.name,))  # durable when this returns
+        if ids or deletes:
+            self._retrying(lambda: self._write(upserts, deletes))
         self.store.apply(upserts, deletes)
         # Lag: from the event's time to its write being acknowledged, i.e. retrievable by any search.
         acknowledged = time.time()
@@ -263,6 +259,29 @@ class Ingester:
         self.stats.upserts += len(ids)
         self.stats.deletes += len(deletes)
         self.stats.batches += 1
+
+    def _write(self, upserts: dict[int, Post], deletes: set[int]) -> None:
+        ids = list(upserts)
+        ops = [OP_UPSERT] * len(ids) + [OP_DELETE] * len(deletes)
+        inputs = {OP.name: np.array(ops, np.int32)[:, None], POST_ID.name: np.array(ids + sorted(deletes), np.int64)[:, None]}
+        if ids:  # delete rows ride along with zero vectors, which the writer ignores
+            embedded = self.client.embed_posts([upserts[i] for i in ids])
+            inputs[WRITE_EMBEDDING.name] = np.concatenate([embedded, np.zeros((len(deletes), embedded.shape[1]), np.float32)])
+        self.client.infer(ModelName.INDEX_WRITE, inputs, (LSN.name,))  # durable when this returns
+
+    def _retrying(self, write: Callable[[], None]) -> None:
+        """A server that is down or restarting: try the same window again, with backoff, for up to
+        `retry_s`; the window is committed only once a try succeeds (writes are idempotent)."""
+        deadline, pause = time.monotonic() + self.retry_s, 0.2
+        while True:
+            try:
+                return write()
+            except ClientError as err:
+                if not err.retryable or time.monotonic() + pause > deadline:
+                    raise
+                logger.warning("ingest: write failed (%s); retrying in %.1f s", err, pause)
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
 
     def _fold(self, event: Event, upserts: dict[int, Post], deletes: set[int]) -> None:
         if event.kind == "delete":

@@ -28,7 +28,18 @@ Record = dict[str, Any] | str | bytes | Any  # Any: a pydantic record (has model
 
 
 class ClientError(RuntimeError):
-    """The server refused or failed a request; the message carries its reason."""
+    """The server refused or failed a request; the message carries its reason, `status` the
+    protocol's code (e.g. StatusCode.UNAVAILABLE over gRPC, 400 over HTTP) where it gave one."""
+
+    def __init__(self, message: str, status: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def retryable(self) -> bool:
+        """The server was unreachable, restarting or too slow: the same request may succeed later.
+        A refused request (bad input) is not."""
+        return self.status is not None and any(code in self.status for code in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "503"))
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,18 @@ def protocol_module(protocol: Protocol) -> Any:
     return module
 
 
+# tritonclient's defaults, plus: this client's own subchannels (grpc otherwise shares them per
+# target across a process, so one client's reconnect backoff after a server restart would make a
+# fresh client fail fast too), and reconnect attempts at most 2 s apart instead of up to 120 s.
+GRPC_CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
 class FeedClient:
     def __init__(self, url: str = "127.0.0.1:8000", protocol: Protocol = "http", timeout_s: float = 30.0) -> None:
         self.protocol = protocol
@@ -71,7 +94,7 @@ class FeedClient:
                 url, connection_timeout=timeout_s, network_timeout=timeout_s
             )
         else:
-            self._client = self._tc.InferenceServerClient(url)
+            self._client = self._tc.InferenceServerClient(url, channel_args=GRPC_CHANNEL_ARGS)
 
     def ready(self) -> bool:
         try:
@@ -98,7 +121,7 @@ class FeedClient:
         try:
             result = self._client.infer(model, tensors, outputs=requested, **kwargs)
         except InferenceServerException as err:
-            raise ClientError(f"{model}: {err.message()}") from err
+            raise ClientError(f"{model}: {err.message()}", str(err.status()) if err.status() is not None else None) from err
         return {o: result.as_numpy(o) for o in outputs}
 
     def retrieve_many(self, members: Sequence[Record], k: int = 10) -> list[list[Hit]]:
