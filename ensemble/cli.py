@@ -131,7 +131,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     from feedserve.repository import main as render_main
 
-    return render_main(["--out", str(args.out), "--variant", args.variant] + (["--check"] if args.check else []))
+    return render_main(["--out", str(args.out), "--variant", args.variant] + (["--check"] if args.check else [])
+                       + (["--no-writer"] if args.no_writer else []))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -168,6 +169,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--check", action="store_true")
     r.add_argument("--variant", choices=("cpu", "gpu-torch", "gpu-trt"), default="cpu",
                    help="cpu (ONNX Runtime, faiss), gpu-torch (PyTorch encoder and kNN on GPU), gpu-trt (TensorRT plan)")
+    r.add_argument("--no-writer", action="store_true",
+                   help="leave out index_write: another server sharing the index directory writes, this one follows")
     r.set_defaults(func=cmd_render)
 
     s = sub.add_parser("serve", help="run tritonserver until interrupted")

@@ -49,6 +49,8 @@ class RepositorySettings:
     knn_dtype: str = "fp16"  # device storage of the GPU kNN
     snapshot_every: int = 1000  # live-index writes between snapshots (each restarts the log)
     encoder_cache_rows: int = 10000  # prompts whose embeddings the python encoder keeps (0: off)
+    # One server per index directory writes; others sharing the directory only follow (no index_write).
+    index_writer: bool = True
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -124,7 +126,7 @@ def render_configs(settings: RepositorySettings = RepositorySettings()) -> dict[
     # Ensemble-internal tensor names: the same map reads a step's outputs and the next step's inputs.
     tokens = tokens_in = {"INPUT_IDS": "input_ids", "ATTENTION_MASK": "attention_mask"}
     embed = (m.ENCODER, tokens_in, {"EMBEDDING": "EMBEDDING"})
-    return {
+    return _with_writer({
         m.PREPROCESS_POST: _python_model(
             m.PREPROCESS_POST, "feedserve.triton.preprocess", settings, settings.preprocess_instances, None,
             {"record_kind": RecordKind.POST.value},
@@ -139,11 +141,6 @@ def render_configs(settings: RepositorySettings = RepositorySettings()) -> dict[
             {"max_k": str(settings.max_k), **({"engine": "torch", "dtype": settings.knn_dtype} if settings.gpu else {})},
             gpu=settings.gpu,
         ),
-        # The live index's single writer: one instance on purpose (see feedserve.live_index).
-        m.INDEX_WRITE: _python_model(
-            m.INDEX_WRITE, "feedserve.triton.index_write", settings, 1, settings.knn_queue_delay_us,
-            {"snapshot_every": str(settings.snapshot_every)},
-        ),
         m.EMBED_POST: _ensemble(m.EMBED_POST, settings, [
             (m.PREPROCESS_POST, {"RECORDS": "RECORDS"}, tokens),
             embed,
@@ -157,7 +154,17 @@ def render_configs(settings: RepositorySettings = RepositorySettings()) -> dict[
             (m.ENCODER, tokens_in, {"EMBEDDING": "query"}),
             (m.KNN, {"QUERY": "query", "K": "K", "EXCLUDE_IDS": "exclude_ids"}, {"IDS": "IDS", "SCORES": "SCORES"}),
         ]),
-    }
+    }, settings)
+
+
+def _with_writer(configs: dict[ModelName, mc.ModelConfig], settings: RepositorySettings) -> dict[ModelName, mc.ModelConfig]:
+    if settings.index_writer:
+        # The live index's single writer: one instance on purpose (see feedserve.live_index).
+        configs[ModelName.INDEX_WRITE] = _python_model(
+            ModelName.INDEX_WRITE, "feedserve.triton.index_write", settings, 1, settings.knn_queue_delay_us,
+            {"snapshot_every": str(settings.snapshot_every)},
+        )
+    return configs
 
 
 def render_files(settings: RepositorySettings = RepositorySettings()) -> dict[str, str]:
@@ -196,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_REPOSITORY)
     parser.add_argument("--check", action="store_true", help="exit 1 if the files drift instead of writing")
     parser.add_argument("--variant", choices=VARIANTS, default="cpu")
+    parser.add_argument("--no-writer", action="store_true", help="leave out index_write: this server only follows the index")
     args = parser.parse_args(argv)
-    settings = RepositorySettings(variant=args.variant)
+    settings = RepositorySettings(variant=args.variant, index_writer=not args.no_writer)
     if args.check:
         stale = drift(args.out, settings)
         for rel in stale:

@@ -57,3 +57,11 @@ def test_gpu_variants_change_only_where_models_run() -> None:
     assert torch_encoder.parameters["runtime"].string_value == "torch"
     with pytest.raises(ValueError, match="unknown repository variant"):
         RepositorySettings(variant="tpu")
+
+
+def test_a_follower_server_has_no_writer() -> None:
+    from feedserve.repository import RepositorySettings
+
+    follower = render_configs(RepositorySettings(index_writer=False))
+    assert ModelName.INDEX_WRITE not in follower and ModelName.KNN in follower
+    assert render_configs()[ModelName.INDEX_WRITE].instance_group[0].count == 1  # one writer, always
