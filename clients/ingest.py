@@ -153,12 +153,30 @@ class JsonlSource:
             yield from _lines(source, offset, self.follow, self.idle_exit_s)
 
     def commit(self, positions: list[Any]) -> None:
-        tmp = self.offset_path.with_name(self.offset_path.name + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"offset": positions[-1]}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.offset_path)
+        _write_json_atomic(self.offset_path, {"offset": positions[-1]})
+
+
+class StdinSource:
+    """Events piped in: the position is the number of lines read, committed like a file's offset.
+    A restart fed the same stream again skips the lines already committed."""
+
+    def __init__(self, stream: IO[bytes], state_dir: Path) -> None:
+        self.stream = stream
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.offset_path = state_dir / "stdin_lines.json"
+
+    @property
+    def lines_done(self) -> int:
+        return int(json.loads(self.offset_path.read_text())["lines"]) if self.offset_path.exists() else 0
+
+    def events(self) -> Iterator[tuple[int, bytes] | None]:
+        skip = self.lines_done
+        for number, line in enumerate(self.stream, start=1):
+            if number > skip and line.strip():
+                yield number, line
+
+    def commit(self, positions: list[Any]) -> None:
+        _write_json_atomic(self.offset_path, {"lines": positions[-1]})
 
 
 class RedisSource:
@@ -320,14 +338,23 @@ def _lines(source: IO[bytes], offset: int, follow: bool, idle_exit_s: float | No
         time.sleep(0.02)
 
 
+def _write_json_atomic(path: Path, value: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(value, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _position(position: Any) -> str:
-    return f"stream entry {position.decode()}" if isinstance(position, bytes) else f"the line ending at byte {position}"
+    return f"stream entry {position.decode()}" if isinstance(position, bytes) else f"position {position}"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="feedserve ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--events", type=Path, help="a JSONL file of post events")
+    source.add_argument("--events", type=Path, help="a JSONL file of post events, or - for standard input")
     source.add_argument("--redis", metavar="URL", help="a Redis server, e.g. redis://127.0.0.1:6379/0")
     p.add_argument("--stream", default="post-events", help="with --redis: the stream's key")
     p.add_argument("--group", default="feedserve", help="with --redis: the consumer group")
@@ -342,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     events: EventSource
     if args.redis:
         events = RedisSource(args.redis, args.stream, args.group, args.consumer, args.idle_exit_s)
+    elif str(args.events) == "-":
+        events = StdinSource(sys.stdin.buffer, args.state)
     else:
         events = JsonlSource(args.events, args.state, args.follow, args.idle_exit_s)
     with FeedClient(args.url, "grpc", timeout_s=60) as client:

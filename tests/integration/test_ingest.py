@@ -167,3 +167,17 @@ def test_redis_stream_events_are_acknowledged_only_once_indexed(triton_server, r
             broker.xadd("post-events", {"event": _event("delete", post_id=p.id)})
         Ingester(client, state, window_s=0.05).run(RedisSource(redis_url, "post-events", idle_exit_s=0.5))
         assert not any(_present(client, posts))
+
+
+def test_events_piped_on_stdin(triton_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    posts = _posts(4, 3000)
+    stream = "".join(_create(p) for p in posts) + "".join(_event("delete", post_id=p.id) for p in posts[:2])
+    args = [sys.executable, "-c", WORKER, "--events", "-", "--state", str(tmp_path / "state"), "--url", triton_server.grpc_url]
+    subprocess.run(args, input=stream.encode(), check=True, timeout=120)
+    with FeedClient(triton_server.grpc_url, "grpc", timeout_s=60) as client:
+        assert _present(client, posts) == [False, False, True, True]
+        # The same stream again: the committed lines are skipped, the tail is new.
+        subprocess.run(args, input=(stream + _event("delete", post_id=posts[2].id) + _event("delete", post_id=posts[3].id)).encode(),
+                       check=True, timeout=120)
+        assert not any(_present(client, posts))
+    assert json.loads((tmp_path / "state" / "stdin_lines.json").read_text())["lines"] == 8
