@@ -132,20 +132,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", nargs="+", type=int, default=[1])
     p.add_argument("--window-ms", type=int, default=10000)
     p.add_argument("--records", type=int, default=32, help="distinct records per model")
+    p.add_argument("--prompt-cache", action="store_true",
+                   help="embedded server: keep the encoder's prompt cache on (perf_analyzer cycles through few "
+                        "records, so with it on the numbers measure the cache, not the model)")
     p.add_argument("--perf-analyzer", type=Path, default=perf_analyzer_binary())
     p.add_argument("--out", type=Path, default=Path("benchmarks/reports/perf"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     command = "python -m feedserve.clients.perf " + " ".join(argv if argv is not None else sys.argv[1:])
     with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         if args.grpc_url is None:
+            from feedserve.repository import RepositorySettings, write_repository
             from feedserve.server import ServerOptions, TritonServer, free_port
 
-            server = stack.enter_context(TritonServer(ServerOptions(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())))
-            urls, where = {"grpc": server.grpc_url, "http": server.http_url}, "the embedded default server"
+            repo = tmp / "repository"
+            write_repository(repo, RepositorySettings(encoder_cache_rows=10000 if args.prompt_cache else 0))
+            server = stack.enter_context(TritonServer(ServerOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
+                                                                    metrics_port=free_port())))
+            urls = {"grpc": server.grpc_url, "http": server.http_url}
+            where = f"the embedded default server (prompt cache {'on' if args.prompt_cache else 'off'})"
         else:
             urls, where = {"grpc": args.grpc_url, "http": args.http_url}, f"the server at {args.grpc_url}"
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         points = []
         for model in args.models:
             data = tmp / f"{model}.json"
