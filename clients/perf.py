@@ -51,12 +51,12 @@ def perf_analyzer_binary() -> Path:
 
 
 def measure(binary: Path, url: str, protocol: str, model: str, data: Path, batch: int, concurrency: int,
-            window_ms: int) -> Point:
+            window_ms: int, stability_pct: float = 50.0, max_trials: int = 4) -> Point:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "pa.csv"
         cmd = [str(binary), "-m", model, "-u", url, "-i", protocol, "--input-data", str(data), "-b", str(batch),
                f"--concurrency-range={concurrency}", f"--measurement-interval={window_ms}", "--measurement-mode=time_windows",
-               "--stability-percentage=50", "--max-trials=4", "--percentile=99", "-f", str(report)]
+               f"--stability-percentage={stability_pct:g}", f"--max-trials={max_trials}", "--percentile=99", "-f", str(report)]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if out.returncode != 0:
             raise RuntimeError(f"perf_analyzer failed for {model} over {protocol} (c={concurrency}, b={batch}):\n"
@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 2, 4, 8])
     p.add_argument("--batch", nargs="+", type=int, default=[1])
     p.add_argument("--window-ms", type=int, default=10000)
+    p.add_argument("--stability-pct", type=float, default=50.0, help="perf_analyzer's band for a stable measurement")
+    p.add_argument("--max-trials", type=int, default=4, help="windows perf_analyzer may take to get stable")
     p.add_argument("--records", type=int, default=32, help="distinct records per model")
     p.add_argument("--prompt-cache", action="store_true",
                    help="embedded server: keep the encoder's prompt cache on (perf_analyzer cycles through few "
@@ -163,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"--{protocol}-url is needed to measure over {protocol}")
                 for batch in args.batch:
                     for concurrency in args.concurrency:
-                        points.append(measure(args.perf_analyzer, urls[protocol], protocol, model, data, batch, concurrency, args.window_ms))
+                        points.append(measure(args.perf_analyzer, urls[protocol], protocol, model, data, batch, concurrency,
+                                              args.window_ms, args.stability_pct, args.max_trials))
                         logger.info("%s", points[-1])
     for path in write_reports(points, args.out, command, where):
         print(path)
