@@ -269,7 +269,14 @@ class Ingester:
                 stamps.append(event.ts)
         ids = list(upserts)
         if ids or deletes:
-            self._retrying(lambda: self._write(upserts, deletes))
+            try:
+                self._retrying(lambda: self._write(upserts, deletes))
+            except ClientError as err:
+                if err.retryable:
+                    raise
+                # The server refused the window (a post it will not take): write the posts one by
+                # one, so the refused ones are skipped by name instead of blocking every restart.
+                self._isolate(upserts, deletes)
         self.store.apply(upserts, deletes)
         # Lag: from the event's time to its write being acknowledged, i.e. retrievable by any search.
         acknowledged = time.time()
@@ -286,6 +293,19 @@ class Ingester:
             embedded = self.client.embed_posts([upserts[i] for i in ids])
             inputs[WRITE_EMBEDDING.name] = np.concatenate([embedded, np.zeros((len(deletes), embedded.shape[1]), np.float32)])
         self.client.infer(ModelName.INDEX_WRITE, inputs, (LSN.name,))  # durable when this returns
+
+    def _isolate(self, upserts: dict[int, Post], deletes: set[int]) -> None:
+        for post_id in list(upserts):
+            try:
+                self._retrying(lambda: self._write({post_id: upserts[post_id]}, set()))
+            except ClientError as err:
+                if err.retryable:
+                    raise
+                self.stats.bad += 1
+                logger.warning("ingest: the server refused post %d: %s", post_id, err)
+                del upserts[post_id]
+        if deletes:
+            self._retrying(lambda: self._write({}, deletes))
 
     def _retrying(self, write: Callable[[], None]) -> None:
         """A server that is down or restarting: try the same window again, with backoff, for up to
