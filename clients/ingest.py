@@ -272,7 +272,7 @@ class Ingester:
             try:
                 self._retrying(lambda: self._write(upserts, deletes))
             except ClientError as err:
-                if err.retryable:
+                if not err.refused:
                     raise
                 # The server refused the window (a post it will not take): write the posts one by
                 # one, so the refused ones are skipped by name instead of blocking every restart.
@@ -299,8 +299,8 @@ class Ingester:
             try:
                 self._retrying(lambda: self._write({post_id: upserts[post_id]}, set()))
             except ClientError as err:
-                if err.retryable:
-                    raise
+                if not err.refused:
+                    raise  # an internal error is not the post's fault: stop without committing
                 self.stats.bad += 1
                 logger.warning("ingest: the server refused post %d: %s", post_id, err)
                 del upserts[post_id]

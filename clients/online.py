@@ -36,6 +36,11 @@ class ClientError(RuntimeError):
         self.status = status
 
     @property
+    def refused(self) -> bool:
+        """The request itself was refused as invalid (only then may an ingester skip it)."""
+        return self.status is not None and any(code in self.status for code in ("INVALID_ARGUMENT", "400"))
+
+    @property
     def retryable(self) -> bool:
         """The server was unreachable, restarting or too slow: the same request may succeed later.
         A refused request (bad input) is not."""

@@ -129,7 +129,7 @@ class EncoderModel(BatchModel[Tokens]):
 
     def _remember(self, row: np.ndarray, vec: np.ndarray) -> None:
         if self.cache_rows:
-            self.cache[row.tobytes()] = vec
+            self.cache[row.tobytes()] = vec.copy()  # not a view that would keep its whole batch alive
             while len(self.cache) > self.cache_rows:
                 self.cache.popitem(last=False)
 

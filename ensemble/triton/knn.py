@@ -57,7 +57,8 @@ class KnnModel(BatchModel[KnnRequest]):
         if signature is None:
             return
         if signature == self._signature:
-            assert self.live is not None
+            if self.live is None:  # the file that appeared could not be opened: still nothing to serve
+                return
             try:
                 self.live.catch_up()
             except Exception:  # a damaged log: keep serving what we have, loudly
