@@ -144,7 +144,7 @@ class JsonlSource:
 
     @property
     def offset(self) -> int:
-        return int(json.loads(self.offset_path.read_text())["offset"]) if self.offset_path.exists() else 0
+        return _read_position(self.offset_path, "offset")
 
     def events(self) -> Iterator[tuple[int, bytes] | None]:
         with open(self.path, "rb") as source:
@@ -167,7 +167,7 @@ class StdinSource:
 
     @property
     def lines_done(self) -> int:
-        return int(json.loads(self.offset_path.read_text())["lines"]) if self.offset_path.exists() else 0
+        return _read_position(self.offset_path, "lines")
 
     def events(self) -> Iterator[tuple[int, bytes] | None]:
         skip = self.lines_done
@@ -356,6 +356,11 @@ def _lines(source: IO[bytes], offset: int, follow: bool, idle_exit_s: float | No
             return
         yield None
         time.sleep(0.02)
+
+
+def _read_position(path: Path, key: str) -> int:
+    """A committed position written by `_write_json_atomic`; 0 before the first commit."""
+    return int(json.loads(path.read_text())[key]) if path.exists() else 0
 
 
 def _write_json_atomic(path: Path, value: object) -> None:
