@@ -21,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 from feedserve.clients.online import ClientError, Record, records_tensor
 from feedserve.knn import PostIndex
+from feedserve.live_index import rebuilding
 from feedserve.schema import EMBEDDING, RECORDS, ModelName
 
 logger = logging.getLogger(__name__)
@@ -101,14 +102,10 @@ def load_embeddings(out_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_index(ids: np.ndarray, vectors: np.ndarray, index_path: Path, meta: dict[str, object] | None = None) -> PostIndex:
-    """A full rebuild. It replaces the live index as of now: the writes already in its log are
-    behind it (its lsn), so neither the writer nor the followers replay them on top of it."""
-    from feedserve.live_index import logged_lsn
-
-    index = PostIndex(int(vectors.shape[1]), {**(meta or {}), "lsn": logged_lsn(index_path.parent)})
-    index.upsert(ids, vectors)
-    index.save(index_path)
-    return index
+    """A full rebuild from vectors in hand: it replaces the live index as of now (the writes
+    already logged are behind it; see `feedserve.live_index.rebuilding`)."""
+    with rebuilding(index_path.parent) as rebuild:
+        return rebuild.save(ids, vectors, meta)
 
 
 def index_corpus(
@@ -118,13 +115,16 @@ def index_corpus(
     embeddings_dir: Path | None = None,
     **kwargs: object,
 ) -> EmbedStats:
-    """Embed `posts` through the server, save the embeddings, and write the index file."""
-    start = time.perf_counter()
-    vectors = embed_records(posts, **kwargs)
-    stats = EmbedStats(len(posts), time.perf_counter() - start)
-    id_array = np.asarray(ids, np.int64)
-    if embeddings_dir is not None:
-        save_embeddings(embeddings_dir, id_array, vectors)
-    build_index(id_array, vectors, index_path)
+    """Embed `posts` through the server, save the embeddings, and write the index file. The rebuild
+    starts before the first post is embedded: writes acknowledged meanwhile (an ingester running
+    beside it) are newer than this corpus and stay on top of it."""
+    with rebuilding(index_path.parent) as rebuild:
+        start = time.perf_counter()
+        vectors = embed_records(posts, **kwargs)
+        stats = EmbedStats(len(posts), time.perf_counter() - start)
+        id_array = np.asarray(ids, np.int64)
+        if embeddings_dir is not None:
+            save_embeddings(embeddings_dir, id_array, vectors)
+        rebuild.save(id_array, vectors)
     logger.info("indexed %d posts in %.1f s (%.1f posts/s)", stats.posts, stats.seconds, stats.posts_per_s)
     return stats

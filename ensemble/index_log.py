@@ -1,17 +1,21 @@
-"""The post index's write-ahead log: every upsert and delete, on disk before it is acknowledged.
+"""The post index's write-ahead log: every write, on disk before it is acknowledged.
 
-A log file is a header (magic, base lsn) followed by records:
+A log file is a header (magic, base lsn) followed by records, one per write request:
 
-    u32 payload length | u32 crc32 of the payload | u64 sequence number (lsn) | payload
-    payload = u8 op (1 upsert, 2 delete) | u32 n | u32 dim | int64 ids[n] | float32 vectors[n, dim]
+    u32 payload length | u32 crc32 of (length, lsn, payload) | u64 sequence number (lsn) | payload
+    payload = u32 n | u32 dim | u8 ops[n] (1 upsert, 2 delete) | int64 ids[n] | float32 vectors[upserts, dim]
 
-`append` writes a record, flushes and fsyncs before it returns its lsn: a write acknowledged after
-`append` survives a crash of the process or the machine. A crash in the middle of `append` leaves a
-torn tail (a partial header or payload, or a checksum that does not match); `WriteAheadLog` opens
-such a file by truncating it to the last whole record, with a warning. Records are read back with
-`read_records`, from the start or from the offset where a reader stopped (readers that follow the
-log use it). A snapshot covering everything up to lsn L starts a new log whose base is L (lsns keep
-counting up from there): a follower that sees a new base reloads the snapshot instead of reading on.
+A request that mixes upserts and deletes is one record with one lsn, so it is applied, replayed and
+followed whole. Lsns count up by one from the base: a record out of sequence is damage.
+
+`WriteAheadLog.append` writes a record and fsyncs before it returns its lsn: a write acknowledged
+after `append` survives a crash of the process or the machine. A failed append is cut off again
+before the next one (or the log refuses appends until it is reopened), so an lsn is never reused.
+A crash in the middle of `append` leaves a torn tail: bytes after the last whole record that no
+valid record follows (a partial record, or zeros where the filesystem extended the file). Opening
+the log truncates a torn tail with a warning; anything else that does not check out is damage,
+refused with `LogError`, never dropped. A snapshot covering everything up to lsn L starts a new
+log based at L; the records written meanwhile are carried over into it.
 
 Nothing here executes or unpickles what it reads: the payload is lengths and flat numeric arrays.
 """
@@ -27,75 +31,149 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
+from feedserve.schema import OP_DELETE, OP_UPSERT
+
 logger = logging.getLogger(__name__)
 
-MAGIC = b"FSWAL001"
+MAGIC = b"FSWAL002"
 HEADER = struct.Struct("<8sQ")  # magic, base lsn (the snapshot this log continues)
 RECORD = struct.Struct("<IIQ")  # payload length, crc32, lsn
-BODY = struct.Struct("<BII")  # op, n, dim
-MAX_PAYLOAD = 1 << 30  # a length beyond this is a torn or corrupt header, not a record
+BODY = struct.Struct("<II")  # n, dim
+MAX_PAYLOAD = 1 << 30
 
 
 class LogError(ValueError):
-    """A log file that is not a feedserve log (wrong magic) or cannot be read at all."""
+    """A log that is not a feedserve log, is damaged, or can take no more writes."""
 
 
 class Op(IntEnum):
-    UPSERT = 1
-    DELETE = 2
+    UPSERT = OP_UPSERT
+    DELETE = OP_DELETE
 
 
 @dataclass(frozen=True)
 class Record:
     lsn: int
-    op: Op
+    ops: np.ndarray  # uint8 [n]
     ids: np.ndarray  # int64 [n]
-    vectors: np.ndarray  # float32 [n, dim]; [n, 0] for a delete
+    vectors: np.ndarray  # float32 [upserts, dim], the upsert rows in order
     end: int  # file offset just past this record
 
+    @property
+    def upserts(self) -> np.ndarray:
+        return self.ids[self.ops == Op.UPSERT]
 
-def encode(op: Op, ids: np.ndarray, vectors: np.ndarray | None) -> bytes:
+    @property
+    def deletes(self) -> np.ndarray:
+        return self.ids[self.ops == Op.DELETE]
+
+
+def encode(ops: np.ndarray, ids: np.ndarray, vectors: np.ndarray | None) -> bytes:
+    ops = np.ascontiguousarray(ops, dtype=np.uint8).reshape(-1)
     ids = np.ascontiguousarray(ids, dtype="<i8").reshape(-1)
-    vecs = np.zeros((len(ids), 0), "<f4") if vectors is None else np.ascontiguousarray(vectors, dtype="<f4")
-    return BODY.pack(int(op), len(ids), vecs.shape[1]) + ids.tobytes() + vecs.tobytes()
+    upserts = int((ops == Op.UPSERT).sum())
+    vecs = np.zeros((0, 0), "<f4") if vectors is None else np.ascontiguousarray(vectors, dtype="<f4")
+    if len(ops) != len(ids) or len(vecs) != upserts or not np.isin(ops, list(Op)).all():
+        raise LogError(f"a write needs one op per id and one vector per upsert: {len(ops)} ops, {len(ids)} ids, "
+                       f"{len(vecs)} vectors for {upserts} upserts")
+    dim = vecs.shape[1] if upserts else 0
+    return BODY.pack(len(ids), dim) + ops.tobytes() + ids.tobytes() + vecs.tobytes()
 
 
-def decode(payload: bytes) -> tuple[Op, np.ndarray, np.ndarray]:
-    op, n, dim = BODY.unpack_from(payload)
-    ids = np.frombuffer(payload, "<i8", n, BODY.size).astype(np.int64)
-    vectors = np.frombuffer(payload, "<f4", n * dim, BODY.size + 8 * n).astype(np.float32).reshape(n, dim)
-    return Op(op), ids, vectors
+def _crc(length: int, lsn: int, payload: bytes | memoryview) -> int:
+    return zlib.crc32(payload, zlib.crc32(struct.pack("<IQ", length, lsn)))
 
 
-def read_header(path: Path) -> int:
-    """The log's base lsn; LogError if the file is not a log."""
-    with open(path, "rb") as f:
-        head = f.read(HEADER.size)
+def record_bytes(lsn: int, payload: bytes) -> bytes:
+    return RECORD.pack(len(payload), _crc(len(payload), lsn, payload), lsn) + payload
+
+
+def decode(lsn: int, payload: bytes, end: int) -> Record | None:
+    """The record, or None when the payload's lengths and ops do not add up."""
+    if len(payload) < BODY.size:
+        return None
+    n, dim = BODY.unpack_from(payload)
+    ops = np.frombuffer(payload, np.uint8, n, BODY.size) if len(payload) >= BODY.size + n else None
+    if ops is None or not np.isin(ops, list(Op)).all():
+        return None
+    upserts = int((ops == Op.UPSERT).sum())
+    if len(payload) != BODY.size + 9 * n + 4 * upserts * dim:
+        return None
+    ids = np.frombuffer(payload, "<i8", n, BODY.size + n).astype(np.int64)
+    vectors = np.frombuffer(payload, "<f4", upserts * dim, BODY.size + 9 * n).astype(np.float32)
+    return Record(lsn, ops.copy(), ids, vectors.reshape(upserts, dim), end)
+
+
+def read_header(f: BinaryIO, name: object = "log") -> int:
+    """The base lsn of the log open as `f` (read from its start); LogError if it is not a log."""
+    f.seek(0)
+    head = f.read(HEADER.size)
     if len(head) < HEADER.size or head[:8] != MAGIC:
-        raise LogError(f"{path}: not a feedserve write-ahead log (bad header)")
+        raise LogError(f"{name}: not a feedserve write-ahead log of this version (bad header)")
     return int(HEADER.unpack(head)[1])
 
 
-def read_records(path: Path, offset: int = HEADER.size) -> Iterator[Record]:
-    """Whole, intact records from `offset` on; stops quietly at the first torn or corrupt one."""
+def read_records(f: BinaryIO, offset: int = HEADER.size) -> Iterator[Record]:
+    """Whole, intact records of the log open as `f`, from `offset` on; stops quietly at the first
+    incomplete or invalid one (a reader following a live log may see an append in progress)."""
+    f.seek(offset)
+    while True:
+        head = f.read(RECORD.size)
+        if len(head) < RECORD.size:
+            return
+        length, crc, lsn = RECORD.unpack(head)
+        if length > MAX_PAYLOAD:
+            return
+        payload = f.read(length)
+        if len(payload) < length or _crc(length, lsn, payload) != crc:
+            return
+        record = decode(lsn, payload, offset + RECORD.size + length)
+        if record is None:
+            return
+        offset = record.end
+        yield record
+
+
+def scan(path: Path) -> tuple[int, int, int]:
+    """(base lsn, last lsn, end of the last whole record) of a log, checking every record is the
+    one after the last. LogError on damage: bad bytes that a valid record follows."""
     with open(path, "rb") as f:
-        f.seek(offset)
-        while True:
-            head = f.read(RECORD.size)
-            if len(head) < RECORD.size:
-                return
-            length, crc, lsn = RECORD.unpack(head)
-            if length > MAX_PAYLOAD:
-                return
-            payload = f.read(length)
-            if len(payload) < length or zlib.crc32(payload) != crc:
-                return
-            offset += RECORD.size + length
-            op, ids, vectors = decode(payload)
-            yield Record(lsn, op, ids, vectors, offset)
+        base = read_header(f, path)
+        last, end = base, HEADER.size
+        for record in read_records(f):
+            if record.lsn != last + 1:
+                raise LogError(f"{path}: record {record.lsn} at offset {end} follows {last}: the log is out of sequence")
+            last, end = record.lsn, record.end
+        size = os.fstat(f.fileno()).st_size
+        if size > end and _valid_record_in(f, end + 1, size, last):
+            raise LogError(f"{path}: the record at offset {end} (after lsn {last}) is damaged, and a valid record "
+                           f"follows it: that is damage, not a torn write; refusing to drop acknowledged writes")
+    return base, last, end
+
+
+def _valid_record_in(f: BinaryIO, start: int, size: int, after_lsn: int) -> bool:
+    """Whether a valid record with an lsn past `after_lsn` starts anywhere in [start, size): the lsn
+    field is searched for at every byte offset (with numpy), and each candidate's checksum checked."""
+    f.seek(start)
+    tail = f.read(size - start)
+    most = after_lsn + 1 + len(tail) // (RECORD.size + BODY.size)  # no more records than fit
+    for shift in range(8):
+        usable = (len(tail) - shift) // 8 * 8
+        if usable <= 0:
+            continue
+        lsns = np.frombuffer(tail, "<u8", usable // 8, shift)
+        for at in (np.flatnonzero((lsns > after_lsn) & (lsns <= most)) * 8 + shift - 8).tolist():
+            if at < 0:
+                continue
+            length, crc, lsn = RECORD.unpack_from(tail, at)
+            payload = tail[at + RECORD.size : at + RECORD.size + length]
+            if len(payload) == length and _crc(length, lsn, payload) == crc and decode(lsn, payload, 0) is not None:
+                return True
+    return False
 
 
 class WriteAheadLog:
@@ -103,68 +181,86 @@ class WriteAheadLog:
 
     def __init__(self, path: Path, base_lsn: int = 0) -> None:
         self.path = Path(path)
-        if not self.path.exists() or self.path.stat().st_size == 0:
-            self._create(self.path, base_lsn)
-        self.base_lsn = read_header(self.path)
-        last, end = self.base_lsn, HEADER.size
-        for record in read_records(self.path):
-            last, end = record.lsn, record.end
+        if not self.path.exists():
+            _create(self.path, base_lsn)
+        self.base_lsn, self.last_lsn, self.end = scan(self.path)
         size = self.path.stat().st_size
-        if size > end and not _torn(self.path, end, size):
-            raise LogError(f"{self.path}: the record at offset {end} (after lsn {last}) is corrupt but is followed by "
-                           f"{size - end} more bytes: that is damage, not a torn write; refusing to drop acknowledged writes")
-        if size > end:
+        if size > self.end:
             logger.warning("%s: truncating a torn tail of %d bytes after lsn %d (a write that was never acknowledged)",
-                           self.path, size - end, last)
-            with open(self.path, "r+b") as f:
-                f.truncate(end)
-                os.fsync(f.fileno())
-        self.last_lsn = last
-        self._file = open(self.path, "ab")
+                           self.path, size - self.end, self.last_lsn)
+        self._fd = os.open(self.path, os.O_WRONLY)
+        if size > self.end:
+            os.ftruncate(self._fd, self.end)
+            os.fsync(self._fd)
         self._lock = threading.Lock()
+        self.failed: str | None = None  # why appends are refused, after a failure that could not be undone
 
-    @staticmethod
-    def _create(path: Path, base_lsn: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(HEADER.pack(MAGIC, base_lsn))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-
-    def append(self, op: Op, ids: np.ndarray, vectors: np.ndarray | None = None) -> int:
-        payload = encode(op, ids, vectors)
+    def append(self, ops: np.ndarray, ids: np.ndarray, vectors: np.ndarray | None) -> int:
+        payload = encode(ops, ids, vectors)
         with self._lock:
+            if self.failed:
+                raise LogError(f"{self.path}: refusing writes since an earlier one failed ({self.failed}); reopen the log")
             lsn = self.last_lsn + 1
-            self._file.write(RECORD.pack(len(payload), zlib.crc32(payload), lsn) + payload)
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            data = record_bytes(lsn, payload)
+            try:
+                _write_all(self._fd, data, self.end)
+                os.fsync(self._fd)
+            except OSError as err:
+                self._undo(err)
+                raise LogError(f"{self.path}: write {lsn} failed and was not acknowledged: {err}") from err
+            self.end += len(data)
             self.last_lsn = lsn
             return lsn
 
-    def restart(self) -> None:
-        """Start an empty log based at the last lsn, once a snapshot holds everything up to it."""
+    def _undo(self, err: OSError) -> None:
+        # The failed record may be partly on disk: cut it off, so the next append (which takes the
+        # same lsn) is the only record with it. If even that fails, no lsn may be handed out again.
+        try:
+            os.ftruncate(self._fd, self.end)
+            os.fsync(self._fd)
+        except OSError as again:
+            self.failed = f"{err}; then truncating it failed: {again}"
+            logger.error("%s: %s", self.path, self.failed)
+
+    def restart(self, base_lsn: int, keep_from: int) -> None:
+        """Start a new log based at `base_lsn` (a snapshot holds everything up to it) holding this
+        log's records from offset `keep_from` on (those appended while the snapshot was written).
+        The new file is complete and durable before it replaces this one; if making it fails, this
+        log stays in place and in use."""
         with self._lock:
-            self._file.close()
-            self._create(self.path, self.last_lsn)
-            self.base_lsn = self.last_lsn
-            self._file = open(self.path, "ab")
+            with open(self.path, "rb") as f:
+                f.seek(keep_from)
+                tail = f.read(self.end - keep_from)
+            _create(self.path, base_lsn, tail)
+            old, self._fd = self._fd, os.open(self.path, os.O_WRONLY)
+            os.close(old)
+            self.base_lsn, self.end = base_lsn, HEADER.size + len(tail)
 
     def close(self) -> None:
-        self._file.close()
+        os.close(self._fd)
 
 
-def _torn(path: Path, offset: int, size: int) -> bool:
-    """Whether the bad bytes at `offset` can be the last record cut short by a crash: its header
-    is incomplete, or the payload it announces does not fit in, or runs exactly to, the file's end."""
-    if size - offset < RECORD.size:
-        return True
-    with open(path, "rb") as f:
-        f.seek(offset)
-        length, _, _ = RECORD.unpack(f.read(RECORD.size))
-    return length > MAX_PAYLOAD or offset + RECORD.size + length >= size
+def logged_lsn(path: Path) -> int:
+    """The last lsn in a log (0 when there is none)."""
+    return scan(path)[1] if Path(path).exists() else 0
+
+
+def _create(path: Path, base_lsn: int, records: bytes = b"") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(HEADER.pack(MAGIC, base_lsn) + records)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 def fsync_dir(directory: Path) -> None:

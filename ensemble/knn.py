@@ -185,15 +185,7 @@ class PostIndex:
 
     def save(self, path: Path) -> None:
         ids, vectors = self.snapshot()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = json.dumps({"format": FORMAT, "dim": self.dim, "count": len(ids), **self.meta})
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, ids=ids, vectors=vectors, meta=np.array(meta))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-        logger.info("saved %d posts (dim %d) to %s", len(ids), self.dim, path)
+        save_arrays(path, ids, vectors, self.meta)
 
     @classmethod
     def load(cls, path: Path, engine: Engine = Engine()) -> PostIndex:
@@ -214,9 +206,36 @@ class PostIndex:
         return index
 
 
-def file_signature(path: Path) -> tuple[int, int] | None:
+def save_arrays(path: Path, ids: np.ndarray, vectors: np.ndarray, meta: dict[str, object]) -> None:
+    """Write an index file atomically (temporary file, fsync, rename): readers see the old file or
+    the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = json.dumps({"format": FORMAT, "dim": int(vectors.shape[1]), "count": len(ids), **meta})
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, ids=ids, vectors=vectors, meta=np.array(header))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    logger.info("saved %d posts (dim %d) to %s", len(ids), vectors.shape[1], path)
+
+
+def read_meta(path: Path) -> dict[str, object]:
+    """An index file's metadata, without reading its vectors."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return dict(json.loads(str(data["meta"])))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise IndexError_(f"cannot read index {path}: {err}") from err
+
+
+Signature = tuple[int, int, int]
+
+
+def file_signature(path: Path) -> Signature | None:
+    """Which file is at `path` now: files are replaced by rename, so a new one has a new inode."""
     try:
         st = path.stat()
     except FileNotFoundError:
         return None
-    return (st.st_mtime_ns, st.st_size)
+    return (st.st_ino, st.st_mtime_ns, st.st_size)

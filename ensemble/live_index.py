@@ -1,49 +1,72 @@
 """A post index that takes upserts and deletes while it serves, and loses none it acknowledged.
 
-One directory holds `posts.npz`, the snapshot (`PostIndex.save`; its metadata names the lsn of the
-last write it holds), and `posts.wal`, the write-ahead log of the writes since
-(`feedserve.index_log`). There is one writer and any number of followers:
+One directory holds `posts.npz`, the snapshot (its metadata names the lsn of the last write it
+holds and the generation: the full build it descends from), and `posts.wal`, the write-ahead log of
+the writes since (`feedserve.index_log`). There is one writer and any number of followers:
 
-- The writer (`LiveIndex.open(dir, writer=True)`) checks a write, appends it to the log and fsyncs,
-  then applies it; only then is it acknowledged. `snapshot()` saves the index atomically (temporary
-  file, fsync, rename) and starts an empty log based at the snapshot's lsn.
-- A follower (every `knn` instance; other processes) loads the same files and calls `catch_up()`
-  before each batch of searches: it applies the records it has not seen, and reloads the snapshot
-  when the writer has started a new log.
+- The writer (`LiveIndex.open(dir, writer=True)`) holds `writer.lock` (flock) for its life: a
+  second writer on the same directory is refused. It checks a write, appends it to the log as one
+  record and fsyncs, then applies it; only then is it acknowledged. `snapshot()` copies the index
+  under the write lock, saves the copy atomically without it (writes go on meanwhile), and starts a
+  new log based at the copy's lsn that carries over the records written during the save.
+- A follower (every `knn` instance; other processes) loads the same files and calls `refresh()`
+  before each batch of searches. It keeps the log it follows open: when the writer starts a new
+  log, the follower first reads the old one to its end, so it reloads the snapshot only when it
+  starts or when a full rebuild replaced the index (a new generation).
+- A full rebuild (`rebuilding`, used by `feedserve index`; any index file without a generation
+  that appears counts as one) holds `snapshot.lock` from before it reads
+  its corpus until its file is in place: the writer takes no snapshot meanwhile, so every write
+  logged after the rebuild started is still in the log, and is replayed on top of the rebuild by
+  the writer and by every follower.
 
-Consistency: a search that starts after a write was acknowledged sees it, on every instance (each
-catches up first); a write is applied under the index's lock, so a search sees all of it or none;
-a deleted id is never returned after the delete is acknowledged. Opening replays the log past the
+Consistency: a search that starts after a write was acknowledged sees it, on every instance and
+every server sharing the directory (each refreshes first); a write request (its upserts and deletes
+together) is one record applied under the index's lock, so a search sees all of it or none; a
+deleted id is never returned after its delete is acknowledged. Opening replays the log past the
 snapshot; a torn last record (a crash mid-append, never acknowledged) is cut off with a warning; a
 corrupt snapshot or a damaged log is refused with an error, never served as an empty index.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
-from feedserve.index_log import HEADER, Op, WriteAheadLog, fsync_dir, read_header, read_records
-from feedserve.knn import Engine, IndexError_, PostIndex
+from feedserve.index_log import HEADER, LogError, Op, Record, WriteAheadLog, fsync_dir, logged_lsn, read_header, read_records
+from feedserve.knn import Engine, IndexError_, PostIndex, Signature, file_signature, read_meta, save_arrays
 
 logger = logging.getLogger(__name__)
 
 SNAPSHOT = "posts.npz"
 LOG = "posts.wal"
+WRITER_LOCK = "writer.lock"
+SNAPSHOT_LOCK = "snapshot.lock"
 
 
 class LiveIndex:
-    def __init__(self, directory: Path, index: PostIndex, wal: WriteAheadLog | None) -> None:
+    def __init__(self, directory: Path, index: PostIndex, wal: WriteAheadLog | None, writer_lock: int | None = None,
+                 snapshot_signature: Signature | None = None) -> None:
         self.directory = Path(directory)
         self.index = index
         self.lsn = int(index.meta.get("lsn", 0))  # the last write this index holds
+        self.reloads = 0  # snapshots loaded after opening (a rebuild, or a follower that fell behind)
         self._wal = wal
-        self._log_id: tuple[int, int] | None = None  # (inode, base lsn) of the log being followed
+        self._writer_lock = writer_lock
+        self._snapshot_signature = snapshot_signature  # of the file `index` was loaded from (taken before)
+        self._log: BinaryIO | None = None  # the log being followed, kept open across a log restart
+        self._log_inode = -1
         self._offset = HEADER.size
-        self._lock = threading.Lock()  # one write, or one catch-up, at a time
+        self._lock = threading.Lock()  # one write, refresh or snapshot copy at a time
 
     @property
     def snapshot_path(self) -> Path:
@@ -53,104 +76,246 @@ class LiveIndex:
     def log_path(self) -> Path:
         return self.directory / LOG
 
+    @property
+    def generation(self) -> object:
+        return self.index.meta.get("generation")
+
+    @property
+    def failed(self) -> bool:
+        """Whether the log refuses writes after a failure it could not undo (reopen to go on)."""
+        return self._wal is not None and self._wal.failed is not None
+
     @classmethod
     def open(cls, directory: Path, dim: int | None = None, engine: Engine = Engine(), writer: bool = False) -> LiveIndex:
         directory = Path(directory)
-        snapshot = directory / SNAPSHOT
-        if snapshot.exists():
-            index = PostIndex.load(snapshot, engine)  # IndexError_ on a corrupt file: never an empty index
-        elif dim is not None:
-            index = PostIndex(dim, {"lsn": 0}, engine)
-            if writer:  # the empty snapshot records the dimension for every later open
-                index.save(snapshot)
-        else:
-            raise IndexError_(f"{snapshot} does not exist and no dimension was given for a new index")
-        wal = WriteAheadLog(directory / LOG, base_lsn=int(index.meta.get("lsn", 0))) if writer else None
-        live = cls(directory, index, wal)
-        live.catch_up()
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = _take_writer_lock(directory) if writer else None
+        try:
+            snapshot = directory / SNAPSHOT
+            signature = file_signature(snapshot)
+            if snapshot.exists():
+                index = PostIndex.load(snapshot, engine)  # IndexError_ on a corrupt file: never an empty index
+            elif dim is not None:
+                index = PostIndex(dim, {"lsn": 0, "generation": new_generation()}, engine)
+                if writer:  # the empty snapshot records the dimension for every later open
+                    index.save(snapshot)
+                    signature = file_signature(snapshot)
+            else:
+                raise IndexError_(f"{snapshot} does not exist and no dimension was given for a new index")
+            if writer:  # a file from another tool has no generation: the writer's snapshots will carry one
+                index.meta.setdefault("generation", new_generation())
+            wal = WriteAheadLog(directory / LOG, base_lsn=int(index.meta.get("lsn", 0))) if writer else None
+            live = cls(directory, index, wal, lock, signature)
+            with live._lock:
+                live._follow()
+                if writer:  # the writer reads its log again only after taking a rebuild
+                    live._forget_log()
+        except BaseException:
+            if lock is not None:
+                os.close(lock)
+            raise
         logger.info("%s: %d posts at lsn %d (%s)", directory, len(index), live.lsn, "writer" if writer else "follower")
         return live
 
     # --- writes (the writer only) -----------------------------------------------------------------
 
-    def upsert(self, ids: np.ndarray, vectors: np.ndarray) -> int:
-        """Insert or replace posts; returns the write's lsn once it is durable and applied."""
-        ids, vectors = self.index.check_write(ids, vectors)
-        return self._write(Op.UPSERT, ids, vectors)
-
-    def delete(self, ids: np.ndarray) -> int:
-        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
-        return self._write(Op.DELETE, ids, None)
-
-    def _write(self, op: Op, ids: np.ndarray, vectors: np.ndarray | None) -> int:
+    def write(self, ops: np.ndarray, ids: np.ndarray, vectors: np.ndarray | None) -> int:
+        """Apply one write request, upserts (a vector per upsert row, in order) and deletes together;
+        returns its lsn once it is durable and applied. IndexError_ before anything is logged."""
         if self._wal is None:
             raise IndexError_(f"{self.directory} is open as a follower; writes go through the writer")
+        ops = np.ascontiguousarray(ops, dtype=np.uint8).reshape(-1)
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        if len(ops) != len(ids) or not np.isin(ops, list(Op)).all():
+            raise IndexError_(f"a write needs one op (1 upsert, 2 delete) per id: {len(ops)} ops for {len(ids)} ids")
+        if len(np.unique(ids)) != len(ids):
+            raise IndexError_("duplicate post ids in one write")
+        upserts = ops == Op.UPSERT
+        if not upserts.any():
+            vectors = None
+        elif vectors is None:
+            raise IndexError_("upserts need their vectors")
+        else:
+            _, vectors = self.index.check_write(ids[upserts], vectors)
         with self._lock:
-            lsn = self._wal.append(op, ids, vectors)  # durable first ...
-            self._apply(op, ids, vectors)  # ... then visible
+            lsn = self._wal.append(ops, ids, vectors)  # durable first ...
+            self._apply(ops, ids, vectors)  # ... then visible
             self.lsn = lsn
             return lsn
 
-    def snapshot(self) -> int:
-        """Save the index atomically and start an empty log after it; returns the snapshot's lsn."""
+    def upsert(self, ids: np.ndarray, vectors: np.ndarray) -> int:
+        """Insert or replace posts."""
+        return self.write(np.full(np.size(ids), Op.UPSERT), ids, vectors)
+
+    def delete(self, ids: np.ndarray) -> int:
+        return self.write(np.full(np.size(ids), Op.DELETE), ids, None)
+
+    def snapshot(self) -> int | None:
+        """Save the index and start a new log after it; returns the snapshot's lsn, or None when a
+        rebuild holds the snapshot lock or has replaced the snapshot (`refresh` picks it up)."""
         if self._wal is None:
             raise IndexError_("only the writer takes snapshots")
-        with self._lock:
-            self.index.meta["lsn"] = self.lsn
-            self.index.save(self.snapshot_path)
+        with _flock(self.directory / SNAPSHOT_LOCK, blocking=False) as held:
+            if not held:
+                logger.info("%s: a rebuild is in progress; the snapshot waits for it", self.directory)
+                return None
+            if file_signature(self.snapshot_path) != self._snapshot_signature:
+                return None  # a rebuild landed since we last looked: never save over it
+            with self._lock:  # a copy, so writes go on while it is saved
+                ids, vectors = self.index.snapshot()
+                lsn, keep_from, meta = self.lsn, self._wal.end, dict(self.index.meta)
+            save_arrays(self.snapshot_path, ids, vectors, {**meta, "lsn": lsn})
             fsync_dir(self.directory)
-            self._wal.restart()  # a crash before this line leaves the old log: its records are <= lsn
-            self._log_id, self._offset = None, HEADER.size
-            return self.lsn
+            self._snapshot_signature = file_signature(self.snapshot_path)
+            # A crash before the log restarts leaves the old log: replay skips its records <= lsn.
+            self._wal.restart(lsn, keep_from)
+            return lsn
 
     def close(self) -> None:
         if self._wal is not None:
             self._wal.close()
+        self._forget_log()
+        if self._writer_lock is not None:
+            os.close(self._writer_lock)
+            self._writer_lock = None
 
     # --- following ----------------------------------------------------------------------------
 
-    def catch_up(self) -> int:
-        """Apply the log's records past this index's lsn; returns how many were applied."""
+    def refresh(self) -> int:
+        """Catch up with what other processes did; returns how many log records were applied. A
+        rebuilt snapshot (a new generation) replaces the index; then the log's records past this
+        index's lsn are applied (the writer has no others, unless it just took a rebuild)."""
         with self._lock:
-            try:
-                stat = self.log_path.stat()
-                base = read_header(self.log_path)
-            except FileNotFoundError:
-                return 0
-            if (stat.st_ino, base) != self._log_id:
-                if base > self.lsn:
-                    # The writer took a snapshot past what we hold: that snapshot replaces ours.
-                    self._reload()
-                self._log_id, self._offset = (stat.st_ino, base), HEADER.size
-            applied = 0
-            for record in read_records(self.log_path, self._offset):
-                if record.lsn > self.lsn:
-                    self._apply(record.op, record.ids, record.vectors)
-                    self.lsn = record.lsn
-                    applied += 1
-                self._offset = record.end
+            reloaded = self._take_rebuild()
+            return self._follow() if self._wal is None or reloaded else 0
+
+    def _take_rebuild(self) -> bool:
+        signature = file_signature(self.snapshot_path)
+        if signature == self._snapshot_signature:
+            return False
+        self._snapshot_signature = signature  # a file that fails to load is reported once, not every batch
+        if signature is None:
+            return False
+        generation = read_meta(self.snapshot_path).get("generation")
+        if generation is not None and generation == self.generation:
+            return False  # the writer's own periodic snapshot: the log holds everything in it
+        self._reload()
+        return True
+
+    def _follow(self) -> int:
+        applied = self._drain()  # first the rest of the log we have open, even if it was replaced
+        try:
+            log = open(self.log_path, "rb")
+        except FileNotFoundError:
             return applied
+        if os.fstat(log.fileno()).st_ino == self._log_inode:
+            log.close()
+            return applied
+        try:
+            base = read_header(log, self.log_path)
+            if base > self.lsn:  # the writer snapshotted past us and the log before it is gone
+                self._reload()
+            if base > self.lsn:
+                raise LogError(f"{self.log_path} starts after lsn {base} but the snapshot holds only up to "
+                               f"{self.lsn}: writes {self.lsn + 1}..{base} are in no file")
+        except BaseException:
+            log.close()
+            raise
+        self._forget_log()
+        self._log, self._log_inode, self._offset = log, os.fstat(log.fileno()).st_ino, HEADER.size
+        return applied + self._drain()
+
+    def _drain(self) -> int:
+        if self._log is None:
+            return 0
+        applied = 0
+        for record in read_records(self._log, self._offset):
+            if record.lsn > self.lsn + 1:
+                raise LogError(f"{self.log_path}: record {record.lsn} follows {self.lsn}: records are missing")
+            if record.lsn == self.lsn + 1:
+                self._apply_record(record)
+                applied += 1
+            self._offset = record.end
+        return applied
 
     def _reload(self) -> None:
+        self._snapshot_signature = file_signature(self.snapshot_path)
         index = PostIndex.load(self.snapshot_path, self.index.engine)
-        logger.info("%s: reloaded the snapshot at lsn %s", self.directory, index.meta.get("lsn"))
+        logger.info("%s: loaded the snapshot at lsn %s (generation %s)", self.directory, index.meta.get("lsn"),
+                    index.meta.get("generation"))
         self.index, self.lsn = index, int(index.meta.get("lsn", 0))
+        self.reloads += 1
+        self._forget_log()  # follow the current log from its start
 
-    def _apply(self, op: Op, ids: np.ndarray, vectors: np.ndarray | None) -> None:
-        if op == Op.UPSERT:
+    def _forget_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+        self._log, self._log_inode = None, -1
+
+    def _apply_record(self, record: Record) -> None:
+        self._apply(record.ops, record.ids, record.vectors)
+        self.lsn = record.lsn
+
+    def _apply(self, ops: np.ndarray, ids: np.ndarray, vectors: np.ndarray | None) -> None:
+        upserts = ops == Op.UPSERT
+        if upserts.any():
             assert vectors is not None
-            self.index.upsert(ids, vectors)
-        else:
-            self.index.delete(ids)
+            self.index.upsert(ids[upserts], vectors)
+        if (~upserts).any():
+            self.index.delete(ids[~upserts])
 
 
-def logged_lsn(directory: Path) -> int:
-    """The last lsn in a directory's log (0 without one): a full rebuild saved with it supersedes
-    every write logged so far."""
-    path = Path(directory) / LOG
-    if not path.exists():
-        return 0
-    last = read_header(path)
-    for record in read_records(path):
-        last = record.lsn
-    return last
+@dataclass(frozen=True)
+class Rebuild:
+    directory: Path
+    lsn: int  # the last write logged before the rebuild started: the rebuild supersedes it and those before
+
+    def save(self, ids: np.ndarray, vectors: np.ndarray, meta: dict[str, object] | None = None) -> PostIndex:
+        index = PostIndex(int(vectors.shape[1]), {**(meta or {}), "lsn": self.lsn, "generation": new_generation()})
+        index.upsert(ids, vectors)
+        index.save(self.directory / SNAPSHOT)
+        fsync_dir(self.directory)
+        return index
+
+
+@contextmanager
+def rebuilding(directory: Path) -> Iterator[Rebuild]:
+    """A full rebuild of a live index directory: enter it before the corpus is read, `save` the
+    rebuilt index (a new generation) inside it. It holds the snapshot lock throughout, so the writer
+    takes no snapshot meanwhile and every write logged after it started is still in the log: the
+    writer and every follower replay those on top of the rebuild."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with _flock(directory / SNAPSHOT_LOCK, blocking=True):
+        yield Rebuild(directory, logged_lsn(directory / LOG))
+
+
+def new_generation() -> str:
+    return uuid.uuid4().hex
+
+
+@contextmanager
+def _flock(path: Path, blocking: bool) -> Iterator[bool]:
+    """Hold an exclusive flock on `path` (yields True), or yield False when another holds it and
+    `blocking` is off. The kernel releases it if the process dies."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def _take_writer_lock(directory: Path) -> int:
+    fd = os.open(directory / WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise IndexError_(f"{directory} already has a writer (it holds {directory / WRITER_LOCK}); a second "
+                          f"server on the same index must be a follower (feedserve render --no-writer)") from None
+    return fd

@@ -31,6 +31,11 @@ class RequestError(ValueError):
     """A problem with one request's input; reported to its client as INVALID_ARG."""
 
 
+class Unavailable(RequestError):
+    """The model could not serve this request now, through no fault of its input (a disk error while
+    logging a write); reported as UNAVAILABLE, so a client retries instead of dropping the request."""
+
+
 class BatchModel(ABC, Generic[P]):
     """Subclasses set `name` and implement `setup`, `parse` and `compute`."""
 
@@ -84,7 +89,8 @@ class BatchModel(ABC, Generic[P]):
         responses = []
         for result in self.run(batch):
             if isinstance(result, RequestError):
-                error = pb_utils.TritonError(str(result), pb_utils.TritonError.INVALID_ARG)
+                code = pb_utils.TritonError.UNAVAILABLE if isinstance(result, Unavailable) else pb_utils.TritonError.INVALID_ARG
+                error = pb_utils.TritonError(str(result), code)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
             else:
                 tensors = [pb_utils.Tensor(name, value) for name, value in result.items()]

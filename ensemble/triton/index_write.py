@@ -1,27 +1,30 @@
 """The `index_write` model: the live index's single writer (one instance; see feedserve.live_index).
 
-Each request's upserts and deletes are checked, appended to the write-ahead log and fsynced, then
-applied; its LSN output comes back only after that, so an acknowledged write survives a crash. The
-`knn` instances follow the same log and see the write in their next batch. A bad request (an
-unknown op, a wrong dimension, NaN, a duplicate id) fails alone. Every `snapshot_every` writes the
-index is snapshotted and the log restarted. A rebuilt snapshot from the batch client is picked up
-before the next write, so the writer never overwrites it with what it held before.
+Each request's upserts and deletes are checked, appended to the write-ahead log as one record and
+fsynced, then applied; its LSN output comes back only after that, so an acknowledged write survives
+a crash. The `knn` instances follow the same log and see the write in their next batch. A bad
+request (an unknown op, a wrong dimension, NaN, a duplicate id) fails alone. Every `snapshot_every`
+writes a snapshot is taken on a background thread (writes go on meanwhile) and the log restarted.
+A rebuilt index from the batch client is picked up before the next write. A log that failed in a
+way it could not undo (a disk error) is reopened from what is on disk before the next write.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from feedserve.artifacts import ArtifactLayout, EncoderSettings
-from feedserve.knn import IndexError_, file_signature
+from feedserve.index_log import LogError
+from feedserve.knn import IndexError_
 from feedserve.live_index import LiveIndex
 from feedserve.schema import LSN, OP, OP_DELETE, OP_UPSERT, POST_ID, WRITE_EMBEDDING, ModelName
-from feedserve.triton.base import Arrays, BatchModel, RequestError, check_2d, require
+from feedserve.triton.base import Arrays, BatchModel, RequestError, Unavailable, check_2d, require
 
 logger = logging.getLogger(__name__)
 
@@ -40,17 +43,14 @@ class IndexWriteModel(BatchModel[Write]):
         self.layout = layout
         self.snapshot_every = int(params.get("snapshot_every", "1000"))
         self._dim = self._embedding_dim(layout)
-        self._open()
+        self.live = LiveIndex.open(layout.index.parent, self._dim, writer=True)
+        self._since_snapshot = 0
+        self._snapshotting: threading.Thread | None = None
 
     @staticmethod
     def _embedding_dim(layout: ArtifactLayout) -> int:
         settings = EncoderSettings.load(layout.settings)
         return settings.dim or int(json.loads((layout.hf_dir / "config.json").read_text())["hidden_size"])
-
-    def _open(self) -> None:
-        self.live = LiveIndex.open(self.layout.index.parent, self._dim, writer=True)
-        self._signature = file_signature(self.layout.index)
-        self._since_snapshot = 0
 
     def parse(self, inputs: dict[str, np.ndarray | None]) -> Write:
         ops = check_2d(OP.name, require(inputs, OP.name), np.int32)
@@ -72,34 +72,46 @@ class IndexWriteModel(BatchModel[Write]):
         return Write(ops, ids, vectors)
 
     def compute(self, items: Sequence[Write]) -> list[Arrays | RequestError]:
-        if file_signature(self.layout.index) != self._signature:
-            logger.info("index_write: %s was rebuilt; reopening on it", self.layout.index)
+        if self.live.failed:
+            logger.warning("index_write: reopening %s after a failed write", self.live.log_path)
+            self._join_snapshot()
             self.live.close()
-            self._open()
+            self.live = LiveIndex.open(self.layout.index.parent, self._dim, writer=True)
+        try:
+            self.live.refresh()  # a rebuilt index replaces ours, with our writes since replayed on it
+        except (IndexError_, LogError):
+            logger.exception("index_write: could not take the rebuilt index; writing on the one it holds")
         outputs: list[Arrays | RequestError] = []
         for write in items:
             try:
-                outputs.append({LSN.name: self._apply(write)})
+                lsn = self.live.write(write.ops, write.ids, None if write.vectors is None else write.vectors[write.ops == OP_UPSERT])
+                outputs.append({LSN.name: np.full((len(write.ids), 1), lsn, np.int64)})
+                self._since_snapshot += 1
             except IndexError_ as err:  # checked before anything is logged: nothing of it was written
                 outputs.append(RequestError(f"{WRITE_EMBEDDING.name}: {err}"))
-        if self._since_snapshot >= self.snapshot_every:
-            self.live.snapshot()
-            self._signature = file_signature(self.layout.index)
+            except LogError as err:  # not acknowledged; the next batch reopens the log if it must
+                outputs.append(Unavailable(f"index_write: {err}"))
+        if self._since_snapshot >= self.snapshot_every and self._snapshotting is None:
             self._since_snapshot = 0
+            self._snapshotting = threading.Thread(target=self._snapshot, name="index-snapshot", daemon=True)
+            self._snapshotting.start()
         return outputs
 
-    def _apply(self, write: Write) -> np.ndarray:
-        lsn = np.zeros((len(write.ids), 1), np.int64)
-        upsert = write.ops == OP_UPSERT
-        if upsert.any():
-            assert write.vectors is not None
-            lsn[upsert] = self.live.upsert(write.ids[upsert], write.vectors[upsert])
-        if (~upsert).any():
-            lsn[~upsert] = self.live.delete(write.ids[~upsert])
-        self._since_snapshot += int(upsert.any()) + int((~upsert).any())
-        return lsn
+    def _snapshot(self) -> None:
+        try:
+            self.live.snapshot()
+        except Exception:  # the log keeps every write; the next snapshot tries again
+            logger.exception("index_write: snapshot failed")
+        finally:
+            self._snapshotting = None
+
+    def _join_snapshot(self) -> None:
+        thread = self._snapshotting
+        if thread is not None:
+            thread.join()
 
     def finalize(self) -> None:
+        self._join_snapshot()
         self.live.close()
         super().finalize()
 

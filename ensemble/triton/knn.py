@@ -2,10 +2,10 @@
 
 The index is a follower of the live index (`feedserve.live_index`): before each batch it applies
 the writes `index_write` has acknowledged since, so a search sees every write acknowledged before
-it started. When the snapshot file changes on disk (a batch job rebuilt it, or the writer took a
-snapshot) the index is reopened, fully, before it replaces the old one: no request sees a
-half-built index. The `engine`
-parameter picks where searches run (faiss on CPU, torch or faiss-gpu on the instance's GPU).
+it started. A full rebuild (a new generation of the snapshot) is loaded whole before it replaces
+the old index: no request sees a half-built index; the writer's periodic snapshots need no reload.
+The `engine` parameter picks where searches run (faiss on CPU, torch or faiss-gpu on the
+instance's GPU).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from feedserve.artifacts import ArtifactLayout
-from feedserve.knn import Engine, PostIndex, file_signature
+from feedserve.knn import Engine, PostIndex, Signature, file_signature
 from feedserve.live_index import LiveIndex
 from feedserve.schema import EXCLUDE_IDS, IDS, K, QUERY, SCORES, ModelName
 from feedserve.triton.base import Arrays, BatchModel, RequestError, check_2d, require
@@ -43,7 +43,9 @@ class KnnModel(BatchModel[KnnRequest]):
         self.engine = Engine(params.get("engine", "faiss"), params.get("device", "cuda"), params.get("dtype", "fp16"))
         self.path: Path = layout.index
         self.live: LiveIndex | None = None
-        self._signature: tuple[int, int] | None = None
+        self._unreadable: Signature | None = None
+        # At load, a bad index or an engine that cannot run here fails the model (better than a
+        # model that answers nothing); later, a bad file keeps the old index serving, logged once.
         self._refresh(at_load=True)
         if self.index is None:
             logger.warning("knn: no index at %s yet; searches return nothing until it is built", self.path)
@@ -53,30 +55,19 @@ class KnnModel(BatchModel[KnnRequest]):
         return self.live.index if self.live is not None else None
 
     def _refresh(self, at_load: bool = False) -> None:
-        signature = file_signature(self.path)
-        if signature is None:
-            return
-        if signature == self._signature:
-            if self.live is None:  # the file that appeared could not be opened: still nothing to serve
-                return
-            try:
-                self.live.catch_up()
-            except Exception:  # a damaged log: keep serving what we have, loudly
-                logger.exception("knn: could not follow %s", self.live.log_path)
-            return
-        # At load, a bad index or an engine that cannot run here fails the model (better than a model
-        # that answers nothing); later, a bad new file keeps the old index serving and is logged once.
         try:
-            live = LiveIndex.open(self.path.parent, engine=self.engine)
-            if len(live.index):  # build a GPU engine's device copy now, not in the first request
-                live.index.search(np.zeros((1, live.index.dim), np.float32), [1])
-            self.live = live
-            self._signature = signature
+            if self.live is not None:
+                self.live.refresh()
+            elif self.path.exists() and file_signature(self.path) != self._unreadable:
+                self._unreadable = file_signature(self.path)  # until it opens: a bad file is reported once
+                live = LiveIndex.open(self.path.parent, engine=self.engine)
+                if len(live.index):  # build a GPU engine's device copy now, not in the first request
+                    live.index.search(np.zeros((1, live.index.dim), np.float32), [1])
+                self.live = live
         except Exception:
             if at_load:
                 raise
-            logger.exception("knn: keeping the previous index")
-            self._signature = signature
+            logger.exception("knn: could not follow %s; serving the index it holds", self.path.parent)
 
     def parse(self, inputs: dict[str, np.ndarray | None]) -> KnnRequest:
         queries = check_2d(QUERY.name, require(inputs, QUERY.name), np.float32)

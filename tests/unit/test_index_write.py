@@ -56,21 +56,24 @@ def test_writes_are_acknowledged_then_seen_by_every_follower(layout: ArtifactLay
     assert not isinstance(out, RequestError) and out["LSN"].ravel().tolist() == [1] * 10
     q = vectors[3:4]
     assert all(_search(knn, q, 1) == [3] for knn in followers)
-    # A delete and a re-embedding in one request; then more writes than snapshot_every.
+    # A delete and a re-embedding in one request: one record, one lsn.
     moved = _unit(rng, 1)
     out = writer.run([_write([2, 1], [3, 7], np.concatenate([np.zeros((1, DIM), np.float32), moved]))])[0]
-    assert sorted(out["LSN"].ravel().tolist()) == [2, 3]
+    assert out["LSN"].ravel().tolist() == [2, 2]
     for knn in followers:
         assert 3 not in _search(knn, q, 50)
         assert _search(knn, moved, 1) == [7]
-    # Three log records so far (the second request wrote two): snapshot_every=3 took a snapshot
-    # and started a new log; the followers reload it and go on following.
-    assert PostIndex.load(layout.index).meta["lsn"] == 3
+    # The third write reaches snapshot_every=3: a snapshot on a background thread and a new log;
+    # the followers go on following it without reloading.
     writer.run([_write([1], [11], _unit(rng, 1))])
+    writer._join_snapshot()
+    assert PostIndex.load(layout.index).meta["lsn"] == 3
     writer.run([_write([1], [12], _unit(rng, 1))])
-    assert [r.lsn for r in read_records(layout.index.with_suffix(".wal"))] == [4, 5]
+    with open(layout.index.with_suffix(".wal"), "rb") as log:
+        assert [r.lsn for r in read_records(log)] == [4]
     for knn in followers:
         assert set(_search(knn, q, 50)) == {0, 1, 2, 4, 5, 6, 7, 8, 9, 11, 12}
+        assert knn.live is not None and knn.live.reloads == 0
 
 
 @pytest.mark.parametrize(("bad", "words"), [
@@ -102,3 +105,24 @@ def test_a_rebuilt_index_is_picked_up_by_the_writer(layout: ArtifactLayout) -> N
     follower = KnnModel()
     follower.setup(layout, {"max_k": "50"})
     assert set(_search(follower, _unit(rng, 1), 50)) == set(range(100, 110)) | {200}
+
+
+def test_a_write_the_disk_failed_is_unavailable_and_the_writer_recovers(layout: ArtifactLayout, monkeypatch: pytest.MonkeyPatch) -> None:
+    from feedserve import index_log
+    from feedserve.triton.base import Unavailable
+
+    rng = np.random.default_rng(3)
+    writer = IndexWriteModel()
+    writer.setup(layout, {})
+
+    def disk_error(*args: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(index_log.os, "fsync", disk_error)
+    monkeypatch.setattr(index_log.os, "ftruncate", disk_error)  # the undo fails too: the log refuses writes
+    failed = writer.run([_write([1], [1], _unit(rng, 1))])[0]
+    assert isinstance(failed, Unavailable) and "Input/output error" in str(failed)  # retryable, not "invalid"
+    monkeypatch.undo()
+    ok = writer.run([_write([1], [2], _unit(rng, 1))])[0]  # reopened from what is on disk
+    assert not isinstance(ok, RequestError)
+    assert 2 in set(writer.live.index.snapshot()[0].tolist())

@@ -1,5 +1,6 @@
 """The live index: writes while serving, durable before acknowledged, replayed after a crash,
-followed by other instances; torn tails cut, damage and corrupt snapshots refused."""
+followed by other instances; torn tails cut, damage and corrupt snapshots refused; failed appends
+undone; one writer; rebuilds that keep the writes logged while they ran."""
 
 from __future__ import annotations
 
@@ -8,16 +9,19 @@ import os
 import signal
 import subprocess
 import sys
+import struct
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from feedserve.index_log import LogError, WriteAheadLog, read_records
+from feedserve import index_log
+from feedserve.index_log import HEADER, LogError, Op, WriteAheadLog, read_records
 from feedserve.knn import IndexError_
-from feedserve.live_index import LiveIndex
+from feedserve.live_index import LiveIndex, rebuilding
 
 DIM = 8
 
@@ -30,6 +34,11 @@ def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
 def _state(live: LiveIndex) -> dict[int, list[float]]:
     ids, vectors = live.index.snapshot()
     return {int(i): np.round(v, 6).tolist() for i, v in zip(ids, vectors, strict=True)}
+
+
+def _lsns(log: Path) -> list[int]:
+    with open(log, "rb") as f:
+        return [r.lsn for r in read_records(f)]
 
 
 def test_writes_survive_a_reopen_with_and_without_a_snapshot(tmp_path: Path) -> None:
@@ -48,7 +57,7 @@ def test_writes_survive_a_reopen_with_and_without_a_snapshot(tmp_path: Path) -> 
     again.close()
     third = LiveIndex.open(tmp_path, writer=True)
     assert _state(third) == after and third.lsn == 4
-    assert [r.lsn for r in read_records(tmp_path / "posts.wal")] == [4]  # the snapshot holds 1..3
+    assert _lsns(tmp_path / "posts.wal") == [4]  # the snapshot holds 1..3
 
 
 def test_bad_writes_are_refused_before_they_are_logged(tmp_path: Path) -> None:
@@ -61,7 +70,7 @@ def test_bad_writes_are_refused_before_they_are_logged(tmp_path: Path) -> None:
     ]:
         with pytest.raises(IndexError_, match=words):
             live.upsert(ids, vectors)
-    assert live.lsn == 0 and not list(read_records(tmp_path / "posts.wal"))
+    assert live.lsn == 0 and not _lsns(tmp_path / "posts.wal")
     with pytest.raises(IndexError_, match="follower"):
         LiveIndex.open(tmp_path).upsert(np.array([1]), np.ones((1, DIM), np.float32))
 
@@ -80,11 +89,138 @@ def test_a_torn_tail_is_cut_and_damage_is_refused(tmp_path: Path, caplog: pytest
     assert "torn tail" in caplog.text and reopened.lsn == 3 and len(reopened.index) == 3
     assert log.read_bytes() == whole
     reopened.close()
-    damaged = bytearray(whole)
-    damaged[40] ^= 0xFF  # inside the first record, with two whole records after it
-    log.write_bytes(bytes(damaged))
-    with pytest.raises(LogError, match="damage, not a torn write"):
+    zeros = whole + bytes(4096)  # the filesystem extended the file, the data never made it
+    log.write_bytes(zeros)
+    with caplog.at_level(logging.WARNING):
+        WriteAheadLog(log).close()
+    assert log.read_bytes() == whole
+    # Damage in a record that whole records follow: a payload byte, the checksummed lsn, or a
+    # length field that now claims the rest of the file; each is refused, not cut off as torn.
+    for at, value in [(HEADER.size + 40, None), (HEADER.size + 8, None), (HEADER.size, struct.pack("<I", len(whole)))]:
+        damaged = bytearray(whole)
+        if value is None:
+            damaged[at] ^= 0xFF
+        else:
+            damaged[at : at + len(value)] = value
+        log.write_bytes(bytes(damaged))
+        with pytest.raises(LogError, match="damage, not a torn write"):
+            WriteAheadLog(log)
+
+
+def test_records_out_of_sequence_are_refused(tmp_path: Path) -> None:
+    log = tmp_path / "posts.wal"
+    wal = WriteAheadLog(log)
+    wal.append(np.array([Op.DELETE]), np.array([1]), None)
+    wal.close()
+    payload = index_log.encode(np.array([Op.DELETE]), np.array([2]), None)
+    log.write_bytes(log.read_bytes() + index_log.record_bytes(3, payload))  # 2 is missing
+    with pytest.raises(LogError, match="out of sequence"):
         WriteAheadLog(log)
+
+
+def test_a_failed_append_is_undone_and_its_lsn_not_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(5)
+    live = LiveIndex.open(tmp_path, DIM, writer=True)
+    live.upsert(np.array([1]), _unit(rng, 1))
+    real_fsync = os.fsync
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(index_log.os, "fsync", failing_fsync)
+    monkeypatch.setattr(index_log.os, "ftruncate", lambda fd, n: None)  # the undo "works", but fsync still fails
+    with pytest.raises(LogError, match="not acknowledged"):
+        live.upsert(np.array([2]), _unit(rng, 1))
+    assert live.failed and 2 not in _state(live)
+    with pytest.raises(LogError, match="refusing writes"):  # no lsn is handed out twice
+        live.upsert(np.array([3]), _unit(rng, 1))
+    monkeypatch.setattr(index_log.os, "fsync", real_fsync)
+    monkeypatch.undo()
+    live.close()
+    # Reopened from disk: the half-written record 2 is a torn tail (or, had it all reached the
+    # disk, a write that was never acknowledged); either way the next write follows in sequence.
+    again = LiveIndex.open(tmp_path, writer=True)
+    lsn = again.upsert(np.array([4]), _unit(rng, 1))
+    again.close()
+    lsns = _lsns(tmp_path / "posts.wal")
+    assert lsns == list(range(1, lsn + 1))
+
+
+def test_an_append_whose_undo_succeeds_goes_on_with_the_same_lsn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(6)
+    live = LiveIndex.open(tmp_path, DIM, writer=True)
+    live.upsert(np.array([1]), _unit(rng, 1))
+    real_fsync, calls = os.fsync, []
+
+    def fsync_failing_once(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(index_log.os, "fsync", fsync_failing_once)
+    with pytest.raises(LogError):
+        live.upsert(np.array([2]), _unit(rng, 1))
+    assert not live.failed and live.upsert(np.array([3]), _unit(rng, 1)) == 2
+    live.close()
+    assert _lsns(tmp_path / "posts.wal") == [1, 2]
+    assert set(_state(LiveIndex.open(tmp_path, writer=True))) == {1, 3}
+
+
+def test_a_snapshot_whose_new_log_fails_keeps_the_old_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(7)
+    live = LiveIndex.open(tmp_path, DIM, writer=True)
+    live.upsert(np.arange(3), _unit(rng, 3))
+
+    def no_space(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(index_log, "_create", no_space)
+    with pytest.raises(OSError):
+        live.snapshot()
+    monkeypatch.undo()
+    live.upsert(np.array([9]), _unit(rng, 1))  # still appending to the old log
+    before = _state(live)
+    live.close()
+    again = LiveIndex.open(tmp_path, writer=True)
+    assert _state(again) == before and again.lsn == 2
+
+
+def test_one_writer_per_directory(tmp_path: Path) -> None:
+    first = LiveIndex.open(tmp_path, DIM, writer=True)
+    with pytest.raises(IndexError_, match="already has a writer"):
+        LiveIndex.open(tmp_path, writer=True)
+    LiveIndex.open(tmp_path).close()  # followers are welcome
+    first.close()
+    LiveIndex.open(tmp_path, writer=True).close()
+
+
+def test_a_request_mixing_upserts_and_deletes_is_one_record(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    live = LiveIndex.open(tmp_path, DIM, writer=True)
+    live.upsert(np.arange(3), _unit(rng, 3))
+    lsn = live.write(np.array([Op.DELETE, Op.UPSERT, Op.UPSERT]), np.array([0, 1, 7]), _unit(rng, 2))
+    assert lsn == 2 and set(_state(live)) == {1, 2, 7}
+    live.close()
+    with open(tmp_path / "posts.wal", "rb") as f:
+        record = list(read_records(f))[-1]
+    assert record.lsn == 2 and record.deletes.tolist() == [0] and record.upserts.tolist() == [1, 7]
+
+
+def test_a_snapshot_taken_while_writes_go_on_loses_none(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    live = LiveIndex.open(tmp_path, DIM, writer=True)
+    live.upsert(np.arange(5000), _unit(rng, 5000))
+    vectors = _unit(rng, 300)
+    snapshots = threading.Thread(target=lambda: [live.snapshot() for _ in range(5)])
+    snapshots.start()
+    for i in range(300):
+        live.upsert(np.array([10_000 + i]), vectors[i : i + 1])
+    snapshots.join()
+    before, lsn = _state(live), live.lsn
+    live.close()
+    again = LiveIndex.open(tmp_path, writer=True)
+    assert again.lsn == lsn == 301 and _state(again) == before
 
 
 def test_a_corrupt_snapshot_is_refused_not_served_empty(tmp_path: Path) -> None:
@@ -108,14 +244,47 @@ def test_followers_see_every_acknowledged_write_and_snapshot(tmp_path: Path) -> 
     top = int(follower.index.search(q, [1])[0].ids[0])
     writer.delete(np.array([top]))
     writer.upsert(np.array([100]), q)
-    assert follower.catch_up() == 2
+    assert follower.refresh() == 2
     assert follower.index.search(q, [1])[0].ids.tolist() == [100]
     assert top not in follower.index.search(q, [25])[0].ids
-    writer.snapshot()  # a new log: the follower reloads nothing it already has ...
+    # New logs: the follower reads the rest of the old one first, so it reloads nothing, even
+    # when writes landed just before the switch.
     writer.upsert(np.array([101]), _unit(rng, 1))
-    assert follower.catch_up() == 1 and _state(follower) == _state(writer)
-    late = LiveIndex.open(tmp_path)  # ... and a new follower starts from the snapshot
+    writer.snapshot()
+    writer.upsert(np.array([102]), _unit(rng, 1))
+    assert follower.refresh() == 2 and _state(follower) == _state(writer)
+    writer.snapshot()
+    writer.upsert(np.array([103]), _unit(rng, 1))
+    assert follower.refresh() == 1 and _state(follower) == _state(writer) and follower.reloads == 0
+    # Two switches between refreshes: the log in between is gone, so the snapshot is reloaded.
+    writer.upsert(np.array([104]), _unit(rng, 1))
+    writer.snapshot()
+    writer.upsert(np.array([105]), _unit(rng, 1))
+    writer.snapshot()
+    follower.refresh()
+    assert _state(follower) == _state(writer) and follower.lsn == writer.lsn and follower.reloads == 1
+    late = LiveIndex.open(tmp_path)  # a new follower starts from the snapshot
     assert _state(late) == _state(writer) and late.lsn == writer.lsn
+
+
+def test_a_rebuild_keeps_the_writes_logged_while_it_ran(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    writer = LiveIndex.open(tmp_path, DIM, writer=True)
+    follower = LiveIndex.open(tmp_path)
+    writer.upsert(np.arange(3), _unit(rng, 3))  # superseded by the rebuild
+    with rebuilding(tmp_path) as rebuild:  # the corpus is read and embedded in here
+        assert rebuild.lsn == 1
+        writer.upsert(np.array([50]), _unit(rng, 1))  # acknowledged while the rebuild ran: kept
+        assert writer.snapshot() is None  # deferred: it would drop write 2 from the log
+        rebuild.save(np.arange(100, 110), _unit(rng, 10))
+        writer.delete(np.array([100]))  # after the save, before the writer looked: kept too
+    assert writer.snapshot() is None  # never saved over a rebuild it has not taken
+    writer.refresh()
+    expected = set(range(101, 110)) | {50}
+    assert set(_state(writer)) == expected and writer.lsn == 3
+    follower.refresh()
+    assert _state(follower) == _state(writer) and follower.reloads == 1
+    assert writer.snapshot() == 3
 
 
 WRITER = textwrap.dedent("""
