@@ -29,8 +29,10 @@ import argparse
 import json
 import logging
 import os
+import queue
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -170,8 +172,19 @@ class StdinSource:
         return _read_position(self.offset_path, "lines")
 
     def events(self) -> Iterator[tuple[int, bytes] | None]:
-        skip = self.lines_done
-        for number, line in enumerate(self.stream, start=1):
+        # A thread reads the pipe, so that while it is quiet this yields None and a window can close.
+        lines: queue.Queue[bytes | None] = queue.Queue(maxsize=4096)
+        threading.Thread(target=_pump, args=(self.stream, lines), name="stdin-events", daemon=True).start()
+        skip, number = self.lines_done, 0
+        while True:
+            try:
+                line = lines.get(timeout=0.05)
+            except queue.Empty:
+                yield None
+                continue
+            if line is None:
+                return
+            number += 1
             if number > skip and line.strip():
                 yield number, line
 
@@ -182,30 +195,51 @@ class StdinSource:
 class RedisSource:
     """A Redis Stream read through a consumer group; an entry's `event` field is one JSON event.
     Entries are acknowledged (XACK) only once the index has them; a restarted consumer first
-    takes its own pending (delivered, never acknowledged) entries again, then new ones."""
+    takes its own pending (delivered, never acknowledged) entries again, then new ones. With
+    `claim_idle_s` it also takes over those a consumer that never came back left pending."""
 
     def __init__(self, url: str, stream: str, group: str = "feedserve", consumer: str = "ingester-1",
-                 idle_exit_s: float | None = None, block_ms: int = 100) -> None:
+                 idle_exit_s: float | None = None, block_ms: int = 100, claim_idle_s: float | None = None) -> None:
         import redis
 
         self.redis = redis.Redis.from_url(url)
         self.stream, self.group, self.consumer = stream, group, consumer
-        self.idle_exit_s, self.block_ms = idle_exit_s, block_ms
+        self.idle_exit_s, self.block_ms, self.claim_idle_s = idle_exit_s, block_ms, claim_idle_s
         try:
             self.redis.xgroup_create(stream, group, id="0", mkstream=True)
         except redis.ResponseError as err:
             if "BUSYGROUP" not in str(err):
                 raise
 
-    def _read(self, start: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    def _read(self, start: str | bytes) -> list[tuple[bytes, dict[bytes, bytes]]]:
         reply = self.redis.xreadgroup(self.group, self.consumer, {self.stream: start}, count=256,
-                                      block=None if start == "0" else self.block_ms)
+                                      block=self.block_ms if start == ">" else None)
         return reply[0][1] if reply else []
 
+    def _claim(self) -> None:
+        """Take over the entries other consumers of the group were given and left unacknowledged
+        for `claim_idle_s` (an ingester that died for good): they join this consumer's pending."""
+        start: str | bytes = "0-0"
+        while True:
+            # Not justid: redis-py then returns the claimed ids without the cursor this loop needs.
+            reply = self.redis.xautoclaim(self.stream, self.group, self.consumer, int(self.claim_idle_s * 1000),
+                                          start_id=start, count=256)
+            if reply[1]:
+                logger.info("ingest: claimed %d idle entries from other consumers", len(reply[1]))
+            start = reply[0]
+            if start in (b"0-0", "0-0"):
+                return
+
     def events(self) -> Iterator[tuple[bytes, bytes] | None]:
-        pending = self._read("0")  # delivered before a crash, never acknowledged
-        for entry_id, fields in pending:
-            yield entry_id, fields.get(b"event", b"")
+        if self.claim_idle_s is not None:
+            self._claim()
+        # Entries delivered to this consumer before a crash and never acknowledged, all of them,
+        # in pages: a read from an id returns the pending entries after it.
+        last: str | bytes = "0"
+        while pending := self._read(last):
+            for entry_id, fields in pending:
+                yield entry_id, fields.get(b"event", b"")
+            last = pending[-1][0]
         idle_since = time.monotonic()
         while True:
             entries = self._read(">")
@@ -358,6 +392,12 @@ def _lines(source: IO[bytes], offset: int, follow: bool, idle_exit_s: float | No
         time.sleep(0.02)
 
 
+def _pump(stream: IO[bytes], lines: queue.Queue[bytes | None]) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
 def _read_position(path: Path, key: str) -> int:
     """A committed position written by `_write_json_atomic`; 0 before the first commit."""
     return int(json.loads(path.read_text())[key]) if path.exists() else 0
@@ -384,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream", default="post-events", help="with --redis: the stream's key")
     p.add_argument("--group", default="feedserve", help="with --redis: the consumer group")
     p.add_argument("--consumer", default="ingester-1", help="with --redis: this consumer's name (keep it across restarts)")
+    p.add_argument("--claim-idle-s", type=float, default=None,
+                   help="with --redis: take over entries other consumers left unacknowledged this long (a consumer gone for good)")
     p.add_argument("--state", type=Path, required=True, help="where the offset and the post store live")
     p.add_argument("--url", default="127.0.0.1:8001", help="gRPC host:port of the server")
     p.add_argument("--follow", action="store_true", help="with --events: keep reading as the file grows")
@@ -393,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     events: EventSource
     if args.redis:
-        events = RedisSource(args.redis, args.stream, args.group, args.consumer, args.idle_exit_s)
+        events = RedisSource(args.redis, args.stream, args.group, args.consumer, args.idle_exit_s,
+                             claim_idle_s=args.claim_idle_s)
     elif str(args.events) == "-":
         events = StdinSource(sys.stdin.buffer, args.state)
     else:

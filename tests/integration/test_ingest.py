@@ -181,3 +181,29 @@ def test_events_piped_on_stdin(triton_server, tmp_path: Path) -> None:  # type: 
                        check=True, timeout=120)
         assert not any(_present(client, posts))
     assert json.loads((tmp_path / "state" / "stdin_lines.json").read_text())["lines"] == 8
+
+
+def test_every_pending_entry_is_taken_back_and_a_dead_consumers_are_claimed(redis_url: str) -> None:
+    import redis
+
+    from feedserve.clients.ingest import RedisSource
+
+    broker = redis.Redis.from_url(redis_url)
+    added = [broker.xadd("pending", {"event": f'{{"n": {i}}}'}) for i in range(600)]  # more than one read (256)
+
+    def until_idle(source: RedisSource) -> list[bytes]:
+        got = []
+        for item in source.events():
+            if item is None:
+                return got
+            got.append(item[0])
+        return got
+
+    # Delivered to a consumer that crashed before acknowledging any of them ...
+    assert until_idle(RedisSource(redis_url, "pending", consumer="a")) == added
+    # ... which, restarted, is given all 600 again, in order, before waiting for new ones.
+    assert until_idle(RedisSource(redis_url, "pending", consumer="a")) == added
+    # A consumer that never comes back: another one takes its entries over once they sat idle.
+    assert until_idle(RedisSource(redis_url, "pending", consumer="b")) == []
+    assert until_idle(RedisSource(redis_url, "pending", consumer="b", claim_idle_s=0.0)) == added
+    assert broker.xpending("pending", "feedserve")["consumers"] == [{"name": b"b", "pending": 600}]
