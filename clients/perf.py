@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             from feedserve.server import ServerOptions, TritonServer, free_port
 
             repo = tmp / "repository"
-            write_repository(repo, RepositorySettings(encoder_cache_rows=10000 if args.prompt_cache else 0))
+            # A follower of the index (it writes nothing), so it can run beside a server that writes.
+            write_repository(repo, RepositorySettings(encoder_cache_rows=10000 if args.prompt_cache else 0, index_writer=False))
             server = stack.enter_context(TritonServer(ServerOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
                                                                     metrics_port=free_port())))
             urls = {"grpc": server.grpc_url, "http": server.http_url}
