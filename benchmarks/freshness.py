@@ -1,6 +1,7 @@
 """Freshness of the live index with the default model on this machine: how long from a post event
 to the post being retrievable at a steady event rate (p50, p99), retrievals/s served while
-ingesting against idle, and a full rebuild + swap of the index under retrieval load.
+ingesting against idle, and a full rebuild + swap of the index under retrieval load, with posts
+written while it runs (every one acknowledged must be served after the swap).
 
     .venv/bin/python -m benchmarks.freshness --rate 4 --seconds 60
 
@@ -31,6 +32,9 @@ from feedserve.clients.batch import index_corpus
 from feedserve.clients.ingest import Ingester, JsonlSource
 from feedserve.clients.online import FeedClient
 from feedserve.movielens import load_movielens
+from feedserve.records import Post
+from feedserve.repository import RepositorySettings, write_repository
+from feedserve.schema import IDS, K, LSN, OP, OP_UPSERT, POST_ID, QUERY, WRITE_EMBEDDING, ModelName
 from feedserve.server import ServerOptions, TritonServer, free_port
 
 logger = logging.getLogger("benchmarks.freshness")
@@ -89,6 +93,37 @@ class Load:
         return self.done / self.seconds
 
 
+class WritesDuring(threading.Thread):
+    """Posts written one at a time through `index_write` while something else runs (a rebuild);
+    `acknowledged` lists those the writer answered, and `retrievable` checks they are served."""
+
+    def __init__(self, url: str, posts: list[Post], every_s: float) -> None:
+        super().__init__(daemon=True)
+        self.url, self.posts, self.every_s = url, posts, every_s
+        self.acknowledged: list[Post] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with FeedClient(self.url, "grpc", timeout_s=60) as client:
+            for post in self.posts:
+                if self.stop.wait(self.every_s):
+                    return
+                vector = client.embed_posts([post])
+                client.infer(ModelName.INDEX_WRITE, {OP.name: np.array([[OP_UPSERT]], np.int32),
+                                                     POST_ID.name: np.array([[post.id]], np.int64),
+                                                     WRITE_EMBEDDING.name: vector}, (LSN.name,))
+                self.acknowledged.append(post)
+
+    def retrievable(self) -> int:
+        """How many acknowledged posts are served: each is its own vector's nearest neighbour."""
+        if not self.acknowledged:
+            return 0
+        with FeedClient(self.url, "grpc", timeout_s=60) as client:
+            vectors = client.embed_posts(self.acknowledged)
+            top = client.infer(ModelName.KNN, {QUERY.name: vectors, K.name: np.ones((len(vectors), 1), np.int32)}, (IDS.name,))
+        return sum(int(hit) == p.id for hit, p in zip(top[IDS.name][:, 0], self.acknowledged, strict=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", type=Path, default=default_artifacts_dir())
@@ -96,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=4.0, help="post events per second")
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--idle-seconds", type=float, default=20.0)
+    p.add_argument("--prompt-cache", action="store_true",
+                   help="keep the encoder's prompt cache on (off by default: the rebuild re-embeds the posts the initial "
+                        "index embedded, and 64 members cycle, so a cache would measure itself)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "reports")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -106,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, object] = {"command": "python -m benchmarks.freshness " + " ".join(argv or sys.argv[1:])}
     with tempfile.TemporaryDirectory() as tmp:
         layout = scratch_artifacts(ArtifactLayout(args.artifacts), Path(tmp) / "artifacts")
-        opts = ServerOptions(artifacts=layout.root, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+        repository = Path(tmp) / "repository"
+        write_repository(repository, RepositorySettings(encoder_cache_rows=10000 if args.prompt_cache else 0))
+        report["prompt_cache"] = args.prompt_cache
+        opts = ServerOptions(repository=repository, artifacts=layout.root, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                              log_file=Path(tmp) / "tritonserver.log")
         with TritonServer(opts) as server:
             stats = index_corpus(base, [q.id for q in base], layout.index, url=server.grpc_url, progress=False)
@@ -140,13 +181,19 @@ def main(argv: list[str] | None = None) -> int:
                                 "lag_p99_s": float(np.percentile(lags, 99)), "lag_max_s": float(lags.max())}
             report["retrieve_while_ingesting"] = {"per_s": busy.per_s, "failed": busy.failed}
 
+            # The rebuild replaces the index as of its start; posts written while it runs must survive it.
+            writes = WritesDuring(server.grpc_url, stream[n_events : n_events + 200], every_s=1.0)
             with Load(server.grpc_url, members) as during:
                 t = time.perf_counter()
+                writes.start()
                 rebuilt = index_corpus(base, [q.id for q in base], layout.index, url=server.grpc_url, progress=False)
                 rebuild_s = time.perf_counter() - t
+                writes.stop.set()
+                writes.join()
                 time.sleep(2.0)  # searches on the swapped-in index
             report["rebuild_under_load"] = {"posts": rebuilt.posts, "seconds": rebuild_s, "retrieves": during.done,
-                                            "failed": during.failed}
+                                            "failed": during.failed, "written_during": len(writes.acknowledged),
+                                            "retrievable_after": writes.retrievable()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "freshness.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "freshness.md").write_text(markdown(report))
@@ -158,13 +205,15 @@ def markdown(r: dict) -> str:
     s, idle, busy, rb = r["stream"], r["retrieve_idle"], r["retrieve_while_ingesting"], r["rebuild_under_load"]
     return "\n".join([
         "# Live index freshness (default model, 2-core CPU)", "",
-        f"Command: `{r['command']}`. Initial index: {r['initial_index']['posts']} MovieLens posts in {r['initial_index']['seconds']:.0f} s.", "",
+        f"Command: `{r['command']}`. Initial index: {r['initial_index']['posts']} MovieLens posts in {r['initial_index']['seconds']:.0f} s. "
+        f"Prompt cache {'on' if r.get('prompt_cache') else 'off'}.", "",
         "| measure | value |", "|---|---|",
         f"| event -> retrievable at {s['rate_per_s']:g} events/s, p50 / p99 / max | {s['lag_p50_s']:.2f} / {s['lag_p99_s']:.2f} / {s['lag_max_s']:.2f} s |",
         f"| events ingested (batches) | {s['events']} ({s['batches']}) |",
         f"| retrievals/s, idle (2 clients) | {idle['per_s']:.2f} (failed {idle['failed']}) |",
         f"| retrievals/s while ingesting | {busy['per_s']:.2f} (failed {busy['failed']}) |",
         f"| full rebuild + swap of {rb['posts']} posts under retrieval load | {rb['seconds']:.0f} s, {rb['retrieves']} retrievals, {rb['failed']} failed |",
+        f"| posts written (acknowledged) while the rebuild ran, retrievable after the swap | {rb['written_during']}, {rb['retrievable_after']} |",
         "",
     ])
 
