@@ -11,8 +11,10 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 # libpython3.11: the python backend stub links it; libb64-0d: perf_analyzer links it;
 # redis-server: the broker the nearline ingester reads (its tests start one on loopback).
+# With --bench, g++ too: hnswlib (the approximate-kNN peer) is published as source only.
+bench_apt=(); [ "${1:-}" = "--bench" ] && bench_apt=(g++)
 need_apt=()
-for pkg in libpython3.11 libb64-0d redis-server; do
+for pkg in libpython3.11 libb64-0d redis-server "${bench_apt[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then
