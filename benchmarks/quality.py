@@ -9,7 +9,8 @@ on slices: cold items (targets with <= 2 training positives) and short-history m
 
 Rows: random, popularity, ItemKNN, BM25, all-MiniLM-L6-v2, and every dual encoder given with
 `--encoder NAME=DIR` (default: `artifacts/untuned` and `artifacts/default`, when built). DIR is an
-artifact directory (hf/, serving.json, buckets.json) or a training run (model/, serving.json,
+artifact directory (hf/, serving.json, buckets.json), an exported graph in one (scored with ONNX
+Runtime: `artifacts/default/encoder.int8.onnx`), or a training run (model/, serving.json,
 buckets.json, train_config.json); its prompt settings and buckets are used as saved, and a run
 trained with disliked movies in its history is evaluated with them. `--ablation NAME=DIR` adds rows
 to the ablation table; the last `--encoder` also gets Matryoshka rows (its embedding truncated to
@@ -133,8 +134,11 @@ class Evaluation:
         return out
 
     def encoder(self, root: Path) -> tuple[EmbeddingRetriever, EncoderDir]:
-        d = EncoderDir.load(root)
-        return EmbeddingRetriever(d.hf_dir, d.settings, d.buckets, self.split.corpus, self.cache), d
+        """An artifact or run directory (PyTorch), or an exported graph inside an artifact directory
+        (ONNX Runtime, e.g. `artifacts/default/encoder.int8.onnx`)."""
+        onnx = root if root.suffix == ".onnx" else None
+        d = EncoderDir.load(root.parent if onnx else root)
+        return EmbeddingRetriever(d.hf_dir, d.settings, d.buckets, self.split.corpus, self.cache, onnx=onnx), d
 
 
 def main(argv: list[str] | None = None) -> int:

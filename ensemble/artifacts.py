@@ -6,6 +6,7 @@ the server loads; export writes it, the Triton backends and the clients read it:
     hf/                 Hugging Face checkpoint (LlamaModel weights + tokenizer files)
     encoder.onnx        ONNX graph: LLaMA + pooling + L2 norm + Matryoshka truncation
     encoder.onnx.data   external weights, only for models over 2 GB
+    encoder.int8.onnx   the same graph with int8 projection weights (parity checked), for CPUs
     buckets.json        percentile cut points for engagement counts (feedserve.buckets)
     serving.json        EncoderSettings below: pooling, dimension, token budgets
     index/posts.npz     post ids + embeddings served by the knn model
@@ -30,6 +31,7 @@ ARTIFACTS_ENV = "FEEDSERVE_ARTIFACTS"
 # it was trained on) and the run's buckets.json and serving.json. `feedserve build --adapter DIR`
 # merges it into the base; `feedserve.training.train` writes it as RUN/adapter/.
 ADAPTER_META = "feedserve_adapter.json"
+INT8_ONNX = "encoder.int8.onnx"
 DEFAULT_ADAPTER = REPO_ROOT / "models" / "smollm2-movielens"
 
 Pooling = Literal["mean", "last"]
@@ -83,6 +85,10 @@ class ArtifactLayout:
     @property
     def onnx(self) -> Path:
         return self.root / "encoder.onnx"
+
+    @property
+    def onnx_int8(self) -> Path:
+        return self.root / INT8_ONNX
 
     @property
     def buckets(self) -> Path:

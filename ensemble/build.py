@@ -77,6 +77,17 @@ def _exported_from(layout: ArtifactLayout) -> tuple[object, object] | None:
     return data.get("extra", {}).get("hf_import"), data.get("settings")
 
 
+def _quantize(layout: ArtifactLayout) -> None:
+    """The int8 graph beside the fp32 one; optional, so a failed parity check is a warning."""
+    from feedserve.export.onnx import ParityError, quantize_int8
+
+    vocab = int(json.loads((layout.hf_dir / "config.json").read_text())["vocab_size"])
+    try:
+        quantize_int8(layout.onnx, layout.onnx_int8, vocab)
+    except ParityError as err:
+        logger.warning("no int8 encoder (`feedserve render --int8` cannot serve this model): %s", err)
+
+
 def build_artifacts(opts: BuildOptions) -> ArtifactLayout:
     from feedserve.export.import_model import default_gguf_path, import_checkpoint
     from feedserve.export.onnx import export_onnx
@@ -95,6 +106,7 @@ def build_artifacts(opts: BuildOptions) -> ArtifactLayout:
         # Comparing with what the ONNX model was exported from, not just `imported` and
         # `settings_changed`, also redoes an export that failed after an import or a settings change.
         export_onnx(layout.hf_dir, settings, layout.onnx, extra={"hf_import": record})
+        layout.onnx_int8.unlink(missing_ok=True)  # quantized from the previous export
         stale = [p for p in (layout.index, layout.index.with_suffix(".wal")) if p.exists()]
         for path in stale:
             # Its vectors came from the previous model and are not comparable with the new one's
@@ -103,6 +115,8 @@ def build_artifacts(opts: BuildOptions) -> ArtifactLayout:
             logger.warning("removed %s: it was built with the previous model; re-run `feedserve index`", path)
     else:
         logger.info("ONNX model up to date: %s", layout.onnx)
+    if not layout.onnx_int8.exists():
+        _quantize(layout)
     if buckets is not None:
         # Validate before copying: serving must use exactly the cut points the model was trained with.
         PercentileBuckets.load(buckets).save(layout.buckets)

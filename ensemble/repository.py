@@ -14,6 +14,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from feedserve.artifacts import INT8_ONNX
 from feedserve.schema import IO, ModelName, RecordKind, TensorSpec
 from feedserve.server import DEFAULT_REPOSITORY
 
@@ -49,6 +50,8 @@ class RepositorySettings:
     knn_dtype: str = "fp16"  # device storage of the GPU kNN
     snapshot_every: int = 1000  # live-index writes between snapshots (each restarts the log)
     encoder_cache_rows: int = 10000  # prompts whose embeddings the python encoder keeps (0: off)
+    # The CPU encoder runs the int8 graph (encoder.int8.onnx, see feedserve.export.onnx.quantize_int8).
+    encoder_int8: bool = False
     # One server per index directory writes; others sharing the directory only follow (no index_write).
     index_writer: bool = True
 
@@ -117,6 +120,10 @@ def _encoder(settings: RepositorySettings) -> mc.ModelConfig:
         return _tensorrt_encoder(settings)
     params = {"runtime": "torch", "max_rows_per_run": "256"} if settings.gpu else {"runtime": "onnxruntime", "max_rows_per_run": "32"}
     params["cache_rows"] = str(settings.encoder_cache_rows)
+    if settings.encoder_int8:
+        if settings.gpu:
+            raise ValueError("the int8 encoder is an ONNX Runtime CPU graph; GPU variants run bf16 or TensorRT")
+        params["onnx_file"] = INT8_ONNX
     return _python_model(ModelName.ENCODER, "feedserve.triton.encoder", settings, settings.encoder_instances,
                          settings.encoder_queue_delay_us, params, gpu=settings.gpu)
 
@@ -204,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if the files drift instead of writing")
     parser.add_argument("--variant", choices=VARIANTS, default="cpu")
     parser.add_argument("--no-writer", action="store_true", help="leave out index_write: this server only follows the index")
+    parser.add_argument("--int8", action="store_true", help="the CPU encoder runs the int8 graph `feedserve build` writes")
     args = parser.parse_args(argv)
-    settings = RepositorySettings(variant=args.variant, index_writer=not args.no_writer)
+    settings = RepositorySettings(variant=args.variant, index_writer=not args.no_writer, encoder_int8=args.int8)
     if args.check:
         stale = drift(args.out, settings)
         for rel in stale:

@@ -80,18 +80,22 @@ class EmbeddingRetriever:
 
     def __init__(
         self, hf_dir: Path, settings: EncoderSettings, buckets: PercentileBuckets, corpus: Sequence[Post],
-        cache_dir: Path | None = None, batch: int = 32, device: str = "cpu",
+        cache_dir: Path | None = None, batch: int = 32, device: str = "cpu", onnx: Path | None = None,
     ) -> None:
         from tokenizers import Tokenizer
 
         from feedserve.encoder import TorchEncoder
         from feedserve.prompts import PromptBuilder
+        from feedserve.runtime import Encoder, OnnxEncoder
 
         self.settings, self.batch = settings, batch
         self._members: dict[str, np.ndarray] = {}
-        self.encoder = TorchEncoder(hf_dir, replace(settings, dim=None), device=device)  # full width; `score` truncates
+        # An exported graph (e.g. the int8 one) scores what the server would serve; it embeds at the
+        # width it was exported with (the artifacts' `dim`).
+        self.encoder: Encoder = OnnxEncoder(onnx) if onnx is not None else \
+            TorchEncoder(hf_dir, replace(settings, dim=None), device=device)  # full width; `score` truncates
         self.builder = PromptBuilder(Tokenizer.from_file(str(hf_dir / "tokenizer.json")), buckets, settings)
-        key = self._cache_key(hf_dir, settings, buckets, corpus)
+        key = self._cache_key(hf_dir, settings, buckets, corpus, onnx)
         # bf16 vectors from a GPU are not the fp32 CPU ones: the device is part of the name.
         device_tag = "" if device == "cpu" else "-" + device.replace(":", "")
         path = cache_dir / f"posts-{key[:16]}{device_tag}.npz" if cache_dir else None
@@ -110,9 +114,10 @@ class EmbeddingRetriever:
                 tmp.replace(path)
 
     @staticmethod
-    def _cache_key(hf_dir: Path, settings: EncoderSettings, buckets: PercentileBuckets, corpus: Sequence[Post]) -> str:
+    def _cache_key(hf_dir: Path, settings: EncoderSettings, buckets: PercentileBuckets, corpus: Sequence[Post],
+                   onnx: Path | None = None) -> str:
         h = hashlib.sha256()
-        for weights in sorted(hf_dir.glob("*.safetensors")):
+        for weights in sorted(hf_dir.glob("*.safetensors")) + ([onnx] if onnx is not None else []):
             with open(weights, "rb") as f:
                 while block := f.read(1 << 22):
                     h.update(block)

@@ -52,7 +52,7 @@ class EncoderModel(BatchModel[Tokens]):
         runtime = params.get("runtime", "onnxruntime")
         if runtime == "onnxruntime":
             threads = int(params.get("intra_op_threads", "0")) or os.cpu_count() or 1
-            return OnnxEncoder(layout.onnx, intra_op_threads=threads)
+            return OnnxEncoder(layout.root / params.get("onnx_file", layout.onnx.name), intra_op_threads=threads)
         if runtime == "torch":
             from feedserve.encoder import TorchEncoder  # torch only in the processes that run it
 

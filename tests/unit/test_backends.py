@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,3 +117,25 @@ def test_an_unchanged_prompt_is_not_encoded_again(tiny_artifacts: ArtifactLayout
     for n in range(6):  # more distinct prompts than the cache holds: the oldest go first
         model.run([_rows(np.random.default_rng(100 + n), [5], 5)])
     assert len(model.cache) == 4 and member["INPUT_IDS"][0].tobytes() not in model.cache
+
+
+def test_the_int8_graph_serves_when_rendered(tiny_artifacts: ArtifactLayout, encoder: EncoderModel, tmp_path: Path) -> None:
+    import shutil
+
+    from feedserve.export.onnx import quantize_int8
+    from feedserve.repository import RepositorySettings, render_configs
+    from feedserve.schema import ModelName
+
+    layout = ArtifactLayout(tmp_path / "artifacts")
+    shutil.copytree(tiny_artifacts.root, layout.root)
+    vocab = int(json.loads((layout.hf_dir / "config.json").read_text())["vocab_size"])
+    quantize_int8(layout.onnx, layout.onnx_int8, vocab, min_cosine=0.9)
+    config = render_configs(RepositorySettings(encoder_int8=True))[ModelName.ENCODER]
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    int8 = EncoderModel()
+    int8.setup(layout, params)
+    assert Path(int8.encoder.path).name == "encoder.int8.onnx"  # type: ignore[attr-defined]
+    batch = [_rows(np.random.default_rng(6), [5, 40, 12], 40)]
+    got, want = int8.run(batch)[0], encoder.run(batch)[0]
+    assert not isinstance(got, RequestError) and not isinstance(want, RequestError)
+    assert 0.9 <= float((got["EMBEDDING"] * want["EMBEDDING"]).sum(axis=1).min()) < 1.0

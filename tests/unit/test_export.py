@@ -172,3 +172,23 @@ def test_an_export_that_failed_is_redone_by_the_next_build(tiny_checkpoint: Path
     monkeypatch.setattr(onnx_export, "export_onnx", real)
     build_artifacts(BuildOptions(tmp_path, source=tiny_checkpoint, dim=16))
     assert json.loads((layout.root / "export_report.json").read_text())["settings"]["dim"] == 16
+
+
+def test_int8_graph_quantizes_the_projections_except_down_proj(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import onnx
+
+    from feedserve.export.onnx import quantize_int8
+
+    fp32, int8 = tmp_path / "encoder.onnx", tmp_path / "encoder.int8.onnx"
+    export_onnx(tiny_checkpoint, EncoderSettings(), fp32)
+    vocab = int(json.loads((tiny_checkpoint / "config.json").read_text())["vocab_size"])
+    with pytest.raises(ParityError):  # no int8 graph is that close: nothing is written
+        quantize_int8(fp32, int8, vocab, min_cosine=1.01)
+    assert not int8.exists()
+    report = quantize_int8(fp32, int8, vocab, min_cosine=0.9)
+    assert 0.9 <= report.worst_cosine < 1.0
+    nodes = onnx.load(str(int8)).graph.node
+    float_matmuls = [n.name for n in nodes if n.op_type == "MatMul" and n.name.endswith("proj/MatMul")]
+    assert float_matmuls and all("down_proj" in n for n in float_matmuls)  # q/k/v/o/gate/up went int8
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in nodes)
+    assert OnnxEncoder(int8).encode(np.ones((2, 9), np.int64), np.ones((2, 9), np.int64)).shape == (2, 64)

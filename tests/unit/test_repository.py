@@ -2,7 +2,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from feedserve.repository import drift, render_configs, write_repository
+import pytest
+
+from feedserve.repository import RepositorySettings, drift, render_configs, write_repository
 from feedserve.schema import IO, ModelName
 from feedserve.server import DEFAULT_REPOSITORY
 
@@ -65,3 +67,11 @@ def test_a_follower_server_has_no_writer() -> None:
     follower = render_configs(RepositorySettings(index_writer=False))
     assert ModelName.INDEX_WRITE not in follower and ModelName.KNN in follower
     assert render_configs()[ModelName.INDEX_WRITE].instance_group[0].count == 1  # one writer, always
+
+
+def test_the_int8_encoder_is_a_cpu_choice() -> None:
+    default = render_configs()[ModelName.ENCODER]
+    int8 = render_configs(RepositorySettings(encoder_int8=True))[ModelName.ENCODER]
+    assert "onnx_file" not in default.parameters and int8.parameters["onnx_file"].string_value == "encoder.int8.onnx"
+    with pytest.raises(ValueError, match="int8 encoder is an ONNX Runtime CPU graph"):
+        render_configs(RepositorySettings(variant="gpu-torch", encoder_int8=True))
