@@ -9,8 +9,8 @@ A request that mixes upserts and deletes is one record with one lsn, so it is ap
 followed whole. Lsns count up by one from the base: a record out of sequence is damage.
 
 `WriteAheadLog.append` writes a record and fsyncs before it returns its lsn: a write acknowledged
-after `append` survives a crash of the process or the machine. A failed append is cut off again
-before the next one (or the log refuses appends until it is reopened), so an lsn is never reused.
+after `append` survives a crash of the process or the machine. After a failed append the log
+refuses appends until it is reopened from what reached the disk, so an lsn is never reused.
 A crash in the middle of `append` leaves a torn tail: bytes after the last whole record that no
 valid record follows (a partial record, or zeros where the filesystem extended the file). Opening
 the log truncates a torn tail with a warning; anything else that does not check out is damage,
@@ -206,38 +206,45 @@ class WriteAheadLog:
                 _write_all(self._fd, data, self.end)
                 os.fsync(self._fd)
             except OSError as err:
-                self._undo(err)
+                # The record may be on disk, whole, and a follower may already have applied it: it
+                # is not cut off and its lsn never handed out again. The log takes no more writes;
+                # reopened, it holds whatever reached the disk (a whole record is then replayed).
+                self.failed = f"write {lsn}: {err}"
+                logger.error("%s: %s; refusing writes until the log is reopened", self.path, err)
                 raise LogError(f"{self.path}: write {lsn} failed and was not acknowledged: {err}") from err
             self.end += len(data)
             self.last_lsn = lsn
             return lsn
 
-    def _undo(self, err: OSError) -> None:
-        # The failed record may be partly on disk: cut it off, so the next append (which takes the
-        # same lsn) is the only record with it. If even that fails, no lsn may be handed out again.
-        try:
-            os.ftruncate(self._fd, self.end)
-            os.fsync(self._fd)
-        except OSError as again:
-            self.failed = f"{err}; then truncating it failed: {again}"
-            logger.error("%s: %s", self.path, self.failed)
-
     def restart(self, base_lsn: int, keep_from: int) -> None:
         """Start a new log based at `base_lsn` (a snapshot holds everything up to it) holding this
         log's records from offset `keep_from` on (those appended while the snapshot was written).
-        The new file is complete and durable before it replaces this one; if making it fails, this
-        log stays in place and in use."""
+        The new file is complete, durable and open before it replaces this one: if making it fails,
+        this log stays in place and in use; a failure after the rename refuses further writes."""
         with self._lock:
             with open(self.path, "rb") as f:
                 f.seek(keep_from)
                 tail = f.read(self.end - keep_from)
-            _create(self.path, base_lsn, tail)
-            old, self._fd = self._fd, os.open(self.path, os.O_WRONLY)
+            tmp = _write_tmp(self.path, base_lsn, tail)
+            fd = os.open(tmp, os.O_WRONLY)
+            try:
+                os.replace(tmp, self.path)
+            except OSError:
+                os.close(fd)
+                raise
+            old, self._fd = self._fd, fd  # from here on, appends go to the new log
             os.close(old)
             self.base_lsn, self.end = base_lsn, HEADER.size + len(tail)
+            try:
+                fsync_dir(self.path.parent)
+            except OSError as err:
+                self.failed = f"the new log's directory entry may not be durable: {err}"
+                raise LogError(f"{self.path}: {self.failed}") from err
 
     def close(self) -> None:
-        os.close(self._fd)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def logged_lsn(path: Path) -> int:
@@ -246,14 +253,19 @@ def logged_lsn(path: Path) -> int:
 
 
 def _create(path: Path, base_lsn: int, records: bytes = b"") -> None:
+    os.replace(_write_tmp(path, base_lsn, records), path)
+    fsync_dir(path.parent)
+
+
+def _write_tmp(path: Path, base_lsn: int, records: bytes) -> Path:
+    """A complete, fsynced log file beside `path`, to be renamed onto it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(HEADER.pack(MAGIC, base_lsn) + records)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    return tmp
 
 
 def _write_all(fd: int, data: bytes, offset: int) -> None:

@@ -125,16 +125,23 @@ class PostIndex:
 
     def upsert(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add posts; a post id already present gets its vector replaced."""
-        ids, vectors = self.check_write(ids, vectors)
-        with self._lock:
-            self._index.remove_ids(ids)
-            self._index.add_with_ids(vectors, ids)
-            self._version += 1
+        self.write(ids, vectors, np.empty(0, np.int64))
 
     def delete(self, ids: np.ndarray) -> int:
+        return self.write(np.empty(0, np.int64), None, ids)
+
+    def write(self, upsert_ids: np.ndarray, vectors: np.ndarray | None, delete_ids: np.ndarray) -> int:
+        """Upserts and deletes under one lock hold, so a search sees all of them or none; returns how
+        many posts the deletes removed."""
+        if len(upsert_ids):
+            upsert_ids, vectors = self.check_write(upsert_ids, vectors if vectors is not None else np.empty((0, self.dim)))
+        delete_ids = np.asarray(delete_ids, dtype=np.int64).reshape(-1)
         with self._lock:
             self._version += 1
-            return int(self._index.remove_ids(np.asarray(ids, dtype=np.int64).reshape(-1)))
+            if len(upsert_ids):
+                self._index.remove_ids(upsert_ids)
+                self._index.add_with_ids(vectors, upsert_ids)
+            return int(self._index.remove_ids(delete_ids)) if len(delete_ids) else 0
 
     def _search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, post ids) [n, depth]; the lock is held."""

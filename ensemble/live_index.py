@@ -63,6 +63,7 @@ class LiveIndex:
         self._wal = wal
         self._writer_lock = writer_lock
         self._snapshot_signature = snapshot_signature  # of the file `index` was loaded from (taken before)
+        self._rejected_signature: Signature | None = None  # a rebuilt file that could not be taken
         self._log: BinaryIO | None = None  # the log being followed, kept open across a log restart
         self._log_inode = -1
         self._offset = HEADER.size
@@ -90,6 +91,7 @@ class LiveIndex:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         lock = _take_writer_lock(directory) if writer else None
+        wal: WriteAheadLog | None = None
         try:
             snapshot = directory / SNAPSHOT
             signature = file_signature(snapshot)
@@ -104,13 +106,16 @@ class LiveIndex:
                 raise IndexError_(f"{snapshot} does not exist and no dimension was given for a new index")
             if writer:  # a file from another tool has no generation: the writer's snapshots will carry one
                 index.meta.setdefault("generation", new_generation())
-            wal = WriteAheadLog(directory / LOG, base_lsn=int(index.meta.get("lsn", 0))) if writer else None
+            if writer:
+                wal = WriteAheadLog(directory / LOG, base_lsn=int(index.meta.get("lsn", 0)))
             live = cls(directory, index, wal, lock, signature)
             with live._lock:
                 live._follow()
                 if writer:  # the writer reads its log again only after taking a rebuild
                     live._forget_log()
         except BaseException:
+            if wal is not None:
+                wal.close()
             if lock is not None:
                 os.close(lock)
             raise
@@ -183,46 +188,50 @@ class LiveIndex:
 
     def refresh(self) -> int:
         """Catch up with what other processes did; returns how many log records were applied. A
-        rebuilt snapshot (a new generation) replaces the index; then the log's records past this
-        index's lsn are applied (the writer has no others, unless it just took a rebuild)."""
+        rebuilt snapshot (a new generation) replaces the index, with the log's records past it; a
+        follower then applies the log's records past its lsn (the writer has no others)."""
         with self._lock:
-            reloaded = self._take_rebuild()
-            return self._follow() if self._wal is None or reloaded else 0
+            if self._take_rebuild():
+                applied = self._drain()
+                if self._wal is not None:  # the writer reads its log only to take a rebuild
+                    self._forget_log()
+                return applied
+            return self._follow() if self._wal is None else 0
 
     def _take_rebuild(self) -> bool:
         signature = file_signature(self.snapshot_path)
-        if signature == self._snapshot_signature:
-            return False
-        self._snapshot_signature = signature  # a file that fails to load is reported once, not every batch
-        if signature is None:
+        if signature in (self._snapshot_signature, self._rejected_signature) or signature is None:
             return False
         generation = read_meta(self.snapshot_path).get("generation")
         if generation is not None and generation == self.generation:
-            return False  # the writer's own periodic snapshot: the log holds everything in it
-        self._reload()
+            self._snapshot_signature = signature  # the writer's own periodic snapshot: the log holds it all
+            return False
+        try:
+            self._reload()
+        except Exception:
+            self._rejected_signature = signature  # reported once, not in every batch; never saved over
+            raise
         return True
 
     def _follow(self) -> int:
         applied = self._drain()  # first the rest of the log we have open, even if it was replaced
-        try:
-            log = open(self.log_path, "rb")
-        except FileNotFoundError:
+        log = self._open_log()
+        if log is None:
             return applied
         if os.fstat(log.fileno()).st_ino == self._log_inode:
             log.close()
             return applied
         try:
             base = read_header(log, self.log_path)
-            if base > self.lsn:  # the writer snapshotted past us and the log before it is gone
-                self._reload()
-            if base > self.lsn:
-                raise LogError(f"{self.log_path} starts after lsn {base} but the snapshot holds only up to "
-                               f"{self.lsn}: writes {self.lsn + 1}..{base} are in no file")
         except BaseException:
             log.close()
             raise
-        self._forget_log()
-        self._log, self._log_inode, self._offset = log, os.fstat(log.fileno()).st_ino, HEADER.size
+        if base > self.lsn:  # the writer snapshotted past us and the log before it is gone
+            log.close()
+            self._reload()
+        else:
+            self._forget_log()
+            self._log, self._log_inode, self._offset = log, os.fstat(log.fileno()).st_ino, HEADER.size
         return applied + self._drain()
 
     def _drain(self) -> int:
@@ -238,14 +247,38 @@ class LiveIndex:
             self._offset = record.end
         return applied
 
+    def _open_log(self) -> BinaryIO | None:
+        # Unbuffered: a buffered reader seeking inside its buffer would serve bytes the writer has
+        # since replaced (a torn tail it cut off and wrote over).
+        try:
+            return open(self.log_path, "rb", buffering=0)
+        except FileNotFoundError:
+            return None
+
     def _reload(self) -> None:
-        self._snapshot_signature = file_signature(self.snapshot_path)
+        """Load the snapshot and open the log that continues it, then switch to both; on any error
+        this index stays as it was (never a snapshot without the log records past it)."""
+        signature = file_signature(self.snapshot_path)
         index = PostIndex.load(self.snapshot_path, self.index.engine)
-        logger.info("%s: loaded the snapshot at lsn %s (generation %s)", self.directory, index.meta.get("lsn"),
-                    index.meta.get("generation"))
-        self.index, self.lsn = index, int(index.meta.get("lsn", 0))
+        lsn = int(index.meta.get("lsn", 0))
+        log = self._open_log()
+        try:
+            base = read_header(log, self.log_path) if log is not None else lsn
+            if base > lsn:
+                raise LogError(f"{self.log_path} starts after lsn {base} but the snapshot holds only up to {lsn}: "
+                               f"writes {lsn + 1}..{base} are in no file")
+        except BaseException:
+            if log is not None:
+                log.close()
+            raise
+        if self._wal is not None:  # a file from another tool: the writer's snapshots will carry a generation
+            index.meta.setdefault("generation", new_generation())
+        logger.info("%s: loaded the snapshot at lsn %d (generation %s)", self.directory, lsn, index.meta.get("generation"))
+        self.index, self.lsn, self._snapshot_signature = index, lsn, signature
         self.reloads += 1
-        self._forget_log()  # follow the current log from its start
+        self._forget_log()
+        if log is not None:
+            self._log, self._log_inode, self._offset = log, os.fstat(log.fileno()).st_ino, HEADER.size
 
     def _forget_log(self) -> None:
         if self._log is not None:
@@ -258,11 +291,7 @@ class LiveIndex:
 
     def _apply(self, ops: np.ndarray, ids: np.ndarray, vectors: np.ndarray | None) -> None:
         upserts = ops == Op.UPSERT
-        if upserts.any():
-            assert vectors is not None
-            self.index.upsert(ids[upserts], vectors)
-        if (~upserts).any():
-            self.index.delete(ids[~upserts])
+        self.index.write(ids[upserts], vectors, ids[~upserts])  # one lock: a search sees all of it or none
 
 
 @dataclass(frozen=True)

@@ -118,53 +118,50 @@ def test_records_out_of_sequence_are_refused(tmp_path: Path) -> None:
         WriteAheadLog(log)
 
 
-def test_a_failed_append_is_undone_and_its_lsn_not_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_fsync_refuses_writes_and_never_reuses_the_lsn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(5)
     live = LiveIndex.open(tmp_path, DIM, writer=True)
+    follower = LiveIndex.open(tmp_path)
     live.upsert(np.array([1]), _unit(rng, 1))
-    real_fsync = os.fsync
 
-    def failing_fsync(fd: int) -> None:
-        raise OSError(28, "No space left on device")
+    def disk_error(fd: int) -> None:
+        raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(index_log.os, "fsync", failing_fsync)
-    monkeypatch.setattr(index_log.os, "ftruncate", lambda fd, n: None)  # the undo "works", but fsync still fails
+    monkeypatch.setattr(index_log.os, "fsync", disk_error)
     with pytest.raises(LogError, match="not acknowledged"):
-        live.upsert(np.array([2]), _unit(rng, 1))
-    assert live.failed and 2 not in _state(live)
-    with pytest.raises(LogError, match="refusing writes"):  # no lsn is handed out twice
-        live.upsert(np.array([3]), _unit(rng, 1))
-    monkeypatch.setattr(index_log.os, "fsync", real_fsync)
+        live.upsert(np.array([2]), _unit(rng, 1))  # written whole, never made durable, not acknowledged
     monkeypatch.undo()
+    assert live.failed
+    with pytest.raises(LogError, match="refusing writes"):
+        live.upsert(np.array([3]), _unit(rng, 1))
+    follower.refresh()  # it may see record 2: it stays record 2 for everyone
     live.close()
-    # Reopened from disk: the half-written record 2 is a torn tail (or, had it all reached the
-    # disk, a write that was never acknowledged); either way the next write follows in sequence.
     again = LiveIndex.open(tmp_path, writer=True)
-    lsn = again.upsert(np.array([4]), _unit(rng, 1))
-    again.close()
-    lsns = _lsns(tmp_path / "posts.wal")
-    assert lsns == list(range(1, lsn + 1))
+    assert again.lsn == 2 and set(_state(again)) == {1, 2}
+    assert again.upsert(np.array([4]), _unit(rng, 1)) == 3
+    follower.refresh()
+    assert _state(follower) == _state(again) and follower.lsn == 3
 
 
-def test_an_append_whose_undo_succeeds_goes_on_with_the_same_lsn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_half_written_record_is_cut_off_when_the_log_reopens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(6)
     live = LiveIndex.open(tmp_path, DIM, writer=True)
     live.upsert(np.array([1]), _unit(rng, 1))
-    real_fsync, calls = os.fsync, []
+    real_write = index_log._write_all
 
-    def fsync_failing_once(fd: int) -> None:
-        calls.append(fd)
-        if len(calls) == 1:
-            raise OSError(5, "Input/output error")
-        real_fsync(fd)
+    def half_then_full_disk(fd: int, data: bytes, offset: int) -> None:
+        real_write(fd, data[: len(data) // 2], offset)
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(index_log.os, "fsync", fsync_failing_once)
+    monkeypatch.setattr(index_log, "_write_all", half_then_full_disk)
     with pytest.raises(LogError):
         live.upsert(np.array([2]), _unit(rng, 1))
-    assert not live.failed and live.upsert(np.array([3]), _unit(rng, 1)) == 2
+    monkeypatch.undo()
     live.close()
-    assert _lsns(tmp_path / "posts.wal") == [1, 2]
-    assert set(_state(LiveIndex.open(tmp_path, writer=True))) == {1, 3}
+    again = LiveIndex.open(tmp_path, writer=True)  # a torn tail: cut off with a warning
+    assert again.upsert(np.array([3]), _unit(rng, 1)) == 2
+    again.close()
+    assert _lsns(tmp_path / "posts.wal") == [1, 2] and set(_state(LiveIndex.open(tmp_path))) == {1, 3}
 
 
 def test_a_snapshot_whose_new_log_fails_keeps_the_old_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -175,15 +172,23 @@ def test_a_snapshot_whose_new_log_fails_keeps_the_old_log(tmp_path: Path, monkey
     def no_space(*args: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(index_log, "_create", no_space)
+    monkeypatch.setattr(index_log, "_write_tmp", no_space)  # before the rename: the old log stays in use
     with pytest.raises(OSError):
         live.snapshot()
     monkeypatch.undo()
-    live.upsert(np.array([9]), _unit(rng, 1))  # still appending to the old log
+    live.upsert(np.array([9]), _unit(rng, 1))
+    monkeypatch.setattr(index_log, "fsync_dir", no_space)  # after the rename: the new log is in use, writes refused
+    with pytest.raises(LogError, match="may not be durable"):
+        live.snapshot()
+    monkeypatch.undo()
+    assert live.failed
+    with pytest.raises(LogError, match="refusing writes"):
+        live.upsert(np.array([10]), _unit(rng, 1))
     before = _state(live)
     live.close()
     again = LiveIndex.open(tmp_path, writer=True)
     assert _state(again) == before and again.lsn == 2
+    assert again.upsert(np.array([11]), _unit(rng, 1)) == 3
 
 
 def test_one_writer_per_directory(tmp_path: Path) -> None:
