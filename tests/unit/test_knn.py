@@ -32,6 +32,22 @@ def test_search_matches_brute_force(index: PostIndex) -> None:
         assert np.all(np.diff(r.scores) <= 1e-6)
 
 
+@pytest.mark.parametrize("n_queries", [1, 7, 300])
+def test_the_matmul_search_returns_what_faiss_returns(index: PostIndex, n_queries: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import faiss
+
+    rng = np.random.default_rng(2)
+    index.delete(np.arange(1000, 1200, 3))  # faiss compacts its storage: the view must follow
+    index.upsert(np.array([5, 1001]), _unit(rng, 2, 16))
+    queries = _unit(rng, n_queries, 16)
+    monkeypatch.setattr("feedserve.knn.SCORE_BUDGET", 1000)  # several chunks of queries
+    for depth in (1, 10, len(index)):  # depth == every post: a full sort
+        scores, ids = index._blas_search(queries, depth)
+        want_scores, want_ids = index._index.search(queries, depth)
+        assert (ids == want_ids).mean() > 0.999 and np.allclose(scores, want_scores, atol=1e-5)
+    assert faiss.downcast_index(index._index.index).ntotal == len(index)
+
+
 def test_exclusion_still_returns_k(index: PostIndex) -> None:
     q = _unit(np.random.default_rng(2), 1, 16)
     top = index.search(q, [20])[0].ids
