@@ -27,6 +27,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from feedserve.index_log import fsync_dir
 from feedserve.schema import NO_ID
 
 logger = logging.getLogger(__name__)
@@ -235,8 +236,8 @@ class PostIndex:
 
 
 def save_arrays(path: Path, ids: np.ndarray, vectors: np.ndarray, meta: dict[str, object]) -> None:
-    """Write an index file atomically (temporary file, fsync, rename): readers see the old file or
-    the new one, never half of one."""
+    """Write an index file atomically and durably (temporary file, fsync, rename, directory fsync):
+    readers see the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     header = json.dumps({"format": FORMAT, "dim": int(vectors.shape[1]), "count": len(ids), **meta})
     tmp = path.with_name(path.name + ".tmp")
@@ -245,6 +246,7 @@ def save_arrays(path: Path, ids: np.ndarray, vectors: np.ndarray, meta: dict[str
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
     logger.info("saved %d posts (dim %d) to %s", len(ids), vectors.shape[1], path)
 
 

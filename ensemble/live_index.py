@@ -42,7 +42,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from feedserve.index_log import HEADER, LogError, Op, Record, WriteAheadLog, fsync_dir, logged_lsn, read_header, read_records
+from feedserve.index_log import HEADER, LogError, Op, Record, WriteAheadLog, logged_lsn, read_header, read_records
 from feedserve.knn import Engine, IndexError_, PostIndex, Signature, file_signature, read_meta, save_arrays
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,6 @@ class LiveIndex:
                 raise IndexError_(f"{snapshot} does not exist and no dimension was given for a new index")
             if writer:  # a file from another tool has no generation: the writer's snapshots will carry one
                 index.meta.setdefault("generation", new_generation())
-            if writer:
                 wal = WriteAheadLog(directory / LOG, base_lsn=int(index.meta.get("lsn", 0)))
             live = cls(directory, index, wal, lock, signature)
             with live._lock:
@@ -170,7 +169,6 @@ class LiveIndex:
                 ids, vectors = self.index.snapshot()
                 lsn, keep_from, meta = self.lsn, self._wal.end, dict(self.index.meta)
             save_arrays(self.snapshot_path, ids, vectors, {**meta, "lsn": lsn})
-            fsync_dir(self.directory)
             self._snapshot_signature = file_signature(self.snapshot_path)
             # A crash before the log restarts leaves the old log: replay skips its records <= lsn.
             self._wal.restart(lsn, keep_from)
@@ -303,7 +301,6 @@ class Rebuild:
         index = PostIndex(int(vectors.shape[1]), {**(meta or {}), "lsn": self.lsn, "generation": new_generation()})
         index.upsert(ids, vectors)
         index.save(self.directory / SNAPSHOT)
-        fsync_dir(self.directory)
         return index
 
 
@@ -323,28 +320,32 @@ def new_generation() -> str:
     return uuid.uuid4().hex
 
 
-@contextmanager
-def _flock(path: Path, blocking: bool) -> Iterator[bool]:
-    """Hold an exclusive flock on `path` (yields True), or yield False when another holds it and
-    `blocking` is off. The kernel releases it if the process dies."""
+def _try_lock(path: Path, blocking: bool) -> int | None:
+    """An fd holding an exclusive flock on `path`, or None when another holds it and `blocking` is
+    off. The kernel releases the lock when the fd is closed or the process dies."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
         os.close(fd)
+        return None
+    return fd
+
+
+@contextmanager
+def _flock(path: Path, blocking: bool) -> Iterator[bool]:
+    """Hold the lock on `path` for the block (yields True), or yield False when another holds it."""
+    fd = _try_lock(path, blocking)
+    try:
+        yield fd is not None
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _take_writer_lock(directory: Path) -> int:
-    fd = os.open(directory / WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    fd = _try_lock(directory / WRITER_LOCK, blocking=False)
+    if fd is None:
         raise IndexError_(f"{directory} already has a writer (it holds {directory / WRITER_LOCK}); a second "
-                          f"server on the same index must be a follower (feedserve render --no-writer)") from None
+                          f"server on the same index must be a follower (feedserve render --no-writer)")
     return fd

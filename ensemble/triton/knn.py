@@ -58,8 +58,8 @@ class KnnModel(BatchModel[KnnRequest]):
         try:
             if self.live is not None:
                 self.live.refresh()
-            elif self.path.exists() and file_signature(self.path) != self._unreadable:
-                self._unreadable = file_signature(self.path)  # until it opens: a bad file is reported once
+            elif (signature := file_signature(self.path)) is not None and signature != self._unreadable:
+                self._unreadable = signature  # until it opens: a bad file is reported once
                 live = LiveIndex.open(self.path.parent, engine=self.engine)
                 if len(live.index):  # build a GPU engine's device copy now, not in the first request
                     live.index.search(np.zeros((1, live.index.dim), np.float32), [1])
