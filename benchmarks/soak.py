@@ -13,11 +13,8 @@ whose perf_analyzer fails counts as failed requests. Loopback only; the loop end
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import logging
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,17 +42,14 @@ def tree_rss_mb(pid: int) -> float:
 
 
 def one_round(url: str, data: Path, rate: float, window_ms: int) -> dict[str, object]:
-    from feedserve.clients.perf import perf_analyzer_binary
+    from feedserve.clients.perf import perf_analyzer_binary, run_perf_analyzer
 
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "pa.csv"
-        cmd = [str(perf_analyzer_binary()), "-m", "retrieve", "-u", url, "-i", "grpc", "--input-data", str(data),
-               f"--request-rate-range={rate:g}", f"--measurement-interval={window_ms}", "--measurement-mode=time_windows",
-               "--stability-percentage=999", "--max-trials=3", "--percentile=99", "-f", str(report)]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=window_ms / 1000 * 6 + 120)
-        if out.returncode != 0 or not report.exists():
-            return {"ok": False, "error": (out.stdout + out.stderr)[-800:]}
-        row = next(csv.DictReader(io.StringIO(report.read_text())))
+    try:
+        # Stability 999%: every window counts, so a round is always three windows at the steady rate.
+        row = run_perf_analyzer(perf_analyzer_binary(), url, "grpc", "retrieve", data, [f"--request-rate-range={rate:g}"],
+                                window_ms, stability_pct=999, max_trials=3)
+    except RuntimeError as err:
+        return {"ok": False, "error": str(err)[-800:]}
     return {"ok": True, "infer_per_s": float(row["Inferences/Second"]), "p50_ms": float(row["p50 latency"]) / 1000,
             "p99_ms": float(row["p99 latency"]) / 1000}
 

@@ -50,18 +50,26 @@ def perf_analyzer_binary() -> Path:
     return Path(sys.executable).parent / "perf_analyzer"
 
 
-def measure(binary: Path, url: str, protocol: str, model: str, data: Path, batch: int, concurrency: int,
-            window_ms: int, stability_pct: float = 50.0, max_trials: int = 4) -> Point:
+def run_perf_analyzer(binary: Path, url: str, protocol: str, model: str, data: Path, load: list[str], window_ms: int,
+                      stability_pct: float = 50.0, max_trials: int = 4, batch: int = 1) -> dict[str, str]:
+    """perf_analyzer's CSV row for one load (`--concurrency-range=N` or `--request-rate-range=R`);
+    RuntimeError with its output when it fails."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "pa.csv"
-        cmd = [str(binary), "-m", model, "-u", url, "-i", protocol, "--input-data", str(data), "-b", str(batch),
-               f"--concurrency-range={concurrency}", f"--measurement-interval={window_ms}", "--measurement-mode=time_windows",
+        cmd = [str(binary), "-m", model, "-u", url, "-i", protocol, "--input-data", str(data), "-b", str(batch), *load,
+               f"--measurement-interval={window_ms}", "--measurement-mode=time_windows",
                f"--stability-percentage={stability_pct:g}", f"--max-trials={max_trials}", "--percentile=99", "-f", str(report)]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        if out.returncode != 0:
-            raise RuntimeError(f"perf_analyzer failed for {model} over {protocol} (c={concurrency}, b={batch}):\n"
+        if out.returncode != 0 or not report.exists():
+            raise RuntimeError(f"perf_analyzer failed for {model} over {protocol} ({' '.join(load)}, b={batch}):\n"
                                f"{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
-        row = next(csv.DictReader(io.StringIO(report.read_text())))
+        return next(csv.DictReader(io.StringIO(report.read_text())))
+
+
+def measure(binary: Path, url: str, protocol: str, model: str, data: Path, batch: int, concurrency: int,
+            window_ms: int, stability_pct: float = 50.0, max_trials: int = 4) -> Point:
+    row = run_perf_analyzer(binary, url, protocol, model, data, [f"--concurrency-range={concurrency}"], window_ms,
+                            stability_pct, max_trials, batch)
     return Point(model, protocol, batch, concurrency, float(row["Inferences/Second"]),
                  float(row["p50 latency"]) / 1000, float(row["p90 latency"]) / 1000, float(row["p99 latency"]) / 1000)
 
