@@ -230,8 +230,7 @@ def retrieve_curve(layout: ArtifactLayout, sizes: list[int], n_members: int) -> 
     from feedserve.server import ServerOptions, TritonServer, free_port
 
     members = [m for m in load_movielens(SAMPLE_CORPUS).members() if 5 <= len(m.history) <= 60][:n_members]
-    settings = EncoderSettings.load(layout.settings)
-    dim = settings.dim or int(json.loads((layout.hf_dir / "config.json").read_text())["hidden_size"])
+    dim = layout.serving_dim()
     rng = np.random.default_rng(1)
     out = []
     with tempfile.TemporaryDirectory() as tmp:

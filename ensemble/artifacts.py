@@ -102,6 +102,17 @@ class ArtifactLayout:
     def index(self) -> Path:
         return self.root / "index" / "posts.npz"
 
+    def model_config(self) -> dict[str, object]:
+        """The checkpoint's config.json."""
+        return dict(json.loads((self.hf_dir / "config.json").read_text()))
+
+    def vocab_size(self) -> int:
+        return int(self.model_config()["vocab_size"])  # type: ignore[call-overload]
+
+    def serving_dim(self) -> int:
+        """The width of the served embeddings: the Matryoshka `dim`, else the model's hidden size."""
+        return EncoderSettings.load(self.settings).dim or int(self.model_config()["hidden_size"])  # type: ignore[call-overload]
+
     def required_for_serving(self) -> list[Path]:
         return [self.tokenizer, self.onnx, self.buckets, self.settings]
 

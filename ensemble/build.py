@@ -81,9 +81,8 @@ def _quantize(layout: ArtifactLayout) -> None:
     """The int8 graph beside the fp32 one; optional, so a failed parity check is a warning."""
     from feedserve.export.onnx import ParityError, quantize_int8
 
-    vocab = int(json.loads((layout.hf_dir / "config.json").read_text())["vocab_size"])
     try:
-        quantize_int8(layout.onnx, layout.onnx_int8, vocab)
+        quantize_int8(layout.onnx, layout.onnx_int8, layout.vocab_size())
     except ParityError as err:
         logger.warning("no int8 encoder (`feedserve render --int8` cannot serve this model): %s", err)
 

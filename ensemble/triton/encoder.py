@@ -9,7 +9,6 @@ every short one pay for its padding.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import OrderedDict
@@ -46,7 +45,7 @@ class EncoderModel(BatchModel[Tokens]):
         self.cache_rows = int(params.get("cache_rows", "10000"))
         self.cache_hits = self.cache_misses = 0
         # Out-of-vocabulary ids would fail the whole ONNX run, so they are rejected per request.
-        self.vocab_size = int(json.loads((layout.hf_dir / "config.json").read_text())["vocab_size"])
+        self.vocab_size = layout.vocab_size()
 
     def _runtime(self, layout: ArtifactLayout, params: dict[str, str]) -> Encoder:
         runtime = params.get("runtime", "onnxruntime")

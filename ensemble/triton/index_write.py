@@ -11,7 +11,6 @@ way it could not undo (a disk error) is reopened from what is on disk before the
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from feedserve.artifacts import ArtifactLayout, EncoderSettings
+from feedserve.artifacts import ArtifactLayout
 from feedserve.index_log import LogError
 from feedserve.knn import IndexError_
 from feedserve.live_index import LiveIndex
@@ -42,15 +41,10 @@ class IndexWriteModel(BatchModel[Write]):
     def setup(self, layout: ArtifactLayout, params: dict[str, str]) -> None:
         self.layout = layout
         self.snapshot_every = int(params.get("snapshot_every", "1000"))
-        self._dim = self._embedding_dim(layout)
+        self._dim = layout.serving_dim()
         self.live = LiveIndex.open(layout.index.parent, self._dim, writer=True)
         self._since_snapshot = 0
         self._snapshotting: threading.Thread | None = None
-
-    @staticmethod
-    def _embedding_dim(layout: ArtifactLayout) -> int:
-        settings = EncoderSettings.load(layout.settings)
-        return settings.dim or int(json.loads((layout.hf_dir / "config.json").read_text())["hidden_size"])
 
     def parse(self, inputs: dict[str, np.ndarray | None]) -> Write:
         ops = check_2d(OP.name, require(inputs, OP.name), np.int32)

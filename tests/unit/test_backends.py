@@ -128,8 +128,7 @@ def test_the_int8_graph_serves_when_rendered(tiny_artifacts: ArtifactLayout, enc
 
     layout = ArtifactLayout(tmp_path / "artifacts")
     shutil.copytree(tiny_artifacts.root, layout.root)
-    vocab = int(json.loads((layout.hf_dir / "config.json").read_text())["vocab_size"])
-    quantize_int8(layout.onnx, layout.onnx_int8, vocab, min_cosine=0.9)
+    quantize_int8(layout.onnx, layout.onnx_int8, layout.vocab_size(), min_cosine=0.9)
     config = render_configs(RepositorySettings(encoder_int8=True))[ModelName.ENCODER]
     params = {k: v.string_value for k, v in config.parameters.items()}
     int8 = EncoderModel()
