@@ -30,6 +30,8 @@ if [[ "$variant" == cpu ]]; then
   exec feedserve --artifacts "$artifacts" serve --host "$listen" --expose "$@"
 fi
 
+# Every artifact must match the manifest `feedserve build` wrote (the CPU launcher checks it itself).
+python3 -m feedserve.manifest verify "$artifacts"
 feedserve render --variant "$variant" --out "$repository"
 if [[ "$variant" == gpu-trt ]]; then
   python3 -m feedserve.export.tensorrt ensure --artifacts "$artifacts" \

@@ -9,7 +9,8 @@ the server loads; export writes it, the Triton backends and the clients read it:
     encoder.int8.onnx   the same graph with int8 projection weights (parity checked), for CPUs
     buckets.json        percentile cut points for engagement counts (feedserve.buckets)
     serving.json        EncoderSettings below: pooling, dimension, token budgets
-    index/posts.npz     post ids + embeddings served by the knn model
+    manifest.json       size and SHA-256 of each file above but the index, checked at load (feedserve.manifest)
+    index/posts.npz     post ids + embeddings served by the knn model (its checksum is in its metadata)
 """
 
 from __future__ import annotations
@@ -115,6 +116,23 @@ class ArtifactLayout:
 
     def required_for_serving(self) -> list[Path]:
         return [self.tokenizer, self.onnx, self.buckets, self.settings]
+
+    def built_files(self) -> list[Path]:
+        """What `feedserve build` produces and the manifest lists (the checkpoint directory whole)."""
+        optional = [self.onnx.with_name(self.onnx.name + ".data"), self.onnx_int8]
+        return [self.hf_dir, self.onnx, self.buckets, self.settings, *(p for p in optional if p.exists())]
+
+    def write_manifest(self) -> Path:
+        from feedserve.manifest import write_manifest
+
+        return write_manifest(self.root, self.built_files())
+
+    def verify(self, *paths: Path) -> int:
+        """Check these files (default: every one the manifest lists) against the manifest;
+        feedserve.manifest.ManifestError names the first that differs."""
+        from feedserve.manifest import verify
+
+        return verify(self.root, paths or None)
 
     def missing(self) -> list[Path]:
         return [p for p in self.required_for_serving() if not p.exists()]

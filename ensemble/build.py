@@ -84,7 +84,23 @@ def _quantize(layout: ArtifactLayout) -> None:
     try:
         quantize_int8(layout.onnx, layout.onnx_int8, layout.vocab_size())
     except ParityError as err:
-        logger.warning("no int8 encoder (`feedserve render --int8` cannot serve this model): %s", err)
+        logger.warning("no int8 encoder: the server runs the fp32 graph (int8 failed its parity check: %s)", err)
+
+
+def _damaged(layout: ArtifactLayout) -> bool:
+    """Whether files differ from the manifest of an earlier build: the up-to-date checks below look
+    at what a file was built from, not at its bytes, so they would keep a damaged file and the new
+    manifest would vouch for it. Everything is rebuilt instead."""
+    from feedserve.manifest import MANIFEST, ManifestError
+
+    if not (layout.root / MANIFEST).exists():
+        return False
+    try:
+        layout.verify()
+    except ManifestError as err:
+        logger.warning("rebuilding every artifact: %s", err)
+        return True
+    return False
 
 
 def build_artifacts(opts: BuildOptions) -> ArtifactLayout:
@@ -94,14 +110,15 @@ def build_artifacts(opts: BuildOptions) -> ArtifactLayout:
 
     layout = ArtifactLayout(opts.artifacts)
     layout.root.mkdir(parents=True, exist_ok=True)
+    force = opts.force or _damaged(layout)
     settings = resolve_settings(opts, layout)
     buckets = opts.buckets or (opts.adapter / "buckets.json" if opts.adapter is not None else None)
     settings_changed = not layout.settings.exists() or EncoderSettings.load(layout.settings) != settings
     settings.save(layout.settings)
 
-    imported = import_checkpoint(opts.source or default_gguf_path(), layout.hf_dir, adapter=opts.adapter)
+    imported = import_checkpoint(opts.source or default_gguf_path(), layout.hf_dir, force=force, adapter=opts.adapter)
     record = _import_record(layout)
-    if opts.force or imported or settings_changed or _exported_from(layout) != (record, json.loads(json.dumps(asdict(settings)))):
+    if force or imported or settings_changed or _exported_from(layout) != (record, json.loads(json.dumps(asdict(settings)))):
         # Comparing with what the ONNX model was exported from, not just `imported` and
         # `settings_changed`, also redoes an export that failed after an import or a settings change.
         export_onnx(layout.hf_dir, settings, layout.onnx, extra={"hf_import": record})
@@ -119,7 +136,8 @@ def build_artifacts(opts: BuildOptions) -> ArtifactLayout:
     if buckets is not None:
         # Validate before copying: serving must use exactly the cut points the model was trained with.
         PercentileBuckets.load(buckets).save(layout.buckets)
-    elif opts.force or not layout.buckets.exists():
+    elif force or not layout.buckets.exists():
         load_movielens(opts.corpus).fit_buckets().save(layout.buckets)
         logger.info("fitted percentile buckets on %s", opts.corpus)
+    layout.write_manifest()
     return layout

@@ -15,6 +15,7 @@ with `allow_pickle=False`: loading an index never executes code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -228,24 +229,42 @@ class PostIndex:
             raise IndexError_(f"{path}: unknown index format {meta.get('format')!r}")
         if vectors.ndim != 2 or len(ids) != len(vectors) or vectors.shape[1] != meta["dim"]:
             raise IndexError_(f"{path}: ids {ids.shape} and vectors {vectors.shape} do not match")
-        index = cls(int(meta["dim"]), {k: v for k, v in meta.items() if k not in ("format", "dim", "count")}, engine)
+        if meta.get("sha256") != arrays_checksum(ids, vectors):
+            raise IndexError_(f"{path}: ids and vectors do not match the checksum saved with them (corrupted or "
+                              "written by another program); restore a snapshot or rebuild with `feedserve index`")
+        own = ("format", "dim", "count", "sha256")
+        index = cls(int(meta["dim"]), {k: v for k, v in meta.items() if k not in own}, engine)
         if len(ids):
             index.upsert(ids, vectors)
         logger.info("loaded %d posts (dim %d) from %s", len(index), index.dim, path)
         return index
 
 
+def arrays_checksum(ids: np.ndarray, vectors: np.ndarray) -> str:
+    """SHA-256 over the ids and vectors as saved (int64, float32, C order): an index file is rewritten
+    while the server runs, so its checksum travels inside it instead of in the artifact manifest."""
+    h = hashlib.sha256(np.ascontiguousarray(ids, np.int64).tobytes())
+    h.update(np.ascontiguousarray(vectors, np.float32).tobytes())
+    return h.hexdigest()
+
+
 def save_arrays(path: Path, ids: np.ndarray, vectors: np.ndarray, meta: dict[str, object]) -> None:
     """Write an index file atomically and durably (temporary file, fsync, rename, directory fsync):
     readers see the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = json.dumps({"format": FORMAT, "dim": int(vectors.shape[1]), "count": len(ids), **meta})
+    ids, vectors = np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(vectors, np.float32)
+    header = json.dumps({**meta, "format": FORMAT, "dim": int(vectors.shape[1]), "count": len(ids),
+                         "sha256": arrays_checksum(ids, vectors)})
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, ids=ids, vectors=vectors, meta=np.array(header))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, ids=ids, vectors=vectors, meta=np.array(header))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a disk-full write leaves the previous file, and no debris
+        raise
     fsync_dir(path.parent)
     logger.info("saved %d posts (dim %d) to %s", len(ids), vectors.shape[1], path)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from types import TracebackType
 
 from feedserve.artifacts import ARTIFACTS_ENV, REPO_ROOT, ArtifactLayout, default_artifacts_dir
+from feedserve.manifest import MANIFEST, ManifestError
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,11 @@ class TritonServer:
                 f"missing artifacts: {names}. Build them first: `feedserve build` "
                 "(imports the model, exports ONNX, fits buckets)."
             )
+        try:
+            checked = layout.verify()
+        except ManifestError as err:
+            raise ServerError(f"refusing to serve {layout.root}: {err}") from err
+        logger.info("%d artifact files match %s", checked, MANIFEST)
         if not (self.options.repository / "knn" / "config.pbtxt").exists():
             raise ServerError(
                 f"{self.options.repository} is not a rendered model repository: `feedserve render`"

@@ -11,7 +11,6 @@ refused with ParityError below `min_cosine`.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from feedserve.artifacts import EncoderSettings
+from feedserve.manifest import sha256_file
 from feedserve.runtime import Encoder
 from feedserve.schema import ONNX_INPUTS, ONNX_OUTPUT
 
@@ -59,14 +59,6 @@ class ExportReport:
     settings: dict[str, object]
     parity: ParityReport | None = None
     extra: dict[str, object] = field(default_factory=dict)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def parity_batches(vocab_size: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:

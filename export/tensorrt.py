@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from feedserve.artifacts import ArtifactLayout, EncoderSettings
-from feedserve.export.onnx import PROTOBUF_LIMIT, ParityError, compare_encoders, parity_batches, sha256_file
+from feedserve.export.onnx import PROTOBUF_LIMIT, ParityError, compare_encoders, parity_batches
+from feedserve.manifest import sha256_file
 from feedserve.schema import ATTENTION_MASK, EMBEDDING, INPUT_IDS, ONNX_INPUTS, ONNX_OUTPUT
 
 logger = logging.getLogger(__name__)
@@ -155,6 +156,8 @@ def stale_fields(meta_path: Path, expected: dict[str, object]) -> list[str]:
         return ["metadata"]
     if "parity" not in meta:
         return ["parity"]
+    if meta.get("plan_sha256") != sha256_file(meta_path.with_suffix("")):
+        return ["plan_sha256"]  # truncated, corrupted or replaced since it passed its check
     return [key for key, value in expected.items() if json.loads(json.dumps(meta.get(key))) != json.loads(json.dumps(value))]
 
 
@@ -322,7 +325,8 @@ def ensure_engine(layout: ArtifactLayout, plan_path: Path, options: EngineOption
     except ParityError:
         plan_path.unlink(missing_ok=True)  # never leave a plan that failed its check to be served
         raise
-    _write_atomic(meta_path, json.dumps({**meta, "parity": parity}, indent=2).encode())
+    meta = {**meta, "parity": parity, "plan_sha256": sha256_file(plan_path)}
+    _write_atomic(meta_path, json.dumps(meta, indent=2).encode())
     return True
 
 

@@ -37,6 +37,7 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> ArtifactLayout:
     TINY_SETTINGS.save(layout.settings)
     export_onnx(layout.hf_dir, TINY_SETTINGS, layout.onnx)
     load_movielens(SAMPLE_CORPUS).fit_buckets().save(layout.buckets)
+    layout.write_manifest()
     return layout
 
 

@@ -34,6 +34,7 @@ class PreprocessModel(BatchModel[Records]):
     def setup(self, layout: ArtifactLayout, params: dict[str, str]) -> None:
         self.kind = RecordKind(params.get("record_kind", RecordKind.POST))
         self.name = ModelName.PREPROCESS_MEMBER if self.kind is RecordKind.MEMBER else ModelName.PREPROCESS_POST
+        layout.verify(layout.tokenizer, layout.buckets, layout.settings)
         self.builder = PromptBuilder(
             Tokenizer.from_file(str(layout.tokenizer)),
             PercentileBuckets.load(layout.buckets),

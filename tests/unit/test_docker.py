@@ -95,12 +95,14 @@ def test_compose_publishes_on_loopback_with_health_checks() -> None:
             assert source in named or source.startswith(("${", ".", "/")), volume
 
 
-def _run_entrypoint(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+def _run_entrypoint(tmp_path: Path, env: dict[str, str], failing: str | None = None) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Run the entrypoint with stub commands that log their arguments; `failing` exits 1."""
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir(exist_ok=True)
     for command in ("feedserve", "python3", "tritonserver"):
         stub = bin_dir / command
-        stub.write_text(f'#!/bin/sh\necho "{command} $*" >> "{log}"\n')
+        fail = '\necho "stub failed" >&2\nexit 1' if command == failing else ""
+        stub.write_text(f'#!/bin/sh\necho "{command} $*" >> "{log}"{fail}\n')
         stub.chmod(0o755)
     result = subprocess.run(["bash", str(DOCKER / "entrypoint.sh"), "--log-verbose=1"], capture_output=True, text=True,
                             env={"PATH": f"{bin_dir}:{os.environ['PATH']}", **env}, timeout=30)
@@ -118,21 +120,29 @@ def test_entrypoint_builds_the_plan_then_starts_triton(tmp_path: Path, artifacts
     env = {"FEEDSERVE_ARTIFACTS": str(artifacts), "FEEDSERVE_REPOSITORY": str(tmp_path / "models"), "FEEDSERVE_TRT_PRECISION": "bf16"}
     result, calls = _run_entrypoint(tmp_path, env)
     assert result.returncode == 0, result.stderr
-    assert calls[0] == f"feedserve render --variant gpu-trt --out {tmp_path / 'models'}"
-    assert calls[1].startswith("python3 -m feedserve.export.tensorrt ensure")
-    assert f"--plan {tmp_path / 'models'}/encoder/1/model.plan" in calls[1] and "--precision bf16" in calls[1]
-    assert calls[2].startswith(f"tritonserver --model-repository={tmp_path / 'models'} --model-control-mode=none")
-    assert calls[2].endswith("--log-verbose=1")  # extra arguments reach the server
+    assert calls[0] == f"python3 -m feedserve.manifest verify {artifacts}"
+    assert calls[1] == f"feedserve render --variant gpu-trt --out {tmp_path / 'models'}"
+    assert calls[2].startswith("python3 -m feedserve.export.tensorrt ensure")
+    assert f"--plan {tmp_path / 'models'}/encoder/1/model.plan" in calls[2] and "--precision bf16" in calls[2]
+    assert calls[3].startswith(f"tritonserver --model-repository={tmp_path / 'models'} --model-control-mode=none")
+    assert calls[3].endswith("--log-verbose=1")  # extra arguments reach the server
 
 
 def test_entrypoint_gpu_torch_builds_no_plan_and_cpu_uses_the_launcher(tmp_path: Path, artifacts: Path) -> None:
     result, calls = _run_entrypoint(tmp_path, {"FEEDSERVE_ARTIFACTS": str(artifacts), "FEEDSERVE_VARIANT": "gpu-torch",
                                                "FEEDSERVE_REPOSITORY": str(tmp_path / "models")})
-    assert result.returncode == 0 and len(calls) == 2 and calls[1].startswith("tritonserver ")
+    assert result.returncode == 0 and len(calls) == 3 and calls[2].startswith("tritonserver ")
     (tmp_path / "calls.log").unlink()
     result, calls = _run_entrypoint(tmp_path, {"FEEDSERVE_ARTIFACTS": str(artifacts), "FEEDSERVE_VARIANT": "cpu"})
     assert result.returncode == 0
     assert calls == [f"feedserve --artifacts {artifacts} serve --host 0.0.0.0 --expose --log-verbose=1"]
+
+
+def test_entrypoint_stops_when_the_artifacts_fail_their_manifest(tmp_path: Path, artifacts: Path) -> None:
+    result, calls = _run_entrypoint(tmp_path, {"FEEDSERVE_ARTIFACTS": str(artifacts), "FEEDSERVE_VARIANT": "gpu-torch"},
+                                    failing="python3")
+    assert result.returncode == 1 and "stub failed" in result.stderr
+    assert calls == [f"python3 -m feedserve.manifest verify {artifacts}"]  # nothing rendered or started
 
 
 @pytest.mark.parametrize(("env", "words"), [

@@ -13,6 +13,7 @@ from feedserve.artifacts import ArtifactLayout, EncoderSettings
 from feedserve.export.tensorrt import (
     UNAVAILABLE_EXIT, EngineOptions, Profile, ensure_engine, main, rename_io, stale_fields, unavailable_reason,
 )
+from feedserve.manifest import sha256_file
 from feedserve.schema import ATTENTION_MASK, EMBEDDING, INPUT_IDS
 
 REASON = unavailable_reason()
@@ -52,8 +53,12 @@ def test_a_plan_is_stale_when_anything_it_was_built_from_changed(tmp_path: Path)
     plan.write_bytes(b"engine")
     meta.write_text(json.dumps({**expected, "build_s": 12.0}))
     assert stale_fields(meta, expected) == ["parity"]  # built, never checked: not to be served
-    meta.write_text(json.dumps({**expected, "build_s": 12.0, "parity": {"worst_cosine": 0.9995}}))
+    checked = {**expected, "build_s": 12.0, "parity": {"worst_cosine": 0.9995}, "plan_sha256": sha256_file(plan)}
+    meta.write_text(json.dumps(checked))
     assert stale_fields(meta, expected) == []
+    plan.write_bytes(b"engin")  # truncated after it passed its check
+    assert stale_fields(meta, expected) == ["plan_sha256"]
+    plan.write_bytes(b"engine")
     moved = {**expected, "gpu": {"name": "NVIDIA L40S", "capability": [8, 9]}, "source_sha256": "cd"}
     assert stale_fields(meta, moved) == ["gpu", "source_sha256"]
     meta.write_text("{not json")

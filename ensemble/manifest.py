@@ -1,0 +1,122 @@
+"""The artifact manifest: every file the server loads, with its size and SHA-256, checked at load.
+
+`feedserve build` writes `manifest.json` at the root of the artifact directory once every artifact
+is in place (the checkpoint, the ONNX graphs, buckets, serving settings; `feedserve.export.tensorrt`
+adds its engine). The server checks the whole manifest before it starts tritonserver, and each
+backend checks the files it is about to load, so a truncated, corrupted or swapped file is refused
+with its name instead of being served. The index is rewritten while the server runs, so it carries
+its checksum in its own metadata instead (`feedserve.knn.save_arrays`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT = "feedserve-manifest-1"
+
+
+class ManifestError(RuntimeError):
+    """An artifact is missing from the manifest, or differs from what the manifest recorded."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _entry(path: Path) -> dict[str, object]:
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _files(paths: Iterable[Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in paths:
+        out.extend(sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])
+    return out
+
+
+def read_manifest(root: Path) -> dict[str, dict[str, object]]:
+    path = root / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise ManifestError(f"{path} is missing: build the artifacts with `feedserve build`, which writes it") from err
+    except (OSError, ValueError) as err:
+        raise ManifestError(f"cannot read {path}: {err}") from err
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("files"), dict):
+        raise ManifestError(f"{path} is not a feedserve manifest ({FORMAT})")
+    return data["files"]  # type: ignore[no-any-return]
+
+
+def write_manifest(root: Path, paths: Iterable[Path], update: bool = False) -> Path:
+    """Record `paths` (files, or directories taken whole) relative to `root`. With update, the
+    entries already there are kept unless a path replaces them."""
+    files = read_manifest(root) if update and (root / MANIFEST).exists() else {}
+    for path in _files(paths):
+        files[path.relative_to(root).as_posix()] = _entry(path)
+    target = root / MANIFEST
+    tmp = target.with_name(MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"format": FORMAT, "files": dict(sorted(files.items()))}, indent=1) + "\n")
+    os.replace(tmp, target)
+    logger.info("manifest: %d files in %s", len(files), target)
+    return target
+
+
+def verify(root: Path, paths: Iterable[Path] | None = None) -> int:
+    """Check `paths` (files or directories; default: everything listed) against the manifest.
+    Returns the number of files checked; ManifestError names the first file that fails."""
+    files = read_manifest(root)
+    todo = [root / rel for rel in files] if paths is None else _files(paths)
+    for path in todo:
+        want = files.get(path.relative_to(root).as_posix())
+        if not path.is_file():
+            raise ManifestError(f"{path} is missing")
+        if want is None:
+            raise ManifestError(f"{path} is not listed in {root / MANIFEST}: rebuild with `feedserve build`")
+        got = _entry(path)
+        if got["size"] != want.get("size"):
+            raise ManifestError(f"{path}: {got['size']} bytes, the manifest says {want.get('size')} "
+                                "(truncated or replaced); rebuild with `feedserve build --force`")
+        if got["sha256"] != want.get("sha256"):
+            raise ManifestError(f"{path}: checksum differs from {root / MANIFEST} (corrupted or replaced); "
+                                "rebuild with `feedserve build --force`")
+    return len(todo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m feedserve.manifest verify DIR` (the container's entrypoint runs it before Triton
+    starts) or `write DIR` (after adding files by hand: vouch for them)."""
+    import argparse
+    import sys
+
+    from feedserve.artifacts import ArtifactLayout
+
+    p = argparse.ArgumentParser(prog="python -m feedserve.manifest", description=main.__doc__)
+    p.add_argument("command", choices=("verify", "write"))
+    p.add_argument("artifacts", type=Path)
+    args = p.parse_args(argv)
+    layout = ArtifactLayout(args.artifacts)
+    if args.command == "write":
+        print(layout.write_manifest())
+        return 0
+    try:
+        print(f"{layout.verify()} files match {args.artifacts / MANIFEST}")
+    except ManifestError as err:
+        print(f"feedserve.manifest: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
