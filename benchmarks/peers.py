@@ -120,7 +120,7 @@ def encoder_peers(layout: ArtifactLayout, n_posts: int, batch: int) -> dict[str,
         out[f"{tag}encoder_alone_prompts_per_s"] = len(posts) / (time.perf_counter() - start)
         with tempfile.TemporaryDirectory() as tmp:
             repository = Path(tmp) / "repository"
-            write_repository(repository, RepositorySettings(encoder_cache_rows=0, index_writer=False, encoder_int8=bool(tag)))
+            write_repository(repository, RepositorySettings(encoder_cache_rows=0, index_writer=False, encoder_precision="int8" if tag else "fp32"))
             opts = ServerOptions(repository=repository, artifacts=layout.root, http_port=free_port(), grpc_port=free_port(),
                                  metrics_port=free_port(), log_file=Path(tmp) / "tritonserver.log")
             with TritonServer(opts) as server:

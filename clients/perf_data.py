@@ -12,8 +12,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from feedserve.records import Member, Post
-from feedserve.schema import K, RECORDS
+from feedserve.schema import ATTENTION_MASK, INPUT_IDS, K, RECORDS
 
 
 def perf_input(records: Sequence[Member | Post], k: int | None = None) -> dict[str, object]:
@@ -24,6 +26,17 @@ def perf_input(records: Sequence[Member | Post], k: int | None = None) -> dict[s
         if k is not None:
             row[K.name] = {"content": [k], "shape": [1]}
         rows.append(row)
+    return {"data": rows}
+
+
+def token_input(input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, object]:
+    """perf_analyzer's --input-data document for `encoder`: one pre-tokenised prompt per request,
+    trimmed to its own length (what a client that tokenises itself would send)."""
+    rows = []
+    for ids, mask in zip(input_ids, attention_mask, strict=True):
+        n = int(mask.sum())
+        rows.append({INPUT_IDS.name: {"content": ids[:n].tolist(), "shape": [n]},
+                     ATTENTION_MASK.name: {"content": mask[:n].tolist(), "shape": [n]}})
     return {"data": rows}
 
 

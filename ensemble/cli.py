@@ -132,7 +132,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     from feedserve.repository import main as render_main
 
     return render_main(["--out", str(args.out), "--variant", args.variant] + (["--check"] if args.check else [])
-                       + (["--no-writer"] if args.no_writer else []) + (["--int8"] if args.int8 else []))
+                       + (["--no-writer"] if args.no_writer else []) + ["--precision", args.precision])
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -171,7 +171,8 @@ def parser() -> argparse.ArgumentParser:
                    help="cpu (ONNX Runtime, faiss), gpu-torch (PyTorch encoder and kNN on GPU), gpu-trt (TensorRT plan)")
     r.add_argument("--no-writer", action="store_true",
                    help="leave out index_write: another server sharing the index directory writes, this one follows")
-    r.add_argument("--int8", action="store_true", help="the CPU encoder runs the int8 graph (encoder.int8.onnx)")
+    r.add_argument("--precision", choices=("auto", "fp32", "int8"), default="auto",
+                   help="the CPU encoder's graph (auto: the int8 graph where `feedserve build` wrote one, else fp32)")
     r.set_defaults(func=cmd_render)
 
     s = sub.add_parser("serve", help="run tritonserver until interrupted")

@@ -14,7 +14,6 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from feedserve.artifacts import INT8_ONNX
 from feedserve.schema import IO, ModelName, RecordKind, TensorSpec
 from feedserve.server import DEFAULT_REPOSITORY
 
@@ -33,6 +32,7 @@ from {module} import TritonPythonModel  # noqa: F401
 #   without TensorRT). gpu-trt: the encoder as a TensorRT plan (`feedserve.export.tensorrt`), the
 #   PyTorch kNN; for the NVIDIA Triton container. Same models, ensembles and tensor names in all.
 VARIANTS = ("cpu", "gpu-torch", "gpu-trt")
+PRECISIONS = ("auto", "fp32", "int8")
 
 
 @dataclass(frozen=True)
@@ -43,21 +43,33 @@ class RepositorySettings:
     encoder_instances: int = 1
     knn_instances: int = 1
     # The encoder gathers requests for up to this long: on 2 cores, a bigger batch amortises
-    # ONNX Runtime's per-run overhead better than a shorter wait.
-    encoder_queue_delay_us: int = 2000
+    # ONNX Runtime's per-run overhead better than a shorter wait (benchmarks/reports/tuning.md).
+    # None: no dynamic batcher, every request runs alone.
+    encoder_queue_delay_us: int | None = 2000
+    encoder_preferred_batch: tuple[int, ...] = ()  # batch sizes the batcher sends without waiting more
+    # How a batch's rows are cut into encoder runs (feedserve.triton.encoder.GROUPINGS): "cost" pads
+    # each run to its own longest row and cuts where a run costs less than the padding it saves.
+    encoder_grouping: str = "cost"
+    encoder_threads: int = 0  # ONNX Runtime intra-op threads per instance (0: one per core)
     knn_queue_delay_us: int = 500
     max_k: int = 2000
     knn_dtype: str = "fp16"  # device storage of the GPU kNN
     snapshot_every: int = 1000  # live-index writes between snapshots (each restarts the log)
     encoder_cache_rows: int = 10000  # prompts whose embeddings the python encoder keeps (0: off)
-    # The CPU encoder runs the int8 graph (encoder.int8.onnx, see feedserve.export.onnx.quantize_int8).
-    encoder_int8: bool = False
+    # The CPU encoder's graph: "int8" (encoder.int8.onnx, feedserve.export.onnx.quantize_int8), "fp32",
+    # or "auto": int8 where `feedserve build` wrote an int8 graph that passed its parity check, else
+    # fp32. int8 is 1.3x faster on these CPUs at no loss of recall (benchmarks/reports/tuning.md).
+    encoder_precision: str = "auto"
     # One server per index directory writes; others sharing the directory only follow (no index_write).
     index_writer: bool = True
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown repository variant {self.variant!r}; expected one of {VARIANTS}")
+        if self.encoder_precision not in PRECISIONS:
+            raise ValueError(f"unknown encoder precision {self.encoder_precision!r}; expected one of {PRECISIONS}")
+        if self.gpu and self.encoder_precision == "int8":
+            raise ValueError("the int8 encoder is an ONNX Runtime CPU graph; GPU variants run bf16 or TensorRT")
 
     @property
     def gpu(self) -> bool:
@@ -82,13 +94,14 @@ def _kind(gpu: bool) -> int:
 
 def _python_model(
     name: ModelName, module: str, settings: RepositorySettings, instances: int, delay_us: int | None,
-    params: dict[str, str] | None = None, gpu: bool = False,
+    params: dict[str, str] | None = None, gpu: bool = False, preferred: tuple[int, ...] = (),
 ) -> mc.ModelConfig:
     config = mc.ModelConfig(name=str(name), backend="python", max_batch_size=settings.max_batch_size)
     _io(config, name)
     config.instance_group.append(mc.ModelInstanceGroup(kind=_kind(gpu), count=instances))
     if delay_us is not None:
         config.dynamic_batching.max_queue_delay_microseconds = delay_us
+        config.dynamic_batching.preferred_batch_size.extend(preferred)
     for key, value in (params or {}).items():
         config.parameters[key].string_value = value
     config.parameters["module"].string_value = module
@@ -111,7 +124,9 @@ def _tensorrt_encoder(settings: RepositorySettings) -> mc.ModelConfig:
     them, with their shapes, from the engine; listing them here could only disagree with it."""
     config = mc.ModelConfig(name=str(ModelName.ENCODER), platform="tensorrt_plan", max_batch_size=settings.max_batch_size)
     config.instance_group.append(mc.ModelInstanceGroup(kind=_kind(True), count=settings.encoder_instances))
-    config.dynamic_batching.max_queue_delay_microseconds = settings.encoder_queue_delay_us
+    if settings.encoder_queue_delay_us is not None:
+        config.dynamic_batching.max_queue_delay_microseconds = settings.encoder_queue_delay_us
+        config.dynamic_batching.preferred_batch_size.extend(settings.encoder_preferred_batch)
     return config
 
 
@@ -120,12 +135,14 @@ def _encoder(settings: RepositorySettings) -> mc.ModelConfig:
         return _tensorrt_encoder(settings)
     params = {"runtime": "torch", "max_rows_per_run": "256"} if settings.gpu else {"runtime": "onnxruntime", "max_rows_per_run": "32"}
     params["cache_rows"] = str(settings.encoder_cache_rows)
-    if settings.encoder_int8:
-        if settings.gpu:
-            raise ValueError("the int8 encoder is an ONNX Runtime CPU graph; GPU variants run bf16 or TensorRT")
-        params["onnx_file"] = INT8_ONNX
+    params["grouping"] = settings.encoder_grouping
+    if settings.encoder_threads:
+        params["intra_op_threads"] = str(settings.encoder_threads)
+    if not settings.gpu:
+        params["precision"] = settings.encoder_precision
     return _python_model(ModelName.ENCODER, "feedserve.triton.encoder", settings, settings.encoder_instances,
-                         settings.encoder_queue_delay_us, params, gpu=settings.gpu)
+                         settings.encoder_queue_delay_us, params, gpu=settings.gpu,
+                         preferred=settings.encoder_preferred_batch)
 
 
 def render_configs(settings: RepositorySettings = RepositorySettings()) -> dict[ModelName, mc.ModelConfig]:
@@ -211,9 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if the files drift instead of writing")
     parser.add_argument("--variant", choices=VARIANTS, default="cpu")
     parser.add_argument("--no-writer", action="store_true", help="leave out index_write: this server only follows the index")
-    parser.add_argument("--int8", action="store_true", help="the CPU encoder runs the int8 graph `feedserve build` writes")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="the CPU encoder's graph (auto: int8 where `feedserve build` wrote one, else fp32)")
     args = parser.parse_args(argv)
-    settings = RepositorySettings(variant=args.variant, index_writer=not args.no_writer, encoder_int8=args.int8)
+    settings = RepositorySettings(variant=args.variant, index_writer=not args.no_writer, encoder_precision=args.precision)
     if args.check:
         stale = drift(args.out, settings)
         for rel in stale:

@@ -3,8 +3,9 @@ onnxruntime`), or PyTorch bf16 on a GPU (`runtime: torch`, for GPU hosts without
 TensorRT variant is a `tensorrt_plan` model, no Python).
 
 Requests in a dynamic batch may differ in length (the inputs are ragged). Rows are trimmed to their
-own length, sorted, and run in groups padded to a length bucket, so one long prompt does not make
-every short one pay for its padding.
+own length, sorted, and split into runs where a run costs less than the padding it would add
+(`group_rows`), so one long prompt does not make every short one pay for its padding and rows of
+nearly one length share a run.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -31,12 +33,58 @@ class Tokens:
     rows: list[np.ndarray]  # each row's unpadded token ids
 
 
+# How the rows of a batch are cut into encoder runs (benchmarks/reports/tuning.md measures each):
+# "longest" pads every row to the batch's longest; "buckets" pads each row to its length bucket, one
+# run per bucket; "cost" (the default) cuts the sorted rows where a run costs less than the padding.
+GROUPINGS = ("cost", "buckets", "longest")
+# The cost model, in tokens, fitted to ONNX Runtime on the default model (fp32 and int8 alike): a run
+# costs about 32 tokens of fixed overhead, and a token's cost grows with the run's width (attention)
+# by width/512.
+RUN_COST_TOKENS = 32.0
+ATTENTION_WIDTH = 512.0
+
+
+def group_rows(lengths: Sequence[int], max_rows: int, grouping: str = "cost",
+               buckets: Sequence[int] = ()) -> list[tuple[list[int], int]]:
+    """Row indices in runs of at most `max_rows`, each with the width its rows are padded to."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    if grouping == "longest":
+        longest = max(lengths, default=0)
+        return [(order[s : s + max_rows], longest) for s in range(0, len(order), max_rows)]
+    if grouping == "buckets":
+        by_bucket: dict[int, list[int]] = {}
+        for i in order:
+            by_bucket.setdefault(pad_length(lengths[i], buckets), []).append(i)
+        return [(rows[s : s + max_rows], width) for width, rows in by_bucket.items() for s in range(0, len(rows), max_rows)]
+    # Optimal cuts of the sorted rows (dynamic programming, O(n * max_rows)): a run spans sorted rows
+    # i..j-1 and is padded to its longest, the last one.
+    sizes = [lengths[i] for i in order]
+    best = [0.0] + [float("inf")] * len(sizes)
+    cut = [0] * (len(sizes) + 1)
+    for j in range(1, len(sizes) + 1):
+        width = sizes[j - 1]
+        per_row = width * (1.0 + width / ATTENTION_WIDTH)
+        for i in range(max(0, j - max_rows), j):
+            cost = best[i] + (j - i) * per_row + RUN_COST_TOKENS
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    runs = []
+    j = len(sizes)
+    while j > 0:
+        runs.append((order[cut[j] : j], sizes[j - 1]))
+        j = cut[j]
+    return runs[::-1]
+
+
 class EncoderModel(BatchModel[Tokens]):
     name = ModelName.ENCODER
 
     def setup(self, layout: ArtifactLayout, params: dict[str, str]) -> None:
         self.settings = EncoderSettings.load(layout.settings)
         self.max_rows = int(params.get("max_rows_per_run", "32"))
+        self.grouping = params.get("grouping", "cost")
+        if self.grouping not in GROUPINGS:
+            raise ValueError(f"encoder: unknown grouping {self.grouping!r} ({', '.join(GROUPINGS)})")
         self.encoder = self._runtime(layout, params)
         # Prompt tokens -> embedding, least recently used out first. A member retrieved again with an
         # unchanged profile and history has the same tokens and is not re-encoded; any change to
@@ -51,13 +99,31 @@ class EncoderModel(BatchModel[Tokens]):
         runtime = params.get("runtime", "onnxruntime")
         if runtime == "onnxruntime":
             threads = int(params.get("intra_op_threads", "0")) or os.cpu_count() or 1
-            return OnnxEncoder(layout.root / params.get("onnx_file", layout.onnx.name), intra_op_threads=threads)
+            graph = self._graph(layout, params.get("precision", "fp32"))
+            layout.verify(graph)
+            return OnnxEncoder(graph, intra_op_threads=threads)
         if runtime == "torch":
             from feedserve.encoder import TorchEncoder  # torch only in the processes that run it
 
+            layout.verify(layout.hf_dir)
             # compute() pads every group on the right, which lets the fused causal kernel run.
             return TorchEncoder(layout.hf_dir, self.settings, device=params.get("device", "cuda"), right_padded=True)
         raise ValueError(f"encoder: unknown runtime {runtime!r} (onnxruntime or torch)")
+
+    @staticmethod
+    def _graph(layout: ArtifactLayout, precision: str) -> Path:
+        """The ONNX graph the rendered precision asks for (feedserve.repository.RepositorySettings)."""
+        if precision == "fp32":
+            return layout.onnx
+        if precision not in ("int8", "auto"):
+            raise ValueError(f"encoder: unknown precision {precision!r} (auto, fp32 or int8)")
+        if layout.onnx_int8.exists():
+            return layout.onnx_int8
+        if precision == "int8":
+            raise ValueError(f"encoder: no int8 graph at {layout.onnx_int8}: `feedserve build` writes it when it passes "
+                             "its parity check; render with --precision fp32 or auto")
+        logger.info("encoder: no int8 graph was built for this model; serving fp32")
+        return layout.onnx
 
     def parse(self, inputs: dict[str, np.ndarray | None]) -> Tokens:
         ids = check_2d(INPUT_IDS.name, require(inputs, INPUT_IDS.name), np.int64)
@@ -83,15 +149,7 @@ class EncoderModel(BatchModel[Tokens]):
         return Tokens([ids[i, : lengths[i]] for i in range(len(ids))])
 
     def _groups(self, lengths: Sequence[int]) -> list[tuple[list[int], int]]:
-        """Row indices grouped by length bucket, at most max_rows per group, with the group's width."""
-        by_bucket: dict[int, list[int]] = {}
-        for i in sorted(range(len(lengths)), key=lengths.__getitem__):
-            by_bucket.setdefault(pad_length(lengths[i], self.settings.length_buckets), []).append(i)
-        return [
-            (rows[start : start + self.max_rows], width)
-            for width, rows in by_bucket.items()
-            for start in range(0, len(rows), self.max_rows)
-        ]
+        return group_rows(lengths, self.max_rows, self.grouping, self.settings.length_buckets)
 
     def compute(self, items: Sequence[Tokens]) -> list[Arrays | RequestError]:
         rows = [r for it in items for r in it.rows]

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from feedserve.artifacts import ArtifactLayout
 from feedserve.triton.base import RequestError
@@ -113,28 +115,78 @@ def test_an_unchanged_prompt_is_not_encoded_again(tiny_artifacts: ArtifactLayout
     changed = {k: v.copy() for k, v in member.items()}
     changed["INPUT_IDS"][0, -1] += 1  # one more engaged post, say: different tokens
     model.run([changed])
-    assert calls == [(1, 32)]  # encoded once, padded to its length bucket
+    assert calls == [(1, 12)]  # encoded once, at its own length
     for n in range(6):  # more distinct prompts than the cache holds: the oldest go first
         model.run([_rows(np.random.default_rng(100 + n), [5], 5)])
     assert len(model.cache) == 4 and member["INPUT_IDS"][0].tobytes() not in model.cache
 
 
-def test_the_int8_graph_serves_when_rendered(tiny_artifacts: ArtifactLayout, encoder: EncoderModel, tmp_path: Path) -> None:
+def test_the_rendered_precision_picks_the_graph(tiny_artifacts: ArtifactLayout, encoder: EncoderModel, tmp_path: Path) -> None:
     import shutil
 
     from feedserve.export.onnx import quantize_int8
     from feedserve.repository import RepositorySettings, render_configs
     from feedserve.schema import ModelName
 
+    def params(precision: str) -> dict[str, str]:
+        config = render_configs(RepositorySettings(encoder_precision=precision))[ModelName.ENCODER]
+        return {k: v.string_value for k, v in config.parameters.items()}
+
+    def graph(model: EncoderModel) -> str:
+        return Path(model.encoder.path).name  # type: ignore[attr-defined]
+
     layout = ArtifactLayout(tmp_path / "artifacts")
     shutil.copytree(tiny_artifacts.root, layout.root)
+    auto = EncoderModel()
+    auto.setup(layout, params("auto"))
+    assert graph(auto) == "encoder.onnx"  # no int8 graph was built: auto serves fp32
+    with pytest.raises(ValueError, match="no int8 graph"):
+        EncoderModel().setup(layout, params("int8"))
     quantize_int8(layout.onnx, layout.onnx_int8, layout.vocab_size(), min_cosine=0.9)
-    config = render_configs(RepositorySettings(encoder_int8=True))[ModelName.ENCODER]
-    params = {k: v.string_value for k, v in config.parameters.items()}
+    layout.write_manifest()
     int8 = EncoderModel()
-    int8.setup(layout, params)
-    assert Path(int8.encoder.path).name == "encoder.int8.onnx"  # type: ignore[attr-defined]
+    int8.setup(layout, params("auto"))
+    assert graph(int8) == "encoder.int8.onnx"
+    fp32 = EncoderModel()
+    fp32.setup(layout, params("fp32"))
+    assert graph(fp32) == "encoder.onnx"
     batch = [_rows(np.random.default_rng(6), [5, 40, 12], 40)]
     got, want = int8.run(batch)[0], encoder.run(batch)[0]
     assert not isinstance(got, RequestError) and not isinstance(want, RequestError)
     assert 0.9 <= float((got["EMBEDDING"] * want["EMBEDDING"]).sum(axis=1).min()) < 1.0
+
+
+def _run_cost(runs: list[tuple[list[int], int]]) -> float:
+    from feedserve.triton.encoder import ATTENTION_WIDTH, RUN_COST_TOKENS
+
+    return sum(len(rows) * width * (1 + width / ATTENTION_WIDTH) + RUN_COST_TOKENS for rows, width in runs)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(1, 512), max_size=80), st.integers(1, 40))
+def test_every_grouping_runs_each_row_once_within_its_width(lengths: list[int], max_rows: int) -> None:
+    from feedserve.prompts import pad_length
+    from feedserve.triton.encoder import GROUPINGS, group_rows
+
+    buckets = (32, 64, 128, 256, 512)
+    runs = {g: group_rows(lengths, max_rows, g, buckets) for g in GROUPINGS}
+    for grouping, groups in runs.items():
+        assert sorted(i for rows, _ in groups for i in rows) == list(range(len(lengths))), grouping
+        for rows, width in groups:
+            assert 1 <= len(rows) <= max_rows and all(lengths[i] <= width for i in rows)
+            if grouping == "buckets":
+                assert all(pad_length(lengths[i], buckets) == width for i in rows)
+            elif grouping == "longest":
+                assert width == max(lengths)
+            else:
+                assert width == max(lengths[i] for i in rows)  # padded to its own longest, no further
+    # The cost grouping is optimal under its cost model, so never worse than the other two.
+    assert _run_cost(runs["cost"]) <= min(_run_cost(runs["buckets"]), _run_cost(runs["longest"])) + 1e-6
+
+
+def test_the_cost_grouping_splits_far_lengths_and_keeps_near_ones() -> None:
+    from feedserve.triton.encoder import group_rows
+
+    assert [len(rows) for rows, _ in group_rows([60, 70, 66, 64], 32)] == [4]  # one run of width 70
+    runs = group_rows([20, 22, 500, 25], 32)
+    assert [(sorted(rows), width) for rows, width in runs] == [([0, 1, 3], 25), ([2], 500)]

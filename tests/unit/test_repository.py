@@ -69,9 +69,12 @@ def test_a_follower_server_has_no_writer() -> None:
     assert render_configs()[ModelName.INDEX_WRITE].instance_group[0].count == 1  # one writer, always
 
 
-def test_the_int8_encoder_is_a_cpu_choice() -> None:
-    default = render_configs()[ModelName.ENCODER]
-    int8 = render_configs(RepositorySettings(encoder_int8=True))[ModelName.ENCODER]
-    assert "onnx_file" not in default.parameters and int8.parameters["onnx_file"].string_value == "encoder.int8.onnx"
+def test_the_encoder_precision_is_a_cpu_choice() -> None:
+    assert render_configs()[ModelName.ENCODER].parameters["precision"].string_value == "auto"
+    int8 = render_configs(RepositorySettings(encoder_precision="int8"))[ModelName.ENCODER]
+    assert int8.parameters["precision"].string_value == "int8"
+    assert "precision" not in render_configs(RepositorySettings(variant="gpu-torch"))[ModelName.ENCODER].parameters
     with pytest.raises(ValueError, match="int8 encoder is an ONNX Runtime CPU graph"):
-        render_configs(RepositorySettings(variant="gpu-torch", encoder_int8=True))
+        render_configs(RepositorySettings(variant="gpu-torch", encoder_precision="int8"))
+    with pytest.raises(ValueError, match="unknown encoder precision"):
+        RepositorySettings(encoder_precision="int4")

@@ -1,0 +1,118 @@
+"""Damaged artifacts are refused at load, by name: the manifest (checkpoint, ONNX, buckets,
+settings), the index's own checksum, and the server's check before tritonserver starts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from feedserve.artifacts import ArtifactLayout
+from feedserve.knn import IndexError_, PostIndex, save_arrays
+from feedserve.manifest import MANIFEST, ManifestError
+from feedserve.server import ServerError, ServerOptions, TritonServer
+from feedserve.triton.encoder import EncoderModel
+from feedserve.triton.preprocess import PreprocessModel
+
+
+@pytest.fixture
+def layout(tiny_artifacts: ArtifactLayout, tmp_path: Path) -> ArtifactLayout:
+    copy = ArtifactLayout(tmp_path / "artifacts")
+    shutil.copytree(tiny_artifacts.root, copy.root, ignore=shutil.ignore_patterns("index", "emb"))
+    return copy
+
+
+def _flip_byte(path: Path, offset: int = -100) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_an_intact_build_verifies(layout: ArtifactLayout) -> None:
+    listed = json.loads((layout.root / MANIFEST).read_text())["files"]
+    assert {"encoder.onnx", "buckets.json", "serving.json", "hf/tokenizer.json", "hf/config.json"} <= set(listed)
+    assert layout.verify() == len(listed)
+
+
+@pytest.mark.parametrize("damage,words", [
+    (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "truncated"),
+    (_flip_byte, "checksum differs"),
+    (lambda p: p.unlink(), "missing"),
+])
+def test_a_damaged_onnx_graph_is_refused_by_the_encoder(layout: ArtifactLayout, damage, words: str) -> None:  # type: ignore[no-untyped-def]
+    damage(layout.onnx)
+    with pytest.raises(ManifestError, match=words) as err:
+        EncoderModel().setup(layout, {})
+    assert "encoder.onnx" in str(err.value)
+
+
+def test_damaged_buckets_or_tokenizer_are_refused_by_preprocess(layout: ArtifactLayout) -> None:
+    for path in (layout.buckets, layout.tokenizer):
+        original = path.read_bytes()
+        path.write_bytes(original.replace(b"1", b"2", 1))
+        with pytest.raises(ManifestError, match=path.name):
+            PreprocessModel().setup(layout, {"record_kind": "post"})
+        path.write_bytes(original)
+    PreprocessModel().setup(layout, {"record_kind": "post"})
+
+
+def test_artifacts_without_a_manifest_are_refused(layout: ArtifactLayout) -> None:
+    (layout.root / MANIFEST).unlink()
+    with pytest.raises(ManifestError, match="feedserve build"):
+        layout.verify(layout.onnx)
+
+
+def test_a_file_the_manifest_does_not_list_is_refused(layout: ArtifactLayout) -> None:
+    stray = layout.root / "encoder.int8.onnx"
+    shutil.copy(layout.onnx, stray)
+    with pytest.raises(ManifestError, match="not listed"):
+        EncoderModel().setup(layout, {"precision": "int8"})
+
+
+def test_the_server_refuses_damaged_artifacts_before_starting(layout: ArtifactLayout, tmp_path: Path) -> None:
+    from feedserve.repository import write_repository
+
+    write_repository(tmp_path / "repo")
+    server = TritonServer(ServerOptions(repository=tmp_path / "repo", artifacts=layout.root))
+    server.check_artifacts()  # intact
+    _flip_byte(layout.hf_dir / "config.json", offset=5)
+    with pytest.raises(ServerError, match=r"refusing to serve .*config\.json"):
+        server.check_artifacts()
+    assert server.process is None
+
+
+def test_an_index_whose_vectors_changed_is_refused(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    ids, vectors = np.arange(20), rng.normal(size=(20, 8)).astype(np.float32)
+    path = tmp_path / "posts.npz"
+    save_arrays(path, ids, vectors, {})
+    assert len(PostIndex.load(path)) == 20
+    # A well-formed file whose vectors are not the ones saved (zip CRCs intact): only the checksum sees it.
+    with np.load(path, allow_pickle=False) as data:
+        meta = str(data["meta"])
+    vectors[3, 0] += 1.0
+    with open(path, "wb") as f:
+        np.savez(f, ids=ids, vectors=vectors, meta=np.array(meta))
+    with pytest.raises(IndexError_, match="checksum"):
+        PostIndex.load(path)
+
+
+def test_a_disk_full_snapshot_leaves_the_previous_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(1)
+    path = tmp_path / "posts.npz"
+    save_arrays(path, np.arange(5), rng.normal(size=(5, 8)).astype(np.float32), {"lsn": 5})
+    before = path.read_bytes()
+
+    def no_space(f, **arrays):  # type: ignore[no-untyped-def]
+        f.write(b"PK\x03\x04partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", no_space)
+    with pytest.raises(OSError, match="No space"):
+        save_arrays(path, np.arange(9), rng.normal(size=(9, 8)).astype(np.float32), {"lsn": 9})
+    monkeypatch.undo()
+    assert path.read_bytes() == before and len(PostIndex.load(path)) == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["posts.npz"]  # no half-written temporary left
