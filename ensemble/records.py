@@ -142,6 +142,8 @@ def _parse(model: type[_Record], kind: str, raw: bytes | str | dict[str, Any]) -
             data = json.loads(raw)
         except json.JSONDecodeError as err:
             raise RecordError(f"{kind}: invalid JSON: {err.msg} at line {err.lineno} column {err.colno}") from err
+        except RecursionError:  # thousands of nested brackets: within the size limit, beyond the parser's
+            raise RecordError(f"{kind}: invalid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise RecordError(f"{kind}: expected a JSON object, got {type(data).__name__}")
     try:

@@ -36,6 +36,10 @@ class Unavailable(RequestError):
     logging a write); reported as UNAVAILABLE, so a client retries instead of dropping the request."""
 
 
+class InternalError(RequestError):
+    """Reading one request hit a bug rather than bad input; reported as INTERNAL, to that request alone."""
+
+
 class BatchModel(ABC, Generic[P]):
     """Subclasses set `name` and implement `setup`, `parse` and `compute`."""
 
@@ -71,6 +75,9 @@ class BatchModel(ABC, Generic[P]):
                 parsed.append((i, self.parse(inputs)))
             except RequestError as err:
                 results[i] = err
+            except Exception as err:  # a parser bug must not fail the requests batched with this one
+                logger.exception("%s: reading request %d failed", self.name, i)
+                results[i] = InternalError(f"{self.name}: could not read the request ({type(err).__name__}: {err})")
         if parsed:
             for (i, _), out in zip(parsed, self.compute([p for _, p in parsed]), strict=True):
                 results[i] = out
@@ -89,7 +96,11 @@ class BatchModel(ABC, Generic[P]):
         responses = []
         for result in self.run(batch):
             if isinstance(result, RequestError):
-                code = pb_utils.TritonError.UNAVAILABLE if isinstance(result, Unavailable) else pb_utils.TritonError.INVALID_ARG
+                code = pb_utils.TritonError.INVALID_ARG
+                if isinstance(result, Unavailable):
+                    code = pb_utils.TritonError.UNAVAILABLE
+                elif isinstance(result, InternalError):
+                    code = pb_utils.TritonError.INTERNAL
                 error = pb_utils.TritonError(str(result), code)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
             else:

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from feedserve.buckets import PercentileBuckets
@@ -55,3 +56,18 @@ def test_round_trip_and_corruption(buckets: PercentileBuckets, tmp_path: Path) -
     path.write_text("{")
     with pytest.raises(ValueError, match="cannot read percentile buckets"):
         PercentileBuckets.load(path)
+
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(0, 1e9), min_size=1, max_size=200), st.floats(0, 1e9))
+def test_buckets_span_the_corpus_and_survive_a_save(values: list[float], x: float) -> None:
+    """The most-engaged post of the fitted corpus is in the top bucket, anything below the least
+    engaged one in bucket 0, and a saved and loaded copy buckets every value the same."""
+    fitted = PercentileBuckets.fit({"views": values})
+    assert fitted.bucket("views", max(values)) == 99
+    assert fitted.bucket("views", min(values) - 1.0) == 0
+    with tempfile.TemporaryDirectory() as tmp:
+        fitted.save(Path(tmp) / "b.json")
+        reloaded = PercentileBuckets.load(Path(tmp) / "b.json")
+    assert reloaded.bucket("views", x) == fitted.bucket("views", x)

@@ -96,3 +96,26 @@ def test_any_post_gives_a_bounded_prompt(text: str, tags: list[str], views: int)
     b = PromptBuilder(make_tokenizer(), buckets, SETTINGS)
     batch = b.encode_posts([Post(id=1, text=text, tags=tags, counts={"views": float(views)})])
     assert 1 <= batch.attention_mask.sum() <= SETTINGS.max_prompt_tokens
+
+
+_history = st.lists(st.tuples(st.integers(0, 10**12), st.text(max_size=80)), max_size=60)
+
+
+@settings(max_examples=30, deadline=None)
+@given(_history, st.text(max_size=200), st.lists(st.text(max_size=20), max_size=8))
+def test_any_member_gives_a_bounded_prompt_that_keeps_the_newest_history(
+    history: list[tuple[int, str]], headline: str, skills: list[str]
+) -> None:
+    buckets = PercentileBuckets.fit({"views": np.arange(1000.0)})
+    b = PromptBuilder(make_tokenizer(), buckets, SETTINGS)
+    member = Member(id=1, headline=headline[:1024], skills=skills,
+                    history=[Engagement(post_id=pid, engaged_at=i, post=Post(id=pid, text=text)) for i, (pid, text) in enumerate(history)])
+    batch = b.encode_members([member])
+    assert 1 <= batch.attention_mask.sum() <= SETTINGS.max_prompt_tokens
+    assert batch.input_ids.shape[1] in SETTINGS.length_buckets
+    # Every engaged post is excluded from retrieval, also those cut from the prompt.
+    assert set(batch.exclude_ids[0][batch.exclude_ids[0] >= 0].tolist()) == {pid for pid, _ in history}
+    # What the prompt keeps of the history is its newest end, in order.
+    items = [b._history_item(h) for h in member.history[-SETTINGS.max_history_items:]]
+    prompt = b.member_prompt(member)
+    assert any(prompt.endswith("<history>" + "".join(items[len(items) - n:]) + "</history></member>") for n in range(len(items) + 1))

@@ -4,6 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from feedserve.records import (
     MAX_RECORD_BYTES,
@@ -77,3 +79,34 @@ def test_jsonl_round_trip(tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"id": 1}\n{"id": "x"}\n')
     with pytest.raises(RecordError, match=r"bad.jsonl:2: post.id"):
         read_posts_jsonl(tmp_path / "bad.jsonl")
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=5),
+    max_leaves=20,
+)
+_fields = st.sampled_from(["id", "text", "counts", "tags", "author", "format", "history", "skills", "headline", "year"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(_fields, _json, max_size=6) | _json)
+def test_any_json_is_a_record_or_a_named_error(value: object) -> None:
+    """Whatever JSON arrives, the parsers return a record or raise RecordError naming what is wrong:
+    never another exception (which would fail the requests batched with it)."""
+    raw = json.dumps(value, allow_nan=True).encode()
+    for parse, kind in ((parse_post, "post"), (parse_member, "member")):
+        try:
+            parse(raw)
+        except RecordError as err:
+            assert str(err).startswith(kind)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_bytes_are_a_record_or_a_named_error(raw: bytes) -> None:
+    for parse in (parse_post, parse_member):
+        try:
+            parse(raw)
+        except RecordError:
+            pass
