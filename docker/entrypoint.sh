@@ -37,7 +37,12 @@ if [[ "$variant" == gpu-trt ]]; then
   python3 -m feedserve.export.tensorrt ensure --artifacts "$artifacts" \
     --plan "$repository/encoder/1/model.plan" --precision "$precision"
 fi
-# model-control-mode none: no load/unload API; the repository is fixed for the process's life.
+# model-control-mode none: no load/unload API; the repository is fixed for the process's life. The
+# other admin APIs answer only requests carrying FEEDSERVE_ADMIN_KEY (unset: a random key, so none).
+admin_key="${FEEDSERVE_ADMIN_KEY:-$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')}"
+admin_apis="model-repository,shared-memory,trace,logging"
 exec tritonserver --model-repository="$repository" --model-control-mode=none \
+  --http-restricted-api="$admin_apis:feedserve-admin-key=$admin_key" \
+  --grpc-restricted-protocol="$admin_apis:feedserve-admin-key=$admin_key" \
   --http-address="$listen" --grpc-address="$listen" --metrics-address="$listen" \
   --strict-readiness=true --exit-on-error=true "$@"

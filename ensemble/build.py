@@ -69,9 +69,10 @@ def _import_record(layout: ArtifactLayout) -> dict[str, object] | None:
 
 
 def _exported_from(layout: ArtifactLayout) -> tuple[object, object] | None:
-    """(import record of the checkpoint, settings) the current ONNX model was exported with."""
+    """(import record of the checkpoint, settings) the current ONNX model was exported with: the
+    model's identity, which the index's vectors belong to."""
     report = layout.root / "export_report.json"
-    if not layout.onnx.exists() or not report.exists():
+    if not report.exists():
         return None
     data = json.loads(report.read_text())
     return data.get("extra", {}).get("hf_import"), data.get("settings")
@@ -116,14 +117,16 @@ def build_artifacts(opts: BuildOptions) -> ArtifactLayout:
     settings_changed = not layout.settings.exists() or EncoderSettings.load(layout.settings) != settings
     settings.save(layout.settings)
 
+    previous = _exported_from(layout)
     imported = import_checkpoint(opts.source or default_gguf_path(), layout.hf_dir, force=force, adapter=opts.adapter)
-    record = _import_record(layout)
-    if force or imported or settings_changed or _exported_from(layout) != (record, json.loads(json.dumps(asdict(settings)))):
+    model = (_import_record(layout), json.loads(json.dumps(asdict(settings))))
+    if force or imported or settings_changed or not layout.onnx.exists() or previous != model:
         # Comparing with what the ONNX model was exported from, not just `imported` and
         # `settings_changed`, also redoes an export that failed after an import or a settings change.
-        export_onnx(layout.hf_dir, settings, layout.onnx, extra={"hf_import": record})
+        export_onnx(layout.hf_dir, settings, layout.onnx, extra={"hf_import": model[0]})
         layout.onnx_int8.unlink(missing_ok=True)  # quantized from the previous export
-        stale = [p for p in (layout.index, layout.index.with_suffix(".wal")) if p.exists()]
+        # The same model re-exported (a forced or repairing build) keeps the index and its live writes.
+        stale = [p for p in (layout.index, layout.index.with_suffix(".wal")) if p.exists() and previous != model]
         for path in stale:
             # Its vectors came from the previous model and are not comparable with the new one's
             # (the live index's log too: replayed, it would mix the two models' vectors).

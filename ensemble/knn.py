@@ -229,9 +229,12 @@ class PostIndex:
             raise IndexError_(f"{path}: unknown index format {meta.get('format')!r}")
         if vectors.ndim != 2 or len(ids) != len(vectors) or vectors.shape[1] != meta["dim"]:
             raise IndexError_(f"{path}: ids {ids.shape} and vectors {vectors.shape} do not match")
-        if meta.get("sha256") != arrays_checksum(ids, vectors):
+        if "sha256" not in meta:  # saved before checksums existed: the zip's CRCs still guard it
+            logger.warning("%s has no checksum (an older feedserve saved it); the next snapshot adds one", path)
+        elif meta["sha256"] != arrays_checksum(ids, vectors):
             raise IndexError_(f"{path}: ids and vectors do not match the checksum saved with them (corrupted or "
-                              "written by another program); restore a snapshot or rebuild with `feedserve index`")
+                              "written by another program); restore a backup of the snapshot (README, \"Backups "
+                              "and restore\"), or rebuild with `feedserve index` (live writes since are lost)")
         own = ("format", "dim", "count", "sha256")
         index = cls(int(meta["dim"]), {k: v for k, v in meta.items() if k not in own}, engine)
         if len(ids):
@@ -243,8 +246,8 @@ class PostIndex:
 def arrays_checksum(ids: np.ndarray, vectors: np.ndarray) -> str:
     """SHA-256 over the ids and vectors as saved (int64, float32, C order): an index file is rewritten
     while the server runs, so its checksum travels inside it instead of in the artifact manifest."""
-    h = hashlib.sha256(np.ascontiguousarray(ids, np.int64).tobytes())
-    h.update(np.ascontiguousarray(vectors, np.float32).tobytes())
+    h = hashlib.sha256(np.ascontiguousarray(ids, np.int64))  # hashed through the buffer: no copy
+    h.update(np.ascontiguousarray(vectors, np.float32))
     return h.hexdigest()
 
 

@@ -1,11 +1,12 @@
 """The artifact manifest: every file the server loads, with its size and SHA-256, checked at load.
 
 `feedserve build` writes `manifest.json` at the root of the artifact directory once every artifact
-is in place (the checkpoint, the ONNX graphs, buckets, serving settings; `feedserve.export.tensorrt`
-adds its engine). The server checks the whole manifest before it starts tritonserver, and each
-backend checks the files it is about to load, so a truncated, corrupted or swapped file is refused
-with its name instead of being served. The index is rewritten while the server runs, so it carries
-its checksum in its own metadata instead (`feedserve.knn.save_arrays`).
+is in place (the checkpoint, the ONNX graphs, buckets, serving settings). The server checks the whole
+manifest before it starts tritonserver, and each backend checks the files it is about to load, so a
+truncated, corrupted or swapped file is refused with its name instead of being served. Two artifacts
+carry their checksum themselves because they are written elsewhere: the index, rewritten while the
+server runs (`feedserve.knn.save_arrays`), and a TensorRT plan, built on the GPU node (its metadata,
+`feedserve.export.tensorrt`).
 """
 
 from __future__ import annotations
@@ -54,15 +55,15 @@ def read_manifest(root: Path) -> dict[str, dict[str, object]]:
         raise ManifestError(f"{path} is missing: build the artifacts with `feedserve build`, which writes it") from err
     except (OSError, ValueError) as err:
         raise ManifestError(f"cannot read {path}: {err}") from err
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("files"), dict):
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("files"), dict) \
+            or not all(isinstance(entry, dict) for entry in data["files"].values()):
         raise ManifestError(f"{path} is not a feedserve manifest ({FORMAT})")
     return data["files"]  # type: ignore[no-any-return]
 
 
-def write_manifest(root: Path, paths: Iterable[Path], update: bool = False) -> Path:
-    """Record `paths` (files, or directories taken whole) relative to `root`. With update, the
-    entries already there are kept unless a path replaces them."""
-    files = read_manifest(root) if update and (root / MANIFEST).exists() else {}
+def write_manifest(root: Path, paths: Iterable[Path]) -> Path:
+    """Record `paths` (files, or directories taken whole) relative to `root`."""
+    files: dict[str, dict[str, object]] = {}
     for path in _files(paths):
         files[path.relative_to(root).as_posix()] = _entry(path)
     target = root / MANIFEST
@@ -84,7 +85,10 @@ def verify(root: Path, paths: Iterable[Path] | None = None) -> int:
             raise ManifestError(f"{path} is missing")
         if want is None:
             raise ManifestError(f"{path} is not listed in {root / MANIFEST}: rebuild with `feedserve build`")
-        got = _entry(path)
+        try:
+            got = _entry(path)
+        except OSError as err:  # unreadable (permissions, I/O error): as refused as a damaged file
+            raise ManifestError(f"{path}: cannot be read ({err})") from err
         if got["size"] != want.get("size"):
             raise ManifestError(f"{path}: {got['size']} bytes, the manifest says {want.get('size')} "
                                 "(truncated or replaced); rebuild with `feedserve build --force`")

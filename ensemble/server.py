@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -27,6 +28,7 @@ from types import TracebackType
 
 from feedserve.artifacts import ARTIFACTS_ENV, REPO_ROOT, ArtifactLayout, default_artifacts_dir
 from feedserve.manifest import MANIFEST, ManifestError
+from feedserve.supervisor import StubWatchdog
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +84,12 @@ def _port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+ADMIN_APIS = "model-repository,shared-memory,trace,logging"
+ADMIN_HEADER = "feedserve-admin-key"
+GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER  # Triton prefixes the key for gRPC
+ADMIN_KEY_ENV = "FEEDSERVE_ADMIN_KEY"
+
+
 @dataclass
 class ServerOptions:
     repository: Path = DEFAULT_REPOSITORY
@@ -94,6 +102,12 @@ class ServerOptions:
     log_verbose: int = 0
     startup_timeout_s: float = 300.0
     exit_timeout_s: int = 5
+    watch_stubs: bool = True  # reload a python model whose stub process died (feedserve.supervisor)
+    # Triton's admin APIs (repository index and control, shared-memory registration, trace and log
+    # settings) answer only requests that carry this key in the ADMIN_HEADER header (over gRPC, the
+    # metadata key GRPC_ADMIN_HEADER); unset, a random key nobody knows turns them off. Health, metadata, statistics and inference
+    # stay open (perf_analyzer reads model config and statistics).
+    admin_key: str = field(default_factory=lambda: os.environ.get(ADMIN_KEY_ENV) or secrets.token_hex(16))
     extra_args: tuple[str, ...] = ()
 
 
@@ -103,6 +117,7 @@ class TritonServer:
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
         self.process: subprocess.Popen[bytes] | None = None
+        self.watchdog: StubWatchdog | None = None
         self._log_handle: object | None = None
 
     @property
@@ -125,8 +140,13 @@ class TritonServer:
             f"--grpc-port={o.grpc_port}",
             f"--metrics-address={o.host}",
             f"--metrics-port={o.metrics_port}",
-            # Models are fixed at start; nobody on the network may load or unload them.
-            "--model-control-mode=none",
+            # Every model loads at start. Loading and unloading go through the repository API, which
+            # is restricted to the admin key: the stub watchdog (feedserve.supervisor) uses it to
+            # reload a model whose stub process died; nobody else on the network can.
+            "--model-control-mode=explicit",
+            "--load-model=*",
+            f"--http-restricted-api={ADMIN_APIS}:{ADMIN_HEADER}={o.admin_key}",
+            f"--grpc-restricted-protocol={ADMIN_APIS}:{ADMIN_HEADER}={o.admin_key}",
             "--strict-readiness=true",
             "--exit-on-error=true",
             # Idle keep-alive client connections would otherwise hold shutdown for 30 s.
@@ -172,7 +192,7 @@ class TritonServer:
                 raise ServerError(f"port {o.host}:{port} is already in use (another server?)")
         backend_dir = prepare_backend_dir(BACKEND_CACHE)
         cmd = self.command(backend_dir)
-        logger.info("starting %s", " ".join(cmd))
+        logger.info("starting %s", " ".join(cmd).replace(o.admin_key, "<admin key>"))
         stdout: int | object = subprocess.DEVNULL
         if o.log_file is not None:
             o.log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -187,6 +207,9 @@ class TritonServer:
         except BaseException:
             self.stop()
             raise
+        if o.watch_stubs:
+            self.watchdog = StubWatchdog(self.process.pid, self.http_url, ADMIN_HEADER, o.admin_key)
+            self.watchdog.start()
         logger.info("tritonserver ready: http %s, grpc %s", self.http_url, self.grpc_url)
         return self
 
@@ -212,6 +235,9 @@ class TritonServer:
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s")
 
     def stop(self, timeout_s: float = 30.0) -> None:
+        if self.watchdog is not None:  # first: stubs exiting with the server are not deaths to repair
+            self.watchdog.stop()
+            self.watchdog = None
         proc, self.process = self.process, None
         if proc is not None and proc.poll() is None:
             # SIGINT lets Triton unload models and stop the python stubs cleanly.

@@ -56,6 +56,8 @@ class IndexWriteModel(BatchModel[Write]):
             raise RequestError(f"{OP.name}: each row must be {OP_UPSERT} (upsert) or {OP_DELETE} (delete), got {sorted(set(ops.tolist()))}")
         if len(np.unique(ids)) != len(ids):
             raise RequestError(f"{POST_ID.name}: a post appears twice in one request")
+        if (ids < 0).any():  # as in records (feedserve.records.PostId); -1 also pads search results
+            raise RequestError(f"{POST_ID.name}: post ids must be >= 0, got {int(ids.min())}")
         vectors = inputs.get(WRITE_EMBEDDING.name)
         if vectors is not None:
             vectors = check_2d(WRITE_EMBEDDING.name, vectors, np.float32)

@@ -116,3 +116,28 @@ def test_a_disk_full_snapshot_leaves_the_previous_one(tmp_path: Path, monkeypatc
     monkeypatch.undo()
     assert path.read_bytes() == before and len(PostIndex.load(path)) == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["posts.npz"]  # no half-written temporary left
+
+
+def test_an_index_saved_before_checksums_loads_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "posts.npz"
+    vectors = np.random.default_rng(2).normal(size=(4, 8)).astype(np.float32)
+    with open(path, "wb") as f:  # as feedserve wrote it before checksums
+        np.savez(f, ids=np.arange(4), vectors=vectors, meta=np.array(json.dumps({"format": "feedserve.index/1", "dim": 8, "count": 4})))
+    with caplog.at_level("WARNING"):
+        assert len(PostIndex.load(path)) == 4
+    assert "no checksum" in caplog.text
+
+
+def test_a_build_repairs_damaged_files_and_keeps_the_index(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A damaged artifact is rebuilt by the next `feedserve build` (its up-to-date checks look at
+    what a file was built from, not its bytes); the same model keeps its index and live writes."""
+    from feedserve.build import BuildOptions, build_artifacts
+
+    layout = build_artifacts(BuildOptions(tmp_path / "a", source=tiny_checkpoint))
+    save_arrays(layout.index, np.arange(3), np.eye(3, layout.serving_dim(), dtype=np.float32), {"lsn": 3})
+    layout.onnx.write_bytes(layout.onnx.read_bytes()[:500])
+    with pytest.raises(ManifestError, match="truncated"):
+        layout.verify()
+    build_artifacts(BuildOptions(tmp_path / "a", source=tiny_checkpoint))
+    assert layout.verify() >= 4
+    assert len(PostIndex.load(layout.index)) == 3

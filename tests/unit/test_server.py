@@ -19,7 +19,7 @@ def test_command_binds_loopback_and_disables_model_control(tmp_path: Path) -> No
     cmd = server.command(tmp_path)
     for flag in ("--http-address", "--grpc-address", "--metrics-address"):
         assert f"{flag}={LOOPBACK}" in cmd
-    assert "--model-control-mode=none" in cmd
+    assert "--model-control-mode=explicit" in cmd  # loads behind the admin key (tests/unit/test_security.py)
 
 
 def test_backend_dir_has_the_stub_for_this_python(tmp_path: Path) -> None:
