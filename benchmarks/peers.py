@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.speed_cpu import _machine
+from feedserve.clients.perf import machine
 from feedserve.artifacts import ArtifactLayout, EncoderSettings, default_artifacts_dir
 
 logger = logging.getLogger("benchmarks.peers")
@@ -66,9 +66,10 @@ def encoder_peers(layout: ArtifactLayout, n_posts: int, batch: int) -> dict[str,
     from feedserve.build import SAMPLE_CORPUS
     from feedserve.clients.batch import embed_records
     from feedserve.movielens import load_movielens
-    from feedserve.prompts import PromptBuilder
+    from feedserve.prompts import PromptBuilder, TokenBatch
     from feedserve.repository import RepositorySettings, write_repository
     from feedserve.runtime import OnnxEncoder
+    from feedserve.triton.encoder import padded_runs
     from feedserve.server import ServerOptions, TritonServer, free_port
 
     settings = EncoderSettings.load(layout.settings)
@@ -108,15 +109,23 @@ def encoder_peers(layout: ArtifactLayout, n_posts: int, batch: int) -> dict[str,
     st_vectors = st.encode(prompts, batch_size=batch, convert_to_numpy=True, show_progress_bar=False)
     out["sentence_transformers_prompts_per_s"] = len(posts) / (time.perf_counter() - start)
 
-    batches = [builder.tokenize(prompts[c]) for c in chunks]
+    # The encoder alone gets the runs the served encoder makes of each batch (feedserve.triton.encoder).
+    batches, order = [], []
+    for c in chunks:
+        tokens = builder.tokenize(prompts[c])
+        rows = [ids[: int(m.sum())] for ids, m in zip(tokens.input_ids, tokens.attention_mask, strict=True)]
+        for group, ids, mask in padded_runs(rows, 32):
+            batches.append(TokenBatch(ids, mask))
+            order += [c.start + i for i in group]
     out["padded_tokens_feedserve"] = sum(int(b.input_ids.size) for b in batches)
+    in_prompt_order = np.argsort(order)
     graphs = {"": layout.onnx, "int8_": layout.onnx_int8} if layout.onnx_int8.exists() else {"": layout.onnx}
     vectors = {"sentence_transformers": st_vectors}
     for tag, graph in graphs.items():
         encoder = OnnxEncoder(graph)
         encoder.encode(batches[0].input_ids, batches[0].attention_mask)
         start = time.perf_counter()
-        vectors[f"{tag}encoder_alone"] = np.concatenate([encoder.encode(b.input_ids, b.attention_mask) for b in batches])
+        vectors[f"{tag}encoder_alone"] = np.concatenate([encoder.encode(b.input_ids, b.attention_mask) for b in batches])[in_prompt_order]
         out[f"{tag}encoder_alone_prompts_per_s"] = len(posts) / (time.perf_counter() - start)
         with tempfile.TemporaryDirectory() as tmp:
             repository = Path(tmp) / "repository"
@@ -278,7 +287,8 @@ def markdown(r: dict) -> str:
     base = e["transformers_prompts_per_s"]
     lines = [
         "# Peers and cost curves (2-core CPU)", "",
-        f"Machine: {r['machine']}. Command: `{r['command']}`.", "",
+        f"Machine: {r['machine']}.", "",
+        *[f"- {name}: `{cmd}`" for name, cmd in r.get("commands", {"all": r["command"]}).items()], "",
         f"## Encoders: the same {e['posts']} MovieLens post prompts, the same checkpoint, batches of {e['batch']}", "",
         "| path | prompts/s | x transformers | min cosine to transformers |", "|---|---|---|---|",
         f"| transformers in-process (pad to longest, {e['padded_tokens_transformers']} padded tokens) | {base:.2f} | 1.00 | 1 |",
@@ -287,7 +297,7 @@ def markdown(r: dict) -> str:
                        ("encoder_alone", f"feedserve encoder alone, ONNX Runtime ({e['padded_tokens_feedserve']} padded tokens)"),
                        ("pipeline", "feedserve `embed_post` through Triton (gRPC, 4 x 8 in flight)"),
                        ("int8_encoder_alone", "feedserve encoder alone, int8 graph"),
-                       ("int8_pipeline", "feedserve `embed_post` through Triton, int8 graph (`render --int8`)")]:
+                       ("int8_pipeline", "feedserve `embed_post` through Triton, int8 graph (the default render)")]:
         if f"{key}_prompts_per_s" not in e:
             continue
         rate = e[f"{key}_prompts_per_s"]
@@ -346,6 +356,9 @@ def plot(r: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+SECTIONS = ("encoders", "knn", "retrieve_curve", "prompt_curve")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", type=Path, default=default_artifacts_dir())
@@ -356,17 +369,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--members", type=int, default=30, help="members per point of the retrieve curve")
     p.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "reports")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                   help="re-run only these; the others are kept from the saved report, with the command that measured them")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     layout = ArtifactLayout(args.artifacts)
-    report = {
-        "command": "python -m benchmarks.peers " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": _machine(),
-        "encoders": encoder_peers(layout, args.posts, args.batch),
-        "knn": knn_peers(args.sizes, 256, args.hnsw_max),
-        "retrieve_curve": retrieve_curve(layout, args.sizes, args.members),
-        "prompt_curve": prompt_length_curve(layout, args.lengths),
+    command = "python -m benchmarks.peers " + " ".join(argv if argv is not None else sys.argv[1:])
+    saved = args.out / "peers.json"
+    report = json.loads(saved.read_text()) if set(args.sections) != set(SECTIONS) and saved.exists() else {}
+    runs = {name: report.get("commands", {}).get(name, report.get("command")) for name in SECTIONS}
+    measure = {
+        "encoders": lambda: encoder_peers(layout, args.posts, args.batch),
+        "knn": lambda: knn_peers(args.sizes, 256, args.hnsw_max),
+        "retrieve_curve": lambda: retrieve_curve(layout, args.sizes, args.members),
+        "prompt_curve": lambda: prompt_length_curve(layout, args.lengths),
     }
+    for name in args.sections:
+        report[name] = measure[name]()
+        runs[name] = f"{command} ({time.strftime('%Y-%m-%d')})"
+    report.update(command=command, machine=machine(), commands=runs)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "peers.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "peers.md").write_text(markdown(report))

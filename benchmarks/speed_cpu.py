@@ -12,13 +12,8 @@ Needs the default artifacts (`feedserve build`) and an index (the demo builds on
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import logging
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,21 +21,10 @@ from pathlib import Path
 
 from feedserve.artifacts import ArtifactLayout, EncoderSettings, default_artifacts_dir
 from feedserve.build import SAMPLE_CORPUS
+from feedserve.clients.perf import machine, perf_analyzer_binary, run_perf_analyzer
 from feedserve.clients.perf_data import perf_input
 
 logger = logging.getLogger("benchmarks.speed_cpu")
-
-
-def _machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def _rate(fn, batches, repeat: int = 1) -> float:  # type: ignore[no-untyped-def]
@@ -54,18 +38,8 @@ def _rate(fn, batches, repeat: int = 1) -> float:  # type: ignore[no-untyped-def
 
 
 def perf_analyzer(url: str, model: str, data: Path, concurrency: int, seconds: float = 20.0) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "pa.csv"
-        cmd = [
-            str(Path(sys.executable).parent / "perf_analyzer"), "-m", model, "-u", url, "-i", "grpc",
-            "--input-data", str(data), "-b", "1", f"--concurrency-range={concurrency}",
-            f"--measurement-interval={int(seconds * 1000)}", "--stability-percentage=50", "--measurement-mode=time_windows",
-            "--max-trials=4", "--percentile=99", "-f", str(report),
-        ]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if out.returncode != 0:
-            raise RuntimeError(f"perf_analyzer failed:\n{out.stdout}\n{out.stderr}")
-        row = next(csv.DictReader(io.StringIO(report.read_text())))
+    row = run_perf_analyzer(perf_analyzer_binary(), url, "grpc", model, data, [f"--concurrency-range={concurrency}"],
+                            int(seconds * 1000))
     return {
         "concurrency": concurrency,
         "infer_per_s": float(row["Inferences/Second"]),
@@ -133,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         batches.append((b.input_ids, b.attention_mask))
     tokens = sum(int(m.sum()) for _, m in batches)
     results: dict[str, object] = {
-        "machine": _machine(), "posts": len(posts), "batch": args.batch,
+        "machine": machine(), "posts": len(posts), "batch": args.batch,
         "mean_prompt_tokens": tokens / len(posts), "padded_tokens_per_prompt": sum(i.size for i, _ in batches) / len(posts),
     }
     results["onnxruntime_prompts_per_s"] = _rate(OnnxEncoder(layout.onnx).encode, batches)

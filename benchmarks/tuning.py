@@ -120,6 +120,47 @@ def tokenised_data(layout: ArtifactLayout, out: Path) -> Path:
     return out
 
 
+def grouping_in_process(layout: ArtifactLayout, batch: int = 8, batches: int = 24, seed: int = 0) -> dict[str, dict[str, float]]:
+    """The three groupings on the same batches of MovieLens post prompts, with the encoder alone
+    (no server, so no queueing noise): padded tokens computed, runs, and ms per batch, fp32 and int8."""
+    from tokenizers import Tokenizer
+
+    from feedserve.buckets import PercentileBuckets
+    from feedserve.build import SAMPLE_CORPUS
+    from feedserve.movielens import load_movielens
+    from feedserve.prompts import PromptBuilder
+    from feedserve.runtime import OnnxEncoder
+    from feedserve.triton.encoder import GROUPINGS, padded_runs
+
+    settings = EncoderSettings.load(layout.settings)
+    builder = PromptBuilder(Tokenizer.from_file(str(layout.tokenizer)), PercentileBuckets.load(layout.buckets), settings)
+    posts = load_movielens(SAMPLE_CORPUS).posts()
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(batches):
+        tokens = builder.encode_posts([posts[i] for i in rng.choice(len(posts), batch, replace=False)])
+        rows.append([ids[: int(m.sum())] for ids, m in zip(tokens.input_ids, tokens.attention_mask, strict=True)])
+    out: dict[str, dict[str, float]] = {}
+    for precision, graph in (("fp32", layout.onnx), ("int8", layout.onnx_int8)):
+        encoder = OnnxEncoder(graph)
+        for grouping in GROUPINGS:
+            padded = [padded_runs(batch_rows, 32, grouping, settings.length_buckets) for batch_rows in rows]
+            encoder.encode(*padded[0][0][1:])  # warm-up
+            start = time.perf_counter()
+            for runs in padded:
+                for _, ids, mask in runs:
+                    encoder.encode(ids, mask)
+            ms = (time.perf_counter() - start) / len(padded) * 1000
+            out[f"{precision}_{grouping}"] = {
+                "ms_per_batch": ms, "prompts_per_s": batch / ms * 1000,
+                "runs_per_batch": sum(len(runs) for runs in padded) / len(padded),
+                "padded_tokens_per_batch": sum(ids.size for runs in padded for _, ids, _ in runs) / len(padded),
+                "real_tokens_per_batch": sum(len(r) for b in rows for r in b) / len(rows),
+            }
+            logger.info("%s %s: %s", precision, grouping, out[f"{precision}_{grouping}"])
+    return out
+
+
 def http_transfer(server: TritonServer, batch: int = 32, rounds: int = 6) -> dict[str, float]:
     """embed_post over HTTP with `batch` records per request: JSON tensors vs the binary extension,
     for the request and the response alike. Prompts/s and ms per request, best of two passes."""
@@ -186,6 +227,24 @@ def render_markdown(report: dict[str, object]) -> str:
         f"({c['http']['binary_per_s']:.1f} prompts/s).",
         "",
     ]
+    if "grouping" in report:
+        g: dict[str, dict[str, float]] = report["grouping"]  # type: ignore[assignment]
+        any_row = next(iter(g.values()))
+        lines += [
+            "## Grouping, in-process",
+            "",
+            f"The encoder alone (no server, no queueing) on the same batches of 8 random MovieLens post prompts "
+            f"({any_row['real_tokens_per_batch']:.0f} real tokens per batch on average)"
+            + (f"; command `{report['grouping_command']}`" if "grouping_command" in report else "") + ".",
+            "",
+            "| graph | grouping | runs per batch | padded tokens per batch | ms per batch | prompts/s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for key, row in g.items():
+            precision, grouping = key.split("_", 1)
+            lines.append(f"| {precision} | {grouping} | {row['runs_per_batch']:.2f} | {row['padded_tokens_per_batch']:.0f} | "
+                         f"{row['ms_per_batch']:.1f} | {row['prompts_per_s']:.1f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -194,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window-ms", type=int, default=8000)
     p.add_argument("--steps", type=int, nargs="*", help="only these server steps (1-based), for a quick look")
     p.add_argument("--out", type=Path, default=Path("benchmarks/reports"))
+    p.add_argument("--grouping-only", action="store_true",
+                   help="re-measure only the in-process grouping table and keep the rest of the saved report")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     layout = ArtifactLayout(default_artifacts_dir())
@@ -201,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("needs the default artifacts with encoder.int8.onnx and an index: run `make demo` first")
     from feedserve.knn import PostIndex
 
+    if args.grouping_only:
+        report = json.loads((args.out / "tuning.json").read_text())
+        report["grouping"] = grouping_in_process(layout)
+        report["grouping_command"] = "python -m benchmarks.tuning " + " ".join(argv if argv is not None else sys.argv[1:])
+        return _write(report, args.out)
     report: dict[str, object] = {
         "machine": machine(), "window_ms": args.window_ms, "index_posts": len(PostIndex.load(layout.index)),
         "command": "python -m benchmarks.tuning " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -229,10 +295,15 @@ def main(argv: list[str] | None = None) -> int:
                 "http": {"batch": 32, **http_transfer(last)},
             }
     report["steps"] = [asdict(r) for r in rows]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tuning.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (args.out / "tuning.md").write_text(render_markdown(report))
-    print(args.out / "tuning.md")
+    report["grouping"] = grouping_in_process(layout)
+    return _write(report, args.out)
+
+
+def _write(report: dict[str, object], out: Path) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tuning.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / "tuning.md").write_text(render_markdown(report))
+    print(out / "tuning.md")
     return 0
 
 

@@ -74,14 +74,21 @@ def measure(binary: Path, url: str, protocol: str, model: str, data: Path, batch
                  float(row["p50 latency"]) / 1000, float(row["p90 latency"]) / 1000, float(row["p99 latency"]) / 1000)
 
 
+# Instruction sets that change CPU inference speed severalfold (int8 dot products above all): shared
+# VMs of one name differ in them, so reports name them.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8")
+
+
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
+    cpu, flags = platform.processor() or "unknown CPU", set()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags")))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+    isa = ", ".join(f for f in ISA_FLAGS if f in flags) or "none of " + "/".join(ISA_FLAGS)
+    return f"{cpu} ({isa}), {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
 def write_reports(points: list[Point], out: Path, command: str, where: str) -> list[Path]:

@@ -76,6 +76,20 @@ def group_rows(lengths: Sequence[int], max_rows: int, grouping: str = "cost",
     return runs[::-1]
 
 
+def padded_runs(rows: Sequence[np.ndarray], max_rows: int, grouping: str = "cost",
+                buckets: Sequence[int] = ()) -> list[tuple[list[int], np.ndarray, np.ndarray]]:
+    """Unpadded token rows as encoder runs: (row indices, input ids, attention mask), right-padded."""
+    runs = []
+    for group, width in group_rows([len(r) for r in rows], max_rows, grouping, buckets):
+        ids = np.zeros((len(group), width), np.int64)
+        mask = np.zeros((len(group), width), np.int64)
+        for j, i in enumerate(group):
+            ids[j, : len(rows[i])] = rows[i]
+            mask[j, : len(rows[i])] = 1
+        runs.append((group, ids, mask))
+    return runs
+
+
 class EncoderModel(BatchModel[Tokens]):
     name = ModelName.ENCODER
 
@@ -148,30 +162,20 @@ class EncoderModel(BatchModel[Tokens]):
             raise RequestError(f"{ATTENTION_MASK.name}: rows must be right-padded (1s then 0s)")
         return Tokens([ids[i, : lengths[i]] for i in range(len(ids))])
 
-    def _groups(self, lengths: Sequence[int]) -> list[tuple[list[int], int]]:
-        return group_rows(lengths, self.max_rows, self.grouping, self.settings.length_buckets)
-
     def compute(self, items: Sequence[Tokens]) -> list[Arrays | RequestError]:
         rows = [r for it in items for r in it.rows]
         embeddings: list[np.ndarray | None] = [self._cached(r) for r in rows]
         todo = [i for i, e in enumerate(embeddings) if e is None]
-        for group, width in self._groups([len(rows[i]) for i in todo]):
-            group = [todo[g] for g in group]
-            ids = np.zeros((len(group), width), np.int64)
-            mask = np.zeros((len(group), width), np.int64)
-            for j, i in enumerate(group):
-                ids[j, : len(rows[i])] = rows[i]
-                mask[j, : len(rows[i])] = 1
-            for i, vec in zip(group, self.encoder.encode(ids, mask), strict=True):
-                embeddings[i] = vec
-                self._remember(rows[i], vec)
+        for group, ids, mask in padded_runs([rows[i] for i in todo], self.max_rows, self.grouping, self.settings.length_buckets):
+            for g, vec in zip(group, self.encoder.encode(ids, mask), strict=True):
+                embeddings[todo[g]] = vec
+                self._remember(rows[todo[g]], vec)
         outputs: list[Arrays | RequestError] = []
         pos = 0
         for it in items:
             outputs.append({EMBEDDING.name: np.stack(embeddings[pos : pos + len(it.rows)])})  # type: ignore[arg-type]
             pos += len(it.rows)
         return outputs
-
 
     def _cached(self, row: np.ndarray) -> np.ndarray | None:
         if not self.cache_rows:
