@@ -41,6 +41,13 @@ def stub_processes(server_pid: int) -> dict[int, str]:
     return stubs
 
 
+def _running(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 def stub_models(server_pid: int) -> Counter[str]:
     return Counter(stub_processes(server_pid).values())
 
@@ -66,6 +73,8 @@ class StubWatchdog(threading.Thread):
 
     def check(self) -> list[str]:
         """Reload the models missing a stub; returns the ones reloaded."""
+        if not _running(self.server_pid):
+            return []  # the server itself is gone: its launcher sees that, there is nothing to reload into
         live = stub_models(self.server_pid)
         reloaded = []
         for model, expected in self.expected.items():

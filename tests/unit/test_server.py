@@ -26,3 +26,48 @@ def test_backend_dir_has_the_stub_for_this_python(tmp_path: Path) -> None:
     backend = prepare_backend_dir(tmp_path)
     assert (backend / "python" / "libtriton_python.so").exists()
     assert (backend / "python" / "triton_python_backend_stub").exists()
+
+
+
+def test_the_stub_watchdog_reloads_a_model_whose_stub_died(tmp_path: Path) -> None:
+    """With real processes: a fake server starts a fake stub (named like the python backend's, its
+    first argument the model's model.py, as Triton starts them). Alive, nothing happens; killed (a
+    zombie until reaped), its model is reloaded once; with the server dead, nothing is reloaded."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from feedserve.supervisor import StubWatchdog, stub_processes
+
+    model_py = tmp_path / "repo" / "encoder" / "1" / "model.py"
+    model_py.parent.mkdir(parents=True)
+    model_py.write_text("import time\ntime.sleep(60)\n")
+    stub_name = str(tmp_path / "triton_python_backend_stub")
+    server = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([{stub_name!r}, {str(model_py)!r}], executable=sys.executable)\n"
+        "time.sleep(60)\n")])
+    try:
+        deadline = time.monotonic() + 20
+        while not stub_processes(server.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [(stub_pid, model)] = stub_processes(server.pid).items()
+        assert model == "encoder"
+        watchdog = StubWatchdog(server.pid, "127.0.0.1:1", "k", "v", retry_s=0)
+        loads: list[str] = []
+        watchdog._load = lambda m: loads.append(m) or True  # type: ignore[method-assign]
+        assert watchdog.expected == {"encoder": 1} and watchdog.check() == [] and not loads
+        os.kill(stub_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while stub_processes(server.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert watchdog.check() == ["encoder"] and watchdog.reloads == {"encoder": 1}
+        server.kill()
+        server.wait()
+        assert watchdog.check() == []  # the server is gone: nothing to reload into
+        assert loads == ["encoder"]
+    finally:
+        server.kill()
+        server.wait()
