@@ -6,7 +6,9 @@
 # Environment: FEEDSERVE_VARIANT (gpu-trt | gpu-torch | cpu), FEEDSERVE_ARTIFACTS (a directory
 # built by `feedserve build`, mounted read-only), FEEDSERVE_REPOSITORY (writable: the rendered
 # repository and the plan), FEEDSERVE_TRT_PRECISION (fp16 | bf16; fp8 needs a Q/DQ graph), FEEDSERVE_LISTEN (the
-# address inside the container; compose publishes the ports on the host's loopback only).
+# address inside the container; compose publishes the ports on the host's loopback only),
+# FEEDSERVE_ADMIN_KEY (Triton's admin APIs; default random), FEEDSERVE_HTTP_PORT (where the stub
+# watchdog reaches the server on loopback, if extra arguments move it from 8000).
 set -euo pipefail
 
 variant="${FEEDSERVE_VARIANT:-gpu-trt}"
@@ -37,12 +39,15 @@ if [[ "$variant" == gpu-trt ]]; then
   python3 -m feedserve.export.tensorrt ensure --artifacts "$artifacts" \
     --plan "$repository/encoder/1/model.plan" --precision "$precision"
 fi
-# model-control-mode none: no load/unload API; the repository is fixed for the process's life. The
-# other admin APIs answer only requests carrying FEEDSERVE_ADMIN_KEY (unset: a random key, so none).
-admin_key="${FEEDSERVE_ADMIN_KEY:-$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')}"
+# Every model loads at start; Triton's admin APIs (load and unload among them) answer only requests
+# carrying FEEDSERVE_ADMIN_KEY (unset: a random key). The stub watchdog uses it to reload a python
+# model whose stub process died (this Triton neither restarts the stub nor reports the model
+# unready); it watches this shell's pid, which exec hands to tritonserver.
+export FEEDSERVE_ADMIN_KEY="${FEEDSERVE_ADMIN_KEY:-$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')}"
 admin_apis="model-repository,shared-memory,trace,logging"
-exec tritonserver --model-repository="$repository" --model-control-mode=none \
-  --http-restricted-api="$admin_apis:feedserve-admin-key=$admin_key" \
-  --grpc-restricted-protocol="$admin_apis:feedserve-admin-key=$admin_key" \
+python3 -m feedserve.supervisor --server-pid $$ --http-url "127.0.0.1:${FEEDSERVE_HTTP_PORT:-8000}" &
+exec tritonserver --model-repository="$repository" --model-control-mode=explicit --load-model='*' \
+  --http-restricted-api="$admin_apis:feedserve-admin-key=$FEEDSERVE_ADMIN_KEY" \
+  --grpc-restricted-protocol="$admin_apis:feedserve-admin-key=$FEEDSERVE_ADMIN_KEY" \
   --http-address="$listen" --grpc-address="$listen" --metrics-address="$listen" \
   --strict-readiness=true --exit-on-error=true "$@"

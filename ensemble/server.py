@@ -28,7 +28,7 @@ from types import TracebackType
 
 from feedserve.artifacts import ARTIFACTS_ENV, REPO_ROOT, ArtifactLayout, default_artifacts_dir
 from feedserve.manifest import MANIFEST, ManifestError
-from feedserve.supervisor import StubWatchdog
+from feedserve.supervisor import ADMIN_APIS, ADMIN_HEADER, ADMIN_KEY_ENV, StubWatchdog
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +82,6 @@ def _port_open(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.2)
         return s.connect_ex((host, port)) == 0
-
-
-ADMIN_APIS = "model-repository,shared-memory,trace,logging"
-ADMIN_HEADER = "feedserve-admin-key"
-GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER  # Triton prefixes the key for gRPC
-ADMIN_KEY_ENV = "FEEDSERVE_ADMIN_KEY"
 
 
 @dataclass

@@ -21,6 +21,12 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 STUB_BINARY = b"triton_python_backend_stub"
+# Triton's admin APIs answer only requests carrying ADMIN_HEADER = the key (feedserve.server passes
+# the restriction; over gRPC Triton expects the header with its prefix).
+ADMIN_APIS = "model-repository,shared-memory,trace,logging"
+ADMIN_HEADER = "feedserve-admin-key"
+GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER
+ADMIN_KEY_ENV = "FEEDSERVE_ADMIN_KEY"
 
 
 def stub_processes(server_pid: int) -> dict[int, str]:
@@ -103,3 +109,49 @@ class StubWatchdog(threading.Thread):
         self._stopping.set()
         if self.is_alive():
             self.join(timeout=5)
+
+
+def _ready(http_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=2) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Watch a tritonserver this process did not start (the GPU container's entrypoint runs it in
+    the background, then execs tritonserver in its own pid): wait until the server is ready, then
+    reload any python model whose stub dies, until the server exits. The admin key comes from
+    $FEEDSERVE_ADMIN_KEY, as the server's restricted APIs expect it."""
+    import argparse
+    import os
+
+    p = argparse.ArgumentParser(prog="python -m feedserve.supervisor", description=main.__doc__)
+    p.add_argument("--server-pid", type=int, required=True)
+    p.add_argument("--http-url", default="127.0.0.1:8000")
+    p.add_argument("--ready-timeout-s", type=float, default=1800.0, help="a TensorRT plan may be built first")
+    p.add_argument("--interval-s", type=float, default=1.0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    key = os.environ.get(ADMIN_KEY_ENV)
+    if not key:
+        logger.error("%s is not set: the watchdog could not reload anything", ADMIN_KEY_ENV)
+        return 2
+    deadline = time.monotonic() + args.ready_timeout_s
+    while not _ready(args.http_url):
+        if not _running(args.server_pid) or time.monotonic() > deadline:
+            logger.error("tritonserver %d never became ready at %s; not watching it", args.server_pid, args.http_url)
+            return 1
+        time.sleep(1.0)
+    watchdog = StubWatchdog(args.server_pid, args.http_url, ADMIN_HEADER, key, interval_s=args.interval_s)
+    logger.info("watching the stubs of tritonserver %d: %s", args.server_pid, dict(watchdog.expected))
+    watchdog.start()
+    while _running(args.server_pid):
+        time.sleep(args.interval_s)
+    watchdog.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

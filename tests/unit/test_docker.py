@@ -120,18 +120,23 @@ def test_entrypoint_builds_the_plan_then_starts_triton(tmp_path: Path, artifacts
     env = {"FEEDSERVE_ARTIFACTS": str(artifacts), "FEEDSERVE_REPOSITORY": str(tmp_path / "models"), "FEEDSERVE_TRT_PRECISION": "bf16"}
     result, calls = _run_entrypoint(tmp_path, env)
     assert result.returncode == 0, result.stderr
+    # The stub watchdog starts in the background just before the exec: its place among the last calls varies.
+    watchdog = [c for c in calls if c.startswith("python3 -m feedserve.supervisor")]
+    calls = [c for c in calls if c not in watchdog]
+    assert len(watchdog) == 1 and "--http-url 127.0.0.1:8000" in watchdog[0]
     assert calls[0] == f"python3 -m feedserve.manifest verify {artifacts}"
     assert calls[1] == f"feedserve render --variant gpu-trt --out {tmp_path / 'models'}"
     assert calls[2].startswith("python3 -m feedserve.export.tensorrt ensure")
     assert f"--plan {tmp_path / 'models'}/encoder/1/model.plan" in calls[2] and "--precision bf16" in calls[2]
-    assert calls[3].startswith(f"tritonserver --model-repository={tmp_path / 'models'} --model-control-mode=none")
+    assert calls[3].startswith(f"tritonserver --model-repository={tmp_path / 'models'} --model-control-mode=explicit --load-model=*")
+    assert "--http-restricted-api=model-repository,shared-memory,trace,logging:feedserve-admin-key=" in calls[3]
     assert calls[3].endswith("--log-verbose=1")  # extra arguments reach the server
 
 
 def test_entrypoint_gpu_torch_builds_no_plan_and_cpu_uses_the_launcher(tmp_path: Path, artifacts: Path) -> None:
     result, calls = _run_entrypoint(tmp_path, {"FEEDSERVE_ARTIFACTS": str(artifacts), "FEEDSERVE_VARIANT": "gpu-torch",
                                                "FEEDSERVE_REPOSITORY": str(tmp_path / "models")})
-    assert result.returncode == 0 and len(calls) == 3 and calls[2].startswith("tritonserver ")
+    assert result.returncode == 0 and len(calls) == 4 and any(c.startswith("tritonserver ") for c in calls)
     (tmp_path / "calls.log").unlink()
     result, calls = _run_entrypoint(tmp_path, {"FEEDSERVE_ARTIFACTS": str(artifacts), "FEEDSERVE_VARIANT": "cpu"})
     assert result.returncode == 0

@@ -71,3 +71,20 @@ def test_the_stub_watchdog_reloads_a_model_whose_stub_died(tmp_path: Path) -> No
     finally:
         server.kill()
         server.wait()
+
+
+def test_the_standalone_watchdog_needs_the_key_and_gives_up_on_a_server_that_never_came(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`python -m feedserve.supervisor`, as the GPU entrypoint starts it beside tritonserver."""
+    import subprocess
+    import sys
+
+    from feedserve.supervisor import ADMIN_KEY_ENV, main
+
+    monkeypatch.delenv(ADMIN_KEY_ENV, raising=False)
+    assert main(["--server-pid", "1", "--http-url", "127.0.0.1:1"]) == 2
+    monkeypatch.setenv(ADMIN_KEY_ENV, "k")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert main(["--server-pid", str(gone.pid), "--http-url", "127.0.0.1:1", "--ready-timeout-s", "30"]) == 1
