@@ -45,7 +45,9 @@ fi
 # unready); it watches this shell's pid, which exec hands to tritonserver.
 export FEEDSERVE_ADMIN_KEY="${FEEDSERVE_ADMIN_KEY:-$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')}"
 admin_apis="model-repository,shared-memory,trace,logging"
-python3 -m feedserve.supervisor --server-pid $$ --http-url "127.0.0.1:${FEEDSERVE_HTTP_PORT:-8000}" &
+watch_host="$listen"; [[ "$listen" == 0.0.0.0 ]] && watch_host=127.0.0.1
+python3 -m feedserve.supervisor --server-pid $$ --http-url "$watch_host:${FEEDSERVE_HTTP_PORT:-8000}" \
+  --artifacts "$artifacts" --repository "$repository" &
 exec tritonserver --model-repository="$repository" --model-control-mode=explicit --load-model='*' \
   --http-restricted-api="$admin_apis:feedserve-admin-key=$FEEDSERVE_ADMIN_KEY" \
   --grpc-restricted-protocol="$admin_apis:feedserve-admin-key=$FEEDSERVE_ADMIN_KEY" \

@@ -79,6 +79,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 if server.process is None or server.process.poll() is not None:
                     logger.error("tritonserver exited")
                     return 1
+                if server.watchdog is not None and server.watchdog.gave_up:
+                    # A model that can only fail: exit, so that a supervisor restarts the server and
+                    # the start-time checks name what is wrong.
+                    logger.error("stopping: %s", server.watchdog.gave_up)
+                    return 1
         except KeyboardInterrupt:
             pass
     return 0

@@ -28,7 +28,7 @@ from types import TracebackType
 
 from feedserve.artifacts import ARTIFACTS_ENV, REPO_ROOT, ArtifactLayout, default_artifacts_dir
 from feedserve.manifest import MANIFEST, ManifestError
-from feedserve.supervisor import ADMIN_APIS, ADMIN_HEADER, ADMIN_KEY_ENV, StubWatchdog
+from feedserve.supervisor import ADMIN_APIS, ADMIN_HEADER, ADMIN_KEY_ENV, StubWatchdog, deployment_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,8 @@ class TritonServer:
             f"--metrics-port={o.metrics_port}",
             # Every model loads at start. Loading and unloading go through the repository API, which
             # is restricted to the admin key: the stub watchdog (feedserve.supervisor) uses it to
-            # reload a model whose stub process died; nobody else on the network can.
+            # reload a model whose stub process died; nobody else on the network can. (Triton takes
+            # one --load-model=*: extra_args must not add another.)
             "--model-control-mode=explicit",
             "--load-model=*",
             f"--http-restricted-api={ADMIN_APIS}:{ADMIN_HEADER}={o.admin_key}",
@@ -202,7 +203,8 @@ class TritonServer:
             self.stop()
             raise
         if o.watch_stubs:
-            self.watchdog = StubWatchdog(self.process.pid, self.http_url, ADMIN_HEADER, o.admin_key)
+            self.watchdog = StubWatchdog(self.process.pid, self.http_url, ADMIN_HEADER, o.admin_key,
+                                         lambda: deployment_fingerprint(o.artifacts, o.repository))
             self.watchdog.start()
         logger.info("tritonserver ready: http %s, grpc %s", self.http_url, self.grpc_url)
         return self

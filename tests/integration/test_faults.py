@@ -66,10 +66,12 @@ def watched_server(request: pytest.FixtureRequest, artifacts: ArtifactLayout, tm
         with open(tmp_path / "watchdog.log", "w") as log:
             watcher = subprocess.Popen(
                 [sys.executable, "-m", "feedserve.supervisor", "--server-pid", str(s.process.pid), "--http-url", s.http_url,
-                 "--interval-s", "0.5"],
+                 "--interval-s", "0.5", "--artifacts", str(artifacts.root), "--repository", str(tmp_path / "repo")],
                 env={**os.environ, ADMIN_KEY_ENV: options.admin_key}, stdout=log, stderr=subprocess.STDOUT)
             try:
-                time.sleep(2.0)  # it takes the stub counts once the server is ready
+                deadline = time.monotonic() + 60  # it takes the stub counts once it saw the server ready
+                while "watching the stubs" not in (tmp_path / "watchdog.log").read_text() and time.monotonic() < deadline:
+                    time.sleep(0.1)
                 yield s
             finally:
                 watcher.terminate()

@@ -124,6 +124,7 @@ def test_entrypoint_builds_the_plan_then_starts_triton(tmp_path: Path, artifacts
     watchdog = [c for c in calls if c.startswith("python3 -m feedserve.supervisor")]
     calls = [c for c in calls if c not in watchdog]
     assert len(watchdog) == 1 and "--http-url 127.0.0.1:8000" in watchdog[0]
+    assert f"--artifacts {artifacts} --repository {tmp_path / 'models'}" in watchdog[0]
     assert calls[0] == f"python3 -m feedserve.manifest verify {artifacts}"
     assert calls[1] == f"feedserve render --variant gpu-trt --out {tmp_path / 'models'}"
     assert calls[2].startswith("python3 -m feedserve.export.tensorrt ensure")

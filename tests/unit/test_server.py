@@ -14,7 +14,7 @@ def test_missing_artifacts_are_named(tmp_path: Path) -> None:
     assert server.process is None
 
 
-def test_command_binds_loopback_and_disables_model_control(tmp_path: Path) -> None:
+def test_command_binds_loopback_and_keys_model_control(tmp_path: Path) -> None:
     server = TritonServer(ServerOptions(artifacts=tmp_path))
     cmd = server.command(tmp_path)
     for flag in ("--http-address", "--grpc-address", "--metrics-address"):
@@ -29,7 +29,7 @@ def test_backend_dir_has_the_stub_for_this_python(tmp_path: Path) -> None:
 
 
 
-def test_the_stub_watchdog_reloads_a_model_whose_stub_died(tmp_path: Path) -> None:
+def test_the_stub_watchdog_reloads_a_model_whose_stub_died(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With real processes: a fake server starts a fake stub (named like the python backend's, its
     first argument the model's model.py, as Triton starts them). Alive, nothing happens; killed (a
     zombie until reaped), its model is reloaded once; with the server dead, nothing is reloaded."""
@@ -39,6 +39,7 @@ def test_the_stub_watchdog_reloads_a_model_whose_stub_died(tmp_path: Path) -> No
     import sys
     import time
 
+    from feedserve import supervisor
     from feedserve.supervisor import StubWatchdog, stub_processes
 
     model_py = tmp_path / "repo" / "encoder" / "1" / "model.py"
@@ -55,19 +56,28 @@ def test_the_stub_watchdog_reloads_a_model_whose_stub_died(tmp_path: Path) -> No
             time.sleep(0.05)
         [(stub_pid, model)] = stub_processes(server.pid).items()
         assert model == "encoder"
-        watchdog = StubWatchdog(server.pid, "127.0.0.1:1", "k", "v", retry_s=0)
+        fingerprint = ["v1"]
+        watchdog = StubWatchdog(server.pid, "127.0.0.1:1", "k", "v", lambda: fingerprint[0], retry_s=0.01)
         loads: list[str] = []
-        watchdog._load = lambda m: loads.append(m) or True  # type: ignore[method-assign]
+        monkeypatch.setattr(supervisor, "_ready", lambda url: True)
+        monkeypatch.setattr(watchdog, "_post_load", lambda m: loads.append(m) or True)
         assert watchdog.expected == {"encoder": 1} and watchdog.check() == [] and not loads
         os.kill(stub_pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while stub_processes(server.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert watchdog.check() == ["encoder"] and watchdog.reloads == {"encoder": 1}
+        monkeypatch.setattr(supervisor, "_ready", lambda url: False)
+        assert watchdog.check() == [] and not loads  # not ready: shutting down, nothing to repair
+        monkeypatch.setattr(supervisor, "_ready", lambda url: True)
+        assert watchdog.check() == ["encoder"] and watchdog.reloads == {"encoder": 1} and loads == ["encoder"]
+        fingerprint[0] = "v2"  # `feedserve build` ran since: a reload would mix old and new
+        for _ in range(3):
+            time.sleep(0.05)
+            assert watchdog.check() == []
+        assert loads == ["encoder"] and watchdog.gave_up and "encoder" in watchdog.gave_up
         server.kill()
         server.wait()
         assert watchdog.check() == []  # the server is gone: nothing to reload into
-        assert loads == ["encoder"]
     finally:
         server.kill()
         server.wait()
