@@ -67,8 +67,9 @@ def encoder_peers(layout: ArtifactLayout, n_posts: int, batch: int) -> dict[str,
     from feedserve.clients.batch import embed_records
     from feedserve.movielens import load_movielens
     from feedserve.prompts import PromptBuilder, TokenBatch
-    from feedserve.repository import RepositorySettings, write_repository
+    from feedserve.repository import RepositorySettings, render_configs, write_repository
     from feedserve.runtime import OnnxEncoder
+    from feedserve.schema import ModelName
     from feedserve.triton.encoder import padded_runs
     from feedserve.server import ServerOptions, TritonServer, free_port
 
@@ -109,12 +110,15 @@ def encoder_peers(layout: ArtifactLayout, n_posts: int, batch: int) -> dict[str,
     st_vectors = st.encode(prompts, batch_size=batch, convert_to_numpy=True, show_progress_bar=False)
     out["sentence_transformers_prompts_per_s"] = len(posts) / (time.perf_counter() - start)
 
-    # The encoder alone gets the runs the served encoder makes of each batch (feedserve.triton.encoder).
+    # The encoder alone gets the runs the served encoder makes of each batch (feedserve.triton.encoder),
+    # with the rendered encoder's settings.
+    served = render_configs()[ModelName.ENCODER].parameters
+    max_rows, grouping = int(served["max_rows_per_run"].string_value), served["grouping"].string_value
     batches, order = [], []
     for c in chunks:
         tokens = builder.tokenize(prompts[c])
         rows = [ids[: int(m.sum())] for ids, m in zip(tokens.input_ids, tokens.attention_mask, strict=True)]
-        for group, ids, mask in padded_runs(rows, 32):
+        for group, ids, mask in padded_runs(rows, max_rows, grouping):
             batches.append(TokenBatch(ids, mask))
             order += [c.start + i for i in group]
     out["padded_tokens_feedserve"] = sum(int(b.input_ids.size) for b in batches)
@@ -287,8 +291,10 @@ def markdown(r: dict) -> str:
     base = e["transformers_prompts_per_s"]
     lines = [
         "# Peers and cost curves (2-core CPU)", "",
-        f"Machine: {r['machine']}.", "",
-        *[f"- {name}: `{cmd}`" for name, cmd in r.get("commands", {"all": r["command"]}).items()], "",
+        "Each section was measured by its own command, on the machine named beside it "
+        "(absolute speeds differ between these shared VMs; compare within a section):", "",
+        *[f"- {name}: `{cmd}` on {r.get('machines', {}).get(name, r['machine'])}"
+          for name, cmd in r.get("commands", {"all": r["command"]}).items()], "",
         f"## Encoders: the same {e['posts']} MovieLens post prompts, the same checkpoint, batches of {e['batch']}", "",
         "| path | prompts/s | x transformers | min cosine to transformers |", "|---|---|---|---|",
         f"| transformers in-process (pad to longest, {e['padded_tokens_transformers']} padded tokens) | {base:.2f} | 1.00 | 1 |",
@@ -378,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     saved = args.out / "peers.json"
     report = json.loads(saved.read_text()) if set(args.sections) != set(SECTIONS) and saved.exists() else {}
     runs = {name: report.get("commands", {}).get(name, report.get("command")) for name in SECTIONS}
+    machines = {name: report.get("machines", {}).get(name, report.get("machine")) for name in SECTIONS}
     measure = {
         "encoders": lambda: encoder_peers(layout, args.posts, args.batch),
         "knn": lambda: knn_peers(args.sizes, 256, args.hnsw_max),
@@ -387,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.sections:
         report[name] = measure[name]()
         runs[name] = f"{command} ({time.strftime('%Y-%m-%d')})"
-    report.update(command=command, machine=machine(), commands=runs)
+        machines[name] = machine()
+    report.update(command=command, machine=machine(), commands=runs, machines=machines)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "peers.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "peers.md").write_text(markdown(report))

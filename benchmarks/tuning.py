@@ -134,13 +134,21 @@ def grouping_in_process(layout: ArtifactLayout, batch: int = 8, batches: int = 2
 
     settings = EncoderSettings.load(layout.settings)
     builder = PromptBuilder(Tokenizer.from_file(str(layout.tokenizer)), PercentileBuckets.load(layout.buckets), settings)
-    posts = load_movielens(SAMPLE_CORPUS).posts()
+    movielens = load_movielens(SAMPLE_CORPUS)
+    posts = movielens.posts()
+    members = [m for m in movielens.members() if 5 <= len(m.history) <= 60][:64]
+    tokenise_ms = {}
+    for kind, encode, records in (("post", builder.encode_posts, posts[:256]), ("member", builder.encode_members, members)):
+        start = time.perf_counter()
+        for record in records:
+            encode([record])  # type: ignore[list-item]
+        tokenise_ms[kind] = (time.perf_counter() - start) / len(records) * 1000
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(batches):
         tokens = builder.encode_posts([posts[i] for i in rng.choice(len(posts), batch, replace=False)])
         rows.append([ids[: int(m.sum())] for ids, m in zip(tokens.input_ids, tokens.attention_mask, strict=True)])
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, float]] = {"prompt_and_tokens_ms": tokenise_ms}
     for precision, graph in (("fp32", layout.onnx), ("int8", layout.onnx_int8)):
         encoder = OnnxEncoder(graph)
         for grouping in GROUPINGS:
@@ -229,21 +237,28 @@ def render_markdown(report: dict[str, object]) -> str:
     ]
     if "grouping" in report:
         g: dict[str, dict[str, float]] = report["grouping"]  # type: ignore[assignment]
-        any_row = next(iter(g.values()))
+        any_row = g["fp32_cost"]
         lines += [
             "## Grouping, in-process",
             "",
             f"The encoder alone (no server, no queueing) on the same batches of 8 random MovieLens post prompts "
             f"({any_row['real_tokens_per_batch']:.0f} real tokens per batch on average)"
-            + (f"; command `{report['grouping_command']}`" if "grouping_command" in report else "") + ".",
+            + (f"; command `{report['grouping_command']}`" if "grouping_command" in report else "")
+            + (f"; machine: {report['grouping_machine']}" if "grouping_machine" in report else "") + ".",
             "",
             "| graph | grouping | runs per batch | padded tokens per batch | ms per batch | prompts/s |",
             "|---|---|---|---|---|---|",
         ]
         for key, row in g.items():
+            if key == "prompt_and_tokens_ms":
+                continue
             precision, grouping = key.split("_", 1)
             lines.append(f"| {precision} | {grouping} | {row['runs_per_batch']:.2f} | {row['padded_tokens_per_batch']:.0f} | "
                          f"{row['ms_per_batch']:.1f} | {row['prompts_per_s']:.1f} |")
+        if "prompt_and_tokens_ms" in g:
+            t = g["prompt_and_tokens_ms"]
+            lines += ["", f"Building and tokenising one prompt (what `preprocess_*` does per record): post "
+                          f"{t['post']:.2f} ms, member (5-60 engaged posts) {t['member']:.2f} ms."]
         lines.append("")
     return "\n".join(lines)
 
@@ -266,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         report = json.loads((args.out / "tuning.json").read_text())
         report["grouping"] = grouping_in_process(layout)
         report["grouping_command"] = "python -m benchmarks.tuning " + " ".join(argv if argv is not None else sys.argv[1:])
+        report["grouping_machine"] = machine()
         return _write(report, args.out)
     report: dict[str, object] = {
         "machine": machine(), "window_ms": args.window_ms, "index_posts": len(PostIndex.load(layout.index)),

@@ -58,7 +58,8 @@ class RepositorySettings:
     encoder_cache_rows: int = 10000  # prompts whose embeddings the python encoder keeps (0: off)
     # The CPU encoder's graph: "int8" (encoder.int8.onnx, feedserve.export.onnx.quantize_int8), "fp32",
     # or "auto": int8 where `feedserve build` wrote an int8 graph that passed its parity check, else
-    # fp32. int8 is 1.3x faster on these CPUs at no loss of recall (benchmarks/reports/tuning.md).
+    # fp32. int8 is 1.5-1.8x faster through embed_post on these CPUs (1.8x in the encoder alone) at no
+    # loss of recall (benchmarks/reports/tuning.md, quality_int8/).
     encoder_precision: str = "auto"
     # One server per index directory writes; others sharing the directory only follow (no index_write).
     index_writer: bool = True
