@@ -27,6 +27,10 @@ Protocol = Literal["http", "grpc"]
 Record = dict[str, Any] | str | bytes | Any  # Any: a pydantic record (has model_dump_json)
 
 
+# How Triton's python backend answers for a model whose stub process died (status INTERNAL).
+DEAD_STUB = "is not healthy"
+
+
 class ClientError(RuntimeError):
     """The server refused or failed a request; the message carries its reason, `status` the
     protocol's code (e.g. StatusCode.UNAVAILABLE over gRPC, 400 over HTTP) where it gave one."""
@@ -42,8 +46,11 @@ class ClientError(RuntimeError):
 
     @property
     def retryable(self) -> bool:
-        """The server was unreachable, restarting or too slow: the same request may succeed later.
-        A refused request (bad input) is not."""
+        """The server was unreachable, restarting or too slow, or one of its python models lost its
+        stub process (the launcher's watchdog reloads it within seconds): the same request may
+        succeed later. A refused request (bad input) is not."""
+        if DEAD_STUB in str(self):
+            return True
         return self.status is not None and any(code in self.status for code in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "503"))
 
 

@@ -90,7 +90,7 @@ def test_a_killed_stub_under_load_recovers(watched_server: TritonServer) -> None
     server = watched_server
     [pid] = stub_pids(server, "encoder")
     results: list[bool] = []
-    errors: list[str] = []
+    errors: list[ClientError] = []
     stop = threading.Event()
 
     def load() -> None:
@@ -102,7 +102,7 @@ def test_a_killed_stub_under_load_recovers(watched_server: TritonServer) -> None
                     results.append(True)
                 except ClientError as err:
                     results.append(False)
-                    errors.append(str(err))
+                    errors.append(err)
 
     threads = [threading.Thread(target=load) for _ in range(3)]
     for t in threads:
@@ -124,6 +124,8 @@ def test_a_killed_stub_under_load_recovers(watched_server: TritonServer) -> None
     assert server.process is not None and server.process.poll() is None, "tritonserver died with its stub"
     assert recovered(), f"encoder did not recover: {errors[-3:]}"
     assert not all(results[killed_at:]), "no request failed: was the stub killed?"
+    # What the requests caught by the death get is worth retrying (the ingester does): not bad input.
+    assert all(err.retryable and not err.refused for err in errors), [str(e) for e in errors if not e.retryable][:3]
     assert stub_pids(server, "encoder") != [pid]  # a new stub serves
     if server.watchdog is not None:  # the launcher's; the standalone one logs its reload instead
         assert server.watchdog.reloads == {"encoder": 1}
