@@ -42,10 +42,11 @@ class RepositorySettings:
     preprocess_instances: int = 1
     encoder_instances: int = 1
     knn_instances: int = 1
-    # The encoder gathers requests for up to this long: on 2 cores, a bigger batch amortises
-    # ONNX Runtime's per-run overhead better than a shorter wait (benchmarks/reports/tuning.md).
-    # None: no dynamic batcher, every request runs alone.
-    encoder_queue_delay_us: int | None = 2000
+    # How long the encoder's dynamic batcher waits for more requests. 0: none; under load the
+    # requests that queue while a batch runs form the next batch anyway, and waiting bought nothing
+    # on 2 cores (0 / 2 / 10 ms within noise over two runs, benchmarks/reports/tuning.md) while it
+    # adds to every lone request. None: no dynamic batcher, every request runs alone.
+    encoder_queue_delay_us: int | None = 0
     encoder_preferred_batch: tuple[int, ...] = ()  # batch sizes the batcher sends without waiting more
     # How a batch's rows are cut into encoder runs (feedserve.triton.encoder.GROUPINGS): "cost" pads
     # each run to its own longest row and cuts where a run costs less than the padding it saves.
