@@ -28,7 +28,8 @@ import numpy as np
 from feedserve.artifacts import ArtifactLayout, EncoderSettings, default_artifacts_dir
 from feedserve.clients.perf import machine, perf_analyzer_binary, run_perf_analyzer
 from feedserve.clients.perf_data import movielens_input, token_input
-from feedserve.repository import RepositorySettings, write_repository
+from feedserve.repository import RepositorySettings, render_configs, write_repository
+from feedserve.schema import ModelName
 from feedserve.server import ServerOptions, TritonServer, free_port
 
 logger = logging.getLogger("benchmarks.tuning")
@@ -148,11 +149,13 @@ def grouping_in_process(layout: ArtifactLayout, batch: int = 8, batches: int = 2
     for _ in range(batches):
         tokens = builder.encode_posts([posts[i] for i in rng.choice(len(posts), batch, replace=False)])
         rows.append([ids[: int(m.sum())] for ids, m in zip(tokens.input_ids, tokens.attention_mask, strict=True)])
+    # Runs of at most the served encoder's max_rows_per_run, as in the server.
+    max_rows = int(render_configs()[ModelName.ENCODER].parameters["max_rows_per_run"].string_value)
     out: dict[str, dict[str, float]] = {"prompt_and_tokens_ms": tokenise_ms}
     for precision, graph in (("fp32", layout.onnx), ("int8", layout.onnx_int8)):
         encoder = OnnxEncoder(graph)
         for grouping in GROUPINGS:
-            padded = [padded_runs(batch_rows, 32, grouping, settings.length_buckets) for batch_rows in rows]
+            padded = [padded_runs(batch_rows, max_rows, grouping, settings.length_buckets) for batch_rows in rows]
             encoder.encode(*padded[0][0][1:])  # warm-up
             start = time.perf_counter()
             for runs in padded:

@@ -94,6 +94,13 @@ def _kind(gpu: bool) -> int:
     return mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
 
 
+def _dynamic_batching(config: mc.ModelConfig, delay_us: int | None, preferred: tuple[int, ...] = ()) -> None:
+    """A dynamic batcher with this queue delay (None: none, every request runs alone)."""
+    if delay_us is not None:
+        config.dynamic_batching.max_queue_delay_microseconds = delay_us
+        config.dynamic_batching.preferred_batch_size.extend(preferred)
+
+
 def _python_model(
     name: ModelName, module: str, settings: RepositorySettings, instances: int, delay_us: int | None,
     params: dict[str, str] | None = None, gpu: bool = False, preferred: tuple[int, ...] = (),
@@ -101,9 +108,7 @@ def _python_model(
     config = mc.ModelConfig(name=str(name), backend="python", max_batch_size=settings.max_batch_size)
     _io(config, name)
     config.instance_group.append(mc.ModelInstanceGroup(kind=_kind(gpu), count=instances))
-    if delay_us is not None:
-        config.dynamic_batching.max_queue_delay_microseconds = delay_us
-        config.dynamic_batching.preferred_batch_size.extend(preferred)
+    _dynamic_batching(config, delay_us, preferred)
     for key, value in (params or {}).items():
         config.parameters[key].string_value = value
     config.parameters["module"].string_value = module
@@ -126,9 +131,7 @@ def _tensorrt_encoder(settings: RepositorySettings) -> mc.ModelConfig:
     them, with their shapes, from the engine; listing them here could only disagree with it."""
     config = mc.ModelConfig(name=str(ModelName.ENCODER), platform="tensorrt_plan", max_batch_size=settings.max_batch_size)
     config.instance_group.append(mc.ModelInstanceGroup(kind=_kind(True), count=settings.encoder_instances))
-    if settings.encoder_queue_delay_us is not None:
-        config.dynamic_batching.max_queue_delay_microseconds = settings.encoder_queue_delay_us
-        config.dynamic_batching.preferred_batch_size.extend(settings.encoder_preferred_batch)
+    _dynamic_batching(config, settings.encoder_queue_delay_us, settings.encoder_preferred_batch)
     return config
 
 

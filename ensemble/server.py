@@ -20,15 +20,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
 from feedserve.artifacts import ARTIFACTS_ENV, REPO_ROOT, ArtifactLayout, default_artifacts_dir
 from feedserve.manifest import MANIFEST, ManifestError
-from feedserve.supervisor import ADMIN_APIS, ADMIN_HEADER, ADMIN_KEY_ENV, StubWatchdog, deployment_fingerprint
+from feedserve.supervisor import ADMIN_APIS, ADMIN_HEADER, ADMIN_KEY_ENV, StubWatchdog, deployment_fingerprint, server_ready
 
 logger = logging.getLogger(__name__)
 
@@ -203,19 +201,11 @@ class TritonServer:
             self.stop()
             raise
         if o.watch_stubs:
-            self.watchdog = StubWatchdog(self.process.pid, self.http_url, ADMIN_HEADER, o.admin_key,
+            self.watchdog = StubWatchdog(self.process.pid, self.http_url, o.admin_key,
                                          lambda: deployment_fingerprint(o.artifacts, o.repository))
             self.watchdog.start()
         logger.info("tritonserver ready: http %s, grpc %s", self.http_url, self.grpc_url)
         return self
-
-    def _ready(self) -> bool:
-        url = f"http://{self.http_url}/v2/health/ready"
-        try:
-            with urllib.request.urlopen(url, timeout=1.0) as resp:
-                return resp.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -225,7 +215,7 @@ class TritonServer:
             if code is not None:
                 hint = f"; see {self.options.log_file}" if self.options.log_file else ""
                 raise ServerError(f"tritonserver exited with code {code} during start-up{hint}")
-            if self._ready():
+            if server_ready(self.http_url, timeout_s=1.0):
                 return
             time.sleep(0.25)
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s")

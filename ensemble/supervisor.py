@@ -32,29 +32,33 @@ GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER
 ADMIN_KEY_ENV = "FEEDSERVE_ADMIN_KEY"
 
 
+def _alive_with_parent(proc: Path) -> int | None:
+    """The parent pid of the process at /proc/<pid>, or None when it is gone or dead (a zombie)."""
+    try:
+        state, ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+    except (OSError, IndexError, ValueError):
+        return None
+    return None if state in ("Z", "X") else int(ppid)
+
+
+def _running(pid: int) -> bool:
+    return _alive_with_parent(Path("/proc") / str(pid)) is not None
+
+
 def stub_processes(server_pid: int) -> dict[int, str]:
     """pid -> model of the live python backend stubs of the tritonserver `server_pid` (a stub's first
     argument is `<repository>/<model>/<version>/model.py`); dead ones (zombies) are left out."""
     stubs = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or _alive_with_parent(entry) != server_pid:
             continue
         try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             args = (entry / "cmdline").read_bytes().split(b"\0")
-        except (OSError, IndexError):
+        except OSError:
             continue  # gone meanwhile
-        state, ppid = stat[0], int(stat[1])
-        if ppid == server_pid and state not in ("Z", "X") and len(args) > 1 and STUB_BINARY in args[0]:
+        if len(args) > 1 and STUB_BINARY in args[0]:
             stubs[int(entry.name)] = Path(os.fsdecode(args[1])).parent.parent.name
     return stubs
-
-
-def _running(pid: int) -> bool:
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 def stub_models(server_pid: int) -> Counter[str]:
@@ -79,12 +83,12 @@ class StubWatchdog(threading.Thread):
     launcher then stops the server, so that its supervisor restarts it and the start-time checks
     name the fault, instead of serving a model that can only fail."""
 
-    def __init__(self, server_pid: int, http_url: str, admin_header: str, admin_key: str,
+    def __init__(self, server_pid: int, http_url: str, admin_key: str,
                  fingerprint: Callable[[], str] | None = None, interval_s: float = 1.0,
                  retry_s: float = 10.0, max_retry_s: float = 300.0, give_up_after: int = 3) -> None:
         super().__init__(name="feedserve-stub-watchdog", daemon=True)
         self.server_pid, self.http_url = server_pid, http_url
-        self.admin_header, self.admin_key = admin_header, admin_key
+        self.admin_key = admin_key
         self.fingerprint = fingerprint
         self.started_with = fingerprint() if fingerprint else None
         self.interval_s, self.retry_s, self.max_retry_s, self.give_up_after = interval_s, retry_s, max_retry_s, give_up_after
@@ -108,7 +112,7 @@ class StubWatchdog(threading.Thread):
             return []  # the server itself is gone: its launcher sees that, there is nothing to reload into
         live = stub_models(self.server_pid)
         missing = [m for m, n in self.expected.items() if live[m] < n and time.monotonic() >= self._next_try.get(m, 0.0)]
-        if not missing or not _ready(self.http_url):
+        if not missing or not server_ready(self.http_url):
             return []  # not ready: starting a shutdown (stubs exit with it), nothing to repair
         reloaded = []
         for model in missing:
@@ -141,7 +145,7 @@ class StubWatchdog(threading.Thread):
 
     def _post_load(self, model: str) -> bool:
         req = urllib.request.Request(f"http://{self.http_url}/v2/repository/models/{model}/load", data=b"{}", method="POST",
-                                     headers={self.admin_header: self.admin_key, "Content-Type": "application/json"})
+                                     headers={ADMIN_HEADER: self.admin_key, "Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=300) as resp:
                 return resp.status == 200
@@ -156,9 +160,10 @@ class StubWatchdog(threading.Thread):
             self.join(timeout=5)
 
 
-def _ready(http_url: str) -> bool:
+def server_ready(http_url: str, timeout_s: float = 2.0) -> bool:
+    """Whether the Triton server at `http_url` answers its readiness probe with 200."""
     try:
-        with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=2) as resp:
+        with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=timeout_s) as resp:
             return resp.status == 200
     except (urllib.error.URLError, OSError):
         return False
@@ -186,13 +191,13 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s is not set: the watchdog could not reload anything", ADMIN_KEY_ENV)
         return 2
     deadline = time.monotonic() + args.ready_timeout_s
-    while not _ready(args.http_url):
+    while not server_ready(args.http_url):
         if not _running(args.server_pid) or time.monotonic() > deadline:
             logger.error("tritonserver %d never became ready at %s; not watching it", args.server_pid, args.http_url)
             return 1
         time.sleep(1.0)
     fingerprint = (lambda: deployment_fingerprint(args.artifacts, args.repository)) if args.artifacts and args.repository else None
-    watchdog = StubWatchdog(args.server_pid, args.http_url, ADMIN_HEADER, key, fingerprint, interval_s=args.interval_s)
+    watchdog = StubWatchdog(args.server_pid, args.http_url, key, fingerprint, interval_s=args.interval_s)
     logger.info("watching the stubs of tritonserver %d: %s", args.server_pid, dict(watchdog.expected))
     watchdog.start()
     while _running(args.server_pid):

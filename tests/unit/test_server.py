@@ -57,18 +57,18 @@ def test_the_stub_watchdog_reloads_a_model_whose_stub_died(tmp_path: Path, monke
         [(stub_pid, model)] = stub_processes(server.pid).items()
         assert model == "encoder"
         fingerprint = ["v1"]
-        watchdog = StubWatchdog(server.pid, "127.0.0.1:1", "k", "v", lambda: fingerprint[0], retry_s=0.01)
+        watchdog = StubWatchdog(server.pid, "127.0.0.1:1", "key", lambda: fingerprint[0], retry_s=0.01)
         loads: list[str] = []
-        monkeypatch.setattr(supervisor, "_ready", lambda url: True)
+        monkeypatch.setattr(supervisor, "server_ready", lambda url: True)
         monkeypatch.setattr(watchdog, "_post_load", lambda m: loads.append(m) or True)
         assert watchdog.expected == {"encoder": 1} and watchdog.check() == [] and not loads
         os.kill(stub_pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while stub_processes(server.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        monkeypatch.setattr(supervisor, "_ready", lambda url: False)
+        monkeypatch.setattr(supervisor, "server_ready", lambda url: False)
         assert watchdog.check() == [] and not loads  # not ready: shutting down, nothing to repair
-        monkeypatch.setattr(supervisor, "_ready", lambda url: True)
+        monkeypatch.setattr(supervisor, "server_ready", lambda url: True)
         assert watchdog.check() == ["encoder"] and watchdog.reloads == {"encoder": 1} and loads == ["encoder"]
         fingerprint[0] = "v2"  # `feedserve build` ran since: a reload would mix old and new
         for _ in range(3):
