@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from feedserve.knn_torch import TorchFlatIndex
+
 logger = logging.getLogger(__name__)
 
 # Dense bf16 tensor-core peak from NVIDIA's datasheets (SXM parts), TFLOP/s.
@@ -110,25 +112,27 @@ def bench_encoder(config_path: Path, batch: int, tokens: int, peak: float) -> li
 
 
 def bench_knn(sizes: list[int], dim: int, batches: list[int], k: int, copy_gb_per_s: float) -> list[dict[str, object]]:
-    from feedserve.knn_torch import TorchFlatIndex
-
     rows = []
     for n in sizes:
         vectors = torch.nn.functional.normalize(torch.randn(n, dim, device="cuda", dtype=torch.float16), dim=1)
-        index = TorchFlatIndex(vectors, device="cuda", dtype="fp16")
+        rows += _knn_rows(TorchFlatIndex(vectors, device="cuda", dtype="fp16"), dim, batches, k, copy_gb_per_s)
         del vectors
-        bound = index.nbytes / (copy_gb_per_s * 1e9)
-        for b in batches:
-            queries = torch.nn.functional.normalize(torch.randn(b, dim, device="cuda"), dim=1)
-            seconds = cuda_time(lambda: index.search_tensor(queries, k), repeat=20)
-            host = queries.cpu().numpy()
-            end_to_end = cuda_time(lambda: index.search(host, k), repeat=20)
-            rows.append({"posts": n, "dim": dim, "query_batch": b, "k": k, "index_gb": index.nbytes / 1e9,
-                         "ms": seconds * 1e3, "ms_with_host_copies": end_to_end * 1e3, "bound_ms": bound * 1e3,
-                         "x_bound": seconds / bound, "queries_per_s": b / seconds})
-            logger.info("%s", rows[-1])
-        index.vectors = torch.empty(0, device="cuda")  # free the device copy before the next size
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # the index is gone with _knn_rows: free it before the next size
+    return rows
+
+
+def _knn_rows(index: TorchFlatIndex, dim: int, batches: list[int], k: int, copy_gb_per_s: float) -> list[dict[str, object]]:
+    rows = []
+    bound = index.nbytes / (copy_gb_per_s * 1e9)
+    for b in batches:
+        queries = torch.nn.functional.normalize(torch.randn(b, dim, device="cuda"), dim=1)
+        seconds = cuda_time(lambda: index.search_tensor(queries, k), repeat=20)
+        host = queries.cpu().numpy()
+        end_to_end = cuda_time(lambda: index.search(host, k), repeat=20)
+        rows.append({"posts": len(index), "dim": dim, "query_batch": b, "k": k, "index_gb": index.nbytes / 1e9,
+                     "ms": seconds * 1e3, "ms_with_host_copies": end_to_end * 1e3, "bound_ms": bound * 1e3,
+                     "x_bound": seconds / bound, "queries_per_s": b / seconds})
+        logger.info("%s", rows[-1])
     return rows
 
 

@@ -6,8 +6,10 @@ which is also what the system we reproduce runs on GPU.
 
 Searches can run elsewhere (`Engine`): faiss-cpu (the default), a PyTorch matmul + top-k on a GPU
 (`feedserve.knn_torch`), or faiss-gpu. The faiss CPU index stays the store of record either way
-(writes, snapshots, saves); a GPU engine holds a device copy of the vectors, rebuilt on the first
-search after a write, so a search never sees half of one.
+(writes, snapshots, saves); a GPU engine holds a device copy of the vectors, built by the first
+search and then written with the store under the same lock, so a search never sees half a write.
+The torch engine applies a write to its copy in place (O(write), `feedserve.knn_torch`); faiss-gpu
+cannot remove rows, so its copy is rebuilt on the first search after a write.
 
 On disk an index is one `.npz` (ids, vectors, metadata as JSON text), written atomically and read
 with `allow_pickle=False`: loading an index never executes code.
@@ -24,6 +26,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import faiss
 import numpy as np
@@ -55,13 +58,25 @@ class Engine:
             raise ValueError(f"unknown kNN engine {self.kind!r}; expected one of {ENGINES}")
 
 
+class DeviceCopy(Protocol):
+    """A GPU engine's copy of the vectors (`TorchFlatIndex`, `_FaissGpuFlat`)."""
+
+    def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, post ids) [n, <= depth], best first; NO_ID pads."""
+        ...
+
+    def write(self, upsert_ids: np.ndarray, vectors: np.ndarray | None, delete_ids: np.ndarray) -> bool:
+        """Apply a store write in place; False if this copy cannot (it is then rebuilt)."""
+        ...
+
+
 class _FaissGpuFlat:
-    """faiss-gpu flat inner product over positions 0..n-1 (GPU indexes cannot remove ids, so the
-    copy is rebuilt from the store instead)."""
+    """faiss-gpu flat inner product (GPU indexes cannot remove ids, so a write drops the copy and the
+    next search rebuilds it from the store)."""
 
     MAX_K = 2048  # faiss-gpu's flat search returns at most this many per query
 
-    def __init__(self, vectors: np.ndarray, engine: Engine) -> None:
+    def __init__(self, ids: np.ndarray, vectors: np.ndarray, engine: Engine) -> None:
         if not hasattr(faiss, "GpuIndexFlatIP"):
             raise IndexError_("the faiss-gpu engine needs a faiss built with GPU support (faiss-gpu); this one is CPU-only")
         self._resources = faiss.StandardGpuResources()
@@ -70,18 +85,24 @@ class _FaissGpuFlat:
         config.device = int(engine.device.partition(":")[2] or 0)
         self.index = faiss.GpuIndexFlatIP(self._resources, int(vectors.shape[1]), config)
         self.index.add(np.ascontiguousarray(vectors, np.float32))
+        self.ids = ids
+
+    def write(self, upsert_ids: np.ndarray, vectors: np.ndarray | None, delete_ids: np.ndarray) -> bool:
+        return False
 
     def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
-        # Deeper searches are cut: a row whose exclusions eat into the cut returns fewer than k.
-        return self.index.search(queries, min(depth, self.MAX_K))
+        """(scores, post ids); deeper searches are cut, so a row whose exclusions eat into the cut
+        returns fewer than k."""
+        scores, rows = self.index.search(queries, min(depth, self.MAX_K))
+        return scores, np.where(rows >= 0, self.ids[np.maximum(rows, 0)], NO_ID)
 
 
-def _device_index(engine: Engine, vectors: np.ndarray) -> _FaissGpuFlat:  # or TorchFlatIndex: same search()
+def _device_index(engine: Engine, ids: np.ndarray, vectors: np.ndarray) -> DeviceCopy:
     if engine.kind == "torch":
         from feedserve.knn_torch import TorchFlatIndex
 
-        return TorchFlatIndex(vectors, engine.device, engine.dtype)  # type: ignore[return-value]
-    return _FaissGpuFlat(vectors, engine)
+        return TorchFlatIndex(vectors, engine.device, engine.dtype, ids=ids)
+    return _FaissGpuFlat(ids, vectors, engine)
 
 
 @dataclass
@@ -99,12 +120,12 @@ class PostIndex:
         self.dim = dim
         self.meta: dict[str, object] = dict(meta or {})
         self.engine = engine
-        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        # IndexIDMap, not IndexIDMap2: nothing looks vectors up by id, and IDMap2 rebuilds its
+        # id -> row hash map on every removal, which an upsert always starts with (24 vs 4 ms per
+        # write at 1M posts on this VM).
+        self._index = faiss.IndexIDMap(faiss.IndexFlatIP(dim))
         self._lock = threading.Lock()
-        self._version = 0  # bumped by every write; a device copy of another version is stale
-        self._device: _FaissGpuFlat | None = None
-        self._device_ids = np.empty(0, np.int64)
-        self._device_version = -1
+        self._device: DeviceCopy | None = None  # a GPU engine's copy; None until a search needs it
 
     def __len__(self) -> int:
         return int(self._index.ntotal)
@@ -140,23 +161,33 @@ class PostIndex:
             upsert_ids, vectors = self.check_write(upsert_ids, vectors if vectors is not None else np.empty((0, self.dim)))
         delete_ids = np.asarray(delete_ids, dtype=np.int64).reshape(-1)
         with self._lock:
-            self._version += 1
             if len(upsert_ids):
                 self._index.remove_ids(upsert_ids)
                 self._index.add_with_ids(vectors, upsert_ids)
-            return int(self._index.remove_ids(delete_ids)) if len(delete_ids) else 0
+            removed = int(self._index.remove_ids(delete_ids)) if len(delete_ids) else 0
+            self._write_device(upsert_ids, vectors, delete_ids)
+            return removed
+
+    def _write_device(self, upsert_ids: np.ndarray, vectors: np.ndarray | None, delete_ids: np.ndarray) -> None:
+        """The device copy follows the store, or is dropped for the next search to rebuild: the write
+        itself has landed in the store of record, so a device failure (out of memory) must not fail it."""
+        if self._device is None:
+            return
+        try:
+            if not self._device.write(upsert_ids, vectors, delete_ids):
+                self._device = None
+        except Exception:
+            logger.exception("kNN %s: could not apply a write to the device copy; rebuilding it on the next search",
+                             self.engine.kind)
+            self._device = None
 
     def _search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, post ids) [n, depth]; the lock is held."""
         if self.engine.kind == "faiss":
             return self._blas_search(queries, depth)
-        if self._device_version != self._version:
-            self._device_ids, vectors = self._snapshot()
-            self._device = _device_index(self.engine, vectors)
-            self._device_version = self._version
-        assert self._device is not None
-        scores, rows = self._device.search(queries, depth)
-        return scores, np.where(rows >= 0, self._device_ids[np.maximum(rows, 0)], NO_ID)
+        if self._device is None:
+            self._device = _device_index(self.engine, *self._snapshot())
+        return self._device.search(queries, depth)
 
     def _blas_search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-`depth` over faiss's own storage, viewed without a copy, by one BLAS matmul and a

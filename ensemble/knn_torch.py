@@ -9,6 +9,12 @@ A plain `torch.topk` over millions of scores per row is slower than the scan its
 top-k goes through blocks (`exact_topk`): the maximum of each block of 128 scores, the k blocks
 with the highest maxima, then a top-k over just those k x 128 candidates. It is exact: a block that
 holds one of the k best scores has a maximum at least the k-th best, and at most k blocks can.
+
+Writes change the device copy in place, so a live index stays fresh without re-uploading it: new
+rows go into spare capacity (grown by doubling), and a removed row is filled by one of the last rows
+(swap-remove). A write of m posts costs O(m) copies plus one `isin` over the ids on the device, where
+rebuilding the copy meant reading every vector out of faiss and uploading it (seconds at 10M posts).
+Rows are unordered, so every row carries its post id.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class TorchFlatIndex:
-    """Rows are addressed by position; `PostIndex` maps positions to post ids."""
+    """Vectors and their int64 ids on one device; `ids` defaults to the row positions."""
+
+    MIN_CAPACITY = 1024  # rows allocated at the first growth
 
     def __init__(self, vectors: np.ndarray | torch.Tensor, device: str = "cuda", dtype: str = "fp16",
-                 chunk_rows: int = 1 << 21, block: int = 128) -> None:
+                 chunk_rows: int = 1 << 21, block: int = 128, ids: np.ndarray | torch.Tensor | None = None) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.device = torch.device(device)
@@ -37,20 +45,70 @@ class TorchFlatIndex:
         data = torch.as_tensor(vectors)
         if data.ndim != 2:
             raise ValueError(f"vectors must be [n, d], got {list(data.shape)}")
-        self.vectors = data.to(self.device, self.dtype).contiguous()
+        self._vectors = data.to(self.device, self.dtype).contiguous()
+        self._ids = (torch.arange(len(data)) if ids is None else torch.as_tensor(ids)).to(self.device, torch.int64)
+        if self._ids.shape != (len(data),):
+            raise ValueError(f"{len(self._ids)} ids for {len(data)} vectors")
+        self._n = len(data)  # rows in use; the tensors may hold spare capacity beyond them
         self.chunk_rows = chunk_rows
         self.block = block
 
     def __len__(self) -> int:
-        return int(self.vectors.shape[0])
+        return self._n
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        return self._vectors[: self._n]
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self._ids[: self._n]
 
     @property
     def nbytes(self) -> int:
         return self.vectors.numel() * self.vectors.element_size()
 
     @torch.inference_mode()
+    def write(self, upsert_ids: np.ndarray, vectors: np.ndarray | None, delete_ids: np.ndarray) -> bool:
+        """`PostIndex.write` on the device copy, in place: upserted ids replace their rows, deleted ids go."""
+        if len(upsert_ids):
+            assert vectors is not None
+            ids = torch.as_tensor(upsert_ids).to(self.device)
+            self._remove(ids)
+            self._append(ids, torch.as_tensor(vectors))
+        if len(delete_ids):
+            self._remove(torch.as_tensor(delete_ids).to(self.device))
+        return True
+
+    def _append(self, ids: torch.Tensor, vectors: torch.Tensor) -> None:
+        n, m = self._n, len(ids)
+        if n + m > len(self._ids):
+            capacity = max(n + m, len(self._ids) * 5 // 4, self.MIN_CAPACITY)  # geometric growth: O(1) per row, 25% spare
+            grown = torch.empty((capacity, self._vectors.shape[1]), dtype=self.dtype, device=self.device)
+            grown[:n] = self._vectors[:n]
+            grown_ids = torch.empty(capacity, dtype=torch.int64, device=self.device)
+            grown_ids[:n] = self._ids[:n]
+            self._vectors, self._ids = grown, grown_ids
+        self._vectors[n : n + m] = vectors.to(self.device, self.dtype)
+        self._ids[n : n + m] = ids
+        self._n = n + m
+
+    def _remove(self, ids: torch.Tensor) -> None:
+        """Swap-remove: each removed row below the new end takes one of the kept rows past it."""
+        gone = torch.isin(self.ids, ids)
+        count = int(gone.sum())
+        if count == 0:
+            return
+        end = self._n - count
+        holes = torch.nonzero(gone[:end]).flatten()
+        movers = torch.nonzero(~gone[end:]).flatten() + end
+        self._vectors[holes] = self._vectors[movers]
+        self._ids[holes] = self._ids[movers]
+        self._n = end
+
+    @torch.inference_mode()
     def search_tensor(self, queries: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores float32 [b, depth], rows int64 [b, depth]) on the device, best first."""
+        """(scores float32 [b, depth], ids int64 [b, depth]) on the device, best first."""
         q = queries.to(self.device, self.dtype)
         depth = min(depth, len(self))
         scores, rows = [], []
@@ -62,15 +120,15 @@ class TorchFlatIndex:
             scores.append(values.float())
             rows.append(indices + start)
         if len(scores) == 1:
-            return scores[0], rows[0]
+            return scores[0], self._ids[rows[0]]
         merged = torch.topk(torch.cat(scores, dim=1), depth, dim=1)
-        return merged.values, torch.gather(torch.cat(rows, dim=1), 1, merged.indices)
+        return merged.values, self._ids[torch.gather(torch.cat(rows, dim=1), 1, merged.indices)]
 
     def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
         if len(self) == 0 or depth <= 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-        scores, rows = self.search_tensor(torch.from_numpy(np.ascontiguousarray(queries, np.float32)), depth)
-        return scores.cpu().numpy(), rows.cpu().numpy()
+        scores, ids = self.search_tensor(torch.from_numpy(np.ascontiguousarray(queries, np.float32)), depth)
+        return scores.cpu().numpy(), ids.cpu().numpy()
 
 
 def exact_topk(scores: torch.Tensor, k: int, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,9 +3,13 @@ and on a GPU where the `gpu` tests run."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from feedserve.knn import Engine, IndexError_, PostIndex
 from feedserve.knn_torch import TorchFlatIndex, exact_topk
@@ -57,7 +61,7 @@ def test_torch_engine_follows_writes_and_exclusions() -> None:
     queries = _unit(rng, 4, 32)
     exclude = [np.array([11, 18, -1]), np.empty(0, np.int64), np.array([25]), np.empty(0, np.int64)]
     _same_results(reference, other, queries, 10, exclude)
-    # A replaced vector and a deleted id are seen by the very next search (the device copy is rebuilt).
+    # A replaced vector and a deleted id are seen by the very next search.
     top = other.search(queries[:1], [1])[0].ids[0]
     for index in (reference, other):
         index.delete(np.array([top]))
@@ -65,6 +69,53 @@ def test_torch_engine_follows_writes_and_exclusions() -> None:
     assert top not in other.search(queries[:1], [50])[0].ids
     assert other.search(queries[1:2], [1])[0].ids.tolist() == [5]
     _same_results(reference, other, queries, 10, exclude)
+
+
+# One write: (ids to upsert, ids to delete), drawn from a small id space so that writes replace,
+# delete and re-add the same posts, and the same id can be upserted and deleted in one write.
+WRITES = st.lists(st.tuples(st.sets(st.integers(0, 40), max_size=12), st.sets(st.integers(0, 40), max_size=6)),
+                  min_size=1, max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(WRITES, st.integers(0, 2**31))
+def test_torch_device_copy_follows_writes_in_place(writes: list[tuple[set[int], set[int]]], seed: int) -> None:
+    """The device copy takes each write in place (swap-remove, append, regrowth) and answers as the
+    faiss store does after every write; it is never rebuilt."""
+    rng = np.random.default_rng(seed)
+    reference, other = PostIndex(8), PostIndex(8, engine=Engine("torch", device="cpu", dtype="fp32"))
+    for index in (reference, other):
+        index.upsert(np.array([100, 101]), _unit(np.random.default_rng(0), 2, 8))
+    queries = _unit(rng, 3, 8)
+    other.search(queries, [1] * 3)  # builds the device copy
+    device = other._device
+    with mock.patch.object(TorchFlatIndex, "MIN_CAPACITY", 1):  # regrow often
+        for upserts, deletes in writes:
+            ids = np.array(sorted(upserts), np.int64)
+            vectors = _unit(rng, len(ids), 8)
+            for index in (reference, other):
+                index.write(ids, vectors, np.array(sorted(deletes), np.int64))
+            assert len(device) == len(reference)  # type: ignore[arg-type]
+            _same_results(reference, other, queries, 50, [np.empty(0, np.int64)] * 3)
+    assert other._device is device
+
+
+def test_a_failed_device_write_keeps_the_store_write_and_rebuilds_the_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    reference, other = _pair(Engine("torch", device="cpu", dtype="fp32"), n=300)
+    queries = _unit(np.random.default_rng(5), 2, 32)
+    other.search(queries, [1, 1])
+
+    def out_of_memory(*args: object) -> bool:
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(TorchFlatIndex, "write", out_of_memory)
+    for index in (reference, other):
+        index.upsert(np.array([3]), queries[:1])
+        index.delete(np.array([11]))
+    assert other._device is None  # dropped: the next search rebuilds it from the store
+    monkeypatch.undo()
+    _same_results(reference, other, queries, 20, [np.empty(0, np.int64)] * 2)
+    assert other.search(queries[:1], [1])[0].ids.tolist() == [3]
 
 
 def test_engine_settings_are_checked() -> None:
@@ -99,3 +150,20 @@ def test_gpu_torch_engine_fp16_agrees_with_faiss_up_to_rounding() -> None:
         # fp16 storage moves a score by about 1e-3; the k-th best scores agree to that.
         assert abs(x.scores[-1] - y.scores[-1]) < 2e-3
     assert np.mean(overlap) >= 0.99
+
+
+@pytest.mark.gpu
+@CUDA
+def test_gpu_torch_engine_takes_writes_in_place() -> None:
+    reference, gpu = _pair(Engine("torch", device="cuda", dtype="fp32"), n=200_000, d=256)
+    rng = np.random.default_rng(6)
+    queries = _unit(rng, 64, 256)
+    none = [np.empty(0, np.int64)] * 64
+    gpu.search(queries, [1] * 64)
+    device = gpu._device
+    for index in (reference, gpu):
+        index.upsert(np.arange(5_000_000, 5_000_064), queries)  # new posts: each query's best match
+        index.upsert(np.arange(11, 11 + 7 * 64, 7), _unit(np.random.default_rng(7), 64, 256))  # replaced
+        index.delete(np.arange(11 + 7 * 100, 11 + 7 * 200, 7))
+    _same_results(reference, gpu, queries, 100, none)
+    assert gpu._device is device
