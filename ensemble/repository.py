@@ -198,8 +198,13 @@ def _with_writer(configs: dict[ModelName, mc.ModelConfig], settings: RepositoryS
 
 def render_files(settings: RepositorySettings = RepositorySettings()) -> dict[str, str]:
     """Relative path -> file text, for every file of the repository."""
+    return config_files(render_configs(settings))
+
+
+def config_files(configs: dict[ModelName, mc.ModelConfig]) -> dict[str, str]:
+    """Relative path -> file text for these model configs: each config.pbtxt and its model.py."""
     files: dict[str, str] = {}
-    for name, config in render_configs(settings).items():
+    for name, config in configs.items():
         files[f"{name}/config.pbtxt"] = HEADER + text_format.MessageToString(config)
         if config.backend == "python":
             module = config.parameters["module"].string_value
@@ -210,8 +215,13 @@ def render_files(settings: RepositorySettings = RepositorySettings()) -> dict[st
 
 
 def write_repository(dest: Path = DEFAULT_REPOSITORY, settings: RepositorySettings = RepositorySettings()) -> list[Path]:
+    return write_files(dest, render_files(settings))
+
+
+def write_files(dest: Path, files: dict[str, str]) -> list[Path]:
+    """Write a repository's files, leaving those already up to date untouched; returns those written."""
     written = []
-    for rel, text in render_files(settings).items():
+    for rel, text in files.items():
         path = dest / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists() or path.read_text() != text:

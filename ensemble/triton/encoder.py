@@ -100,6 +100,8 @@ class EncoderModel(BatchModel[Tokens]):
         if self.grouping not in GROUPINGS:
             raise ValueError(f"encoder: unknown grouping {self.grouping!r} ({', '.join(GROUPINGS)})")
         self.encoder = self._runtime(layout, params)
+        logger.info("encoder: %s runtime, %s grouping, up to %d rows per run", params.get("runtime", "onnxruntime"),
+                    self.grouping, self.max_rows)
         # Prompt tokens -> embedding, least recently used out first. A member retrieved again with an
         # unchanged profile and history has the same tokens and is not re-encoded; any change to
         # them (a new engaged post, a new headline) changes the tokens and misses.

@@ -41,6 +41,8 @@ class KnnModel(BatchModel[KnnRequest]):
     def setup(self, layout: ArtifactLayout, params: dict[str, str]) -> None:
         self.max_k = int(params.get("max_k", DEFAULT_MAX_K))
         self.engine = Engine(params.get("engine", "faiss"), params.get("device", "cuda"), params.get("dtype", "fp16"))
+        logger.info("knn: %s engine%s", self.engine.kind,
+                    "" if self.engine.kind == "faiss" else f" on {self.engine.device}, {self.engine.dtype} storage")
         self.path: Path = layout.index
         self.live: LiveIndex | None = None
         self._unreadable: Signature | None = None
