@@ -133,13 +133,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_render(args: argparse.Namespace) -> int:
-    from feedserve.repository import main as render_main
-
-    return render_main(["--out", str(args.out), "--variant", args.variant] + (["--check"] if args.check else [])
-                       + (["--no-writer"] if args.no_writer else []) + ["--precision", args.precision])
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from feedserve.demo import DemoOptions, run_demo
 
@@ -150,7 +143,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from feedserve.server import DEFAULT_REPOSITORY
+    from feedserve import repository
 
     p = argparse.ArgumentParser(prog="feedserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -170,15 +163,8 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_build)
 
     r = sub.add_parser("render", help="write the model repository from code")
-    r.add_argument("--out", type=Path, default=DEFAULT_REPOSITORY)
-    r.add_argument("--check", action="store_true")
-    r.add_argument("--variant", choices=("cpu", "gpu-torch", "gpu-trt"), default="cpu",
-                   help="cpu (ONNX Runtime, faiss), gpu-torch (PyTorch encoder and kNN on GPU), gpu-trt (TensorRT plan)")
-    r.add_argument("--no-writer", action="store_true",
-                   help="leave out index_write: another server sharing the index directory writes, this one follows")
-    r.add_argument("--precision", choices=("auto", "fp32", "int8"), default="auto",
-                   help="the CPU encoder's graph (auto: the int8 graph where `feedserve build` wrote one, else fp32)")
-    r.set_defaults(func=cmd_render)
+    repository.add_arguments(r)
+    r.set_defaults(func=repository.render)
 
     s = sub.add_parser("serve", help="run tritonserver until interrupted")
     s.add_argument("--host", default="127.0.0.1")

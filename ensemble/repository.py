@@ -16,6 +16,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from feedserve.schema import IO, ModelName, RecordKind, TensorSpec
 from feedserve.server import DEFAULT_REPOSITORY
+from feedserve.triton.encoder import GROUPINGS, PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,6 @@ from {module} import TritonPythonModel  # noqa: F401
 #   without TensorRT). gpu-trt: the encoder as a TensorRT plan (`feedserve.export.tensorrt`), the
 #   PyTorch kNN; for the NVIDIA Triton container. Same models, ensembles and tensor names in all.
 VARIANTS = ("cpu", "gpu-torch", "gpu-trt")
-PRECISIONS = ("auto", "fp32", "int8")
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,8 @@ class RepositorySettings:
             raise ValueError(f"unknown repository variant {self.variant!r}; expected one of {VARIANTS}")
         if self.encoder_precision not in PRECISIONS:
             raise ValueError(f"unknown encoder precision {self.encoder_precision!r}; expected one of {PRECISIONS}")
+        if self.encoder_grouping not in GROUPINGS:
+            raise ValueError(f"unknown encoder grouping {self.encoder_grouping!r}; expected one of {GROUPINGS}")
         if self.gpu and self.encoder_precision == "int8":
             raise ValueError("the int8 encoder is an ONNX Runtime CPU graph; GPU variants run bf16 or TensorRT")
 
@@ -237,15 +239,25 @@ def drift(dest: Path = DEFAULT_REPOSITORY, settings: RepositorySettings = Reposi
             if not (dest / rel).exists() or (dest / rel).read_text() != text]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="feedserve render", description=__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`feedserve render`'s options (also `python -m feedserve.repository`)."""
     parser.add_argument("--out", type=Path, default=DEFAULT_REPOSITORY)
     parser.add_argument("--check", action="store_true", help="exit 1 if the files drift instead of writing")
-    parser.add_argument("--variant", choices=VARIANTS, default="cpu")
-    parser.add_argument("--no-writer", action="store_true", help="leave out index_write: this server only follows the index")
+    parser.add_argument("--variant", choices=VARIANTS, default="cpu",
+                        help="cpu (ONNX Runtime, faiss), gpu-torch (PyTorch encoder and kNN on GPU), gpu-trt (TensorRT plan)")
+    parser.add_argument("--no-writer", action="store_true",
+                        help="leave out index_write: another server sharing the index directory writes, this one follows")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="the CPU encoder's graph (auto: int8 where `feedserve build` wrote one, else fp32)")
-    args = parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="feedserve render", description=__doc__)
+    add_arguments(parser)
+    return render(parser.parse_args(argv))
+
+
+def render(args: argparse.Namespace) -> int:
     settings = RepositorySettings(variant=args.variant, index_writer=not args.no_writer, encoder_precision=args.precision)
     if args.check:
         stale = drift(args.out, settings)

@@ -37,6 +37,8 @@ class Tokens:
 # "longest" pads every row to the batch's longest; "buckets" pads each row to its length bucket, one
 # run per bucket; "cost" (the default) cuts the sorted rows where a run costs less than the padding.
 GROUPINGS = ("cost", "buckets", "longest")
+# The CPU graph (RepositorySettings.encoder_precision): "auto" is int8 where `feedserve build` wrote one.
+PRECISIONS = ("auto", "fp32", "int8")
 # The cost model, in tokens, fitted to ONNX Runtime on the default model (fp32 and int8 alike): a run
 # costs about 32 tokens of fixed overhead, and a token's cost grows with the run's width (attention)
 # by width/512.
@@ -131,8 +133,8 @@ class EncoderModel(BatchModel[Tokens]):
         """The ONNX graph the rendered precision asks for (feedserve.repository.RepositorySettings)."""
         if precision == "fp32":
             return layout.onnx
-        if precision not in ("int8", "auto"):
-            raise ValueError(f"encoder: unknown precision {precision!r} (auto, fp32 or int8)")
+        if precision not in PRECISIONS:
+            raise ValueError(f"encoder: unknown precision {precision!r} ({', '.join(PRECISIONS)})")
         if layout.onnx_int8.exists():
             return layout.onnx_int8
         if precision == "int8":
