@@ -112,7 +112,16 @@ class SearchResult:
 
 
 class PostIndex:
-    """Thread-safe: faiss must not search while it is being written, so one lock guards both."""
+    """Thread-safe: faiss must not search while it is being written, so one lock guards both.
+
+    The vectors are rows of a faiss `IndexFlatIP`; `_ids` names each row's post and `_rows` finds a
+    post's row. A write costs O(posts written), whatever the index size: a replaced post is
+    overwritten in its row, a new one appended, and a deleted row is filled by the last row
+    (swap-remove). faiss's own `remove_ids` compacts every row behind the first one removed: a write
+    of 64 replaced or deleted posts took 98 ms at 1M posts on the 2-core VM (`benchmarks.index_writes`
+    before this map; 0.2-1.0 ms with it), on the path of the next search. The map costs about 100
+    bytes a post in Python objects, 1 GB at 10M posts beside 10 GB of vectors.
+    """
 
     def __init__(self, dim: int, meta: dict[str, object] | None = None, engine: Engine = Engine()) -> None:
         if dim <= 0:
@@ -120,15 +129,14 @@ class PostIndex:
         self.dim = dim
         self.meta: dict[str, object] = dict(meta or {})
         self.engine = engine
-        # IndexIDMap, not IndexIDMap2: nothing looks vectors up by id, and IDMap2 rebuilds its
-        # id -> row hash map on every removal, which an upsert always starts with (24 vs 4 ms per
-        # write at 1M posts on this VM).
-        self._index = faiss.IndexIDMap(faiss.IndexFlatIP(dim))
+        self._flat = faiss.IndexFlatIP(dim)
+        self._ids = np.empty(0, np.int64)  # row -> post id; spare capacity past len(self)
+        self._rows: dict[int, int] = {}  # post id -> row
         self._lock = threading.Lock()
         self._device: DeviceCopy | None = None  # a GPU engine's copy; None until a search needs it
 
     def __len__(self) -> int:
-        return int(self._index.ntotal)
+        return int(self._flat.ntotal)
 
     def check_write(self, ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The write as contiguous int64 ids and float32 vectors, or IndexError_ naming what is wrong
@@ -162,11 +170,54 @@ class PostIndex:
         delete_ids = np.asarray(delete_ids, dtype=np.int64).reshape(-1)
         with self._lock:
             if len(upsert_ids):
-                self._index.remove_ids(upsert_ids)
-                self._index.add_with_ids(vectors, upsert_ids)
-            removed = int(self._index.remove_ids(delete_ids)) if len(delete_ids) else 0
+                assert vectors is not None
+                rows = np.array([self._rows.get(i, -1) for i in upsert_ids.tolist()] if self._rows else
+                                np.full(len(upsert_ids), -1), np.int64)
+                present = rows >= 0
+                if present.any():
+                    self._vectors()[rows[present]] = vectors[present]
+                    if not present.all():
+                        self._append(upsert_ids[~present], vectors[~present])
+                else:  # all new (a bulk load): no copy of the vectors
+                    self._append(upsert_ids, vectors)
+            removed = self._remove(delete_ids) if len(delete_ids) else 0
             self._write_device(upsert_ids, vectors, delete_ids)
             return removed
+
+    def _vectors(self) -> np.ndarray:
+        """faiss's rows as a writable [n, dim] view (no copy); valid until the next append."""
+        n = len(self)
+        return faiss.rev_swig_ptr(self._flat.get_xb(), n * self.dim).reshape(n, self.dim)
+
+    def _append(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        n, m = len(self), len(ids)
+        if n + m > len(self._ids):
+            grown = np.empty(max(n + m, 2 * len(self._ids)), np.int64)
+            grown[:n] = self._ids[:n]
+            self._ids = grown
+        self._flat.add(vectors)
+        self._ids[n : n + m] = ids
+        self._rows.update(zip(ids.tolist(), range(n, n + m)))
+
+    def _remove(self, ids: np.ndarray) -> int:
+        """Swap-remove: each removed row below the new end takes one of the kept rows past it."""
+        rows = np.array([self._rows.pop(i, -1) for i in ids.tolist()], np.int64)  # an id twice pops once
+        rows = rows[rows >= 0]
+        if not len(rows):
+            return 0
+        n = len(self)
+        end = n - len(rows)
+        holes = np.sort(rows[rows < end])
+        tail = np.arange(end, n)
+        movers = tail[~np.isin(tail, rows)]
+        vectors = self._vectors()
+        vectors[holes] = vectors[movers]
+        self._ids[holes] = self._ids[movers]
+        self._rows.update(zip(self._ids[holes].tolist(), holes.tolist()))
+        # Public fields of faiss's flat index: its rows are `codes` (code_size bytes each) and `ntotal`.
+        self._flat.codes.resize(end * self._flat.code_size)
+        self._flat.ntotal = end
+        return len(rows)
 
     def _write_device(self, upsert_ids: np.ndarray, vectors: np.ndarray | None, delete_ids: np.ndarray) -> None:
         """The device copy follows the store, or is dropped for the next search to rebuild: the write
@@ -194,10 +245,8 @@ class PostIndex:
         partial sort. faiss-cpu scans a single query on one thread; the matmul reads the vectors
         with every core (benchmarks/reports/peers.md: 1.1-2x faster, the same ids). Queries go in
         chunks so that the score matrix stays within SCORE_BUDGET floats."""
-        flat = faiss.downcast_index(self._index.index)
-        n = int(flat.ntotal)
-        vectors = faiss.rev_swig_ptr(flat.get_xb(), n * self.dim).reshape(n, self.dim)
-        ids = faiss.rev_swig_ptr(self._index.id_map.data(), n)
+        vectors, ids = self._vectors(), self._ids[: len(self)]
+        n = len(ids)
         step = max(1, SCORE_BUDGET // n)
         scores_out, ids_out = [], []
         for start in range(0, len(queries), step):
@@ -218,7 +267,7 @@ class PostIndex:
         excl = [np.asarray(e, dtype=np.int64) for e in exclude] if exclude is not None else [np.empty(0, np.int64)] * n
         excl = [e[e != NO_ID] for e in excl]
         with self._lock:
-            total = int(self._index.ntotal)
+            total = len(self)
             if total == 0 or n == 0:
                 return [SearchResult(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in range(n)]
             # One search for the whole batch, deep enough that every row still has k after exclusion.
@@ -239,10 +288,9 @@ class PostIndex:
             return self._snapshot()
 
     def _snapshot(self) -> tuple[np.ndarray, np.ndarray]:
-        n = int(self._index.ntotal)
-        ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
-        vectors = self._index.index.reconstruct_n(0, n) if n else np.empty((0, self.dim), np.float32)
-        return ids, vectors
+        n = len(self)
+        vectors = self._flat.reconstruct_n(0, n) if n else np.empty((0, self.dim), np.float32)
+        return self._ids[:n].copy(), vectors
 
     def save(self, path: Path) -> None:
         ids, vectors = self.snapshot()

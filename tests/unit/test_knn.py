@@ -4,6 +4,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from feedserve.knn import IndexError_, PostIndex
 from feedserve.triton.base import RequestError
@@ -37,15 +39,46 @@ def test_the_matmul_search_returns_what_faiss_returns(index: PostIndex, n_querie
     import faiss
 
     rng = np.random.default_rng(2)
-    index.delete(np.arange(1000, 1200, 3))  # faiss compacts its storage: the view must follow
+    index.delete(np.arange(1000, 1200, 3))  # rows move (swap-remove): the view must follow
     index.upsert(np.array([5, 1001]), _unit(rng, 2, 16))
     queries = _unit(rng, n_queries, 16)
     monkeypatch.setattr("feedserve.knn.SCORE_BUDGET", 1000)  # several chunks of queries
     for depth in (1, 10, len(index)):  # depth == every post: a full sort
         scores, ids = index._blas_search(queries, depth)
-        want_scores, want_ids = index._index.search(queries, depth)
-        assert (ids == want_ids).mean() > 0.999 and np.allclose(scores, want_scores, atol=1e-5)
-    assert faiss.downcast_index(index._index.index).ntotal == len(index)
+        want_scores, want_rows = index._flat.search(queries, depth)
+        assert (ids == index._ids[want_rows]).mean() > 0.999 and np.allclose(scores, want_scores, atol=1e-5)
+    assert isinstance(index._flat, faiss.IndexFlatIP) and index._flat.ntotal == len(index) == 200 - 67 + 1
+
+
+# One write: (ids to upsert, ids to delete), from a small id space so that writes replace, delete and
+# re-add the same posts, and one write may upsert and delete the same id (the delete wins).
+WRITES = st.lists(st.tuples(st.sets(st.integers(0, 30), max_size=10), st.lists(st.integers(0, 30), max_size=6)),
+                  min_size=1, max_size=15)
+
+
+@settings(max_examples=80, deadline=None)
+@given(WRITES, st.integers(0, 2**31))
+def test_writes_keep_the_index_equal_to_a_dict_of_vectors(writes: list[tuple[set[int], list[int]]], seed: int) -> None:
+    """Against the plainest model of the index, a dict: every post, its vector and the search order,
+    after each write of replaced, new and deleted rows (swap-remove moves rows around)."""
+    rng = np.random.default_rng(seed)
+    index, model = PostIndex(4), {}
+    query = _unit(rng, 1, 4)
+    for upserts, deletes in writes:
+        ids = np.array(sorted(upserts), np.int64)
+        vectors = _unit(rng, len(ids), 4)
+        removed = index.write(ids, vectors, np.array(deletes, np.int64))
+        model.update(zip(ids.tolist(), vectors))
+        assert removed == sum(model.pop(i, None) is not None for i in set(deletes))
+        got_ids, got_vectors = index.snapshot()
+        assert sorted(got_ids.tolist()) == sorted(model) and len(index) == len(model)
+        for i, v in zip(got_ids.tolist(), got_vectors, strict=True):
+            np.testing.assert_array_equal(v, model[i])
+        found = index.search(query, [len(model)])[0]
+        assert sorted(found.ids.tolist()) == sorted(model)
+        true_scores = np.array([model[i] @ query[0] for i in found.ids.tolist()])
+        np.testing.assert_allclose(found.scores, true_scores, atol=1e-6)
+        assert np.all(np.diff(true_scores) <= 1e-6)  # best first (exact ties may come in any order)
 
 
 def test_exclusion_still_returns_k(index: PostIndex) -> None:
