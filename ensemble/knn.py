@@ -85,7 +85,7 @@ class _FaissGpuFlat:
         config.device = int(engine.device.partition(":")[2] or 0)
         self.index = faiss.GpuIndexFlatIP(self._resources, int(vectors.shape[1]), config)
         self.index.add(np.ascontiguousarray(vectors, np.float32))
-        self.ids = ids
+        self.ids = ids.copy()
 
     def write(self, upsert_ids: np.ndarray, vectors: np.ndarray | None, delete_ids: np.ndarray) -> bool:
         return False
@@ -119,7 +119,7 @@ class PostIndex:
     overwritten in its row, a new one appended, and a deleted row is filled by the last row
     (swap-remove). faiss's own `remove_ids` compacts every row behind the first one removed: a write
     of 64 replaced or deleted posts took 98 ms at 1M posts on the 2-core VM (`benchmarks.index_writes`
-    before this map; 0.2-1.0 ms with it), on the path of the next search. The map costs about 100
+    before this map; 0.2-0.4 ms with it), on the path of the next search. The map costs about 100
     bytes a post in Python objects, 1 GB at 10M posts beside 10 GB of vectors.
     """
 
@@ -236,8 +236,8 @@ class PostIndex:
         """(scores, post ids) [n, depth]; the lock is held."""
         if self.engine.kind == "faiss":
             return self._blas_search(queries, depth)
-        if self._device is None:
-            self._device = _device_index(self.engine, *self._snapshot())
+        if self._device is None:  # built from the store's own memory: the engine copies it once
+            self._device = _device_index(self.engine, self._ids[: len(self)], self._vectors())
         return self._device.search(queries, depth)
 
     def _blas_search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:

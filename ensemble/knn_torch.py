@@ -45,8 +45,10 @@ class TorchFlatIndex:
         data = torch.as_tensor(vectors)
         if data.ndim != 2:
             raise ValueError(f"vectors must be [n, d], got {list(data.shape)}")
-        self._vectors = data.to(self.device, self.dtype).contiguous()
-        self._ids = (torch.arange(len(data)) if ids is None else torch.as_tensor(ids)).to(self.device, torch.int64)
+        # Always copies: the arrays given may be another index's live memory (PostIndex passes
+        # views of its store), which this copy's in-place writes must never touch.
+        self._vectors = data.to(self.device, self.dtype, copy=True).contiguous()
+        self._ids = (torch.arange(len(data)) if ids is None else torch.as_tensor(ids)).to(self.device, torch.int64, copy=True)
         if self._ids.shape != (len(data),):
             raise ValueError(f"{len(self._ids)} ids for {len(data)} vectors")
         self._n = len(data)  # rows in use; the tensors may hold spare capacity beyond them

@@ -98,6 +98,9 @@ def test_torch_device_copy_follows_writes_in_place(writes: list[tuple[set[int], 
             assert len(device) == len(reference)  # type: ignore[arg-type]
             _same_results(reference, other, queries, 50, [np.empty(0, np.int64)] * 3)
     assert other._device is device
+    # The device copy's own writes never reach the store it was built from.
+    (ids, vectors), (other_ids, other_vectors) = reference.snapshot(), other.snapshot()
+    assert dict(zip(ids.tolist(), vectors.tolist())) == dict(zip(other_ids.tolist(), other_vectors.tolist()))
 
 
 def test_a_failed_device_write_keeps_the_store_write_and_rebuilds_the_copy(monkeypatch: pytest.MonkeyPatch) -> None:
