@@ -169,20 +169,27 @@ class PostIndex:
             upsert_ids, vectors = self.check_write(upsert_ids, vectors if vectors is not None else np.empty((0, self.dim)))
         delete_ids = np.asarray(delete_ids, dtype=np.int64).reshape(-1)
         with self._lock:
-            if len(upsert_ids):
-                assert vectors is not None
-                rows = np.array([self._rows.get(i, -1) for i in upsert_ids.tolist()] if self._rows else
-                                np.full(len(upsert_ids), -1), np.int64)
-                present = rows >= 0
-                if present.any():
-                    self._vectors()[rows[present]] = vectors[present]
-                    if not present.all():
-                        self._append(upsert_ids[~present], vectors[~present])
-                else:  # all new (a bulk load): no copy of the vectors
-                    self._append(upsert_ids, vectors)
-            removed = self._remove(delete_ids) if len(delete_ids) else 0
+            try:
+                removed = self._write_store(upsert_ids, vectors, delete_ids)
+            except BaseException:
+                self._device = None  # the store may hold part of this write: the copy must not differ from it
+                raise
             self._write_device(upsert_ids, vectors, delete_ids)
             return removed
+
+    def _write_store(self, upsert_ids: np.ndarray, vectors: np.ndarray | None, delete_ids: np.ndarray) -> int:
+        if len(upsert_ids):
+            assert vectors is not None
+            rows = np.array([self._rows.get(i, -1) for i in upsert_ids.tolist()] if self._rows else
+                            np.full(len(upsert_ids), -1), np.int64)
+            present = rows >= 0
+            if present.any():
+                self._vectors()[rows[present]] = vectors[present]
+                if not present.all():
+                    self._append(upsert_ids[~present], vectors[~present])
+            else:  # all new (a bulk load): no copy of the vectors
+                self._append(upsert_ids, vectors)
+        return self._remove(delete_ids) if len(delete_ids) else 0
 
     def _vectors(self) -> np.ndarray:
         """faiss's rows as a writable [n, dim] view (no copy); valid until the next append."""

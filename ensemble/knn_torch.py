@@ -11,7 +11,7 @@ with the highest maxima, then a top-k over just those k x 128 candidates. It is 
 holds one of the k best scores has a maximum at least the k-th best, and at most k blocks can.
 
 Writes change the device copy in place, so a live index stays fresh without re-uploading it: new
-rows go into spare capacity (grown by doubling), and a removed row is filled by one of the last rows
+rows go into spare capacity (grown by a quarter at a time), and a removed row is filled by one of the last rows
 (swap-remove). A write of m posts costs O(m) copies plus one `isin` over the ids on the device, where
 rebuilding the copy meant reading every vector out of faiss and uploading it (seconds at 10M posts).
 Rows are unordered, so every row carries its post id.

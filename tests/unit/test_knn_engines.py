@@ -121,6 +121,26 @@ def test_a_failed_device_write_keeps_the_store_write_and_rebuilds_the_copy(monke
     assert other.search(queries[:1], [1])[0].ids.tolist() == [3]
 
 
+def test_a_store_write_that_fails_halfway_drops_the_device_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upsert overwrites present posts before appending new ones; if the append fails, the store
+    holds half the write and the device copy, which saw none of it, must not be served."""
+    index = PostIndex(4, engine=Engine("torch", device="cpu", dtype="fp32"))
+    index.upsert(np.array([1, 2]), np.eye(4, dtype=np.float32)[:2])
+    query = np.eye(4, dtype=np.float32)[:1]
+    index.search(query, [1])
+
+    def out_of_memory(*args: object) -> None:
+        raise MemoryError("growing the store")
+
+    monkeypatch.setattr(index, "_append", out_of_memory)
+    with pytest.raises(MemoryError):
+        index.upsert(np.array([1, 3]), np.eye(4, dtype=np.float32)[[3, 2]])
+    assert index._device is None
+    monkeypatch.undo()
+    top = index.search(np.eye(4, dtype=np.float32)[3:], [1])[0]  # post 1's new vector, which the store holds
+    assert top.ids.tolist() == [1] and top.scores[0] == 1
+
+
 def test_engine_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="unknown kNN engine"):
         Engine("annoy")
