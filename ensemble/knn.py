@@ -8,8 +8,9 @@ Searches can run elsewhere (`Engine`): faiss-cpu (the default), a PyTorch matmul
 (`feedserve.knn_torch`), or faiss-gpu. The faiss CPU index stays the store of record either way
 (writes, snapshots, saves); a GPU engine holds a device copy of the vectors, built by the first
 search and then written with the store under the same lock, so a search never sees half a write.
-The torch engine applies a write to its copy in place (O(write), `feedserve.knn_torch`); faiss-gpu
-cannot remove rows, so its copy is rebuilt on the first search after a write.
+The torch engine replays on its copy the rows each write changed in the store (`RowWrite`, O(write),
+`feedserve.knn_torch`); faiss-gpu cannot remove rows, so its copy is rebuilt on the first search
+after a write.
 
 On disk an index is one `.npz` (ids, vectors, metadata as JSON text), written atomically and read
 with `allow_pickle=False`: loading an index never executes code.
@@ -58,6 +59,21 @@ class Engine:
             raise ValueError(f"unknown kNN engine {self.kind!r}; expected one of {ENGINES}")
 
 
+@dataclass(frozen=True)
+class RowWrite:
+    """One write as the store applied it to its rows, in this order: overwrite `rows` with `vectors`;
+    append `new_ids` with `new_vectors`; copy rows `movers` (vectors and ids) onto rows `holes`;
+    keep the first `size` rows. A device copy that replays it keeps the store's exact row layout."""
+
+    rows: np.ndarray
+    vectors: np.ndarray
+    new_ids: np.ndarray
+    new_vectors: np.ndarray
+    holes: np.ndarray
+    movers: np.ndarray
+    size: int
+
+
 class DeviceCopy(Protocol):
     """A GPU engine's copy of the vectors (`TorchFlatIndex`, `_FaissGpuFlat`)."""
 
@@ -65,8 +81,8 @@ class DeviceCopy(Protocol):
         """(scores, post ids) [n, <= depth], best first; NO_ID pads."""
         ...
 
-    def write(self, upsert_ids: np.ndarray, vectors: np.ndarray | None, delete_ids: np.ndarray) -> bool:
-        """Apply a store write in place; False if this copy cannot (it is then rebuilt)."""
+    def write(self, op: RowWrite) -> bool:
+        """Replay a store write in place; False if this copy cannot (it is then rebuilt)."""
         ...
 
 
@@ -87,7 +103,7 @@ class _FaissGpuFlat:
         self.index.add(np.ascontiguousarray(vectors, np.float32))
         self.ids = ids.copy()
 
-    def write(self, upsert_ids: np.ndarray, vectors: np.ndarray | None, delete_ids: np.ndarray) -> bool:
+    def write(self, op: RowWrite) -> bool:
         return False
 
     def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
@@ -119,7 +135,7 @@ class PostIndex:
     overwritten in its row, a new one appended, and a deleted row is filled by the last row
     (swap-remove). faiss's own `remove_ids` compacts every row behind the first one removed: a write
     of 64 replaced or deleted posts took 98 ms at 1M posts on the 2-core VM (`benchmarks.index_writes`
-    before this map; 0.2-0.4 ms with it), on the path of the next search. The map costs about 100
+    before this map; 0.2-0.6 ms with it), on the path of the next search. The map costs about 100
     bytes a post in Python objects, 1 GB at 10M posts beside 10 GB of vectors.
     """
 
@@ -170,26 +186,34 @@ class PostIndex:
         delete_ids = np.asarray(delete_ids, dtype=np.int64).reshape(-1)
         with self._lock:
             try:
-                removed = self._write_store(upsert_ids, vectors, delete_ids)
+                op, removed = self._write_store(upsert_ids, vectors, delete_ids)
             except BaseException:
                 self._device = None  # the store may hold part of this write: the copy must not differ from it
                 raise
-            self._write_device(upsert_ids, vectors, delete_ids)
+            self._write_device(op)
             return removed
 
-    def _write_store(self, upsert_ids: np.ndarray, vectors: np.ndarray | None, delete_ids: np.ndarray) -> int:
+    def _write_store(self, upsert_ids: np.ndarray, vectors: np.ndarray | None,
+                     delete_ids: np.ndarray) -> tuple[RowWrite, int]:
+        """The write on the store's rows: (what was done to them, how many posts the deletes removed)."""
+        rows = np.empty(0, np.int64)
+        new = np.ones(len(upsert_ids), bool)
         if len(upsert_ids):
             assert vectors is not None
-            rows = np.array([self._rows.get(i, -1) for i in upsert_ids.tolist()] if self._rows else
-                            np.full(len(upsert_ids), -1), np.int64)
-            present = rows >= 0
-            if present.any():
-                self._vectors()[rows[present]] = vectors[present]
-                if not present.all():
-                    self._append(upsert_ids[~present], vectors[~present])
-            else:  # all new (a bulk load): no copy of the vectors
-                self._append(upsert_ids, vectors)
-        return self._remove(delete_ids) if len(delete_ids) else 0
+            if self._rows:
+                rows = np.array([self._rows.get(i, -1) for i in upsert_ids.tolist()], np.int64)
+                new = rows < 0
+                rows = rows[~new]
+                self._vectors()[rows] = vectors[~new]
+        else:
+            vectors = np.empty((0, self.dim), np.float32)
+        # All new (a bulk load): no copy of the vectors.
+        new_ids, new_vectors = (upsert_ids, vectors) if new.all() else (upsert_ids[new], vectors[new])
+        if len(new_ids):
+            self._append(new_ids, new_vectors)
+        size = len(self)
+        holes, movers = self._remove(delete_ids)
+        return RowWrite(rows, vectors[~new], new_ids, new_vectors, holes, movers, len(self)), size - len(self)
 
     def _vectors(self) -> np.ndarray:
         """faiss's rows as a writable [n, dim] view (no copy); valid until the next append."""
@@ -206,12 +230,13 @@ class PostIndex:
         self._ids[n : n + m] = ids
         self._rows.update(zip(ids.tolist(), range(n, n + m)))
 
-    def _remove(self, ids: np.ndarray) -> int:
-        """Swap-remove: each removed row below the new end takes one of the kept rows past it."""
+    def _remove(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Swap-remove: each removed row below the new end takes one of the kept rows past it;
+        returns (holes, movers): rows filled and the rows they were filled from."""
         rows = np.array([self._rows.pop(i, -1) for i in ids.tolist()], np.int64)  # an id twice pops once
         rows = rows[rows >= 0]
         if not len(rows):
-            return 0
+            return rows, rows
         n = len(self)
         end = n - len(rows)
         holes = np.sort(rows[rows < end])
@@ -224,15 +249,15 @@ class PostIndex:
         # Public fields of faiss's flat index: its rows are `codes` (code_size bytes each) and `ntotal`.
         self._flat.codes.resize(end * self._flat.code_size)
         self._flat.ntotal = end
-        return len(rows)
+        return holes, movers
 
-    def _write_device(self, upsert_ids: np.ndarray, vectors: np.ndarray | None, delete_ids: np.ndarray) -> None:
+    def _write_device(self, op: RowWrite) -> None:
         """The device copy follows the store, or is dropped for the next search to rebuild: the write
         itself has landed in the store of record, so a device failure (out of memory) must not fail it."""
         if self._device is None:
             return
         try:
-            if not self._device.write(upsert_ids, vectors, delete_ids):
+            if not self._device.write(op):
                 self._device = None
         except Exception:
             logger.exception("kNN %s: could not apply a write to the device copy; rebuilding it on the next search",

@@ -10,11 +10,11 @@ top-k goes through blocks (`exact_topk`): the maximum of each block of 128 score
 with the highest maxima, then a top-k over just those k x 128 candidates. It is exact: a block that
 holds one of the k best scores has a maximum at least the k-th best, and at most k blocks can.
 
-Writes change the device copy in place, so a live index stays fresh without re-uploading it: new
-rows go into spare capacity (grown by a quarter at a time), and a removed row is filled by one of the last rows
-(swap-remove). A write of m posts costs O(m) copies plus one `isin` over the ids on the device, where
-rebuilding the copy meant reading every vector out of faiss and uploading it (seconds at 10M posts).
-Rows are unordered, so every row carries its post id.
+Writes change the device copy in place, so a live index stays fresh without re-uploading it: the
+copy replays the rows the store changed (`feedserve.knn.RowWrite`: rows overwritten, rows appended
+into spare capacity grown a quarter at a time, removed rows filled from the end), so it keeps the
+store's row layout, and a write of m posts costs O(m) where rebuilding the copy meant uploading
+every vector (seconds at 10M posts).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import logging
 
 import numpy as np
 import torch
+
+from feedserve.knn import RowWrite
 
 logger = logging.getLogger(__name__)
 
@@ -71,15 +73,17 @@ class TorchFlatIndex:
         return self.vectors.numel() * self.vectors.element_size()
 
     @torch.inference_mode()
-    def write(self, upsert_ids: np.ndarray, vectors: np.ndarray | None, delete_ids: np.ndarray) -> bool:
-        """`PostIndex.write` on the device copy, in place: upserted ids replace their rows, deleted ids go."""
-        if len(upsert_ids):
-            assert vectors is not None
-            ids = torch.as_tensor(upsert_ids).to(self.device)
-            self._remove(ids)
-            self._append(ids, torch.as_tensor(vectors))
-        if len(delete_ids):
-            self._remove(torch.as_tensor(delete_ids).to(self.device))
+    def write(self, op: RowWrite) -> bool:
+        """Replay a `PostIndex` write on the device: the same rows change as in the store, O(write)."""
+        if len(op.rows):
+            self._vectors[torch.as_tensor(op.rows).to(self.device)] = torch.as_tensor(op.vectors).to(self.device, self.dtype)
+        if len(op.new_ids):
+            self._append(torch.as_tensor(op.new_ids).to(self.device), torch.as_tensor(op.new_vectors))
+        if len(op.holes):
+            holes, movers = torch.as_tensor(op.holes).to(self.device), torch.as_tensor(op.movers).to(self.device)
+            self._vectors[holes] = self._vectors[movers]
+            self._ids[holes] = self._ids[movers]
+        self._n = op.size
         return True
 
     def _append(self, ids: torch.Tensor, vectors: torch.Tensor) -> None:
@@ -94,19 +98,6 @@ class TorchFlatIndex:
         self._vectors[n : n + m] = vectors.to(self.device, self.dtype)
         self._ids[n : n + m] = ids
         self._n = n + m
-
-    def _remove(self, ids: torch.Tensor) -> None:
-        """Swap-remove: each removed row below the new end takes one of the kept rows past it."""
-        gone = torch.isin(self.ids, ids)
-        count = int(gone.sum())
-        if count == 0:
-            return
-        end = self._n - count
-        holes = torch.nonzero(gone[:end]).flatten()
-        movers = torch.nonzero(~gone[end:]).flatten() + end
-        self._vectors[holes] = self._vectors[movers]
-        self._ids[holes] = self._ids[movers]
-        self._n = end
 
     @torch.inference_mode()
     def search_tensor(self, queries: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:

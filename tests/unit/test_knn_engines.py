@@ -80,8 +80,8 @@ WRITES = st.lists(st.tuples(st.sets(st.integers(0, 40), max_size=12), st.sets(st
 @settings(max_examples=60, deadline=None)
 @given(WRITES, st.integers(0, 2**31))
 def test_torch_device_copy_follows_writes_in_place(writes: list[tuple[set[int], set[int]]], seed: int) -> None:
-    """The device copy takes each write in place (swap-remove, append, regrowth) and answers as the
-    faiss store does after every write; it is never rebuilt."""
+    """The device copy takes each write in place (overwrite, append, regrowth, swap-remove), keeps the
+    store's row layout, and answers as the store does after every write; it is never rebuilt."""
     rng = np.random.default_rng(seed)
     reference, other = PostIndex(8), PostIndex(8, engine=Engine("torch", device="cpu", dtype="fp32"))
     for index in (reference, other):
@@ -96,6 +96,9 @@ def test_torch_device_copy_follows_writes_in_place(writes: list[tuple[set[int], 
             for index in (reference, other):
                 index.write(ids, vectors, np.array(sorted(deletes), np.int64))
             assert len(device) == len(reference)  # type: ignore[arg-type]
+            # Row for row the store's layout, so that every engine and replica breaks exact ties alike.
+            assert device.ids.tolist() == other._ids[: len(other)].tolist()  # type: ignore[union-attr]
+            np.testing.assert_array_equal(device.vectors.numpy(), other._vectors())  # type: ignore[union-attr]
             _same_results(reference, other, queries, 50, [np.empty(0, np.int64)] * 3)
     assert other._device is device
     # The device copy's own writes never reach the store it was built from.
