@@ -30,6 +30,7 @@ from feedserve.artifacts import ArtifactLayout, default_artifacts_dir
 from feedserve.build import SAMPLE_CORPUS
 from feedserve.clients.batch import index_corpus
 from feedserve.clients.ingest import Ingester, JsonlSource
+from feedserve.clients.perf import machine
 from feedserve.clients.online import FeedClient
 from feedserve.movielens import load_movielens
 from feedserve.records import Post
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, object] = {"command": "python -m benchmarks.freshness " + " ".join(argv or sys.argv[1:])}
     with tempfile.TemporaryDirectory() as tmp:
         layout = scratch_artifacts(ArtifactLayout(args.artifacts), Path(tmp) / "artifacts")
+        report["machine"] = machine()
+        report["encoder"] = "int8" if layout.onnx_int8.exists() else "fp32"  # what precision "auto" serves
         repository = Path(tmp) / "repository"
         write_repository(repository, RepositorySettings(encoder_cache_rows=10000 if args.prompt_cache else 0))
         report["prompt_cache"] = args.prompt_cache
@@ -206,7 +209,8 @@ def markdown(r: dict) -> str:
     return "\n".join([
         "# Live index freshness (default model, 2-core CPU)", "",
         f"Command: `{r['command']}`. Initial index: {r['initial_index']['posts']} MovieLens posts in {r['initial_index']['seconds']:.0f} s. "
-        f"Prompt cache {'on' if r.get('prompt_cache') else 'off'}.", "",
+        f"Prompt cache {'on' if r.get('prompt_cache') else 'off'}. Encoder: {r.get('encoder', 'fp32')}.", "",
+        f"Machine: {r.get('machine', 'not recorded')}", "",
         "| measure | value |", "|---|---|",
         f"| event -> retrievable at {s['rate_per_s']:g} events/s, p50 / p99 / max | {s['lag_p50_s']:.2f} / {s['lag_p99_s']:.2f} / {s['lag_max_s']:.2f} s |",
         f"| events ingested (batches) | {s['events']} ({s['batches']}) |",
