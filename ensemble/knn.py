@@ -196,24 +196,21 @@ class PostIndex:
     def _write_store(self, upsert_ids: np.ndarray, vectors: np.ndarray | None,
                      delete_ids: np.ndarray) -> tuple[RowWrite, int]:
         """The write on the store's rows: (what was done to them, how many posts the deletes removed)."""
-        rows = np.empty(0, np.int64)
-        new = np.ones(len(upsert_ids), bool)
-        if len(upsert_ids):
-            assert vectors is not None
-            if self._rows:
-                rows = np.array([self._rows.get(i, -1) for i in upsert_ids.tolist()], np.int64)
-                new = rows < 0
-                rows = rows[~new]
-                self._vectors()[rows] = vectors[~new]
-        else:
+        if not len(upsert_ids) or vectors is None:
             vectors = np.empty((0, self.dim), np.float32)
-        # All new (a bulk load): no copy of the vectors.
+        rows = (np.array([self._rows.get(i, -1) for i in upsert_ids.tolist()], np.int64) if self._rows
+                else np.full(len(upsert_ids), -1, np.int64))
+        new = rows < 0
+        rows, replaced = rows[~new], vectors[~new]
+        if len(rows):
+            self._vectors()[rows] = replaced
+        # All new (a bulk load): appended without a copy of the vectors.
         new_ids, new_vectors = (upsert_ids, vectors) if new.all() else (upsert_ids[new], vectors[new])
         if len(new_ids):
             self._append(new_ids, new_vectors)
         size = len(self)
         holes, movers = self._remove(delete_ids)
-        return RowWrite(rows, vectors[~new], new_ids, new_vectors, holes, movers, len(self)), size - len(self)
+        return RowWrite(rows, replaced, new_ids, new_vectors, holes, movers, len(self)), size - len(self)
 
     def _vectors(self) -> np.ndarray:
         """faiss's rows as a writable [n, dim] view (no copy); valid until the next append."""
