@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.peers import unit_vectors
 from feedserve.clients.perf import machine
 from feedserve.knn import Engine, PostIndex
 
@@ -32,14 +33,6 @@ logger = logging.getLogger("benchmarks.index_writes")
 ENGINES = {"faiss": Engine(), "torch-cpu": Engine("torch", device="cpu", dtype="fp32"),
            "torch-cuda": Engine("torch", device="cuda", dtype="fp16")}
 WRITE = 64
-
-
-def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
-    out = np.empty((n, d), np.float32)
-    for start in range(0, n, 1 << 20):  # in slices: a 10M x 256 float64 draw would need 20 GB
-        v = rng.standard_normal((min(n - start, 1 << 20), d), dtype=np.float32)
-        out[start : start + len(v)] = v / np.linalg.norm(v, axis=1, keepdims=True)
-    return out
 
 
 def _ms(fn: object) -> float:
@@ -53,11 +46,11 @@ def _ms(fn: object) -> float:
 def measure(name: str, n: int, dim: int, reps: int, rng: np.random.Generator) -> list[dict[str, object]]:
     engine = ENGINES[name]
     index = PostIndex(dim, engine=engine)
-    index.upsert(np.arange(n, dtype=np.int64), _unit(rng, n, dim))
+    index.upsert(np.arange(n, dtype=np.int64), unit_vectors(rng, n, dim))
     # One write before measuring: the store's first append after a bulk load regrows its buffer
     # (a copy of the whole index, once per doubling), which is not a steady-state cost.
-    index.upsert(np.array([n], np.int64), _unit(rng, 1, dim))
-    query = _unit(rng, 1, dim)
+    index.upsert(np.array([n], np.int64), unit_vectors(rng, 1, dim))
+    query = unit_vectors(rng, 1, dim)
     index.search(query, [100])  # builds a GPU engine's device copy
     modes = ["in place"] if engine.kind == "faiss" else ["in place", "rebuild"]
     rows = []
@@ -71,7 +64,7 @@ def measure(name: str, n: int, dim: int, reps: int, rng: np.random.Generator) ->
                     next_id += WRITE
                 else:
                     ids = rng.choice(n, WRITE, replace=False).astype(np.int64)
-                vectors = _unit(rng, WRITE, dim)
+                vectors = unit_vectors(rng, WRITE, dim)
                 if mode == "rebuild":  # the old behaviour: writes leave it, the next search re-reads the store
                     index._device = None
                 if kind == "delete":

@@ -162,7 +162,8 @@ def read_bandwidth_gb_s() -> float:
     return x.nbytes / best / 1e9
 
 
-def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+def unit_vectors(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    """Random unit vectors, drawn in float32 (10M x 256 is 10 GB, not 20)."""
     v = rng.standard_normal((n, dim), dtype=np.float32)
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     return v
@@ -178,8 +179,8 @@ def knn_peers(sizes: list[int], dim: int, hnsw_max: int) -> dict[str, object]:
     bandwidth = read_bandwidth_gb_s()
     rows = []
     for n in sizes:
-        x = _unit(rng, n, dim)
-        queries = x[rng.choice(n, 64, replace=False)] + 0.1 * _unit(rng, 64, dim)
+        x = unit_vectors(rng, n, dim)
+        queries = x[rng.choice(n, 64, replace=False)] + 0.1 * unit_vectors(rng, 64, dim)
         one = queries[:1]
         flat = faiss.IndexFlatIP(dim)
         flat.add(x)
@@ -250,13 +251,13 @@ def retrieve_curve(layout: ArtifactLayout, sizes: list[int], n_members: int) -> 
         scratch = scratch_artifacts(layout, Path(tmp) / "artifacts")
         repository = Path(tmp) / "repository"
         write_repository(repository, RepositorySettings(encoder_cache_rows=0, index_writer=False))
-        build_index(np.arange(sizes[0]), _unit(rng, sizes[0], dim), scratch.index)
+        build_index(np.arange(sizes[0]), unit_vectors(rng, sizes[0], dim), scratch.index)
         opts = ServerOptions(repository=repository, artifacts=scratch.root, http_port=free_port(), grpc_port=free_port(),
                              metrics_port=free_port(), log_file=Path(tmp) / "tritonserver.log")
         with TritonServer(opts) as server, FeedClient(server.grpc_url, "grpc", timeout_s=300) as client:
             for i, n in enumerate(sizes):
                 if i:  # a rebuild: knn loads it whole before its next search
-                    build_index(np.arange(n), _unit(rng, n, dim), scratch.index)
+                    build_index(np.arange(n), unit_vectors(rng, n, dim), scratch.index)
                 client.retrieve(members[0], k=10)
                 latencies = []
                 for member in members:
