@@ -27,16 +27,16 @@ from pathlib import Path
 import numpy as np
 
 from feedserve.artifacts import ArtifactLayout, default_artifacts_dir
-from feedserve.build import SAMPLE_CORPUS
+from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.clients.batch import index_corpus
 from feedserve.clients.ingest import Ingester, JsonlSource
 from feedserve.clients.perf import machine
 from feedserve.clients.online import FeedClient
-from feedserve.movielens import load_movielens
-from feedserve.records import Post
-from feedserve.repository import RepositorySettings, write_repository
+from feedserve.prompt.movielens import load_movielens
+from feedserve.prompt.records import Post
+from feedserve.triton.repository import RepositorySettings, write_repository
 from feedserve.schema import IDS, K, LSN, OP, OP_UPSERT, POST_ID, QUERY, WRITE_EMBEDDING, ModelName
-from feedserve.server import ServerOptions, TritonServer, free_port
+from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
 
 logger = logging.getLogger("benchmarks.freshness")
 

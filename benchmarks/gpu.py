@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from feedserve.knn_torch import TorchFlatIndex
+from feedserve.index.torch_engine import TorchFlatIndex
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def model_flops(config: dict, batch: int, tokens: int) -> float:
 def bench_encoder(config_path: Path, batch: int, tokens: int, peak: float) -> list[dict[str, object]]:
     from transformers import LlamaConfig, LlamaModel
 
-    from feedserve.encoder import EmbeddingModel
+    from feedserve.encode.pytorch import EmbeddingModel
 
     config = json.loads(config_path.read_text())
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ validation split that the test members never enter.
     python -m benchmarks.gpu_train final    --base HF --out DIR --recipe b8 --steps 800
     python -m benchmarks.gpu_train ablate   --base HF --out DIR   # one change each, 100 steps
 
-`HF` is a checkpoint unpacked by `benchmarks.device_bundle`. Validation splits the training period
+`HF` is a checkpoint unpacked by `feedserve.training.device_bundle`. Validation splits the training period
 once more by time (the members' last 10% of positives before the test cutoff are the targets), so
 choosing a recipe and a step count never looks at the test period. `final` trains the chosen recipe
 on the full training split and writes the adapter package; its quality is then measured on the CPU
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from feedserve.artifacts import DEFAULT_ADAPTER, EncoderSettings
-from feedserve.build import SAMPLE_CORPUS
-from feedserve.movielens import MovieLens, load_movielens
+from feedserve.ops.builder import SAMPLE_CORPUS
+from feedserve.prompt.movielens import MovieLens, load_movielens
 from feedserve.training.data import Split, movielens_split
 from feedserve.training.evaluate import EmbeddingRetriever, metrics, popularity_correlation, rank
 from feedserve.training.train import TrainConfig, train

@@ -26,7 +26,8 @@ import torch
 
 from benchmarks.peers import unit_vectors
 from feedserve.clients.perf import machine
-from feedserve.knn import Engine, PostIndex
+from feedserve.index.engines import Engine
+from feedserve.index.store import PostIndex
 
 logger = logging.getLogger("benchmarks.index_writes")
 

@@ -62,16 +62,16 @@ def encoder_peers(layout: ArtifactLayout, n_posts: int, batch: int) -> dict[str,
     from tokenizers import Tokenizer
     from transformers import AutoModel, AutoTokenizer
 
-    from feedserve.buckets import PercentileBuckets
-    from feedserve.build import SAMPLE_CORPUS
+    from feedserve.prompt.buckets import PercentileBuckets
+    from feedserve.ops.builder import SAMPLE_CORPUS
     from feedserve.clients.batch import embed_records
-    from feedserve.movielens import load_movielens
-    from feedserve.prompts import PromptBuilder, TokenBatch
-    from feedserve.repository import RepositorySettings, render_configs, write_repository
-    from feedserve.runtime import OnnxEncoder
+    from feedserve.prompt.movielens import load_movielens
+    from feedserve.prompt.builder import PromptBuilder, TokenBatch
+    from feedserve.triton.repository import RepositorySettings, render_configs, write_repository
+    from feedserve.encode.ort import OnnxEncoder
     from feedserve.schema import ModelName
     from feedserve.triton.encoder import padded_runs
-    from feedserve.server import ServerOptions, TritonServer, free_port
+    from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
 
     settings = EncoderSettings.load(layout.settings)
     builder = PromptBuilder(Tokenizer.from_file(str(layout.tokenizer)), PercentileBuckets.load(layout.buckets), settings)
@@ -173,7 +173,7 @@ def knn_peers(sizes: list[int], dim: int, hnsw_max: int) -> dict[str, object]:
     import faiss
     import hnswlib
 
-    from feedserve.knn import PostIndex
+    from feedserve.index.store import PostIndex
 
     rng = np.random.default_rng(0)
     bandwidth = read_bandwidth_gb_s()
@@ -236,12 +236,12 @@ def retrieve_curve(layout: ArtifactLayout, sizes: list[int], n_members: int) -> 
     """`retrieve` latency, one request at a time, with N random unit vectors as the posts (the served
     dimension) and real MovieLens members; the prompt cache is off, so every member is encoded."""
     from benchmarks.freshness import scratch_artifacts
-    from feedserve.build import SAMPLE_CORPUS
+    from feedserve.ops.builder import SAMPLE_CORPUS
     from feedserve.clients.batch import build_index
     from feedserve.clients.online import FeedClient
-    from feedserve.movielens import load_movielens
-    from feedserve.repository import RepositorySettings, write_repository
-    from feedserve.server import ServerOptions, TritonServer, free_port
+    from feedserve.prompt.movielens import load_movielens
+    from feedserve.triton.repository import RepositorySettings, write_repository
+    from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
 
     members = [m for m in load_movielens(SAMPLE_CORPUS).members() if 5 <= len(m.history) <= 60][:n_members]
     dim = layout.serving_dim()
@@ -271,7 +271,7 @@ def retrieve_curve(layout: ArtifactLayout, sizes: list[int], n_members: int) -> 
 
 def prompt_length_curve(layout: ArtifactLayout, lengths: list[int]) -> list[dict[str, float]]:
     """The encoder alone (ONNX Runtime), one prompt of each length: the cost of a longer member history."""
-    from feedserve.runtime import OnnxEncoder
+    from feedserve.encode.ort import OnnxEncoder
 
     encoder = OnnxEncoder(layout.onnx)
     rng = np.random.default_rng(0)

@@ -33,13 +33,13 @@ from pathlib import Path
 import numpy as np
 
 from feedserve.artifacts import ADAPTER_META, REPO_ROOT, EncoderSettings
-from feedserve.buckets import PercentileBuckets
-from feedserve.build import SAMPLE_CORPUS
-from feedserve.movielens import MovieLens, load_movielens
-from feedserve.records import Member
+from feedserve.prompt.buckets import PercentileBuckets
+from feedserve.ops.builder import SAMPLE_CORPUS
+from feedserve.prompt.movielens import MovieLens, load_movielens
+from feedserve.prompt.records import Member
 from feedserve.training.baselines import BM25, ItemKNN, Popularity, SentenceEmbedder
 from feedserve.training.data import EvalCase, Split, movielens_split
-from feedserve.training.evaluate import EmbeddingRetriever, metrics, popularity_correlation, rank
+from feedserve.training.evaluate import EmbeddingRetriever, EncoderDir, metrics, popularity_correlation, rank
 
 logger = logging.getLogger("benchmarks.quality")
 KS = (10, 50, 100)
@@ -48,41 +48,6 @@ DEFAULT_ENCODERS = (
     ("SmolLM2-135M untuned (30 layers)", REPO_ROOT / "artifacts" / "untuned"),
     ("SmolLM2 fine-tuned (6 layers, LoRA)", REPO_ROOT / "artifacts" / "default"),
 )
-
-
-@dataclass
-class EncoderDir:
-    hf_dir: Path
-    settings: EncoderSettings
-    buckets: PercentileBuckets
-    history_negatives: bool
-    matryoshka_dims: tuple[int, ...]  # the prefix sizes it was trained for (none: untuned)
-    train_report: dict[str, object] | None
-
-    @classmethod
-    def load(cls, root: Path) -> EncoderDir:
-        hf = root / "hf" if (root / "hf").is_dir() else root / "model"
-        if not (hf / "config.json").exists():
-            raise FileNotFoundError(f"{root}: no checkpoint in hf/ or model/")
-        config, report = cls._training(root, hf)
-        return cls(hf, EncoderSettings.load(root / "serving.json"), PercentileBuckets.load(root / "buckets.json"),
-                   config.get("extra", {}).get("history") == "engaged+disliked", tuple(config.get("matryoshka_dims", ())),
-                   json.loads(report.read_text()) if report.exists() else None)
-
-    @staticmethod
-    def _training(root: Path, hf: Path) -> tuple[dict, Path]:
-        """(training config, train report path): a run directory holds both; an artifact directory
-        built from an adapter package finds them in the package it records in hf/import.json."""
-        if (root / "train_config.json").exists():
-            return json.loads((root / "train_config.json").read_text()), root / "train_report.json"
-        imported = hf / "import.json"
-        adapter = json.loads(imported.read_text()).get("adapter") if imported.exists() else None
-        if not adapter:
-            return {}, root / "train_report.json"
-        package = Path(adapter)
-        meta = json.loads((package / ADAPTER_META).read_text()) if (package / ADAPTER_META).exists() else {}
-        report = package / "train_report.json"  # the bundled package keeps it beside the adapter
-        return meta.get("train_config", {}), report if report.exists() else package.parent / "train_report.json"
 
 
 def slices(cases: list[EvalCase], train_positives: dict[int, int]) -> dict[str, list[EvalCase]]:

@@ -90,12 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    from feedserve.build import SAMPLE_CORPUS
+    from feedserve.ops.builder import SAMPLE_CORPUS
     from feedserve.clients.batch import index_corpus
     from feedserve.clients.perf_data import movielens_input
-    from feedserve.movielens import load_movielens
-    from feedserve.repository import RepositorySettings, write_repository
-    from feedserve.server import ServerOptions, TritonServer, free_port
+    from feedserve.prompt.movielens import load_movielens
+    from feedserve.triton.repository import RepositorySettings, write_repository
+    from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
 
     report: dict[str, object] = {"command": "python -m benchmarks.soak " + " ".join(argv if argv is not None else sys.argv[1:]),
                                  "rate": args.rate, "window_s": args.window_s, "posts": args.posts}

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from feedserve.artifacts import ArtifactLayout, EncoderSettings, default_artifacts_dir
-from feedserve.build import SAMPLE_CORPUS
+from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.clients.perf import machine, perf_analyzer_binary, run_perf_analyzer
 from feedserve.clients.perf_data import perf_input
 
@@ -87,14 +87,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from tokenizers import Tokenizer
 
-    from feedserve.buckets import PercentileBuckets
+    from feedserve.prompt.buckets import PercentileBuckets
     from feedserve.clients.batch import embed_records
-    from feedserve.encoder import TorchEncoder
-    from feedserve.movielens import load_movielens
-    from feedserve.prompts import PromptBuilder
-    from feedserve.repository import write_repository
-    from feedserve.runtime import OnnxEncoder
-    from feedserve.server import ServerOptions, TritonServer, free_port
+    from feedserve.encode.pytorch import TorchEncoder
+    from feedserve.prompt.movielens import load_movielens
+    from feedserve.prompt.builder import PromptBuilder
+    from feedserve.triton.repository import write_repository
+    from feedserve.encode.ort import OnnxEncoder
+    from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
 
     layout = ArtifactLayout(args.artifacts)
     settings = EncoderSettings.load(layout.settings)

@@ -28,9 +28,9 @@ import numpy as np
 from feedserve.artifacts import ArtifactLayout, EncoderSettings, default_artifacts_dir
 from feedserve.clients.perf import machine, perf_analyzer_binary, run_perf_analyzer
 from feedserve.clients.perf_data import movielens_input, token_input
-from feedserve.repository import RepositorySettings, render_configs, write_repository
+from feedserve.triton.repository import RepositorySettings, render_configs, write_repository
 from feedserve.schema import ModelName
-from feedserve.server import ServerOptions, TritonServer, free_port
+from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
 
 logger = logging.getLogger("benchmarks.tuning")
 
@@ -109,10 +109,10 @@ def tokenised_data(layout: ArtifactLayout, out: Path) -> Path:
     """The same posts as embed_post's input, tokenised by the client with the server's prompt builder."""
     from tokenizers import Tokenizer
 
-    from feedserve.buckets import PercentileBuckets
-    from feedserve.build import SAMPLE_CORPUS
-    from feedserve.movielens import load_movielens
-    from feedserve.prompts import PromptBuilder
+    from feedserve.prompt.buckets import PercentileBuckets
+    from feedserve.ops.builder import SAMPLE_CORPUS
+    from feedserve.prompt.movielens import load_movielens
+    from feedserve.prompt.builder import PromptBuilder
 
     builder = PromptBuilder(Tokenizer.from_file(str(layout.tokenizer)), PercentileBuckets.load(layout.buckets),
                             EncoderSettings.load(layout.settings))
@@ -126,11 +126,11 @@ def grouping_in_process(layout: ArtifactLayout, batch: int = 8, batches: int = 2
     (no server, so no queueing noise): padded tokens computed, runs, and ms per batch, fp32 and int8."""
     from tokenizers import Tokenizer
 
-    from feedserve.buckets import PercentileBuckets
-    from feedserve.build import SAMPLE_CORPUS
-    from feedserve.movielens import load_movielens
-    from feedserve.prompts import PromptBuilder
-    from feedserve.runtime import OnnxEncoder
+    from feedserve.prompt.buckets import PercentileBuckets
+    from feedserve.ops.builder import SAMPLE_CORPUS
+    from feedserve.prompt.movielens import load_movielens
+    from feedserve.prompt.builder import PromptBuilder
+    from feedserve.encode.ort import OnnxEncoder
     from feedserve.triton.encoder import GROUPINGS, padded_runs
 
     settings = EncoderSettings.load(layout.settings)
@@ -177,8 +177,8 @@ def http_transfer(server: TritonServer, batch: int = 32, rounds: int = 6) -> dic
     for the request and the response alike. Prompts/s and ms per request, best of two passes."""
     import tritonclient.http as http
 
-    from feedserve.build import SAMPLE_CORPUS
-    from feedserve.movielens import load_movielens
+    from feedserve.ops.builder import SAMPLE_CORPUS
+    from feedserve.prompt.movielens import load_movielens
 
     posts = load_movielens(SAMPLE_CORPUS).posts()[:batch]
     records = np.array([[p.model_dump_json(exclude_none=True).encode()] for p in posts], dtype=object)
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     layout = ArtifactLayout(default_artifacts_dir())
     if not layout.index.exists() or not layout.onnx_int8.exists():
         raise SystemExit("needs the default artifacts with encoder.int8.onnx and an index: run `make demo` first")
-    from feedserve.knn import PostIndex
+    from feedserve.index.store import PostIndex
 
     if args.grouping_only:
         report = json.loads((args.out / "tuning.json").read_text())

@@ -19,9 +19,10 @@ import numpy as np
 from tqdm import tqdm
 from tritonclient.utils import InferenceServerException
 
-from feedserve.clients.online import ClientError, Record, records_tensor
-from feedserve.knn import PostIndex
-from feedserve.live_index import rebuilding
+from feedserve.clients.online import Record, records_tensor
+from feedserve.errors import ClientError
+from feedserve.index.store import PostIndex
+from feedserve.index.live import rebuilding
 from feedserve.schema import EMBEDDING, RECORDS, ModelName
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def load_embeddings(out_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def build_index(ids: np.ndarray, vectors: np.ndarray, index_path: Path, meta: dict[str, object] | None = None) -> PostIndex:
     """A full rebuild from vectors in hand: it replaces the live index as of now (the writes
-    already logged are behind it; see `feedserve.live_index.rebuilding`)."""
+    already logged are behind it; see `feedserve.index.live.rebuilding`)."""
     with rebuilding(index_path.parent) as rebuild:
         return rebuild.save(ids, vectors, meta)
 

@@ -42,14 +42,16 @@ from typing import IO, Any, Protocol
 import numpy as np
 from pydantic import ValidationError
 
-from feedserve.clients.online import ClientError, FeedClient
-from feedserve.records import Post
+from feedserve.clients.online import FeedClient
+from feedserve.errors import ClientError
+from feedserve.files import atomic_write
+from feedserve.prompt.records import Post
 from feedserve.schema import LSN, OP, OP_DELETE, OP_UPSERT, POST_ID, WRITE_EMBEDDING, ModelName
 
 logger = logging.getLogger(__name__)
 
 
-class BadEvent(ValueError):
+class BadEvent(ClientError, ValueError):
     """An event that cannot be applied; the message says why."""
 
 
@@ -155,7 +157,7 @@ class JsonlSource:
             yield from _lines(source, offset, self.follow, self.idle_exit_s)
 
     def commit(self, positions: list[Any]) -> None:
-        _write_json_atomic(self.offset_path, {"offset": positions[-1]})
+        atomic_write(self.offset_path, json.dumps({"offset": positions[-1]}))
 
 
 class StdinSource:
@@ -189,7 +191,7 @@ class StdinSource:
                 yield number, line
 
     def commit(self, positions: list[Any]) -> None:
-        _write_json_atomic(self.offset_path, {"lines": positions[-1]})
+        atomic_write(self.offset_path, json.dumps({"lines": positions[-1]}))
 
 
 class RedisSource:
@@ -399,17 +401,8 @@ def _pump(stream: IO[bytes], lines: queue.Queue[bytes | None]) -> None:
 
 
 def _read_position(path: Path, key: str) -> int:
-    """A committed position written by `_write_json_atomic`; 0 before the first commit."""
+    """A committed position written by `atomic_write`; 0 before the first commit."""
     return int(json.loads(path.read_text())[key]) if path.exists() else 0
-
-
-def _write_json_atomic(path: Path, value: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(value, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _position(position: Any) -> str:

@@ -19,39 +19,13 @@ from typing import Any, Literal
 import numpy as np
 from tritonclient.utils import InferenceServerException
 
+from feedserve.errors import ClientError
 from feedserve.schema import EMBEDDING, IDS, K, NO_ID, RECORDS, SCORES, ModelName
 
 logger = logging.getLogger(__name__)
 
 Protocol = Literal["http", "grpc"]
 Record = dict[str, Any] | str | bytes | Any  # Any: a pydantic record (has model_dump_json)
-
-
-# How Triton's python backend answers for a model whose stub process died (status INTERNAL).
-DEAD_STUB = "is not healthy"
-
-
-class ClientError(RuntimeError):
-    """The server refused or failed a request; the message carries its reason, `status` the
-    protocol's code (e.g. StatusCode.UNAVAILABLE over gRPC, 400 over HTTP) where it gave one."""
-
-    def __init__(self, message: str, status: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-    @property
-    def refused(self) -> bool:
-        """The request itself was refused as invalid (only then may an ingester skip it)."""
-        return self.status is not None and any(code in self.status for code in ("INVALID_ARGUMENT", "400"))
-
-    @property
-    def retryable(self) -> bool:
-        """The server was unreachable, restarting or too slow, or one of its python models lost its
-        stub process (the launcher's watchdog reloads it within seconds): the same request may
-        succeed later. A refused request (bad input) is not."""
-        if DEAD_STUB in str(self):
-            return True
-        return self.status is not None and any(code in self.status for code in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "503"))
 
 
 @dataclass(frozen=True)

@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         if args.grpc_url is None:
-            from feedserve.repository import RepositorySettings, write_repository
-            from feedserve.server import ServerOptions, TritonServer, free_port
+            from feedserve.triton.repository import RepositorySettings, write_repository
+            from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
 
             repo = tmp / "repository"
             # A follower of the index (it writes nothing), so it can run beside a server that writes.

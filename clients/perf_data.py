@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from feedserve.records import Member, Post
+from feedserve.prompt.records import Member, Post
 from feedserve.schema import ATTENTION_MASK, INPUT_IDS, K, RECORDS
 
 
@@ -41,8 +41,8 @@ def token_input(input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, 
 
 
 def movielens_input(model: str, count: int = 32, k: int = 10) -> dict[str, object]:
-    from feedserve.build import SAMPLE_CORPUS
-    from feedserve.movielens import load_movielens
+    from feedserve.ops.builder import SAMPLE_CORPUS
+    from feedserve.prompt.movielens import load_movielens
 
     ml = load_movielens(SAMPLE_CORPUS)
     if model == "embed_post":

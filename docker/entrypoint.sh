@@ -33,7 +33,7 @@ if [[ "$variant" == cpu ]]; then
 fi
 
 # Every artifact must match the manifest `feedserve build` wrote (the CPU launcher checks it itself).
-python3 -m feedserve.manifest verify "$artifacts"
+python3 -m feedserve.ops.manifest verify "$artifacts"
 feedserve render --variant "$variant" --out "$repository"
 if [[ "$variant" == gpu-trt ]]; then
   python3 -m feedserve.export.tensorrt ensure --artifacts "$artifacts" \
@@ -46,7 +46,7 @@ fi
 export FEEDSERVE_ADMIN_KEY="${FEEDSERVE_ADMIN_KEY:-$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')}"
 admin_apis="model-repository,shared-memory,trace,logging"
 watch_host="$listen"; [[ "$listen" == 0.0.0.0 ]] && watch_host=127.0.0.1
-python3 -m feedserve.supervisor --server-pid $$ --http-url "$watch_host:${FEEDSERVE_HTTP_PORT:-8000}" \
+python3 -m feedserve.ops.watchdog --server-pid $$ --http-url "$watch_host:${FEEDSERVE_HTTP_PORT:-8000}" \
   --artifacts "$artifacts" --repository "$repository" &
 exec tritonserver --model-repository="$repository" --model-control-mode=explicit --load-model='*' \
   --http-restricted-api="$admin_apis:feedserve-admin-key=$FEEDSERVE_ADMIN_KEY" \

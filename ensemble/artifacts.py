@@ -7,10 +7,10 @@ the server loads; export writes it, the Triton backends and the clients read it:
     encoder.onnx        ONNX graph: LLaMA + pooling + L2 norm + Matryoshka truncation
     encoder.onnx.data   external weights, only for models over 2 GB
     encoder.int8.onnx   the same graph with int8 projection weights (parity checked), for CPUs
-    buckets.json        percentile cut points for engagement counts (feedserve.buckets)
+    buckets.json        percentile cut points for engagement counts (feedserve.prompt.buckets)
     serving.json        EncoderSettings below: pooling, dimension, token budgets
-    manifest.json       size and SHA-256 of each file above but the index, checked at load (feedserve.manifest)
-    index/posts.npz     post ids + embeddings served by the knn model (its checksum is in its metadata)
+    manifest.json       size and SHA-256 of each file above but the index, checked at load (feedserve.ops.manifest)
+    index/              the live post index (feedserve.index.layout: snapshot, write-ahead log, locks)
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from feedserve.index.layout import IndexLayout
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +102,13 @@ class ArtifactLayout:
         return self.root / "serving.json"
 
     @property
+    def index_dir(self) -> IndexLayout:
+        return IndexLayout(self.root / "index")
+
+    @property
     def index(self) -> Path:
-        return self.root / "index" / "posts.npz"
+        """The index's snapshot file (the one `feedserve index` writes)."""
+        return self.index_dir.snapshot
 
     def model_config(self) -> dict[str, object]:
         """The checkpoint's config.json."""
@@ -123,14 +130,14 @@ class ArtifactLayout:
         return [self.hf_dir, self.onnx, self.buckets, self.settings, *(p for p in optional if p.exists())]
 
     def write_manifest(self) -> Path:
-        from feedserve.manifest import write_manifest
+        from feedserve.ops.manifest import write_manifest
 
         return write_manifest(self.root, self.built_files())
 
     def verify(self, *paths: Path) -> int:
         """Check these files (default: every one the manifest lists) against the manifest;
-        feedserve.manifest.ManifestError names the first that differs."""
-        from feedserve.manifest import verify
+        feedserve.ops.manifest.ManifestError names the first that differs."""
+        from feedserve.ops.manifest import verify
 
         return verify(self.root, paths or None)
 

@@ -1,6 +1,6 @@
 """The one place that names every Triton model, tensor, dtype and dimension of the pipeline.
 
-Configs (`feedserve.repository`), backends (`feedserve.triton`) and clients (`feedserve.clients`)
+Configs (`feedserve.triton.repository`), backends (`feedserve.triton`) and clients (`feedserve.clients`)
 all read these specs, so a renamed tensor or a changed dtype is a one-line change here.
 """
 

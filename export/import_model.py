@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from feedserve.artifacts import ADAPTER_META
+from feedserve.errors import ExportError
+from feedserve.files import hash_file
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +60,11 @@ def source_checksum(source: Path, names: tuple[str, ...] | None = None) -> str:
     h = hashlib.sha256()
     for path in _source_files(source, names):
         h.update(path.name.encode())
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
+        hash_file(h, path)
     return h.hexdigest()
 
 
-class AdapterMismatch(ValueError):
+class AdapterMismatch(ExportError, ValueError):
     """An adapter package does not belong to the base checkpoint it is being merged into."""
 
 
@@ -72,7 +72,7 @@ def merge_adapter(encoder: Any, adapter_dir: Path, base_sha256: str) -> Any:
     """Cut `encoder` as the adapter's training run did, then merge its LoRA weights (fp32)."""
     from peft import PeftModel
 
-    from feedserve.encoder import keep_first_layers
+    from feedserve.encode.pytorch import keep_first_layers
 
     meta_path = adapter_dir / ADAPTER_META
     if not meta_path.is_file():

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from feedserve.artifacts import EncoderSettings
-from feedserve.manifest import sha256_file
-from feedserve.runtime import Encoder
+from feedserve.errors import ExportError
+from feedserve.files import sha256_file
+from feedserve.encode.base import Encoder
 from feedserve.schema import ONNX_INPUTS, ONNX_OUTPUT
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 PROTOBUF_LIMIT = 2 * 1024**3
 
 
-class ParityError(AssertionError):
+class ParityError(ExportError):
     """An exported model disagrees with the PyTorch reference beyond tolerance."""
 
     def __init__(self, message: str, worst_cosine: float, max_abs_diff: float) -> None:
@@ -82,8 +83,8 @@ def check_parity(
     hf_dir: Path, settings: EncoderSettings, onnx_path: Path, min_cosine: float = 0.9999,
     batches: list[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> ParityReport:
-    from feedserve.encoder import TorchEncoder
-    from feedserve.runtime import OnnxEncoder
+    from feedserve.encode.pytorch import TorchEncoder
+    from feedserve.encode.ort import OnnxEncoder
 
     reference = TorchEncoder(hf_dir, settings)
     batches = batches or parity_batches(int(reference.model.backbone.config.vocab_size))
@@ -121,7 +122,7 @@ def export_onnx(
     import onnx
     import torch
 
-    from feedserve.encoder import load_embedding_model
+    from feedserve.encode.pytorch import load_embedding_model
 
     model = load_embedding_model(hf_dir, settings)
     n_params = sum(p.numel() for p in model.parameters())
@@ -167,9 +168,8 @@ def export_onnx(
 
 # The MatMuls of the q/k/v/o, gate and up projections take int8 weights; down_proj stays fp32: its
 # input (the MLP's gated activations) carries the outliers that per-tensor dynamic quantization of
-# activations clips. On MovieLens prompts with the default model, the fp32 and int8 embeddings have
-# mean cosine 0.9605 with down_proj quantized and 0.9955 without; the encoder runs 1.43x and 1.33x
-# as fast on the 2 cores. Whether int8 may serve is decided by the quality benchmark (README).
+# activations clips (its parity with fp32 drops far more than the speed it adds; README "The model
+# repository" has the figures). Whether int8 may serve is decided by the quality benchmark.
 INT8_SKIP = ("down_proj",)
 
 
@@ -179,7 +179,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, vocab_size: int, min_cosine: 
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from feedserve.runtime import OnnxEncoder
+    from feedserve.encode.ort import OnnxEncoder
 
     graph = onnx.load(str(fp32_path), load_external_data=False).graph
     nodes = [n.name for n in graph.node if n.op_type == "MatMul" and n.name.endswith("proj/MatMul")

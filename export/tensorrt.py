@@ -33,8 +33,10 @@ from typing import Any
 import numpy as np
 
 from feedserve.artifacts import ArtifactLayout, EncoderSettings
+from feedserve.errors import ExportError
 from feedserve.export.onnx import PROTOBUF_LIMIT, ParityError, compare_encoders, parity_batches
-from feedserve.manifest import sha256_file
+from feedserve.encode.trt import EngineBuildError, TensorRTEncoder, TensorRTUnavailable, unavailable_reason
+from feedserve.files import atomic_write, sha256_file
 from feedserve.schema import ATTENTION_MASK, EMBEDDING, INPUT_IDS, ONNX_INPUTS, ONNX_OUTPUT
 
 logger = logging.getLogger(__name__)
@@ -42,14 +44,6 @@ logger = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")  # fp8: explicitly quantized (Q/DQ) graphs only
 UNAVAILABLE_EXIT = 3
 TRITON_NAMES = {ONNX_INPUTS[0]: INPUT_IDS.name, ONNX_INPUTS[1]: ATTENTION_MASK.name, ONNX_OUTPUT: EMBEDDING.name}
-
-
-class TensorRTUnavailable(RuntimeError):
-    """TensorRT or a CUDA GPU is missing here; the message says which."""
-
-
-class EngineBuildError(RuntimeError):
-    """TensorRT refused the network or the build failed."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +56,7 @@ class Profile:
     @classmethod
     def for_settings(cls, settings: EncoderSettings, max_batch: int, opt_batch: int = 32) -> Profile:
         # Optimise for the middle length bucket: MovieLens posts are ~100 tokens, members 256.
-        from feedserve.prompts import pad_length
+        from feedserve.prompt.builder import pad_length
 
         buckets = sorted(settings.length_buckets)
         # Preprocess pads up to a bucket, which can exceed the token budget when the budget is no bucket.
@@ -84,24 +78,6 @@ class EngineOptions:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-
-
-def unavailable_reason(precision: str = "fp16") -> str | None:
-    """None when an engine can be built here, else why not."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return ("TensorRT is not installed (it ships in the NVIDIA Triton container, or `pip install tensorrt`); "
-                "the gpu-trt variant cannot be built here")
-    try:
-        import torch
-    except ImportError:
-        return "PyTorch is needed to hold the engine's buffers on the GPU and is not installed"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is visible (TensorRT builds an engine for the GPU it runs on)"
-    if precision == "fp8" and torch.cuda.get_device_capability() < (8, 9):
-        return f"fp8 needs compute capability 8.9 or newer; this GPU is {torch.cuda.get_device_capability()}"
-    return None
 
 
 def rename_io(src: Path, dst: Path) -> Path:
@@ -236,9 +212,9 @@ def build_engine(onnx_path: Path, plan_path: Path, options: EngineOptions, timin
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineBuildError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
-    _write_atomic(plan_path, bytes(serialized))
+    atomic_write(plan_path, bytes(serialized))
     if timing_cache:
-        _write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
+        atomic_write(timing_cache, bytes(config.get_timing_cache().serialize()))
     meta = {**expected_meta(onnx_path, options), "layers_pinned_fp32": pinned, "build_s": time.perf_counter() - t0,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     logger.info("built %s (%s, %d layers in fp32) in %.0f s", plan_path, options.precision, pinned, meta["build_s"])
@@ -252,57 +228,10 @@ def _has_qdq(onnx_path: Path) -> bool:
     return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in graph.node)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-class TensorRTEncoder:
-    """Runs a plan with PyTorch CUDA tensors as its buffers; the `Encoder` interface."""
-
-    def __init__(self, plan_path: Path) -> None:
-        if reason := unavailable_reason():
-            raise TensorRTUnavailable(reason)
-        import tensorrt as trt
-        import torch
-
-        self._torch = torch
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
-        if self.engine is None:
-            raise EngineBuildError(f"{plan_path}: not a TensorRT plan for this TensorRT and GPU (rebuild it)")
-        self.context = self.engine.create_execution_context()
-        self._dim = int(self.engine.get_tensor_shape(EMBEDDING.name)[-1])
-
-    @property
-    def dim(self) -> int:
-        return self._dim
-
-    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        torch = self._torch
-        ids = torch.from_numpy(np.ascontiguousarray(input_ids, np.int64)).cuda()
-        mask = torch.from_numpy(np.ascontiguousarray(attention_mask, np.int64)).cuda()
-        out = torch.empty((ids.shape[0], self._dim), dtype=torch.float32, device="cuda")
-        for name, tensor in ((INPUT_IDS.name, ids), (ATTENTION_MASK.name, mask)):
-            self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        self.context.set_tensor_address(EMBEDDING.name, out.data_ptr())
-        stream = torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise EngineBuildError("TensorRT execution failed")
-        stream.synchronize()
-        return out.cpu().numpy()
-
-
 def check_plan_parity(plan_path: Path, hf_dir: Path, settings: EncoderSettings, profile: Profile,
                       min_cosine: float = 0.999) -> dict[str, object]:
     """Cosine against the fp32 PyTorch reference on varied batches inside the profile."""
-    from feedserve.encoder import TorchEncoder
+    from feedserve.encode.pytorch import TorchEncoder
 
     reference = TorchEncoder(hf_dir, settings)
     batches = [(i, m) for i, m in parity_batches(int(reference.model.backbone.config.vocab_size))
@@ -326,7 +255,7 @@ def ensure_engine(layout: ArtifactLayout, plan_path: Path, options: EngineOption
         plan_path.unlink(missing_ok=True)  # never leave a plan that failed its check to be served
         raise
     meta = {**meta, "parity": parity, "plan_sha256": sha256_file(plan_path)}
-    _write_atomic(meta_path, json.dumps(meta, indent=2).encode())
+    atomic_write(meta_path, json.dumps(meta, indent=2).encode())
     return True
 
 

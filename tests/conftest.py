@@ -28,9 +28,9 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> ArtifactLayout:
     """A complete artifact directory (checkpoint, ONNX, buckets, settings) for the tiny model."""
-    from feedserve.build import SAMPLE_CORPUS
+    from feedserve.ops.builder import SAMPLE_CORPUS
     from feedserve.export.onnx import export_onnx
-    from feedserve.movielens import load_movielens
+    from feedserve.prompt.movielens import load_movielens
 
     layout = ArtifactLayout(tmp_path_factory.mktemp("artifacts"))
     make_tiny_checkpoint(layout.hf_dir)
@@ -44,8 +44,8 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> ArtifactLayout:
 @pytest.fixture(scope="session")
 def triton_server(tiny_artifacts: ArtifactLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """A real tritonserver on free loopback ports, serving a freshly rendered repository."""
-    from feedserve.repository import write_repository
-    from feedserve.server import ServerOptions, TritonServer, free_port
+    from feedserve.triton.repository import write_repository
+    from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
 
     repo = tmp_path_factory.mktemp("model_repository")
     write_repository(repo)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from feedserve.records import Member, Post
+from feedserve.prompt.records import Member, Post
 from feedserve.training.data import Split
 
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from feedserve.movielens import MovieLens
-from feedserve.records import Engagement, Member, Post
+from feedserve.prompt.movielens import MovieLens
+from feedserve.prompt.records import Engagement, Member, Post
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +178,6 @@ def synthetic_feed(n_members: int = 200, n_posts: int = 400, history: int = 6, s
 
 
 def _author(name: str, topic: str) -> object:
-    from feedserve.records import Author
+    from feedserve.prompt.records import Author
 
     return Author(name=name, headline=f"{topic} lead", company="Initech", industry=topic)

@@ -7,15 +7,16 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from feedserve.artifacts import EncoderSettings
-from feedserve.buckets import PercentileBuckets
-from feedserve.records import Member, Post
+from feedserve.artifacts import ADAPTER_META, EncoderSettings
+from feedserve.prompt.buckets import PercentileBuckets
+from feedserve.prompt.records import Member, Post
+from feedserve.files import atomic_file, hash_file
 from feedserve.training.data import EvalCase
 
 logger = logging.getLogger(__name__)
@@ -84,9 +85,10 @@ class EmbeddingRetriever:
     ) -> None:
         from tokenizers import Tokenizer
 
-        from feedserve.encoder import TorchEncoder
-        from feedserve.prompts import PromptBuilder
-        from feedserve.runtime import Encoder, OnnxEncoder
+        from feedserve.encode.pytorch import TorchEncoder
+        from feedserve.prompt.builder import PromptBuilder
+        from feedserve.encode.base import Encoder
+        from feedserve.encode.ort import OnnxEncoder
 
         self.settings, self.batch = settings, batch
         self._members: dict[str, np.ndarray] = {}
@@ -107,20 +109,15 @@ class EmbeddingRetriever:
             self.posts = self._embed(self.builder.post_prompt, corpus)
             logger.info("embedded %d posts in %.0f s", len(corpus), time.perf_counter() - t)
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + ".tmp")
-                with open(tmp, "wb") as f:  # a killed run leaves a .tmp, never a truncated cache
+                with atomic_file(path) as f:  # a killed run never leaves a truncated cache
                     np.savez(f, embeddings=self.posts)
-                tmp.replace(path)
 
     @staticmethod
     def _cache_key(hf_dir: Path, settings: EncoderSettings, buckets: PercentileBuckets, corpus: Sequence[Post],
                    onnx: Path | None = None) -> str:
         h = hashlib.sha256()
         for weights in sorted(hf_dir.glob("*.safetensors")) + ([onnx] if onnx is not None else []):
-            with open(weights, "rb") as f:
-                while block := f.read(1 << 22):
-                    h.update(block)
+            hash_file(h, weights)
         h.update(json.dumps(asdict(settings), sort_keys=True).encode())
         h.update(buckets.to_json().encode())
         h.update(json.dumps([p.model_dump(mode="json") for p in corpus], sort_keys=True).encode())
@@ -161,3 +158,41 @@ class EmbeddingRetriever:
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+@dataclass
+class EncoderDir:
+    """A trained encoder on disk (an artifact directory or a training run): its checkpoint, settings,
+    buckets, and how it was trained (for reports that compare runs)."""
+
+    hf_dir: Path
+    settings: EncoderSettings
+    buckets: PercentileBuckets
+    history_negatives: bool
+    matryoshka_dims: tuple[int, ...]  # the prefix sizes it was trained for (none: untuned)
+    train_report: dict[str, object] | None
+
+    @classmethod
+    def load(cls, root: Path) -> EncoderDir:
+        hf = root / "hf" if (root / "hf").is_dir() else root / "model"
+        if not (hf / "config.json").exists():
+            raise FileNotFoundError(f"{root}: no checkpoint in hf/ or model/")
+        config, report = cls._training(root, hf)
+        return cls(hf, EncoderSettings.load(root / "serving.json"), PercentileBuckets.load(root / "buckets.json"),
+                   config.get("extra", {}).get("history") == "engaged+disliked", tuple(config.get("matryoshka_dims", ())),
+                   json.loads(report.read_text()) if report.exists() else None)
+
+    @staticmethod
+    def _training(root: Path, hf: Path) -> tuple[dict, Path]:
+        """(training config, train report path): a run directory holds both; an artifact directory
+        built from an adapter package finds them in the package it records in hf/import.json."""
+        if (root / "train_config.json").exists():
+            return json.loads((root / "train_config.json").read_text()), root / "train_report.json"
+        imported = hf / "import.json"
+        adapter = json.loads(imported.read_text()).get("adapter") if imported.exists() else None
+        if not adapter:
+            return {}, root / "train_report.json"
+        package = Path(adapter)
+        meta = json.loads((package / ADAPTER_META).read_text()) if (package / ADAPTER_META).exists() else {}
+        report = package / "train_report.json"  # the bundled package keeps it beside the adapter
+        return meta.get("train_config", {}), report if report.exists() else package.parent / "train_report.json"

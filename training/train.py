@@ -36,10 +36,10 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from feedserve.artifacts import ADAPTER_META, EncoderSettings
-from feedserve.buckets import PercentileBuckets
-from feedserve.encoder import EmbeddingModel, keep_first_layers, load_embedding_model
-from feedserve.prompts import PromptBuilder
-from feedserve.records import Post
+from feedserve.prompt.buckets import PercentileBuckets
+from feedserve.encode.pytorch import EmbeddingModel, keep_first_layers, load_embedding_model
+from feedserve.prompt.builder import PromptBuilder
+from feedserve.prompt.records import Post
 from feedserve.training.data import Example
 
 logger = logging.getLogger(__name__)
@@ -270,8 +270,8 @@ def materialize_checkpoint(hf_dir: Path, run: Path, checkpoint: Path, dest: Path
 
 def main(argv: list[str] | None = None) -> int:
     from feedserve.artifacts import REPO_ROOT, ArtifactLayout
-    from feedserve.build import SAMPLE_CORPUS
-    from feedserve.movielens import load_movielens
+    from feedserve.ops.builder import SAMPLE_CORPUS
+    from feedserve.prompt.movielens import load_movielens
     from feedserve.training.data import movielens_split, synthetic_feed
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -18,6 +18,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from feedserve.artifacts import ARTIFACTS_ENV, ArtifactLayout, default_artifacts_dir
+from feedserve.errors import FeedserveError
 from feedserve.schema import IO, ModelName
 from feedserve.triton.compat import pb_utils
 
@@ -27,7 +28,7 @@ Arrays = dict[str, np.ndarray]
 P = TypeVar("P")
 
 
-class RequestError(ValueError):
+class RequestError(FeedserveError, ValueError):
     """A problem with one request's input; reported to its client as INVALID_ARG."""
 
 

@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from feedserve.artifacts import ArtifactLayout, EncoderSettings
-from feedserve.prompts import pad_length
-from feedserve.runtime import Encoder, OnnxEncoder
+from feedserve.prompt.builder import pad_length
+from feedserve.encode.base import Encoder
+from feedserve.encode.ort import OnnxEncoder
 from feedserve.schema import ATTENTION_MASK, EMBEDDING, INPUT_IDS, ModelName
 from feedserve.triton.base import Arrays, BatchModel, RequestError, check_2d, require
 
@@ -121,7 +122,7 @@ class EncoderModel(BatchModel[Tokens]):
             layout.verify(graph)
             return OnnxEncoder(graph, intra_op_threads=threads)
         if runtime == "torch":
-            from feedserve.encoder import TorchEncoder  # torch only in the processes that run it
+            from feedserve.encode.pytorch import TorchEncoder  # torch only in the processes that run it
 
             layout.verify(layout.hf_dir)
             # compute() pads every group on the right, which lets the fused causal kernel run.
@@ -130,7 +131,7 @@ class EncoderModel(BatchModel[Tokens]):
 
     @staticmethod
     def _graph(layout: ArtifactLayout, precision: str) -> Path:
-        """The ONNX graph the rendered precision asks for (feedserve.repository.RepositorySettings)."""
+        """The ONNX graph the rendered precision asks for (feedserve.triton.repository.RepositorySettings)."""
         if precision == "fp32":
             return layout.onnx
         if precision not in PRECISIONS:

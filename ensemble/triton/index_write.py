@@ -1,4 +1,4 @@
-"""The `index_write` model: the live index's single writer (one instance; see feedserve.live_index).
+"""The `index_write` model: the live index's single writer (one instance; see feedserve.index.live).
 
 Each request's upserts and deletes are checked, appended to the write-ahead log as one record and
 fsynced, then applied; its LSN output comes back only after that, so an acknowledged write survives
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from feedserve.artifacts import ArtifactLayout
-from feedserve.index_log import LogError
-from feedserve.knn import IndexError_
-from feedserve.live_index import LiveIndex
+from feedserve.index.wal import LogError
+from feedserve.errors import IndexStoreError
+from feedserve.index.live import IndexWriter
 from feedserve.schema import LSN, OP, OP_DELETE, OP_UPSERT, POST_ID, WRITE_EMBEDDING, ModelName
 from feedserve.triton.base import Arrays, BatchModel, RequestError, Unavailable, check_2d, require
 
@@ -42,7 +42,7 @@ class IndexWriteModel(BatchModel[Write]):
         self.layout = layout
         self.snapshot_every = int(params.get("snapshot_every", "1000"))
         self._dim = layout.serving_dim()
-        self.live = LiveIndex.open(layout.index.parent, self._dim, writer=True)
+        self.live = IndexWriter.open(layout.index_dir.root, self._dim)
         self._since_snapshot = 0
         self._snapshotting: threading.Thread | None = None
 
@@ -56,7 +56,7 @@ class IndexWriteModel(BatchModel[Write]):
             raise RequestError(f"{OP.name}: each row must be {OP_UPSERT} (upsert) or {OP_DELETE} (delete), got {sorted(set(ops.tolist()))}")
         if len(np.unique(ids)) != len(ids):
             raise RequestError(f"{POST_ID.name}: a post appears twice in one request")
-        if (ids < 0).any():  # as in records (feedserve.records.PostId); -1 also pads search results
+        if (ids < 0).any():  # as in records (feedserve.prompt.records.PostId); -1 also pads search results
             raise RequestError(f"{POST_ID.name}: post ids must be >= 0, got {int(ids.min())}")
         vectors = inputs.get(WRITE_EMBEDDING.name)
         if vectors is not None:
@@ -72,10 +72,10 @@ class IndexWriteModel(BatchModel[Write]):
             logger.warning("index_write: reopening %s after a failed write", self.live.log_path)
             self._join_snapshot()
             self.live.close()
-            self.live = LiveIndex.open(self.layout.index.parent, self._dim, writer=True)
+            self.live = IndexWriter.open(self.layout.index_dir.root, self._dim)
         try:
             self.live.refresh()  # a rebuilt index replaces ours, with our writes since replayed on it
-        except (IndexError_, LogError):
+        except IndexStoreError:  # LogError included
             logger.exception("index_write: could not take the rebuilt index; writing on the one it holds")
         outputs: list[Arrays | RequestError] = []
         for write in items:
@@ -83,10 +83,10 @@ class IndexWriteModel(BatchModel[Write]):
                 lsn = self.live.write(write.ops, write.ids, None if write.vectors is None else write.vectors[write.ops == OP_UPSERT])
                 outputs.append({LSN.name: np.full((len(write.ids), 1), lsn, np.int64)})
                 self._since_snapshot += 1
-            except IndexError_ as err:  # checked before anything is logged: nothing of it was written
-                outputs.append(RequestError(f"{WRITE_EMBEDDING.name}: {err}"))
             except LogError as err:  # not acknowledged; the next batch reopens the log if it must
                 outputs.append(Unavailable(f"index_write: {err}"))
+            except IndexStoreError as err:  # checked before anything is logged: nothing of it was written
+                outputs.append(RequestError(f"{WRITE_EMBEDDING.name}: {err}"))
         if self._since_snapshot >= self.snapshot_every and self._snapshotting is None:
             self._since_snapshot = 0
             self._snapshotting = threading.Thread(target=self._snapshot, name="index-snapshot", daemon=True)

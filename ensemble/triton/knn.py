@@ -1,6 +1,6 @@
 """The `knn` model: exact top-k over the post index, excluding posts the member has seen.
 
-The index is a follower of the live index (`feedserve.live_index`): before each batch it applies
+The index is a follower of the live index (`feedserve.index.live`): before each batch it applies
 the writes `index_write` has acknowledged since, so a search sees every write acknowledged before
 it started. A full rebuild (a new generation of the snapshot) is loaded whole before it replaces
 the old index: no request sees a half-built index; the writer's periodic snapshots need no reload.
@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from feedserve.artifacts import ArtifactLayout
-from feedserve.knn import Engine, PostIndex, Signature, file_signature
-from feedserve.live_index import LiveIndex
+from feedserve.index.engines import Engine
+from feedserve.files import FileIdentity, file_identity
+from feedserve.index.store import PostIndex
+from feedserve.index.live import IndexFollower
 from feedserve.schema import EXCLUDE_IDS, IDS, K, QUERY, SCORES, ModelName
 from feedserve.triton.base import Arrays, BatchModel, RequestError, check_2d, require
 
@@ -43,14 +44,14 @@ class KnnModel(BatchModel[KnnRequest]):
         self.engine = Engine(params.get("engine", "faiss"), params.get("device", "cuda"), params.get("dtype", "fp16"))
         logger.info("knn: %s engine%s", self.engine.kind,
                     "" if self.engine.kind == "faiss" else f" on {self.engine.device}, {self.engine.dtype} storage")
-        self.path: Path = layout.index
-        self.live: LiveIndex | None = None
-        self._unreadable: Signature | None = None
+        self.files = layout.index_dir
+        self.live: IndexFollower | None = None
+        self._unreadable: FileIdentity | None = None
         # At load, a bad index or an engine that cannot run here fails the model (better than a
         # model that answers nothing); later, a bad file keeps the old index serving, logged once.
         self._refresh(at_load=True)
         if self.index is None:
-            logger.warning("knn: no index at %s yet; searches return nothing until it is built", self.path)
+            logger.warning("knn: no index at %s yet; searches return nothing until it is built", self.files.snapshot)
 
     @property
     def index(self) -> PostIndex | None:
@@ -60,16 +61,16 @@ class KnnModel(BatchModel[KnnRequest]):
         try:
             if self.live is not None:
                 self.live.refresh()
-            elif (signature := file_signature(self.path)) is not None and signature != self._unreadable:
-                self._unreadable = signature  # until it opens: a bad file is reported once
-                live = LiveIndex.open(self.path.parent, engine=self.engine)
+            elif (identity := file_identity(self.files.snapshot)) is not None and identity != self._unreadable:
+                self._unreadable = identity  # until it opens: a bad file is reported once
+                live = IndexFollower.open(self.files.root, engine=self.engine)
                 if len(live.index):  # build a GPU engine's device copy now, not in the first request
                     live.index.search(np.zeros((1, live.index.dim), np.float32), [1])
                 self.live = live
         except Exception:
             if at_load:
                 raise
-            logger.exception("knn: could not follow %s; serving the index it holds", self.path.parent)
+            logger.exception("knn: could not follow %s; serving the index it holds", self.files.root)
 
     def parse(self, inputs: dict[str, np.ndarray | None]) -> KnnRequest:
         queries = check_2d(QUERY.name, require(inputs, QUERY.name), np.float32)

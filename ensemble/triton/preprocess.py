@@ -13,9 +13,9 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from feedserve.artifacts import ArtifactLayout, EncoderSettings
-from feedserve.buckets import PercentileBuckets
-from feedserve.prompts import PromptBuilder
-from feedserve.records import Member, Post, RecordError, parse_member, parse_post
+from feedserve.prompt.buckets import PercentileBuckets
+from feedserve.prompt.builder import PromptBuilder
+from feedserve.prompt.records import Member, Post, RecordError, parse_member, parse_post
 from feedserve.schema import ATTENTION_MASK, EXCLUDE_IDS, INPUT_IDS, RECORDS, ModelName, RecordKind
 from feedserve.triton.base import Arrays, BatchModel, RequestError, require
 

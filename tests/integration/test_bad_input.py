@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from feedserve.clients.online import ClientError, FeedClient, records_tensor
-from feedserve.records import MAX_HISTORY, MAX_RECORD_BYTES, MAX_TEXT_CHARS
+from feedserve.errors import ClientError
+from feedserve.clients.online import FeedClient, records_tensor
+from feedserve.prompt.records import MAX_HISTORY, MAX_RECORD_BYTES, MAX_TEXT_CHARS
 from feedserve.schema import IO, ModelName
 
 pytestmark = pytest.mark.integration

@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from feedserve.cli import main
-from feedserve.clients.online import ClientError, FeedClient
-from feedserve.records import Post, write_posts_jsonl
+from feedserve.ops.cli import main
+from feedserve.errors import ClientError
+from feedserve.clients.online import FeedClient
+from feedserve.prompt.records import Post, write_posts_jsonl
 
 pytestmark = pytest.mark.integration
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "ensemble" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "ensemble" / "prompt" / "examples"
 
 
 def test_index_retrieve_and_embed_from_the_command_line(  # type: ignore[no-untyped-def]

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from feedserve.artifacts import ArtifactLayout
-from feedserve.clients.online import ClientError, FeedClient
-from feedserve.server import ServerError, ServerOptions, TritonServer, free_port
-from feedserve.supervisor import stub_processes
+from feedserve.clients.online import FeedClient
+from feedserve.errors import ClientError
+from feedserve.ops.launcher import ServerError, ServerOptions, TritonServer, free_port
+from feedserve.ops.watchdog import stub_processes
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +39,7 @@ def artifacts(tiny_artifacts: ArtifactLayout, tmp_path: Path) -> ArtifactLayout:
 
 @pytest.fixture
 def server(artifacts: ArtifactLayout, tmp_path: Path) -> Iterator[TritonServer]:
-    from feedserve.repository import write_repository
+    from feedserve.triton.repository import write_repository
 
     write_repository(tmp_path / "repo")
     with TritonServer(_options(artifacts.root, tmp_path / "repo", tmp_path / "server.log")) as s:
@@ -48,12 +49,12 @@ def server(artifacts: ArtifactLayout, tmp_path: Path) -> Iterator[TritonServer]:
 @pytest.fixture(params=["launcher", "standalone"])
 def watched_server(request: pytest.FixtureRequest, artifacts: ArtifactLayout, tmp_path: Path) -> Iterator[TritonServer]:
     """A server whose stubs are watched by its launcher's thread, or, as in the GPU container, by
-    `python -m feedserve.supervisor` running beside a server it did not start."""
+    `python -m feedserve.ops.watchdog` running beside a server it did not start."""
     import subprocess
     import sys
 
-    from feedserve.repository import write_repository
-    from feedserve.supervisor import ADMIN_KEY_ENV
+    from feedserve.triton.repository import write_repository
+    from feedserve.ops.watchdog import ADMIN_KEY_ENV
 
     write_repository(tmp_path / "repo")
     options = _options(artifacts.root, tmp_path / "repo", tmp_path / "server.log")
@@ -65,7 +66,7 @@ def watched_server(request: pytest.FixtureRequest, artifacts: ArtifactLayout, tm
         assert s.process is not None
         with open(tmp_path / "watchdog.log", "w") as log:
             watcher = subprocess.Popen(
-                [sys.executable, "-m", "feedserve.supervisor", "--server-pid", str(s.process.pid), "--http-url", s.http_url,
+                [sys.executable, "-m", "feedserve.ops.watchdog", "--server-pid", str(s.process.pid), "--http-url", s.http_url,
                  "--interval-s", "0.5", "--artifacts", str(artifacts.root), "--repository", str(tmp_path / "repo")],
                 env={**os.environ, ADMIN_KEY_ENV: options.admin_key}, stdout=log, stderr=subprocess.STDOUT)
             try:
@@ -136,7 +137,7 @@ def test_a_killed_stub_under_load_recovers(watched_server: TritonServer) -> None
 
 
 def test_a_truncated_onnx_graph_is_refused_at_start(artifacts: ArtifactLayout, tmp_path: Path) -> None:
-    from feedserve.repository import write_repository
+    from feedserve.triton.repository import write_repository
 
     write_repository(tmp_path / "repo")
     artifacts.onnx.write_bytes(artifacts.onnx.read_bytes()[:1000])
@@ -147,7 +148,7 @@ def test_a_truncated_onnx_graph_is_refused_at_start(artifacts: ArtifactLayout, t
 def test_tritonserver_started_directly_refuses_a_corrupt_graph(artifacts: ArtifactLayout, tmp_path: Path) -> None:
     """As the container's entrypoint runs it, without feedserve's launcher and its check: the encoder
     backend's own check fails the model's load, and the log names the file."""
-    from feedserve.repository import write_repository
+    from feedserve.triton.repository import write_repository
 
     write_repository(tmp_path / "repo")
     data = bytearray(artifacts.onnx.read_bytes())
@@ -164,7 +165,7 @@ def test_tritonserver_started_directly_refuses_a_corrupt_graph(artifacts: Artifa
 def test_a_damaged_index_file_is_refused_and_the_last_good_one_keeps_serving(server: TritonServer, tmp_path: Path) -> None:
     """A snapshot replaced on disk by one whose vectors do not match its checksum: the knn model
     refuses to reload it and answers from the index it had."""
-    from feedserve.knn import save_arrays
+    from feedserve.index.snapshot import save_arrays
 
     layout = ArtifactLayout(server.options.artifacts)
     vectors = np.random.default_rng(0).normal(size=(10, 32)).astype(np.float32)

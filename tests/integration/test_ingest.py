@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from feedserve.artifacts import ArtifactLayout
-from feedserve.build import SAMPLE_CORPUS
+from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.clients.ingest import Ingester, JsonlSource
 from feedserve.clients.online import FeedClient
-from feedserve.movielens import load_movielens
-from feedserve.records import Post
+from feedserve.prompt.movielens import load_movielens
+from feedserve.prompt.records import Post
 from feedserve.schema import ModelName
 
 pytestmark = pytest.mark.integration
@@ -118,7 +118,7 @@ def redis_url(tmp_path: Path):  # type: ignore[no-untyped-def]
     """A real redis-server (Debian's, installed by scripts/setup.sh) on a free loopback port."""
     import shutil as sh
 
-    from feedserve.server import free_port
+    from feedserve.ops.launcher import free_port
 
     if sh.which("redis-server") is None:
         pytest.skip("redis-server is not installed (scripts/setup.sh installs it)")

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from feedserve.artifacts import ArtifactLayout, EncoderSettings
-from feedserve.build import SAMPLE_CORPUS
+from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.clients.batch import index_corpus
-from feedserve.clients.online import ClientError, FeedClient, records_tensor
+from feedserve.clients.online import FeedClient, records_tensor
+from feedserve.errors import ClientError
 from feedserve.schema import IO, ModelName
 
 pytestmark = pytest.mark.integration
@@ -22,7 +23,7 @@ PROTOCOLS = ("http", "grpc")
 
 @pytest.fixture(scope="module")
 def movielens():  # type: ignore[no-untyped-def]
-    from feedserve.movielens import load_movielens
+    from feedserve.prompt.movielens import load_movielens
 
     return load_movielens(SAMPLE_CORPUS)
 
@@ -56,9 +57,9 @@ def local(tiny_artifacts: ArtifactLayout):  # type: ignore[no-untyped-def]
     """The same pipeline in-process: prompt builder + ONNX Runtime, no server."""
     from tokenizers import Tokenizer
 
-    from feedserve.buckets import PercentileBuckets
-    from feedserve.prompts import PromptBuilder
-    from feedserve.runtime import OnnxEncoder
+    from feedserve.prompt.buckets import PercentileBuckets
+    from feedserve.prompt.builder import PromptBuilder
+    from feedserve.encode.ort import OnnxEncoder
 
     settings = EncoderSettings.load(tiny_artifacts.settings)
     builder = PromptBuilder(

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 from feedserve.artifacts import ArtifactLayout
-from feedserve.build import SAMPLE_CORPUS
+from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.clients.ingest import Ingester, JsonlSource
 from feedserve.clients.online import FeedClient
-from feedserve.movielens import load_movielens
-from feedserve.repository import write_repository
+from feedserve.prompt.movielens import load_movielens
+from feedserve.triton.repository import write_repository
 from feedserve.schema import ModelName
-from feedserve.server import ServerOptions, TritonServer, free_port
+from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
 
 pytestmark = pytest.mark.integration
 

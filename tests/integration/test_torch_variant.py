@@ -13,13 +13,13 @@ import pytest
 import tritonclient.grpc.model_config_pb2 as mc
 
 from feedserve.artifacts import ArtifactLayout, EncoderSettings
-from feedserve.build import SAMPLE_CORPUS
+from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.clients.batch import index_corpus
 from feedserve.clients.online import FeedClient
-from feedserve.movielens import load_movielens
-from feedserve.repository import RepositorySettings, config_files, render_configs, write_files
+from feedserve.prompt.movielens import load_movielens
+from feedserve.triton.repository import RepositorySettings, config_files, render_configs, write_files
 from feedserve.schema import ModelName
-from feedserve.server import ServerOptions, TritonServer, free_port
+from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -42,9 +42,9 @@ def _torch_repository_on_cpu(dest: Path) -> None:
 def test_the_torch_backends_serve_the_ensembles(tiny_artifacts: ArtifactLayout, tmp_path: Path) -> None:
     from tokenizers import Tokenizer
 
-    from feedserve.buckets import PercentileBuckets
-    from feedserve.prompts import PromptBuilder
-    from feedserve.runtime import OnnxEncoder
+    from feedserve.prompt.buckets import PercentileBuckets
+    from feedserve.prompt.builder import PromptBuilder
+    from feedserve.encode.ort import OnnxEncoder
 
     root = tmp_path / "artifacts"
     shutil.copytree(tiny_artifacts.root, root, ignore=shutil.ignore_patterns("index", "emb"))

@@ -13,13 +13,13 @@ import pytest
 from tokenizers import Tokenizer
 
 from feedserve.artifacts import ArtifactLayout, EncoderSettings
-from feedserve.buckets import PercentileBuckets
-from feedserve.build import BuildOptions, build_artifacts
+from feedserve.prompt.buckets import PercentileBuckets
+from feedserve.ops.builder import BuildOptions, build_artifacts
 from feedserve.clients.online import FeedClient
-from feedserve.encoder import TorchEncoder
-from feedserve.prompts import PromptBuilder
-from feedserve.repository import write_repository
-from feedserve.server import ServerOptions, TritonServer, free_port
+from feedserve.encode.pytorch import TorchEncoder
+from feedserve.prompt.builder import PromptBuilder
+from feedserve.triton.repository import write_repository
+from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
 from feedserve.training.data import synthetic_feed
 from feedserve.training.train import TrainConfig, train
 from tests.conftest import TINY_SETTINGS

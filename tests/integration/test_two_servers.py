@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from feedserve.artifacts import ArtifactLayout
-from feedserve.clients.online import ClientError, FeedClient
-from feedserve.repository import RepositorySettings, write_repository
+from feedserve.clients.online import FeedClient
+from feedserve.errors import ClientError
+from feedserve.triton.repository import RepositorySettings, write_repository
 from feedserve.schema import ModelName
-from feedserve.server import ServerOptions, TritonServer, free_port
+from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
 
 pytestmark = pytest.mark.integration
 

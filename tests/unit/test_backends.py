@@ -125,7 +125,7 @@ def test_the_rendered_precision_picks_the_graph(tiny_artifacts: ArtifactLayout, 
     import shutil
 
     from feedserve.export.onnx import quantize_int8
-    from feedserve.repository import RepositorySettings, render_configs
+    from feedserve.triton.repository import RepositorySettings, render_configs
     from feedserve.schema import ModelName
 
     def params(precision: str) -> dict[str, str]:
@@ -165,7 +165,7 @@ def _run_cost(runs: list[tuple[list[int], int]]) -> float:
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.integers(1, 512), max_size=80), st.integers(1, 40))
 def test_every_grouping_runs_each_row_once_within_its_width(lengths: list[int], max_rows: int) -> None:
-    from feedserve.prompts import pad_length
+    from feedserve.prompt.builder import pad_length
     from feedserve.triton.encoder import GROUPINGS, group_rows
 
     buckets = (32, 64, 128, 256, 512)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from feedserve.records import Engagement, Member, Post
+from feedserve.prompt.records import Engagement, Member, Post
 from feedserve.training.baselines import ItemKNN
 from feedserve.training.data import EvalCase
 from feedserve.training.evaluate import metrics, rank

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from feedserve.buckets import PercentileBuckets
+from feedserve.prompt.buckets import PercentileBuckets
 
 
 @pytest.fixture

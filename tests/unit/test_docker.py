@@ -121,11 +121,11 @@ def test_entrypoint_builds_the_plan_then_starts_triton(tmp_path: Path, artifacts
     result, calls = _run_entrypoint(tmp_path, env)
     assert result.returncode == 0, result.stderr
     # The stub watchdog starts in the background just before the exec: its place among the last calls varies.
-    watchdog = [c for c in calls if c.startswith("python3 -m feedserve.supervisor")]
+    watchdog = [c for c in calls if c.startswith("python3 -m feedserve.ops.watchdog")]
     calls = [c for c in calls if c not in watchdog]
     assert len(watchdog) == 1 and "--http-url 127.0.0.1:8000" in watchdog[0]
     assert f"--artifacts {artifacts} --repository {tmp_path / 'models'}" in watchdog[0]
-    assert calls[0] == f"python3 -m feedserve.manifest verify {artifacts}"
+    assert calls[0] == f"python3 -m feedserve.ops.manifest verify {artifacts}"
     assert calls[1] == f"feedserve render --variant gpu-trt --out {tmp_path / 'models'}"
     assert calls[2].startswith("python3 -m feedserve.export.tensorrt ensure")
     assert f"--plan {tmp_path / 'models'}/encoder/1/model.plan" in calls[2] and "--precision bf16" in calls[2]
@@ -148,7 +148,7 @@ def test_entrypoint_stops_when_the_artifacts_fail_their_manifest(tmp_path: Path,
     result, calls = _run_entrypoint(tmp_path, {"FEEDSERVE_ARTIFACTS": str(artifacts), "FEEDSERVE_VARIANT": "gpu-torch"},
                                     failing="python3")
     assert result.returncode == 1 and "stub failed" in result.stderr
-    assert calls == [f"python3 -m feedserve.manifest verify {artifacts}"]  # nothing rendered or started
+    assert calls == [f"python3 -m feedserve.ops.manifest verify {artifacts}"]  # nothing rendered or started
 
 
 @pytest.mark.parametrize(("env", "words"), [

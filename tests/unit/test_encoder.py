@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from feedserve.artifacts import EncoderSettings
-from feedserve.encoder import EmbeddingModel, TorchEncoder, last_token_pool, mean_pool, normalize_truncate
+from feedserve.encode.pytorch import EmbeddingModel, TorchEncoder, last_token_pool, mean_pool, normalize_truncate
 
 
 def _pad(rows: list[np.ndarray], side: str) -> tuple[np.ndarray, np.ndarray]:

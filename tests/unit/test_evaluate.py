@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from feedserve.buckets import PercentileBuckets
+from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.training.data import synthetic_feed
 from feedserve.training.evaluate import EmbeddingRetriever, popularity_correlation
 from tests.conftest import TINY_SETTINGS
@@ -42,7 +42,7 @@ def test_popularity_correlation() -> None:
 def test_an_artifact_dir_built_from_an_adapter_knows_how_it_was_trained(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import json
 
-    from benchmarks.quality import EncoderDir
+    from feedserve.training.evaluate import EncoderDir
     from feedserve.artifacts import DEFAULT_ADAPTER
 
     (tmp_path / "hf").mkdir()

@@ -12,7 +12,7 @@ import pytest
 from feedserve.artifacts import EncoderSettings
 from feedserve.export.import_model import import_checkpoint
 from feedserve.export.onnx import ParityError, check_parity, export_onnx
-from feedserve.runtime import OnnxEncoder
+from feedserve.encode.ort import OnnxEncoder
 
 
 def test_export_parity_and_report(tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -122,7 +122,7 @@ def test_adapter_packages_are_checked_before_merging(tiny_checkpoint: Path, tmp_
 
 def test_the_default_build_merges_the_bundled_fine_tune_only_into_the_bundled_base() -> None:
     from feedserve.artifacts import DEFAULT_ADAPTER
-    from feedserve.build import resolve_adapter
+    from feedserve.ops.builder import resolve_adapter
 
     assert resolve_adapter(None, None) == DEFAULT_ADAPTER
     assert resolve_adapter(None, None, untuned=True) is None
@@ -132,7 +132,7 @@ def test_the_default_build_merges_the_bundled_fine_tune_only_into_the_bundled_ba
 
 def test_the_bundled_fine_tune_is_complete_and_matches_the_bundled_base() -> None:
     from feedserve.artifacts import ADAPTER_META, DEFAULT_ADAPTER, EncoderSettings
-    from feedserve.buckets import PercentileBuckets
+    from feedserve.prompt.buckets import PercentileBuckets
     from feedserve.export.import_model import default_gguf_path, source_checksum
 
     meta = json.loads((DEFAULT_ADAPTER / ADAPTER_META).read_text())
@@ -144,7 +144,7 @@ def test_the_bundled_fine_tune_is_complete_and_matches_the_bundled_base() -> Non
 
 def test_dim_and_pooling_change_the_adapters_settings_without_replacing_them(tmp_path: Path) -> None:
     from feedserve.artifacts import DEFAULT_ADAPTER, ArtifactLayout, EncoderSettings
-    from feedserve.build import BuildOptions, resolve_settings
+    from feedserve.ops.builder import BuildOptions, resolve_settings
 
     trained = EncoderSettings.load(DEFAULT_ADAPTER / "serving.json")
     layout = ArtifactLayout(tmp_path)
@@ -158,7 +158,7 @@ def test_dim_and_pooling_change_the_adapters_settings_without_replacing_them(tmp
 
 def test_an_export_that_failed_is_redone_by_the_next_build(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import feedserve.export.onnx as onnx_export
-    from feedserve.build import BuildOptions, build_artifacts
+    from feedserve.ops.builder import BuildOptions, build_artifacts
 
     layout = build_artifacts(BuildOptions(tmp_path, source=tiny_checkpoint, dim=32))
     real = onnx_export.export_onnx

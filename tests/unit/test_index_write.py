@@ -11,8 +11,8 @@ import pytest
 
 from feedserve.artifacts import ArtifactLayout
 from feedserve.clients.batch import build_index
-from feedserve.index_log import read_records
-from feedserve.knn import PostIndex
+from feedserve.index.wal import read_records
+from feedserve.index.store import PostIndex
 from feedserve.triton.base import RequestError
 from feedserve.triton.index_write import IndexWriteModel
 from feedserve.triton.knn import KnnModel
@@ -108,7 +108,7 @@ def test_a_rebuilt_index_is_picked_up_by_the_writer(layout: ArtifactLayout) -> N
 
 
 def test_a_write_the_disk_failed_is_unavailable_and_the_writer_recovers(layout: ArtifactLayout, monkeypatch: pytest.MonkeyPatch) -> None:
-    from feedserve import index_log
+    from feedserve.index import wal as index_log
     from feedserve.triton.base import Unavailable
 
     rng = np.random.default_rng(3)

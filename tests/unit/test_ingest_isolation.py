@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from feedserve.clients.ingest import Ingester, JsonlSource
-from feedserve.clients.online import ClientError
+from feedserve.errors import ClientError
 
 
 class RefusingServer:

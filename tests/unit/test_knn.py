@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from feedserve.knn import IndexError_, PostIndex
+from feedserve.errors import IndexStoreError
+from feedserve.index.store import PostIndex
 from feedserve.triton.base import RequestError
 from feedserve.triton.knn import KnnModel
 
@@ -42,7 +43,7 @@ def test_the_matmul_search_returns_what_faiss_returns(index: PostIndex, n_querie
     index.delete(np.arange(1000, 1200, 3))  # rows move (swap-remove): the view must follow
     index.upsert(np.array([5, 1001]), _unit(rng, 2, 16))
     queries = _unit(rng, n_queries, 16)
-    monkeypatch.setattr("feedserve.knn.SCORE_BUDGET", 1000)  # several chunks of queries
+    monkeypatch.setattr("feedserve.index.store.SCORE_BUDGET", 1000)  # several chunks of queries
     for depth in (1, 10, len(index)):  # depth == every post: a full sort
         scores, ids = index._blas_search(queries, depth)
         want_scores, want_rows = index._flat.search(queries, depth)
@@ -100,11 +101,11 @@ def test_upsert_replaces_and_delete_removes(index: PostIndex) -> None:
 
 
 def test_bad_writes_are_refused(index: PostIndex) -> None:
-    with pytest.raises(IndexError_, match="shape"):
+    with pytest.raises(IndexStoreError, match="shape"):
         index.upsert(np.array([1]), np.zeros((1, 8), np.float32))
-    with pytest.raises(IndexError_, match="duplicate"):
+    with pytest.raises(IndexStoreError, match="duplicate"):
         index.upsert(np.array([1, 1]), np.zeros((2, 16), np.float32))
-    with pytest.raises(IndexError_, match="NaN"):
+    with pytest.raises(IndexStoreError, match="NaN"):
         index.upsert(np.array([1]), np.full((1, 16), np.nan, np.float32))
     assert len(index) == 200
 
@@ -115,7 +116,7 @@ def test_save_load_round_trip_and_corruption(index: PostIndex, tmp_path: Path) -
     loaded = PostIndex.load(path)
     assert sorted(loaded.snapshot()[0].tolist()) == sorted(index.snapshot()[0].tolist())
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(IndexError_, match="cannot read index"):
+    with pytest.raises(IndexStoreError, match="cannot read index"):
         PostIndex.load(path)
 
 
@@ -174,5 +175,5 @@ def test_knn_model_refuses_a_bad_index_at_load_and_keeps_a_good_one_later(index:
     q = _unit(np.random.default_rng(6), 1, 16)
     out = model.run([{"QUERY": q, "K": np.array([[3]], np.int32)}])[0]
     assert not isinstance(out, RequestError) and out["IDS"].shape == (1, 3)  # the old index still serves
-    with pytest.raises(IndexError_, match="cannot read index"):
+    with pytest.raises(IndexStoreError, match="cannot read index"):
         KnnModel().setup(ArtifactLayout(tmp_path), {"max_k": "50"})  # a model that would answer nothing fails to load

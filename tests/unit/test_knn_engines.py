@@ -11,8 +11,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from feedserve.knn import Engine, IndexError_, PostIndex
-from feedserve.knn_torch import TorchFlatIndex, exact_topk
+from feedserve.errors import IndexStoreError
+from feedserve.index.engines import Engine
+from feedserve.index.store import PostIndex
+from feedserve.index.torch_engine import TorchFlatIndex, exact_topk
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -152,7 +154,7 @@ def test_engine_settings_are_checked() -> None:
     index = PostIndex(4, engine=Engine("faiss-gpu"))
     index.upsert(np.array([1]), np.ones((1, 4), np.float32) / 2)
     if not hasattr(__import__("faiss"), "GpuIndexFlatIP"):
-        with pytest.raises(IndexError_, match="faiss-gpu"):
+        with pytest.raises(IndexStoreError, match="faiss-gpu"):
             index.search(np.ones((1, 4), np.float32), [1])
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from feedserve import index_log
-from feedserve.index_log import HEADER, LogError, Op, WriteAheadLog, read_records
-from feedserve.knn import IndexError_
-from feedserve.live_index import LiveIndex, rebuilding
+from feedserve.index import wal as index_log
+from feedserve.index.wal import HEADER, LogError, Op, WriteAheadLog, read_records
+from feedserve.errors import IndexStoreError
+from feedserve.index.live import IndexFollower, IndexWriter, rebuilding
 
 DIM = 8
 
@@ -31,7 +31,7 @@ def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def _state(live: LiveIndex) -> dict[int, list[float]]:
+def _state(live: IndexFollower | IndexWriter) -> dict[int, list[float]]:
     ids, vectors = live.index.snapshot()
     return {int(i): np.round(v, 6).tolist() for i, v in zip(ids, vectors, strict=True)}
 
@@ -43,41 +43,41 @@ def _lsns(log: Path) -> list[int]:
 
 def test_writes_survive_a_reopen_with_and_without_a_snapshot(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    live = LiveIndex.open(tmp_path, DIM, writer=True)
+    live = IndexWriter.open(tmp_path, DIM)
     assert live.upsert(np.arange(10), _unit(rng, 10)) == 1
     live.upsert(np.array([3]), _unit(rng, 1))  # re-embedding replaces
     live.delete(np.array([4, 999]))  # an unknown id is a no-op, still logged
     before = _state(live)
     live.close()  # no snapshot yet: everything is in the log
-    again = LiveIndex.open(tmp_path, writer=True)
+    again = IndexWriter.open(tmp_path)
     assert _state(again) == before and again.lsn == 3 and 4 not in before
     again.snapshot()
     again.upsert(np.array([42]), _unit(rng, 1))
     after = _state(again)
     again.close()
-    third = LiveIndex.open(tmp_path, writer=True)
+    third = IndexWriter.open(tmp_path)
     assert _state(third) == after and third.lsn == 4
     assert _lsns(tmp_path / "posts.wal") == [4]  # the snapshot holds 1..3
 
 
 def test_bad_writes_are_refused_before_they_are_logged(tmp_path: Path) -> None:
-    live = LiveIndex.open(tmp_path, DIM, writer=True)
+    live = IndexWriter.open(tmp_path, DIM)
     for ids, vectors, words in [
         (np.array([1, 1]), np.ones((2, DIM), np.float32), "duplicate post ids"),
         (np.array([1]), np.ones((1, DIM + 1), np.float32), "must have shape"),
         (np.array([1]), np.full((1, DIM), np.nan, np.float32), "NaN"),
         (np.array([-1]), np.ones((1, DIM), np.float32), "reserved"),
     ]:
-        with pytest.raises(IndexError_, match=words):
+        with pytest.raises(IndexStoreError, match=words):
             live.upsert(ids, vectors)
     assert live.lsn == 0 and not _lsns(tmp_path / "posts.wal")
-    with pytest.raises(IndexError_, match="follower"):
-        LiveIndex.open(tmp_path).upsert(np.array([1]), np.ones((1, DIM), np.float32))
+    # A follower has no write API at all: writes go through the directory's one writer.
+    assert not any(hasattr(IndexFollower.open(tmp_path), name) for name in ("write", "upsert", "delete", "snapshot"))
 
 
 def test_a_torn_tail_is_cut_and_damage_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     rng = np.random.default_rng(1)
-    live = LiveIndex.open(tmp_path, DIM, writer=True)
+    live = IndexWriter.open(tmp_path, DIM)
     for i in range(3):
         live.upsert(np.array([i]), _unit(rng, 1))
     live.close()
@@ -85,7 +85,7 @@ def test_a_torn_tail_is_cut_and_damage_is_refused(tmp_path: Path, caplog: pytest
     whole = log.read_bytes()
     log.write_bytes(whole + whole[16:60])  # a crash in the middle of a fourth append
     with caplog.at_level(logging.WARNING):
-        reopened = LiveIndex.open(tmp_path, writer=True)
+        reopened = IndexWriter.open(tmp_path)
     assert "torn tail" in caplog.text and reopened.lsn == 3 and len(reopened.index) == 3
     assert log.read_bytes() == whole
     reopened.close()
@@ -120,8 +120,8 @@ def test_records_out_of_sequence_are_refused(tmp_path: Path) -> None:
 
 def test_a_failed_fsync_refuses_writes_and_never_reuses_the_lsn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(5)
-    live = LiveIndex.open(tmp_path, DIM, writer=True)
-    follower = LiveIndex.open(tmp_path)
+    live = IndexWriter.open(tmp_path, DIM)
+    follower = IndexFollower.open(tmp_path)
     live.upsert(np.array([1]), _unit(rng, 1))
 
     def disk_error(fd: int) -> None:
@@ -136,7 +136,7 @@ def test_a_failed_fsync_refuses_writes_and_never_reuses_the_lsn(tmp_path: Path, 
         live.upsert(np.array([3]), _unit(rng, 1))
     follower.refresh()  # it may see record 2: it stays record 2 for everyone
     live.close()
-    again = LiveIndex.open(tmp_path, writer=True)
+    again = IndexWriter.open(tmp_path)
     assert again.lsn == 2 and set(_state(again)) == {1, 2}
     assert again.upsert(np.array([4]), _unit(rng, 1)) == 3
     follower.refresh()
@@ -145,7 +145,7 @@ def test_a_failed_fsync_refuses_writes_and_never_reuses_the_lsn(tmp_path: Path, 
 
 def test_a_half_written_record_is_cut_off_when_the_log_reopens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(6)
-    live = LiveIndex.open(tmp_path, DIM, writer=True)
+    live = IndexWriter.open(tmp_path, DIM)
     live.upsert(np.array([1]), _unit(rng, 1))
     real_write = index_log._write_all
 
@@ -158,21 +158,21 @@ def test_a_half_written_record_is_cut_off_when_the_log_reopens(tmp_path: Path, m
         live.upsert(np.array([2]), _unit(rng, 1))
     monkeypatch.undo()
     live.close()
-    again = LiveIndex.open(tmp_path, writer=True)  # a torn tail: cut off with a warning
+    again = IndexWriter.open(tmp_path)  # a torn tail: cut off with a warning
     assert again.upsert(np.array([3]), _unit(rng, 1)) == 2
     again.close()
-    assert _lsns(tmp_path / "posts.wal") == [1, 2] and set(_state(LiveIndex.open(tmp_path))) == {1, 3}
+    assert _lsns(tmp_path / "posts.wal") == [1, 2] and set(_state(IndexFollower.open(tmp_path))) == {1, 3}
 
 
 def test_a_snapshot_whose_new_log_fails_keeps_the_old_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(7)
-    live = LiveIndex.open(tmp_path, DIM, writer=True)
+    live = IndexWriter.open(tmp_path, DIM)
     live.upsert(np.arange(3), _unit(rng, 3))
 
     def no_space(*args: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(index_log, "_write_tmp", no_space)  # before the rename: the old log stays in use
+    monkeypatch.setattr(index_log, "temporary_file", no_space)  # before the rename: the old log stays in use
     with pytest.raises(OSError):
         live.snapshot()
     monkeypatch.undo()
@@ -186,23 +186,23 @@ def test_a_snapshot_whose_new_log_fails_keeps_the_old_log(tmp_path: Path, monkey
         live.upsert(np.array([10]), _unit(rng, 1))
     before = _state(live)
     live.close()
-    again = LiveIndex.open(tmp_path, writer=True)
+    again = IndexWriter.open(tmp_path)
     assert _state(again) == before and again.lsn == 2
     assert again.upsert(np.array([11]), _unit(rng, 1)) == 3
 
 
 def test_one_writer_per_directory(tmp_path: Path) -> None:
-    first = LiveIndex.open(tmp_path, DIM, writer=True)
-    with pytest.raises(IndexError_, match="already has a writer"):
-        LiveIndex.open(tmp_path, writer=True)
-    LiveIndex.open(tmp_path).close()  # followers are welcome
+    first = IndexWriter.open(tmp_path, DIM)
+    with pytest.raises(IndexStoreError, match="already has a writer"):
+        IndexWriter.open(tmp_path)
+    IndexFollower.open(tmp_path).close()  # followers are welcome
     first.close()
-    LiveIndex.open(tmp_path, writer=True).close()
+    IndexWriter.open(tmp_path).close()
 
 
 def test_a_request_mixing_upserts_and_deletes_is_one_record(tmp_path: Path) -> None:
     rng = np.random.default_rng(8)
-    live = LiveIndex.open(tmp_path, DIM, writer=True)
+    live = IndexWriter.open(tmp_path, DIM)
     live.upsert(np.arange(3), _unit(rng, 3))
     lsn = live.write(np.array([Op.DELETE, Op.UPSERT, Op.UPSERT]), np.array([0, 1, 7]), _unit(rng, 2))
     assert lsn == 2 and set(_state(live)) == {1, 2, 7}
@@ -214,7 +214,7 @@ def test_a_request_mixing_upserts_and_deletes_is_one_record(tmp_path: Path) -> N
 
 def test_a_snapshot_taken_while_writes_go_on_loses_none(tmp_path: Path) -> None:
     rng = np.random.default_rng(9)
-    live = LiveIndex.open(tmp_path, DIM, writer=True)
+    live = IndexWriter.open(tmp_path, DIM)
     live.upsert(np.arange(5000), _unit(rng, 5000))
     vectors = _unit(rng, 300)
     snapshots = threading.Thread(target=lambda: [live.snapshot() for _ in range(5)])
@@ -224,26 +224,26 @@ def test_a_snapshot_taken_while_writes_go_on_loses_none(tmp_path: Path) -> None:
     snapshots.join()
     before, lsn = _state(live), live.lsn
     live.close()
-    again = LiveIndex.open(tmp_path, writer=True)
+    again = IndexWriter.open(tmp_path)
     assert again.lsn == lsn == 301 and _state(again) == before
 
 
 def test_a_corrupt_snapshot_is_refused_not_served_empty(tmp_path: Path) -> None:
-    live = LiveIndex.open(tmp_path, DIM, writer=True)
+    live = IndexWriter.open(tmp_path, DIM)
     live.upsert(np.arange(5), _unit(np.random.default_rng(2), 5))
     live.snapshot()
     live.close()
     snapshot = tmp_path / "posts.npz"
     snapshot.write_bytes(snapshot.read_bytes()[:100])
-    with pytest.raises(IndexError_, match="cannot read index"):
-        LiveIndex.open(tmp_path, writer=True)
+    with pytest.raises(IndexStoreError, match="cannot read index"):
+        IndexWriter.open(tmp_path)
 
 
 def test_followers_see_every_acknowledged_write_and_snapshot(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
-    writer = LiveIndex.open(tmp_path, DIM, writer=True)
+    writer = IndexWriter.open(tmp_path, DIM)
     writer.upsert(np.arange(20), _unit(rng, 20))
-    follower = LiveIndex.open(tmp_path)
+    follower = IndexFollower.open(tmp_path)
     assert _state(follower) == _state(writer)
     q = _unit(rng, 1)
     top = int(follower.index.search(q, [1])[0].ids[0])
@@ -268,14 +268,14 @@ def test_followers_see_every_acknowledged_write_and_snapshot(tmp_path: Path) -> 
     writer.snapshot()
     follower.refresh()
     assert _state(follower) == _state(writer) and follower.lsn == writer.lsn and follower.reloads == 1
-    late = LiveIndex.open(tmp_path)  # a new follower starts from the snapshot
+    late = IndexFollower.open(tmp_path)  # a new follower starts from the snapshot
     assert _state(late) == _state(writer) and late.lsn == writer.lsn
 
 
 def test_a_rebuild_keeps_the_writes_logged_while_it_ran(tmp_path: Path) -> None:
     rng = np.random.default_rng(4)
-    writer = LiveIndex.open(tmp_path, DIM, writer=True)
-    follower = LiveIndex.open(tmp_path)
+    writer = IndexWriter.open(tmp_path, DIM)
+    follower = IndexFollower.open(tmp_path)
     writer.upsert(np.arange(3), _unit(rng, 3))  # superseded by the rebuild
     with rebuilding(tmp_path) as rebuild:  # the corpus is read and embedded in here
         assert rebuild.lsn == 1
@@ -295,8 +295,8 @@ def test_a_rebuild_keeps_the_writes_logged_while_it_ran(tmp_path: Path) -> None:
 WRITER = textwrap.dedent("""
     import sys
     import numpy as np
-    from feedserve.live_index import LiveIndex
-    live = LiveIndex.open(sys.argv[1], 8, writer=True)
+    from feedserve.index.live import IndexWriter
+    live = IndexWriter.open(sys.argv[1], 8)
     rng = np.random.default_rng(0)
     for i in range(100000):
         v = rng.normal(size=(4, 8)).astype(np.float32)
@@ -317,7 +317,7 @@ def test_kill_9_mid_write_loses_no_acknowledged_write(tmp_path: Path) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert len(acked) >= 300
-    recovered = LiveIndex.open(tmp_path, writer=True)
+    recovered = IndexWriter.open(tmp_path)
     assert recovered.lsn >= acked[-1]
     ids = set(recovered.index.snapshot()[0].tolist())
     assert set(range(4 * acked[-1])) <= ids  # write n holds ids 4(n-1) .. 4n-1
@@ -331,7 +331,7 @@ def test_restoring_a_backup_as_the_readme_says(tmp_path: Path) -> None:
 
     rng = np.random.default_rng(3)
     index_dir = tmp_path / "index"
-    live = LiveIndex.open(index_dir, DIM, writer=True)
+    live = IndexWriter.open(index_dir, DIM)
     live.upsert(np.arange(5), _unit(rng, 5))
     live.snapshot()
     shutil.copy(index_dir / "posts.npz", tmp_path / "backup.npz")
@@ -343,10 +343,10 @@ def test_restoring_a_backup_as_the_readme_says(tmp_path: Path) -> None:
 
     shutil.copy(tmp_path / "backup.npz", index_dir / "posts.npz")
     with pytest.raises(LogError, match="are in no file"):
-        LiveIndex.open(index_dir, writer=True)
+        IndexWriter.open(index_dir)
     (index_dir / "posts.wal").rename(tmp_path / "posts.wal.old")
-    restored = LiveIndex.open(index_dir, writer=True)
+    restored = IndexWriter.open(index_dir)
     assert _state(restored) == backed_up
     restored.upsert(np.array([99]), _unit(rng, 1))
     restored.close()
-    assert 99 in _state(LiveIndex.open(index_dir))
+    assert 99 in _state(IndexFollower.open(index_dir))

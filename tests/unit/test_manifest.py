@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from feedserve.artifacts import ArtifactLayout
-from feedserve.knn import IndexError_, PostIndex, save_arrays
-from feedserve.manifest import MANIFEST, ManifestError
-from feedserve.server import ServerError, ServerOptions, TritonServer
+from feedserve.errors import IndexStoreError
+from feedserve.index.snapshot import save_arrays
+from feedserve.index.store import PostIndex
+from feedserve.ops.manifest import MANIFEST, ManifestError
+from feedserve.ops.launcher import ServerError, ServerOptions, TritonServer
 from feedserve.triton.encoder import EncoderModel
 from feedserve.triton.preprocess import PreprocessModel
 
@@ -73,7 +75,7 @@ def test_a_file_the_manifest_does_not_list_is_refused(layout: ArtifactLayout) ->
 
 
 def test_the_server_refuses_damaged_artifacts_before_starting(layout: ArtifactLayout, tmp_path: Path) -> None:
-    from feedserve.repository import write_repository
+    from feedserve.triton.repository import write_repository
 
     write_repository(tmp_path / "repo")
     server = TritonServer(ServerOptions(repository=tmp_path / "repo", artifacts=layout.root))
@@ -96,7 +98,7 @@ def test_an_index_whose_vectors_changed_is_refused(tmp_path: Path) -> None:
     vectors[3, 0] += 1.0
     with open(path, "wb") as f:
         np.savez(f, ids=ids, vectors=vectors, meta=np.array(meta))
-    with pytest.raises(IndexError_, match="checksum"):
+    with pytest.raises(IndexStoreError, match="checksum"):
         PostIndex.load(path)
 
 
@@ -131,7 +133,7 @@ def test_an_index_saved_before_checksums_loads_with_a_warning(tmp_path: Path, ca
 def test_a_build_repairs_damaged_files_and_keeps_the_index(tiny_checkpoint: Path, tmp_path: Path) -> None:
     """A damaged artifact is rebuilt by the next `feedserve build` (its up-to-date checks look at
     what a file was built from, not its bytes); the same model keeps its index and live writes."""
-    from feedserve.build import BuildOptions, build_artifacts
+    from feedserve.ops.builder import BuildOptions, build_artifacts
 
     layout = build_artifacts(BuildOptions(tmp_path / "a", source=tiny_checkpoint))
     save_arrays(layout.index, np.arange(3), np.eye(3, layout.serving_dim(), dtype=np.float32), {"lsn": 3})

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from feedserve.build import SAMPLE_CORPUS
-from feedserve.movielens import MovieLens, load_movielens
+from feedserve.ops.builder import SAMPLE_CORPUS
+from feedserve.prompt.movielens import MovieLens, load_movielens
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from feedserve.artifacts import EncoderSettings
-from feedserve.buckets import PercentileBuckets
-from feedserve.prompts import PromptBuilder
-from feedserve.records import Engagement, Member, Post, parse_member, parse_post
+from feedserve.prompt.buckets import PercentileBuckets
+from feedserve.prompt.builder import PromptBuilder
+from feedserve.prompt.records import Engagement, Member, Post, parse_member, parse_post
 from tests.tiny import make_tokenizer
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "ensemble" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "ensemble" / "prompt" / "examples"
 SETTINGS = EncoderSettings(max_prompt_tokens=200, post_text_tokens=20, history_item_tokens=8, max_history_items=30,
                            length_buckets=(16, 32, 64, 128, 256))
 

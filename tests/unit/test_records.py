@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from feedserve.records import (
+from feedserve.prompt.records import (
     MAX_RECORD_BYTES,
     RecordError,
     json_schema,
@@ -17,7 +17,7 @@ from feedserve.records import (
     write_posts_jsonl,
 )
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "ensemble" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "ensemble" / "prompt" / "examples"
 
 
 def test_examples_parse() -> None:

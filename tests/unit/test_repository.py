@@ -4,14 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from feedserve.repository import RepositorySettings, drift, render_configs, write_repository
+from feedserve.triton.repository import RepositorySettings, drift, render_configs, write_repository
 from feedserve.schema import IO, ModelName
-from feedserve.server import DEFAULT_REPOSITORY
+from feedserve.ops.launcher import DEFAULT_REPOSITORY
 
 
 def test_committed_repository_matches_the_code() -> None:
     stale = drift(DEFAULT_REPOSITORY)
-    assert not stale, f"model_repository/ drifted from feedserve.repository: {stale}; run `feedserve render`"
+    assert not stale, f"model_repository/ drifted from feedserve.triton.repository: {stale}; run `feedserve render`"
 
 
 def test_every_model_is_rendered_with_schema_tensors(tmp_path: Path) -> None:
@@ -39,7 +39,7 @@ def test_gpu_variants_change_only_where_models_run() -> None:
     import pytest
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from feedserve.repository import VARIANTS, RepositorySettings
+    from feedserve.triton.repository import VARIANTS, RepositorySettings
 
     cpu = render_configs(RepositorySettings())
     for variant in VARIANTS[1:]:
@@ -62,7 +62,7 @@ def test_gpu_variants_change_only_where_models_run() -> None:
 
 
 def test_a_follower_server_has_no_writer() -> None:
-    from feedserve.repository import RepositorySettings
+    from feedserve.triton.repository import RepositorySettings
 
     follower = render_configs(RepositorySettings(index_writer=False))
     assert ModelName.INDEX_WRITE not in follower and ModelName.KNN in follower

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from feedserve.cli import main as cli_main
-from feedserve.server import ADMIN_APIS, ADMIN_HEADER, ADMIN_KEY_ENV, LOOPBACK, ServerOptions, TritonServer
+from feedserve.ops.cli import main as cli_main
+from feedserve.ops.launcher import ADMIN_APIS, ADMIN_HEADER, ADMIN_KEY_ENV, LOOPBACK, ServerOptions, TritonServer
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = [p for d in ("ensemble", "clients", "export", "training", "benchmarks", "scripts", "docker")

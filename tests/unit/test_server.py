@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from feedserve.server import LOOPBACK, ServerError, ServerOptions, TritonServer, prepare_backend_dir
+from feedserve.ops.launcher import LOOPBACK, ServerError, ServerOptions, TritonServer, prepare_backend_dir
 
 
 def test_missing_artifacts_are_named(tmp_path: Path) -> None:
@@ -39,8 +39,8 @@ def test_the_stub_watchdog_reloads_a_model_whose_stub_died(tmp_path: Path, monke
     import sys
     import time
 
-    from feedserve import supervisor
-    from feedserve.supervisor import StubWatchdog, stub_processes
+    from feedserve.ops import watchdog as supervisor
+    from feedserve.ops.watchdog import StubWatchdog, stub_processes
 
     model_py = tmp_path / "repo" / "encoder" / "1" / "model.py"
     model_py.parent.mkdir(parents=True)
@@ -86,11 +86,11 @@ def test_the_stub_watchdog_reloads_a_model_whose_stub_died(tmp_path: Path, monke
 def test_the_standalone_watchdog_needs_the_key_and_gives_up_on_a_server_that_never_came(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """`python -m feedserve.supervisor`, as the GPU entrypoint starts it beside tritonserver."""
+    """`python -m feedserve.ops.watchdog`, as the GPU entrypoint starts it beside tritonserver."""
     import subprocess
     import sys
 
-    from feedserve.supervisor import ADMIN_KEY_ENV, main
+    from feedserve.ops.watchdog import ADMIN_KEY_ENV, main
 
     monkeypatch.delenv(ADMIN_KEY_ENV, raising=False)
     assert main(["--server-pid", "1", "--http-url", "127.0.0.1:1"]) == 2

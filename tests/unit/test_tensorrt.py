@@ -13,7 +13,7 @@ from feedserve.artifacts import ArtifactLayout, EncoderSettings
 from feedserve.export.tensorrt import (
     UNAVAILABLE_EXIT, EngineOptions, Profile, ensure_engine, main, rename_io, stale_fields, unavailable_reason,
 )
-from feedserve.manifest import sha256_file
+from feedserve.files import sha256_file
 from feedserve.schema import ATTENTION_MASK, EMBEDDING, INPUT_IDS
 
 REASON = unavailable_reason()

@@ -9,9 +9,9 @@ import pytest
 from tokenizers import Tokenizer
 
 from feedserve.artifacts import EncoderSettings
-from feedserve.buckets import PercentileBuckets
-from feedserve.encoder import TorchEncoder
-from feedserve.prompts import PromptBuilder
+from feedserve.prompt.buckets import PercentileBuckets
+from feedserve.encode.pytorch import TorchEncoder
+from feedserve.prompt.builder import PromptBuilder
 from feedserve.training.data import synthetic_feed
 from feedserve.training.evaluate import evaluate_embeddings
 from feedserve.training.train import TrainConfig, train

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from feedserve.build import SAMPLE_CORPUS
-from feedserve.movielens import load_movielens
+from feedserve.ops.builder import SAMPLE_CORPUS
+from feedserve.prompt.movielens import load_movielens
 from feedserve.training.data import movielens_split, synthetic_feed
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from feedserve.artifacts import ArtifactLayout, default_artifacts_dir
-from feedserve.build import SAMPLE_CORPUS
+from feedserve.ops.builder import SAMPLE_CORPUS
 
 logger = logging.getLogger("feedserve")
 
@@ -48,7 +48,7 @@ def _read_records(value: str) -> list[str]:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from feedserve.build import BuildOptions, build_artifacts, resolve_adapter
+    from feedserve.ops.builder import BuildOptions, build_artifacts, resolve_adapter
 
     if args.untuned and args.adapter:
         logger.error("--untuned and --adapter contradict each other")
@@ -61,7 +61,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from feedserve.server import ServerOptions, TritonServer
+    from feedserve.ops.launcher import ServerOptions, TritonServer
 
     opts = ServerOptions(
         artifacts=args.artifacts, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
@@ -91,8 +91,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_index(args: argparse.Namespace) -> int:
     from feedserve.clients.batch import index_corpus
-    from feedserve.movielens import load_movielens
-    from feedserve.records import read_posts_jsonl
+    from feedserve.prompt.movielens import load_movielens
+    from feedserve.prompt.records import read_posts_jsonl
 
     if args.corpus.is_dir():
         posts = load_movielens(args.corpus).posts()
@@ -134,16 +134,16 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from feedserve.demo import DemoOptions, run_demo
+    from feedserve.ops.demo import DemoOptions, run_demo
 
-    from feedserve.build import resolve_adapter
+    from feedserve.ops.builder import resolve_adapter
 
     adapter = resolve_adapter(None, None, args.untuned)
     return run_demo(DemoOptions(artifacts=args.artifacts, limit=None if args.full else args.limit, k=args.k, adapter=adapter))
 
 
 def parser() -> argparse.ArgumentParser:
-    from feedserve import repository
+    from feedserve.triton import repository
 
     p = argparse.ArgumentParser(prog="feedserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true")

@@ -35,6 +35,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from feedserve.errors import IndexStoreError
+from feedserve.files import atomic_write, fsync_dir, temporary_file, temporary_path
 from feedserve.schema import OP_DELETE, OP_UPSERT
 
 logger = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ BODY = struct.Struct("<II")  # n, dim
 MAX_PAYLOAD = 1 << 30
 
 
-class LogError(ValueError):
+class LogError(IndexStoreError):
     """A log that is not a feedserve log, is damaged, or can take no more writes."""
 
 
@@ -56,7 +58,7 @@ class Op(IntEnum):
 
 
 @dataclass(frozen=True)
-class Record:
+class LogRecord:
     lsn: int
     ops: np.ndarray  # uint8 [n]
     ids: np.ndarray  # int64 [n]
@@ -92,7 +94,7 @@ def record_bytes(lsn: int, payload: bytes) -> bytes:
     return RECORD.pack(len(payload), _crc(len(payload), lsn, payload), lsn) + payload
 
 
-def decode(lsn: int, payload: bytes, end: int) -> Record | None:
+def decode(lsn: int, payload: bytes, end: int) -> LogRecord | None:
     """The record, or None when the payload's lengths and ops do not add up."""
     if len(payload) < BODY.size:
         return None
@@ -105,7 +107,7 @@ def decode(lsn: int, payload: bytes, end: int) -> Record | None:
         return None
     ids = np.frombuffer(payload, "<i8", n, BODY.size + n).astype(np.int64)
     vectors = np.frombuffer(payload, "<f4", upserts * dim, BODY.size + 9 * n).astype(np.float32)
-    return Record(lsn, ops.copy(), ids, vectors.reshape(upserts, dim), end)
+    return LogRecord(lsn, ops.copy(), ids, vectors.reshape(upserts, dim), end)
 
 
 def read_header(f: BinaryIO, name: object = "log") -> int:
@@ -117,7 +119,7 @@ def read_header(f: BinaryIO, name: object = "log") -> int:
     return int(HEADER.unpack(head)[1])
 
 
-def read_records(f: BinaryIO, offset: int = HEADER.size) -> Iterator[Record]:
+def read_records(f: BinaryIO, offset: int = HEADER.size) -> Iterator[LogRecord]:
     """Whole, intact records of the log open as `f`, from `offset` on; stops quietly at the first
     incomplete or invalid one (a reader following a live log may see an append in progress)."""
     f.seek(offset)
@@ -225,7 +227,9 @@ class WriteAheadLog:
             with open(self.path, "rb") as f:
                 f.seek(keep_from)
                 tail = f.read(self.end - keep_from)
-            tmp = _write_tmp(self.path, base_lsn, tail)
+            with temporary_file(self.path) as f:
+                f.write(HEADER.pack(MAGIC, base_lsn) + tail)
+            tmp = temporary_path(self.path)
             fd = os.open(tmp, os.O_WRONLY)
             try:
                 os.replace(tmp, self.path)
@@ -252,20 +256,8 @@ def logged_lsn(path: Path) -> int:
     return scan(path)[1] if Path(path).exists() else 0
 
 
-def _create(path: Path, base_lsn: int, records: bytes = b"") -> None:
-    os.replace(_write_tmp(path, base_lsn, records), path)
-    fsync_dir(path.parent)
-
-
-def _write_tmp(path: Path, base_lsn: int, records: bytes) -> Path:
-    """A complete, fsynced log file beside `path`, to be renamed onto it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(HEADER.pack(MAGIC, base_lsn) + records)
-        f.flush()
-        os.fsync(f.fileno())
-    return tmp
+def _create(path: Path, base_lsn: int) -> None:
+    atomic_write(path, HEADER.pack(MAGIC, base_lsn))
 
 
 def _write_all(fd: int, data: bytes, offset: int) -> None:
@@ -273,12 +265,3 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
     while view:
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
-
-
-def fsync_dir(directory: Path) -> None:
-    # A rename is durable only once the directory entry is.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,4 +1,4 @@
-"""Encoder runtimes that need no torch: ONNX Runtime on CPU (the Triton `encoder` backend).
+"""The ONNX Runtime encoder on CPU (what the Triton `encoder` backend runs by default).
 
 Kept free of torch imports on purpose: the Triton python backend loads this module, and pulling
 torch into every backend process would cost hundreds of MB and seconds of start-up.
@@ -8,26 +8,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from feedserve.schema import ONNX_INPUTS, ONNX_OUTPUT
 
 logger = logging.getLogger(__name__)
-
-
-@runtime_checkable
-class Encoder(Protocol):
-    """Token batch (right- or left-padded, int64) -> L2-normalised embeddings [batch, dim].
-
-    Satisfied by `OnnxEncoder` here and `feedserve.encoder.TorchEncoder`.
-    """
-
-    @property
-    def dim(self) -> int: ...
-
-    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
 
 
 class OnnxEncoder:

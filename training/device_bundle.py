@@ -6,8 +6,8 @@ those in bf16 (about 53 MB for 6 layers and the ~9k tokens of MovieLens); `unpac
 plain fp32 HF checkpoint there. Rows that were not carried are NaN, not zero, so a prompt that uses
 one poisons its embedding and the run fails loudly instead of training on a wrong input.
 
-    python -m benchmarks.device_bundle pack --hf artifacts/untuned/hf --layers 6 --out .device/base
-    python -m benchmarks.device_bundle unpack --bundle .device/base --out /tmp/base/hf   # on the GPU machine
+    python -m feedserve.training.device_bundle pack --hf artifacts/untuned/hf --layers 6 --out .device/base
+    python -m feedserve.training.device_bundle unpack --bundle .device/base --out /tmp/base/hf   # on the GPU machine
 
 bf16 is exact for what runs under bf16 autocast there (every matmul casts its weights to bf16);
 the embedding rows and norms lose fp32 digits, which is why the numbers that count are taken back
@@ -83,9 +83,9 @@ def movielens_token_ids(hf_dir: Path, serving: Path) -> set[int]:
     from tokenizers import Tokenizer
 
     from feedserve.artifacts import EncoderSettings
-    from feedserve.build import SAMPLE_CORPUS
-    from feedserve.movielens import load_movielens
-    from feedserve.prompts import PromptBuilder
+    from feedserve.ops.builder import SAMPLE_CORPUS
+    from feedserve.prompt.movielens import load_movielens
+    from feedserve.prompt.builder import PromptBuilder
     from feedserve.training.data import movielens_split
 
     ml = load_movielens(SAMPLE_CORPUS)

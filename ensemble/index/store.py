@@ -1,124 +1,31 @@
-"""Exhaustive inner-product index over post embeddings, keyed by int64 post id (faiss-cpu).
+"""The post store: an exhaustive inner-product index over post embeddings, keyed by int64 post id.
 
-Embeddings are L2-normalised, so inner product is cosine similarity. The index is exact
-(`IndexFlatIP`): at the sizes served here an exhaustive scan is fast and gives perfect recall,
-which is also what the system we reproduce runs on GPU.
-
-Searches can run elsewhere (`Engine`): faiss-cpu (the default), a PyTorch matmul + top-k on a GPU
-(`feedserve.knn_torch`), or faiss-gpu. The faiss CPU index stays the store of record either way
-(writes, snapshots, saves); a GPU engine holds a device copy of the vectors, built by the first
-search and then written with the store under the same lock, so a search never sees half a write.
-The torch engine replays on its copy the rows each write changed in the store (`RowWrite`, O(write),
-`feedserve.knn_torch`); faiss-gpu cannot remove rows, so its copy is rebuilt on the first search
-after a write.
-
-On disk an index is one `.npz` (ids, vectors, metadata as JSON text), written atomically and read
-with `allow_pickle=False`: loading an index never executes code.
+Embeddings are L2-normalised, so inner product is cosine similarity. The index is exact (a faiss
+`IndexFlatIP`): at the sizes served here an exhaustive scan is fast and gives perfect recall, which
+is also what the system we reproduce runs on GPU. This store is the store of record; searches can
+run on it (faiss-cpu memory, one BLAS matmul) or on a GPU engine's copy (feedserve.index.engines).
+On disk it is a snapshot file (feedserve.index.snapshot).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import threading
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import faiss
 import numpy as np
 
-from feedserve.index_log import fsync_dir
+from feedserve.errors import IndexStoreError
+from feedserve.index.engines import DeviceCopy, Engine, RowWrite, device_copy
+from feedserve.index.snapshot import OWN_KEYS, load_arrays, save_arrays
 from feedserve.schema import NO_ID
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "feedserve.index/1"
 SCORE_BUDGET = 1 << 26  # floats of query x post scores computed at once (256 MiB)
-
-
-class IndexError_(ValueError):
-    """An index file or an index write is invalid."""
-
-
-ENGINES = ("faiss", "torch", "faiss-gpu")
-
-
-@dataclass(frozen=True)
-class Engine:
-    kind: str = "faiss"
-    device: str = "cuda"  # for the torch engine ("cpu" works too, in fp32)
-    dtype: str = "fp16"  # device storage of a GPU engine: fp16 halves the bytes a search scans
-
-    def __post_init__(self) -> None:
-        if self.kind not in ENGINES:
-            raise ValueError(f"unknown kNN engine {self.kind!r}; expected one of {ENGINES}")
-
-
-@dataclass(frozen=True)
-class RowWrite:
-    """One write as the store applied it to its rows, in this order: overwrite `rows` with `vectors`;
-    append `new_ids` with `new_vectors`; copy rows `movers` (vectors and ids) onto rows `holes`;
-    keep the first `size` rows. A device copy that replays it keeps the store's exact row layout."""
-
-    rows: np.ndarray
-    vectors: np.ndarray
-    new_ids: np.ndarray
-    new_vectors: np.ndarray
-    holes: np.ndarray
-    movers: np.ndarray
-    size: int
-
-
-class DeviceCopy(Protocol):
-    """A GPU engine's copy of the vectors (`TorchFlatIndex`, `_FaissGpuFlat`)."""
-
-    def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, post ids) [n, <= depth], best first; NO_ID pads."""
-        ...
-
-    def write(self, op: RowWrite) -> bool:
-        """Replay a store write in place; False if this copy cannot (it is then rebuilt)."""
-        ...
-
-
-class _FaissGpuFlat:
-    """faiss-gpu flat inner product (GPU indexes cannot remove ids, so a write drops the copy and the
-    next search rebuilds it from the store)."""
-
-    MAX_K = 2048  # faiss-gpu's flat search returns at most this many per query
-
-    def __init__(self, ids: np.ndarray, vectors: np.ndarray, engine: Engine) -> None:
-        if not hasattr(faiss, "GpuIndexFlatIP"):
-            raise IndexError_("the faiss-gpu engine needs a faiss built with GPU support (faiss-gpu); this one is CPU-only")
-        self._resources = faiss.StandardGpuResources()
-        config = faiss.GpuIndexFlatConfig()
-        config.useFloat16 = engine.dtype == "fp16"
-        config.device = int(engine.device.partition(":")[2] or 0)
-        self.index = faiss.GpuIndexFlatIP(self._resources, int(vectors.shape[1]), config)
-        self.index.add(np.ascontiguousarray(vectors, np.float32))
-        self.ids = ids.copy()
-
-    def write(self, op: RowWrite) -> bool:
-        return False
-
-    def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, post ids); deeper searches are cut, so a row whose exclusions eat into the cut
-        returns fewer than k."""
-        scores, rows = self.index.search(queries, min(depth, self.MAX_K))
-        return scores, np.where(rows >= 0, self.ids[np.maximum(rows, 0)], NO_ID)
-
-
-def _device_index(engine: Engine, ids: np.ndarray, vectors: np.ndarray) -> DeviceCopy:
-    if engine.kind == "torch":
-        from feedserve.knn_torch import TorchFlatIndex
-
-        return TorchFlatIndex(vectors, engine.device, engine.dtype, ids=ids)
-    return _FaissGpuFlat(ids, vectors, engine)
 
 
 @dataclass
@@ -133,15 +40,14 @@ class PostIndex:
     The vectors are rows of a faiss `IndexFlatIP`; `_ids` names each row's post and `_rows` finds a
     post's row. A write costs O(posts written), whatever the index size: a replaced post is
     overwritten in its row, a new one appended, and a deleted row is filled by the last row
-    (swap-remove). faiss's own `remove_ids` compacts every row behind the first one removed: a write
-    of 64 replaced or deleted posts took 98 ms at 1M posts on the 2-core VM (`benchmarks.index_writes`
-    before this map; 0.2-0.6 ms with it), on the path of the next search. The map costs about 100
-    bytes a post in Python objects, 1 GB at 10M posts beside 10 GB of vectors.
+    (swap-remove). faiss's own `remove_ids` would compact every row behind the first one removed,
+    O(index) on the path of the next search. The map costs Python objects per post (its size is in
+    benchmarks/reports/index_writes.md).
     """
 
     def __init__(self, dim: int, meta: dict[str, object] | None = None, engine: Engine = Engine()) -> None:
         if dim <= 0:
-            raise IndexError_(f"index dimension must be positive, got {dim}")
+            raise IndexStoreError(f"index dimension must be positive, got {dim}")
         self.dim = dim
         self.meta: dict[str, object] = dict(meta or {})
         self.engine = engine
@@ -155,20 +61,20 @@ class PostIndex:
         return int(self._flat.ntotal)
 
     def check_write(self, ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The write as contiguous int64 ids and float32 vectors, or IndexError_ naming what is wrong
+        """The write as contiguous int64 ids and float32 vectors, or IndexStoreError naming what is wrong
         (a durable index checks before it logs, so a logged write always applies)."""
         ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise IndexError_(f"vectors must have shape [n, {self.dim}], got {list(vectors.shape)}")
+            raise IndexStoreError(f"vectors must have shape [n, {self.dim}], got {list(vectors.shape)}")
         if len(ids) != len(vectors):
-            raise IndexError_(f"{len(ids)} ids for {len(vectors)} vectors")
+            raise IndexStoreError(f"{len(ids)} ids for {len(vectors)} vectors")
         if len(np.unique(ids)) != len(ids):
-            raise IndexError_("duplicate post ids in one write")
+            raise IndexStoreError("duplicate post ids in one write")
         if (ids == NO_ID).any():
-            raise IndexError_(f"post id {NO_ID} is reserved (it pads results)")
+            raise IndexStoreError(f"post id {NO_ID} is reserved (it pads results)")
         if not np.isfinite(vectors).all():
-            raise IndexError_("vectors contain NaN or inf")
+            raise IndexStoreError("vectors contain NaN or inf")
         return ids, vectors
 
     def upsert(self, ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -266,13 +172,13 @@ class PostIndex:
         if self.engine.kind == "faiss":
             return self._blas_search(queries, depth)
         if self._device is None:  # built from the store's own memory: the engine copies it once
-            self._device = _device_index(self.engine, self._ids[: len(self)], self._vectors())
+            self._device = device_copy(self.engine, self._ids[: len(self)], self._vectors())
         return self._device.search(queries, depth)
 
     def _blas_search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-`depth` over faiss's own storage, viewed without a copy, by one BLAS matmul and a
         partial sort. faiss-cpu scans a single query on one thread; the matmul reads the vectors
-        with every core (benchmarks/reports/peers.md: 1.1-2x faster, the same ids). Queries go in
+        with every core (the same ids; benchmarks/reports/peers.md compares them). Queries go in
         chunks so that the score matrix stays within SCORE_BUDGET floats."""
         vectors, ids = self._vectors(), self._ids[: len(self)]
         n = len(ids)
@@ -327,75 +233,9 @@ class PostIndex:
 
     @classmethod
     def load(cls, path: Path, engine: Engine = Engine()) -> PostIndex:
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                meta = json.loads(str(data["meta"]))
-                ids, vectors = data["ids"], data["vectors"]
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-            raise IndexError_(f"cannot read index {path}: {err}") from err
-        if meta.get("format") != FORMAT:
-            raise IndexError_(f"{path}: unknown index format {meta.get('format')!r}")
-        if vectors.ndim != 2 or len(ids) != len(vectors) or vectors.shape[1] != meta["dim"]:
-            raise IndexError_(f"{path}: ids {ids.shape} and vectors {vectors.shape} do not match")
-        if "sha256" not in meta:  # saved before checksums existed: the zip's CRCs still guard it
-            logger.warning("%s has no checksum (an older feedserve saved it); the next snapshot adds one", path)
-        elif meta["sha256"] != arrays_checksum(ids, vectors):
-            raise IndexError_(f"{path}: ids and vectors do not match the checksum saved with them (corrupted or "
-                              "written by another program); restore a backup of the snapshot (README, \"Backups "
-                              "and restore\"), or rebuild with `feedserve index` (live writes since are lost)")
-        own = ("format", "dim", "count", "sha256")
-        index = cls(int(meta["dim"]), {k: v for k, v in meta.items() if k not in own}, engine)
+        ids, vectors, meta = load_arrays(path)
+        index = cls(int(meta["dim"]), {k: v for k, v in meta.items() if k not in OWN_KEYS}, engine)
         if len(ids):
             index.upsert(ids, vectors)
         logger.info("loaded %d posts (dim %d) from %s", len(index), index.dim, path)
         return index
-
-
-def arrays_checksum(ids: np.ndarray, vectors: np.ndarray) -> str:
-    """SHA-256 over the ids and vectors as saved (int64, float32, C order): an index file is rewritten
-    while the server runs, so its checksum travels inside it instead of in the artifact manifest."""
-    h = hashlib.sha256(np.ascontiguousarray(ids, np.int64))  # hashed through the buffer: no copy
-    h.update(np.ascontiguousarray(vectors, np.float32))
-    return h.hexdigest()
-
-
-def save_arrays(path: Path, ids: np.ndarray, vectors: np.ndarray, meta: dict[str, object]) -> None:
-    """Write an index file atomically and durably (temporary file, fsync, rename, directory fsync):
-    readers see the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ids, vectors = np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(vectors, np.float32)
-    header = json.dumps({**meta, "format": FORMAT, "dim": int(vectors.shape[1]), "count": len(ids),
-                         "sha256": arrays_checksum(ids, vectors)})
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, ids=ids, vectors=vectors, meta=np.array(header))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a disk-full write leaves the previous file, and no debris
-        raise
-    fsync_dir(path.parent)
-    logger.info("saved %d posts (dim %d) to %s", len(ids), vectors.shape[1], path)
-
-
-def read_meta(path: Path) -> dict[str, object]:
-    """An index file's metadata, without reading its vectors."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return dict(json.loads(str(data["meta"])))
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        raise IndexError_(f"cannot read index {path}: {err}") from err
-
-
-Signature = tuple[int, int, int]
-
-
-def file_signature(path: Path) -> Signature | None:
-    """Which file is at `path` now: files are replaced by rename, so a new one has a new inode."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return (st.st_ino, st.st_mtime_ns, st.st_size)

@@ -20,8 +20,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from feedserve.artifacts import EncoderSettings
-from feedserve.buckets import PercentileBuckets, tag_name
-from feedserve.records import Engagement, Member, Post
+from feedserve.prompt.buckets import PercentileBuckets, tag_name
+from feedserve.prompt.records import Engagement, Member, Post
 from feedserve.schema import NO_ID
 
 logger = logging.getLogger(__name__)

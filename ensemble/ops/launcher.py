@@ -25,18 +25,15 @@ from pathlib import Path
 from types import TracebackType
 
 from feedserve.artifacts import ARTIFACTS_ENV, REPO_ROOT, ArtifactLayout, default_artifacts_dir
-from feedserve.manifest import MANIFEST, ManifestError
-from feedserve.supervisor import ADMIN_APIS, ADMIN_HEADER, ADMIN_KEY_ENV, StubWatchdog, deployment_fingerprint, server_ready
+from feedserve.errors import ServerError
+from feedserve.ops.manifest import MANIFEST, ManifestError
+from feedserve.ops.watchdog import ADMIN_APIS, ADMIN_HEADER, ADMIN_KEY_ENV, StubWatchdog, deployment_fingerprint, server_ready
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
 LOOPBACK = "127.0.0.1"
 BACKEND_CACHE = REPO_ROOT / "build" / "triton-backends"
-
-
-class ServerError(RuntimeError):
-    """The server could not be started, or stopped being ready."""
 
 
 def _pytriton_dir() -> Path:
@@ -94,7 +91,7 @@ class ServerOptions:
     log_verbose: int = 0
     startup_timeout_s: float = 300.0
     exit_timeout_s: int = 5
-    watch_stubs: bool = True  # reload a python model whose stub process died (feedserve.supervisor)
+    watch_stubs: bool = True  # reload a python model whose stub process died (feedserve.ops.watchdog)
     # Triton's admin APIs (repository index and control, shared-memory registration, trace and log
     # settings) answer only requests that carry this key in the ADMIN_HEADER header (over gRPC, the
     # metadata key GRPC_ADMIN_HEADER); unset, a random key nobody knows turns them off. Health, metadata, statistics and inference
@@ -133,7 +130,7 @@ class TritonServer:
             f"--metrics-address={o.host}",
             f"--metrics-port={o.metrics_port}",
             # Every model loads at start. Loading and unloading go through the repository API, which
-            # is restricted to the admin key: the stub watchdog (feedserve.supervisor) uses it to
+            # is restricted to the admin key: the stub watchdog (feedserve.ops.watchdog) uses it to
             # reload a model whose stub process died; nobody else on the network can. (Triton takes
             # one --load-model=*: extra_args must not add another.)
             "--model-control-mode=explicit",

@@ -12,7 +12,7 @@ A member:  {"id": 7, "headline": ..., "summary": ..., "industry": ..., "skills":
             "positions": [{"title", "company", "start_year", "end_year"}], "education": [{"school",
             "degree", "field"}], "history": [{"post_id": 42, "engaged_at": ..., "action": "like",
             "post": {...a post...}}, ...]}   history: engaged posts only, oldest first
-See ensemble/examples/ for complete examples and `json_schema()` for the JSON Schema.
+See ensemble/prompt/examples/ for complete examples and `json_schema()` for the JSON Schema.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
+from feedserve.errors import RecordError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 # Limits: a record is one feed item or one profile, never a document dump.
@@ -34,10 +35,6 @@ INT64_MAX = 2**63 - 1
 PostId = Annotated[int, Field(ge=0, le=INT64_MAX)]
 ShortText = Annotated[str, Field(max_length=1024)]
 LongText = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
-
-
-class RecordError(ValueError):
-    """A record that cannot be used; the message names the field and the problem."""
 
 
 class _Record(BaseModel):

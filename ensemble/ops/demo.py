@@ -13,12 +13,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from feedserve.build import SAMPLE_CORPUS, BuildOptions, build_artifacts
+from feedserve.ops.builder import SAMPLE_CORPUS, BuildOptions, build_artifacts
 from feedserve.clients.batch import index_corpus
 from feedserve.clients.online import FeedClient
-from feedserve.movielens import load_movielens
-from feedserve.repository import write_repository
-from feedserve.server import ServerOptions, TritonServer, free_port
+from feedserve.prompt.movielens import load_movielens
+from feedserve.triton.repository import write_repository
+from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
 
 logger = logging.getLogger(__name__)
 

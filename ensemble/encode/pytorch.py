@@ -125,8 +125,8 @@ def load_embedding_model(
 ) -> EmbeddingModel:
     """Load a checkpoint (base or causal-LM; the LM head is dropped), in eval mode.
 
-    SDPA is about 25% faster than eager on CPU for SmolLM2 and, given our explicit float mask,
-    traces to the same plain MatMul/Softmax ONNX graph, so it serves both PyTorch and export.
+    SDPA is faster than eager on CPU and, given our explicit float mask, traces to the same plain
+    MatMul/Softmax ONNX graph, so it serves both PyTorch and export.
     """
     from transformers import AutoModel
 
@@ -135,7 +135,7 @@ def load_embedding_model(
 
 
 class TorchEncoder:
-    """PyTorch eager, with the same interface as `feedserve.runtime.OnnxEncoder`: fp32 on CPU (the
+    """PyTorch eager, with the same interface as `feedserve.encode.ort.OnnxEncoder`: fp32 on CPU (the
     reference), bf16 on a GPU unless `dtype` says otherwise (pooling and the norm stay fp32).
 
     `right_padded=True` promises right-padded batches (the Triton encoder's contract) and buys the

@@ -5,18 +5,19 @@ is in place (the checkpoint, the ONNX graphs, buckets, serving settings). The se
 manifest before it starts tritonserver, and each backend checks the files it is about to load, so a
 truncated, corrupted or swapped file is refused with its name instead of being served. Two artifacts
 carry their checksum themselves because they are written elsewhere: the index, rewritten while the
-server runs (`feedserve.knn.save_arrays`), and a TensorRT plan, built on the GPU node (its metadata,
+server runs (`feedserve.index.snapshot`), and a TensorRT plan, built on the GPU node (its metadata,
 `feedserve.export.tensorrt`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterable
 from pathlib import Path
+
+from feedserve.errors import ServerError
+from feedserve.files import atomic_write, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -24,16 +25,8 @@ MANIFEST = "manifest.json"
 FORMAT = "feedserve-manifest-1"
 
 
-class ManifestError(RuntimeError):
+class ManifestError(ServerError):
     """An artifact is missing from the manifest, or differs from what the manifest recorded."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _entry(path: Path) -> dict[str, object]:
@@ -67,9 +60,7 @@ def write_manifest(root: Path, paths: Iterable[Path]) -> Path:
     for path in _files(paths):
         files[path.relative_to(root).as_posix()] = _entry(path)
     target = root / MANIFEST
-    tmp = target.with_name(MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"format": FORMAT, "files": dict(sorted(files.items()))}, indent=1) + "\n")
-    os.replace(tmp, target)
+    atomic_write(target, json.dumps({"format": FORMAT, "files": dict(sorted(files.items()))}, indent=1) + "\n")
     logger.info("manifest: %d files in %s", len(files), target)
     return target
 
@@ -99,14 +90,14 @@ def verify(root: Path, paths: Iterable[Path] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m feedserve.manifest verify DIR` (the container's entrypoint runs it before Triton
+    """`python -m feedserve.ops.manifest verify DIR` (the container's entrypoint runs it before Triton
     starts) or `write DIR` (after adding files by hand: vouch for them)."""
     import argparse
     import sys
 
     from feedserve.artifacts import ArtifactLayout
 
-    p = argparse.ArgumentParser(prog="python -m feedserve.manifest", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m feedserve.ops.manifest", description=main.__doc__)
     p.add_argument("command", choices=("verify", "write"))
     p.add_argument("artifacts", type=Path)
     args = p.parse_args(argv)
@@ -117,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"{layout.verify()} files match {args.artifacts / MANIFEST}")
     except ManifestError as err:
-        print(f"feedserve.manifest: {err}", file=sys.stderr)
+        print(f"feedserve.ops.manifest: {err}", file=sys.stderr)
         return 1
     return 0
 

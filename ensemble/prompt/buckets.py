@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from feedserve.files import atomic_write
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "feedserve.buckets/1"
@@ -79,10 +81,7 @@ class PercentileBuckets:
         return json.dumps({"format": FORMAT, "sha256": digest, **body}, indent=1, sort_keys=True) + "\n"
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
+        atomic_write(path, self.to_json())
 
     @classmethod
     def load(cls, path: Path) -> PercentileBuckets:

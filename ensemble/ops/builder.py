@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from feedserve.artifacts import DEFAULT_ADAPTER, REPO_ROOT, ArtifactLayout, EncoderSettings
-from feedserve.buckets import PercentileBuckets
+from feedserve.prompt.buckets import PercentileBuckets
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def _damaged(layout: ArtifactLayout) -> bool:
     """Whether files differ from the manifest of an earlier build: the up-to-date checks below look
     at what a file was built from, not at its bytes, so they would keep a damaged file and the new
     manifest would vouch for it. Everything is rebuilt instead."""
-    from feedserve.manifest import MANIFEST, ManifestError
+    from feedserve.ops.manifest import MANIFEST, ManifestError
 
     if not (layout.root / MANIFEST).exists():
         return False
@@ -107,7 +107,7 @@ def _damaged(layout: ArtifactLayout) -> bool:
 def build_artifacts(opts: BuildOptions) -> ArtifactLayout:
     from feedserve.export.import_model import default_gguf_path, import_checkpoint
     from feedserve.export.onnx import export_onnx
-    from feedserve.movielens import load_movielens
+    from feedserve.prompt.movielens import load_movielens
 
     layout = ArtifactLayout(opts.artifacts)
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -126,7 +126,7 @@ def build_artifacts(opts: BuildOptions) -> ArtifactLayout:
         export_onnx(layout.hf_dir, settings, layout.onnx, extra={"hf_import": model[0]})
         layout.onnx_int8.unlink(missing_ok=True)  # quantized from the previous export
         # The same model re-exported (a forced or repairing build) keeps the index and its live writes.
-        stale = [p for p in (layout.index, layout.index.with_suffix(".wal")) if p.exists() and previous != model]
+        stale = [p for p in (layout.index_dir.snapshot, layout.index_dir.log) if p.exists() and previous != model]
         for path in stale:
             # Its vectors came from the previous model and are not comparable with the new one's
             # (the live index's log too: replayed, it would mix the two models' vectors).

@@ -11,7 +11,7 @@ with the highest maxima, then a top-k over just those k x 128 candidates. It is 
 holds one of the k best scores has a maximum at least the k-th best, and at most k blocks can.
 
 Writes change the device copy in place, so a live index stays fresh without re-uploading it: the
-copy replays the rows the store changed (`feedserve.knn.RowWrite`: rows overwritten, rows appended
+copy replays the rows the store changed (`feedserve.index.engines.RowWrite`: rows overwritten, rows appended
 into spare capacity grown a quarter at a time, removed rows filled from the end), so it keeps the
 store's row layout, and a write of m posts costs O(m) where rebuilding the copy meant uploading
 every vector (seconds at 10M posts).
@@ -24,7 +24,7 @@ import logging
 import numpy as np
 import torch
 
-from feedserve.knn import RowWrite
+from feedserve.index.engines import RowWrite
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from feedserve.buckets import PercentileBuckets
-from feedserve.records import Article, Engagement, Member, Post
+from feedserve.prompt.buckets import PercentileBuckets
+from feedserve.prompt.records import Article, Engagement, Member, Post
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 STUB_BINARY = b"triton_python_backend_stub"
-# Triton's admin APIs answer only requests carrying ADMIN_HEADER = the key (feedserve.server passes
+# Triton's admin APIs answer only requests carrying ADMIN_HEADER = the key (feedserve.ops.launcher passes
 # the restriction; over gRPC Triton expects the header with its prefix).
 ADMIN_APIS = "model-repository,shared-memory,trace,logging"
 ADMIN_HEADER = "feedserve-admin-key"
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import signal
 
-    p = argparse.ArgumentParser(prog="python -m feedserve.supervisor", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m feedserve.ops.watchdog", description=main.__doc__)
     p.add_argument("--server-pid", type=int, required=True)
     p.add_argument("--http-url", default="127.0.0.1:8000")
     p.add_argument("--ready-timeout-s", type=float, default=1800.0, help="a TensorRT plan may be built first")

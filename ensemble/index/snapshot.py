@@ -1,0 +1,75 @@
+"""The index's snapshot file: one `.npz` of ids, vectors and metadata as JSON text.
+
+Written atomically and durably (feedserve.files), read with `allow_pickle=False`, so loading an
+index never executes code. The file carries the SHA-256 of its ids and vectors in its own metadata:
+it is rewritten while the server runs, so its checksum cannot live in the artifact manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from feedserve.errors import IndexStoreError
+from feedserve.files import atomic_file
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "feedserve.index/1"
+# Keys the file format owns; the rest of the metadata belongs to the index (lsn, generation, ...).
+OWN_KEYS = ("format", "dim", "count", "sha256")
+
+
+def arrays_checksum(ids: np.ndarray, vectors: np.ndarray) -> str:
+    """SHA-256 over the ids and vectors as saved (int64, float32, C order): an index file is rewritten
+    while the server runs, so its checksum travels inside it instead of in the artifact manifest."""
+    h = hashlib.sha256(np.ascontiguousarray(ids, np.int64))  # hashed through the buffer: no copy
+    h.update(np.ascontiguousarray(vectors, np.float32))
+    return h.hexdigest()
+
+
+def save_arrays(path: Path, ids: np.ndarray, vectors: np.ndarray, meta: dict[str, object]) -> None:
+    """Write an index file atomically and durably: readers see the old file or the new one, and a
+    failed write (a full disk) leaves the previous file and no temporary."""
+    ids, vectors = np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(vectors, np.float32)
+    header = json.dumps({**meta, "format": FORMAT, "dim": int(vectors.shape[1]), "count": len(ids),
+                         "sha256": arrays_checksum(ids, vectors)})
+    with atomic_file(path) as f:
+        np.savez(f, ids=ids, vectors=vectors, meta=np.array(header))
+    logger.info("saved %d posts (dim %d) to %s", len(ids), vectors.shape[1], path)
+
+
+def load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, object]]:
+    """(ids, vectors, the index's own metadata) of an index file, checked against its checksum;
+    IndexStoreError names the file and what is wrong with it."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            ids, vectors = data["ids"], data["vectors"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise IndexStoreError(f"cannot read index {path}: {err}") from err
+    if meta.get("format") != FORMAT:
+        raise IndexStoreError(f"{path}: unknown index format {meta.get('format')!r}")
+    if vectors.ndim != 2 or len(ids) != len(vectors) or vectors.shape[1] != meta["dim"]:
+        raise IndexStoreError(f"{path}: ids {ids.shape} and vectors {vectors.shape} do not match")
+    if "sha256" not in meta:  # saved before checksums existed: the zip's CRCs still guard it
+        logger.warning("%s has no checksum (an older feedserve saved it); the next snapshot adds one", path)
+    elif meta["sha256"] != arrays_checksum(ids, vectors):
+        raise IndexStoreError(f"{path}: ids and vectors do not match the checksum saved with them (corrupted or "
+                              "written by another program); restore a backup of the snapshot (README, \"Backups "
+                              "and restore\"), or rebuild with `feedserve index` (live writes since are lost)")
+    return ids, vectors, meta
+
+
+def read_meta(path: Path) -> dict[str, object]:
+    """An index file's metadata, without reading its vectors."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return dict(json.loads(str(data["meta"])))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise IndexStoreError(f"cannot read index {path}: {err}") from err
