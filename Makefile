@@ -2,22 +2,26 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-all bench render
+.PHONY: setup demo test test-all check bench render
 setup:
 	bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m feedserve.cli demo $(ARGS)
+	$(PY) -m feedserve demo $(ARGS)
 
-test: setup
+# Style and types first (a few seconds; scripts/check.sh), then pytest.
+test: setup check
 	$(PY) -m pytest $(ARGS)
+
+check: setup
+	bash scripts/check.sh
 
 # Everything, the real-model (slow) tests included; no GPU tests.
 test-all: setup
 	$(PY) -m pytest -m "not gpu" $(ARGS)
 
 render:
-	$(PY) -m feedserve.cli render
+	$(PY) -m feedserve render
 
 bench:
 	bash scripts/setup.sh --bench

@@ -27,16 +27,16 @@ from pathlib import Path
 import numpy as np
 
 from feedserve.artifacts import ArtifactLayout, default_artifacts_dir
-from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.clients.batch import index_corpus
 from feedserve.clients.ingest import Ingester, JsonlSource
-from feedserve.clients.perf import machine
 from feedserve.clients.online import FeedClient
+from feedserve.clients.perf import machine
+from feedserve.ops.builder import SAMPLE_CORPUS
+from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
 from feedserve.prompt.movielens import load_movielens
 from feedserve.prompt.records import Post
+from feedserve.schema import IDS, LSN, OP, OP_UPSERT, POST_ID, QUERY, WRITE_EMBEDDING, K, ModelName
 from feedserve.triton.repository import RepositorySettings, write_repository
-from feedserve.schema import IDS, K, LSN, OP, OP_UPSERT, POST_ID, QUERY, WRITE_EMBEDDING, ModelName
-from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
 
 logger = logging.getLogger("benchmarks.freshness")
 
@@ -73,7 +73,7 @@ class Load:
                 try:
                     client.retrieve(self.members[int(rng.integers(len(self.members)))], k=10)
                     self.done += 1
-                except Exception:  # noqa: BLE001 - a failed request is what we count
+                except Exception:
                     self.failed += 1
 
     def __enter__(self) -> Load:
@@ -110,9 +110,15 @@ class WritesDuring(threading.Thread):
                 if self.stop.wait(self.every_s):
                     return
                 vector = client.embed_posts([post])
-                client.infer(ModelName.INDEX_WRITE, {OP.name: np.array([[OP_UPSERT]], np.int32),
-                                                     POST_ID.name: np.array([[post.id]], np.int64),
-                                                     WRITE_EMBEDDING.name: vector}, (LSN.name,))
+                client.infer(
+                    ModelName.INDEX_WRITE,
+                    {
+                        OP.name: np.array([[OP_UPSERT]], np.int32),
+                        POST_ID.name: np.array([[post.id]], np.int64),
+                        WRITE_EMBEDDING.name: vector,
+                    },
+                    (LSN.name,),
+                )
                 self.acknowledged.append(post)
 
     def retrievable(self) -> int:
@@ -121,7 +127,9 @@ class WritesDuring(threading.Thread):
             return 0
         with FeedClient(self.url, "grpc", timeout_s=60) as client:
             vectors = client.embed_posts(self.acknowledged)
-            top = client.infer(ModelName.KNN, {QUERY.name: vectors, K.name: np.ones((len(vectors), 1), np.int32)}, (IDS.name,))
+            top = client.infer(
+                ModelName.KNN, {QUERY.name: vectors, K.name: np.ones((len(vectors), 1), np.int32)}, (IDS.name,)
+            )
         return sum(int(hit) == p.id for hit, p in zip(top[IDS.name][:, 0], self.acknowledged, strict=True))
 
 
@@ -132,9 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=4.0, help="post events per second")
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--idle-seconds", type=float, default=20.0)
-    p.add_argument("--prompt-cache", action="store_true",
-                   help="keep the encoder's prompt cache on (off by default: the rebuild re-embeds the posts the initial "
-                        "index embedded, and 64 members cycle, so a cache would measure itself)")
+    p.add_argument(
+        "--prompt-cache",
+        action="store_true",
+        help="keep the encoder's prompt cache on (off by default: the rebuild re-embeds the posts the initial "
+        "index embedded, and 64 members cycle, so a cache would measure itself)",
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "reports")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -150,8 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         repository = Path(tmp) / "repository"
         write_repository(repository, RepositorySettings(encoder_cache_rows=10000 if args.prompt_cache else 0))
         report["prompt_cache"] = args.prompt_cache
-        opts = ServerOptions(repository=repository, artifacts=layout.root, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                             log_file=Path(tmp) / "tritonserver.log")
+        opts = ServerOptions(
+            repository=repository,
+            artifacts=layout.root,
+            http_port=free_port(),
+            grpc_port=free_port(),
+            metrics_port=free_port(),
+            log_file=Path(tmp) / "tritonserver.log",
+        )
         with TritonServer(opts) as server:
             stats = index_corpus(base, [q.id for q in base], layout.index, url=server.grpc_url, progress=False)
             report["initial_index"] = {"posts": stats.posts, "seconds": stats.seconds}
@@ -168,7 +185,16 @@ def main(argv: list[str] | None = None) -> int:
                 with open(events, "a") as f:
                     for i, post in enumerate(stream[:n_events]):
                         time.sleep(max(0.0, i / args.rate - (time.perf_counter() - t0)))
-                        f.write(json.dumps({"type": "create", "ts": time.time(), "post": json.loads(post.model_dump_json(exclude_none=True))}) + "\n")
+                        f.write(
+                            json.dumps(
+                                {
+                                    "type": "create",
+                                    "ts": time.time(),
+                                    "post": json.loads(post.model_dump_json(exclude_none=True)),
+                                }
+                            )
+                            + "\n"
+                        )
                         f.flush()
 
             source = JsonlSource(events, Path(tmp) / "ingest", follow=True, idle_exit_s=5.0)
@@ -179,9 +205,15 @@ def main(argv: list[str] | None = None) -> int:
                 ingested = Ingester(client, Path(tmp) / "ingest").run(source)
                 producer.join()
             lags = np.array(ingested.lags_s)
-            report["stream"] = {"rate_per_s": args.rate, "events": ingested.events, "upserts": ingested.upserts,
-                                "batches": ingested.batches, "lag_p50_s": float(np.percentile(lags, 50)),
-                                "lag_p99_s": float(np.percentile(lags, 99)), "lag_max_s": float(lags.max())}
+            report["stream"] = {
+                "rate_per_s": args.rate,
+                "events": ingested.events,
+                "upserts": ingested.upserts,
+                "batches": ingested.batches,
+                "lag_p50_s": float(np.percentile(lags, 50)),
+                "lag_p99_s": float(np.percentile(lags, 99)),
+                "lag_max_s": float(lags.max()),
+            }
             report["retrieve_while_ingesting"] = {"per_s": busy.per_s, "failed": busy.failed}
 
             # The rebuild replaces the index as of its start; posts written while it runs must survive it.
@@ -194,9 +226,14 @@ def main(argv: list[str] | None = None) -> int:
                 writes.stop.set()
                 writes.join()
                 time.sleep(2.0)  # searches on the swapped-in index
-            report["rebuild_under_load"] = {"posts": rebuilt.posts, "seconds": rebuild_s, "retrieves": during.done,
-                                            "failed": during.failed, "written_during": len(writes.acknowledged),
-                                            "retrievable_after": writes.retrievable()}
+            report["rebuild_under_load"] = {
+                "posts": rebuilt.posts,
+                "seconds": rebuild_s,
+                "retrieves": during.done,
+                "failed": during.failed,
+                "written_during": len(writes.acknowledged),
+                "retrievable_after": writes.retrievable(),
+            }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "freshness.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "freshness.md").write_text(markdown(report))
@@ -206,20 +243,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown(r: dict) -> str:
     s, idle, busy, rb = r["stream"], r["retrieve_idle"], r["retrieve_while_ingesting"], r["rebuild_under_load"]
-    return "\n".join([
-        "# Live index freshness (default model, 2-core CPU)", "",
-        f"Command: `{r['command']}`. Initial index: {r['initial_index']['posts']} MovieLens posts in {r['initial_index']['seconds']:.0f} s. "
-        f"Prompt cache {'on' if r.get('prompt_cache') else 'off'}. Encoder: {r.get('encoder', 'fp32')}.", "",
-        f"Machine: {r.get('machine', 'not recorded')}", "",
-        "| measure | value |", "|---|---|",
-        f"| event -> retrievable at {s['rate_per_s']:g} events/s, p50 / p99 / max | {s['lag_p50_s']:.2f} / {s['lag_p99_s']:.2f} / {s['lag_max_s']:.2f} s |",
-        f"| events ingested (batches) | {s['events']} ({s['batches']}) |",
-        f"| retrievals/s, idle (2 clients) | {idle['per_s']:.2f} (failed {idle['failed']}) |",
-        f"| retrievals/s while ingesting | {busy['per_s']:.2f} (failed {busy['failed']}) |",
-        f"| full rebuild + swap of {rb['posts']} posts under retrieval load | {rb['seconds']:.0f} s, {rb['retrieves']} retrievals, {rb['failed']} failed |",
-        f"| posts written (acknowledged) while the rebuild ran, retrievable after the swap | {rb['written_during']}, {rb['retrievable_after']} |",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Live index freshness (default model, 2-core CPU)",
+            "",
+            f"Command: `{r['command']}`. Initial index: {r['initial_index']['posts']} MovieLens posts in {r['initial_index']['seconds']:.0f} s. "
+            f"Prompt cache {'on' if r.get('prompt_cache') else 'off'}. Encoder: {r.get('encoder', 'fp32')}.",
+            "",
+            f"Machine: {r.get('machine', 'not recorded')}",
+            "",
+            "| measure | value |",
+            "|---|---|",
+            f"| event -> retrievable at {s['rate_per_s']:g} events/s, p50 / p99 / max | {s['lag_p50_s']:.2f} / {s['lag_p99_s']:.2f} / {s['lag_max_s']:.2f} s |",
+            f"| events ingested (batches) | {s['events']} ({s['batches']}) |",
+            f"| retrievals/s, idle (2 clients) | {idle['per_s']:.2f} (failed {idle['failed']}) |",
+            f"| retrievals/s while ingesting | {busy['per_s']:.2f} (failed {busy['failed']}) |",
+            f"| full rebuild + swap of {rb['posts']} posts under retrieval load | {rb['seconds']:.0f} s, {rb['retrieves']} retrievals, {rb['failed']} failed |",
+            f"| posts written (acknowledged) while the rebuild ran, retrievable after the swap | {rb['written_during']}, {rb['retrievable_after']} |",
+            "",
+        ]
+    )
 
 
 if __name__ == "__main__":

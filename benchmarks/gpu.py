@@ -50,7 +50,10 @@ def cuda_time(fn: Callable[[], object], repeat: int = 30, warmup: int = 5) -> fl
 
 def measured_peaks() -> dict[str, float]:
     n = 8192
-    a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    a, b = (
+        torch.randn(n, n, device="cuda", dtype=torch.bfloat16),
+        torch.randn(n, n, device="cuda", dtype=torch.bfloat16),
+    )
     matmul = cuda_time(lambda: a @ b, repeat=10)
     buf = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")  # 1 GiB
     dst = torch.empty_like(buf)
@@ -103,10 +106,20 @@ def bench_encoder(config_path: Path, batch: int, tokens: int, peak: float) -> li
                 logger.exception("%s failed", name)
                 rows.append({"path": name, "error": f"{type(err).__name__}: {err}"[:300]})
                 continue
-            rows.append({"path": name, "batch": batch, "tokens": tokens, "ms_per_batch": seconds * 1e3,
-                         "prompts_per_s": batch / seconds, "tokens_per_s": batch * tokens / seconds,
-                         "tflops": flops / seconds / 1e12, "mfu": flops / seconds / 1e12 / peak,
-                         "first_call_s": first, "min_cosine_vs_masked": cosine})
+            rows.append(
+                {
+                    "path": name,
+                    "batch": batch,
+                    "tokens": tokens,
+                    "ms_per_batch": seconds * 1e3,
+                    "prompts_per_s": batch / seconds,
+                    "tokens_per_s": batch * tokens / seconds,
+                    "tflops": flops / seconds / 1e12,
+                    "mfu": flops / seconds / 1e12 / peak,
+                    "first_call_s": first,
+                    "min_cosine_vs_masked": cosine,
+                }
+            )
             logger.info("%s", rows[-1])
     return rows
 
@@ -121,7 +134,9 @@ def bench_knn(sizes: list[int], dim: int, batches: list[int], k: int, copy_gb_pe
     return rows
 
 
-def _knn_rows(index: TorchFlatIndex, dim: int, batches: list[int], k: int, copy_gb_per_s: float) -> list[dict[str, object]]:
+def _knn_rows(
+    index: TorchFlatIndex, dim: int, batches: list[int], k: int, copy_gb_per_s: float
+) -> list[dict[str, object]]:
     rows = []
     bound = index.nbytes / (copy_gb_per_s * 1e9)
     for b in batches:
@@ -129,32 +144,59 @@ def _knn_rows(index: TorchFlatIndex, dim: int, batches: list[int], k: int, copy_
         seconds = cuda_time(lambda: index.search_tensor(queries, k), repeat=20)
         host = queries.cpu().numpy()
         end_to_end = cuda_time(lambda: index.search(host, k), repeat=20)
-        rows.append({"posts": len(index), "dim": dim, "query_batch": b, "k": k, "index_gb": index.nbytes / 1e9,
-                     "ms": seconds * 1e3, "ms_with_host_copies": end_to_end * 1e3, "bound_ms": bound * 1e3,
-                     "x_bound": seconds / bound, "queries_per_s": b / seconds})
+        rows.append(
+            {
+                "posts": len(index),
+                "dim": dim,
+                "query_batch": b,
+                "k": k,
+                "index_gb": index.nbytes / 1e9,
+                "ms": seconds * 1e3,
+                "ms_with_host_copies": end_to_end * 1e3,
+                "bound_ms": bound * 1e3,
+                "x_bound": seconds / bound,
+                "queries_per_s": b / seconds,
+            }
+        )
         logger.info("%s", rows[-1])
     return rows
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# GPU speed on {report['gpu']}", "", f"Command: `{report['command']}`. torch {report['torch']}.", "",
-             f"Measured peaks: bf16 matmul {report['peaks']['bf16_matmul_tflops']:.0f} TFLOP/s (8192^3); "
-             f"device copy {report['peaks']['copy_gb_per_s']:.0f} GB/s (read + write). "
-             f"MFU below is against the datasheet's dense bf16 peak, {report['peak_tflops']:.0f} TFLOP/s.", "",
-             "## Encoder (default model architecture, random weights)", "",
-             "| path | batch x tokens | ms/batch | prompts/s | tokens/s | TFLOP/s | MFU | cos vs masked |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# GPU speed on {report['gpu']}",
+        "",
+        f"Command: `{report['command']}`. torch {report['torch']}.",
+        "",
+        f"Measured peaks: bf16 matmul {report['peaks']['bf16_matmul_tflops']:.0f} TFLOP/s (8192^3); "
+        f"device copy {report['peaks']['copy_gb_per_s']:.0f} GB/s (read + write). "
+        f"MFU below is against the datasheet's dense bf16 peak, {report['peak_tflops']:.0f} TFLOP/s.",
+        "",
+        "## Encoder (default model architecture, random weights)",
+        "",
+        "| path | batch x tokens | ms/batch | prompts/s | tokens/s | TFLOP/s | MFU | cos vs masked |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["encoder"]:
         if "error" in r:
             lines.append(f"| {r['path']} | failed: {r['error']} | | | | | | |")
             continue
-        lines.append(f"| {r['path']} | {r['batch']} x {r['tokens']} | {r['ms_per_batch']:.2f} | {r['prompts_per_s']:,.0f} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['tflops']:.0f} | {r['mfu']:.1%} | {r['min_cosine_vs_masked']:.5f} |")
-    lines += ["", "## Exact kNN (PyTorch, fp16 storage, chunked matmul + top-k)", "",
-              "| posts x dim | query batch | k | index GB | ms (on device) | ms (numpy in/out) | bound ms | x bound | queries/s |",
-              "|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['path']} | {r['batch']} x {r['tokens']} | {r['ms_per_batch']:.2f} | {r['prompts_per_s']:,.0f} | "
+            f"{r['tokens_per_s']:,.0f} | {r['tflops']:.0f} | {r['mfu']:.1%} | {r['min_cosine_vs_masked']:.5f} |"
+        )
+    lines += [
+        "",
+        "## Exact kNN (PyTorch, fp16 storage, chunked matmul + top-k)",
+        "",
+        "| posts x dim | query batch | k | index GB | ms (on device) | ms (numpy in/out) | bound ms | x bound | queries/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["knn"]:
-        lines.append(f"| {r['posts']:,} x {r['dim']} | {r['query_batch']} | {r['k']} | {r['index_gb']:.2f} | {r['ms']:.3f} | "
-                     f"{r['ms_with_host_copies']:.3f} | {r['bound_ms']:.3f} | {r['x_bound']:.2f} | {r['queries_per_s']:,.0f} |")
+        lines.append(
+            f"| {r['posts']:,} x {r['dim']} | {r['query_batch']} | {r['k']} | {r['index_gb']:.2f} | {r['ms']:.3f} | "
+            f"{r['ms_with_host_copies']:.3f} | {r['bound_ms']:.3f} | {r['x_bound']:.2f} | {r['queries_per_s']:,.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -173,8 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.get_device_name()
     peak = next((v for key, v in DATASHEET_BF16_TFLOPS.items() if key in gpu), 989.4)
     peaks = measured_peaks()
-    report: dict[str, object] = {"gpu": gpu, "torch": torch.__version__, "peak_tflops": peak, "peaks": peaks,
-                                 "command": "python -m benchmarks.gpu " + " ".join(argv if argv is not None else sys.argv[1:])}
+    report: dict[str, object] = {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "peak_tflops": peak,
+        "peaks": peaks,
+        "command": "python -m benchmarks.gpu " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
     report["encoder"] = [r for b in args.batch for r in bench_encoder(args.config, b, args.tokens, peak)]
     report["knn"] = bench_knn(args.knn_sizes, args.dim, args.knn_batches, args.k, peaks["copy_gb_per_s"])
     args.out.mkdir(parents=True, exist_ok=True)

@@ -37,8 +37,17 @@ logger = logging.getLogger(__name__)
 
 # The shipped recipe's fixed parts: 6 layers + LoRA r8 keep the served model fast on CPU and the
 # adapter a few MB; what the GPU buys is steps and batch size.
-BASE = TrainConfig(batch_size=8, lr=5e-4, lora_r=8, keep_layers=6, matryoshka_dims=(256, 128, 64),
-                   hard_negatives=2, easy_negatives=16, checkpoint_every=100, extra={"data": "movielens", "history": "engaged"})
+BASE = TrainConfig(
+    batch_size=8,
+    lr=5e-4,
+    lora_r=8,
+    keep_layers=6,
+    matryoshka_dims=(256, 128, 64),
+    hard_negatives=2,
+    easy_negatives=16,
+    checkpoint_every=100,
+    extra={"data": "movielens", "history": "engaged"},
+)
 RECIPES = {
     "b8": BASE,  # the 2-core recipe, run longer
     "b32": replace(BASE, batch_size=32),  # 4x the in-batch negatives
@@ -71,14 +80,28 @@ def ablate(base: Path, out: Path, ml: MovieLens, steps: int) -> dict[str, dict[s
         members = {c.member.id: c.member for c in split.test}
         run_settings = replace(settings(), **settings_changes)  # type: ignore[arg-type]
         cfg = replace(BASE, steps=steps, **cfg_changes)  # type: ignore[arg-type]
-        result = train(base, out / f"ablation-{n}", split.train, split.corpus, ml.fit_buckets(), run_settings, cfg,
-                       progress=False, device="cuda")
-        retriever = EmbeddingRetriever(result.model_dir, run_settings, ml.fit_buckets(), plain.corpus, batch=256, device="cuda")
+        result = train(
+            base,
+            out / f"ablation-{n}",
+            split.train,
+            split.corpus,
+            ml.fit_buckets(),
+            run_settings,
+            cfg,
+            progress=False,
+            device="cuda",
+        )
+        retriever = EmbeddingRetriever(
+            result.model_dir, run_settings, ml.fit_buckets(), plain.corpus, batch=256, device="cuda"
+        )
         # Members are embedded as this variant sees them; targets and the excluded history are the
         # plain split's for every row, so a longer history cannot hide more candidates.
         scores = retriever.score([members[c.member.id] for c in plain.test])
-        rows[name] = {**metrics(rank(scores, ids, plain.test, 100), plain.test),
-                      "popularity_corr": popularity_correlation(scores, popularity), "train_seconds": result.seconds}
+        rows[name] = {
+            **metrics(rank(scores, ids, plain.test, 100), plain.test),
+            "popularity_corr": popularity_correlation(scores, popularity),
+            "train_seconds": result.seconds,
+        }
         logger.info("%s: %s", name, rows[name])
     return rows
 
@@ -97,10 +120,17 @@ def evaluate(model_dir: Path, split: Split, ml: MovieLens) -> dict[str, float]:
 
 
 def run(base: Path, out: Path, split: Split, ml: MovieLens, cfg: TrainConfig) -> dict[str, float]:
-    result = train(base, out, split.train, split.corpus, ml.fit_buckets(), settings(), cfg, progress=False, device="cuda")
+    result = train(
+        base, out, split.train, split.corpus, ml.fit_buckets(), settings(), cfg, progress=False, device="cuda"
+    )
     report = json.loads((out / "train_report.json").read_text())
-    return {"steps": cfg.steps, "seconds": result.seconds, "resumed_from": result.resumed_from,
-            "peak_gpu_mb": report.get("peak_gpu_mb"), "last_loss": result.losses[-1]}
+    return {
+        "steps": cfg.steps,
+        "seconds": result.seconds,
+        "resumed_from": result.resumed_from,
+        "peak_gpu_mb": report.get("peak_gpu_mb"),
+        "last_loss": result.losses[-1],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,29 +152,48 @@ def main(argv: list[str] | None = None) -> int:
         # Steps after the first 10 (CUDA warm-up, allocator growth) are timed.
         warm = run(base=args.base, out=args.out / "speed", split=split, ml=ml, cfg=replace(BASE, steps=10))
         timed = run(args.base, args.out / "speed", split, ml, replace(BASE, steps=10 + args.speed_steps))
-        report |= {"recipe": "b8 (the CPU recipe)", "warmup": warm, "timed": timed,
-                   "seconds_per_step": timed["seconds"] / args.speed_steps}
+        report |= {
+            "recipe": "b8 (the CPU recipe)",
+            "warmup": warm,
+            "timed": timed,
+            "seconds_per_step": timed["seconds"] / args.speed_steps,
+        }
     elif args.command == "validate":
         split = validation_split(ml)
-        report["split"] = {"cutoff": split.cutoff, "train_examples": len(split.train), "validation_members": len(split.test)}
+        report["split"] = {
+            "cutoff": split.cutoff,
+            "train_examples": len(split.train),
+            "validation_members": len(split.test),
+        }
         curves: dict[str, list[dict[str, object]]] = {}
         for name in args.recipes:
             cfg, curves[name] = RECIPES[name], []
             for steps in EVAL_AT[name]:
                 t = time.perf_counter()
                 trained = run(args.base, args.out / name, split, ml, replace(cfg, steps=steps))
-                point = {**trained, **evaluate(args.out / name / "model", split, ml), "eval_seconds": time.perf_counter() - t - trained["seconds"]}
+                point = {
+                    **trained,
+                    **evaluate(args.out / name / "model", split, ml),
+                    "eval_seconds": time.perf_counter() - t - trained["seconds"],
+                }
                 logger.info("%s @ %d: %s", name, steps, point)
                 curves[name].append(point)
                 (args.out / "validate-partial.json").write_text(json.dumps(report | {"curves": curves}, indent=2))
         report["curves"] = curves
     elif args.command == "ablate":
-        report |= {"steps": 100, "evaluated_on": "GPU, bf16, full catalog, the 80 test members", "rows": ablate(args.base, args.out, ml, 100)}
+        report |= {
+            "steps": 100,
+            "evaluated_on": "GPU, bf16, full catalog, the 80 test members",
+            "rows": ablate(args.base, args.out, ml, 100),
+        }
     else:
         split = movielens_split(ml)
         cfg = replace(RECIPES[args.recipe], steps=args.steps)
-        report |= {"recipe": args.recipe, "train": run(args.base, args.out / "run", split, ml, cfg),
-                   "test_gpu_bf16": evaluate(args.out / "run" / "model", split, ml)}
+        report |= {
+            "recipe": args.recipe,
+            "train": run(args.base, args.out / "run", split, ml, cfg),
+            "test_gpu_bf16": evaluate(args.out / "run" / "model", split, ml),
+        }
     (args.out / f"{args.command}.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     return 0

@@ -31,8 +31,11 @@ from feedserve.index.store import PostIndex
 
 logger = logging.getLogger("benchmarks.index_writes")
 
-ENGINES = {"faiss": Engine(), "torch-cpu": Engine("torch", device="cpu", dtype="fp32"),
-           "torch-cuda": Engine("torch", device="cuda", dtype="fp16")}
+ENGINES = {
+    "faiss": Engine(),
+    "torch-cpu": Engine("torch", device="cpu", dtype="fp32"),
+    "torch-cuda": Engine("torch", device="cuda", dtype="fp16"),
+}
 WRITE = 64
 
 
@@ -77,9 +80,16 @@ def measure(name: str, n: int, dim: int, reps: int, rng: np.random.Generator) ->
                 if kind == "delete":  # put them back, unmeasured, so that the size holds
                     index.upsert(ids, vectors)
                     index.search(query, [100])
-            row = {"engine": name, "posts": n, "dim": dim, "write": f"{WRITE} {kind}", "device_copy": mode,
-                   "write_ms": statistics.median(write_ms), "first_search_ms": statistics.median(first_ms),
-                   "steady_search_ms": statistics.median(steady_ms)}
+            row = {
+                "engine": name,
+                "posts": n,
+                "dim": dim,
+                "write": f"{WRITE} {kind}",
+                "device_copy": mode,
+                "write_ms": statistics.median(write_ms),
+                "first_search_ms": statistics.median(first_ms),
+                "steady_search_ms": statistics.median(steady_ms),
+            }
             row["write_to_served_ms"] = row["write_ms"] + row["first_search_ms"]  # type: ignore[operator]
             logger.info("%s", row)
             rows.append(row)
@@ -87,14 +97,24 @@ def measure(name: str, n: int, dim: int, reps: int, rng: np.random.Generator) ->
 
 
 def markdown(report: dict) -> str:
-    lines = ["# Writes to a large post index", "", f"Command: `{report['command']}`", "", f"Machine: {report['machine']}",
-             "", "Medians over the repetitions; one query, k=100. *write to served* = the write plus the first search "
-             "after it: what the first batch after a write window waits for in a `knn` instance.", "",
-             "| engine | posts | write | device copy | write ms | first search ms | steady search ms | write to served ms |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Writes to a large post index",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Machine: {report['machine']}",
+        "",
+        "Medians over the repetitions; one query, k=100. *write to served* = the write plus the first search "
+        "after it: what the first batch after a write window waits for in a `knn` instance.",
+        "",
+        "| engine | posts | write | device copy | write ms | first search ms | steady search ms | write to served ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["rows"]:
-        lines.append(f"| {r['engine']} | {r['posts']:,} | {r['write']} | {r['device_copy']} | {r['write_ms']:.1f} | "
-                     f"{r['first_search_ms']:.1f} | {r['steady_search_ms']:.1f} | {r['write_to_served_ms']:.1f} |")
+        lines.append(
+            f"| {r['engine']} | {r['posts']:,} | {r['write']} | {r['device_copy']} | {r['write_ms']:.1f} | "
+            f"{r['first_search_ms']:.1f} | {r['steady_search_ms']:.1f} | {r['write_to_served_ms']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -110,8 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     rows = [row for n in args.sizes for name in args.engines for row in measure(name, n, args.dim, args.reps, rng)]
     where = torch.cuda.get_device_name() if "torch-cuda" in args.engines else machine()
-    report = {"command": "python -m benchmarks.index_writes " + " ".join(sys.argv[1:] if argv is None else argv),
-              "machine": where, "rows": rows}
+    report = {
+        "command": "python -m benchmarks.index_writes " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": where,
+        "rows": rows,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "index_writes.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "index_writes.md").write_text(markdown(report))

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from feedserve.clients.perf import machine
 from feedserve.artifacts import ArtifactLayout, EncoderSettings, default_artifacts_dir
+from feedserve.clients.perf import machine
 
 logger = logging.getLogger("benchmarks.peers")
 
@@ -62,19 +62,21 @@ def encoder_peers(layout: ArtifactLayout, n_posts: int, batch: int) -> dict[str,
     from tokenizers import Tokenizer
     from transformers import AutoModel, AutoTokenizer
 
-    from feedserve.prompt.buckets import PercentileBuckets
-    from feedserve.ops.builder import SAMPLE_CORPUS
     from feedserve.clients.batch import embed_records
-    from feedserve.prompt.movielens import load_movielens
-    from feedserve.prompt.builder import PromptBuilder, TokenBatch
-    from feedserve.triton.repository import RepositorySettings, render_configs, write_repository
     from feedserve.encode.ort import OnnxEncoder
+    from feedserve.ops.builder import SAMPLE_CORPUS
+    from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
+    from feedserve.prompt.buckets import PercentileBuckets
+    from feedserve.prompt.builder import PromptBuilder, TokenBatch
+    from feedserve.prompt.movielens import load_movielens
     from feedserve.schema import ModelName
     from feedserve.triton.encoder import padded_runs
-    from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
+    from feedserve.triton.repository import RepositorySettings, render_configs, write_repository
 
     settings = EncoderSettings.load(layout.settings)
-    builder = PromptBuilder(Tokenizer.from_file(str(layout.tokenizer)), PercentileBuckets.load(layout.buckets), settings)
+    builder = PromptBuilder(
+        Tokenizer.from_file(str(layout.tokenizer)), PercentileBuckets.load(layout.buckets), settings
+    )
     posts = sorted(load_movielens(SAMPLE_CORPUS).posts(), key=lambda p: -p.counts.get("ratings", 0))[:n_posts]
     prompts = [builder.post_prompt(p) for p in posts]
     chunks = [slice(s, s + batch) for s in range(0, len(posts), batch)]
@@ -87,7 +89,13 @@ def encoder_peers(layout: ArtifactLayout, n_posts: int, batch: int) -> dict[str,
         rows = []
         with torch.inference_mode():
             for c in chunks:
-                enc = tokenizer(prompts[c], padding=True, truncation=True, max_length=settings.max_prompt_tokens, return_tensors="pt")
+                enc = tokenizer(
+                    prompts[c],
+                    padding=True,
+                    truncation=True,
+                    max_length=settings.max_prompt_tokens,
+                    return_tensors="pt",
+                )
                 hidden = model(**enc).last_hidden_state
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1)
@@ -99,12 +107,19 @@ def encoder_peers(layout: ArtifactLayout, n_posts: int, batch: int) -> dict[str,
     reference = transformers_embed()
     out["transformers_prompts_per_s"] = len(posts) / (time.perf_counter() - start)
     out["padded_tokens_transformers"] = sum(
-        int(tokenizer(prompts[c], padding=True, truncation=True, max_length=settings.max_prompt_tokens, return_tensors="np")["input_ids"].size)
-        for c in chunks)
+        int(
+            tokenizer(
+                prompts[c], padding=True, truncation=True, max_length=settings.max_prompt_tokens, return_tensors="np"
+            )["input_ids"].size
+        )
+        for c in chunks
+    )
 
     transformer = models.Transformer(str(layout.hf_dir), max_seq_length=settings.max_prompt_tokens)
-    st = SentenceTransformer(modules=[transformer, models.Pooling(transformer.get_word_embedding_dimension(), "mean"),
-                                      models.Normalize()], device="cpu")
+    st = SentenceTransformer(
+        modules=[transformer, models.Pooling(transformer.get_word_embedding_dimension(), "mean"), models.Normalize()],
+        device="cpu",
+    )
     st.encode(prompts[:batch], batch_size=batch, show_progress_bar=False)  # warm-up
     start = time.perf_counter()
     st_vectors = st.encode(prompts, batch_size=batch, convert_to_numpy=True, show_progress_bar=False)
@@ -129,17 +144,32 @@ def encoder_peers(layout: ArtifactLayout, n_posts: int, batch: int) -> dict[str,
         encoder = OnnxEncoder(graph)
         encoder.encode(batches[0].input_ids, batches[0].attention_mask)
         start = time.perf_counter()
-        vectors[f"{tag}encoder_alone"] = np.concatenate([encoder.encode(b.input_ids, b.attention_mask) for b in batches])[in_prompt_order]
+        vectors[f"{tag}encoder_alone"] = np.concatenate(
+            [encoder.encode(b.input_ids, b.attention_mask) for b in batches]
+        )[in_prompt_order]
         out[f"{tag}encoder_alone_prompts_per_s"] = len(posts) / (time.perf_counter() - start)
         with tempfile.TemporaryDirectory() as tmp:
             repository = Path(tmp) / "repository"
-            write_repository(repository, RepositorySettings(encoder_cache_rows=0, index_writer=False, encoder_precision="int8" if tag else "fp32"))
-            opts = ServerOptions(repository=repository, artifacts=layout.root, http_port=free_port(), grpc_port=free_port(),
-                                 metrics_port=free_port(), log_file=Path(tmp) / "tritonserver.log")
+            write_repository(
+                repository,
+                RepositorySettings(
+                    encoder_cache_rows=0, index_writer=False, encoder_precision="int8" if tag else "fp32"
+                ),
+            )
+            opts = ServerOptions(
+                repository=repository,
+                artifacts=layout.root,
+                http_port=free_port(),
+                grpc_port=free_port(),
+                metrics_port=free_port(),
+                log_file=Path(tmp) / "tritonserver.log",
+            )
             with TritonServer(opts) as server:
                 embed_records(posts[:16], url=server.grpc_url, progress=False)  # warm-up
                 start = time.perf_counter()
-                vectors[f"{tag}pipeline"] = embed_records(posts, url=server.grpc_url, batch_size=8, concurrency=4, progress=False)
+                vectors[f"{tag}pipeline"] = embed_records(
+                    posts, url=server.grpc_url, batch_size=8, concurrency=4, progress=False
+                )
                 out[f"{tag}pipeline_prompts_per_s"] = len(posts) / (time.perf_counter() - start)
 
     def agreement(a: np.ndarray) -> float:
@@ -193,7 +223,9 @@ def knn_peers(sizes: list[int], dim: int, hnsw_max: int) -> dict[str, object]:
 
         repeat = max(3, int(2e8 / (n * dim)))
         row: dict[str, object] = {
-            "n": n, "gb": x.nbytes / 1e9, "bound_ms": x.nbytes / bandwidth / 1e6,
+            "n": n,
+            "gb": x.nbytes / 1e9,
+            "bound_ms": x.nbytes / bandwidth / 1e6,
             "faiss_b1_ms": _timed(lambda: flat.search(one, K), repeat) * 1e3,
             "faiss_b64_ms": _timed(lambda: flat.search(queries, K), max(1, repeat // 8)) * 1e3,
             "numpy_b1_ms": _timed(lambda: numpy_search(one), repeat) * 1e3,
@@ -217,9 +249,14 @@ def knn_peers(sizes: list[int], dim: int, hnsw_max: int) -> dict[str, object]:
                 recall = _recall(hnsw.knn_query(queries, K)[0], exact)
                 if recall >= 0.99 or ef == 1600:
                     break
-            row.update({"hnsw_ef": ef, "hnsw_recall": recall,
-                        "hnsw_b1_ms": _timed(lambda: hnsw.knn_query(one, K), repeat) * 1e3,
-                        "hnsw_b64_ms": _timed(lambda: hnsw.knn_query(queries, K), max(1, repeat // 8)) * 1e3})
+            row.update(
+                {
+                    "hnsw_ef": ef,
+                    "hnsw_recall": recall,
+                    "hnsw_b1_ms": _timed(lambda: hnsw.knn_query(one, K), repeat) * 1e3,
+                    "hnsw_b64_ms": _timed(lambda: hnsw.knn_query(queries, K), max(1, repeat // 8)) * 1e3,
+                }
+            )
         logger.info("knn %s", row)
         rows.append(row)
     return {"dim": dim, "k": K, "read_bandwidth_gb_s": bandwidth, "rows": rows}
@@ -236,12 +273,12 @@ def retrieve_curve(layout: ArtifactLayout, sizes: list[int], n_members: int) -> 
     """`retrieve` latency, one request at a time, with N random unit vectors as the posts (the served
     dimension) and real MovieLens members; the prompt cache is off, so every member is encoded."""
     from benchmarks.freshness import scratch_artifacts
-    from feedserve.ops.builder import SAMPLE_CORPUS
     from feedserve.clients.batch import build_index
     from feedserve.clients.online import FeedClient
+    from feedserve.ops.builder import SAMPLE_CORPUS
+    from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
     from feedserve.prompt.movielens import load_movielens
     from feedserve.triton.repository import RepositorySettings, write_repository
-    from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
 
     members = [m for m in load_movielens(SAMPLE_CORPUS).members() if 5 <= len(m.history) <= 60][:n_members]
     dim = layout.serving_dim()
@@ -252,8 +289,14 @@ def retrieve_curve(layout: ArtifactLayout, sizes: list[int], n_members: int) -> 
         repository = Path(tmp) / "repository"
         write_repository(repository, RepositorySettings(encoder_cache_rows=0, index_writer=False))
         build_index(np.arange(sizes[0]), unit_vectors(rng, sizes[0], dim), scratch.index)
-        opts = ServerOptions(repository=repository, artifacts=scratch.root, http_port=free_port(), grpc_port=free_port(),
-                             metrics_port=free_port(), log_file=Path(tmp) / "tritonserver.log")
+        opts = ServerOptions(
+            repository=repository,
+            artifacts=scratch.root,
+            http_port=free_port(),
+            grpc_port=free_port(),
+            metrics_port=free_port(),
+            log_file=Path(tmp) / "tritonserver.log",
+        )
         with TritonServer(opts) as server, FeedClient(server.grpc_url, "grpc", timeout_s=300) as client:
             for i, n in enumerate(sizes):
                 if i:  # a rebuild: knn loads it whole before its next search
@@ -264,7 +307,13 @@ def retrieve_curve(layout: ArtifactLayout, sizes: list[int], n_members: int) -> 
                     start = time.perf_counter()
                     client.retrieve(member, k=10)
                     latencies.append((time.perf_counter() - start) * 1e3)
-                out.append({"posts": n, "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99))})
+                out.append(
+                    {
+                        "posts": n,
+                        "p50_ms": float(np.percentile(latencies, 50)),
+                        "p99_ms": float(np.percentile(latencies, 99)),
+                    }
+                )
                 logger.info("retrieve over %d posts: %s", n, out[-1])
     return out
 
@@ -291,43 +340,81 @@ def markdown(r: dict) -> str:
     e, kn = r["encoders"], r["knn"]
     base = e["transformers_prompts_per_s"]
     lines = [
-        "# Peers and cost curves (2-core CPU)", "",
+        "# Peers and cost curves (2-core CPU)",
+        "",
         "Each section was measured by its own command, on the machine named beside it "
-        "(absolute speeds differ between these shared VMs; compare within a section):", "",
-        *[f"- {name}: `{cmd}` on {r.get('machines', {}).get(name, r['machine'])}"
-          for name, cmd in r.get("commands", {"all": r["command"]}).items()], "",
-        f"## Encoders: the same {e['posts']} MovieLens post prompts, the same checkpoint, batches of {e['batch']}", "",
-        "| path | prompts/s | x transformers | min cosine to transformers |", "|---|---|---|---|",
+        "(absolute speeds differ between these shared VMs; compare within a section):",
+        "",
+        *[
+            f"- {name}: `{cmd}` on {r.get('machines', {}).get(name, r['machine'])}"
+            for name, cmd in r.get("commands", {"all": r["command"]}).items()
+        ],
+        "",
+        f"## Encoders: the same {e['posts']} MovieLens post prompts, the same checkpoint, batches of {e['batch']}",
+        "",
+        "| path | prompts/s | x transformers | min cosine to transformers |",
+        "|---|---|---|---|",
         f"| transformers in-process (pad to longest, {e['padded_tokens_transformers']} padded tokens) | {base:.2f} | 1.00 | 1 |",
     ]
-    for key, label in [("sentence_transformers", "sentence-transformers in-process"),
-                       ("encoder_alone", f"feedserve encoder alone, ONNX Runtime ({e['padded_tokens_feedserve']} padded tokens)"),
-                       ("pipeline", "feedserve `embed_post` through Triton (gRPC, 4 x 8 in flight)"),
-                       ("int8_encoder_alone", "feedserve encoder alone, int8 graph"),
-                       ("int8_pipeline", "feedserve `embed_post` through Triton, int8 graph (the default render)")]:
+    for key, label in [
+        ("sentence_transformers", "sentence-transformers in-process"),
+        ("encoder_alone", f"feedserve encoder alone, ONNX Runtime ({e['padded_tokens_feedserve']} padded tokens)"),
+        ("pipeline", "feedserve `embed_post` through Triton (gRPC, 4 x 8 in flight)"),
+        ("int8_encoder_alone", "feedserve encoder alone, int8 graph"),
+        ("int8_pipeline", "feedserve `embed_post` through Triton, int8 graph (the default render)"),
+    ]:
         if f"{key}_prompts_per_s" not in e:
             continue
         rate = e[f"{key}_prompts_per_s"]
         lines.append(f"| {label} | {rate:.2f} | {rate / base:.2f} | {e['min_cosine_to_transformers'][key]:.5f} |")
     lines += [
-        "", f"Targets: `embed_post` at least 90% of the encoder alone: {e['pipeline_prompts_per_s'] / e['encoder_alone_prompts_per_s']:.0%}"
-        + (f" (int8: {e['int8_pipeline_prompts_per_s'] / e['int8_encoder_alone_prompts_per_s']:.0%})" if "int8_pipeline_prompts_per_s" in e else "")
+        "",
+        f"Targets: `embed_post` at least 90% of the encoder alone: {e['pipeline_prompts_per_s'] / e['encoder_alone_prompts_per_s']:.0%}"
+        + (
+            f" (int8: {e['int8_pipeline_prompts_per_s'] / e['int8_encoder_alone_prompts_per_s']:.0%})"
+            if "int8_pipeline_prompts_per_s" in e
+            else ""
+        )
         + f"; the pipeline at least 1.5x in-process transformers: {e['pipeline_prompts_per_s'] / base:.2f}x"
-        + (f" (int8: {e['int8_pipeline_prompts_per_s'] / base:.2f}x)" if "int8_pipeline_prompts_per_s" in e else "") + ".", "",
-        f"## Exact kNN, {kn['dim']} dims float32, k={kn['k']} (read bandwidth measured: {kn['read_bandwidth_gb_s']:.1f} GB/s)", "",
+        + (f" (int8: {e['int8_pipeline_prompts_per_s'] / base:.2f}x)" if "int8_pipeline_prompts_per_s" in e else "")
+        + ".",
+        "",
+        f"## Exact kNN, {kn['dim']} dims float32, k={kn['k']} (read bandwidth measured: {kn['read_bandwidth_gb_s']:.1f} GB/s)",
+        "",
         "| posts | bound ms | feedserve index b1 ms | x bound | faiss b1 ms | x bound | NumPy b1 ms | hnswlib b1 ms (ef, recall) | feedserve b64 ms | faiss b64 ms | NumPy b64 ms | hnswlib b64 ms | hnswlib build s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in kn["rows"]:
-        hnsw = (f"{row['hnsw_b1_ms']:.2f} ({row['hnsw_ef']}, {row['hnsw_recall']:.3f})", f"{row['hnsw_b64_ms']:.1f}", f"{row['hnsw_build_s']:.0f}") \
-            if "hnsw_ef" in row else ("not built", "-", "-")
-        lines.append(f"| {row['n']:,} | {row['bound_ms']:.2f} | {row['feedserve_b1_ms']:.2f} | {row['feedserve_b1_ms'] / row['bound_ms']:.2f} | "
-                     f"{row['faiss_b1_ms']:.2f} | {row['faiss_b1_ms'] / row['bound_ms']:.2f} | {row['numpy_b1_ms']:.2f} | {hnsw[0]} | "
-                     f"{row['feedserve_b64_ms']:.1f} | {row['faiss_b64_ms']:.1f} | {row['numpy_b64_ms']:.1f} | {hnsw[1]} | {hnsw[2]} |")
-    lines += ["", "feedserve index: the `knn` model's `PostIndex` (faiss storage searched by one BLAS matmul and a partial sort, "
-              "exclusions included); its recall against faiss: " + ", ".join(f"{row['feedserve_recall']:.4f}" for row in kn["rows"]) + "."]
-    lines += ["", "## Cost curves", "", "`retrieve` through Triton, one request at a time (members encoded every time):", "",
-              "| posts in the index | p50 ms | p99 ms |", "|---|---|---|"]
+        hnsw = (
+            (
+                f"{row['hnsw_b1_ms']:.2f} ({row['hnsw_ef']}, {row['hnsw_recall']:.3f})",
+                f"{row['hnsw_b64_ms']:.1f}",
+                f"{row['hnsw_build_s']:.0f}",
+            )
+            if "hnsw_ef" in row
+            else ("not built", "-", "-")
+        )
+        lines.append(
+            f"| {row['n']:,} | {row['bound_ms']:.2f} | {row['feedserve_b1_ms']:.2f} | {row['feedserve_b1_ms'] / row['bound_ms']:.2f} | "
+            f"{row['faiss_b1_ms']:.2f} | {row['faiss_b1_ms'] / row['bound_ms']:.2f} | {row['numpy_b1_ms']:.2f} | {hnsw[0]} | "
+            f"{row['feedserve_b64_ms']:.1f} | {row['faiss_b64_ms']:.1f} | {row['numpy_b64_ms']:.1f} | {hnsw[1]} | {hnsw[2]} |"
+        )
+    lines += [
+        "",
+        "feedserve index: the `knn` model's `PostIndex` (faiss storage searched by one BLAS matmul and a partial sort, "
+        "exclusions included); its recall against faiss: "
+        + ", ".join(f"{row['feedserve_recall']:.4f}" for row in kn["rows"])
+        + ".",
+    ]
+    lines += [
+        "",
+        "## Cost curves",
+        "",
+        "`retrieve` through Triton, one request at a time (members encoded every time):",
+        "",
+        "| posts in the index | p50 ms | p99 ms |",
+        "|---|---|---|",
+    ]
     lines += [f"| {c['posts']:,} | {c['p50_ms']:.0f} | {c['p99_ms']:.0f} |" for c in r["retrieve_curve"]]
     lines += ["", "Encoder alone (ONNX Runtime), one prompt:", "", "| tokens | ms |", "|---|---|"]
     lines += [f"| {c['tokens']} | {c['ms']:.0f} |" for c in r["prompt_curve"]]
@@ -343,12 +430,18 @@ def plot(r: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     rows = r["knn"]["rows"]
     n = [row["n"] for row in rows]
-    for key, label in [("feedserve_b1_ms", "feedserve index"), ("faiss_b1_ms", "faiss"), ("numpy_b1_ms", "NumPy"),
-                       ("bound_ms", "bandwidth bound")]:
+    for key, label in [
+        ("feedserve_b1_ms", "feedserve index"),
+        ("faiss_b1_ms", "faiss"),
+        ("numpy_b1_ms", "NumPy"),
+        ("bound_ms", "bandwidth bound"),
+    ]:
         axes[0].loglog(n, [row[key] for row in rows], marker="o", label=label)
     hn = [row for row in rows if "hnsw_b1_ms" in row]
     if hn:
-        axes[0].loglog([row["n"] for row in hn], [row["hnsw_b1_ms"] for row in hn], marker="o", label="hnswlib (recall>=0.99)")
+        axes[0].loglog(
+            [row["n"] for row in hn], [row["hnsw_b1_ms"] for row in hn], marker="o", label="hnswlib (recall>=0.99)"
+        )
     axes[0].set(title=f"kNN batch 1, {r['knn']['dim']} dims, k={r['knn']['k']}", xlabel="posts", ylabel="ms")
     axes[0].legend()
     curve = r["retrieve_curve"]
@@ -372,12 +465,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--posts", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    p.add_argument("--hnsw-max", type=int, default=100_000, help="largest index hnswlib is built for (its build is slow on 2 cores)")
+    p.add_argument(
+        "--hnsw-max",
+        type=int,
+        default=100_000,
+        help="largest index hnswlib is built for (its build is slow on 2 cores)",
+    )
     p.add_argument("--members", type=int, default=30, help="members per point of the retrieve curve")
     p.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "reports")
-    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
-                   help="re-run only these; the others are kept from the saved report, with the command that measured them")
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        default=list(SECTIONS),
+        help="re-run only these; the others are kept from the saved report, with the command that measured them",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     layout = ArtifactLayout(args.artifacts)

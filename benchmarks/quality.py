@@ -27,13 +27,11 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from feedserve.artifacts import ADAPTER_META, REPO_ROOT, EncoderSettings
-from feedserve.prompt.buckets import PercentileBuckets
+from feedserve.artifacts import REPO_ROOT
 from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.prompt.movielens import MovieLens, load_movielens
 from feedserve.prompt.records import Member
@@ -153,21 +151,31 @@ def main(argv: list[str] | None = None) -> int:
                 training[name] = d.train_report
             seconds[name] = time.perf_counter() - t
             (main_rows if section == "main" else ablation_rows).append(name)
-            logger.info("%s: %s, popularity corr %.3f (%.0f s)", name, results[name]["all"], correlation[name], seconds[name])
+            logger.info(
+                "%s: %s, popularity corr %.3f (%.0f s)", name, results[name]["all"], correlation[name], seconds[name]
+            )
             if section == "main" and i == len(specs) - 1:
                 # Prefix rows only for the sizes the model was trained for: any other prefix of an
                 # embedding is not an embedding.
                 for dim in (x for x in args.matryoshka if x in d.matryoshka_dims):
                     row = f"{name} @ {dim} dims"
                     results[row] = ev.run(lambda ms, dim=dim: retriever.score(ms, dim))
-                    correlation[row] = popularity_correlation(retriever.score([c.member for c in ev.groups["all"]], dim), ev.popularity)
+                    correlation[row] = popularity_correlation(
+                        retriever.score([c.member for c in ev.groups["all"]], dim), ev.popularity
+                    )
                     ablation_rows.append(row)
 
     report = {
-        "split": {"cutoff": ev.split.cutoff, "train_examples": len(ev.split.train),
-                  **{f"test members ({k})": len(v) for k, v in ev.groups.items()}},
+        "split": {
+            "cutoff": ev.split.cutoff,
+            "train_examples": len(ev.split.train),
+            **{f"test members ({k})": len(v) for k, v in ev.groups.items()},
+        },
         "encoders": {n: str(d) for n, d in [*encoders, *args.ablation]},
-        "results": results, "popularity_correlation": correlation, "seconds": seconds, "training": training,
+        "results": results,
+        "popularity_correlation": correlation,
+        "seconds": seconds,
+        "training": training,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -177,37 +185,63 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _table(results: dict[str, dict[str, dict[str, float]]], rows: list[str], slice_name: str,
-           correlation: dict[str, float]) -> list[str]:
+def _table(
+    results: dict[str, dict[str, dict[str, float]]], rows: list[str], slice_name: str, correlation: dict[str, float]
+) -> list[str]:
     lines = ["| model | Recall@10 | Recall@50 | Recall@100 | NDCG@10 | popularity corr. |", "|---|---|---|---|---|---|"]
     for name in rows:
         r = results[name][slice_name]
         corr = f"{correlation[name]:.3f}" if name in correlation else ""
-        lines.append(f"| {name} | {r['recall@10']:.4f} | {r['recall@50']:.4f} | {r['recall@100']:.4f} | {r['ndcg@10']:.4f} | {corr} |")
+        lines.append(
+            f"| {name} | {r['recall@10']:.4f} | {r['recall@50']:.4f} | {r['recall@100']:.4f} | {r['ndcg@10']:.4f} | {corr} |"
+        )
     return lines + [""]
 
 
-def markdown(report: dict, main_rows: list[str], ablation_rows: list[str], groups: dict[str, list[EvalCase]],
-             argv: list[str] | None) -> str:
+def markdown(
+    report: dict,
+    main_rows: list[str],
+    ablation_rows: list[str],
+    groups: dict[str, list[EvalCase]],
+    argv: list[str] | None,
+) -> str:
     command = " ".join(["python -m benchmarks.quality", *(argv if argv is not None else sys.argv[1:])])
-    lines = ["# Retrieval quality on MovieLens (full catalog, global time split)", "",
-             f"Command: `{command}`. Split: {json.dumps(report['split'])}. Encoders: {json.dumps(report['encoders'])}.", "",
-             "Popularity corr.: Pearson correlation, over all movies, between log(1 + training positives) and the "
-             "mean similarity the test members give the movie.", ""]
+    lines = [
+        "# Retrieval quality on MovieLens (full catalog, global time split)",
+        "",
+        f"Command: `{command}`. Split: {json.dumps(report['split'])}. Encoders: {json.dumps(report['encoders'])}.",
+        "",
+        "Popularity corr.: Pearson correlation, over all movies, between log(1 + training positives) and the "
+        "mean similarity the test members give the movie.",
+        "",
+    ]
     for slice_name in groups:
-        lines += [f"## {slice_name}", ""] + _table(report["results"], main_rows, slice_name, report["popularity_correlation"])
+        lines += [f"## {slice_name}", ""] + _table(
+            report["results"], main_rows, slice_name, report["popularity_correlation"]
+        )
     if ablation_rows:
-        lines += ["## Ablations (all test members)", ""] + _table(report["results"], ablation_rows, "all", report["popularity_correlation"])
+        lines += ["## Ablations (all test members)", ""] + _table(
+            report["results"], ablation_rows, "all", report["popularity_correlation"]
+        )
     if report["training"]:
-        lines += ["## Training runs", "", "| model | steps | wall time | peak RSS | first loss | last loss |", "|---|---|---|---|---|---|"]
+        lines += [
+            "## Training runs",
+            "",
+            "| model | steps | wall time | peak RSS | first loss | last loss |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, t in report["training"].items():
-            lines.append(f"| {name} | {t['steps']} | {t['seconds'] / 60:.1f} min | {t['peak_rss_mb'] / 1024:.1f} GiB "
-                         f"| {t['first_loss']:.3f} | {t['last_loss']:.3f} |")
+            lines.append(
+                f"| {name} | {t['steps']} | {t['seconds'] / 60:.1f} min | {t['peak_rss_mb'] / 1024:.1f} GiB "
+                f"| {t['first_loss']:.3f} | {t['last_loss']:.3f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
 
-def plot(results: dict[str, dict[str, dict[str, float]]], main_rows: list[str], ablation_rows: list[str], path: Path) -> None:
+def plot(
+    results: dict[str, dict[str, dict[str, float]]], main_rows: list[str], ablation_rows: list[str], path: Path
+) -> None:
     """Recall@100 per model and slice, and the ablations, as one PNG."""
     import matplotlib
 
@@ -217,7 +251,9 @@ def plot(results: dict[str, dict[str, dict[str, float]]], main_rows: list[str], 
     panels = [("Recall@100 by slice", main_rows, ("all", "cold items", "short history (<= 15)"))]
     if ablation_rows:
         panels.append(("Ablations: Recall@100 (all members)", ablation_rows, ("all",)))
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 0.45 * max(len(main_rows), len(ablation_rows)) + 2))
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(7 * len(panels), 0.45 * max(len(main_rows), len(ablation_rows)) + 2)
+    )
     for ax, (title, rows, slice_names) in zip(np.atleast_1d(axes), panels, strict=True):
         y = np.arange(len(rows))
         height = 0.8 / len(slice_names)

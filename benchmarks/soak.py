@@ -46,34 +46,55 @@ def one_round(url: str, data: Path, rate: float, window_ms: int) -> dict[str, ob
 
     try:
         # Stability 999%: every window counts, so a round is always three windows at the steady rate.
-        row = run_perf_analyzer(perf_analyzer_binary(), url, "grpc", "retrieve", data, [f"--request-rate-range={rate:g}"],
-                                window_ms, stability_pct=999, max_trials=3)
+        row = run_perf_analyzer(
+            perf_analyzer_binary(),
+            url,
+            "grpc",
+            "retrieve",
+            data,
+            [f"--request-rate-range={rate:g}"],
+            window_ms,
+            stability_pct=999,
+            max_trials=3,
+        )
     except RuntimeError as err:
         return {"ok": False, "error": str(err)[-800:]}
-    return {"ok": True, "infer_per_s": float(row["Inferences/Second"]), "p50_ms": float(row["p50 latency"]) / 1000,
-            "p99_ms": float(row["p99 latency"]) / 1000}
+    return {
+        "ok": True,
+        "infer_per_s": float(row["Inferences/Second"]),
+        "p50_ms": float(row["p50 latency"]) / 1000,
+        "p99_ms": float(row["p99 latency"]) / 1000,
+    }
 
 
 def markdown(r: dict) -> str:
     rounds = r["rounds"]
     ok = [x for x in rounds if x["ok"]]
     lines = [
-        "# Soak: `retrieve` at a steady rate (default model, 2-core CPU)", "",
+        "# Soak: `retrieve` at a steady rate (default model, 2-core CPU)",
+        "",
         f"Command: `{r['command']}`. {len(rounds)} rounds of 3 x {r['window_s']:g} s windows at {r['rate']:g} requests/s "
-        f"over gRPC; prompt cache off; index of {r['posts']} posts.", "",
-        "| round | minutes in | inferences/s | p50 ms | p99 ms | server RSS MiB |", "|---|---|---|---|---|---|",
+        f"over gRPC; prompt cache off; index of {r['posts']} posts.",
+        "",
+        "| round | minutes in | inferences/s | p50 ms | p99 ms | server RSS MiB |",
+        "|---|---|---|---|---|---|",
     ]
     for i, x in enumerate(rounds):
         if x["ok"]:
-            lines.append(f"| {i + 1} | {x['t_min']:.1f} | {x['infer_per_s']:.2f} | {x['p50_ms']:.0f} | {x['p99_ms']:.0f} | {x['rss_mb']:.0f} |")
+            lines.append(
+                f"| {i + 1} | {x['t_min']:.1f} | {x['infer_per_s']:.2f} | {x['p50_ms']:.0f} | {x['p99_ms']:.0f} | {x['rss_mb']:.0f} |"
+            )
         else:
             lines.append(f"| {i + 1} | {x['t_min']:.1f} | FAILED | | | {x['rss_mb']:.0f} |")
     p99 = [x["p99_ms"] for x in ok]
     lines += [
-        "", f"- Failed rounds: {len(rounds) - len(ok)} (target 0).",
+        "",
+        f"- Failed rounds: {len(rounds) - len(ok)} (target 0).",
         f"- Resident memory, first round to last: {r['rss_first_mb']:.0f} -> {r['rss_last_mb']:.0f} MiB "
         f"({r['rss_growth_pct']:+.1f}%, target under 5%).",
-        f"- p99 over the rounds: min {min(p99):.0f}, median {np.median(p99):.0f}, max {max(p99):.0f} ms." if p99 else "- no p99",
+        f"- p99 over the rounds: min {min(p99):.0f}, median {np.median(p99):.0f}, max {max(p99):.0f} ms."
+        if p99
+        else "- no p99",
         "",
     ]
     return "\n".join(lines)
@@ -90,15 +111,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    from feedserve.ops.builder import SAMPLE_CORPUS
     from feedserve.clients.batch import index_corpus
     from feedserve.clients.perf_data import movielens_input
+    from feedserve.ops.builder import SAMPLE_CORPUS
+    from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
     from feedserve.prompt.movielens import load_movielens
     from feedserve.triton.repository import RepositorySettings, write_repository
-    from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
 
-    report: dict[str, object] = {"command": "python -m benchmarks.soak " + " ".join(argv if argv is not None else sys.argv[1:]),
-                                 "rate": args.rate, "window_s": args.window_s, "posts": args.posts}
+    report: dict[str, object] = {
+        "command": "python -m benchmarks.soak " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "rate": args.rate,
+        "window_s": args.window_s,
+        "posts": args.posts,
+    }
     rounds: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as tmp:
         layout = scratch_artifacts(ArtifactLayout(args.artifacts), Path(tmp) / "artifacts")
@@ -106,8 +131,14 @@ def main(argv: list[str] | None = None) -> int:
         write_repository(repository, RepositorySettings(encoder_cache_rows=0))
         data = Path(tmp) / "retrieve.json"
         data.write_text(json.dumps(movielens_input("retrieve", 32)))
-        opts = ServerOptions(repository=repository, artifacts=layout.root, http_port=free_port(), grpc_port=free_port(),
-                             metrics_port=free_port(), log_file=Path(tmp) / "tritonserver.log")
+        opts = ServerOptions(
+            repository=repository,
+            artifacts=layout.root,
+            http_port=free_port(),
+            grpc_port=free_port(),
+            metrics_port=free_port(),
+            log_file=Path(tmp) / "tritonserver.log",
+        )
         with TritonServer(opts) as server:
             posts = load_movielens(SAMPLE_CORPUS).posts()[: args.posts]
             index_corpus(posts, [q.id for q in posts], layout.index, url=server.grpc_url, progress=False)

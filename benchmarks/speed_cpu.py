@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from feedserve.artifacts import ArtifactLayout, EncoderSettings, default_artifacts_dir
-from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.clients.perf import machine, perf_analyzer_binary, run_perf_analyzer
 from feedserve.clients.perf_data import perf_input
+from feedserve.ops.builder import SAMPLE_CORPUS
 
 logger = logging.getLogger("benchmarks.speed_cpu")
 
@@ -38,8 +38,9 @@ def _rate(fn, batches, repeat: int = 1) -> float:  # type: ignore[no-untyped-def
 
 
 def perf_analyzer(url: str, model: str, data: Path, concurrency: int, seconds: float = 20.0) -> dict[str, float]:
-    row = run_perf_analyzer(perf_analyzer_binary(), url, "grpc", model, data, [f"--concurrency-range={concurrency}"],
-                            int(seconds * 1000))
+    row = run_perf_analyzer(
+        perf_analyzer_binary(), url, "grpc", model, data, [f"--concurrency-range={concurrency}"], int(seconds * 1000)
+    )
     return {
         "concurrency": concurrency,
         "infer_per_s": float(row["Inferences/Second"]),
@@ -87,18 +88,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from tokenizers import Tokenizer
 
-    from feedserve.prompt.buckets import PercentileBuckets
     from feedserve.clients.batch import embed_records
-    from feedserve.encode.pytorch import TorchEncoder
-    from feedserve.prompt.movielens import load_movielens
-    from feedserve.prompt.builder import PromptBuilder
-    from feedserve.triton.repository import write_repository
     from feedserve.encode.ort import OnnxEncoder
+    from feedserve.encode.pytorch import TorchEncoder
     from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
+    from feedserve.prompt.buckets import PercentileBuckets
+    from feedserve.prompt.builder import PromptBuilder
+    from feedserve.prompt.movielens import load_movielens
+    from feedserve.triton.repository import write_repository
 
     layout = ArtifactLayout(args.artifacts)
     settings = EncoderSettings.load(layout.settings)
-    builder = PromptBuilder(Tokenizer.from_file(str(layout.tokenizer)), PercentileBuckets.load(layout.buckets), settings)
+    builder = PromptBuilder(
+        Tokenizer.from_file(str(layout.tokenizer)), PercentileBuckets.load(layout.buckets), settings
+    )
     ml = load_movielens(SAMPLE_CORPUS)
     posts = sorted(ml.posts(), key=lambda p: -p.counts.get("ratings", 0))[: args.posts]
     batches = []
@@ -107,22 +110,32 @@ def main(argv: list[str] | None = None) -> int:
         batches.append((b.input_ids, b.attention_mask))
     tokens = sum(int(m.sum()) for _, m in batches)
     results: dict[str, object] = {
-        "machine": machine(), "posts": len(posts), "batch": args.batch,
-        "mean_prompt_tokens": tokens / len(posts), "padded_tokens_per_prompt": sum(i.size for i, _ in batches) / len(posts),
+        "machine": machine(),
+        "posts": len(posts),
+        "batch": args.batch,
+        "mean_prompt_tokens": tokens / len(posts),
+        "padded_tokens_per_prompt": sum(i.size for i, _ in batches) / len(posts),
     }
     results["onnxruntime_prompts_per_s"] = _rate(OnnxEncoder(layout.onnx).encode, batches)
     results["pytorch_prompts_per_s"] = _rate(TorchEncoder(layout.hf_dir, settings).encode, batches)
     logger.info("encoder alone: %s", results)
 
     write_repository()
-    opts = ServerOptions(artifacts=layout.root, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                         log_file=layout.root.parent / "logs" / "bench-tritonserver.log")
+    opts = ServerOptions(
+        artifacts=layout.root,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        log_file=layout.root.parent / "logs" / "bench-tritonserver.log",
+    )
     members = [m for m in ml.members() if 5 <= len(m.history) <= 60][:32]
     with TritonServer(opts) as server:
         embed_records(posts[:16], url=server.grpc_url, progress=False)  # warm-up
         for conc in (1, 4):
             t = time.perf_counter()
-            embed_records(posts, url=server.grpc_url, batch_size=args.batch if conc == 1 else 8, concurrency=conc, progress=False)
+            embed_records(
+                posts, url=server.grpc_url, batch_size=args.batch if conc == 1 else 8, concurrency=conc, progress=False
+            )
             results[f"embed_post_prompts_per_s_c{conc}"] = len(posts) / (time.perf_counter() - t)
         with tempfile.TemporaryDirectory() as tmp:
             data = Path(tmp) / "members.json"

@@ -28,9 +28,9 @@ import numpy as np
 from feedserve.artifacts import ArtifactLayout, EncoderSettings, default_artifacts_dir
 from feedserve.clients.perf import machine, perf_analyzer_binary, run_perf_analyzer
 from feedserve.clients.perf_data import movielens_input, token_input
-from feedserve.triton.repository import RepositorySettings, render_configs, write_repository
-from feedserve.schema import ModelName
 from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
+from feedserve.schema import ModelName
+from feedserve.triton.repository import RepositorySettings, render_configs, write_repository
 
 logger = logging.getLogger("benchmarks.tuning")
 
@@ -46,20 +46,35 @@ class Step:
 
 def server_steps() -> list[Step]:
     """Each step changes one thing over the one before; the last is what `feedserve render` ships."""
-    s = RepositorySettings(encoder_cache_rows=0, index_writer=False, encoder_queue_delay_us=None,
-                           encoder_grouping="longest", encoder_precision="fp32")
+    s = RepositorySettings(
+        encoder_cache_rows=0,
+        index_writer=False,
+        encoder_queue_delay_us=None,
+        encoder_grouping="longest",
+        encoder_precision="fp32",
+    )
     steps = [Step("no dynamic batching, rows padded to the longest", s)]
     for name, change in [
         ("dynamic batching, no queue delay", {"encoder_queue_delay_us": 0}),
         ("queue delay 2 ms", {"encoder_queue_delay_us": 2000}),
         ("queue delay 10 ms", {"encoder_queue_delay_us": 10000}),
-        ("queue delay 2 ms, preferred batch 4 and 8", {"encoder_queue_delay_us": 2000, "encoder_preferred_batch": (4, 8)}),
-        ("length buckets: each row padded to its bucket, one run per bucket", {"encoder_preferred_batch": (), "encoder_grouping": "buckets"}),
-        ("cost-based runs: each padded to its own longest row, cut where a run costs less than its padding",
-         {"encoder_grouping": "cost"}),
+        (
+            "queue delay 2 ms, preferred batch 4 and 8",
+            {"encoder_queue_delay_us": 2000, "encoder_preferred_batch": (4, 8)},
+        ),
+        (
+            "length buckets: each row padded to its bucket, one run per bucket",
+            {"encoder_preferred_batch": (), "encoder_grouping": "buckets"},
+        ),
+        (
+            "cost-based runs: each padded to its own longest row, cut where a run costs less than its padding",
+            {"encoder_grouping": "cost"},
+        ),
         ("2 encoder instances x 1 thread (was 1 x 2)", {"encoder_instances": 2, "encoder_threads": 1}),
-        ("1 encoder instance again; 2 preprocess instances", {"encoder_instances": 1, "encoder_threads": 0,
-                                                               "preprocess_instances": 2}),
+        (
+            "1 encoder instance again; 2 preprocess instances",
+            {"encoder_instances": 1, "encoder_threads": 0, "preprocess_instances": 2},
+        ),
         ("1 preprocess instance again; int8 encoder", {"preprocess_instances": 1, "encoder_precision": "int8"}),
     ]:
         s = replace(s, **change)  # type: ignore[arg-type]
@@ -80,66 +95,91 @@ def _pa(url: str, model: str, data: Path, concurrency: int, window_ms: int, prot
     load = [f"--concurrency-range={concurrency}"]
     for band in (50.0, 100.0):
         try:
-            row = run_perf_analyzer(perf_analyzer_binary(), url, protocol, model, data, load, window_ms, band, max_trials=5)
+            row = run_perf_analyzer(
+                perf_analyzer_binary(), url, protocol, model, data, load, window_ms, band, max_trials=5
+            )
             break
         except RuntimeError as err:
             if "stable" not in str(err) or band == 100.0:
                 raise
             logger.warning("%s at concurrency %d did not settle within 50%%; widening the band", model, concurrency)
-    return {"per_s": float(row["Inferences/Second"]), "p50_ms": float(row["p50 latency"]) / 1000,
-            "p99_ms": float(row["p99 latency"]) / 1000, "band_pct": band}
+    return {
+        "per_s": float(row["Inferences/Second"]),
+        "p50_ms": float(row["p50 latency"]) / 1000,
+        "p99_ms": float(row["p99 latency"]) / 1000,
+        "band_pct": band,
+    }
 
 
 def _server(repo: Path, settings: RepositorySettings, log: Path) -> TritonServer:
     write_repository(repo, settings)
-    return TritonServer(ServerOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
-                                      metrics_port=free_port(), log_file=log))
+    return TritonServer(
+        ServerOptions(
+            repository=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), log_file=log
+        )
+    )
 
 
 def measure_server(server: TritonServer, data: dict[str, Path], window_ms: int) -> dict[str, float]:
     post = _pa(server.grpc_url, "embed_post", data["embed_post"], CONCURRENCY, window_ms)
     one = _pa(server.grpc_url, "retrieve", data["retrieve"], 1, window_ms)
     many = _pa(server.grpc_url, "retrieve", data["retrieve"], CONCURRENCY, window_ms)
-    return {"embed_post_per_s": post["per_s"], "embed_post_p50_ms": post["p50_ms"], "embed_post_p99_ms": post["p99_ms"],
-            "retrieve_c1_p50_ms": one["p50_ms"], "retrieve_per_s": many["per_s"],
-            "retrieve_p50_ms": many["p50_ms"], "retrieve_p99_ms": many["p99_ms"]}
+    return {
+        "embed_post_per_s": post["per_s"],
+        "embed_post_p50_ms": post["p50_ms"],
+        "embed_post_p99_ms": post["p99_ms"],
+        "retrieve_c1_p50_ms": one["p50_ms"],
+        "retrieve_per_s": many["per_s"],
+        "retrieve_p50_ms": many["p50_ms"],
+        "retrieve_p99_ms": many["p99_ms"],
+    }
 
 
 def tokenised_data(layout: ArtifactLayout, out: Path) -> Path:
     """The same posts as embed_post's input, tokenised by the client with the server's prompt builder."""
     from tokenizers import Tokenizer
 
-    from feedserve.prompt.buckets import PercentileBuckets
     from feedserve.ops.builder import SAMPLE_CORPUS
-    from feedserve.prompt.movielens import load_movielens
+    from feedserve.prompt.buckets import PercentileBuckets
     from feedserve.prompt.builder import PromptBuilder
+    from feedserve.prompt.movielens import load_movielens
 
-    builder = PromptBuilder(Tokenizer.from_file(str(layout.tokenizer)), PercentileBuckets.load(layout.buckets),
-                            EncoderSettings.load(layout.settings))
+    builder = PromptBuilder(
+        Tokenizer.from_file(str(layout.tokenizer)),
+        PercentileBuckets.load(layout.buckets),
+        EncoderSettings.load(layout.settings),
+    )
     batch = builder.encode_posts(load_movielens(SAMPLE_CORPUS).posts()[:RECORDS])
     out.write_text(json.dumps(token_input(batch.input_ids, batch.attention_mask)))
     return out
 
 
-def grouping_in_process(layout: ArtifactLayout, batch: int = 8, batches: int = 24, seed: int = 0) -> dict[str, dict[str, float]]:
+def grouping_in_process(
+    layout: ArtifactLayout, batch: int = 8, batches: int = 24, seed: int = 0
+) -> dict[str, dict[str, float]]:
     """The three groupings on the same batches of MovieLens post prompts, with the encoder alone
     (no server, so no queueing noise): padded tokens computed, runs, and ms per batch, fp32 and int8."""
     from tokenizers import Tokenizer
 
-    from feedserve.prompt.buckets import PercentileBuckets
-    from feedserve.ops.builder import SAMPLE_CORPUS
-    from feedserve.prompt.movielens import load_movielens
-    from feedserve.prompt.builder import PromptBuilder
     from feedserve.encode.ort import OnnxEncoder
+    from feedserve.ops.builder import SAMPLE_CORPUS
+    from feedserve.prompt.buckets import PercentileBuckets
+    from feedserve.prompt.builder import PromptBuilder
+    from feedserve.prompt.movielens import load_movielens
     from feedserve.triton.encoder import GROUPINGS, padded_runs
 
     settings = EncoderSettings.load(layout.settings)
-    builder = PromptBuilder(Tokenizer.from_file(str(layout.tokenizer)), PercentileBuckets.load(layout.buckets), settings)
+    builder = PromptBuilder(
+        Tokenizer.from_file(str(layout.tokenizer)), PercentileBuckets.load(layout.buckets), settings
+    )
     movielens = load_movielens(SAMPLE_CORPUS)
     posts = movielens.posts()
     members = [m for m in movielens.members() if 5 <= len(m.history) <= 60][:64]
     tokenise_ms = {}
-    for kind, encode, records in (("post", builder.encode_posts, posts[:256]), ("member", builder.encode_members, members)):
+    for kind, encode, records in (
+        ("post", builder.encode_posts, posts[:256]),
+        ("member", builder.encode_members, members),
+    ):
         start = time.perf_counter()
         for record in records:
             encode([record])  # type: ignore[list-item]
@@ -163,7 +203,8 @@ def grouping_in_process(layout: ArtifactLayout, batch: int = 8, batches: int = 2
                     encoder.encode(ids, mask)
             ms = (time.perf_counter() - start) / len(padded) * 1000
             out[f"{precision}_{grouping}"] = {
-                "ms_per_batch": ms, "prompts_per_s": batch / ms * 1000,
+                "ms_per_batch": ms,
+                "prompts_per_s": batch / ms * 1000,
                 "runs_per_batch": sum(len(runs) for runs in padded) / len(padded),
                 "padded_tokens_per_batch": sum(ids.size for runs in padded for _, ids, _ in runs) / len(padded),
                 "real_tokens_per_batch": sum(len(r) for b in rows for r in b) / len(rows),
@@ -247,7 +288,8 @@ def render_markdown(report: dict[str, object]) -> str:
             f"The encoder alone (no server, no queueing) on the same batches of 8 random MovieLens post prompts "
             f"({any_row['real_tokens_per_batch']:.0f} real tokens per batch on average)"
             + (f"; command `{report['grouping_command']}`" if "grouping_command" in report else "")
-            + (f"; machine: {report['grouping_machine']}" if "grouping_machine" in report else "") + ".",
+            + (f"; machine: {report['grouping_machine']}" if "grouping_machine" in report else "")
+            + ".",
             "",
             "| graph | grouping | runs per batch | padded tokens per batch | ms per batch | prompts/s |",
             "|---|---|---|---|---|---|",
@@ -256,12 +298,17 @@ def render_markdown(report: dict[str, object]) -> str:
             if key == "prompt_and_tokens_ms":
                 continue
             precision, grouping = key.split("_", 1)
-            lines.append(f"| {precision} | {grouping} | {row['runs_per_batch']:.2f} | {row['padded_tokens_per_batch']:.0f} | "
-                         f"{row['ms_per_batch']:.1f} | {row['prompts_per_s']:.1f} |")
+            lines.append(
+                f"| {precision} | {grouping} | {row['runs_per_batch']:.2f} | {row['padded_tokens_per_batch']:.0f} | "
+                f"{row['ms_per_batch']:.1f} | {row['prompts_per_s']:.1f} |"
+            )
         if "prompt_and_tokens_ms" in g:
             t = g["prompt_and_tokens_ms"]
-            lines += ["", f"Building and tokenising one prompt (what `preprocess_*` does per record): post "
-                          f"{t['post']:.2f} ms, member (5-60 engaged posts) {t['member']:.2f} ms."]
+            lines += [
+                "",
+                f"Building and tokenising one prompt (what `preprocess_*` does per record): post "
+                f"{t['post']:.2f} ms, member (5-60 engaged posts) {t['member']:.2f} ms.",
+            ]
         lines.append("")
     return "\n".join(lines)
 
@@ -271,8 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window-ms", type=int, default=8000)
     p.add_argument("--steps", type=int, nargs="*", help="only these server steps (1-based), for a quick look")
     p.add_argument("--out", type=Path, default=Path("benchmarks/reports"))
-    p.add_argument("--grouping-only", action="store_true",
-                   help="re-measure only the in-process grouping table and keep the rest of the saved report")
+    p.add_argument(
+        "--grouping-only",
+        action="store_true",
+        help="re-measure only the in-process grouping table and keep the rest of the saved report",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     layout = ArtifactLayout(default_artifacts_dir())
@@ -283,11 +333,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.grouping_only:
         report = json.loads((args.out / "tuning.json").read_text())
         report["grouping"] = grouping_in_process(layout)
-        report["grouping_command"] = "python -m benchmarks.tuning " + " ".join(argv if argv is not None else sys.argv[1:])
+        report["grouping_command"] = "python -m benchmarks.tuning " + " ".join(
+            argv if argv is not None else sys.argv[1:]
+        )
         report["grouping_machine"] = machine()
         return _write(report, args.out)
     report: dict[str, object] = {
-        "machine": machine(), "window_ms": args.window_ms, "index_posts": len(PostIndex.load(layout.index)),
+        "machine": machine(),
+        "window_ms": args.window_ms,
+        "index_posts": len(PostIndex.load(layout.index)),
         "command": "python -m benchmarks.tuning " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     defaults = asdict(RepositorySettings())

@@ -21,8 +21,8 @@ from tritonclient.utils import InferenceServerException
 
 from feedserve.clients.online import Record, records_tensor
 from feedserve.errors import ClientError
-from feedserve.index.store import PostIndex
 from feedserve.index.live import rebuilding
+from feedserve.index.store import PostIndex
 from feedserve.schema import EMBEDDING, RECORDS, ModelName
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,9 @@ async def embed_records_async(
             async with gate:
                 try:
                     res = await client.infer(
-                        model, [inp], outputs=[grpcaio.InferRequestedOutput(EMBEDDING.name)],
+                        model,
+                        [inp],
+                        outputs=[grpcaio.InferRequestedOutput(EMBEDDING.name)],
                         client_timeout=timeout_s,
                     )
                 except InferenceServerException as err:
@@ -102,7 +104,9 @@ def load_embeddings(out_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def build_index(ids: np.ndarray, vectors: np.ndarray, index_path: Path, meta: dict[str, object] | None = None) -> PostIndex:
+def build_index(
+    ids: np.ndarray, vectors: np.ndarray, index_path: Path, meta: dict[str, object] | None = None
+) -> PostIndex:
     """A full rebuild from vectors in hand: it replaces the live index as of now (the writes
     already logged are behind it; see `feedserve.index.live.rebuilding`)."""
     with rebuilding(index_path.parent) as rebuild:

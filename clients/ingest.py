@@ -15,8 +15,9 @@ server's preprocess turns them into percentile tokens with the saved buckets), e
 `embed_post` in one batch, and written through `index_write`. Only once the index has acknowledged
 the writes (they are in its fsynced log) is the batch committed: its end offset saved atomically in
 the state directory, or its stream entries acknowledged (XACK) in the consumer group. A restart
-resumes there (a Redis consumer first takes back its delivered, unacknowledged entries). Events between the saved offset and a crash are processed
-again; writes are idempotent (an upsert puts the same vector, a delete of a deleted post is a
+resumes there (a Redis consumer first takes back its delivered, unacknowledged entries). Events
+between the saved offset and a crash are processed again; writes are idempotent (an upsert puts the
+same vector, a delete of a deleted post is a
 no-op), so the index ends the same as if nothing had happened: no gaps, and no duplicated posts.
 
 A bad event (malformed JSON, an unknown type, an invalid post, counts for a post never seen) is
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import queue
 import sqlite3
 import sys
@@ -105,8 +105,10 @@ class PostStore:
 
     def apply(self, upserts: dict[int, Post], deletes: set[int]) -> None:
         with self.db:
-            self.db.executemany("INSERT OR REPLACE INTO posts VALUES (?, ?)",
-                                [(i, p.model_dump_json(exclude_none=True)) for i, p in upserts.items()])
+            self.db.executemany(
+                "INSERT OR REPLACE INTO posts VALUES (?, ?)",
+                [(i, p.model_dump_json(exclude_none=True)) for i, p in upserts.items()],
+            )
             self.db.executemany("DELETE FROM posts WHERE id = ?", [(i,) for i in deletes])
 
 
@@ -121,10 +123,16 @@ class Stats:
     lags_s: list[float] = field(default_factory=list)
 
     def line(self) -> str:
-        lag = f", lag p50 {np.percentile(self.lags_s, 50):.2f} s p99 {np.percentile(self.lags_s, 99):.2f} s" if self.lags_s else ""
+        lag = (
+            f", lag p50 {np.percentile(self.lags_s, 50):.2f} s p99 {np.percentile(self.lags_s, 99):.2f} s"
+            if self.lags_s
+            else ""
+        )
         rate = self.events / self.seconds if self.seconds else 0.0
-        return (f"{self.events} events ({self.bad} bad) in {self.batches} batches: {self.upserts} upserts, "
-                f"{self.deletes} deletes, {rate:.1f} events/s{lag}")
+        return (
+            f"{self.events} events ({self.bad} bad) in {self.batches} batches: {self.upserts} upserts, "
+            f"{self.deletes} deletes, {rate:.1f} events/s{lag}"
+        )
 
 
 class EventSource(Protocol):
@@ -200,8 +208,16 @@ class RedisSource:
     takes its own pending (delivered, never acknowledged) entries again, then new ones. With
     `claim_idle_s` it also takes over those a consumer that never came back left pending."""
 
-    def __init__(self, url: str, stream: str, group: str = "feedserve", consumer: str = "ingester-1",
-                 idle_exit_s: float | None = None, block_ms: int = 100, claim_idle_s: float | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        stream: str,
+        group: str = "feedserve",
+        consumer: str = "ingester-1",
+        idle_exit_s: float | None = None,
+        block_ms: int = 100,
+        claim_idle_s: float | None = None,
+    ) -> None:
         import redis
 
         self.redis = redis.Redis.from_url(url)
@@ -214,8 +230,9 @@ class RedisSource:
                 raise
 
     def _read(self, start: str | bytes) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        reply = self.redis.xreadgroup(self.group, self.consumer, {self.stream: start}, count=256,
-                                      block=self.block_ms if start == ">" else None)
+        reply: Any = self.redis.xreadgroup(
+            self.group, self.consumer, {self.stream: start}, count=256, block=self.block_ms if start == ">" else None
+        )
         return reply[0][1] if reply else []
 
     def _claim(self) -> None:
@@ -224,8 +241,9 @@ class RedisSource:
         start: str | bytes = "0-0"
         while True:
             # Not justid: redis-py then returns the claimed ids without the cursor this loop needs.
-            reply = self.redis.xautoclaim(self.stream, self.group, self.consumer, int(self.claim_idle_s * 1000),
-                                          start_id=start, count=256)
+            reply: Any = self.redis.xautoclaim(
+                self.stream, self.group, self.consumer, int((self.claim_idle_s or 0) * 1000), start_id=start, count=256
+            )
             if reply[1]:
                 logger.info("ingest: claimed %d idle entries from other consumers", len(reply[1]))
             start = reply[0]
@@ -259,8 +277,9 @@ class RedisSource:
 
 
 class Ingester:
-    def __init__(self, client: FeedClient, state_dir: Path, window_s: float = 0.2, max_batch: int = 64,
-                 retry_s: float = 120.0) -> None:
+    def __init__(
+        self, client: FeedClient, state_dir: Path, window_s: float = 0.2, max_batch: int = 64, retry_s: float = 120.0
+    ) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.client, self.window_s, self.max_batch, self.retry_s = client, window_s, max_batch, retry_s
         self.store = PostStore(state_dir / "posts.sqlite")
@@ -324,16 +343,21 @@ class Ingester:
     def _write(self, upserts: dict[int, Post], deletes: set[int]) -> None:
         ids = list(upserts)
         ops = [OP_UPSERT] * len(ids) + [OP_DELETE] * len(deletes)
-        inputs = {OP.name: np.array(ops, np.int32)[:, None], POST_ID.name: np.array(ids + sorted(deletes), np.int64)[:, None]}
+        inputs: dict[str, np.ndarray] = {
+            OP.name: np.array(ops, np.int32)[:, None],
+            POST_ID.name: np.array(ids + sorted(deletes), np.int64)[:, None],
+        }
         if ids:  # delete rows ride along with zero vectors, which the writer ignores
             embedded = self.client.embed_posts([upserts[i] for i in ids])
-            inputs[WRITE_EMBEDDING.name] = np.concatenate([embedded, np.zeros((len(deletes), embedded.shape[1]), np.float32)])
+            inputs[WRITE_EMBEDDING.name] = np.concatenate(
+                [embedded, np.zeros((len(deletes), embedded.shape[1]), np.float32)]
+            )
         self.client.infer(ModelName.INDEX_WRITE, inputs, (LSN.name,))  # durable when this returns
 
     def _isolate(self, upserts: dict[int, Post], deletes: set[int]) -> None:
         for post_id in list(upserts):
             try:
-                self._retrying(lambda: self._write({post_id: upserts[post_id]}, set()))
+                self._retrying(lambda: self._write({post_id: upserts[post_id]}, set()))  # noqa: B023 (called at once)
             except ClientError as err:
                 if not err.refused:
                     raise  # an internal error is not the post's fault: stop without committing
@@ -374,7 +398,9 @@ class Ingester:
         upserts[event.post_id] = post
 
 
-def _lines(source: IO[bytes], offset: int, follow: bool, idle_exit_s: float | None) -> Iterator[tuple[int, bytes] | None]:
+def _lines(
+    source: IO[bytes], offset: int, follow: bool, idle_exit_s: float | None
+) -> Iterator[tuple[int, bytes] | None]:
     """(offset past the line, line) for whole lines; None while following and waiting (so a
     window can close on time). A last line without its newline is not an event yet."""
     idle_since = time.monotonic()
@@ -410,26 +436,40 @@ def _position(position: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="feedserve ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="feedserve ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--events", type=Path, help="a JSONL file of post events, or - for standard input")
     source.add_argument("--redis", metavar="URL", help="a Redis server, e.g. redis://127.0.0.1:6379/0")
     p.add_argument("--stream", default="post-events", help="with --redis: the stream's key")
     p.add_argument("--group", default="feedserve", help="with --redis: the consumer group")
-    p.add_argument("--consumer", default="ingester-1", help="with --redis: this consumer's name (keep it across restarts)")
-    p.add_argument("--claim-idle-s", type=float, default=None,
-                   help="with --redis: take over entries other consumers left unacknowledged this long (a consumer gone for good)")
+    p.add_argument(
+        "--consumer", default="ingester-1", help="with --redis: this consumer's name (keep it across restarts)"
+    )
+    p.add_argument(
+        "--claim-idle-s",
+        type=float,
+        default=None,
+        help="with --redis: take over entries other consumers left unacknowledged this long (a consumer gone for good)",
+    )
     p.add_argument("--state", type=Path, required=True, help="where the offset and the post store live")
     p.add_argument("--url", default="127.0.0.1:8001", help="gRPC host:port of the server")
     p.add_argument("--follow", action="store_true", help="with --events: keep reading as the file grows")
-    p.add_argument("--idle-exit-s", type=float, default=None, help="stop after this long without events (default: never, when following)")
+    p.add_argument(
+        "--idle-exit-s",
+        type=float,
+        default=None,
+        help="stop after this long without events (default: never, when following)",
+    )
     p.add_argument("--window-ms", type=float, default=200.0)
     p.add_argument("--max-batch", type=int, default=64)
     args = p.parse_args(argv)
     events: EventSource
     if args.redis:
-        events = RedisSource(args.redis, args.stream, args.group, args.consumer, args.idle_exit_s,
-                             claim_idle_s=args.claim_idle_s)
+        events = RedisSource(
+            args.redis, args.stream, args.group, args.consumer, args.idle_exit_s, claim_idle_s=args.claim_idle_s
+        )
     elif str(args.events) == "-":
         events = StdinSource(sys.stdin.buffer, args.state)
     else:

@@ -20,7 +20,7 @@ import numpy as np
 from tritonclient.utils import InferenceServerException
 
 from feedserve.errors import ClientError
-from feedserve.schema import EMBEDDING, IDS, K, NO_ID, RECORDS, SCORES, ModelName
+from feedserve.schema import EMBEDDING, IDS, NO_ID, RECORDS, SCORES, K, ModelName
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +76,7 @@ class FeedClient:
         self.timeout_s = timeout_s
         self._tc = protocol_module(protocol)
         if protocol == "http":
-            self._client = self._tc.InferenceServerClient(
-                url, connection_timeout=timeout_s, network_timeout=timeout_s
-            )
+            self._client = self._tc.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
         else:
             self._client = self._tc.InferenceServerClient(url, channel_args=GRPC_CHANNEL_ARGS)
 
@@ -107,7 +105,9 @@ class FeedClient:
         try:
             result = self._client.infer(model, tensors, outputs=requested, **kwargs)
         except InferenceServerException as err:
-            raise ClientError(f"{model}: {err.message()}", str(err.status()) if err.status() is not None else None) from err
+            raise ClientError(
+                f"{model}: {err.message()}", str(err.status()) if err.status() is not None else None
+            ) from err
         return {o: result.as_numpy(o) for o in outputs}
 
     def retrieve_many(self, members: Sequence[Record], k: int = 10) -> list[list[Hit]]:
@@ -125,10 +125,14 @@ class FeedClient:
         return self.retrieve_many([member], k)[0]
 
     def embed_posts(self, posts: Sequence[Record]) -> np.ndarray:
-        return self.infer(ModelName.EMBED_POST, {RECORDS.name: records_tensor(posts)}, (EMBEDDING.name,))[EMBEDDING.name]
+        return self.infer(ModelName.EMBED_POST, {RECORDS.name: records_tensor(posts)}, (EMBEDDING.name,))[
+            EMBEDDING.name
+        ]
 
     def embed_members(self, members: Sequence[Record]) -> np.ndarray:
-        return self.infer(ModelName.EMBED_MEMBER, {RECORDS.name: records_tensor(members)}, (EMBEDDING.name,))[EMBEDDING.name]
+        return self.infer(ModelName.EMBED_MEMBER, {RECORDS.name: records_tensor(members)}, (EMBEDDING.name,))[
+            EMBEDDING.name
+        ]
 
     def close(self) -> None:
         self._client.close()

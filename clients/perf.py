@@ -50,28 +50,86 @@ def perf_analyzer_binary() -> Path:
     return Path(sys.executable).parent / "perf_analyzer"
 
 
-def run_perf_analyzer(binary: Path, url: str, protocol: str, model: str, data: Path, load: list[str], window_ms: int,
-                      stability_pct: float = 50.0, max_trials: int = 4, batch: int = 1) -> dict[str, str]:
+def run_perf_analyzer(
+    binary: Path,
+    url: str,
+    protocol: str,
+    model: str,
+    data: Path,
+    load: list[str],
+    window_ms: int,
+    stability_pct: float = 50.0,
+    max_trials: int = 4,
+    batch: int = 1,
+) -> dict[str, str]:
     """perf_analyzer's CSV row for one load (`--concurrency-range=N` or `--request-rate-range=R`);
     RuntimeError with its output when it fails."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "pa.csv"
-        cmd = [str(binary), "-m", model, "-u", url, "-i", protocol, "--input-data", str(data), "-b", str(batch), *load,
-               f"--measurement-interval={window_ms}", "--measurement-mode=time_windows",
-               f"--stability-percentage={stability_pct:g}", f"--max-trials={max_trials}", "--percentile=99", "-f", str(report)]
+        cmd = [
+            str(binary),
+            "-m",
+            model,
+            "-u",
+            url,
+            "-i",
+            protocol,
+            "--input-data",
+            str(data),
+            "-b",
+            str(batch),
+            *load,
+            f"--measurement-interval={window_ms}",
+            "--measurement-mode=time_windows",
+            f"--stability-percentage={stability_pct:g}",
+            f"--max-trials={max_trials}",
+            "--percentile=99",
+            "-f",
+            str(report),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if out.returncode != 0 or not report.exists():
-            raise RuntimeError(f"perf_analyzer failed for {model} over {protocol} ({' '.join(load)}, b={batch}):\n"
-                               f"{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+            raise RuntimeError(
+                f"perf_analyzer failed for {model} over {protocol} ({' '.join(load)}, b={batch}):\n"
+                f"{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+            )
         return next(csv.DictReader(io.StringIO(report.read_text())))
 
 
-def measure(binary: Path, url: str, protocol: str, model: str, data: Path, batch: int, concurrency: int,
-            window_ms: int, stability_pct: float = 50.0, max_trials: int = 4) -> Point:
-    row = run_perf_analyzer(binary, url, protocol, model, data, [f"--concurrency-range={concurrency}"], window_ms,
-                            stability_pct, max_trials, batch)
-    return Point(model, protocol, batch, concurrency, float(row["Inferences/Second"]),
-                 float(row["p50 latency"]) / 1000, float(row["p90 latency"]) / 1000, float(row["p99 latency"]) / 1000)
+def measure(
+    binary: Path,
+    url: str,
+    protocol: str,
+    model: str,
+    data: Path,
+    batch: int,
+    concurrency: int,
+    window_ms: int,
+    stability_pct: float = 50.0,
+    max_trials: int = 4,
+) -> Point:
+    row = run_perf_analyzer(
+        binary,
+        url,
+        protocol,
+        model,
+        data,
+        [f"--concurrency-range={concurrency}"],
+        window_ms,
+        stability_pct,
+        max_trials,
+        batch,
+    )
+    return Point(
+        model,
+        protocol,
+        batch,
+        concurrency,
+        float(row["Inferences/Second"]),
+        float(row["p50 latency"]) / 1000,
+        float(row["p90 latency"]) / 1000,
+        float(row["p99 latency"]) / 1000,
+    )
 
 
 # Instruction sets that change CPU inference speed severalfold (int8 dot products above all): shared
@@ -88,7 +146,8 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     isa = ", ".join(f for f in ISA_FLAGS if f in flags) or "none of " + "/".join(ISA_FLAGS)
-    return f"{cpu} ({isa}), {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    system = f"{platform.system()} {platform.release()}"
+    return f"{cpu} ({isa}), {os.cpu_count()} cores, {system}, Python {platform.python_version()}"
 
 
 def write_reports(points: list[Point], out: Path, command: str, where: str) -> list[Path]:
@@ -98,12 +157,20 @@ def write_reports(points: list[Point], out: Path, command: str, where: str) -> l
         writer = csv.DictWriter(f, fieldnames=list(asdict(points[0])))
         writer.writeheader()
         writer.writerows(asdict(p) for p in points)
-    lines = [f"# perf_analyzer: {where}", "", f"Machine: {machine()}.", f"Command: `{command}`.", "",
-             "| model | protocol | batch | concurrency | inferences/s | p50 ms | p90 ms | p99 ms | p99/p50 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# perf_analyzer: {where}",
+        "",
+        f"Machine: {machine()}.",
+        f"Command: `{command}`.",
+        "",
+        "| model | protocol | batch | concurrency | inferences/s | p50 ms | p90 ms | p99 ms | p99/p50 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for p in points:
-        lines.append(f"| {p.model} | {p.protocol} | {p.batch} | {p.concurrency} | {p.infer_per_s:.2f} | {p.p50_ms:.1f} | "
-                     f"{p.p90_ms:.1f} | {p.p99_ms:.1f} | {p.p99_ms / p.p50_ms:.2f} |")
+        lines.append(
+            f"| {p.model} | {p.protocol} | {p.batch} | {p.concurrency} | {p.infer_per_s:.2f} | {p.p50_ms:.1f} | "
+            f"{p.p90_ms:.1f} | {p.p99_ms:.1f} | {p.p99_ms / p.p50_ms:.2f} |"
+        )
     (out / "perf.md").write_text("\n".join(lines) + "\n")
     written = [raw, out / "perf.md"]
     try:
@@ -123,7 +190,10 @@ def plot(points: list[Point], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         for protocol, batch in sorted({(p.protocol, p.batch) for p in points if p.model == model}):
-            series = sorted((p for p in points if (p.model, p.protocol, p.batch) == (model, protocol, batch)), key=lambda p: p.concurrency)
+            series = sorted(
+                (p for p in points if (p.model, p.protocol, p.batch) == (model, protocol, batch)),
+                key=lambda p: p.concurrency,
+            )
             x = [p.infer_per_s for p in series]
             ax.plot(x, [p.p50_ms for p in series], "o-", label=f"{protocol} b{batch} p50")
             ax.plot(x, [p.p99_ms for p in series], "x--", label=f"{protocol} b{batch} p99")
@@ -149,9 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stability-pct", type=float, default=50.0, help="perf_analyzer's band for a stable measurement")
     p.add_argument("--max-trials", type=int, default=4, help="windows perf_analyzer may take to get stable")
     p.add_argument("--records", type=int, default=32, help="distinct records per model")
-    p.add_argument("--prompt-cache", action="store_true",
-                   help="embedded server: keep the encoder's prompt cache on (perf_analyzer cycles through few "
-                        "records, so with it on the numbers measure the cache, not the model)")
+    p.add_argument(
+        "--prompt-cache",
+        action="store_true",
+        help="embedded server: keep the encoder's prompt cache on (perf_analyzer cycles through few "
+        "records, so with it on the numbers measure the cache, not the model)",
+    )
     p.add_argument("--perf-analyzer", type=Path, default=perf_analyzer_binary())
     p.add_argument("--out", type=Path, default=Path("benchmarks/reports/perf"))
     args = p.parse_args(argv)
@@ -160,14 +233,21 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         if args.grpc_url is None:
-            from feedserve.triton.repository import RepositorySettings, write_repository
             from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
+            from feedserve.triton.repository import RepositorySettings, write_repository
 
             repo = tmp / "repository"
             # A follower of the index (it writes nothing), so it can run beside a server that writes.
-            write_repository(repo, RepositorySettings(encoder_cache_rows=10000 if args.prompt_cache else 0, index_writer=False))
-            server = stack.enter_context(TritonServer(ServerOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
-                                                                    metrics_port=free_port())))
+            write_repository(
+                repo, RepositorySettings(encoder_cache_rows=10000 if args.prompt_cache else 0, index_writer=False)
+            )
+            server = stack.enter_context(
+                TritonServer(
+                    ServerOptions(
+                        repository=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()
+                    )
+                )
+            )
             urls = {"grpc": server.grpc_url, "http": server.http_url}
             where = f"the embedded default server (prompt cache {'on' if args.prompt_cache else 'off'})"
         else:
@@ -181,8 +261,20 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"--{protocol}-url is needed to measure over {protocol}")
                 for batch in args.batch:
                     for concurrency in args.concurrency:
-                        points.append(measure(args.perf_analyzer, urls[protocol], protocol, model, data, batch, concurrency,
-                                              args.window_ms, args.stability_pct, args.max_trials))
+                        points.append(
+                            measure(
+                                args.perf_analyzer,
+                                urls[protocol],
+                                protocol,
+                                model,
+                                data,
+                                batch,
+                                concurrency,
+                                args.window_ms,
+                                args.stability_pct,
+                                args.max_trials,
+                            )
+                        )
                         logger.info("%s", points[-1])
     for path in write_reports(points, args.out, command, where):
         print(path)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from feedserve.prompt.records import Member, Post
-from feedserve.schema import ATTENTION_MASK, INPUT_IDS, K, RECORDS
+from feedserve.schema import ATTENTION_MASK, INPUT_IDS, RECORDS, K
 
 
 def perf_input(records: Sequence[Member | Post], k: int | None = None) -> dict[str, object]:
@@ -35,8 +35,12 @@ def token_input(input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, 
     rows = []
     for ids, mask in zip(input_ids, attention_mask, strict=True):
         n = int(mask.sum())
-        rows.append({INPUT_IDS.name: {"content": ids[:n].tolist(), "shape": [n]},
-                     ATTENTION_MASK.name: {"content": mask[:n].tolist(), "shape": [n]}})
+        rows.append(
+            {
+                INPUT_IDS.name: {"content": ids[:n].tolist(), "shape": [n]},
+                ATTENTION_MASK.name: {"content": mask[:n].tolist(), "shape": [n]},
+            }
+        )
     return {"data": rows}
 
 

@@ -51,4 +51,6 @@ class ClientError(FeedserveError):
         succeed later. A refused request (bad input) is not."""
         if DEAD_STUB in str(self):
             return True
-        return self.status is not None and any(code in self.status for code in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "503"))
+        return self.status is not None and any(
+            code in self.status for code in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "503")
+        )

@@ -121,7 +121,7 @@ def import_checkpoint(source: Path, out_dir: Path, force: bool = False, adapter:
     is_causal_lm = any(a.endswith("ForCausalLM") for a in (config.architectures or [])) or "gguf_file" in kwargs
     loader = AutoModelForCausalLM if is_causal_lm else AutoModel
     loaded = loader.from_pretrained(where, dtype=torch.float32, **kwargs)
-    base = loaded.model if hasattr(loaded, "model") and is_causal_lm else loaded
+    base: Any = loaded.model if hasattr(loaded, "model") and is_causal_lm else loaded
     # GGUF-loaded models refuse save_pretrained: copy the weights into a fresh base model.
     encoder = LlamaModel(base.config) if config.model_type == "llama" else type(base)(base.config)
     result = encoder.load_state_dict(base.state_dict(), strict=True)
@@ -137,8 +137,12 @@ def import_checkpoint(source: Path, out_dir: Path, force: bool = False, adapter:
     if not (out_dir / "tokenizer.json").exists():
         raise ValueError(f"{source}: no fast tokenizer (tokenizer.json) could be saved; serving needs one")
     record = {
-        "source": str(source), "adapter": str(Path(adapter).resolve()) if adapter else None, "sha256": checksum, "architecture": type(encoder).__name__,
-        "parameters": sum(p.numel() for p in encoder.parameters()), "hidden_size": encoder.config.hidden_size,
+        "source": str(source),
+        "adapter": str(Path(adapter).resolve()) if adapter else None,
+        "sha256": checksum,
+        "architecture": type(encoder).__name__,
+        "parameters": sum(p.numel() for p in encoder.parameters()),
+        "hidden_size": encoder.config.hidden_size,
         "vocab_size": encoder.config.vocab_size,
     }
     record_path.write_text(json.dumps(record, indent=2) + "\n")

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from feedserve.artifacts import EncoderSettings
+from feedserve.encode.base import Encoder
 from feedserve.errors import ExportError
 from feedserve.files import sha256_file
-from feedserve.encode.base import Encoder
 from feedserve.schema import ONNX_INPUTS, ONNX_OUTPUT
 
 logger = logging.getLogger(__name__)
@@ -80,11 +80,14 @@ def parity_batches(vocab_size: int, seed: int = 0) -> list[tuple[np.ndarray, np.
 
 
 def check_parity(
-    hf_dir: Path, settings: EncoderSettings, onnx_path: Path, min_cosine: float = 0.9999,
+    hf_dir: Path,
+    settings: EncoderSettings,
+    onnx_path: Path,
+    min_cosine: float = 0.9999,
     batches: list[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> ParityReport:
-    from feedserve.encode.pytorch import TorchEncoder
     from feedserve.encode.ort import OnnxEncoder
+    from feedserve.encode.pytorch import TorchEncoder
 
     reference = TorchEncoder(hf_dir, settings)
     batches = batches or parity_batches(int(reference.model.backbone.config.vocab_size))
@@ -92,14 +95,21 @@ def check_parity(
 
 
 def compare_encoders(
-    reference: Encoder, candidate: Encoder, batches: list[tuple[np.ndarray, np.ndarray]], min_cosine: float, label: str,
+    reference: Encoder,
+    candidate: Encoder,
+    batches: list[tuple[np.ndarray, np.ndarray]],
+    min_cosine: float,
+    label: str,
 ) -> ParityReport:
     """Worst per-row cosine of `candidate` against `reference`; ParityError below `min_cosine`."""
-    worst_cos, worst_abs, worst_at = 1.0, 0.0, (0, 0)
+    worst_cos, worst_abs = 1.0, 0.0
+    worst_at: tuple[int, ...] = (0, 0)
     for ids, mask in batches:
         a, b = reference.encode(ids, mask), candidate.encode(ids, mask)
         if a.shape != b.shape:
-            raise ParityError(f"{label}: shape {b.shape} != reference {a.shape} for batch {ids.shape}", -1.0, float("inf"))
+            raise ParityError(
+                f"{label}: shape {b.shape} != reference {a.shape} for batch {ids.shape}", -1.0, float("inf")
+            )
         cos = float((a * b).sum(axis=1).min())
         if cos < worst_cos:
             worst_cos, worst_at = cos, ids.shape
@@ -109,15 +119,21 @@ def compare_encoders(
         raise ParityError(
             f"{label}: worst cosine {worst_cos:.6f} < {min_cosine} (batch {list(worst_at)}), "
             f"max abs difference {worst_abs:.3g}",
-            worst_cos, worst_abs,
+            worst_cos,
+            worst_abs,
         )
     logger.info("parity ok: worst cosine %.6f, max abs diff %.3g", worst_cos, worst_abs)
     return report
 
 
 def export_onnx(
-    hf_dir: Path, settings: EncoderSettings, out_path: Path, opset: int = 18,
-    external_data_threshold: int = PROTOBUF_LIMIT, min_cosine: float = 0.9999, extra: dict[str, object] | None = None,
+    hf_dir: Path,
+    settings: EncoderSettings,
+    out_path: Path,
+    opset: int = 18,
+    external_data_threshold: int = PROTOBUF_LIMIT,
+    min_cosine: float = 0.9999,
+    extra: dict[str, object] | None = None,
 ) -> ExportReport:
     import onnx
     import torch
@@ -138,15 +154,22 @@ def export_onnx(
         # no_grad, not inference_mode: the TorchScript tracer cannot trace inference tensors.
         with torch.no_grad():
             torch.onnx.export(
-                model, (ids, mask), str(raw), input_names=list(ONNX_INPUTS), output_names=[ONNX_OUTPUT],
+                model,
+                (ids, mask),
+                str(raw),
+                input_names=list(ONNX_INPUTS),
+                output_names=[ONNX_OUTPUT],
                 dynamic_axes={ONNX_INPUTS[0]: axes, ONNX_INPUTS[1]: axes, ONNX_OUTPUT: {0: "batch"}},
-                opset_version=opset, dynamo=False,
+                opset_version=opset,
+                dynamo=False,
             )
         graph = onnx.load(str(raw), load_external_data=True)
         staged = Path(tmp) / out_path.name
         data_name = out_path.name + ".data"
         if big:
-            onnx.save_model(graph, str(staged), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
+            onnx.save_model(
+                graph, str(staged), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name
+            )
         else:
             onnx.save_model(graph, str(staged))
         del graph
@@ -159,12 +182,20 @@ def export_onnx(
             (Path(tmp) / data_name).replace(out_path.parent / data_name)
         staged.replace(out_path)
     report = ExportReport(
-        str(out_path), sha256_file(out_path), big, n_params, export_s, parity_s, asdict(settings), parity,
+        str(out_path),
+        sha256_file(out_path),
+        big,
+        n_params,
+        export_s,
+        parity_s,
+        asdict(settings),
+        parity,
         {"opset": opset, "torch": torch.__version__, "onnx": onnx.__version__, **(extra or {})},
     )
     out_path.with_name("export_report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     logger.info("exported %s (%d params, %.0f s, parity %.0f s)", out_path, n_params, export_s, parity_s)
     return report
+
 
 # The MatMuls of the q/k/v/o, gate and up projections take int8 weights; down_proj stays fp32: its
 # input (the MLP's gated activations) carries the outliers that per-tensor dynamic quantization of
@@ -182,15 +213,27 @@ def quantize_int8(fp32_path: Path, out_path: Path, vocab_size: int, min_cosine: 
     from feedserve.encode.ort import OnnxEncoder
 
     graph = onnx.load(str(fp32_path), load_external_data=False).graph
-    nodes = [n.name for n in graph.node if n.op_type == "MatMul" and n.name.endswith("proj/MatMul")
-             and not any(skip in n.name for skip in INT8_SKIP)]
+    nodes = [
+        n.name
+        for n in graph.node
+        if n.op_type == "MatMul" and n.name.endswith("proj/MatMul") and not any(skip in n.name for skip in INT8_SKIP)
+    ]
     if not nodes:
-        raise ParityError(f"{fp32_path}: no projection MatMuls to quantize (not a LLaMA encoder export?)", -1.0, float("inf"))
+        raise ParityError(
+            f"{fp32_path}: no projection MatMuls to quantize (not a LLaMA encoder export?)", -1.0, float("inf")
+        )
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
         staged = Path(tmp) / out_path.name
-        quantize_dynamic(str(fp32_path), str(staged), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                         nodes_to_quantize=nodes)
-        parity = compare_encoders(OnnxEncoder(fp32_path), OnnxEncoder(staged), parity_batches(vocab_size), min_cosine, str(out_path))
+        quantize_dynamic(
+            str(fp32_path),
+            str(staged),
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+            nodes_to_quantize=nodes,
+        )
+        parity = compare_encoders(
+            OnnxEncoder(fp32_path), OnnxEncoder(staged), parity_batches(vocab_size), min_cosine, str(out_path)
+        )
         staged.replace(out_path)
     logger.info("quantized %d projections to int8: %s", len(nodes), out_path)
     return parity

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -30,12 +29,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from feedserve.artifacts import ArtifactLayout, EncoderSettings
-from feedserve.errors import ExportError
-from feedserve.export.onnx import PROTOBUF_LIMIT, ParityError, compare_encoders, parity_batches
 from feedserve.encode.trt import EngineBuildError, TensorRTEncoder, TensorRTUnavailable, unavailable_reason
+from feedserve.export.onnx import PROTOBUF_LIMIT, ParityError, compare_encoders, parity_batches
 from feedserve.files import atomic_write, sha256_file
 from feedserve.schema import ATTENTION_MASK, EMBEDDING, INPUT_IDS, ONNX_INPUTS, ONNX_OUTPUT
 
@@ -93,7 +89,9 @@ def rename_io(src: Path, dst: Path) -> Path:
         node.output[:] = [TRITON_NAMES.get(n, n) for n in node.output]
     names = {v.name for v in [*graph.input, *graph.output]}
     if not set(TRITON_NAMES.values()) <= names:
-        raise EngineBuildError(f"{src}: expected inputs {list(ONNX_INPUTS)} and output {ONNX_OUTPUT!r}, found {sorted(names)}")
+        raise EngineBuildError(
+            f"{src}: expected inputs {list(ONNX_INPUTS)} and output {ONNX_OUTPUT!r}, found {sorted(names)}"
+        )
     dst.parent.mkdir(parents=True, exist_ok=True)
     large = model.ByteSize() > PROTOBUF_LIMIT
     onnx.save_model(model, str(dst), save_as_external_data=large, location=dst.name + ".data" if large else None)
@@ -110,8 +108,14 @@ def expected_meta(onnx_path: Path, options: EngineOptions) -> dict[str, object]:
     """What a plan built now, here, from `onnx_path` would record (the fields `ensure` compares)."""
     import tensorrt as trt
 
-    return {"tensorrt": trt.__version__, "gpu": _gpu(), "precision": options.precision,
-            "profile": asdict(options.profile), "fp32_norms": options.fp32_norms, "source_sha256": onnx_checksum(onnx_path)}
+    return {
+        "tensorrt": trt.__version__,
+        "gpu": _gpu(),
+        "precision": options.precision,
+        "profile": asdict(options.profile),
+        "fp32_norms": options.fp32_norms,
+        "source_sha256": onnx_checksum(onnx_path),
+    }
 
 
 def onnx_checksum(onnx_path: Path) -> str:
@@ -134,7 +138,9 @@ def stale_fields(meta_path: Path, expected: dict[str, object]) -> list[str]:
         return ["parity"]
     if meta.get("plan_sha256") != sha256_file(meta_path.with_suffix("")):
         return ["plan_sha256"]  # truncated, corrupted or replaced since it passed its check
-    return [key for key, value in expected.items() if json.loads(json.dumps(meta.get(key))) != json.loads(json.dumps(value))]
+    return [
+        key for key, value in expected.items() if json.loads(json.dumps(meta.get(key))) != json.loads(json.dumps(value))
+    ]
 
 
 def _pin_norms_to_fp32(network: Any) -> int:
@@ -164,7 +170,9 @@ def _pin_norms_to_fp32(network: Any) -> int:
     return pinned
 
 
-def build_engine(onnx_path: Path, plan_path: Path, options: EngineOptions, timing_cache: Path | None = None) -> dict[str, object]:
+def build_engine(
+    onnx_path: Path, plan_path: Path, options: EngineOptions, timing_cache: Path | None = None
+) -> dict[str, object]:
     """Build `plan_path` (written atomically); returns its metadata, which the caller writes to
     `<plan>.json` once the plan has passed its parity check."""
     if reason := unavailable_reason(options.precision):
@@ -181,8 +189,10 @@ def build_engine(onnx_path: Path, plan_path: Path, options: EngineOptions, timin
         rename_io(onnx_path, renamed)
         if options.precision == "fp8" and not _has_qdq(renamed):
             # TensorRT 10 runs fp8 only where the graph says so (explicit quantization).
-            raise EngineBuildError("fp8 needs an explicitly quantized ONNX graph (QuantizeLinear/DequantizeLinear nodes); "
-                                   f"{onnx_path} has none: use fp16 or bf16")
+            raise EngineBuildError(
+                "fp8 needs an explicitly quantized ONNX graph (QuantizeLinear/DequantizeLinear nodes); "
+                f"{onnx_path} has none: use fp16 or bf16"
+            )
         if not parser.parse_from_file(str(renamed)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise EngineBuildError(f"TensorRT could not parse {onnx_path}: {errors}")
@@ -215,8 +225,12 @@ def build_engine(onnx_path: Path, plan_path: Path, options: EngineOptions, timin
     atomic_write(plan_path, bytes(serialized))
     if timing_cache:
         atomic_write(timing_cache, bytes(config.get_timing_cache().serialize()))
-    meta = {**expected_meta(onnx_path, options), "layers_pinned_fp32": pinned, "build_s": time.perf_counter() - t0,
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    meta = {
+        **expected_meta(onnx_path, options),
+        "layers_pinned_fp32": pinned,
+        "build_s": time.perf_counter() - t0,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     logger.info("built %s (%s, %d layers in fp32) in %.0f s", plan_path, options.precision, pinned, meta["build_s"])
     return meta
 
@@ -228,14 +242,18 @@ def _has_qdq(onnx_path: Path) -> bool:
     return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in graph.node)
 
 
-def check_plan_parity(plan_path: Path, hf_dir: Path, settings: EncoderSettings, profile: Profile,
-                      min_cosine: float = 0.999) -> dict[str, object]:
+def check_plan_parity(
+    plan_path: Path, hf_dir: Path, settings: EncoderSettings, profile: Profile, min_cosine: float = 0.999
+) -> dict[str, object]:
     """Cosine against the fp32 PyTorch reference on varied batches inside the profile."""
     from feedserve.encode.pytorch import TorchEncoder
 
     reference = TorchEncoder(hf_dir, settings)
-    batches = [(i, m) for i, m in parity_batches(int(reference.model.backbone.config.vocab_size))
-               if i.shape[0] <= profile.batch[2] and i.shape[1] <= profile.tokens[2]]
+    batches = [
+        (i, m)
+        for i, m in parity_batches(int(reference.model.backbone.config.vocab_size))
+        if i.shape[0] <= profile.batch[2] and i.shape[1] <= profile.tokens[2]
+    ]
     report = compare_encoders(reference, TensorRTEncoder(plan_path), batches, min_cosine, str(plan_path))
     return asdict(report)
 
@@ -250,7 +268,9 @@ def ensure_engine(layout: ArtifactLayout, plan_path: Path, options: EngineOption
     meta_path.unlink(missing_ok=True)
     meta = build_engine(layout.onnx, plan_path, options, plan_path.parent / "timing.cache")
     try:
-        parity = check_plan_parity(plan_path, layout.hf_dir, EncoderSettings.load(layout.settings), options.profile, min_cosine)
+        parity = check_plan_parity(
+            plan_path, layout.hf_dir, EncoderSettings.load(layout.settings), options.profile, min_cosine
+        )
     except ParityError:
         plan_path.unlink(missing_ok=True)  # never leave a plan that failed its check to be served
         raise

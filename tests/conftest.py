@@ -15,7 +15,11 @@ logger = logging.getLogger(__name__)
 
 # Small budgets keep the tiny model fast; dim < hidden exercises Matryoshka truncation.
 TINY_SETTINGS = EncoderSettings(
-    dim=32, max_prompt_tokens=256, post_text_tokens=64, history_item_tokens=16, max_history_items=20,
+    dim=32,
+    max_prompt_tokens=256,
+    post_text_tokens=64,
+    history_item_tokens=16,
+    max_history_items=20,
     length_buckets=(32, 64, 128, 256),
 )
 
@@ -28,8 +32,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> ArtifactLayout:
     """A complete artifact directory (checkpoint, ONNX, buckets, settings) for the tiny model."""
-    from feedserve.ops.builder import SAMPLE_CORPUS
     from feedserve.export.onnx import export_onnx
+    from feedserve.ops.builder import SAMPLE_CORPUS
     from feedserve.prompt.movielens import load_movielens
 
     layout = ArtifactLayout(tmp_path_factory.mktemp("artifacts"))
@@ -44,16 +48,23 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> ArtifactLayout:
 @pytest.fixture(scope="session")
 def triton_server(tiny_artifacts: ArtifactLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """A real tritonserver on free loopback ports, serving a freshly rendered repository."""
-    from feedserve.triton.repository import write_repository
     from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
+    from feedserve.triton.repository import write_repository
 
     repo = tmp_path_factory.mktemp("model_repository")
     write_repository(repo)
     log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
-    server = TritonServer(ServerOptions(
-        repository=repo, artifacts=tiny_artifacts.root, http_port=free_port(), grpc_port=free_port(),
-        metrics_port=free_port(), log_file=log, startup_timeout_s=180,
-    ))
+    server = TritonServer(
+        ServerOptions(
+            repository=repo,
+            artifacts=tiny_artifacts.root,
+            http_port=free_port(),
+            grpc_port=free_port(),
+            metrics_port=free_port(),
+            log_file=log,
+            startup_timeout_s=180,
+        )
+    )
     try:
         server.start()
     except Exception:

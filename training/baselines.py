@@ -85,7 +85,9 @@ class SentenceEmbedder:
         self.posts = self._embed([post_text(p) for p in corpus])
 
     def _embed(self, texts: Sequence[str]) -> np.ndarray:
-        return np.asarray(self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True), np.float32)
+        return np.asarray(
+            self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True), np.float32
+        )
 
     def score(self, members: Sequence[Member]) -> np.ndarray:
         queries = np.zeros((len(members), self.posts.shape[1]), np.float32)

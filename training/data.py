@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from feedserve.prompt.movielens import MovieLens
-from feedserve.prompt.records import Engagement, Member, Post
+from feedserve.prompt.records import Author, Engagement, Member, Post
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,9 @@ def movielens_split(
     (action "rated 2", say): the ablation of the finding that engaged-only history works better.
     """
     rng = random.Random(seed)
-    positives = sorted((r for r in ml.ratings if r.rating >= positive_rating), key=lambda r: (r.timestamp, r.user, r.movie))
+    positives = sorted(
+        (r for r in ml.ratings if r.rating >= positive_rating), key=lambda r: (r.timestamp, r.user, r.movie)
+    )
     cutoff = positives[int(len(positives) * (1 - test_fraction))].timestamp
     liked: dict[int, list] = defaultdict(list)
     disliked: dict[int, list] = defaultdict(list)
@@ -100,15 +102,20 @@ def movielens_split(
             # Members active only after the cutoff are evaluated too: the first half of their new
             # engagements is context (never trained on), the second half the targets, still later.
             context = future[: len(future) // 2] if len(past) < min_history else []
-            targets = {e.movie for e in future[len(context):]}
+            targets = {e.movie for e in future[len(context) :]}
             seen = history_of(user, past) + [_engagement(ml, e) for e in context]
             if len(past) + len(context) >= min_history:
                 test.append(EvalCase(_member(base, seen), targets - {h.post_id for h in seen}))
         positions = list(range(min_history, len(past)))
         for i in rng.sample(positions, min(examples_per_member, len(positions))):
             negs = rng.sample(disliked[user], min(4, len(disliked[user])))
-            train.append(Example(_member(base, history_of(user, past[:i])), ml.movies[past[i].movie],
-                                 tuple(ml.movies[r.movie] for r in negs)))
+            train.append(
+                Example(
+                    _member(base, history_of(user, past[:i])),
+                    ml.movies[past[i].movie],
+                    tuple(ml.movies[r.movie] for r in negs),
+                )
+            )
     rng.shuffle(train)
     test = [t for t in test if t.targets]
     logger.info("MovieLens split at %d: %d training examples, %d test members", cutoff, len(train), len(test))
@@ -147,12 +154,15 @@ def synthetic_feed(n_members: int = 200, n_posts: int = 400, history: int = 6, s
         topic = topics[pid % len(topics)]
         words = rng.choice(TOPICS[topic], size=3, replace=False).tolist()
         author = f"{rng.choice(FIRST)} {rng.choice(LAST)}"
-        posts.append(Post(
-            id=10_000 + pid, format=str(rng.choice(["text", "article", "video"])),
-            text=f"Thoughts on {words[0]}, {words[1]} and {words[2]} this week.",
-            author=None if pid % 3 else _author(author, topic),
-            counts={"views": float(rng.lognormal(7, 2)), "likes": float(rng.poisson(20))},
-        ))
+        posts.append(
+            Post(
+                id=10_000 + pid,
+                format=str(rng.choice(["text", "article", "video"])),
+                text=f"Thoughts on {words[0]}, {words[1]} and {words[2]} this week.",
+                author=None if pid % 3 else _author(author, topic),
+                counts={"views": float(rng.lognormal(7, 2)), "likes": float(rng.poisson(20))},
+            )
+        )
         topic_of[10_000 + pid] = topic
     by_topic: dict[str, list[Post]] = defaultdict(list)
     for p in posts:
@@ -164,10 +174,16 @@ def synthetic_feed(n_members: int = 200, n_posts: int = 400, history: int = 6, s
         liked = [by_topic[topic][i] for i in own]
         others = [p for p in posts if topic_of[p.id] != topic]
         shown = [others[i] for i in rng.choice(len(others), 4, replace=False)]
-        hist = [Engagement(post_id=p.id, engaged_at=1_700_000_000 + 60 * k, action="like", post=p) for k, p in enumerate(liked[:history])]
+        hist = [
+            Engagement(post_id=p.id, engaged_at=1_700_000_000 + 60 * k, action="like", post=p)
+            for k, p in enumerate(liked[:history])
+        ]
         member = Member(
-            id=mid, headline=f"{topic} professional", industry=topic,
-            skills=rng.choice(TOPICS[topic], size=2, replace=False).tolist(), history=hist,
+            id=mid,
+            headline=f"{topic} professional",
+            industry=topic,
+            skills=rng.choice(TOPICS[topic], size=2, replace=False).tolist(),
+            history=hist,
         )
         members.append(member)
         for k in range(1, history):
@@ -177,7 +193,5 @@ def synthetic_feed(n_members: int = 200, n_posts: int = 400, history: int = 6, s
     return Synthetic(posts, members, [train[i] for i in order], test, topic_of)
 
 
-def _author(name: str, topic: str) -> object:
-    from feedserve.prompt.records import Author
-
+def _author(name: str, topic: str) -> Author:
     return Author(name=name, headline=f"{topic} lead", company="Initech", industry=topic)

@@ -84,8 +84,8 @@ def movielens_token_ids(hf_dir: Path, serving: Path) -> set[int]:
 
     from feedserve.artifacts import EncoderSettings
     from feedserve.ops.builder import SAMPLE_CORPUS
-    from feedserve.prompt.movielens import load_movielens
     from feedserve.prompt.builder import PromptBuilder
+    from feedserve.prompt.movielens import load_movielens
     from feedserve.training.data import movielens_split
 
     ml = load_movielens(SAMPLE_CORPUS)
@@ -96,7 +96,9 @@ def movielens_token_ids(hf_dir: Path, serving: Path) -> set[int]:
         builder = PromptBuilder(tokenizer, ml.fit_buckets(), replace(settings, count_format="raw") if raw else settings)
         split = movielens_split(ml)
         texts = [builder.post_prompt(p) for p in split.corpus]
-        texts += [builder.member_prompt(e.member) for e in split.train] + [builder.member_prompt(c.member) for c in split.test]
+        texts += [builder.member_prompt(e.member) for e in split.train] + [
+            builder.member_prompt(c.member) for c in split.test
+        ]
         for enc in tokenizer.encode_batch(texts):
             used.update(enc.ids)
     return used
@@ -107,8 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("pack")
     a.add_argument("--hf", type=Path, required=True)
-    a.add_argument("--serving", type=Path, default=Path("models/smollm2-movielens/serving.json"),
-                   help="prompt settings whose MovieLens prompts decide the token rows carried")
+    a.add_argument(
+        "--serving",
+        type=Path,
+        default=Path("models/smollm2-movielens/serving.json"),
+        help="prompt settings whose MovieLens prompts decide the token rows carried",
+    )
     a.add_argument("--layers", type=int, default=6)
     a.add_argument("--out", type=Path, required=True)
     b = sub.add_parser("unpack")

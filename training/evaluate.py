@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 
 from feedserve.artifacts import ADAPTER_META, EncoderSettings
+from feedserve.files import atomic_file, hash_file
 from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.records import Member, Post
-from feedserve.files import atomic_file, hash_file
 from feedserve.training.data import EvalCase
 
 logger = logging.getLogger(__name__)
@@ -35,10 +35,14 @@ def rank(scores: np.ndarray, ids: np.ndarray, cases: Sequence[EvalCase], k: int)
     return out
 
 
-def metrics(top: Sequence[np.ndarray], cases: Sequence[EvalCase], ks: Sequence[int] = (10, 50, 100)) -> dict[str, float]:
+def metrics(
+    top: Sequence[np.ndarray], cases: Sequence[EvalCase], ks: Sequence[int] = (10, 50, 100)
+) -> dict[str, float]:
     result: dict[str, float] = {}
     for k in ks:
-        result[f"recall@{k}"] = float(np.mean([len(set(t[:k].tolist()) & c.targets) / len(c.targets) for t, c in zip(top, cases, strict=True)]))
+        result[f"recall@{k}"] = float(
+            np.mean([len(set(t[:k].tolist()) & c.targets) / len(c.targets) for t, c in zip(top, cases, strict=True)])
+        )
     ndcg = []
     for t, c in zip(top, cases, strict=True):
         gains = [1.0 / np.log2(i + 2) for i, pid in enumerate(t[:10]) if pid in c.targets]
@@ -49,8 +53,12 @@ def metrics(top: Sequence[np.ndarray], cases: Sequence[EvalCase], ks: Sequence[i
 
 
 def evaluate_embeddings(
-    embed_posts: EmbedPosts, embed_members: EmbedMembers, corpus: Sequence[Post], cases: Sequence[EvalCase],
-    ks: Sequence[int] = (10, 50, 100), batch: int = 32,
+    embed_posts: EmbedPosts,
+    embed_members: EmbedMembers,
+    corpus: Sequence[Post],
+    cases: Sequence[EvalCase],
+    ks: Sequence[int] = (10, 50, 100),
+    batch: int = 32,
 ) -> dict[str, float]:
     post_vecs = np.concatenate([embed_posts(corpus[i : i + batch]) for i in range(0, len(corpus), batch)])
     members = [c.member for c in cases]
@@ -80,22 +88,30 @@ class EmbeddingRetriever:
     """
 
     def __init__(
-        self, hf_dir: Path, settings: EncoderSettings, buckets: PercentileBuckets, corpus: Sequence[Post],
-        cache_dir: Path | None = None, batch: int = 32, device: str = "cpu", onnx: Path | None = None,
+        self,
+        hf_dir: Path,
+        settings: EncoderSettings,
+        buckets: PercentileBuckets,
+        corpus: Sequence[Post],
+        cache_dir: Path | None = None,
+        batch: int = 32,
+        device: str = "cpu",
+        onnx: Path | None = None,
     ) -> None:
         from tokenizers import Tokenizer
 
-        from feedserve.encode.pytorch import TorchEncoder
-        from feedserve.prompt.builder import PromptBuilder
         from feedserve.encode.base import Encoder
         from feedserve.encode.ort import OnnxEncoder
+        from feedserve.encode.pytorch import TorchEncoder
+        from feedserve.prompt.builder import PromptBuilder
 
         self.settings, self.batch = settings, batch
         self._members: dict[str, np.ndarray] = {}
         # An exported graph (e.g. the int8 one) scores what the server would serve; it embeds at the
         # width it was exported with (the artifacts' `dim`).
-        self.encoder: Encoder = OnnxEncoder(onnx) if onnx is not None else \
-            TorchEncoder(hf_dir, replace(settings, dim=None), device=device)  # full width; `score` truncates
+        self.encoder: Encoder = (
+            OnnxEncoder(onnx) if onnx is not None else TorchEncoder(hf_dir, replace(settings, dim=None), device=device)
+        )  # full width; `score` truncates
         self.builder = PromptBuilder(Tokenizer.from_file(str(hf_dir / "tokenizer.json")), buckets, settings)
         key = self._cache_key(hf_dir, settings, buckets, corpus, onnx)
         # bf16 vectors from a GPU are not the fp32 CPU ones: the device is part of the name.
@@ -113,8 +129,13 @@ class EmbeddingRetriever:
                     np.savez(f, embeddings=self.posts)
 
     @staticmethod
-    def _cache_key(hf_dir: Path, settings: EncoderSettings, buckets: PercentileBuckets, corpus: Sequence[Post],
-                   onnx: Path | None = None) -> str:
+    def _cache_key(
+        hf_dir: Path,
+        settings: EncoderSettings,
+        buckets: PercentileBuckets,
+        corpus: Sequence[Post],
+        onnx: Path | None = None,
+    ) -> str:
         h = hashlib.sha256()
         for weights in sorted(hf_dir.glob("*.safetensors")) + ([onnx] if onnx is not None else []):
             hash_file(h, weights)
@@ -178,9 +199,14 @@ class EncoderDir:
         if not (hf / "config.json").exists():
             raise FileNotFoundError(f"{root}: no checkpoint in hf/ or model/")
         config, report = cls._training(root, hf)
-        return cls(hf, EncoderSettings.load(root / "serving.json"), PercentileBuckets.load(root / "buckets.json"),
-                   config.get("extra", {}).get("history") == "engaged+disliked", tuple(config.get("matryoshka_dims", ())),
-                   json.loads(report.read_text()) if report.exists() else None)
+        return cls(
+            hf,
+            EncoderSettings.load(root / "serving.json"),
+            PercentileBuckets.load(root / "buckets.json"),
+            config.get("extra", {}).get("history") == "engaged+disliked",
+            tuple(config.get("matryoshka_dims", ())),
+            json.loads(report.read_text()) if report.exists() else None,
+        )
 
     @staticmethod
     def _training(root: Path, hf: Path) -> tuple[dict, Path]:

@@ -36,8 +36,8 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from feedserve.artifacts import ADAPTER_META, EncoderSettings
-from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.encode.pytorch import EmbeddingModel, keep_first_layers, load_embedding_model
+from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.builder import PromptBuilder
 from feedserve.prompt.records import Post
 from feedserve.training.data import Example
@@ -74,7 +74,9 @@ class TrainResult:
     resumed_from: int
 
 
-def info_nce(members: torch.Tensor, posts: torch.Tensor, targets: torch.Tensor, same: torch.Tensor, temperature: float) -> torch.Tensor:
+def info_nce(
+    members: torch.Tensor, posts: torch.Tensor, targets: torch.Tensor, same: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """members [B, D], posts [N, D] (normalised); targets [B] column of each member's positive;
     `same` [B, N] marks other columns holding the very same post, which must not count as negatives."""
     logits = members @ posts.T / temperature
@@ -82,9 +84,14 @@ def info_nce(members: torch.Tensor, posts: torch.Tensor, targets: torch.Tensor, 
     return F.cross_entropy(logits, targets)
 
 
-def matryoshka_loss(m: torch.Tensor, p: torch.Tensor, targets: torch.Tensor, same: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+def matryoshka_loss(
+    m: torch.Tensor, p: torch.Tensor, targets: torch.Tensor, same: torch.Tensor, cfg: TrainConfig
+) -> torch.Tensor:
     dims = sorted({m.shape[1], *(d for d in cfg.matryoshka_dims if d < m.shape[1])})
-    losses = [info_nce(F.normalize(m[:, :d], dim=-1), F.normalize(p[:, :d], dim=-1), targets, same, cfg.temperature) for d in dims]
+    losses = [
+        info_nce(F.normalize(m[:, :d], dim=-1), F.normalize(p[:, :d], dim=-1), targets, same, cfg.temperature)
+        for d in dims
+    ]
     return torch.stack(losses).mean()
 
 
@@ -97,8 +104,12 @@ def build_model(hf_dir: Path, settings: EncoderSettings, cfg: TrainConfig) -> Em
     if cfg.lora_r:
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        )
         model.backbone = get_peft_model(backbone, lora)
     return model.train()
 
@@ -124,8 +135,9 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(out: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, losses: list[float],
-                    keep: int = 2) -> None:
+def save_checkpoint(
+    out: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, losses: list[float], keep: int = 2
+) -> None:
     final = out / "checkpoints" / f"step-{step}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -139,8 +151,15 @@ def save_checkpoint(out: Path, step: int, model: torch.nn.Module, opt: torch.opt
 
 
 def train(
-    hf_dir: Path, out: Path, examples: Sequence[Example], corpus: Sequence[Post], buckets: PercentileBuckets,
-    settings: EncoderSettings, cfg: TrainConfig, progress: bool = True, device: str = "cpu",
+    hf_dir: Path,
+    out: Path,
+    examples: Sequence[Example],
+    corpus: Sequence[Post],
+    buckets: PercentileBuckets,
+    settings: EncoderSettings,
+    cfg: TrainConfig,
+    progress: bool = True,
+    device: str = "cpu",
 ) -> TrainResult:
     """On a GPU (`device="cuda"`) the weights stay fp32 and the steps run under bf16 autocast; the
     checkpoints, the saved model and the adapter are the same files as a CPU run's."""
@@ -191,15 +210,23 @@ def train(
         logger.info("%s already has %d steps; its train_report.json is kept", out, start)
         return TrainResult(model_dir, losses, seconds, 0.0, start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    report = {"steps": cfg.steps, "seconds": seconds, "peak_rss_mb": peak, "device": _device_name(device),
-              "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
+    report = {
+        "steps": cfg.steps,
+        "seconds": seconds,
+        "peak_rss_mb": peak,
+        "device": _device_name(device),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+    }
     if torch.device(device).type == "cuda":
         report["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     (out / "train_report.json").write_text(json.dumps(report, indent=2))
     return TrainResult(model_dir, losses, seconds, peak, start)
 
 
-def _step_loss(model: EmbeddingModel, builder: PromptBuilder, batch: list[Example], easy: list[Post], cfg: TrainConfig) -> torch.Tensor:
+def _step_loss(
+    model: EmbeddingModel, builder: PromptBuilder, batch: list[Example], easy: list[Post], cfg: TrainConfig
+) -> torch.Tensor:
     posts = [ex.positive for ex in batch]
     for ex in batch:
         posts.extend(ex.hard_negatives[: cfg.hard_negatives])
@@ -211,7 +238,9 @@ def _step_loss(model: EmbeddingModel, builder: PromptBuilder, batch: list[Exampl
     device = member_vecs.device
     ids = torch.tensor([x.id for x in posts], device=device)
     targets = torch.arange(len(batch), device=device)
-    same = (ids[None, :] == ids[targets][:, None]) & (torch.arange(len(posts), device=device)[None, :] != targets[:, None])
+    same = (ids[None, :] == ids[targets][:, None]) & (
+        torch.arange(len(posts), device=device)[None, :] != targets[:, None]
+    )
     return matryoshka_loss(member_vecs.float(), post_vecs.float(), targets, same, cfg)
 
 
@@ -234,9 +263,12 @@ def save_model(model: EmbeddingModel, hf_dir: Path, dest: Path, cfg: TrainConfig
         adapter = dest.parent / "adapter"  # the small artifact worth committing
         backbone.save_pretrained(adapter)
         record = hf_dir / "import.json"
-        meta = {"keep_layers": cfg.keep_layers, "lora_r": cfg.lora_r,
-                "base_sha256": json.loads(record.read_text())["sha256"] if record.exists() else None,
-                "train_config": asdict(cfg)}
+        meta = {
+            "keep_layers": cfg.keep_layers,
+            "lora_r": cfg.lora_r,
+            "base_sha256": json.loads(record.read_text())["sha256"] if record.exists() else None,
+            "train_config": asdict(cfg),
+        }
         (adapter / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
         backbone = backbone.merge_and_unload()
     dest.mkdir(parents=True, exist_ok=True)
@@ -276,12 +308,26 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", choices=("movielens", "synthetic"), default="movielens")
-    p.add_argument("--base", type=Path, default=REPO_ROOT / "artifacts" / "untuned",
-                   help="artifact dir of the untuned model (`feedserve --artifacts artifacts/untuned build --untuned`)")
+    p.add_argument(
+        "--base",
+        type=Path,
+        default=REPO_ROOT / "artifacts" / "untuned",
+        help="artifact dir of the untuned model (`feedserve --artifacts artifacts/untuned build --untuned`)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, or cuda: bf16 autocast on the GPU")
     p.add_argument("--out", type=Path, required=True)
-    for f in ("steps", "batch_size", "grad_accum", "hard_negatives", "easy_negatives", "lora_r", "keep_layers", "seed",
-              "checkpoint_every", "keep_checkpoints"):
+    for f in (
+        "steps",
+        "batch_size",
+        "grad_accum",
+        "hard_negatives",
+        "easy_negatives",
+        "lora_r",
+        "keep_layers",
+        "seed",
+        "checkpoint_every",
+        "keep_checkpoints",
+    ):
         p.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(TrainConfig, f, None))
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--temperature", type=float, default=TrainConfig.temperature)
@@ -292,15 +338,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--history-negatives", action="store_true", help="member history includes disliked movies")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = TrainConfig(**{f: getattr(args, f) for f in ("steps", "batch_size", "grad_accum", "hard_negatives", "easy_negatives",
-                                                       "lora_r", "keep_layers", "seed", "checkpoint_every", "keep_checkpoints",
-                                                       "lr", "temperature")},
-                      matryoshka_dims=tuple(args.matryoshka),
-                      extra={"data": args.data, "history": "engaged+disliked" if args.history_negatives else "engaged"})
+    cfg = TrainConfig(
+        **{
+            f: getattr(args, f)
+            for f in (
+                "steps",
+                "batch_size",
+                "grad_accum",
+                "hard_negatives",
+                "easy_negatives",
+                "lora_r",
+                "keep_layers",
+                "seed",
+                "checkpoint_every",
+                "keep_checkpoints",
+                "lr",
+                "temperature",
+            )
+        },
+        matryoshka_dims=tuple(args.matryoshka),
+        extra={"data": args.data, "history": "engaged+disliked" if args.history_negatives else "engaged"},
+    )
     base = ArtifactLayout(args.base)
     if (record := base.hf_dir / "import.json").exists() and json.loads(record.read_text()).get("adapter"):
         # An adapter trained on a merged fine-tune would not apply to the plain base it ships with.
-        p.error(f"{args.base} already has an adapter merged in; tune the untuned base (feedserve --artifacts DIR build --untuned)")
+        p.error(
+            f"{args.base} already has an adapter merged in; "
+            "tune the untuned base (feedserve --artifacts DIR build --untuned)"
+        )
     settings = EncoderSettings.load(base.settings)
     if args.max_prompt_tokens:
         settings = replace(settings, max_prompt_tokens=args.max_prompt_tokens)
@@ -314,8 +379,17 @@ def main(argv: list[str] | None = None) -> int:
         syn = synthetic_feed()
         examples, corpus, buckets = syn.train, syn.posts, PercentileBuckets.fit_posts(syn.posts)
     result = train(base.hf_dir, args.out, examples, corpus, buckets, settings, cfg, device=args.device)
-    print(json.dumps({"model": str(result.model_dir), "seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb,
-                      "first_loss": result.losses[0], "last_loss": result.losses[-1]}))
+    print(
+        json.dumps(
+            {
+                "model": str(result.model_dir),
+                "seconds": result.seconds,
+                "peak_rss_mb": result.peak_rss_mb,
+                "first_loss": result.losses[0],
+                "last_loss": result.losses[-1],
+            }
+        )
+    )
     return 0
 
 

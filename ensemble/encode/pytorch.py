@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -65,18 +65,29 @@ def normalize_truncate(pooled: torch.Tensor, dim: int | None) -> torch.Tensor:
     return out
 
 
+# A transformers LlamaModel (or a peft wrapper of one). Typed loosely: its config and layers are
+# dynamic attributes, which torch's Module typing would report as Tensor | Module.
+Backbone = Any
+
+
 class EmbeddingModel(nn.Module):
     """(input_ids, attention_mask) [B, T] int64 -> unit-norm float32 embeddings [B, dim]."""
 
+    backbone: Backbone
+
     def __init__(
-        self, backbone: nn.Module, pooling: Pooling = "mean", dim: int | None = None, right_padded: bool = False,
+        self,
+        backbone: Backbone,
+        pooling: Pooling = "mean",
+        dim: int | None = None,
+        right_padded: bool = False,
     ) -> None:
         super().__init__()
         if pooling not in ("mean", "last"):
             raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
         self.backbone = backbone
         self.pooling = pooling
-        hidden = int(backbone.config.hidden_size)  # type: ignore[union-attr]
+        hidden = int(backbone.config.hidden_size)
         if dim is not None and not 0 < dim <= hidden:
             raise ValueError(f"Matryoshka dim must be in [1, {hidden}], got {dim}")
         self.dim = dim or hidden
@@ -106,7 +117,7 @@ def is_right_padded(attention_mask: np.ndarray) -> bool:
     return bool(np.isin(mask, (0, 1)).all() and (np.diff(mask, axis=1) <= 0).all())
 
 
-def keep_first_layers(backbone: nn.Module, n: int) -> None:
+def keep_first_layers(backbone: Backbone, n: int) -> None:
     """Cut a LLaMA backbone to its first `n` decoder layers, in place (config included, so the
     saved checkpoint reloads as an n-layer model). Training uses it to fit 2 CPU cores; serving
     gets the same cut when it merges an adapter trained that way."""
@@ -120,8 +131,11 @@ def keep_first_layers(backbone: nn.Module, n: int) -> None:
 
 
 def load_embedding_model(
-    hf_dir: Path, settings: EncoderSettings, attn_implementation: AttnImplementation = "sdpa",
-    dtype: torch.dtype = torch.float32, right_padded: bool = False,
+    hf_dir: Path,
+    settings: EncoderSettings,
+    attn_implementation: AttnImplementation = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    right_padded: bool = False,
 ) -> EmbeddingModel:
     """Load a checkpoint (base or causal-LM; the LM head is dropped), in eval mode.
 
@@ -143,8 +157,13 @@ class TorchEncoder:
     """
 
     def __init__(
-        self, hf_dir: Path, settings: EncoderSettings, threads: int | None = None,
-        device: str = "cpu", dtype: torch.dtype | None = None, right_padded: bool = False,
+        self,
+        hf_dir: Path,
+        settings: EncoderSettings,
+        threads: int | None = None,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        right_padded: bool = False,
     ) -> None:
         if threads:
             # Process-wide in torch: the last TorchEncoder created decides for all of them.

@@ -29,8 +29,10 @@ def unavailable_reason(precision: str = "fp16") -> str | None:
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        return ("TensorRT is not installed (it ships in the NVIDIA Triton container, or `pip install tensorrt`); "
-                "the gpu-trt variant cannot be built here")
+        return (
+            "TensorRT is not installed (it ships in the NVIDIA Triton container, or `pip install tensorrt`); "
+            "the gpu-trt variant cannot be built here"
+        )
     try:
         import torch
     except ImportError:

@@ -68,7 +68,9 @@ class FaissGpuFlat:
 
     def __init__(self, ids: np.ndarray, vectors: np.ndarray, engine: Engine) -> None:
         if not hasattr(faiss, "GpuIndexFlatIP"):
-            raise IndexStoreError("the faiss-gpu engine needs a faiss built with GPU support (faiss-gpu); this one is CPU-only")
+            raise IndexStoreError(
+                "the faiss-gpu engine needs a faiss built with GPU support (faiss-gpu); this one is CPU-only"
+            )
         self._resources = faiss.StandardGpuResources()
         config = faiss.GpuIndexFlatConfig()
         config.useFloat16 = engine.dtype == "fp16"

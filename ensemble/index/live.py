@@ -9,10 +9,10 @@ the writes since (`feedserve.index.wal`). There is one writer and any number of 
   record and fsyncs, then applies it; only then is it acknowledged. `snapshot()` copies the index
   under the write lock, saves the copy atomically without it (writes go on meanwhile), and starts a
   new log based at the copy's lsn that carries over the records written during the save.
-- A follower (`IndexFollower.open(dir)`: every `knn` instance; other processes) loads the same files and calls `refresh()`
-  before each batch of searches. It keeps the log it follows open: when the writer starts a new
-  log, the follower first reads the old one to its end, so it reloads the snapshot only when it
-  starts or when a full rebuild replaced the index (a new generation).
+- A follower (`IndexFollower.open(dir)`: every `knn` instance; other processes) loads the same files
+  and calls `refresh()` before each batch of searches. It keeps the log it follows open: when the
+  writer starts a new log, the follower first reads the old one to its end, so it reloads the
+  snapshot only when it starts or when a full rebuild replaced the index (a new generation).
 - A full rebuild (`rebuilding`, used by `feedserve index`; any index file without a generation
   that appears counts as one) holds `snapshot.lock` from before it reads
   its corpus until its file is in place: the writer takes no snapshot meanwhile, so every write
@@ -60,7 +60,7 @@ class _Replica:
     def __init__(self, files: IndexLayout, index: PostIndex, snapshot_identity: FileIdentity | None) -> None:
         self.files = files
         self.index = index
-        self.lsn = int(index.meta.get("lsn", 0))  # type: ignore[call-overload]  # the last write this index holds
+        self.lsn = int(index.meta.get("lsn", 0))  # the last write this index holds
         self.reloads = 0  # snapshots loaded after opening (a rebuild, or a follower that fell behind)
         self._snapshot_identity = snapshot_identity  # of the file `index` was loaded from (taken before)
         self._rejected_identity: FileIdentity | None = None  # a rebuilt file that could not be taken
@@ -153,19 +153,23 @@ class _Replica:
         this index stays as it was (never a snapshot without the log records past it)."""
         identity = file_identity(self.snapshot_path)
         index = PostIndex.load(self.snapshot_path, self.index.engine)
-        lsn = int(index.meta.get("lsn", 0))  # type: ignore[call-overload]
+        lsn = int(index.meta.get("lsn", 0))
         log = self._open_log()
         try:
             base = read_header(log, self.log_path) if log is not None else lsn
             if base > lsn:
-                raise LogError(f"{self.log_path} starts after lsn {base} but the snapshot holds only up to {lsn}: "
-                               f"writes {lsn + 1}..{base} are in no file")
+                raise LogError(
+                    f"{self.log_path} starts after lsn {base} but the snapshot holds only up to {lsn}: "
+                    f"writes {lsn + 1}..{base} are in no file"
+                )
         except BaseException:
             if log is not None:
                 log.close()
             raise
         self._loaded(index)
-        logger.info("%s: loaded the snapshot at lsn %d (generation %s)", self.directory, lsn, index.meta.get("generation"))
+        logger.info(
+            "%s: loaded the snapshot at lsn %d (generation %s)", self.directory, lsn, index.meta.get("generation")
+        )
         self.index, self.lsn, self._snapshot_identity = index, lsn, identity
         self.reloads += 1
         self._forget_log()
@@ -226,8 +230,14 @@ class IndexWriter(_Replica):
     """The directory's single writer: it holds the writer lock for its life, logs each write durably
     before applying it, and takes the snapshots."""
 
-    def __init__(self, files: IndexLayout, index: PostIndex, snapshot_identity: FileIdentity | None,
-                 wal: WriteAheadLog, writer_lock: int) -> None:
+    def __init__(
+        self,
+        files: IndexLayout,
+        index: PostIndex,
+        snapshot_identity: FileIdentity | None,
+        wal: WriteAheadLog,
+        writer_lock: int,
+    ) -> None:
         super().__init__(files, index, snapshot_identity)
         self._wal = wal
         self._writer_lock: int | None = writer_lock
@@ -251,7 +261,7 @@ class IndexWriter(_Replica):
             else:
                 raise IndexStoreError(f"{files.snapshot} does not exist and no dimension was given for a new index")
             cls._give_generation(index)
-            wal = WriteAheadLog(files.log, base_lsn=int(index.meta.get("lsn", 0)))  # type: ignore[call-overload]
+            wal = WriteAheadLog(files.log, base_lsn=int(index.meta.get("lsn", 0)))
             writer = cls(files, index, identity, wal, lock)
             with writer._lock:
                 writer._follow()
@@ -293,7 +303,9 @@ class IndexWriter(_Replica):
         ops = np.ascontiguousarray(ops, dtype=np.uint8).reshape(-1)
         ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
         if len(ops) != len(ids) or not np.isin(ops, list(Op)).all():
-            raise IndexStoreError(f"a write needs one op (1 upsert, 2 delete) per id: {len(ops)} ops for {len(ids)} ids")
+            raise IndexStoreError(
+                f"a write needs one op (1 upsert, 2 delete) per id: {len(ops)} ops for {len(ids)} ids"
+            )
         if len(np.unique(ids)) != len(ids):
             raise IndexStoreError("duplicate post ids in one write")
         upserts = ops == Op.UPSERT
@@ -396,6 +408,8 @@ def _flock(path: Path, blocking: bool) -> Iterator[bool]:
 def _take_writer_lock(directory: Path) -> int:
     fd = _try_lock(IndexLayout(directory).writer_lock, blocking=False)
     if fd is None:
-        raise IndexStoreError(f"{directory} already has a writer (it holds {IndexLayout(directory).writer_lock}); a second "
-                          f"server on the same index must be a follower (feedserve render --no-writer)")
+        raise IndexStoreError(
+            f"{directory} already has a writer (it holds {IndexLayout(directory).writer_lock}); a second "
+            f"server on the same index must be a follower (feedserve render --no-writer)"
+        )
     return fd

@@ -12,6 +12,7 @@ import json
 import logging
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,8 +29,8 @@ OWN_KEYS = ("format", "dim", "count", "sha256")
 def arrays_checksum(ids: np.ndarray, vectors: np.ndarray) -> str:
     """SHA-256 over the ids and vectors as saved (int64, float32, C order): an index file is rewritten
     while the server runs, so its checksum travels inside it instead of in the artifact manifest."""
-    h = hashlib.sha256(np.ascontiguousarray(ids, np.int64))  # hashed through the buffer: no copy
-    h.update(np.ascontiguousarray(vectors, np.float32))
+    h = hashlib.sha256(np.ascontiguousarray(ids, np.int64).data)  # hashed through the buffer: no copy
+    h.update(np.ascontiguousarray(vectors, np.float32).data)
     return h.hexdigest()
 
 
@@ -37,14 +38,21 @@ def save_arrays(path: Path, ids: np.ndarray, vectors: np.ndarray, meta: dict[str
     """Write an index file atomically and durably: readers see the old file or the new one, and a
     failed write (a full disk) leaves the previous file and no temporary."""
     ids, vectors = np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(vectors, np.float32)
-    header = json.dumps({**meta, "format": FORMAT, "dim": int(vectors.shape[1]), "count": len(ids),
-                         "sha256": arrays_checksum(ids, vectors)})
+    header = json.dumps(
+        {
+            **meta,
+            "format": FORMAT,
+            "dim": int(vectors.shape[1]),
+            "count": len(ids),
+            "sha256": arrays_checksum(ids, vectors),
+        }
+    )
     with atomic_file(path) as f:
         np.savez(f, ids=ids, vectors=vectors, meta=np.array(header))
     logger.info("saved %d posts (dim %d) to %s", len(ids), vectors.shape[1], path)
 
 
-def load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, object]]:
+def load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(ids, vectors, the index's own metadata) of an index file, checked against its checksum;
     IndexStoreError names the file and what is wrong with it."""
     try:
@@ -60,9 +68,11 @@ def load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, object]]:
     if "sha256" not in meta:  # saved before checksums existed: the zip's CRCs still guard it
         logger.warning("%s has no checksum (an older feedserve saved it); the next snapshot adds one", path)
     elif meta["sha256"] != arrays_checksum(ids, vectors):
-        raise IndexStoreError(f"{path}: ids and vectors do not match the checksum saved with them (corrupted or "
-                              "written by another program); restore a backup of the snapshot (README, \"Backups "
-                              "and restore\"), or rebuild with `feedserve index` (live writes since are lost)")
+        raise IndexStoreError(
+            f"{path}: ids and vectors do not match the checksum saved with them (corrupted or "
+            'written by another program); restore a backup of the snapshot (README, "Backups '
+            'and restore"), or rebuild with `feedserve index` (live writes since are lost)'
+        )
     return ids, vectors, meta
 
 

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -49,7 +50,7 @@ class PostIndex:
         if dim <= 0:
             raise IndexStoreError(f"index dimension must be positive, got {dim}")
         self.dim = dim
-        self.meta: dict[str, object] = dict(meta or {})
+        self.meta: dict[str, Any] = dict(meta or {})
         self.engine = engine
         self._flat = faiss.IndexFlatIP(dim)
         self._ids = np.empty(0, np.int64)  # row -> post id; spare capacity past len(self)
@@ -88,7 +89,9 @@ class PostIndex:
         """Upserts and deletes under one lock hold, so a search sees all of them or none; returns how
         many posts the deletes removed."""
         if len(upsert_ids):
-            upsert_ids, vectors = self.check_write(upsert_ids, vectors if vectors is not None else np.empty((0, self.dim)))
+            upsert_ids, vectors = self.check_write(
+                upsert_ids, vectors if vectors is not None else np.empty((0, self.dim))
+            )
         delete_ids = np.asarray(delete_ids, dtype=np.int64).reshape(-1)
         with self._lock:
             try:
@@ -99,13 +102,17 @@ class PostIndex:
             self._write_device(op)
             return removed
 
-    def _write_store(self, upsert_ids: np.ndarray, vectors: np.ndarray | None,
-                     delete_ids: np.ndarray) -> tuple[RowWrite, int]:
+    def _write_store(
+        self, upsert_ids: np.ndarray, vectors: np.ndarray | None, delete_ids: np.ndarray
+    ) -> tuple[RowWrite, int]:
         """The write on the store's rows: (what was done to them, how many posts the deletes removed)."""
         if not len(upsert_ids) or vectors is None:
             vectors = np.empty((0, self.dim), np.float32)
-        rows = (np.array([self._rows.get(i, -1) for i in upsert_ids.tolist()], np.int64) if self._rows
-                else np.full(len(upsert_ids), -1, np.int64))
+        rows = (
+            np.array([self._rows.get(i, -1) for i in upsert_ids.tolist()], np.int64)
+            if self._rows
+            else np.full(len(upsert_ids), -1, np.int64)
+        )
         new = rows < 0
         rows, replaced = rows[~new], vectors[~new]
         if len(rows):
@@ -131,7 +138,7 @@ class PostIndex:
             self._ids = grown
         self._flat.add(vectors)
         self._ids[n : n + m] = ids
-        self._rows.update(zip(ids.tolist(), range(n, n + m)))
+        self._rows.update(zip(ids.tolist(), range(n, n + m), strict=True))
 
     def _remove(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Swap-remove: each removed row below the new end takes one of the kept rows past it;
@@ -148,7 +155,7 @@ class PostIndex:
         vectors = self._vectors()
         vectors[holes] = vectors[movers]
         self._ids[holes] = self._ids[movers]
-        self._rows.update(zip(self._ids[holes].tolist(), holes.tolist()))
+        self._rows.update(zip(self._ids[holes].tolist(), holes.tolist(), strict=True))
         # Public fields of faiss's flat index: its rows are `codes` (code_size bytes each) and `ntotal`.
         self._flat.codes.resize(end * self._flat.code_size)
         self._flat.ntotal = end
@@ -163,8 +170,9 @@ class PostIndex:
             if not self._device.write(op):
                 self._device = None
         except Exception:
-            logger.exception("kNN %s: could not apply a write to the device copy; rebuilding it on the next search",
-                             self.engine.kind)
+            logger.exception(
+                "kNN %s: could not apply a write to the device copy; rebuilding it on the next search", self.engine.kind
+            )
             self._device = None
 
     def _search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:

@@ -36,8 +36,15 @@ class TorchFlatIndex:
 
     MIN_CAPACITY = 1024  # rows allocated at the first growth
 
-    def __init__(self, vectors: np.ndarray | torch.Tensor, device: str = "cuda", dtype: str = "fp16",
-                 chunk_rows: int = 1 << 21, block: int = 128, ids: np.ndarray | torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        vectors: np.ndarray | torch.Tensor,
+        device: str = "cuda",
+        dtype: str = "fp16",
+        chunk_rows: int = 1 << 21,
+        block: int = 128,
+        ids: np.ndarray | torch.Tensor | None = None,
+    ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.device = torch.device(device)
@@ -50,7 +57,9 @@ class TorchFlatIndex:
         # Always copies: the arrays given may be another index's live memory (PostIndex passes
         # views of its store), which this copy's in-place writes must never touch.
         self._vectors = data.to(self.device, self.dtype, copy=True).contiguous()
-        self._ids = (torch.arange(len(data)) if ids is None else torch.as_tensor(ids)).to(self.device, torch.int64, copy=True)
+        self._ids = (torch.arange(len(data)) if ids is None else torch.as_tensor(ids)).to(
+            self.device, torch.int64, copy=True
+        )
         if self._ids.shape != (len(data),):
             raise ValueError(f"{len(self._ids)} ids for {len(data)} vectors")
         self._n = len(data)  # rows in use; the tensors may hold spare capacity beyond them
@@ -76,7 +85,9 @@ class TorchFlatIndex:
     def write(self, op: RowWrite) -> bool:
         """Replay a `PostIndex` write on the device: the same rows change as in the store, O(write)."""
         if len(op.rows):
-            self._vectors[torch.as_tensor(op.rows).to(self.device)] = torch.as_tensor(op.vectors).to(self.device, self.dtype)
+            self._vectors[torch.as_tensor(op.rows).to(self.device)] = torch.as_tensor(op.vectors).to(
+                self.device, self.dtype
+            )
         if len(op.new_ids):
             self._append(torch.as_tensor(op.new_ids).to(self.device), torch.as_tensor(op.new_vectors))
         if len(op.holes):
@@ -89,7 +100,9 @@ class TorchFlatIndex:
     def _append(self, ids: torch.Tensor, vectors: torch.Tensor) -> None:
         n, m = self._n, len(ids)
         if n + m > len(self._ids):
-            capacity = max(n + m, len(self._ids) * 5 // 4, self.MIN_CAPACITY)  # geometric growth: O(1) per row, 25% spare
+            capacity = max(
+                n + m, len(self._ids) * 5 // 4, self.MIN_CAPACITY
+            )  # geometric growth: O(1) per row, 25% spare
             grown = torch.empty((capacity, self._vectors.shape[1]), dtype=self.dtype, device=self.device)
             grown[:n] = self._vectors[:n]
             grown_ids = torch.empty(capacity, dtype=torch.int64, device=self.device)

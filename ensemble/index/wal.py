@@ -80,8 +80,10 @@ def encode(ops: np.ndarray, ids: np.ndarray, vectors: np.ndarray | None) -> byte
     upserts = int((ops == Op.UPSERT).sum())
     vecs = np.zeros((0, 0), "<f4") if vectors is None else np.ascontiguousarray(vectors, dtype="<f4")
     if len(ops) != len(ids) or len(vecs) != upserts or not np.isin(ops, list(Op)).all():
-        raise LogError(f"a write needs one op per id and one vector per upsert: {len(ops)} ops, {len(ids)} ids, "
-                       f"{len(vecs)} vectors for {upserts} upserts")
+        raise LogError(
+            f"a write needs one op per id and one vector per upsert: {len(ops)} ops, {len(ids)} ids, "
+            f"{len(vecs)} vectors for {upserts} upserts"
+        )
     dim = vecs.shape[1] if upserts else 0
     return BODY.pack(len(ids), dim) + ops.tobytes() + ids.tobytes() + vecs.tobytes()
 
@@ -148,12 +150,16 @@ def scan(path: Path) -> tuple[int, int, int]:
         last, end = base, HEADER.size
         for record in read_records(f):
             if record.lsn != last + 1:
-                raise LogError(f"{path}: record {record.lsn} at offset {end} follows {last}: the log is out of sequence")
+                raise LogError(
+                    f"{path}: record {record.lsn} at offset {end} follows {last}: the log is out of sequence"
+                )
             last, end = record.lsn, record.end
         size = os.fstat(f.fileno()).st_size
         if size > end and _valid_record_in(f, end + 1, size, last):
-            raise LogError(f"{path}: the record at offset {end} (after lsn {last}) is damaged, and a valid record "
-                           f"follows it: that is damage, not a torn write; refusing to drop acknowledged writes")
+            raise LogError(
+                f"{path}: the record at offset {end} (after lsn {last}) is damaged, and a valid record "
+                f"follows it: that is damage, not a torn write; refusing to drop acknowledged writes"
+            )
     return base, last, end
 
 
@@ -188,8 +194,12 @@ class WriteAheadLog:
         self.base_lsn, self.last_lsn, self.end = scan(self.path)
         size = self.path.stat().st_size
         if size > self.end:
-            logger.warning("%s: truncating a torn tail of %d bytes after lsn %d (a write that was never acknowledged)",
-                           self.path, size - self.end, self.last_lsn)
+            logger.warning(
+                "%s: truncating a torn tail of %d bytes after lsn %d (a write that was never acknowledged)",
+                self.path,
+                size - self.end,
+                self.last_lsn,
+            )
         self._fd = os.open(self.path, os.O_WRONLY)
         if size > self.end:
             os.ftruncate(self._fd, self.end)
@@ -201,7 +211,9 @@ class WriteAheadLog:
         payload = encode(ops, ids, vectors)
         with self._lock:
             if self.failed:
-                raise LogError(f"{self.path}: refusing writes since an earlier one failed ({self.failed}); reopen the log")
+                raise LogError(
+                    f"{self.path}: refusing writes since an earlier one failed ({self.failed}); reopen the log"
+                )
             lsn = self.last_lsn + 1
             data = record_bytes(lsn, payload)
             try:

@@ -15,7 +15,7 @@ import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from feedserve.artifacts import DEFAULT_ADAPTER, REPO_ROOT, ArtifactLayout, EncoderSettings
+from feedserve.artifacts import DEFAULT_ADAPTER, REPO_ROOT, ArtifactLayout, EncoderSettings, Pooling
 from feedserve.prompt.buckets import PercentileBuckets
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class BuildOptions:
     buckets: Path | None = None  # a saved buckets.json (e.g. a training run's), used unchanged
     adapter: Path | None = None  # a fine-tuning package to merge (see feedserve.artifacts.ADAPTER_META)
     dim: int | None = None  # Matryoshka dimension to serve, over the settings above
-    pooling: str | None = None  # must agree with an adapter's: a model is trained for one pooling
+    pooling: Pooling | None = None  # must agree with an adapter's: a model is trained for one pooling
 
 
 def resolve_adapter(source: Path | None, adapter: Path | None, untuned: bool = False) -> Path | None:
@@ -59,8 +59,9 @@ def resolve_settings(opts: BuildOptions, layout: ArtifactLayout) -> EncoderSetti
         settings = EncoderSettings.load(layout.settings) if layout.settings.exists() else EncoderSettings()
     if opts.pooling and opts.adapter is not None and opts.pooling != settings.pooling:
         raise ValueError(f"{opts.adapter} was trained with {settings.pooling} pooling; it cannot serve {opts.pooling}")
-    return replace(settings, dim=opts.dim if opts.dim is not None else settings.dim,
-                   pooling=opts.pooling or settings.pooling)  # type: ignore[arg-type]
+    return replace(
+        settings, dim=opts.dim if opts.dim is not None else settings.dim, pooling=opts.pooling or settings.pooling
+    )
 
 
 def _import_record(layout: ArtifactLayout) -> dict[str, object] | None:

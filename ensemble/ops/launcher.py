@@ -23,11 +23,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 from feedserve.artifacts import ARTIFACTS_ENV, REPO_ROOT, ArtifactLayout, default_artifacts_dir
 from feedserve.errors import ServerError
 from feedserve.ops.manifest import MANIFEST, ManifestError
-from feedserve.ops.watchdog import ADMIN_APIS, ADMIN_HEADER, ADMIN_KEY_ENV, StubWatchdog, deployment_fingerprint, server_ready
+from feedserve.ops.watchdog import (
+    ADMIN_APIS,
+    ADMIN_HEADER,
+    ADMIN_KEY_ENV,
+    StubWatchdog,
+    deployment_fingerprint,
+    server_ready,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +102,8 @@ class ServerOptions:
     watch_stubs: bool = True  # reload a python model whose stub process died (feedserve.ops.watchdog)
     # Triton's admin APIs (repository index and control, shared-memory registration, trace and log
     # settings) answer only requests that carry this key in the ADMIN_HEADER header (over gRPC, the
-    # metadata key GRPC_ADMIN_HEADER); unset, a random key nobody knows turns them off. Health, metadata, statistics and inference
-    # stay open (perf_analyzer reads model config and statistics).
+    # metadata key GRPC_ADMIN_HEADER); unset, a random key nobody knows turns them off. Health,
+    # metadata, statistics and inference stay open (perf_analyzer reads model config and statistics).
     admin_key: str = field(default_factory=lambda: os.environ.get(ADMIN_KEY_ENV) or secrets.token_hex(16))
     extra_args: tuple[str, ...] = ()
 
@@ -107,7 +115,7 @@ class TritonServer:
         self.options = options
         self.process: subprocess.Popen[bytes] | None = None
         self.watchdog: StubWatchdog | None = None
-        self._log_handle: object | None = None
+        self._log_handle: IO[bytes] | None = None
 
     @property
     def http_url(self) -> str:
@@ -149,9 +157,7 @@ class TritonServer:
         env = dict(os.environ)
         venv_bin = str(Path(sys.executable).parent)
         env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            p for p in (str(_library_dir()), env.get("LD_LIBRARY_PATH", "")) if p
-        )
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(_library_dir()), env.get("LD_LIBRARY_PATH", "")) if p)
         env[ARTIFACTS_ENV] = str(self.options.artifacts)
         return env
 
@@ -170,9 +176,7 @@ class TritonServer:
             raise ServerError(f"refusing to serve {layout.root}: {err}") from err
         logger.info("%d artifact files match %s", checked, MANIFEST)
         if not (self.options.repository / "knn" / "config.pbtxt").exists():
-            raise ServerError(
-                f"{self.options.repository} is not a rendered model repository: `feedserve render`"
-            )
+            raise ServerError(f"{self.options.repository} is not a rendered model repository: `feedserve render`")
 
     def start(self) -> TritonServer:
         o = self.options
@@ -183,13 +187,16 @@ class TritonServer:
         backend_dir = prepare_backend_dir(BACKEND_CACHE)
         cmd = self.command(backend_dir)
         logger.info("starting %s", " ".join(cmd).replace(o.admin_key, "<admin key>"))
-        stdout: int | object = subprocess.DEVNULL
+        stdout: int | IO[bytes] = subprocess.DEVNULL
         if o.log_file is not None:
             o.log_file.parent.mkdir(parents=True, exist_ok=True)
             self._log_handle = open(o.log_file, "ab")  # noqa: SIM115 (closed in stop)
             stdout = self._log_handle
         self.process = subprocess.Popen(
-            cmd, env=self.environment(), stdout=stdout, stderr=subprocess.STDOUT,
+            cmd,
+            env=self.environment(),
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         try:
@@ -198,8 +205,9 @@ class TritonServer:
             self.stop()
             raise
         if o.watch_stubs:
-            self.watchdog = StubWatchdog(self.process.pid, self.http_url, o.admin_key,
-                                         lambda: deployment_fingerprint(o.artifacts, o.repository))
+            self.watchdog = StubWatchdog(
+                self.process.pid, self.http_url, o.admin_key, lambda: deployment_fingerprint(o.artifacts, o.repository)
+            )
             self.watchdog.start()
         logger.info("tritonserver ready: http %s, grpc %s", self.http_url, self.grpc_url)
         return self
@@ -232,7 +240,7 @@ class TritonServer:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         if self._log_handle is not None:
-            self._log_handle.close()  # type: ignore[attr-defined]
+            self._log_handle.close()
             self._log_handle = None
 
     def __enter__(self) -> TritonServer:

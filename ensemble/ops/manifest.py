@@ -48,10 +48,14 @@ def read_manifest(root: Path) -> dict[str, dict[str, object]]:
         raise ManifestError(f"{path} is missing: build the artifacts with `feedserve build`, which writes it") from err
     except (OSError, ValueError) as err:
         raise ManifestError(f"cannot read {path}: {err}") from err
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("files"), dict) \
-            or not all(isinstance(entry, dict) for entry in data["files"].values()):
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != FORMAT
+        or not isinstance(data.get("files"), dict)
+        or not all(isinstance(entry, dict) for entry in data["files"].values())
+    ):
         raise ManifestError(f"{path} is not a feedserve manifest ({FORMAT})")
-    return data["files"]  # type: ignore[no-any-return]
+    return data["files"]
 
 
 def write_manifest(root: Path, paths: Iterable[Path]) -> Path:
@@ -81,11 +85,15 @@ def verify(root: Path, paths: Iterable[Path] | None = None) -> int:
         except OSError as err:  # unreadable (permissions, I/O error): as refused as a damaged file
             raise ManifestError(f"{path}: cannot be read ({err})") from err
         if got["size"] != want.get("size"):
-            raise ManifestError(f"{path}: {got['size']} bytes, the manifest says {want.get('size')} "
-                                "(truncated or replaced); rebuild with `feedserve build --force`")
+            raise ManifestError(
+                f"{path}: {got['size']} bytes, the manifest says {want.get('size')} "
+                "(truncated or replaced); rebuild with `feedserve build --force`"
+            )
         if got["sha256"] != want.get("sha256"):
-            raise ManifestError(f"{path}: checksum differs from {root / MANIFEST} (corrupted or replaced); "
-                                "rebuild with `feedserve build --force`")
+            raise ManifestError(
+                f"{path}: checksum differs from {root / MANIFEST} (corrupted or replaced); "
+                "rebuild with `feedserve build --force`"
+            )
     return len(todo)
 
 

@@ -83,15 +83,28 @@ class StubWatchdog(threading.Thread):
     launcher then stops the server, so that its supervisor restarts it and the start-time checks
     name the fault, instead of serving a model that can only fail."""
 
-    def __init__(self, server_pid: int, http_url: str, admin_key: str,
-                 fingerprint: Callable[[], str] | None = None, interval_s: float = 1.0,
-                 retry_s: float = 10.0, max_retry_s: float = 300.0, give_up_after: int = 3) -> None:
+    def __init__(
+        self,
+        server_pid: int,
+        http_url: str,
+        admin_key: str,
+        fingerprint: Callable[[], str] | None = None,
+        interval_s: float = 1.0,
+        retry_s: float = 10.0,
+        max_retry_s: float = 300.0,
+        give_up_after: int = 3,
+    ) -> None:
         super().__init__(name="feedserve-stub-watchdog", daemon=True)
         self.server_pid, self.http_url = server_pid, http_url
         self.admin_key = admin_key
         self.fingerprint = fingerprint
         self.started_with = fingerprint() if fingerprint else None
-        self.interval_s, self.retry_s, self.max_retry_s, self.give_up_after = interval_s, retry_s, max_retry_s, give_up_after
+        self.interval_s, self.retry_s, self.max_retry_s, self.give_up_after = (
+            interval_s,
+            retry_s,
+            max_retry_s,
+            give_up_after,
+        )
         self.expected = stub_models(server_pid)  # taken once the server is ready: every instance is up
         self.reloads: Counter[str] = Counter()
         self.failures: Counter[str] = Counter()  # in a row
@@ -111,15 +124,21 @@ class StubWatchdog(threading.Thread):
         if not _running(self.server_pid):
             return []  # the server itself is gone: its launcher sees that, there is nothing to reload into
         live = stub_models(self.server_pid)
-        missing = [m for m, n in self.expected.items() if live[m] < n and time.monotonic() >= self._next_try.get(m, 0.0)]
+        missing = [
+            m for m, n in self.expected.items() if live[m] < n and time.monotonic() >= self._next_try.get(m, 0.0)
+        ]
         if not missing or not server_ready(self.http_url):
             return []  # not ready: starting a shutdown (stubs exit with it), nothing to repair
         reloaded = []
         for model in missing:
             if self._stopping.is_set():
                 break
-            logger.warning("%s: %d of its %d stub processes died; reloading it", model, self.expected[model] - live[model],
-                           self.expected[model])
+            logger.warning(
+                "%s: %d of its %d stub processes died; reloading it",
+                model,
+                self.expected[model] - live[model],
+                self.expected[model],
+            )
             if self._reload(model):
                 self.reloads[model] += 1
                 self.failures[model] = 0
@@ -138,14 +157,21 @@ class StubWatchdog(threading.Thread):
 
     def _reload(self, model: str) -> bool:
         if self.fingerprint is not None and self.fingerprint() != self.started_with:
-            logger.error("%s: the artifacts or the rendered repository changed since the server started; a reload "
-                         "would mix them with the running models, so it is not done (restart the server)", model)
+            logger.error(
+                "%s: the artifacts or the rendered repository changed since the server started; a reload "
+                "would mix them with the running models, so it is not done (restart the server)",
+                model,
+            )
             return False
         return self._post_load(model)
 
     def _post_load(self, model: str) -> bool:
-        req = urllib.request.Request(f"http://{self.http_url}/v2/repository/models/{model}/load", data=b"{}", method="POST",
-                                     headers={ADMIN_HEADER: self.admin_key, "Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://{self.http_url}/v2/repository/models/{model}/load",
+            data=b"{}",
+            method="POST",
+            headers={ADMIN_HEADER: self.admin_key, "Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=300) as resp:
                 return resp.status == 200
@@ -182,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--http-url", default="127.0.0.1:8000")
     p.add_argument("--ready-timeout-s", type=float, default=1800.0, help="a TensorRT plan may be built first")
     p.add_argument("--interval-s", type=float, default=1.0)
-    p.add_argument("--artifacts", type=Path, help="with --repository: reload only while these are what the server started with")
+    p.add_argument(
+        "--artifacts", type=Path, help="with --repository: reload only while these are what the server started with"
+    )
     p.add_argument("--repository", type=Path)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -196,7 +224,11 @@ def main(argv: list[str] | None = None) -> int:
             logger.error("tritonserver %d never became ready at %s; not watching it", args.server_pid, args.http_url)
             return 1
         time.sleep(1.0)
-    fingerprint = (lambda: deployment_fingerprint(args.artifacts, args.repository)) if args.artifacts and args.repository else None
+    fingerprint = (
+        (lambda: deployment_fingerprint(args.artifacts, args.repository))
+        if args.artifacts and args.repository
+        else None
+    )
     watchdog = StubWatchdog(args.server_pid, args.http_url, key, fingerprint, interval_s=args.interval_s)
     logger.info("watching the stubs of tritonserver %d: %s", args.server_pid, dict(watchdog.expected))
     watchdog.start()

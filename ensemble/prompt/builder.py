@@ -77,14 +77,23 @@ class PromptBuilder:
         author = ""
         if post.author is not None:
             a = post.author
-            inner = _tag("name", a.name) + _tag("headline", a.headline) + _tag("company", a.company) + _tag("industry", a.industry)
+            inner = (
+                _tag("name", a.name)
+                + _tag("headline", a.headline)
+                + _tag("company", a.company)
+                + _tag("industry", a.industry)
+            )
             author = f"<author>{inner}</author>" if inner else ""
         article = ""
         if post.article is not None:
             article = _tag("title", post.article.title) + _tag("source", post.article.source)
         return (
-            _tag("format", post.format) + author + article + _tag("year", post.year)
-            + _tag("tags", ", ".join(post.tags)) + self._counts(post)
+            _tag("format", post.format)
+            + author
+            + article
+            + _tag("year", post.year)
+            + _tag("tags", ", ".join(post.tags))
+            + self._counts(post)
             + _tag("text", self.cut(post.text, text_tokens))
         )
 
@@ -98,15 +107,21 @@ class PromptBuilder:
         title = p.article.title if p.article is not None else ""
         author = p.author.name if p.author is not None else ""
         body = (
-            _tag("title", title) + _tag("author", author) + _tag("year", p.year) + _tag("tags", ", ".join(p.tags[:8]))
+            _tag("title", title)
+            + _tag("author", author)
+            + _tag("year", p.year)
+            + _tag("tags", ", ".join(p.tags[:8]))
             + _tag("text", self.cut(p.text, self.settings.history_item_tokens))
         )
         return f"<item>{_tag('action', item.action)}{body}</item>"
 
     def _member_header(self, member: Member) -> str:
         positions = "".join(
-            "<position>" + _tag("title", p.title) + _tag("company", p.company)
-            + _tag("years", "-".join(str(y) for y in (p.start_year, p.end_year) if y is not None)) + "</position>"
+            "<position>"
+            + _tag("title", p.title)
+            + _tag("company", p.company)
+            + _tag("years", "-".join(str(y) for y in (p.start_year, p.end_year) if y is not None))
+            + "</position>"
             for p in member.positions
         )
         education = "".join(
@@ -114,7 +129,8 @@ class PromptBuilder:
             for e in member.education
         )
         return (
-            _tag("headline", member.headline) + _tag("industry", member.industry)
+            _tag("headline", member.headline)
+            + _tag("industry", member.industry)
             + _tag("summary", self.cut(member.summary, self.settings.post_text_tokens))
             + _tag("skills", ", ".join(member.skills))
             + (f"<positions>{positions}</positions>" if positions else "")

@@ -48,7 +48,9 @@ class MovieLens:
         members = []
         for user in sorted(liked):
             history = [
-                Engagement(post_id=r.movie, engaged_at=r.timestamp, action=f"rated {r.rating:g}", post=self.movies[r.movie])
+                Engagement(
+                    post_id=r.movie, engaged_at=r.timestamp, action=f"rated {r.rating:g}", post=self.movies[r.movie]
+                )
                 for r in sorted(liked[user], key=lambda r: (r.timestamp, r.movie))
             ]
             members.append(Member(id=user, headline=f"MovieLens user {user}", history=history))
@@ -71,7 +73,7 @@ def load_movielens(directory: Path) -> MovieLens:
         for row in csv.DictReader(f):
             tags[int(row["movieId"])][row["tag"].strip().lower()] += 1
     n_ratings: Counter[int] = Counter()
-    total: Counter[int] = Counter()
+    total: dict[int, float] = defaultdict(float)
     for r in ratings:
         n_ratings[r.movie] += 1
         total[r.movie] += r.rating
@@ -87,7 +89,10 @@ def load_movielens(directory: Path) -> MovieLens:
             if n_ratings[movie]:
                 counts["mean_rating"] = round(total[movie] / n_ratings[movie], 3)
             movies[movie] = Post(
-                id=movie, format="movie", article=Article(title=title, source="MovieLens"), year=year,
+                id=movie,
+                format="movie",
+                article=Article(title=title, source="MovieLens"),
+                year=year,
                 tags=genres + user_tags[: MAX_TAGS - len(genres)] if len(genres) < MAX_TAGS else genres[:MAX_TAGS],
                 counts=counts,
             )

@@ -23,8 +23,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
-from feedserve.errors import RecordError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from feedserve.errors import RecordError
 
 # Limits: a record is one feed item or one profile, never a document dump.
 MAX_RECORD_BYTES = 1024 * 1024
@@ -152,15 +153,16 @@ def _parse(model: type[_Record], kind: str, raw: bytes | str | dict[str, Any]) -
 
 
 def parse_post(raw: bytes | str | dict[str, Any]) -> Post:
-    return _parse(Post, "post", raw)  # type: ignore[no-any-return]
+    return _parse(Post, "post", raw)
 
 
 def parse_member(raw: bytes | str | dict[str, Any]) -> Member:
-    return _parse(Member, "member", raw)  # type: ignore[no-any-return]
+    return _parse(Member, "member", raw)
 
 
 def json_schema(kind: str) -> dict[str, Any]:
-    return {"post": Post, "member": Member}[kind].model_json_schema()
+    models: dict[str, type[BaseModel]] = {"post": Post, "member": Member}
+    return models[kind].model_json_schema()
 
 
 def read_posts_jsonl(path: Path) -> list[Post]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 try:
-    import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]
+    import triton_python_backend_utils as pb_utils
 except ImportError:  # not running inside tritonserver
     pb_utils: Any = None  # type: ignore[no-redef]
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from feedserve.artifacts import ArtifactLayout, EncoderSettings
-from feedserve.prompt.builder import pad_length
 from feedserve.encode.base import Encoder
 from feedserve.encode.ort import OnnxEncoder
+from feedserve.prompt.builder import pad_length
 from feedserve.schema import ATTENTION_MASK, EMBEDDING, INPUT_IDS, ModelName
 from feedserve.triton.base import Arrays, BatchModel, RequestError, check_2d, require
 
@@ -47,8 +47,9 @@ RUN_COST_TOKENS = 32.0
 ATTENTION_WIDTH = 512.0
 
 
-def group_rows(lengths: Sequence[int], max_rows: int, grouping: str = "cost",
-               buckets: Sequence[int] = ()) -> list[tuple[list[int], int]]:
+def group_rows(
+    lengths: Sequence[int], max_rows: int, grouping: str = "cost", buckets: Sequence[int] = ()
+) -> list[tuple[list[int], int]]:
     """Row indices in runs of at most `max_rows`, each with the width its rows are padded to."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     if grouping == "longest":
@@ -58,7 +59,9 @@ def group_rows(lengths: Sequence[int], max_rows: int, grouping: str = "cost",
         by_bucket: dict[int, list[int]] = {}
         for i in order:
             by_bucket.setdefault(pad_length(lengths[i], buckets), []).append(i)
-        return [(rows[s : s + max_rows], width) for width, rows in by_bucket.items() for s in range(0, len(rows), max_rows)]
+        return [
+            (rows[s : s + max_rows], width) for width, rows in by_bucket.items() for s in range(0, len(rows), max_rows)
+        ]
     # Optimal cuts of the sorted rows (dynamic programming, O(n * max_rows)): a run spans sorted rows
     # i..j-1 and is padded to its longest, the last one.
     sizes = [lengths[i] for i in order]
@@ -79,8 +82,9 @@ def group_rows(lengths: Sequence[int], max_rows: int, grouping: str = "cost",
     return runs[::-1]
 
 
-def padded_runs(rows: Sequence[np.ndarray], max_rows: int, grouping: str = "cost",
-                buckets: Sequence[int] = ()) -> list[tuple[list[int], np.ndarray, np.ndarray]]:
+def padded_runs(
+    rows: Sequence[np.ndarray], max_rows: int, grouping: str = "cost", buckets: Sequence[int] = ()
+) -> list[tuple[list[int], np.ndarray, np.ndarray]]:
     """Unpadded token rows as encoder runs: (row indices, input ids, attention mask), right-padded."""
     runs = []
     for group, width in group_rows([len(r) for r in rows], max_rows, grouping, buckets):
@@ -103,8 +107,12 @@ class EncoderModel(BatchModel[Tokens]):
         if self.grouping not in GROUPINGS:
             raise ValueError(f"encoder: unknown grouping {self.grouping!r} ({', '.join(GROUPINGS)})")
         self.encoder = self._runtime(layout, params)
-        logger.info("encoder: %s runtime, %s grouping, up to %d rows per run", params.get("runtime", "onnxruntime"),
-                    self.grouping, self.max_rows)
+        logger.info(
+            "encoder: %s runtime, %s grouping, up to %d rows per run",
+            params.get("runtime", "onnxruntime"),
+            self.grouping,
+            self.max_rows,
+        )
         # Prompt tokens -> embedding, least recently used out first. A member retrieved again with an
         # unchanged profile and history has the same tokens and is not re-encoded; any change to
         # them (a new engaged post, a new headline) changes the tokens and misses.
@@ -139,8 +147,10 @@ class EncoderModel(BatchModel[Tokens]):
         if layout.onnx_int8.exists():
             return layout.onnx_int8
         if precision == "int8":
-            raise ValueError(f"encoder: no int8 graph at {layout.onnx_int8}: `feedserve build` writes it when it passes "
-                             "its parity check; render with --precision fp32 or auto")
+            raise ValueError(
+                f"encoder: no int8 graph at {layout.onnx_int8}: `feedserve build` writes it when it passes "
+                "its parity check; render with --precision fp32 or auto"
+            )
         logger.info("encoder: no int8 graph was built for this model; serving fp32")
         return layout.onnx
 
@@ -171,7 +181,9 @@ class EncoderModel(BatchModel[Tokens]):
         rows = [r for it in items for r in it.rows]
         embeddings: list[np.ndarray | None] = [self._cached(r) for r in rows]
         todo = [i for i, e in enumerate(embeddings) if e is None]
-        for group, ids, mask in padded_runs([rows[i] for i in todo], self.max_rows, self.grouping, self.settings.length_buckets):
+        for group, ids, mask in padded_runs(
+            [rows[i] for i in todo], self.max_rows, self.grouping, self.settings.length_buckets
+        ):
             for g, vec in zip(group, self.encoder.encode(ids, mask), strict=True):
                 embeddings[todo[g]] = vec
                 self._remember(rows[todo[g]], vec)

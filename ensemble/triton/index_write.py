@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from feedserve.artifacts import ArtifactLayout
-from feedserve.index.wal import LogError
 from feedserve.errors import IndexStoreError
 from feedserve.index.live import IndexWriter
+from feedserve.index.wal import LogError
 from feedserve.schema import LSN, OP, OP_DELETE, OP_UPSERT, POST_ID, WRITE_EMBEDDING, ModelName
 from feedserve.triton.base import Arrays, BatchModel, RequestError, Unavailable, check_2d, require
 
@@ -50,10 +50,15 @@ class IndexWriteModel(BatchModel[Write]):
         ops = check_2d(OP.name, require(inputs, OP.name), np.int32)
         ids = check_2d(POST_ID.name, require(inputs, POST_ID.name), np.int64)
         if ops.shape[1] != 1 or ids.shape != ops.shape:
-            raise RequestError(f"{OP.name} and {POST_ID.name} must both be [n, 1], got {list(ops.shape)} and {list(ids.shape)}")
+            raise RequestError(
+                f"{OP.name} and {POST_ID.name} must both be [n, 1], got {list(ops.shape)} and {list(ids.shape)}"
+            )
         ops, ids = ops[:, 0], ids[:, 0]
         if not np.isin(ops, (OP_UPSERT, OP_DELETE)).all():
-            raise RequestError(f"{OP.name}: each row must be {OP_UPSERT} (upsert) or {OP_DELETE} (delete), got {sorted(set(ops.tolist()))}")
+            raise RequestError(
+                f"{OP.name}: each row must be {OP_UPSERT} (upsert) or {OP_DELETE} (delete), "
+                f"got {sorted(set(ops.tolist()))}"
+            )
         if len(np.unique(ids)) != len(ids):
             raise RequestError(f"{POST_ID.name}: a post appears twice in one request")
         if (ids < 0).any():  # as in records (feedserve.prompt.records.PostId); -1 also pads search results
@@ -80,7 +85,9 @@ class IndexWriteModel(BatchModel[Write]):
         outputs: list[Arrays | RequestError] = []
         for write in items:
             try:
-                lsn = self.live.write(write.ops, write.ids, None if write.vectors is None else write.vectors[write.ops == OP_UPSERT])
+                lsn = self.live.write(
+                    write.ops, write.ids, None if write.vectors is None else write.vectors[write.ops == OP_UPSERT]
+                )
                 outputs.append({LSN.name: np.full((len(write.ids), 1), lsn, np.int64)})
                 self._since_snapshot += 1
             except LogError as err:  # not acknowledged; the next batch reopens the log if it must

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from feedserve.artifacts import ArtifactLayout
-from feedserve.index.engines import Engine
 from feedserve.files import FileIdentity, file_identity
-from feedserve.index.store import PostIndex
+from feedserve.index.engines import Engine
 from feedserve.index.live import IndexFollower
-from feedserve.schema import EXCLUDE_IDS, IDS, K, QUERY, SCORES, ModelName
+from feedserve.index.store import PostIndex, SearchResult
+from feedserve.schema import EXCLUDE_IDS, IDS, QUERY, SCORES, K, ModelName
 from feedserve.triton.base import Arrays, BatchModel, RequestError, check_2d, require
 
 logger = logging.getLogger(__name__)
@@ -42,8 +42,11 @@ class KnnModel(BatchModel[KnnRequest]):
     def setup(self, layout: ArtifactLayout, params: dict[str, str]) -> None:
         self.max_k = int(params.get("max_k", DEFAULT_MAX_K))
         self.engine = Engine(params.get("engine", "faiss"), params.get("device", "cuda"), params.get("dtype", "fp16"))
-        logger.info("knn: %s engine%s", self.engine.kind,
-                    "" if self.engine.kind == "faiss" else f" on {self.engine.device}, {self.engine.dtype} storage")
+        logger.info(
+            "knn: %s engine%s",
+            self.engine.kind,
+            "" if self.engine.kind == "faiss" else f" on {self.engine.device}, {self.engine.dtype} storage",
+        )
         self.files = layout.index_dir
         self.live: IndexFollower | None = None
         self._unreadable: FileIdentity | None = None
@@ -102,10 +105,9 @@ class KnnModel(BatchModel[KnnRequest]):
         queries = np.concatenate([it.queries for it in items])
         ks = [k for it in items for k in it.ks]
         exclude = [e for it in items for e in it.exclude]
-        if self.index is None:
-            found = [None] * len(ks)
-        else:
-            found = self.index.search(queries, ks, exclude)
+        found: Sequence[SearchResult | None] = (
+            [None] * len(ks) if self.index is None else self.index.search(queries, ks, exclude)
+        )
         outputs: list[Arrays | RequestError] = []
         row = 0
         for it in items:

@@ -64,6 +64,7 @@ class PreprocessModel(BatchModel[Records]):
             if item.members is not None:
                 batch = self.builder.encode_members(item.members)
                 out = {INPUT_IDS.name: batch.input_ids, ATTENTION_MASK.name: batch.attention_mask}
+                assert batch.exclude_ids is not None  # members always carry their exclusions
                 out[EXCLUDE_IDS.name] = batch.exclude_ids
             else:
                 assert item.posts is not None

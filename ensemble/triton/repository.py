@@ -14,8 +14,8 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from feedserve.schema import IO, ModelName, RecordKind, TensorSpec
 from feedserve.ops.launcher import DEFAULT_REPOSITORY
+from feedserve.schema import IO, ModelName, RecordKind, TensorSpec
 from feedserve.triton.encoder import GROUPINGS, PRECISIONS
 
 logger = logging.getLogger(__name__)
@@ -102,8 +102,14 @@ def _dynamic_batching(config: mc.ModelConfig, delay_us: int | None, preferred: t
 
 
 def _python_model(
-    name: ModelName, module: str, settings: RepositorySettings, instances: int, delay_us: int | None,
-    params: dict[str, str] | None = None, gpu: bool = False, preferred: tuple[int, ...] = (),
+    name: ModelName,
+    module: str,
+    settings: RepositorySettings,
+    instances: int,
+    delay_us: int | None,
+    params: dict[str, str] | None = None,
+    gpu: bool = False,
+    preferred: tuple[int, ...] = (),
 ) -> mc.ModelConfig:
     config = mc.ModelConfig(name=str(name), backend="python", max_batch_size=settings.max_batch_size)
     _io(config, name)
@@ -115,7 +121,9 @@ def _python_model(
     return config
 
 
-def _ensemble(name: ModelName, settings: RepositorySettings, steps: list[tuple[ModelName, dict[str, str], dict[str, str]]]) -> mc.ModelConfig:
+def _ensemble(
+    name: ModelName, settings: RepositorySettings, steps: list[tuple[ModelName, dict[str, str], dict[str, str]]]
+) -> mc.ModelConfig:
     """steps: (model, {model input: ensemble tensor}, {model output: ensemble tensor})."""
     config = mc.ModelConfig(name=str(name), platform="ensemble", max_batch_size=settings.max_batch_size)
     _io(config, name)
@@ -129,7 +137,9 @@ def _ensemble(name: ModelName, settings: RepositorySettings, steps: list[tuple[M
 def _tensorrt_encoder(settings: RepositorySettings) -> mc.ModelConfig:
     """The plan's inputs and outputs are the schema's (the exporter names them so) and Triton reads
     them, with their shapes, from the engine; listing them here could only disagree with it."""
-    config = mc.ModelConfig(name=str(ModelName.ENCODER), platform="tensorrt_plan", max_batch_size=settings.max_batch_size)
+    config = mc.ModelConfig(
+        name=str(ModelName.ENCODER), platform="tensorrt_plan", max_batch_size=settings.max_batch_size
+    )
     config.instance_group.append(mc.ModelInstanceGroup(kind=_kind(True), count=settings.encoder_instances))
     _dynamic_batching(config, settings.encoder_queue_delay_us, settings.encoder_preferred_batch)
     return config
@@ -138,16 +148,27 @@ def _tensorrt_encoder(settings: RepositorySettings) -> mc.ModelConfig:
 def _encoder(settings: RepositorySettings) -> mc.ModelConfig:
     if settings.variant == "gpu-trt":
         return _tensorrt_encoder(settings)
-    params = {"runtime": "torch", "max_rows_per_run": "256"} if settings.gpu else {"runtime": "onnxruntime", "max_rows_per_run": "32"}
+    params = (
+        {"runtime": "torch", "max_rows_per_run": "256"}
+        if settings.gpu
+        else {"runtime": "onnxruntime", "max_rows_per_run": "32"}
+    )
     params["cache_rows"] = str(settings.encoder_cache_rows)
     params["grouping"] = settings.encoder_grouping
     if settings.encoder_threads:
         params["intra_op_threads"] = str(settings.encoder_threads)
     if not settings.gpu:
         params["precision"] = settings.encoder_precision
-    return _python_model(ModelName.ENCODER, "feedserve.triton.encoder", settings, settings.encoder_instances,
-                         settings.encoder_queue_delay_us, params, gpu=settings.gpu,
-                         preferred=settings.encoder_preferred_batch)
+    return _python_model(
+        ModelName.ENCODER,
+        "feedserve.triton.encoder",
+        settings,
+        settings.encoder_instances,
+        settings.encoder_queue_delay_us,
+        params,
+        gpu=settings.gpu,
+        preferred=settings.encoder_preferred_batch,
+    )
 
 
 def render_configs(settings: RepositorySettings = RepositorySettings()) -> dict[ModelName, mc.ModelConfig]:
@@ -155,42 +176,82 @@ def render_configs(settings: RepositorySettings = RepositorySettings()) -> dict[
     # Ensemble-internal tensor names: the same map reads a step's outputs and the next step's inputs.
     tokens = tokens_in = {"INPUT_IDS": "input_ids", "ATTENTION_MASK": "attention_mask"}
     embed = (m.ENCODER, tokens_in, {"EMBEDDING": "EMBEDDING"})
-    return _with_writer({
-        m.PREPROCESS_POST: _python_model(
-            m.PREPROCESS_POST, "feedserve.triton.preprocess", settings, settings.preprocess_instances, None,
-            {"record_kind": RecordKind.POST.value},
-        ),
-        m.PREPROCESS_MEMBER: _python_model(
-            m.PREPROCESS_MEMBER, "feedserve.triton.preprocess", settings, settings.preprocess_instances, None,
-            {"record_kind": RecordKind.MEMBER.value},
-        ),
-        m.ENCODER: _encoder(settings),
-        m.KNN: _python_model(
-            m.KNN, "feedserve.triton.knn", settings, settings.knn_instances, settings.knn_queue_delay_us,
-            {"max_k": str(settings.max_k), **({"engine": "torch", "dtype": settings.knn_dtype} if settings.gpu else {})},
-            gpu=settings.gpu,
-        ),
-        m.EMBED_POST: _ensemble(m.EMBED_POST, settings, [
-            (m.PREPROCESS_POST, {"RECORDS": "RECORDS"}, tokens),
-            embed,
-        ]),
-        m.EMBED_MEMBER: _ensemble(m.EMBED_MEMBER, settings, [
-            (m.PREPROCESS_MEMBER, {"RECORDS": "RECORDS"}, tokens),
-            embed,
-        ]),
-        m.RETRIEVE: _ensemble(m.RETRIEVE, settings, [
-            (m.PREPROCESS_MEMBER, {"RECORDS": "RECORDS"}, {**tokens, "EXCLUDE_IDS": "exclude_ids"}),
-            (m.ENCODER, tokens_in, {"EMBEDDING": "query"}),
-            (m.KNN, {"QUERY": "query", "K": "K", "EXCLUDE_IDS": "exclude_ids"}, {"IDS": "IDS", "SCORES": "SCORES"}),
-        ]),
-    }, settings)
+    return _with_writer(
+        {
+            m.PREPROCESS_POST: _python_model(
+                m.PREPROCESS_POST,
+                "feedserve.triton.preprocess",
+                settings,
+                settings.preprocess_instances,
+                None,
+                {"record_kind": RecordKind.POST.value},
+            ),
+            m.PREPROCESS_MEMBER: _python_model(
+                m.PREPROCESS_MEMBER,
+                "feedserve.triton.preprocess",
+                settings,
+                settings.preprocess_instances,
+                None,
+                {"record_kind": RecordKind.MEMBER.value},
+            ),
+            m.ENCODER: _encoder(settings),
+            m.KNN: _python_model(
+                m.KNN,
+                "feedserve.triton.knn",
+                settings,
+                settings.knn_instances,
+                settings.knn_queue_delay_us,
+                {
+                    "max_k": str(settings.max_k),
+                    **({"engine": "torch", "dtype": settings.knn_dtype} if settings.gpu else {}),
+                },
+                gpu=settings.gpu,
+            ),
+            m.EMBED_POST: _ensemble(
+                m.EMBED_POST,
+                settings,
+                [
+                    (m.PREPROCESS_POST, {"RECORDS": "RECORDS"}, tokens),
+                    embed,
+                ],
+            ),
+            m.EMBED_MEMBER: _ensemble(
+                m.EMBED_MEMBER,
+                settings,
+                [
+                    (m.PREPROCESS_MEMBER, {"RECORDS": "RECORDS"}, tokens),
+                    embed,
+                ],
+            ),
+            m.RETRIEVE: _ensemble(
+                m.RETRIEVE,
+                settings,
+                [
+                    (m.PREPROCESS_MEMBER, {"RECORDS": "RECORDS"}, {**tokens, "EXCLUDE_IDS": "exclude_ids"}),
+                    (m.ENCODER, tokens_in, {"EMBEDDING": "query"}),
+                    (
+                        m.KNN,
+                        {"QUERY": "query", "K": "K", "EXCLUDE_IDS": "exclude_ids"},
+                        {"IDS": "IDS", "SCORES": "SCORES"},
+                    ),
+                ],
+            ),
+        },
+        settings,
+    )
 
 
-def _with_writer(configs: dict[ModelName, mc.ModelConfig], settings: RepositorySettings) -> dict[ModelName, mc.ModelConfig]:
+def _with_writer(
+    configs: dict[ModelName, mc.ModelConfig], settings: RepositorySettings
+) -> dict[ModelName, mc.ModelConfig]:
     if settings.index_writer:
         # The live index's single writer: one instance on purpose (see feedserve.index.live).
         configs[ModelName.INDEX_WRITE] = _python_model(
-            ModelName.INDEX_WRITE, "feedserve.triton.index_write", settings, 1, settings.knn_queue_delay_us,
+            ModelName.INDEX_WRITE,
+            "feedserve.triton.index_write",
+            settings,
+            1,
+            settings.knn_queue_delay_us,
             {"snapshot_every": str(settings.snapshot_every)},
         )
     return configs
@@ -214,7 +275,9 @@ def config_files(configs: dict[ModelName, mc.ModelConfig]) -> dict[str, str]:
     return files
 
 
-def write_repository(dest: Path = DEFAULT_REPOSITORY, settings: RepositorySettings = RepositorySettings()) -> list[Path]:
+def write_repository(
+    dest: Path = DEFAULT_REPOSITORY, settings: RepositorySettings = RepositorySettings()
+) -> list[Path]:
     return write_files(dest, render_files(settings))
 
 
@@ -233,20 +296,34 @@ def write_files(dest: Path, files: dict[str, str]) -> list[Path]:
 
 def drift(dest: Path = DEFAULT_REPOSITORY, settings: RepositorySettings = RepositorySettings()) -> list[str]:
     """Files whose committed text differs from what the code renders."""
-    return [rel for rel, text in render_files(settings).items()
-            if not (dest / rel).exists() or (dest / rel).read_text() != text]
+    return [
+        rel
+        for rel, text in render_files(settings).items()
+        if not (dest / rel).exists() or (dest / rel).read_text() != text
+    ]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`feedserve render`'s options (also `python -m feedserve.triton.repository`)."""
     parser.add_argument("--out", type=Path, default=DEFAULT_REPOSITORY)
     parser.add_argument("--check", action="store_true", help="exit 1 if the files drift instead of writing")
-    parser.add_argument("--variant", choices=VARIANTS, default="cpu",
-                        help="cpu (ONNX Runtime, faiss), gpu-torch (PyTorch encoder and kNN on GPU), gpu-trt (TensorRT plan)")
-    parser.add_argument("--no-writer", action="store_true",
-                        help="leave out index_write: another server sharing the index directory writes, this one follows")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="the CPU encoder's graph (auto: int8 where `feedserve build` wrote one, else fp32)")
+    parser.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default="cpu",
+        help="cpu (ONNX Runtime, faiss), gpu-torch (PyTorch encoder and kNN on GPU), gpu-trt (TensorRT plan)",
+    )
+    parser.add_argument(
+        "--no-writer",
+        action="store_true",
+        help="leave out index_write: another server sharing the index directory writes, this one follows",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="the CPU encoder's graph (auto: int8 where `feedserve build` wrote one, else fp32)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def render(args: argparse.Namespace) -> int:
-    settings = RepositorySettings(variant=args.variant, index_writer=not args.no_writer, encoder_precision=args.precision)
+    settings = RepositorySettings(
+        variant=args.variant, index_writer=not args.no_writer, encoder_precision=args.precision
+    )
     if args.check:
         stale = drift(args.out, settings)
         for rel in stale:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from feedserve.errors import ClientError
 from feedserve.clients.online import FeedClient, records_tensor
+from feedserve.errors import ClientError
 from feedserve.prompt.records import MAX_HISTORY, MAX_RECORD_BYTES, MAX_TEXT_CHARS
 from feedserve.schema import IO, ModelName
 
@@ -62,7 +62,11 @@ GOOD: dict[ModelName, dict[str, np.ndarray]] = {
     M.EMBED_POST: _records(POST),
     M.EMBED_MEMBER: _records(MEMBER),
     M.RETRIEVE: {**_records(MEMBER), "K": _k(3)},
-    M.INDEX_WRITE: {"OP": np.array([[1]], np.int32), "POST_ID": np.array([[900]], np.int64), "EMBEDDING": _unit(seed=9)},
+    M.INDEX_WRITE: {
+        "OP": np.array([[1]], np.int32),
+        "POST_ID": np.array([[900]], np.int64),
+        "EMBEDDING": _unit(seed=9),
+    },
 }
 
 
@@ -77,44 +81,58 @@ class Case:
 def _post_cases(model: ModelName) -> list[Case]:
     big_text = json.dumps({"id": 1, "text": "a" * (MAX_TEXT_CHARS + 1)}).encode()
     huge = json.dumps({"id": 1, "text": "a" * MAX_RECORD_BYTES}).encode()
-    return [Case(f"{model}-{cid}", model, _records(raw), words) for cid, raw, words in [
-        ("not-json", b"{not json", "invalid JSON"),
-        ("empty", b"", "invalid JSON"),
-        ("array", b"[1, 2]", "expected a JSON object"),
-        ("nested", b"[" * 50000 + b"]" * 50000, "nested too deeply"),
-        ("missing-id", b'{"text": "no id"}', "post.id: Field required"),
-        ("unknown-field", b'{"id": 1, "text": "x", "bogus": 1}', "post.bogus"),
-        ("id-type", b'{"id": "one", "text": "x"}', "post.id"),
-        ("id-negative", b'{"id": -3, "text": "x"}', "post.id"),
-        ("count-nan", b'{"id": 1, "text": "x", "counts": {"likes": NaN}}', "post.counts"),
-        ("count-inf", b'{"id": 1, "text": "x", "counts": {"likes": 1e999}}', "post.counts"),
-        ("count-negative", b'{"id": 1, "text": "x", "counts": {"likes": -4}}', "post.counts"),
-        ("count-type", b'{"id": 1, "text": "x", "counts": {"likes": "many"}}', "post.counts.likes"),
-        ("text-too-long", big_text, "post.text"),
-        ("megabyte-record", huge, "exceeds the limit"),
-        ("invalid-utf8", b'{"id": 1, "text": "caf\xe9 \xff"}', "not valid UTF-8"),
-        ("lone-surrogate", b'{"id": 1, "text": "a\\ud800b"}', "post.text"),
-        ("tags-type", b'{"id": 1, "text": "x", "tags": "a,b"}', "post.tags"),
-        ("author-type", b'{"id": 1, "text": "x", "author": "bob"}', "post.author"),
-    ]]
+    return [
+        Case(f"{model}-{cid}", model, _records(raw), words)
+        for cid, raw, words in [
+            ("not-json", b"{not json", "invalid JSON"),
+            ("empty", b"", "invalid JSON"),
+            ("array", b"[1, 2]", "expected a JSON object"),
+            ("nested", b"[" * 50000 + b"]" * 50000, "nested too deeply"),
+            ("missing-id", b'{"text": "no id"}', "post.id: Field required"),
+            ("unknown-field", b'{"id": 1, "text": "x", "bogus": 1}', "post.bogus"),
+            ("id-type", b'{"id": "one", "text": "x"}', "post.id"),
+            ("id-negative", b'{"id": -3, "text": "x"}', "post.id"),
+            ("count-nan", b'{"id": 1, "text": "x", "counts": {"likes": NaN}}', "post.counts"),
+            ("count-inf", b'{"id": 1, "text": "x", "counts": {"likes": 1e999}}', "post.counts"),
+            ("count-negative", b'{"id": 1, "text": "x", "counts": {"likes": -4}}', "post.counts"),
+            ("count-type", b'{"id": 1, "text": "x", "counts": {"likes": "many"}}', "post.counts.likes"),
+            ("text-too-long", big_text, "post.text"),
+            ("megabyte-record", huge, "exceeds the limit"),
+            ("invalid-utf8", b'{"id": 1, "text": "caf\xe9 \xff"}', "not valid UTF-8"),
+            ("lone-surrogate", b'{"id": 1, "text": "a\\ud800b"}', "post.text"),
+            ("tags-type", b'{"id": 1, "text": "x", "tags": "a,b"}', "post.tags"),
+            ("author-type", b'{"id": 1, "text": "x", "author": "bob"}', "post.author"),
+        ]
+    ]
 
 
 def _member_cases(model: ModelName) -> list[Case]:
     extra = {"K": _k(3)} if model == M.RETRIEVE else {}
     long_history = json.dumps({"id": 1, "history": [{"post_id": i, "engaged_at": i} for i in range(MAX_HISTORY + 1)]})
-    return [Case(f"{model}-{cid}", model, {**_records(raw), **extra}, words) for cid, raw, words in [
-        ("skills-type", b'{"id": 1, "skills": "python"}', "member.skills"),
-        ("history-type", b'{"id": 1, "history": {"post_id": 1}}', "member.history"),
-        ("history-post-id", b'{"id": 5, "history": [{"engaged_at": 1}]}', "member.history[0].post_id"),
-        ("history-negative-id", b'{"id": 5, "history": [{"post_id": -2, "engaged_at": 1}]}', "member.history[0].post_id"),
-        ("history-too-long", long_history.encode(), "member.history"),
-        ("post-fields", b'{"id": 1, "text": "a post, not a member"}', "member.text"),
-    ]]
+    return [
+        Case(f"{model}-{cid}", model, {**_records(raw), **extra}, words)
+        for cid, raw, words in [
+            ("skills-type", b'{"id": 1, "skills": "python"}', "member.skills"),
+            ("history-type", b'{"id": 1, "history": {"post_id": 1}}', "member.history"),
+            ("history-post-id", b'{"id": 5, "history": [{"engaged_at": 1}]}', "member.history[0].post_id"),
+            (
+                "history-negative-id",
+                b'{"id": 5, "history": [{"post_id": -2, "engaged_at": 1}]}',
+                "member.history[0].post_id",
+            ),
+            ("history-too-long", long_history.encode(), "member.history"),
+            ("post-fields", b'{"id": 1, "text": "a post, not a member"}', "member.text"),
+        ]
+    ]
 
 
 CASES: list[Case] = [
     *_post_cases(M.EMBED_POST),
-    *[c for c in _post_cases(M.PREPROCESS_POST) if c.id.endswith(("not-json", "missing-id", "count-nan", "invalid-utf8"))],
+    *[
+        c
+        for c in _post_cases(M.PREPROCESS_POST)
+        if c.id.endswith(("not-json", "missing-id", "count-nan", "invalid-utf8"))
+    ],
     *_member_cases(M.EMBED_MEMBER),
     *[c for c in _member_cases(M.PREPROCESS_MEMBER) if c.id.endswith(("skills-type", "history-post-id"))],
     *_member_cases(M.RETRIEVE),
@@ -132,29 +150,84 @@ CASES: list[Case] = [
     Case("knn-query-nan", M.KNN, {"QUERY": np.full((1, DIM), np.nan, np.float32), "K": _k(1)}, "QUERY"),
     Case("knn-query-dtype", M.KNN, {"QUERY": np.zeros((1, DIM), np.float64), "K": _k(1)}, "FP64"),
     Case("knn-k-too-big", M.KNN, {"QUERY": _unit(), "K": _k(100000)}, "out of range"),
-    Case("knn-exclude-dtype", M.KNN, {"QUERY": _unit(), "K": _k(1), "EXCLUDE_IDS": np.array([[1]], np.int32)}, "EXCLUDE_IDS"),
+    Case(
+        "knn-exclude-dtype",
+        M.KNN,
+        {"QUERY": _unit(), "K": _k(1), "EXCLUDE_IDS": np.array([[1]], np.int32)},
+        "EXCLUDE_IDS",
+    ),
     # encoder
-    Case("encoder-shape-mismatch", M.ENCODER, {"INPUT_IDS": np.ones((1, 4), np.int64), "ATTENTION_MASK": np.ones((1, 5), np.int64)}, "differ in shape"),
-    Case("encoder-token-out-of-vocab", M.ENCODER, {**_tokens([4]), "INPUT_IDS": np.full((1, 4), 10**9, np.int64)}, "token ids"),
-    Case("encoder-token-negative", M.ENCODER, {**_tokens([4]), "INPUT_IDS": np.full((1, 4), -1, np.int64)}, "token ids"),
+    Case(
+        "encoder-shape-mismatch",
+        M.ENCODER,
+        {"INPUT_IDS": np.ones((1, 4), np.int64), "ATTENTION_MASK": np.ones((1, 5), np.int64)},
+        "differ in shape",
+    ),
+    Case(
+        "encoder-token-out-of-vocab",
+        M.ENCODER,
+        {**_tokens([4]), "INPUT_IDS": np.full((1, 4), 10**9, np.int64)},
+        "token ids",
+    ),
+    Case(
+        "encoder-token-negative", M.ENCODER, {**_tokens([4]), "INPUT_IDS": np.full((1, 4), -1, np.int64)}, "token ids"
+    ),
     Case("encoder-mask-values", M.ENCODER, {**_tokens([4]), "ATTENTION_MASK": np.full((1, 4), 2, np.int64)}, "0 or 1"),
-    Case("encoder-left-padded", M.ENCODER, {**_tokens([4]), "ATTENTION_MASK": np.array([[0, 1, 1, 1]], np.int64)}, "right-padded"),
+    Case(
+        "encoder-left-padded",
+        M.ENCODER,
+        {**_tokens([4]), "ATTENTION_MASK": np.array([[0, 1, 1, 1]], np.int64)},
+        "right-padded",
+    ),
     Case("encoder-empty-row", M.ENCODER, {**_tokens([4]), "ATTENTION_MASK": np.zeros((1, 4), np.int64)}, "no tokens"),
     Case("encoder-too-many-tokens", M.ENCODER, _tokens([MAX_TOKENS + 1]), "exceed the limit"),
     Case("encoder-ids-dtype", M.ENCODER, {**_tokens([4]), "INPUT_IDS": np.ones((1, 4), np.int32)}, "INPUT_IDS"),
     Case("encoder-mask-missing", M.ENCODER, {"INPUT_IDS": np.ones((1, 4), np.int64)}, "ATTENTION_MASK"),
     # index_write
-    Case("index_write-op", M.INDEX_WRITE, {"OP": np.array([[3]], np.int32), "POST_ID": np.array([[1]], np.int64)}, "upsert"),
-    Case("index_write-dim", M.INDEX_WRITE, {"OP": np.array([[1]], np.int32), "POST_ID": np.array([[1]], np.int64),
-                                            "EMBEDDING": np.zeros((1, 7), np.float32)}, "EMBEDDING"),
-    Case("index_write-nan", M.INDEX_WRITE, {"OP": np.array([[1]], np.int32), "POST_ID": np.array([[1]], np.int64),
-                                            "EMBEDDING": np.full((1, DIM), np.nan, np.float32)}, "EMBEDDING"),
-    Case("index_write-duplicate-ids", M.INDEX_WRITE, {"OP": np.array([[1], [1]], np.int32), "POST_ID": np.array([[4], [4]], np.int64),
-                                                      "EMBEDDING": _unit(2)}, "POST_ID: a post appears twice"),
-    Case("index_write-upsert-without-embedding", M.INDEX_WRITE, {"OP": np.array([[1]], np.int32), "POST_ID": np.array([[1]], np.int64)},
-         "EMBEDDING"),
-    Case("index_write-reserved-id", M.INDEX_WRITE, {"OP": np.array([[1]], np.int32), "POST_ID": np.array([[-1]], np.int64),
-                                                    "EMBEDDING": _unit()}, "POST_ID: post ids must be >= 0"),
+    Case(
+        "index_write-op",
+        M.INDEX_WRITE,
+        {"OP": np.array([[3]], np.int32), "POST_ID": np.array([[1]], np.int64)},
+        "upsert",
+    ),
+    Case(
+        "index_write-dim",
+        M.INDEX_WRITE,
+        {
+            "OP": np.array([[1]], np.int32),
+            "POST_ID": np.array([[1]], np.int64),
+            "EMBEDDING": np.zeros((1, 7), np.float32),
+        },
+        "EMBEDDING",
+    ),
+    Case(
+        "index_write-nan",
+        M.INDEX_WRITE,
+        {
+            "OP": np.array([[1]], np.int32),
+            "POST_ID": np.array([[1]], np.int64),
+            "EMBEDDING": np.full((1, DIM), np.nan, np.float32),
+        },
+        "EMBEDDING",
+    ),
+    Case(
+        "index_write-duplicate-ids",
+        M.INDEX_WRITE,
+        {"OP": np.array([[1], [1]], np.int32), "POST_ID": np.array([[4], [4]], np.int64), "EMBEDDING": _unit(2)},
+        "POST_ID: a post appears twice",
+    ),
+    Case(
+        "index_write-upsert-without-embedding",
+        M.INDEX_WRITE,
+        {"OP": np.array([[1]], np.int32), "POST_ID": np.array([[1]], np.int64)},
+        "EMBEDDING",
+    ),
+    Case(
+        "index_write-reserved-id",
+        M.INDEX_WRITE,
+        {"OP": np.array([[1]], np.int32), "POST_ID": np.array([[-1]], np.int64), "EMBEDDING": _unit()},
+        "POST_ID: post ids must be >= 0",
+    ),
 ]
 
 
@@ -162,9 +235,15 @@ CASES: list[Case] = [
 def server(triton_server):  # type: ignore[no-untyped-def]
     """The session server with a few posts written through index_write."""
     with FeedClient(triton_server.grpc_url, "grpc", timeout_s=60) as client:
-        client.infer(M.INDEX_WRITE, {"OP": np.ones((len(INDEXED), 1), np.int32),
-                                     "POST_ID": np.array(INDEXED, np.int64)[:, None],
-                                     "EMBEDDING": _unit(len(INDEXED), seed=1)}, ("LSN",))
+        client.infer(
+            M.INDEX_WRITE,
+            {
+                "OP": np.ones((len(INDEXED), 1), np.int32),
+                "POST_ID": np.array(INDEXED, np.int64)[:, None],
+                "EMBEDDING": _unit(len(INDEXED), seed=1),
+            },
+            ("LSN",),
+        )
     return triton_server
 
 
@@ -172,7 +251,9 @@ def _url(server, protocol: str) -> str:  # type: ignore[no-untyped-def]
     return server.grpc_url if protocol == "grpc" else server.http_url
 
 
-def _send(server, protocol: str, model: ModelName, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray] | ClientError:  # type: ignore[no-untyped-def]
+def _send(
+    server, protocol: str, model: ModelName, inputs: dict[str, np.ndarray]
+) -> dict[str, np.ndarray] | ClientError:  # type: ignore[no-untyped-def]
     with FeedClient(_url(server, protocol), protocol, timeout_s=60) as client:  # type: ignore[arg-type]
         try:
             return client.infer(model, inputs, (IO[model].outputs[0].name,))
@@ -196,7 +277,9 @@ def test_bad_input_is_named_and_fails_alone(server, protocol: str, case: Case) -
         bad, *good = [j.result() for j in jobs]
     assert isinstance(bad, ClientError), f"{case.id} was accepted"
     assert case.words in str(bad), str(bad)
-    assert "INTERNAL" not in str(bad.status) and "500" not in str(bad.status), str(bad)  # bad input is not a server fault
+    assert "INTERNAL" not in str(bad.status) and "500" not in str(bad.status), str(
+        bad
+    )  # bad input is not a server fault
     for g in good:
         assert not isinstance(g, ClientError), f"a good request batched with {case.id} failed: {g}"
     with FeedClient(_url(server, protocol), protocol) as client:  # type: ignore[arg-type]
@@ -213,7 +296,9 @@ def test_unknown_ids_and_empty_history_are_not_errors(server, protocol: str) -> 
         hits = client.retrieve(unknown, k=5)
         assert len(hits) == 5 and {h.post_id for h in hits} <= set(INDEXED) - {501}  # the known one still excluded
         assert len(client.retrieve({"id": 4, "history": []}, k=5)) == 5
-        lsn = client.infer(M.INDEX_WRITE, {"OP": np.array([[2]], np.int32), "POST_ID": np.array([[10**12]], np.int64)}, ("LSN",))
+        lsn = client.infer(
+            M.INDEX_WRITE, {"OP": np.array([[2]], np.int32), "POST_ID": np.array([[10**12]], np.int64)}, ("LSN",)
+        )
         assert lsn["LSN"][0, 0] > 0
         again = client.retrieve({"id": 9, "history": [{"post_id": 501, "engaged_at": 1}]}, k=5)
         assert [h.post_id for h in again] == [h.post_id for h in before]  # the idempotent delete changed nothing
@@ -223,12 +308,18 @@ def test_too_many_records_in_one_request_is_refused(server) -> None:  # type: ig
     for protocol in ("http", "grpc"):
         out = _send(server, protocol, M.EMBED_POST, {"RECORDS": records_tensor([POST] * 65)})
         assert isinstance(out, ClientError) and "batch" in str(out).lower(), out
-        assert not isinstance(_send(server, protocol, M.EMBED_POST, {"RECORDS": records_tensor([POST] * 64)}), ClientError)
+        assert not isinstance(
+            _send(server, protocol, M.EMBED_POST, {"RECORDS": records_tensor([POST] * 64)}), ClientError
+        )
 
 
 def _post_json(server, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, str]:  # type: ignore[no-untyped-def]
-    req = urllib.request.Request(f"http://{server.http_url}{path}", data=body, method="POST",
-                                 headers={"Content-Type": "application/json", **(headers or {})})
+    req = urllib.request.Request(
+        f"http://{server.http_url}{path}",
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, resp.read().decode()
@@ -242,14 +333,30 @@ HTTP_BODIES = [
     ("malformed-json", b'{"inputs": [', "failed to parse the request JSON"),
     ("not-an-object", b"[1, 2, 3]", "Unable to parse 'inputs'"),
     ("no-inputs", b'{"outputs": [{"name": "EMBEDDING"}]}', "Unable to parse 'inputs'"),
-    ("unknown-input", json.dumps({"inputs": [{"name": "RECORDZ", "shape": [1, 1], "datatype": "BYTES", "data": ["{}"]}]}).encode(),
-     "RECORDZ"),
-    ("data-shape-mismatch", json.dumps({"inputs": [{"name": "RECORDS", "shape": [2, 1], "datatype": "BYTES",
-                                                    "data": [POST.decode()]}]}).encode(), "RECORDS"),
-    ("wrong-datatype", json.dumps({"inputs": [{"name": "RECORDS", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]}).encode(),
-     "RECORDS"),
-    ("bad-record-in-json-body", json.dumps({"inputs": [{"name": "RECORDS", "shape": [1, 1], "datatype": "BYTES",
-                                                        "data": ['{"id": "x"}']}]}).encode(), "post.id"),
+    (
+        "unknown-input",
+        json.dumps({"inputs": [{"name": "RECORDZ", "shape": [1, 1], "datatype": "BYTES", "data": ["{}"]}]}).encode(),
+        "RECORDZ",
+    ),
+    (
+        "data-shape-mismatch",
+        json.dumps(
+            {"inputs": [{"name": "RECORDS", "shape": [2, 1], "datatype": "BYTES", "data": [POST.decode()]}]}
+        ).encode(),
+        "RECORDS",
+    ),
+    (
+        "wrong-datatype",
+        json.dumps({"inputs": [{"name": "RECORDS", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]}).encode(),
+        "RECORDS",
+    ),
+    (
+        "bad-record-in-json-body",
+        json.dumps(
+            {"inputs": [{"name": "RECORDS", "shape": [1, 1], "datatype": "BYTES", "data": ['{"id": "x"}']}]}
+        ).encode(),
+        "post.id",
+    ),
 ]
 
 
@@ -258,7 +365,9 @@ def test_malformed_http_bodies_are_refused(server, case_id: str, body: bytes, wo
     status, text = _post_json(server, "/v2/models/embed_post/infer", body)
     assert (status == 500) if "parse" in words else (400 <= status < 500), (status, text)
     assert words in text, text
-    good = json.dumps({"inputs": [{"name": "RECORDS", "shape": [1, 1], "datatype": "BYTES", "data": [POST.decode()]}]}).encode()
+    good = json.dumps(
+        {"inputs": [{"name": "RECORDS", "shape": [1, 1], "datatype": "BYTES", "data": [POST.decode()]}]}
+    ).encode()
     status, text = _post_json(server, "/v2/models/embed_post/infer", good)
     assert status == 200 and len(json.loads(text)["outputs"][0]["data"]) == DIM
 
@@ -266,11 +375,18 @@ def test_malformed_http_bodies_are_refused(server, case_id: str, body: bytes, wo
 def test_binary_tensor_sizes_that_disagree_are_refused(server) -> None:  # type: ignore[no-untyped-def]
     """The binary extension's declared size larger than what follows (HTTP), and a raw tensor
     whose bytes do not fill its shape (gRPC)."""
-    header = json.dumps({"inputs": [{"name": "QUERY", "shape": [1, DIM], "datatype": "FP32",
-                                     "parameters": {"binary_data_size": DIM * 4}},
-                                    {"name": "K", "shape": [1, 1], "datatype": "INT32", "data": [3]}]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "QUERY", "shape": [1, DIM], "datatype": "FP32", "parameters": {"binary_data_size": DIM * 4}},
+                {"name": "K", "shape": [1, 1], "datatype": "INT32", "data": [3]},
+            ]
+        }
+    ).encode()
     body = header + _unit().tobytes()[: DIM * 2]
-    status, text = _post_json(server, "/v2/models/knn/infer", body, {"Inference-Header-Content-Length": str(len(header))})
+    status, text = _post_json(
+        server, "/v2/models/knn/infer", body, {"Inference-Header-Content-Length": str(len(header))}
+    )
     assert 400 <= status < 500, (status, text)
 
     import tritonclient.grpc as grpcclient

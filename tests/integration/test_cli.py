@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from feedserve.ops.cli import main
-from feedserve.errors import ClientError
 from feedserve.clients.online import FeedClient
+from feedserve.errors import ClientError
+from feedserve.ops.cli import main
 from feedserve.prompt.records import Post, write_posts_jsonl
 
 pytestmark = pytest.mark.integration
@@ -25,7 +25,21 @@ def test_index_retrieve_and_embed_from_the_command_line(  # type: ignore[no-unty
     corpus = tmp_path / "posts.jsonl"
     write_posts_jsonl(posts, corpus)
     base = ["--artifacts", str(tiny_artifacts.root)]
-    assert main([*base, "index", "--corpus", str(corpus), "--url", triton_server.grpc_url, "--embeddings-out", str(tmp_path / "emb")]) == 0
+    assert (
+        main(
+            [
+                *base,
+                "index",
+                "--corpus",
+                str(corpus),
+                "--url",
+                triton_server.grpc_url,
+                "--embeddings-out",
+                str(tmp_path / "emb"),
+            ]
+        )
+        == 0
+    )
     assert np.load(tmp_path / "emb" / "ids.npy").tolist() == [p.id for p in posts]
     capsys.readouterr()
 
@@ -33,20 +47,39 @@ def test_index_retrieve_and_embed_from_the_command_line(  # type: ignore[no-unty
     member["history"].append({"post_id": 503})
     (tmp_path / "member.json").write_text(json.dumps(member))
     for protocol, url in (("grpc", triton_server.grpc_url), ("http", triton_server.http_url)):
-        assert main([*base, "retrieve", str(tmp_path / "member.json"), "-k", "5", "--url", url, "--protocol", protocol]) == 0
+        assert (
+            main([*base, "retrieve", str(tmp_path / "member.json"), "-k", "5", "--url", url, "--protocol", protocol])
+            == 0
+        )
         hits = json.loads(capsys.readouterr().out.strip())
         assert len(hits) == 5 and 503 not in [h["post_id"] for h in hits]
         assert {h["post_id"] for h in hits} <= {p.id for p in posts}
 
-    assert main([*base, "embed", "post", str(EXAMPLES / "post.json"), "--url", triton_server.grpc_url, "--out", str(tmp_path / "e.npy")]) == 0
+    assert (
+        main(
+            [
+                *base,
+                "embed",
+                "post",
+                str(EXAMPLES / "post.json"),
+                "--url",
+                triton_server.grpc_url,
+                "--out",
+                str(tmp_path / "e.npy"),
+            ]
+        )
+        == 0
+    )
     vec = np.load(tmp_path / "e.npy")
     assert vec.shape == (1, 32) and abs(float(np.linalg.norm(vec)) - 1) < 1e-4
 
 
 def test_client_timeout_is_a_clear_error(triton_server, tiny_artifacts) -> None:  # type: ignore[no-untyped-def]
     member = (EXAMPLES / "member.json").read_text()
-    with FeedClient(triton_server.grpc_url, "grpc", timeout_s=1e-4) as client:
-        with pytest.raises(ClientError, match="(?i)deadline"):
-            client.retrieve(member, k=3)
+    with (
+        FeedClient(triton_server.grpc_url, "grpc", timeout_s=1e-4) as client,
+        pytest.raises(ClientError, match="(?i)deadline"),
+    ):
+        client.retrieve(member, k=3)
     with FeedClient(triton_server.grpc_url, "grpc") as client:
         assert client.ready()

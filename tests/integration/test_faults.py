@@ -26,8 +26,15 @@ POST = {"id": 7, "text": "We are hiring ML engineers for feed retrieval.", "coun
 
 
 def _options(artifacts: Path, repo: Path, log: Path) -> ServerOptions:
-    return ServerOptions(repository=repo, artifacts=artifacts, http_port=free_port(), grpc_port=free_port(),
-                         metrics_port=free_port(), log_file=log, startup_timeout_s=180)
+    return ServerOptions(
+        repository=repo,
+        artifacts=artifacts,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        log_file=log,
+        startup_timeout_s=180,
+    )
 
 
 @pytest.fixture
@@ -53,8 +60,8 @@ def watched_server(request: pytest.FixtureRequest, artifacts: ArtifactLayout, tm
     import subprocess
     import sys
 
-    from feedserve.triton.repository import write_repository
     from feedserve.ops.watchdog import ADMIN_KEY_ENV
+    from feedserve.triton.repository import write_repository
 
     write_repository(tmp_path / "repo")
     options = _options(artifacts.root, tmp_path / "repo", tmp_path / "server.log")
@@ -66,12 +73,30 @@ def watched_server(request: pytest.FixtureRequest, artifacts: ArtifactLayout, tm
         assert s.process is not None
         with open(tmp_path / "watchdog.log", "w") as log:
             watcher = subprocess.Popen(
-                [sys.executable, "-m", "feedserve.ops.watchdog", "--server-pid", str(s.process.pid), "--http-url", s.http_url,
-                 "--interval-s", "0.5", "--artifacts", str(artifacts.root), "--repository", str(tmp_path / "repo")],
-                env={**os.environ, ADMIN_KEY_ENV: options.admin_key}, stdout=log, stderr=subprocess.STDOUT)
+                [
+                    sys.executable,
+                    "-m",
+                    "feedserve.ops.watchdog",
+                    "--server-pid",
+                    str(s.process.pid),
+                    "--http-url",
+                    s.http_url,
+                    "--interval-s",
+                    "0.5",
+                    "--artifacts",
+                    str(artifacts.root),
+                    "--repository",
+                    str(tmp_path / "repo"),
+                ],
+                env={**os.environ, ADMIN_KEY_ENV: options.admin_key},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
             try:
                 deadline = time.monotonic() + 60  # it takes the stub counts once it saw the server ready
-                while "watching the stubs" not in (tmp_path / "watchdog.log").read_text() and time.monotonic() < deadline:
+                while (
+                    "watching the stubs" not in (tmp_path / "watchdog.log").read_text() and time.monotonic() < deadline
+                ):
                     time.sleep(0.1)
                 yield s
             finally:
@@ -162,7 +187,9 @@ def test_tritonserver_started_directly_refuses_a_corrupt_graph(artifacts: Artifa
     assert "encoder.onnx: checksum differs" in log
 
 
-def test_a_damaged_index_file_is_refused_and_the_last_good_one_keeps_serving(server: TritonServer, tmp_path: Path) -> None:
+def test_a_damaged_index_file_is_refused_and_the_last_good_one_keeps_serving(
+    server: TritonServer, tmp_path: Path
+) -> None:
     """A snapshot replaced on disk by one whose vectors do not match its checksum: the knn model
     refuses to reload it and answers from the index it had."""
     from feedserve.index.snapshot import save_arrays
@@ -172,8 +199,11 @@ def test_a_damaged_index_file_is_refused_and_the_last_good_one_keeps_serving(ser
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     query = {"QUERY": vectors[:1], "K": np.array([[3]], np.int32)}
     with FeedClient(server.grpc_url, "grpc") as client:
-        client.infer("index_write", {"OP": np.ones((10, 1), np.int32), "POST_ID": np.arange(10, dtype=np.int64)[:, None],
-                                     "EMBEDDING": vectors}, ("LSN",))
+        client.infer(
+            "index_write",
+            {"OP": np.ones((10, 1), np.int32), "POST_ID": np.arange(10, dtype=np.int64)[:, None], "EMBEDDING": vectors},
+            ("LSN",),
+        )
         before = client.infer("knn", query, ("IDS",))["IDS"]
         # A new generation (as a rebuild writes), so every follower tries to load it.
         save_arrays(tmp_path / "good.npz", np.arange(10), vectors, {"generation": "rebuilt", "lsn": 0})

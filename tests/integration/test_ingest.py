@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from feedserve.artifacts import ArtifactLayout
-from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.clients.ingest import Ingester, JsonlSource
 from feedserve.clients.online import FeedClient
+from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.prompt.movielens import load_movielens
 from feedserve.prompt.records import Post
 from feedserve.schema import ModelName
@@ -51,7 +51,9 @@ def _present(client: FeedClient, posts: list[Post]) -> list[bool]:
     return [hit == p.id for hit, p in zip(_top1(client, client.embed_posts(posts)), posts, strict=True)]
 
 
-def test_events_become_posts_and_a_restart_resumes(triton_server, tiny_artifacts: ArtifactLayout, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_events_become_posts_and_a_restart_resumes(
+    triton_server, tiny_artifacts: ArtifactLayout, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     posts = _posts(8, 0)
     events = tmp_path / "events.jsonl"
     renamed = posts[1].model_copy(update={"text": "an entirely different text about sailing boats"})
@@ -70,8 +72,12 @@ def test_events_become_posts_and_a_restart_resumes(triton_server, tiny_artifacts
         counted = posts[2].model_copy(update={"counts": {**posts[2].counts, "ratings": 5000.0}})
         expected = [p for p in (posts[0], renamed, counted, *posts[4:])]
         assert all(_present(client, expected))
-        assert posts[3].id not in client.infer(ModelName.KNN, {"QUERY": client.embed_posts(posts[3:4]),
-                                                               "K": np.array([[50]], np.int32)}, ("IDS",))["IDS"][0]
+        assert (
+            posts[3].id
+            not in client.infer(
+                ModelName.KNN, {"QUERY": client.embed_posts(posts[3:4]), "K": np.array([[50]], np.int32)}, ("IDS",)
+            )["IDS"][0]
+        )
         # Appended events only: a new ingester on the same state starts where the last one stopped.
         with open(events, "a") as f:
             f.write("".join(_event("delete", post_id=p.id) for p in posts))
@@ -93,12 +99,27 @@ def test_kill_9_mid_ingestion_then_resume_loses_nothing(triton_server, tmp_path:
     events = tmp_path / "events.jsonl"
     events.write_text("".join(_create(p) for p in posts))
     state = tmp_path / "state"
-    args = [sys.executable, "-c", WORKER, "--events", str(events), "--state", str(state), "--url", triton_server.grpc_url,
-            "--window-ms", "10", "--max-batch", "3"]
+    args = [
+        sys.executable,
+        "-c",
+        WORKER,
+        "--events",
+        str(events),
+        "--state",
+        str(state),
+        "--url",
+        triton_server.grpc_url,
+        "--window-ms",
+        "10",
+        "--max-batch",
+        "3",
+    ]
     proc = subprocess.Popen(args)
     offset_file = state / "offset.json"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (offset_file.exists() and json.loads(offset_file.read_text())["offset"] > 0):
+    while time.monotonic() < deadline and not (
+        offset_file.exists() and json.loads(offset_file.read_text())["offset"] > 0
+    ):
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
@@ -110,7 +131,9 @@ def test_kill_9_mid_ingestion_then_resume_loses_nothing(triton_server, tmp_path:
         assert all(_present(client, posts))
         # Leave the shared index as it was for the other tests.
         ops = np.full((len(posts), 1), 2, np.int32)
-        client.infer(ModelName.INDEX_WRITE, {"OP": ops, "POST_ID": np.array([[p.id] for p in posts], np.int64)}, ("LSN",))
+        client.infer(
+            ModelName.INDEX_WRITE, {"OP": ops, "POST_ID": np.array([[p.id] for p in posts], np.int64)}, ("LSN",)
+        )
 
 
 @pytest.fixture
@@ -123,8 +146,22 @@ def redis_url(tmp_path: Path):  # type: ignore[no-untyped-def]
     if sh.which("redis-server") is None:
         pytest.skip("redis-server is not installed (scripts/setup.sh installs it)")
     port = free_port()
-    proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     import redis
 
     client = redis.Redis(port=port)
@@ -159,7 +196,9 @@ def test_redis_stream_events_are_acknowledged_only_once_indexed(triton_server, r
     # ... and, restarted under the same name, takes them back before the new ones.
     state = tmp_path / "state"
     with FeedClient(triton_server.grpc_url, "grpc", timeout_s=60) as client:
-        stats = Ingester(client, state, window_s=0.05, max_batch=4).run(RedisSource(redis_url, "post-events", idle_exit_s=0.5))
+        stats = Ingester(client, state, window_s=0.05, max_batch=4).run(
+            RedisSource(redis_url, "post-events", idle_exit_s=0.5)
+        )
         assert (stats.events, stats.bad, stats.upserts) == (11, 1, 10)
         assert broker.xpending("post-events", "feedserve")["pending"] == 0
         assert all(_present(client, posts))
@@ -172,13 +211,27 @@ def test_redis_stream_events_are_acknowledged_only_once_indexed(triton_server, r
 def test_events_piped_on_stdin(triton_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     posts = _posts(4, 3000)
     stream = "".join(_create(p) for p in posts) + "".join(_event("delete", post_id=p.id) for p in posts[:2])
-    args = [sys.executable, "-c", WORKER, "--events", "-", "--state", str(tmp_path / "state"), "--url", triton_server.grpc_url]
+    args = [
+        sys.executable,
+        "-c",
+        WORKER,
+        "--events",
+        "-",
+        "--state",
+        str(tmp_path / "state"),
+        "--url",
+        triton_server.grpc_url,
+    ]
     subprocess.run(args, input=stream.encode(), check=True, timeout=120)
     with FeedClient(triton_server.grpc_url, "grpc", timeout_s=60) as client:
         assert _present(client, posts) == [False, False, True, True]
         # The same stream again: the committed lines are skipped, the tail is new.
-        subprocess.run(args, input=(stream + _event("delete", post_id=posts[2].id) + _event("delete", post_id=posts[3].id)).encode(),
-                       check=True, timeout=120)
+        subprocess.run(
+            args,
+            input=(stream + _event("delete", post_id=posts[2].id) + _event("delete", post_id=posts[3].id)).encode(),
+            check=True,
+            timeout=120,
+        )
         assert not any(_present(client, posts))
     assert json.loads((tmp_path / "state" / "stdin_lines.json").read_text())["lines"] == 8
 

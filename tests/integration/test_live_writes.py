@@ -40,10 +40,15 @@ def test_searches_during_writes_never_fail_or_see_a_deleted_post(triton_server) 
                 ids = np.arange(BASE_ID + 8 * round_, BASE_ID + 8 * round_ + 8, dtype=np.int64)
                 vectors = axis + 0.2 * _unit(rng, 8)
                 vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-                client.infer(ModelName.INDEX_WRITE, {"OP": np.ones((8, 1), np.int32), "POST_ID": ids[:, None],
-                                                     "EMBEDDING": vectors.astype(np.float32)}, ("LSN",))
+                client.infer(
+                    ModelName.INDEX_WRITE,
+                    {"OP": np.ones((8, 1), np.int32), "POST_ID": ids[:, None], "EMBEDDING": vectors.astype(np.float32)},
+                    ("LSN",),
+                )
                 gone = ids[::2]
-                client.infer(ModelName.INDEX_WRITE, {"OP": np.full((4, 1), 2, np.int32), "POST_ID": gone[:, None]}, ("LSN",))
+                client.infer(
+                    ModelName.INDEX_WRITE, {"OP": np.full((4, 1), 2, np.int32), "POST_ID": gone[:, None]}, ("LSN",)
+                )
                 with lock:
                     deleted.update({int(i): time.monotonic() for i in gone})
         stop.set()
@@ -56,8 +61,10 @@ def test_searches_during_writes_never_fail_or_see_a_deleted_post(triton_server) 
                 with lock:
                     before = set(deleted)
                 try:
-                    ids = client.infer(ModelName.KNN, {"QUERY": axis, "K": np.array([[200]], np.int32)}, ("IDS",))["IDS"][0]
-                except Exception as err:  # noqa: BLE001 - every failure is a finding
+                    ids = client.infer(ModelName.KNN, {"QUERY": axis, "K": np.array([[200]], np.int32)}, ("IDS",))[
+                        "IDS"
+                    ][0]
+                except Exception as err:
                     errors.append(repr(err))
                     continue
                 searches[0] += 1
@@ -74,4 +81,6 @@ def test_searches_during_writes_never_fail_or_see_a_deleted_post(triton_server) 
     with FeedClient(triton_server.grpc_url, "grpc", timeout_s=60) as client:  # leave the index as it was
         rest = np.array([BASE_ID + i for i in range(240) if BASE_ID + i not in deleted], np.int64)
         for part in np.array_split(rest, 2):  # at most max_batch_size (64) rows a request
-            client.infer(ModelName.INDEX_WRITE, {"OP": np.full((len(part), 1), 2, np.int32), "POST_ID": part[:, None]}, ("LSN",))
+            client.infer(
+                ModelName.INDEX_WRITE, {"OP": np.full((len(part), 1), 2, np.int32), "POST_ID": part[:, None]}, ("LSN",)
+            )

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from feedserve.artifacts import ArtifactLayout, EncoderSettings
-from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.clients.batch import index_corpus
 from feedserve.clients.online import FeedClient, records_tensor
 from feedserve.errors import ClientError
+from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.schema import IO, ModelName
 
 pytestmark = pytest.mark.integration
@@ -42,8 +42,14 @@ def members(movielens):  # type: ignore[no-untyped-def]
 def indexed(triton_server, tiny_artifacts: ArtifactLayout, posts) -> np.ndarray:  # type: ignore[no-untyped-def]
     """Index the posts through embed_post (async gRPC batch client); returns their embeddings."""
     index_corpus(
-        posts, [p.id for p in posts], tiny_artifacts.index, embeddings_dir=tiny_artifacts.root / "emb",
-        url=triton_server.grpc_url, batch_size=8, concurrency=4, progress=False,
+        posts,
+        [p.id for p in posts],
+        tiny_artifacts.index,
+        embeddings_dir=tiny_artifacts.root / "emb",
+        url=triton_server.grpc_url,
+        batch_size=8,
+        concurrency=4,
+        progress=False,
     )
     return np.load(tiny_artifacts.root / "emb" / "embeddings.npy")
 
@@ -57,9 +63,9 @@ def local(tiny_artifacts: ArtifactLayout):  # type: ignore[no-untyped-def]
     """The same pipeline in-process: prompt builder + ONNX Runtime, no server."""
     from tokenizers import Tokenizer
 
+    from feedserve.encode.ort import OnnxEncoder
     from feedserve.prompt.buckets import PercentileBuckets
     from feedserve.prompt.builder import PromptBuilder
-    from feedserve.encode.ort import OnnxEncoder
 
     settings = EncoderSettings.load(tiny_artifacts.settings)
     builder = PromptBuilder(
@@ -120,7 +126,9 @@ def test_retrieve_matches_brute_force_and_skips_history(  # type: ignore[no-unty
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_component_models_answer_directly(triton_server, indexed, posts, protocol: str) -> None:  # type: ignore[no-untyped-def]
     with _client(triton_server, protocol) as client:
-        tokens = client.infer(ModelName.PREPROCESS_POST, {"RECORDS": records_tensor(posts[:2])}, ("INPUT_IDS", "ATTENTION_MASK"))
+        tokens = client.infer(
+            ModelName.PREPROCESS_POST, {"RECORDS": records_tensor(posts[:2])}, ("INPUT_IDS", "ATTENTION_MASK")
+        )
         assert tokens["INPUT_IDS"].dtype == np.int64 and tokens["INPUT_IDS"].shape == tokens["ATTENTION_MASK"].shape
         emb = client.infer(ModelName.ENCODER, tokens, ("EMBEDDING",))["EMBEDDING"]
         np.testing.assert_allclose(emb, indexed[:2], atol=1e-5)
@@ -152,15 +160,34 @@ BAD_REQUESTS = [
     (ModelName.EMBED_POST, {"RECORDS": np.array([[b'{"format": "text", "text": "no id"}']], object)}, "id"),
     (ModelName.EMBED_POST, {"RECORDS": np.array([[b'{"id": 1, "text": "x", "bogus": 1}']], object)}, "bogus"),
     (ModelName.EMBED_POST, {"RECORDS": np.array([[b'{"id": "one", "text": "x"}']], object)}, "id"),
-    (ModelName.EMBED_MEMBER, {"RECORDS": np.array([[b'{"id": 5, "history": [{"engaged_at": 1}]}']], object)}, "post_id"),
+    (
+        ModelName.EMBED_MEMBER,
+        {"RECORDS": np.array([[b'{"id": 5, "history": [{"engaged_at": 1}]}']], object)},
+        "post_id",
+    ),
     (ModelName.RETRIEVE, {"RECORDS": np.array([[b'{"id": 5}']], object), "K": np.array([[0]], np.int32)}, "k=0"),
-    (ModelName.RETRIEVE, {"RECORDS": np.array([[b'{"id": 5}']], object), "K": np.array([[100000]], np.int32)}, "out of range"),
+    (
+        ModelName.RETRIEVE,
+        {"RECORDS": np.array([[b'{"id": 5}']], object), "K": np.array([[100000]], np.int32)},
+        "out of range",
+    ),
     (ModelName.KNN, {"QUERY": np.zeros((1, 7), np.float32), "K": np.array([[1]], np.int32)}, "dimension"),
     (ModelName.ENCODER, {"INPUT_IDS": np.ones((1, 4), np.int64), "ATTENTION_MASK": np.ones((1, 5), np.int64)}, "shape"),
-    (ModelName.ENCODER, {"INPUT_IDS": np.full((1, 4), 10**9, np.int64), "ATTENTION_MASK": np.ones((1, 4), np.int64)}, "token ids"),
+    (
+        ModelName.ENCODER,
+        {"INPUT_IDS": np.full((1, 4), 10**9, np.int64), "ATTENTION_MASK": np.ones((1, 4), np.int64)},
+        "token ids",
+    ),
     (ModelName.INDEX_WRITE, {"OP": np.array([[3]], np.int32), "POST_ID": np.array([[1]], np.int64)}, "upsert"),
-    (ModelName.INDEX_WRITE, {"OP": np.array([[1]], np.int32), "POST_ID": np.array([[1]], np.int64),
-                             "EMBEDDING": np.zeros((1, 7), np.float32)}, "EMBEDDING: vectors must have shape"),
+    (
+        ModelName.INDEX_WRITE,
+        {
+            "OP": np.array([[1]], np.int32),
+            "POST_ID": np.array([[1]], np.int64),
+            "EMBEDDING": np.zeros((1, 7), np.float32),
+        },
+        "EMBEDDING: vectors must have shape",
+    ),
     # Triton itself checks declared dtypes before the backend sees the request.
     (ModelName.KNN, {"QUERY": np.zeros((1, 32), np.float64), "K": np.array([[1]], np.int32)}, "FP64"),
 ]

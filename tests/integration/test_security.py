@@ -24,14 +24,17 @@ def _http(server, method: str, path: str, body: bytes | None = None, key: str | 
         return int(err.code)
 
 
-@pytest.mark.parametrize("method,path,body", [
-    ("POST", "/v2/repository/index", b"{}"),
-    ("POST", "/v2/repository/models/knn/unload", b"{}"),
-    ("GET", "/v2/logging", None),
-    ("POST", "/v2/logging", json.dumps({"log_verbose_level": 2}).encode()),
-    ("GET", "/v2/trace/setting", None),
-    ("GET", "/v2/systemsharedmemory/status", None),
-])
+@pytest.mark.parametrize(
+    "method,path,body",
+    [
+        ("POST", "/v2/repository/index", b"{}"),
+        ("POST", "/v2/repository/models/knn/unload", b"{}"),
+        ("GET", "/v2/logging", None),
+        ("POST", "/v2/logging", json.dumps({"log_verbose_level": 2}).encode()),
+        ("GET", "/v2/trace/setting", None),
+        ("GET", "/v2/systemsharedmemory/status", None),
+    ],
+)
 def test_admin_apis_need_the_key_over_http(triton_server, method: str, path: str, body: bytes | None) -> None:  # type: ignore[no-untyped-def]
     assert _http(triton_server, method, path, body) == 403
     assert _http(triton_server, method, path, body, key="wrong") == 403
@@ -54,5 +57,7 @@ def test_admin_apis_need_the_key_over_grpc(triton_server) -> None:  # type: igno
             client.get_model_repository_index()
         with pytest.raises(InferenceServerException, match="(?i)restricted|permission|denied"):
             client.update_log_settings({"log_verbose_level": 2})
-        assert client.get_model_repository_index(headers={GRPC_ADMIN_HEADER: triton_server.options.admin_key}) is not None
+        assert (
+            client.get_model_repository_index(headers={GRPC_ADMIN_HEADER: triton_server.options.admin_key}) is not None
+        )
         assert client.is_server_ready() and client.get_inference_statistics("retrieve") is not None

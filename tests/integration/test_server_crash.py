@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 from feedserve.artifacts import ArtifactLayout
-from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.clients.ingest import Ingester, JsonlSource
 from feedserve.clients.online import FeedClient
-from feedserve.prompt.movielens import load_movielens
-from feedserve.triton.repository import write_repository
-from feedserve.schema import ModelName
+from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
+from feedserve.prompt.movielens import load_movielens
+from feedserve.schema import ModelName
+from feedserve.triton.repository import write_repository
 
 pytestmark = pytest.mark.integration
 
@@ -39,13 +39,26 @@ def test_kill_9_of_the_server_mid_ingestion(tiny_artifacts: ArtifactLayout, tmp_
     shutil.copytree(tiny_artifacts.root, root, ignore=shutil.ignore_patterns("index", "emb"))
     repo = tmp_path / "repository"
     write_repository(repo)
-    opts = ServerOptions(repository=repo, artifacts=root, http_port=free_port(), grpc_port=free_port(),
-                         metrics_port=free_port(), log_file=tmp_path / "tritonserver.log", startup_timeout_s=180)
+    opts = ServerOptions(
+        repository=repo,
+        artifacts=root,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        log_file=tmp_path / "tritonserver.log",
+        startup_timeout_s=180,
+    )
     server = TritonServer(opts).start()
-    posts = [m.model_copy(update={"id": 5 * 10**11 + i}) for i, m in enumerate(load_movielens(SAMPLE_CORPUS).posts()[:60])]
+    posts = [
+        m.model_copy(update={"id": 5 * 10**11 + i}) for i, m in enumerate(load_movielens(SAMPLE_CORPUS).posts()[:60])
+    ]
     events = tmp_path / "events.jsonl"
-    events.write_text("".join(json.dumps({"type": "create", "post": json.loads(p.model_dump_json(exclude_none=True))}) + "\n"
-                              for p in posts))
+    events.write_text(
+        "".join(
+            json.dumps({"type": "create", "post": json.loads(p.model_dump_json(exclude_none=True))}) + "\n"
+            for p in posts
+        )
+    )
     state = tmp_path / "state"
     source = JsonlSource(events, state)
     results: dict[str, object] = {}

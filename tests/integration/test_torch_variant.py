@@ -13,13 +13,13 @@ import pytest
 import tritonclient.grpc.model_config_pb2 as mc
 
 from feedserve.artifacts import ArtifactLayout, EncoderSettings
-from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.clients.batch import index_corpus
 from feedserve.clients.online import FeedClient
-from feedserve.prompt.movielens import load_movielens
-from feedserve.triton.repository import RepositorySettings, config_files, render_configs, write_files
-from feedserve.schema import ModelName
+from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
+from feedserve.prompt.movielens import load_movielens
+from feedserve.schema import ModelName
+from feedserve.triton.repository import RepositorySettings, config_files, render_configs, write_files
 
 pytestmark = pytest.mark.integration
 
@@ -42,9 +42,9 @@ def _torch_repository_on_cpu(dest: Path) -> None:
 def test_the_torch_backends_serve_the_ensembles(tiny_artifacts: ArtifactLayout, tmp_path: Path) -> None:
     from tokenizers import Tokenizer
 
+    from feedserve.encode.ort import OnnxEncoder
     from feedserve.prompt.buckets import PercentileBuckets
     from feedserve.prompt.builder import PromptBuilder
-    from feedserve.encode.ort import OnnxEncoder
 
     root = tmp_path / "artifacts"
     shutil.copytree(tiny_artifacts.root, root, ignore=shutil.ignore_patterns("index", "emb"))
@@ -53,15 +53,33 @@ def test_the_torch_backends_serve_the_ensembles(tiny_artifacts: ArtifactLayout, 
     data = load_movielens(SAMPLE_CORPUS)
     posts = sorted(data.posts(), key=lambda p: -p.counts.get("ratings", 0))[:60]
     members = [m for m in data.members() if 3 <= len(m.history) <= 40][:3]
-    builder = PromptBuilder(Tokenizer.from_file(str(layout.tokenizer)), PercentileBuckets.load(layout.buckets),
-                            EncoderSettings.load(layout.settings))
+    builder = PromptBuilder(
+        Tokenizer.from_file(str(layout.tokenizer)),
+        PercentileBuckets.load(layout.buckets),
+        EncoderSettings.load(layout.settings),
+    )
     onnx = OnnxEncoder(layout.onnx)
-    options = ServerOptions(repository=tmp_path / "repo", artifacts=root, http_port=free_port(), grpc_port=free_port(),
-                            metrics_port=free_port(), log_file=tmp_path / "tritonserver.log", startup_timeout_s=180)
+    options = ServerOptions(
+        repository=tmp_path / "repo",
+        artifacts=root,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        log_file=tmp_path / "tritonserver.log",
+        startup_timeout_s=180,
+    )
     with TritonServer(options) as server, FeedClient(server.grpc_url, "grpc", timeout_s=60) as client:
         # Posts embedded by the torch encoder through embed_post, indexed, and read back by the torch kNN.
-        index_corpus(posts, [p.id for p in posts], layout.index, embeddings_dir=root / "emb", url=server.grpc_url,
-                     batch_size=8, concurrency=2, progress=False)
+        index_corpus(
+            posts,
+            [p.id for p in posts],
+            layout.index,
+            embeddings_dir=root / "emb",
+            url=server.grpc_url,
+            batch_size=8,
+            concurrency=2,
+            progress=False,
+        )
         embedded = np.load(root / "emb" / "embeddings.npy")
         batch = builder.encode_posts(posts)
         reference = onnx.encode(batch.input_ids, batch.attention_mask)
@@ -78,11 +96,21 @@ def test_the_torch_backends_serve_the_ensembles(tiny_artifacts: ArtifactLayout, 
 
         # A live write reaches the kNN's device copy in place; the next search sees it.
         target = queries[:1] / np.linalg.norm(queries[:1])
-        client.infer(ModelName.INDEX_WRITE, {"OP": np.ones((1, 1), np.int32), "POST_ID": np.array([[999_999]], np.int64),
-                                             "EMBEDDING": target.astype(np.float32)}, ("LSN",))
+        client.infer(
+            ModelName.INDEX_WRITE,
+            {
+                "OP": np.ones((1, 1), np.int32),
+                "POST_ID": np.array([[999_999]], np.int64),
+                "EMBEDDING": target.astype(np.float32),
+            },
+            ("LSN",),
+        )
         found = client.infer(ModelName.KNN, {"QUERY": queries[:1], "K": np.array([[1]], np.int32)}, ("IDS",))["IDS"]
         assert found.tolist() == [[999_999]]
-        client.infer(ModelName.INDEX_WRITE, {"OP": np.full((1, 1), 2, np.int32), "POST_ID": np.array([[999_999]], np.int64)},
-                     ("LSN",))
+        client.infer(
+            ModelName.INDEX_WRITE,
+            {"OP": np.full((1, 1), 2, np.int32), "POST_ID": np.array([[999_999]], np.int64)},
+            ("LSN",),
+        )
         found = client.infer(ModelName.KNN, {"QUERY": queries[:1], "K": np.array([[3]], np.int32)}, ("IDS",))["IDS"]
         assert 999_999 not in found.ravel().tolist()

@@ -13,15 +13,15 @@ import pytest
 from tokenizers import Tokenizer
 
 from feedserve.artifacts import ArtifactLayout, EncoderSettings
-from feedserve.prompt.buckets import PercentileBuckets
-from feedserve.ops.builder import BuildOptions, build_artifacts
 from feedserve.clients.online import FeedClient
 from feedserve.encode.pytorch import TorchEncoder
-from feedserve.prompt.builder import PromptBuilder
-from feedserve.triton.repository import write_repository
+from feedserve.ops.builder import BuildOptions, build_artifacts
 from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
+from feedserve.prompt.buckets import PercentileBuckets
+from feedserve.prompt.builder import PromptBuilder
 from feedserve.training.data import synthetic_feed
 from feedserve.training.train import TrainConfig, train
+from feedserve.triton.repository import write_repository
 from tests.conftest import TINY_SETTINGS
 
 pytestmark = pytest.mark.integration
@@ -40,14 +40,23 @@ def test_trained_artifact_serves_the_embeddings_pytorch_gives(tiny_checkpoint: P
     assert json.loads((layout.hf_dir / "config.json").read_text())["num_hidden_layers"] == 1
     repo = tmp_path / "repo"
     write_repository(repo)
-    opts = ServerOptions(repository=repo, artifacts=layout.root, http_port=free_port(), grpc_port=free_port(),
-                         metrics_port=free_port(), log_file=tmp_path / "server.log")
+    opts = ServerOptions(
+        repository=repo,
+        artifacts=layout.root,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        log_file=tmp_path / "server.log",
+    )
     with TritonServer(opts) as server, FeedClient(server.grpc_url, "grpc") as client:
         served = client.embed_posts(syn.posts[:5])
         served_members = client.embed_members(syn.members[:3])
 
     reference = TorchEncoder(result.model_dir, TINY_SETTINGS)
     builder = PromptBuilder(Tokenizer.from_file(str(ArtifactLayout(layout.root).tokenizer)), buckets, TINY_SETTINGS)
-    for got, batch in ((served, builder.encode_posts(syn.posts[:5])), (served_members, builder.encode_members(syn.members[:3]))):
+    for got, batch in (
+        (served, builder.encode_posts(syn.posts[:5])),
+        (served_members, builder.encode_members(syn.members[:3])),
+    ):
         want = reference.encode(batch.input_ids, batch.attention_mask)
         assert (got * want).sum(axis=1).min() > 0.9999

@@ -12,16 +12,25 @@ import pytest
 from feedserve.artifacts import ArtifactLayout
 from feedserve.clients.online import FeedClient
 from feedserve.errors import ClientError
-from feedserve.triton.repository import RepositorySettings, write_repository
-from feedserve.schema import ModelName
 from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
+from feedserve.schema import ModelName
+from feedserve.triton.repository import RepositorySettings, write_repository
 
 pytestmark = pytest.mark.integration
 
 
 def _server(root: Path, repo: Path, log: Path, ports: list[int]) -> TritonServer:
-    return TritonServer(ServerOptions(repository=repo, artifacts=root, http_port=ports[0], grpc_port=ports[1],
-                                      metrics_port=ports[2], log_file=log, startup_timeout_s=180))
+    return TritonServer(
+        ServerOptions(
+            repository=repo,
+            artifacts=root,
+            http_port=ports[0],
+            grpc_port=ports[1],
+            metrics_port=ports[2],
+            log_file=log,
+            startup_timeout_s=180,
+        )
+    )
 
 
 def _distinct_ports(n: int) -> list[int]:
@@ -38,15 +47,25 @@ def test_a_follower_server_sees_the_writer_servers_writes(tiny_artifacts: Artifa
     write_repository(tmp_path / "follower", RepositorySettings(index_writer=False))
     vector = np.full((1, 32), 1 / np.sqrt(32), np.float32)
     ports = _distinct_ports(6)
-    with _server(root, tmp_path / "writer", tmp_path / "a.log", ports[:3]) as a, \
-            _server(root, tmp_path / "follower", tmp_path / "b.log", ports[3:]) as b, \
-            FeedClient(a.grpc_url, "grpc") as writer, FeedClient(b.grpc_url, "grpc") as reader:
+    with (
+        _server(root, tmp_path / "writer", tmp_path / "a.log", ports[:3]) as a,
+        _server(root, tmp_path / "follower", tmp_path / "b.log", ports[3:]) as b,
+        FeedClient(a.grpc_url, "grpc") as writer,
+        FeedClient(b.grpc_url, "grpc") as reader,
+    ):
         with pytest.raises(ClientError):  # the follower takes no writes
-            reader.infer(ModelName.INDEX_WRITE, {"OP": np.array([[2]], np.int32), "POST_ID": np.array([[1]], np.int64)}, ("LSN",))
-        writer.infer(ModelName.INDEX_WRITE, {"OP": np.ones((1, 1), np.int32), "POST_ID": np.array([[77]], np.int64),
-                                             "EMBEDDING": vector}, ("LSN",))
+            reader.infer(
+                ModelName.INDEX_WRITE, {"OP": np.array([[2]], np.int32), "POST_ID": np.array([[1]], np.int64)}, ("LSN",)
+            )
+        writer.infer(
+            ModelName.INDEX_WRITE,
+            {"OP": np.ones((1, 1), np.int32), "POST_ID": np.array([[77]], np.int64), "EMBEDDING": vector},
+            ("LSN",),
+        )
         found = reader.infer(ModelName.KNN, {"QUERY": vector, "K": np.array([[1]], np.int32)}, ("IDS",))["IDS"]
         assert found.tolist() == [[77]]
-        writer.infer(ModelName.INDEX_WRITE, {"OP": np.full((1, 1), 2, np.int32), "POST_ID": np.array([[77]], np.int64)}, ("LSN",))
+        writer.infer(
+            ModelName.INDEX_WRITE, {"OP": np.full((1, 1), 2, np.int32), "POST_ID": np.array([[77]], np.int64)}, ("LSN",)
+        )
         found = reader.infer(ModelName.KNN, {"QUERY": vector, "K": np.array([[1]], np.int32)}, ("IDS",))["IDS"]
         assert 77 not in found.ravel().tolist()

@@ -67,18 +67,22 @@ def test_preprocess_names_the_bad_record(tiny_artifacts: ArtifactLayout) -> None
     model = PreprocessModel()
     model.setup(tiny_artifacts, {"record_kind": "post"})
     good = json.dumps({"id": 1, "format": "text", "text": "hello world"}).encode()
-    out = model.run([
-        {"RECORDS": np.array([[good], [b'{"id": 2, "text": 5}']], object)},
-        {"RECORDS": np.array([[good]], object)},
-        {"RECORDS": np.array([good], object)},
-    ])
+    out = model.run(
+        [
+            {"RECORDS": np.array([[good], [b'{"id": 2, "text": 5}']], object)},
+            {"RECORDS": np.array([[good]], object)},
+            {"RECORDS": np.array([good], object)},
+        ]
+    )
     assert isinstance(out[0], RequestError) and "RECORDS[1]" in str(out[0]) and "text" in str(out[0])
     assert out[1]["INPUT_IDS"].shape == out[1]["ATTENTION_MASK"].shape
     assert isinstance(out[2], RequestError) and "shape [batch, 1]" in str(out[2])
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_torch_runtime_serves_the_onnx_embeddings(tiny_artifacts: ArtifactLayout, encoder: EncoderModel, device: str) -> None:
+def test_torch_runtime_serves_the_onnx_embeddings(
+    tiny_artifacts: ArtifactLayout, encoder: EncoderModel, device: str
+) -> None:
     # The gpu-torch variant's encoder: same backend, PyTorch instead of ONNX Runtime (bf16 on a GPU).
     import torch
 
@@ -121,12 +125,14 @@ def test_an_unchanged_prompt_is_not_encoded_again(tiny_artifacts: ArtifactLayout
     assert len(model.cache) == 4 and member["INPUT_IDS"][0].tobytes() not in model.cache
 
 
-def test_the_rendered_precision_picks_the_graph(tiny_artifacts: ArtifactLayout, encoder: EncoderModel, tmp_path: Path) -> None:
+def test_the_rendered_precision_picks_the_graph(
+    tiny_artifacts: ArtifactLayout, encoder: EncoderModel, tmp_path: Path
+) -> None:
     import shutil
 
     from feedserve.export.onnx import quantize_int8
-    from feedserve.triton.repository import RepositorySettings, render_configs
     from feedserve.schema import ModelName
+    from feedserve.triton.repository import RepositorySettings, render_configs
 
     def params(precision: str) -> dict[str, str]:
         config = render_configs(RepositorySettings(encoder_precision=precision))[ModelName.ENCODER]

@@ -15,7 +15,9 @@ from feedserve.prompt.buckets import PercentileBuckets
 @pytest.fixture
 def buckets() -> PercentileBuckets:
     rng = np.random.default_rng(0)
-    return PercentileBuckets.fit({"views": rng.lognormal(8, 2, 5000), "likes": np.r_[np.zeros(4000), rng.integers(1, 500, 1000)]})
+    return PercentileBuckets.fit(
+        {"views": rng.lognormal(8, 2, 5000), "likes": np.r_[np.zeros(4000), rng.integers(1, 500, 1000)]}
+    )
 
 
 def test_tag_format_and_range(buckets: PercentileBuckets) -> None:
@@ -56,7 +58,6 @@ def test_round_trip_and_corruption(buckets: PercentileBuckets, tmp_path: Path) -
     path.write_text("{")
     with pytest.raises(ValueError, match="cannot read percentile buckets"):
         PercentileBuckets.load(path)
-
 
 
 @settings(max_examples=50, deadline=None)

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from feedserve.training.device_bundle import pack, unpack
 from feedserve.artifacts import EncoderSettings
 from feedserve.encode.pytorch import TorchEncoder, keep_first_layers
+from feedserve.training.device_bundle import pack, unpack
 
 TEXTS = ["Toy Story (1995) Adventure Animation", "We are hiring machine learning engineers"]
 

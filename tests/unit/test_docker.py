@@ -22,7 +22,11 @@ TRITON_TENSORRT = {"24.12": "10.7"}
 
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    joined = re.sub(r"\\\n", " ", "\n".join(line for line in dockerfile.read_text().splitlines() if not line.lstrip().startswith("#")))
+    joined = re.sub(
+        r"\\\n",
+        " ",
+        "\n".join(line for line in dockerfile.read_text().splitlines() if not line.lstrip().startswith("#")),
+    )
     out = []
     for line in joined.splitlines():
         if line.strip():
@@ -46,7 +50,21 @@ def project_version() -> str:
 @pytest.mark.parametrize("name", ["Dockerfile.gpu", "Dockerfile.cpu"])
 def test_dockerfile_is_pinned_non_root_and_copies_what_exists(name: str) -> None:
     ops = instructions(DOCKER / name)
-    known = {"FROM", "LABEL", "ENV", "WORKDIR", "COPY", "RUN", "USER", "VOLUME", "EXPOSE", "HEALTHCHECK", "ENTRYPOINT", "ARG", "CMD"}
+    known = {
+        "FROM",
+        "LABEL",
+        "ENV",
+        "WORKDIR",
+        "COPY",
+        "RUN",
+        "USER",
+        "VOLUME",
+        "EXPOSE",
+        "HEALTHCHECK",
+        "ENTRYPOINT",
+        "ARG",
+        "CMD",
+    }
     assert {op for op, _ in ops} <= known
     base = next(args for op, args in ops if op == "FROM")
     assert ":" in base and not base.endswith(":latest"), f"{name}: unpinned base image {base}"
@@ -95,7 +113,9 @@ def test_compose_publishes_on_loopback_with_health_checks() -> None:
             assert source in named or source.startswith(("${", ".", "/")), volume
 
 
-def _run_entrypoint(tmp_path: Path, env: dict[str, str], failing: str | None = None) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+def _run_entrypoint(
+    tmp_path: Path, env: dict[str, str], failing: str | None = None
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
     """Run the entrypoint with stub commands that log their arguments; `failing` exits 1."""
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir(exist_ok=True)
@@ -104,8 +124,13 @@ def _run_entrypoint(tmp_path: Path, env: dict[str, str], failing: str | None = N
         fail = '\necho "stub failed" >&2\nexit 1' if command == failing else ""
         stub.write_text(f'#!/bin/sh\necho "{command} $*" >> "{log}"{fail}\n')
         stub.chmod(0o755)
-    result = subprocess.run(["bash", str(DOCKER / "entrypoint.sh"), "--log-verbose=1"], capture_output=True, text=True,
-                            env={"PATH": f"{bin_dir}:{os.environ['PATH']}", **env}, timeout=30)
+    result = subprocess.run(
+        ["bash", str(DOCKER / "entrypoint.sh"), "--log-verbose=1"],
+        capture_output=True,
+        text=True,
+        env={"PATH": f"{bin_dir}:{os.environ['PATH']}", **env},
+        timeout=30,
+    )
     return result, log.read_text().splitlines() if log.exists() else []
 
 
@@ -117,7 +142,11 @@ def artifacts(tmp_path: Path) -> Path:
 
 
 def test_entrypoint_builds_the_plan_then_starts_triton(tmp_path: Path, artifacts: Path) -> None:
-    env = {"FEEDSERVE_ARTIFACTS": str(artifacts), "FEEDSERVE_REPOSITORY": str(tmp_path / "models"), "FEEDSERVE_TRT_PRECISION": "bf16"}
+    env = {
+        "FEEDSERVE_ARTIFACTS": str(artifacts),
+        "FEEDSERVE_REPOSITORY": str(tmp_path / "models"),
+        "FEEDSERVE_TRT_PRECISION": "bf16",
+    }
     result, calls = _run_entrypoint(tmp_path, env)
     assert result.returncode == 0, result.stderr
     # The stub watchdog starts in the background just before the exec: its place among the last calls varies.
@@ -129,14 +158,22 @@ def test_entrypoint_builds_the_plan_then_starts_triton(tmp_path: Path, artifacts
     assert calls[1] == f"feedserve render --variant gpu-trt --out {tmp_path / 'models'}"
     assert calls[2].startswith("python3 -m feedserve.export.tensorrt ensure")
     assert f"--plan {tmp_path / 'models'}/encoder/1/model.plan" in calls[2] and "--precision bf16" in calls[2]
-    assert calls[3].startswith(f"tritonserver --model-repository={tmp_path / 'models'} --model-control-mode=explicit --load-model=*")
+    assert calls[3].startswith(
+        f"tritonserver --model-repository={tmp_path / 'models'} --model-control-mode=explicit --load-model=*"
+    )
     assert "--http-restricted-api=model-repository,shared-memory,trace,logging:feedserve-admin-key=" in calls[3]
     assert calls[3].endswith("--log-verbose=1")  # extra arguments reach the server
 
 
 def test_entrypoint_gpu_torch_builds_no_plan_and_cpu_uses_the_launcher(tmp_path: Path, artifacts: Path) -> None:
-    result, calls = _run_entrypoint(tmp_path, {"FEEDSERVE_ARTIFACTS": str(artifacts), "FEEDSERVE_VARIANT": "gpu-torch",
-                                               "FEEDSERVE_REPOSITORY": str(tmp_path / "models")})
+    result, calls = _run_entrypoint(
+        tmp_path,
+        {
+            "FEEDSERVE_ARTIFACTS": str(artifacts),
+            "FEEDSERVE_VARIANT": "gpu-torch",
+            "FEEDSERVE_REPOSITORY": str(tmp_path / "models"),
+        },
+    )
     assert result.returncode == 0 and len(calls) == 4 and any(c.startswith("tritonserver ") for c in calls)
     (tmp_path / "calls.log").unlink()
     result, calls = _run_entrypoint(tmp_path, {"FEEDSERVE_ARTIFACTS": str(artifacts), "FEEDSERVE_VARIANT": "cpu"})
@@ -145,16 +182,20 @@ def test_entrypoint_gpu_torch_builds_no_plan_and_cpu_uses_the_launcher(tmp_path:
 
 
 def test_entrypoint_stops_when_the_artifacts_fail_their_manifest(tmp_path: Path, artifacts: Path) -> None:
-    result, calls = _run_entrypoint(tmp_path, {"FEEDSERVE_ARTIFACTS": str(artifacts), "FEEDSERVE_VARIANT": "gpu-torch"},
-                                    failing="python3")
+    result, calls = _run_entrypoint(
+        tmp_path, {"FEEDSERVE_ARTIFACTS": str(artifacts), "FEEDSERVE_VARIANT": "gpu-torch"}, failing="python3"
+    )
     assert result.returncode == 1 and "stub failed" in result.stderr
     assert calls == [f"python3 -m feedserve.ops.manifest verify {artifacts}"]  # nothing rendered or started
 
 
-@pytest.mark.parametrize(("env", "words"), [
-    ({"FEEDSERVE_VARIANT": "tpu"}, "unknown FEEDSERVE_VARIANT"),
-    ({"FEEDSERVE_ARTIFACTS": "/nonexistent"}, "no built artifacts"),
-])
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"FEEDSERVE_VARIANT": "tpu"}, "unknown FEEDSERVE_VARIANT"),
+        ({"FEEDSERVE_ARTIFACTS": "/nonexistent"}, "no built artifacts"),
+    ],
+)
 def test_entrypoint_refuses_bad_settings(tmp_path: Path, artifacts: Path, env: dict[str, str], words: str) -> None:
     result, calls = _run_entrypoint(tmp_path, {"FEEDSERVE_ARTIFACTS": str(artifacts), **env})
     assert result.returncode == 2 and words in result.stderr and not calls

@@ -71,6 +71,8 @@ def test_right_padded_fast_path_equals_the_masked_reference(tiny_checkpoint: Pat
     rng = np.random.default_rng(2)
     ids, mask = _pad([rng.integers(4, 300, n) for n in (9, 31, 2, 17)], "right")
     fast = TorchEncoder(tiny_checkpoint, settings, right_padded=True)
-    np.testing.assert_allclose(fast.encode(ids, mask), TorchEncoder(tiny_checkpoint, settings).encode(ids, mask), atol=1e-5)
+    np.testing.assert_allclose(
+        fast.encode(ids, mask), TorchEncoder(tiny_checkpoint, settings).encode(ids, mask), atol=1e-5
+    )
     with pytest.raises(ValueError, match="right-padded"):
         fast.encode(*_pad([rng.integers(4, 300, n) for n in (3, 8)], "left"))

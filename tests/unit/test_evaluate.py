@@ -27,7 +27,9 @@ def test_retriever_caches_posts_and_truncates_to_matryoshka_prefixes(tiny_checkp
     assert full.shape == (6, 20) and np.all(np.abs(full) <= 1 + 1e-5)
     m, p = first.member_vectors(syn.members), first.posts
     prefix = first.score(syn.members, dim=16)
-    want = (m[:, :16] / np.linalg.norm(m[:, :16], axis=1, keepdims=True)) @ (p[:, :16] / np.linalg.norm(p[:, :16], axis=1, keepdims=True)).T
+    want = (m[:, :16] / np.linalg.norm(m[:, :16], axis=1, keepdims=True)) @ (
+        p[:, :16] / np.linalg.norm(p[:, :16], axis=1, keepdims=True)
+    ).T
     np.testing.assert_allclose(prefix, want, atol=1e-5)
 
 
@@ -42,8 +44,8 @@ def test_popularity_correlation() -> None:
 def test_an_artifact_dir_built_from_an_adapter_knows_how_it_was_trained(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import json
 
-    from feedserve.training.evaluate import EncoderDir
     from feedserve.artifacts import DEFAULT_ADAPTER
+    from feedserve.training.evaluate import EncoderDir
 
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("{}")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from feedserve.artifacts import EncoderSettings
+from feedserve.encode.ort import OnnxEncoder
 from feedserve.export.import_model import import_checkpoint
 from feedserve.export.onnx import ParityError, check_parity, export_onnx
-from feedserve.encode.ort import OnnxEncoder
 
 
 def test_export_parity_and_report(tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -44,7 +44,9 @@ def test_parity_error_reports_the_worst_difference(tiny_checkpoint: Path, tmp_pa
     assert err.value.worst_cosine < 0.9999 and err.value.max_abs_diff > 0
 
 
-def test_failed_export_keeps_the_previous_model(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_export_keeps_the_previous_model(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import feedserve.export.onnx as onnx_export
 
     out = tmp_path / "encoder.onnx"
@@ -132,8 +134,8 @@ def test_the_default_build_merges_the_bundled_fine_tune_only_into_the_bundled_ba
 
 def test_the_bundled_fine_tune_is_complete_and_matches_the_bundled_base() -> None:
     from feedserve.artifacts import ADAPTER_META, DEFAULT_ADAPTER, EncoderSettings
-    from feedserve.prompt.buckets import PercentileBuckets
     from feedserve.export.import_model import default_gguf_path, source_checksum
+    from feedserve.prompt.buckets import PercentileBuckets
 
     meta = json.loads((DEFAULT_ADAPTER / ADAPTER_META).read_text())
     assert meta["base_sha256"] == source_checksum(default_gguf_path())
@@ -156,7 +158,9 @@ def test_dim_and_pooling_change_the_adapters_settings_without_replacing_them(tmp
     assert resolve_settings(BuildOptions(tmp_path, pooling="last"), layout).pooling == "last"  # no adapter: free
 
 
-def test_an_export_that_failed_is_redone_by_the_next_build(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_export_that_failed_is_redone_by_the_next_build(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import feedserve.export.onnx as onnx_export
     from feedserve.ops.builder import BuildOptions, build_artifacts
 

@@ -11,8 +11,8 @@ import pytest
 
 from feedserve.artifacts import ArtifactLayout
 from feedserve.clients.batch import build_index
-from feedserve.index.wal import read_records
 from feedserve.index.store import PostIndex
+from feedserve.index.wal import read_records
 from feedserve.triton.base import RequestError
 from feedserve.triton.index_write import IndexWriteModel
 from feedserve.triton.knn import KnnModel
@@ -76,15 +76,23 @@ def test_writes_are_acknowledged_then_seen_by_every_follower(layout: ArtifactLay
         assert knn.live is not None and knn.live.reloads == 0
 
 
-@pytest.mark.parametrize(("bad", "words"), [
-    (_write([3], [5], np.zeros((1, DIM), np.float32)), "must be 1 (upsert) or 2 (delete)"),
-    (_write([1], [5], None), "EMBEDDING is missing"),
-    (_write([1], [5], np.zeros((1, DIM + 1), np.float32)), f"must have shape [n, {DIM}]"),
-    (_write([1], [5], np.full((1, DIM), np.nan, np.float32)), "NaN"),
-    (_write([1, 2], [5, 5], np.zeros((2, DIM), np.float32)), "appears twice"),
-    ({"OP": np.array([[1]], np.int64), "POST_ID": np.array([[5]], np.int64), "EMBEDDING": None}, "OP: expected dtype int32"),
-])
-def test_a_bad_write_fails_alone_and_logs_nothing(layout: ArtifactLayout, bad: dict[str, np.ndarray | None], words: str) -> None:
+@pytest.mark.parametrize(
+    ("bad", "words"),
+    [
+        (_write([3], [5], np.zeros((1, DIM), np.float32)), "must be 1 (upsert) or 2 (delete)"),
+        (_write([1], [5], None), "EMBEDDING is missing"),
+        (_write([1], [5], np.zeros((1, DIM + 1), np.float32)), f"must have shape [n, {DIM}]"),
+        (_write([1], [5], np.full((1, DIM), np.nan, np.float32)), "NaN"),
+        (_write([1, 2], [5, 5], np.zeros((2, DIM), np.float32)), "appears twice"),
+        (
+            {"OP": np.array([[1]], np.int64), "POST_ID": np.array([[5]], np.int64), "EMBEDDING": None},
+            "OP: expected dtype int32",
+        ),
+    ],
+)
+def test_a_bad_write_fails_alone_and_logs_nothing(
+    layout: ArtifactLayout, bad: dict[str, np.ndarray | None], words: str
+) -> None:
     writer = IndexWriteModel()
     writer.setup(layout, {})
     good = _write([1], [1], _unit(np.random.default_rng(1), 1))
@@ -107,7 +115,9 @@ def test_a_rebuilt_index_is_picked_up_by_the_writer(layout: ArtifactLayout) -> N
     assert set(_search(follower, _unit(rng, 1), 50)) == set(range(100, 110)) | {200}
 
 
-def test_a_write_the_disk_failed_is_unavailable_and_the_writer_recovers(layout: ArtifactLayout, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_write_the_disk_failed_is_unavailable_and_the_writer_recovers(
+    layout: ArtifactLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from feedserve.index import wal as index_log
     from feedserve.triton.base import Unavailable
 

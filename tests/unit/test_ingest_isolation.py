@@ -33,7 +33,9 @@ class RefusingServer:
 
 def test_a_refused_post_is_skipped_and_the_rest_of_its_window_written(tmp_path: Path) -> None:
     events = tmp_path / "events.jsonl"
-    events.write_text("".join(json.dumps({"type": "create", "post": {"id": i, "text": f"post {i}"}}) + "\n" for i in (11, 12, 13, 14)))
+    events.write_text(
+        "".join(json.dumps({"type": "create", "post": {"id": i, "text": f"post {i}"}}) + "\n" for i in (11, 12, 13, 14))
+    )
     server = RefusingServer()
     stats = Ingester(server, tmp_path / "state", window_s=10, max_batch=4).run(JsonlSource(events, tmp_path / "state"))  # type: ignore[arg-type]
     assert sorted(server.written) == [11, 12, 14] and stats.bad == 1

@@ -36,7 +36,9 @@ def test_search_matches_brute_force(index: PostIndex) -> None:
 
 
 @pytest.mark.parametrize("n_queries", [1, 7, 300])
-def test_the_matmul_search_returns_what_faiss_returns(index: PostIndex, n_queries: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_matmul_search_returns_what_faiss_returns(
+    index: PostIndex, n_queries: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import faiss
 
     rng = np.random.default_rng(2)
@@ -53,8 +55,11 @@ def test_the_matmul_search_returns_what_faiss_returns(index: PostIndex, n_querie
 
 # One write: (ids to upsert, ids to delete), from a small id space so that writes replace, delete and
 # re-add the same posts, and one write may upsert and delete the same id (the delete wins).
-WRITES = st.lists(st.tuples(st.sets(st.integers(0, 30), max_size=10), st.lists(st.integers(0, 30), max_size=6)),
-                  min_size=1, max_size=15)
+WRITES = st.lists(
+    st.tuples(st.sets(st.integers(0, 30), max_size=10), st.lists(st.integers(0, 30), max_size=6)),
+    min_size=1,
+    max_size=15,
+)
 
 
 @settings(max_examples=80, deadline=None)
@@ -69,7 +74,7 @@ def test_writes_keep_the_index_equal_to_a_dict_of_vectors(writes: list[tuple[set
         ids = np.array(sorted(upserts), np.int64)
         vectors = _unit(rng, len(ids), 4)
         removed = index.write(ids, vectors, np.array(deletes, np.int64))
-        model.update(zip(ids.tolist(), vectors))
+        model.update(zip(ids.tolist(), vectors, strict=True))
         assert removed == sum(model.pop(i, None) is not None for i in set(deletes))
         got_ids, got_vectors = index.snapshot()
         assert sorted(got_ids.tolist()) == sorted(model) and len(index) == len(model)
@@ -134,15 +139,17 @@ def test_knn_model_isolates_bad_requests(index: PostIndex, tmp_path: Path) -> No
     model = _knn_model(tmp_path, index)
     q = _unit(np.random.default_rng(4), 2, 16)
     good = {"QUERY": q, "K": np.array([[5], [3]], np.int32), "EXCLUDE_IDS": None}
-    results = model.run([
-        {"QUERY": q[:1], "K": np.array([[0]], np.int32)},
-        good,
-        {"QUERY": q[:1], "K": np.array([[51]], np.int32)},
-        {"QUERY": q[:1].astype(np.float64), "K": np.array([[1]], np.int32)},
-        {"QUERY": np.zeros((1, 8), np.float32), "K": np.array([[1]], np.int32)},
-        {"QUERY": np.full((1, 16), np.nan, np.float32), "K": np.array([[1]], np.int32)},
-        {"K": np.array([[1]], np.int32)},
-    ])
+    results = model.run(
+        [
+            {"QUERY": q[:1], "K": np.array([[0]], np.int32)},
+            good,
+            {"QUERY": q[:1], "K": np.array([[51]], np.int32)},
+            {"QUERY": q[:1].astype(np.float64), "K": np.array([[1]], np.int32)},
+            {"QUERY": np.zeros((1, 8), np.float32), "K": np.array([[1]], np.int32)},
+            {"QUERY": np.full((1, 16), np.nan, np.float32), "K": np.array([[1]], np.int32)},
+            {"K": np.array([[1]], np.int32)},
+        ]
+    )
     assert isinstance(results[0], RequestError) and "k=0 is out of range [1, 50]" in str(results[0])
     assert not isinstance(results[1], RequestError)
     assert results[1]["IDS"].shape == (2, 5) and (results[1]["IDS"][1, 3:] == -1).all()

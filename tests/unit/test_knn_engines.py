@@ -34,7 +34,9 @@ def _pair(engine: Engine, n: int = 3000, d: int = 32) -> tuple[PostIndex, PostIn
 
 
 def _same_results(a: PostIndex, b: PostIndex, queries: np.ndarray, k: int, exclude: list[np.ndarray]) -> None:
-    for x, y in zip(a.search(queries, [k] * len(queries), exclude), b.search(queries, [k] * len(queries), exclude), strict=True):
+    for x, y in zip(
+        a.search(queries, [k] * len(queries), exclude), b.search(queries, [k] * len(queries), exclude), strict=True
+    ):
         assert x.ids.tolist() == y.ids.tolist()
         np.testing.assert_allclose(x.scores, y.scores, atol=1e-5)
 
@@ -75,8 +77,11 @@ def test_torch_engine_follows_writes_and_exclusions() -> None:
 
 # One write: (ids to upsert, ids to delete), drawn from a small id space so that writes replace,
 # delete and re-add the same posts, and the same id can be upserted and deleted in one write.
-WRITES = st.lists(st.tuples(st.sets(st.integers(0, 40), max_size=12), st.sets(st.integers(0, 40), max_size=6)),
-                  min_size=1, max_size=12)
+WRITES = st.lists(
+    st.tuples(st.sets(st.integers(0, 40), max_size=12), st.sets(st.integers(0, 40), max_size=6)),
+    min_size=1,
+    max_size=12,
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -105,7 +110,9 @@ def test_torch_device_copy_follows_writes_in_place(writes: list[tuple[set[int], 
     assert other._device is device
     # The device copy's own writes never reach the store it was built from.
     (ids, vectors), (other_ids, other_vectors) = reference.snapshot(), other.snapshot()
-    assert dict(zip(ids.tolist(), vectors.tolist())) == dict(zip(other_ids.tolist(), other_vectors.tolist()))
+    assert dict(zip(ids.tolist(), vectors.tolist(), strict=True)) == dict(
+        zip(other_ids.tolist(), other_vectors.tolist(), strict=True)
+    )
 
 
 def test_a_failed_device_write_keeps_the_store_write_and_rebuilds_the_copy(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import struct
 import subprocess
 import sys
-import struct
 import textwrap
 import threading
 import time
@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from feedserve.index import wal as index_log
-from feedserve.index.wal import HEADER, LogError, Op, WriteAheadLog, read_records
 from feedserve.errors import IndexStoreError
+from feedserve.index import wal as index_log
 from feedserve.index.live import IndexFollower, IndexWriter, rebuilding
+from feedserve.index.wal import HEADER, LogError, Op, WriteAheadLog, read_records
 
 DIM = 8
 
@@ -118,7 +118,9 @@ def test_records_out_of_sequence_are_refused(tmp_path: Path) -> None:
         WriteAheadLog(log)
 
 
-def test_a_failed_fsync_refuses_writes_and_never_reuses_the_lsn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_fsync_refuses_writes_and_never_reuses_the_lsn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = np.random.default_rng(5)
     live = IndexWriter.open(tmp_path, DIM)
     follower = IndexFollower.open(tmp_path)

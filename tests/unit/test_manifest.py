@@ -14,8 +14,8 @@ from feedserve.artifacts import ArtifactLayout
 from feedserve.errors import IndexStoreError
 from feedserve.index.snapshot import save_arrays
 from feedserve.index.store import PostIndex
-from feedserve.ops.manifest import MANIFEST, ManifestError
 from feedserve.ops.launcher import ServerError, ServerOptions, TritonServer
+from feedserve.ops.manifest import MANIFEST, ManifestError
 from feedserve.triton.encoder import EncoderModel
 from feedserve.triton.preprocess import PreprocessModel
 
@@ -39,11 +39,14 @@ def test_an_intact_build_verifies(layout: ArtifactLayout) -> None:
     assert layout.verify() == len(listed)
 
 
-@pytest.mark.parametrize("damage,words", [
-    (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "truncated"),
-    (_flip_byte, "checksum differs"),
-    (lambda p: p.unlink(), "missing"),
-])
+@pytest.mark.parametrize(
+    "damage,words",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "truncated"),
+        (_flip_byte, "checksum differs"),
+        (lambda p: p.unlink(), "missing"),
+    ],
+)
 def test_a_damaged_onnx_graph_is_refused_by_the_encoder(layout: ArtifactLayout, damage, words: str) -> None:  # type: ignore[no-untyped-def]
     damage(layout.onnx)
     with pytest.raises(ManifestError, match=words) as err:
@@ -124,7 +127,12 @@ def test_an_index_saved_before_checksums_loads_with_a_warning(tmp_path: Path, ca
     path = tmp_path / "posts.npz"
     vectors = np.random.default_rng(2).normal(size=(4, 8)).astype(np.float32)
     with open(path, "wb") as f:  # as feedserve wrote it before checksums
-        np.savez(f, ids=np.arange(4), vectors=vectors, meta=np.array(json.dumps({"format": "feedserve.index/1", "dim": 8, "count": 4})))
+        np.savez(
+            f,
+            ids=np.arange(4),
+            vectors=vectors,
+            meta=np.array(json.dumps({"format": "feedserve.index/1", "dim": 8, "count": 4})),
+        )
     with caplog.at_level("WARNING"):
         assert len(PostIndex.load(path)) == 4
     assert "no checksum" in caplog.text

@@ -15,13 +15,20 @@ from feedserve.prompt.records import Engagement, Member, Post, parse_member, par
 from tests.tiny import make_tokenizer
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "ensemble" / "prompt" / "examples"
-SETTINGS = EncoderSettings(max_prompt_tokens=200, post_text_tokens=20, history_item_tokens=8, max_history_items=30,
-                           length_buckets=(16, 32, 64, 128, 256))
+SETTINGS = EncoderSettings(
+    max_prompt_tokens=200,
+    post_text_tokens=20,
+    history_item_tokens=8,
+    max_history_items=30,
+    length_buckets=(16, 32, 64, 128, 256),
+)
 
 
 @pytest.fixture(scope="module")
 def builder() -> PromptBuilder:
-    buckets = PercentileBuckets.fit({"views": np.arange(1000.0), "likes": np.arange(100.0), "comments": [0, 1, 2], "shares": [0, 1]})
+    buckets = PercentileBuckets.fit(
+        {"views": np.arange(1000.0), "likes": np.arange(100.0), "comments": [0, 1, 2], "shares": [0, 1]}
+    )
     return PromptBuilder(make_tokenizer(), buckets, SETTINGS)
 
 
@@ -108,14 +115,23 @@ def test_any_member_gives_a_bounded_prompt_that_keeps_the_newest_history(
 ) -> None:
     buckets = PercentileBuckets.fit({"views": np.arange(1000.0)})
     b = PromptBuilder(make_tokenizer(), buckets, SETTINGS)
-    member = Member(id=1, headline=headline[:1024], skills=skills,
-                    history=[Engagement(post_id=pid, engaged_at=i, post=Post(id=pid, text=text)) for i, (pid, text) in enumerate(history)])
+    member = Member(
+        id=1,
+        headline=headline[:1024],
+        skills=skills,
+        history=[
+            Engagement(post_id=pid, engaged_at=i, post=Post(id=pid, text=text)) for i, (pid, text) in enumerate(history)
+        ],
+    )
     batch = b.encode_members([member])
     assert 1 <= batch.attention_mask.sum() <= SETTINGS.max_prompt_tokens
     assert batch.input_ids.shape[1] in SETTINGS.length_buckets
     # Every engaged post is excluded from retrieval, also those cut from the prompt.
     assert set(batch.exclude_ids[0][batch.exclude_ids[0] >= 0].tolist()) == {pid for pid, _ in history}
     # What the prompt keeps of the history is its newest end, in order.
-    items = [b._history_item(h) for h in member.history[-SETTINGS.max_history_items:]]
+    items = [b._history_item(h) for h in member.history[-SETTINGS.max_history_items :]]
     prompt = b.member_prompt(member)
-    assert any(prompt.endswith("<history>" + "".join(items[len(items) - n:]) + "</history></member>") for n in range(len(items) + 1))
+    assert any(
+        prompt.endswith("<history>" + "".join(items[len(items) - n :]) + "</history></member>")
+        for n in range(len(items) + 1)
+    )

@@ -58,7 +58,10 @@ def test_bad_posts_name_the_field(raw: bytes, words: str) -> None:
     [
         ({"id": 5, "history": [{"engaged_at": 1}]}, "member.history[0].post_id: Field required"),
         ({"id": 5, "skills": "python"}, "member.skills: Input should be a valid list"),
-        ({"id": 5, "history": [{"post_id": 1, "post": {"id": 1, "counts": {"likes": -1}}}]}, "member.history[0].post.counts"),
+        (
+            {"id": 5, "history": [{"post_id": 1, "post": {"id": 1, "counts": {"likes": -1}}}]},
+            "member.history[0].post.counts",
+        ),
         ({"id": 5, "positions": [{"title": "x", "start_year": "2020"}]}, "member.positions[0].start_year"),
     ],
 )
@@ -82,7 +85,7 @@ def test_jsonl_round_trip(tmp_path: Path) -> None:
 
 
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats() | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers(-(10**20), 10**20) | st.floats() | st.text(max_size=20),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=5),
     max_leaves=20,
 )

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from feedserve.triton.repository import RepositorySettings, drift, render_configs, write_repository
-from feedserve.schema import IO, ModelName
 from feedserve.ops.launcher import DEFAULT_REPOSITORY
+from feedserve.schema import IO, ModelName
+from feedserve.triton.repository import RepositorySettings, drift, render_configs, write_repository
 
 
 def test_committed_repository_matches_the_code() -> None:

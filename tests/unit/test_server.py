@@ -28,7 +28,6 @@ def test_backend_dir_has_the_stub_for_this_python(tmp_path: Path) -> None:
     assert (backend / "python" / "triton_python_backend_stub").exists()
 
 
-
 def test_the_stub_watchdog_reloads_a_model_whose_stub_died(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With real processes: a fake server starts a fake stub (named like the python backend's, its
     first argument the model's model.py, as Triton starts them). Alive, nothing happens; killed (a
@@ -46,10 +45,17 @@ def test_the_stub_watchdog_reloads_a_model_whose_stub_died(tmp_path: Path, monke
     model_py.parent.mkdir(parents=True)
     model_py.write_text("import time\ntime.sleep(60)\n")
     stub_name = str(tmp_path / "triton_python_backend_stub")
-    server = subprocess.Popen([sys.executable, "-c", (
-        "import subprocess, sys, time\n"
-        f"subprocess.Popen([{stub_name!r}, {str(model_py)!r}], executable=sys.executable)\n"
-        "time.sleep(60)\n")])
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import subprocess, sys, time\n"
+                f"subprocess.Popen([{stub_name!r}, {str(model_py)!r}], executable=sys.executable)\n"
+                "time.sleep(60)\n"
+            ),
+        ]
+    )
     try:
         deadline = time.monotonic() + 20
         while not stub_processes(server.pid) and time.monotonic() < deadline:

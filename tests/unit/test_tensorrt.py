@@ -11,7 +11,14 @@ import pytest
 
 from feedserve.artifacts import ArtifactLayout, EncoderSettings
 from feedserve.export.tensorrt import (
-    UNAVAILABLE_EXIT, EngineOptions, Profile, ensure_engine, main, rename_io, stale_fields, unavailable_reason,
+    UNAVAILABLE_EXIT,
+    EngineOptions,
+    Profile,
+    ensure_engine,
+    main,
+    rename_io,
+    stale_fields,
+    unavailable_reason,
 )
 from feedserve.files import sha256_file
 from feedserve.schema import ATTENTION_MASK, EMBEDDING, INPUT_IDS
@@ -40,15 +47,24 @@ def test_profile_follows_the_serving_settings() -> None:
     assert profile.batch == (1, 32, 64) and profile.tokens == (1, 128, 256)
     assert profile.shapes() == ((1, 1), (32, 128), (64, 256))
     # A budget between buckets is padded up to the next bucket by preprocess: the profile covers it.
-    assert Profile.for_settings(EncoderSettings(max_prompt_tokens=200, length_buckets=(64, 128, 256)), 8).tokens == (1, 128, 256)
+    assert Profile.for_settings(EncoderSettings(max_prompt_tokens=200, length_buckets=(64, 128, 256)), 8).tokens == (
+        1,
+        128,
+        256,
+    )
     with pytest.raises(ValueError, match="precision"):
         EngineOptions(precision="int4")
 
 
 def test_a_plan_is_stale_when_anything_it_was_built_from_changed(tmp_path: Path) -> None:
     plan, meta = tmp_path / "model.plan", tmp_path / "model.plan.json"
-    expected = {"tensorrt": "10.5.0", "gpu": {"name": "NVIDIA H100", "capability": [9, 0]}, "precision": "fp16",
-                "profile": {"batch": [1, 32, 64], "tokens": [1, 128, 256]}, "source_sha256": "ab"}
+    expected = {
+        "tensorrt": "10.5.0",
+        "gpu": {"name": "NVIDIA H100", "capability": [9, 0]},
+        "precision": "fp16",
+        "profile": {"batch": [1, 32, 64], "tokens": [1, 128, 256]},
+        "source_sha256": "ab",
+    }
     assert stale_fields(meta, expected) == ["plan"]
     plan.write_bytes(b"engine")
     meta.write_text(json.dumps({**expected, "build_s": 12.0}))

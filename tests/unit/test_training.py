@@ -9,14 +9,16 @@ import pytest
 from tokenizers import Tokenizer
 
 from feedserve.artifacts import EncoderSettings
-from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.encode.pytorch import TorchEncoder
+from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.builder import PromptBuilder
 from feedserve.training.data import synthetic_feed
 from feedserve.training.evaluate import evaluate_embeddings
 from feedserve.training.train import TrainConfig, train
 
-SETTINGS = EncoderSettings(max_prompt_tokens=128, post_text_tokens=24, history_item_tokens=12, length_buckets=(32, 64, 128))
+SETTINGS = EncoderSettings(
+    max_prompt_tokens=128, post_text_tokens=24, history_item_tokens=12, length_buckets=(32, 64, 128)
+)
 
 
 def _recall(model_dir: Path, syn, buckets: PercentileBuckets) -> dict[str, float]:  # type: ignore[no-untyped-def]
@@ -43,7 +45,15 @@ def syn():  # type: ignore[no-untyped-def]
 
 def test_loss_falls_and_recall_beats_random(tiny_checkpoint: Path, tmp_path: Path, syn) -> None:  # type: ignore[no-untyped-def]
     buckets = PercentileBuckets.fit_posts(syn.posts)
-    cfg = TrainConfig(steps=150, batch_size=12, lr=1e-2, hard_negatives=2, easy_negatives=8, matryoshka_dims=(16,), checkpoint_every=25)
+    cfg = TrainConfig(
+        steps=150,
+        batch_size=12,
+        lr=1e-2,
+        hard_negatives=2,
+        easy_negatives=8,
+        matryoshka_dims=(16,),
+        checkpoint_every=25,
+    )
     result = train(tiny_checkpoint, tmp_path / "run", syn.train, syn.posts, buckets, SETTINGS, cfg, progress=False)
     first, last = np.mean(result.losses[:5]), np.mean(result.losses[-5:])
     assert last < 0.7 * first, (first, last)
@@ -58,16 +68,52 @@ def test_loss_falls_and_recall_beats_random(tiny_checkpoint: Path, tmp_path: Pat
 def test_resume_continues_where_it_stopped(tiny_checkpoint: Path, tmp_path: Path, syn) -> None:  # type: ignore[no-untyped-def]
     buckets = PercentileBuckets.fit_posts(syn.posts)
     base = dict(batch_size=8, lr=1e-3, easy_negatives=4, checkpoint_every=3, lora_r=4)
-    full = train(tiny_checkpoint, tmp_path / "a", syn.train, syn.posts, buckets, SETTINGS, TrainConfig(steps=6, **base), progress=False)
+    full = train(
+        tiny_checkpoint,
+        tmp_path / "a",
+        syn.train,
+        syn.posts,
+        buckets,
+        SETTINGS,
+        TrainConfig(steps=6, **base),
+        progress=False,
+    )
     # A 4-step run (checkpoints at 3 and 4), extended to 6: it resumes at 4 and ends where `full` did.
-    train(tiny_checkpoint, tmp_path / "b", syn.train, syn.posts, buckets, SETTINGS, TrainConfig(steps=4, **base), progress=False)
-    resumed = train(tiny_checkpoint, tmp_path / "b", syn.train, syn.posts, buckets, SETTINGS, TrainConfig(steps=6, **base), progress=False)
+    train(
+        tiny_checkpoint,
+        tmp_path / "b",
+        syn.train,
+        syn.posts,
+        buckets,
+        SETTINGS,
+        TrainConfig(steps=4, **base),
+        progress=False,
+    )
+    resumed = train(
+        tiny_checkpoint,
+        tmp_path / "b",
+        syn.train,
+        syn.posts,
+        buckets,
+        SETTINGS,
+        TrainConfig(steps=6, **base),
+        progress=False,
+    )
     assert resumed.resumed_from == 4
     np.testing.assert_allclose(resumed.losses, full.losses, rtol=1e-4)
     assert (tmp_path / "b" / "adapter" / "adapter_config.json").exists()
     # Running a finished run again trains nothing and keeps the report of the run that did.
     report = (tmp_path / "b" / "train_report.json").read_text()
-    again = train(tiny_checkpoint, tmp_path / "b", syn.train, syn.posts, buckets, SETTINGS, TrainConfig(steps=6, **base), progress=False)
+    again = train(
+        tiny_checkpoint,
+        tmp_path / "b",
+        syn.train,
+        syn.posts,
+        buckets,
+        SETTINGS,
+        TrainConfig(steps=6, **base),
+        progress=False,
+    )
     assert again.resumed_from == 6 and (tmp_path / "b" / "train_report.json").read_text() == report
 
 
@@ -78,10 +124,32 @@ def test_an_intermediate_checkpoint_is_the_shorter_run(tiny_checkpoint: Path, tm
 
     buckets = PercentileBuckets.fit_posts(syn.posts)
     base = dict(batch_size=8, lr=1e-3, easy_negatives=4, checkpoint_every=3, lora_r=4)
-    train(tiny_checkpoint, tmp_path / "long", syn.train, syn.posts, buckets, SETTINGS, TrainConfig(steps=6, **base), progress=False)
-    short = train(tiny_checkpoint, tmp_path / "short", syn.train, syn.posts, buckets, SETTINGS, TrainConfig(steps=3, **base), progress=False)
-    model = materialize_checkpoint(tiny_checkpoint, tmp_path / "long", tmp_path / "long" / "checkpoints" / "step-3", tmp_path / "at3")
-    batch = PromptBuilder(Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json")), buckets, SETTINGS).encode_posts(syn.posts[:6])
+    train(
+        tiny_checkpoint,
+        tmp_path / "long",
+        syn.train,
+        syn.posts,
+        buckets,
+        SETTINGS,
+        TrainConfig(steps=6, **base),
+        progress=False,
+    )
+    short = train(
+        tiny_checkpoint,
+        tmp_path / "short",
+        syn.train,
+        syn.posts,
+        buckets,
+        SETTINGS,
+        TrainConfig(steps=3, **base),
+        progress=False,
+    )
+    model = materialize_checkpoint(
+        tiny_checkpoint, tmp_path / "long", tmp_path / "long" / "checkpoints" / "step-3", tmp_path / "at3"
+    )
+    batch = PromptBuilder(Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json")), buckets, SETTINGS).encode_posts(
+        syn.posts[:6]
+    )
     a = TorchEncoder(model, SETTINGS).encode(batch.input_ids, batch.attention_mask)
     b = TorchEncoder(short.model_dir, SETTINGS).encode(batch.input_ids, batch.attention_mask)
     np.testing.assert_allclose(a, b, atol=1e-5)
@@ -95,7 +163,9 @@ def test_cli_refuses_a_base_with_an_adapter_merged_in(tmp_path: Path, capsys: py
     from feedserve.training.train import main
 
     (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "import.json").write_text(json.dumps({"sha256": "0" * 64, "adapter": "models/smollm2-movielens"}))
+    (tmp_path / "hf" / "import.json").write_text(
+        json.dumps({"sha256": "0" * 64, "adapter": "models/smollm2-movielens"})
+    )
     SETTINGS.save(tmp_path / "serving.json")
     with pytest.raises(SystemExit):
         main(["--base", str(tmp_path), "--out", str(tmp_path / "run"), "--steps", "1"])
@@ -107,5 +177,14 @@ def test_checkpoints_kept(tiny_checkpoint: Path, tmp_path: Path, syn) -> None:  
     base = dict(steps=4, batch_size=4, easy_negatives=2, checkpoint_every=1)
     for keep, expected in ((2, ["step-3", "step-4"]), (0, ["step-1", "step-2", "step-3", "step-4"])):
         out = tmp_path / f"keep{keep}"
-        train(tiny_checkpoint, out, syn.train, syn.posts, buckets, SETTINGS, TrainConfig(keep_checkpoints=keep, **base), progress=False)
+        train(
+            tiny_checkpoint,
+            out,
+            syn.train,
+            syn.posts,
+            buckets,
+            SETTINGS,
+            TrainConfig(keep_checkpoints=keep, **base),
+            progress=False,
+        )
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == expected

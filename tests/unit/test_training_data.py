@@ -12,7 +12,10 @@ def test_movielens_split_never_trains_on_the_future() -> None:
     assert split.train and len(split.test) >= 50
     for ex in split.train:
         assert when[(ex.member.id, ex.positive.id)] < split.cutoff
-        assert all(h.engaged_at < when[(ex.member.id, ex.positive.id)] or h.engaged_at == when[(ex.member.id, ex.positive.id)] for h in ex.member.history)
+        assert all(
+            h.engaged_at < when[(ex.member.id, ex.positive.id)] or h.engaged_at == when[(ex.member.id, ex.positive.id)]
+            for h in ex.member.history
+        )
         assert all(ml.movies[n.id] for n in ex.hard_negatives)
     for case in split.test:
         assert case.targets and all(when[(case.member.id, t)] >= split.cutoff for t in case.targets)
@@ -42,7 +45,12 @@ def test_history_with_negatives_adds_only_earlier_disliked_movies() -> None:
         assert all(h.engaged_at <= a.member.history[-1].engaged_at and h.action.startswith("rated ") for h in disliked)
         grew += bool(disliked)
     assert grew > len(plain.train) // 4
-    assert all(h.engaged_at < mixed.cutoff for c in mixed.test for h in c.member.history if rating[(c.member.id, h.post_id)] <= 2.5)
+    assert all(
+        h.engaged_at < mixed.cutoff
+        for c in mixed.test
+        for h in c.member.history
+        if rating[(c.member.id, h.post_id)] <= 2.5
+    )
 
 
 def test_synthetic_members_engage_with_their_topic() -> None:
