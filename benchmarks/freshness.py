@@ -32,7 +32,7 @@ from feedserve.clients.ingest import Ingester, JsonlSource
 from feedserve.clients.online import FeedClient
 from feedserve.clients.perf import machine
 from feedserve.ops.builder import SAMPLE_CORPUS
-from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
+from feedserve.ops.launcher import TritonServer, on_free_ports
 from feedserve.prompt.movielens import load_movielens
 from feedserve.prompt.records import Post
 from feedserve.schema import IDS, LSN, OP, OP_UPSERT, POST_ID, QUERY, WRITE_EMBEDDING, K, ModelName
@@ -98,14 +98,14 @@ class WritesDuring(threading.Thread):
     """Posts written one at a time through `index_write` while something else runs (a rebuild);
     `acknowledged` lists those the writer answered, and `retrievable` checks they are served."""
 
-    def __init__(self, url: str, posts: list[Post], every_s: float) -> None:
+    def __init__(self, url: str, posts: list[Post], every_s: float, write_key: str | None) -> None:
         super().__init__(daemon=True)
-        self.url, self.posts, self.every_s = url, posts, every_s
+        self.url, self.posts, self.every_s, self.write_key = url, posts, every_s, write_key
         self.acknowledged: list[Post] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
-        with FeedClient(self.url, "grpc", timeout_s=60) as client:
+        with FeedClient(self.url, "grpc", timeout_s=60, write_key=self.write_key) as client:
             for post in self.posts:
                 if self.stop.wait(self.every_s):
                     return
@@ -113,7 +113,7 @@ class WritesDuring(threading.Thread):
                 client.infer(
                     ModelName.INDEX_WRITE,
                     {
-                        OP.name: np.array([[OP_UPSERT]], np.int32),
+                        OP.name: np.array([[OP_UPSERT]], np.int64),
                         POST_ID.name: np.array([[post.id]], np.int64),
                         WRITE_EMBEDDING.name: vector,
                     },
@@ -128,7 +128,7 @@ class WritesDuring(threading.Thread):
         with FeedClient(self.url, "grpc", timeout_s=60) as client:
             vectors = client.embed_posts(self.acknowledged)
             top = client.infer(
-                ModelName.KNN, {QUERY.name: vectors, K.name: np.ones((len(vectors), 1), np.int32)}, (IDS.name,)
+                ModelName.KNN, {QUERY.name: vectors, K.name: np.ones((len(vectors), 1), np.int64)}, (IDS.name,)
             )
         return sum(int(hit) == p.id for hit, p in zip(top[IDS.name][:, 0], self.acknowledged, strict=True))
 
@@ -161,14 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         repository = Path(tmp) / "repository"
         write_repository(repository, RepositorySettings(encoder_cache_rows=10000 if args.prompt_cache else 0))
         report["prompt_cache"] = args.prompt_cache
-        opts = ServerOptions(
-            repository=repository,
-            artifacts=layout.root,
-            http_port=free_port(),
-            grpc_port=free_port(),
-            metrics_port=free_port(),
-            log_file=Path(tmp) / "tritonserver.log",
-        )
+        opts = on_free_ports(repository=repository, artifacts=layout.root, log_file=Path(tmp) / "tritonserver.log")
         with TritonServer(opts) as server:
             stats = index_corpus(base, [q.id for q in base], layout.index, url=server.grpc_url, progress=False)
             report["initial_index"] = {"posts": stats.posts, "seconds": stats.seconds}
@@ -198,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
                         f.flush()
 
             source = JsonlSource(events, Path(tmp) / "ingest", follow=True, idle_exit_s=5.0)
-            with FeedClient(server.grpc_url, "grpc", timeout_s=60) as client, Load(server.grpc_url, members) as busy:
+            with (
+                FeedClient(server.grpc_url, "grpc", timeout_s=60, write_key=server.write_key) as client,
+                Load(server.grpc_url, members) as busy,
+            ):
                 t0 = time.perf_counter()
                 producer = threading.Thread(target=produce)
                 producer.start()
@@ -217,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             report["retrieve_while_ingesting"] = {"per_s": busy.per_s, "failed": busy.failed}
 
             # The rebuild replaces the index as of its start; posts written while it runs must survive it.
-            writes = WritesDuring(server.grpc_url, stream[n_events : n_events + 200], every_s=1.0)
+            writes = WritesDuring(server.grpc_url, stream[n_events : n_events + 200], 1.0, server.write_key)
             with Load(server.grpc_url, members) as during:
                 t = time.perf_counter()
                 writes.start()

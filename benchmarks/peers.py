@@ -65,7 +65,7 @@ def encoder_peers(layout: ArtifactLayout, n_posts: int, batch: int) -> dict[str,
     from feedserve.clients.batch import embed_records
     from feedserve.encode.ort import OnnxEncoder
     from feedserve.ops.builder import SAMPLE_CORPUS
-    from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
+    from feedserve.ops.launcher import TritonServer, on_free_ports
     from feedserve.prompt.buckets import PercentileBuckets
     from feedserve.prompt.builder import PromptBuilder, TokenBatch
     from feedserve.prompt.movielens import load_movielens
@@ -156,14 +156,7 @@ def encoder_peers(layout: ArtifactLayout, n_posts: int, batch: int) -> dict[str,
                     encoder_cache_rows=0, index_writer=False, encoder_precision="int8" if tag else "fp32"
                 ),
             )
-            opts = ServerOptions(
-                repository=repository,
-                artifacts=layout.root,
-                http_port=free_port(),
-                grpc_port=free_port(),
-                metrics_port=free_port(),
-                log_file=Path(tmp) / "tritonserver.log",
-            )
+            opts = on_free_ports(repository=repository, artifacts=layout.root, log_file=Path(tmp) / "tritonserver.log")
             with TritonServer(opts) as server:
                 embed_records(posts[:16], url=server.grpc_url, progress=False)  # warm-up
                 start = time.perf_counter()
@@ -276,7 +269,7 @@ def retrieve_curve(layout: ArtifactLayout, sizes: list[int], n_members: int) -> 
     from feedserve.clients.batch import build_index
     from feedserve.clients.online import FeedClient
     from feedserve.ops.builder import SAMPLE_CORPUS
-    from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
+    from feedserve.ops.launcher import TritonServer, on_free_ports
     from feedserve.prompt.movielens import load_movielens
     from feedserve.triton.repository import RepositorySettings, write_repository
 
@@ -289,14 +282,7 @@ def retrieve_curve(layout: ArtifactLayout, sizes: list[int], n_members: int) -> 
         repository = Path(tmp) / "repository"
         write_repository(repository, RepositorySettings(encoder_cache_rows=0, index_writer=False))
         build_index(np.arange(sizes[0]), unit_vectors(rng, sizes[0], dim), scratch.index)
-        opts = ServerOptions(
-            repository=repository,
-            artifacts=scratch.root,
-            http_port=free_port(),
-            grpc_port=free_port(),
-            metrics_port=free_port(),
-            log_file=Path(tmp) / "tritonserver.log",
-        )
+        opts = on_free_ports(repository=repository, artifacts=scratch.root, log_file=Path(tmp) / "tritonserver.log")
         with TritonServer(opts) as server, FeedClient(server.grpc_url, "grpc", timeout_s=300) as client:
             for i, n in enumerate(sizes):
                 if i:  # a rebuild: knn loads it whole before its next search

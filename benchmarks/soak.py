@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     from feedserve.clients.batch import index_corpus
     from feedserve.clients.perf_data import movielens_input
     from feedserve.ops.builder import SAMPLE_CORPUS
-    from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
+    from feedserve.ops.launcher import TritonServer, on_free_ports
     from feedserve.prompt.movielens import load_movielens
     from feedserve.triton.repository import RepositorySettings, write_repository
 
@@ -131,14 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         write_repository(repository, RepositorySettings(encoder_cache_rows=0))
         data = Path(tmp) / "retrieve.json"
         data.write_text(json.dumps(movielens_input("retrieve", 32)))
-        opts = ServerOptions(
-            repository=repository,
-            artifacts=layout.root,
-            http_port=free_port(),
-            grpc_port=free_port(),
-            metrics_port=free_port(),
-            log_file=Path(tmp) / "tritonserver.log",
-        )
+        opts = on_free_ports(repository=repository, artifacts=layout.root, log_file=Path(tmp) / "tritonserver.log")
         with TritonServer(opts) as server:
             posts = load_movielens(SAMPLE_CORPUS).posts()[: args.posts]
             index_corpus(posts, [q.id for q in posts], layout.index, url=server.grpc_url, progress=False)

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from feedserve.clients.batch import embed_records
     from feedserve.encode.ort import OnnxEncoder
     from feedserve.encode.pytorch import TorchEncoder
-    from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
+    from feedserve.ops.launcher import TritonServer, on_free_ports
     from feedserve.prompt.buckets import PercentileBuckets
     from feedserve.prompt.builder import PromptBuilder
     from feedserve.prompt.movielens import load_movielens
@@ -121,13 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("encoder alone: %s", results)
 
     write_repository()
-    opts = ServerOptions(
-        artifacts=layout.root,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        log_file=layout.root.parent / "logs" / "bench-tritonserver.log",
-    )
+    opts = on_free_ports(artifacts=layout.root, log_file=layout.root.parent / "logs" / "bench-tritonserver.log")
     members = [m for m in ml.members() if 5 <= len(m.history) <= 60][:32]
     with TritonServer(opts) as server:
         embed_records(posts[:16], url=server.grpc_url, progress=False)  # warm-up

@@ -28,7 +28,7 @@ import numpy as np
 from feedserve.artifacts import ArtifactLayout, EncoderSettings, default_artifacts_dir
 from feedserve.clients.perf import machine, perf_analyzer_binary, run_perf_analyzer
 from feedserve.clients.perf_data import movielens_input, token_input
-from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
+from feedserve.ops.launcher import TritonServer, on_free_ports
 from feedserve.schema import ModelName
 from feedserve.triton.repository import RepositorySettings, render_configs, write_repository
 
@@ -113,11 +113,7 @@ def _pa(url: str, model: str, data: Path, concurrency: int, window_ms: int, prot
 
 def _server(repo: Path, settings: RepositorySettings, log: Path) -> TritonServer:
     write_repository(repo, settings)
-    return TritonServer(
-        ServerOptions(
-            repository=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), log_file=log
-        )
-    )
+    return TritonServer(on_free_ports(repository=repo, log_file=log))
 
 
 def measure_server(server: TritonServer, data: dict[str, Path], window_ms: int) -> dict[str, float]:

@@ -42,9 +42,11 @@ from typing import IO, Any, Protocol
 import numpy as np
 from pydantic import ValidationError
 
+from feedserve.artifacts import default_artifacts_dir
 from feedserve.clients.online import FeedClient
 from feedserve.errors import ClientError
 from feedserve.files import atomic_write
+from feedserve.ops.keys import WRITE_KEY_ENV, WRITE_KEY_FILE, write_key
 from feedserve.prompt.records import Post
 from feedserve.schema import LSN, OP, OP_DELETE, OP_UPSERT, POST_ID, WRITE_EMBEDDING, ModelName
 
@@ -327,7 +329,7 @@ class Ingester:
             try:
                 self._retrying(lambda: self._write(upserts, deletes))
             except ClientError as err:
-                if not err.refused:
+                if not err.refused or err.forbidden:  # no post's fault: stop without committing
                     raise
                 # The server refused the window (a post it will not take): write the posts one by
                 # one, so the refused ones are skipped by name instead of blocking every restart.
@@ -344,7 +346,7 @@ class Ingester:
         ids = list(upserts)
         ops = [OP_UPSERT] * len(ids) + [OP_DELETE] * len(deletes)
         inputs: dict[str, np.ndarray] = {
-            OP.name: np.array(ops, np.int32)[:, None],
+            OP.name: np.array(ops, np.int64)[:, None],
             POST_ID.name: np.array(ids + sorted(deletes), np.int64)[:, None],
         }
         if ids:  # delete rows ride along with zero vectors, which the writer ignores
@@ -462,6 +464,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="stop after this long without events (default: never, when following)",
     )
+    p.add_argument(
+        "--write-key",
+        default=None,
+        help=f"the server's write key (default: ${WRITE_KEY_ENV}, else {WRITE_KEY_FILE} in --artifacts)",
+    )
+    p.add_argument("--artifacts", type=Path, default=default_artifacts_dir(), help="where to find write.key")
     p.add_argument("--window-ms", type=float, default=200.0)
     p.add_argument("--max-batch", type=int, default=64)
     args = p.parse_args(argv)
@@ -474,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         events = StdinSource(sys.stdin.buffer, args.state)
     else:
         events = JsonlSource(args.events, args.state, args.follow, args.idle_exit_s)
-    with FeedClient(args.url, "grpc", timeout_s=60) as client:
+    key = args.write_key or write_key(args.artifacts)
+    with FeedClient(args.url, "grpc", timeout_s=60, write_key=key) as client:
         stats = Ingester(client, args.state, args.window_ms / 1000, args.max_batch).run(events)
     print(stats.line(), flush=True)
     return 0

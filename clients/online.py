@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -20,6 +21,7 @@ import numpy as np
 from tritonclient.utils import InferenceServerException
 
 from feedserve.errors import ClientError
+from feedserve.ops.keys import WRITE_HEADER, WRITE_KEY_ENV
 from feedserve.schema import EMBEDDING, IDS, NO_ID, RECORDS, SCORES, K, ModelName
 
 logger = logging.getLogger(__name__)
@@ -71,9 +73,19 @@ GRPC_CHANNEL_ARGS = [
 
 
 class FeedClient:
-    def __init__(self, url: str = "127.0.0.1:8000", protocol: Protocol = "http", timeout_s: float = 30.0) -> None:
+    """Retrievals, embeddings and any model's inference over HTTP or gRPC. Requests to index_write
+    carry `write_key` (default: $FEEDSERVE_WRITE_KEY) in the header the server checks."""
+
+    def __init__(
+        self,
+        url: str = "127.0.0.1:8000",
+        protocol: Protocol = "http",
+        timeout_s: float = 30.0,
+        write_key: str | None = None,
+    ) -> None:
         self.protocol = protocol
         self.timeout_s = timeout_s
+        self.write_key = write_key or os.environ.get(WRITE_KEY_ENV)
         self._tc = protocol_module(protocol)
         if protocol == "http":
             self._client = self._tc.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
@@ -102,6 +114,8 @@ class FeedClient:
         else:
             requested = [self._tc.InferRequestedOutput(o) for o in outputs]
             kwargs = {"client_timeout": self.timeout_s}
+        if model == ModelName.INDEX_WRITE and self.write_key:
+            kwargs["headers"] = {WRITE_HEADER: self.write_key}
         try:
             result = self._client.infer(model, tensors, outputs=requested, **kwargs)
         except InferenceServerException as err:
@@ -113,7 +127,7 @@ class FeedClient:
     def retrieve_many(self, members: Sequence[Record], k: int = 10) -> list[list[Hit]]:
         out = self.infer(
             ModelName.RETRIEVE,
-            {RECORDS.name: records_tensor(members), K.name: np.full((len(members), 1), k, np.int32)},
+            {RECORDS.name: records_tensor(members), K.name: np.full((len(members), 1), k, np.int64)},
             (IDS.name, SCORES.name),
         )
         return [

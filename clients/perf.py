@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         if args.grpc_url is None:
-            from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
+            from feedserve.ops.launcher import TritonServer, on_free_ports
             from feedserve.triton.repository import RepositorySettings, write_repository
 
             repo = tmp / "repository"
@@ -241,13 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             write_repository(
                 repo, RepositorySettings(encoder_cache_rows=10000 if args.prompt_cache else 0, index_writer=False)
             )
-            server = stack.enter_context(
-                TritonServer(
-                    ServerOptions(
-                        repository=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()
-                    )
-                )
-            )
+            server = stack.enter_context(TritonServer(on_free_ports(repository=repo)))
             urls = {"grpc": server.grpc_url, "http": server.http_url}
             where = f"the embedded default server (prompt cache {'on' if args.prompt_cache else 'off'})"
         else:

@@ -7,8 +7,10 @@
 # built by `feedserve build`, mounted read-only), FEEDSERVE_REPOSITORY (writable: the rendered
 # repository and the plan), FEEDSERVE_TRT_PRECISION (fp16 | bf16; fp8 needs a Q/DQ graph), FEEDSERVE_LISTEN (the
 # address inside the container; compose publishes the ports on the host's loopback only),
-# FEEDSERVE_ADMIN_KEY (Triton's admin APIs; default random), FEEDSERVE_HTTP_PORT (where the stub
-# watchdog reaches the server on loopback, if extra arguments move it from 8000).
+# FEEDSERVE_ADMIN_KEY (Triton's admin APIs; default random), FEEDSERVE_WRITE_KEY (what index_write
+# requests must carry in the feedserve-write-key header; unset, every write is refused),
+# FEEDSERVE_HTTP_PORT (where the stub watchdog reaches the server on loopback, if extra arguments
+# move it from 8000).
 set -euo pipefail
 
 variant="${FEEDSERVE_VARIANT:-gpu-trt}"
@@ -48,8 +50,13 @@ admin_apis="model-repository,shared-memory,trace,logging"
 watch_host="$listen"; [[ "$listen" == 0.0.0.0 ]] && watch_host=127.0.0.1
 python3 -m feedserve.ops.watchdog --server-pid $$ --http-url "$watch_host:${FEEDSERVE_HTTP_PORT:-8000}" \
   --artifacts "$artifacts" --repository "$repository" &
+if [[ -z "${FEEDSERVE_WRITE_KEY:-}" ]]; then
+  echo "feedserve-entrypoint: FEEDSERVE_WRITE_KEY is not set: index_write will refuse every write" >&2
+fi
+# index_write reads the write key from the environment and the header from the request's parameters.
 exec tritonserver --model-repository="$repository" --model-control-mode=explicit --load-model='*' \
   --http-restricted-api="$admin_apis:feedserve-admin-key=$FEEDSERVE_ADMIN_KEY" \
   --grpc-restricted-protocol="$admin_apis:feedserve-admin-key=$FEEDSERVE_ADMIN_KEY" \
+  --http-header-forward-pattern='(?i)^feedserve-write-key$' --grpc-header-forward-pattern='^feedserve-write-key$' \
   --http-address="$listen" --grpc-address="$listen" --metrics-address="$listen" \
   --strict-readiness=true --exit-on-error=true "$@"

@@ -29,6 +29,9 @@ class ServerError(FeedserveError):
 
 # How Triton's python backend answers for a model whose stub process died (status INTERNAL).
 DEAD_STUB = "is not healthy"
+# How index_write refuses a request without the write key (status INVALID_ARGUMENT, as Triton's
+# python backend has no code for permissions): a client's configuration, not its data, is wrong.
+FORBIDDEN = "forbidden"
 
 
 class ClientError(FeedserveError):
@@ -43,6 +46,12 @@ class ClientError(FeedserveError):
     def refused(self) -> bool:
         """The request itself was refused as invalid (only then may an ingester skip it)."""
         return self.status is not None and any(code in self.status for code in ("INVALID_ARGUMENT", "400"))
+
+    @property
+    def forbidden(self) -> bool:
+        """The server refused a write for want of the write key: no retry and no other record
+        will succeed until the client is given the key (an ingester stops rather than skip)."""
+        return self.refused and f"{FORBIDDEN}:" in str(self)
 
     @property
     def retryable(self) -> bool:

@@ -71,14 +71,14 @@ EXCLUDE_IDS = TensorSpec("EXCLUDE_IDS", "INT64", (-1,), optional=True, ragged=Tr
 EMBEDDING = TensorSpec("EMBEDDING", "FP32", (-1,))
 QUERY = TensorSpec("QUERY", "FP32", (-1,))
 # How many posts to return for this row, 1..max_k (max_k is in the knn config's parameters).
-K = TensorSpec("K", "INT32", (1,))
+K = TensorSpec("K", "INT64", (1,))
 IDS = TensorSpec("IDS", "INT64", (-1,))
 SCORES = TensorSpec("SCORES", "FP32", (-1,))
 
 # Writes to the live index (`index_write`), one post per row: OP 1 upserts POST_ID with its EMBEDDING
 # (re-embedding replaces), OP 2 deletes it (EMBEDDING may be left out of delete-only requests).
 # LSN: the write's sequence number in the index's log, returned once it is durable and applied.
-OP = TensorSpec("OP", "INT32", (1,))
+OP = TensorSpec("OP", "INT64", (1,))
 POST_ID = TensorSpec("POST_ID", "INT64", (1,))
 WRITE_EMBEDDING = TensorSpec("EMBEDDING", "FP32", (-1,), optional=True)
 LSN = TensorSpec("LSN", "INT64", (1,))

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from feedserve.artifacts import ArtifactLayout, EncoderSettings
+from feedserve.ops.keys import WRITE_KEY_ENV
 from tests.tiny import make_tiny_checkpoint
+
+# Every test server and client shares one write key, as a deployment's secret would be shared.
+os.environ.setdefault(WRITE_KEY_ENV, "feedserve-tests-write-key")
 
 logger = logging.getLogger(__name__)
 
@@ -48,22 +53,14 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> ArtifactLayout:
 @pytest.fixture(scope="session")
 def triton_server(tiny_artifacts: ArtifactLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """A real tritonserver on free loopback ports, serving a freshly rendered repository."""
-    from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
+    from feedserve.ops.launcher import TritonServer, on_free_ports
     from feedserve.triton.repository import write_repository
 
     repo = tmp_path_factory.mktemp("model_repository")
     write_repository(repo)
     log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
     server = TritonServer(
-        ServerOptions(
-            repository=repo,
-            artifacts=tiny_artifacts.root,
-            http_port=free_port(),
-            grpc_port=free_port(),
-            metrics_port=free_port(),
-            log_file=log,
-            startup_timeout_s=180,
-        )
+        on_free_ports(repository=repo, artifacts=tiny_artifacts.root, log_file=log, startup_timeout_s=180)
     )
     try:
         server.start()

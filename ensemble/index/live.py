@@ -33,6 +33,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,7 +48,7 @@ from feedserve.files import FileIdentity, file_identity
 from feedserve.index.engines import Engine
 from feedserve.index.layout import IndexLayout
 from feedserve.index.snapshot import read_meta, save_arrays
-from feedserve.index.store import PostIndex
+from feedserve.index.store import PostIndex, check_unit
 from feedserve.index.wal import HEADER, LogError, LogRecord, Op, WriteAheadLog, logged_lsn, read_header, read_records
 
 logger = logging.getLogger(__name__)
@@ -243,12 +244,15 @@ class IndexWriter(_Replica):
         self._writer_lock: int | None = writer_lock
 
     @classmethod
-    def open(cls, directory: Path, dim: int | None = None, engine: Engine = Engine()) -> IndexWriter:
-        """Take the writer lock of `directory` (IndexStoreError when another writer holds it), load
-        the snapshot (or create an empty one of `dim`) and replay the log past it."""
+    def open(
+        cls, directory: Path, dim: int | None = None, engine: Engine = Engine(), lock_wait_s: float = 0.0
+    ) -> IndexWriter:
+        """Take the writer lock of `directory`, waiting up to `lock_wait_s` for a writer that is going
+        away (IndexStoreError when another writer still holds it), load the snapshot (or create an
+        empty one of `dim`) and replay the log past it."""
         files = IndexLayout(Path(directory))
         files.root.mkdir(parents=True, exist_ok=True)
-        lock = _take_writer_lock(files.root)
+        lock = _take_writer_lock(files.root, lock_wait_s)
         wal: WriteAheadLog | None = None
         try:
             identity = file_identity(files.snapshot)
@@ -315,6 +319,7 @@ class IndexWriter(_Replica):
             raise IndexStoreError("upserts need their vectors")
         else:
             _, vectors = self.index.check_write(ids[upserts], vectors)
+            check_unit(vectors)
         with self._lock:
             lsn = self._wal.append(ops, ids, vectors)  # durable first ...
             self._apply(ops, ids, vectors)  # ... then visible
@@ -405,8 +410,15 @@ def _flock(path: Path, blocking: bool) -> Iterator[bool]:
             os.close(fd)
 
 
-def _take_writer_lock(directory: Path) -> int:
+def _take_writer_lock(directory: Path, wait_s: float = 0.0) -> int:
+    """The writer lock. A writer whose server was killed exits within a second or so (its stub
+    watches its server, feedserve.triton.base.watch_parent), and the kernel drops its lock then: a
+    restarted server waits for that instead of failing."""
+    deadline = time.monotonic() + wait_s
     fd = _try_lock(IndexLayout(directory).writer_lock, blocking=False)
+    while fd is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+        fd = _try_lock(IndexLayout(directory).writer_lock, blocking=False)
     if fd is None:
         raise IndexStoreError(
             f"{directory} already has a writer (it holds {IndexLayout(directory).writer_lock}); a second "

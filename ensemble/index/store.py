@@ -27,6 +27,21 @@ from feedserve.schema import NO_ID
 logger = logging.getLogger(__name__)
 
 SCORE_BUDGET = 1 << 26  # floats of query x post scores computed at once (256 MiB)
+# Stored vectors are unit length (inner product = cosine): any other norm would rank a post by its
+# length, not its content (a vector of 3e38s would come first for every member). float32 rounding
+# of an L2-normalised vector is far inside this.
+NORM_TOLERANCE = 1e-3
+
+
+def check_unit(vectors: np.ndarray) -> None:
+    """IndexStoreError unless every row is unit length within NORM_TOLERANCE (live writes are checked:
+    the store takes what a snapshot or a rebuild from the encoder holds as it is)."""
+    norms = np.linalg.norm(np.asarray(vectors, np.float64), axis=1)
+    if len(norms) and (off := np.abs(norms - 1.0)).max() > NORM_TOLERANCE:
+        row = int(off.argmax())
+        raise IndexStoreError(
+            f"vectors must be unit length (L2 norm 1 +- {NORM_TOLERANCE}): row {row} has norm {norms[row]:.6g}"
+        )
 
 
 @dataclass

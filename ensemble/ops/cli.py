@@ -91,13 +91,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"tritonserver ready: http {server.http_url}  grpc {server.grpc_url}  (Ctrl-C stops)", flush=True)
         try:
             while not stop.wait(1.0):
-                if server.process is None or server.process.poll() is not None:
-                    logger.error("tritonserver exited")
-                    return 1
-                if server.watchdog is not None and server.watchdog.gave_up:
-                    # A model that can only fail: exit, so that a supervisor restarts the server and
-                    # the start-time checks name what is wrong.
-                    logger.error("stopping: %s", server.watchdog.gave_up)
+                if not server.running:
+                    # tritonserver kept dying, or a model can only fail: exit, so that a supervisor
+                    # restarts everything and the start-time checks name what is wrong.
+                    logger.error("stopping: %s", server.gave_up or "the server is down")
                     return 1
         except KeyboardInterrupt:
             pass

@@ -17,7 +17,7 @@ from pathlib import Path
 from feedserve.clients.batch import index_corpus
 from feedserve.clients.online import FeedClient
 from feedserve.ops.builder import SAMPLE_CORPUS, BuildOptions, build_artifacts
-from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
+from feedserve.ops.launcher import TritonServer, on_free_ports
 from feedserve.prompt.movielens import load_movielens
 from feedserve.triton.repository import write_repository
 
@@ -53,13 +53,7 @@ def run_demo(opts: DemoOptions) -> int:
     titles = {p.id: _title(p) for p in movielens.posts()}
     members = {m.id: m for m in movielens.members()}
 
-    server_opts = ServerOptions(
-        artifacts=layout.root,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        log_file=layout.root.parent / "logs" / "demo-tritonserver.log",
-    )
+    server_opts = on_free_ports(artifacts=layout.root, log_file=layout.root.parent / "logs" / "demo-tritonserver.log")
     with TritonServer(server_opts) as server:
         t_ready = time.perf_counter() - t0 - t_build
         stats = index_corpus(

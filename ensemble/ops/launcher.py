@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,15 +28,9 @@ from typing import IO
 
 from feedserve.artifacts import ARTIFACTS_ENV, REPO_ROOT, ArtifactLayout, default_artifacts_dir
 from feedserve.errors import ServerError
+from feedserve.ops.keys import ADMIN_APIS, ADMIN_HEADER, ADMIN_KEY_ENV, WRITE_HEADER, WRITE_KEY_ENV, write_key
 from feedserve.ops.manifest import MANIFEST, ManifestError
-from feedserve.ops.watchdog import (
-    ADMIN_APIS,
-    ADMIN_HEADER,
-    ADMIN_KEY_ENV,
-    StubWatchdog,
-    deployment_fingerprint,
-    server_ready,
-)
+from feedserve.ops.watchdog import StubWatchdog, deployment_fingerprint, server_ready
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +70,19 @@ def prepare_backend_dir(dest: Path) -> Path:
     return dest
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
+    """A loopback port free now, and not handed out before by this process (the kernel may offer a
+    port again as soon as its probe socket closes: two servers' ports would then collide)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((LOOPBACK, 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -105,17 +109,39 @@ class ServerOptions:
     # metadata key GRPC_ADMIN_HEADER); unset, a random key nobody knows turns them off. Health,
     # metadata, statistics and inference stay open (perf_analyzer reads model config and statistics).
     admin_key: str = field(default_factory=lambda: os.environ.get(ADMIN_KEY_ENV) or secrets.token_hex(16))
+    # The live index's write key (feedserve.ops.keys): None takes $FEEDSERVE_WRITE_KEY, else the
+    # artifact directory's write.key (created on first start).
+    write_key: str | None = None
+    # tritonserver itself can die (the python backend aborts when a stub dies holding a lock in the
+    # memory they share, an upstream crash): it is restarted, with a wait doubling from
+    # restart_backoff_s, up to max_restarts times within restart_window_s; past that the launcher
+    # gives up (`gave_up`), and `feedserve serve` exits non-zero for its own supervisor.
+    supervise: bool = True  # False: no restarts (an outer supervisor, such as a container's, restarts)
+    max_restarts: int = 5
+    restart_window_s: float = 600.0
+    restart_backoff_s: float = 1.0
     extra_args: tuple[str, ...] = ()
 
 
+def on_free_ports(**options: object) -> ServerOptions:
+    """ServerOptions on three loopback ports free now (tests, benchmarks, the demo: a server of their own)."""
+    return ServerOptions(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), **options)  # type: ignore[arg-type]
+
+
 class TritonServer:
-    """A tritonserver child process; use as a context manager or call start()/stop()."""
+    """A tritonserver child process, restarted when it dies; use as a context manager or call
+    start()/stop(). `process` is the current one."""
 
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
         self.process: subprocess.Popen[bytes] | None = None
         self.watchdog: StubWatchdog | None = None
+        self.write_key = options.write_key or write_key(options.artifacts, create=True)
+        self.restarts = 0  # how many times tritonserver was started again after it died
+        self.gave_up: str | None = None  # why the server is down for good
         self._log_handle: IO[bytes] | None = None
+        self._stopping = threading.Event()
+        self._monitor: threading.Thread | None = None
 
     @property
     def http_url(self) -> str:
@@ -145,6 +171,10 @@ class TritonServer:
             "--load-model=*",
             f"--http-restricted-api={ADMIN_APIS}:{ADMIN_HEADER}={o.admin_key}",
             f"--grpc-restricted-protocol={ADMIN_APIS}:{ADMIN_HEADER}={o.admin_key}",
+            # The write key travels as a header; Triton hands it to index_write in the parameters.
+            # HTTP header names are case-insensitive (urllib sends Feedserve-write-key): so is the match.
+            f"--http-header-forward-pattern=(?i)^{WRITE_HEADER}$",
+            f"--grpc-header-forward-pattern=^{WRITE_HEADER}$",
             "--strict-readiness=true",
             "--exit-on-error=true",
             # Idle keep-alive client connections would otherwise hold shutdown for 30 s.
@@ -159,6 +189,8 @@ class TritonServer:
         env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(_library_dir()), env.get("LD_LIBRARY_PATH", "")) if p)
         env[ARTIFACTS_ENV] = str(self.options.artifacts)
+        if self.write_key:
+            env[WRITE_KEY_ENV] = self.write_key
         return env
 
     def check_artifacts(self) -> None:
@@ -179,8 +211,17 @@ class TritonServer:
             raise ServerError(f"{self.options.repository} is not a rendered model repository: `feedserve render`")
 
     def start(self) -> TritonServer:
-        o = self.options
         self.check_artifacts()
+        self._launch()
+        self._stopping.clear()
+        if self.options.supervise:
+            self._monitor = threading.Thread(target=self._supervise, name="feedserve-server-monitor", daemon=True)
+            self._monitor.start()
+        return self
+
+    def _launch(self) -> None:
+        """Start tritonserver and wait until it is ready (ServerError if it is not)."""
+        o = self.options
         for port in (o.http_port, o.grpc_port, o.metrics_port):
             if _port_open(o.host, port):
                 raise ServerError(f"port {o.host}:{port} is already in use (another server?)")
@@ -188,29 +229,68 @@ class TritonServer:
         cmd = self.command(backend_dir)
         logger.info("starting %s", " ".join(cmd).replace(o.admin_key, "<admin key>"))
         stdout: int | IO[bytes] = subprocess.DEVNULL
-        if o.log_file is not None:
+        if o.log_file is not None and self._log_handle is None:
             o.log_file.parent.mkdir(parents=True, exist_ok=True)
             self._log_handle = open(o.log_file, "ab")  # noqa: SIM115 (closed in stop)
+        if self._log_handle is not None:
             stdout = self._log_handle
+        # Its own session: the server and its python stubs are one process group, ended together.
         self.process = subprocess.Popen(
-            cmd,
-            env=self.environment(),
-            stdout=stdout,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            cmd, env=self.environment(), stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True
         )
         try:
             self.wait_ready(o.startup_timeout_s)
         except BaseException:
-            self.stop()
+            self._end_process(timeout_s=30.0)
             raise
         if o.watch_stubs:
             self.watchdog = StubWatchdog(
-                self.process.pid, self.http_url, o.admin_key, lambda: deployment_fingerprint(o.artifacts, o.repository)
+                self.process.pid,
+                self.http_url,
+                o.admin_key,
+                lambda: deployment_fingerprint(o.artifacts, o.repository),
             )
             self.watchdog.start()
         logger.info("tritonserver ready: http %s, grpc %s", self.http_url, self.grpc_url)
-        return self
+
+    def _supervise(self) -> None:
+        """Restart tritonserver when it exits on its own, within the restart budget."""
+        o = self.options
+        recent: list[float] = []
+        while not self._stopping.is_set():
+            process = self.process
+            if process is None or process.poll() is None:
+                if self.watchdog is not None and self.watchdog.gave_up:
+                    self.gave_up = self.watchdog.gave_up  # a model that can only fail: stop for good
+                    return
+                self._stopping.wait(0.2)
+                continue
+            logger.error("tritonserver exited with code %s", process.returncode)
+            self._end_process(timeout_s=0.0)  # what is left of it: orphaned stubs hold its files
+            now = time.monotonic()
+            recent = [t for t in recent if now - t < o.restart_window_s]
+            if len(recent) >= o.max_restarts:
+                self.gave_up = f"tritonserver exited {len(recent) + 1} times within {o.restart_window_s:.0f} s"
+                logger.error("not restarting: %s", self.gave_up)
+                return
+            wait = o.restart_backoff_s * 2 ** len(recent)
+            recent.append(now)
+            logger.warning("restarting tritonserver in %.0f s (restart %d)", wait, self.restarts + 1)
+            if self._stopping.wait(wait):
+                return
+            try:
+                self._launch()
+                self.restarts += 1
+            except ServerError as err:  # counted against the budget like an exit
+                logger.error("tritonserver restart failed: %s", err)
+
+    @property
+    def running(self) -> bool:
+        """Whether the server is up or coming back: False once it is down for good."""
+        if self._monitor is not None:
+            return self.gave_up is None and self._monitor.is_alive()
+        alive = self.process is not None and self.process.poll() is None
+        return alive and not (self.watchdog is not None and self.watchdog.gave_up)
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -225,20 +305,34 @@ class TritonServer:
             time.sleep(0.25)
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s")
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        if self.watchdog is not None:  # first: stubs exiting with the server are not deaths to repair
+    def _end_process(self, timeout_s: float) -> None:
+        """Stop the current tritonserver (SIGINT, then SIGKILL after `timeout_s`) and every process
+        left in its group: the watchdog first, since stubs exiting with the server are no deaths."""
+        if self.watchdog is not None:
             self.watchdog.stop()
             self.watchdog = None
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
+        if proc is None:
+            return
+        if proc.poll() is None:
             # SIGINT lets Triton unload models and stop the python stubs cleanly.
             proc.send_signal(signal.SIGINT)
             try:
                 proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 logger.warning("tritonserver did not stop in %.0f s; killing it", timeout_s)
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # the group is empty: everything exited
+        proc.wait()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stopping.set()
+        if self._monitor is not None and self._monitor is not threading.current_thread():
+            self._monitor.join()
+        self._monitor = None
+        self._end_process(timeout_s)
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None

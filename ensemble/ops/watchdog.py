@@ -21,15 +21,11 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from feedserve.ops.keys import ADMIN_HEADER, ADMIN_KEY_ENV
+
 logger = logging.getLogger(__name__)
 
 STUB_BINARY = b"triton_python_backend_stub"
-# Triton's admin APIs answer only requests carrying ADMIN_HEADER = the key (feedserve.ops.launcher passes
-# the restriction; over gRPC Triton expects the header with its prefix).
-ADMIN_APIS = "model-repository,shared-memory,trace,logging"
-ADMIN_HEADER = "feedserve-admin-key"
-GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER
-ADMIN_KEY_ENV = "FEEDSERVE_ADMIN_KEY"
 
 
 def _alive_with_parent(proc: Path) -> int | None:

@@ -7,6 +7,12 @@ as percentile tokens. Both sides go through one tokenizer and one set of budgets
 
 A member's history keeps engaged posts only (positives): the system we reproduce found that cheaper
 and better than mixing in impressions. When the prompt is too long, the oldest items go first.
+
+The work a record costs is bounded by the token budget, not by its size: a record may hold about a
+megabyte of text (records.py's limits), but only the tokens that fit the prompt are ever looked for.
+Text is tokenized a prefix at a time (`_prefix`), four characters a token first (what prose takes)
+and longer prefixes only where the text packs fewer tokens, never past the longest token in the
+vocabulary times the budget; history items older than the budget can reach are never built.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from dataclasses import dataclass
 from html import escape
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from feedserve.artifacts import EncoderSettings
 from feedserve.prompt.buckets import PercentileBuckets, tag_name
@@ -46,20 +52,38 @@ def pad_length(longest: int, buckets: Sequence[int]) -> int:
     return next((b for b in buckets if b >= longest), longest)
 
 
+# Characters a token spans in ordinary text, where a search for the first n tokens starts.
+CHARS_PER_TOKEN = 4
+
+
 class PromptBuilder:
     def __init__(self, tokenizer: Tokenizer, buckets: PercentileBuckets, settings: EncoderSettings) -> None:
         self.tokenizer = tokenizer
         self.buckets = buckets
         self.settings = settings
+        # No token spans more characters than the longest token string in the vocabulary (byte-level
+        # BPE: a byte each): a prefix of (n + 1) times that holds more than n tokens.
+        self.max_token_chars = max(len(token) for token in tokenizer.get_vocab())
+
+    def _prefix(self, text: str, n: int, special: bool = False) -> Encoding:
+        """The encoding of the shortest prefix of `text` tried that holds more than `n` tokens, or of
+        all of it: the first n tokens of the text (but where the cut splits a word, its last ones)."""
+        size = min(len(text), CHARS_PER_TOKEN * (n + 1))
+        bound = (n + 1) * self.max_token_chars
+        while True:
+            enc = self.tokenizer.encode(text[:size], add_special_tokens=special)
+            if size >= len(text) or len(enc.ids) > n + int(special) or size >= bound:
+                return enc
+            size = min(len(text), bound, size * 4)
 
     # --- text ------------------------------------------------------------------------------
     def cut(self, text: str, max_tokens: int) -> str:
         """The longest prefix of `text` that is at most `max_tokens` tokens (token boundaries)."""
         if not text or max_tokens <= 0:
             return ""
-        if len(text) <= max_tokens:  # a token is at least one character
+        if len(text.encode("utf-8", "surrogatepass")) <= max_tokens:  # a token spans at least one byte
             return text
-        enc = self.tokenizer.encode(text, add_special_tokens=False)
+        enc = self._prefix(text, max_tokens)
         if len(enc.ids) <= max_tokens:
             return text
         return text[: enc.offsets[max_tokens - 1][1]]
@@ -141,25 +165,44 @@ class PromptBuilder:
         """Profile, then engaged posts oldest to newest; the oldest are dropped to fit the budget."""
         head = f"<member>{self._member_header(member)}<history>"
         tail = "</history></member>"
-        items = [self._history_item(h) for h in member.history[-self.settings.max_history_items :]]
-        budget = self.settings.max_prompt_tokens - self._n_tokens(head + tail) - 2  # 2: special tokens
+        limit = self.settings.max_prompt_tokens
+        budget = limit - len(self._prefix(head + tail, limit).ids) - 2  # 2: special tokens
         kept: list[str] = []
-        if items and budget > 0:
+        if budget > 0:
+            items = self._newest_items(member, budget)
             costs = [len(e.ids) for e in self.tokenizer.encode_batch(items, add_special_tokens=False)]
-            for item, cost in zip(reversed(items), reversed(costs), strict=True):
+            for item, cost in zip(items, costs, strict=True):
                 if cost > budget:
                     break
                 kept.append(item)
                 budget -= cost
         return head + "".join(reversed(kept)) + tail
 
-    def _n_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+    def _newest_items(self, member: Member, budget: int) -> list[str]:
+        """History items, newest first, as far back as `budget` tokens could reach: past (budget + 1)
+        times the longest token's characters, older items cannot fit and are not built."""
+        room = (budget + 1) * self.max_token_chars
+        items: list[str] = []
+        for engagement in reversed(member.history[-self.settings.max_history_items :]):
+            item = self._history_item(engagement)
+            room -= len(item)
+            items.append(item if room >= 0 else item[: len(item) + room + 1])  # a cut item never fits
+            if room < 0:
+                break
+        return items
 
     # --- tokens ----------------------------------------------------------------------------
     def tokenize(self, prompts: Sequence[str]) -> TokenBatch:
         limit = self.settings.max_prompt_tokens
-        rows = [e.ids[:limit] for e in self.tokenizer.encode_batch(list(prompts))]
+        # Prompts that ordinary text would fill the budget with go through `_prefix`, alone; the rest
+        # (nearly all) through one batch call.
+        long = {i for i, p in enumerate(prompts) if len(p) > CHARS_PER_TOKEN * (limit + 1)}
+        short = [p for i, p in enumerate(prompts) if i not in long]
+        encoded = iter(self.tokenizer.encode_batch(short))
+        rows = [
+            (self._prefix(p, limit, special=True) if i in long else next(encoded)).ids[:limit]
+            for i, p in enumerate(prompts)
+        ]
         width = pad_length(max(len(r) for r in rows), self.settings.length_buckets)
         ids = np.full((len(rows), width), PAD_ID, np.int64)
         mask = np.zeros((len(rows), width), np.int64)

@@ -33,7 +33,15 @@ MAX_TEXT_CHARS = 32 * 1024
 MAX_HISTORY = 2000
 INT64_MAX = 2**63 - 1
 
+INT64_MIN = -(2**63)
+# No integer in a record needs more digits than an int64 has (and a sign): longer literals are
+# refused by the parser before Python builds a huge int (quadratic in its digits, and over 4,300
+# digits a ValueError of its own).
+MAX_INT_CHARS = 20
+
 PostId = Annotated[int, Field(ge=0, le=INT64_MAX)]
+# Times and years: any int64, so a client's clock is its own business, but never a bignum.
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 ShortText = Annotated[str, Field(max_length=1024)]
 LongText = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 
@@ -62,8 +70,8 @@ class Post(_Record):
     article: Article | None = None
     text: LongText = ""
     tags: Annotated[list[ShortText], Field(max_length=64)] = []
-    year: int | None = None
-    created_at: int | None = None
+    year: Int64 | None = None
+    created_at: Int64 | None = None
     # Engagement counts by name (views, likes, comments, shares; ratings, mean_rating on MovieLens).
     # The prompt shows them as percentile buckets fitted on a corpus, never as raw numbers.
     counts: Annotated[dict[Annotated[str, Field(max_length=64)], float], Field(max_length=32)] = {}
@@ -88,8 +96,8 @@ class Post(_Record):
 class Position(_Record):
     title: ShortText = ""
     company: ShortText = ""
-    start_year: int | None = None
-    end_year: int | None = None
+    start_year: Int64 | None = None
+    end_year: Int64 | None = None
 
 
 class Education(_Record):
@@ -100,7 +108,7 @@ class Education(_Record):
 
 class Engagement(_Record):
     post_id: PostId
-    engaged_at: int | None = None
+    engaged_at: Int64 | None = None
     action: ShortText = ""
     # The engaged post itself, for the prompt; without it the item is known only by id.
     post: Post | None = None
@@ -124,6 +132,32 @@ def _path(kind: str, loc: tuple[int | str, ...]) -> str:
     return out
 
 
+class _Overlong:
+    """What the parser makes of an integer literal too long for an int64: a value no field accepts,
+    reported by its field's path like any other wrong value."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"an integer of {self.digits} digits"
+
+
+def _parse_int(literal: str) -> int | _Overlong:
+    return int(literal) if len(literal) <= MAX_INT_CHARS else _Overlong(len(literal.lstrip("-")))
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused when a key appears twice: parsers disagree on which one wins (Python
+    keeps the last, others the first), so a record that means two things is not read as either."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise RecordError(f"duplicate key {key!r} in one JSON object")
+        out[key] = value
+    return out
+
+
 def _parse(model: type[_Record], kind: str, raw: bytes | str | dict[str, Any]) -> Any:
     if isinstance(raw, dict):
         data: Any = raw
@@ -137,11 +171,15 @@ def _parse(model: type[_Record], kind: str, raw: bytes | str | dict[str, Any]) -
             except UnicodeDecodeError as err:
                 raise RecordError(f"{kind}: not valid UTF-8 at byte {err.start}") from err
         try:
-            data = json.loads(raw)
+            data = json.loads(raw, parse_int=_parse_int, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as err:
-            raise RecordError(f"{kind}: invalid JSON: {err.msg} at line {err.lineno} column {err.colno}") from err
+            raise RecordError(f"{kind}: invalid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+        except RecordError as err:
+            raise RecordError(f"{kind}: invalid JSON: {err}") from None
         except RecursionError:  # thousands of nested brackets: within the size limit, beyond the parser's
             raise RecordError(f"{kind}: invalid JSON: nested too deeply") from None
+        except ValueError as err:  # any other refusal of the parser (a number it cannot convert)
+            raise RecordError(f"{kind}: invalid JSON: {err}") from None
     if not isinstance(data, dict):
         raise RecordError(f"{kind}: expected a JSON object, got {type(data).__name__}")
     try:
@@ -149,7 +187,10 @@ def _parse(model: type[_Record], kind: str, raw: bytes | str | dict[str, Any]) -
     except ValidationError as err:
         first = err.errors()[0]
         more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-        raise RecordError(f"{_path(kind, first['loc'])}: {first['msg']}{more}") from None
+        message = first["msg"]
+        if isinstance(first.get("input"), _Overlong) and first["type"] != "extra_forbidden":
+            message = f"{first['input']!r} is out of range (at most {MAX_INT_CHARS} characters)"
+        raise RecordError(f"{_path(kind, first['loc'])}: {message}{more}") from None
 
 
 def parse_post(raw: bytes | str | dict[str, Any]) -> Post:
@@ -181,3 +222,35 @@ def write_posts_jsonl(posts: Iterable[Post], path: Path) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for post in posts:
             f.write(post.model_dump_json(exclude_defaults=True) + "\n")
+
+
+def maximal_member(member_id: int = 1, budget: int = MAX_RECORD_BYTES) -> dict[str, Any]:
+    """The largest valid member within `budget` bytes of JSON, as a client at the limits would send it:
+    every list at its cap, every string at its cap, a history of posts with long texts filling what
+    is left. The worst case the prompt builder has to bound (benchmarks and bad-input tests use it)."""
+    word = "feed retrieval "
+    short = (word * 69)[:1024]
+    member: dict[str, Any] = {
+        "id": member_id,
+        "headline": short,
+        "industry": short,
+        "summary": (word * 2200)[:MAX_TEXT_CHARS],
+        "skills": [short] * 256,
+        "positions": [{"title": short, "company": short, "start_year": 2000, "end_year": 2020}] * 64,
+        "education": [{"school": short, "degree": short, "field": short}] * 32,
+        "history": [],
+    }
+    size = len(json.dumps(member))
+    item_text = (word * 600)[:8000]
+    post_id = 0
+    while size + len(item_text) + 200 < budget and post_id < MAX_HISTORY:
+        post_id += 1
+        item = {
+            "post_id": post_id,
+            "engaged_at": 1_700_000_000 + post_id,
+            "action": "like",
+            "post": {"id": post_id, "text": item_text, "tags": ["ml", "feeds"]},
+        }
+        member["history"].append(item)
+        size += len(json.dumps(item)) + 2
+    return member

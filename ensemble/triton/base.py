@@ -3,6 +3,12 @@
 Triton hands `execute` a list of requests that the dynamic batcher grouped. One malformed request
 must fail alone with INVALID_ARG while the others succeed, so each request is parsed (and
 validated) on its own, the valid ones are computed together, and responses keep request order.
+
+A refused request costs nothing once answered: its error is kept without the traceback that raised
+it, since that traceback holds the frames of `execute` and so every input of the batch (a refused
+50 MB request would otherwise stay in memory until a full garbage collection, which numpy's
+allocations never trigger). Each stub also dies with its server (`guard_against_orphaning`): an
+orphaned stub would serve nothing while holding files, such as the index's writer lock.
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,12 +49,50 @@ class InternalError(RequestError):
     """Reading one request hit a bug rather than bad input; reported as INTERNAL, to that request alone."""
 
 
+def detached(err: RequestError) -> RequestError:
+    """The same error without its traceback, cause or context: what a response needs, and nothing
+    that keeps the request's inputs alive."""
+    return type(err)(str(err))
+
+
+def guard_against_orphaning(interval_s: float = 0.5) -> int:
+    """Fork a guardian that SIGKILLs this stub once its server is gone; returns the guardian's pid.
+
+    A stub whose tritonserver is killed is reparented to init and may stay blocked for good in the
+    memory it shared with the server, holding the GIL (so no thread of its own can notice) and its
+    files (the index's writer lock). The guardian is a separate process: it only reads /proc, sleeps
+    and signals, and it exits when the stub does."""
+    server, stub = os.getppid(), os.getpid()
+    guardian = os.fork()
+    if guardian:
+        return guardian
+    try:  # the child: no logging, no locks, nothing of the stub's state
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != stub:
+                break  # the stub exited on its own
+            if _parent_of(stub) != server:
+                os.kill(stub, signal.SIGKILL)
+                break
+    finally:
+        os._exit(0)
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class BatchModel(ABC, Generic[P]):
     """Subclasses set `name` and implement `setup`, `parse` and `compute`."""
 
     name: ModelName
 
     def initialize(self, args: dict[str, str]) -> None:
+        guard_against_orphaning()
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         if args.get("model_instance_kind") == "GPU":
@@ -59,6 +105,10 @@ class BatchModel(ABC, Generic[P]):
     @abstractmethod
     def setup(self, layout: ArtifactLayout, params: dict[str, str]) -> None: ...
 
+    def authorize(self, parameters: dict[str, object]) -> None:
+        """Refuse a request by its parameters (forwarded headers among them) before it is read;
+        every request is allowed unless a model says otherwise."""
+
     @abstractmethod
     def parse(self, inputs: dict[str, np.ndarray | None]) -> P:
         """Validate one request's inputs; raise RequestError naming the bad tensor or field."""
@@ -67,15 +117,18 @@ class BatchModel(ABC, Generic[P]):
     def compute(self, items: Sequence[P]) -> list[Arrays | RequestError]:
         """Outputs for every parsed request, in order (or the RequestError of that one request)."""
 
-    def run(self, batch: Sequence[dict[str, np.ndarray | None]]) -> list[Arrays | RequestError]:
+    def run(
+        self, batch: Sequence[dict[str, np.ndarray | None]], parameters: Sequence[dict[str, object]] | None = None
+    ) -> list[Arrays | RequestError]:
         """The per-request error isolation, on plain numpy: what `execute` does minus Triton."""
         results: list[Arrays | RequestError | None] = [None] * len(batch)
         parsed: list[tuple[int, P]] = []
         for i, inputs in enumerate(batch):
             try:
+                self.authorize(parameters[i] if parameters is not None else {})
                 parsed.append((i, self.parse(inputs)))
             except RequestError as err:
-                results[i] = err
+                results[i] = detached(err)
             except Exception as err:  # a parser bug must not fail the requests batched with this one
                 logger.exception("%s: reading request %d failed", self.name, i)
                 results[i] = InternalError(f"{self.name}: could not read the request ({type(err).__name__}: {err})")
@@ -87,15 +140,16 @@ class BatchModel(ABC, Generic[P]):
     # --- Triton glue -------------------------------------------------------------------------
     def execute(self, requests: list[Any]) -> list[Any]:
         io = IO[self.name]
-        batch = []
+        batch, parameters = [], []
         for request in requests:
+            parameters.append(_parameters(request))
             inputs: dict[str, np.ndarray | None] = {}
             for spec in io.inputs:
                 tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
                 inputs[spec.name] = None if tensor is None else tensor.as_numpy()
             batch.append(inputs)
         responses = []
-        for result in self.run(batch):
+        for result in self.run(batch, parameters):
             if isinstance(result, RequestError):
                 code = pb_utils.TritonError.INVALID_ARG
                 if isinstance(result, Unavailable):
@@ -111,6 +165,16 @@ class BatchModel(ABC, Generic[P]):
 
     def finalize(self) -> None:
         logger.info("%s: unloaded", self.name)
+
+
+def _parameters(request: Any) -> dict[str, object]:
+    """A request's parameters: those the client set and the headers Triton forwarded
+    (`--http-header-forward-pattern`, `--grpc-header-forward-pattern`)."""
+    try:
+        value = json.loads(request.parameters() or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def require(inputs: dict[str, np.ndarray | None], name: str) -> np.ndarray:

@@ -7,11 +7,19 @@ request (an unknown op, a wrong dimension, NaN, a duplicate id) fails alone. Eve
 writes a snapshot is taken on a background thread (writes go on meanwhile) and the log restarted.
 A rebuilt index from the batch client is picked up before the next write. A log that failed in a
 way it could not undo (a disk error) is reopened from what is on disk before the next write.
+
+Writes need the write key (feedserve.ops.keys): a request whose `feedserve-write-key` header (which
+Triton forwards into its parameters) does not carry the server's $FEEDSERVE_WRITE_KEY is refused
+before it is read, and a server started without a key refuses every write. Vectors must be unit
+length (feedserve.index.store.NORM_TOLERANCE): they are refused, not normalised, since a vector of
+another length came from something other than the encoder.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,9 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from feedserve.artifacts import ArtifactLayout
-from feedserve.errors import IndexStoreError
+from feedserve.errors import FORBIDDEN, IndexStoreError
 from feedserve.index.live import IndexWriter
 from feedserve.index.wal import LogError
+from feedserve.ops.keys import WRITE_HEADER, WRITE_KEY_ENV
 from feedserve.schema import LSN, OP, OP_DELETE, OP_UPSERT, POST_ID, WRITE_EMBEDDING, ModelName
 from feedserve.triton.base import Arrays, BatchModel, RequestError, Unavailable, check_2d, require
 
@@ -30,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Write:
-    ops: np.ndarray  # int32 [n]
+    ops: np.ndarray  # int64 [n]
     ids: np.ndarray  # int64 [n]
     vectors: np.ndarray | None  # float32 [n, dim], rows of deletes ignored
 
@@ -42,12 +51,24 @@ class IndexWriteModel(BatchModel[Write]):
         self.layout = layout
         self.snapshot_every = int(params.get("snapshot_every", "1000"))
         self._dim = layout.serving_dim()
-        self.live = IndexWriter.open(layout.index_dir.root, self._dim)
+        self.write_key = os.environ.get(WRITE_KEY_ENV)
+        if not self.write_key:
+            logger.error("index_write: %s is not set: every write will be refused", WRITE_KEY_ENV)
+        self.lock_wait_s = float(params.get("writer_lock_wait_s", "30"))
+        self.live = IndexWriter.open(layout.index_dir.root, self._dim, lock_wait_s=self.lock_wait_s)
         self._since_snapshot = 0
         self._snapshotting: threading.Thread | None = None
 
+    def authorize(self, parameters: dict[str, object]) -> None:
+        if not self.write_key:
+            raise RequestError(f"{FORBIDDEN}: the server has no write key ({WRITE_KEY_ENV} is not set)")
+        given = next((v for k, v in parameters.items() if k.lower() == WRITE_HEADER), None)
+        if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self.write_key.encode()):
+            reason = "a wrong" if given else "no"
+            raise RequestError(f"{FORBIDDEN}: the request carries {reason} write key (header {WRITE_HEADER})")
+
     def parse(self, inputs: dict[str, np.ndarray | None]) -> Write:
-        ops = check_2d(OP.name, require(inputs, OP.name), np.int32)
+        ops = check_2d(OP.name, require(inputs, OP.name), np.int64)
         ids = check_2d(POST_ID.name, require(inputs, POST_ID.name), np.int64)
         if ops.shape[1] != 1 or ids.shape != ops.shape:
             raise RequestError(
@@ -77,7 +98,7 @@ class IndexWriteModel(BatchModel[Write]):
             logger.warning("index_write: reopening %s after a failed write", self.live.log_path)
             self._join_snapshot()
             self.live.close()
-            self.live = IndexWriter.open(self.layout.index_dir.root, self._dim)
+            self.live = IndexWriter.open(self.layout.index_dir.root, self._dim, lock_wait_s=self.lock_wait_s)
         try:
             self.live.refresh()  # a rebuilt index replaces ours, with our writes since replayed on it
         except IndexStoreError:  # LogError included

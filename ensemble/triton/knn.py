@@ -77,7 +77,7 @@ class KnnModel(BatchModel[KnnRequest]):
 
     def parse(self, inputs: dict[str, np.ndarray | None]) -> KnnRequest:
         queries = check_2d(QUERY.name, require(inputs, QUERY.name), np.float32)
-        ks_arr = check_2d(K.name, require(inputs, K.name), np.int32)
+        ks_arr = check_2d(K.name, require(inputs, K.name), np.int64)
         if ks_arr.shape != (len(queries), 1):
             raise RequestError(f"{K.name}: expected shape [{len(queries)}, 1], got {list(ks_arr.shape)}")
         ks = [int(k) for k in ks_arr[:, 0]]

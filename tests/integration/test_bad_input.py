@@ -5,11 +5,14 @@ mismatched tensor sizes, too many records per request)."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,7 +34,7 @@ def _records(*raw: bytes) -> dict[str, np.ndarray]:
     return {"RECORDS": np.array([[r] for r in raw], dtype=object)}
 
 
-def _k(k: int, dtype: type = np.int32) -> np.ndarray:
+def _k(k: int, dtype: type = np.int64) -> np.ndarray:
     return np.array([[k]], dtype)
 
 
@@ -63,11 +66,14 @@ GOOD: dict[ModelName, dict[str, np.ndarray]] = {
     M.EMBED_MEMBER: _records(MEMBER),
     M.RETRIEVE: {**_records(MEMBER), "K": _k(3)},
     M.INDEX_WRITE: {
-        "OP": np.array([[1]], np.int32),
+        "OP": np.array([[1]], np.int64),
         "POST_ID": np.array([[900]], np.int64),
         "EMBEDDING": _unit(seed=9),
     },
 }
+
+
+ENV_KEY = "the write key of the environment"  # what every client here holds (tests/conftest.py)
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,7 @@ class Case:
     model: ModelName
     inputs: dict[str, np.ndarray]
     words: str  # the error must contain these (the field or tensor it names)
+    write_key: str | None = ENV_KEY  # the write key the request carries (None: none)
 
 
 def _post_cases(model: ModelName) -> list[Case]:
@@ -102,6 +109,13 @@ def _post_cases(model: ModelName) -> list[Case]:
             ("lone-surrogate", b'{"id": 1, "text": "a\\ud800b"}', "post.text"),
             ("tags-type", b'{"id": 1, "text": "x", "tags": "a,b"}', "post.tags"),
             ("author-type", b'{"id": 1, "text": "x", "author": "bob"}', "post.author"),
+            # Integers longer than an int64 (over 4,300 digits, Python's int() itself refuses them).
+            ("id-5000-digits", b'{"id": ' + b"9" * 5000 + b"}", "post.id: an integer of 5000 digits"),
+            ("year-beyond-int64", b'{"id": 1, "year": 99999999999999999999}', "post.year"),
+            ("count-4400-digits", b'{"id": 1, "counts": {"likes": ' + b"7" * 4400 + b"}}", "post.counts.likes"),
+            # A key twice means two things to two parsers: refused, not resolved.
+            ("duplicate-key", b'{"id": 1, "id": 2, "text": "x"}', "duplicate key 'id'"),
+            ("duplicate-nested-key", b'{"id": 1, "author": {"name": "a", "name": "b"}}', "duplicate key 'name'"),
         ]
     ]
 
@@ -122,6 +136,12 @@ def _member_cases(model: ModelName) -> list[Case]:
             ),
             ("history-too-long", long_history.encode(), "member.history"),
             ("post-fields", b'{"id": 1, "text": "a post, not a member"}', "member.text"),
+            (
+                "engaged-at-4400-digits",
+                b'{"id": 5, "history": [{"post_id": 1, "engaged_at": ' + b"1" * 4400 + b"}]}",
+                "member.history[0].engaged_at: an integer of 4400 digits",
+            ),
+            ("duplicate-history-key", b'{"id": 5, "history": [{"post_id": 1, "post_id": 2}]}', "duplicate key"),
         ]
     ]
 
@@ -144,7 +164,7 @@ CASES: list[Case] = [
     Case("retrieve-k-too-big", M.RETRIEVE, {**_records(MEMBER), "K": _k(100000)}, "out of range"),
     Case("retrieve-k-missing", M.RETRIEVE, _records(MEMBER), "K"),
     Case("retrieve-k-dtype", M.RETRIEVE, {**_records(MEMBER), "K": _k(3, np.float32)}, "K"),
-    Case("retrieve-k-shape", M.RETRIEVE, {**_records(MEMBER), "K": np.array([[3, 4]], np.int32)}, "K"),
+    Case("retrieve-k-shape", M.RETRIEVE, {**_records(MEMBER), "K": np.array([[3, 4]], np.int64)}, "K"),
     # knn
     Case("knn-query-dim", M.KNN, {"QUERY": np.zeros((1, 7), np.float32), "K": _k(1)}, "dimension"),
     Case("knn-query-nan", M.KNN, {"QUERY": np.full((1, DIM), np.nan, np.float32), "K": _k(1)}, "QUERY"),
@@ -187,14 +207,14 @@ CASES: list[Case] = [
     Case(
         "index_write-op",
         M.INDEX_WRITE,
-        {"OP": np.array([[3]], np.int32), "POST_ID": np.array([[1]], np.int64)},
+        {"OP": np.array([[3]], np.int64), "POST_ID": np.array([[1]], np.int64)},
         "upsert",
     ),
     Case(
         "index_write-dim",
         M.INDEX_WRITE,
         {
-            "OP": np.array([[1]], np.int32),
+            "OP": np.array([[1]], np.int64),
             "POST_ID": np.array([[1]], np.int64),
             "EMBEDDING": np.zeros((1, 7), np.float32),
         },
@@ -204,7 +224,7 @@ CASES: list[Case] = [
         "index_write-nan",
         M.INDEX_WRITE,
         {
-            "OP": np.array([[1]], np.int32),
+            "OP": np.array([[1]], np.int64),
             "POST_ID": np.array([[1]], np.int64),
             "EMBEDDING": np.full((1, DIM), np.nan, np.float32),
         },
@@ -213,20 +233,50 @@ CASES: list[Case] = [
     Case(
         "index_write-duplicate-ids",
         M.INDEX_WRITE,
-        {"OP": np.array([[1], [1]], np.int32), "POST_ID": np.array([[4], [4]], np.int64), "EMBEDDING": _unit(2)},
+        {"OP": np.array([[1], [1]], np.int64), "POST_ID": np.array([[4], [4]], np.int64), "EMBEDDING": _unit(2)},
         "POST_ID: a post appears twice",
     ),
     Case(
         "index_write-upsert-without-embedding",
         M.INDEX_WRITE,
-        {"OP": np.array([[1]], np.int32), "POST_ID": np.array([[1]], np.int64)},
+        {"OP": np.array([[1]], np.int64), "POST_ID": np.array([[1]], np.int64)},
         "EMBEDDING",
     ),
     Case(
         "index_write-reserved-id",
         M.INDEX_WRITE,
-        {"OP": np.array([[1]], np.int32), "POST_ID": np.array([[-1]], np.int64), "EMBEDDING": _unit()},
+        {"OP": np.array([[1]], np.int64), "POST_ID": np.array([[-1]], np.int64), "EMBEDDING": _unit()},
         "POST_ID: post ids must be >= 0",
+    ),
+    Case(  # one such vector would rank first for every member
+        "index_write-huge-vector",
+        M.INDEX_WRITE,
+        {
+            "OP": np.array([[1]], np.int64),
+            "POST_ID": np.array([[1]], np.int64),
+            "EMBEDDING": np.full((1, DIM), 3e38, np.float32),
+        },
+        "unit length",
+    ),
+    Case(
+        "index_write-half-length-vector",
+        M.INDEX_WRITE,
+        {"OP": np.array([[1]], np.int64), "POST_ID": np.array([[1]], np.int64), "EMBEDDING": _unit() / 2},
+        "unit length",
+    ),
+    Case(
+        "index_write-no-write-key",
+        M.INDEX_WRITE,
+        {"OP": np.array([[2]], np.int64), "POST_ID": np.array([[500]], np.int64)},
+        "forbidden: the request carries no write key",
+        write_key=None,
+    ),
+    Case(
+        "index_write-wrong-write-key",
+        M.INDEX_WRITE,
+        {"OP": np.array([[2]], np.int64), "POST_ID": np.array([[500]], np.int64)},
+        "forbidden: the request carries a wrong write key",
+        write_key="guessed",
     ),
 ]
 
@@ -238,7 +288,7 @@ def server(triton_server):  # type: ignore[no-untyped-def]
         client.infer(
             M.INDEX_WRITE,
             {
-                "OP": np.ones((len(INDEXED), 1), np.int32),
+                "OP": np.ones((len(INDEXED), 1), np.int64),
                 "POST_ID": np.array(INDEXED, np.int64)[:, None],
                 "EMBEDDING": _unit(len(INDEXED), seed=1),
             },
@@ -252,9 +302,11 @@ def _url(server, protocol: str) -> str:  # type: ignore[no-untyped-def]
 
 
 def _send(
-    server, protocol: str, model: ModelName, inputs: dict[str, np.ndarray]
+    server, protocol: str, model: ModelName, inputs: dict[str, np.ndarray], write_key: str | None = ENV_KEY
 ) -> dict[str, np.ndarray] | ClientError:  # type: ignore[no-untyped-def]
     with FeedClient(_url(server, protocol), protocol, timeout_s=60) as client:  # type: ignore[arg-type]
+        if write_key != ENV_KEY:
+            client.write_key = write_key
         try:
             return client.infer(model, inputs, (IO[model].outputs[0].name,))
         except ClientError as err:
@@ -272,7 +324,7 @@ def test_bad_input_is_named_and_fails_alone(server, protocol: str, case: Case) -
     """The bad request goes out with three good ones to the same model at once, so the dynamic
     batcher can put them in one batch: only the bad one fails."""
     with ThreadPoolExecutor(4) as pool:
-        jobs = [pool.submit(_send, server, protocol, case.model, case.inputs)]
+        jobs = [pool.submit(_send, server, protocol, case.model, case.inputs, case.write_key)]
         jobs += [pool.submit(_send, server, protocol, case.model, GOOD[case.model]) for _ in range(3)]
         bad, *good = [j.result() for j in jobs]
     assert isinstance(bad, ClientError), f"{case.id} was accepted"
@@ -297,7 +349,7 @@ def test_unknown_ids_and_empty_history_are_not_errors(server, protocol: str) -> 
         assert len(hits) == 5 and {h.post_id for h in hits} <= set(INDEXED) - {501}  # the known one still excluded
         assert len(client.retrieve({"id": 4, "history": []}, k=5)) == 5
         lsn = client.infer(
-            M.INDEX_WRITE, {"OP": np.array([[2]], np.int32), "POST_ID": np.array([[10**12]], np.int64)}, ("LSN",)
+            M.INDEX_WRITE, {"OP": np.array([[2]], np.int64), "POST_ID": np.array([[10**12]], np.int64)}, ("LSN",)
         )
         assert lsn["LSN"][0, 0] > 0
         again = client.retrieve({"id": 9, "history": [{"post_id": 501, "engaged_at": 1}]}, k=5)
@@ -379,7 +431,7 @@ def test_binary_tensor_sizes_that_disagree_are_refused(server) -> None:  # type:
         {
             "inputs": [
                 {"name": "QUERY", "shape": [1, DIM], "datatype": "FP32", "parameters": {"binary_data_size": DIM * 4}},
-                {"name": "K", "shape": [1, 1], "datatype": "INT32", "data": [3]},
+                {"name": "K", "shape": [1, 1], "datatype": "INT64", "data": [3]},
             ]
         }
     ).encode()
@@ -395,11 +447,105 @@ def test_binary_tensor_sizes_that_disagree_are_refused(server) -> None:  # type:
     client = grpcclient.InferenceServerClient(server.grpc_url)
     request = service_pb2.ModelInferRequest(model_name="knn")
     q = request.inputs.add(name="QUERY", datatype="FP32", shape=[1, DIM])
-    k = request.inputs.add(name="K", datatype="INT32", shape=[1, 1])
+    k = request.inputs.add(name="K", datatype="INT64", shape=[1, 1])
     del q, k
-    request.raw_input_contents.extend([_unit().tobytes()[: DIM * 2], np.array([3], np.int32).tobytes()])
+    request.raw_input_contents.extend([_unit().tobytes()[: DIM * 2], np.array([3], np.int64).tobytes()])
     with pytest.raises(Exception, match="QUERY"):
         client._client_stub.ModelInfer(request)
     client.close()
     with FeedClient(server.grpc_url, "grpc") as fc:
         assert fc.ready() and len(fc.infer(M.KNN, GOOD[M.KNN], ("IDS",))["IDS"][0]) == 3
+
+
+def _knn_body(k: int, datatype: str = "INT64") -> bytes:
+    return json.dumps(
+        {
+            "inputs": [
+                {"name": "QUERY", "shape": [1, DIM], "datatype": "FP32", "data": _unit().ravel().tolist()},
+                {"name": "K", "shape": [1, 1], "datatype": datatype, "data": [k]},
+            ]
+        }
+    ).encode()
+
+
+def test_json_integers_are_never_wrapped(server) -> None:  # type: ignore[no-untyped-def]
+    """Triton's JSON parser wraps an INT32 (K = 2**32 + 5 was served as k = 5, OP = 2**32 + 1 applied
+    as an upsert), so K and OP are INT64: the range checks see the real value. Past int64, Triton's
+    own parser refuses the body (its 500 for a body it cannot parse, README's error table)."""
+    status, text = _post_json(server, "/v2/models/knn/infer", _knn_body(2**32 + 5))
+    assert status == 400 and "K: k=4294967301 is out of range" in text, (status, text)
+    status, text = _post_json(server, "/v2/models/knn/infer", _knn_body(2**64 + 5))
+    assert status == 500 and "Unable to parse 'data'" in text, (status, text)
+    status, text = _post_json(server, "/v2/models/knn/infer", _knn_body(3, "INT32"))
+    assert status == 400 and "K" in text, (status, text)  # the old dtype is refused by name
+    write = json.dumps(
+        {
+            "inputs": [
+                {"name": "OP", "shape": [1, 1], "datatype": "INT64", "data": [2**32 + 1]},
+                {"name": "POST_ID", "shape": [1, 1], "datatype": "INT64", "data": [500]},
+            ]
+        }
+    ).encode()
+    key = {"feedserve-write-key": os.environ["FEEDSERVE_WRITE_KEY"]}
+    status, text = _post_json(server, "/v2/models/index_write/infer", write, key)
+    assert status == 400 and "got [4294967297]" in text, (status, text)
+    with FeedClient(server.grpc_url, "grpc") as client:
+        assert len(client.infer(M.KNN, GOOD[M.KNN], ("IDS",))["IDS"][0]) == 3  # post 500 is still there
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_refused_large_requests_give_their_memory_back(server) -> None:  # type: ignore[no-untyped-def]
+    """Refused 40 MB requests, as gzip bodies of a few KB (a 'gzip bomb'): each is refused by name,
+    and the memory they took is given back. Their errors once held the frames of the request, so
+    the preprocess stub kept every refused input (7 requests of 50 MB: 88 -> 581 MB) until a full
+    garbage collection that numpy's allocations never trigger."""
+    from feedserve.ops.watchdog import stub_processes
+
+    [stub] = [pid for pid, model in stub_processes(server.process.pid).items() if model == "preprocess_post"]
+    record = json.dumps({"id": 1, "text": "a" * (40 << 20)})
+    body = gzip.compress(
+        json.dumps({"inputs": [{"name": "RECORDS", "shape": [1, 1], "datatype": "BYTES", "data": [record]}]}).encode(),
+        compresslevel=9,
+    )
+    assert len(body) < 200_000
+    del record
+    before = _rss_mb(stub), _rss_mb(server.process.pid)
+    for _ in range(6):
+        status, text = _post_json(server, "/v2/models/embed_post/infer", body, {"Content-Encoding": "gzip"})
+        assert status == 400 and "exceeds the limit" in text, (status, text[:200])
+    for _ in range(20):  # the good requests after them run as usual
+        assert not isinstance(_send(server, "grpc", M.EMBED_POST, GOOD[M.EMBED_POST]), ClientError)
+    after = _rss_mb(stub), _rss_mb(server.process.pid)
+    # 240 MB were refused; what stays is allocator slack, not the requests.
+    assert after[0] - before[0] < 100, (before, after)
+    assert after[1] - before[1] < 150, (before, after)
+
+
+@pytest.mark.parametrize("protocol", ("http", "grpc"))
+def test_maximal_members_are_served_beside_small_retrievals(server, protocol: str) -> None:  # type: ignore[no-untyped-def]
+    """Members at every limit of the record (about 1 MB of JSON each) are valid: a request of eight
+    is answered, and small retrievals sent while it runs are answered too. (What each costs is
+    bounded by the token budget; benchmarks/reports/hostile.md measures the small ones' p99.)"""
+    from feedserve.prompt.records import maximal_member
+
+    members = [json.dumps(maximal_member(i)) for i in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        big = pool.submit(
+            _send,
+            server,
+            protocol,
+            M.RETRIEVE,
+            {**_records(*[m.encode() for m in members]), "K": np.full((8, 1), 3, np.int64)},
+        )
+        small = [pool.submit(_send, server, protocol, M.RETRIEVE, GOOD[M.RETRIEVE]) for _ in range(6)]
+        out = big.result()
+        assert not isinstance(out, ClientError), out
+        assert out["IDS"].shape == (8, 3)
+        for s in small:
+            assert not isinstance(s.result(), ClientError)

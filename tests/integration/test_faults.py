@@ -3,6 +3,7 @@ damaged artifacts refused at start with the file named."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -17,7 +18,7 @@ import pytest
 from feedserve.artifacts import ArtifactLayout
 from feedserve.clients.online import FeedClient
 from feedserve.errors import ClientError
-from feedserve.ops.launcher import ServerError, ServerOptions, TritonServer, free_port
+from feedserve.ops.launcher import ServerError, ServerOptions, TritonServer, on_free_ports
 from feedserve.ops.watchdog import stub_processes
 
 pytestmark = pytest.mark.integration
@@ -26,15 +27,7 @@ POST = {"id": 7, "text": "We are hiring ML engineers for feed retrieval.", "coun
 
 
 def _options(artifacts: Path, repo: Path, log: Path) -> ServerOptions:
-    return ServerOptions(
-        repository=repo,
-        artifacts=artifacts,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        log_file=log,
-        startup_timeout_s=180,
-    )
+    return on_free_ports(repository=repo, artifacts=artifacts, log_file=log, startup_timeout_s=180)
 
 
 @pytest.fixture
@@ -60,7 +53,7 @@ def watched_server(request: pytest.FixtureRequest, artifacts: ArtifactLayout, tm
     import subprocess
     import sys
 
-    from feedserve.ops.watchdog import ADMIN_KEY_ENV
+    from feedserve.ops.keys import ADMIN_KEY_ENV
     from feedserve.triton.repository import write_repository
 
     write_repository(tmp_path / "repo")
@@ -110,9 +103,11 @@ def stub_pids(server: TritonServer, model: str) -> list[int]:
 
 
 def test_a_killed_stub_under_load_recovers(watched_server: TritonServer) -> None:
-    """SIGKILL the encoder's stub while three clients embed posts: the requests it held fail with an
-    error, the server stays up, and the watchdog reloads the encoder (this Triton neither restarts
-    the stub nor reports the model unready), so embed_post answers again without a restart."""
+    """SIGKILL the encoder's stub while three clients embed posts: the requests it held fail with a
+    retryable error, and embed_post answers again. Usually the server stays up and the watchdog
+    reloads the encoder (this Triton neither restarts the stub nor reports the model unready); in
+    about 1 kill of 14 tritonserver itself aborts (the python backend's lock_exception, an upstream
+    crash), and then the launcher restarts it: both are recoveries, and the test says which ran."""
     server = watched_server
     [pid] = stub_pids(server, "encoder")
     results: list[bool] = []
@@ -141,19 +136,21 @@ def test_a_killed_stub_under_load_recovers(watched_server: TritonServer) -> None
         after = results[killed_at:]
         return any(all(after[i : i + 10]) for i in range(len(after) - 9))
 
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120  # a restart of tritonserver takes longer than a reload
     while time.monotonic() < deadline and not recovered():
         time.sleep(0.2)
     stop.set()
     for t in threads:
         t.join(timeout=60)
-    assert server.process is not None and server.process.poll() is None, "tritonserver died with its stub"
+    assert server.running and server.process is not None and server.process.poll() is None
     assert recovered(), f"encoder did not recover: {errors[-3:]}"
     assert not all(results[killed_at:]), "no request failed: was the stub killed?"
     # What the requests caught by the death get is worth retrying (the ingester does): not bad input.
     assert all(err.retryable and not err.refused for err in errors), [str(e) for e in errors if not e.retryable][:3]
     assert stub_pids(server, "encoder") != [pid]  # a new stub serves
-    if server.watchdog is not None:  # the launcher's; the standalone one logs its reload instead
+    if server.restarts:  # tritonserver aborted with its stub and the launcher brought it back
+        logging.getLogger(__name__).warning("tritonserver died with the stub and was restarted (the upstream abort)")
+    elif server.watchdog is not None:  # the launcher's; the standalone one logs its reload instead
         assert server.watchdog.reloads == {"encoder": 1}
     with FeedClient(server.http_url, "http") as client:
         assert client.ready()
@@ -197,11 +194,11 @@ def test_a_damaged_index_file_is_refused_and_the_last_good_one_keeps_serving(
     layout = ArtifactLayout(server.options.artifacts)
     vectors = np.random.default_rng(0).normal(size=(10, 32)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    query = {"QUERY": vectors[:1], "K": np.array([[3]], np.int32)}
+    query = {"QUERY": vectors[:1], "K": np.array([[3]], np.int64)}
     with FeedClient(server.grpc_url, "grpc") as client:
         client.infer(
             "index_write",
-            {"OP": np.ones((10, 1), np.int32), "POST_ID": np.arange(10, dtype=np.int64)[:, None], "EMBEDDING": vectors},
+            {"OP": np.ones((10, 1), np.int64), "POST_ID": np.arange(10, dtype=np.int64)[:, None], "EMBEDDING": vectors},
             ("LSN",),
         )
         before = client.infer("knn", query, ("IDS",))["IDS"]

@@ -41,7 +41,7 @@ def _create(post: Post) -> str:
 
 
 def _top1(client: FeedClient, vectors: np.ndarray) -> list[int]:
-    k = np.ones((len(vectors), 1), np.int32)
+    k = np.ones((len(vectors), 1), np.int64)
     ids = client.infer(ModelName.KNN, {"QUERY": vectors, "K": k}, ("IDS",))["IDS"]
     return ids[:, 0].tolist() if ids.shape[1] else [-1] * len(vectors)  # an empty index: no hits at all
 
@@ -75,7 +75,7 @@ def test_events_become_posts_and_a_restart_resumes(
         assert (
             posts[3].id
             not in client.infer(
-                ModelName.KNN, {"QUERY": client.embed_posts(posts[3:4]), "K": np.array([[50]], np.int32)}, ("IDS",)
+                ModelName.KNN, {"QUERY": client.embed_posts(posts[3:4]), "K": np.array([[50]], np.int64)}, ("IDS",)
             )["IDS"][0]
         )
         # Appended events only: a new ingester on the same state starts where the last one stopped.
@@ -130,7 +130,7 @@ def test_kill_9_mid_ingestion_then_resume_loses_nothing(triton_server, tmp_path:
     with FeedClient(triton_server.grpc_url, "grpc", timeout_s=60) as client:
         assert all(_present(client, posts))
         # Leave the shared index as it was for the other tests.
-        ops = np.full((len(posts), 1), 2, np.int32)
+        ops = np.full((len(posts), 1), 2, np.int64)
         client.infer(
             ModelName.INDEX_WRITE, {"OP": ops, "POST_ID": np.array([[p.id] for p in posts], np.int64)}, ("LSN",)
         )

@@ -42,12 +42,12 @@ def test_searches_during_writes_never_fail_or_see_a_deleted_post(triton_server) 
                 vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
                 client.infer(
                     ModelName.INDEX_WRITE,
-                    {"OP": np.ones((8, 1), np.int32), "POST_ID": ids[:, None], "EMBEDDING": vectors.astype(np.float32)},
+                    {"OP": np.ones((8, 1), np.int64), "POST_ID": ids[:, None], "EMBEDDING": vectors.astype(np.float32)},
                     ("LSN",),
                 )
                 gone = ids[::2]
                 client.infer(
-                    ModelName.INDEX_WRITE, {"OP": np.full((4, 1), 2, np.int32), "POST_ID": gone[:, None]}, ("LSN",)
+                    ModelName.INDEX_WRITE, {"OP": np.full((4, 1), 2, np.int64), "POST_ID": gone[:, None]}, ("LSN",)
                 )
                 with lock:
                     deleted.update({int(i): time.monotonic() for i in gone})
@@ -61,7 +61,7 @@ def test_searches_during_writes_never_fail_or_see_a_deleted_post(triton_server) 
                 with lock:
                     before = set(deleted)
                 try:
-                    ids = client.infer(ModelName.KNN, {"QUERY": axis, "K": np.array([[200]], np.int32)}, ("IDS",))[
+                    ids = client.infer(ModelName.KNN, {"QUERY": axis, "K": np.array([[200]], np.int64)}, ("IDS",))[
                         "IDS"
                     ][0]
                 except Exception as err:
@@ -82,5 +82,5 @@ def test_searches_during_writes_never_fail_or_see_a_deleted_post(triton_server) 
         rest = np.array([BASE_ID + i for i in range(240) if BASE_ID + i not in deleted], np.int64)
         for part in np.array_split(rest, 2):  # at most max_batch_size (64) rows a request
             client.infer(
-                ModelName.INDEX_WRITE, {"OP": np.full((len(part), 1), 2, np.int32), "POST_ID": part[:, None]}, ("LSN",)
+                ModelName.INDEX_WRITE, {"OP": np.full((len(part), 1), 2, np.int64), "POST_ID": part[:, None]}, ("LSN",)
             )

@@ -132,7 +132,7 @@ def test_component_models_answer_directly(triton_server, indexed, posts, protoco
         assert tokens["INPUT_IDS"].dtype == np.int64 and tokens["INPUT_IDS"].shape == tokens["ATTENTION_MASK"].shape
         emb = client.infer(ModelName.ENCODER, tokens, ("EMBEDDING",))["EMBEDDING"]
         np.testing.assert_allclose(emb, indexed[:2], atol=1e-5)
-        out = client.infer(ModelName.KNN, {"QUERY": emb, "K": np.array([[1], [1]], np.int32)}, ("IDS", "SCORES"))
+        out = client.infer(ModelName.KNN, {"QUERY": emb, "K": np.array([[1], [1]], np.int64)}, ("IDS", "SCORES"))
         assert out["IDS"][:, 0].tolist() == [posts[0].id, posts[1].id]
 
 
@@ -140,15 +140,15 @@ def test_component_models_answer_directly(triton_server, indexed, posts, protoco
 def test_live_writes_are_searchable_once_acknowledged(triton_server, indexed, protocol: str) -> None:  # type: ignore[no-untyped-def]
     new_id = 10**12 + PROTOCOLS.index(protocol)
     query = indexed[5:6]
-    k = np.array([[1]], np.int32)
+    k = np.array([[1]], np.int64)
     with _client(triton_server, protocol) as client:
-        write = {"OP": np.array([[1]], np.int32), "POST_ID": np.array([[new_id]], np.int64), "EMBEDDING": query}
+        write = {"OP": np.array([[1]], np.int64), "POST_ID": np.array([[new_id]], np.int64), "EMBEDDING": query}
         lsn = client.infer(ModelName.INDEX_WRITE, write, ("LSN",))["LSN"]
         assert lsn.shape == (1, 1) and lsn[0, 0] >= 1
         # The same vector as an indexed post: both score 1.0, so ask for two.
-        top = client.infer(ModelName.KNN, {"QUERY": query, "K": np.array([[2]], np.int32)}, ("IDS",))["IDS"][0]
+        top = client.infer(ModelName.KNN, {"QUERY": query, "K": np.array([[2]], np.int64)}, ("IDS",))["IDS"][0]
         assert new_id in top.tolist()
-        delete = {"OP": np.array([[2]], np.int32), "POST_ID": np.array([[new_id]], np.int64)}
+        delete = {"OP": np.array([[2]], np.int64), "POST_ID": np.array([[new_id]], np.int64)}
         assert client.infer(ModelName.INDEX_WRITE, delete, ("LSN",))["LSN"][0, 0] > lsn[0, 0]
         top = client.infer(ModelName.KNN, {"QUERY": query, "K": k * 50}, ("IDS",))["IDS"][0]
         assert new_id not in top.tolist()
@@ -165,31 +165,31 @@ BAD_REQUESTS = [
         {"RECORDS": np.array([[b'{"id": 5, "history": [{"engaged_at": 1}]}']], object)},
         "post_id",
     ),
-    (ModelName.RETRIEVE, {"RECORDS": np.array([[b'{"id": 5}']], object), "K": np.array([[0]], np.int32)}, "k=0"),
+    (ModelName.RETRIEVE, {"RECORDS": np.array([[b'{"id": 5}']], object), "K": np.array([[0]], np.int64)}, "k=0"),
     (
         ModelName.RETRIEVE,
-        {"RECORDS": np.array([[b'{"id": 5}']], object), "K": np.array([[100000]], np.int32)},
+        {"RECORDS": np.array([[b'{"id": 5}']], object), "K": np.array([[100000]], np.int64)},
         "out of range",
     ),
-    (ModelName.KNN, {"QUERY": np.zeros((1, 7), np.float32), "K": np.array([[1]], np.int32)}, "dimension"),
+    (ModelName.KNN, {"QUERY": np.zeros((1, 7), np.float32), "K": np.array([[1]], np.int64)}, "dimension"),
     (ModelName.ENCODER, {"INPUT_IDS": np.ones((1, 4), np.int64), "ATTENTION_MASK": np.ones((1, 5), np.int64)}, "shape"),
     (
         ModelName.ENCODER,
         {"INPUT_IDS": np.full((1, 4), 10**9, np.int64), "ATTENTION_MASK": np.ones((1, 4), np.int64)},
         "token ids",
     ),
-    (ModelName.INDEX_WRITE, {"OP": np.array([[3]], np.int32), "POST_ID": np.array([[1]], np.int64)}, "upsert"),
+    (ModelName.INDEX_WRITE, {"OP": np.array([[3]], np.int64), "POST_ID": np.array([[1]], np.int64)}, "upsert"),
     (
         ModelName.INDEX_WRITE,
         {
-            "OP": np.array([[1]], np.int32),
+            "OP": np.array([[1]], np.int64),
             "POST_ID": np.array([[1]], np.int64),
             "EMBEDDING": np.zeros((1, 7), np.float32),
         },
         "EMBEDDING: vectors must have shape",
     ),
     # Triton itself checks declared dtypes before the backend sees the request.
-    (ModelName.KNN, {"QUERY": np.zeros((1, 32), np.float64), "K": np.array([[1]], np.int32)}, "FP64"),
+    (ModelName.KNN, {"QUERY": np.zeros((1, 32), np.float64), "K": np.array([[1]], np.int64)}, "FP64"),
 ]
 
 
@@ -215,8 +215,8 @@ def test_bad_requests_fail_alone_inside_a_dynamic_batch(triton_server, indexed, 
     async def send(client, record: bytes, k: int):  # type: ignore[no-untyped-def]
         rec = grpcaio.InferInput("RECORDS", [1, 1], "BYTES")
         rec.set_data_from_numpy(np.array([[record]], object))
-        kk = grpcaio.InferInput("K", [1, 1], "INT32")
-        kk.set_data_from_numpy(np.array([[k]], np.int32))
+        kk = grpcaio.InferInput("K", [1, 1], "INT64")
+        kk.set_data_from_numpy(np.array([[k]], np.int64))
         try:
             res = await client.infer("retrieve", [rec, kk])
             return res.as_numpy("IDS")

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from feedserve.ops.watchdog import ADMIN_HEADER, GRPC_ADMIN_HEADER
+from feedserve.ops.keys import ADMIN_HEADER, GRPC_ADMIN_HEADER
 
 pytestmark = pytest.mark.integration
 

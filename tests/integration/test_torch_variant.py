@@ -16,7 +16,7 @@ from feedserve.artifacts import ArtifactLayout, EncoderSettings
 from feedserve.clients.batch import index_corpus
 from feedserve.clients.online import FeedClient
 from feedserve.ops.builder import SAMPLE_CORPUS
-from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
+from feedserve.ops.launcher import TritonServer, on_free_ports
 from feedserve.prompt.movielens import load_movielens
 from feedserve.schema import ModelName
 from feedserve.triton.repository import RepositorySettings, config_files, render_configs, write_files
@@ -59,14 +59,8 @@ def test_the_torch_backends_serve_the_ensembles(tiny_artifacts: ArtifactLayout, 
         EncoderSettings.load(layout.settings),
     )
     onnx = OnnxEncoder(layout.onnx)
-    options = ServerOptions(
-        repository=tmp_path / "repo",
-        artifacts=root,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        log_file=tmp_path / "tritonserver.log",
-        startup_timeout_s=180,
+    options = on_free_ports(
+        repository=tmp_path / "repo", artifacts=root, log_file=tmp_path / "tritonserver.log", startup_timeout_s=180
     )
     with TritonServer(options) as server, FeedClient(server.grpc_url, "grpc", timeout_s=60) as client:
         # Posts embedded by the torch encoder through embed_post, indexed, and read back by the torch kNN.
@@ -99,18 +93,18 @@ def test_the_torch_backends_serve_the_ensembles(tiny_artifacts: ArtifactLayout, 
         client.infer(
             ModelName.INDEX_WRITE,
             {
-                "OP": np.ones((1, 1), np.int32),
+                "OP": np.ones((1, 1), np.int64),
                 "POST_ID": np.array([[999_999]], np.int64),
                 "EMBEDDING": target.astype(np.float32),
             },
             ("LSN",),
         )
-        found = client.infer(ModelName.KNN, {"QUERY": queries[:1], "K": np.array([[1]], np.int32)}, ("IDS",))["IDS"]
+        found = client.infer(ModelName.KNN, {"QUERY": queries[:1], "K": np.array([[1]], np.int64)}, ("IDS",))["IDS"]
         assert found.tolist() == [[999_999]]
         client.infer(
             ModelName.INDEX_WRITE,
-            {"OP": np.full((1, 1), 2, np.int32), "POST_ID": np.array([[999_999]], np.int64)},
+            {"OP": np.full((1, 1), 2, np.int64), "POST_ID": np.array([[999_999]], np.int64)},
             ("LSN",),
         )
-        found = client.infer(ModelName.KNN, {"QUERY": queries[:1], "K": np.array([[3]], np.int32)}, ("IDS",))["IDS"]
+        found = client.infer(ModelName.KNN, {"QUERY": queries[:1], "K": np.array([[3]], np.int64)}, ("IDS",))["IDS"]
         assert 999_999 not in found.ravel().tolist()

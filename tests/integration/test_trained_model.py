@@ -16,7 +16,7 @@ from feedserve.artifacts import ArtifactLayout, EncoderSettings
 from feedserve.clients.online import FeedClient
 from feedserve.encode.pytorch import TorchEncoder
 from feedserve.ops.builder import BuildOptions, build_artifacts
-from feedserve.ops.launcher import ServerOptions, TritonServer, free_port
+from feedserve.ops.launcher import TritonServer, on_free_ports
 from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.builder import PromptBuilder
 from feedserve.training.data import synthetic_feed
@@ -40,14 +40,7 @@ def test_trained_artifact_serves_the_embeddings_pytorch_gives(tiny_checkpoint: P
     assert json.loads((layout.hf_dir / "config.json").read_text())["num_hidden_layers"] == 1
     repo = tmp_path / "repo"
     write_repository(repo)
-    opts = ServerOptions(
-        repository=repo,
-        artifacts=layout.root,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        log_file=tmp_path / "server.log",
-    )
+    opts = on_free_ports(repository=repo, artifacts=layout.root, log_file=tmp_path / "server.log")
     with TritonServer(opts) as server, FeedClient(server.grpc_url, "grpc") as client:
         served = client.embed_posts(syn.posts[:5])
         served_members = client.embed_members(syn.members[:3])

@@ -55,17 +55,17 @@ def test_a_follower_server_sees_the_writer_servers_writes(tiny_artifacts: Artifa
     ):
         with pytest.raises(ClientError):  # the follower takes no writes
             reader.infer(
-                ModelName.INDEX_WRITE, {"OP": np.array([[2]], np.int32), "POST_ID": np.array([[1]], np.int64)}, ("LSN",)
+                ModelName.INDEX_WRITE, {"OP": np.array([[2]], np.int64), "POST_ID": np.array([[1]], np.int64)}, ("LSN",)
             )
         writer.infer(
             ModelName.INDEX_WRITE,
-            {"OP": np.ones((1, 1), np.int32), "POST_ID": np.array([[77]], np.int64), "EMBEDDING": vector},
+            {"OP": np.ones((1, 1), np.int64), "POST_ID": np.array([[77]], np.int64), "EMBEDDING": vector},
             ("LSN",),
         )
-        found = reader.infer(ModelName.KNN, {"QUERY": vector, "K": np.array([[1]], np.int32)}, ("IDS",))["IDS"]
+        found = reader.infer(ModelName.KNN, {"QUERY": vector, "K": np.array([[1]], np.int64)}, ("IDS",))["IDS"]
         assert found.tolist() == [[77]]
         writer.infer(
-            ModelName.INDEX_WRITE, {"OP": np.full((1, 1), 2, np.int32), "POST_ID": np.array([[77]], np.int64)}, ("LSN",)
+            ModelName.INDEX_WRITE, {"OP": np.full((1, 1), 2, np.int64), "POST_ID": np.array([[77]], np.int64)}, ("LSN",)
         )
-        found = reader.infer(ModelName.KNN, {"QUERY": vector, "K": np.array([[1]], np.int32)}, ("IDS",))["IDS"]
+        found = reader.infer(ModelName.KNN, {"QUERY": vector, "K": np.array([[1]], np.int64)}, ("IDS",))["IDS"]
         assert 77 not in found.ravel().tolist()

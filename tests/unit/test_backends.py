@@ -196,3 +196,27 @@ def test_the_cost_grouping_splits_far_lengths_and_keeps_near_ones() -> None:
     assert [len(rows) for rows, _ in group_rows([60, 70, 66, 64], 32)] == [4]  # one run of width 70
     runs = group_rows([20, 22, 500, 25], 32)
     assert [(sorted(rows), width) for rows, width in runs] == [([0, 1, 3], 25), ([2], 500)]
+
+
+def test_a_refused_request_keeps_none_of_its_inputs(tiny_artifacts: ArtifactLayout) -> None:
+    """The error a refused request gets back holds no traceback, so nothing of the batch's inputs
+    outlives the call: without the cyclic garbage collector (which numpy's allocations never run),
+    the refused request's 8 MB tensor is freed as soon as the caller drops it."""
+    import gc
+    import weakref
+
+    model = PreprocessModel()
+    model.setup(tiny_artifacts, {"record_kind": "post"})
+    big = np.array([[b'{"id": 1, "text": "' + b"x" * (8 << 20) + b'"}']], dtype=np.object_)
+    good = np.array([[json.dumps({"id": 2, "text": "hello"}).encode()]], dtype=np.object_)
+    alive = weakref.ref(big)
+    gc.disable()
+    try:
+        outputs = model.run([{"RECORDS": big}, {"RECORDS": good}])
+        assert isinstance(outputs[0], RequestError) and "exceeds the limit" in str(outputs[0])
+        assert outputs[0].__traceback__ is None and outputs[0].__cause__ is None and outputs[0].__context__ is None
+        assert not isinstance(outputs[1], RequestError)
+        del big
+        assert alive() is None, "the refused request's input is still referenced"
+    finally:
+        gc.enable()

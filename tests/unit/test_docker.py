@@ -162,6 +162,9 @@ def test_entrypoint_builds_the_plan_then_starts_triton(tmp_path: Path, artifacts
         f"tritonserver --model-repository={tmp_path / 'models'} --model-control-mode=explicit --load-model=*"
     )
     assert "--http-restricted-api=model-repository,shared-memory,trace,logging:feedserve-admin-key=" in calls[3]
+    # The write key's header reaches index_write, under the name the launcher forwards too.
+    assert "--http-header-forward-pattern=(?i)^feedserve-write-key$" in calls[3]
+    assert "--grpc-header-forward-pattern=^feedserve-write-key$" in calls[3]
     assert calls[3].endswith("--log-verbose=1")  # extra arguments reach the server
 
 

@@ -3,6 +3,7 @@ acknowledged with their LSN, seen by the next search, and a bad request fails al
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -13,11 +14,20 @@ from feedserve.artifacts import ArtifactLayout
 from feedserve.clients.batch import build_index
 from feedserve.index.store import PostIndex
 from feedserve.index.wal import read_records
+from feedserve.ops.keys import WRITE_HEADER, WRITE_KEY_ENV
 from feedserve.triton.base import RequestError
 from feedserve.triton.index_write import IndexWriteModel
 from feedserve.triton.knn import KnnModel
 
 DIM = 32  # the tiny artifacts' serving dimension
+KEYED = {WRITE_HEADER: os.environ[WRITE_KEY_ENV]}  # the parameters Triton forwards from a keyed client
+
+
+class _Writer(IndexWriteModel):
+    """index_write as a client holding the write key reaches it."""
+
+    def run(self, batch, parameters=None):  # type: ignore[no-untyped-def]
+        return super().run(batch, parameters if parameters is not None else [KEYED] * len(batch))
 
 
 @pytest.fixture
@@ -35,18 +45,18 @@ def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def _write(ops: list[int], ids: list[int], vectors: np.ndarray | None) -> dict[str, np.ndarray | None]:
-    return {"OP": np.array(ops, np.int32)[:, None], "POST_ID": np.array(ids, np.int64)[:, None], "EMBEDDING": vectors}
+    return {"OP": np.array(ops, np.int64)[:, None], "POST_ID": np.array(ids, np.int64)[:, None], "EMBEDDING": vectors}
 
 
 def _search(knn: KnnModel, q: np.ndarray, k: int) -> list[int]:
-    out = knn.run([{"QUERY": q, "K": np.array([[k]], np.int32)}])[0]
+    out = knn.run([{"QUERY": q, "K": np.array([[k]], np.int64)}])[0]
     assert not isinstance(out, RequestError)
     return [i for i in out["IDS"][0].tolist() if i != -1]
 
 
 def test_writes_are_acknowledged_then_seen_by_every_follower(layout: ArtifactLayout) -> None:
     rng = np.random.default_rng(0)
-    writer = IndexWriteModel()
+    writer = _Writer()
     writer.setup(layout, {"snapshot_every": "3"})
     followers = [KnnModel(), KnnModel()]
     for knn in followers:
@@ -85,15 +95,15 @@ def test_writes_are_acknowledged_then_seen_by_every_follower(layout: ArtifactLay
         (_write([1], [5], np.full((1, DIM), np.nan, np.float32)), "NaN"),
         (_write([1, 2], [5, 5], np.zeros((2, DIM), np.float32)), "appears twice"),
         (
-            {"OP": np.array([[1]], np.int64), "POST_ID": np.array([[5]], np.int64), "EMBEDDING": None},
-            "OP: expected dtype int32",
+            {"OP": np.array([[1]], np.int32), "POST_ID": np.array([[5]], np.int64), "EMBEDDING": None},
+            "OP: expected dtype int64",
         ),
     ],
 )
 def test_a_bad_write_fails_alone_and_logs_nothing(
     layout: ArtifactLayout, bad: dict[str, np.ndarray | None], words: str
 ) -> None:
-    writer = IndexWriteModel()
+    writer = _Writer()
     writer.setup(layout, {})
     good = _write([1], [1], _unit(np.random.default_rng(1), 1))
     failed, ok = writer.run([bad, good])
@@ -103,7 +113,7 @@ def test_a_bad_write_fails_alone_and_logs_nothing(
 
 def test_a_rebuilt_index_is_picked_up_by_the_writer(layout: ArtifactLayout) -> None:
     rng = np.random.default_rng(2)
-    writer = IndexWriteModel()
+    writer = _Writer()
     writer.setup(layout, {})
     writer.run([_write([1], [1], _unit(rng, 1))])
     build_index(np.arange(100, 110), _unit(rng, 10), layout.index)  # what `feedserve index` does
@@ -122,7 +132,7 @@ def test_a_write_the_disk_failed_is_unavailable_and_the_writer_recovers(
     from feedserve.triton.base import Unavailable
 
     rng = np.random.default_rng(3)
-    writer = IndexWriteModel()
+    writer = _Writer()
     writer.setup(layout, {})
 
     def disk_error(*args: object) -> None:
@@ -136,3 +146,32 @@ def test_a_write_the_disk_failed_is_unavailable_and_the_writer_recovers(
     ok = writer.run([_write([1], [2], _unit(rng, 1))])[0]  # reopened from what is on disk
     assert not isinstance(ok, RequestError)
     assert 2 in set(writer.live.index.snapshot()[0].tolist())
+
+
+def test_writes_need_the_write_key_and_unit_vectors(layout: ArtifactLayout, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(3)
+    writer = _Writer()
+    writer.setup(layout, {})
+    write = _write([1], [5], _unit(rng, 1))
+    no_key, wrong_key, keyed = writer.run([write] * 3, [{}, {WRITE_HEADER: "guess"}, KEYED])
+    assert isinstance(no_key, RequestError) and "forbidden: the request carries no write key" in str(no_key)
+    assert isinstance(wrong_key, RequestError) and "forbidden: the request carries a wrong write key" in str(wrong_key)
+    assert not isinstance(keyed, RequestError)
+    # One huge vector would rank first for every member: any vector off unit length is refused.
+    for vector in (np.full((1, DIM), 3e38, np.float32), 2 * _unit(rng, 1), np.zeros((1, DIM), np.float32)):
+        out = writer.run([_write([1], [6], vector)])[0]
+        assert isinstance(out, RequestError) and "unit length" in str(out), out
+    assert read_records_count(layout) == 1  # only the keyed, unit write was logged
+    # A server started without a key refuses every write.
+    monkeypatch.delenv(WRITE_KEY_ENV)
+    writer.finalize()
+    unkeyed = _Writer()
+    unkeyed.setup(layout, {})
+    out = unkeyed.run([_write([1], [7], _unit(rng, 1))])[0]
+    assert isinstance(out, RequestError) and "the server has no write key" in str(out)
+    unkeyed.finalize()
+
+
+def read_records_count(layout: ArtifactLayout) -> int:
+    with open(layout.index_dir.log, "rb") as log:
+        return len(list(read_records(log)))

@@ -138,16 +138,16 @@ def _knn_model(tmp_path: Path, index: PostIndex) -> KnnModel:
 def test_knn_model_isolates_bad_requests(index: PostIndex, tmp_path: Path) -> None:
     model = _knn_model(tmp_path, index)
     q = _unit(np.random.default_rng(4), 2, 16)
-    good = {"QUERY": q, "K": np.array([[5], [3]], np.int32), "EXCLUDE_IDS": None}
+    good = {"QUERY": q, "K": np.array([[5], [3]], np.int64), "EXCLUDE_IDS": None}
     results = model.run(
         [
-            {"QUERY": q[:1], "K": np.array([[0]], np.int32)},
+            {"QUERY": q[:1], "K": np.array([[0]], np.int64)},
             good,
-            {"QUERY": q[:1], "K": np.array([[51]], np.int32)},
-            {"QUERY": q[:1].astype(np.float64), "K": np.array([[1]], np.int32)},
-            {"QUERY": np.zeros((1, 8), np.float32), "K": np.array([[1]], np.int32)},
-            {"QUERY": np.full((1, 16), np.nan, np.float32), "K": np.array([[1]], np.int32)},
-            {"K": np.array([[1]], np.int32)},
+            {"QUERY": q[:1], "K": np.array([[51]], np.int64)},
+            {"QUERY": q[:1].astype(np.float64), "K": np.array([[1]], np.int64)},
+            {"QUERY": np.zeros((1, 8), np.float32), "K": np.array([[1]], np.int64)},
+            {"QUERY": np.full((1, 16), np.nan, np.float32), "K": np.array([[1]], np.int64)},
+            {"K": np.array([[1]], np.int64)},
         ]
     )
     assert isinstance(results[0], RequestError) and "k=0 is out of range [1, 50]" in str(results[0])
@@ -166,7 +166,7 @@ def test_knn_model_picks_up_a_rebuilt_index(index: PostIndex, tmp_path: Path) ->
     fresh = PostIndex(16)
     fresh.upsert(np.array([7]), v)
     fresh.save(tmp_path / "index" / "posts.npz")
-    out = model.run([{"QUERY": v, "K": np.array([[3]], np.int32)}])[0]
+    out = model.run([{"QUERY": v, "K": np.array([[3]], np.int64)}])[0]
     assert out["IDS"].tolist() == [[7]]
 
 
@@ -180,7 +180,7 @@ def test_knn_model_refuses_a_bad_index_at_load_and_keeps_a_good_one_later(index:
     path.write_bytes(b"not an index")
     os.utime(path, ns=(1, 1))  # a new signature even within the filesystem's timestamp resolution
     q = _unit(np.random.default_rng(6), 1, 16)
-    out = model.run([{"QUERY": q, "K": np.array([[3]], np.int32)}])[0]
+    out = model.run([{"QUERY": q, "K": np.array([[3]], np.int64)}])[0]
     assert not isinstance(out, RequestError) and out["IDS"].shape == (1, 3)  # the old index still serves
     with pytest.raises(IndexStoreError, match="cannot read index"):
         KnnModel().setup(ArtifactLayout(tmp_path), {"max_k": "50"})  # a model that would answer nothing fails to load

@@ -135,3 +135,67 @@ def test_any_member_gives_a_bounded_prompt_that_keeps_the_newest_history(
         prompt.endswith("<history>" + "".join(items[len(items) - n :]) + "</history></member>")
         for n in range(len(items) + 1)
     )
+
+
+class _Whole(PromptBuilder):
+    """The builder as it was before its work was bounded: whole texts tokenized, every item built.
+    The reference the bounded builder must agree with, token for token."""
+
+    def _prefix(self, text: str, n: int, special: bool = False):  # type: ignore[no-untyped-def]
+        return self.tokenizer.encode(text, add_special_tokens=special)
+
+    def _newest_items(self, member: Member, budget: int) -> list[str]:
+        return [self._history_item(h) for h in reversed(member.history[-self.settings.max_history_items :])]
+
+
+class _Counting:
+    """A tokenizer that counts the characters it is given."""
+
+    def __init__(self, tokenizer: object) -> None:
+        self.inner, self.chars = tokenizer, 0
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.inner.get_vocab()  # type: ignore[attr-defined,no-any-return]
+
+    def encode(self, text: str, **kwargs: object) -> object:
+        self.chars += len(text)
+        return self.inner.encode(text, **kwargs)  # type: ignore[attr-defined]
+
+    def encode_batch(self, texts: list[str], **kwargs: object) -> object:
+        self.chars += sum(map(len, texts))
+        return self.inner.encode_batch(texts, **kwargs)  # type: ignore[attr-defined]
+
+
+def _hostile_members() -> list[Member]:
+    """The largest members the limits allow, in prose and in the text that packs the fewest tokens per
+    character (runs of the vocabulary's longest tokens) and the most (one token per character)."""
+    import json as _json
+
+    from feedserve.prompt.records import maximal_member
+
+    base = maximal_member()
+    members = [parse_member(_json.dumps(base))]
+    for text in ("#" * 1024, "\u00e9\u4e2d" * 512):
+        hostile = dict(base, headline=text[:1024], skills=[text[:1024]] * 64, summary=(text * 32)[:32768])
+        hostile["history"] = [
+            dict(h, post=dict(h["post"], text=(text * 8)[:8000], tags=[text[:1024]] * 8)) for h in base["history"][:20]
+        ]
+        members.append(parse_member(hostile))  # a dict: the builder is tested here, not the size limit
+    return members
+
+
+def test_the_largest_records_cost_tokens_within_the_budget_and_the_same_prompt(builder: PromptBuilder) -> None:
+    """A megabyte-sized member is tokenized only as far as the budget can reach (it once tokenized the
+    whole profile twice: about half a second a record with the default model), and the prompt's tokens
+    are the ones tokenizing it whole gives."""
+    whole = _Whole(builder.tokenizer, builder.buckets, builder.settings)
+    for member in _hostile_members():
+        counting = _Counting(builder.tokenizer)
+        bounded = PromptBuilder(counting, builder.buckets, builder.settings)  # type: ignore[arg-type]
+        got = bounded.encode_members([member])
+        np.testing.assert_array_equal(got.input_ids, whole.encode_members([member]).input_ids)
+        # Every call looks at most 4x the characters the budget can span (the prefixes grow 4x).
+        reach = (SETTINGS.max_prompt_tokens + 1) * bounded.max_token_chars
+        assert counting.chars <= 8 * reach, (counting.chars, reach)
+        post = Post(id=1, text=member.summary, tags=member.skills[:64])
+        np.testing.assert_array_equal(bounded.encode_posts([post]).input_ids, whole.encode_posts([post]).input_ids)

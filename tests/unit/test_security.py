@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from feedserve.ops.cli import main as cli_main
-from feedserve.ops.launcher import ADMIN_APIS, ADMIN_HEADER, ADMIN_KEY_ENV, LOOPBACK, ServerOptions, TritonServer
+from feedserve.ops.keys import ADMIN_APIS, ADMIN_HEADER, ADMIN_KEY_ENV
+from feedserve.ops.launcher import LOOPBACK, ServerOptions, TritonServer
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = [

@@ -96,7 +96,8 @@ def test_the_standalone_watchdog_needs_the_key_and_gives_up_on_a_server_that_nev
     import subprocess
     import sys
 
-    from feedserve.ops.watchdog import ADMIN_KEY_ENV, main
+    from feedserve.ops.keys import ADMIN_KEY_ENV
+    from feedserve.ops.watchdog import main
 
     monkeypatch.delenv(ADMIN_KEY_ENV, raising=False)
     assert main(["--server-pid", "1", "--http-url", "127.0.0.1:1"]) == 2
