@@ -29,11 +29,13 @@ logger = logging.getLogger("benchmarks.soak")
 
 
 def tree_rss_mb(pid: int) -> float:
+    """tritonserver and its python stubs. Not the stubs' guardians (feedserve.triton.base): forked
+    children whose pages are the stub's own, shared, which RSS would count twice."""
     import psutil
 
     root = psutil.Process(pid)
     total = 0
-    for proc in [root, *root.children(recursive=True)]:
+    for proc in [root, *root.children(recursive=False)]:
         try:
             total += proc.memory_info().rss
         except psutil.NoSuchProcess:

@@ -1,0 +1,227 @@
+"""The Generative Recommender (GR) ranker, in PyTorch.
+
+A member's history is a sequence of (post, action) pairs, oldest first, read by a causal
+transformer: post tokens and action tokens interleave, `p1 a1 p2 a2 ...`. A post token mixes the
+post's content (its retrieval embedding, the one the index stores, projected down) with a hashed
+post-id embedding, through a learned per-token gate; a post whose id was never trained on (created
+a second ago) gets the content alone. Candidates are scored in one pass with the history
+(shared-context batching): they follow the history in the same sequence, all at the position the
+next post would take, and the attention mask lets each candidate see the whole history and itself,
+never another candidate, so the history is computed once for any number of candidates and every
+candidate's score equals the score it would get alone.
+
+The transformer's output at a candidate is fused late with what attention would gain little from:
+the member's profile embedding (the retrieval query) and the candidate's features (count
+percentiles, the retrieval score, affinity to the history). A multi-gate mixture of experts (MMoE)
+with DCNv2 cross-network experts and one gate per task gives one logit per task.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FORMAT = "feedserve.rank/1"
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    content_dim: int  # width of the retrieval embeddings (the index's vectors)
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    max_history: int = 200  # (post, action) pairs read; older ones are dropped
+    id_buckets: int = 1 << 16  # hashed post-id embeddings
+    actions: tuple[str, ...] = ("like", "love", "dislike", "neutral")
+    features: tuple[str, ...] = ("retrieval_score", "affinity", "has_content")
+    tasks: tuple[str, ...] = ("like", "love", "dislike")
+    n_experts: int = 4
+    cross_layers: int = 2
+    dropout: float = 0.1
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def positions(self) -> int:
+        return 2 * self.max_history + 1  # the history's tokens, then the candidates' one position
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({"format": FORMAT, **asdict(self)}, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> RankerConfig:
+        data = json.loads(Path(path).read_text())
+        if data.pop("format", None) != FORMAT:
+            raise ValueError(f"{path}: not a {FORMAT} ranker configuration")
+        for name in ("actions", "features", "tasks"):
+            data[name] = tuple(data[name])
+        return cls(**data)
+
+
+def hash_ids(ids: torch.Tensor, buckets: int) -> torch.Tensor:
+    """A post id's bucket: a multiplicative hash, the same in PyTorch and in the exported graph."""
+    return torch.remainder(ids * 0x9E3779B1, buckets)
+
+
+def shared_context_mask(history_mask: torch.Tensor, candidate_mask: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] boolean attention mask (True: may attend) over T = 2H history tokens followed by C
+    candidates: a history token attends to the real history tokens up to itself (causal), a candidate
+    to every real history token and to itself, never to another candidate. Padding attends to itself
+    only through the diagonal (its row is never read). Built from tensor ops on the masks, so an
+    exported graph keeps both lengths dynamic."""
+    tokens = history_mask.repeat_interleave(2, dim=1)  # [B, 2H]: a post and its action
+    t_hist = tokens.shape[1]
+    index = torch.arange(t_hist + candidate_mask.shape[1], device=tokens.device)
+    real_history_key = torch.cat([tokens, torch.zeros_like(candidate_mask)], dim=1)[:, None, :]  # [B, 1, T]
+    causal = index[:, None] >= index[None, :]  # [T, T]: candidates come after the whole history
+    itself = index[:, None] == index[None, :]
+    return ((real_history_key & causal) | itself)[:, None]
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block; attention takes an explicit mask (shared context, not only causal)."""
+
+    def __init__(self, d: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + self.dropout(self.out(attended.transpose(1, 2).reshape(b, t, d)))
+        return x + self.dropout(self.mlp(self.norm2(x)))
+
+
+class _CrossExpert(nn.Module):
+    """A DCNv2 cross network (x_{l+1} = x_0 * (W_l x_l + b_l) + x_l), then a projection."""
+
+    def __init__(self, width: int, layers: int, out: int) -> None:
+        super().__init__()
+        self.cross = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+        self.project = nn.Sequential(nn.Linear(width, out), nn.ReLU())
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        x = x0
+        for layer in self.cross:
+            x = x0 * layer(x) + x
+        return self.project(x)
+
+
+class GenerativeRanker(nn.Module):
+    """Scores candidates for every task in one pass over (history, candidates).
+
+    Inputs (B members, H history slots right-padded, C candidate slots, E = content_dim):
+      history_ids int64 [B, H], history_actions int64 [B, H], history_content float [B, H, E],
+      history_mask bool [B, H]; candidate_ids int64 [B, C], candidate_content float [B, C, E],
+      candidate_features float [B, C, len(features)], candidate_mask bool [B, C];
+      member float [B, E] (the member's retrieval embedding).
+    Output: logits [B, C, len(tasks)].
+    """
+
+    def __init__(self, config: RankerConfig, known_ids: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.config = config
+        d, e = config.d_model, config.content_dim
+        self.content = nn.Linear(e, d)
+        self.ids = nn.Embedding(config.id_buckets, d)
+        nn.init.zeros_(self.ids.weight)  # an id never trained on adds nothing
+        self.gate = nn.Linear(2 * d, 1)
+        self.actions = nn.Embedding(len(config.actions), d)
+        self.candidate_token = nn.Parameter(torch.zeros(d))  # marks the slots being scored
+        self.positions = nn.Embedding(config.positions, d)
+        self.blocks = nn.ModuleList(_Block(d, config.n_heads, config.dropout) for _ in range(config.n_layers))
+        self.norm = nn.LayerNorm(d)
+        self.member = nn.Linear(e, d)
+        width = 2 * d + len(config.features)
+        self.experts = nn.ModuleList(_CrossExpert(width, config.cross_layers, d) for _ in range(config.n_experts))
+        self.gates = nn.ModuleList(nn.Linear(width, config.n_experts) for _ in config.tasks)
+        self.towers = nn.ModuleList(nn.Linear(d, 1) for _ in config.tasks)
+        self.id_owners: torch.Tensor
+        # The post id trained in each id bucket (-1: none). A post whose id does not own its bucket (never
+        # trained on, or a collision) is read by its content alone.
+        self.register_buffer("id_owners", torch.full((config.id_buckets,), -1, dtype=torch.int64))
+        if known_ids is not None:
+            self.learn_ids(known_ids)
+
+    def learn_ids(self, ids: torch.Tensor) -> None:
+        """Let these post ids' embeddings count (the training set's); the first id of a bucket owns it."""
+        ids = torch.unique(ids.flatten())
+        buckets = hash_ids(ids, self.config.id_buckets)
+        first = torch.full_like(self.id_owners, -1)
+        first.scatter_reduce_(0, buckets, ids, reduce="amin", include_self=False)
+        self.id_owners.copy_(torch.where(self.id_owners >= 0, self.id_owners, first))
+
+    def post_tokens(self, ids: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+        """Content and id mixed by a learned gate; ids never trained on get the content alone."""
+        buckets = hash_ids(ids, self.config.id_buckets)
+        by_content = self.content(content)
+        by_id = self.ids(buckets)
+        gate = torch.sigmoid(self.gate(torch.cat([by_content, by_id], dim=-1)))
+        known = (self.id_owners[buckets] == ids).unsqueeze(-1).to(gate.dtype)
+        gate = gate * known
+        return gate * by_id + (1 - gate) * by_content
+
+    def encode(
+        self,
+        history_ids: torch.Tensor,
+        history_actions: torch.Tensor,
+        history_content: torch.Tensor,
+        history_mask: torch.Tensor,
+        candidate_ids: torch.Tensor,
+        candidate_content: torch.Tensor,
+        candidate_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Hidden states [B, 2H + C, d]: the history's tokens, then the candidates'."""
+        b, h = history_ids.shape
+        posts = self.post_tokens(history_ids, history_content)
+        acts = self.actions(history_actions)
+        history = torch.stack([posts, acts], dim=2).reshape(b, 2 * h, posts.shape[-1])  # p1 a1 p2 a2 ...
+        candidates = self.post_tokens(candidate_ids, candidate_content) + self.candidate_token
+        real_tokens = history_mask.repeat_interleave(2, dim=1).long()
+        history_pos = (real_tokens.cumsum(1) - 1).clamp(min=0)
+        next_pos = real_tokens.sum(1, keepdim=True).expand(-1, candidate_ids.shape[1])  # all at one position
+        x = torch.cat([history, candidates], dim=1) + self.positions(torch.cat([history_pos, next_pos], dim=1))
+        mask = shared_context_mask(history_mask, candidate_mask)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x)
+
+    def forward(
+        self,
+        history_ids: torch.Tensor,
+        history_actions: torch.Tensor,
+        history_content: torch.Tensor,
+        history_mask: torch.Tensor,
+        candidate_ids: torch.Tensor,
+        candidate_content: torch.Tensor,
+        candidate_features: torch.Tensor,
+        candidate_mask: torch.Tensor,
+        member: torch.Tensor,
+    ) -> torch.Tensor:
+        hidden = self.encode(
+            history_ids,
+            history_actions,
+            history_content,
+            history_mask,
+            candidate_ids,
+            candidate_content,
+            candidate_mask,
+        )
+        at_candidates = hidden[:, 2 * history_ids.shape[1] :]
+        profile = self.member(member).unsqueeze(1).expand(-1, at_candidates.shape[1], -1)
+        fused = torch.cat([at_candidates, profile, candidate_features], dim=-1)  # late fusion
+        experts = torch.stack([expert(fused) for expert in self.experts], dim=-2)  # [B, C, n_experts, d]
+        logits = []
+        for gate, tower in zip(self.gates, self.towers, strict=True):
+            weights = torch.softmax(gate(fused), dim=-1).unsqueeze(-1)
+            logits.append(tower((weights * experts).sum(dim=-2)))
+        return torch.cat(logits, dim=-1)

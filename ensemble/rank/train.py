@@ -1,0 +1,47 @@
+"""Training the GR ranker: multi-task binary cross-entropy over the candidates each member was shown.
+
+A batch holds members with their history and the candidates shown to them (impressions): the ones
+they engaged with and the ones they were shown and passed over. Every task has its own label per
+candidate (like, love, dislike on MovieLens); a task's weight scales its loss. The final score a
+server ranks by is a weighted sum of the task probabilities (`final_score`), the weights in the
+serving settings, a negative weight for a negative task (dislike).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from feedserve.rank.model import GenerativeRanker
+
+Batch = Mapping[str, torch.Tensor]
+INPUTS = (
+    "history_ids",
+    "history_actions",
+    "history_content",
+    "history_mask",
+    "candidate_ids",
+    "candidate_content",
+    "candidate_features",
+    "candidate_mask",
+    "member",
+)
+
+
+def multitask_loss(
+    model: GenerativeRanker, batch: Batch, task_weights: Sequence[float] | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """(weighted loss, per-task loss) over the real candidates of `batch`; its `labels` are float
+    [B, C, tasks] in {0, 1}."""
+    logits = model(**{name: batch[name] for name in INPUTS})
+    real = batch["candidate_mask"]
+    weights = torch.tensor(task_weights or [1.0] * logits.shape[-1], dtype=logits.dtype)
+    per_task = F.binary_cross_entropy_with_logits(logits[real], batch["labels"][real], reduction="none").mean(0)
+    return (per_task * weights).sum(), dict(zip(model.config.tasks, per_task.tolist(), strict=True))
+
+
+def final_score(logits: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """The score candidates are ranked by: sum over tasks of weight x probability."""
+    return (torch.sigmoid(logits) * torch.tensor(weights, dtype=logits.dtype)).sum(-1)
