@@ -100,7 +100,8 @@ def markdown(report: dict) -> str:
     lines = [
         "# Small retrievals while maximal members arrive",
         "",
-        f"Command: `{report['command']}`; machine: {report['machine']}.",
+        f"Command: `python -m benchmarks.hostile --seconds {report['seconds']:g} --label RUN` (one per row); "
+        f"machine: {report['machine']}.",
         f"Two clients send one-member `retrieve` requests (k=10) for {report['seconds']:g} s alone, then while a",
         "third sends requests of 8 maximal members (each about "
         f"{next(iter(report['runs'].values()))['maximal_record_bytes'] / 2**20:.2f} MiB of JSON) back to back.",

@@ -27,6 +27,19 @@ import torch.nn.functional as F
 from torch import nn
 
 FORMAT = "feedserve.rank/1"
+# The forward pass's inputs, in order: the exported graph's input names too.
+INPUTS = (
+    "history_ids",
+    "history_actions",
+    "history_content",
+    "history_mask",
+    "candidate_ids",
+    "candidate_content",
+    "candidate_features",
+    "candidate_mask",
+    "member",
+)
+OUTPUT = "logits"
 
 
 @dataclass(frozen=True)
@@ -73,13 +86,18 @@ def shared_context_mask(history_mask: torch.Tensor, candidate_mask: torch.Tensor
     to every real history token and to itself, never to another candidate. Padding attends to itself
     only through the diagonal (its row is never read). Built from tensor ops on the masks, so an
     exported graph keeps both lengths dynamic."""
-    tokens = history_mask.repeat_interleave(2, dim=1)  # [B, 2H]: a post and its action
+    tokens = _twice(history_mask)  # [B, 2H]: a post and its action
     t_hist = tokens.shape[1]
     index = torch.arange(t_hist + candidate_mask.shape[1], device=tokens.device)
     real_history_key = torch.cat([tokens, torch.zeros_like(candidate_mask)], dim=1)[:, None, :]  # [B, 1, T]
     causal = index[:, None] >= index[None, :]  # [T, T]: candidates come after the whole history
     itself = index[:, None] == index[None, :]
     return ((real_history_key & causal) | itself)[:, None]
+
+
+def _twice(mask: torch.Tensor) -> torch.Tensor:
+    """[B, H] -> [B, 2H], each entry repeated (stack + reshape: exports where repeat_interleave may not)."""
+    return torch.stack([mask, mask], dim=2).reshape(mask.shape[0], 2 * mask.shape[1])
 
 
 class _Block(nn.Module):
@@ -95,7 +113,7 @@ class _Block(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + self.dropout(self.out(attended.transpose(1, 2).reshape(b, t, d)))
         return x + self.dropout(self.mlp(self.norm2(x)))
@@ -186,7 +204,7 @@ class GenerativeRanker(nn.Module):
         acts = self.actions(history_actions)
         history = torch.stack([posts, acts], dim=2).reshape(b, 2 * h, posts.shape[-1])  # p1 a1 p2 a2 ...
         candidates = self.post_tokens(candidate_ids, candidate_content) + self.candidate_token
-        real_tokens = history_mask.repeat_interleave(2, dim=1).long()
+        real_tokens = _twice(history_mask).long()
         history_pos = (real_tokens.cumsum(1) - 1).clamp(min=0)
         next_pos = real_tokens.sum(1, keepdim=True).expand(-1, candidate_ids.shape[1])  # all at one position
         x = torch.cat([history, candidates], dim=1) + self.positions(torch.cat([history_pos, next_pos], dim=1))

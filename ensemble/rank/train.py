@@ -14,20 +14,9 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from feedserve.rank.model import GenerativeRanker
+from feedserve.rank.model import INPUTS, GenerativeRanker
 
 Batch = Mapping[str, torch.Tensor]
-INPUTS = (
-    "history_ids",
-    "history_actions",
-    "history_content",
-    "history_mask",
-    "candidate_ids",
-    "candidate_content",
-    "candidate_features",
-    "candidate_mask",
-    "member",
-)
 
 
 def multitask_loss(
