@@ -50,7 +50,8 @@ def _member(base: Member, history: list[Engagement]) -> Member:
     return base.model_copy(update={"history": history})
 
 
-def _engagement(ml: MovieLens, r: object) -> Engagement:
+def engagement_of(ml: MovieLens, r: object) -> Engagement:
+    """A rating as the engagement a member prompt shows (the retrieval stage's view of it)."""
     return Engagement(post_id=r.movie, engaged_at=r.timestamp, action=f"rated {r.rating:g}", post=ml.movies[r.movie])  # type: ignore[attr-defined]
 
 
@@ -87,7 +88,7 @@ def movielens_split(
         events = list(engaged)
         if history_negatives and engaged:
             events += [r for r in disliked[user] if r.timestamp <= engaged[-1].timestamp]
-        return [_engagement(ml, e) for e in sorted(events, key=lambda r: (r.timestamp, r.movie))]
+        return [engagement_of(ml, e) for e in sorted(events, key=lambda r: (r.timestamp, r.movie))]
 
     train: list[Example] = []
     test: list[EvalCase] = []
@@ -103,7 +104,7 @@ def movielens_split(
             # engagements is context (never trained on), the second half the targets, still later.
             context = future[: len(future) // 2] if len(past) < min_history else []
             targets = {e.movie for e in future[len(context) :]}
-            seen = history_of(user, past) + [_engagement(ml, e) for e in context]
+            seen = history_of(user, past) + [engagement_of(ml, e) for e in context]
             if len(past) + len(context) >= min_history:
                 test.append(EvalCase(_member(base, seen), targets - {h.post_id for h in seen}))
         positions = list(range(min_history, len(past)))

@@ -1,0 +1,212 @@
+"""Ranker examples from an interaction log, and the tensors the ranker reads.
+
+An example is a member at one moment: their history of (post, action) before it, oldest first, and
+the posts shown to them then (impressions) with what they did with each, one label per task. The
+ranker's history holds every interaction, negatives included (a retrieval prompt keeps the engaged
+ones only). On MovieLens an interaction is a rating: 5 is `love`, 4 and 4.5 `like`, 2.5 to 3.5
+`neutral`, 2 and below `dislike`; the tasks are like (>= 4), love (5) and dislike (<= 2), and the
+impressions at a moment are the retrieval stage's top candidates then (shown: not engaged unless
+the member rated them next) plus the posts the member rated next.
+
+`movielens_examples` keeps every example inside the training period: its history and its labels
+come from before the cutoff, so nothing after it is ever trained on.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from feedserve.prompt.buckets import PercentileBuckets
+from feedserve.prompt.movielens import MovieLens, Rating
+from feedserve.rank.model import RankerConfig
+
+# Ratings as actions and as task labels (like, love, dislike).
+LIKE, LOVE, DISLIKE = 4.0, 5.0, 2.0
+# Features of a post alone: its counts as percentiles, 0..1 (the same buckets the prompts use).
+COUNT_FEATURES = ("ratings", "mean_rating")
+FEATURES = ("retrieval_score", "affinity", "has_content", *(f"{c}_percentile" for c in COUNT_FEATURES))
+
+
+def action_of(rating: float) -> str:
+    if rating >= LOVE:
+        return "love"
+    if rating >= LIKE:
+        return "like"
+    return "dislike" if rating <= DISLIKE else "neutral"
+
+
+def labels_of(rating: float | None) -> tuple[float, float, float]:
+    """(like, love, dislike) for a post rated `rating`; shown and not rated (None): all 0."""
+    if rating is None:
+        return (0.0, 0.0, 0.0)
+    return (float(rating >= LIKE), float(rating >= LOVE), float(rating <= DISLIKE))
+
+
+@dataclass(frozen=True)
+class Interaction:
+    post_id: int
+    action: str
+    at: int
+
+
+@dataclass
+class RankExample:
+    member_id: int
+    history: list[Interaction]  # oldest first
+    member: np.ndarray  # the member's retrieval embedding [E]
+    candidates: np.ndarray  # post ids shown [C]
+    retrieval_scores: np.ndarray  # the retrieval stage's score of each [C]
+    labels: np.ndarray  # [C, tasks]
+
+
+def top_posts(
+    member: np.ndarray, post_ids: np.ndarray, post_vectors: np.ndarray, k: int, exclude: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The retrieval stage's answer: the k posts of highest inner product, `exclude` left out."""
+    scores = post_vectors @ member
+    scores[np.isin(post_ids, np.asarray(exclude, np.int64))] = -np.inf
+    top = np.argsort(-scores, kind="stable")[:k]
+    top = top[np.isfinite(scores[top])]
+    return post_ids[top], scores[top].astype(np.float32)
+
+
+def movielens_examples(
+    ml: MovieLens,
+    cutoff: int,
+    embed_member: Callable[[int, Sequence[Rating]], np.ndarray],
+    post_ids: np.ndarray,
+    post_vectors: np.ndarray,
+    per_member: int = 4,
+    shown: int = 200,
+    seed: int = 0,
+) -> list[RankExample]:
+    """Up to `per_member` moments per member before `cutoff`. At each: the history so far; as
+    impressions the top `shown` posts retrieval returned then (for the member embedded from their
+    liked history by `embed_member`, with the member's id and liked ratings as the retrieval
+    stage's member record holds them), labelled by the ratings the member gave them later but
+    before the cutoff (shown and never rated: all labels 0), plus the posts they rated low later
+    (explicit negatives). Impressions are what the ranker will be given when serving: the
+    retrieval stage's candidates, not the posts the member happened to rate next, which would teach
+    it that a high retrieval score means no engagement."""
+    rng = random.Random(seed)
+    rows = {int(p): i for i, p in enumerate(post_ids.tolist())}
+    by_user: dict[int, list[Rating]] = defaultdict(list)
+    for r in sorted(ml.ratings, key=lambda r: (r.timestamp, r.movie)):
+        if r.timestamp < cutoff and r.movie in ml.movies:
+            by_user[r.user].append(r)
+    examples = []
+    for user in sorted(by_user):
+        ratings = by_user[user]
+        moments = list(range(1, len(ratings) - 1))
+        for i in sorted(rng.sample(moments, min(per_member, len(moments)))):
+            past, later = ratings[:i], {r.movie: r.rating for r in ratings[i:]}
+            member = embed_member(user, [r for r in past if r.rating >= LIKE])
+            top, _ = top_posts(member, post_ids, post_vectors, shown, [r.movie for r in past])
+            disliked = [m for m, rating in later.items() if rating <= DISLIKE]
+            candidates = np.array(list(dict.fromkeys([*top.tolist(), *disliked])), np.int64)
+            scores = np.array(
+                [post_vectors[rows[c]] @ member if c in rows else 0.0 for c in candidates.tolist()], np.float32
+            )
+            examples.append(
+                RankExample(
+                    user,
+                    [Interaction(r.movie, action_of(r.rating), r.timestamp) for r in past],
+                    member,
+                    candidates,
+                    scores,
+                    np.array([labels_of(later.get(c)) for c in candidates.tolist()], np.float32),
+                )
+            )
+    rng.shuffle(examples)
+    return examples
+
+
+class Tensorizer:
+    """RankExamples (or a served request) -> the ranker's input tensors. A post's content is its
+    vector in the post table (the index's vectors); a post missing there gets zeros and `has_content`
+    0, and is still ranked (by its id, if trained on, and its features)."""
+
+    def __init__(
+        self,
+        config: RankerConfig,
+        post_ids: np.ndarray,
+        post_vectors: np.ndarray,
+        tags: Mapping[int, frozenset[str]] | None = None,
+        counts: Mapping[int, Mapping[str, float]] | None = None,
+        buckets: PercentileBuckets | None = None,
+    ) -> None:
+        self.config = config
+        self.row = {int(p): i for i, p in enumerate(post_ids.tolist())}
+        self.vectors = np.concatenate(
+            [post_vectors.astype(np.float32), np.zeros((1, post_vectors.shape[1]), np.float32)]
+        )
+        self.tags = tags or {}
+        self.counts, self.buckets = counts or {}, buckets
+        self.actions = {a: i for i, a in enumerate(config.actions)}
+
+    def _content(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.array([self.row.get(int(p), -1) for p in ids], np.int64)
+        return self.vectors[rows], (rows >= 0).astype(np.float32)
+
+    def _percentiles(self, post_id: int) -> list[float]:
+        counts = self.counts.get(post_id, {})
+        return [
+            self.buckets.bucket(c, counts[c]) / (self.buckets.n_buckets - 1)
+            if self.buckets is not None and c in counts and c in self.buckets.cut_points
+            else 0.0
+            for c in COUNT_FEATURES
+        ]
+
+    def batch(self, examples: Sequence[RankExample]) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        b = len(examples)
+        h = max(1, max(min(len(x.history), cfg.max_history) for x in examples))
+        c = max(len(x.candidates) for x in examples)
+        e = self.vectors.shape[1]
+        out: dict[str, np.ndarray] = {
+            "history_ids": np.zeros((b, h), np.int64),
+            "history_actions": np.zeros((b, h), np.int64),
+            "history_content": np.zeros((b, h, e), np.float32),
+            "history_mask": np.zeros((b, h), bool),
+            "candidate_ids": np.zeros((b, c), np.int64),
+            "candidate_content": np.zeros((b, c, e), np.float32),
+            "candidate_features": np.zeros((b, c, len(cfg.features)), np.float32),
+            "candidate_mask": np.zeros((b, c), bool),
+            "member": np.zeros((b, e), np.float32),
+            "labels": np.zeros((b, c, len(cfg.tasks)), np.float32),
+        }
+        for i, x in enumerate(examples):
+            history = x.history[-cfg.max_history :]  # the oldest go first, as in the prompts
+            n = len(history)
+            ids = [it.post_id for it in history]
+            out["history_ids"][i, :n] = ids
+            out["history_actions"][i, :n] = [self.actions[it.action] for it in history]
+            out["history_content"][i, :n] = self._content(ids)[0]
+            out["history_mask"][i, :n] = True
+            liked = frozenset().union(
+                *(self.tags.get(it.post_id, frozenset()) for it in history if it.action in ("like", "love"))
+            )
+            m = len(x.candidates)
+            content, has = self._content(x.candidates.tolist())
+            out["candidate_ids"][i, :m] = x.candidates
+            out["candidate_content"][i, :m] = content
+            out["candidate_mask"][i, :m] = True
+            out["member"][i] = x.member
+            out["labels"][i, :m] = x.labels
+            for j, post in enumerate(x.candidates.tolist()):
+                tags = self.tags.get(post, frozenset())
+                affinity = len(tags & liked) / len(tags | liked) if tags or liked else 0.0
+                values = {
+                    "retrieval_score": float(x.retrieval_scores[j]),
+                    "affinity": affinity,
+                    "has_content": float(has[j]),
+                }
+                values.update(zip((f"{c}_percentile" for c in COUNT_FEATURES), self._percentiles(post), strict=True))
+                out["candidate_features"][i, j] = [values.get(f, 0.0) for f in cfg.features]
+        return {k: torch.from_numpy(v) for k, v in out.items()}

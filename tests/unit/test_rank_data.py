@@ -1,0 +1,142 @@
+"""Ranker examples from MovieLens (feedserve.rank.data): inside the training period only, every
+interaction in the history, labels from the ratings that followed, and the tensors the ranker reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from feedserve.ops.builder import SAMPLE_CORPUS
+from feedserve.prompt.movielens import MovieLens, load_movielens
+from feedserve.rank.data import FEATURES, RankExample, Tensorizer, action_of, labels_of, movielens_examples
+from feedserve.rank.model import RankerConfig
+
+
+@pytest.fixture(scope="module")
+def ml() -> MovieLens:
+    return load_movielens(SAMPLE_CORPUS)
+
+
+def _table(ml: MovieLens) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.array(sorted(ml.movies), np.int64)
+    vectors = np.random.default_rng(0).normal(size=(len(ids), 8)).astype(np.float32)
+    return ids, vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_examples_stay_before_the_cutoff_and_label_what_followed(ml: MovieLens) -> None:
+    ids, vectors = _table(ml)
+    rows = {int(p): i for i, p in enumerate(ids)}
+    cutoff = sorted(r.timestamp for r in ml.ratings)[len(ml.ratings) * 9 // 10]
+
+    def embed(user: int, liked: list) -> np.ndarray:  # type: ignore[type-arg]
+        v = vectors[[rows[r.movie] for r in liked]].sum(0) if liked else np.zeros(8, np.float32)
+        return v / max(float(np.linalg.norm(v)), 1e-6)
+
+    examples = movielens_examples(ml, cutoff, embed, ids, vectors, per_member=2, shown=20)
+    assert len(examples) > 500
+    ratings = {(r.user, r.movie): r for r in ml.ratings}
+    for x in examples[:200]:
+        assert all(it.at < cutoff for it in x.history)
+        assert not {it.post_id for it in x.history} & set(x.candidates.tolist())  # nothing seen is shown again
+        for post, label in zip(x.candidates.tolist(), x.labels, strict=True):
+            r = ratings.get((x.member_id, post))
+            if label.any():  # a rated post: its rating came after the history and before the cutoff
+                assert r is not None and r.timestamp < cutoff and tuple(label) == labels_of(r.rating)
+                assert r.timestamp >= max((it.at for it in x.history), default=0)
+    actions = {it.action for x in examples for it in x.history}
+    assert actions == {"love", "like", "neutral", "dislike"}  # the ranker reads negatives too
+
+
+def test_actions_and_labels() -> None:
+    assert [action_of(r) for r in (5, 4.5, 4, 3, 2.5, 2, 0.5)] == [
+        "love",
+        "like",
+        "like",
+        "neutral",
+        "neutral",
+        "dislike",
+        "dislike",
+    ]
+    assert labels_of(5) == (1.0, 1.0, 0.0) and labels_of(1) == (0.0, 0.0, 1.0) and labels_of(None) == (0, 0, 0)
+
+
+def test_tensors_pad_and_mark_unknown_posts() -> None:
+    from feedserve.rank.data import Interaction
+
+    config = RankerConfig(content_dim=4, max_history=3, features=FEATURES)
+    tensorize = Tensorizer(
+        config,
+        np.array([10, 11, 12]),
+        np.eye(3, 4, dtype=np.float32),
+        {10: frozenset({"a"}), 12: frozenset({"a", "b"})},
+    )
+    long = RankExample(
+        1,
+        [Interaction(p, "like", t) for t, p in enumerate([10, 11, 12, 10])],
+        np.ones(4, np.float32),
+        np.array([12, 99]),
+        np.array([0.5, 0.1], np.float32),
+        np.zeros((2, 3), np.float32),
+    )
+    empty = RankExample(
+        2, [], np.zeros(4, np.float32), np.array([11]), np.array([0.2], np.float32), np.ones((1, 3), np.float32)
+    )
+    t = tensorize.batch([long, empty])
+    assert t["history_ids"].tolist() == [[11, 12, 10], [0, 0, 0]]  # the newest 3, oldest first
+    assert t["history_mask"].tolist() == [[True] * 3, [False] * 3]
+    assert t["candidate_mask"].tolist() == [[True, True], [True, False]]
+    features = dict(zip(FEATURES, t["candidate_features"][0].T.tolist(), strict=True))
+    assert features["has_content"] == [1.0, 0.0]  # post 99 is not in the table: ranked without content
+    assert features["retrieval_score"] == pytest.approx([0.5, 0.1])
+    assert features["affinity"][0] == pytest.approx(1.0)  # its tags {a, b} are exactly the liked ones
+    assert float(t["candidate_content"][0, 1].abs().sum()) == 0.0
+
+
+def _synthetic(n: int) -> tuple[Tensorizer, list[RankExample]]:
+    from feedserve.rank.data import Interaction
+
+    rng = np.random.default_rng(5)
+    config = RankerConfig(
+        content_dim=8, d_model=16, n_heads=2, n_layers=1, max_history=6, id_buckets=1024, features=FEATURES
+    )
+    ids = np.arange(100, 160)
+    tensorize = Tensorizer(config, ids, rng.normal(size=(60, 8)).astype(np.float32))
+    examples = [
+        RankExample(
+            i,
+            [Interaction(int(p), "like", t) for t, p in enumerate(rng.choice(ids, 4))],
+            rng.normal(size=8).astype(np.float32),
+            rng.choice(ids, 5, replace=False),
+            rng.random(5).astype(np.float32),
+            (rng.random((5, 3)) < 0.3).astype(np.float32),
+        )
+        for i in range(n)
+    ]
+    return tensorize, examples
+
+
+def test_an_interrupted_run_resumes_to_the_same_losses_and_weights(tmp_path: Path) -> None:
+    import torch
+
+    from feedserve.rank.model import GenerativeRanker
+    from feedserve.training.rank import train_ranker
+
+    tensorize, examples = _synthetic(40)
+
+    def fresh() -> GenerativeRanker:
+        torch.manual_seed(0)
+        return GenerativeRanker(tensorize.config)
+
+    (tmp_path / "a").mkdir()
+    whole = fresh()
+    losses = train_ranker(whole, tensorize, examples, tmp_path / "a", 6, batch_size=8, checkpoint_every=3)
+    part = fresh()
+    (tmp_path / "b").mkdir()
+    train_ranker(part, tensorize, examples, tmp_path / "b", 3, batch_size=8, checkpoint_every=3)
+    resumed = fresh()
+    again = train_ranker(resumed, tensorize, examples, tmp_path / "b", 6, batch_size=8, checkpoint_every=3, resume=True)
+    assert again == pytest.approx(losses, abs=1e-6)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name

@@ -1,0 +1,210 @@
+"""Train the GR ranker on MovieLens, on the retrieval stage's own embeddings and candidates.
+
+    .venv/bin/python -m feedserve.training.rank --artifacts artifacts/default --out runs/ranker --steps 1500
+
+The retrieval encoder the server runs (`encoder.int8.onnx` where built) embeds every movie and every
+member; training examples are members at moments before the split's cutoff (the retrieval stage's
+global time split: nothing after it is trained on), each with every rating before the moment as
+history, and as impressions the top retrieved movies then plus the movies rated next
+(`feedserve.rank.data`). The loss is multi-task binary cross-entropy (like, love, dislike).
+Batches depend only on the seed and the step, and a checkpoint is kept every `--checkpoint-every`
+steps: `--resume` continues a run exactly. At the end the test members (after the cutoff) are
+ranked: the retrieval stage's top `--candidates` for each, reordered by the ranker's final score,
+against the retrieval order (Recall@10/50, NDCG@10 on the movies they liked after the cutoff).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from feedserve.artifacts import ArtifactLayout, EncoderSettings, default_artifacts_dir
+from feedserve.files import atomic_file, atomic_write
+from feedserve.ops.builder import SAMPLE_CORPUS
+from feedserve.prompt.buckets import PercentileBuckets
+from feedserve.prompt.movielens import MovieLens, Rating, load_movielens
+from feedserve.prompt.records import Member
+from feedserve.rank.data import FEATURES, Interaction, RankExample, Tensorizer, action_of, movielens_examples, top_posts
+from feedserve.rank.model import GenerativeRanker, RankerConfig
+from feedserve.rank.train import final_score, multitask_loss
+from feedserve.training.data import engagement_of, movielens_split
+from feedserve.training.evaluate import EmbeddingRetriever, metrics
+
+logger = logging.getLogger(__name__)
+
+TASK_WEIGHTS = (1.0, 0.5, -1.0)  # like, love, dislike: the final score's weights
+
+
+def _member(ml: MovieLens, user: int, liked: Sequence[Rating]) -> Member:
+    """The member record retrieval sees (as `movielens_split` builds it): their liked movies."""
+    return Member(id=user, headline=f"MovieLens user {user}", history=[engagement_of(ml, r) for r in liked])
+
+
+def train_ranker(
+    model: GenerativeRanker,
+    tensorize: Tensorizer,
+    examples: list[RankExample],
+    out: Path,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    checkpoint_every: int = 500,
+    resume: bool = False,
+) -> list[float]:
+    """Adam on multitask_loss; returns the losses of the steps run. The batch of step s is drawn from
+    `seed + s` alone, so a resumed run takes the same batches as an uninterrupted one."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    state_path = out / "state.pt"
+    start, losses = 0, []
+    if resume and state_path.exists():
+        state = torch.load(state_path, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, losses = int(state["step"]), list(state["losses"])
+    model.train()
+    for step in tqdm(range(start, steps), initial=start, total=steps, desc="ranker", disable=None):
+        rng = np.random.default_rng(seed + step)
+        torch.manual_seed(seed + step)
+        batch = tensorize.batch([examples[i] for i in rng.choice(len(examples), batch_size, replace=False)])
+        loss, _ = multitask_loss(model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            with atomic_file(state_path) as f:
+                torch.save(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "step": step + 1,
+                        "losses": losses,
+                    },
+                    f,
+                )
+    model.eval()
+    return losses
+
+
+def save_ranker(model: GenerativeRanker, out: Path) -> None:
+    """`ranker.json` (the configuration) and `ranker.pt` (the weights): what export and serving load."""
+    model.config.save(out / "ranker.json")
+    with atomic_file(out / "ranker.pt") as f:
+        torch.save(model.state_dict(), f)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifacts", type=Path, default=default_artifacts_dir(), help="the retrieval stage's")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-member", type=int, default=6, help="training moments per member")
+    p.add_argument("--shown", type=int, default=200, help="retrieved impressions per moment")
+    p.add_argument("--candidates", type=int, default=200, help="retrieved candidates ranked per test member")
+    p.add_argument("--max-history", type=int, default=200)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--resume", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    ml = load_movielens(SAMPLE_CORPUS)
+    split = movielens_split(ml)
+    layout = ArtifactLayout(args.artifacts)
+    settings = EncoderSettings.load(layout.settings)
+    graph = layout.onnx_int8 if layout.onnx_int8.exists() else layout.onnx
+    corpus = ml.posts()
+    retriever = EmbeddingRetriever(
+        layout.hf_dir, settings, PercentileBuckets.load(layout.buckets), corpus, args.out / "cache", onnx=graph
+    )
+    post_ids = np.array([p.id for p in corpus], np.int64)
+    post_vectors = retriever.posts
+
+    def embed(user: int, liked: Sequence[Rating]) -> np.ndarray:
+        return retriever.member_vectors([_member(ml, user, liked)])[0]
+
+    examples = movielens_examples(
+        ml,
+        split.cutoff,
+        embed,
+        post_ids,
+        post_vectors,
+        per_member=args.per_member,
+        shown=args.shown,
+        seed=args.seed,
+    )
+    logger.info("%d ranker examples before the cutoff %d", len(examples), split.cutoff)
+    trained_ids = np.unique(
+        np.concatenate([x.candidates for x in examples] + [np.array([i.post_id for x in examples for i in x.history])])
+    )
+    config = RankerConfig(
+        content_dim=post_vectors.shape[1], d_model=args.d_model, max_history=args.max_history, features=FEATURES
+    )
+    torch.manual_seed(args.seed)
+    model = GenerativeRanker(config, known_ids=torch.from_numpy(trained_ids))
+    counts = {p.id: p.counts for p in corpus}
+    tags = {p.id: frozenset(p.tags) for p in corpus}
+    tensorize = Tensorizer(config, post_ids, post_vectors, tags, counts, PercentileBuckets.load(layout.buckets))
+    losses = train_ranker(
+        model,
+        tensorize,
+        examples,
+        args.out,
+        args.steps,
+        args.batch_size,
+        args.lr,
+        args.seed,
+        args.checkpoint_every,
+        args.resume,
+    )
+    save_ranker(model, args.out)
+
+    # Test: every member with targets after the cutoff, ranked from the retrieval stage's candidates.
+    before: dict[int, list[Interaction]] = {}
+    for r in sorted(ml.ratings, key=lambda r: (r.timestamp, r.movie)):
+        if r.timestamp < split.cutoff and r.movie in ml.movies:
+            before.setdefault(r.user, []).append(Interaction(r.movie, action_of(r.rating), r.timestamp))
+    retrieval_top, ranked_top = [], []
+    for case in split.test:
+        member = retriever.member_vectors([case.member])[0]
+        seen = [h.post_id for h in case.member.history]
+        ids, scores = top_posts(member, post_ids, post_vectors, args.candidates, seen)
+        x = RankExample(
+            case.member.id, before.get(case.member.id, []), member, ids, scores, np.zeros((len(ids), 3), np.float32)
+        )
+        with torch.no_grad():
+            t = tensorize.batch([x])
+            score = final_score(model(**{k: v for k, v in t.items() if k != "labels"}), TASK_WEIGHTS)[0].numpy()
+        retrieval_top.append(ids)
+        ranked_top.append(ids[np.argsort(-score, kind="stable")])
+    report = {
+        "command": "python -m feedserve.training.rank " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "examples": len(examples),
+        "test_members": len(split.test),
+        "cutoff": split.cutoff,
+        "loss_first_100": float(np.mean(losses[:100])) if losses else None,
+        "loss_last_100": float(np.mean(losses[-100:])) if losses else None,
+        "retrieval": metrics(retrieval_top, split.test, (10, 50)),
+        "ranked": metrics(ranked_top, split.test, (10, 50)),
+        "config": json.loads((args.out / "ranker.json").read_text()),
+    }
+    atomic_write(args.out / "report.json", json.dumps(report, indent=1) + "\n")
+    print(json.dumps({k: report[k] for k in ("retrieval", "ranked", "loss_first_100", "loss_last_100")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
