@@ -212,7 +212,11 @@ class TritonServer:
 
     def start(self) -> TritonServer:
         self.check_artifacts()
-        self._launch()
+        try:
+            self._launch()
+        except BaseException:
+            self.stop()  # closes the log
+            raise
         self._stopping.clear()
         if self.options.supervise:
             self._monitor = threading.Thread(target=self._supervise, name="feedserve-server-monitor", daemon=True)
@@ -259,14 +263,15 @@ class TritonServer:
         recent: list[float] = []
         while not self._stopping.is_set():
             process = self.process
-            if process is None or process.poll() is None:
+            if process is not None and process.poll() is None:
                 if self.watchdog is not None and self.watchdog.gave_up:
                     self.gave_up = self.watchdog.gave_up  # a model that can only fail: stop for good
                     return
                 self._stopping.wait(0.2)
                 continue
-            logger.error("tritonserver exited with code %s", process.returncode)
-            self._end_process(timeout_s=0.0)  # what is left of it: orphaned stubs hold its files
+            if process is not None:  # None: the last restart failed, and the next one is due
+                logger.error("tritonserver exited with code %s", process.returncode)
+                self._end_process(timeout_s=0.0)  # what is left of it: orphaned stubs hold its files
             now = time.monotonic()
             recent = [t for t in recent if now - t < o.restart_window_s]
             if len(recent) >= o.max_restarts:

@@ -105,3 +105,57 @@ def test_the_standalone_watchdog_needs_the_key_and_gives_up_on_a_server_that_nev
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     assert main(["--server-pid", str(gone.pid), "--http-url", "127.0.0.1:1", "--ready-timeout-s", "30"]) == 1
+
+
+class _Flaky(TritonServer):
+    """The launcher's supervision over real short-lived processes instead of tritonserver: each
+    launch runs `sleep`, or fails as a start-up that never became ready would."""
+
+    def __init__(self, options: ServerOptions, outcomes: list[str]) -> None:
+        super().__init__(options)
+        self.outcomes, self.launches = outcomes, 0
+
+    def _launch(self) -> None:
+        import subprocess
+
+        self.launches += 1
+        outcome = self.outcomes.pop(0) if self.outcomes else "runs"
+        if outcome == "fails":
+            raise ServerError("tritonserver exited with code 1 during start-up")
+        seconds = "0.2" if outcome == "dies" else "30"
+        self.process = subprocess.Popen(["sleep", seconds], start_new_session=True)
+
+
+def _wait(condition, seconds: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return bool(condition())
+
+
+def test_the_launcher_restarts_a_dead_server_and_retries_a_failed_restart(tmp_path: Path) -> None:
+    options = ServerOptions(artifacts=tmp_path, restart_backoff_s=0.01, watch_stubs=False)
+    server = _Flaky(options, ["dies", "fails", "runs"])
+    server.check_artifacts = lambda: None  # type: ignore[method-assign]
+    server.start()
+    try:
+        # died -> a restart that failed -> another that runs: the failure did not stop supervision
+        assert _wait(lambda: server.restarts == 1), (server.launches, server.gave_up)
+        assert server.launches == 3 and server.running and server.gave_up is None
+    finally:
+        server.stop()
+    assert not server.running and server.process is None
+
+
+def test_the_launcher_gives_up_past_its_restart_budget(tmp_path: Path) -> None:
+    options = ServerOptions(artifacts=tmp_path, restart_backoff_s=0.01, max_restarts=2, watch_stubs=False)
+    server = _Flaky(options, ["dies", "dies", "dies", "dies"])
+    server.check_artifacts = lambda: None  # type: ignore[method-assign]
+    server.start()
+    try:
+        assert _wait(lambda: server.gave_up is not None)
+        assert server.launches == 3 and "3 times" in str(server.gave_up) and not server.running
+    finally:
+        server.stop()
