@@ -28,17 +28,18 @@ logger = logging.getLogger(__name__)
 STUB_BINARY = b"triton_python_backend_stub"
 
 
-def _alive_with_parent(proc: Path) -> int | None:
-    """The parent pid of the process at /proc/<pid>, or None when it is gone or dead (a zombie)."""
+def parent_of(pid: int) -> int | None:
+    """The parent pid of process `pid`, or None when it is gone or dead (a zombie). Reads /proc
+    alone: the stubs' guardians (feedserve.triton.base) call it from a forked child."""
     try:
-        state, ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+        state, ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
     except (OSError, IndexError, ValueError):
         return None
     return None if state in ("Z", "X") else int(ppid)
 
 
 def _running(pid: int) -> bool:
-    return _alive_with_parent(Path("/proc") / str(pid)) is not None
+    return parent_of(pid) is not None
 
 
 def stub_processes(server_pid: int) -> dict[int, str]:
@@ -46,7 +47,7 @@ def stub_processes(server_pid: int) -> dict[int, str]:
     argument is `<repository>/<model>/<version>/model.py`); dead ones (zombies) are left out."""
     stubs = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or _alive_with_parent(entry) != server_pid:
+        if not entry.name.isdigit() or parent_of(int(entry.name)) != server_pid:
             continue
         try:
             args = (entry / "cmdline").read_bytes().split(b"\0")

@@ -27,6 +27,7 @@ import numpy as np
 
 from feedserve.artifacts import ARTIFACTS_ENV, ArtifactLayout, default_artifacts_dir
 from feedserve.errors import FeedserveError
+from feedserve.ops.watchdog import parent_of
 from feedserve.schema import IO, ModelName
 from feedserve.triton.compat import pb_utils
 
@@ -71,19 +72,11 @@ def guard_against_orphaning(interval_s: float = 0.5) -> int:
             time.sleep(interval_s)
             if os.getppid() != stub:
                 break  # the stub exited on its own
-            if _parent_of(stub) != server:
+            if parent_of(stub) != server:
                 os.kill(stub, signal.SIGKILL)
                 break
     finally:
         os._exit(0)
-
-
-def _parent_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 class BatchModel(ABC, Generic[P]):

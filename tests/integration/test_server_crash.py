@@ -21,7 +21,7 @@ from feedserve.clients.online import FeedClient
 from feedserve.errors import ClientError
 from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.ops.launcher import ServerOptions, TritonServer, on_free_ports
-from feedserve.ops.watchdog import stub_processes
+from feedserve.ops.watchdog import parent_of, stub_processes
 from feedserve.prompt.movielens import load_movielens
 from feedserve.schema import ModelName
 from feedserve.triton.repository import write_repository
@@ -36,11 +36,7 @@ def _present(client: FeedClient, posts: list) -> list[bool]:  # type: ignore[typ
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+    return parent_of(pid) is not None
 
 
 @pytest.mark.parametrize("kill", ["group", "server", "server-launcher-restarts"])
