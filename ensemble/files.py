@@ -66,6 +66,18 @@ def atomic_file(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
     fsync_dir(path.parent)
 
 
+def publish(staged: Path, path: Path) -> None:
+    """Move a complete file, written and checked elsewhere on `path`'s filesystem (an export's
+    scratch directory), onto `path` durably: the file fsynced, renamed, the directory fsynced."""
+    fd = os.open(staged, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(staged, path)
+    fsync_dir(Path(path).parent)
+
+
 def atomic_write(path: Path, data: bytes | str) -> None:
     """`path` holds `data` (text as UTF-8), durably, or keeps what it held."""
     with atomic_file(path, "wb") as f:

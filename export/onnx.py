@@ -24,7 +24,7 @@ import numpy as np
 from feedserve.artifacts import EncoderSettings
 from feedserve.encode.base import Encoder
 from feedserve.errors import ExportError
-from feedserve.files import sha256_file
+from feedserve.files import publish, sha256_file
 from feedserve.schema import ONNX_INPUTS, ONNX_OUTPUT
 
 logger = logging.getLogger(__name__)
@@ -179,8 +179,8 @@ def export_onnx(
         parity_s = time.perf_counter() - t1
         (out_path.parent / data_name).unlink(missing_ok=True)
         if big:
-            (Path(tmp) / data_name).replace(out_path.parent / data_name)
-        staged.replace(out_path)
+            publish(Path(tmp) / data_name, out_path.parent / data_name)
+        publish(staged, out_path)
     report = ExportReport(
         str(out_path),
         sha256_file(out_path),
@@ -234,7 +234,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, vocab_size: int, min_cosine: 
         parity = compare_encoders(
             OnnxEncoder(fp32_path), OnnxEncoder(staged), parity_batches(vocab_size), min_cosine, str(out_path)
         )
-        staged.replace(out_path)
+        publish(staged, out_path)
     logger.info("quantized %d projections to int8: %s", len(nodes), out_path)
     return parity
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from feedserve.export.onnx import ParityError
-from feedserve.files import atomic_write
+from feedserve.files import publish
 from feedserve.rank.model import INPUTS, OUTPUT, GenerativeRanker, RankerConfig
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def check_parity(model: GenerativeRanker, onnx_path: Path, max_abs_diff: float =
 
 
 def export_ranker(model: GenerativeRanker, out_path: Path, max_abs_diff: float = 1e-4) -> float:
-    """Write `out_path` (atomically, only once it passed its parity check); returns the worst difference."""
+    """Write `out_path` (durably, and only once the graph passed its parity check); returns the worst difference."""
     model = model.eval()
     example = sample_inputs(model.config, 2, 6, 4, (6, 3))
     dynamic = {name: {0: "batch", 1: "history" if name.startswith("history") else "candidates"} for name in INPUTS}
@@ -94,7 +94,7 @@ def export_ranker(model: GenerativeRanker, out_path: Path, max_abs_diff: float =
             dynamo=False,
         )
         worst = check_parity(model, staged, max_abs_diff)
-        atomic_write(out_path, staged.read_bytes())
+        publish(staged, out_path)
     logger.info("exported %s (worst logit difference %.2g)", out_path, worst)
     return worst
 
