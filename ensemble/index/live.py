@@ -92,6 +92,24 @@ class _Replica:
     def _loaded(self, index: PostIndex) -> None:
         """A hook for an index just loaded from the snapshot, before it is served."""
 
+    @staticmethod
+    def _snapshot_or_empty(
+        files: IndexLayout, dim: int | None, engine: Engine, save: bool
+    ) -> tuple[PostIndex, FileIdentity | None]:
+        """The directory's snapshot (IndexStoreError on a corrupt file: never an empty index in its
+        place), else an empty index of `dim`, saved when `save` (the writer's empty snapshot records
+        the dimension for every later open); with the identity of the file it came from."""
+        identity = file_identity(files.snapshot)
+        if identity is not None:
+            return PostIndex.load(files.snapshot, engine), identity
+        if dim is None:
+            raise IndexStoreError(f"{files.snapshot} does not exist and no dimension was given for a new index")
+        index = PostIndex(dim, {"lsn": 0, "generation": new_generation()}, engine)
+        if save:
+            index.save(files.snapshot)
+            identity = file_identity(files.snapshot)
+        return index, identity
+
     def _take_rebuild(self) -> bool:
         identity = file_identity(self.snapshot_path)
         if identity in (self._snapshot_identity, self._rejected_identity) or identity is None:
@@ -201,13 +219,7 @@ class IndexFollower(_Replica):
         the writer creates the file)."""
         files = IndexLayout(Path(directory))
         files.root.mkdir(parents=True, exist_ok=True)
-        identity = file_identity(files.snapshot)
-        if identity is not None:
-            index = PostIndex.load(files.snapshot, engine)  # IndexStoreError on a corrupt file: never an empty index
-        elif dim is not None:
-            index = PostIndex(dim, {"lsn": 0, "generation": new_generation()}, engine)
-        else:
-            raise IndexStoreError(f"{files.snapshot} does not exist and no dimension was given for a new index")
+        index, identity = cls._snapshot_or_empty(files, dim, engine, save=False)
         follower = cls(files, index, identity)
         try:
             with follower._lock:
@@ -255,15 +267,7 @@ class IndexWriter(_Replica):
         lock = _take_writer_lock(files.root, lock_wait_s)
         wal: WriteAheadLog | None = None
         try:
-            identity = file_identity(files.snapshot)
-            if identity is not None:
-                index = PostIndex.load(files.snapshot, engine)
-            elif dim is not None:  # the empty snapshot records the dimension for every later open
-                index = PostIndex(dim, {"lsn": 0, "generation": new_generation()}, engine)
-                index.save(files.snapshot)
-                identity = file_identity(files.snapshot)
-            else:
-                raise IndexStoreError(f"{files.snapshot} does not exist and no dimension was given for a new index")
+            index, identity = cls._snapshot_or_empty(files, dim, engine, save=True)
             cls._give_generation(index)
             wal = WriteAheadLog(files.log, base_lsn=int(index.meta.get("lsn", 0)))
             writer = cls(files, index, identity, wal, lock)
