@@ -7,9 +7,9 @@
 - The write key guards the live index: `index_write` refuses a request whose WRITE_HEADER does not
   carry it (Triton forwards the header into the request's parameters, `--*-header-forward-pattern`).
   It comes from $FEEDSERVE_WRITE_KEY, else from `write.key` in the artifact directory, created
-  (random, readable by its owner only) the first time a server starts on it, so that local clients
-  (the ingester, the CLI) find it without configuration. A deployment sets the variable from a
-  secret instead.
+  (random, readable by its owner only) the first time a server starts on it, so that the ingester
+  finds it without configuration (`FeedClient` takes `write_key=` or the variable). A deployment
+  sets the variable from a secret instead.
 """
 
 from __future__ import annotations

@@ -136,7 +136,7 @@ class TritonServer:
         self.options = options
         self.process: subprocess.Popen[bytes] | None = None
         self.watchdog: StubWatchdog | None = None
-        self.write_key = options.write_key or write_key(options.artifacts, create=True)
+        self.write_key = options.write_key  # resolved at start, once the artifacts are checked
         self.restarts = 0  # how many times tritonserver was started again after it died
         self.gave_up: str | None = None  # why the server is down for good
         self._log_handle: IO[bytes] | None = None
@@ -212,6 +212,7 @@ class TritonServer:
 
     def start(self) -> TritonServer:
         self.check_artifacts()
+        self.write_key = self.write_key or write_key(self.options.artifacts, create=True)
         try:
             self._launch()
         except BaseException:
