@@ -32,7 +32,15 @@ from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.movielens import MovieLens, Rating, load_movielens
 from feedserve.prompt.records import Member
-from feedserve.rank.data import FEATURES, Interaction, RankExample, Tensorizer, action_of, movielens_examples, top_posts
+from feedserve.rank.data import (
+    FEATURES,
+    RankExample,
+    Tensorizer,
+    interactions,
+    movielens_examples,
+    ratings_before,
+    top_posts,
+)
 from feedserve.rank.model import GenerativeRanker, RankerConfig
 from feedserve.rank.train import final_score, multitask_loss
 from feedserve.training.data import engagement_of, movielens_split
@@ -173,17 +181,19 @@ def main(argv: list[str] | None = None) -> int:
     save_ranker(model, args.out)
 
     # Test: every member with targets after the cutoff, ranked from the retrieval stage's candidates.
-    before: dict[int, list[Interaction]] = {}
-    for r in sorted(ml.ratings, key=lambda r: (r.timestamp, r.movie)):
-        if r.timestamp < split.cutoff and r.movie in ml.movies:
-            before.setdefault(r.user, []).append(Interaction(r.movie, action_of(r.rating), r.timestamp))
+    before = ratings_before(ml, split.cutoff)
     retrieval_top, ranked_top = [], []
     for case in split.test:
         member = retriever.member_vectors([case.member])[0]
         seen = [h.post_id for h in case.member.history]
         ids, scores = top_posts(member, post_ids, post_vectors, args.candidates, seen)
         x = RankExample(
-            case.member.id, before.get(case.member.id, []), member, ids, scores, np.zeros((len(ids), 3), np.float32)
+            case.member.id,
+            interactions(before.get(case.member.id, [])),
+            member,
+            ids,
+            scores,
+            np.zeros((len(ids), 3), np.float32),
         )
         with torch.no_grad():
             t = tensorize.batch([x])

@@ -65,6 +65,20 @@ class RankExample:
     labels: np.ndarray  # [C, tasks]
 
 
+def ratings_before(ml: MovieLens, cutoff: int) -> dict[int, list[Rating]]:
+    """Each member's ratings before `cutoff`, oldest first (ties by post id): the training period."""
+    by_user: dict[int, list[Rating]] = defaultdict(list)
+    for r in sorted(ml.ratings, key=lambda r: (r.timestamp, r.movie)):
+        if r.timestamp < cutoff and r.movie in ml.movies:
+            by_user[r.user].append(r)
+    return by_user
+
+
+def interactions(ratings: Sequence[Rating]) -> list[Interaction]:
+    """Ratings as the ranker's history: every one of them, as an action."""
+    return [Interaction(r.movie, action_of(r.rating), r.timestamp) for r in ratings]
+
+
 def top_posts(
     member: np.ndarray, post_ids: np.ndarray, post_vectors: np.ndarray, k: int, exclude: Sequence[int]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -96,10 +110,7 @@ def movielens_examples(
     it that a high retrieval score means no engagement."""
     rng = random.Random(seed)
     rows = {int(p): i for i, p in enumerate(post_ids.tolist())}
-    by_user: dict[int, list[Rating]] = defaultdict(list)
-    for r in sorted(ml.ratings, key=lambda r: (r.timestamp, r.movie)):
-        if r.timestamp < cutoff and r.movie in ml.movies:
-            by_user[r.user].append(r)
+    by_user = ratings_before(ml, cutoff)
     examples = []
     for user in sorted(by_user):
         ratings = by_user[user]
@@ -116,7 +127,7 @@ def movielens_examples(
             examples.append(
                 RankExample(
                     user,
-                    [Interaction(r.movie, action_of(r.rating), r.timestamp) for r in past],
+                    interactions(past),
                     member,
                     candidates,
                     scores,
