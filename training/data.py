@@ -50,11 +50,6 @@ def _member(base: Member, history: list[Engagement]) -> Member:
     return base.model_copy(update={"history": history})
 
 
-def engagement_of(ml: MovieLens, r: object) -> Engagement:
-    """A rating as the engagement a member prompt shows (the retrieval stage's view of it)."""
-    return Engagement(post_id=r.movie, engaged_at=r.timestamp, action=f"rated {r.rating:g}", post=ml.movies[r.movie])  # type: ignore[attr-defined]
-
-
 def movielens_split(
     ml: MovieLens,
     test_fraction: float = 0.1,
@@ -83,12 +78,12 @@ def movielens_split(
         elif r.rating <= negative_rating and r.timestamp < cutoff:
             disliked[r.user].append(r)
 
-    def history_of(user: int, engaged: list) -> list[Engagement]:
+    def history_of(user: int, engaged: list) -> list:
         # Engaged items, plus (for the ablation) the disliked ones rated before the last of them.
         events = list(engaged)
         if history_negatives and engaged:
             events += [r for r in disliked[user] if r.timestamp <= engaged[-1].timestamp]
-        return [engagement_of(ml, e) for e in sorted(events, key=lambda r: (r.timestamp, r.movie))]
+        return sorted(events, key=lambda r: (r.timestamp, r.movie))
 
     train: list[Example] = []
     test: list[EvalCase] = []
@@ -96,7 +91,6 @@ def movielens_split(
     for user, events in liked.items():
         past = [e for e in events if e.timestamp < cutoff]
         future = [e for e in events if e.timestamp >= cutoff]
-        base = Member(id=user, headline=f"MovieLens user {user}")
         for e in past:
             counts[e.movie] += 1
         if future:
@@ -104,15 +98,15 @@ def movielens_split(
             # engagements is context (never trained on), the second half the targets, still later.
             context = future[: len(future) // 2] if len(past) < min_history else []
             targets = {e.movie for e in future[len(context) :]}
-            seen = history_of(user, past) + [engagement_of(ml, e) for e in context]
+            seen = ml.member(user, history_of(user, past) + context)
             if len(past) + len(context) >= min_history:
-                test.append(EvalCase(_member(base, seen), targets - {h.post_id for h in seen}))
+                test.append(EvalCase(seen, targets - {h.post_id for h in seen.history}))
         positions = list(range(min_history, len(past)))
         for i in rng.sample(positions, min(examples_per_member, len(positions))):
             negs = rng.sample(disliked[user], min(4, len(disliked[user])))
             train.append(
                 Example(
-                    _member(base, history_of(user, past[:i])),
+                    ml.member(user, history_of(user, past[:i])),
                     ml.movies[past[i].movie],
                     tuple(ml.movies[r.movie] for r in negs),
                 )

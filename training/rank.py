@@ -30,8 +30,7 @@ from feedserve.artifacts import ArtifactLayout, EncoderSettings, default_artifac
 from feedserve.files import atomic_file, atomic_write
 from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.prompt.buckets import PercentileBuckets
-from feedserve.prompt.movielens import MovieLens, Rating, load_movielens
-from feedserve.prompt.records import Member
+from feedserve.prompt.movielens import Rating, load_movielens
 from feedserve.rank.data import (
     FEATURES,
     RankExample,
@@ -43,17 +42,12 @@ from feedserve.rank.data import (
 )
 from feedserve.rank.model import GenerativeRanker, RankerConfig
 from feedserve.rank.train import final_score, multitask_loss
-from feedserve.training.data import engagement_of, movielens_split
+from feedserve.training.data import movielens_split
 from feedserve.training.evaluate import EmbeddingRetriever, metrics
 
 logger = logging.getLogger(__name__)
 
 TASK_WEIGHTS = (1.0, 0.5, -1.0)  # like, love, dislike: the final score's weights
-
-
-def _member(ml: MovieLens, user: int, liked: Sequence[Rating]) -> Member:
-    """The member record retrieval sees (as `movielens_split` builds it): their liked movies."""
-    return Member(id=user, headline=f"MovieLens user {user}", history=[engagement_of(ml, r) for r in liked])
 
 
 def train_ranker(
@@ -142,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     post_vectors = retriever.posts
 
     def embed(user: int, liked: Sequence[Rating]) -> np.ndarray:
-        return retriever.member_vectors([_member(ml, user, liked)])[0]
+        return retriever.member_vectors([ml.member(user, list(liked))])[0]
 
     examples = movielens_examples(
         ml,

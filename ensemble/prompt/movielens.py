@@ -45,16 +45,21 @@ class MovieLens:
         for r in self.ratings:
             if r.rating >= min_rating and r.movie in self.movies:
                 liked[r.user].append(r)
-        members = []
-        for user in sorted(liked):
-            history = [
+        return [self.member(user, sorted(liked[user], key=lambda r: (r.timestamp, r.movie))) for user in sorted(liked)]
+
+    def member(self, user: int, history: list[Rating]) -> Member:
+        """User `user` as a member record whose history is these ratings, in the order given: what
+        the retrieval prompts show of a MovieLens user (training and evaluation build it here too)."""
+        return Member(
+            id=user,
+            headline=f"MovieLens user {user}",
+            history=[
                 Engagement(
                     post_id=r.movie, engaged_at=r.timestamp, action=f"rated {r.rating:g}", post=self.movies[r.movie]
                 )
-                for r in sorted(liked[user], key=lambda r: (r.timestamp, r.movie))
-            ]
-            members.append(Member(id=user, headline=f"MovieLens user {user}", history=history))
-        return members
+                for r in history
+            ],
+        )
 
     def fit_buckets(self) -> PercentileBuckets:
         return PercentileBuckets.fit_posts(self.movies.values())
