@@ -11,6 +11,7 @@ the server loads; export writes it, the Triton backends and the clients read it:
     serving.json        EncoderSettings below: pooling, dimension, token budgets
     manifest.json       size and SHA-256 of each file above but the index, checked at load (feedserve.ops.manifest)
     index/              the live post index (feedserve.index.layout: snapshot, write-ahead log, locks)
+    write.key           the live index's write key, made by the first server start (feedserve.ops.keys)
 """
 
 from __future__ import annotations
