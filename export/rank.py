@@ -46,7 +46,6 @@ def sample_inputs(
         "candidate_ids": rng.integers(0, 10**6, (batch, candidates)),
         "candidate_content": rng.normal(size=(batch, candidates, e)).astype(np.float32),
         "candidate_features": rng.random((batch, candidates, len(config.features))).astype(np.float32),
-        "candidate_mask": np.ones((batch, candidates), bool),
         "member": rng.normal(size=(batch, e)).astype(np.float32),
     }
 

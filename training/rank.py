@@ -40,7 +40,7 @@ from feedserve.rank.data import (
     ratings_before,
     top_posts,
 )
-from feedserve.rank.model import GenerativeRanker, RankerConfig
+from feedserve.rank.model import INPUTS, GenerativeRanker, RankerConfig
 from feedserve.rank.train import final_score, multitask_loss
 from feedserve.training.data import movielens_split
 from feedserve.training.evaluate import EmbeddingRetriever, metrics
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidates", type=int, default=200, help="retrieved candidates ranked per test member")
     p.add_argument("--max-history", type=int, default=200)
     p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--id-buckets", type=int, default=RankerConfig.id_buckets, help="hashed post-id embeddings")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--resume", action="store_true")
     args = p.parse_args(argv)
@@ -153,7 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         np.concatenate([x.candidates for x in examples] + [np.array([i.post_id for x in examples for i in x.history])])
     )
     config = RankerConfig(
-        content_dim=post_vectors.shape[1], d_model=args.d_model, max_history=args.max_history, features=FEATURES
+        content_dim=post_vectors.shape[1],
+        d_model=args.d_model,
+        max_history=args.max_history,
+        id_buckets=args.id_buckets,
+        features=FEATURES,
     )
     torch.manual_seed(args.seed)
     model = GenerativeRanker(config, known_ids=torch.from_numpy(trained_ids))
@@ -191,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         with torch.no_grad():
             t = tensorize.batch([x])
-            score = final_score(model(**{k: v for k, v in t.items() if k != "labels"}), TASK_WEIGHTS)[0].numpy()
+            score = final_score(model(**{k: t[k] for k in INPUTS}), TASK_WEIGHTS)[0].numpy()
         retrieval_top.append(ids)
         ranked_top.append(ids[np.argsort(-score, kind="stable")])
     report = {

@@ -36,7 +36,6 @@ INPUTS = (
     "candidate_ids",
     "candidate_content",
     "candidate_features",
-    "candidate_mask",
     "member",
 )
 OUTPUT = "logits"
@@ -84,12 +83,15 @@ def shared_context_mask(history_mask: torch.Tensor, candidate_mask: torch.Tensor
     """[B, 1, T, T] boolean attention mask (True: may attend) over T = 2H history tokens followed by C
     candidates: a history token attends to the real history tokens up to itself (causal), a candidate
     to every real history token and to itself, never to another candidate. Padding attends to itself
-    only through the diagonal (its row is never read). Built from tensor ops on the masks, so an
-    exported graph keeps both lengths dynamic."""
-    tokens = _twice(history_mask)  # [B, 2H]: a post and its action
-    t_hist = tokens.shape[1]
-    index = torch.arange(t_hist + candidate_mask.shape[1], device=tokens.device)
-    real_history_key = torch.cat([tokens, torch.zeros_like(candidate_mask)], dim=1)[:, None, :]  # [B, 1, T]
+    only through the diagonal (its row is never read)."""
+    return shared_context_mask_tokens(_twice(history_mask), candidate_mask)
+
+
+def shared_context_mask_tokens(history_tokens: torch.Tensor, candidate_mask: torch.Tensor) -> torch.Tensor:
+    """shared_context_mask over history tokens [B, 2H] (a post and its action each) rather than items."""
+    t_hist = history_tokens.shape[1]
+    index = torch.arange(t_hist + candidate_mask.shape[1], device=history_tokens.device)
+    real_history_key = torch.cat([history_tokens, torch.zeros_like(candidate_mask)], dim=1)[:, None, :]  # [B, 1, T]
     causal = index[:, None] >= index[None, :]  # [T, T]: candidates come after the whole history
     itself = index[:, None] == index[None, :]
     return ((real_history_key & causal) | itself)[:, None]
@@ -101,7 +103,13 @@ def _twice(mask: torch.Tensor) -> torch.Tensor:
 
 
 class _Block(nn.Module):
-    """Pre-norm transformer block; attention takes an explicit mask (shared context, not only causal)."""
+    """Pre-norm transformer block over [history tokens | candidates].
+
+    `split` attention (the default) computes what the shared-context mask allows and nothing else:
+    the history attends causally within itself, and each candidate attends to the history keys and
+    to its own key, never to another candidate's, so its cost grows as C x T_history instead of
+    (T_history + C)^2. `masked` runs the same attention as one masked product over every pair: the
+    reference the split path is tested against, and the ablation its speed is measured against."""
 
     def __init__(self, d: int, heads: int, dropout: float) -> None:
         super().__init__()
@@ -111,12 +119,36 @@ class _Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, history_tokens: torch.Tensor, split: bool = True) -> torch.Tensor:
+        """x [B, T + C, d]; history_tokens bool [B, T]: the real (not padding) history tokens."""
         b, t, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if split:
+            attended = _split_attention(q, k, v, history_tokens)
+        else:
+            candidates = torch.ones_like(x[:, history_tokens.shape[1] :, 0], dtype=torch.bool)
+            mask = shared_context_mask_tokens(history_tokens, candidates)
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + self.dropout(self.out(attended.transpose(1, 2).reshape(b, t, d)))
         return x + self.dropout(self.mlp(self.norm2(x)))
+
+
+def _split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, history_tokens: torch.Tensor) -> torch.Tensor:
+    """Shared-context attention without the candidate x candidate block ([B, heads, T + C, dh] each)."""
+    th = history_tokens.shape[1]
+    qh, kh, vh = q[:, :, :th], k[:, :, :th], v[:, :, :th]
+    qc, kc, vc = q[:, :, th:], k[:, :, th:], v[:, :, th:]
+    real_key = history_tokens[:, None, None, :]  # [B, 1, 1, T]
+    index = torch.arange(th, device=q.device)
+    history_mask = (real_key & (index[:, None] >= index[None, :])) | (index[:, None] == index[None, :])
+    history = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=history_mask)
+    scale = q.shape[-1] ** -0.5
+    to_history = torch.matmul(qc, kh.transpose(-1, -2)) * scale  # [B, heads, C, T]
+    to_history = to_history.masked_fill(~real_key, float("-inf"))
+    to_itself = (qc * kc).sum(-1, keepdim=True) * scale  # [B, heads, C, 1]
+    weights = torch.softmax(torch.cat([to_history, to_itself], dim=-1), dim=-1)
+    candidates = torch.matmul(weights[..., :th], vh) + weights[..., th:] * vc
+    return torch.cat([history, candidates], dim=2)
 
 
 class _CrossExpert(nn.Module):
@@ -140,7 +172,7 @@ class GenerativeRanker(nn.Module):
     Inputs (B members, H history slots right-padded, C candidate slots, E = content_dim):
       history_ids int64 [B, H], history_actions int64 [B, H], history_content float [B, H, E],
       history_mask bool [B, H]; candidate_ids int64 [B, C], candidate_content float [B, C, E],
-      candidate_features float [B, C, len(features)], candidate_mask bool [B, C];
+      candidate_features float [B, C, len(features)]; padded candidate slots are scored and ignored;
       member float [B, E] (the member's retrieval embedding).
     Output: logits [B, C, len(tasks)].
     """
@@ -163,6 +195,9 @@ class GenerativeRanker(nn.Module):
         self.experts = nn.ModuleList(_CrossExpert(width, config.cross_layers, d) for _ in range(config.n_experts))
         self.gates = nn.ModuleList(nn.Linear(width, config.n_experts) for _ in config.tasks)
         self.towers = nn.ModuleList(nn.Linear(d, 1) for _ in config.tasks)
+        # Shared context computed without the candidate x candidate block (see _Block); False runs
+        # the dense masked attention instead (the reference, and the speed benchmark's ablation).
+        self.split_attention = True
         self.id_owners: torch.Tensor
         # The post id trained in each id bucket (-1: none). A post whose id does not own its bucket (never
         # trained on, or a collision) is read by its content alone.
@@ -196,7 +231,6 @@ class GenerativeRanker(nn.Module):
         history_mask: torch.Tensor,
         candidate_ids: torch.Tensor,
         candidate_content: torch.Tensor,
-        candidate_mask: torch.Tensor,
     ) -> torch.Tensor:
         """Hidden states [B, 2H + C, d]: the history's tokens, then the candidates'."""
         b, h = history_ids.shape
@@ -208,9 +242,9 @@ class GenerativeRanker(nn.Module):
         history_pos = (real_tokens.cumsum(1) - 1).clamp(min=0)
         next_pos = real_tokens.sum(1, keepdim=True).expand(-1, candidate_ids.shape[1])  # all at one position
         x = torch.cat([history, candidates], dim=1) + self.positions(torch.cat([history_pos, next_pos], dim=1))
-        mask = shared_context_mask(history_mask, candidate_mask)
+        tokens = _twice(history_mask)
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, tokens, self.split_attention)
         return self.norm(x)
 
     def forward(
@@ -222,7 +256,6 @@ class GenerativeRanker(nn.Module):
         candidate_ids: torch.Tensor,
         candidate_content: torch.Tensor,
         candidate_features: torch.Tensor,
-        candidate_mask: torch.Tensor,
         member: torch.Tensor,
     ) -> torch.Tensor:
         hidden = self.encode(
@@ -232,7 +265,6 @@ class GenerativeRanker(nn.Module):
             history_mask,
             candidate_ids,
             candidate_content,
-            candidate_mask,
         )
         at_candidates = hidden[:, 2 * history_ids.shape[1] :]
         profile = self.member(member).unsqueeze(1).expand(-1, at_candidates.shape[1], -1)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from feedserve.rank.model import GenerativeRanker, RankerConfig, shared_context_mask
+from feedserve.rank.model import INPUTS, GenerativeRanker, RankerConfig, shared_context_mask
 
 E = 16
 CONFIG = RankerConfig(content_dim=E, d_model=32, n_heads=4, n_layers=2, max_history=12, id_buckets=4096, dropout=0.0)
@@ -34,7 +34,6 @@ def _inputs(h: int, c: int, seed: int = 1, lengths: list[int] | None = None) -> 
         "candidate_ids": torch.randint(1000, 1200, (b, c), generator=g),
         "candidate_content": torch.randn(b, c, E, generator=g),
         "candidate_features": torch.rand(b, c, len(CONFIG.features), generator=g),
-        "candidate_mask": torch.ones(b, c, dtype=torch.bool),
         "member": torch.randn(b, E, generator=g),
     }
 
@@ -51,6 +50,20 @@ def test_shared_context_scores_equal_each_candidate_alone() -> None:
     for i in range(25):
         alone = model(**_take(inputs, slice(0, 1), slice(i, i + 1)))
         assert (alone[0, 0] - together[0, i]).abs().max() < 1e-4
+
+
+@torch.no_grad()
+def test_split_attention_equals_the_dense_shared_context_mask() -> None:
+    """The served path skips the candidate x candidate block; it must compute the same attention as
+    the dense mask that spells the shared context out (padding, an empty history, batching)."""
+    model = _model()
+    for h, lengths in ((12, [12, 5, 0]), (0, [0])):
+        inputs = _inputs(h=h, c=9, lengths=lengths)
+        split = model(**inputs)
+        model.split_attention = False
+        dense = model(**inputs)
+        model.split_attention = True
+        assert split.shape == dense.shape and (split - dense).abs().max() < 1e-5
 
 
 @torch.no_grad()
@@ -116,6 +129,7 @@ def _topics(n: int, seed: int) -> dict[str, torch.Tensor]:
     liked = (cand_topic == topic[:, None]).float()
     disliked = (cand_topic == (topic[:, None] + 2) % 4).float()
     inputs["labels"] = torch.stack([liked, liked * 0.0, disliked], dim=-1)
+    inputs["candidate_mask"] = torch.ones(n, 12, dtype=torch.bool)
     return inputs
 
 
@@ -138,7 +152,7 @@ def test_the_ranker_learns_from_the_history_what_a_member_likes() -> None:
     model.eval()
     with torch.no_grad():
         loss, per_task = multitask_loss(model, test)
-        scores = final_score(model(**{k: v for k, v in test.items() if k != "labels"}), [1.0, 0.5, -1.0])
+        scores = final_score(model(**{k: test[k] for k in INPUTS}), [1.0, 0.5, -1.0])
     assert loss.item() < 0.5 * first, (first, loss.item(), per_task)
     liked, disliked = test["labels"][..., 0].bool(), test["labels"][..., 2].bool()
     # Every member's liked candidates rank above their disliked ones, nearly always.
