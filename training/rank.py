@@ -33,6 +33,7 @@ from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.movielens import Rating, load_movielens
 from feedserve.rank.data import (
     FEATURES,
+    PostTable,
     RankExample,
     Tensorizer,
     interactions,
@@ -40,6 +41,7 @@ from feedserve.rank.data import (
     ratings_before,
     top_posts,
 )
+from feedserve.rank.features import PostFeatures
 from feedserve.rank.model import INPUTS, GenerativeRanker, RankerConfig
 from feedserve.rank.train import final_score, multitask_loss
 from feedserve.training.data import movielens_split
@@ -162,9 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     torch.manual_seed(args.seed)
     model = GenerativeRanker(config, known_ids=torch.from_numpy(trained_ids))
-    counts = {p.id: p.counts for p in corpus}
-    tags = {p.id: frozenset(p.tags) for p in corpus}
-    tensorize = Tensorizer(config, post_ids, post_vectors, tags, counts, PercentileBuckets.load(layout.buckets))
+    features = PostFeatures.from_posts(corpus, PercentileBuckets.load(layout.buckets))
+    tensorize = Tensorizer(config, PostTable(post_ids, post_vectors), features)
     losses = train_ranker(
         model,
         tensorize,

@@ -240,6 +240,18 @@ class PostIndex:
             results.append(SearchResult(row_ids.astype(np.int64), row_scores.astype(np.float32)))
         return results
 
+    def lookup(self, post_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors float32 [n, dim], found bool [n]) of these posts; a row of zeros where a post is not
+        in the index (the ranker reads history and candidates by id, and ranks unknown ones too)."""
+        ids = np.asarray(post_ids, np.int64).reshape(-1)
+        out = np.zeros((len(ids), self.dim), np.float32)
+        with self._lock:
+            rows = np.array([self._rows.get(i, -1) for i in ids.tolist()], np.int64)
+            found = rows >= 0
+            if found.any():
+                out[found] = self._vectors()[rows[found]]
+        return out, found
+
     def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) currently in the index."""
         with self._lock:

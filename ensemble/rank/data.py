@@ -16,20 +16,22 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.movielens import MovieLens, Rating
+from feedserve.rank.features import COUNT_FEATURES, PostFeatures
 from feedserve.rank.model import RankerConfig
 
 # Ratings as actions and as task labels (like, love, dislike).
 LIKE, LOVE, DISLIKE = 4.0, 5.0, 2.0
-# Features of a post alone: its counts as percentiles, 0..1 (the same buckets the prompts use).
-COUNT_FEATURES = ("ratings", "mean_rating")
+# The candidate features the ranker is trained with: the retrieval score, the Jaccard similarity of
+# the candidate's tags to those of the posts the member liked, whether its content vector was found,
+# and its counts as percentiles 0..1 (feedserve.rank.features).
 FEATURES = ("retrieval_score", "affinity", "has_content", *(f"{c}_percentile" for c in COUNT_FEATURES))
 
 
@@ -138,86 +140,93 @@ def movielens_examples(
     return examples
 
 
+class ContentSource(Protocol):
+    """Where a post's content vector comes from: a table in training, the live index when serving."""
+
+    def lookup(self, post_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors float32 [n, E], found bool [n]); zeros where a post is not held."""
+        ...
+
+
+class PostTable:
+    """Post vectors held in memory, by id (the training command's: every post of the corpus)."""
+
+    def __init__(self, post_ids: np.ndarray, vectors: np.ndarray) -> None:
+        self.row = {int(p): i for i, p in enumerate(np.asarray(post_ids).tolist())}
+        self.vectors = np.concatenate([vectors.astype(np.float32), np.zeros((1, vectors.shape[1]), np.float32)])
+
+    def lookup(self, post_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.array([self.row.get(int(p), -1) for p in np.asarray(post_ids).tolist()], np.int64)
+        return self.vectors[rows], rows >= 0
+
+
 class Tensorizer:
     """RankExamples (or a served request) -> the ranker's input tensors. A post's content is its
-    vector in the post table (the index's vectors); a post missing there gets zeros and `has_content`
-    0, and is still ranked (by its id, if trained on, and its features)."""
+    vector in `content`; a post missing there gets zeros and `has_content` 0, and is still ranked (by
+    its id, if trained on, and its features)."""
 
-    def __init__(
-        self,
-        config: RankerConfig,
-        post_ids: np.ndarray,
-        post_vectors: np.ndarray,
-        tags: Mapping[int, frozenset[str]] | None = None,
-        counts: Mapping[int, Mapping[str, float]] | None = None,
-        buckets: PercentileBuckets | None = None,
-    ) -> None:
+    def __init__(self, config: RankerConfig, content: ContentSource, features: PostFeatures | None = None) -> None:
         self.config = config
-        self.row = {int(p): i for i, p in enumerate(post_ids.tolist())}
-        self.vectors = np.concatenate(
-            [post_vectors.astype(np.float32), np.zeros((1, post_vectors.shape[1]), np.float32)]
-        )
-        self.tags = tags or {}
-        self.counts, self.buckets = counts or {}, buckets
+        self.content = content
+        self.features = features or PostFeatures()
         self.actions = {a: i for i, a in enumerate(config.actions)}
 
-    def _content(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        rows = np.array([self.row.get(int(p), -1) for p in ids], np.int64)
-        return self.vectors[rows], (rows >= 0).astype(np.float32)
-
-    def _percentiles(self, post_id: int) -> list[float]:
-        counts = self.counts.get(post_id, {})
-        return [
-            self.buckets.bucket(c, counts[c]) / (self.buckets.n_buckets - 1)
-            if self.buckets is not None and c in counts and c in self.buckets.cut_points
-            else 0.0
-            for c in COUNT_FEATURES
-        ]
-
     def batch(self, examples: Sequence[RankExample]) -> dict[str, torch.Tensor]:
+        """Tensors for `examples`: the model's inputs, and `candidate_mask` and `labels` for the loss."""
         cfg = self.config
+        dim = cfg.content_dim
         b = len(examples)
         h = max(1, max(min(len(x.history), cfg.max_history) for x in examples))
         c = max(len(x.candidates) for x in examples)
-        e = self.vectors.shape[1]
         out: dict[str, np.ndarray] = {
             "history_ids": np.zeros((b, h), np.int64),
             "history_actions": np.zeros((b, h), np.int64),
-            "history_content": np.zeros((b, h, e), np.float32),
+            "history_content": np.zeros((b, h, dim), np.float32),
             "history_mask": np.zeros((b, h), bool),
             "candidate_ids": np.zeros((b, c), np.int64),
-            "candidate_content": np.zeros((b, c, e), np.float32),
+            "candidate_content": np.zeros((b, c, dim), np.float32),
             "candidate_features": np.zeros((b, c, len(cfg.features)), np.float32),
             "candidate_mask": np.zeros((b, c), bool),
-            "member": np.zeros((b, e), np.float32),
+            "member": np.zeros((b, dim), np.float32),
             "labels": np.zeros((b, c, len(cfg.tasks)), np.float32),
         }
+        column = {f: i for i, f in enumerate(cfg.features)}
+        counts = [
+            (column[f"{name}_percentile"], j)
+            for j, name in enumerate(self.features.counts)
+            if f"{name}_percentile" in column
+        ]
         for i, x in enumerate(examples):
             history = x.history[-cfg.max_history :]  # the oldest go first, as in the prompts
             n = len(history)
-            ids = [it.post_id for it in history]
+            ids = np.array([it.post_id for it in history], np.int64)
             out["history_ids"][i, :n] = ids
             out["history_actions"][i, :n] = [self.actions[it.action] for it in history]
-            out["history_content"][i, :n] = self._content(ids)[0]
+            out["history_content"][i, :n] = self.content.lookup(ids)[0]
             out["history_mask"][i, :n] = True
             liked = frozenset().union(
-                *(self.tags.get(it.post_id, frozenset()) for it in history if it.action in ("like", "love"))
+                *(self.features.tags(it.post_id) for it in history if it.action in ("like", "love"))
             )
             m = len(x.candidates)
-            content, has = self._content(x.candidates.tolist())
+            content, has = self.content.lookup(x.candidates)
             out["candidate_ids"][i, :m] = x.candidates
             out["candidate_content"][i, :m] = content
             out["candidate_mask"][i, :m] = True
             out["member"][i] = x.member
             out["labels"][i, :m] = x.labels
-            for j, post in enumerate(x.candidates.tolist()):
-                tags = self.tags.get(post, frozenset())
-                affinity = len(tags & liked) / len(tags | liked) if tags or liked else 0.0
-                values = {
-                    "retrieval_score": float(x.retrieval_scores[j]),
-                    "affinity": affinity,
-                    "has_content": float(has[j]),
-                }
-                values.update(zip((f"{c}_percentile" for c in COUNT_FEATURES), self._percentiles(post), strict=True))
-                out["candidate_features"][i, j] = [values.get(f, 0.0) for f in cfg.features]
+            features = out["candidate_features"][i]
+            if "retrieval_score" in column:
+                features[:m, column["retrieval_score"]] = x.retrieval_scores
+            if "has_content" in column:
+                features[:m, column["has_content"]] = has
+            if "affinity" in column:
+                features[:m, column["affinity"]] = [_jaccard(self.features.tags(p), liked) for p in x.candidates.tolist()]
+            if counts:
+                percentiles = self.features.percentiles(x.candidates.tolist())
+                for col, j in counts:
+                    features[:m, col] = percentiles[:, j]
         return {k: torch.from_numpy(v) for k, v in out.items()}
+
+
+def _jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    return len(a & b) / len(a | b) if a or b else 0.0

@@ -80,6 +80,11 @@ def test_writes_keep_the_index_equal_to_a_dict_of_vectors(writes: list[tuple[set
         assert sorted(got_ids.tolist()) == sorted(model) and len(index) == len(model)
         for i, v in zip(got_ids.tolist(), got_vectors, strict=True):
             np.testing.assert_array_equal(v, model[i])
+        asked = np.array([*model, *deletes, 10**12], np.int64)  # held, deleted, never written
+        vectors_found, found_mask = index.lookup(asked)
+        for i, v, hit in zip(asked.tolist(), vectors_found, found_mask, strict=True):
+            assert hit == (i in model)
+            np.testing.assert_array_equal(v, model[i] if hit else np.zeros(4, np.float32))
         found = index.search(query, [len(model)])[0]
         assert sorted(found.ids.tolist()) == sorted(model)
         true_scores = np.array([model[i] @ query[0] for i in found.ids.tolist()])

@@ -10,7 +10,8 @@ import pytest
 
 from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.prompt.movielens import MovieLens, load_movielens
-from feedserve.rank.data import FEATURES, RankExample, Tensorizer, action_of, labels_of, movielens_examples
+from feedserve.rank.data import FEATURES, PostTable, RankExample, Tensorizer, action_of, labels_of, movielens_examples
+from feedserve.rank.features import PostFeatures
 from feedserve.rank.model import RankerConfig
 
 
@@ -68,9 +69,8 @@ def test_tensors_pad_and_mark_unknown_posts() -> None:
     config = RankerConfig(content_dim=4, max_history=3, features=FEATURES)
     tensorize = Tensorizer(
         config,
-        np.array([10, 11, 12]),
-        np.eye(3, 4, dtype=np.float32),
-        {10: frozenset({"a"}), 12: frozenset({"a", "b"})},
+        PostTable(np.array([10, 11, 12]), np.eye(3, 4, dtype=np.float32)),
+        PostFeatures(tags={10: {"a"}, 12: {"a", "b"}}),
     )
     long = RankExample(
         1,
@@ -102,7 +102,7 @@ def _synthetic(n: int) -> tuple[Tensorizer, list[RankExample]]:
         content_dim=8, d_model=16, n_heads=2, n_layers=1, max_history=6, id_buckets=1024, features=FEATURES
     )
     ids = np.arange(100, 160)
-    tensorize = Tensorizer(config, ids, rng.normal(size=(60, 8)).astype(np.float32))
+    tensorize = Tensorizer(config, PostTable(ids, rng.normal(size=(60, 8)).astype(np.float32)))
     examples = [
         RankExample(
             i,
@@ -140,3 +140,22 @@ def test_an_interrupted_run_resumes_to_the_same_losses_and_weights(tmp_path: Pat
     assert again == pytest.approx(losses, abs=1e-6)
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_post_features_hold_percentiles_and_tags_and_survive_a_round_trip(ml: MovieLens, tmp_path: Path) -> None:
+    buckets = ml.fit_buckets()
+    posts = ml.posts()[:50]
+    features = PostFeatures.from_posts(posts, buckets)
+    post = posts[7]
+    want = [buckets.bucket(c, post.counts[c]) / (buckets.n_buckets - 1) for c in features.counts]
+    np.testing.assert_allclose(features.percentiles([post.id, 10**12]), [want, [0.0, 0.0]], rtol=1e-6)
+    assert features.tags(post.id) == frozenset(post.tags) and features.tags(10**12) == frozenset()
+    features.save(tmp_path / "f.json")
+    again = PostFeatures.load(tmp_path / "f.json")
+    assert len(again) == 50 and again.counts == features.counts
+    ids = [p.id for p in posts]
+    np.testing.assert_array_equal(again.percentiles(ids), features.percentiles(ids))
+    assert all(again.tags(p) == features.tags(p) for p in ids)
+    (tmp_path / "bad.json").write_text('{"format": "other"}')
+    with pytest.raises(ValueError, match="post_features"):
+        PostFeatures.load(tmp_path / "bad.json")

@@ -1,0 +1,91 @@
+"""What the ranker knows of a post besides its embedding: its counts as percentiles, and its tags.
+
+Candidates reach the ranker as ids (the retrieval stage's answer), so these live in a table keyed
+by post id, built from the post records (`feedserve build` writes one for the sample corpus as
+`post_features.json`; the training command builds the same from the same records). A post missing
+from the table (created after the table was built) gets percentiles 0 and no tags: it is still
+ranked, by its content and whatever the history says.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from feedserve.files import atomic_write
+from feedserve.prompt.buckets import PercentileBuckets
+from feedserve.prompt.records import Post
+
+FORMAT = "feedserve.post_features/1"
+# Counts shown to the ranker as percentiles 0..1 (the buckets the prompts use; MovieLens's counts).
+COUNT_FEATURES = ("ratings", "mean_rating")
+
+
+class PostFeatures:
+    def __init__(
+        self,
+        percentiles: Mapping[int, Sequence[float]] | None = None,
+        tags: Mapping[int, Iterable[str]] | None = None,
+        counts: Sequence[str] = COUNT_FEATURES,
+    ) -> None:
+        self.counts = tuple(counts)
+        self._percentiles = {int(k): np.asarray(v, np.float32) for k, v in (percentiles or {}).items()}
+        self._tags = {int(k): frozenset(v) for k, v in (tags or {}).items()}
+        self._none = np.zeros(len(self.counts), np.float32)
+        for post, row in self._percentiles.items():
+            if row.shape != self._none.shape:
+                raise ValueError(f"post {post}: {row.shape[0]} percentiles for {len(self.counts)} counts")
+
+    def __len__(self) -> int:
+        return len(self._percentiles.keys() | self._tags.keys())
+
+    @classmethod
+    def from_posts(
+        cls, posts: Iterable[Post], buckets: PercentileBuckets | None, counts: Sequence[str] = COUNT_FEATURES
+    ) -> PostFeatures:
+        percentiles, tags = {}, {}
+        top = (buckets.n_buckets - 1) if buckets is not None else 1
+        for post in posts:
+            percentiles[post.id] = [
+                buckets.bucket(c, post.counts[c]) / top
+                if buckets is not None and c in post.counts and c in buckets.cut_points
+                else 0.0
+                for c in counts
+            ]
+            tags[post.id] = frozenset(post.tags)
+        return cls(percentiles, tags, counts)
+
+    def percentiles(self, post_ids: Sequence[int]) -> np.ndarray:
+        """[n, len(counts)]; zeros for a post the table does not hold."""
+        if not len(post_ids):
+            return np.zeros((0, len(self.counts)), np.float32)
+        return np.stack([self._percentiles.get(int(p), self._none) for p in post_ids])
+
+    def tags(self, post_id: int) -> frozenset[str]:
+        return self._tags.get(int(post_id), frozenset())
+
+    def save(self, path: Path) -> None:
+        posts = sorted(self._percentiles.keys() | self._tags.keys())
+        body = {
+            "format": FORMAT,
+            "counts": list(self.counts),
+            "posts": {
+                str(p): {"percentiles": self.percentiles([p])[0].tolist(), "tags": sorted(self.tags(p))} for p in posts
+            },
+        }
+        atomic_write(path, json.dumps(body, separators=(",", ":")) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> PostFeatures:
+        data = json.loads(Path(path).read_text())
+        if data.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a {FORMAT} file")
+        posts = data["posts"]
+        return cls(
+            {int(p): v["percentiles"] for p, v in posts.items()},
+            {int(p): v["tags"] for p, v in posts.items()},
+            data["counts"],
+        )
