@@ -220,7 +220,8 @@ class Tensorizer:
             if "has_content" in column:
                 features[:m, column["has_content"]] = has
             if "affinity" in column:
-                features[:m, column["affinity"]] = [_jaccard(self.features.tags(p), liked) for p in x.candidates.tolist()]
+                tags = self.features.tags
+                features[:m, column["affinity"]] = [_jaccard(tags(p), liked) for p in x.candidates.tolist()]
             if counts:
                 percentiles = self.features.percentiles(x.candidates.tolist())
                 for col, j in counts:
