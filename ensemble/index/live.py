@@ -239,6 +239,39 @@ class IndexFollower(_Replica):
             return self._follow()
 
 
+class FollowedIndex:
+    """The index a serving model follows (`knn`, `rank`): opened once its snapshot exists, refreshed
+    before each batch. At load, a bad index fails the model (better than a model that answers
+    nothing); later, a bad file keeps the index it holds serving, logged once per file."""
+
+    def __init__(self, files: IndexLayout, engine: Engine, owner: str) -> None:
+        self.files, self.engine, self.owner = files, engine, owner
+        self.live: IndexFollower | None = None
+        self._unreadable: FileIdentity | None = None
+        self.refresh(at_load=True)
+        if self.index is None:
+            logger.warning("%s: no index at %s yet; it holds no post until one is built", owner, files.snapshot)
+
+    @property
+    def index(self) -> PostIndex | None:
+        return self.live.index if self.live is not None else None
+
+    def refresh(self, at_load: bool = False) -> None:
+        try:
+            if self.live is not None:
+                self.live.refresh()
+            elif (identity := file_identity(self.files.snapshot)) is not None and identity != self._unreadable:
+                self._unreadable = identity  # until it opens: a bad file is reported once
+                live = IndexFollower.open(self.files.root, engine=self.engine)
+                if len(live.index):  # build a GPU engine's device copy now, not in the first request
+                    live.index.search(np.zeros((1, live.index.dim), np.float32), [1])
+                self.live = live
+        except Exception:
+            if at_load:
+                raise
+            logger.exception("%s: could not follow %s; serving the index it holds", self.owner, self.files.root)
+
+
 class IndexWriter(_Replica):
     """The directory's single writer: it holds the writer lock for its life, logs each write durably
     before applying it, and takes the snapshots."""

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from feedserve.artifacts import ArtifactLayout
-from feedserve.files import FileIdentity, file_identity
 from feedserve.index.engines import Engine
-from feedserve.index.live import IndexFollower
+from feedserve.index.live import FollowedIndex
 from feedserve.index.store import PostIndex, SearchResult
 from feedserve.schema import EXCLUDE_IDS, IDS, QUERY, SCORES, K, ModelName
 from feedserve.triton.base import Arrays, BatchModel, RequestError, check_2d, require
@@ -47,33 +46,11 @@ class KnnModel(BatchModel[KnnRequest]):
             self.engine.kind,
             "" if self.engine.kind == "faiss" else f" on {self.engine.device}, {self.engine.dtype} storage",
         )
-        self.files = layout.index_dir
-        self.live: IndexFollower | None = None
-        self._unreadable: FileIdentity | None = None
-        # At load, a bad index or an engine that cannot run here fails the model (better than a
-        # model that answers nothing); later, a bad file keeps the old index serving, logged once.
-        self._refresh(at_load=True)
-        if self.index is None:
-            logger.warning("knn: no index at %s yet; searches return nothing until it is built", self.files.snapshot)
+        self.followed = FollowedIndex(layout.index_dir, self.engine, "knn")
 
     @property
     def index(self) -> PostIndex | None:
-        return self.live.index if self.live is not None else None
-
-    def _refresh(self, at_load: bool = False) -> None:
-        try:
-            if self.live is not None:
-                self.live.refresh()
-            elif (identity := file_identity(self.files.snapshot)) is not None and identity != self._unreadable:
-                self._unreadable = identity  # until it opens: a bad file is reported once
-                live = IndexFollower.open(self.files.root, engine=self.engine)
-                if len(live.index):  # build a GPU engine's device copy now, not in the first request
-                    live.index.search(np.zeros((1, live.index.dim), np.float32), [1])
-                self.live = live
-        except Exception:
-            if at_load:
-                raise
-            logger.exception("knn: could not follow %s; serving the index it holds", self.files.root)
+        return self.followed.index
 
     def parse(self, inputs: dict[str, np.ndarray | None]) -> KnnRequest:
         queries = check_2d(QUERY.name, require(inputs, QUERY.name), np.float32)
@@ -101,7 +78,7 @@ class KnnModel(BatchModel[KnnRequest]):
         return KnnRequest(queries, ks, exclude)
 
     def compute(self, items: Sequence[KnnRequest]) -> list[Arrays | RequestError]:
-        self._refresh()
+        self.followed.refresh()
         queries = np.concatenate([it.queries for it in items])
         ks = [k for it in items for k in it.ks]
         exclude = [e for it in items for e in it.exclude]

@@ -83,7 +83,7 @@ def test_writes_are_acknowledged_then_seen_by_every_follower(layout: ArtifactLay
         assert [r.lsn for r in read_records(log)] == [4]
     for knn in followers:
         assert set(_search(knn, q, 50)) == {0, 1, 2, 4, 5, 6, 7, 8, 9, 11, 12}
-        assert knn.live is not None and knn.live.reloads == 0
+        assert knn.followed.live is not None and knn.followed.live.reloads == 0
 
 
 @pytest.mark.parametrize(
