@@ -1,7 +1,8 @@
-"""Online client: retrieve top-k posts for a member and embed records, over Triton HTTP or gRPC.
+"""Online client: a member's feed, retrievals and embeddings, over Triton HTTP or gRPC.
 
     with FeedClient("127.0.0.1:8001", protocol="grpc") as client:
-        hits = client.retrieve(member_json, k=10)
+        hits = client.retrieve(member_json, k=10)          # retrieval alone
+        feed = client.feed(member_json, n=10)              # retrieved, then ranked by the GR ranker
 
 Records go to the server as JSON text, one per batch row (the `RECORDS` tensor); a dict, a JSON
 string or a pydantic record all work.
@@ -22,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 
 from feedserve.errors import ClientError
 from feedserve.ops.keys import WRITE_HEADER, WRITE_KEY_ENV
-from feedserve.schema import EMBEDDING, IDS, NO_ID, RECORDS, SCORES, K, ModelName
+from feedserve.schema import CANDIDATES, EMBEDDING, IDS, NO_ID, RECORDS, SCORES, TASK_SCORES, K, ModelName
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,19 @@ Record = dict[str, Any] | str | bytes | Any  # Any: a pydantic record (has model
 class Hit:
     post_id: int
     score: float
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """One post of a ranked feed: its final score and its probability for each of the ranker's tasks."""
+
+    post_id: int
+    score: float
+    tasks: dict[str, float]
+
+
+# How many retrieved posts `feed` ranks when the caller does not say (the ranker's maximum is 2,000).
+DEFAULT_CANDIDATES = 500
 
 
 def encode_record(record: Record) -> bytes:
@@ -87,6 +101,7 @@ class FeedClient:
         self.timeout_s = timeout_s
         self.write_key = write_key or os.environ.get(WRITE_KEY_ENV)
         self._tc = protocol_module(protocol)
+        self._tasks: list[str] | None = None
         if protocol == "http":
             self._client = self._tc.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
         else:
@@ -137,6 +152,42 @@ class FeedClient:
 
     def retrieve(self, member: Record, k: int = 10) -> list[Hit]:
         return self.retrieve_many([member], k)[0]
+
+    def feed_many(
+        self, members: Sequence[Record], n: int = 10, candidates: int = DEFAULT_CANDIDATES
+    ) -> list[list[Ranked]]:
+        """Each member's top `n` posts: `candidates` retrieved, ranked by the GR ranker (`feed`)."""
+        rows = len(members)
+        out = self.infer(
+            ModelName.FEED,
+            {
+                RECORDS.name: records_tensor(members),
+                K.name: np.full((rows, 1), n, np.int64),
+                CANDIDATES.name: np.full((rows, 1), candidates, np.int64),
+            },
+            (IDS.name, SCORES.name, TASK_SCORES.name),
+        )
+        tasks = self.ranker_tasks()
+        return [
+            [
+                Ranked(int(i), float(s), dict(zip(tasks, t.tolist(), strict=True)))
+                for i, s, t in zip(ids, scores, per_task, strict=True)
+                if i != NO_ID
+            ]
+            for ids, scores, per_task in zip(out[IDS.name], out[SCORES.name], out[TASK_SCORES.name], strict=True)
+        ]
+
+    def feed(self, member: Record, n: int = 10, candidates: int = DEFAULT_CANDIDATES) -> list[Ranked]:
+        return self.feed_many([member], n, candidates)[0]
+
+    def ranker_tasks(self) -> list[str]:
+        """The ranker's tasks, in the order of its TASK_SCORES columns (the rank config's `tasks`)."""
+        if self._tasks is None:
+            config = self._client.get_model_config(ModelName.RANK)
+            params = config["parameters"] if self.protocol == "http" else config.config.parameters
+            value = params["tasks"]["string_value"] if self.protocol == "http" else params["tasks"].string_value
+            self._tasks = str(value).split(",")
+        return self._tasks
 
     def embed_posts(self, posts: Sequence[Record]) -> np.ndarray:
         return self.infer(ModelName.EMBED_POST, {RECORDS.name: records_tensor(posts)}, (EMBEDDING.name,))[

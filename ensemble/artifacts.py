@@ -9,6 +9,9 @@ the server loads; export writes it, the Triton backends and the clients read it:
     encoder.int8.onnx   the same graph with int8 projection weights (parity checked), for CPUs
     buckets.json        percentile cut points for engagement counts (feedserve.prompt.buckets)
     serving.json        EncoderSettings below: pooling, dimension, token budgets
+    ranker.onnx         the GR ranker (feedserve.rank), ONNX, parity checked (feedserve.export.rank)
+    ranker.json         its configuration: content width, history length, features, tasks
+    post_features.json  count percentiles and tags by post id, the ranker's candidate features
     manifest.json       size and SHA-256 of each file above but the index, checked at load (feedserve.ops.manifest)
     index/              the live post index (feedserve.index.layout: snapshot, write-ahead log, locks)
     write.key           the live index's write key, made by the first server start (feedserve.ops.keys)
@@ -37,6 +40,9 @@ ARTIFACTS_ENV = "FEEDSERVE_ARTIFACTS"
 ADAPTER_META = "feedserve_adapter.json"
 INT8_ONNX = "encoder.int8.onnx"
 DEFAULT_ADAPTER = REPO_ROOT / "models" / "smollm2-movielens"
+# The trained ranker shipped with the default model (ranker.json + ranker.pt; `feedserve.training.rank`
+# wrote it, its command in models/gr-movielens/README.md); `feedserve build` exports it.
+DEFAULT_RANKER = REPO_ROOT / "models" / "gr-movielens"
 
 Pooling = Literal["mean", "last"]
 CountFormat = Literal["percentile", "raw"]
@@ -103,6 +109,18 @@ class ArtifactLayout:
         return self.root / "serving.json"
 
     @property
+    def ranker_onnx(self) -> Path:
+        return self.root / "ranker.onnx"
+
+    @property
+    def ranker_config(self) -> Path:
+        return self.root / "ranker.json"
+
+    @property
+    def post_features(self) -> Path:
+        return self.root / "post_features.json"
+
+    @property
     def index_dir(self) -> IndexLayout:
         return IndexLayout(self.root / "index")
 
@@ -125,9 +143,18 @@ class ArtifactLayout:
     def required_for_serving(self) -> list[Path]:
         return [self.tokenizer, self.onnx, self.buckets, self.settings]
 
+    def ranker_files(self) -> list[Path]:
+        return [self.ranker_onnx, self.ranker_config, self.post_features]
+
+    def has_ranker(self) -> bool:
+        """Whether a ranker was built here: only an encoder with a ranker trained on its embeddings
+        has one (`feedserve build` ships the default's); without one the server retrieves only."""
+        return all(p.exists() for p in self.ranker_files())
+
     def built_files(self) -> list[Path]:
         """What `feedserve build` produces and the manifest lists (the checkpoint directory whole)."""
         optional = [self.onnx.with_name(self.onnx.name + ".data"), self.onnx_int8]
+        optional += self.ranker_files()
         return [self.hf_dir, self.onnx, self.buckets, self.settings, *(p for p in optional if p.exists())]
 
     def write_manifest(self) -> Path:

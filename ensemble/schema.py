@@ -22,6 +22,8 @@ class ModelName(StrEnum):
     EMBED_MEMBER = "embed_member"
     RETRIEVE = "retrieve"
     INDEX_WRITE = "index_write"
+    RANK = "rank"
+    FEED = "feed"
 
 
 class RecordKind(StrEnum):
@@ -85,6 +87,15 @@ LSN = TensorSpec("LSN", "INT64", (1,))
 OP_UPSERT: Final[int] = 1
 OP_DELETE: Final[int] = 2
 
+# The ranker (`rank`): a member's retrieved candidates, -1-padded, with their retrieval scores; it
+# returns the top K of them (IDS, SCORES: the final score) and each one's probability per task
+# (TASK_SCORES [K, tasks], tasks in the order of the rank config's `tasks` parameter). `feed` retrieves
+# CANDIDATES posts and ranks them: retrieval and ranking in one request.
+CANDIDATE_IDS = TensorSpec("CANDIDATE_IDS", "INT64", (-1,), ragged=True)
+CANDIDATE_SCORES = TensorSpec("CANDIDATE_SCORES", "FP32", (-1,), ragged=True)
+TASK_SCORES = TensorSpec("TASK_SCORES", "FP32", (-1, -1))
+CANDIDATES = TensorSpec("CANDIDATES", "INT64", (1,))
+
 # Padding value for EXCLUDE_IDS and for IDS when fewer than k posts exist.
 NO_ID: Final[int] = -1
 
@@ -104,6 +115,8 @@ IO: Final[dict[ModelName, ModelIO]] = {
     ModelName.EMBED_MEMBER: ModelIO((RECORDS,), (EMBEDDING,)),
     ModelName.RETRIEVE: ModelIO((RECORDS, K), (IDS, SCORES)),
     ModelName.INDEX_WRITE: ModelIO((OP, POST_ID, WRITE_EMBEDDING), (LSN,)),
+    ModelName.RANK: ModelIO((RECORDS, QUERY, CANDIDATE_IDS, CANDIDATE_SCORES, K), (IDS, SCORES, TASK_SCORES)),
+    ModelName.FEED: ModelIO((RECORDS, K, CANDIDATES), (IDS, SCORES, TASK_SCORES)),
 }
 
 # Names of the ONNX graph's inputs/outputs (the exporter and the ONNX Runtime encoder share them).

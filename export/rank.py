@@ -104,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    config = RankerConfig.load(args.checkpoint / "ranker.json")
-    model = GenerativeRanker(config)
-    model.load_state_dict(torch.load(args.checkpoint / "ranker.pt", weights_only=True))
+    model = GenerativeRanker.load(args.checkpoint)
     try:
         export_ranker(model, args.out)
     except ParityError as err:

@@ -11,7 +11,7 @@ import pytest
 
 from feedserve.artifacts import ArtifactLayout, EncoderSettings
 from feedserve.ops.keys import WRITE_KEY_ENV
-from tests.tiny import make_tiny_checkpoint
+from tests.tiny import make_tiny_checkpoint, make_tiny_ranker
 
 # Every test server and client shares one write key, as a deployment's secret would be shared.
 os.environ.setdefault(WRITE_KEY_ENV, "feedserve-tests-write-key")
@@ -35,10 +35,16 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> ArtifactLayout:
-    """A complete artifact directory (checkpoint, ONNX, buckets, settings) for the tiny model."""
+def tiny_ranker(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved ranker package (ranker.json, ranker.pt) for the tiny model's embeddings."""
+    return make_tiny_ranker(tmp_path_factory.mktemp("ranker"), content_dim=TINY_SETTINGS.dim or 0)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_ranker: Path) -> ArtifactLayout:
+    """A complete artifact directory (checkpoint, ONNX, buckets, settings, ranker) for the tiny model."""
     from feedserve.export.onnx import export_onnx
-    from feedserve.ops.builder import SAMPLE_CORPUS
+    from feedserve.ops.builder import SAMPLE_CORPUS, build_ranker
     from feedserve.prompt.movielens import load_movielens
 
     layout = ArtifactLayout(tmp_path_factory.mktemp("artifacts"))
@@ -46,6 +52,7 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> ArtifactLayout:
     TINY_SETTINGS.save(layout.settings)
     export_onnx(layout.hf_dir, TINY_SETTINGS, layout.onnx)
     load_movielens(SAMPLE_CORPUS).fit_buckets().save(layout.buckets)
+    build_ranker(layout, tiny_ranker, SAMPLE_CORPUS)
     layout.write_manifest()
     return layout
 

@@ -58,3 +58,21 @@ def make_tiny_checkpoint(out_dir: Path, hidden: int = 64, layers: int = 2, seed:
     model.save_pretrained(out_dir)
     fast.save_pretrained(out_dir)
     return out_dir
+
+
+def make_tiny_ranker(out_dir: Path, content_dim: int, seed: int = 0) -> Path:
+    """A randomly initialised GR ranker with the served feature set, its id embeddings random too
+    (as if trained) for the posts the bad-input and pipeline tests index (ids 500..999)."""
+    import torch
+
+    from feedserve.rank.data import FEATURES
+    from feedserve.rank.model import GenerativeRanker, RankerConfig
+
+    torch.manual_seed(seed)
+    config = RankerConfig(
+        content_dim=content_dim, d_model=16, n_heads=2, n_layers=1, max_history=20, id_buckets=1024, features=FEATURES
+    )
+    model = GenerativeRanker(config, known_ids=torch.arange(500, 1000))
+    torch.nn.init.normal_(model.ids.weight, std=0.5)
+    model.save(out_dir)
+    return out_dir

@@ -99,13 +99,6 @@ def train_ranker(
     return losses
 
 
-def save_ranker(model: GenerativeRanker, out: Path) -> None:
-    """`ranker.json` (the configuration) and `ranker.pt` (the weights): what export and serving load."""
-    model.config.save(out / "ranker.json")
-    with atomic_file(out / "ranker.pt") as f:
-        torch.save(model.state_dict(), f)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", type=Path, default=default_artifacts_dir(), help="the retrieval stage's")
@@ -178,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         args.checkpoint_every,
         args.resume,
     )
-    save_ranker(model, args.out)
+    model.save(args.out)
 
     # Test: every member with targets after the cutoff, ranked from the retrieval stage's candidates.
     before = ratings_before(ml, split.cutoff)

@@ -15,7 +15,7 @@ import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from feedserve.artifacts import DEFAULT_ADAPTER, REPO_ROOT, ArtifactLayout, EncoderSettings, Pooling
+from feedserve.artifacts import DEFAULT_ADAPTER, DEFAULT_RANKER, REPO_ROOT, ArtifactLayout, EncoderSettings, Pooling
 from feedserve.prompt.buckets import PercentileBuckets
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ class BuildOptions:
     adapter: Path | None = None  # a fine-tuning package to merge (see feedserve.artifacts.ADAPTER_META)
     dim: int | None = None  # Matryoshka dimension to serve, over the settings above
     pooling: Pooling | None = None  # must agree with an adapter's: a model is trained for one pooling
+    ranker: Path | None = None  # a trained ranker (ranker.json + ranker.pt) for this encoder's embeddings
 
 
 def resolve_adapter(source: Path | None, adapter: Path | None, untuned: bool = False) -> Path | None:
@@ -46,6 +47,59 @@ def resolve_adapter(source: Path | None, adapter: Path | None, untuned: bool = F
     if source is None and DEFAULT_ADAPTER.is_dir():
         return DEFAULT_ADAPTER
     return None
+
+
+def resolve_ranker(adapter: Path | None, ranker: Path | None, dim: int | None = None) -> Path | None:
+    """The ranker a build exports: the one asked for, else the shipped one when the encoder is the
+    bundled fine-tune at full width (the embeddings it was trained on), else none: a ranker reads
+    one encoder's vectors and is meaningless over another's."""
+    if ranker is not None:
+        return ranker
+    if adapter is not None and adapter.resolve() == DEFAULT_ADAPTER.resolve() and dim is None:
+        return DEFAULT_RANKER if DEFAULT_RANKER.is_dir() else None
+    return None
+
+
+def build_ranker(layout: ArtifactLayout, package: Path | None, corpus: Path, force: bool = False) -> None:
+    """Export `package`'s ranker (ranker.onnx, parity checked) with its ranker.json, and the post
+    feature table of `corpus`; each redone only when what it is made from changed. Without a
+    package, a ranker left from an earlier build is removed (it read the previous encoder's vectors)."""
+    from feedserve.export.rank import export_ranker
+    from feedserve.files import atomic_write, sha256_file
+    from feedserve.prompt.movielens import load_movielens
+    from feedserve.rank.features import PostFeatures
+    from feedserve.rank.model import CONFIG_FILE, WEIGHTS_FILE, GenerativeRanker
+
+    record = layout.root / "ranker_export.json"
+    if package is None:
+        for path in (*layout.ranker_files(), record):
+            if path.exists():
+                path.unlink()
+                logger.warning("removed %s: no ranker was trained for this encoder (`--ranker DIR`)", path)
+        return
+    model = GenerativeRanker.load(package)
+    if model.config.content_dim != layout.serving_dim():
+        raise ValueError(
+            f"{package}: the ranker reads {model.config.content_dim}-wide embeddings; this encoder serves "
+            f"{layout.serving_dim()}"
+        )
+    source = {
+        "ranker": sha256_file(package / WEIGHTS_FILE),
+        "config": sha256_file(package / CONFIG_FILE),
+        "corpus": str(corpus.resolve()),
+        "buckets": sha256_file(layout.buckets),
+    }
+    done = json.loads(record.read_text()) if record.exists() else None
+    if not force and done == source and all(p.exists() for p in layout.ranker_files()):
+        logger.info("ranker up to date: %s", layout.ranker_onnx)
+        return
+    export_ranker(model, layout.ranker_onnx)
+    atomic_write(layout.ranker_config, model.config.to_json())
+    PostFeatures.from_posts(load_movielens(corpus).posts(), PercentileBuckets.load(layout.buckets)).save(
+        layout.post_features
+    )
+    atomic_write(record, json.dumps(source, indent=1) + "\n")
+    logger.info("ranker from %s exported to %s", package, layout.ranker_onnx)
 
 
 def resolve_settings(opts: BuildOptions, layout: ArtifactLayout) -> EncoderSettings:
@@ -143,5 +197,6 @@ def build_artifacts(opts: BuildOptions) -> ArtifactLayout:
     elif force or not layout.buckets.exists():
         load_movielens(opts.corpus).fit_buckets().save(layout.buckets)
         logger.info("fitted percentile buckets on %s", opts.corpus)
+    build_ranker(layout, opts.ranker, opts.corpus, force)
     layout.write_manifest()
     return layout

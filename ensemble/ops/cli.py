@@ -5,6 +5,7 @@ feedserve render     write model_repository/ from code (--check: fail on drift)
 feedserve serve      run tritonserver on 127.0.0.1 until interrupted
 feedserve index      embed a post corpus through the server and build the knn index
 feedserve retrieve   top-k posts for a member record
+feedserve feed       a member's ranked feed: retrieved candidates ranked by the GR ranker
 feedserve embed      embeddings of post or member records
 feedserve demo       all of the above on the MovieLens sample, end to end
 """
@@ -48,7 +49,7 @@ def _read_records(value: str) -> list[str]:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from feedserve.ops.builder import BuildOptions, build_artifacts, resolve_adapter
+    from feedserve.ops.builder import BuildOptions, build_artifacts, resolve_adapter, resolve_ranker
 
     if args.untuned and args.adapter:
         logger.error("--untuned and --adapter contradict each other")
@@ -66,6 +67,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             adapter,
             dim=args.dim,
             pooling=args.pooling,
+            ranker=resolve_ranker(adapter, args.ranker, args.dim),
         )
     )
     return 0
@@ -134,6 +136,18 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_feed(args: argparse.Namespace) -> int:
+    from feedserve.clients.online import FeedClient
+
+    with FeedClient(_url(args), args.protocol, args.timeout) as client:
+        for feed in client.feed_many(_read_records(args.member), args.n, args.candidates):
+            rows = [{"post_id": r.post_id, "score": round(r.score, 4)} for r in feed]
+            for row, r in zip(rows, feed, strict=True):
+                row.update({task: round(p, 4) for task, p in r.tasks.items()})
+            print(json.dumps(rows))
+    return 0
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     from feedserve.clients.online import FeedClient
 
@@ -181,6 +195,12 @@ def parser() -> argparse.ArgumentParser:
         help="fine-tuning package to merge (default: the bundled MovieLens fine-tune when --source is not given)",
     )
     b.add_argument("--untuned", action="store_true", help="build the base model without any adapter")
+    b.add_argument(
+        "--ranker",
+        type=Path,
+        help="a trained ranker (ranker.json, ranker.pt) for this encoder (default: the bundled one with the "
+        "bundled fine-tune; none otherwise: the server then retrieves only)",
+    )
     b.add_argument("--force", action="store_true")
     b.set_defaults(func=cmd_build)
 
@@ -211,6 +231,13 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("-k", type=int, default=10)
     _add_server_args(q)
     q.set_defaults(func=cmd_retrieve)
+
+    f = sub.add_parser("feed", help="a member's feed: retrieval, then the GR ranker")
+    f.add_argument("member", help="member JSON, a .json file or a .jsonl file")
+    f.add_argument("-n", type=int, default=10, help="posts in the feed")
+    f.add_argument("--candidates", type=int, default=500, help="retrieved posts the ranker orders (<= 2000)")
+    _add_server_args(f)
+    f.set_defaults(func=cmd_feed)
 
     e = sub.add_parser("embed", help="embeddings of records")
     e.add_argument("kind", choices=("post", "member"))

@@ -31,6 +31,7 @@ from feedserve.errors import ServerError
 from feedserve.ops.keys import ADMIN_APIS, ADMIN_HEADER, ADMIN_KEY_ENV, WRITE_HEADER, WRITE_KEY_ENV, write_key
 from feedserve.ops.manifest import MANIFEST, ManifestError
 from feedserve.ops.watchdog import StubWatchdog, deployment_fingerprint, server_ready
+from feedserve.schema import ModelName
 
 logger = logging.getLogger(__name__)
 
@@ -166,9 +167,10 @@ class TritonServer:
             # Every model loads at start. Loading and unloading go through the repository API, which
             # is restricted to the admin key: the stub watchdog (feedserve.ops.watchdog) uses it to
             # reload a model whose stub process died; nobody else on the network can. (Triton takes
-            # one --load-model=*: extra_args must not add another.)
+            # one --load-model=*: extra_args must not add another.) Without a ranker in the artifacts,
+            # every model but the ranking ones (retrieval only).
             "--model-control-mode=explicit",
-            "--load-model=*",
+            *self.load_models(),
             f"--http-restricted-api={ADMIN_APIS}:{ADMIN_HEADER}={o.admin_key}",
             f"--grpc-restricted-protocol={ADMIN_APIS}:{ADMIN_HEADER}={o.admin_key}",
             # The write key travels as a header; Triton hands it to index_write in the parameters.
@@ -182,6 +184,13 @@ class TritonServer:
             f"--log-verbose={o.log_verbose}",
             *o.extra_args,
         ]
+
+    def load_models(self) -> list[str]:
+        if ArtifactLayout(self.options.artifacts).has_ranker():
+            return ["--load-model=*"]
+        ranking = {str(ModelName.RANK), str(ModelName.FEED)}
+        names = sorted(p.parent.name for p in self.options.repository.glob("*/config.pbtxt"))
+        return [f"--load-model={name}" for name in names if name not in ranking]
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -207,6 +216,12 @@ class TritonServer:
         except ManifestError as err:
             raise ServerError(f"refusing to serve {layout.root}: {err}") from err
         logger.info("%d artifact files match %s", checked, MANIFEST)
+        if not layout.has_ranker():
+            logger.warning(
+                "no ranker in %s: serving retrieval only (rank and feed are not loaded); "
+                "`feedserve build` ships one for the default model, `--ranker DIR` for others",
+                layout.root,
+            )
         if not (self.options.repository / "knn" / "config.pbtxt").exists():
             raise ServerError(f"{self.options.repository} is not a rendered model repository: `feedserve render`")
 

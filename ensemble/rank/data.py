@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from feedserve.prompt.movielens import MovieLens, Rating
+from feedserve.prompt.records import Member
 from feedserve.rank.features import COUNT_FEATURES, PostFeatures
 from feedserve.rank.model import RankerConfig
 
@@ -41,6 +42,23 @@ def action_of(rating: float) -> str:
     if rating >= LIKE:
         return "like"
     return "dislike" if rating <= DISLIKE else "neutral"
+
+
+def action_of_record(action: str, known: Sequence[str]) -> str:
+    """A member record's action as one of the ranker's: `rated 4.5` (MovieLens) by its rating, a
+    known action name as itself, anything else `neutral` (seen, neither liked nor disliked)."""
+    name = action.strip().lower()
+    if name.startswith("rated "):
+        try:
+            return action_of(float(name.removeprefix("rated ")))
+        except ValueError:
+            return "neutral"
+    return name if name in known else "neutral"
+
+
+def member_interactions(member: Member, known: Sequence[str]) -> list[Interaction]:
+    """A member record's history as the ranker reads it: every item, with its action, oldest first."""
+    return [Interaction(h.post_id, action_of_record(h.action, known), h.engaged_at or 0) for h in member.history]
 
 
 def labels_of(rating: float | None) -> tuple[float, float, float]:

@@ -39,6 +39,8 @@ INPUTS = (
     "member",
 )
 OUTPUT = "logits"
+# A saved ranker: its configuration and its weights.
+CONFIG_FILE, WEIGHTS_FILE = "ranker.json", "ranker.pt"
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,8 @@ class RankerConfig:
     def positions(self) -> int:
         return 2 * self.max_history + 1  # the history's tokens, then the candidates' one position
 
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps({"format": FORMAT, **asdict(self)}, indent=2, sort_keys=True) + "\n")
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, **asdict(self)}, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def load(cls, path: Path) -> RankerConfig:
@@ -204,6 +206,22 @@ class GenerativeRanker(nn.Module):
         self.register_buffer("id_owners", torch.full((config.id_buckets,), -1, dtype=torch.int64))
         if known_ids is not None:
             self.learn_ids(known_ids)
+
+    @classmethod
+    def load(cls, directory: Path) -> GenerativeRanker:
+        """A saved ranker (`save`): ranker.json and ranker.pt, in eval mode."""
+        model = cls(RankerConfig.load(Path(directory) / CONFIG_FILE))
+        model.load_state_dict(torch.load(Path(directory) / WEIGHTS_FILE, weights_only=True))
+        return model.eval()
+
+    def save(self, directory: Path) -> None:
+        """ranker.json (the configuration) and ranker.pt (the weights, id owners included), durably."""
+        from feedserve.files import atomic_file, atomic_write
+
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(directory) / CONFIG_FILE, self.config.to_json())
+        with atomic_file(Path(directory) / WEIGHTS_FILE) as f:
+            torch.save(self.state_dict(), f)
 
     def learn_ids(self, ids: torch.Tensor) -> None:
         """Let these post ids' embeddings count (the training set's); the first id of a bucket owns it."""

@@ -7,6 +7,7 @@ this module renders, so a change to the schema or to batching settings cannot be
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from feedserve.ops.launcher import DEFAULT_REPOSITORY
 from feedserve.schema import IO, ModelName, RecordKind, TensorSpec
 from feedserve.triton.encoder import GROUPINGS, PRECISIONS
+from feedserve.triton.rank import DEFAULT_TASK_WEIGHTS
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,14 @@ class RepositorySettings:
     # or "auto": int8 where `feedserve build` wrote an int8 graph that passed its parity check, else
     # fp32. int8 is faster on CPUs with no loss of recall (benchmarks/reports/tuning.md, quality_int8/).
     encoder_precision: str = "auto"
+    # The ranker: rows per batch (each row ranks up to max_candidates posts against its history, so
+    # a row costs far more than a retrieval row), candidates per row at most, ONNX Runtime threads.
+    rank_max_batch_size: int = 8
+    max_candidates: int = 2000
+    rank_threads: int = 0
+    rank_queue_delay_us: int | None = 0
+    # The final score's weight per task, in the order of the ranker's TASK_SCORES columns.
+    task_weights: tuple[tuple[str, float], ...] = tuple(DEFAULT_TASK_WEIGHTS.items())
     # One server per index directory writes; others sharing the directory only follow (no index_write).
     index_writer: bool = True
 
@@ -110,8 +120,9 @@ def _python_model(
     params: dict[str, str] | None = None,
     gpu: bool = False,
     preferred: tuple[int, ...] = (),
+    max_batch_size: int | None = None,
 ) -> mc.ModelConfig:
-    config = mc.ModelConfig(name=str(name), backend="python", max_batch_size=settings.max_batch_size)
+    config = mc.ModelConfig(name=str(name), backend="python", max_batch_size=max_batch_size or settings.max_batch_size)
     _io(config, name)
     config.instance_group.append(mc.ModelInstanceGroup(kind=_kind(gpu), count=instances))
     _dynamic_batching(config, delay_us, preferred)
@@ -122,10 +133,15 @@ def _python_model(
 
 
 def _ensemble(
-    name: ModelName, settings: RepositorySettings, steps: list[tuple[ModelName, dict[str, str], dict[str, str]]]
+    name: ModelName,
+    settings: RepositorySettings,
+    steps: list[tuple[ModelName, dict[str, str], dict[str, str]]],
+    max_batch_size: int | None = None,
 ) -> mc.ModelConfig:
     """steps: (model, {model input: ensemble tensor}, {model output: ensemble tensor})."""
-    config = mc.ModelConfig(name=str(name), platform="ensemble", max_batch_size=settings.max_batch_size)
+    config = mc.ModelConfig(
+        name=str(name), platform="ensemble", max_batch_size=max_batch_size or settings.max_batch_size
+    )
     _io(config, name)
     for model, inputs, outputs in steps:
         config.ensemble_scheduling.step.append(
@@ -176,6 +192,7 @@ def render_configs(settings: RepositorySettings = RepositorySettings()) -> dict[
     # Ensemble-internal tensor names: the same map reads a step's outputs and the next step's inputs.
     tokens = tokens_in = {"INPUT_IDS": "input_ids", "ATTENTION_MASK": "attention_mask"}
     embed = (m.ENCODER, tokens_in, {"EMBEDDING": "EMBEDDING"})
+    ranked = {"IDS": "IDS", "SCORES": "SCORES", "TASK_SCORES": "TASK_SCORES"}
     return _with_writer(
         {
             m.PREPROCESS_POST: _python_model(
@@ -236,8 +253,54 @@ def render_configs(settings: RepositorySettings = RepositorySettings()) -> dict[
                     ),
                 ],
             ),
+            m.RANK: _rank(settings),
+            m.FEED: _ensemble(
+                m.FEED,
+                settings,
+                [
+                    (m.PREPROCESS_MEMBER, {"RECORDS": "RECORDS"}, {**tokens, "EXCLUDE_IDS": "exclude_ids"}),
+                    (m.ENCODER, tokens_in, {"EMBEDDING": "query"}),
+                    (
+                        m.KNN,
+                        {"QUERY": "query", "K": "CANDIDATES", "EXCLUDE_IDS": "exclude_ids"},
+                        {"IDS": "candidate_ids", "SCORES": "candidate_scores"},
+                    ),
+                    (
+                        m.RANK,
+                        {
+                            "RECORDS": "RECORDS",
+                            "QUERY": "query",
+                            "CANDIDATE_IDS": "candidate_ids",
+                            "CANDIDATE_SCORES": "candidate_scores",
+                            "K": "K",
+                        },
+                        ranked,
+                    ),
+                ],
+                max_batch_size=settings.rank_max_batch_size,
+            ),
         },
         settings,
+    )
+
+
+def _rank(settings: RepositorySettings) -> mc.ModelConfig:
+    """The ranker runs ONNX Runtime on CPU instances in every variant for now (its GPU path is to come)."""
+    params = {
+        "max_candidates": str(settings.max_candidates),
+        "tasks": ",".join(task for task, _ in settings.task_weights),
+        "task_weights": json.dumps(dict(settings.task_weights)),
+    }
+    if settings.rank_threads:
+        params["intra_op_threads"] = str(settings.rank_threads)
+    return _python_model(
+        ModelName.RANK,
+        "feedserve.triton.rank",
+        settings,
+        1,
+        settings.rank_queue_delay_us,
+        params,
+        max_batch_size=settings.rank_max_batch_size,
     )
 
 

@@ -65,6 +65,14 @@ GOOD: dict[ModelName, dict[str, np.ndarray]] = {
     M.EMBED_POST: _records(POST),
     M.EMBED_MEMBER: _records(MEMBER),
     M.RETRIEVE: {**_records(MEMBER), "K": _k(3)},
+    M.RANK: {
+        **_records(MEMBER),
+        "QUERY": _unit(),
+        "CANDIDATE_IDS": np.array([[501, 502, 503]], np.int64),
+        "CANDIDATE_SCORES": np.array([[0.9, 0.8, 0.7]], np.float32),
+        "K": _k(2),
+    },
+    M.FEED: {**_records(MEMBER), "K": _k(3), "CANDIDATES": _k(10)},
     M.INDEX_WRITE: {
         "OP": np.array([[1]], np.int64),
         "POST_ID": np.array([[900]], np.int64),
@@ -120,8 +128,16 @@ def _post_cases(model: ModelName) -> list[Case]:
     ]
 
 
+def _rank(**changes: np.ndarray) -> dict[str, np.ndarray]:
+    return {**GOOD[M.RANK], **changes}
+
+
+def _feed(**changes: np.ndarray) -> dict[str, np.ndarray]:
+    return {**GOOD[M.FEED], **changes}
+
+
 def _member_cases(model: ModelName) -> list[Case]:
-    extra = {"K": _k(3)} if model == M.RETRIEVE else {}
+    extra = {k: v for k, v in GOOD[model].items() if k != "RECORDS"} if model in (M.RETRIEVE, M.RANK, M.FEED) else {}
     long_history = json.dumps({"id": 1, "history": [{"post_id": i, "engaged_at": i} for i in range(MAX_HISTORY + 1)]})
     return [
         Case(f"{model}-{cid}", model, {**_records(raw), **extra}, words)
@@ -156,6 +172,40 @@ CASES: list[Case] = [
     *_member_cases(M.EMBED_MEMBER),
     *[c for c in _member_cases(M.PREPROCESS_MEMBER) if c.id.endswith(("skills-type", "history-post-id"))],
     *_member_cases(M.RETRIEVE),
+    *_member_cases(M.FEED),
+    *[c for c in _member_cases(M.RANK) if c.id.endswith(("history-type", "history-too-long", "post-fields"))],
+    # rank: candidates, scores, the member's embedding, K
+    Case(
+        "rank-too-many-candidates",
+        M.RANK,
+        _rank(CANDIDATE_IDS=np.arange(2001)[None], CANDIDATE_SCORES=np.zeros((1, 2001), np.float32)),
+        "at most 2000 (max_candidates)",
+    ),
+    Case("rank-k-zero", M.RANK, _rank(K=_k(0)), "k=0 is out of range"),
+    Case("rank-k-too-big", M.RANK, _rank(K=_k(5000)), "k=5000 is out of range"),
+    Case("rank-query-dim", M.RANK, _rank(QUERY=np.zeros((1, 7), np.float32)), "QUERY: expected shape [1, 32]"),
+    Case("rank-query-nan", M.RANK, _rank(QUERY=np.full((1, DIM), np.nan, np.float32)), "QUERY: contains NaN"),
+    Case(
+        "rank-scores-shape",
+        M.RANK,
+        _rank(CANDIDATE_SCORES=np.zeros((1, 2), np.float32)),
+        "CANDIDATE_SCORES: expected shape",
+    ),
+    Case(
+        "rank-scores-inf",
+        M.RANK,
+        _rank(CANDIDATE_SCORES=np.array([[np.inf, 0, 0]], np.float32)),
+        "CANDIDATE_SCORES: contains",
+    ),
+    Case("rank-ids-negative", M.RANK, _rank(CANDIDATE_IDS=np.array([[501, -9, 3]], np.int64)), "ids must be >= 0"),
+    Case("rank-ids-dtype", M.RANK, _rank(CANDIDATE_IDS=np.array([[501, 502, 503]], np.int32)), "CANDIDATE_IDS"),
+    Case("rank-ids-missing", M.RANK, {k: v for k, v in GOOD[M.RANK].items() if k != "CANDIDATE_IDS"}, "CANDIDATE_IDS"),
+    # feed: how many to retrieve and how many to return
+    Case("feed-k-zero", M.FEED, _feed(K=_k(0)), "k=0 is out of range"),
+    Case("feed-candidates-zero", M.FEED, _feed(CANDIDATES=_k(0)), "k=0 is out of range"),
+    Case("feed-candidates-too-many", M.FEED, _feed(CANDIDATES=_k(2001)), "out of range"),
+    Case("feed-candidates-missing", M.FEED, {k: v for k, v in GOOD[M.FEED].items() if k != "CANDIDATES"}, "CANDIDATES"),
+    Case("feed-candidates-dtype", M.FEED, _feed(CANDIDATES=_k(10, np.float32)), "CANDIDATES"),
     # raw tensors of the ensembles: shapes and dtypes (Triton checks the declared ones first)
     Case("embed_post-records-shape", M.EMBED_POST, {"RECORDS": np.array([[POST, POST]], object)}, "RECORDS"),
     Case("embed_post-records-dtype", M.EMBED_POST, {"RECORDS": np.array([[1]], np.int64)}, "RECORDS"),
@@ -354,6 +404,29 @@ def test_unknown_ids_and_empty_history_are_not_errors(server, protocol: str) -> 
         assert lsn["LSN"][0, 0] > 0
         again = client.retrieve({"id": 9, "history": [{"post_id": 501, "engaged_at": 1}]}, k=5)
         assert [h.post_id for h in again] == [h.post_id for h in before]  # the idempotent delete changed nothing
+
+
+@pytest.mark.parametrize("protocol", ("http", "grpc"))
+def test_the_ranker_takes_what_members_records_hold(server, protocol: str) -> None:  # type: ignore[no-untyped-def]
+    """No history, posts the index never held, duplicate candidates, a history far longer than the
+    ranker reads: ranked, never refused."""
+    long_history = [{"post_id": 500 + i % 20, "engaged_at": i, "action": "like"} for i in range(MAX_HISTORY)]
+    with FeedClient(_url(server, protocol), protocol, timeout_s=60) as client:  # type: ignore[arg-type]
+        assert len(client.feed({"id": 4, "history": []}, n=3, candidates=10)) == 3
+        unknown = {"id": 4, "history": [{"post_id": 10**12, "engaged_at": 1, "action": "rated 1"}]}
+        assert len(client.feed(unknown, n=3, candidates=10)) == 3
+        seen = {h["post_id"] for h in long_history}
+        assert not {r.post_id for r in client.feed({"id": 4, "history": long_history}, n=3, candidates=10)} & seen
+        ranked = client.infer(
+            M.RANK,
+            _rank(
+                CANDIDATE_IDS=np.array([[501, 10**12, 501, 502, -1]], np.int64),
+                CANDIDATE_SCORES=np.array([[0.9, 0.8, 0.9, 0.5, 0]], np.float32),
+                K=_k(10),
+            ),
+            ("IDS",),
+        )
+        assert sorted(ranked["IDS"][0].tolist()) == [501, 502, 10**12]  # each once, padding never returned
 
 
 def test_too_many_records_in_one_request_is_refused(server) -> None:  # type: ignore[no-untyped-def]

@@ -245,3 +245,43 @@ def test_bad_requests_fail_alone_inside_a_dynamic_batch(triton_server, indexed, 
     # Every good answer is the same: a bad neighbour in the batch changed nothing.
     good = [r for i, r in enumerate(results) if i % 3 == 2]
     assert all((g == good[0]).all() for g in good)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_the_feed_is_the_retrieved_candidates_ranked(triton_server, indexed, members, protocol: str) -> None:  # type: ignore[no-untyped-def]
+    """`feed` = retrieve CANDIDATES, then `rank` them: the same posts and order as the two models
+    called one after the other, each post's final score the weighted sum of its task scores."""
+    from feedserve.triton.rank import DEFAULT_TASK_WEIGHTS
+
+    with _client(triton_server, protocol) as client:
+        assert client.ranker_tasks() == list(DEFAULT_TASK_WEIGHTS)
+        feeds = client.feed_many(members, n=5, candidates=40)
+        for member, feed in zip(members, feeds, strict=True):
+            assert feed == client.feed(member, n=5, candidates=40) or _close(feed, client.feed(member, 5, 40))
+            retrieved = client.retrieve(member, k=40)
+            assert len(feed) == 5 and {r.post_id for r in feed} <= {h.post_id for h in retrieved}
+            assert not {r.post_id for r in feed} & {h.post_id for h in member.history}
+            scores = [r.score for r in feed]
+            assert scores == sorted(scores, reverse=True)
+            for r in feed:
+                assert r.score == pytest.approx(sum(DEFAULT_TASK_WEIGHTS[t] * p for t, p in r.tasks.items()), abs=1e-5)
+            ranked = client.infer(
+                ModelName.RANK,
+                {
+                    "RECORDS": records_tensor([member]),
+                    "QUERY": client.embed_members([member]),
+                    "CANDIDATE_IDS": np.array([[h.post_id for h in retrieved]], np.int64),
+                    "CANDIDATE_SCORES": np.array([[h.score for h in retrieved]], np.float32),
+                    "K": np.array([[5]], np.int64),
+                },
+                ("IDS", "SCORES"),
+            )
+            assert ranked["IDS"][0].tolist() == [r.post_id for r in feed]
+            np.testing.assert_allclose(ranked["SCORES"][0], scores, atol=1e-4)
+
+
+def _close(a, b) -> bool:  # type: ignore[no-untyped-def]
+    """Two feeds alike up to float noise of batching (same posts, scores within 1e-4)."""
+    return [r.post_id for r in a] == [r.post_id for r in b] and all(
+        abs(x.score - y.score) < 1e-4 for x, y in zip(a, b, strict=True)
+    )

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from feedserve.artifacts import ArtifactLayout
 from feedserve.ops.launcher import LOOPBACK, ServerError, ServerOptions, TritonServer, prepare_backend_dir
 
 
@@ -20,6 +21,20 @@ def test_command_binds_loopback_and_keys_model_control(tmp_path: Path) -> None:
     for flag in ("--http-address", "--grpc-address", "--metrics-address"):
         assert f"{flag}={LOOPBACK}" in cmd
     assert "--model-control-mode=explicit" in cmd  # loads behind the admin key (tests/unit/test_security.py)
+
+
+def test_without_a_ranker_every_model_but_the_ranking_ones_loads(tmp_path: Path) -> None:
+    from feedserve.triton.repository import write_repository
+
+    repo, artifacts = tmp_path / "repo", tmp_path / "artifacts"
+    write_repository(repo)
+    artifacts.mkdir()
+    server = TritonServer(ServerOptions(repository=repo, artifacts=artifacts))
+    loaded = {a.removeprefix("--load-model=") for a in server.load_models()}
+    assert "rank" not in loaded and "feed" not in loaded and {"retrieve", "knn", "encoder"} <= loaded
+    for path in ArtifactLayout(artifacts).ranker_files():
+        path.write_text("{}")
+    assert server.load_models() == ["--load-model=*"]
 
 
 def test_backend_dir_has_the_stub_for_this_python(tmp_path: Path) -> None:

@@ -1,0 +1,203 @@
+"""The `rank` model: the GR ranker (ONNX Runtime) over a member's retrieved candidates.
+
+A request row is a member record (its history: post ids with their actions, oldest first), the
+member's retrieval embedding (QUERY) and the candidates retrieval returned for it, with their
+scores. The ranker reads history and candidate content from the live index it follows, as `knn`
+does (same files, same consistency: a post acknowledged by `index_write` has its content here
+too), and candidate features from the artifacts' post feature table. It returns the top K
+candidates by the final score (a weighted sum of the task probabilities, weights in the
+`task_weights` parameter) and each one's probability per task.
+
+What it tolerates rather than refuses: an empty history (ranked by profile and features), history
+or candidate posts missing from the index (ranked without content), duplicate candidates (ranked
+once), -1 padding, a history longer than the ranker reads (the oldest dropped, as in the prompts).
+What it refuses by name: more candidates than `max_candidates`, K out of range, a QUERY of the
+wrong width or with NaN, ids below -1, shapes that disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from feedserve.artifacts import ArtifactLayout
+from feedserve.index.engines import Engine
+from feedserve.index.live import FollowedIndex
+from feedserve.prompt.records import Member, RecordError, parse_member
+from feedserve.rank.data import RankExample, Tensorizer, member_interactions
+from feedserve.rank.features import PostFeatures
+from feedserve.rank.model import INPUTS, OUTPUT, RankerConfig
+from feedserve.schema import (
+    CANDIDATE_IDS,
+    CANDIDATE_SCORES,
+    IDS,
+    NO_ID,
+    QUERY,
+    RECORDS,
+    SCORES,
+    TASK_SCORES,
+    K,
+    ModelName,
+)
+from feedserve.triton.base import Arrays, BatchModel, RequestError, check_2d, require
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_CANDIDATES = 2000
+# The final score's weight per task (a negative task counts against a post); the serving settings.
+DEFAULT_TASK_WEIGHTS = {"like": 1.0, "love": 0.5, "dislike": -1.0}
+
+
+@dataclass
+class RankRequest:
+    members: list[Member]
+    queries: np.ndarray  # [b, d]
+    candidates: list[np.ndarray]  # per row: unique ids, retrieval order, no padding
+    scores: list[np.ndarray]
+    ks: list[int]
+
+
+class _IndexContent:
+    """The ranker's ContentSource: the followed index, or nothing before one is built."""
+
+    def __init__(self, followed: FollowedIndex, dim: int) -> None:
+        self.followed, self.dim = followed, dim
+
+    def lookup(self, post_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        index = self.followed.index
+        if index is None or index.dim != self.dim:
+            return np.zeros((len(post_ids), self.dim), np.float32), np.zeros(len(post_ids), bool)
+        return index.lookup(post_ids)
+
+
+def task_weights(config: RankerConfig, value: str | None) -> np.ndarray:
+    """The weights of `config.tasks` from the JSON object `value` (None: the defaults); every task of
+    the ranker needs one and no other task may be named."""
+    weights = json.loads(value) if value else DEFAULT_TASK_WEIGHTS
+    if not isinstance(weights, dict) or set(weights) != set(config.tasks):
+        raise ValueError(f"task_weights must weigh exactly the ranker's tasks {list(config.tasks)}, got {weights}")
+    return np.array([float(weights[t]) for t in config.tasks], np.float32)
+
+
+def top_k(final: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k highest scores, best first (ties keep retrieval order)."""
+    return np.argsort(-final, kind="stable")[:k]
+
+
+class RankModel(BatchModel[RankRequest]):
+    name = ModelName.RANK
+
+    def setup(self, layout: ArtifactLayout, params: dict[str, str]) -> None:
+        import onnxruntime as ort
+
+        layout.verify(*layout.ranker_files())
+        self.config = RankerConfig.load(layout.ranker_config)
+        self.max_candidates = int(params.get("max_candidates", DEFAULT_MAX_CANDIDATES))
+        self.weights = task_weights(self.config, params.get("task_weights"))
+        if params.get("tasks") and params["tasks"].split(",") != list(self.config.tasks):
+            raise ValueError(f"the config's tasks {params['tasks']} are not the ranker's {list(self.config.tasks)}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
+        self.session = ort.InferenceSession(str(layout.ranker_onnx), options, providers=["CPUExecutionProvider"])
+        self.followed = FollowedIndex(layout.index_dir, Engine(), "rank")
+        self.tensorize = Tensorizer(
+            self.config, _IndexContent(self.followed, self.config.content_dim), PostFeatures.load(layout.post_features)
+        )
+        logger.info(
+            "rank: %s, up to %d candidates, history %d, tasks %s weighted %s",
+            layout.ranker_onnx,
+            self.max_candidates,
+            self.config.max_history,
+            list(self.config.tasks),
+            self.weights.tolist(),
+        )
+
+    def parse(self, inputs: dict[str, np.ndarray | None]) -> RankRequest:
+        raw = require(inputs, RECORDS.name)
+        if raw.ndim != 2 or raw.shape[1] != 1 or raw.shape[0] == 0:
+            raise RequestError(f"{RECORDS.name}: expected shape [batch, 1], got {list(raw.shape)}")
+        b = raw.shape[0]
+        queries = check_2d(QUERY.name, require(inputs, QUERY.name), np.float32)
+        ids = check_2d(CANDIDATE_IDS.name, require(inputs, CANDIDATE_IDS.name), np.int64)
+        scores = check_2d(CANDIDATE_SCORES.name, require(inputs, CANDIDATE_SCORES.name), np.float32)
+        ks = check_2d(K.name, require(inputs, K.name), np.int64)
+        if ids.shape[1] > self.max_candidates:
+            raise RequestError(
+                f"{CANDIDATE_IDS.name}: {ids.shape[1]} candidates per row; this ranker takes at most "
+                f"{self.max_candidates} (max_candidates)"
+            )
+        if len(ids) != b:
+            raise RequestError(f"{CANDIDATE_IDS.name}: {len(ids)} rows for {b} records")
+        for spec, value, shape in (
+            (QUERY, queries, (b, self.config.content_dim)),
+            (CANDIDATE_SCORES, scores, (b, ids.shape[1])),
+            (K, ks, (b, 1)),
+        ):
+            if value.shape != shape:
+                raise RequestError(f"{spec.name}: expected shape {list(shape)}, got {list(value.shape)}")
+        if (ids < NO_ID).any():
+            raise RequestError(f"{CANDIDATE_IDS.name}: ids must be >= 0 ({NO_ID} pads a row)")
+        for spec, value in ((QUERY, queries), (CANDIDATE_SCORES, scores)):
+            if not np.isfinite(value).all():
+                raise RequestError(f"{spec.name}: contains NaN or inf")
+        for k in ks[:, 0].tolist():
+            if not 1 <= k <= self.max_candidates:
+                raise RequestError(f"{K.name}: k={k} is out of range [1, {self.max_candidates}]")
+        members = []
+        for i, value in enumerate(raw[:, 0]):
+            if not isinstance(value, bytes | str):
+                raise RequestError(f"{RECORDS.name}[{i}]: expected a JSON string, got {type(value).__name__}")
+            try:
+                members.append(parse_member(value))
+            except RecordError as err:
+                raise RequestError(f"{RECORDS.name}[{i}]: {err}") from err
+        candidates, candidate_scores = [], []
+        for row_ids, row_scores in zip(ids, scores, strict=True):
+            real = row_ids != NO_ID
+            _, first = np.unique(row_ids[real], return_index=True)  # a duplicate is ranked once
+            keep = np.sort(first)
+            candidates.append(row_ids[real][keep])
+            candidate_scores.append(row_scores[real][keep])
+        return RankRequest(members, queries, candidates, candidate_scores, ks[:, 0].tolist())
+
+    def compute(self, items: Sequence[RankRequest]) -> list[Arrays | RequestError]:
+        self.followed.refresh()
+        return [self._rank(item) for item in items]
+
+    def _rank(self, item: RankRequest) -> Arrays:
+        b, tasks = len(item.members), len(self.config.tasks)
+        widths = [min(k, len(c)) for k, c in zip(item.ks, item.candidates, strict=True)]
+        ids = np.full((b, max(widths)), NO_ID, np.int64)
+        final = np.zeros((b, max(widths)), np.float32)
+        per_task = np.zeros((b, max(widths), tasks), np.float32)
+        rows = [i for i in range(b) if len(item.candidates[i])]
+        if rows:
+            examples = [
+                RankExample(
+                    item.members[i].id,
+                    member_interactions(item.members[i], self.config.actions),
+                    item.queries[i],
+                    item.candidates[i],
+                    item.scores[i],
+                    np.zeros((len(item.candidates[i]), tasks), np.float32),
+                )
+                for i in rows
+            ]
+            tensors = self.tensorize.batch(examples)
+            (logits,) = self.session.run([OUTPUT], {name: tensors[name].numpy() for name in INPUTS})
+            probabilities = 1.0 / (1.0 + np.exp(-logits))
+            scores = probabilities @ self.weights
+            for j, i in enumerate(rows):
+                n = len(item.candidates[i])
+                top = top_k(scores[j, :n], widths[i])
+                ids[i, : len(top)] = item.candidates[i][top]
+                final[i, : len(top)] = scores[j, top]
+                per_task[i, : len(top)] = probabilities[j, top]
+        return {IDS.name: ids, SCORES.name: final, TASK_SCORES.name: per_task}
+
+
+TritonPythonModel = RankModel

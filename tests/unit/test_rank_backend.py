@@ -1,0 +1,187 @@
+"""The `rank` backend on numpy, without a server: it ranks as the PyTorch ranker does, tolerates
+what members' records really hold (no history, unknown posts, duplicates, padding, long histories)
+and refuses bad tensors by name, alone in their batch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from feedserve.artifacts import ArtifactLayout
+from feedserve.index.live import IndexWriter
+from feedserve.prompt.records import parse_member
+from feedserve.rank.data import PostTable, RankExample, Tensorizer, member_interactions
+from feedserve.rank.features import PostFeatures
+from feedserve.rank.model import INPUTS, GenerativeRanker
+from feedserve.triton.base import RequestError
+from feedserve.triton.rank import DEFAULT_TASK_WEIGHTS, RankModel
+
+DIM = 32
+POSTS = np.arange(500, 540, dtype=np.int64)
+
+
+def _unit(n: int, seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=(n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+VECTORS = _unit(len(POSTS), seed=3)
+
+
+@pytest.fixture(scope="module")
+def layout(tiny_artifacts: ArtifactLayout, tmp_path_factory: pytest.TempPathFactory) -> ArtifactLayout:
+    """The tiny artifacts with an index of their own (the session server writes to the shared one)."""
+    root = tmp_path_factory.mktemp("rank-artifacts") / "a"
+    shutil.copytree(tiny_artifacts.root, root, ignore=shutil.ignore_patterns("index"))
+    out = ArtifactLayout(root)
+    writer = IndexWriter.open(out.index_dir.root, DIM)
+    writer.upsert(POSTS, VECTORS)
+    writer.snapshot()
+    writer.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def rank(layout: ArtifactLayout) -> RankModel:
+    model = RankModel()
+    model.setup(layout, {"max_candidates": "64"})
+    return model
+
+
+def _member(history: list[tuple[int, str]], member_id: int = 3) -> bytes:
+    items = [{"post_id": p, "engaged_at": t, "action": a} for t, (p, a) in enumerate(history)]
+    return json.dumps({"id": member_id, "headline": "Engineer", "history": items}).encode()
+
+
+def _request(
+    members: list[bytes], candidates: list[list[int]], k: int = 5, seed: int = 0
+) -> dict[str, np.ndarray | None]:
+    width = max(len(c) for c in candidates)
+    ids = np.full((len(members), width), -1, np.int64)
+    scores = np.zeros((len(members), width), np.float32)
+    rng = np.random.default_rng(seed)
+    for i, c in enumerate(candidates):
+        ids[i, : len(c)] = c
+        scores[i, : len(c)] = np.sort(rng.random(len(c)))[::-1]
+    return {
+        "RECORDS": np.array([[m] for m in members], object),
+        "QUERY": _unit(len(members), seed=seed + 100),
+        "CANDIDATE_IDS": ids,
+        "CANDIDATE_SCORES": scores,
+        "K": np.full((len(members), 1), k, np.int64),
+    }
+
+
+def _ok(model: RankModel, request: dict[str, np.ndarray | None]) -> dict[str, np.ndarray]:
+    (out,) = model.run([request])
+    assert not isinstance(out, RequestError), out
+    return out
+
+
+HISTORY = [(501, "like"), (502, "rated 5"), (999_999, "like"), (503, "rated 1"), (504, "share")]
+
+
+def test_it_ranks_as_the_pytorch_ranker_does(rank: RankModel, layout: ArtifactLayout, tiny_ranker: Path) -> None:
+    candidates = [505, 510, 777_777, 520, 530, 531, 539]  # 777777: not in the index
+    request = _request([_member(HISTORY)], [candidates], k=4)
+    out = _ok(rank, request)
+    model = GenerativeRanker.load(tiny_ranker)
+    tensorize = Tensorizer(model.config, PostTable(POSTS, VECTORS), PostFeatures.load(layout.post_features))
+    example = RankExample(
+        3,
+        member_interactions(parse_member(_member(HISTORY)), model.config.actions),
+        request["QUERY"][0],  # type: ignore[index]
+        np.array(candidates, np.int64),
+        request["CANDIDATE_SCORES"][0],  # type: ignore[index]
+        np.zeros((len(candidates), 3), np.float32),
+    )
+    with torch.no_grad():
+        t = tensorize.batch([example])
+        probabilities = torch.sigmoid(model(**{k: t[k] for k in INPUTS}))[0].numpy()
+    final = probabilities @ np.array(list(DEFAULT_TASK_WEIGHTS.values()), np.float32)
+    order = np.argsort(-final, kind="stable")[:4]
+    assert out["IDS"][0].tolist() == np.array(candidates)[order].tolist()
+    np.testing.assert_allclose(out["SCORES"][0], final[order], atol=1e-4)
+    np.testing.assert_allclose(out["TASK_SCORES"][0], probabilities[order], atol=1e-4)
+    assert np.all(np.diff(out["SCORES"][0]) <= 0)
+
+
+def test_what_real_records_hold_is_ranked_not_refused(rank: RankModel) -> None:
+    long_history = [(int(p), "like") for p in np.resize(POSTS, 300)]  # beyond the 20 the tiny ranker reads
+    cases = {
+        "empty history": (_member([]), [505, 506, 507]),
+        "unknown posts": (_member([(10**15, "like"), (10**15 + 1, "rated 2")]), [10**14, 10**14 + 1, 505]),
+        "duplicates and padding": (_member(HISTORY), [505, 505, 506, 505, -1, -1]),
+        "long history": (_member(long_history), [505, 506]),
+        "odd actions": (_member([(501, "bookmarked"), (502, "rated x")]), [505]),
+    }
+    for name, (member, candidates) in cases.items():
+        out = _ok(rank, _request([member], [candidates], k=10))
+        ids = [i for i in out["IDS"][0].tolist() if i != -1]
+        assert sorted(ids) == sorted({c for c in candidates if c != -1}), name  # each candidate once, none invented
+        assert np.isfinite(out["SCORES"]).all() and np.isfinite(out["TASK_SCORES"]).all(), name
+    # Rows of one request with different candidate counts: each returns what it has.
+    out = _ok(rank, _request([_member([]), _member(HISTORY)], [[505], [505, 506, 507, 508]], k=3))
+    assert out["IDS"].shape == (2, 3) and out["IDS"][0, 1:].tolist() == [-1, -1]
+
+
+def test_history_beyond_the_ranker_changes_nothing(rank: RankModel) -> None:
+    """The oldest items past max_history are dropped, as in the prompts: they cannot change a score."""
+    recent = [(int(p), "like") for p in POSTS[:20]]
+    older = [(int(p), "rated 1") for p in POSTS[20:35]]
+    alone = _ok(rank, _request([_member(recent)], [[536, 537, 538]]))
+    longer = _ok(rank, _request([_member(older + recent)], [[536, 537, 538]]))
+    np.testing.assert_allclose(alone["SCORES"], longer["SCORES"], atol=1e-6)
+
+
+GOOD = _request([_member(HISTORY)], [[505, 506]])
+
+
+def _with(**changes: np.ndarray) -> dict[str, np.ndarray | None]:
+    return {**GOOD, **changes}
+
+
+@pytest.mark.parametrize(
+    "inputs,words",
+    [
+        (_with(CANDIDATE_IDS=np.arange(500, 565, dtype=np.int64)[None]), "at most 64 (max_candidates)"),
+        (_with(K=np.array([[0]], np.int64)), "k=0 is out of range"),
+        (_with(K=np.array([[65]], np.int64)), "k=65 is out of range"),
+        (_with(QUERY=np.zeros((1, 7), np.float32)), "QUERY: expected shape [1, 32]"),
+        (_with(QUERY=np.full((1, DIM), np.nan, np.float32)), "QUERY: contains NaN"),
+        (_with(CANDIDATE_SCORES=np.zeros((1, 3), np.float32)), "CANDIDATE_SCORES: expected shape [1, 2]"),
+        (_with(CANDIDATE_SCORES=np.array([[np.inf, 0]], np.float32)), "CANDIDATE_SCORES: contains NaN or inf"),
+        (_with(CANDIDATE_IDS=np.array([[505, -7]], np.int64)), "ids must be >= 0"),
+        (_with(CANDIDATE_IDS=np.array([[505, 506]], np.int32)), "CANDIDATE_IDS: expected dtype int64"),
+        (_with(RECORDS=np.array([[b"{not json"]], object)), "RECORDS[0]: member: invalid JSON"),
+        (_with(RECORDS=np.array([[b'{"id": 1, "history": [{"engaged_at": 1}]}']], object)), "post_id"),
+        (_with(K=None), "K is missing"),
+    ],
+)
+def test_bad_tensors_are_refused_by_name_alone(
+    rank: RankModel, inputs: dict[str, np.ndarray | None], words: str
+) -> None:
+    good, bad, good_again = rank.run([GOOD, inputs, GOOD])
+    assert isinstance(bad, RequestError) and words in str(bad), bad
+    assert not isinstance(good, RequestError) and not isinstance(good_again, RequestError)
+    np.testing.assert_array_equal(good["IDS"], good_again["IDS"])
+
+
+def test_a_post_written_after_load_is_ranked_by_its_content(rank: RankModel, layout: ArtifactLayout) -> None:
+    """The ranker follows the live index: a post upserted now has content at the next request."""
+    fresh = 123_456
+    before = _ok(rank, _request([_member(HISTORY)], [[fresh, 505]], k=2))
+    writer = IndexWriter.open(layout.index_dir.root)
+    try:
+        writer.upsert(np.array([fresh], np.int64), _unit(1, seed=77))
+    finally:
+        writer.close()
+    after = _ok(rank, _request([_member(HISTORY)], [[fresh, 505]], k=2))
+    row = {i: s for i, s in zip(after["IDS"][0].tolist(), after["SCORES"][0].tolist(), strict=True)}
+    old = {i: s for i, s in zip(before["IDS"][0].tolist(), before["SCORES"][0].tolist(), strict=True)}
+    assert row[505] == pytest.approx(old[505], abs=1e-6) and row[fresh] != pytest.approx(old[fresh], abs=1e-6)
