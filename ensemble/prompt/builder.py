@@ -5,8 +5,10 @@ out, so the model sees the record's structure rather than guessing it from prose
 as percentile tokens. Both sides go through one tokenizer and one set of budgets
 (`EncoderSettings`), which training and serving share.
 
-A member's history keeps engaged posts only (positives): the system we reproduce found that cheaper
-and better than mixing in impressions. When the prompt is too long, the oldest items go first.
+A member's prompt shows engaged posts only (positives; `records.is_engaged`): the system we
+reproduce found that cheaper and better than mixing in impressions. Negatives in the record's
+history are for the ranker, which reads every interaction; they are still excluded from retrieval.
+When the prompt is too long, the oldest items go first.
 
 The work a record costs is bounded by the token budget, not by its size: a record may hold about a
 megabyte of text (records.py's limits), but only the tokens that fit the prompt are ever looked for.
@@ -27,7 +29,7 @@ from tokenizers import Encoding, Tokenizer
 
 from feedserve.artifacts import EncoderSettings
 from feedserve.prompt.buckets import PercentileBuckets, tag_name
-from feedserve.prompt.records import Engagement, Member, Post
+from feedserve.prompt.records import Engagement, Member, Post, is_engaged
 from feedserve.schema import NO_ID
 
 logger = logging.getLogger(__name__)
@@ -183,7 +185,8 @@ class PromptBuilder:
         times the longest token's characters, older items cannot fit and are not built."""
         room = (budget + 1) * self.max_token_chars
         items: list[str] = []
-        for engagement in reversed(member.history[-self.settings.max_history_items :]):
+        engaged = [e for e in member.history if is_engaged(e.action)]
+        for engagement in reversed(engaged[-self.settings.max_history_items :]):
             item = self._history_item(engagement)
             room -= len(item)
             items.append(item if room >= 0 else item[: len(item) + room + 1])  # a cut item never fits

@@ -11,7 +11,9 @@ A post:    {"id": 42, "format": "article", "author": {"name": ..., "headline": .
 A member:  {"id": 7, "headline": ..., "summary": ..., "industry": ..., "skills": [...],
             "positions": [{"title", "company", "start_year", "end_year"}], "education": [{"school",
             "degree", "field"}], "history": [{"post_id": 42, "engaged_at": ..., "action": "like",
-            "post": {...a post...}}, ...]}   history: engaged posts only, oldest first
+            "post": {...a post...}}, ...]}   history: oldest first; it may hold negatives too
+            ("dislike", "skip", "rated 1"): the ranker reads them, retrieval prompts show
+            engaged posts only (`is_engaged`), and every one is excluded from retrieval
 See ensemble/prompt/examples/ for complete examples and `json_schema()` for the JSON Schema.
 """
 
@@ -112,6 +114,32 @@ class Engagement(_Record):
     action: ShortText = ""
     # The engaged post itself, for the prompt; without it the item is known only by id.
     post: Post | None = None
+
+
+# Actions that say the member did not want a post. The history may carry every interaction (the
+# ranker reads them all, negatives included); retrieval prompts show engaged posts only. On MovieLens
+# an action is `rated X`, and a rating below ENGAGED_RATING is not an engagement.
+NEGATIVE_ACTIONS = frozenset({"dislike", "neutral", "skip", "hide", "dismiss", "report", "unfollow"})
+ENGAGED_RATING = 4.0
+
+
+def rating_of(action: str) -> float | None:
+    """The rating of a MovieLens action (`rated 4.5` -> 4.5); None for any other action."""
+    name = action.strip().lower()
+    if not name.startswith("rated "):
+        return None
+    try:
+        value = float(name.removeprefix("rated "))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def is_engaged(action: str) -> bool:
+    rating = rating_of(action)
+    if rating is not None:
+        return rating >= ENGAGED_RATING
+    return action.strip().lower() not in NEGATIVE_ACTIONS
 
 
 class Member(_Record):

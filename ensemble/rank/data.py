@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from feedserve.prompt.movielens import MovieLens, Rating
-from feedserve.prompt.records import Member
+from feedserve.prompt.records import Member, rating_of
 from feedserve.rank.features import COUNT_FEATURES, PostFeatures
 from feedserve.rank.model import RankerConfig
 
@@ -47,12 +47,10 @@ def action_of(rating: float) -> str:
 def action_of_record(action: str, known: Sequence[str]) -> str:
     """A member record's action as one of the ranker's: `rated 4.5` (MovieLens) by its rating, a
     known action name as itself, anything else `neutral` (seen, neither liked nor disliked)."""
+    rating = rating_of(action)
+    if rating is not None:
+        return action_of(rating)
     name = action.strip().lower()
-    if name.startswith("rated "):
-        try:
-            return action_of(float(name.removeprefix("rated ")))
-        except ValueError:
-            return "neutral"
     return name if name in known else "neutral"
 
 

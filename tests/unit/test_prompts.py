@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from feedserve.artifacts import EncoderSettings
 from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.builder import PromptBuilder
-from feedserve.prompt.records import Engagement, Member, Post, parse_member, parse_post
+from feedserve.prompt.records import Engagement, Member, Post, is_engaged, parse_member, parse_post
 from tests.tiny import make_tokenizer
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "ensemble" / "prompt" / "examples"
@@ -85,6 +85,25 @@ def test_exclude_ids_cover_the_whole_history(builder: PromptBuilder) -> None:
     assert batch.exclude_ids is not None
     assert batch.exclude_ids[0].tolist() == list(range(100, 160))
     assert batch.exclude_ids[1].tolist() == [100, 101] + [-1] * 58
+
+
+def test_prompts_show_engaged_posts_only_and_exclude_every_one(builder: PromptBuilder) -> None:
+    """Negatives in the history are the ranker's; the retrieval prompt leaves them out (and they
+    do not use up its history items), and retrieval never returns any post of the history."""
+    actions = ["like", "dislike", "rated 4.5", "rated 2", "comment", "skip", "rated 3.5", "share"]
+    history = [
+        Engagement(post_id=100 + i, engaged_at=i, action=a, post=Post(id=100 + i, text=f"{i} is a post"))
+        for i, a in enumerate(actions)
+    ]
+    member = Member(id=1, history=history)
+    shown = [int(n) for n in re.findall(r"<text>(\d+) is", builder.member_prompt(member))]
+    assert shown == [0, 2, 4, 7]
+    assert builder.member_prompt(member) == builder.member_prompt(
+        Member(id=1, history=[h for i, h in enumerate(history) if i in shown])
+    )
+    batch = builder.encode_members([member])
+    assert batch.exclude_ids is not None and batch.exclude_ids[0].tolist() == list(range(100, 108))
+    assert [is_engaged(a) for a in ("rated x", "Dislike ", "rated 4", "bookmark")] == [True, False, True, True]
 
 
 def test_batches_pad_to_a_length_bucket(builder: PromptBuilder) -> None:
