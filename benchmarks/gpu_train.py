@@ -62,7 +62,7 @@ ABLATIONS: dict[str, tuple[dict[str, object], dict[str, object], bool]] = {  # c
     "raw counts instead of percentile tokens": ({}, {"count_format": "raw"}, False),
     "0 hard negatives": ({"hard_negatives": 0}, {}, False),
     "1 hard negative": ({"hard_negatives": 1}, {}, False),
-    "history with disliked movies too": ({}, {}, True),
+    "history with disliked movies too": ({}, {"prompt_history": "all"}, True),
 }
 
 

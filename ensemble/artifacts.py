@@ -46,6 +46,7 @@ DEFAULT_RANKER = REPO_ROOT / "models" / "gr-movielens"
 
 Pooling = Literal["mean", "last"]
 CountFormat = Literal["percentile", "raw"]
+PromptHistory = Literal["engaged", "all"]
 
 
 @dataclass
@@ -67,6 +68,10 @@ class EncoderSettings:
     # Engagement counts as percentile tokens (the default, as in the system we reproduce) or as the
     # raw numbers, kept only for the ablation that shows why percentiles are used.
     count_format: CountFormat = "percentile"
+    # Which history items a member prompt shows: "engaged" (the default, as in the system we
+    # reproduce; negatives in the record are for the ranker) or "all", kept for the ablation that
+    # trains on histories with disliked posts in them.
+    prompt_history: PromptHistory = "engaged"
     schema_version: int = 1
     extra: dict[str, str] = field(default_factory=dict)
 

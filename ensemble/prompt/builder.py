@@ -185,7 +185,8 @@ class PromptBuilder:
         times the longest token's characters, older items cannot fit and are not built."""
         room = (budget + 1) * self.max_token_chars
         items: list[str] = []
-        engaged = [e for e in member.history if is_engaged(e.action)]
+        everything = self.settings.prompt_history == "all"
+        engaged = [e for e in member.history if everything or is_engaged(e.action)]
         for engagement in reversed(engaged[-self.settings.max_history_items :]):
             item = self._history_item(engagement)
             room -= len(item)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,9 @@ def test_prompts_show_engaged_posts_only_and_exclude_every_one(builder: PromptBu
     )
     batch = builder.encode_members([member])
     assert batch.exclude_ids is not None and batch.exclude_ids[0].tolist() == list(range(100, 108))
+    everything = PromptBuilder(builder.tokenizer, builder.buckets, replace(builder.settings, prompt_history="all"))
+    shown_all = [int(n) for n in re.findall(r"<text>(\d+) is", everything.member_prompt(member))]
+    assert shown_all == list(range(shown_all[0], 8)) and {3, 5} <= set(shown_all)  # the newest, negatives too
     assert [is_engaged(a) for a in ("rated x", "Dislike ", "rated 4", "bookmark")] == [True, False, True, True]
 
 
