@@ -1,0 +1,258 @@
+"""Speed of the ranking stage: the GR ranker in-process, and `rank` and `feed` through Triton.
+
+    .venv/bin/python -m benchmarks.rank_speed [--runs 30] [--out benchmarks/reports/rank_speed]
+
+1. In-process, ONNX Runtime on this CPU, the shipped ranker's width and depth: one member's
+   history of H items against C candidates, three ways. `split`: the served graph (the shared
+   context computed once; each candidate attends to the history and itself). `dense`: the same
+   attention as one masked product over every token pair (the ablation). `per-candidate`: every
+   candidate scored with its own copy of the history (what ranking without shared context costs):
+   measured on a sample of candidates and scaled to C, since each candidate's cost is its own.
+   H=1000 needs a ranker with 1000 history positions: the same size with max_history=1000, random
+   weights (speed does not depend on them).
+2. Through Triton (the embedded default server, a follower of artifacts/default's index):
+   perf_analyzer on `rank` with 2,000 candidates per member (retrieval's real ones) and on `feed`
+   with 500 and 2,000 candidates, at concurrency 1 and 8.
+
+Needs the default artifacts with the ranker (`feedserve build`) and an index (the demo builds one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from feedserve.artifacts import ArtifactLayout, default_artifacts_dir
+from feedserve.clients.perf import machine, perf_analyzer_binary, run_perf_analyzer
+from feedserve.export.rank import export_ranker, sample_inputs
+from feedserve.rank.model import GenerativeRanker, RankerConfig
+
+logger = logging.getLogger("benchmarks.rank_speed")
+
+SHAPES = ((200, 500), (200, 2000), (1000, 2000))  # (history items, candidates)
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _times(fn: Any, runs: int) -> list[float]:
+    fn()  # warm-up
+    out = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def _stats(ms: list[float]) -> dict[str, float]:
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "runs": len(ms)}
+
+
+def graphs(config: RankerConfig, tmp: Path) -> dict[str, Path]:
+    """A ranker of this configuration (random weights) exported twice: split attention (as served)
+    and dense masked attention."""
+    torch.manual_seed(0)
+    model = GenerativeRanker(config)
+    out = {}
+    for name, split in (("split", True), ("dense", False)):
+        model.split_attention = split
+        out[name] = tmp / f"ranker-{config.max_history}-{name}.onnx"
+        export_ranker(model, out[name])
+    return out
+
+
+def in_process(layout: ArtifactLayout, runs: int, sample: int, tmp: Path) -> list[dict[str, Any]]:
+    shipped = RankerConfig.load(layout.ranker_config)
+    rows, exported = [], {}
+    for history, candidates in SHAPES:
+        config = shipped if history <= shipped.max_history else replace(shipped, max_history=history)
+        if config.max_history not in exported:
+            exported[config.max_history] = graphs(config, tmp)
+        paths = exported[config.max_history]
+        # The served graph where it reads this history (its weights: what is served); else one of
+        # the same size.
+        split = _session(layout.ranker_onnx if config is shipped else paths["split"])
+        dense = _session(paths["dense"])
+        inputs = sample_inputs(config, 1, history, candidates, (history,))
+        row: dict[str, Any] = {"history": history, "candidates": candidates}
+        row["split"] = _stats(_times(lambda: split.run(None, inputs), runs))
+        row["dense"] = _stats(_times(lambda: dense.run(None, inputs), max(3, runs // 5)))
+        # Per candidate: `sample` members that are the same history each with one candidate, in
+        # batches of 8 (what a server without shared context would run), scaled to C candidates.
+        batch = 8
+        alone = sample_inputs(config, batch, history, 1, (history,) * batch)
+        per_batch = _stats(_times(lambda: split.run(None, alone), max(3, sample // batch)))
+        scale = candidates / batch
+        row["per_candidate"] = {
+            "p50_ms": per_batch["p50_ms"] * scale,
+            "p99_ms": per_batch["p99_ms"] * scale,
+            "measured": f"{per_batch['runs']} runs of {batch} candidates, x{scale:g}",
+        }
+        row["shared_vs_per_candidate"] = row["per_candidate"]["p50_ms"] / row["split"]["p50_ms"]
+        row["split_vs_dense"] = row["dense"]["p50_ms"] / row["split"]["p50_ms"]
+        row["weights"] = "served graph" if config is shipped else f"same size, max_history {history}, random weights"
+        logger.info("%s", row)
+        rows.append(row)
+    return rows
+
+
+def _rank_inputs(client: Any, members: list[Any], candidates: int) -> dict[str, Any]:
+    """perf_analyzer input data for `rank`: each member's record, embedding and retrieved candidates."""
+    data = []
+    for member in members:
+        query = client.embed_members([member])[0]
+        hits = client.retrieve(member, k=candidates)
+        data.append(
+            {
+                "RECORDS": {"content": [member.model_dump_json(exclude_none=True)], "shape": [1]},
+                "QUERY": {"content": query.tolist(), "shape": [len(query)]},
+                "CANDIDATE_IDS": {"content": [h.post_id for h in hits], "shape": [len(hits)]},
+                "CANDIDATE_SCORES": {"content": [h.score for h in hits], "shape": [len(hits)]},
+                "K": {"content": [10], "shape": [1]},
+            }
+        )
+    return {"data": data}
+
+
+def _feed_inputs(members: list[Any], candidates: int) -> dict[str, Any]:
+    return {
+        "data": [
+            {
+                "RECORDS": {"content": [m.model_dump_json(exclude_none=True)], "shape": [1]},
+                "K": {"content": [10], "shape": [1]},
+                "CANDIDATES": {"content": [candidates], "shape": [1]},
+            }
+            for m in members
+        ]
+    }
+
+
+def through_triton(layout: ArtifactLayout, n_members: int, window_ms: int, tmp: Path) -> list[dict[str, Any]]:
+    from feedserve.clients.online import FeedClient
+    from feedserve.ops.builder import SAMPLE_CORPUS
+    from feedserve.ops.launcher import TritonServer, on_free_ports
+    from feedserve.prompt.movielens import load_movielens
+    from feedserve.rank.data import ratings_before
+    from feedserve.triton.repository import RepositorySettings, write_repository
+
+    ml = load_movielens(SAMPLE_CORPUS)
+    by_user = ratings_before(ml, 2**62)
+    # Members with at least 200 ratings: the ranker reads their 200 newest (its max_history).
+    users = [u for u in sorted(by_user) if len(by_user[u]) >= 200][:n_members]
+    members = [ml.member(u, by_user[u]) for u in users]
+    repo = tmp / "repository"
+    write_repository(repo, RepositorySettings(encoder_cache_rows=0, index_writer=False))
+    points = []
+    with TritonServer(on_free_ports(repository=repo, artifacts=layout.root)) as server:
+        with FeedClient(server.grpc_url, "grpc", timeout_s=120) as client:
+            data = {"rank-2000": _rank_inputs(client, members, 2000)}
+        data["feed-500"] = _feed_inputs(members, 500)
+        data["feed-2000"] = _feed_inputs(members, 2000)
+        for name, doc in data.items():
+            path = tmp / f"{name}.json"
+            path.write_text(json.dumps(doc))
+            model = name.split("-")[0]
+            for concurrency in (1, 8):
+                row = run_perf_analyzer(
+                    perf_analyzer_binary(),
+                    server.grpc_url,
+                    "grpc",
+                    model,
+                    path,
+                    [f"--concurrency-range={concurrency}"],
+                    window_ms,
+                    max_trials=3,
+                )
+                point = {
+                    "model": model,
+                    "candidates": int(name.split("-")[1]),
+                    "concurrency": concurrency,
+                    "infer_per_s": float(row["Inferences/Second"]),
+                    "p50_ms": float(row["p50 latency"]) / 1000,
+                    "p99_ms": float(row["p99 latency"]) / 1000,
+                    "members": len(members),
+                }
+                logger.info("%s", point)
+                points.append(point)
+    return points
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rank_speed.json").write_text(json.dumps(report, indent=1) + "\n")
+    lines = [
+        "# Ranking speed",
+        "",
+        f"Machine: {report['machine']}.",
+        f"Command: `{report['command']}`.",
+        "",
+        "## In-process (ONNX Runtime, one member)",
+        "",
+        "| history | candidates | split p50 / p99 ms | dense p50 ms | per-candidate p50 ms | shared vs per-candidate | split vs dense | weights |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["in_process"]:
+        lines.append(
+            f"| {r['history']} | {r['candidates']} | {r['split']['p50_ms']:.1f} / {r['split']['p99_ms']:.1f} | "
+            f"{r['dense']['p50_ms']:.1f} | {r['per_candidate']['p50_ms']:.0f} | "
+            f"{r['shared_vs_per_candidate']:.0f}x | {r['split_vs_dense']:.1f}x | {r['weights']} |"
+        )
+    if report.get("triton"):
+        lines += [
+            "",
+            "## Through Triton (perf_analyzer, gRPC, K=10)",
+            "",
+            "| model | candidates | concurrency | inferences/s | p50 ms | p99 ms |",
+            "|---|---|---|---|---|---|",
+        ]
+        for p in report["triton"]:
+            lines.append(
+                f"| {p['model']} | {p['candidates']} | {p['concurrency']} | {p['infer_per_s']:.2f} | "
+                f"{p['p50_ms']:.1f} | {p['p99_ms']:.1f} |"
+            )
+    (out / "rank_speed.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifacts", type=Path, default=default_artifacts_dir())
+    p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--sample", type=int, default=48, help="candidates scored one by one, scaled to C")
+    p.add_argument("--members", type=int, default=16)
+    p.add_argument("--window-ms", type=int, default=8000)
+    p.add_argument("--skip-server", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/reports/rank_speed"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    layout = ArtifactLayout(args.artifacts)
+    if not layout.has_ranker():
+        raise SystemExit(f"{layout.root} has no ranker: `feedserve build` first")
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "command": "python -m benchmarks.rank_speed " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        report["in_process"] = in_process(layout, args.runs, args.sample, Path(tmp))
+        if not args.skip_server:
+            report["triton"] = through_triton(layout, args.members, args.window_ms, Path(tmp))
+    write_report(report, args.out)
+    print((args.out / "rank_speed.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
