@@ -24,7 +24,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from feedserve.index.layout import IndexLayout
 
@@ -80,7 +80,12 @@ class EncoderSettings:
 
     @classmethod
     def load(cls, path: Path) -> EncoderSettings:
-        data = json.loads(path.read_text())
+        return cls.from_dict(json.loads(path.read_text()))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EncoderSettings:
+        """Settings saved by this or an earlier version (a field added since takes its default)."""
+        data = dict(data)
         data["length_buckets"] = tuple(data.get("length_buckets", cls.length_buckets))
         return cls(**data)
 

@@ -130,7 +130,11 @@ def _exported_from(layout: ArtifactLayout) -> tuple[object, object] | None:
     if not report.exists():
         return None
     data = json.loads(report.read_text())
-    return data.get("extra", {}).get("hf_import"), data.get("settings")
+    settings = data.get("settings")
+    if isinstance(settings, dict):
+        # As this version spells them: a settings field added since is not a different model.
+        settings = json.loads(json.dumps(asdict(EncoderSettings.from_dict(settings))))
+    return data.get("extra", {}).get("hf_import"), settings
 
 
 def _quantize(layout: ArtifactLayout) -> None:

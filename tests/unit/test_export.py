@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from feedserve.artifacts import EncoderSettings
+from feedserve.artifacts import ArtifactLayout, EncoderSettings
 from feedserve.encode.ort import OnnxEncoder
 from feedserve.export.import_model import import_checkpoint
 from feedserve.export.onnx import ParityError, check_parity, export_onnx
@@ -178,6 +178,25 @@ def test_an_export_that_failed_is_redone_by_the_next_build(
     assert json.loads((layout.root / "export_report.json").read_text())["settings"]["dim"] == 16
 
 
+def test_settings_saved_before_a_field_was_added_are_the_same_model(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Upgrading feedserve must not re-export the model, nor drop its index, for a settings field
+    added with a default (prompt_history was)."""
+    from feedserve.ops.builder import BuildOptions, build_artifacts
+
+    layout = build_artifacts(BuildOptions(tmp_path, source=tiny_checkpoint, dim=32))
+    for path in (layout.root / "export_report.json", layout.settings):
+        data = json.loads(path.read_text())
+        settings = data.get("settings", data)
+        del settings["prompt_history"]
+        path.write_text(json.dumps(data))
+    layout.write_manifest()  # as the earlier version wrote them
+    layout.index_dir.root.mkdir(exist_ok=True)
+    layout.index_dir.snapshot.write_bytes(b"an index built with this model")
+    exported = layout.onnx.stat().st_mtime_ns
+    build_artifacts(BuildOptions(tmp_path, source=tiny_checkpoint, dim=32))
+    assert layout.onnx.stat().st_mtime_ns == exported and layout.index_dir.snapshot.exists()
+
+
 def test_int8_graph_quantizes_the_projections_except_down_proj(tiny_checkpoint: Path, tmp_path: Path) -> None:
     import onnx
 
@@ -196,3 +215,26 @@ def test_int8_graph_quantizes_the_projections_except_down_proj(tiny_checkpoint: 
     assert float_matmuls and all("down_proj" in n for n in float_matmuls)  # q/k/v/o/gate/up went int8
     assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in nodes)
     assert OnnxEncoder(int8).encode(np.ones((2, 9), np.int64), np.ones((2, 9), np.int64)).shape == (2, 64)
+
+
+def test_the_ranker_is_built_once_checked_against_the_encoder_and_removed_without_one(
+    tiny_artifacts: ArtifactLayout, tiny_ranker: Path, tmp_path: Path
+) -> None:
+    from feedserve.ops.builder import SAMPLE_CORPUS, build_ranker
+    from feedserve.rank.model import GenerativeRanker, RankerConfig
+
+    layout = ArtifactLayout(tmp_path / "a")
+    shutil.copytree(
+        tiny_artifacts.root, layout.root, ignore=shutil.ignore_patterns("index", "ranker*", "post_features*")
+    )
+    build_ranker(layout, tiny_ranker, SAMPLE_CORPUS)
+    assert layout.has_ranker()
+    built = layout.ranker_onnx.stat().st_mtime_ns
+    build_ranker(layout, tiny_ranker, SAMPLE_CORPUS)  # up to date: not exported again
+    assert layout.ranker_onnx.stat().st_mtime_ns == built
+    wide = tmp_path / "wide"
+    GenerativeRanker(RankerConfig(content_dim=48, d_model=8, n_heads=2, n_layers=1, id_buckets=64)).save(wide)
+    with pytest.raises(ValueError, match="reads 48-wide embeddings; this encoder serves 32"):
+        build_ranker(layout, wide, SAMPLE_CORPUS)
+    build_ranker(layout, None, SAMPLE_CORPUS)  # another encoder, no ranker for it: nothing stale stays
+    assert not any(p.exists() for p in layout.ranker_files())
