@@ -19,7 +19,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,13 +43,11 @@ from feedserve.rank.data import (
 )
 from feedserve.rank.features import PostFeatures
 from feedserve.rank.model import INPUTS, GenerativeRanker, RankerConfig
-from feedserve.rank.train import final_score, multitask_loss
-from feedserve.training.data import movielens_split
+from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, final_score, multitask_loss
+from feedserve.training.data import Split, movielens_split
 from feedserve.training.evaluate import EmbeddingRetriever, metrics
 
 logger = logging.getLogger(__name__)
-
-TASK_WEIGHTS = (1.0, 0.5, -1.0)  # like, love, dislike: the final score's weights
 
 
 def train_ranker(
@@ -97,6 +95,41 @@ def train_ranker(
                 )
     model.eval()
     return losses
+
+
+@torch.no_grad()
+def rank_test_members(
+    model: GenerativeRanker,
+    tensorize: Tensorizer,
+    retriever: EmbeddingRetriever,
+    split: Split,
+    post_ids: np.ndarray,
+    post_vectors: np.ndarray,
+    before: Mapping[int, Sequence[Rating]],
+    candidates: int,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """For each test member: the retrieval stage's top `candidates` (their liked history before the
+    cutoff as the member record, history excluded) and the same posts ordered by the ranker's final
+    score, its history every rating before the cutoff."""
+    retrieval_top, ranked_top = [], []
+    weights = [DEFAULT_TASK_WEIGHTS[task] for task in model.config.tasks]
+    for case in split.test:
+        member = retriever.member_vectors([case.member])[0]
+        seen = [h.post_id for h in case.member.history]
+        ids, scores = top_posts(member, post_ids, post_vectors, candidates, seen)
+        x = RankExample(
+            case.member.id,
+            interactions(before.get(case.member.id, [])),
+            member,
+            ids,
+            scores,
+            np.zeros((len(ids), len(model.config.tasks)), np.float32),
+        )
+        t = tensorize.batch([x])
+        score = final_score(model(**{k: t[k] for k in INPUTS}), weights)[0].numpy()
+        retrieval_top.append(ids)
+        ranked_top.append(ids[np.argsort(-score, kind="stable")])
+    return retrieval_top, ranked_top
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,25 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     model.save(args.out)
 
     # Test: every member with targets after the cutoff, ranked from the retrieval stage's candidates.
-    before = ratings_before(ml, split.cutoff)
-    retrieval_top, ranked_top = [], []
-    for case in split.test:
-        member = retriever.member_vectors([case.member])[0]
-        seen = [h.post_id for h in case.member.history]
-        ids, scores = top_posts(member, post_ids, post_vectors, args.candidates, seen)
-        x = RankExample(
-            case.member.id,
-            interactions(before.get(case.member.id, [])),
-            member,
-            ids,
-            scores,
-            np.zeros((len(ids), 3), np.float32),
-        )
-        with torch.no_grad():
-            t = tensorize.batch([x])
-            score = final_score(model(**{k: t[k] for k in INPUTS}), TASK_WEIGHTS)[0].numpy()
-        retrieval_top.append(ids)
-        ranked_top.append(ids[np.argsort(-score, kind="stable")])
+    retrieval_top, ranked_top = rank_test_members(
+        model, tensorize, retriever, split, post_ids, post_vectors, ratings_before(ml, split.cutoff), args.candidates
+    )
     report = {
         "command": "python -m feedserve.training.rank " + " ".join(argv if argv is not None else sys.argv[1:]),
         "examples": len(examples),

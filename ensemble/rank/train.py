@@ -18,6 +18,10 @@ from feedserve.rank.model import INPUTS, GenerativeRanker
 
 Batch = Mapping[str, torch.Tensor]
 
+# The final score's weight per task (a negative task counts against a post); serving takes them from
+# its settings (the rank config's `task_weights`), which default to these.
+DEFAULT_TASK_WEIGHTS = {"like": 1.0, "love": 0.5, "dislike": -1.0}
+
 
 def multitask_loss(
     model: GenerativeRanker, batch: Batch, task_weights: Sequence[float] | None = None

@@ -31,6 +31,7 @@ from feedserve.prompt.records import Member, RecordError, parse_member
 from feedserve.rank.data import RankExample, Tensorizer, member_interactions
 from feedserve.rank.features import PostFeatures
 from feedserve.rank.model import INPUTS, OUTPUT, RankerConfig
+from feedserve.rank.train import DEFAULT_TASK_WEIGHTS
 from feedserve.schema import (
     CANDIDATE_IDS,
     CANDIDATE_SCORES,
@@ -48,8 +49,6 @@ from feedserve.triton.base import Arrays, BatchModel, RequestError, check_2d, re
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_CANDIDATES = 2000
-# The final score's weight per task (a negative task counts against a post); the serving settings.
-DEFAULT_TASK_WEIGHTS = {"like": 1.0, "love": 0.5, "dislike": -1.0}
 
 
 @dataclass

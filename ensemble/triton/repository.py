@@ -16,9 +16,9 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from feedserve.ops.launcher import DEFAULT_REPOSITORY
+from feedserve.rank.train import DEFAULT_TASK_WEIGHTS
 from feedserve.schema import IO, ModelName, RecordKind, TensorSpec
 from feedserve.triton.encoder import GROUPINGS, PRECISIONS
-from feedserve.triton.rank import DEFAULT_TASK_WEIGHTS
 
 logger = logging.getLogger(__name__)
 

@@ -251,7 +251,7 @@ def test_bad_requests_fail_alone_inside_a_dynamic_batch(triton_server, indexed, 
 def test_the_feed_is_the_retrieved_candidates_ranked(triton_server, indexed, members, protocol: str) -> None:  # type: ignore[no-untyped-def]
     """`feed` = retrieve CANDIDATES, then `rank` them: the same posts and order as the two models
     called one after the other, each post's final score the weighted sum of its task scores."""
-    from feedserve.triton.rank import DEFAULT_TASK_WEIGHTS
+    from feedserve.rank.train import DEFAULT_TASK_WEIGHTS
 
     with _client(triton_server, protocol) as client:
         assert client.ranker_tasks() == list(DEFAULT_TASK_WEIGHTS)

@@ -18,8 +18,9 @@ from feedserve.prompt.records import parse_member
 from feedserve.rank.data import PostTable, RankExample, Tensorizer, member_interactions
 from feedserve.rank.features import PostFeatures
 from feedserve.rank.model import INPUTS, GenerativeRanker
+from feedserve.rank.train import DEFAULT_TASK_WEIGHTS
 from feedserve.triton.base import RequestError
-from feedserve.triton.rank import DEFAULT_TASK_WEIGHTS, RankModel
+from feedserve.triton.rank import RankModel
 
 DIM = 32
 POSTS = np.arange(500, 540, dtype=np.int64)
