@@ -146,6 +146,7 @@ def through_triton(layout: ArtifactLayout, n_members: int, window_ms: int, tmp: 
     from feedserve.ops.builder import SAMPLE_CORPUS
     from feedserve.ops.launcher import TritonServer, on_free_ports
     from feedserve.prompt.movielens import load_movielens
+    from feedserve.prompt.records import MAX_HISTORY
     from feedserve.rank.data import ratings_before
     from feedserve.triton.repository import RepositorySettings, write_repository
 
@@ -153,7 +154,7 @@ def through_triton(layout: ArtifactLayout, n_members: int, window_ms: int, tmp: 
     by_user = ratings_before(ml, 2**62)
     # Members with at least 200 ratings: the ranker reads their 200 newest (its max_history).
     users = [u for u in sorted(by_user) if len(by_user[u]) >= 200][:n_members]
-    members = [ml.member(u, by_user[u]) for u in users]
+    members = [ml.member(u, by_user[u][-MAX_HISTORY:]) for u in users]
     repo = tmp / "repository"
     write_repository(repo, RepositorySettings(encoder_cache_rows=0, index_writer=False))
     points = []
