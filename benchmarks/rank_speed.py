@@ -158,6 +158,13 @@ def through_triton(layout: ArtifactLayout, n_members: int, window_ms: int, tmp: 
     repo = tmp / "repository"
     write_repository(repo, RepositorySettings(encoder_cache_rows=0, index_writer=False))
     points = []
+    # Candidates are what retrieval returns: the index must hold well over 2,000 posts (the full
+    # MovieLens catalog: `feedserve demo --full`, or `feedserve index`).
+    index_posts = len(np.load(layout.index, allow_pickle=False)["ids"]) if layout.index.exists() else 0
+    if index_posts < 4000:
+        raise SystemExit(
+            f"{layout.index} holds {index_posts} posts: index the full catalog first (feedserve demo --full)"
+        )
     with TritonServer(on_free_ports(repository=repo, artifacts=layout.root)) as server:
         with FeedClient(server.grpc_url, "grpc", timeout_s=120) as client:
             data = {"rank-2000": _rank_inputs(client, members, 2000)}
@@ -176,11 +183,12 @@ def through_triton(layout: ArtifactLayout, n_members: int, window_ms: int, tmp: 
                     path,
                     [f"--concurrency-range={concurrency}"],
                     window_ms,
-                    max_trials=3,
+                    max_trials=6,
                 )
                 point = {
                     "model": model,
                     "candidates": int(name.split("-")[1]),
+                    "index_posts": index_posts,
                     "concurrency": concurrency,
                     "infer_per_s": float(row["Inferences/Second"]),
                     "p50_ms": float(row["p50 latency"]) / 1000,
@@ -215,7 +223,7 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     if report.get("triton"):
         lines += [
             "",
-            "## Through Triton (perf_analyzer, gRPC, K=10)",
+            f"## Through Triton (perf_analyzer, gRPC, K=10, {report['triton'][0]['index_posts']} posts indexed)",
             "",
             "| model | candidates | concurrency | inferences/s | p50 ms | p99 ms |",
             "|---|---|---|---|---|---|",
