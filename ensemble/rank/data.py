@@ -236,14 +236,9 @@ class Tensorizer:
             if "has_content" in column:
                 features[:m, column["has_content"]] = has
             if "affinity" in column:
-                tags = self.features.tags
-                features[:m, column["affinity"]] = [_jaccard(tags(p), liked) for p in x.candidates.tolist()]
+                features[:m, column["affinity"]] = self.features.affinity(x.candidates.tolist(), liked)
             if counts:
                 percentiles = self.features.percentiles(x.candidates.tolist())
                 for col, j in counts:
                     features[:m, col] = percentiles[:, j]
         return {k: torch.from_numpy(v) for k, v in out.items()}
-
-
-def _jaccard(a: frozenset[str], b: frozenset[str]) -> float:
-    return len(a & b) / len(a | b) if a or b else 0.0

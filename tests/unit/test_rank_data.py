@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.prompt.movielens import MovieLens, load_movielens
@@ -159,3 +161,20 @@ def test_post_features_hold_percentiles_and_tags_and_survive_a_round_trip(ml: Mo
     (tmp_path / "bad.json").write_text('{"format": "other"}')
     with pytest.raises(ValueError, match="post_features"):
         PostFeatures.load(tmp_path / "bad.json")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.dictionaries(st.integers(0, 30), st.frozensets(st.sampled_from("abcdefg"), max_size=5), max_size=20),
+    st.frozensets(st.sampled_from("abcdefgh"), max_size=6),
+    st.lists(st.integers(0, 40), max_size=25),
+)
+def test_affinity_is_the_jaccard_similarity_of_tag_sets(
+    tags: dict[int, frozenset[str]], liked: frozenset[str], posts: list[int]
+) -> None:
+    features = PostFeatures(tags=tags)
+    want = [
+        len(tags.get(p, frozenset()) & liked) / len(tags.get(p, frozenset()) | liked) if tags.get(p) or liked else 0.0
+        for p in posts
+    ]
+    np.testing.assert_allclose(features.affinity(posts, liked), want, rtol=1e-6)
