@@ -19,16 +19,16 @@ import os
 import signal
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 
 from feedserve.artifacts import ARTIFACTS_ENV, ArtifactLayout, default_artifacts_dir
-from feedserve.errors import FeedserveError
+from feedserve.errors import FeedserveError, RecordError
 from feedserve.ops.watchdog import parent_of
-from feedserve.schema import IO, ModelName
+from feedserve.schema import IO, RECORDS, ModelName
 from feedserve.triton.compat import pb_utils
 
 logger = logging.getLogger(__name__)
@@ -183,3 +183,22 @@ def check_2d(name: str, value: np.ndarray, dtype: type) -> np.ndarray:
     if value.ndim != 2:
         raise RequestError(f"{name}: expected shape [batch, n], got {list(value.shape)}")
     return value
+
+
+R = TypeVar("R")
+
+
+def read_records(inputs: dict[str, np.ndarray | None], parse: Callable[[bytes | str], R]) -> list[R]:
+    """The RECORDS tensor ([batch, 1] JSON strings) parsed row by row; RequestError names the row."""
+    raw = require(inputs, RECORDS.name)
+    if raw.ndim != 2 or raw.shape[1] != 1 or raw.shape[0] == 0:
+        raise RequestError(f"{RECORDS.name}: expected shape [batch, 1], got {list(raw.shape)}")
+    records = []
+    for i, value in enumerate(raw[:, 0]):
+        if not isinstance(value, bytes | str):
+            raise RequestError(f"{RECORDS.name}[{i}]: expected a JSON string, got {type(value).__name__}")
+        try:
+            records.append(parse(value))
+        except RecordError as err:
+            raise RequestError(f"{RECORDS.name}[{i}]: {err}") from err
+    return records

@@ -15,9 +15,9 @@ from tokenizers import Tokenizer
 from feedserve.artifacts import ArtifactLayout, EncoderSettings
 from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.builder import PromptBuilder
-from feedserve.prompt.records import Member, Post, RecordError, parse_member, parse_post
-from feedserve.schema import ATTENTION_MASK, EXCLUDE_IDS, INPUT_IDS, RECORDS, ModelName, RecordKind
-from feedserve.triton.base import Arrays, BatchModel, RequestError, require
+from feedserve.prompt.records import Member, Post, parse_member, parse_post
+from feedserve.schema import ATTENTION_MASK, EXCLUDE_IDS, INPUT_IDS, ModelName, RecordKind
+from feedserve.triton.base import Arrays, BatchModel, RequestError, read_records
 
 logger = logging.getLogger(__name__)
 
@@ -42,21 +42,9 @@ class PreprocessModel(BatchModel[Records]):
         )
 
     def parse(self, inputs: dict[str, np.ndarray | None]) -> Records:
-        raw = require(inputs, RECORDS.name)
-        if raw.ndim != 2 or raw.shape[1] != 1 or raw.shape[0] == 0:
-            raise RequestError(f"{RECORDS.name}: expected shape [batch, 1], got {list(raw.shape)}")
-        parse = parse_member if self.kind is RecordKind.MEMBER else parse_post
-        records = []
-        for i, value in enumerate(raw[:, 0]):
-            if not isinstance(value, bytes | str):
-                raise RequestError(f"{RECORDS.name}[{i}]: expected a JSON string, got {type(value).__name__}")
-            try:
-                records.append(parse(value))
-            except RecordError as err:
-                raise RequestError(f"{RECORDS.name}[{i}]: {err}") from err
         if self.kind is RecordKind.MEMBER:
-            return Records(members=records)  # type: ignore[arg-type]
-        return Records(posts=records)  # type: ignore[arg-type]
+            return Records(members=read_records(inputs, parse_member))
+        return Records(posts=read_records(inputs, parse_post))
 
     def compute(self, items: Sequence[Records]) -> list[Arrays | RequestError]:
         outputs: list[Arrays | RequestError] = []

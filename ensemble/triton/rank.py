@@ -27,7 +27,7 @@ import numpy as np
 from feedserve.artifacts import ArtifactLayout
 from feedserve.index.engines import Engine
 from feedserve.index.live import FollowedIndex
-from feedserve.prompt.records import Member, RecordError, parse_member
+from feedserve.prompt.records import Member, parse_member
 from feedserve.rank.data import RankExample, Tensorizer, member_interactions
 from feedserve.rank.features import PostFeatures
 from feedserve.rank.model import INPUTS, OUTPUT, RankerConfig
@@ -44,7 +44,7 @@ from feedserve.schema import (
     K,
     ModelName,
 )
-from feedserve.triton.base import Arrays, BatchModel, RequestError, check_2d, require
+from feedserve.triton.base import Arrays, BatchModel, RequestError, check_2d, read_records, require
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +117,6 @@ class RankModel(BatchModel[RankRequest]):
 
     def parse(self, inputs: dict[str, np.ndarray | None]) -> RankRequest:
         raw = require(inputs, RECORDS.name)
-        if raw.ndim != 2 or raw.shape[1] != 1 or raw.shape[0] == 0:
-            raise RequestError(f"{RECORDS.name}: expected shape [batch, 1], got {list(raw.shape)}")
         b = raw.shape[0]
         queries = check_2d(QUERY.name, require(inputs, QUERY.name), np.float32)
         ids = check_2d(CANDIDATE_IDS.name, require(inputs, CANDIDATE_IDS.name), np.int64)
@@ -146,14 +144,7 @@ class RankModel(BatchModel[RankRequest]):
         for k in ks[:, 0].tolist():
             if not 1 <= k <= self.max_candidates:
                 raise RequestError(f"{K.name}: k={k} is out of range [1, {self.max_candidates}]")
-        members = []
-        for i, value in enumerate(raw[:, 0]):
-            if not isinstance(value, bytes | str):
-                raise RequestError(f"{RECORDS.name}[{i}]: expected a JSON string, got {type(value).__name__}")
-            try:
-                members.append(parse_member(value))
-            except RecordError as err:
-                raise RequestError(f"{RECORDS.name}[{i}]: {err}") from err
+        members = read_records(inputs, parse_member)
         candidates, candidate_scores = [], []
         for row_ids, row_scores in zip(ids, scores, strict=True):
             real = row_ids != NO_ID
