@@ -42,7 +42,7 @@ from feedserve.rank.data import (
     top_posts,
 )
 from feedserve.rank.features import PostFeatures
-from feedserve.rank.model import INPUTS, GenerativeRanker, RankerConfig
+from feedserve.rank.model import INPUTS, POST_TOKENS, GenerativeRanker, RankerConfig
 from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, final_score, multitask_loss
 from feedserve.training.data import Split, movielens_split
 from feedserve.training.evaluate import EmbeddingRetriever, metrics
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-history", type=int, default=200)
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--id-buckets", type=int, default=RankerConfig.id_buckets, help="hashed post-id embeddings")
+    p.add_argument("--post-tokens", choices=POST_TOKENS, default="gated", help="content and id gated, or one alone")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--resume", action="store_true")
     args = p.parse_args(argv)
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         d_model=args.d_model,
         max_history=args.max_history,
         id_buckets=args.id_buckets,
+        post_tokens=args.post_tokens,
         features=FEATURES,
     )
     torch.manual_seed(args.seed)

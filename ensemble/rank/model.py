@@ -39,6 +39,7 @@ INPUTS = (
     "member",
 )
 OUTPUT = "logits"
+POST_TOKENS = ("gated", "content", "id")
 # A saved ranker: its configuration and its weights.
 CONFIG_FILE, WEIGHTS_FILE = "ranker.json", "ranker.pt"
 
@@ -54,6 +55,10 @@ class RankerConfig:
     actions: tuple[str, ...] = ("like", "love", "dislike", "neutral")
     features: tuple[str, ...] = ("retrieval_score", "affinity", "has_content")
     tasks: tuple[str, ...] = ("like", "love", "dislike")
+    # How a post token is made: "gated" (content and id mixed by a learned gate, the default),
+    # "content" (the retrieval embedding alone) or "id" (the id embedding alone; zero for an id never
+    # trained on): the last two are the ablations of the first.
+    post_tokens: str = "gated"
     n_experts: int = 4
     cross_layers: int = 2
     dropout: float = 0.1
@@ -74,6 +79,10 @@ class RankerConfig:
         for name in ("actions", "features", "tasks"):
             data[name] = tuple(data[name])
         return cls(**data)
+
+    def __post_init__(self) -> None:
+        if self.post_tokens not in POST_TOKENS:
+            raise ValueError(f"post_tokens must be one of {POST_TOKENS}, got {self.post_tokens!r}")
 
 
 def hash_ids(ids: torch.Tensor, buckets: int) -> torch.Tensor:
@@ -235,9 +244,13 @@ class GenerativeRanker(nn.Module):
         """Content and id mixed by a learned gate; ids never trained on get the content alone."""
         buckets = hash_ids(ids, self.config.id_buckets)
         by_content = self.content(content)
+        if self.config.post_tokens == "content":
+            return by_content
         by_id = self.ids(buckets)
+        known = (self.id_owners[buckets] == ids).unsqueeze(-1).to(by_id.dtype)
+        if self.config.post_tokens == "id":
+            return by_id * known
         gate = torch.sigmoid(self.gate(torch.cat([by_content, by_id], dim=-1)))
-        known = (self.id_owners[buckets] == ids).unsqueeze(-1).to(gate.dtype)
         gate = gate * known
         return gate * by_id + (1 - gate) * by_content
 

@@ -158,3 +158,22 @@ def test_the_ranker_learns_from_the_history_what_a_member_likes() -> None:
     # Every member's liked candidates rank above their disliked ones, nearly always.
     pairs = (scores[:, :, None] > scores[:, None, :]) & liked[:, :, None] & disliked[:, None, :]
     assert pairs.sum() / (liked[:, :, None] & disliked[:, None, :]).sum() > 0.95
+
+
+@torch.no_grad()
+def test_the_post_token_ablations_read_content_alone_or_ids_alone() -> None:
+    from dataclasses import replace
+
+    inputs = _inputs(h=6, c=4)
+    other_ids = dict(inputs, history_ids=inputs["history_ids"] + 1, candidate_ids=inputs["candidate_ids"] + 1)
+    other_content = dict(
+        inputs, history_content=-inputs["history_content"], candidate_content=-inputs["candidate_content"]
+    )
+    for mode, same, differs in (("content", other_ids, other_content), ("id", other_content, other_ids)):
+        torch.manual_seed(0)
+        model = GenerativeRanker(replace(CONFIG, post_tokens=mode), known_ids=torch.arange(1000, 1300)).eval()
+        torch.nn.init.normal_(model.ids.weight)
+        encode = {k: v for k, v in inputs.items() if k not in ("candidate_features", "member")}
+        hidden = model.encode(**encode)
+        assert torch.allclose(hidden, model.encode(**{k: same[k] for k in encode}), atol=1e-6), mode
+        assert not torch.allclose(hidden, model.encode(**{k: differs[k] for k in encode}), atol=1e-4), mode
