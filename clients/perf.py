@@ -31,7 +31,7 @@ from feedserve.clients.perf_data import movielens_input
 
 logger = logging.getLogger(__name__)
 
-MODELS = ("retrieve", "embed_post", "embed_member")
+MODELS = ("retrieve", "feed", "embed_post", "embed_member")
 
 
 @dataclass
