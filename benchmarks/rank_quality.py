@@ -1,0 +1,128 @@
+"""Quality of the ranked feed on MovieLens: the GR ranker against retrieval alone and the baselines.
+
+    .venv/bin/python -m benchmarks.rank_quality [--ranker models/gr-movielens] [--candidates 200]
+
+The project's global time split, full catalog, history excluded, the 80 test members of the
+retrieval benchmark (`benchmarks/reports/quality.md`), targets the movies they liked after the cutoff:
+
+- retrieval: the served encoder (the int8 graph), top `--candidates` by cosine;
+- feed: the same candidates ordered by the GR ranker's final score (what `feed` serves; the served
+  graph equals PyTorch, tests/unit/test_rank_backend.py), history every rating before the cutoff;
+- popularity and ItemKNN over the whole catalog (`feedserve.training.baselines`);
+- SASRec: an id-only causal transformer over each member's liked sequence, trained here on the
+  training period (`feedserve.training.sasrec`), over the whole catalog.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from feedserve.artifacts import DEFAULT_RANKER, ArtifactLayout, EncoderSettings, default_artifacts_dir
+from feedserve.clients.perf import machine
+from feedserve.ops.builder import SAMPLE_CORPUS
+from feedserve.prompt.buckets import PercentileBuckets
+from feedserve.prompt.movielens import load_movielens
+from feedserve.rank.data import LIKE, PostTable, Tensorizer, ratings_before
+from feedserve.rank.features import PostFeatures
+from feedserve.rank.model import GenerativeRanker
+from feedserve.training.baselines import ItemKNN, Popularity
+from feedserve.training.data import movielens_split
+from feedserve.training.evaluate import EmbeddingRetriever, metrics, rank
+from feedserve.training.rank import rank_test_members
+from feedserve.training.sasrec import SASRecConfig, SASRecRecommender
+
+logger = logging.getLogger("benchmarks.rank_quality")
+
+KS = (10, 50)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifacts", type=Path, default=default_artifacts_dir())
+    p.add_argument("--ranker", type=Path, default=DEFAULT_RANKER)
+    p.add_argument("--candidates", type=int, default=200)
+    p.add_argument("--sasrec-steps", type=int, default=SASRecConfig.steps)
+    p.add_argument("--cache", type=Path, default=Path("benchmarks/.cache/rank_quality"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/reports/ranker"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    ml = load_movielens(SAMPLE_CORPUS)
+    split = movielens_split(ml)
+    layout = ArtifactLayout(args.artifacts)
+    buckets = PercentileBuckets.load(layout.buckets)
+    corpus = split.corpus
+    ids = np.array([p.id for p in corpus], np.int64)
+    retriever = EmbeddingRetriever(
+        layout.hf_dir, EncoderSettings.load(layout.settings), buckets, corpus, args.cache, onnx=layout.onnx_int8
+    )
+    model = GenerativeRanker.load(args.ranker)
+    tensorize = Tensorizer(model.config, PostTable(ids, retriever.posts), PostFeatures.from_posts(corpus, buckets))
+    before = ratings_before(ml, split.cutoff)
+    retrieval_top, feed_top = rank_test_members(
+        model, tensorize, retriever, split, ids, retriever.posts, before, args.candidates
+    )
+    rows: dict[str, dict[str, Any]] = {
+        f"retrieval (served int8 encoder, top {args.candidates})": metrics(retrieval_top, split.test, KS),
+        f"feed: retrieval top {args.candidates} ranked by the GR ranker": metrics(feed_top, split.test, KS),
+    }
+    members = [c.member for c in split.test]
+    engaged = {u: {r.movie for r in rs if r.rating >= LIKE} for u, rs in before.items()}
+    t = time.perf_counter()
+    sasrec = SASRecRecommender(ids, SASRecConfig(steps=args.sasrec_steps))
+    losses = sasrec.fit([[r.movie for r in before[u] if r.rating >= LIKE] for u in sorted(before)])
+    sasrec_s = time.perf_counter() - t
+    histories: Sequence[Sequence[int]] = [[h.post_id for h in m.history] for m in members]
+    for name, scores in (
+        ("popularity", Popularity(split, ids).score(members)),
+        ("ItemKNN", ItemKNN(engaged, ids).score(members)),
+        (f"SASRec (id only, {args.sasrec_steps} steps)", sasrec.score(histories)),
+    ):
+        rows[name] = metrics(rank(scores, ids, split.test, max(KS)), split.test, KS)
+    base = rows[next(iter(rows))]
+    report = {
+        "command": "python -m benchmarks.rank_quality " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(),
+        "ranker": str(args.ranker),
+        "ranker_config": json.loads((args.ranker / "ranker.json").read_text()),
+        "test_members": len(split.test),
+        "cutoff": split.cutoff,
+        "sasrec": {
+            "seconds": sasrec_s,
+            "loss_first_100": float(np.mean(losses[:100])),
+            "loss_last_100": float(np.mean(losses[-100:])),
+        },
+        "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
+    lines = [
+        "# Ranked feed quality on MovieLens",
+        "",
+        f"Command: `{report['command']}`. Machine: {report['machine']}.",
+        f"{len(split.test)} test members (global time split at {split.cutoff}), full catalog, history excluded.",
+        "",
+        "| model | Recall@10 | Recall@50 | NDCG@10 | NDCG@10 / retrieval |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in rows.items():
+        lines.append(
+            f"| {name} | {m['recall@10']:.4f} | {m['recall@50']:.4f} | {m['ndcg@10']:.4f} | "
+            f"{m['ndcg@10'] / base['ndcg@10']:.2f}x |"
+        )
+    (args.out / "quality.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
