@@ -65,9 +65,13 @@ class _IndexContent:
 
     def __init__(self, followed: FollowedIndex, dim: int) -> None:
         self.followed, self.dim = followed, dim
+        self._warned = False
 
     def lookup(self, post_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         index = self.followed.index
+        if index is not None and index.dim != self.dim and not self._warned:
+            self._warned = True  # another encoder's index: every post is ranked without content
+            logger.warning("rank: the index holds %d-wide vectors, the ranker reads %d", index.dim, self.dim)
         if index is None or index.dim != self.dim:
             return np.zeros((len(post_ids), self.dim), np.float32), np.zeros(len(post_ids), bool)
         return index.lookup(post_ids)
