@@ -117,6 +117,15 @@ def movielens_split(
     return Split(train, test, cutoff, ml.posts(), dict(counts))
 
 
+def validation_movielens(ml: MovieLens, test_fraction: float = 0.1) -> MovieLens:
+    """MovieLens with every rating from the test period on removed: its own time split
+    (`movielens_split`) then cuts a validation period out of the training period, so choices
+    (steps, sizes, ablations) are made without ever looking at the test members. The movies' counts
+    are the ones loaded (over every rating), as in the test split."""
+    cutoff = movielens_split(ml, test_fraction).cutoff
+    return MovieLens(ml.movies, [r for r in ml.ratings if r.timestamp < cutoff])
+
+
 # --- synthetic LinkedIn-shaped data --------------------------------------------------------
 
 TOPICS: dict[str, list[str]] = {

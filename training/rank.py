@@ -44,7 +44,7 @@ from feedserve.rank.data import (
 from feedserve.rank.features import PostFeatures
 from feedserve.rank.model import INPUTS, POST_TOKENS, GenerativeRanker, RankerConfig
 from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, final_score, multitask_loss
-from feedserve.training.data import Split, movielens_split
+from feedserve.training.data import Split, movielens_split, validation_movielens
 from feedserve.training.evaluate import EmbeddingRetriever, metrics
 
 logger = logging.getLogger(__name__)
@@ -149,11 +149,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--post-tokens", choices=POST_TOKENS, default="gated", help="content and id gated, or one alone")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--validate",
+        action="store_true",
+        help="train and evaluate inside the training period (a validation split); the test members are never read",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
 
     ml = load_movielens(SAMPLE_CORPUS)
+    if args.validate:
+        ml = validation_movielens(ml)
     split = movielens_split(ml)
     layout = ArtifactLayout(args.artifacts)
     settings = EncoderSettings.load(layout.settings)
@@ -214,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     report = {
         "command": "python -m feedserve.training.rank " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "evaluated_on": "validation members (inside the training period)" if args.validate else "test members",
         "examples": len(examples),
         "test_members": len(split.test),
         "cutoff": split.cutoff,

@@ -24,6 +24,20 @@ def test_movielens_split_never_trains_on_the_future() -> None:
         assert all(when[(case.member.id, t)] >= latest_seen for t in case.targets)
 
 
+def test_the_validation_split_lies_inside_the_training_period() -> None:
+    from feedserve.training.data import validation_movielens
+
+    ml = load_movielens(SAMPLE_CORPUS)
+    test = movielens_split(ml)
+    inner = validation_movielens(ml)
+    validation = movielens_split(inner)
+    assert all(r.timestamp < test.cutoff for r in inner.ratings) and len(inner.ratings) < len(ml.ratings)
+    assert validation.cutoff < test.cutoff and len(validation.test) >= 30
+    when = {(r.user, r.movie): r.timestamp for r in ml.ratings}
+    for case in validation.test:  # validation targets: inside the training period, after its own cutoff
+        assert all(validation.cutoff <= when[(case.member.id, t)] < test.cutoff for t in case.targets)
+
+
 def test_hard_negatives_are_disliked_movies() -> None:
     ml = load_movielens(SAMPLE_CORPUS)
     rating = {(r.user, r.movie): r.rating for r in ml.ratings}
