@@ -26,7 +26,7 @@ import torch
 from feedserve.prompt.movielens import MovieLens, Rating
 from feedserve.prompt.records import Member, rating_of
 from feedserve.rank.features import COUNT_FEATURES, PostFeatures
-from feedserve.rank.model import RankerConfig
+from feedserve.rank.model import NEUTRAL, RankerConfig
 
 # Ratings as actions and as task labels (like, love, dislike).
 LIKE, LOVE, DISLIKE = 4.0, 5.0, 2.0
@@ -37,6 +37,7 @@ FEATURES = ("retrieval_score", "affinity", "has_content", *(f"{c}_percentile" fo
 
 
 def action_of(rating: float) -> str:
+    """A MovieLens rating as an action: love (5), like (4, 4.5), dislike (2 or less), else neutral."""
     if rating >= LOVE:
         return "love"
     if rating >= LIKE:
@@ -48,10 +49,8 @@ def action_of_record(action: str, known: Sequence[str]) -> str:
     """A member record's action as one of the ranker's: `rated 4.5` (MovieLens) by its rating, a
     known action name as itself, anything else `neutral` (seen, neither liked nor disliked)."""
     rating = rating_of(action)
-    if rating is not None:
-        return action_of(rating)
-    name = action.strip().lower()
-    return name if name in known else "neutral"
+    name = action_of(rating) if rating is not None else action.strip().lower()
+    return name if name in known else NEUTRAL
 
 
 def member_interactions(member: Member, known: Sequence[str]) -> list[Interaction]:

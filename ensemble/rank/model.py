@@ -40,6 +40,8 @@ INPUTS = (
 )
 OUTPUT = "logits"
 POST_TOKENS = ("gated", "content", "id")
+# The action every interaction the ranker has no token for is read as (seen, neither liked nor not).
+NEUTRAL = "neutral"
 # A saved ranker: its configuration and its weights.
 CONFIG_FILE, WEIGHTS_FILE = "ranker.json", "ranker.pt"
 
@@ -83,6 +85,8 @@ class RankerConfig:
     def __post_init__(self) -> None:
         if self.post_tokens not in POST_TOKENS:
             raise ValueError(f"post_tokens must be one of {POST_TOKENS}, got {self.post_tokens!r}")
+        if NEUTRAL not in self.actions:
+            raise ValueError(f"actions must include {NEUTRAL!r}, the token of any action not listed: {self.actions}")
 
 
 def hash_ids(ids: torch.Tensor, buckets: int) -> torch.Tensor:

@@ -178,3 +178,19 @@ def test_affinity_is_the_jaccard_similarity_of_tag_sets(
         for p in posts
     ]
     np.testing.assert_allclose(features.affinity(posts, liked), want, rtol=1e-6)
+
+
+def test_every_action_a_record_may_carry_maps_to_a_token_the_ranker_has() -> None:
+    from feedserve.rank.data import action_of_record
+
+    narrow = ("like", "neutral")  # a ranker trained without love or dislike tokens
+    assert [action_of_record(a, narrow) for a in ("rated 5", "rated 4", "rated 1", "Like", "share", "")] == [
+        "neutral",
+        "like",
+        "neutral",
+        "like",
+        "neutral",
+        "neutral",
+    ]
+    with pytest.raises(ValueError, match="must include 'neutral'"):
+        RankerConfig(content_dim=4, actions=("like", "dislike"))
