@@ -31,7 +31,7 @@ from feedserve.clients.perf import machine
 from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.movielens import load_movielens
-from feedserve.rank.data import LIKE, PostTable, Tensorizer, ratings_before
+from feedserve.rank.data import LIKE, PostTable, Tensorizer
 from feedserve.rank.features import PostFeatures
 from feedserve.rank.model import GenerativeRanker
 from feedserve.training.baselines import ItemKNN, Popularity
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     model = GenerativeRanker.load(args.ranker)
     tensorize = Tensorizer(model.config, PostTable(ids, retriever.posts), PostFeatures.from_posts(corpus, buckets))
-    before = ratings_before(ml, split.cutoff)
+    before = ml.ratings_by_user(before=split.cutoff)
     retrieval_top, feed_top = rank_test_members(
         model, tensorize, retriever, split, ids, retriever.posts, before, args.candidates
     )

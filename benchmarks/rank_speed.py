@@ -147,11 +147,10 @@ def through_triton(layout: ArtifactLayout, n_members: int, window_ms: int, tmp: 
     from feedserve.ops.launcher import TritonServer, on_free_ports
     from feedserve.prompt.movielens import load_movielens
     from feedserve.prompt.records import MAX_HISTORY
-    from feedserve.rank.data import ratings_before
     from feedserve.triton.repository import RepositorySettings, write_repository
 
     ml = load_movielens(SAMPLE_CORPUS)
-    by_user = ratings_before(ml, 2**62)
+    by_user = ml.ratings_by_user()
     # Members with at least 200 ratings: the ranker reads their 200 newest (its max_history).
     users = [u for u in sorted(by_user) if len(by_user[u]) >= 200][:n_members]
     members = [ml.member(u, by_user[u][-MAX_HISTORY:]) for u in users]

@@ -38,7 +38,6 @@ from feedserve.rank.data import (
     Tensorizer,
     interactions,
     movielens_examples,
-    ratings_before,
     top_posts,
 )
 from feedserve.rank.features import PostFeatures
@@ -217,7 +216,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # Test: every member with targets after the cutoff, ranked from the retrieval stage's candidates.
     retrieval_top, ranked_top = rank_test_members(
-        model, tensorize, retriever, split, post_ids, post_vectors, ratings_before(ml, split.cutoff), args.candidates
+        model,
+        tensorize,
+        retriever,
+        split,
+        post_ids,
+        post_vectors,
+        ml.ratings_by_user(before=split.cutoff),
+        args.candidates,
     )
     report = {
         "command": "python -m feedserve.training.rank " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -19,7 +19,7 @@ from feedserve.clients.batch import index_corpus
 from feedserve.clients.online import FeedClient
 from feedserve.ops.builder import SAMPLE_CORPUS, BuildOptions, build_artifacts, resolve_ranker
 from feedserve.ops.launcher import TritonServer, on_free_ports
-from feedserve.prompt.movielens import Rating, load_movielens
+from feedserve.prompt.movielens import load_movielens
 from feedserve.prompt.records import MAX_HISTORY, is_engaged
 from feedserve.triton.repository import write_repository
 
@@ -55,12 +55,9 @@ def run_demo(opts: DemoOptions) -> int:
     if opts.limit:
         posts = posts[: opts.limit]
     titles = {p.id: _title(p) for p in movielens.posts()}
-    ratings: dict[int, list[Rating]] = {}
-    for r in sorted(movielens.ratings, key=lambda r: (r.timestamp, r.movie)):
-        if r.user in opts.members and r.movie in movielens.movies:
-            ratings.setdefault(r.user, []).append(r)
+    ratings = movielens.ratings_by_user()
     # A record holds the newest MAX_HISTORY interactions at most (user 414 rated 2,698 movies).
-    members = {user: movielens.member(user, rated[-MAX_HISTORY:]) for user, rated in ratings.items()}
+    members = {user: movielens.member(user, ratings[user][-MAX_HISTORY:]) for user in opts.members}
 
     server_opts = on_free_ports(artifacts=layout.root, log_file=layout.root.parent / "logs" / "demo-tritonserver.log")
     with TritonServer(server_opts) as server:

@@ -41,11 +41,19 @@ class MovieLens:
         return list(self.movies.values())
 
     def members(self, min_rating: float = 4.0) -> list[Member]:
-        liked: dict[int, list[Rating]] = defaultdict(list)
-        for r in self.ratings:
-            if r.rating >= min_rating and r.movie in self.movies:
-                liked[r.user].append(r)
-        return [self.member(user, sorted(liked[user], key=lambda r: (r.timestamp, r.movie))) for user in sorted(liked)]
+        """Every user who liked a movie, their history the movies they rated `min_rating` or more."""
+        by_user = self.ratings_by_user()
+        liked = {user: [r for r in rated if r.rating >= min_rating] for user, rated in sorted(by_user.items())}
+        return [self.member(user, history) for user, history in liked.items() if history]
+
+    def ratings_by_user(self, before: int | None = None) -> dict[int, list[Rating]]:
+        """Each user's ratings of catalog movies (before `before`, when given), oldest first, ties by
+        movie id: the order every history here is built in."""
+        by_user: dict[int, list[Rating]] = defaultdict(list)
+        for r in sorted(self.ratings, key=lambda r: (r.timestamp, r.movie)):
+            if r.movie in self.movies and (before is None or r.timestamp < before):
+                by_user[r.user].append(r)
+        return by_user
 
     def member(self, user: int, history: list[Rating]) -> Member:
         """User `user` as a member record whose history is these ratings, in the order given: what

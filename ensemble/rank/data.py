@@ -15,7 +15,6 @@ come from before the cutoff, so nothing after it is ever trained on.
 from __future__ import annotations
 
 import random
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -24,12 +23,12 @@ import numpy as np
 import torch
 
 from feedserve.prompt.movielens import MovieLens, Rating
-from feedserve.prompt.records import Member, rating_of
+from feedserve.prompt.records import ENGAGED_RATING, Member, rating_of
 from feedserve.rank.features import COUNT_FEATURES, PostFeatures
 from feedserve.rank.model import NEUTRAL, RankerConfig
 
 # Ratings as actions and as task labels (like, love, dislike).
-LIKE, LOVE, DISLIKE = 4.0, 5.0, 2.0
+LIKE, LOVE, DISLIKE = ENGAGED_RATING, 5.0, 2.0  # a like is what retrieval prompts count as engaged
 # The candidate features the ranker is trained with: the retrieval score, the Jaccard similarity of
 # the candidate's tags to those of the posts the member liked, whether its content vector was found,
 # and its counts as percentiles 0..1 (feedserve.rank.features).
@@ -82,15 +81,6 @@ class RankExample:
     labels: np.ndarray  # [C, tasks]
 
 
-def ratings_before(ml: MovieLens, cutoff: int) -> dict[int, list[Rating]]:
-    """Each member's ratings before `cutoff`, oldest first (ties by post id): the training period."""
-    by_user: dict[int, list[Rating]] = defaultdict(list)
-    for r in sorted(ml.ratings, key=lambda r: (r.timestamp, r.movie)):
-        if r.timestamp < cutoff and r.movie in ml.movies:
-            by_user[r.user].append(r)
-    return by_user
-
-
 def interactions(ratings: Sequence[Rating]) -> list[Interaction]:
     """Ratings as the ranker's history: every one of them, as an action."""
     return [Interaction(r.movie, action_of(r.rating), r.timestamp) for r in ratings]
@@ -127,7 +117,7 @@ def movielens_examples(
     it that a high retrieval score means no engagement."""
     rng = random.Random(seed)
     rows = {int(p): i for i, p in enumerate(post_ids.tolist())}
-    by_user = ratings_before(ml, cutoff)
+    by_user = ml.ratings_by_user(before=cutoff)
     examples = []
     for user in sorted(by_user):
         ratings = by_user[user]
