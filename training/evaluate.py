@@ -106,7 +106,7 @@ class EmbeddingRetriever:
         from feedserve.prompt.builder import PromptBuilder
 
         self.settings, self.batch = settings, batch
-        self._members: dict[str, np.ndarray] = {}
+        self._members: dict[str, np.ndarray] = {}  # by the sha256 of the member's prompt
         # An exported graph (e.g. the int8 one) scores what the server would serve; it embeds at the
         # width it was exported with (the artifacts' `dim`).
         self.encoder: Encoder = (
@@ -117,6 +117,10 @@ class EmbeddingRetriever:
         # bf16 vectors from a GPU are not the fp32 CPU ones: the device is part of the name.
         device_tag = "" if device == "cpu" else "-" + device.replace(":", "")
         path = cache_dir / f"posts-{key[:16]}{device_tag}.npz" if cache_dir else None
+        self._members_path = cache_dir / f"members-{key[:16]}{device_tag}.npz" if cache_dir else None
+        if self._members_path is not None and self._members_path.exists():
+            with np.load(self._members_path, allow_pickle=False) as saved:
+                self._members = dict(zip(saved["prompts"].tolist(), saved["vectors"], strict=True))
         if path is not None and path.exists():
             self.posts = np.load(path, allow_pickle=False)["embeddings"]
             logger.info("post embeddings from cache %s", path)
@@ -159,13 +163,22 @@ class EmbeddingRetriever:
         return out
 
     def member_vectors(self, members: Sequence[Member]) -> np.ndarray:
-        # Memoised by prompt: the benchmark scores the same members for every slice and dimension.
+        # Memoised by prompt: the benchmark scores the same members for every slice and dimension,
+        # and the ranker's training embeds the same members at the same moments in every run.
         prompts = [self.builder.member_prompt(m) for m in members]
-        todo = sorted({p for p in prompts if p not in self._members})
+        keys = [hashlib.sha256(p.encode()).hexdigest() for p in prompts]
+        todo = sorted({(k, p) for k, p in zip(keys, prompts, strict=True) if k not in self._members})
         if todo:
-            for prompt, vec in zip(todo, self._embed(str, todo), strict=True):
-                self._members[prompt] = vec
-        return np.stack([self._members[p] for p in prompts])
+            for (key, _), vec in zip(todo, self._embed(str, [p for _, p in todo]), strict=True):
+                self._members[key] = vec
+        return np.stack([self._members[k] for k in keys])
+
+    def save_members(self) -> None:
+        """Keep the member embeddings computed so far in the cache directory, for the next run."""
+        if self._members_path is None or not self._members:
+            return
+        with atomic_file(self._members_path) as f:
+            np.savez(f, prompts=np.array(list(self._members)), vectors=np.stack(list(self._members.values())))
 
     def score(self, members: Sequence[Member], dim: int | None = None) -> np.ndarray:
         """Cosine scores [members, posts]; `dim` takes a renormalised Matryoshka prefix (default:

@@ -33,15 +33,17 @@ from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.movielens import Rating, load_movielens
 from feedserve.rank.data import (
     FEATURES,
+    LABELS,
     PostTable,
     RankExample,
     Tensorizer,
     interactions,
     movielens_examples,
+    select_tasks,
     top_posts,
 )
 from feedserve.rank.features import PostFeatures
-from feedserve.rank.model import INPUTS, POST_TOKENS, GenerativeRanker, RankerConfig
+from feedserve.rank.model import HISTORIES, INPUTS, NEUTRAL, POST_TOKENS, GenerativeRanker, RankerConfig
 from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, final_score, multitask_loss
 from feedserve.training.data import Split, movielens_split, validation_movielens
 from feedserve.training.evaluate import EmbeddingRetriever, metrics
@@ -146,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--id-buckets", type=int, default=RankerConfig.id_buckets, help="hashed post-id embeddings")
     p.add_argument("--post-tokens", choices=POST_TOKENS, default="gated", help="content and id gated, or one alone")
+    p.add_argument("--history", choices=HISTORIES, default="all", help="what the ranker reads of a member's history")
+    p.add_argument("--no-action-tokens", action="store_true", help="ablation: every interaction read as neutral")
+    p.add_argument("--no-features", action="store_true", help="ablation: no candidate features fused late")
+    p.add_argument("--tasks", default=",".join(LABELS), help=f"comma-separated, of {', '.join(LABELS)}")
+    p.add_argument("--cache", type=Path, help="embeddings kept between runs (default: OUT/cache)")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--resume", action="store_true")
     p.add_argument(
@@ -154,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         help="train and evaluate inside the training period (a validation split); the test members are never read",
     )
     args = p.parse_args(argv)
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    if not tasks or not set(tasks) <= set(LABELS):
+        p.error(f"--tasks: one or more of {', '.join(LABELS)}, got {args.tasks!r}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -166,7 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     graph = layout.onnx_int8 if layout.onnx_int8.exists() else layout.onnx
     corpus = ml.posts()
     retriever = EmbeddingRetriever(
-        layout.hf_dir, settings, PercentileBuckets.load(layout.buckets), corpus, args.out / "cache", onnx=graph
+        layout.hf_dir,
+        settings,
+        PercentileBuckets.load(layout.buckets),
+        corpus,
+        args.cache or args.out / "cache",
+        onnx=graph,
     )
     post_ids = np.array([p.id for p in corpus], np.int64)
     post_vectors = retriever.posts
@@ -184,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         shown=args.shown,
         seed=args.seed,
     )
+    retriever.save_members()
     logger.info("%d ranker examples before the cutoff %d", len(examples), split.cutoff)
+    select_tasks(examples, tasks)
     trained_ids = np.unique(
         np.concatenate([x.candidates for x in examples] + [np.array([i.post_id for x in examples for i in x.history])])
     )
@@ -194,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         max_history=args.max_history,
         id_buckets=args.id_buckets,
         post_tokens=args.post_tokens,
-        features=FEATURES,
+        history=args.history,
+        actions=(NEUTRAL,) if args.no_action_tokens else RankerConfig.actions,
+        features=() if args.no_features else FEATURES,
+        tasks=tasks,
     )
     torch.manual_seed(args.seed)
     model = GenerativeRanker(config, known_ids=torch.from_numpy(trained_ids))
@@ -225,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         ml.ratings_by_user(before=split.cutoff),
         args.candidates,
     )
+    retriever.save_members()
     report = {
         "command": "python -m feedserve.training.rank " + " ".join(argv if argv is not None else sys.argv[1:]),
         "evaluated_on": "validation members (inside the training period)" if args.validate else "test members",

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from feedserve.prompt.movielens import MovieLens, Rating
-from feedserve.prompt.records import ENGAGED_RATING, Member, rating_of
+from feedserve.prompt.records import ENGAGED_RATING, Member, is_engaged, rating_of
 from feedserve.rank.features import COUNT_FEATURES, PostFeatures
 from feedserve.rank.model import NEUTRAL, RankerConfig
 
@@ -44,21 +44,25 @@ def action_of(rating: float) -> str:
     return "dislike" if rating <= DISLIKE else "neutral"
 
 
-def action_of_record(action: str, known: Sequence[str]) -> str:
-    """A member record's action as one of the ranker's: `rated 4.5` (MovieLens) by its rating, a
-    known action name as itself, anything else `neutral` (seen, neither liked nor disliked)."""
+def action_of_record(action: str) -> str:
+    """A member record's action by name: `rated 4.5` (MovieLens) by its rating, any other action
+    lowercased (the ranker reads a name it has no token for as `neutral`)."""
     rating = rating_of(action)
-    name = action_of(rating) if rating is not None else action.strip().lower()
-    return name if name in known else NEUTRAL
+    return action_of(rating) if rating is not None else action.strip().lower()
 
 
-def member_interactions(member: Member, known: Sequence[str]) -> list[Interaction]:
+def member_interactions(member: Member) -> list[Interaction]:
     """A member record's history as the ranker reads it: every item, with its action, oldest first."""
-    return [Interaction(h.post_id, action_of_record(h.action, known), h.engaged_at or 0) for h in member.history]
+    return [Interaction(h.post_id, action_of_record(h.action), h.engaged_at or 0) for h in member.history]
+
+
+# The labels of a MovieLens example, in this order; a ranker trained on some of them reads its own
+# (`select_tasks`).
+LABELS = ("like", "love", "dislike")
 
 
 def labels_of(rating: float | None) -> tuple[float, float, float]:
-    """(like, love, dislike) for a post rated `rating`; shown and not rated (None): all 0."""
+    """LABELS for a post rated `rating`; shown and not rated (None): all 0."""
     if rating is None:
         return (0.0, 0.0, 0.0)
     return (float(rating >= LIKE), float(rating >= LOVE), float(rating <= DISLIKE))
@@ -79,6 +83,13 @@ class RankExample:
     candidates: np.ndarray  # post ids shown [C]
     retrieval_scores: np.ndarray  # the retrieval stage's score of each [C]
     labels: np.ndarray  # [C, tasks]
+
+
+def select_tasks(examples: Sequence[RankExample], tasks: Sequence[str], labels: Sequence[str] = LABELS) -> None:
+    """Keep the label columns of `tasks` (of `labels`, the examples' columns), in that order."""
+    columns = [list(labels).index(t) for t in tasks]
+    for x in examples:
+        x.labels = x.labels[:, columns]
 
 
 def interactions(ratings: Sequence[Rating]) -> list[Interaction]:
@@ -175,13 +186,22 @@ class Tensorizer:
         self.content = content
         self.features = features or PostFeatures()
         self.actions = {a: i for i, a in enumerate(config.actions)}
+        self.neutral = self.actions[NEUTRAL]
+
+    def history(self, history: Sequence[Interaction]) -> Sequence[Interaction]:
+        """What the ranker reads of a history: the newest max_history (the oldest go first, as in the
+        prompts) of every interaction, or of the engaged ones with `history` "engaged"."""
+        if self.config.history == "engaged":
+            history = [it for it in history if is_engaged(it.action)]
+        return history[-self.config.max_history :]
 
     def batch(self, examples: Sequence[RankExample]) -> dict[str, torch.Tensor]:
         """Tensors for `examples`: the model's inputs, and `candidate_mask` and `labels` for the loss."""
         cfg = self.config
         dim = cfg.content_dim
         b = len(examples)
-        h = max(1, max(min(len(x.history), cfg.max_history) for x in examples))
+        histories = [self.history(x.history) for x in examples]
+        h = max(1, max(len(history) for history in histories))
         c = max(len(x.candidates) for x in examples)
         out: dict[str, np.ndarray] = {
             "history_ids": np.zeros((b, h), np.int64),
@@ -201,17 +221,14 @@ class Tensorizer:
             for j, name in enumerate(self.features.counts)
             if f"{name}_percentile" in column
         ]
-        for i, x in enumerate(examples):
-            history = x.history[-cfg.max_history :]  # the oldest go first, as in the prompts
+        for i, (x, history) in enumerate(zip(examples, histories, strict=True)):
             n = len(history)
             ids = np.array([it.post_id for it in history], np.int64)
             out["history_ids"][i, :n] = ids
-            out["history_actions"][i, :n] = [self.actions[it.action] for it in history]
+            out["history_actions"][i, :n] = [self.actions.get(it.action, self.neutral) for it in history]
             out["history_content"][i, :n] = self.content.lookup(ids)[0]
             out["history_mask"][i, :n] = True
-            liked = frozenset().union(
-                *(self.features.tags(it.post_id) for it in history if it.action in ("like", "love"))
-            )
+            liked = frozenset().union(*(self.features.tags(it.post_id) for it in history if is_engaged(it.action)))
             m = len(x.candidates)
             content, has = self.content.lookup(x.candidates)
             out["candidate_ids"][i, :m] = x.candidates

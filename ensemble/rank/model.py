@@ -40,6 +40,7 @@ INPUTS = (
 )
 OUTPUT = "logits"
 POST_TOKENS = ("gated", "content", "id")
+HISTORIES = ("all", "engaged")
 # The action every interaction the ranker has no token for is read as (seen, neither liked nor not).
 NEUTRAL = "neutral"
 # A saved ranker: its configuration and its weights.
@@ -61,6 +62,9 @@ class RankerConfig:
     # "content" (the retrieval embedding alone) or "id" (the id embedding alone; zero for an id never
     # trained on): the last two are the ablations of the first.
     post_tokens: str = "gated"
+    # The history the ranker reads: "all" interactions, negatives included (the default), or the
+    # "engaged" ones alone (as retrieval prompts show them): the ablation of the first.
+    history: str = "all"
     n_experts: int = 4
     cross_layers: int = 2
     dropout: float = 0.1
@@ -85,6 +89,8 @@ class RankerConfig:
     def __post_init__(self) -> None:
         if self.post_tokens not in POST_TOKENS:
             raise ValueError(f"post_tokens must be one of {POST_TOKENS}, got {self.post_tokens!r}")
+        if self.history not in HISTORIES:
+            raise ValueError(f"history must be one of {HISTORIES}, got {self.history!r}")
         if NEUTRAL not in self.actions:
             raise ValueError(f"actions must include {NEUTRAL!r}, the token of any action not listed: {self.actions}")
 

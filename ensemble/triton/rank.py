@@ -173,7 +173,7 @@ class RankModel(BatchModel[RankRequest]):
             examples = [
                 RankExample(
                     item.members[i].id,
-                    member_interactions(item.members[i], self.config.actions),
+                    member_interactions(item.members[i]),
                     item.queries[i],
                     item.candidates[i],
                     item.scores[i],

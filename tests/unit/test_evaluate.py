@@ -32,6 +32,14 @@ def test_retriever_caches_posts_and_truncates_to_matryoshka_prefixes(tiny_checkp
     ).T
     np.testing.assert_allclose(prefix, want, atol=1e-5)
 
+    # Member embeddings kept on disk come back for the same prompts, in the order asked for.
+    first.save_members()
+    assert len(list(tmp_path.glob("members-*.npz"))) == 1
+    np.testing.assert_allclose(again.member_vectors(syn.members[::-1]), m[::-1], atol=1e-5)  # embedded anew
+    reloaded = EmbeddingRetriever(tiny_checkpoint, TINY_SETTINGS, buckets, syn.posts, tmp_path)
+    assert len(reloaded._members) == 6
+    np.testing.assert_array_equal(reloaded.member_vectors(syn.members[::-1]), m[::-1])
+
 
 def test_popularity_correlation() -> None:
     popularity = np.array([0, 1, 10, 100, 1000], np.float64)

@@ -95,7 +95,7 @@ def test_it_ranks_as_the_pytorch_ranker_does(rank: RankModel, layout: ArtifactLa
     tensorize = Tensorizer(model.config, PostTable(POSTS, VECTORS), PostFeatures.load(layout.post_features))
     example = RankExample(
         3,
-        member_interactions(parse_member(_member(HISTORY)), model.config.actions),
+        member_interactions(parse_member(_member(HISTORY))),
         request["QUERY"][0],  # type: ignore[index]
         np.array(candidates, np.int64),
         request["CANDIDATE_SCORES"][0],  # type: ignore[index]

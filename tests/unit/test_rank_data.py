@@ -180,17 +180,45 @@ def test_affinity_is_the_jaccard_similarity_of_tag_sets(
     np.testing.assert_allclose(features.affinity(posts, liked), want, rtol=1e-6)
 
 
-def test_every_action_a_record_may_carry_maps_to_a_token_the_ranker_has() -> None:
-    from feedserve.rank.data import action_of_record
+def _history_tensors(config: RankerConfig, history: list[tuple[int, str]]) -> dict[str, np.ndarray]:
+    from feedserve.prompt.records import parse_member
+    from feedserve.rank.data import member_interactions
 
-    narrow = ("like", "neutral")  # a ranker trained without love or dislike tokens
-    assert [action_of_record(a, narrow) for a in ("rated 5", "rated 4", "rated 1", "Like", "share", "")] == [
-        "neutral",
-        "like",
-        "neutral",
-        "like",
-        "neutral",
-        "neutral",
-    ]
+    member = parse_member(
+        {"id": 1, "history": [{"post_id": p, "action": a, "engaged_at": i} for i, (p, a) in enumerate(history)]}
+    )
+    table = PostTable(np.arange(1, 10, dtype=np.int64), np.eye(9, 4, dtype=np.float32))
+    example = RankExample(
+        1, member_interactions(member), np.zeros(4, np.float32), np.array([9]), np.ones(1), np.zeros((1, 0))
+    )
+    return {k: v.numpy() for k, v in Tensorizer(config, table).batch([example]).items()}
+
+
+def test_every_action_a_record_may_carry_maps_to_a_token_the_ranker_has() -> None:
+    narrow = RankerConfig(content_dim=4, actions=("like", "neutral"), tasks=())  # no love or dislike tokens
+    history = [(1, "rated 5"), (2, "rated 4"), (3, "rated 1"), (4, "Like"), (5, "share"), (6, "")]
+    t = _history_tensors(narrow, history)
+    assert t["history_actions"][0].tolist() == [1, 0, 1, 0, 1, 1]  # love, share, unnamed: neutral
     with pytest.raises(ValueError, match="must include 'neutral'"):
         RankerConfig(content_dim=4, actions=("like", "dislike"))
+
+
+def test_an_engaged_history_ranker_reads_the_engaged_interactions_alone() -> None:
+    history = [(1, "rated 5"), (2, "rated 2"), (3, "rated 3"), (4, "share"), (5, "skip"), (6, "rated 4")]
+    every = _history_tensors(RankerConfig(content_dim=4, tasks=()), history)
+    assert every["history_ids"][0].tolist() == [1, 2, 3, 4, 5, 6]
+    engaged = _history_tensors(RankerConfig(content_dim=4, tasks=(), history="engaged", max_history=2), history)
+    assert engaged["history_ids"][0].tolist() == [4, 6]  # the newest two engaged, oldest first
+    with pytest.raises(ValueError, match="history must be one of"):
+        RankerConfig(content_dim=4, history="liked")
+
+
+def test_a_ranker_of_fewer_tasks_reads_their_label_columns() -> None:
+    from feedserve.rank.data import LABELS, select_tasks
+
+    x = RankExample(
+        1, [], np.zeros(4, np.float32), np.array([1, 2]), np.ones(2), np.array([[1, 0, 0], [1, 1, 0]], np.float32)
+    )
+    assert LABELS == ("like", "love", "dislike")
+    select_tasks([x], ("love", "like"))
+    assert x.labels.tolist() == [[0, 1], [1, 1]]
