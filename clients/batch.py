@@ -3,7 +3,8 @@
 Requests go out concurrently over async gRPC (`tritonclient.grpc.aio`), `concurrency` in flight,
 so the server's dynamic batcher always has work queued. Embeddings are written to disk
 (`ids.npy`, `embeddings.npy`) and turned into the index file that the `knn` model serves; `knn`
-notices the new file and swaps it in without a restart.
+notices the new file and swaps it in without a restart. With a Milvus index the posts go into a
+new generation of it, which replaces the serving one when it is full.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from tritonclient.utils import InferenceServerException
 from feedserve.clients.online import Record, records_tensor
 from feedserve.errors import ClientError
 from feedserve.index.live import rebuilding
+from feedserve.index.milvus import MilvusStore
+from feedserve.index.milvus import rebuilding as milvus_rebuilding
 from feedserve.index.store import PostIndex
 from feedserve.schema import EMBEDDING, RECORDS, ModelName
 
@@ -116,14 +119,17 @@ def build_index(
 def index_corpus(
     posts: Sequence[Record],
     ids: Sequence[int],
-    index_path: Path,
+    index_path: Path | MilvusStore,
     embeddings_dir: Path | None = None,
     **kwargs: object,
 ) -> EmbedStats:
-    """Embed `posts` through the server, save the embeddings, and write the index file. The rebuild
-    starts before the first post is embedded: writes acknowledged meanwhile (an ingester running
-    beside it) are newer than this corpus and stay on top of it."""
-    with rebuilding(index_path.parent) as rebuild:
+    """Embed `posts` through the server, save the embeddings, and write the index: the local index
+    file at `index_path`, or a new generation of a Milvus index that replaces the serving one
+    (feedserve.index.milvus.rebuilding). The rebuild starts before the first post is embedded:
+    writes acknowledged meanwhile (an ingester running beside it) are newer than this corpus and
+    stay on top of it."""
+    target = milvus_rebuilding(index_path) if isinstance(index_path, MilvusStore) else rebuilding(index_path.parent)
+    with target as rebuild:
         start = time.perf_counter()
         vectors = embed_records(posts, **kwargs)
         stats = EmbedStats(len(posts), time.perf_counter() - start)

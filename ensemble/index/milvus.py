@@ -9,6 +9,15 @@ index makes on one node (feedserve.index.live), now across every server that sha
 `MilvusStore` has the surface the serving models use of `PostIndex` (`dim`, `len`, `search`,
 `lookup`, `write`), so `knn`, `rank` and `index_write` read and write it the same way.
 
+An index is a name; its posts live in one generation, a collection `<name>__<generation>`, and the
+row of the `<name>__current` collection names the generation serving. A rebuild (`rebuilding`)
+fills a new generation while the current one serves and takes writes, carries over the writes
+made meanwhile, then points the name at it: a reader (which resolves the name before each batch,
+`refresh`) sees the old index or the new one, never a half-built one. A pointer row rather than a
+Milvus alias because Milvus Lite answers the alias calls UNIMPLEMENTED; the pointer works on both.
+Each row carries `written_at` (microseconds since the epoch, set by the writer) so that the rebuild
+can tell the writes made while it filled.
+
 A URI is a Milvus server or cluster (`http://host:19530`) or, on one machine, a local file: Milvus
 Lite, the real engine embedded, which one process may open at a time; `MilvusLite` runs it as a
 loopback gRPC server that every Triton stub connects to (the launcher starts it).
@@ -24,7 +33,9 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +47,9 @@ from feedserve.schema import NO_ID
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_COLLECTION = "feedserve_posts"
+DEFAULT_COLLECTION = "feedserve_posts"  # the index's name
+# What serving reads: a local path is Milvus Lite (shared through `shared_lite`), else a server URI.
+MILVUS_URI_ENV = "FEEDSERVE_MILVUS_URI"
 # Ids excluded by the search filter itself; past this, the search over-fetches instead (a filter
 # expression is parsed per query; thousands of literals cost more than the rows they save).
 MAX_FILTER_IDS = 1024
@@ -46,30 +59,89 @@ MAX_LIMIT = 16384
 WRITE_CHUNK = 2048
 
 
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
 class MilvusStore:
+    """One named post index in Milvus (`collection` is its name; see the module's docstring)."""
+
     def __init__(self, uri: str, dim: int, collection: str = DEFAULT_COLLECTION, index_type: str = "FLAT") -> None:
-        from pymilvus import DataType, MilvusClient
+        from pymilvus import MilvusClient
 
         if dim <= 0:
             raise IndexStoreError(f"index dimension must be positive, got {dim}")
-        self.uri, self.collection, self.dim = uri, collection, dim
+        self.uri, self.name, self.dim, self.index_type = uri, collection, dim, index_type
         self.client = MilvusClient(uri)
-        if self.client.has_collection(collection):
-            held = self._collection_dim()
-            if held != dim:
-                raise IndexStoreError(f"Milvus collection {collection} at {uri} holds {held}-wide vectors, not {dim}")
-        else:
-            schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
-            schema.add_field("id", DataType.INT64, is_primary=True)
-            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
-            index = self.client.prepare_index_params()
-            index.add_index("vector", index_type=index_type, metric_type="IP")
-            self.client.create_collection(collection, schema=schema, index_params=index, consistency_level="Strong")
-            logger.info("created Milvus collection %s (dim %d, %s) at %s", collection, dim, index_type, uri)
-        self.client.load_collection(collection)
+        self._ensure_pointer()
+        current = self._pointed()
+        if current is None:
+            current = self.create_generation()
+            self.point(current)
+        self.collection = current
+        held = self._collection_dim(current)
+        if held != dim:
+            raise IndexStoreError(f"Milvus index {collection} at {uri} holds {held}-wide vectors, not {dim}")
+        self.client.load_collection(current)
 
-    def _collection_dim(self) -> int:
-        fields = self.client.describe_collection(self.collection)["fields"]
+    @property
+    def pointer(self) -> str:
+        return f"{self.name}__current"
+
+    def _ensure_pointer(self) -> None:
+        from pymilvus import DataType
+
+        if self.client.has_collection(self.pointer):
+            return
+        # Milvus wants a vector field in every collection; the pointer's is a placeholder.
+        schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("generation", DataType.VARCHAR, max_length=256)
+        schema.add_field("placeholder", DataType.FLOAT_VECTOR, dim=2)
+        index = self.client.prepare_index_params()
+        index.add_index("placeholder", index_type="FLAT", metric_type="IP")
+        self.client.create_collection(self.pointer, schema=schema, index_params=index, consistency_level="Strong")
+        self.client.load_collection(self.pointer)
+
+    def _pointed(self) -> str | None:
+        rows = self.client.get(self.pointer, ids=[0], output_fields=["generation"])
+        return str(rows[0]["generation"]) if rows else None
+
+    def point(self, collection: str) -> None:
+        """Make `collection` the generation this index's name serves (one upsert: atomic)."""
+        self.client.upsert(self.pointer, [{"id": 0, "generation": collection, "placeholder": [1.0, 0.0]}])
+
+    def create_generation(self) -> str:
+        """A new empty collection for this index, not yet serving; its name."""
+        from pymilvus import DataType
+
+        name = f"{self.name}__{uuid.uuid4().hex[:12]}"
+        schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
+        schema.add_field("written_at", DataType.INT64)
+        index = self.client.prepare_index_params()
+        index.add_index("vector", index_type=self.index_type, metric_type="IP")
+        self.client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong")
+        self.client.load_collection(name)
+        logger.info("created Milvus collection %s (dim %d, %s) at %s", name, self.dim, self.index_type, self.uri)
+        return name
+
+    def generations(self) -> list[str]:
+        return sorted(c for c in self.client.list_collections() if c.startswith(f"{self.name}__") and c != self.pointer)
+
+    def refresh(self) -> bool:
+        """Follow the name to the generation serving now (a rebuild may have swapped it); True if it moved."""
+        current = self._pointed()
+        if current is None or current == self.collection:
+            return False
+        self.client.load_collection(current)
+        logger.info("Milvus index %s: now serving %s (was %s)", self.name, current, self.collection)
+        self.collection = current
+        return True
+
+    def _collection_dim(self, collection: str) -> int:
+        fields = self.client.describe_collection(collection)["fields"]
         vector = next(f for f in fields if f["name"] == "vector")
         return int(vector["params"]["dim"])
 
@@ -77,29 +149,36 @@ class MilvusStore:
         rows = self.client.query(self.collection, filter="", output_fields=["count(*)"], consistency_level="Strong")
         return int(rows[0]["count(*)"])
 
-    def write(self, upsert_ids: np.ndarray, vectors: np.ndarray | None, delete_ids: np.ndarray) -> int:
+    def write(
+        self, upsert_ids: np.ndarray, vectors: np.ndarray | None, delete_ids: np.ndarray, collection: str | None = None
+    ) -> int:
         """Upserts (a post written again is replaced) then deletes, as PostIndex.write; returns how
         many of `delete_ids` were held. Vectors must be unit length, as the live index requires."""
+        target = collection or self.collection
         ids = np.asarray(upsert_ids, np.int64).reshape(-1)
         if len(ids):
             if vectors is None or np.asarray(vectors).shape != (len(ids), self.dim):
                 raise IndexStoreError(f"expected {len(ids)} vectors of dim {self.dim}")
             vectors = np.ascontiguousarray(vectors, np.float32)
             check_unit(vectors)
-            for start in range(0, len(ids), WRITE_CHUNK):
-                rows = [
-                    {"id": int(i), "vector": v.tolist()}
-                    for i, v in zip(ids[start : start + WRITE_CHUNK], vectors[start : start + WRITE_CHUNK], strict=True)
-                ]
-                self.client.upsert(self.collection, rows)
+            self._upsert(target, ids, vectors, np.full(len(ids), now_us(), np.int64))
         gone = np.unique(np.asarray(delete_ids, np.int64).reshape(-1))
         if not len(gone):
             return 0
-        held = int(self.lookup(gone)[1].sum())
-        self.client.delete(self.collection, ids=gone.tolist())
+        held = int(self.lookup(gone, target)[1].sum())
+        self.client.delete(target, ids=gone.tolist())
         return held
 
-    def lookup(self, post_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _upsert(self, collection: str, ids: np.ndarray, vectors: np.ndarray, written_at: np.ndarray) -> None:
+        for start in range(0, len(ids), WRITE_CHUNK):
+            end = start + WRITE_CHUNK
+            rows = [
+                {"id": int(i), "vector": v.tolist(), "written_at": int(t)}
+                for i, v, t in zip(ids[start:end], vectors[start:end], written_at[start:end], strict=True)
+            ]
+            self.client.upsert(collection, rows)
+
+    def lookup(self, post_ids: np.ndarray, collection: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(vectors [n, dim], found [n]) as PostIndex.lookup: zeros where a post is not held."""
         ids = np.asarray(post_ids, np.int64).reshape(-1)
         out = np.zeros((len(ids), self.dim), np.float32)
@@ -107,13 +186,26 @@ class MilvusStore:
         wanted = sorted({int(i) for i in ids.tolist() if i != NO_ID})
         if not wanted:
             return out, found
-        rows = self.client.get(self.collection, ids=wanted, output_fields=["vector"])
+        rows = self.client.get(collection or self.collection, ids=wanted, output_fields=["vector"])
         vector_of = {int(r["id"]): r["vector"] for r in rows}
         for j, i in enumerate(ids.tolist()):
             if i in vector_of:
                 out[j] = vector_of[i]
                 found[j] = True
         return out, found
+
+    def rows(self, collection: str, filter: str = "", vectors: bool = False) -> dict[int, tuple[int, list[float]]]:
+        """Every row of `collection` matching `filter`: id -> (written_at, vector or [])."""
+        fields = ["id", "written_at", *(["vector"] if vectors else [])]
+        it = self.client.query_iterator(collection, batch_size=4096, filter=filter, output_fields=fields)
+        out: dict[int, tuple[int, list[float]]] = {}
+        try:
+            while batch := it.next():
+                for r in batch:
+                    out[int(r["id"])] = (int(r["written_at"]), list(r["vector"]) if vectors else [])
+        finally:
+            it.close()
+        return out
 
     def search(
         self, queries: np.ndarray, ks: Sequence[int], exclude: Sequence[np.ndarray] | None = None
@@ -143,6 +235,93 @@ class MilvusStore:
 
     def close(self) -> None:
         self.client.close()
+
+
+class MilvusRebuild:
+    """A full rebuild of a Milvus index into a new generation (see `rebuilding`)."""
+
+    def __init__(self, store: MilvusStore) -> None:
+        self.store = store
+        self.old = store.collection
+        self.started_us = now_us()
+        self.held_at_start = set(store.rows(self.old))  # to tell the deletes made while it fills
+
+    def save(self, ids: np.ndarray, vectors: np.ndarray, meta: dict[str, object] | None = None) -> MilvusStore:
+        """Fill a new generation with these posts, carry over the writes made to the serving one
+        since the rebuild started, point the index at the new one, carry over the writes that raced
+        the swap, and drop the generations before the old one (a reader may still be searching
+        the old one in its current batch)."""
+        del meta  # the collection's schema is its metadata
+        store = self.store
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        vectors = np.ascontiguousarray(vectors, np.float32)
+        if vectors.shape != (len(ids), store.dim):
+            raise IndexStoreError(f"expected {len(ids)} vectors of dim {store.dim}, got {list(vectors.shape)}")
+        check_unit(vectors)
+        new = store.create_generation()
+        store._upsert(new, ids, vectors, np.full(len(ids), self.started_us, np.int64))
+        seen = self._carry_over(new, self.held_at_start, self.started_us)
+        store.point(new)
+        store.collection = new
+        self._carry_over(new, seen, self.started_us)  # writes that reached the old one before the swap
+        for name in store.generations():
+            if name not in (new, self.old):
+                store.client.drop_collection(name)
+        logger.info("Milvus index %s: rebuilt into %s (%d posts), was %s", store.name, new, len(ids), self.old)
+        return store
+
+    def _carry_over(self, new: str, held_before: set[int], since_us: int) -> set[int]:
+        """Apply to `new` what the old generation took since `since_us`: the upserts newer than the
+        new one's row, and the deletes (ids held before and gone now). Returns the ids held now."""
+        store = self.store
+        held_now = store.rows(self.old)
+        gone = sorted(held_before - set(held_now))
+        if gone:
+            store.client.delete(new, ids=gone)
+        recent = store.rows(self.old, f"written_at > {since_us}", vectors=True)
+        if recent:
+            ours = store.rows(new, f"id in {sorted(recent)}")
+            newer = [i for i, (at, _) in recent.items() if at > ours.get(i, (-1, []))[0]]
+            if newer:
+                store._upsert(
+                    new,
+                    np.array(newer, np.int64),
+                    np.array([recent[i][1] for i in newer], np.float32),
+                    np.array([recent[i][0] for i in newer], np.int64),
+                )
+        logger.info("carried %d upserts and %d deletes over into %s", len(recent), len(gone), new)
+        return set(held_now)
+
+
+@contextmanager
+def rebuilding(store: MilvusStore) -> Iterator[MilvusRebuild]:
+    """A rebuild of `store`'s index: enter before reading the corpus (writes made from then on are
+    carried over), `save` once the vectors are in hand."""
+    store.refresh()
+    yield MilvusRebuild(store)
+
+
+class MilvusFollowed:
+    """What a serving model follows in Milvus (the counterpart of `FollowedIndex`): the index by
+    its name, re-resolved before each batch so that a rebuild's swap is seen at the next one."""
+
+    def __init__(self, uri: str, dim: int, collection: str, owner: str) -> None:
+        self.owner = owner
+        self.index = MilvusStore(uri, dim, collection)
+        logger.info(
+            "%s: Milvus index %s (%s) at %s, %d posts", owner, collection, self.index.collection, uri, len(self.index)
+        )
+
+    def refresh(self) -> None:
+        try:
+            self.index.refresh()
+        except Exception:
+            logger.exception(
+                "%s: could not resolve the Milvus index %s; serving %s",
+                self.owner,
+                self.index.name,
+                self.index.collection,
+            )
 
 
 def _free_port() -> int:
@@ -193,11 +372,17 @@ class MilvusLite:
                     self.stop()
                     raise IndexStoreError(f"Milvus Lite on {self.db_file} did not listen on {self.port}") from None
                 time.sleep(0.05)
+        self.port_file.write_text(f"{self.port}\n")  # for `shared_lite` in other processes
         logger.info("Milvus Lite serving %s on %s", self.db_file, self.uri)
         return self
 
+    @property
+    def port_file(self) -> Path:
+        return self.db_file.with_name(self.db_file.name + ".port")
+
     def stop(self) -> None:
         if self._server is not None:
+            self.port_file.unlink(missing_ok=True)
             self._server.stop()
             self._server = None
         if self._lock >= 0:
@@ -209,3 +394,45 @@ class MilvusLite:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+_SHARED: dict[Path, MilvusLite] = {}
+
+
+def is_local(uri: str) -> bool:
+    """A Milvus Lite file rather than a server address."""
+    return "://" not in uri
+
+
+def shared_lite(db_file: Path, timeout_s: float = 60.0) -> str:
+    """The URI of the Milvus Lite server of `db_file`: the one another process serves (the launcher,
+    another Triton stub), or one this process starts and serves for its life."""
+    db_file = Path(db_file).resolve()
+    if db_file in _SHARED:
+        return _SHARED[db_file].uri
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _SHARED[db_file] = MilvusLite(db_file).start()
+            return _SHARED[db_file].uri
+        except IndexStoreError:
+            port = db_file.with_name(db_file.name + ".port")
+            if port.exists():
+                uri = f"http://127.0.0.1:{int(port.read_text())}"
+                try:
+                    with socket.create_connection(("127.0.0.1", int(port.read_text())), timeout=1.0):
+                        return uri
+                except (OSError, ValueError):
+                    pass
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def milvus_uri(configured: str | None) -> str | None:
+    """The Milvus to serve from: $FEEDSERVE_MILVUS_URI, else the configured one (None: the local
+    index); a local file is shared through `shared_lite`."""
+    uri = os.environ.get(MILVUS_URI_ENV) or configured
+    if not uri:
+        return None
+    return shared_lite(Path(uri)) if is_local(uri) else uri

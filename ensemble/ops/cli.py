@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from feedserve.artifacts import ArtifactLayout, default_artifacts_dir
+from feedserve.index.milvus import DEFAULT_COLLECTION, MilvusStore, is_local, shared_lite
 from feedserve.ops.builder import SAMPLE_CORPUS
+from feedserve.ops.launcher import DEFAULT_REPOSITORY
 
 logger = logging.getLogger("feedserve")
 
@@ -83,6 +85,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
         log_file=args.log_file,
+        repository=args.repository,
+        milvus_uri=args.milvus_uri,
     )
     if args.host != "127.0.0.1" and not args.expose:
         logger.error("refusing to listen on %s without --expose (default is loopback only)", args.host)
@@ -114,10 +118,12 @@ def cmd_index(args: argparse.Namespace) -> int:
         posts = read_posts_jsonl(args.corpus)
     if args.limit:
         posts = posts[: args.limit]
+    layout = ArtifactLayout(args.artifacts)
+    target = layout.index if args.milvus_uri is None else _milvus(args.milvus_uri, layout, args.milvus_collection)
     stats = index_corpus(
         posts,
         [p.id for p in posts],
-        ArtifactLayout(args.artifacts).index,
+        target,
         embeddings_dir=args.embeddings_out,
         url=args.url or "127.0.0.1:8001",
         batch_size=args.batch_size,
@@ -125,6 +131,10 @@ def cmd_index(args: argparse.Namespace) -> int:
     )
     print(f"indexed {stats.posts} posts in {stats.seconds:.1f} s ({stats.posts_per_s:.1f} posts/s)")
     return 0
+
+
+def _milvus(uri: str, layout: ArtifactLayout, collection: str) -> MilvusStore:
+    return MilvusStore(shared_lite(Path(uri)) if is_local(uri) else uri, layout.serving_dim(), collection)
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
@@ -215,6 +225,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc-port", type=int, default=8001)
     s.add_argument("--metrics-port", type=int, default=8002)
     s.add_argument("--log-file", type=Path)
+    s.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="a rendered model repository")
+    s.add_argument(
+        "--milvus-uri",
+        help="the Milvus a repository rendered with `--index milvus` reads (a server URI, or a local file "
+        "this command serves with Milvus Lite)",
+    )
     s.set_defaults(func=cmd_serve)
 
     i = sub.add_parser("index", help="embed a corpus via embed_post and build the index")
@@ -224,6 +240,8 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--batch-size", type=int, default=8)
     i.add_argument("--concurrency", type=int, default=4)
     i.add_argument("--embeddings-out", type=Path)
+    i.add_argument("--milvus-uri", help="rebuild this Milvus index instead of the local one (a server URI or a file)")
+    i.add_argument("--milvus-collection", default=DEFAULT_COLLECTION, help="the Milvus index's name")
     i.set_defaults(func=cmd_index)
 
     q = sub.add_parser("retrieve", help="top-k posts for member records")

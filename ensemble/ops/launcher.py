@@ -28,6 +28,7 @@ from typing import IO
 
 from feedserve.artifacts import ARTIFACTS_ENV, REPO_ROOT, ArtifactLayout, default_artifacts_dir
 from feedserve.errors import ServerError
+from feedserve.index.milvus import MILVUS_URI_ENV, is_local, shared_lite
 from feedserve.ops.keys import ADMIN_APIS, ADMIN_HEADER, ADMIN_KEY_ENV, WRITE_HEADER, WRITE_KEY_ENV, write_key
 from feedserve.ops.manifest import MANIFEST, ManifestError
 from feedserve.ops.watchdog import StubWatchdog, deployment_fingerprint, server_ready
@@ -122,6 +123,10 @@ class ServerOptions:
     restart_window_s: float = 600.0
     restart_backoff_s: float = 1.0
     extra_args: tuple[str, ...] = ()
+    # The Milvus the models read and write when the repository was rendered with `--index milvus`
+    # ($FEEDSERVE_MILVUS_URI of the server): a server URI, or a local file, which the launcher serves
+    # with Milvus Lite for as long as it runs (feedserve.index.milvus.shared_lite).
+    milvus_uri: str | None = None
 
 
 def on_free_ports(**options: object) -> ServerOptions:
@@ -200,6 +205,9 @@ class TritonServer:
         env[ARTIFACTS_ENV] = str(self.options.artifacts)
         if self.write_key:
             env[WRITE_KEY_ENV] = self.write_key
+        if self.options.milvus_uri:
+            uri = self.options.milvus_uri
+            env[MILVUS_URI_ENV] = shared_lite(Path(uri)) if is_local(uri) else uri
         return env
 
     def check_artifacts(self) -> None:

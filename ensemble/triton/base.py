@@ -27,6 +27,9 @@ import numpy as np
 
 from feedserve.artifacts import ARTIFACTS_ENV, ArtifactLayout, default_artifacts_dir
 from feedserve.errors import FeedserveError, RecordError
+from feedserve.index.engines import Engine
+from feedserve.index.live import FollowedIndex
+from feedserve.index.milvus import DEFAULT_COLLECTION, MilvusFollowed, milvus_uri
 from feedserve.ops.watchdog import parent_of
 from feedserve.schema import IO, RECORDS, ModelName
 from feedserve.triton.compat import pb_utils
@@ -35,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
 P = TypeVar("P")
+# What a serving model reads posts from (`followed_index`).
+ServingIndex = FollowedIndex | MilvusFollowed
 
 
 class RequestError(FeedserveError, ValueError):
@@ -202,3 +207,15 @@ def read_records(inputs: dict[str, np.ndarray | None], parse: Callable[[bytes | 
         except RecordError as err:
             raise RequestError(f"{RECORDS.name}[{i}]: {err}") from err
     return records
+
+
+def followed_index(layout: ArtifactLayout, params: dict[str, str], engine: Engine, owner: str) -> ServingIndex:
+    """The post index a serving model reads: the local live index it follows (`index` "local", the
+    default), or a Milvus index (`index` "milvus": $FEEDSERVE_MILVUS_URI or the `milvus_uri`
+    parameter, the index named `milvus_collection`)."""
+    if params.get("index", "local") == "local":
+        return FollowedIndex(layout.index_dir, engine, owner)
+    uri = milvus_uri(params.get("milvus_uri"))
+    if uri is None:
+        raise ValueError(f"{owner}: index milvus needs a URI ($FEEDSERVE_MILVUS_URI or the milvus_uri parameter)")
+    return MilvusFollowed(uri, layout.serving_dim(), params.get("milvus_collection", DEFAULT_COLLECTION), owner)

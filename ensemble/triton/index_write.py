@@ -8,6 +8,11 @@ writes a snapshot is taken on a background thread (writes go on meanwhile) and t
 A rebuilt index from the batch client is picked up before the next write. A log that failed in a
 way it could not undo (a disk error) is reopened from what is on disk before the next write.
 
+With the `milvus` index (parameter `index`), Milvus is the store of record: each request's upserts
+then deletes are written there under Strong consistency, and acknowledged once Milvus has them; the
+LSN output is then the write's time in microseconds since the epoch (Milvus keeps the log). This
+server then holds no index state: any number of replicas may write and serve the same index.
+
 Writes need the write key (feedserve.ops.keys): a request whose `feedserve-write-key` header (which
 Triton forwards into its parameters) does not carry the server's $FEEDSERVE_WRITE_KEY is refused
 before it is read, and a server started without a key refuses every write. Vectors must be unit
@@ -28,11 +33,13 @@ import numpy as np
 
 from feedserve.artifacts import ArtifactLayout
 from feedserve.errors import FORBIDDEN, IndexStoreError
+from feedserve.index.engines import Engine
 from feedserve.index.live import IndexWriter
+from feedserve.index.milvus import MilvusFollowed, MilvusStore, now_us
 from feedserve.index.wal import LogError
 from feedserve.ops.keys import WRITE_HEADER, WRITE_KEY_ENV
 from feedserve.schema import LSN, OP, OP_DELETE, OP_UPSERT, POST_ID, WRITE_EMBEDDING, ModelName
-from feedserve.triton.base import Arrays, BatchModel, RequestError, Unavailable, check_2d, require
+from feedserve.triton.base import Arrays, BatchModel, RequestError, Unavailable, check_2d, followed_index, require
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +62,12 @@ class IndexWriteModel(BatchModel[Write]):
         if not self.write_key:
             logger.error("index_write: %s is not set: every write will be refused", WRITE_KEY_ENV)
         self.lock_wait_s = float(params.get("writer_lock_wait_s", "30"))
+        self.milvus: MilvusStore | None = None
+        if params.get("index", "local") != "local":
+            followed = followed_index(layout, params, Engine(), "index_write")
+            assert isinstance(followed, MilvusFollowed)
+            self.milvus = followed.index
+            return
         self.live = IndexWriter.open(layout.index_dir.root, self._dim, lock_wait_s=self.lock_wait_s)
         self._since_snapshot = 0
         self._snapshotting: threading.Thread | None = None
@@ -94,6 +107,8 @@ class IndexWriteModel(BatchModel[Write]):
         return Write(ops, ids, vectors)
 
     def compute(self, items: Sequence[Write]) -> list[Arrays | RequestError]:
+        if self.milvus is not None:
+            return [self._write_milvus(self.milvus, write) for write in items]
         if self.live.failed:
             logger.warning("index_write: reopening %s after a failed write", self.live.log_path)
             self._join_snapshot()
@@ -121,6 +136,19 @@ class IndexWriteModel(BatchModel[Write]):
             self._snapshotting.start()
         return outputs
 
+    def _write_milvus(self, store: MilvusStore, write: Write) -> Arrays | RequestError:
+        upserts = write.ops == OP_UPSERT
+        try:
+            store.refresh()  # a rebuild swapped the generation: write to the one serving
+            vectors = None if write.vectors is None else write.vectors[upserts]
+            store.write(write.ids[upserts], vectors, write.ids[~upserts])
+        except IndexStoreError as err:  # checked before anything is written
+            return RequestError(f"{WRITE_EMBEDDING.name}: {err}")
+        except Exception as err:  # Milvus did not take it: not acknowledged, the client retries
+            logger.exception("index_write: Milvus write failed")
+            return Unavailable(f"index_write: Milvus: {type(err).__name__}: {err}")
+        return {LSN.name: np.full((len(write.ids), 1), now_us(), np.int64)}
+
     def _snapshot(self) -> None:
         try:
             self.live.snapshot()
@@ -135,6 +163,9 @@ class IndexWriteModel(BatchModel[Write]):
             thread.join()
 
     def finalize(self) -> None:
+        if self.milvus is not None:
+            self.milvus.close()
+            return super().finalize()
         self._join_snapshot()
         self.live.close()
         super().finalize()

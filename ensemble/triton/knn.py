@@ -18,10 +18,10 @@ import numpy as np
 
 from feedserve.artifacts import ArtifactLayout
 from feedserve.index.engines import Engine
-from feedserve.index.live import FollowedIndex
+from feedserve.index.milvus import MilvusStore
 from feedserve.index.store import PostIndex, SearchResult
 from feedserve.schema import EXCLUDE_IDS, IDS, QUERY, SCORES, K, ModelName
-from feedserve.triton.base import Arrays, BatchModel, RequestError, check_2d, require
+from feedserve.triton.base import Arrays, BatchModel, RequestError, check_2d, followed_index, require
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +46,10 @@ class KnnModel(BatchModel[KnnRequest]):
             self.engine.kind,
             "" if self.engine.kind == "faiss" else f" on {self.engine.device}, {self.engine.dtype} storage",
         )
-        self.followed = FollowedIndex(layout.index_dir, self.engine, "knn")
+        self.followed = followed_index(layout, params, self.engine, "knn")
 
     @property
-    def index(self) -> PostIndex | None:
+    def index(self) -> PostIndex | MilvusStore | None:
         return self.followed.index
 
     def parse(self, inputs: dict[str, np.ndarray | None]) -> KnnRequest:

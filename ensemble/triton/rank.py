@@ -26,7 +26,6 @@ import numpy as np
 
 from feedserve.artifacts import ArtifactLayout
 from feedserve.index.engines import Engine
-from feedserve.index.live import FollowedIndex
 from feedserve.prompt.records import Member, parse_member
 from feedserve.rank.data import RankExample, Tensorizer, member_interactions
 from feedserve.rank.features import PostFeatures
@@ -44,7 +43,16 @@ from feedserve.schema import (
     K,
     ModelName,
 )
-from feedserve.triton.base import Arrays, BatchModel, RequestError, check_2d, read_records, require
+from feedserve.triton.base import (
+    Arrays,
+    BatchModel,
+    RequestError,
+    ServingIndex,
+    check_2d,
+    followed_index,
+    read_records,
+    require,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +71,7 @@ class RankRequest:
 class _IndexContent:
     """The ranker's ContentSource: the followed index, or nothing before one is built."""
 
-    def __init__(self, followed: FollowedIndex, dim: int) -> None:
+    def __init__(self, followed: ServingIndex, dim: int) -> None:
         self.followed, self.dim = followed, dim
         self._warned = False
 
@@ -106,7 +114,7 @@ class RankModel(BatchModel[RankRequest]):
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
         self.session = ort.InferenceSession(str(layout.ranker_onnx), options, providers=["CPUExecutionProvider"])
-        self.followed = FollowedIndex(layout.index_dir, Engine(), "rank")
+        self.followed = followed_index(layout, params, Engine(), "rank")
         self.tensorize = Tensorizer(
             self.config, _IndexContent(self.followed, self.config.content_dim), PostFeatures.load(layout.post_features)
         )

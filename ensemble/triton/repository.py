@@ -15,6 +15,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from feedserve.index.milvus import DEFAULT_COLLECTION
 from feedserve.ops.launcher import DEFAULT_REPOSITORY
 from feedserve.rank.train import DEFAULT_TASK_WEIGHTS
 from feedserve.schema import IO, ModelName, RecordKind, TensorSpec
@@ -35,6 +36,7 @@ from {module} import TritonPythonModel  # noqa: F401
 #   without TensorRT). gpu-trt: the encoder as a TensorRT plan (`feedserve.export.tensorrt`), the
 #   PyTorch kNN; for the NVIDIA Triton container. Same models, ensembles and tensor names in all.
 VARIANTS = ("cpu", "gpu-torch", "gpu-trt")
+INDEXES = ("local", "milvus")
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,12 @@ class RepositorySettings:
     task_weights: tuple[tuple[str, float], ...] = tuple(DEFAULT_TASK_WEIGHTS.items())
     # One server per index directory writes; others sharing the directory only follow (no index_write).
     index_writer: bool = True
+    # Where the posts live: "local" (the live index in the artifacts' directory, feedserve.index.live)
+    # or "milvus" (feedserve.index.milvus: every server reads and writes the same Milvus; the URI
+    # here, or $FEEDSERVE_MILVUS_URI at run time, a local file meaning Milvus Lite).
+    index: str = "local"
+    milvus_uri: str = ""
+    milvus_collection: str = DEFAULT_COLLECTION
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -80,12 +88,24 @@ class RepositorySettings:
             raise ValueError(f"unknown encoder precision {self.encoder_precision!r}; expected one of {PRECISIONS}")
         if self.encoder_grouping not in GROUPINGS:
             raise ValueError(f"unknown encoder grouping {self.encoder_grouping!r}; expected one of {GROUPINGS}")
+        if self.index not in INDEXES:
+            raise ValueError(f"unknown index {self.index!r}; expected one of {INDEXES}")
         if self.gpu and self.encoder_precision == "int8":
             raise ValueError("the int8 encoder is an ONNX Runtime CPU graph; GPU variants run bf16 or TensorRT")
 
     @property
     def gpu(self) -> bool:
         return self.variant != "cpu"
+
+    def index_params(self) -> dict[str, str]:
+        """The parameters of the models that read or write the post index."""
+        if self.index == "local":
+            return {}
+        return {
+            "index": self.index,
+            "milvus_collection": self.milvus_collection,
+            **({"milvus_uri": self.milvus_uri} if self.milvus_uri else {}),
+        }
 
 
 def _io(config: mc.ModelConfig, name: ModelName) -> None:
@@ -221,6 +241,7 @@ def render_configs(settings: RepositorySettings = RepositorySettings()) -> dict[
                 {
                     "max_k": str(settings.max_k),
                     **({"engine": "torch", "dtype": settings.knn_dtype} if settings.gpu else {}),
+                    **settings.index_params(),
                 },
                 gpu=settings.gpu,
             ),
@@ -290,6 +311,7 @@ def _rank(settings: RepositorySettings) -> mc.ModelConfig:
         "max_candidates": str(settings.max_candidates),
         "tasks": ",".join(task for task, _ in settings.task_weights),
         "task_weights": json.dumps(dict(settings.task_weights)),
+        **settings.index_params(),
     }
     if settings.rank_threads:
         params["intra_op_threads"] = str(settings.rank_threads)
@@ -315,7 +337,7 @@ def _with_writer(
             settings,
             1,
             settings.knn_queue_delay_us,
-            {"snapshot_every": str(settings.snapshot_every)},
+            {"snapshot_every": str(settings.snapshot_every), **settings.index_params()},
         )
     return configs
 
@@ -382,6 +404,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="leave out index_write: another server sharing the index directory writes, this one follows",
     )
     parser.add_argument(
+        "--index",
+        choices=INDEXES,
+        default="local",
+        help="the post index: local (the live index in the artifacts) or milvus (every server shares one Milvus)",
+    )
+    parser.add_argument(
+        "--milvus-uri",
+        default="",
+        help="http://host:19530 (a Milvus server or cluster) or a local file (Milvus Lite); "
+        "$FEEDSERVE_MILVUS_URI overrides it at run time",
+    )
+    parser.add_argument("--milvus-collection", default=DEFAULT_COLLECTION, help="the Milvus index's name")
+    parser.add_argument(
         "--precision",
         choices=PRECISIONS,
         default="auto",
@@ -397,7 +432,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(args: argparse.Namespace) -> int:
     settings = RepositorySettings(
-        variant=args.variant, index_writer=not args.no_writer, encoder_precision=args.precision
+        variant=args.variant,
+        index_writer=not args.no_writer,
+        encoder_precision=args.precision,
+        index=args.index,
+        milvus_uri=args.milvus_uri,
+        milvus_collection=args.milvus_collection,
     )
     if args.check:
         stale = drift(args.out, settings)

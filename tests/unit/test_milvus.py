@@ -82,3 +82,52 @@ def test_bad_writes_and_widths_are_refused(lite: MilvusLite, tmp_path: Path) -> 
         MilvusStore(lite.uri, 32, collection="strict")
     with pytest.raises(IndexStoreError, match="another process serves it"):
         MilvusLite(lite.db_file).start()  # one server a file
+
+
+def test_a_rebuild_swaps_in_whole_with_the_writes_made_while_it_filled(lite: MilvusLite) -> None:
+    rng = np.random.default_rng(2)
+    writer, reader = MilvusStore(lite.uri, DIM, collection="rebuilt"), MilvusStore(lite.uri, DIM, collection="rebuilt")
+    old = writer.collection
+    writer.write(np.arange(100), _unit(rng, 100), np.empty(0, np.int64))
+    with milvus.rebuilding(MilvusStore(lite.uri, DIM, collection="rebuilt")) as rebuild:
+        # While the rebuild reads its corpus, the serving generation takes writes.
+        late = _unit(rng, 3)
+        writer.write(np.array([5, 500, 501]), late, np.array([7, 8], np.int64))
+        corpus_ids = np.arange(0, 60)  # the corpus as the rebuild read it: 5, 7 and 8 among it
+        corpus = _unit(rng, 60)
+        assert reader.refresh() is False and len(reader) == 100  # nothing of the rebuild is seen yet
+        rebuild.save(corpus_ids, corpus)
+    assert reader.refresh() is True and reader.collection != old
+    want = PostIndex(DIM)
+    want.write(corpus_ids, corpus, np.empty(0, np.int64))
+    want.write(np.array([5, 500, 501]), late, np.array([7, 8], np.int64))  # carried over on top
+    assert len(reader) == len(want) == 60
+    queries = np.concatenate([late, _unit(rng, 4)])
+    for got, expected in zip(reader.search(queries, [10] * 7), want.search(queries, [10] * 7), strict=True):
+        assert got.ids.tolist() == expected.ids.tolist()
+    # The writer still pointing at the old generation moves to the new one before its next write.
+    assert writer.refresh() is True
+    # A second rebuild drops the generation before the one it replaces.
+    with milvus.rebuilding(writer) as again:
+        again.save(np.arange(3), _unit(rng, 3))
+    assert old not in writer.generations() and len(writer.generations()) == 2
+
+
+def test_a_write_that_races_the_swap_is_carried_over(lite: MilvusLite, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(3)
+    store, writer = MilvusStore(lite.uri, DIM, collection="raced"), MilvusStore(lite.uri, DIM, collection="raced")
+    store.write(np.arange(10), _unit(rng, 10), np.empty(0, np.int64))
+    raced = _unit(rng, 1)
+    point = MilvusStore.point
+
+    def write_then_point(self: MilvusStore, collection: str) -> None:
+        # A writer that resolved the old generation just before the swap writes there.
+        writer.write(np.array([77]), raced, np.array([3], np.int64))
+        point(self, collection)
+
+    monkeypatch.setattr(MilvusStore, "point", write_then_point)
+    with milvus.rebuilding(store) as rebuild:
+        rebuild.save(np.arange(10), _unit(rng, 10))
+    found, held = store.lookup(np.array([77, 3, 4]))
+    assert held.tolist() == [True, False, True]
+    np.testing.assert_allclose(found[0], raced[0], atol=1e-6)
