@@ -10,7 +10,8 @@
 # FEEDSERVE_ADMIN_KEY (Triton's admin APIs; default random), FEEDSERVE_WRITE_KEY (what index_write
 # requests must carry in the feedserve-write-key header; unset, every write is refused),
 # FEEDSERVE_HTTP_PORT (where the stub watchdog reaches the server on loopback, if extra arguments
-# move it from 8000).
+# move it from 8000), FEEDSERVE_INDEX (local | milvus: the post index in the artifacts' directory,
+# or in the Milvus at FEEDSERVE_MILVUS_URI, which every replica shares; docker/k8s).
 set -euo pipefail
 
 variant="${FEEDSERVE_VARIANT:-gpu-trt}"
@@ -18,10 +19,20 @@ artifacts="${FEEDSERVE_ARTIFACTS:-/artifacts}"
 repository="${FEEDSERVE_REPOSITORY:-/models}"
 precision="${FEEDSERVE_TRT_PRECISION:-fp16}"
 listen="${FEEDSERVE_LISTEN:-0.0.0.0}"
+index="${FEEDSERVE_INDEX:-local}"
 
 case "$variant" in
   cpu|gpu-torch|gpu-trt) ;;
   *) echo "feedserve-entrypoint: unknown FEEDSERVE_VARIANT '$variant' (gpu-trt, gpu-torch or cpu)" >&2; exit 2 ;;
+esac
+case "$index" in
+  local) ;;
+  milvus)
+    if [[ -z "${FEEDSERVE_MILVUS_URI:-}" ]]; then
+      echo "feedserve-entrypoint: FEEDSERVE_INDEX=milvus needs FEEDSERVE_MILVUS_URI (e.g. http://milvus:19530)" >&2
+      exit 2
+    fi ;;
+  *) echo "feedserve-entrypoint: unknown FEEDSERVE_INDEX '$index' (local or milvus)" >&2; exit 2 ;;
 esac
 if [[ ! -f "$artifacts/serving.json" ]]; then
   echo "feedserve-entrypoint: no built artifacts in $artifacts (mount the directory 'feedserve build' wrote)" >&2
@@ -31,12 +42,18 @@ export FEEDSERVE_ARTIFACTS="$artifacts"
 
 if [[ "$variant" == cpu ]]; then
   # The CPU image serves through feedserve's own launcher (the tritonserver of the PyPI wheel).
+  if [[ "$index" == milvus ]]; then
+    feedserve render --variant cpu --index milvus --out "$repository"
+    exec feedserve --artifacts "$artifacts" serve --host "$listen" --expose --repository "$repository" \
+      --milvus-uri "$FEEDSERVE_MILVUS_URI" "$@"
+  fi
   exec feedserve --artifacts "$artifacts" serve --host "$listen" --expose "$@"
 fi
 
 # Every artifact must match the manifest `feedserve build` wrote (the CPU launcher checks it itself).
 python3 -m feedserve.ops.manifest verify "$artifacts"
-feedserve render --variant "$variant" --out "$repository"
+# With the milvus index the backends read FEEDSERVE_MILVUS_URI from this environment.
+feedserve render --variant "$variant" --index "$index" --out "$repository"
 if [[ "$variant" == gpu-trt ]]; then
   python3 -m feedserve.export.tensorrt ensure --artifacts "$artifacts" \
     --plan "$repository/encoder/1/model.plan" --precision "$precision"

@@ -119,7 +119,11 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.limit:
         posts = posts[: args.limit]
     layout = ArtifactLayout(args.artifacts)
-    target = layout.index if args.milvus_uri is None else _milvus(args.milvus_uri, layout, args.milvus_collection)
+    target = (
+        layout.index
+        if args.milvus_uri is None
+        else _milvus(args.milvus_uri, layout, args.milvus_collection, args.milvus_index_type)
+    )
     stats = index_corpus(
         posts,
         [p.id for p in posts],
@@ -133,8 +137,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def _milvus(uri: str, layout: ArtifactLayout, collection: str) -> MilvusStore:
-    return MilvusStore(shared_lite(Path(uri)) if is_local(uri) else uri, layout.serving_dim(), collection)
+def _milvus(uri: str, layout: ArtifactLayout, collection: str, index_type: str) -> MilvusStore:
+    return MilvusStore(shared_lite(Path(uri)) if is_local(uri) else uri, layout.serving_dim(), collection, index_type)
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
@@ -242,6 +246,12 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--embeddings-out", type=Path)
     i.add_argument("--milvus-uri", help="rebuild this Milvus index instead of the local one (a server URI or a file)")
     i.add_argument("--milvus-collection", default=DEFAULT_COLLECTION, help="the Milvus index's name")
+    i.add_argument(
+        "--milvus-index-type",
+        choices=("FLAT", "GPU_BRUTE_FORCE"),
+        default="FLAT",
+        help="the new generation's index: exact on CPU query nodes (FLAT) or on GPU ones",
+    )
     i.set_defaults(func=cmd_index)
 
     q = sub.add_parser("retrieve", help="top-k posts for member records")

@@ -26,6 +26,9 @@ from feedserve.ops.keys import ADMIN_HEADER, ADMIN_KEY_ENV
 logger = logging.getLogger(__name__)
 
 STUB_BINARY = b"triton_python_backend_stub"
+# Triton's health endpoints (HTTP): ready once every model is loaded, live while the server runs;
+# the Kubernetes probes (docker/k8s) and the container health check use the same paths.
+READY_PATH, LIVE_PATH = "/v2/health/ready", "/v2/health/live"
 
 
 def parent_of(pid: int) -> int | None:
@@ -186,7 +189,7 @@ class StubWatchdog(threading.Thread):
 def server_ready(http_url: str, timeout_s: float = 2.0) -> bool:
     """Whether the Triton server at `http_url` answers its readiness probe with 200."""
     try:
-        with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=timeout_s) as resp:
+        with urllib.request.urlopen(f"http://{http_url}{READY_PATH}", timeout=timeout_s) as resp:
             return resp.status == 200
     except (urllib.error.URLError, OSError):
         return False

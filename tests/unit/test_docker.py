@@ -155,7 +155,7 @@ def test_entrypoint_builds_the_plan_then_starts_triton(tmp_path: Path, artifacts
     assert len(watchdog) == 1 and "--http-url 127.0.0.1:8000" in watchdog[0]
     assert f"--artifacts {artifacts} --repository {tmp_path / 'models'}" in watchdog[0]
     assert calls[0] == f"python3 -m feedserve.ops.manifest verify {artifacts}"
-    assert calls[1] == f"feedserve render --variant gpu-trt --out {tmp_path / 'models'}"
+    assert calls[1] == f"feedserve render --variant gpu-trt --index local --out {tmp_path / 'models'}"
     assert calls[2].startswith("python3 -m feedserve.export.tensorrt ensure")
     assert f"--plan {tmp_path / 'models'}/encoder/1/model.plan" in calls[2] and "--precision bf16" in calls[2]
     assert calls[3].startswith(
@@ -184,6 +184,29 @@ def test_entrypoint_gpu_torch_builds_no_plan_and_cpu_uses_the_launcher(tmp_path:
     assert calls == [f"feedserve --artifacts {artifacts} serve --host 0.0.0.0 --expose --log-verbose=1"]
 
 
+def test_entrypoint_serves_from_milvus_on_both_paths(tmp_path: Path, artifacts: Path) -> None:
+    milvus = {
+        "FEEDSERVE_INDEX": "milvus",
+        "FEEDSERVE_MILVUS_URI": "http://milvus:19530",
+        "FEEDSERVE_ARTIFACTS": str(artifacts),
+    }
+    models = tmp_path / "models"
+    result, calls = _run_entrypoint(
+        tmp_path, {**milvus, "FEEDSERVE_VARIANT": "gpu-torch", "FEEDSERVE_REPOSITORY": str(models)}
+    )
+    assert result.returncode == 0 and f"feedserve render --variant gpu-torch --index milvus --out {models}" in calls
+    (tmp_path / "calls.log").unlink()
+    result, calls = _run_entrypoint(
+        tmp_path, {**milvus, "FEEDSERVE_VARIANT": "cpu", "FEEDSERVE_REPOSITORY": str(models)}
+    )
+    assert result.returncode == 0
+    assert calls == [
+        f"feedserve render --variant cpu --index milvus --out {models}",
+        f"feedserve --artifacts {artifacts} serve --host 0.0.0.0 --expose --repository {models} "
+        "--milvus-uri http://milvus:19530 --log-verbose=1",
+    ]
+
+
 def test_entrypoint_stops_when_the_artifacts_fail_their_manifest(tmp_path: Path, artifacts: Path) -> None:
     result, calls = _run_entrypoint(
         tmp_path, {"FEEDSERVE_ARTIFACTS": str(artifacts), "FEEDSERVE_VARIANT": "gpu-torch"}, failing="python3"
@@ -197,6 +220,8 @@ def test_entrypoint_stops_when_the_artifacts_fail_their_manifest(tmp_path: Path,
     [
         ({"FEEDSERVE_VARIANT": "tpu"}, "unknown FEEDSERVE_VARIANT"),
         ({"FEEDSERVE_ARTIFACTS": "/nonexistent"}, "no built artifacts"),
+        ({"FEEDSERVE_INDEX": "redis"}, "unknown FEEDSERVE_INDEX"),
+        ({"FEEDSERVE_INDEX": "milvus"}, "needs FEEDSERVE_MILVUS_URI"),
     ],
 )
 def test_entrypoint_refuses_bad_settings(tmp_path: Path, artifacts: Path, env: dict[str, str], words: str) -> None:
