@@ -4,12 +4,16 @@ ingesting against idle, and a full rebuild + swap of the index under retrieval l
 written while it runs (every one acknowledged must be served after the swap).
 
     .venv/bin/python -m benchmarks.freshness --rate 4 --seconds 60
+    .venv/bin/python -m benchmarks.freshness --rate 4 --seconds 60 --milvus   # reports/freshness-milvus.*
 
 Needs `artifacts/default` (`make demo` or `feedserve build`). It serves them from a scratch
 directory (links to the model files, its own index) on free loopback ports, so the demo's index
 is left alone. "Retrievable" is the ingester's acknowledgement: `index_write` answers once the
 write is in the fsynced log and applied, and every `knn` instance applies the log before its next
-batch (tests/integration/test_live_writes.py checks that guarantee under load).
+batch (tests/integration/test_live_writes.py checks that guarantee under load). With `--milvus` the
+posts live in Milvus (Milvus Lite, the embedded engine, on a loopback port): `index_write`
+acknowledges once Milvus took the write, searched under Strong consistency, and the rebuild fills
+a new generation and swaps it in (feedserve.index.milvus).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from feedserve.clients.batch import index_corpus
 from feedserve.clients.ingest import Ingester, JsonlSource
 from feedserve.clients.online import FeedClient
 from feedserve.clients.perf import machine
+from feedserve.index.milvus import MilvusStore, shared_lite
 from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.ops.launcher import TritonServer, on_free_ports
 from feedserve.prompt.movielens import load_movielens
@@ -146,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         help="keep the encoder's prompt cache on (off by default: the rebuild re-embeds the posts the initial "
         "index embedded, and 64 members cycle, so a cache would measure itself)",
     )
+    p.add_argument("--milvus", action="store_true", help="the posts in Milvus Lite instead of the local live index")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "reports")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -159,11 +165,24 @@ def main(argv: list[str] | None = None) -> int:
         report["machine"] = machine()
         report["encoder"] = "int8" if layout.onnx_int8.exists() else "fp32"  # what precision "auto" serves
         repository = Path(tmp) / "repository"
-        write_repository(repository, RepositorySettings(encoder_cache_rows=10000 if args.prompt_cache else 0))
+        write_repository(
+            repository,
+            RepositorySettings(
+                encoder_cache_rows=10000 if args.prompt_cache else 0, index="milvus" if args.milvus else "local"
+            ),
+        )
         report["prompt_cache"] = args.prompt_cache
-        opts = on_free_ports(repository=repository, artifacts=layout.root, log_file=Path(tmp) / "tritonserver.log")
+        report["index"] = "milvus (Milvus Lite 2.5.1, FLAT, Strong)" if args.milvus else "local live index"
+        milvus_db = Path(tmp) / "milvus" / "posts.db"
+        opts = on_free_ports(
+            repository=repository,
+            artifacts=layout.root,
+            log_file=Path(tmp) / "tritonserver.log",
+            milvus_uri=str(milvus_db) if args.milvus else None,
+        )
         with TritonServer(opts) as server:
-            stats = index_corpus(base, [q.id for q in base], layout.index, url=server.grpc_url, progress=False)
+            target = MilvusStore(shared_lite(milvus_db), layout.serving_dim()) if args.milvus else layout.index
+            stats = index_corpus(base, [q.id for q in base], target, url=server.grpc_url, progress=False)
             report["initial_index"] = {"posts": stats.posts, "seconds": stats.seconds}
             with Load(server.grpc_url, members) as idle:
                 time.sleep(args.idle_seconds)
@@ -217,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             with Load(server.grpc_url, members) as during:
                 t = time.perf_counter()
                 writes.start()
-                rebuilt = index_corpus(base, [q.id for q in base], layout.index, url=server.grpc_url, progress=False)
+                rebuilt = index_corpus(base, [q.id for q in base], target, url=server.grpc_url, progress=False)
                 rebuild_s = time.perf_counter() - t
                 writes.stop.set()
                 writes.join()
@@ -231,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                 "retrievable_after": writes.retrievable(),
             }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "freshness.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "freshness.md").write_text(markdown(report))
+    name = "freshness-milvus" if args.milvus else "freshness"
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{name}.md").write_text(markdown(report))
     print(markdown(report))
     return 0
 
@@ -242,6 +262,8 @@ def markdown(r: dict) -> str:
     return "\n".join(
         [
             "# Live index freshness (default model, 2-core CPU)",
+            "",
+            f"Index: {r.get('index', 'local live index')}.",
             "",
             f"Command: `{r['command']}`. Initial index: {r['initial_index']['posts']} MovieLens posts in {r['initial_index']['seconds']:.0f} s. "
             f"Prompt cache {'on' if r.get('prompt_cache') else 'off'}. Encoder: {r.get('encoder', 'fp32')}.",
