@@ -43,12 +43,12 @@ import numpy as np
 from pydantic import ValidationError
 
 from feedserve.artifacts import default_artifacts_dir
-from feedserve.clients.online import FeedClient
+from feedserve.clients.online import FeedClient, records_tensor
 from feedserve.errors import ClientError
 from feedserve.files import atomic_write
 from feedserve.ops.keys import WRITE_KEY_ENV, WRITE_KEY_FILE, write_key
 from feedserve.prompt.records import Post
-from feedserve.schema import LSN, OP, OP_DELETE, OP_UPSERT, POST_ID, WRITE_EMBEDDING, ModelName
+from feedserve.schema import LSN, OP, OP_DELETE, OP_UPSERT, POST_ID, WRITE_EMBEDDING, WRITE_RECORDS, ModelName
 
 logger = logging.getLogger(__name__)
 
@@ -348,6 +348,8 @@ class Ingester:
         inputs: dict[str, np.ndarray] = {
             OP.name: np.array(ops, np.int64)[:, None],
             POST_ID.name: np.array(ids + sorted(deletes), np.int64)[:, None],
+            # Each row's record: where the posts live in Milvus, the ranker's features are stored from it.
+            WRITE_RECORDS.name: records_tensor([upserts[i] for i in ids] + [{"id": d} for d in sorted(deletes)]),
         }
         if ids:  # delete rows ride along with zero vectors, which the writer ignores
             embedded = self.client.embed_posts([upserts[i] for i in ids])

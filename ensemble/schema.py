@@ -84,6 +84,9 @@ OP = TensorSpec("OP", "INT64", (1,))
 POST_ID = TensorSpec("POST_ID", "INT64", (1,))
 WRITE_EMBEDDING = TensorSpec("EMBEDDING", "FP32", (-1,), optional=True)
 LSN = TensorSpec("LSN", "INT64", (1,))
+# index_write: each row's post record (optional; the ingester sends it). Where the posts live in
+# Milvus, the ranking stage's features of the post are computed from it and stored beside it.
+WRITE_RECORDS = TensorSpec("RECORDS", "BYTES", (1,), optional=True)
 OP_UPSERT: Final[int] = 1
 OP_DELETE: Final[int] = 2
 
@@ -114,7 +117,7 @@ IO: Final[dict[ModelName, ModelIO]] = {
     ModelName.EMBED_POST: ModelIO((RECORDS,), (EMBEDDING,)),
     ModelName.EMBED_MEMBER: ModelIO((RECORDS,), (EMBEDDING,)),
     ModelName.RETRIEVE: ModelIO((RECORDS, K), (IDS, SCORES)),
-    ModelName.INDEX_WRITE: ModelIO((OP, POST_ID, WRITE_EMBEDDING), (LSN,)),
+    ModelName.INDEX_WRITE: ModelIO((OP, POST_ID, WRITE_EMBEDDING, WRITE_RECORDS), (LSN,)),
     ModelName.RANK: ModelIO((RECORDS, QUERY, CANDIDATE_IDS, CANDIDATE_SCORES, K), (IDS, SCORES, TASK_SCORES)),
     ModelName.FEED: ModelIO((RECORDS, K, CANDIDATES), (IDS, SCORES, TASK_SCORES)),
 }

@@ -16,7 +16,8 @@ made meanwhile, then points the name at it: a reader (which resolves the name be
 `refresh`) sees the old index or the new one, never a half-built one. A pointer row rather than a
 Milvus alias because Milvus Lite answers the alias calls UNIMPLEMENTED; the pointer works on both.
 Each row carries `written_at` (microseconds since the epoch, set by the writer) so that the rebuild
-can tell the writes made while it filled.
+can tell the writes made while it filled, and `features` (JSON: what the ranking stage reads of the
+post besides its vector, `feedserve.rank.features.feature_row`; `{}` where the writer sent none).
 
 A URI is a Milvus server or cluster (`http://host:19530`) or, on one machine, a local file: Milvus
 Lite, the real engine embedded, which one process may open at a time; `MilvusLite` runs it as a
@@ -34,8 +35,9 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,13 @@ MAX_FILTER_IDS = 1024
 MAX_LIMIT = 16384
 # Rows per insert/upsert call: Milvus refuses messages past its gRPC size limit.
 WRITE_CHUNK = 2048
+
+
+@dataclass
+class Row:
+    written_at: int
+    vector: list[float]
+    features: dict[str, Any]
 
 
 def now_us() -> int:
@@ -120,6 +129,7 @@ class MilvusStore:
         schema.add_field("id", DataType.INT64, is_primary=True)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
         schema.add_field("written_at", DataType.INT64)
+        schema.add_field("features", DataType.JSON)  # Milvus Lite takes no nullable field: {} is none
         index = self.client.prepare_index_params()
         index.add_index("vector", index_type=self.index_type, metric_type="IP")
         self.client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong")
@@ -150,10 +160,16 @@ class MilvusStore:
         return int(rows[0]["count(*)"])
 
     def write(
-        self, upsert_ids: np.ndarray, vectors: np.ndarray | None, delete_ids: np.ndarray, collection: str | None = None
+        self,
+        upsert_ids: np.ndarray,
+        vectors: np.ndarray | None,
+        delete_ids: np.ndarray,
+        features: Sequence[Mapping[str, Any]] | None = None,
+        collection: str | None = None,
     ) -> int:
-        """Upserts (a post written again is replaced) then deletes, as PostIndex.write; returns how
-        many of `delete_ids` were held. Vectors must be unit length, as the live index requires."""
+        """Upserts (a post written again is replaced, features and all) then deletes, as
+        PostIndex.write; returns how many of `delete_ids` were held. Vectors must be unit length, as
+        the live index requires; `features` has one row per upsert (None: none)."""
         target = collection or self.collection
         ids = np.asarray(upsert_ids, np.int64).reshape(-1)
         if len(ids):
@@ -161,7 +177,9 @@ class MilvusStore:
                 raise IndexStoreError(f"expected {len(ids)} vectors of dim {self.dim}")
             vectors = np.ascontiguousarray(vectors, np.float32)
             check_unit(vectors)
-            self._upsert(target, ids, vectors, np.full(len(ids), now_us(), np.int64))
+            if features is not None and len(features) != len(ids):
+                raise IndexStoreError(f"expected {len(ids)} feature rows, got {len(features)}")
+            self._upsert(target, ids, vectors, np.full(len(ids), now_us(), np.int64), features)
         gone = np.unique(np.asarray(delete_ids, np.int64).reshape(-1))
         if not len(gone):
             return 0
@@ -169,40 +187,59 @@ class MilvusStore:
         self.client.delete(target, ids=gone.tolist())
         return held
 
-    def _upsert(self, collection: str, ids: np.ndarray, vectors: np.ndarray, written_at: np.ndarray) -> None:
+    def _upsert(
+        self,
+        collection: str,
+        ids: np.ndarray,
+        vectors: np.ndarray,
+        written_at: np.ndarray,
+        features: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
+        rows = features if features is not None else [{}] * len(ids)
         for start in range(0, len(ids), WRITE_CHUNK):
             end = start + WRITE_CHUNK
-            rows = [
-                {"id": int(i), "vector": v.tolist(), "written_at": int(t)}
-                for i, v, t in zip(ids[start:end], vectors[start:end], written_at[start:end], strict=True)
-            ]
-            self.client.upsert(collection, rows)
+            batch = zip(ids[start:end], vectors[start:end], written_at[start:end], rows[start:end], strict=True)
+            self.client.upsert(
+                collection,
+                [
+                    {"id": int(i), "vector": v.tolist(), "written_at": int(t), "features": dict(f)}
+                    for i, v, t, f in batch
+                ],
+            )
 
     def lookup(self, post_ids: np.ndarray, collection: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(vectors [n, dim], found [n]) as PostIndex.lookup: zeros where a post is not held."""
+        vectors, found, _ = self.lookup_rows(post_ids, collection, features=False)
+        return vectors, found
+
+    def lookup_rows(
+        self, post_ids: np.ndarray, collection: str | None = None, features: bool = True
+    ) -> tuple[np.ndarray, np.ndarray, dict[int, dict[str, Any]]]:
+        """lookup, and the features of the posts held (by id), in one call."""
         ids = np.asarray(post_ids, np.int64).reshape(-1)
         out = np.zeros((len(ids), self.dim), np.float32)
         found = np.zeros(len(ids), bool)
         wanted = sorted({int(i) for i in ids.tolist() if i != NO_ID})
         if not wanted:
-            return out, found
-        rows = self.client.get(collection or self.collection, ids=wanted, output_fields=["vector"])
+            return out, found, {}
+        fields = ["vector", *(["features"] if features else [])]
+        rows = self.client.get(collection or self.collection, ids=wanted, output_fields=fields)
         vector_of = {int(r["id"]): r["vector"] for r in rows}
         for j, i in enumerate(ids.tolist()):
             if i in vector_of:
                 out[j] = vector_of[i]
                 found[j] = True
-        return out, found
+        return out, found, {int(r["id"]): dict(r["features"] or {}) for r in rows} if features else {}
 
-    def rows(self, collection: str, filter: str = "", vectors: bool = False) -> dict[int, tuple[int, list[float]]]:
-        """Every row of `collection` matching `filter`: id -> (written_at, vector or [])."""
-        fields = ["id", "written_at", *(["vector"] if vectors else [])]
+    def rows(self, collection: str, filter: str = "", full: bool = False) -> dict[int, Row]:
+        """Every row of `collection` matching `filter`, by id (vector and features only if `full`)."""
+        fields = ["id", "written_at", *(["vector", "features"] if full else [])]
         it = self.client.query_iterator(collection, batch_size=4096, filter=filter, output_fields=fields)
-        out: dict[int, tuple[int, list[float]]] = {}
+        out: dict[int, Row] = {}
         try:
             while batch := it.next():
                 for r in batch:
-                    out[int(r["id"])] = (int(r["written_at"]), list(r["vector"]) if vectors else [])
+                    out[int(r["id"])] = Row(int(r["written_at"]), r.get("vector", []), dict(r.get("features") or {}))
         finally:
             it.close()
         return out
@@ -278,16 +315,17 @@ class MilvusRebuild:
         gone = sorted(held_before - set(held_now))
         if gone:
             store.client.delete(new, ids=gone)
-        recent = store.rows(self.old, f"written_at > {since_us}", vectors=True)
+        recent = store.rows(self.old, f"written_at > {since_us}", full=True)
         if recent:
             ours = store.rows(new, f"id in {sorted(recent)}")
-            newer = [i for i, (at, _) in recent.items() if at > ours.get(i, (-1, []))[0]]
+            newer = [i for i, row in recent.items() if i not in ours or row.written_at > ours[i].written_at]
             if newer:
                 store._upsert(
                     new,
                     np.array(newer, np.int64),
-                    np.array([recent[i][1] for i in newer], np.float32),
-                    np.array([recent[i][0] for i in newer], np.int64),
+                    np.array([recent[i].vector for i in newer], np.float32),
+                    np.array([recent[i].written_at for i in newer], np.int64),
+                    [recent[i].features for i in newer],
                 )
         logger.info("carried %d upserts and %d deletes over into %s", len(recent), len(gone), new)
         return set(held_now)

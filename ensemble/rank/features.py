@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,10 +25,26 @@ FORMAT = "feedserve.post_features/1"
 COUNT_FEATURES = ("ratings", "mean_rating")
 
 
+def feature_row(
+    post: Post, buckets: PercentileBuckets | None, counts: Sequence[str] = COUNT_FEATURES
+) -> dict[str, Any]:
+    """One post's features as stored beside it: its counts as percentiles 0..1, and its tags."""
+    top = (buckets.n_buckets - 1) if buckets is not None else 1
+    return {
+        "percentiles": [
+            buckets.bucket(c, post.counts[c]) / top
+            if buckets is not None and c in post.counts and c in buckets.cut_points
+            else 0.0
+            for c in counts
+        ],
+        "tags": sorted(set(post.tags)),
+    }
+
+
 class PostFeatures:
     def __init__(
         self,
-        percentiles: Mapping[int, Sequence[float]] | None = None,
+        percentiles: Mapping[int, Sequence[float] | np.ndarray] | None = None,
         tags: Mapping[int, Iterable[str]] | None = None,
         counts: Sequence[str] = COUNT_FEATURES,
     ) -> None:
@@ -51,17 +68,24 @@ class PostFeatures:
     def from_posts(
         cls, posts: Iterable[Post], buckets: PercentileBuckets | None, counts: Sequence[str] = COUNT_FEATURES
     ) -> PostFeatures:
-        percentiles, tags = {}, {}
-        top = (buckets.n_buckets - 1) if buckets is not None else 1
-        for post in posts:
-            percentiles[post.id] = [
-                buckets.bucket(c, post.counts[c]) / top
-                if buckets is not None and c in post.counts and c in buckets.cut_points
-                else 0.0
-                for c in counts
-            ]
-            tags[post.id] = frozenset(post.tags)
-        return cls(percentiles, tags, counts)
+        rows = {post.id: feature_row(post, buckets, counts) for post in posts}
+        return cls({p: r["percentiles"] for p, r in rows.items()}, {p: r["tags"] for p, r in rows.items()}, counts)
+
+    def overlay(self, live: Mapping[int, Mapping[str, Any]], post_ids: Iterable[int]) -> PostFeatures:
+        """The features of these posts: a live row (`feature_row`, stored with the post) where there
+        is a well-formed one, else this table's."""
+        percentiles: dict[int, Sequence[float] | np.ndarray] = {}
+        tags: dict[int, Iterable[str]] = {}
+        for p in {int(i) for i in post_ids}:
+            row = live.get(p)
+            if row and len(row.get("percentiles", ())) == len(self.counts):
+                percentiles[p], tags[p] = row["percentiles"], row.get("tags", ())
+                continue
+            if p in self._percentiles:
+                percentiles[p] = self._percentiles[p]
+            if p in self._tags:
+                tags[p] = self._tags[p]
+        return PostFeatures(percentiles, tags, self.counts)
 
     def percentiles(self, post_ids: Sequence[int]) -> np.ndarray:
         """[n, len(counts)]; zeros for a post the table does not hold."""

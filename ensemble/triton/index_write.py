@@ -11,7 +11,10 @@ way it could not undo (a disk error) is reopened from what is on disk before the
 With the `milvus` index (parameter `index`), Milvus is the store of record: each request's upserts
 then deletes are written there under Strong consistency, and acknowledged once Milvus has them; the
 LSN output is then the write's time in microseconds since the epoch (Milvus keeps the log). This
-server then holds no index state: any number of replicas may write and serve the same index.
+server then holds no index state: any number of replicas may write and serve the same index. A
+request may carry each row's post record (RECORDS, optional; the ingester sends them): with Milvus
+the ranking stage's features of each upserted post (count percentiles, tags) are stored beside it,
+so `rank` reads a post's features as of its last write; the local index keeps vectors only.
 
 Writes need the write key (feedserve.ops.keys): a request whose `feedserve-write-key` header (which
 Triton forwards into its parameters) does not carry the server's $FEEDSERVE_WRITE_KEY is refused
@@ -38,8 +41,20 @@ from feedserve.index.live import IndexWriter
 from feedserve.index.milvus import MilvusFollowed, MilvusStore, now_us
 from feedserve.index.wal import LogError
 from feedserve.ops.keys import WRITE_HEADER, WRITE_KEY_ENV
-from feedserve.schema import LSN, OP, OP_DELETE, OP_UPSERT, POST_ID, WRITE_EMBEDDING, ModelName
-from feedserve.triton.base import Arrays, BatchModel, RequestError, Unavailable, check_2d, followed_index, require
+from feedserve.prompt.buckets import PercentileBuckets
+from feedserve.prompt.records import Post, parse_post
+from feedserve.rank.features import COUNT_FEATURES, PostFeatures, feature_row
+from feedserve.schema import LSN, OP, OP_DELETE, OP_UPSERT, POST_ID, WRITE_EMBEDDING, WRITE_RECORDS, ModelName
+from feedserve.triton.base import (
+    Arrays,
+    BatchModel,
+    RequestError,
+    Unavailable,
+    check_2d,
+    followed_index,
+    read_records,
+    require,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +64,7 @@ class Write:
     ops: np.ndarray  # int64 [n]
     ids: np.ndarray  # int64 [n]
     vectors: np.ndarray | None  # float32 [n, dim], rows of deletes ignored
+    posts: list[Post] | None = None  # each row's record (RECORDS), when the writer sent them
 
 
 class IndexWriteModel(BatchModel[Write]):
@@ -67,6 +83,9 @@ class IndexWriteModel(BatchModel[Write]):
             followed = followed_index(layout, params, Engine(), "index_write")
             assert isinstance(followed, MilvusFollowed)
             self.milvus = followed.index
+            # The ranking stage's features of each written post, from its record, as the build's table has them.
+            self.buckets = PercentileBuckets.load(layout.buckets)
+            self.counts = PostFeatures.load(layout.post_features).counts if layout.has_ranker() else COUNT_FEATURES
             return
         self.live = IndexWriter.open(layout.index_dir.root, self._dim, lock_wait_s=self.lock_wait_s)
         self._since_snapshot = 0
@@ -104,7 +123,15 @@ class IndexWriteModel(BatchModel[Write]):
                 raise RequestError(f"{WRITE_EMBEDDING.name}: {len(vectors)} rows for {len(ids)} posts")
         elif (ops == OP_UPSERT).any():
             raise RequestError(f"input tensor {WRITE_EMBEDDING.name} is missing (upserts need it)")
-        return Write(ops, ids, vectors)
+        posts = None
+        if inputs.get(WRITE_RECORDS.name) is not None:
+            posts = read_records(inputs, parse_post)
+            if len(posts) != len(ids):
+                raise RequestError(f"{WRITE_RECORDS.name}: {len(posts)} rows for {len(ids)} posts")
+            for i, (post, post_id) in enumerate(zip(posts, ids.tolist(), strict=True)):
+                if post.id != post_id:
+                    raise RequestError(f"{WRITE_RECORDS.name}[{i}]: the record is post {post.id}, the row {post_id}")
+        return Write(ops, ids, vectors, posts)
 
     def compute(self, items: Sequence[Write]) -> list[Arrays | RequestError]:
         if self.milvus is not None:
@@ -141,7 +168,14 @@ class IndexWriteModel(BatchModel[Write]):
         try:
             store.refresh()  # a rebuild swapped the generation: write to the one serving
             vectors = None if write.vectors is None else write.vectors[upserts]
-            store.write(write.ids[upserts], vectors, write.ids[~upserts])
+            features = (
+                None
+                if write.posts is None
+                else [
+                    feature_row(p, self.buckets, self.counts) for p, up in zip(write.posts, upserts, strict=True) if up
+                ]
+            )
+            store.write(write.ids[upserts], vectors, write.ids[~upserts], features)
         except IndexStoreError as err:  # checked before anything is written
             return RequestError(f"{WRITE_EMBEDDING.name}: {err}")
         except Exception as err:  # Milvus did not take it: not acknowledged, the client retries

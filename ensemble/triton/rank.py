@@ -26,8 +26,9 @@ import numpy as np
 
 from feedserve.artifacts import ArtifactLayout
 from feedserve.index.engines import Engine
+from feedserve.index.milvus import MilvusStore
 from feedserve.prompt.records import Member, parse_member
-from feedserve.rank.data import RankExample, Tensorizer, member_interactions
+from feedserve.rank.data import ContentSource, PostTable, RankExample, Tensorizer, member_interactions
 from feedserve.rank.features import PostFeatures
 from feedserve.rank.model import INPUTS, OUTPUT, RankerConfig
 from feedserve.rank.train import DEFAULT_TASK_WEIGHTS
@@ -68,21 +69,28 @@ class RankRequest:
     ks: list[int]
 
 
-class _IndexContent:
-    """The ranker's ContentSource: the followed index, or nothing before one is built."""
+class _Posts:
+    """What the ranker reads of the posts of one batch (its history and candidates), fetched once:
+    their vectors from the followed index, their features from the build's table or, where the
+    posts live in Milvus, from each post's row (written with the post) over the table."""
 
-    def __init__(self, followed: ServingIndex, dim: int) -> None:
-        self.followed, self.dim = followed, dim
+    def __init__(self, followed: ServingIndex, dim: int, table: PostFeatures) -> None:
+        self.followed, self.dim, self.table = followed, dim, table
         self._warned = False
 
-    def lookup(self, post_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def fetch(self, post_ids: np.ndarray) -> tuple[ContentSource, PostFeatures]:
+        ids = np.unique(post_ids)
         index = self.followed.index
         if index is not None and index.dim != self.dim and not self._warned:
             self._warned = True  # another encoder's index: every post is ranked without content
             logger.warning("rank: the index holds %d-wide vectors, the ranker reads %d", index.dim, self.dim)
         if index is None or index.dim != self.dim:
-            return np.zeros((len(post_ids), self.dim), np.float32), np.zeros(len(post_ids), bool)
-        return index.lookup(post_ids)
+            return PostTable(ids[:0], np.zeros((0, self.dim), np.float32)), self.table
+        if isinstance(index, MilvusStore):
+            vectors, found, rows = index.lookup_rows(ids)
+            return PostTable(ids[found], vectors[found]), self.table.overlay(rows, ids)
+        vectors, found = index.lookup(ids)
+        return PostTable(ids[found], vectors[found]), self.table
 
 
 def task_weights(config: RankerConfig, value: str | None) -> np.ndarray:
@@ -115,9 +123,7 @@ class RankModel(BatchModel[RankRequest]):
         options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
         self.session = ort.InferenceSession(str(layout.ranker_onnx), options, providers=["CPUExecutionProvider"])
         self.followed = followed_index(layout, params, Engine(), "rank")
-        self.tensorize = Tensorizer(
-            self.config, _IndexContent(self.followed, self.config.content_dim), PostFeatures.load(layout.post_features)
-        )
+        self.posts = _Posts(self.followed, self.config.content_dim, PostFeatures.load(layout.post_features))
         logger.info(
             "rank: %s, up to %d candidates, history %d, tasks %s weighted %s",
             layout.ranker_onnx,
@@ -189,7 +195,13 @@ class RankModel(BatchModel[RankRequest]):
                 )
                 for i in rows
             ]
-            tensors = self.tensorize.batch(examples)
+            content, features = self.posts.fetch(
+                np.concatenate(
+                    [np.array([h.post_id for h in x.history], np.int64) for x in examples]
+                    + [x.candidates for x in examples]
+                )
+            )
+            tensors = Tensorizer(self.config, content, features).batch(examples)
             (logits,) = self.session.run([OUTPUT], {name: tensors[name].numpy() for name in INPUTS})
             probabilities = 1.0 / (1.0 + np.exp(-logits))
             scores = probabilities @ self.weights

@@ -315,6 +315,24 @@ CASES: list[Case] = [
         "unit length",
     ),
     Case(
+        "index_write-record-of-another-post",
+        M.INDEX_WRITE,
+        {**GOOD[M.INDEX_WRITE], "RECORDS": np.array([[b'{"id": 901}']], np.object_)},
+        "RECORDS[0]: the record is post 901, the row 900",
+    ),
+    Case(
+        "index_write-record-not-json",
+        M.INDEX_WRITE,
+        {**GOOD[M.INDEX_WRITE], "RECORDS": np.array([[b"{not json"]], np.object_)},
+        "RECORDS[0]",
+    ),
+    Case(
+        "index_write-records-rows",
+        M.INDEX_WRITE,
+        {**GOOD[M.INDEX_WRITE], "RECORDS": np.array([[b'{"id": 900}'], [b'{"id": 900}']], np.object_)},
+        "RECORDS",
+    ),
+    Case(
         "index_write-no-write-key",
         M.INDEX_WRITE,
         {"OP": np.array([[2]], np.int64), "POST_ID": np.array([[500]], np.int64)},

@@ -124,6 +124,18 @@ def test_both_servers_answer_alike_and_see_each_others_writes(
         embedded = other.embed_posts([post])
         found = other.infer(ModelName.KNN, {"QUERY": embedded, "K": np.array([[1]], np.int64)}, ("IDS",))["IDS"]
         assert found.tolist() == [[990_002]]
+        # Its features went into Milvus with it (what `rank` reads over the build's table), and a
+        # counts event updates them.
+        store = MilvusStore(lite.uri, dim)
+        assert store.lookup_rows(np.array([990_002]))[2][990_002] == {
+            "percentiles": [0.0, 0.0],
+            "tags": ["documentary"],
+        }
+        counts = {"type": "counts", "post_id": 990_002, "counts": {"ratings": 10_000, "mean_rating": 5.0}}
+        events.write_text(events.read_text() + json.dumps(counts) + "\n")
+        Ingester(one, tmp_path / "ingest").run(JsonlSource(events, tmp_path / "ingest"))
+        percentiles = store.lookup_rows(np.array([990_002]))[2][990_002]["percentiles"]
+        assert percentiles == [1.0, 1.0]  # the top buckets of both counts
 
 
 def test_a_client_that_retries_on_the_other_server_loses_nothing_when_one_dies(

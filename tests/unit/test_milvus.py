@@ -131,3 +131,29 @@ def test_a_write_that_races_the_swap_is_carried_over(lite: MilvusLite, monkeypat
     found, held = store.lookup(np.array([77, 3, 4]))
     assert held.tolist() == [True, False, True]
     np.testing.assert_allclose(found[0], raced[0], atol=1e-6)
+
+
+def test_features_stored_with_a_post_reach_the_ranker_over_the_builds_table(lite: MilvusLite) -> None:
+    from feedserve.index.milvus import MilvusFollowed
+    from feedserve.rank.features import PostFeatures
+    from feedserve.triton.rank import _Posts
+
+    rng = np.random.default_rng(4)
+    store = MilvusStore(lite.uri, DIM, collection="featured")
+    live = {"percentiles": [0.9, 0.5], "tags": ["new"]}
+    store.write(np.array([1, 2]), _unit(rng, 2), np.empty(0, np.int64), [live, {}])
+    table = PostFeatures({2: [0.1, 0.2], 3: [0.3, 0.4]}, {2: ["old"], 3: ["kept"]})  # the build's
+    posts = _Posts(MilvusFollowed(lite.uri, DIM, "featured", "rank"), DIM, table)
+    content, features = posts.fetch(np.array([3, 1, 2, 1]))
+    vectors, found = content.lookup(np.array([1, 2, 3]))
+    assert found.tolist() == [True, True, False]  # 3 is in the table, not in the index
+    np.testing.assert_allclose(features.percentiles([1, 2, 3]), [[0.9, 0.5], [0.1, 0.2], [0.3, 0.4]])
+    assert [features.tags(p) for p in (1, 2, 3)] == [{"new"}, {"old"}, {"kept"}]
+    # A rebuild keeps the features written while it filled; the rebuilt rows have none of their own.
+    with milvus.rebuilding(store) as rebuild:
+        store.write(np.array([5]), _unit(rng, 1), np.empty(0, np.int64), [live])
+        rebuild.save(np.array([1, 2]), _unit(rng, 2))
+    _, found, rows = store.lookup_rows(np.array([1, 5]))
+    assert found.all() and rows == {1: {}, 5: live}
+    with pytest.raises(IndexStoreError, match="feature rows"):
+        store.write(np.array([6, 7]), _unit(rng, 2), np.empty(0, np.int64), [live])
