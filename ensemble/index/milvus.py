@@ -23,8 +23,9 @@ A URI is a Milvus server or cluster (`http://host:19530`) or, on one machine, a 
 Lite, the real engine embedded, which one process may open at a time; `MilvusLite` runs it as a
 loopback gRPC server that every Triton stub connects to (the launcher starts it).
 
-History exclusion is a filter (`id not in [...]`) for up to MAX_FILTER_IDS ids; a longer history is
-excluded by over-fetching k plus its length and filtering here.
+History exclusion over-fetches: a batch's queries go to Milvus as one search (one scan for all),
+each asking for its k plus its excluded ids, which are dropped here; a row past Milvus's limit on
+results is searched alone with an `id not in [...]` filter.
 """
 
 from __future__ import annotations
@@ -52,9 +53,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_COLLECTION = "feedserve_posts"  # the index's name
 # What serving reads: a local path is Milvus Lite (shared through `shared_lite`), else a server URI.
 MILVUS_URI_ENV = "FEEDSERVE_MILVUS_URI"
-# Ids excluded by the search filter itself; past this, the search over-fetches instead (a filter
-# expression is parsed per query; thousands of literals cost more than the rows they save).
-MAX_FILTER_IDS = 1024
 # Milvus's largest `limit` per search (its topk bound).
 MAX_LIMIT = 16384
 # Rows per insert/upsert call: Milvus refuses messages past its gRPC size limit.
@@ -247,31 +245,45 @@ class MilvusStore:
     def search(
         self, queries: np.ndarray, ks: Sequence[int], exclude: Sequence[np.ndarray] | None = None
     ) -> list[SearchResult]:
-        """Top-k per query row by inner product, skipping that row's excluded ids (NO_ID is padding)."""
+        """Top-k per query row by inner product, skipping that row's excluded ids (NO_ID is padding).
+
+        A batch's rows go to Milvus as one search (the engine scans the vectors once for all of
+        them), each over-fetching its k plus its excluded ids, which are dropped here: one filter
+        expression could not exclude a different history per row. A row that would need more than
+        MAX_LIMIT results is searched alone with its exclusions as a filter instead."""
         queries = np.ascontiguousarray(queries, np.float32)
         excl = [np.asarray(e, np.int64) for e in exclude] if exclude is not None else [np.empty(0, np.int64)] * len(ks)
-        results = []
-        for query, k, row_excluded in zip(queries, ks, excl, strict=True):
-            skip = sorted({int(i) for i in row_excluded.tolist() if i != NO_ID})
-            in_filter = skip if len(skip) <= MAX_FILTER_IDS else []
-            limit = min(MAX_LIMIT, k + (len(skip) - len(in_filter)))
-            hits = self.client.search(
-                self.collection,
-                data=[query.tolist()],
-                limit=limit,
-                filter=f"id not in {in_filter}" if in_filter else "",
-                search_params={"metric_type": "IP"},
-                consistency_level="Strong",
-            )[0]
-            skipped = set(skip)
-            kept = [(int(h["id"]), float(h["distance"])) for h in hits if int(h["id"]) not in skipped][:k]
-            results.append(
-                SearchResult(np.array([i for i, _ in kept], np.int64), np.array([s for _, s in kept], np.float32))
-            )
-        return results
+        skips = [sorted({int(i) for i in e.tolist() if i != NO_ID}) for e in excl]
+        results: list[SearchResult | None] = [None] * len(ks)
+        together = [i for i, (k, skip) in enumerate(zip(ks, skips, strict=True)) if k + len(skip) <= MAX_LIMIT]
+        if together:
+            limit = max(ks[i] + len(skips[i]) for i in together)
+            found = self._search([queries[i] for i in together], limit, "")
+            for i, hits in zip(together, found, strict=True):
+                results[i] = _kept(hits, skips[i], ks[i])
+        for i in sorted(set(range(len(ks))) - set(together)):
+            (hits,) = self._search([queries[i]], ks[i], f"id not in {skips[i]}")
+            results[i] = _kept(hits, skips[i], ks[i])
+        return [r for r in results if r is not None]
+
+    def _search(self, queries: list[np.ndarray], limit: int, filter: str) -> list[list[dict[str, Any]]]:
+        return self.client.search(
+            self.collection,
+            data=[q.tolist() for q in queries],
+            limit=limit,
+            filter=filter,
+            search_params={"metric_type": "IP"},
+            consistency_level="Strong",
+        )
 
     def close(self) -> None:
         self.client.close()
+
+
+def _kept(hits: list[dict[str, Any]], skip: list[int], k: int) -> SearchResult:
+    skipped = set(skip)
+    kept = [(int(h["id"]), float(h["distance"])) for h in hits if int(h["id"]) not in skipped][:k]
+    return SearchResult(np.array([i for i, _ in kept], np.int64), np.array([s for _, s in kept], np.float32))
 
 
 class MilvusRebuild:

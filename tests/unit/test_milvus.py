@@ -53,8 +53,8 @@ def test_the_store_answers_as_the_in_process_index(lite: MilvusLite, monkeypatch
     assert len(store) == len(index) == 570
     history = [np.array([], np.int64), ids[100:140], np.concatenate([ids[:5], [-1, -1, 10**12]])]
     _same(store, index, rng, history)
-    monkeypatch.setattr(milvus, "MAX_FILTER_IDS", 8)  # a history too long for the filter: over-fetched
-    _same(store, index, rng, [ids[80:200], ids[300:309]])
+    monkeypatch.setattr(milvus, "MAX_LIMIT", 60)  # a history too long to over-fetch: excluded by a filter
+    _same(store, index, rng, [ids[80:200], ids[300:309], ids[400:455]])
     asked = np.array([1000, 1060, 1599, 10**12], np.int64)  # replaced, deleted, kept, never written
     for (got, found), (want, want_found) in [(store.lookup(asked), index.lookup(asked))]:
         np.testing.assert_array_equal(found, want_found)
