@@ -312,7 +312,10 @@ class MilvusRebuild:
         seen = self._carry_over(new, self.held_at_start, self.started_us)
         store.point(new)
         store.collection = new
-        self._carry_over(new, seen, self.started_us)  # writes that reached the old one before the swap
+        # Writes that reached the old generation around the swap. A writer resolves the generation
+        # before each batch, so one that resolved just before the swap and wrote after this read is
+        # the window left: milliseconds, once per rebuild.
+        self._carry_over(new, seen, self.started_us)
         for name in store.generations():
             if name not in (new, self.old):
                 store.client.drop_collection(name)
