@@ -83,3 +83,18 @@ def test_client_timeout_is_a_clear_error(triton_server, tiny_artifacts) -> None:
         client.retrieve(member, k=3)
     with FeedClient(triton_server.grpc_url, "grpc") as client:
         assert client.ready()
+
+
+def test_index_into_milvus_from_the_command_line(triton_server, tiny_artifacts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`feedserve index --milvus-uri FILE` embeds through the server and fills a Milvus Lite index."""
+    pytest.importorskip("milvus_lite")
+    from feedserve.index.milvus import MilvusStore, shared_lite
+
+    posts = [Post(id=700 + i, text=f"post {i} about milvus and triton") for i in range(12)]
+    corpus = tmp_path / "posts.jsonl"
+    write_posts_jsonl(posts, corpus)
+    db = tmp_path / "milvus" / "posts.db"
+    args = ["--artifacts", str(tiny_artifacts.root), "index", "--corpus", str(corpus), "--url", triton_server.grpc_url]
+    assert main([*args, "--milvus-uri", str(db), "--milvus-collection", "cli_posts"]) == 0
+    store = MilvusStore(shared_lite(db), tiny_artifacts.serving_dim(), "cli_posts")  # this process serves the file
+    assert len(store) == 12 and store.lookup(np.array([700, 711, 712]))[1].tolist() == [True, True, False]
