@@ -83,7 +83,9 @@ class MilvusStore:
         self._ensure_pointer()
         current = self._pointed()
         if current is None:
-            current = self.create_generation()
+            # A fixed name: the models of a server (and the servers) that start together on an empty
+            # Milvus all create and point at the same first generation, none at one of its own.
+            current = self.create_generation(f"{self.name}__initial")
             self.point(current)
         self.collection = current
         held = self._collection_dim(current)
@@ -95,11 +97,19 @@ class MilvusStore:
     def pointer(self) -> str:
         return f"{self.name}__current"
 
+    def _create(self, name: str, schema: Any, index: Any) -> None:
+        """Create a collection unless it exists, also when another process creates it meanwhile."""
+        if self.client.has_collection(name):
+            return
+        try:
+            self.client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong")
+        except Exception:
+            if not self.client.has_collection(name):
+                raise
+
     def _ensure_pointer(self) -> None:
         from pymilvus import DataType
 
-        if self.client.has_collection(self.pointer):
-            return
         # Milvus wants a vector field in every collection; the pointer's is a placeholder.
         schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.INT64, is_primary=True)
@@ -107,7 +117,7 @@ class MilvusStore:
         schema.add_field("placeholder", DataType.FLOAT_VECTOR, dim=2)
         index = self.client.prepare_index_params()
         index.add_index("placeholder", index_type="FLAT", metric_type="IP")
-        self.client.create_collection(self.pointer, schema=schema, index_params=index, consistency_level="Strong")
+        self._create(self.pointer, schema, index)
         self.client.load_collection(self.pointer)
 
     def _pointed(self) -> str | None:
@@ -118,11 +128,11 @@ class MilvusStore:
         """Make `collection` the generation this index's name serves (one upsert: atomic)."""
         self.client.upsert(self.pointer, [{"id": 0, "generation": collection, "placeholder": [1.0, 0.0]}])
 
-    def create_generation(self) -> str:
-        """A new empty collection for this index, not yet serving; its name."""
+    def create_generation(self, name: str | None = None) -> str:
+        """A new empty collection for this index (a fresh name unless given), not yet serving; its name."""
         from pymilvus import DataType
 
-        name = f"{self.name}__{uuid.uuid4().hex[:12]}"
+        name = name or f"{self.name}__{uuid.uuid4().hex[:12]}"
         schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.INT64, is_primary=True)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
@@ -130,7 +140,7 @@ class MilvusStore:
         schema.add_field("features", DataType.JSON)  # Milvus Lite takes no nullable field: {} is none
         index = self.client.prepare_index_params()
         index.add_index("vector", index_type=self.index_type, metric_type="IP")
-        self.client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong")
+        self._create(name, schema, index)
         self.client.load_collection(name)
         logger.info("created Milvus collection %s (dim %d, %s) at %s", name, self.dim, self.index_type, self.uri)
         return name

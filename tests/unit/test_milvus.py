@@ -157,3 +157,13 @@ def test_features_stored_with_a_post_reach_the_ranker_over_the_builds_table(lite
     assert found.all() and rows == {1: {}, 5: live}
     with pytest.raises(IndexStoreError, match="feature rows"):
         store.write(np.array([6, 7]), _unit(rng, 2), np.empty(0, np.int64), [live])
+
+
+def test_stores_opened_together_on_an_empty_milvus_share_one_generation(lite: MilvusLite) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:  # as the models of a server load, in parallel
+        stores = list(pool.map(lambda _: MilvusStore(lite.uri, DIM, collection="together"), range(4)))
+    assert len({s.collection for s in stores}) == 1 and stores[0].generations() == [stores[0].collection]
+    stores[0].write(np.array([1]), _unit(np.random.default_rng(5), 1), np.empty(0, np.int64))
+    assert all(len(s) == 1 for s in stores)
