@@ -441,7 +441,7 @@ class MilvusLite:
 
     @property
     def port_file(self) -> Path:
-        return self.db_file.with_name(self.db_file.name + ".port")
+        return _port_file(self.db_file)
 
     def stop(self) -> None:
         if self._server is not None:
@@ -462,9 +462,15 @@ class MilvusLite:
 _SHARED: dict[Path, MilvusLite] = {}
 
 
-def is_local(uri: str) -> bool:
-    """A Milvus Lite file rather than a server address."""
-    return "://" not in uri
+def connect(uri: str) -> str:
+    """The address a client connects to for `uri`: a Milvus server's as it is; a local file (Milvus
+    Lite) through `shared_lite`."""
+    return uri if "://" in uri else shared_lite(Path(uri))
+
+
+def _port_file(db_file: Path) -> Path:
+    """Where the process serving a Milvus Lite file says on which port."""
+    return db_file.with_name(db_file.name + ".port")
 
 
 def shared_lite(db_file: Path, timeout_s: float = 60.0) -> str:
@@ -479,14 +485,12 @@ def shared_lite(db_file: Path, timeout_s: float = 60.0) -> str:
             _SHARED[db_file] = MilvusLite(db_file).start()
             return _SHARED[db_file].uri
         except IndexStoreError:
-            port = db_file.with_name(db_file.name + ".port")
-            if port.exists():
-                uri = f"http://127.0.0.1:{int(port.read_text())}"
-                try:
-                    with socket.create_connection(("127.0.0.1", int(port.read_text())), timeout=1.0):
-                        return uri
-                except (OSError, ValueError):
-                    pass
+            try:  # the port file may be missing or half-written while its server starts
+                port = int(_port_file(db_file).read_text())
+                with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                    return f"http://127.0.0.1:{port}"
+            except (OSError, ValueError):
+                pass
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
@@ -496,6 +500,4 @@ def milvus_uri(configured: str | None) -> str | None:
     """The Milvus to serve from: $FEEDSERVE_MILVUS_URI, else the configured one (None: the local
     index); a local file is shared through `shared_lite`."""
     uri = os.environ.get(MILVUS_URI_ENV) or configured
-    if not uri:
-        return None
-    return shared_lite(Path(uri)) if is_local(uri) else uri
+    return connect(uri) if uri else None

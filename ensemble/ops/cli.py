@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from feedserve.artifacts import ArtifactLayout, default_artifacts_dir
-from feedserve.index.milvus import DEFAULT_COLLECTION, MilvusStore, is_local, shared_lite
+from feedserve.index.milvus import DEFAULT_COLLECTION, MilvusStore, connect
 from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.ops.launcher import DEFAULT_REPOSITORY
 
@@ -138,7 +138,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def _milvus(uri: str, layout: ArtifactLayout, collection: str, index_type: str) -> MilvusStore:
-    return MilvusStore(shared_lite(Path(uri)) if is_local(uri) else uri, layout.serving_dim(), collection, index_type)
+    return MilvusStore(connect(uri), layout.serving_dim(), collection, index_type)
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from typing import IO
 
 from feedserve.artifacts import ARTIFACTS_ENV, REPO_ROOT, ArtifactLayout, default_artifacts_dir
 from feedserve.errors import ServerError
-from feedserve.index.milvus import MILVUS_URI_ENV, is_local, shared_lite
+from feedserve.index.milvus import MILVUS_URI_ENV, connect
 from feedserve.ops.keys import ADMIN_APIS, ADMIN_HEADER, ADMIN_KEY_ENV, WRITE_HEADER, WRITE_KEY_ENV, write_key
 from feedserve.ops.manifest import MANIFEST, ManifestError
 from feedserve.ops.watchdog import StubWatchdog, deployment_fingerprint, server_ready
@@ -206,8 +206,7 @@ class TritonServer:
         if self.write_key:
             env[WRITE_KEY_ENV] = self.write_key
         if self.options.milvus_uri:
-            uri = self.options.milvus_uri
-            env[MILVUS_URI_ENV] = shared_lite(Path(uri)) if is_local(uri) else uri
+            env[MILVUS_URI_ENV] = connect(self.options.milvus_uri)
         return env
 
     def check_artifacts(self) -> None:
