@@ -156,6 +156,14 @@ def movielens_examples(
     return examples
 
 
+def read_history(config: RankerConfig, history: Sequence[Interaction]) -> Sequence[Interaction]:
+    """What a ranker reads of a history: the newest max_history (the oldest go first, as in the
+    prompts) of every interaction, or of the engaged ones with `history` "engaged"."""
+    if config.history == "engaged":
+        history = [it for it in history if is_engaged(it.action)]
+    return history[-config.max_history :]
+
+
 class ContentSource(Protocol):
     """Where a post's content vector comes from: a table in training, the live index when serving."""
 
@@ -188,19 +196,12 @@ class Tensorizer:
         self.actions = {a: i for i, a in enumerate(config.actions)}
         self.neutral = self.actions[NEUTRAL]
 
-    def history(self, history: Sequence[Interaction]) -> Sequence[Interaction]:
-        """What the ranker reads of a history: the newest max_history (the oldest go first, as in the
-        prompts) of every interaction, or of the engaged ones with `history` "engaged"."""
-        if self.config.history == "engaged":
-            history = [it for it in history if is_engaged(it.action)]
-        return history[-self.config.max_history :]
-
     def batch(self, examples: Sequence[RankExample]) -> dict[str, torch.Tensor]:
         """Tensors for `examples`: the model's inputs, and `candidate_mask` and `labels` for the loss."""
         cfg = self.config
         dim = cfg.content_dim
         b = len(examples)
-        histories = [self.history(x.history) for x in examples]
+        histories = [read_history(cfg, x.history) for x in examples]
         h = max(1, max(len(history) for history in histories))
         c = max(len(x.candidates) for x in examples)
         out: dict[str, np.ndarray] = {

@@ -28,7 +28,7 @@ from feedserve.artifacts import ArtifactLayout
 from feedserve.index.engines import Engine
 from feedserve.index.milvus import MilvusStore
 from feedserve.prompt.records import Member, parse_member
-from feedserve.rank.data import ContentSource, PostTable, RankExample, Tensorizer, member_interactions
+from feedserve.rank.data import ContentSource, PostTable, RankExample, Tensorizer, member_interactions, read_history
 from feedserve.rank.features import PostFeatures
 from feedserve.rank.model import INPUTS, OUTPUT, RankerConfig
 from feedserve.rank.train import DEFAULT_TASK_WEIGHTS
@@ -195,11 +195,10 @@ class RankModel(BatchModel[RankRequest]):
                 )
                 for i in rows
             ]
+            # The posts the ranker reads: a record's history may be longer than the ranker's.
+            read = [it.post_id for x in examples for it in read_history(self.config, x.history)]
             content, features = self.posts.fetch(
-                np.concatenate(
-                    [np.array([h.post_id for h in x.history], np.int64) for x in examples]
-                    + [x.candidates for x in examples]
-                )
+                np.concatenate([np.array(read, np.int64), *(x.candidates for x in examples)])
             )
             tensors = Tensorizer(self.config, content, features).batch(examples)
             (logits,) = self.session.run([OUTPUT], {name: tensors[name].numpy() for name in INPUTS})
