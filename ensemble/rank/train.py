@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,6 +36,8 @@ def multitask_loss(
     return (per_task * weights).sum(), dict(zip(model.config.tasks, per_task.tolist(), strict=True))
 
 
-def final_score(logits: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
-    """The score candidates are ranked by: sum over tasks of weight x probability."""
-    return (torch.sigmoid(logits) * torch.tensor(weights, dtype=logits.dtype)).sum(-1)
+def final_score(logits: np.ndarray, weights: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(probability per task [..., tasks], the score candidates are ranked by [...]: the sum over
+    tasks of weight x probability). In numpy: the server and the evaluations rank by this one."""
+    probabilities = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float32)))
+    return probabilities, probabilities @ np.asarray(weights, np.float32)

@@ -31,7 +31,7 @@ from feedserve.prompt.records import Member, parse_member
 from feedserve.rank.data import ContentSource, PostTable, RankExample, Tensorizer, member_interactions, read_history
 from feedserve.rank.features import PostFeatures
 from feedserve.rank.model import INPUTS, OUTPUT, RankerConfig
-from feedserve.rank.train import DEFAULT_TASK_WEIGHTS
+from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, final_score
 from feedserve.schema import (
     CANDIDATE_IDS,
     CANDIDATE_SCORES,
@@ -202,8 +202,7 @@ class RankModel(BatchModel[RankRequest]):
             )
             tensors = Tensorizer(self.config, content, features).batch(examples)
             (logits,) = self.session.run([OUTPUT], {name: tensors[name].numpy() for name in INPUTS})
-            probabilities = 1.0 / (1.0 + np.exp(-logits))
-            scores = probabilities @ self.weights
+            probabilities, scores = final_score(logits, self.weights)
             for j, i in enumerate(rows):
                 n = len(item.candidates[i])
                 top = top_k(scores[j, :n], widths[i])
