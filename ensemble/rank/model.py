@@ -129,8 +129,9 @@ class _Block(nn.Module):
     `split` attention (the default) computes what the shared-context mask allows and nothing else:
     the history attends causally within itself, and each candidate attends to the history keys and
     to its own key, never to another candidate's, so its cost grows as C x T_history instead of
-    (T_history + C)^2. `masked` runs the same attention as one masked product over every pair: the
-    reference the split path is tested against, and the ablation its speed is measured against."""
+    (T_history + C)^2 (with `biases`, as the exported graph computes it). Without `split` the same
+    attention runs as one masked product over every pair: the reference the split path is tested
+    against, and the ablation its speed is measured against."""
 
     def __init__(self, d: int, heads: int, dropout: float) -> None:
         super().__init__()
@@ -140,11 +141,16 @@ class _Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, history_tokens: torch.Tensor, split: bool = True) -> torch.Tensor:
-        """x [B, T + C, d]; history_tokens bool [B, T]: the real (not padding) history tokens."""
+    def forward(
+        self, x: torch.Tensor, history_tokens: torch.Tensor, split: bool = True, biases: SplitBiases | None = None
+    ) -> torch.Tensor:
+        """x [B, T + C, d]; history_tokens bool [B, T]: the real (not padding) history tokens;
+        `biases` (`split_biases`): split attention as the exported graph computes it."""
         b, t, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        if split:
+        if biases is not None:
+            attended = _graph_split_attention(q, k, v, biases)
+        elif split:
             attended = _split_attention(q, k, v, history_tokens)
         else:
             candidates = torch.ones_like(x[:, history_tokens.shape[1] :, 0], dtype=torch.bool)
@@ -170,6 +176,52 @@ def _split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, history_
     weights = torch.softmax(torch.cat([to_history, to_itself], dim=-1), dim=-1)
     candidates = torch.matmul(weights[..., :th], vh) + weights[..., th:] * vc
     return torch.cat([history, candidates], dim=2)
+
+
+# A masked score: its exp() is 0, and unlike -inf it never turns a row into NaN.
+MASKED = -1e9
+# Split attention's additive masks: the history's [B, 1, T, T] and the candidates' [B, 1, 1, T].
+SplitBiases = tuple[torch.Tensor, torch.Tensor]
+
+
+def split_biases(history_tokens: torch.Tensor, dtype: torch.dtype) -> SplitBiases:
+    """The additive masks of `_graph_split_attention`, built once per forward pass for every layer: a
+    history token sees the real history tokens up to itself; a candidate every real history token
+    (and itself). A real token always sees itself, so only rows nobody reads (padding, of an empty
+    history) can be all masked, and MASKED keeps them finite."""
+    t = history_tokens.shape[1]
+    zero = torch.zeros((), dtype=dtype, device=history_tokens.device)
+    keys = zero.masked_fill(~history_tokens[:, None, None, :], MASKED)  # [B, 1, 1, T]
+    later = torch.triu(torch.full((t, t), MASKED, dtype=dtype, device=history_tokens.device), diagonal=1)
+    return later + keys, keys
+
+
+def _graph_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, biases: SplitBiases) -> torch.Tensor:
+    """`_split_attention` as the exported graph computes it; the export's parity check holds the two
+    equal. Written for ONNX Runtime, where the eager version's masked scaled_dot_product_attention
+    spends most of its time on mask selects and a NaN guard over every [heads, T, T] score, per
+    layer: here the history's mask is one add, a candidate's mask rides in its product with the
+    history's keys, and its own key joins without a copy of its scores one column wider."""
+    history_bias, key_bias = biases
+    th = history_bias.shape[-1]
+    q = q * q.shape[-1] ** -0.5
+    qh, kh, vh = q[:, :, :th], k[:, :, :th], v[:, :, :th]
+    qc, kc, vc = q[:, :, th:], k[:, :, th:], v[:, :, th:]
+    history = torch.matmul(torch.softmax(torch.matmul(qh, kh.transpose(-1, -2)) + history_bias, dim=-1), vh)
+    # [qc, 1] . [kh, bias] = qc . kh + bias: the candidates' mask without a pass over [C, T]. One
+    # more key, always masked (zero key and value, bias MASKED), keeps an empty history's row
+    # non-empty: a reduction over no keys is an empty tensor in ONNX Runtime, not -inf.
+    key_bias = F.pad(key_bias, (0, 1), value=MASKED).transpose(-1, -2)  # [B, 1, T + 1, 1]
+    keys = torch.cat([F.pad(kh, (0, 0, 0, 1)), key_bias.expand(-1, kh.shape[1], -1, -1)], dim=-1)
+    to_history = torch.matmul(torch.cat([qc, torch.ones_like(qc[..., :1])], dim=-1), keys.transpose(-1, -2))
+    # softmax over [history keys, itself] = (1 - w) softmax(history keys) + w at itself, with
+    # w = e^own / (e^own + sum e^history) = sigmoid(own - logsumexp(history)), and the logsumexp read
+    # off the softmax's largest entry: p_max = e^(max) / sum e^history.
+    weights = torch.softmax(to_history, dim=-1)
+    top = torch.amax(to_history, dim=-1, keepdim=True) - torch.log(torch.amax(weights, dim=-1, keepdim=True))
+    own = torch.sigmoid((qc * kc).sum(-1, keepdim=True) - top)
+    attended = torch.matmul(weights, F.pad(vh, (0, 0, 0, 1)))
+    return torch.cat([history, (1 - own) * attended + own * vc], dim=2)
 
 
 class _CrossExpert(nn.Module):
@@ -284,8 +336,12 @@ class GenerativeRanker(nn.Module):
         next_pos = real_tokens.sum(1, keepdim=True).expand(-1, candidate_ids.shape[1])  # all at one position
         x = torch.cat([history, candidates], dim=1) + self.positions(torch.cat([history_pos, next_pos], dim=1))
         tokens = _twice(history_mask)
+        # PyTorch's fused attention kernels serve training and the GPU; the exported graph takes the
+        # path written for ONNX Runtime (`_graph_split_attention`).
+        graph = self.split_attention and torch.onnx.is_in_onnx_export()
+        biases = split_biases(tokens, x.dtype) if graph else None
         for block in self.blocks:
-            x = block(x, tokens, self.split_attention)
+            x = block(x, tokens, self.split_attention, biases)
         return self.norm(x)
 
     def forward(
