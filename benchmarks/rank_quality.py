@@ -37,7 +37,7 @@ from feedserve.rank.model import GenerativeRanker
 from feedserve.training.baselines import ItemKNN, Popularity
 from feedserve.training.data import movielens_split
 from feedserve.training.evaluate import EmbeddingRetriever, metrics, rank
-from feedserve.training.rank import rank_test_members
+from feedserve.training.rank_eval import cutoff_cases, rank_cases
 from feedserve.training.sasrec import SASRecConfig, SASRecRecommender
 
 logger = logging.getLogger("benchmarks.rank_quality")
@@ -68,8 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     model = GenerativeRanker.load(args.ranker)
     tensorize = Tensorizer(model.config, PostTable(ids, retriever.posts), PostFeatures.from_posts(corpus, buckets))
     before = ml.ratings_by_user(before=split.cutoff)
-    retrieval_top, feed_top = rank_test_members(
-        model, tensorize, retriever, split, ids, retriever.posts, before, args.candidates
+    cases = cutoff_cases(split, before)
+    retrieval_top, feed_top = rank_cases(
+        model,
+        tensorize,
+        retriever.member_vectors([c.member for c in cases]),
+        cases,
+        ids,
+        retriever.posts,
+        args.candidates,
     )
     rows: dict[str, dict[str, Any]] = {
         f"retrieval (served int8 encoder, top {args.candidates})": metrics(retrieval_top, split.test, KS),

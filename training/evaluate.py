@@ -35,21 +35,49 @@ def rank(scores: np.ndarray, ids: np.ndarray, cases: Sequence[EvalCase], k: int)
     return out
 
 
-def metrics(
+def per_case(
     top: Sequence[np.ndarray], cases: Sequence[EvalCase], ks: Sequence[int] = (10, 50, 100)
-) -> dict[str, float]:
-    result: dict[str, float] = {}
+) -> dict[str, np.ndarray]:
+    """Recall@k for each k and NDCG@10, one value per case (what `metrics` averages, and what a
+    paired comparison of two rankings of the same cases resamples)."""
+    result: dict[str, np.ndarray] = {}
     for k in ks:
-        result[f"recall@{k}"] = float(
-            np.mean([len(set(t[:k].tolist()) & c.targets) / len(c.targets) for t, c in zip(top, cases, strict=True)])
+        result[f"recall@{k}"] = np.array(
+            [len(set(t[:k].tolist()) & c.targets) / len(c.targets) for t, c in zip(top, cases, strict=True)]
         )
     ndcg = []
     for t, c in zip(top, cases, strict=True):
         gains = [1.0 / np.log2(i + 2) for i, pid in enumerate(t[:10]) if pid in c.targets]
         ideal = sum(1.0 / np.log2(i + 2) for i in range(min(10, len(c.targets))))
         ndcg.append(sum(gains) / ideal)
-    result["ndcg@10"] = float(np.mean(ndcg))
+    result["ndcg@10"] = np.array(ndcg)
     return result
+
+
+def metrics(
+    top: Sequence[np.ndarray], cases: Sequence[EvalCase], ks: Sequence[int] = (10, 50, 100)
+) -> dict[str, float]:
+    return {name: float(np.mean(values)) for name, values in per_case(top, cases, ks).items()}
+
+
+def paired_ratio(
+    base: np.ndarray, other: np.ndarray, groups: Sequence[int], samples: int = 2000, seed: int = 0
+) -> dict[str, float]:
+    """mean(other) / mean(base) over paired per-case values, with a 95% interval from a bootstrap
+    that resamples whole groups (a member's cases are correlated: resampling cases alone would
+    understate the spread), and how often the resampled ratio is above 1."""
+    keys, group = np.unique(np.asarray(groups), return_inverse=True)
+    base_sum = np.bincount(group, weights=base, minlength=len(keys))
+    other_sum = np.bincount(group, weights=other, minlength=len(keys))
+    picks = np.random.default_rng(seed).integers(0, len(keys), size=(samples, len(keys)))
+    ratios = other_sum[picks].sum(1) / np.maximum(base_sum[picks].sum(1), 1e-12)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return {
+        "ratio": float(other.sum() / max(base.sum(), 1e-12)),
+        "low": float(low),
+        "high": float(high),
+        "above_1": float(np.mean(ratios > 1)),
+    }
 
 
 def evaluate_embeddings(

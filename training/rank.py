@@ -10,7 +10,8 @@ history, and as impressions the top retrieved movies then plus the movies rated 
 Batches depend only on the seed and the step, and a checkpoint is kept every `--checkpoint-every`
 steps: `--resume` continues a run exactly. At the end the test members (after the cutoff) are
 ranked: the retrieval stage's top `--candidates` for each, reordered by the ranker's final score,
-against the retrieval order (Recall@10/50, NDCG@10 on the movies they liked after the cutoff).
+against the retrieval order (Recall@10/50, NDCG@10), at the cutoff (every later like a target) and
+at `--moments` moments per member after it (`feedserve.training.rank_eval`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,16 +38,15 @@ from feedserve.rank.data import (
     PostTable,
     RankExample,
     Tensorizer,
-    interactions,
     movielens_examples,
     select_tasks,
-    top_posts,
 )
 from feedserve.rank.features import PostFeatures
-from feedserve.rank.model import HISTORIES, INPUTS, NEUTRAL, POST_TOKENS, GenerativeRanker, RankerConfig
-from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, final_score, multitask_loss
-from feedserve.training.data import Split, movielens_split, validation_movielens
-from feedserve.training.evaluate import EmbeddingRetriever, metrics
+from feedserve.rank.model import HISTORIES, NEUTRAL, POST_TOKENS, GenerativeRanker, RankerConfig
+from feedserve.rank.train import multitask_loss
+from feedserve.training.data import movielens_split, validation_movielens
+from feedserve.training.evaluate import EmbeddingRetriever
+from feedserve.training.rank_eval import evaluate, evaluation_cases
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +62,12 @@ def train_ranker(
     seed: int = 0,
     checkpoint_every: int = 500,
     resume: bool = False,
+    every: int = 0,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Adam on multitask_loss; returns the losses of the steps run. The batch of step s is drawn from
-    `seed + s` alone, so a resumed run takes the same batches as an uninterrupted one."""
+    `seed + s` alone, so a resumed run takes the same batches as an uninterrupted one. Every `every`
+    steps `on_step(step)` sees the model in eval mode (a validation curve)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     state_path = out / "state.pt"
     start, losses = 0, []
@@ -83,6 +86,10 @@ def train_ranker(
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
+        if on_step is not None and every and (step + 1) % every == 0:
+            model.eval()
+            on_step(step + 1)
+            model.train()
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
             with atomic_file(state_path) as f:
                 torch.save(
@@ -96,41 +103,6 @@ def train_ranker(
                 )
     model.eval()
     return losses
-
-
-@torch.no_grad()
-def rank_test_members(
-    model: GenerativeRanker,
-    tensorize: Tensorizer,
-    retriever: EmbeddingRetriever,
-    split: Split,
-    post_ids: np.ndarray,
-    post_vectors: np.ndarray,
-    before: Mapping[int, Sequence[Rating]],
-    candidates: int,
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """For each test member: the retrieval stage's top `candidates` (their liked history before the
-    cutoff as the member record, history excluded) and the same posts ordered by the ranker's final
-    score, its history every rating before the cutoff."""
-    retrieval_top, ranked_top = [], []
-    weights = [DEFAULT_TASK_WEIGHTS[task] for task in model.config.tasks]
-    for case in split.test:
-        member = retriever.member_vectors([case.member])[0]
-        seen = [h.post_id for h in case.member.history]
-        ids, scores = top_posts(member, post_ids, post_vectors, candidates, seen)
-        x = RankExample(
-            case.member.id,
-            interactions(before.get(case.member.id, [])),
-            member,
-            ids,
-            scores,
-            np.zeros((len(ids), len(model.config.tasks)), np.float32),
-        )
-        t = tensorize.batch([x])
-        score = final_score(model(**{k: t[k] for k in INPUTS}), weights)[0].numpy()
-        retrieval_top.append(ids)
-        ranked_top.append(ids[np.argsort(-score, kind="stable")])
-    return retrieval_top, ranked_top
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-action-tokens", action="store_true", help="ablation: every interaction read as neutral")
     p.add_argument("--no-features", action="store_true", help="ablation: no candidate features fused late")
     p.add_argument("--tasks", default=",".join(LABELS), help=f"comma-separated, of {', '.join(LABELS)}")
+    p.add_argument("--moments", type=int, default=10, help="evaluation moments per member (rank_eval)")
+    p.add_argument("--horizon", type=int, default=10, help="ratings from a moment on whose likes are its targets")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between validation-curve points (0: none)")
     p.add_argument("--cache", type=Path, help="embeddings kept between runs (default: OUT/cache)")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--resume", action="store_true")
@@ -220,6 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     model = GenerativeRanker(config, known_ids=torch.from_numpy(trained_ids))
     features = PostFeatures.from_posts(corpus, PercentileBuckets.load(layout.buckets))
     tensorize = Tensorizer(config, PostTable(post_ids, post_vectors), features)
+    protocols = evaluation_cases(ml, split, args.moments, args.horizon)
+    curve: list[dict[str, object]] = []
+
+    def validate(step: int) -> None:
+        at = evaluate(model, tensorize, retriever, {"moments": protocols["moments"]}, post_ids, args.candidates)
+        gain = at["moments"]["ranked_over_retrieval"]
+        curve.append(
+            {"step": step, **at["moments"]["ranked"], **{f"{k}/retrieval": v["ratio"] for k, v in gain.items()}}
+        )
+        logger.info("step %d: %s", step, curve[-1])
+
     losses = train_ranker(
         model,
         tensorize,
@@ -231,21 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         args.seed,
         args.checkpoint_every,
         args.resume,
+        args.eval_every,
+        validate,
     )
     model.save(args.out)
 
-    # Test: every member with targets after the cutoff, ranked from the retrieval stage's candidates.
-    retrieval_top, ranked_top = rank_test_members(
-        model,
-        tensorize,
-        retriever,
-        split,
-        post_ids,
-        post_vectors,
-        ml.ratings_by_user(before=split.cutoff),
-        args.candidates,
-    )
-    retriever.save_members()
+    # Every member with targets after the cutoff, ranked from the retrieval stage's candidates: at
+    # the cutoff, and at many moments after it (feedserve.training.rank_eval).
+    evaluation = evaluate(model, tensorize, retriever, protocols, post_ids, args.candidates)
     report = {
         "command": "python -m feedserve.training.rank " + " ".join(argv if argv is not None else sys.argv[1:]),
         "evaluated_on": "validation members (inside the training period)" if args.validate else "test members",
@@ -254,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         "cutoff": split.cutoff,
         "loss_first_100": float(np.mean(losses[:100])) if losses else None,
         "loss_last_100": float(np.mean(losses[-100:])) if losses else None,
-        "retrieval": metrics(retrieval_top, split.test, (10, 50)),
-        "ranked": metrics(ranked_top, split.test, (10, 50)),
+        "retrieval": evaluation["cutoff"]["retrieval"],
+        "ranked": evaluation["cutoff"]["ranked"],
+        **evaluation,
+        "curve": curve,
         "config": json.loads((args.out / "ranker.json").read_text()),
     }
     atomic_write(args.out / "report.json", json.dumps(report, indent=1) + "\n")

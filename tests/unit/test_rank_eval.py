@@ -1,0 +1,108 @@
+"""Evaluating rankers (feedserve.training.rank_eval): many moments per member, strictly after the
+cutoff and never before their own history; a ranker's gain over retrieval with a bootstrap interval
+over members; the validation curve during training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from feedserve.ops.builder import SAMPLE_CORPUS
+from feedserve.prompt.movielens import MovieLens, load_movielens
+from feedserve.rank.data import LIKE
+from feedserve.training.data import EvalCase, movielens_split
+from feedserve.training.evaluate import metrics, paired_ratio, per_case
+from feedserve.training.rank_eval import cutoff_cases, moment_cases
+
+
+@pytest.fixture(scope="module")
+def ml() -> MovieLens:
+    return load_movielens(SAMPLE_CORPUS)
+
+
+def test_moments_read_only_the_past_and_target_the_next_likes(ml: MovieLens) -> None:
+    split = movielens_split(ml)
+    cases = moment_cases(ml, split.cutoff, moments=5, horizon=10)
+    by_user = ml.ratings_by_user()
+    # The split's members (less the few whose every rating shares one moment: nothing before it).
+    assert {c.member.id for c in cases} <= {c.member.id for c in split.test}
+    assert len({c.member.id for c in cases}) >= 0.95 * len(split.test)
+    assert len(cases) > 3 * len(split.test)  # and at several moments each
+    for case in cases:
+        ratings = by_user[case.member.id]
+        at = min(r.timestamp for r in ratings if r.movie in case.targets)
+        assert at >= split.cutoff
+        moment = max(it.at for it in case.history) if case.history else 0
+        assert all(it.at < at for it in case.history)
+        # The retrieval record holds the liked history alone; the ranker's holds every rating.
+        liked = [it.post_id for it in case.history if it.action in ("like", "love")]
+        assert [h.post_id for h in case.member.history] == liked and liked
+        assert not case.targets & {it.post_id for it in case.history}
+        later = [r for r in ratings if r.timestamp > moment]
+        assert all(r.rating >= LIKE for r in later if r.movie in case.targets)
+        assert case.targets <= {r.movie for r in later}
+
+
+def test_the_cutoff_protocol_is_the_splits_own(ml: MovieLens) -> None:
+    split = movielens_split(ml)
+    cases = cutoff_cases(split, ml.ratings_by_user(before=split.cutoff))
+    assert [(c.member.id, c.targets) for c in cases] == [(c.member.id, c.targets) for c in split.test]
+    assert all(it.at < split.cutoff for c in cases for it in c.history)
+
+
+def test_metrics_are_the_means_of_the_per_case_values() -> None:
+    cases = [EvalCase(None, {1, 2}), EvalCase(None, {3})]  # type: ignore[arg-type]
+    top = [np.array([1, 9, 2]), np.array([7, 8, 9])]
+    each = per_case(top, cases, (1, 3))
+    np.testing.assert_allclose(each["recall@3"], [1.0, 0.0])
+    np.testing.assert_allclose(each["recall@1"], [0.5, 0.0])
+    assert metrics(top, cases, (1, 3)) == {name: pytest.approx(float(v.mean())) for name, v in each.items()}
+
+
+def test_the_gain_interval_resamples_members_not_cases() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.random(400)
+    same = paired_ratio(base, base.copy(), np.arange(400) // 10)
+    assert same["ratio"] == pytest.approx(1.0) and same["low"] == pytest.approx(1.0) == same["high"]
+    better = paired_ratio(base, base * 1.5, np.arange(400) // 10)
+    assert better["low"] > 1.2 and better["above_1"] == 1.0
+    # One member's cases alone carry the gain: over members it is uncertain, over cases it would not be.
+    other = base * 0.97
+    other[:100] = base[:100] * 3
+    by_member = paired_ratio(base, other, [0] * 100 + list(range(1, 301)))
+    by_case = paired_ratio(base, other, np.arange(400))
+    assert by_member["low"] < 1.0 < by_case["low"]
+
+
+def test_training_reports_a_validation_curve_in_eval_mode(tmp_path: Path) -> None:
+    import torch
+
+    from feedserve.rank.model import GenerativeRanker
+    from feedserve.training.rank import train_ranker
+    from tests.unit.test_rank_data import _synthetic
+
+    tensorize, examples = _synthetic(40)
+    torch.manual_seed(0)
+    model = GenerativeRanker(tensorize.config)
+    seen: list[tuple[int, bool]] = []
+
+    def record(step: int) -> None:
+        seen.append((step, model.training))
+
+    losses = train_ranker(
+        model,
+        tensorize,
+        examples,
+        tmp_path,
+        6,
+        batch_size=8,
+        every=2,
+        on_step=lambda s: seen.append((s, model.training)),
+    )
+    assert seen == [(2, False), (4, False), (6, False)] and len(losses) == 6
+    torch.manual_seed(0)
+    plain = GenerativeRanker(tensorize.config)
+    (tmp_path / "plain").mkdir()
+    assert train_ranker(plain, tensorize, examples, tmp_path / "plain", 6, batch_size=8) == pytest.approx(losses)

@@ -1,0 +1,205 @@
+"""Evaluate saved GR rankers: the retrieval stage's top candidates reordered by each ranker, against
+the retrieval order, at many moments per member.
+
+    .venv/bin/python -m feedserve.training.rank_eval --validate --ranker runs/abl/gated-s0 runs/abl/engaged
+
+One global cutoff gives one case per member active after it (57 members on the validation split, 80
+on the test split): too few to tell ranker configurations apart (two rankers that differ only in
+their seed differed by as much as the ablations did). Here each of those members is evaluated at up
+to `--moments` moments spread over their ratings after the cutoff: the history is every rating
+before the moment (read as a server would read it; never trained on), the targets the movies liked
+among the next `--horizon` ratings. A member's moments are correlated, so the uncertainty of a
+ranker's gain over retrieval is a bootstrap over members (`paired_ratio`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from feedserve.artifacts import ArtifactLayout, EncoderSettings, default_artifacts_dir
+from feedserve.files import atomic_write
+from feedserve.ops.builder import SAMPLE_CORPUS
+from feedserve.prompt.buckets import PercentileBuckets
+from feedserve.prompt.movielens import MovieLens, Rating, load_movielens
+from feedserve.rank.data import LIKE, Interaction, PostTable, RankExample, Tensorizer, interactions, top_posts
+from feedserve.rank.features import PostFeatures
+from feedserve.rank.model import INPUTS, GenerativeRanker
+from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, final_score
+from feedserve.training.data import EvalCase, Split, movielens_split, validation_movielens
+from feedserve.training.evaluate import EmbeddingRetriever, metrics, paired_ratio, per_case
+
+logger = logging.getLogger(__name__)
+
+KS = (10, 50)
+
+
+@dataclass
+class RankCase(EvalCase):
+    """A member at one moment: `member` is the retrieval stage's record (the liked history, excluded
+    from the candidates), `history` every rating before the moment as the ranker reads it."""
+
+    history: list[Interaction] = field(default_factory=list)
+
+
+def cutoff_cases(split: Split, before: Mapping[int, Sequence[Rating]]) -> list[RankCase]:
+    """The split's own test cases (one per member, at the cutoff, every later like a target)."""
+    return [RankCase(c.member, c.targets, interactions(before.get(c.member.id, []))) for c in split.test]
+
+
+def moment_cases(ml: MovieLens, cutoff: int, moments: int = 10, horizon: int = 10) -> list[RankCase]:
+    """Up to `moments` cases per member who rated after `cutoff`, at moments spread evenly over those
+    ratings (the first at the cutoff): history every rating strictly earlier than the moment, targets
+    the movies liked among the `horizon` ratings from it on. Moments with no liked history (nothing
+    for retrieval to read) or no target are skipped."""
+    cases = []
+    for user, ratings in sorted(ml.ratings_by_user().items()):
+        after = [j for j, r in enumerate(ratings) if r.timestamp >= cutoff]
+        starts = sorted({ratings[after[q * len(after) // moments]].timestamp for q in range(min(moments, len(after)))})
+        for at in starts:
+            past = [r for r in ratings if r.timestamp < at]
+            liked = [r for r in past if r.rating >= LIKE]
+            rated = {r.movie for r in past}
+            targets = {r.movie for r in [r for r in ratings if r.timestamp >= at][:horizon] if r.rating >= LIKE}
+            if liked and targets - rated:
+                cases.append(RankCase(ml.member(user, liked), targets - rated, interactions(past)))
+    return cases
+
+
+@torch.no_grad()
+def rank_cases(
+    model: GenerativeRanker,
+    tensorize: Tensorizer,
+    member_vectors: np.ndarray,
+    cases: Sequence[RankCase],
+    post_ids: np.ndarray,
+    post_vectors: np.ndarray,
+    candidates: int,
+    batch: int = 16,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """For each case: the retrieval stage's top `candidates` (its liked history excluded) and the same
+    posts ordered by the ranker's final score."""
+    weights = [DEFAULT_TASK_WEIGHTS[task] for task in model.config.tasks]
+    retrieval_top, ranked_top = [], []
+    for start in range(0, len(cases), batch):
+        examples = []
+        for case, member in zip(cases[start : start + batch], member_vectors[start : start + batch], strict=True):
+            ids, scores = top_posts(
+                member, post_ids, post_vectors, candidates, [h.post_id for h in case.member.history]
+            )
+            labels = np.zeros((len(ids), len(model.config.tasks)), np.float32)
+            examples.append(RankExample(case.member.id, case.history, member, ids, scores, labels))
+        t = tensorize.batch(examples)
+        _, scores = final_score(model(**{k: t[k] for k in INPUTS}).numpy(), weights)
+        for x, row in zip(examples, scores, strict=True):
+            retrieval_top.append(x.candidates)
+            ranked_top.append(x.candidates[np.argsort(-row[: len(x.candidates)], kind="stable")])
+    return retrieval_top, ranked_top
+
+
+def compare(
+    retrieval_top: Sequence[np.ndarray], ranked_top: Sequence[np.ndarray], cases: Sequence[RankCase]
+) -> dict[str, Any]:
+    """Both orders' metrics, and the ranked / retrieval ratio of each with its bootstrap interval."""
+    base, ranked = per_case(retrieval_top, cases, KS), per_case(ranked_top, cases, KS)
+    members = [c.member.id for c in cases]
+    return {
+        "cases": len(cases),
+        "members": len(set(members)),
+        "retrieval": metrics(retrieval_top, cases, KS),
+        "ranked": metrics(ranked_top, cases, KS),
+        "ranked_over_retrieval": {name: paired_ratio(base[name], ranked[name], members) for name in base},
+    }
+
+
+def evaluation_cases(ml: MovieLens, split: Split, moments: int = 10, horizon: int = 10) -> dict[str, list[RankCase]]:
+    """The two protocols: the split's one cutoff, and many moments per member after it."""
+    return {
+        "cutoff": cutoff_cases(split, ml.ratings_by_user(before=split.cutoff)),
+        "moments": moment_cases(ml, split.cutoff, moments, horizon),
+    }
+
+
+def evaluate(
+    model: GenerativeRanker,
+    tensorize: Tensorizer,
+    retriever: EmbeddingRetriever,
+    protocols: Mapping[str, Sequence[RankCase]],
+    post_ids: np.ndarray,
+    candidates: int,
+) -> dict[str, Any]:
+    """`compare` for each protocol, the ranker reordering the retrieval stage's top `candidates`."""
+    report = {}
+    for name, cases in protocols.items():
+        vectors = retriever.member_vectors([c.member for c in cases])
+        top = rank_cases(model, tensorize, vectors, cases, post_ids, retriever.posts, candidates)
+        report[name] = compare(*top, cases)
+    retriever.save_members()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ranker", type=Path, nargs="+", required=True, help="saved rankers (ranker.json, ranker.pt)")
+    p.add_argument("--artifacts", type=Path, default=default_artifacts_dir(), help="the retrieval stage's")
+    p.add_argument("--validate", action="store_true", help="the validation split (what the rankers trained on)")
+    p.add_argument("--moments", type=int, default=10, help="moments per member")
+    p.add_argument("--horizon", type=int, default=10, help="ratings from a moment on whose likes are its targets")
+    p.add_argument("--candidates", type=int, default=200, help="retrieved candidates ranked per case")
+    p.add_argument("--cache", type=Path, default=Path("runs/cache"), help="embeddings kept between runs")
+    p.add_argument("--name", default="eval.json", help="the report written into each ranker's directory")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    ml = load_movielens(SAMPLE_CORPUS)
+    if args.validate:
+        ml = validation_movielens(ml)
+    split = movielens_split(ml)
+    layout = ArtifactLayout(args.artifacts)
+    buckets = PercentileBuckets.load(layout.buckets)
+    corpus = ml.posts()
+    graph = layout.onnx_int8 if layout.onnx_int8.exists() else layout.onnx
+    retriever = EmbeddingRetriever(
+        layout.hf_dir, EncoderSettings.load(layout.settings), buckets, corpus, args.cache, onnx=graph
+    )
+    post_ids = np.array([p.id for p in corpus], np.int64)
+    features = PostFeatures.from_posts(corpus, buckets)
+    protocols = evaluation_cases(ml, split, args.moments, args.horizon)
+    command = "python -m feedserve.training.rank_eval " + " ".join(argv if argv is not None else sys.argv[1:])
+    for directory in args.ranker:
+        model = GenerativeRanker.load(directory)
+        tensorize = Tensorizer(model.config, PostTable(post_ids, retriever.posts), features)
+        report: dict[str, Any] = {
+            "command": command,
+            "ranker": str(directory),
+            "evaluated_on": "validation members (inside the training period)" if args.validate else "test members",
+            "cutoff": split.cutoff,
+            "candidates": args.candidates,
+            "moments": args.moments,
+            "horizon": args.horizon,
+            **evaluate(model, tensorize, retriever, protocols, post_ids, args.candidates),
+        }
+        atomic_write(Path(directory) / args.name, json.dumps(report, indent=1) + "\n")
+        gain = report["moments"]["ranked_over_retrieval"]["ndcg@10"]
+        logger.info(
+            "%s: NDCG@10 ranked/retrieval %.3f [%.3f, %.3f] over %d moments",
+            directory,
+            gain["ratio"],
+            gain["low"],
+            gain["high"],
+            report["moments"]["cases"],
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
