@@ -62,7 +62,8 @@ def resolve_ranker(adapter: Path | None, ranker: Path | None, dim: int | None = 
 
 def build_ranker(layout: ArtifactLayout, package: Path | None, corpus: Path, force: bool = False) -> None:
     """Export `package`'s ranker (ranker.onnx, parity checked) with its ranker.json, and the post
-    feature table of `corpus`; each redone only when what it is made from changed. Without a
+    feature table of `corpus`; redone only when what they are made from (the exporting code
+    included) changed. Without a
     package, a ranker left from an earlier build is removed (it read the previous encoder's vectors)."""
     from feedserve.export.rank import export_ranker
     from feedserve.files import atomic_write, sha256_file
@@ -83,7 +84,12 @@ def build_ranker(layout: ArtifactLayout, package: Path | None, corpus: Path, for
             f"{package}: the ranker reads {model.config.content_dim}-wide embeddings; this encoder serves "
             f"{layout.serving_dim()}"
         )
+    from feedserve.export import rank as exporter
+    from feedserve.rank import model as graph
+
     source = {
+        # The code that writes the graph too: a faster or fixed graph reaches built artifacts.
+        "graph": [sha256_file(Path(m.__file__ or "")) for m in (graph, exporter)],
         "ranker": sha256_file(package / WEIGHTS_FILE),
         "config": sha256_file(package / CONFIG_FILE),
         "corpus": str(corpus.resolve()),

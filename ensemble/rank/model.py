@@ -211,8 +211,10 @@ def _graph_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bi
     # [qc, 1] . [kh, bias] = qc . kh + bias: the candidates' mask without a pass over [C, T]. One
     # more key, always masked (zero key and value, bias MASKED), keeps an empty history's row
     # non-empty: a reduction over no keys is an empty tensor in ONNX Runtime, not -inf.
-    key_bias = F.pad(key_bias, (0, 1), value=MASKED).transpose(-1, -2)  # [B, 1, T + 1, 1]
-    keys = torch.cat([F.pad(kh, (0, 0, 0, 1)), key_bias.expand(-1, kh.shape[1], -1, -1)], dim=-1)
+    b, heads, _, dh = kh.shape
+    key_bias = torch.cat([key_bias, key_bias.new_full((b, 1, 1, 1), MASKED)], dim=-1).transpose(-1, -2)
+    kh, vh = (torch.cat([x, x.new_zeros(b, heads, 1, dh)], dim=2) for x in (kh, vh))  # [B, heads, T + 1, dh]
+    keys = torch.cat([kh, key_bias.expand(-1, heads, -1, -1)], dim=-1)
     to_history = torch.matmul(torch.cat([qc, torch.ones_like(qc[..., :1])], dim=-1), keys.transpose(-1, -2))
     # softmax over [history keys, itself] = (1 - w) softmax(history keys) + w at itself, with
     # w = e^own / (e^own + sum e^history) = sigmoid(own - logsumexp(history)), and the logsumexp read
@@ -220,7 +222,7 @@ def _graph_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bi
     weights = torch.softmax(to_history, dim=-1)
     top = torch.amax(to_history, dim=-1, keepdim=True) - torch.log(torch.amax(weights, dim=-1, keepdim=True))
     own = torch.sigmoid((qc * kc).sum(-1, keepdim=True) - top)
-    attended = torch.matmul(weights, F.pad(vh, (0, 0, 0, 1)))
+    attended = torch.matmul(weights, vh)
     return torch.cat([history, (1 - own) * attended + own * vc], dim=2)
 
 
