@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--history", choices=HISTORIES, default="all", help="what the ranker reads of a member's history")
     p.add_argument("--no-action-tokens", action="store_true", help="ablation: every interaction read as neutral")
     p.add_argument("--no-features", action="store_true", help="ablation: no candidate features fused late")
+    p.add_argument("--wide", action="store_true", help="a linear term of the candidate features in every logit")
     p.add_argument("--tasks", default=",".join(LABELS), help=f"comma-separated, of {', '.join(LABELS)}")
     p.add_argument("--moments", type=int, default=10, help="evaluation moments per member (rank_eval)")
     p.add_argument("--horizon", type=int, default=10, help="ratings from a moment on whose likes are its targets")
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         actions=(NEUTRAL,) if args.no_action_tokens else RankerConfig.actions,
         features=() if args.no_features else FEATURES,
         tasks=tasks,
+        wide=args.wide,
     )
     torch.manual_seed(args.seed)
     model = GenerativeRanker(config, known_ids=torch.from_numpy(trained_ids))

@@ -68,6 +68,10 @@ class RankerConfig:
     n_experts: int = 4
     cross_layers: int = 2
     dropout: float = 0.1
+    # A linear term of the candidate features added to every task's logit beside the MMoE's (the
+    # "wide" part of wide & deep): the retrieval score reaches the final score directly, so the
+    # ranker learns a correction of the retrieval order rather than a replacement for it.
+    wide: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -270,6 +274,7 @@ class GenerativeRanker(nn.Module):
         self.experts = nn.ModuleList(_CrossExpert(width, config.cross_layers, d) for _ in range(config.n_experts))
         self.gates = nn.ModuleList(nn.Linear(width, config.n_experts) for _ in config.tasks)
         self.towers = nn.ModuleList(nn.Linear(d, 1) for _ in config.tasks)
+        self.wide = nn.Linear(len(config.features), len(config.tasks)) if config.wide and config.features else None
         # Shared context computed without the candidate x candidate block (see _Block); False runs
         # the dense masked attention instead (the reference, and the speed benchmark's ablation).
         self.split_attention = True
@@ -373,4 +378,5 @@ class GenerativeRanker(nn.Module):
         for gate, tower in zip(self.gates, self.towers, strict=True):
             weights = torch.softmax(gate(fused), dim=-1).unsqueeze(-1)
             logits.append(tower((weights * experts).sum(dim=-2)))
-        return torch.cat(logits, dim=-1)
+        out = torch.cat(logits, dim=-1)
+        return out if self.wide is None else out + self.wide(candidate_features)

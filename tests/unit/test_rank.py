@@ -178,3 +178,17 @@ def test_the_post_token_ablations_read_content_alone_or_ids_alone() -> None:
         hidden = model.encode(**encode)
         assert torch.allclose(hidden, model.encode(**{k: same[k] for k in encode}), atol=1e-6), mode
         assert not torch.allclose(hidden, model.encode(**{k: differs[k] for k in encode}), atol=1e-4), mode
+
+
+@torch.no_grad()
+def test_the_wide_term_adds_the_features_linearly_to_every_logit() -> None:
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    model = GenerativeRanker(replace(CONFIG, wide=True)).eval()
+    assert model.wide is not None and GenerativeRanker(CONFIG).wide is None
+    for tower in model.towers:
+        torch.nn.init.zeros_(tower.weight)  # the MMoE's part: its towers' biases alone
+    inputs = _inputs(h=5, c=7)
+    want = model.wide(inputs["candidate_features"]) + torch.cat([t.bias for t in model.towers])
+    assert torch.allclose(model(**inputs), want, atol=1e-6)

@@ -13,7 +13,10 @@ from feedserve.export.onnx import ParityError
 from feedserve.export.rank import check_parity, export_ranker, sample_inputs
 from feedserve.rank.model import GenerativeRanker, RankerConfig
 
-CONFIG = RankerConfig(content_dim=16, d_model=32, n_heads=4, n_layers=2, max_history=12, id_buckets=4096, dropout=0.0)
+# wide: the linear feature term exported too (the shipped ranker, exported in the integration tests, has none).
+CONFIG = RankerConfig(
+    content_dim=16, d_model=32, n_heads=4, n_layers=2, max_history=12, id_buckets=4096, dropout=0.0, wide=True
+)
 
 
 def _model() -> GenerativeRanker:
