@@ -2,12 +2,16 @@
 
     .venv/bin/python -m benchmarks.rank_quality [--ranker models/gr-movielens] [--candidates 200]
 
-The project's global time split, full catalog, history excluded, the 80 test members of the
-retrieval benchmark (`benchmarks/reports/quality.md`), targets the movies they liked after the cutoff:
+The project's global time split, full catalog, every movie a member rated before the moment
+excluded (as a server given the whole record excludes them), on two protocols
+(`feedserve.training.rank_eval`): at the cutoff, the 80 test members of the retrieval benchmark
+(`benchmarks/reports/quality.md`) with every movie they liked after it as targets; and at up to
+`--moments` moments per member after the cutoff, targets the likes among the next `--horizon` ratings:
 
 - retrieval: the served encoder (the int8 graph), top `--candidates` by cosine;
 - feed: the same candidates ordered by the GR ranker's final score (what `feed` serves; the served
-  graph equals PyTorch, tests/unit/test_rank_backend.py), history every rating before the cutoff;
+  graph equals PyTorch, tests/unit/test_rank_backend.py), history every rating before the moment,
+  with a bootstrap interval over members for its gain over retrieval;
 - popularity and ItemKNN over the whole catalog (`feedserve.training.baselines`);
 - SASRec: an id-only causal transformer over each member's liked sequence, trained here on the
   training period (`feedserve.training.sasrec`), over the whole catalog.
@@ -37,7 +41,7 @@ from feedserve.rank.model import GenerativeRanker
 from feedserve.training.baselines import ItemKNN, Popularity
 from feedserve.training.data import movielens_split
 from feedserve.training.evaluate import EmbeddingRetriever, metrics, rank
-from feedserve.training.rank_eval import cutoff_cases, rank_cases
+from feedserve.training.rank_eval import compare, evaluation_cases, rank_cases
 from feedserve.training.sasrec import SASRecConfig, SASRecRecommender
 
 logger = logging.getLogger("benchmarks.rank_quality")
@@ -50,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifacts", type=Path, default=default_artifacts_dir())
     p.add_argument("--ranker", type=Path, default=DEFAULT_RANKER)
     p.add_argument("--candidates", type=int, default=200)
+    p.add_argument("--moments", type=int, default=10, help="moments per member (training.rank_eval)")
+    p.add_argument("--horizon", type=int, default=10, help="ratings from a moment on whose likes are its targets")
     p.add_argument("--sasrec-steps", type=int, default=SASRecConfig.steps)
     p.add_argument("--cache", type=Path, default=Path("benchmarks/.cache/rank_quality"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/reports/ranker"))
@@ -68,47 +74,49 @@ def main(argv: list[str] | None = None) -> int:
     model = GenerativeRanker.load(args.ranker)
     tensorize = Tensorizer(model.config, PostTable(ids, retriever.posts), PostFeatures.from_posts(corpus, buckets))
     before = ml.ratings_by_user(before=split.cutoff)
-    cases = cutoff_cases(split, before)
-    retrieval_top, feed_top = rank_cases(
-        model,
-        tensorize,
-        retriever.member_vectors([c.member for c in cases]),
-        cases,
-        ids,
-        retriever.posts,
-        args.candidates,
-    )
-    rows: dict[str, dict[str, Any]] = {
-        f"retrieval (served int8 encoder, top {args.candidates})": metrics(retrieval_top, split.test, KS),
-        f"feed: retrieval top {args.candidates} ranked by the GR ranker": metrics(feed_top, split.test, KS),
-    }
-    members = [c.member for c in split.test]
     engaged = {u: {r.movie for r in rs if r.rating >= LIKE} for u, rs in before.items()}
     t = time.perf_counter()
     sasrec = SASRecRecommender(ids, SASRecConfig(steps=args.sasrec_steps))
     losses = sasrec.fit([[r.movie for r in before[u] if r.rating >= LIKE] for u in sorted(before)])
     sasrec_s = time.perf_counter() - t
-    histories: Sequence[Sequence[int]] = [[h.post_id for h in m.history] for m in members]
-    for name, scores in (
-        ("popularity", Popularity(split, ids).score(members)),
-        ("ItemKNN", ItemKNN(engaged, ids).score(members)),
-        (f"SASRec (id only, {args.sasrec_steps} steps)", sasrec.score(histories)),
-    ):
-        rows[name] = metrics(rank(scores, ids, split.test, max(KS)), split.test, KS)
-    base = rows[next(iter(rows))]
+    popularity, itemknn = Popularity(split, ids), ItemKNN(engaged, ids)
+    results: dict[str, Any] = {}
+    for protocol, cases in evaluation_cases(ml, split, args.moments, args.horizon).items():
+        members = [c.member for c in cases]
+        retrieval_top, feed_top = rank_cases(
+            model, tensorize, retriever.member_vectors(members), cases, ids, retriever.posts, args.candidates
+        )
+        rows: dict[str, dict[str, Any]] = {
+            f"retrieval (served int8 encoder, top {args.candidates})": metrics(retrieval_top, cases, KS),
+            f"feed: retrieval top {args.candidates} ranked by the GR ranker": metrics(feed_top, cases, KS),
+        }
+        histories: Sequence[Sequence[int]] = [[h.post_id for h in m.history] for m in members]
+        for name, scores in (
+            ("popularity", popularity.score(members)),
+            ("ItemKNN", itemknn.score(members)),
+            (f"SASRec (id only, {args.sasrec_steps} steps)", sasrec.score(histories)),
+        ):
+            rows[name] = metrics(rank(scores, ids, cases, max(KS)), cases, KS)
+        results[protocol] = {
+            "cases": len(cases),
+            "members": len({m.id for m in members}),
+            "rows": rows,
+            "feed_over_retrieval": compare(retrieval_top, feed_top, cases)["ranked_over_retrieval"],
+        }
     report = {
         "command": "python -m benchmarks.rank_quality " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
         "ranker": str(args.ranker),
         "ranker_config": json.loads((args.ranker / "ranker.json").read_text()),
-        "test_members": len(split.test),
         "cutoff": split.cutoff,
+        "moments": args.moments,
+        "horizon": args.horizon,
         "sasrec": {
             "seconds": sasrec_s,
             "loss_first_100": float(np.mean(losses[:100])),
             "loss_last_100": float(np.mean(losses[-100:])),
         },
-        "rows": rows,
+        **results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -116,16 +124,33 @@ def main(argv: list[str] | None = None) -> int:
         "# Ranked feed quality on MovieLens",
         "",
         f"Command: `{report['command']}`. Machine: {report['machine']}.",
-        f"{len(split.test)} test members (global time split at {split.cutoff}), full catalog, history excluded.",
-        "",
-        "| model | Recall@10 | Recall@50 | NDCG@10 | NDCG@10 / retrieval |",
-        "|---|---|---|---|---|",
+        f"Global time split at {split.cutoff}, full catalog, every movie a member rated before the moment excluded.",
     ]
-    for name, m in rows.items():
-        lines.append(
-            f"| {name} | {m['recall@10']:.4f} | {m['recall@50']:.4f} | {m['ndcg@10']:.4f} | "
-            f"{m['ndcg@10'] / base['ndcg@10']:.2f}x |"
-        )
+    titles = {
+        "cutoff": "At the cutoff: one case per test member, every later like a target",
+        "moments": f"At up to {args.moments} moments per test member after the cutoff, targets the likes among "
+        f"the next {args.horizon} ratings",
+    }
+    for protocol, result in results.items():
+        base = next(iter(result["rows"].values()))
+        lines += [
+            "",
+            f"## {titles[protocol]} ({result['cases']} cases, {result['members']} members)",
+            "",
+            "| model | Recall@10 | Recall@50 | NDCG@10 | NDCG@10 / retrieval |",
+            "|---|---|---|---|---|",
+        ]
+        for name, m in result["rows"].items():
+            lines.append(
+                f"| {name} | {m['recall@10']:.4f} | {m['recall@50']:.4f} | {m['ndcg@10']:.4f} | "
+                f"{m['ndcg@10'] / base['ndcg@10']:.2f}x |"
+            )
+        gain = result["feed_over_retrieval"]
+        lines += [
+            "",
+            "feed / retrieval, 95% bootstrap interval over members: "
+            + "; ".join(f"{k} {v['ratio']:.2f}x [{v['low']:.2f}, {v['high']:.2f}]" for k, v in gain.items()),
+        ]
     (args.out / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -36,6 +36,10 @@ class EvalCase:
     member: Member  # history up to the cutoff
     targets: set[int]  # posts engaged with after the cutoff
 
+    def seen(self) -> set[int]:
+        """The posts never recommended to this member again: the ones their record holds."""
+        return {h.post_id for h in self.member.history}
+
 
 @dataclass
 class Split:

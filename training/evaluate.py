@@ -26,10 +26,10 @@ EmbedMembers = Callable[[Sequence[Member]], np.ndarray]
 
 
 def rank(scores: np.ndarray, ids: np.ndarray, cases: Sequence[EvalCase], k: int) -> list[np.ndarray]:
-    """Top-k post ids per case, skipping posts already in that member's history."""
+    """Top-k post ids per case, skipping the posts it has seen (`EvalCase.seen`)."""
     out = []
     for row, case in zip(scores, cases, strict=True):
-        seen = {h.post_id for h in case.member.history}
+        seen = case.seen()
         order = np.argsort(-row, kind="stable")
         out.append(np.array([i for i in ids[order[: k + len(seen)]] if i not in seen][:k], np.int64))
     return out

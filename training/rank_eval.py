@@ -45,10 +45,14 @@ KS = (10, 50)
 
 @dataclass
 class RankCase(EvalCase):
-    """A member at one moment: `member` is the retrieval stage's record (the liked history, excluded
-    from the candidates), `history` every rating before the moment as the ranker reads it."""
+    """A member at one moment: `member` is the retrieval stage's record (the liked history),
+    `history` every rating before the moment as the ranker reads it. Every rated post is seen: a
+    server given the whole record excludes them all, for retrieval alone as for the ranked feed."""
 
     history: list[Interaction] = field(default_factory=list)
+
+    def seen(self) -> set[int]:
+        return super().seen() | {it.post_id for it in self.history}
 
 
 def cutoff_cases(split: Split, before: Mapping[int, Sequence[Rating]]) -> list[RankCase]:
@@ -86,16 +90,14 @@ def rank_cases(
     candidates: int,
     batch: int = 16,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """For each case: the retrieval stage's top `candidates` (its liked history excluded) and the same
-    posts ordered by the ranker's final score."""
+    """For each case: the retrieval stage's top `candidates` (what it has seen excluded) and the
+    same posts ordered by the ranker's final score."""
     weights = [DEFAULT_TASK_WEIGHTS[task] for task in model.config.tasks]
     retrieval_top, ranked_top = [], []
     for start in range(0, len(cases), batch):
         examples = []
         for case, member in zip(cases[start : start + batch], member_vectors[start : start + batch], strict=True):
-            ids, scores = top_posts(
-                member, post_ids, post_vectors, candidates, [h.post_id for h in case.member.history]
-            )
+            ids, scores = top_posts(member, post_ids, post_vectors, candidates, sorted(case.seen()))
             labels = np.zeros((len(ids), len(model.config.tasks)), np.float32)
             examples.append(RankExample(case.member.id, case.history, member, ids, scores, labels))
         t = tensorize.batch(examples)
