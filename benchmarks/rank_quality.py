@@ -30,18 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from feedserve.artifacts import DEFAULT_RANKER, ArtifactLayout, EncoderSettings, default_artifacts_dir
+from feedserve.artifacts import DEFAULT_RANKER, default_artifacts_dir
 from feedserve.clients.perf import machine
-from feedserve.ops.builder import SAMPLE_CORPUS
-from feedserve.prompt.buckets import PercentileBuckets
-from feedserve.prompt.movielens import load_movielens
-from feedserve.rank.data import LIKE, PostTable, Tensorizer
-from feedserve.rank.features import PostFeatures
+from feedserve.rank.data import LIKE
 from feedserve.rank.model import GenerativeRanker
 from feedserve.training.baselines import ItemKNN, Popularity
-from feedserve.training.data import movielens_split
-from feedserve.training.evaluate import EmbeddingRetriever, metrics, rank
-from feedserve.training.rank_eval import compare, evaluation_cases, rank_cases
+from feedserve.training.evaluate import metrics, rank
+from feedserve.training.rank_eval import RankingData, compare, evaluation_cases, rank_cases
 from feedserve.training.sasrec import SASRecConfig, SASRecRecommender
 
 logger = logging.getLogger("benchmarks.rank_quality")
@@ -62,17 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    ml = load_movielens(SAMPLE_CORPUS)
-    split = movielens_split(ml)
-    layout = ArtifactLayout(args.artifacts)
-    buckets = PercentileBuckets.load(layout.buckets)
-    corpus = split.corpus
-    ids = np.array([p.id for p in corpus], np.int64)
-    retriever = EmbeddingRetriever(
-        layout.hf_dir, EncoderSettings.load(layout.settings), buckets, corpus, args.cache, onnx=layout.onnx_int8
-    )
+    data = RankingData.load(args.artifacts, args.cache)
+    ml, split, retriever, ids = data.ml, data.split, data.retriever, data.post_ids
     model = GenerativeRanker.load(args.ranker)
-    tensorize = Tensorizer(model.config, PostTable(ids, retriever.posts), PostFeatures.from_posts(corpus, buckets))
+    tensorize = data.tensorizer(model.config)
     before = ml.ratings_by_user(before=split.cutoff)
     engaged = {u: {r.movie for r in rs if r.rating >= LIKE} for u, rs in before.items()}
     t = time.perf_counter()

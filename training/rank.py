@@ -27,26 +27,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from feedserve.artifacts import ArtifactLayout, EncoderSettings, default_artifacts_dir
+from feedserve.artifacts import default_artifacts_dir
 from feedserve.files import atomic_file, atomic_write
-from feedserve.ops.builder import SAMPLE_CORPUS
-from feedserve.prompt.buckets import PercentileBuckets
-from feedserve.prompt.movielens import Rating, load_movielens
+from feedserve.prompt.movielens import Rating
 from feedserve.rank.data import (
     FEATURES,
     LABELS,
-    PostTable,
     RankExample,
     Tensorizer,
     movielens_examples,
     select_tasks,
 )
-from feedserve.rank.features import PostFeatures
 from feedserve.rank.model import HISTORIES, NEUTRAL, POST_TOKENS, GenerativeRanker, RankerConfig
 from feedserve.rank.train import multitask_loss
-from feedserve.training.data import movielens_split, validation_movielens
-from feedserve.training.evaluate import EmbeddingRetriever
-from feedserve.training.rank_eval import evaluate, evaluation_cases
+from feedserve.training.rank_eval import RankingData, evaluate, evaluation_cases
 
 logger = logging.getLogger(__name__)
 
@@ -143,23 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
 
-    ml = load_movielens(SAMPLE_CORPUS)
-    if args.validate:
-        ml = validation_movielens(ml)
-    split = movielens_split(ml)
-    layout = ArtifactLayout(args.artifacts)
-    settings = EncoderSettings.load(layout.settings)
-    graph = layout.onnx_int8 if layout.onnx_int8.exists() else layout.onnx
-    corpus = ml.posts()
-    retriever = EmbeddingRetriever(
-        layout.hf_dir,
-        settings,
-        PercentileBuckets.load(layout.buckets),
-        corpus,
-        args.cache or args.out / "cache",
-        onnx=graph,
-    )
-    post_ids = np.array([p.id for p in corpus], np.int64)
+    data = RankingData.load(args.artifacts, args.cache or args.out / "cache", args.validate)
+    ml, split, retriever, post_ids = data.ml, data.split, data.retriever, data.post_ids
     post_vectors = retriever.posts
 
     def embed(user: int, liked: Sequence[Rating]) -> np.ndarray:
@@ -195,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     torch.manual_seed(args.seed)
     model = GenerativeRanker(config, known_ids=torch.from_numpy(trained_ids))
-    features = PostFeatures.from_posts(corpus, PercentileBuckets.load(layout.buckets))
-    tensorize = Tensorizer(config, PostTable(post_ids, post_vectors), features)
+    tensorize = data.tensorizer(config)
     protocols = evaluation_cases(ml, split, args.moments, args.horizon)
     curve: list[dict[str, object]] = []
 

@@ -33,7 +33,7 @@ from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.movielens import MovieLens, Rating, load_movielens
 from feedserve.rank.data import LIKE, Interaction, PostTable, RankExample, Tensorizer, interactions, top_posts
 from feedserve.rank.features import PostFeatures
-from feedserve.rank.model import INPUTS, GenerativeRanker
+from feedserve.rank.model import INPUTS, GenerativeRanker, RankerConfig
 from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, final_score
 from feedserve.training.data import EvalCase, Split, movielens_split, validation_movielens
 from feedserve.training.evaluate import EmbeddingRetriever, metrics, paired_ratio, per_case
@@ -53,6 +53,35 @@ class RankCase(EvalCase):
 
     def seen(self) -> set[int]:
         return super().seen() | {it.post_id for it in self.history}
+
+
+@dataclass
+class RankingData:
+    """MovieLens as rankers are trained and evaluated on it (the whole log, or with `validate` the
+    training period alone, split again), and the served encoder's embeddings of its movies."""
+
+    ml: MovieLens
+    split: Split
+    retriever: EmbeddingRetriever
+    post_ids: np.ndarray
+    features: PostFeatures
+
+    @classmethod
+    def load(cls, artifacts: Path, cache: Path, validate: bool = False) -> RankingData:
+        ml = load_movielens(SAMPLE_CORPUS)
+        if validate:
+            ml = validation_movielens(ml)
+        layout = ArtifactLayout(artifacts)
+        buckets = PercentileBuckets.load(layout.buckets)
+        corpus = ml.posts()
+        graph = layout.onnx_int8 if layout.onnx_int8.exists() else layout.onnx  # what the server runs
+        settings = EncoderSettings.load(layout.settings)
+        retriever = EmbeddingRetriever(layout.hf_dir, settings, buckets, corpus, cache, onnx=graph)
+        ids = np.array([p.id for p in corpus], np.int64)
+        return cls(ml, movielens_split(ml), retriever, ids, PostFeatures.from_posts(corpus, buckets))
+
+    def tensorizer(self, config: RankerConfig) -> Tensorizer:
+        return Tensorizer(config, PostTable(self.post_ids, self.retriever.posts), self.features)
 
 
 def cutoff_cases(split: Split, before: Mapping[int, Sequence[Rating]]) -> list[RankCase]:
@@ -162,33 +191,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    ml = load_movielens(SAMPLE_CORPUS)
-    if args.validate:
-        ml = validation_movielens(ml)
-    split = movielens_split(ml)
-    layout = ArtifactLayout(args.artifacts)
-    buckets = PercentileBuckets.load(layout.buckets)
-    corpus = ml.posts()
-    graph = layout.onnx_int8 if layout.onnx_int8.exists() else layout.onnx
-    retriever = EmbeddingRetriever(
-        layout.hf_dir, EncoderSettings.load(layout.settings), buckets, corpus, args.cache, onnx=graph
-    )
-    post_ids = np.array([p.id for p in corpus], np.int64)
-    features = PostFeatures.from_posts(corpus, buckets)
-    protocols = evaluation_cases(ml, split, args.moments, args.horizon)
+    data = RankingData.load(args.artifacts, args.cache, args.validate)
+    protocols = evaluation_cases(data.ml, data.split, args.moments, args.horizon)
     command = "python -m feedserve.training.rank_eval " + " ".join(argv if argv is not None else sys.argv[1:])
     for directory in args.ranker:
         model = GenerativeRanker.load(directory)
-        tensorize = Tensorizer(model.config, PostTable(post_ids, retriever.posts), features)
         report: dict[str, Any] = {
             "command": command,
             "ranker": str(directory),
             "evaluated_on": "validation members (inside the training period)" if args.validate else "test members",
-            "cutoff": split.cutoff,
+            "cutoff": data.split.cutoff,
             "candidates": args.candidates,
             "moments": args.moments,
             "horizon": args.horizon,
-            **evaluate(model, tensorize, retriever, protocols, post_ids, args.candidates),
+            **evaluate(model, data.tensorizer(model.config), data.retriever, protocols, data.post_ids, args.candidates),
         }
         atomic_write(Path(directory) / args.name, json.dumps(report, indent=1) + "\n")
         gain = report["moments"]["ranked_over_retrieval"]["ndcg@10"]
