@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-member", type=int, default=6, help="training moments per member")
     p.add_argument("--shown", type=int, default=200, help="retrieved impressions per moment")
+    p.add_argument(
+        "--label-horizon", type=int, help="ratings after a training moment that label its impressions (default: all)"
+    )
     p.add_argument("--candidates", type=int, default=200, help="retrieved candidates ranked per test member")
     p.add_argument("--max-history", type=int, default=200)
     p.add_argument("--d-model", type=int, default=64)
@@ -153,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         per_member=args.per_member,
         shown=args.shown,
         seed=args.seed,
+        horizon=args.label_horizon,
     )
     retriever.save_members()
     logger.info("%d ranker examples before the cutoff %d", len(examples), split.cutoff)

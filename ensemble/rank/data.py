@@ -117,6 +117,7 @@ def movielens_examples(
     per_member: int = 4,
     shown: int = 200,
     seed: int = 0,
+    horizon: int | None = None,
 ) -> list[RankExample]:
     """Up to `per_member` moments per member before `cutoff`. At each: the history so far; as
     impressions the top `shown` posts retrieval returned then (for the member embedded from their
@@ -125,7 +126,9 @@ def movielens_examples(
     before the cutoff (shown and never rated: all labels 0), plus the posts they rated low later
     (explicit negatives). Impressions are what the ranker will be given when serving: the
     retrieval stage's candidates, not the posts the member happened to rate next, which would teach
-    it that a high retrieval score means no engagement."""
+    it that a high retrieval score means no engagement. With `horizon`, only the next `horizon`
+    ratings label the impressions (what the member did soon after being shown them; a post rated
+    later was shown and not engaged with then)."""
     rng = random.Random(seed)
     rows = {int(p): i for i, p in enumerate(post_ids.tolist())}
     by_user = ml.ratings_by_user(before=cutoff)
@@ -134,7 +137,10 @@ def movielens_examples(
         ratings = by_user[user]
         moments = list(range(1, len(ratings) - 1))
         for i in sorted(rng.sample(moments, min(per_member, len(moments)))):
-            past, later = ratings[:i], {r.movie: r.rating for r in ratings[i:]}
+            past, later = (
+                ratings[:i],
+                {r.movie: r.rating for r in ratings[i : None if horizon is None else i + horizon]},
+            )
             member = embed_member(user, [r for r in past if r.rating >= LIKE])
             top, _ = top_posts(member, post_ids, post_vectors, shown, [r.movie for r in past])
             disliked = [m for m, rating in later.items() if rating <= DISLIKE]

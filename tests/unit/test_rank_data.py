@@ -52,6 +52,22 @@ def test_examples_stay_before_the_cutoff_and_label_what_followed(ml: MovieLens) 
     assert actions == {"love", "like", "neutral", "dislike"}  # the ranker reads negatives too
 
 
+def test_a_label_horizon_labels_what_the_member_rated_soon_after(ml: MovieLens) -> None:
+    ids, vectors = _table(ml)
+    cutoff = sorted(r.timestamp for r in ml.ratings)[len(ml.ratings) * 9 // 10]
+    by_user = ml.ratings_by_user(before=cutoff)
+
+    def embed(user: int, liked: list) -> np.ndarray:  # type: ignore[type-arg]
+        return vectors[0]
+
+    examples = movielens_examples(ml, cutoff, embed, ids, vectors, per_member=2, shown=20, horizon=3)
+    for x in examples[:300]:
+        next_three = {r.movie for r in by_user[x.member_id][len(x.history) : len(x.history) + 3]}
+        labelled = {int(c) for c, label in zip(x.candidates, x.labels, strict=True) if label.any()}
+        assert labelled <= next_three
+    assert sum(x.labels.any(axis=1).sum() for x in examples) > 0
+
+
 def test_actions_and_labels() -> None:
     assert [action_of(r) for r in (5, 4.5, 4, 3, 2.5, 2, 0.5)] == [
         "love",
