@@ -188,12 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidates", type=int, default=200, help="retrieved candidates ranked per case")
     p.add_argument("--cache", type=Path, default=Path("runs/cache"), help="embeddings kept between runs")
     p.add_argument("--name", default="eval.json", help="the report written into each ranker's directory")
+    p.add_argument("--table", type=Path, help="also write the markdown table of every ranker here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     data = RankingData.load(args.artifacts, args.cache, args.validate)
     protocols = evaluation_cases(data.ml, data.split, args.moments, args.horizon)
     command = "python -m feedserve.training.rank_eval " + " ".join(argv if argv is not None else sys.argv[1:])
+    reports = []
     for directory in args.ranker:
         model = GenerativeRanker.load(directory)
         report: dict[str, Any] = {
@@ -207,16 +209,44 @@ def main(argv: list[str] | None = None) -> int:
             **evaluate(model, data.tensorizer(model.config), data.retriever, protocols, data.post_ids, args.candidates),
         }
         atomic_write(Path(directory) / args.name, json.dumps(report, indent=1) + "\n")
-        gain = report["moments"]["ranked_over_retrieval"]["ndcg@10"]
-        logger.info(
-            "%s: NDCG@10 ranked/retrieval %.3f [%.3f, %.3f] over %d moments",
-            directory,
-            gain["ratio"],
-            gain["low"],
-            gain["high"],
-            report["moments"]["cases"],
-        )
+        reports.append(report)
+    table = markdown_table(reports)
+    print(table)
+    if args.table is not None:
+        atomic_write(args.table, table)
     return 0
+
+
+def markdown_table(reports: Sequence[Mapping[str, Any]]) -> str:
+    """One row per ranker (its directory's name), retrieval's first: each protocol's metrics and the
+    ranked / retrieval NDCG@10 with its 95% interval over members."""
+    first = reports[0]
+    head = "| ranker | " + " | ".join(
+        f"{p}: R@10 | R@50 | NDCG@10 | NDCG@10 / retrieval" for p in ("moments", "cutoff")
+    )
+    lines = [
+        f"{first['moments']['cases']} moments of {first['moments']['members']} members; cutoff: "
+        f"{first['cutoff']['cases']} members.",
+        "",
+        head + " |",
+        "|---" * 9 + "|",
+    ]
+
+    def cells(result: Mapping[str, Any], key: str) -> str:
+        m = result[key]
+        out = f"{m['recall@10']:.4f} | {m['recall@50']:.4f} | {m['ndcg@10']:.4f}"
+        if key == "retrieval":
+            return out + " | 1.00x"
+        g = result["ranked_over_retrieval"]["ndcg@10"]
+        return out + f" | {g['ratio']:.2f}x [{g['low']:.2f}, {g['high']:.2f}]"
+
+    lines.append(
+        "| retrieval alone | " + " | ".join(cells(first[p], "retrieval") for p in ("moments", "cutoff")) + " |"
+    )
+    for r in reports:
+        name = Path(r["ranker"]).name
+        lines.append(f"| {name} | " + " | ".join(cells(r[p], "ranked") for p in ("moments", "cutoff")) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -106,3 +106,30 @@ def test_training_reports_a_validation_curve_in_eval_mode(tmp_path: Path) -> Non
     plain = GenerativeRanker(tensorize.config)
     (tmp_path / "plain").mkdir()
     assert train_ranker(plain, tensorize, examples, tmp_path / "plain", 6, batch_size=8) == pytest.approx(losses)
+
+
+def test_the_table_puts_retrieval_first_and_each_ranker_with_its_interval() -> None:
+    from feedserve.training.rank_eval import markdown_table
+
+    def result(ndcg: float, low: float, high: float) -> dict:  # type: ignore[type-arg]
+        m = {"recall@10": 0.1, "recall@50": 0.2, "ndcg@10": ndcg}
+        gain = {"ratio": ndcg / 0.05, "low": low, "high": high, "above_1": 0.5}
+        retrieval = {**m, "ndcg@10": 0.05}
+        return {
+            "cases": 9,
+            "members": 3,
+            "retrieval": retrieval,
+            "ranked": m,
+            "ranked_over_retrieval": {"ndcg@10": gain},
+        }
+
+    reports = [
+        {"ranker": "runs/a", "moments": result(0.04, 0.6, 1.1), "cutoff": result(0.06, 0.9, 1.5)},
+        {"ranker": "runs/b", "moments": result(0.07, 1.1, 1.6), "cutoff": result(0.05, 0.7, 1.3)},
+    ]
+    lines = markdown_table(reports).splitlines()
+    assert lines[0] == "9 moments of 3 members; cutoff: 9 members."
+    rows = [line for line in lines if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split(" | ")[0] for r in rows] == ["| retrieval alone", "| a", "| b"]
+    assert "0.0500 | 1.00x" in rows[0]
+    assert "0.0700 | 1.40x [1.10, 1.60]" in rows[2] and "1.20x [0.90, 1.50]" in rows[1]
