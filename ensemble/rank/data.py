@@ -29,10 +29,19 @@ from feedserve.rank.model import NEUTRAL, RankerConfig
 
 # Ratings as actions and as task labels (like, love, dislike).
 LIKE, LOVE, DISLIKE = ENGAGED_RATING, 5.0, 2.0  # a like is what retrieval prompts count as engaged
-# The candidate features the ranker is trained with: the retrieval score, the Jaccard similarity of
-# the candidate's tags to those of the posts the member liked, whether its content vector was found,
-# and its counts as percentiles 0..1 (feedserve.rank.features).
-FEATURES = ("retrieval_score", "affinity", "has_content", *(f"{c}_percentile" for c in COUNT_FEATURES))
+# The candidate features the ranker is trained with: the retrieval score; its rank among the
+# request's candidates as ln(1 + rank) (0 for retrieval's first: the top 200 of a member's scores
+# span a few hundredths, which a network reads only once its weights grow a hundredfold, while the
+# log rank spans 0 to 5 whatever the scores' scale and however many candidates follow); the Jaccard
+# similarity of the candidate's tags to those of the posts the member liked; whether its content
+# vector was found; and its counts as percentiles 0..1 (feedserve.rank.features).
+FEATURES = (
+    "retrieval_score",
+    "retrieval_log_rank",
+    "affinity",
+    "has_content",
+    *(f"{c}_percentile" for c in COUNT_FEATURES),
+)
 
 
 def action_of(rating: float) -> str:
@@ -162,6 +171,13 @@ def movielens_examples(
     return examples
 
 
+def log_rank(scores: np.ndarray) -> np.ndarray:
+    """ln(1 + rank) of each score among `scores`, highest first (ties in the order given)."""
+    ranks = np.empty(len(scores), np.float32)
+    ranks[np.argsort(-np.asarray(scores), kind="stable")] = np.arange(len(scores), dtype=np.float32)
+    return np.log1p(ranks)
+
+
 def read_history(config: RankerConfig, history: Sequence[Interaction]) -> Sequence[Interaction]:
     """What a ranker reads of a history: the newest max_history (the oldest go first, as in the
     prompts) of every interaction, or of the engaged ones with `history` "engaged"."""
@@ -246,6 +262,8 @@ class Tensorizer:
             features = out["candidate_features"][i]
             if "retrieval_score" in column:
                 features[:m, column["retrieval_score"]] = x.retrieval_scores
+            if "retrieval_log_rank" in column:
+                features[:m, column["retrieval_log_rank"]] = log_rank(x.retrieval_scores)
             if "has_content" in column:
                 features[:m, column["has_content"]] = has
             if "affinity" in column:

@@ -108,6 +108,7 @@ def test_tensors_pad_and_mark_unknown_posts() -> None:
     features = dict(zip(FEATURES, t["candidate_features"][0].T.tolist(), strict=True))
     assert features["has_content"] == [1.0, 0.0]  # post 99 is not in the table: ranked without content
     assert features["retrieval_score"] == pytest.approx([0.5, 0.1])
+    assert features["retrieval_log_rank"] == pytest.approx([0.0, np.log(2.0)])  # by score: first, second
     assert features["affinity"][0] == pytest.approx(1.0)  # its tags {a, b} are exactly the liked ones
     assert float(t["candidate_content"][0, 1].abs().sum()) == 0.0
 
@@ -238,3 +239,10 @@ def test_a_ranker_of_fewer_tasks_reads_their_label_columns() -> None:
     assert LABELS == ("like", "love", "dislike")
     select_tasks([x], ("love", "like"))
     assert x.labels.tolist() == [[0, 1], [1, 1]]
+
+
+def test_the_log_rank_orders_by_score_whatever_the_order_given() -> None:
+    from feedserve.rank.data import log_rank
+
+    np.testing.assert_allclose(log_rank(np.array([0.1, 0.9, 0.5, 0.9])), np.log1p([3, 0, 2, 1]))
+    assert log_rank(np.array([], np.float32)).shape == (0,)
