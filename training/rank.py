@@ -58,11 +58,13 @@ def train_ranker(
     resume: bool = False,
     every: int = 0,
     on_step: Callable[[int], None] | None = None,
+    weight_decay: float = 0.0,
 ) -> list[float]:
-    """Adam on multitask_loss; returns the losses of the steps run. The batch of step s is drawn from
-    `seed + s` alone, so a resumed run takes the same batches as an uninterrupted one. Every `every`
-    steps `on_step(step)` sees the model in eval mode (a validation curve)."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    """AdamW on multitask_loss (Adam without `weight_decay`); returns the losses of the steps run.
+    The batch of step s is drawn from `seed + s` alone, so a resumed run takes the same batches as
+    an uninterrupted one. Every `every` steps `on_step(step)` sees the model in eval mode (a
+    validation curve)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     state_path = out / "state.pt"
     start, losses = 0, []
     if resume and state_path.exists():
@@ -106,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
+    p.add_argument("--dropout", type=float, default=RankerConfig.dropout)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-member", type=int, default=6, help="training moments per member")
     p.add_argument("--shown", type=int, default=200, help="retrieved impressions per moment")
@@ -175,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         features=() if args.no_features else FEATURES,
         tasks=tasks,
         wide=args.wide,
+        dropout=args.dropout,
     )
     torch.manual_seed(args.seed)
     model = GenerativeRanker(config, known_ids=torch.from_numpy(trained_ids))
@@ -203,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         args.resume,
         args.eval_every,
         validate,
+        args.weight_decay,
     )
     model.save(args.out)
 
