@@ -202,9 +202,14 @@ class EmbeddingRetriever:
         return np.stack([self._members[k] for k in keys])
 
     def save_members(self) -> None:
-        """Keep the member embeddings computed so far in the cache directory, for the next run."""
+        """Keep the member embeddings computed so far in the cache directory, for the next run, with
+        those another run saved there meanwhile (runs side by side share one cache)."""
         if self._members_path is None or not self._members:
             return
+        if self._members_path.exists():
+            with np.load(self._members_path, allow_pickle=False) as saved:
+                for key, vec in zip(saved["prompts"].tolist(), saved["vectors"], strict=True):
+                    self._members.setdefault(key, vec)
         with atomic_file(self._members_path) as f:
             np.savez(f, prompts=np.array(list(self._members)), vectors=np.stack(list(self._members.values())))
 

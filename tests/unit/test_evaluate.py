@@ -39,6 +39,13 @@ def test_retriever_caches_posts_and_truncates_to_matryoshka_prefixes(tiny_checkp
     reloaded = EmbeddingRetriever(tiny_checkpoint, TINY_SETTINGS, buckets, syn.posts, tmp_path)
     assert len(reloaded._members) == 6
     np.testing.assert_array_equal(reloaded.member_vectors(syn.members[::-1]), m[::-1])
+    # Two runs sharing the cache: the one saving last keeps what the other saved meanwhile.
+    early = EmbeddingRetriever(tiny_checkpoint, TINY_SETTINGS, buckets, syn.posts, tmp_path)
+    shorter = [s.model_copy(update={"history": s.history[:1]}) for s in syn.members]
+    reloaded.member_vectors(shorter)
+    reloaded.save_members()
+    early.save_members()
+    assert len(EmbeddingRetriever(tiny_checkpoint, TINY_SETTINGS, buckets, syn.posts, tmp_path)._members) == 12
 
 
 def test_popularity_correlation() -> None:
