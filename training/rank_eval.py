@@ -4,8 +4,8 @@ the retrieval order, at many moments per member.
     .venv/bin/python -m feedserve.training.rank_eval --validate --ranker runs/abl/gated-s0 runs/abl/engaged
 
 One global cutoff gives one case per member active after it (57 members on the validation split, 80
-on the test split): too few to tell ranker configurations apart (two rankers that differ only in
-their seed differed by as much as the ablations did). Here each of those members is evaluated at up
+on the test split): too few to tell ranker configurations apart (two rankers that differed only in
+their id buckets were as far apart as the gain either claimed). Here each of those members is evaluated at up
 to `--moments` moments spread over their ratings after the cutoff: the history is every rating
 before the moment (read as a server would read it; never trained on), the targets the movies liked
 among the next `--horizon` ratings. A member's moments are correlated, so the uncertainty of a
