@@ -134,7 +134,6 @@ class EmbeddingRetriever:
         from feedserve.prompt.builder import PromptBuilder
 
         self.settings, self.batch = settings, batch
-        self._members: dict[str, np.ndarray] = {}  # by the sha256 of the member's prompt
         # An exported graph (e.g. the int8 one) scores what the server would serve; it embeds at the
         # width it was exported with (the artifacts' `dim`).
         self.encoder: Encoder = (
@@ -146,9 +145,8 @@ class EmbeddingRetriever:
         device_tag = "" if device == "cpu" else "-" + device.replace(":", "")
         path = cache_dir / f"posts-{key[:16]}{device_tag}.npz" if cache_dir else None
         self._members_path = cache_dir / f"members-{key[:16]}{device_tag}.npz" if cache_dir else None
-        if self._members_path is not None and self._members_path.exists():
-            with np.load(self._members_path, allow_pickle=False) as saved:
-                self._members = dict(zip(saved["prompts"].tolist(), saved["vectors"], strict=True))
+        self._members = self._saved_members()  # by the sha256 of the member's prompt
+        self._unsaved = False  # embedded since the last save
         if path is not None and path.exists():
             self.posts = np.load(path, allow_pickle=False)["embeddings"]
             logger.info("post embeddings from cache %s", path)
@@ -199,19 +197,24 @@ class EmbeddingRetriever:
         if todo:
             for (key, _), vec in zip(todo, self._embed(str, [p for _, p in todo]), strict=True):
                 self._members[key] = vec
+            self._unsaved = True
         return np.stack([self._members[k] for k in keys])
 
     def save_members(self) -> None:
         """Keep the member embeddings computed so far in the cache directory, for the next run, with
         those another run saved there meanwhile (runs side by side share one cache)."""
-        if self._members_path is None or not self._members:
-            return
-        if self._members_path.exists():
-            with np.load(self._members_path, allow_pickle=False) as saved:
-                for key, vec in zip(saved["prompts"].tolist(), saved["vectors"], strict=True):
-                    self._members.setdefault(key, vec)
+        if self._members_path is None or not self._unsaved:
+            return  # nothing new: a validation curve saves at every point
+        self._members = {**self._saved_members(), **self._members}
         with atomic_file(self._members_path) as f:
             np.savez(f, prompts=np.array(list(self._members)), vectors=np.stack(list(self._members.values())))
+        self._unsaved = False
+
+    def _saved_members(self) -> dict[str, np.ndarray]:
+        if self._members_path is None or not self._members_path.exists():
+            return {}
+        with np.load(self._members_path, allow_pickle=False) as saved:
+            return dict(zip(saved["prompts"].tolist(), saved["vectors"], strict=True))
 
     def score(self, members: Sequence[Member], dim: int | None = None) -> np.ndarray:
         """Cosine scores [members, posts]; `dim` takes a renormalised Matryoshka prefix (default:

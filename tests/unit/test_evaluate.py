@@ -41,11 +41,16 @@ def test_retriever_caches_posts_and_truncates_to_matryoshka_prefixes(tiny_checkp
     np.testing.assert_array_equal(reloaded.member_vectors(syn.members[::-1]), m[::-1])
     # Two runs sharing the cache: the one saving last keeps what the other saved meanwhile.
     early = EmbeddingRetriever(tiny_checkpoint, TINY_SETTINGS, buckets, syn.posts, tmp_path)
-    shorter = [s.model_copy(update={"history": s.history[:1]}) for s in syn.members]
-    reloaded.member_vectors(shorter)
+    reloaded.member_vectors([s.model_copy(update={"history": s.history[:1]}) for s in syn.members])
     reloaded.save_members()
+    early.member_vectors([s.model_copy(update={"history": s.history[:2]}) for s in syn.members])
     early.save_members()
-    assert len(EmbeddingRetriever(tiny_checkpoint, TINY_SETTINGS, buckets, syn.posts, tmp_path)._members) == 12
+    assert len(EmbeddingRetriever(tiny_checkpoint, TINY_SETTINGS, buckets, syn.posts, tmp_path)._members) == 18
+    # Nothing embedded since: no save (a validation curve asks at every point), the file untouched.
+    stamp = next(tmp_path.glob("members-*.npz")).stat().st_mtime_ns
+    early.member_vectors(syn.members)
+    early.save_members()
+    assert next(tmp_path.glob("members-*.npz")).stat().st_mtime_ns == stamp
 
 
 def test_popularity_correlation() -> None:
