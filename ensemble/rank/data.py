@@ -146,10 +146,8 @@ def movielens_examples(
         ratings = by_user[user]
         moments = list(range(1, len(ratings) - 1))
         for i in sorted(rng.sample(moments, min(per_member, len(moments)))):
-            past, later = (
-                ratings[:i],
-                {r.movie: r.rating for r in ratings[i : None if horizon is None else i + horizon]},
-            )
+            past = ratings[:i]
+            later = {r.movie: r.rating for r in ratings[i : None if horizon is None else i + horizon]}
             member = embed_member(user, [r for r in past if r.rating >= LIKE])
             top, _ = top_posts(member, post_ids, post_vectors, shown, [r.movie for r in past])
             disliked = [m for m, rating in later.items() if rating <= DISLIKE]
