@@ -133,7 +133,7 @@ class _Block(nn.Module):
     `split` attention (the default) computes what the shared-context mask allows and nothing else:
     the history attends causally within itself, and each candidate attends to the history keys and
     to its own key, never to another candidate's, so its cost grows as C x T_history instead of
-    (T_history + C)^2 (with `biases`, as the exported graph computes it). Without `split` the same
+    (T_history + C)^2 (with `bias`, as the exported graph computes it). Without `split` the same
     attention runs as one masked product over every pair: the reference the split path is tested
     against, and the ablation its speed is measured against."""
 
@@ -146,88 +146,121 @@ class _Block(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(
-        self, x: torch.Tensor, history_tokens: torch.Tensor, split: bool = True, biases: SplitBiases | None = None
+        self,
+        x: torch.Tensor,
+        history_tokens: torch.Tensor,
+        split: bool = True,
+        bias: torch.Tensor | None = None,
+        history_out: bool = True,
     ) -> torch.Tensor:
         """x [B, T + C, d]; history_tokens bool [B, T]: the real (not padding) history tokens;
-        `biases` (`split_biases`): split attention as the exported graph computes it."""
+        `bias` (`key_bias`): split attention as the exported graph computes it. Returns
+        [B, T + C, d], or the candidates' [B, C, d] alone without `history_out`: the last block's
+        history outputs are never read, and with split attention they are never computed."""
         b, t, d = x.shape
+        th = history_tokens.shape[1]
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        if biases is not None:
-            attended = _graph_split_attention(q, k, v, biases)
+        if bias is not None:
+            attended = _graph_split_attention(q, k, v, bias, history_out)
         elif split:
-            attended = _split_attention(q, k, v, history_tokens)
+            attended = _split_attention(q, k, v, history_tokens, history_out)
         else:
-            candidates = torch.ones_like(x[:, history_tokens.shape[1] :, 0], dtype=torch.bool)
+            candidates = torch.ones_like(x[:, th:, 0], dtype=torch.bool)
             mask = shared_context_mask_tokens(history_tokens, candidates)
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        x = x + self.dropout(self.out(attended.transpose(1, 2).reshape(b, t, d)))
+            attended = attended if history_out else attended[:, :, th:]
+        x = x if history_out else x[:, th:]
+        x = x + self.dropout(self.out(attended.transpose(1, 2).reshape(b, x.shape[1], d)))
         return x + self.dropout(self.mlp(self.norm2(x)))
 
 
-def _split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, history_tokens: torch.Tensor) -> torch.Tensor:
-    """Shared-context attention without the candidate x candidate block ([B, heads, T + C, dh] each)."""
+def _split_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, history_tokens: torch.Tensor, history_out: bool = True
+) -> torch.Tensor:
+    """Shared-context attention without the candidate x candidate block ([B, heads, T + C, dh] each;
+    the candidates' rows alone without `history_out`)."""
     th = history_tokens.shape[1]
     qh, kh, vh = q[:, :, :th], k[:, :, :th], v[:, :, :th]
     qc, kc, vc = q[:, :, th:], k[:, :, th:], v[:, :, th:]
     real_key = history_tokens[:, None, None, :]  # [B, 1, 1, T]
-    index = torch.arange(th, device=q.device)
-    history_mask = (real_key & (index[:, None] >= index[None, :])) | (index[:, None] == index[None, :])
-    history = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=history_mask)
     scale = q.shape[-1] ** -0.5
     to_history = torch.matmul(qc, kh.transpose(-1, -2)) * scale  # [B, heads, C, T]
     to_history = to_history.masked_fill(~real_key, float("-inf"))
     to_itself = (qc * kc).sum(-1, keepdim=True) * scale  # [B, heads, C, 1]
     weights = torch.softmax(torch.cat([to_history, to_itself], dim=-1), dim=-1)
     candidates = torch.matmul(weights[..., :th], vh) + weights[..., th:] * vc
+    if not history_out:
+        return candidates
+    index = torch.arange(th, device=q.device)
+    history_mask = (real_key & (index[:, None] >= index[None, :])) | (index[:, None] == index[None, :])
+    history = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=history_mask)
     return torch.cat([history, candidates], dim=2)
 
 
 # A masked score: its exp() is 0, and unlike -inf it never turns a row into NaN.
 MASKED = -1e9
-# Split attention's additive masks: the history's [B, 1, T, T] and the candidates' [B, 1, 1, T].
-SplitBiases = tuple[torch.Tensor, torch.Tensor]
+# The exported graph computes attention in this many blocks of queries, each block's scores small
+# enough to stay in the CPU's cache between its product, softmax and product with the values (at
+# 2,000 candidates, a block is 4 heads x 125 x 2,000 scores, 4 MB), and a history block reads only
+# the keys up to its own end (causal).
+GRAPH_BLOCKS = 16
 
 
-def split_biases(history_tokens: torch.Tensor, dtype: torch.dtype) -> SplitBiases:
-    """The additive masks of `_graph_split_attention`, built once per forward pass for every layer: a
-    history token sees the real history tokens up to itself; a candidate every real history token
-    (and itself). A real token always sees itself, so only rows nobody reads (padding, of an empty
-    history) can be all masked, and MASKED keeps them finite."""
-    t = history_tokens.shape[1]
+def key_bias(history_tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, T, 1]: 0 at a real history token's key, MASKED at padding; the additive key mask of
+    `_graph_split_attention`, built once per forward pass for every layer."""
     zero = torch.zeros((), dtype=dtype, device=history_tokens.device)
-    keys = zero.masked_fill(~history_tokens[:, None, None, :], MASKED)  # [B, 1, 1, T]
-    later = torch.triu(torch.full((t, t), MASKED, dtype=dtype, device=history_tokens.device), diagonal=1)
-    return later + keys, keys
+    return zero.masked_fill(~history_tokens[:, None, :, None], MASKED)
 
 
-def _graph_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, biases: SplitBiases) -> torch.Tensor:
+def _blocks(n: int) -> list[tuple[int, int]]:
+    """GRAPH_BLOCKS (start, end) pairs covering range(n); n may be a traced size (the graph's are dynamic)."""
+    bounds = [(n * i) // GRAPH_BLOCKS for i in range(GRAPH_BLOCKS + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _graph_split_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, history_out: bool = True
+) -> torch.Tensor:
     """`_split_attention` as the exported graph computes it; the export's parity check holds the two
     equal. Written for ONNX Runtime, where the eager version's masked scaled_dot_product_attention
-    spends most of its time on mask selects and a NaN guard over every [heads, T, T] score, per
-    layer: here the history's mask is one add, a candidate's mask rides in its product with the
-    history's keys, and its own key joins without a copy of its scores one column wider."""
-    history_bias, key_bias = biases
-    th = history_bias.shape[-1]
-    q = q * q.shape[-1] ** -0.5
+    spends most of its time on mask selects and a NaN guard over every [heads, T, T] score, and
+    every pass over a [heads, C, T] tensor goes to memory: here the keys' mask and a candidate's own
+    key ride in the queries' product with the keys, and the queries go in blocks (GRAPH_BLOCKS)."""
+    th = bias.shape[2]
+    b, heads, _, dh = k.shape
+    q = q * dh**-0.5
     qh, kh, vh = q[:, :, :th], k[:, :, :th], v[:, :, :th]
     qc, kc, vc = q[:, :, th:], k[:, :, th:], v[:, :, th:]
-    history = torch.matmul(torch.softmax(torch.matmul(qh, kh.transpose(-1, -2)) + history_bias, dim=-1), vh)
-    # [qc, 1] . [kh, bias] = qc . kh + bias: the candidates' mask without a pass over [C, T]. One
-    # more key, always masked (zero key and value, bias MASKED), keeps an empty history's row
-    # non-empty: a reduction over no keys is an empty tensor in ONNX Runtime, not -inf.
-    b, heads, _, dh = kh.shape
-    key_bias = torch.cat([key_bias, key_bias.new_full((b, 1, 1, 1), MASKED)], dim=-1).transpose(-1, -2)
-    kh, vh = (torch.cat([x, x.new_zeros(b, heads, 1, dh)], dim=2) for x in (kh, vh))  # [B, heads, T + 1, dh]
-    keys = torch.cat([kh, key_bias.expand(-1, heads, -1, -1)], dim=-1)
-    to_history = torch.matmul(torch.cat([qc, torch.ones_like(qc[..., :1])], dim=-1), keys.transpose(-1, -2))
-    # softmax over [history keys, itself] = (1 - w) softmax(history keys) + w at itself, with
-    # w = e^own / (e^own + sum e^history) = sigmoid(own - logsumexp(history)), and the logsumexp read
-    # off the softmax's largest entry: p_max = e^(max) / sum e^history.
-    weights = torch.softmax(to_history, dim=-1)
-    top = torch.amax(to_history, dim=-1, keepdim=True) - torch.log(torch.amax(weights, dim=-1, keepdim=True))
-    own = torch.sigmoid((qc * kc).sum(-1, keepdim=True) - top)
-    attended = torch.matmul(weights, vh)
-    return torch.cat([history, (1 - own) * attended + own * vc], dim=2)
+    # Keys [kh, bias, 0] and one more [0, 0, 1] against queries [q, 1, own]: q . kh + bias for the
+    # history (its mask added in the product) and, for a candidate, its own score qc . kc at the
+    # last key, whose value (zero here) is the candidate's own, added after. The last key is never
+    # masked, so an empty history's row is not empty either (a reduction over no keys is an empty
+    # tensor in ONNX Runtime, not -inf).
+    bias = bias.expand(-1, heads, -1, -1)  # [B, heads, T, 1]
+    keys = torch.cat([kh, bias, torch.zeros_like(bias)], dim=-1)
+    keys = torch.cat([keys, torch.cat([kh.new_zeros(b, heads, 1, dh + 1), kh.new_ones(b, heads, 1, 1)], dim=-1)], 2)
+    keys = keys.transpose(-1, -2)  # [B, heads, dh + 2, T + 1]
+    values = torch.cat([vh, vh.new_zeros(b, heads, 1, dh)], dim=2)
+    own = (qc * kc).sum(-1, keepdim=True)  # [B, heads, C, 1]
+    queries = torch.cat([qc, torch.ones_like(own), own], dim=-1)
+    candidates = []
+    for start, end in _blocks(qc.shape[2]):
+        weights = torch.softmax(torch.matmul(queries[:, :, start:end], keys), dim=-1)
+        # Every weight against the values, the last one zero (slicing the weights would copy them).
+        candidates.append(torch.matmul(weights, values) + weights[..., th:] * vc[:, :, start:end])
+    if not history_out:
+        return torch.cat(candidates, dim=2)
+    # A history token sees the real history tokens up to itself: a block of queries reads the keys
+    # up to its own end, the later ones among them masked.
+    queries = torch.cat([qh, torch.ones_like(qh[..., :1]), torch.zeros_like(qh[..., :1])], dim=-1)
+    index = torch.arange(th, device=q.device)
+    history = []
+    for start, end in _blocks(th):
+        later = torch.where(index[None, :end] > index[start:end, None], MASKED, 0.0).to(q.dtype)
+        scores = torch.matmul(queries[:, :, start:end], keys[..., :end]) + later
+        history.append(torch.matmul(torch.softmax(scores, dim=-1), vh[:, :, :end]))
+    return torch.cat(history + candidates, dim=2)
 
 
 class _CrossExpert(nn.Module):
@@ -331,8 +364,11 @@ class GenerativeRanker(nn.Module):
         history_mask: torch.Tensor,
         candidate_ids: torch.Tensor,
         candidate_content: torch.Tensor,
+        history_out: bool = True,
     ) -> torch.Tensor:
-        """Hidden states [B, 2H + C, d]: the history's tokens, then the candidates'."""
+        """Hidden states [B, 2H + C, d]: the history's tokens, then the candidates'; the candidates'
+        [B, C, d] alone without `history_out` (what scoring reads: the last block then computes no
+        history output)."""
         b, h = history_ids.shape
         posts = self.post_tokens(history_ids, history_content)
         acts = self.actions(history_actions)
@@ -346,9 +382,10 @@ class GenerativeRanker(nn.Module):
         # PyTorch's fused attention kernels serve training and the GPU; the exported graph takes the
         # path written for ONNX Runtime (`_graph_split_attention`).
         graph = self.split_attention and torch.onnx.is_in_onnx_export()
-        biases = split_biases(tokens, x.dtype) if graph else None
-        for block in self.blocks:
-            x = block(x, tokens, self.split_attention, biases)
+        bias = key_bias(tokens, x.dtype) if graph else None
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x = block(x, tokens, self.split_attention, bias, history_out or i < last)
         return self.norm(x)
 
     def forward(
@@ -362,15 +399,15 @@ class GenerativeRanker(nn.Module):
         candidate_features: torch.Tensor,
         member: torch.Tensor,
     ) -> torch.Tensor:
-        hidden = self.encode(
+        at_candidates = self.encode(
             history_ids,
             history_actions,
             history_content,
             history_mask,
             candidate_ids,
             candidate_content,
+            history_out=False,
         )
-        at_candidates = hidden[:, 2 * history_ids.shape[1] :]
         profile = self.member(member).unsqueeze(1).expand(-1, at_candidates.shape[1], -1)
         fused = torch.cat([at_candidates, profile, candidate_features], dim=-1)  # late fusion
         experts = torch.stack([expert(fused) for expert in self.experts], dim=-2)  # [B, C, n_experts, d]

@@ -81,6 +81,17 @@ def test_the_history_is_read_causally() -> None:
 
 
 @torch.no_grad()
+def test_scoring_skips_the_last_blocks_history_outputs_and_nothing_else() -> None:
+    model, inputs = _model(), _inputs(h=12, c=7, lengths=[12, 3])
+    keys = [k for k in inputs if k != "candidate_features" and k != "member"]
+    every = model.encode(**{k: inputs[k] for k in keys})
+    for split in (True, False):
+        model.split_attention = split
+        scored = model.encode(**{k: inputs[k] for k in keys}, history_out=False)
+        assert scored.shape == (2, 7, CONFIG.d_model) and (scored - every[:, 24:]).abs().max() < 1e-5
+
+
+@torch.no_grad()
 def test_padding_and_batching_change_no_score() -> None:
     model = _model()
     inputs = _inputs(h=12, c=6, lengths=[12, 5, 0])  # the last member has no history at all
