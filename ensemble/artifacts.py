@@ -12,6 +12,7 @@ the server loads; export writes it, the Triton backends and the clients read it:
     ranker.onnx         the GR ranker (feedserve.rank), ONNX, parity checked (feedserve.export.rank)
     ranker.json         its configuration: content width, history length, features, tasks
     post_features.json  count percentiles and tags by post id, the ranker's candidate features
+    coengagement.npz    who engaged with each post before the training cutoff: the co-engagement feature
     manifest.json       size and SHA-256 of each file above but the index, checked at load (feedserve.ops.manifest)
     index/              the live post index (feedserve.index.layout: snapshot, write-ahead log, locks)
     write.key           the live index's write key, made by the first server start (feedserve.ops.keys)
@@ -131,6 +132,10 @@ class ArtifactLayout:
         return self.root / "post_features.json"
 
     @property
+    def coengagement(self) -> Path:
+        return self.root / "coengagement.npz"
+
+    @property
     def index_dir(self) -> IndexLayout:
         return IndexLayout(self.root / "index")
 
@@ -154,7 +159,7 @@ class ArtifactLayout:
         return [self.tokenizer, self.onnx, self.buckets, self.settings]
 
     def ranker_files(self) -> list[Path]:
-        return [self.ranker_onnx, self.ranker_config, self.post_features]
+        return [self.ranker_onnx, self.ranker_config, self.post_features, self.coengagement]
 
     def has_ranker(self) -> bool:
         """Whether a ranker was built here: only an encoder with a ranker trained on its embeddings

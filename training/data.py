@@ -70,10 +70,7 @@ def movielens_split(
     (action "rated 2", say): the ablation of the finding that engaged-only history works better.
     """
     rng = random.Random(seed)
-    positives = sorted(
-        (r for r in ml.ratings if r.rating >= positive_rating), key=lambda r: (r.timestamp, r.user, r.movie)
-    )
-    cutoff = positives[int(len(positives) * (1 - test_fraction))].timestamp
+    cutoff = ml.cutoff(test_fraction, positive_rating)
     liked: dict[int, list] = defaultdict(list)
     disliked: dict[int, list] = defaultdict(list)
     for r in sorted(ml.ratings, key=lambda r: (r.timestamp, r.movie)):

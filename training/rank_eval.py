@@ -31,7 +31,17 @@ from feedserve.files import atomic_write
 from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.movielens import MovieLens, Rating, load_movielens
-from feedserve.rank.data import LIKE, Interaction, PostTable, RankExample, Tensorizer, interactions, top_posts
+from feedserve.rank.coengagement import CoEngagement
+from feedserve.rank.data import (
+    LIKE,
+    Interaction,
+    PostTable,
+    RankExample,
+    Tensorizer,
+    interactions,
+    movielens_coengagement,
+    top_posts,
+)
 from feedserve.rank.features import PostFeatures
 from feedserve.rank.model import INPUTS, GenerativeRanker, RankerConfig
 from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, final_score
@@ -65,6 +75,7 @@ class RankingData:
     retriever: EmbeddingRetriever
     post_ids: np.ndarray
     features: PostFeatures
+    coengagement: CoEngagement
 
     @classmethod
     def load(cls, artifacts: Path, cache: Path, validate: bool = False) -> RankingData:
@@ -78,10 +89,12 @@ class RankingData:
         settings = EncoderSettings.load(layout.settings)
         retriever = EmbeddingRetriever(layout.hf_dir, settings, buckets, corpus, cache, onnx=graph)
         ids = np.array([p.id for p in corpus], np.int64)
-        return cls(ml, movielens_split(ml), retriever, ids, PostFeatures.from_posts(corpus, buckets))
+        split = movielens_split(ml)
+        features = PostFeatures.from_posts(corpus, buckets)
+        return cls(ml, split, retriever, ids, features, movielens_coengagement(ml, split.cutoff))
 
     def tensorizer(self, config: RankerConfig) -> Tensorizer:
-        return Tensorizer(config, PostTable(self.post_ids, self.retriever.posts), self.features)
+        return Tensorizer(config, PostTable(self.post_ids, self.retriever.posts), self.features, self.coengagement)
 
 
 def cutoff_cases(split: Split, before: Mapping[int, Sequence[Rating]]) -> list[RankCase]:

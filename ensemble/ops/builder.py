@@ -68,6 +68,7 @@ def build_ranker(layout: ArtifactLayout, package: Path | None, corpus: Path, for
     from feedserve.export.rank import export_ranker
     from feedserve.files import atomic_write, sha256_file
     from feedserve.prompt.movielens import load_movielens
+    from feedserve.rank.data import movielens_coengagement
     from feedserve.rank.features import PostFeatures
     from feedserve.rank.model import CONFIG_FILE, WEIGHTS_FILE, GenerativeRanker
 
@@ -101,9 +102,10 @@ def build_ranker(layout: ArtifactLayout, package: Path | None, corpus: Path, for
         return
     export_ranker(model, layout.ranker_onnx)
     atomic_write(layout.ranker_config, model.config.to_json())
-    PostFeatures.from_posts(load_movielens(corpus).posts(), PercentileBuckets.load(layout.buckets)).save(
-        layout.post_features
-    )
+    ml = load_movielens(corpus)
+    PostFeatures.from_posts(ml.posts(), PercentileBuckets.load(layout.buckets)).save(layout.post_features)
+    # Co-engagement of the training period only: the test members' later likes stay unseen.
+    movielens_coengagement(ml, ml.cutoff()).save(layout.coengagement)
     atomic_write(record, json.dumps(source, indent=1) + "\n")
     logger.info("ranker from %s exported to %s", package, layout.ranker_onnx)
 

@@ -46,6 +46,14 @@ class MovieLens:
         liked = {user: [r for r in rated if r.rating >= min_rating] for user, rated in sorted(by_user.items())}
         return [self.member(user, history) for user, history in liked.items() if history]
 
+    def cutoff(self, test_fraction: float = 0.1, positive_rating: float = 4.0) -> int:
+        """The global time split's cutoff: the time of the first of the latest `test_fraction` of
+        the ratings >= `positive_rating` (everything before it is the training period)."""
+        positives = sorted(
+            (r for r in self.ratings if r.rating >= positive_rating), key=lambda r: (r.timestamp, r.user, r.movie)
+        )
+        return positives[int(len(positives) * (1 - test_fraction))].timestamp
+
     def ratings_by_user(self, before: int | None = None) -> dict[int, list[Rating]]:
         """Each user's ratings of catalog movies (before `before`, when given), oldest first, ties by
         movie id: the order every history here is built in."""

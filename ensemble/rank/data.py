@@ -24,6 +24,7 @@ import torch
 
 from feedserve.prompt.movielens import MovieLens, Rating
 from feedserve.prompt.records import ENGAGED_RATING, Member, is_engaged, rating_of
+from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.features import COUNT_FEATURES, PostFeatures
 from feedserve.rank.model import NEUTRAL, RankerConfig
 
@@ -34,13 +35,17 @@ LIKE, LOVE, DISLIKE = ENGAGED_RATING, 5.0, 2.0  # a like is what retrieval promp
 # span a few hundredths, which a network reads only once its weights grow a hundredfold, while the
 # log rank spans 0 to 5 whatever the scores' scale and however many candidates follow); the Jaccard
 # similarity of the candidate's tags to those of the posts the member liked; whether its content
-# vector was found; and its counts as percentiles 0..1 (feedserve.rank.features).
+# vector was found; its counts as percentiles 0..1 (feedserve.rank.features); and its co-engagement
+# with the member's engaged history (feedserve.rank.coengagement), as a fraction of the request's
+# highest and as ln(1 + rank) among its candidates (ties in retrieval order).
 FEATURES = (
     "retrieval_score",
     "retrieval_log_rank",
     "affinity",
     "has_content",
     *(f"{c}_percentile" for c in COUNT_FEATURES),
+    "coengagement",
+    "coengagement_log_rank",
 )
 
 
@@ -169,6 +174,14 @@ def movielens_examples(
     return examples
 
 
+def movielens_coengagement(ml: MovieLens, before: int) -> CoEngagement:
+    """The co-engagement table of the likes before `before` (the training period's)."""
+    likes = {
+        user: {r.movie for r in ratings if r.rating >= LIKE} for user, ratings in ml.ratings_by_user(before).items()
+    }
+    return CoEngagement.from_engagements(likes)
+
+
 def log_rank(scores: np.ndarray) -> np.ndarray:
     """ln(1 + rank) of each score among `scores`, highest first (ties in the order given)."""
     ranks = np.empty(len(scores), np.float32)
@@ -207,12 +220,20 @@ class PostTable:
 class Tensorizer:
     """RankExamples (or a served request) -> the ranker's input tensors. A post's content is its
     vector in `content`; a post missing there gets zeros and `has_content` 0, and is still ranked (by
-    its id, if trained on, and its features)."""
+    its id, if trained on, and its features). Without a `coengagement` table every candidate's
+    co-engagement is 0."""
 
-    def __init__(self, config: RankerConfig, content: ContentSource, features: PostFeatures | None = None) -> None:
+    def __init__(
+        self,
+        config: RankerConfig,
+        content: ContentSource,
+        features: PostFeatures | None = None,
+        coengagement: CoEngagement | None = None,
+    ) -> None:
         self.config = config
         self.content = content
         self.features = features or PostFeatures()
+        self.coengagement = coengagement
         self.actions = {a: i for i, a in enumerate(config.actions)}
         self.neutral = self.actions[NEUTRAL]
 
@@ -270,4 +291,11 @@ class Tensorizer:
                 percentiles = self.features.percentiles(x.candidates.tolist())
                 for col, j in counts:
                     features[:m, col] = percentiles[:, j]
+            if self.coengagement is not None and {"coengagement", "coengagement_log_rank"} & column.keys():
+                engaged = [it.post_id for it in history if is_engaged(it.action)]
+                shared = self.coengagement.scores(x.member_id, engaged, x.candidates.tolist())
+                if "coengagement" in column and m:
+                    features[:m, column["coengagement"]] = shared / max(float(shared.max()), 1e-9)
+                if "coengagement_log_rank" in column:
+                    features[:m, column["coengagement_log_rank"]] = log_rank(shared)
         return {k: torch.from_numpy(v) for k, v in out.items()}

@@ -4,7 +4,7 @@ A request row is a member record (its history: post ids with their actions, olde
 member's retrieval embedding (QUERY) and the candidates retrieval returned for it, with their
 scores. The ranker reads history and candidate content from the live index it follows, as `knn`
 does (same files, same consistency: a post acknowledged by `index_write` has its content here
-too), and candidate features from the artifacts' post feature table. It returns the top K
+too), and candidate features from the artifacts' post feature table and co-engagement table. It returns the top K
 candidates by the final score (a weighted sum of the task probabilities, weights in the
 `task_weights` parameter) and each one's probability per task.
 
@@ -28,6 +28,7 @@ from feedserve.artifacts import ArtifactLayout
 from feedserve.index.engines import Engine
 from feedserve.index.milvus import MilvusStore
 from feedserve.prompt.records import Member, parse_member
+from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.data import ContentSource, PostTable, RankExample, Tensorizer, member_interactions, read_history
 from feedserve.rank.features import PostFeatures
 from feedserve.rank.model import INPUTS, OUTPUT, RankerConfig
@@ -124,6 +125,7 @@ class RankModel(BatchModel[RankRequest]):
         self.session = ort.InferenceSession(str(layout.ranker_onnx), options, providers=["CPUExecutionProvider"])
         self.followed = followed_index(layout, params, Engine(), "rank")
         self.posts = _Posts(self.followed, self.config.content_dim, PostFeatures.load(layout.post_features))
+        self.coengagement = CoEngagement.load(layout.coengagement)
         logger.info(
             "rank: %s, up to %d candidates, history %d, tasks %s weighted %s",
             layout.ranker_onnx,
@@ -200,7 +202,7 @@ class RankModel(BatchModel[RankRequest]):
             content, features = self.posts.fetch(
                 np.concatenate([np.array(read, np.int64), *(x.candidates for x in examples)])
             )
-            tensors = Tensorizer(self.config, content, features).batch(examples)
+            tensors = Tensorizer(self.config, content, features, self.coengagement).batch(examples)
             (logits,) = self.session.run([OUTPUT], {name: tensors[name].numpy() for name in INPUTS})
             probabilities, scores = final_score(logits, self.weights)
             for j, i in enumerate(rows):

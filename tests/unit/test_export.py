@@ -225,10 +225,24 @@ def test_the_ranker_is_built_once_checked_against_the_encoder_and_removed_withou
 
     layout = ArtifactLayout(tmp_path / "a")
     shutil.copytree(
-        tiny_artifacts.root, layout.root, ignore=shutil.ignore_patterns("index", "ranker*", "post_features*")
+        tiny_artifacts.root,
+        layout.root,
+        ignore=shutil.ignore_patterns("index", "ranker*", "post_features*", "coengagement*"),
     )
     build_ranker(layout, tiny_ranker, SAMPLE_CORPUS)
     assert layout.has_ranker()
+    # Co-engagement of the training period alone: every like before the cutoff, none after it.
+    from feedserve.prompt.movielens import load_movielens
+    from feedserve.rank.coengagement import CoEngagement
+
+    ml = load_movielens(SAMPLE_CORPUS)
+    cutoff = ml.cutoff()
+    likes = {(r.user, r.movie) for r in ml.ratings if r.rating >= 4 and r.movie in ml.movies}
+    table = CoEngagement.load(layout.coengagement)
+    stored = {
+        (int(m), int(p)) for p, m in zip(np.repeat(table.posts, np.diff(table.indptr)), table.members, strict=True)
+    }
+    assert stored == {(r.user, r.movie) for r in ml.ratings if r.rating >= 4 and r.timestamp < cutoff} & likes
     built = layout.ranker_onnx.stat().st_mtime_ns
     build_ranker(layout, tiny_ranker, SAMPLE_CORPUS)  # up to date: not exported again
     assert layout.ranker_onnx.stat().st_mtime_ns == built

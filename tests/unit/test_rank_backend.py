@@ -15,6 +15,7 @@ import torch
 from feedserve.artifacts import ArtifactLayout
 from feedserve.index.live import IndexWriter
 from feedserve.prompt.records import parse_member
+from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.data import PostTable, RankExample, Tensorizer, member_interactions
 from feedserve.rank.features import PostFeatures
 from feedserve.rank.model import INPUTS, GenerativeRanker
@@ -92,7 +93,8 @@ def test_it_ranks_as_the_pytorch_ranker_does(rank: RankModel, layout: ArtifactLa
     request = _request([_member(HISTORY)], [candidates], k=4)
     out = _ok(rank, request)
     model = GenerativeRanker.load(tiny_ranker)
-    tensorize = Tensorizer(model.config, PostTable(POSTS, VECTORS), PostFeatures.load(layout.post_features))
+    features, coengagement = PostFeatures.load(layout.post_features), CoEngagement.load(layout.coengagement)
+    tensorize = Tensorizer(model.config, PostTable(POSTS, VECTORS), features, coengagement)
     example = RankExample(
         3,
         member_interactions(parse_member(_member(HISTORY))),

@@ -1,0 +1,104 @@
+"""Co-engagement: how often the members who engaged with a member's history engaged with a candidate.
+
+The collaborative signal a content embedding does not carry: two films liked by the same people are
+close here whatever their text says. The score of candidate c for a history H is ItemKNN's (item
+cosine over the member x post engagement matrix X), sum over h in H of sim(h, c) with
+sim(h, c) = (X^T X)[h, c] / sqrt(n_h n_c), n the posts' engagement counts; computed through the
+members rather than an items x items matrix: w = X[:, H] / sqrt(n_H) summed over H, then
+score = w . X[:, c] / sqrt(n_c), touching only the members of the history's and candidates' posts.
+
+The scored member's own row is left out: in training, their own later likes (the labels) are in the
+matrix, and reading them would teach the ranker to trust a score it never gets so good when serving,
+where the row holds only what the member engaged with before, all of it already seen.
+
+The table is built from engagements before a cutoff (the training period; `feedserve build` ships
+the sample corpus's as coengagement.npz) and is static while serving: a post engaged with since is
+scored 0, as a post missing from the feature table gets percentiles 0. Its size is the number of
+engagements; at the scale of a real feed the same score would come from a nearline job's top
+co-engaged neighbours per post, which this table's interface would hide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from feedserve.files import atomic_file
+
+FORMAT = "feedserve.coengagement/1"
+
+
+class CoEngagement:
+    def __init__(self, posts: np.ndarray, indptr: np.ndarray, members: np.ndarray) -> None:
+        """Post `posts[i]` was engaged with by the members `members[indptr[i]:indptr[i + 1]]` (member ids)."""
+        self.posts = np.asarray(posts, np.int64)
+        self.indptr = np.asarray(indptr, np.int64)
+        self.members = np.asarray(members, np.int64)
+        if self.indptr.shape != (len(self.posts) + 1,) or self.indptr[-1] != len(self.members):
+            raise ValueError("coengagement: indptr does not index the member lists")
+        self._row = {int(p): i for i, p in enumerate(self.posts.tolist())}
+        self._member_ids, self._member_col = np.unique(self.members, return_inverse=True)
+
+    @classmethod
+    def from_engagements(cls, engaged: Mapping[int, Iterable[int]]) -> CoEngagement:
+        """From each member's engaged post ids."""
+        by_post: dict[int, set[int]] = {}
+        for member, posts in engaged.items():
+            for post in posts:
+                by_post.setdefault(int(post), set()).add(int(member))
+        posts = sorted(by_post)
+        lists = [sorted(by_post[p]) for p in posts]
+        indptr = np.concatenate([[0], np.cumsum([len(m) for m in lists])]).astype(np.int64)
+        members = np.array([m for ms in lists for m in ms], np.int64)
+        return cls(np.array(posts, np.int64), indptr, members)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def _entries(self, post_ids: Sequence[int], own: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """For the posts of `post_ids` the table holds: which those are (bool [n]), how many entries
+        each has, the member column of every entry (-1 for column `own`'s, left out) and each
+        post's 1 / sqrt(engagement count), its count without `own`."""
+        rows = np.array([self._row.get(int(p), -1) for p in post_ids], np.int64)
+        found = rows >= 0
+        starts, sizes = self.indptr[rows[found]], np.diff(self.indptr)[rows[found]]
+        positions = np.repeat(starts - np.cumsum(sizes) + sizes, sizes) + np.arange(sizes.sum())
+        columns = self._member_col[positions]
+        mine = columns == own
+        counts = sizes - np.bincount(np.repeat(np.arange(len(sizes)), sizes), weights=mine, minlength=len(sizes))
+        inv_norm = np.where(counts > 0, 1.0 / np.sqrt(np.maximum(counts, 1.0)), 0.0)
+        return found, sizes, np.where(mine, -1, columns), inv_norm
+
+    def scores(self, member_id: int, history: Sequence[int], candidates: Sequence[int]) -> np.ndarray:
+        """[len(candidates)] float32: each candidate's summed item cosine to the `history` posts over
+        the table without member `member_id`'s engagements; 0 for a post the table does not hold."""
+        out = np.zeros(len(candidates), np.float32)
+        if not len(candidates) or not len(history):
+            return out
+        at = int(np.searchsorted(self._member_ids, member_id))
+        own = at if at < len(self._member_ids) and self._member_ids[at] == member_id else -2
+        _, sizes, columns, inv_norm = self._entries(history, own)
+        kept = columns >= 0
+        # Each member's weight: the history posts they engaged with, each by 1 / sqrt(its count).
+        weights = np.bincount(
+            columns[kept], weights=np.repeat(inv_norm, sizes)[kept], minlength=len(self._member_ids) + 1
+        )
+        weights[-1] = 0.0  # column -1: the left-out member's entries
+        found, sizes, columns, inv_norm = self._entries(candidates, own)
+        running = np.concatenate([[0.0], np.cumsum(weights[columns])])
+        ends = np.cumsum(sizes)
+        out[found] = (running[ends] - running[ends - sizes]) * inv_norm
+        return out
+
+    def save(self, path: Path) -> None:
+        with atomic_file(path) as f:
+            np.savez(f, format=np.array(FORMAT), posts=self.posts, indptr=self.indptr, members=self.members)
+
+    @classmethod
+    def load(cls, path: Path) -> CoEngagement:
+        with np.load(path, allow_pickle=False) as data:
+            if "format" not in data or str(data["format"]) != FORMAT:
+                raise ValueError(f"{path}: not a {FORMAT} file")
+            return cls(data["posts"], data["indptr"], data["members"])

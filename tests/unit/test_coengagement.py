@@ -1,0 +1,81 @@
+"""The co-engagement feature (feedserve.rank.coengagement): ItemKNN's score of a candidate, without
+the scored member's own engagements, from a table that survives a round trip; and as the ranker's
+candidate features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from feedserve.prompt.records import Engagement, Member
+from feedserve.rank.coengagement import CoEngagement
+from feedserve.rank.data import FEATURES, Interaction, PostTable, RankExample, Tensorizer
+from feedserve.rank.model import RankerConfig
+from feedserve.training.baselines import ItemKNN
+
+
+def _engagements(seed: int = 0, members: int = 40, posts: int = 60) -> dict[int, set[int]]:
+    rng = np.random.default_rng(seed)
+    return {m: set(rng.choice(posts, rng.integers(1, 15), replace=False).tolist()) for m in range(members)}
+
+
+def _itemknn(engaged: dict[int, set[int]], history: list[int], posts: np.ndarray) -> np.ndarray:
+    member = Member(id=10**6, headline="x", history=[Engagement(post_id=p, action="like") for p in history])
+    return ItemKNN(engaged, posts).score([member])[0]
+
+
+def test_the_score_is_itemknns_over_the_table_without_the_members_own_row() -> None:
+    engaged, posts, history = _engagements(), np.arange(70), [3, 7, 11, 55, 64]  # 64: nobody's
+    table = CoEngagement.from_engagements(engaged)
+    stranger = table.scores(10**6, history, posts.tolist())
+    assert np.abs(stranger - _itemknn(engaged, history, posts)).max() < 1e-5
+    assert stranger[60:].sum() == 0.0 and stranger.max() > 0  # a post nobody engaged with scores 0
+    for member in (0, 5, 17):  # a member of the table: as if their row had never been in it
+        others = {m: e for m, e in engaged.items() if m != member}
+        want = _itemknn(others, history, posts)
+        assert np.abs(table.scores(member, history, posts.tolist()) - want).max() < 1e-5
+        assert not np.allclose(table.scores(member, history, posts.tolist()), stranger)
+
+
+def test_nothing_to_read_scores_zero_and_a_round_trip_keeps_every_score(tmp_path: Path) -> None:
+    table = CoEngagement.from_engagements(_engagements(seed=1))
+    assert table.scores(1, [], [1, 2]).tolist() == [0.0, 0.0]
+    assert table.scores(1, [10**9], [1, 2]).tolist() == [0.0, 0.0]
+    assert table.scores(1, [1, 2], []).shape == (0,)
+    table.save(tmp_path / "coengagement.npz")
+    loaded = CoEngagement.load(tmp_path / "coengagement.npz")
+    assert len(loaded) == len(table)
+    for member in (1, 3, 10**6):
+        assert (
+            loaded.scores(member, [4, 5, 6], list(range(60))).tolist()
+            == table.scores(member, [4, 5, 6], list(range(60))).tolist()
+        )
+    np.savez(tmp_path / "other.npz", posts=np.arange(3))
+    with pytest.raises(ValueError, match="coengagement"):
+        CoEngagement.load(tmp_path / "other.npz")
+
+
+def test_the_ranker_reads_co_engagement_with_the_engaged_history_as_a_share_and_a_log_rank() -> None:
+    # Members 1 and 2 both liked posts 10 and 12; member 3 liked 11 alone.
+    table = CoEngagement.from_engagements({1: {10, 12}, 2: {10, 12}, 3: {11}})
+    config = RankerConfig(content_dim=4, max_history=5, features=FEATURES)
+    tensorize = Tensorizer(config, PostTable(np.array([10, 11, 12]), np.eye(3, 4, dtype=np.float32)), None, table)
+    history = [Interaction(10, "like", 0), Interaction(11, "dislike", 1)]  # 11 is not engaged: not read
+    example = RankExample(
+        9,
+        history,
+        np.ones(4, np.float32),
+        np.array([11, 12, 99]),
+        np.array([0.9, 0.5, 0.4], np.float32),
+        np.zeros((3, 3)),
+    )
+    features = dict(zip(FEATURES, tensorize.batch([example])["candidate_features"][0].T.tolist(), strict=True))
+    assert features["coengagement"] == pytest.approx([0.0, 1.0, 0.0])  # 12 shares 10's members; 11 and 99 none
+    assert features["coengagement_log_rank"] == pytest.approx([np.log(2.0), 0.0, np.log(3.0)])  # ties: retrieval order
+    # Member 1's own row left out, 12 is still co-engaged through member 2; without a table, nothing is.
+    own = RankExample(1, history, example.member, example.candidates, example.retrieval_scores, example.labels)
+    assert tensorize.batch([own])["candidate_features"][0, 1, FEATURES.index("coengagement")] == pytest.approx(1.0)
+    bare = Tensorizer(config, tensorize.content).batch([example])["candidate_features"][0]
+    assert bare[:, FEATURES.index("coengagement")].tolist() == [0.0, 0.0, 0.0]
