@@ -13,6 +13,9 @@ excluded (as a server given the whole record excludes them), on two protocols
   graph equals PyTorch, tests/unit/test_rank_backend.py), history every rating before the moment,
   with a bootstrap interval over members for its gain over retrieval;
 - popularity and ItemKNN over the whole catalog (`feedserve.training.baselines`);
+- a fixed fusion of the ranker's two strongest inputs: retrieval's candidates ordered by the sum of
+  their log ranks by retrieval score and by ItemKNN score (what a learned ranker has to beat to
+  have learned more than adding the two);
 - SASRec: an id-only causal transformer over each member's liked sequence, trained here on the
   training period (`feedserve.training.sasrec`), over the whole catalog.
 """
@@ -32,7 +35,7 @@ import numpy as np
 
 from feedserve.artifacts import DEFAULT_RANKER, default_artifacts_dir
 from feedserve.clients.perf import machine
-from feedserve.rank.data import LIKE
+from feedserve.rank.data import LIKE, log_rank
 from feedserve.rank.model import GenerativeRanker
 from feedserve.training.baselines import ItemKNN, Popularity
 from feedserve.training.evaluate import metrics, rank
@@ -42,6 +45,17 @@ from feedserve.training.sasrec import SASRecConfig, SASRecRecommender
 logger = logging.getLogger("benchmarks.rank_quality")
 
 KS = (10, 50)
+
+
+def fused(retrieval_top: Sequence[np.ndarray], scores: np.ndarray, ids: np.ndarray) -> list[np.ndarray]:
+    """Each case's retrieved posts (best first) reordered by ln(1 + retrieval rank) + ln(1 + rank by
+    `scores` [case, catalog] among them), ties in retrieval order."""
+    column = {int(p): j for j, p in enumerate(ids.tolist())}
+    out = []
+    for top, row in zip(retrieval_top, scores, strict=True):
+        other = log_rank(row[[column[int(p)] for p in top]])
+        out.append(top[np.argsort(log_rank(-np.arange(len(top), dtype=np.float32)) + other, kind="stable")])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,9 +93,13 @@ def main(argv: list[str] | None = None) -> int:
             f"feed: retrieval top {args.candidates} ranked by the GR ranker": metrics(feed_top, cases, KS),
         }
         histories: Sequence[Sequence[int]] = [[h.post_id for h in m.history] for m in members]
+        knn = itemknn.score(members)
+        rows[f"retrieval top {args.candidates} by retrieval + ItemKNN log rank (fixed fusion)"] = metrics(
+            fused(retrieval_top, knn, ids), cases, KS
+        )
         for name, scores in (
             ("popularity", popularity.score(members)),
-            ("ItemKNN", itemknn.score(members)),
+            ("ItemKNN", knn),
             (f"SASRec (id only, {args.sasrec_steps} steps)", sasrec.score(histories)),
         ):
             rows[name] = metrics(rank(scores, ids, cases, max(KS)), cases, KS)
