@@ -188,3 +188,22 @@ def test_a_post_written_after_load_is_ranked_by_its_content(rank: RankModel, lay
     row = {i: s for i, s in zip(after["IDS"][0].tolist(), after["SCORES"][0].tolist(), strict=True)}
     old = {i: s for i, s in zip(before["IDS"][0].tolist(), before["SCORES"][0].tolist(), strict=True)}
     assert row[505] == pytest.approx(old[505], abs=1e-6) and row[fresh] != pytest.approx(old[fresh], abs=1e-6)
+
+
+def test_what_a_model_loaded_is_left_out_of_the_collectors_full_passes(layout: ArtifactLayout) -> None:
+    import gc
+
+    from feedserve.triton.base import settle_loaded_objects
+
+    model = RankModel()
+    model.setup(layout, {"max_candidates": "64"})
+    loaded = model.posts.table  # the post feature table: tracked until settled
+    assert gc.is_tracked(loaded) and any(o is loaded for o in gc.get_objects())
+    try:
+        settle_loaded_objects()
+        assert gc.get_freeze_count() > 0 and not any(o is loaded for o in gc.get_objects())
+        made_later = {"a request's": [1, 2]}
+        assert any(o is made_later for o in gc.get_objects())  # what requests allocate is collected as before
+        assert not isinstance(_ok(model, _request([_member(HISTORY)], [[505, 510]])), RequestError)
+    finally:
+        gc.unfreeze()
