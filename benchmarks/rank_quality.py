@@ -53,8 +53,8 @@ def fused(retrieval_top: Sequence[np.ndarray], scores: np.ndarray, ids: np.ndarr
     column = {int(p): j for j, p in enumerate(ids.tolist())}
     out = []
     for top, row in zip(retrieval_top, scores, strict=True):
-        other = log_rank(row[[column[int(p)] for p in top]])
-        out.append(top[np.argsort(log_rank(-np.arange(len(top), dtype=np.float32)) + other, kind="stable")])
+        by_retrieval = np.log1p(np.arange(len(top), dtype=np.float32))  # `top` is in retrieval order
+        out.append(top[np.argsort(by_retrieval + log_rank(row[[column[int(p)] for p in top]]), kind="stable")])
     return out
 
 

@@ -62,7 +62,7 @@ def resolve_ranker(adapter: Path | None, ranker: Path | None, dim: int | None = 
 
 def build_ranker(layout: ArtifactLayout, package: Path | None, corpus: Path, force: bool = False) -> None:
     """Export `package`'s ranker (ranker.onnx, parity checked) with its ranker.json, and the post
-    feature table of `corpus`; redone only when what they are made from (the exporting code
+    feature and co-engagement tables of `corpus`; redone only when what they are made from (the exporting code
     included) changed. Without a package, a ranker left from an earlier build is removed (it read
     the previous encoder's vectors)."""
     from feedserve.export.rank import export_ranker

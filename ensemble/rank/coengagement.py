@@ -57,9 +57,11 @@ class CoEngagement:
     def __len__(self) -> int:
         return len(self.members)
 
-    def _entries(self, post_ids: Sequence[int], own: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _entries(
+        self, post_ids: Sequence[int], own: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """For the posts of `post_ids` the table holds: which those are (bool [n]), how many entries
-        each has, the member column of every entry (-1 for column `own`'s, left out) and each
+        each has, the member column of every entry, which entries are column `own`'s, and each
         post's 1 / sqrt(engagement count), its count without `own`."""
         rows = np.array([self._row.get(int(p), -1) for p in post_ids], np.int64)
         found = rows >= 0
@@ -69,7 +71,7 @@ class CoEngagement:
         mine = columns == own
         counts = sizes - np.bincount(np.repeat(np.arange(len(sizes)), sizes), weights=mine, minlength=len(sizes))
         inv_norm = np.where(counts > 0, 1.0 / np.sqrt(np.maximum(counts, 1.0)), 0.0)
-        return found, sizes, np.where(mine, -1, columns), inv_norm
+        return found, sizes, columns, mine, inv_norm
 
     def scores(self, member_id: int, history: Sequence[int], candidates: Sequence[int]) -> np.ndarray:
         """[len(candidates)] float32: each candidate's summed item cosine to the `history` posts over
@@ -78,15 +80,14 @@ class CoEngagement:
         if not len(candidates) or not len(history):
             return out
         at = int(np.searchsorted(self._member_ids, member_id))
-        own = at if at < len(self._member_ids) and self._member_ids[at] == member_id else -2
-        _, sizes, columns, inv_norm = self._entries(history, own)
-        kept = columns >= 0
-        # Each member's weight: the history posts they engaged with, each by 1 / sqrt(its count).
+        own = at if at < len(self._member_ids) and self._member_ids[at] == member_id else -1  # -1: no column
+        _, sizes, columns, mine, inv_norm = self._entries(history, own)
+        # Each member's weight: the history posts they engaged with, each by 1 / sqrt(its count); the
+        # left-out member's entries are not counted, so their weight is 0.
         weights = np.bincount(
-            columns[kept], weights=np.repeat(inv_norm, sizes)[kept], minlength=len(self._member_ids) + 1
+            columns[~mine], weights=np.repeat(inv_norm, sizes)[~mine], minlength=len(self._member_ids)
         )
-        weights[-1] = 0.0  # column -1: the left-out member's entries
-        found, sizes, columns, inv_norm = self._entries(candidates, own)
+        found, sizes, columns, _, inv_norm = self._entries(candidates, own)
         running = np.concatenate([[0.0], np.cumsum(weights[columns])])
         ends = np.cumsum(sizes)
         out[found] = (running[ends] - running[ends - sizes]) * inv_norm

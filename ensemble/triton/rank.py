@@ -4,9 +4,9 @@ A request row is a member record (its history: post ids with their actions, olde
 member's retrieval embedding (QUERY) and the candidates retrieval returned for it, with their
 scores. The ranker reads history and candidate content from the live index it follows, as `knn`
 does (same files, same consistency: a post acknowledged by `index_write` has its content here
-too), and candidate features from the artifacts' post feature table and co-engagement table. It returns the top K
-candidates by the final score (a weighted sum of the task probabilities, weights in the
-`task_weights` parameter) and each one's probability per task.
+too), and candidate features from the artifacts' post feature and co-engagement tables. It
+returns the top K candidates by the final score (a weighted sum of the task probabilities, weights
+in the `task_weights` parameter) and each one's probability per task.
 
 What it tolerates rather than refuses: an empty history (ranked by profile and features), history
 or candidate posts missing from the index (ranked without content), duplicate candidates (ranked
