@@ -90,7 +90,7 @@ class RankingData:
         retriever = EmbeddingRetriever(layout.hf_dir, settings, buckets, corpus, cache, onnx=graph)
         ids = np.array([p.id for p in corpus], np.int64)
         split = movielens_split(ml)
-        features = PostFeatures.from_posts(corpus, buckets)
+        features = PostFeatures.from_posts(ml.posts(split.cutoff), buckets)  # the training period's counts
         return cls(ml, split, retriever, ids, features, movielens_coengagement(ml, split.cutoff))
 
     def tensorizer(self, config: RankerConfig) -> Tensorizer:

@@ -103,9 +103,10 @@ def build_ranker(layout: ArtifactLayout, package: Path | None, corpus: Path, for
     export_ranker(model, layout.ranker_onnx)
     atomic_write(layout.ranker_config, model.config.to_json())
     ml = load_movielens(corpus)
-    PostFeatures.from_posts(ml.posts(), PercentileBuckets.load(layout.buckets)).save(layout.post_features)
-    # Co-engagement of the training period only: the test members' later likes stay unseen.
-    movielens_coengagement(ml, ml.cutoff()).save(layout.coengagement)
+    # Counts and co-engagement of the training period only: the test period's ratings stay unseen.
+    cutoff = ml.cutoff()
+    PostFeatures.from_posts(ml.posts(cutoff), PercentileBuckets.load(layout.buckets)).save(layout.post_features)
+    movielens_coengagement(ml, cutoff).save(layout.coengagement)
     atomic_write(record, json.dumps(source, indent=1) + "\n")
     logger.info("ranker from %s exported to %s", package, layout.ranker_onnx)
 

@@ -12,6 +12,7 @@ import csv
 import logging
 import re
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +38,14 @@ class MovieLens:
     movies: dict[int, Post]
     ratings: list[Rating] = field(repr=False)
 
-    def posts(self) -> list[Post]:
-        return list(self.movies.values())
+    def posts(self, before: int | None = None) -> list[Post]:
+        """The movies; with `before`, their counts from the ratings before it alone (the catalog as
+        the training period saw it: the ranker's count features, which must not know the test
+        period's ratings; retrieval prompts read the whole log's, as the encoder was trained on)."""
+        if before is None:
+            return list(self.movies.values())
+        counts = engagement_counts(r for r in self.ratings if r.timestamp < before)
+        return [m.model_copy(update={"counts": counts.get(i, {"ratings": 0.0})}) for i, m in self.movies.items()]
 
     def members(self, min_rating: float = 4.0) -> list[Member]:
         """Every user who liked a movie, their history the movies they rated `min_rating` or more."""
@@ -81,6 +88,16 @@ class MovieLens:
         return PercentileBuckets.fit_posts(self.movies.values())
 
 
+def engagement_counts(ratings: Iterable[Rating]) -> dict[int, dict[str, float]]:
+    """A rated movie's counts: its number of ratings and their mean."""
+    n: Counter[int] = Counter()
+    total: dict[int, float] = defaultdict(float)
+    for r in ratings:
+        n[r.movie] += 1
+        total[r.movie] += r.rating
+    return {m: {"ratings": float(k), "mean_rating": round(total[m] / k, 3)} for m, k in n.items()}
+
+
 def load_movielens(directory: Path) -> MovieLens:
     directory = Path(directory)
     if not (directory / "movies.csv").exists():
@@ -93,11 +110,7 @@ def load_movielens(directory: Path) -> MovieLens:
     with open(directory / "tags.csv", newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             tags[int(row["movieId"])][row["tag"].strip().lower()] += 1
-    n_ratings: Counter[int] = Counter()
-    total: dict[int, float] = defaultdict(float)
-    for r in ratings:
-        n_ratings[r.movie] += 1
-        total[r.movie] += r.rating
+    counts = engagement_counts(ratings)
     movies = {}
     with open(directory / "movies.csv", newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
@@ -106,16 +119,13 @@ def load_movielens(directory: Path) -> MovieLens:
             title, year = (match.group(1), int(match.group(2))) if match else (row["title"].strip(), None)
             genres = [g for g in row["genres"].split("|") if g and g != "(no genres listed)"]
             user_tags = [t for t, _ in tags[movie].most_common(MAX_TAGS) if t not in {g.lower() for g in genres}]
-            counts = {"ratings": float(n_ratings[movie])}
-            if n_ratings[movie]:
-                counts["mean_rating"] = round(total[movie] / n_ratings[movie], 3)
             movies[movie] = Post(
                 id=movie,
                 format="movie",
                 article=Article(title=title, source="MovieLens"),
                 year=year,
                 tags=genres + user_tags[: MAX_TAGS - len(genres)] if len(genres) < MAX_TAGS else genres[:MAX_TAGS],
-                counts=counts,
+                counts=counts.get(movie, {"ratings": 0.0}),
             )
     logger.info("MovieLens: %d movies, %d ratings from %s", len(movies), len(ratings), directory)
     return MovieLens(movies, ratings)

@@ -11,6 +11,10 @@ The scored member's own row is left out: in training, their own later likes (the
 matrix, and reading them would teach the ranker to trust a score it never gets so good when serving,
 where the row holds only what the member engaged with before, all of it already seen.
 
+Each entry keeps when it happened, so a score can be read as of a moment (`before`): a training
+example at a moment in the past reads the engagements before it, as the server reads a table built
+before its requests, rather than other members' likes still to come.
+
 The table is built from engagements before a cutoff (the training period; `feedserve build` ships
 the sample corpus's as coengagement.npz) and is static while serving: a post engaged with since is
 scored 0, as a post missing from the feature table gets percentiles 0. Its size is the number of
@@ -31,75 +35,94 @@ FORMAT = "feedserve.coengagement/1"
 
 
 class CoEngagement:
-    def __init__(self, posts: np.ndarray, indptr: np.ndarray, members: np.ndarray) -> None:
-        """Post `posts[i]` was engaged with by the members `members[indptr[i]:indptr[i + 1]]` (member ids)."""
+    def __init__(
+        self, posts: np.ndarray, indptr: np.ndarray, members: np.ndarray, times: np.ndarray | None = None
+    ) -> None:
+        """Post `posts[i]` was engaged with by the members `members[indptr[i]:indptr[i + 1]]` (member
+        ids), at `times` of the same entries (unix seconds; 0, before any moment, where unknown)."""
         self.posts = np.asarray(posts, np.int64)
         self.indptr = np.asarray(indptr, np.int64)
         self.members = np.asarray(members, np.int64)
+        self.times = np.zeros(len(self.members), np.int64) if times is None else np.asarray(times, np.int64)
         if self.indptr.shape != (len(self.posts) + 1,) or self.indptr[-1] != len(self.members):
             raise ValueError("coengagement: indptr does not index the member lists")
+        if self.times.shape != self.members.shape:
+            raise ValueError("coengagement: one time per entry")
         self._row = {int(p): i for i, p in enumerate(self.posts.tolist())}
         self._member_ids, self._member_col = np.unique(self.members, return_inverse=True)
 
     @classmethod
-    def from_engagements(cls, engaged: Mapping[int, Iterable[int]]) -> CoEngagement:
-        """From each member's engaged post ids."""
-        by_post: dict[int, set[int]] = {}
-        for member, posts in engaged.items():
-            for post in posts:
-                by_post.setdefault(int(post), set()).add(int(member))
+    def from_events(cls, events: Iterable[tuple[int, int, int]]) -> CoEngagement:
+        """From (member id, post id, time) engagements; a member engaging with a post twice counts
+        once, from the first time."""
+        by_post: dict[int, dict[int, int]] = {}
+        for member, post, at in events:
+            first = by_post.setdefault(int(post), {})
+            first[int(member)] = min(int(at), first.get(int(member), int(at)))
         posts = sorted(by_post)
-        lists = [sorted(by_post[p]) for p in posts]
-        indptr = np.concatenate([[0], np.cumsum([len(m) for m in lists])]).astype(np.int64)
-        members = np.array([m for ms in lists for m in ms], np.int64)
-        return cls(np.array(posts, np.int64), indptr, members)
+        entries = [sorted(by_post[p].items()) for p in posts]
+        indptr = np.concatenate([[0], np.cumsum([len(e) for e in entries])]).astype(np.int64)
+        flat = np.array([e for es in entries for e in es], np.int64).reshape(-1, 2)
+        return cls(np.array(posts, np.int64), indptr, flat[:, 0], flat[:, 1])
+
+    @classmethod
+    def from_engagements(cls, engaged: Mapping[int, Iterable[int]]) -> CoEngagement:
+        """From each member's engaged post ids, times unknown."""
+        return cls.from_events((m, p, 0) for m, posts in engaged.items() for p in posts)
 
     def __len__(self) -> int:
         return len(self.members)
 
     def _entries(
-        self, post_ids: Sequence[int], own: int
+        self, post_ids: Sequence[int], own: int, before: int | None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """For the posts of `post_ids` the table holds: which those are (bool [n]), how many entries
-        each has, the member column of every entry, which entries are column `own`'s, and each
-        post's 1 / sqrt(engagement count), its count without `own`."""
+        each has, the member column of every entry, which entries are left out (column `own`'s, and
+        those at `before` or later), and each post's 1 / sqrt(engagement count) without them."""
         rows = np.array([self._row.get(int(p), -1) for p in post_ids], np.int64)
         found = rows >= 0
         starts, sizes = self.indptr[rows[found]], np.diff(self.indptr)[rows[found]]
         positions = np.repeat(starts - np.cumsum(sizes) + sizes, sizes) + np.arange(sizes.sum())
         columns = self._member_col[positions]
-        mine = columns == own
-        counts = sizes - np.bincount(np.repeat(np.arange(len(sizes)), sizes), weights=mine, minlength=len(sizes))
+        out = columns == own
+        if before is not None:
+            out |= self.times[positions] >= before
+        counts = sizes - np.bincount(np.repeat(np.arange(len(sizes)), sizes), weights=out, minlength=len(sizes))
         inv_norm = np.where(counts > 0, 1.0 / np.sqrt(np.maximum(counts, 1.0)), 0.0)
-        return found, sizes, columns, mine, inv_norm
+        return found, sizes, columns, out, inv_norm
 
-    def scores(self, member_id: int, history: Sequence[int], candidates: Sequence[int]) -> np.ndarray:
+    def scores(
+        self, member_id: int, history: Sequence[int], candidates: Sequence[int], before: int | None = None
+    ) -> np.ndarray:
         """[len(candidates)] float32: each candidate's summed item cosine to the `history` posts over
-        the table without member `member_id`'s engagements; 0 for a post the table does not hold."""
+        the table without member `member_id`'s engagements (and, with `before`, without those at that
+        time or later); 0 for a post the table does not hold."""
         out = np.zeros(len(candidates), np.float32)
         if not len(candidates) or not len(history):
             return out
         at = int(np.searchsorted(self._member_ids, member_id))
         own = at if at < len(self._member_ids) and self._member_ids[at] == member_id else -1  # -1: no column
-        _, sizes, columns, mine, inv_norm = self._entries(history, own)
+        _, sizes, columns, out_h, inv_norm = self._entries(history, own, before)
         # Each member's weight: the history posts they engaged with, each by 1 / sqrt(its count); the
-        # left-out member's entries are not counted, so their weight is 0.
+        # entries left out are not counted, so the left-out member's weight is 0.
         weights = np.bincount(
-            columns[~mine], weights=np.repeat(inv_norm, sizes)[~mine], minlength=len(self._member_ids)
+            columns[~out_h], weights=np.repeat(inv_norm, sizes)[~out_h], minlength=len(self._member_ids)
         )
-        found, sizes, columns, _, inv_norm = self._entries(candidates, own)
-        running = np.concatenate([[0.0], np.cumsum(weights[columns])])
+        found, sizes, columns, out_c, inv_norm = self._entries(candidates, own, before)
+        running = np.concatenate([[0.0], np.cumsum(np.where(out_c, 0.0, weights[columns]))])
         ends = np.cumsum(sizes)
         out[found] = (running[ends] - running[ends - sizes]) * inv_norm
         return out
 
     def save(self, path: Path) -> None:
         with atomic_file(path) as f:
-            np.savez(f, format=np.array(FORMAT), posts=self.posts, indptr=self.indptr, members=self.members)
+            np.savez(
+                f, format=np.array(FORMAT), posts=self.posts, indptr=self.indptr, members=self.members, times=self.times
+            )
 
     @classmethod
     def load(cls, path: Path) -> CoEngagement:
         with np.load(path, allow_pickle=False) as data:
             if "format" not in data or str(data["format"]) != FORMAT:
                 raise ValueError(f"{path}: not a {FORMAT} file")
-            return cls(data["posts"], data["indptr"], data["members"])
+            return cls(data["posts"], data["indptr"], data["members"], data.get("times"))

@@ -97,6 +97,9 @@ class RankExample:
     candidates: np.ndarray  # post ids shown [C]
     retrieval_scores: np.ndarray  # the retrieval stage's score of each [C]
     labels: np.ndarray  # [C, tasks]
+    # When the impressions were shown (unix seconds): co-engagement reads the engagements before it.
+    # None when serving, where the table was built before the request.
+    at: int | None = None
 
 
 def select_tasks(examples: Sequence[RankExample], tasks: Sequence[str], labels: Sequence[str] = LABELS) -> None:
@@ -112,11 +115,19 @@ def interactions(ratings: Sequence[Rating]) -> list[Interaction]:
 
 
 def top_posts(
-    member: np.ndarray, post_ids: np.ndarray, post_vectors: np.ndarray, k: int, exclude: Sequence[int]
+    member: np.ndarray,
+    post_ids: np.ndarray,
+    post_vectors: np.ndarray,
+    k: int,
+    exclude: Sequence[int],
+    absent: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The retrieval stage's answer: the k posts of highest inner product, `exclude` left out."""
+    """The retrieval stage's answer: the k posts of highest inner product, `exclude` left out, and
+    the posts where `absent` (bool, one per post) is true: not in the index yet."""
     scores = post_vectors @ member
     scores[np.isin(post_ids, np.asarray(exclude, np.int64))] = -np.inf
+    if absent is not None:
+        scores[absent] = -np.inf
     top = np.argsort(-scores, kind="stable")[:k]
     top = top[np.isfinite(scores[top])]
     return post_ids[top], scores[top].astype(np.float32)
@@ -142,19 +153,32 @@ def movielens_examples(
     retrieval stage's candidates, not the posts the member happened to rate next, which would teach
     it that a high retrieval score means no engagement. With `horizon`, only the next `horizon`
     ratings label the impressions (what the member did soon after being shown them; a post rated
-    later was shown and not engaged with then)."""
+    later was shown and not engaged with then).
+
+    Retrieval then could only return the posts that existed: a post is taken to exist from its first
+    rating by anyone, and is retrievable at a moment when that came no later than the last rating
+    labelling it. (Over the whole catalog a fifth of the impressions were films nobody had rated yet,
+    all labelled not engaged: a shortcut from "unknown then" to "passed over" that no served
+    request has.)"""
     rng = random.Random(seed)
     rows = {int(p): i for i, p in enumerate(post_ids.tolist())}
     by_user = ml.ratings_by_user(before=cutoff)
+    first: dict[int, int] = {}
+    for ratings in by_user.values():
+        for r in ratings:
+            first[r.movie] = min(r.timestamp, first.get(r.movie, r.timestamp))
+    unrated = np.iinfo(np.int64).max  # a post nobody rated before the cutoff: never retrievable here
+    created = np.array([first.get(int(p), unrated) for p in post_ids.tolist()], np.int64)
     examples = []
     for user in sorted(by_user):
         ratings = by_user[user]
         moments = list(range(1, len(ratings) - 1))
         for i in sorted(rng.sample(moments, min(per_member, len(moments)))):
-            past = ratings[:i]
-            later = {r.movie: r.rating for r in ratings[i : None if horizon is None else i + horizon]}
+            past, window = ratings[:i], ratings[i : None if horizon is None else i + horizon]
+            later = {r.movie: r.rating for r in window}
             member = embed_member(user, [r for r in past if r.rating >= LIKE])
-            top, _ = top_posts(member, post_ids, post_vectors, shown, [r.movie for r in past])
+            absent = created > window[-1].timestamp
+            top, _ = top_posts(member, post_ids, post_vectors, shown, [r.movie for r in past], absent)
             disliked = [m for m, rating in later.items() if rating <= DISLIKE]
             candidates = np.array(list(dict.fromkeys([*top.tolist(), *disliked])), np.int64)
             scores = np.array(
@@ -168,6 +192,7 @@ def movielens_examples(
                     candidates,
                     scores,
                     np.array([labels_of(later.get(c)) for c in candidates.tolist()], np.float32),
+                    ratings[i].timestamp,
                 )
             )
     rng.shuffle(examples)
@@ -175,11 +200,13 @@ def movielens_examples(
 
 
 def movielens_coengagement(ml: MovieLens, before: int) -> CoEngagement:
-    """The co-engagement table of the likes before `before` (the training period's)."""
-    likes = {
-        user: {r.movie for r in ratings if r.rating >= LIKE} for user, ratings in ml.ratings_by_user(before).items()
-    }
-    return CoEngagement.from_engagements(likes)
+    """The co-engagement table of the likes before `before` (the training period's), with their times."""
+    return CoEngagement.from_events(
+        (user, r.movie, r.timestamp)
+        for user, ratings in ml.ratings_by_user(before).items()
+        for r in ratings
+        if r.rating >= LIKE
+    )
 
 
 def log_rank(scores: np.ndarray) -> np.ndarray:
@@ -293,7 +320,7 @@ class Tensorizer:
                     features[:m, col] = percentiles[:, j]
             if self.coengagement is not None and {"coengagement", "coengagement_log_rank"} & column.keys():
                 engaged = [it.post_id for it in history if is_engaged(it.action)]
-                shared = self.coengagement.scores(x.member_id, engaged, x.candidates.tolist())
+                shared = self.coengagement.scores(x.member_id, engaged, x.candidates.tolist(), x.at)
                 if "coengagement" in column and m:
                     features[:m, column["coengagement"]] = shared / max(float(shared.max()), 1e-9)
                 if "coengagement_log_rank" in column:

@@ -4,13 +4,14 @@ candidate features."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from feedserve.prompt.records import Engagement, Member
-from feedserve.rank.coengagement import CoEngagement
+from feedserve.rank.coengagement import FORMAT, CoEngagement
 from feedserve.rank.data import FEATURES, Interaction, PostTable, RankExample, Tensorizer
 from feedserve.rank.model import RankerConfig
 from feedserve.training.baselines import ItemKNN
@@ -39,8 +40,27 @@ def test_the_score_is_itemknns_over_the_table_without_the_members_own_row() -> N
         assert not np.allclose(table.scores(member, history, posts.tolist()), stranger)
 
 
+def test_read_as_of_a_moment_the_score_is_itemknns_over_the_engagements_before_it() -> None:
+    rng = np.random.default_rng(2)
+    events = [(m, p, int(rng.integers(0, 100))) for m, ps in _engagements(seed=2).items() for p in ps]
+    table, posts, history = CoEngagement.from_events(events), np.arange(60), [3, 7, 11, 20]
+    for before in (1, 30, 70):
+        for member in (4, 10**6):
+            earlier: dict[int, set[int]] = {}
+            for m, p, at in events:
+                if at < before and m != member:
+                    earlier.setdefault(m, set()).add(p)
+            got = table.scores(member, history, posts.tolist(), before)
+            assert np.abs(got - _itemknn(earlier, history, posts)).max() < 1e-5
+    assert table.scores(4, history, posts.tolist(), 101).tolist() == table.scores(4, history, posts.tolist()).tolist()
+    assert not table.scores(4, history, posts.tolist(), 0).any()  # nothing had happened yet
+    # A member who engaged twice counts once, from the first time.
+    twice = CoEngagement.from_events([(1, 10, 5), (1, 10, 50), (1, 11, 5), (2, 10, 5), (2, 11, 5)])
+    assert len(twice) == 4 and twice.scores(9, [10], [11], 6).tolist() == twice.scores(9, [10], [11]).tolist()
+
+
 def test_nothing_to_read_scores_zero_and_a_round_trip_keeps_every_score(tmp_path: Path) -> None:
-    table = CoEngagement.from_engagements(_engagements(seed=1))
+    table = CoEngagement.from_events((m, p, m) for m, ps in _engagements(seed=1).items() for p in ps)
     assert table.scores(1, [], [1, 2]).tolist() == [0.0, 0.0]
     assert table.scores(1, [10**9], [1, 2]).tolist() == [0.0, 0.0]
     assert table.scores(1, [1, 2], []).shape == (0,)
@@ -52,6 +72,16 @@ def test_nothing_to_read_scores_zero_and_a_round_trip_keeps_every_score(tmp_path
             loaded.scores(member, [4, 5, 6], list(range(60))).tolist()
             == table.scores(member, [4, 5, 6], list(range(60))).tolist()
         )
+        assert (
+            loaded.scores(member, [4], list(range(60)), 20).tolist()
+            == table.scores(member, [4], list(range(60)), 20).tolist()
+        )
+    # A table saved before entries kept their times reads as engaged before any moment.
+    np.savez(
+        tmp_path / "untimed.npz", format=np.array(FORMAT), posts=table.posts, indptr=table.indptr, members=table.members
+    )
+    untimed = CoEngagement.load(tmp_path / "untimed.npz")
+    assert untimed.scores(1, [4], list(range(60)), 1).tolist() == table.scores(1, [4], list(range(60))).tolist()
     np.savez(tmp_path / "other.npz", posts=np.arange(3))
     with pytest.raises(ValueError, match="coengagement"):
         CoEngagement.load(tmp_path / "other.npz")
@@ -77,5 +107,12 @@ def test_the_ranker_reads_co_engagement_with_the_engaged_history_as_a_share_and_
     # Member 1's own row left out, 12 is still co-engaged through member 2; without a table, nothing is.
     own = RankExample(1, history, example.member, example.candidates, example.retrieval_scores, example.labels)
     assert tensorize.batch([own])["candidate_features"][0, 1, FEATURES.index("coengagement")] == pytest.approx(1.0)
+    # A training example reads the table as of its moment: nobody had engaged with 12 by then.
+    timed = Tensorizer(
+        config, tensorize.content, None, CoEngagement.from_events([(1, 10, 5), (2, 10, 5), (1, 12, 5), (2, 12, 9)])
+    )
+    at = timed.batch([replace(own, at=9)])["candidate_features"][0, 1, FEATURES.index("coengagement")]
+    assert at == 0.0
+    assert timed.batch([replace(own, at=10)])["candidate_features"][0, 1, FEATURES.index("coengagement")] == 1.0
     bare = Tensorizer(config, tensorize.content).batch([example])["candidate_features"][0]
     assert bare[:, FEATURES.index("coengagement")].tolist() == [0.0, 0.0, 0.0]

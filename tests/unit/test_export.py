@@ -231,18 +231,24 @@ def test_the_ranker_is_built_once_checked_against_the_encoder_and_removed_withou
     )
     build_ranker(layout, tiny_ranker, SAMPLE_CORPUS)
     assert layout.has_ranker()
-    # Co-engagement of the training period alone: every like before the cutoff, none after it.
+    # Co-engagement of the training period alone: every like before the cutoff, when it was given,
+    # none after it; and the count features of the same period.
     from feedserve.prompt.movielens import load_movielens
     from feedserve.rank.coengagement import CoEngagement
+    from feedserve.rank.features import PostFeatures
 
     ml = load_movielens(SAMPLE_CORPUS)
     cutoff = ml.cutoff()
-    likes = {(r.user, r.movie) for r in ml.ratings if r.rating >= 4 and r.movie in ml.movies}
     table = CoEngagement.load(layout.coengagement)
-    stored = {
-        (int(m), int(p)) for p, m in zip(np.repeat(table.posts, np.diff(table.indptr)), table.members, strict=True)
-    }
-    assert stored == {(r.user, r.movie) for r in ml.ratings if r.rating >= 4 and r.timestamp < cutoff} & likes
+    entries = np.repeat(table.posts, np.diff(table.indptr))
+    stored = {(int(m), int(p), int(t)) for p, m, t in zip(entries, table.members, table.times, strict=True)}
+    liked = {(r.user, r.movie, r.timestamp) for r in ml.ratings if r.rating >= 4 and r.movie in ml.movies}
+    assert stored == {(u, m, t) for u, m, t in liked if t < cutoff}
+    features = PostFeatures.load(layout.post_features)
+    rated_before = {r.movie for r in ml.ratings if r.timestamp < cutoff}
+    later_only = sorted({r.movie for r in ml.ratings if r.movie in ml.movies} - rated_before)
+    assert later_only and not features.percentiles(later_only).any()  # known only to the test period
+    assert features.percentiles(sorted(rated_before & ml.movies.keys()))[:, 0].any()
     built = layout.ranker_onnx.stat().st_mtime_ns
     build_ranker(layout, tiny_ranker, SAMPLE_CORPUS)  # up to date: not exported again
     assert layout.ranker_onnx.stat().st_mtime_ns == built

@@ -68,6 +68,29 @@ def test_a_label_horizon_labels_what_the_member_rated_soon_after(ml: MovieLens) 
     assert sum(x.labels.any(axis=1).sum() for x in examples) > 0
 
 
+def test_impressions_are_posts_that_existed_then_and_the_example_knows_when(ml: MovieLens) -> None:
+    # Every member embedded the same: retrieval would show the same 50 films at every moment,
+    # from 1996 on, if films not yet rated by anyone were in its index.
+    ids, vectors = _table(ml)
+    cutoff = sorted(r.timestamp for r in ml.ratings)[len(ml.ratings) * 9 // 10]
+    by_user = ml.ratings_by_user(before=cutoff)
+    first: dict[int, int] = {}
+    for r in sorted((r for rs in by_user.values() for r in rs), key=lambda r: -r.timestamp):
+        first[r.movie] = r.timestamp
+
+    def embed(user: int, liked: list) -> np.ndarray:  # type: ignore[type-arg]
+        return vectors[0]
+
+    examples = movielens_examples(ml, cutoff, embed, ids, vectors, per_member=2, shown=50, horizon=3)
+    sizes = set()
+    for x in examples:
+        window = by_user[x.member_id][len(x.history) : len(x.history) + 3]
+        assert x.at == window[0].timestamp  # the first rating after the history
+        assert all(first[c] <= window[-1].timestamp for c in x.candidates.tolist())
+        sizes.add(len(x.candidates))
+    assert min(sizes) < 50 <= max(sizes)  # early on fewer films existed than retrieval returns later
+
+
 def test_actions_and_labels() -> None:
     assert [action_of(r) for r in (5, 4.5, 4, 3, 2.5, 2, 0.5)] == [
         "love",
