@@ -40,6 +40,7 @@ from feedserve.rank.data import (
     Tensorizer,
     interactions,
     movielens_coengagement,
+    movielens_counts,
     top_posts,
 )
 from feedserve.rank.features import PostFeatures
@@ -90,7 +91,10 @@ class RankingData:
         retriever = EmbeddingRetriever(layout.hf_dir, settings, buckets, corpus, cache, onnx=graph)
         ids = np.array([p.id for p in corpus], np.int64)
         split = movielens_split(ml)
-        features = PostFeatures.from_posts(ml.posts(split.cutoff), buckets)  # the training period's counts
+        # The training period's counts; a training example reads them as they stood at its moment.
+        features = PostFeatures.from_posts(
+            ml.posts(split.cutoff), buckets, log=movielens_counts(ml, split.cutoff, buckets)
+        )
         return cls(ml, split, retriever, ids, features, movielens_coengagement(ml, split.cutoff))
 
     def tensorizer(self, config: RankerConfig) -> Tensorizer:

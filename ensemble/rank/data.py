@@ -22,10 +22,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.movielens import MovieLens, Rating
 from feedserve.prompt.records import ENGAGED_RATING, Member, is_engaged, rating_of
 from feedserve.rank.coengagement import CoEngagement
-from feedserve.rank.features import COUNT_FEATURES, PostFeatures
+from feedserve.rank.features import COUNT_FEATURES, CountLog, PostFeatures
 from feedserve.rank.model import NEUTRAL, RankerConfig
 
 # Ratings as actions and as task labels (like, love, dislike).
@@ -97,8 +98,8 @@ class RankExample:
     candidates: np.ndarray  # post ids shown [C]
     retrieval_scores: np.ndarray  # the retrieval stage's score of each [C]
     labels: np.ndarray  # [C, tasks]
-    # When the impressions were shown (unix seconds): co-engagement reads the engagements before it.
-    # None when serving, where the table was built before the request.
+    # When the impressions were shown (unix seconds): counts and co-engagement are read as they stood
+    # then. None when serving, where the tables were built before the request.
     at: int | None = None
 
 
@@ -209,6 +210,11 @@ def movielens_coengagement(ml: MovieLens, before: int) -> CoEngagement:
     )
 
 
+def movielens_counts(ml: MovieLens, before: int, buckets: PercentileBuckets) -> CountLog:
+    """The count log of the ratings before `before` (the training period's)."""
+    return CountLog(((r.movie, r.timestamp, r.rating) for r in ml.ratings if r.timestamp < before), buckets)
+
+
 def log_rank(scores: np.ndarray) -> np.ndarray:
     """ln(1 + rank) of each score among `scores`, highest first (ties in the order given)."""
     ranks = np.empty(len(scores), np.float32)
@@ -315,7 +321,7 @@ class Tensorizer:
             if "affinity" in column:
                 features[:m, column["affinity"]] = self.features.affinity(x.candidates.tolist(), liked)
             if counts:
-                percentiles = self.features.percentiles(x.candidates.tolist())
+                percentiles = self.features.percentiles(x.candidates.tolist(), x.at)
                 for col, j in counts:
                     features[:m, col] = percentiles[:, j]
             if self.coengagement is not None and {"coengagement", "coengagement_log_rank"} & column.keys():

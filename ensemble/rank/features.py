@@ -5,6 +5,11 @@ by post id, built from the post records (`feedserve build` writes one for the sa
 `post_features.json`; the training command builds the same from the same records). A post missing
 from the table (created after the table was built) gets percentiles 0 and no tags: it is still
 ranked, by its content and whatever the history says.
+
+A training example is a moment in the past, and the counts it reads are those of that moment: a
+`CountLog` holds every engagement with its time and gives a post's counts as they stood before it,
+as a request reads the counts stored before it (a post's count must not include the label the
+example is trained on).
 """
 
 from __future__ import annotations
@@ -41,14 +46,60 @@ def feature_row(
     }
 
 
+class CountLog:
+    """Each post's engagements (post id, time, value) in time order: its number of them and their
+    mean value ("ratings" and "mean_rating" on MovieLens) as they stood before any moment, as
+    percentiles of `buckets`."""
+
+    # A post's row and an engagement's time in one sortable key (times are unix seconds, < 2^32).
+    _SHIFT = 1 << 32
+
+    def __init__(self, events: Iterable[tuple[int, int, float]], buckets: PercentileBuckets) -> None:
+        rows = sorted(events)
+        self._post_row: dict[int, int] = {}
+        for p, _, _ in rows:
+            self._post_row.setdefault(int(p), len(self._post_row))
+        row = np.array([self._post_row[int(p)] for p, _, _ in rows], np.int64)
+        time = np.array([t for _, t, _ in rows], np.int64)
+        if len(time) and (time.min() < 0 or time.max() >= self._SHIFT):
+            raise ValueError("count log: times must be unix seconds")
+        self._keys = row * self._SHIFT + time
+        self._starts = np.searchsorted(row, np.arange(len(self._post_row)))
+        self._running = np.concatenate([[0.0], np.cumsum([v for _, _, v in rows])])
+        self._buckets = buckets
+
+    def percentiles(self, post_ids: Sequence[int], before: int, counts: Sequence[str]) -> np.ndarray:
+        """[n, len(counts)] float32 0..1; 0 for a count with no engagement yet, and for a post the log
+        does not hold."""
+        rows = np.array([self._post_row.get(int(p), -1) for p in post_ids], np.int64)
+        known = rows >= 0
+        start = self._starts[rows[known]]
+        end = np.searchsorted(self._keys, rows[known] * self._SHIFT + before)
+        n = (end - start).astype(np.float64)
+        mean = np.round((self._running[end] - self._running[start]) / np.maximum(n, 1), 3)  # as the records hold it
+        # (value, whether it is defined): a mean of no engagements is missing, as in a record's counts.
+        values = {"ratings": (n, n >= 0), "mean_rating": (mean, n > 0)}
+        out = np.zeros((len(rows), len(counts)), np.float32)
+        top = self._buckets.n_buckets - 1
+        for j, name in enumerate(counts):
+            if name in values and name in self._buckets.cut_points:
+                value, defined = values[name]
+                bucket = np.searchsorted(self._buckets.cut_points[name], value, side="right") / top
+                out[known, j] = np.where(defined, bucket, 0.0)
+        return out
+
+
 class PostFeatures:
     def __init__(
         self,
         percentiles: Mapping[int, Sequence[float] | np.ndarray] | None = None,
         tags: Mapping[int, Iterable[str]] | None = None,
         counts: Sequence[str] = COUNT_FEATURES,
+        log: CountLog | None = None,
     ) -> None:
+        """With a `log`, the counts can also be read as they stood at a moment (`percentiles`)."""
         self.counts = tuple(counts)
+        self.log = log
         self._percentiles = {int(k): np.asarray(v, np.float32) for k, v in (percentiles or {}).items()}
         self._tags = {int(k): frozenset(v) for k, v in (tags or {}).items()}
         # Each post's tags as sorted ids into one vocabulary, for affinity over many posts at once.
@@ -66,10 +117,14 @@ class PostFeatures:
 
     @classmethod
     def from_posts(
-        cls, posts: Iterable[Post], buckets: PercentileBuckets | None, counts: Sequence[str] = COUNT_FEATURES
+        cls,
+        posts: Iterable[Post],
+        buckets: PercentileBuckets | None,
+        counts: Sequence[str] = COUNT_FEATURES,
+        log: CountLog | None = None,
     ) -> PostFeatures:
         rows = {post.id: feature_row(post, buckets, counts) for post in posts}
-        return cls({p: r["percentiles"] for p, r in rows.items()}, {p: r["tags"] for p, r in rows.items()}, counts)
+        return cls({p: r["percentiles"] for p, r in rows.items()}, {p: r["tags"] for p, r in rows.items()}, counts, log)
 
     def overlay(self, live: Mapping[int, Mapping[str, Any]], post_ids: Iterable[int]) -> PostFeatures:
         """The features of these posts: a live row (`feature_row`, stored with the post) where there
@@ -87,10 +142,13 @@ class PostFeatures:
                 tags[p] = self._tags[p]
         return PostFeatures(percentiles, tags, self.counts)
 
-    def percentiles(self, post_ids: Sequence[int]) -> np.ndarray:
-        """[n, len(counts)]; zeros for a post the table does not hold."""
+    def percentiles(self, post_ids: Sequence[int], before: int | None = None) -> np.ndarray:
+        """[n, len(counts)]; zeros for a post the table does not hold. With `before` and a log, the
+        counts as they stood then."""
         if not len(post_ids):
             return np.zeros((0, len(self.counts)), np.float32)
+        if before is not None and self.log is not None:
+            return self.log.percentiles(post_ids, before, self.counts)
         return np.stack([self._percentiles.get(int(p), self._none) for p in post_ids])
 
     def tags(self, post_id: int) -> frozenset[str]:

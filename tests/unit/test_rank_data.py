@@ -3,6 +3,7 @@ interaction in the history, labels from the ratings that followed, and the tenso
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,16 @@ from hypothesis import strategies as st
 
 from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.prompt.movielens import MovieLens, load_movielens
-from feedserve.rank.data import FEATURES, PostTable, RankExample, Tensorizer, action_of, labels_of, movielens_examples
+from feedserve.rank.data import (
+    FEATURES,
+    PostTable,
+    RankExample,
+    Tensorizer,
+    action_of,
+    labels_of,
+    movielens_counts,
+    movielens_examples,
+)
 from feedserve.rank.features import PostFeatures
 from feedserve.rank.model import RankerConfig
 
@@ -201,6 +211,28 @@ def test_post_features_hold_percentiles_and_tags_and_survive_a_round_trip(ml: Mo
     (tmp_path / "bad.json").write_text('{"format": "other"}')
     with pytest.raises(ValueError, match="post_features"):
         PostFeatures.load(tmp_path / "bad.json")
+
+
+def test_counts_read_as_of_a_moment_are_the_records_counts_then(ml: MovieLens) -> None:
+    buckets, ids = ml.fit_buckets(), sorted(ml.movies)
+    times = sorted(r.timestamp for r in ml.ratings)
+    features = PostFeatures.from_posts(ml.posts(), buckets, log=movielens_counts(ml, times[-1] + 1, buckets))
+    np.testing.assert_array_equal(features.percentiles(ids, times[-1] + 1), features.percentiles(ids))
+    for before in (times[len(times) // 10], times[len(times) // 2]):
+        then = PostFeatures.from_posts(ml.posts(before), buckets)
+        np.testing.assert_allclose(features.percentiles(ids, before), then.percentiles(ids), atol=1e-6)
+        assert (features.percentiles(ids, before) <= features.percentiles(ids) + 1e-6)[:, 0].all()  # only fewer
+    assert not features.percentiles(ids, times[0]).any() and not features.percentiles([10**12], before).any()
+    # The tensors of a training example read them at its moment; a served request (no moment) the table.
+    config = RankerConfig(content_dim=4, max_history=4, features=FEATURES)
+    tensorize = Tensorizer(config, PostTable(np.array(ids), np.ones((len(ids), 4), np.float32)), features)
+    x = RankExample(1, [], np.ones(4, np.float32), np.array(ids[:40]), np.zeros(40, np.float32), np.zeros((40, 3)))
+    column = FEATURES.index("ratings_percentile")
+    early = tensorize.batch([replace(x, at=times[len(times) // 10])])["candidate_features"][0, :, column]
+    np.testing.assert_allclose(early, features.percentiles(ids[:40], times[len(times) // 10])[:, 0])
+    served = tensorize.batch([x])["candidate_features"][0, :, column]
+    np.testing.assert_allclose(served, features.percentiles(ids[:40])[:, 0])
+    assert not np.allclose(early, served)
 
 
 @settings(max_examples=60, deadline=None)
