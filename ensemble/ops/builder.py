@@ -86,11 +86,15 @@ def build_ranker(layout: ArtifactLayout, package: Path | None, corpus: Path, for
             f"{layout.serving_dim()}"
         )
     from feedserve.export import rank as exporter
+    from feedserve.prompt import movielens
+    from feedserve.rank import coengagement, data, features
     from feedserve.rank import model as graph
 
     source = {
-        # The code that writes the graph too: a faster or fixed graph reaches built artifacts.
-        "graph": [sha256_file(Path(m.__file__ or "")) for m in (graph, exporter)],
+        # The code that writes the graph and the tables too: a faster or fixed one reaches built artifacts.
+        "code": [
+            sha256_file(Path(m.__file__ or "")) for m in (graph, exporter, features, coengagement, data, movielens)
+        ],
         "ranker": sha256_file(package / WEIGHTS_FILE),
         "config": sha256_file(package / CONFIG_FILE),
         "corpus": str(corpus.resolve()),
