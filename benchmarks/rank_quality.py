@@ -68,10 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sasrec-steps", type=int, default=SASRecConfig.steps)
     p.add_argument("--cache", type=Path, default=Path("benchmarks/.cache/rank_quality"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/reports/ranker"))
+    p.add_argument(
+        "--validate",
+        action="store_true",
+        help="the validation split inside the training period (for choosing a ranker; the test members are not read)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    data = RankingData.load(args.artifacts, args.cache)
+    data = RankingData.load(args.artifacts, args.cache, args.validate)
     ml, split, retriever, ids = data.ml, data.split, data.retriever, data.post_ids
     model = GenerativeRanker.load(args.ranker)
     tensorize = data.tensorizer(model.config)
@@ -113,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.rank_quality " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
         "ranker": str(args.ranker),
+        "evaluated_on": "validation members (inside the training period)" if args.validate else "test members",
         "ranker_config": json.loads((args.ranker / "ranker.json").read_text()),
         "cutoff": split.cutoff,
         "moments": args.moments,
@@ -131,10 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Command: `{report['command']}`. Machine: {report['machine']}.",
         f"Global time split at {split.cutoff}, full catalog, every movie a member rated before the moment excluded.",
+        f"Evaluated on the {report['evaluated_on']}.",
     ]
     titles = {
-        "cutoff": "At the cutoff: one case per test member, every later like a target",
-        "moments": f"At up to {args.moments} moments per test member after the cutoff, targets the likes among "
+        "cutoff": "At the cutoff: one case per member, every later like a target",
+        "moments": f"At up to {args.moments} moments per member after the cutoff, targets the likes among "
         f"the next {args.horizon} ratings",
     }
     for protocol, result in results.items():
