@@ -74,11 +74,11 @@ class CountLog:
         rows = np.array([self._post_row.get(int(p), -1) for p in post_ids], np.int64)
         known = rows >= 0
         start = self._starts[rows[known]]
-        end = np.searchsorted(self._keys, rows[known] * self._SHIFT + before)
+        end = np.searchsorted(self._keys, rows[known] * self._SHIFT + min(max(before, 0), self._SHIFT))
         n = (end - start).astype(np.float64)
         mean = np.round((self._running[end] - self._running[start]) / np.maximum(n, 1), 3)  # as the records hold it
         # (value, whether it is defined): a mean of no engagements is missing, as in a record's counts.
-        values = {"ratings": (n, n >= 0), "mean_rating": (mean, n > 0)}
+        values = {"ratings": (n, np.full(len(n), True)), "mean_rating": (mean, n > 0)}
         out = np.zeros((len(rows), len(counts)), np.float32)
         top = self._buckets.n_buckets - 1
         for j, name in enumerate(counts):

@@ -223,6 +223,7 @@ def test_counts_read_as_of_a_moment_are_the_records_counts_then(ml: MovieLens) -
         np.testing.assert_allclose(features.percentiles(ids, before), then.percentiles(ids), atol=1e-6)
         assert (features.percentiles(ids, before) <= features.percentiles(ids) + 1e-6)[:, 0].all()  # only fewer
     assert not features.percentiles(ids, times[0]).any() and not features.percentiles([10**12], before).any()
+    np.testing.assert_array_equal(features.percentiles(ids, 1 << 40), features.percentiles(ids))  # far later: all
     # The tensors of a training example read them at its moment; a served request (no moment) the table.
     config = RankerConfig(content_dim=4, max_history=4, features=FEATURES)
     tensorize = Tensorizer(config, PostTable(np.array(ids), np.ones((len(ids), 4), np.float32)), features)
