@@ -25,24 +25,14 @@ DEFAULT_TASK_WEIGHTS = {"like": 1.0, "love": 0.5, "dislike": -1.0}
 
 
 def multitask_loss(
-    model: GenerativeRanker, batch: Batch, task_weights: Sequence[float] | None = None, listwise: float = 0.0
+    model: GenerativeRanker, batch: Batch, task_weights: Sequence[float] | None = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """(weighted loss, per-task loss) over the real candidates of `batch`; its `labels` are float
-    [B, C, tasks] in {0, 1}. With `listwise`, plus that weight times each task's softmax
-    cross-entropy over a member's candidates (the positives' mean -log share of the member's
-    candidates, over the members with a positive): binary cross-entropy scores each candidate
-    alone, this one how it orders against the others shown with it, which is what a feed serves."""
+    [B, C, tasks] in {0, 1}."""
     logits = model(**{name: batch[name] for name in INPUTS})
     real = batch["candidate_mask"]
-    labels = batch["labels"]
     weights = torch.tensor(task_weights or [1.0] * logits.shape[-1], dtype=logits.dtype)
-    per_task = F.binary_cross_entropy_with_logits(logits[real], labels[real], reduction="none").mean(0)
-    if listwise:
-        shares = torch.log_softmax(logits.masked_fill(~real[..., None], float("-inf")), dim=1)  # [B, C, tasks]
-        positives = labels.sum(1)  # [B, tasks]
-        per_member = -(shares.masked_fill(~real[..., None], 0.0) * labels).sum(1) / positives.clamp(min=1)
-        has = (positives > 0).to(logits.dtype)
-        per_task = per_task + listwise * (per_member * has).sum(0) / has.sum(0).clamp(min=1)
+    per_task = F.binary_cross_entropy_with_logits(logits[real], batch["labels"][real], reduction="none").mean(0)
     return (per_task * weights).sum(), dict(zip(model.config.tasks, per_task.tolist(), strict=True))
 
 
