@@ -84,12 +84,12 @@ class CoEngagement:
         starts, sizes = self.indptr[rows[found]], np.diff(self.indptr)[rows[found]]
         positions = np.repeat(starts - np.cumsum(sizes) + sizes, sizes) + np.arange(sizes.sum())
         columns = self._member_col[positions]
-        out = columns == own
+        left = columns == own
         if before is not None:
-            out |= self.times[positions] >= before
-        counts = sizes - np.bincount(np.repeat(np.arange(len(sizes)), sizes), weights=out, minlength=len(sizes))
+            left |= self.times[positions] >= before
+        counts = sizes - np.bincount(np.repeat(np.arange(len(sizes)), sizes), weights=left, minlength=len(sizes))
         inv_norm = np.where(counts > 0, 1.0 / np.sqrt(np.maximum(counts, 1.0)), 0.0)
-        return found, sizes, columns, out, inv_norm
+        return found, sizes, columns, left, inv_norm
 
     def scores(
         self, member_id: int, history: Sequence[int], candidates: Sequence[int], before: int | None = None
@@ -102,14 +102,14 @@ class CoEngagement:
             return out
         at = int(np.searchsorted(self._member_ids, member_id))
         own = at if at < len(self._member_ids) and self._member_ids[at] == member_id else -1  # -1: no column
-        _, sizes, columns, out_h, inv_norm = self._entries(history, own, before)
+        _, sizes, columns, left_h, inv_norm = self._entries(history, own, before)
         # Each member's weight: the history posts they engaged with, each by 1 / sqrt(its count); the
         # entries left out are not counted, so the left-out member's weight is 0.
         weights = np.bincount(
-            columns[~out_h], weights=np.repeat(inv_norm, sizes)[~out_h], minlength=len(self._member_ids)
+            columns[~left_h], weights=np.repeat(inv_norm, sizes)[~left_h], minlength=len(self._member_ids)
         )
-        found, sizes, columns, out_c, inv_norm = self._entries(candidates, own, before)
-        running = np.concatenate([[0.0], np.cumsum(np.where(out_c, 0.0, weights[columns]))])
+        found, sizes, columns, left_c, inv_norm = self._entries(candidates, own, before)
+        running = np.concatenate([[0.0], np.cumsum(np.where(left_c, 0.0, weights[columns]))])
         ends = np.cumsum(sizes)
         out[found] = (running[ends] - running[ends - sizes]) * inv_norm
         return out
