@@ -65,11 +65,15 @@ class PercentileBuckets:
     def bucket(self, feature: str, value: float) -> int:
         """Percentile bucket 0..n-1. With ties (many zeros), a value gets the highest bucket whose
         cut point it reaches, so equal values always share a bucket."""
+        return int(self.buckets(feature, np.asarray(value)))
+
+    def buckets(self, feature: str, values: np.ndarray) -> np.ndarray:
+        """`bucket` of each of `values`, at once."""
         try:
             cuts = self.cut_points[feature]
         except KeyError:
             raise KeyError(f"no percentile buckets fitted for count {feature!r}; known: {self.features}") from None
-        return int(np.searchsorted(cuts, value, side="right"))
+        return np.searchsorted(cuts, values, side="right")
 
     def tag(self, feature: str, value: float) -> str:
         name = f"{tag_name(feature)}_percentile"

@@ -84,7 +84,7 @@ class CountLog:
         for j, name in enumerate(counts):
             if name in values and name in self._buckets.cut_points:
                 value, defined = values[name]
-                bucket = np.searchsorted(self._buckets.cut_points[name], value, side="right") / top
+                bucket = self._buckets.buckets(name, value) / top
                 out[known, j] = np.where(defined, bucket, 0.0)
         return out
 
