@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-action-tokens", action="store_true", help="ablation: every interaction read as neutral")
     p.add_argument("--no-features", action="store_true", help="ablation: no candidate features fused late")
     p.add_argument("--no-coengagement", action="store_true", help="ablation: no co-engagement features")
+    p.add_argument("--no-recent", action="store_true", help="ablation: no co-engagement with the latest likes alone")
     p.add_argument("--wide", action="store_true", help="a linear term of the candidate features in every logit")
     p.add_argument("--tasks", default=",".join(LABELS), help=f"comma-separated, of {', '.join(LABELS)}")
     p.add_argument("--moments", type=int, default=10, help="evaluation moments per member (rank_eval)")
@@ -179,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         actions=(NEUTRAL,) if args.no_action_tokens else RankerConfig.actions,
         features=()
         if args.no_features
-        else tuple(f for f in FEATURES if not (args.no_coengagement and "coengagement" in f)),
+        else tuple(
+            f
+            for f in FEATURES
+            if not (args.no_coengagement and "coengagement" in f) and not (args.no_recent and f.startswith("recent_"))
+        ),
         tasks=tasks,
         wide=args.wide,
         dropout=args.dropout,

@@ -12,7 +12,7 @@ import pytest
 
 from feedserve.prompt.records import Engagement, Member
 from feedserve.rank.coengagement import FORMAT, CoEngagement
-from feedserve.rank.data import FEATURES, Interaction, PostTable, RankExample, Tensorizer
+from feedserve.rank.data import FEATURES, RECENT_LIKES, Interaction, PostTable, RankExample, Tensorizer
 from feedserve.rank.model import RankerConfig
 from feedserve.training.baselines import ItemKNN
 
@@ -116,3 +116,21 @@ def test_the_ranker_reads_co_engagement_with_the_engaged_history_as_a_share_and_
     assert timed.batch([replace(own, at=10)])["candidate_features"][0, 1, FEATURES.index("coengagement")] == 1.0
     bare = Tensorizer(config, tensorize.content).batch([example])["candidate_features"][0]
     assert bare[:, FEATURES.index("coengagement")].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_recent_co_engagement_reads_the_latest_likes_alone() -> None:
+    # Post 100, liked first, is the one co-engaged with candidate 200 (member 2 liked both); the
+    # RECENT_LIKES likes after it share no member with any candidate.
+    recent = list(range(RECENT_LIKES))
+    table = CoEngagement.from_engagements({2: {100, 200}, 3: {*recent, 300}})
+    config = RankerConfig(content_dim=4, max_history=RECENT_LIKES + 5, features=FEATURES)
+    tensorize = Tensorizer(config, PostTable(np.array([100]), np.ones((1, 4), np.float32)), None, table)
+    history = [Interaction(p, "like", t) for t, p in enumerate([100, *recent])]
+    example = RankExample(
+        9, history, np.ones(4, np.float32), np.array([200, 300]), np.array([0.9, 0.5], np.float32), np.zeros((2, 3))
+    )
+    features = dict(zip(FEATURES, tensorize.batch([example])["candidate_features"][0].T.tolist(), strict=True))
+    # Every like: 200 scores 1 (through post 100), 300 scores 1 per recent like, the request's highest.
+    assert features["coengagement"] == pytest.approx([1.0 / RECENT_LIKES, 1.0])
+    assert features["recent_coengagement"] == pytest.approx([0.0, 1.0])  # the latest likes: 300 alone
+    assert features["recent_coengagement_log_rank"] == pytest.approx([np.log(2.0), 0.0])
