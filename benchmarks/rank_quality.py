@@ -12,10 +12,12 @@ excluded (as a server given the whole record excludes them), on two protocols
 - feed: the same candidates ordered by the GR ranker's final score (what `feed` serves; the served
   graph equals PyTorch, tests/unit/test_rank_backend.py), history every rating before the moment,
   with a bootstrap interval over members for its gain over retrieval;
-- popularity and ItemKNN over the whole catalog (`feedserve.training.baselines`);
+- popularity and ItemKNN (from every like, and from the latest likes) over the whole catalog
+  (`feedserve.training.baselines`);
 - a fixed fusion of the ranker's two strongest inputs: retrieval's candidates ordered by the sum of
   their log ranks by retrieval score and by ItemKNN score (what a learned ranker has to beat to
-  have learned more than adding the two);
+  have learned more than adding the two); and the same with ItemKNN read from the member's latest
+  likes alone (`--recent-likes`; the ranker's recent co-engagement feature reads `RECENT_LIKES`);
 - SASRec: an id-only causal transformer over each member's liked sequence, trained here on the
   training period (`feedserve.training.sasrec`), over the whole catalog.
 """
@@ -35,7 +37,7 @@ import numpy as np
 
 from feedserve.artifacts import DEFAULT_RANKER, default_artifacts_dir
 from feedserve.clients.perf import machine
-from feedserve.rank.data import LIKE, log_rank
+from feedserve.rank.data import LIKE, RECENT_LIKES, log_rank
 from feedserve.rank.model import GenerativeRanker
 from feedserve.training.baselines import ItemKNN, Popularity
 from feedserve.training.evaluate import metrics, rank
@@ -65,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidates", type=int, default=200)
     p.add_argument("--moments", type=int, default=10, help="moments per member (training.rank_eval)")
     p.add_argument("--horizon", type=int, default=10, help="ratings from a moment on whose likes are its targets")
+    p.add_argument(
+        "--recent-likes",
+        type=int,
+        nargs="+",
+        default=[RECENT_LIKES],
+        help="ItemKNN (alone and fused) from each member's latest K likes, for each K",
+    )
     p.add_argument("--sasrec-steps", type=int, default=SASRecConfig.steps)
     p.add_argument("--cache", type=Path, default=Path("benchmarks/.cache/rank_quality"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/reports/ranker"))
@@ -99,12 +108,19 @@ def main(argv: list[str] | None = None) -> int:
         }
         histories: Sequence[Sequence[int]] = [[h.post_id for h in m.history] for m in members]
         knn = itemknn.score(members)
+        recent = {
+            k: itemknn.score([m.model_copy(update={"history": m.history[-k:]}) for m in members])
+            for k in args.recent_likes
+        }
         rows[f"retrieval top {args.candidates} by retrieval + ItemKNN log rank (fixed fusion)"] = metrics(
             fused(retrieval_top, knn, ids), cases, KS
         )
+        for k, scores in recent.items():
+            rows[f"the same, ItemKNN from the {k} latest likes"] = metrics(fused(retrieval_top, scores, ids), cases, KS)
         for name, scores in (
             ("popularity", popularity.score(members)),
             ("ItemKNN", knn),
+            *((f"ItemKNN from the {k} latest likes", scores) for k, scores in recent.items()),
             (f"SASRec (id only, {args.sasrec_steps} steps)", sasrec.score(histories)),
         ):
             rows[name] = metrics(rank(scores, ids, cases, max(KS)), cases, KS)
