@@ -97,21 +97,36 @@ class CoEngagement:
         """[len(candidates)] float32: each candidate's summed item cosine to the `history` posts over
         the table without member `member_id`'s engagements (and, with `before`, without those at that
         time or later); 0 for a post the table does not hold."""
-        out = np.zeros(len(candidates), np.float32)
-        if not len(candidates) or not len(history):
+        return self.scores_of(member_id, [history], candidates, before)[0]
+
+    def scores_of(
+        self,
+        member_id: int,
+        histories: Sequence[Sequence[int]],
+        candidates: Sequence[int],
+        before: int | None = None,
+    ) -> np.ndarray:
+        """[len(histories), len(candidates)] float32: `scores` for each of several histories of one
+        member (the ranker reads the whole liked history and its latest likes), the candidates'
+        entries gathered once for all of them."""
+        out = np.zeros((len(histories), len(candidates)), np.float32)
+        if not len(candidates) or not any(len(h) for h in histories):
             return out
         at = int(np.searchsorted(self._member_ids, member_id))
         own = at if at < len(self._member_ids) and self._member_ids[at] == member_id else -1  # -1: no column
-        _, sizes, columns, left_h, inv_norm = self._entries(history, own, before)
-        # Each member's weight: the history posts they engaged with, each by 1 / sqrt(its count); the
-        # entries left out are not counted, so the left-out member's weight is 0.
-        weights = np.bincount(
-            columns[~left_h], weights=np.repeat(inv_norm, sizes)[~left_h], minlength=len(self._member_ids)
-        )
-        found, sizes, columns, left_c, inv_norm = self._entries(candidates, own, before)
-        running = np.concatenate([[0.0], np.cumsum(np.where(left_c, 0.0, weights[columns]))])
-        ends = np.cumsum(sizes)
-        out[found] = (running[ends] - running[ends - sizes]) * inv_norm
+        found, sizes_c, columns_c, left_c, inv_norm_c = self._entries(candidates, own, before)
+        ends = np.cumsum(sizes_c)
+        for row, history in enumerate(histories):
+            if not len(history):
+                continue
+            _, sizes, columns, left_h, inv_norm = self._entries(history, own, before)
+            # Each member's weight: the history posts they engaged with, each by 1 / sqrt(its count);
+            # the entries left out are not counted, so the left-out member's weight is 0.
+            weights = np.bincount(
+                columns[~left_h], weights=np.repeat(inv_norm, sizes)[~left_h], minlength=len(self._member_ids)
+            )
+            running = np.concatenate([[0.0], np.cumsum(np.where(left_c, 0.0, weights[columns_c]))])
+            out[row, found] = (running[ends] - running[ends - sizes_c]) * inv_norm_c
         return out
 
     def save(self, path: Path) -> None:

@@ -276,6 +276,14 @@ class Tensorizer:
         self.coengagement = coengagement
         self.actions = {a: i for i, a in enumerate(config.actions)}
         self.neutral = self.actions[NEUTRAL]
+        self.column = column = {f: i for i, f in enumerate(config.features)}  # feature -> its column
+        # The co-engagement features the config reads: (share column, log-rank column, which of the
+        # engaged history they score), scored together per example.
+        self.coengaged = [
+            (column.get(f"{prefix}coengagement"), column.get(f"{prefix}coengagement_log_rank"), liked)
+            for prefix, liked in (("", slice(None)), ("recent_", slice(-RECENT_LIKES, None)))
+            if {f"{prefix}coengagement", f"{prefix}coengagement_log_rank"} & column.keys()
+        ]
 
     def batch(self, examples: Sequence[RankExample]) -> dict[str, torch.Tensor]:
         """Tensors for `examples`: the model's inputs, and `candidate_mask` and `labels` for the loss."""
@@ -297,7 +305,7 @@ class Tensorizer:
             "member": np.zeros((b, dim), np.float32),
             "labels": np.zeros((b, c, len(cfg.tasks)), np.float32),
         }
-        column = {f: i for i, f in enumerate(cfg.features)}
+        column = self.column
         counts = [
             (column[f"{name}_percentile"], j)
             for j, name in enumerate(self.features.counts)
@@ -331,13 +339,12 @@ class Tensorizer:
                 percentiles = self.features.percentiles(x.candidates.tolist(), x.at)
                 for col, j in counts:
                     features[:m, col] = percentiles[:, j]
-            if self.coengagement is not None:
+            if self.coengagement is not None and self.coengaged:
                 engaged = [it.post_id for it in history if is_engaged(it.action)]
-                for prefix, liked_posts in (("", engaged), ("recent_", engaged[-RECENT_LIKES:])):
-                    share, ranks = column.get(f"{prefix}coengagement"), column.get(f"{prefix}coengagement_log_rank")
-                    if share is None and ranks is None:
-                        continue
-                    shared = self.coengagement.scores(x.member_id, liked_posts, x.candidates.tolist(), x.at)
+                scored = self.coengagement.scores_of(
+                    x.member_id, [engaged[liked] for _, _, liked in self.coengaged], x.candidates.tolist(), x.at
+                )
+                for (share, ranks, _), shared in zip(self.coengaged, scored, strict=True):
                     if share is not None and m:
                         features[:m, share] = shared / max(float(shared.max()), 1e-9)
                     if ranks is not None:

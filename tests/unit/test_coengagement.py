@@ -134,3 +134,13 @@ def test_recent_co_engagement_reads_the_latest_likes_alone() -> None:
     assert features["coengagement"] == pytest.approx([1.0 / RECENT_LIKES, 1.0])
     assert features["recent_coengagement"] == pytest.approx([0.0, 1.0])  # the latest likes: 300 alone
     assert features["recent_coengagement_log_rank"] == pytest.approx([np.log(2.0), 0.0])
+
+
+def test_scores_of_several_histories_equal_each_scored_alone() -> None:
+    table = CoEngagement.from_events((m, p, 10 * m + p) for m, posts in _engagements(3).items() for p in posts)
+    histories = [[1, 5, 7, 9], [7, 9], [], [58, 99]]
+    candidates = list(range(-2, 62))
+    for member, before in ((3, None), (3, 200), (10**6, 150)):
+        together = table.scores_of(member, histories, candidates, before)
+        alone = [table.scores(member, h, candidates, before) for h in histories]
+        np.testing.assert_array_equal(together, np.stack(alone))
