@@ -17,7 +17,10 @@ excluded (as a server given the whole record excludes them), on two protocols
 - a fixed fusion of the ranker's two strongest inputs: retrieval's candidates ordered by the sum of
   their log ranks by retrieval score and by ItemKNN score (what a learned ranker has to beat to
   have learned more than adding the two); and the same with ItemKNN read from the member's latest
-  likes alone (`--recent-likes`; the ranker's recent co-engagement feature reads `RECENT_LIKES`);
+  likes alone (`--recent-likes`; the ranker's recent co-engagement feature reads `RECENT_LIKES`), and
+  that plus the rank by transitions from the latest likes (the ranker's sequential feature);
+- transitions from the latest likes alone (who liked a post soon after one of them), over the whole
+  catalog;
 - SASRec: an id-only causal transformer over each member's liked sequence, trained here on the
   training period (`feedserve.training.sasrec`), over the whole catalog.
 """
@@ -37,7 +40,8 @@ import numpy as np
 
 from feedserve.artifacts import DEFAULT_RANKER, default_artifacts_dir
 from feedserve.clients.perf import machine
-from feedserve.rank.data import LIKE, RECENT_LIKES, log_rank
+from feedserve.prompt.records import Member
+from feedserve.rank.data import LIKE, RECENT_LIKES, SEQUENCE_DECAY, SEQUENCE_LIKES, log_rank
 from feedserve.rank.model import GenerativeRanker
 from feedserve.training.baselines import ItemKNN, Popularity
 from feedserve.training.evaluate import metrics, rank
@@ -49,15 +53,32 @@ logger = logging.getLogger("benchmarks.rank_quality")
 KS = (10, 50)
 
 
-def fused(retrieval_top: Sequence[np.ndarray], scores: np.ndarray, ids: np.ndarray) -> list[np.ndarray]:
-    """Each case's retrieved posts (best first) reordered by ln(1 + retrieval rank) + ln(1 + rank by
-    `scores` [case, catalog] among them), ties in retrieval order."""
+def fused(retrieval_top: Sequence[np.ndarray], ids: np.ndarray, *scores: np.ndarray) -> list[np.ndarray]:
+    """Each case's retrieved posts (best first) reordered by ln(1 + retrieval rank) plus, for each of
+    `scores` [case, catalog], ln(1 + rank by it among them), ties in retrieval order."""
     column = {int(p): j for j, p in enumerate(ids.tolist())}
     out = []
-    for top, row in zip(retrieval_top, scores, strict=True):
-        by_retrieval = np.log1p(np.arange(len(top), dtype=np.float32))  # `top` is in retrieval order
-        out.append(top[np.argsort(by_retrieval + log_rank(row[[column[int(p)] for p in top]]), kind="stable")])
+    for i, top in enumerate(retrieval_top):
+        at = [column[int(p)] for p in top]
+        total = np.log1p(np.arange(len(top), dtype=np.float32))  # `top` is in retrieval order
+        for s in scores:
+            total = total + log_rank(s[i, at])
+        out.append(top[np.argsort(total, kind="stable")])
     return out
+
+
+def transitions(data: RankingData, members: Sequence[Member], ids: np.ndarray) -> np.ndarray:
+    """[case, catalog]: each post's transitions from the member's SEQUENCE_LIKES latest likes (the
+    ranker's sequential co-engagement feature, feedserve.rank.coengagement), their own left out."""
+    catalog = ids.tolist()
+    return np.stack(
+        [
+            data.coengagement.against(m.id, catalog).transitions(
+                [h.post_id for h in m.history][-SEQUENCE_LIKES:], SEQUENCE_DECAY
+            )
+            for m in members
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,15 +133,21 @@ def main(argv: list[str] | None = None) -> int:
             k: itemknn.score([m.model_copy(update={"history": m.history[-k:]}) for m in members])
             for k in args.recent_likes
         }
+        sequential = transitions(data, members, ids)
         rows[f"retrieval top {args.candidates} by retrieval + ItemKNN log rank (fixed fusion)"] = metrics(
-            fused(retrieval_top, knn, ids), cases, KS
+            fused(retrieval_top, ids, knn), cases, KS
         )
         for k, scores in recent.items():
-            rows[f"the same, ItemKNN from the {k} latest likes"] = metrics(fused(retrieval_top, scores, ids), cases, KS)
+            rows[f"the same, ItemKNN from the {k} latest likes"] = metrics(fused(retrieval_top, ids, scores), cases, KS)
+        if RECENT_LIKES in recent:
+            rows[f"the same, + transitions from the {SEQUENCE_LIKES} latest likes"] = metrics(
+                fused(retrieval_top, ids, recent[RECENT_LIKES], sequential), cases, KS
+            )
         for name, scores in (
             ("popularity", popularity.score(members)),
             ("ItemKNN", knn),
             *((f"ItemKNN from the {k} latest likes", scores) for k, scores in recent.items()),
+            (f"transitions from the {SEQUENCE_LIKES} latest likes", sequential),
             (f"SASRec (id only, {args.sasrec_steps} steps)", sasrec.score(histories)),
         ):
             rows[name] = metrics(rank(scores, ids, cases, max(KS)), cases, KS)

@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-features", action="store_true", help="ablation: no candidate features fused late")
     p.add_argument("--no-coengagement", action="store_true", help="ablation: no co-engagement features")
     p.add_argument("--no-recent", action="store_true", help="ablation: no co-engagement with the latest likes alone")
+    p.add_argument("--no-sequential", action="store_true", help="ablation: no transitions from the latest likes")
     p.add_argument("--wide", action="store_true", help="a linear term of the candidate features in every logit")
     p.add_argument("--tasks", default=",".join(LABELS), help=f"comma-separated, of {', '.join(LABELS)}")
     p.add_argument("--moments", type=int, default=10, help="evaluation moments per member (rank_eval)")
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     trained_ids = np.unique(
         np.concatenate([x.candidates for x in examples] + [np.array([i.post_id for x in examples for i in x.history])])
     )
+    dropped = ((args.no_recent, "recent_"), (args.no_sequential, "sequential_"))
     config = RankerConfig(
         content_dim=post_vectors.shape[1],
         d_model=args.d_model,
@@ -183,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         else tuple(
             f
             for f in FEATURES
-            if not (args.no_coengagement and "coengagement" in f) and not (args.no_recent and f.startswith("recent_"))
+            if not (args.no_coengagement and "coengagement" in f)
+            and not any(off and f.startswith(prefix) for off, prefix in dropped)
         ),
         tasks=tasks,
         wide=args.wide,

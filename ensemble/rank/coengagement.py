@@ -7,6 +7,11 @@ sim(h, c) = (X^T X)[h, c] / sqrt(n_h n_c), n the posts' engagement counts; compu
 members rather than an items x items matrix: w = X[:, H] / sqrt(n_H) summed over H, then
 score = w . X[:, c] / sqrt(n_c), touching only the members of the history's and candidates' posts.
 
+The same entries in each member's time order give a directional, sequential signal co-occurrence
+lacks: transitions, how often members engaged with c among their next SEQUENCE_WINDOW engagements
+after h (`Scorer.transitions`, normalised as the cosine is). A member's next like follows the one
+they just made; "liked c soon after h" says more of it than "liked both, some time".
+
 The scored member's own row is left out: in training, their own later likes (the labels) are in the
 matrix, and reading them would teach the ranker to trust a score it never gets so good when serving,
 where the row holds only what the member engaged with before, all of it already seen.
@@ -25,6 +30,7 @@ co-engaged neighbours per post, which this table's interface would hide.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +38,8 @@ import numpy as np
 from feedserve.files import atomic_file
 
 FORMAT = "feedserve.coengagement/1"
+# Transitions: a post engaged with within this many engagements after another, by the same member.
+SEQUENCE_WINDOW = 10
 
 
 class CoEngagement:
@@ -75,21 +83,49 @@ class CoEngagement:
 
     def _entries(
         self, post_ids: Sequence[int], own: int, before: int | None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """For the posts of `post_ids` the table holds: which those are (bool [n]), how many entries
-        each has, the member column of every entry, which entries are left out (column `own`'s, and
-        those at `before` or later), and each post's 1 / sqrt(engagement count) without them."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """For the posts of `post_ids`: each one's row (-1 where the table does not hold it), and of
+        those it holds, how many entries each has, the member column of every entry, which entries
+        are left out (column `own`'s, and those at `before` or later), and each post's
+        1 / sqrt(engagement count) without them."""
         rows = np.array([self._row.get(int(p), -1) for p in post_ids], np.int64)
         found = rows >= 0
-        starts, sizes = self.indptr[rows[found]], np.diff(self.indptr)[rows[found]]
-        positions = np.repeat(starts - np.cumsum(sizes) + sizes, sizes) + np.arange(sizes.sum())
+        positions, sizes = _ranges(self.indptr[rows[found]], np.diff(self.indptr)[rows[found]])
         columns = self._member_col[positions]
         left = columns == own
         if before is not None:
             left |= self.times[positions] >= before
         counts = sizes - np.bincount(np.repeat(np.arange(len(sizes)), sizes), weights=left, minlength=len(sizes))
         inv_norm = np.where(counts > 0, 1.0 / np.sqrt(np.maximum(counts, 1.0)), 0.0)
-        return found, sizes, columns, left, inv_norm
+        return rows, sizes, columns, left, inv_norm, found
+
+    @cached_property
+    def _transitions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every transition: a member engaged with post b within SEQUENCE_WINDOW engagements after
+        post a. As (b's row, member column, b's time) sorted by a's row, and where each a's start
+        (indptr over rows). Derived from the entries on first use: a member's engagements in time
+        order, ties by post id (where times are unknown, by post id alone)."""
+        post_of = np.repeat(np.arange(len(self.posts)), np.diff(self.indptr))
+        order = np.lexsort((post_of, self.times, self._member_col))
+        column, post, time = self._member_col[order], post_of[order], self.times[order]
+        sources, targets = [], []
+        for gap in range(1, SEQUENCE_WINDOW + 1):
+            a = np.arange(len(order) - gap)
+            same = column[a] == column[a + gap]
+            sources.append(a[same])
+            targets.append(a[same] + gap)
+        a, b = np.concatenate(sources), np.concatenate(targets)
+        by_source = np.argsort(post[a], kind="stable")
+        a, b = a[by_source], b[by_source]
+        return post[b], column[b], time[b], np.searchsorted(post[a], np.arange(len(self.posts) + 1))
+
+    def against(self, member_id: int, candidates: Sequence[int], before: int | None = None) -> Scorer:
+        """A scorer of `candidates` for member `member_id` (their own engagements left out; with
+        `before`, those at that time or later too): the candidates' entries gathered once for every
+        history it scores."""
+        at = int(np.searchsorted(self._member_ids, member_id))
+        own = at if at < len(self._member_ids) and self._member_ids[at] == member_id else -1  # -1: no column
+        return Scorer(self, own, candidates, before)
 
     def scores(
         self, member_id: int, history: Sequence[int], candidates: Sequence[int], before: int | None = None
@@ -97,37 +133,7 @@ class CoEngagement:
         """[len(candidates)] float32: each candidate's summed item cosine to the `history` posts over
         the table without member `member_id`'s engagements (and, with `before`, without those at that
         time or later); 0 for a post the table does not hold."""
-        return self.scores_of(member_id, [history], candidates, before)[0]
-
-    def scores_of(
-        self,
-        member_id: int,
-        histories: Sequence[Sequence[int]],
-        candidates: Sequence[int],
-        before: int | None = None,
-    ) -> np.ndarray:
-        """[len(histories), len(candidates)] float32: `scores` for each of several histories of one
-        member (the ranker reads the whole liked history and its latest likes), the candidates'
-        entries gathered once for all of them."""
-        out = np.zeros((len(histories), len(candidates)), np.float32)
-        if not len(candidates) or not any(len(h) for h in histories):
-            return out
-        at = int(np.searchsorted(self._member_ids, member_id))
-        own = at if at < len(self._member_ids) and self._member_ids[at] == member_id else -1  # -1: no column
-        found, sizes_c, columns_c, left_c, inv_norm_c = self._entries(candidates, own, before)
-        ends = np.cumsum(sizes_c)
-        for row, history in enumerate(histories):
-            if not len(history):
-                continue
-            _, sizes, columns, left_h, inv_norm = self._entries(history, own, before)
-            # Each member's weight: the history posts they engaged with, each by 1 / sqrt(its count);
-            # the entries left out are not counted, so the left-out member's weight is 0.
-            weights = np.bincount(
-                columns[~left_h], weights=np.repeat(inv_norm, sizes)[~left_h], minlength=len(self._member_ids)
-            )
-            running = np.concatenate([[0.0], np.cumsum(np.where(left_c, 0.0, weights[columns_c]))])
-            out[row, found] = (running[ends] - running[ends - sizes_c]) * inv_norm_c
-        return out
+        return self.against(member_id, candidates, before).cooccurrence(history)
 
     def save(self, path: Path) -> None:
         with atomic_file(path) as f:
@@ -141,3 +147,55 @@ class CoEngagement:
             if "format" not in data or str(data["format"]) != FORMAT:
                 raise ValueError(f"{path}: not a {FORMAT} file")
             return cls(data["posts"], data["indptr"], data["members"], data.get("times"))
+
+
+def _ranges(starts: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The positions of the ranges [start, start + size), concatenated, and the sizes."""
+    return np.repeat(starts - np.cumsum(sizes) + sizes, sizes) + np.arange(sizes.sum()), sizes
+
+
+class Scorer:
+    """One member's candidates scored against a table, for one or more of their histories."""
+
+    def __init__(self, table: CoEngagement, own: int, candidates: Sequence[int], before: int | None) -> None:
+        self.table, self.own, self.before, self.n = table, own, before, len(candidates)
+        self.rows, sizes, columns, left, self.inv_norm, self.found = table._entries(candidates, own, before)
+        self.sizes, self.columns, self.left, self.ends = sizes, columns, left, np.cumsum(sizes)
+
+    def cooccurrence(self, history: Sequence[int]) -> np.ndarray:
+        """[candidates] float32: each candidate's summed item cosine to the `history` posts (ItemKNN)."""
+        out = np.zeros(self.n, np.float32)
+        if not self.n or not len(history):
+            return out
+        table = self.table
+        _, sizes, columns, left, inv_norm, _ = table._entries(history, self.own, self.before)
+        # Each member's weight: the history posts they engaged with, each by 1 / sqrt(its count); the
+        # entries left out are not counted, so the left-out member's weight is 0.
+        weights = np.bincount(
+            columns[~left], weights=np.repeat(inv_norm, sizes)[~left], minlength=len(table._member_ids)
+        )
+        running = np.concatenate([[0.0], np.cumsum(np.where(self.left, 0.0, weights[self.columns]))])
+        out[self.found] = (running[self.ends] - running[self.ends - self.sizes]) * self.inv_norm
+        return out
+
+    def transitions(self, history: Sequence[int], decay: float = 1.0) -> np.ndarray:
+        """[candidates] float32: how often other members engaged with each candidate within
+        SEQUENCE_WINDOW engagements after one of the `history` posts (oldest first), each post's
+        count divided by sqrt(both posts' engagement counts) and weighted decay^(how many posts of
+        the history came after it): what a member engages with next follows what they just did."""
+        out = np.zeros(self.n, np.float32)
+        if not self.n or not len(history):
+            return out
+        table = self.table
+        rows, _, _, _, inv_norm, found = table._entries(history, self.own, self.before)
+        target, column, time, indptr = table._transitions
+        weight = (decay ** np.arange(len(history) - 1, -1, -1, dtype=np.float64))[found] * inv_norm
+        positions, sizes = _ranges(indptr[rows[found]], np.diff(indptr)[rows[found]])
+        kept = column[positions] != self.own
+        if self.before is not None:
+            kept &= time[positions] < self.before
+        by_row = np.bincount(
+            target[positions][kept], weights=np.repeat(weight, sizes)[kept], minlength=len(table.posts)
+        )
+        out[self.found] = by_row[self.rows[self.found]] * self.inv_norm
+        return out

@@ -25,7 +25,7 @@ import torch
 from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.movielens import MovieLens, Rating
 from feedserve.prompt.records import ENGAGED_RATING, Member, is_engaged, rating_of
-from feedserve.rank.coengagement import CoEngagement
+from feedserve.rank.coengagement import CoEngagement, Scorer
 from feedserve.rank.features import COUNT_FEATURES, CountLog, PostFeatures
 from feedserve.rank.model import NEUTRAL, RankerConfig
 
@@ -42,8 +42,12 @@ LIKE, LOVE, DISLIKE = ENGAGED_RATING, 5.0, 2.0  # a like is what retrieval promp
 # its co-engagement with the member's RECENT_LIKES latest engaged posts alone, since what a member
 # engages with next follows what they engaged with last more than their whole past (ItemKNN from the
 # last 10 likes, fused with the retrieval rank, ordered the validation moments' next likes better
-# than from every like: see benchmarks/reports/ranker/validation/README.md).
+# than from every like: see benchmarks/reports/ranker/validation/README.md); and the same two for
+# the candidate's transitions from the member's SEQUENCE_LIKES latest likes (how often other members
+# liked it soon after one of them), each like weighted SEQUENCE_DECAY^(likes since): the order of
+# likes, which co-occurrence ignores (chosen on the validation moments, same README).
 RECENT_LIKES = 10
+SEQUENCE_LIKES, SEQUENCE_DECAY = 20, 0.8
 FEATURES = (
     "retrieval_score",
     "retrieval_log_rank",
@@ -54,6 +58,8 @@ FEATURES = (
     "coengagement_log_rank",
     "recent_coengagement",
     "recent_coengagement_log_rank",
+    "sequential_coengagement",
+    "sequential_coengagement_log_rank",
 )
 
 
@@ -277,11 +283,16 @@ class Tensorizer:
         self.actions = {a: i for i, a in enumerate(config.actions)}
         self.neutral = self.actions[NEUTRAL]
         self.column = column = {f: i for i, f in enumerate(config.features)}  # feature -> its column
-        # The co-engagement features the config reads: (share column, log-rank column, which of the
-        # engaged history they score), scored together per example.
+        # The co-engagement features the config reads: (share column, log-rank column, the score of
+        # the candidates from the engaged history), scored against one gathering of the candidates.
+        readers: tuple[tuple[str, Callable[[Scorer, list[int]], np.ndarray]], ...] = (
+            ("", lambda scorer, liked: scorer.cooccurrence(liked)),
+            ("recent_", lambda scorer, liked: scorer.cooccurrence(liked[-RECENT_LIKES:])),
+            ("sequential_", lambda scorer, liked: scorer.transitions(liked[-SEQUENCE_LIKES:], SEQUENCE_DECAY)),
+        )
         self.coengaged = [
-            (column.get(f"{prefix}coengagement"), column.get(f"{prefix}coengagement_log_rank"), liked)
-            for prefix, liked in (("", slice(None)), ("recent_", slice(-RECENT_LIKES, None)))
+            (column.get(f"{prefix}coengagement"), column.get(f"{prefix}coengagement_log_rank"), read)
+            for prefix, read in readers
             if {f"{prefix}coengagement", f"{prefix}coengagement_log_rank"} & column.keys()
         ]
 
@@ -341,10 +352,9 @@ class Tensorizer:
                     features[:m, col] = percentiles[:, j]
             if self.coengagement is not None and self.coengaged:
                 engaged = [it.post_id for it in history if is_engaged(it.action)]
-                scored = self.coengagement.scores_of(
-                    x.member_id, [engaged[liked] for _, _, liked in self.coengaged], x.candidates.tolist(), x.at
-                )
-                for (share, ranks, _), shared in zip(self.coengaged, scored, strict=True):
+                scorer = self.coengagement.against(x.member_id, x.candidates.tolist(), x.at)
+                for share, ranks, read in self.coengaged:
+                    shared = read(scorer, engaged)
                     if share is not None and m:
                         features[:m, share] = shared / max(float(shared.max()), 1e-9)
                     if ranks is not None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from feedserve.prompt.records import Engagement, Member
-from feedserve.rank.coengagement import FORMAT, CoEngagement
+from feedserve.rank.coengagement import FORMAT, SEQUENCE_WINDOW, CoEngagement
 from feedserve.rank.data import FEATURES, RECENT_LIKES, Interaction, PostTable, RankExample, Tensorizer
 from feedserve.rank.model import RankerConfig
 from feedserve.training.baselines import ItemKNN
@@ -136,11 +136,82 @@ def test_recent_co_engagement_reads_the_latest_likes_alone() -> None:
     assert features["recent_coengagement_log_rank"] == pytest.approx([np.log(2.0), 0.0])
 
 
-def test_scores_of_several_histories_equal_each_scored_alone() -> None:
+def test_one_scorer_scores_several_histories_as_each_scored_alone() -> None:
     table = CoEngagement.from_events((m, p, 10 * m + p) for m, posts in _engagements(3).items() for p in posts)
     histories = [[1, 5, 7, 9], [7, 9], [], [58, 99]]
     candidates = list(range(-2, 62))
     for member, before in ((3, None), (3, 200), (10**6, 150)):
-        together = table.scores_of(member, histories, candidates, before)
-        alone = [table.scores(member, h, candidates, before) for h in histories]
-        np.testing.assert_array_equal(together, np.stack(alone))
+        scorer = table.against(member, candidates, before)
+        for history in histories:
+            alone = table.scores(member, history, candidates, before)
+            np.testing.assert_array_equal(scorer.cooccurrence(history), alone)
+            np.testing.assert_array_equal(
+                scorer.transitions(history, 0.5), table.against(member, candidates, before).transitions(history, 0.5)
+            )
+
+
+def _transitions(
+    events: list[tuple[int, int, int]],
+    member: int,
+    history: list[int],
+    candidates: list[int],
+    before: float,
+    decay: float,
+) -> np.ndarray:
+    """Transitions counted the slow way: each other member's likes in time order, pairs within the window."""
+    kept = [(m, p, t) for m, p, t in events if m != member and t < before]
+    count: dict[int, int] = {}
+    for _, p, _ in kept:
+        count[p] = count.get(p, 0) + 1
+    pairs: dict[tuple[int, int], int] = {}
+    for m in {m for m, _, _ in events}:
+        likes = [p for _, p in sorted((t, p) for mm, p, t in events if mm == m)]
+        for i, a in enumerate(likes):
+            for b in likes[i + 1 : i + 1 + SEQUENCE_WINDOW]:
+                at = next(t for mm, p, t in events if mm == m and p == b)
+                if m != member and at < before:
+                    pairs[a, b] = pairs.get((a, b), 0) + 1
+    out = np.zeros(len(candidates))
+    for j, c in enumerate(candidates):
+        for age, h in enumerate(reversed(history)):
+            if pairs.get((h, c)):
+                out[j] += decay**age * pairs[h, c] / np.sqrt(count[h] * count[c])
+    return out
+
+
+def test_transitions_count_who_engaged_with_a_candidate_soon_after_a_history_post() -> None:
+    rng = np.random.default_rng(4)
+    events = [(m, p, int(rng.integers(0, 1000))) for m, ps in _engagements(seed=4, members=25).items() for p in ps]
+    table, candidates = CoEngagement.from_events(events), list(range(-1, 61))
+    for member, before, history in ((4, None, [3, 7, 11]), (10**6, 500, [20, 3, 99, 7]), (6, 900, [5])):
+        want = _transitions(events, member, history, candidates, np.inf if before is None else before, 0.7)
+        got = table.against(member, candidates, before).transitions(history, 0.7)
+        assert np.abs(got - want).max() < 1e-5 and want.max() > 0
+    # Order matters: b liked right after a is a transition a -> b, never b -> a; too far apart, neither.
+    ordered = CoEngagement.from_events(
+        [(1, 10, 1), (1, 11, 2), *((1, 100 + i, 3 + i) for i in range(SEQUENCE_WINDOW)), (1, 12, 99)]
+    )
+    assert ordered.against(9, [11, 12]).transitions([10]).tolist() == [1.0, 0.0]
+    assert ordered.against(9, [10]).transitions([11]).tolist() == [0.0]
+    assert not ordered.against(1, [11]).transitions([10]).any()  # the member's own transitions left out
+    assert not ordered.against(9, [11], before=2).transitions([10]).any()  # read before 11 was liked
+
+
+def test_the_ranker_reads_transitions_from_the_latest_likes() -> None:
+    # Member 2 liked 100 then 200; member 3 liked 300 then 100: from a liked 100, 200 follows and
+    # 300 does not, though both share a member with 100.
+    table = CoEngagement.from_events([(2, 100, 1), (2, 200, 2), (3, 300, 1), (3, 100, 2)])
+    config = RankerConfig(content_dim=4, max_history=5, features=FEATURES)
+    tensorize = Tensorizer(config, PostTable(np.array([100]), np.ones((1, 4), np.float32)), None, table)
+    example = RankExample(
+        9,
+        [Interaction(100, "like", 5)],
+        np.ones(4, np.float32),
+        np.array([300, 200]),
+        np.array([0.9, 0.5], np.float32),
+        np.zeros((2, 3)),
+    )
+    features = dict(zip(FEATURES, tensorize.batch([example])["candidate_features"][0].T.tolist(), strict=True))
+    assert features["coengagement"] == pytest.approx([1.0, 1.0])
+    assert features["sequential_coengagement"] == pytest.approx([0.0, 1.0])
+    assert features["sequential_coengagement_log_rank"] == pytest.approx([np.log(2.0), 0.0])
