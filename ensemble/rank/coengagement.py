@@ -30,7 +30,6 @@ co-engaged neighbours per post, which this table's interface would hide.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +57,7 @@ class CoEngagement:
             raise ValueError("coengagement: one time per entry")
         self._row = {int(p): i for i, p in enumerate(self.posts.tolist())}
         self._member_ids, self._member_col = np.unique(self.members, return_inverse=True)
+        self._transitions = self._sequence()
 
     @classmethod
     def from_events(cls, events: Iterable[tuple[int, int, int]]) -> CoEngagement:
@@ -99,12 +99,12 @@ class CoEngagement:
         inv_norm = np.where(counts > 0, 1.0 / np.sqrt(np.maximum(counts, 1.0)), 0.0)
         return rows, sizes, columns, left, inv_norm, found
 
-    @cached_property
-    def _transitions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _sequence(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Every transition: a member engaged with post b within SEQUENCE_WINDOW engagements after
         post a. As (b's row, member column, b's time) sorted by a's row, and where each a's start
-        (indptr over rows). Derived from the entries on first use: a member's engagements in time
-        order, ties by post id (where times are unknown, by post id alone)."""
+        (indptr over rows). Derived from the entries, at load rather than on a request (a fraction of
+        a second for the sample corpus's): a member's engagements in time order, ties by post id
+        (where times are unknown, by post id alone)."""
         post_of = np.repeat(np.arange(len(self.posts)), np.diff(self.indptr))
         order = np.lexsort((post_of, self.times, self._member_col))
         column, post, time = self._member_col[order], post_of[order], self.times[order]
