@@ -23,6 +23,9 @@ excluded (as a server given the whole record excludes them), on two protocols
   catalog;
 - SASRec: an id-only causal transformer over each member's liked sequence, trained here on the
   training period (`feedserve.training.sasrec`), over the whole catalog.
+
+Every row is also read on the new posts alone: the targets nobody had rated before the cutoff
+(`RankingData.new_posts`), which no id embedding, co-engagement or SASRec has seen.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from feedserve.rank.data import LIKE, RECENT_LIKES, SEQUENCE_DECAY, SEQUENCE_LIK
 from feedserve.rank.model import GenerativeRanker
 from feedserve.training.baselines import ItemKNN, Popularity
 from feedserve.training.evaluate import metrics, rank
-from feedserve.training.rank_eval import RankingData, compare, evaluation_cases, rank_cases
+from feedserve.training.rank_eval import RankCase, RankingData, compare, evaluation_cases, rank_cases
 from feedserve.training.sasrec import SASRecConfig, SASRecRecommender
 
 logger = logging.getLogger("benchmarks.rank_quality")
@@ -117,15 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     losses = sasrec.fit([[r.movie for r in before[u] if r.rating >= LIKE] for u in sorted(before)])
     sasrec_s = time.perf_counter() - t
     popularity, itemknn = Popularity(split, ids), ItemKNN(engaged, ids)
+    new_posts = data.new_posts()
     results: dict[str, Any] = {}
     for protocol, cases in evaluation_cases(ml, split, args.moments, args.horizon).items():
         members = [c.member for c in cases]
         retrieval_top, feed_top = rank_cases(
             model, tensorize, retriever.member_vectors(members), cases, ids, retriever.posts, args.candidates
         )
-        rows: dict[str, dict[str, Any]] = {
-            f"retrieval (served int8 encoder, top {args.candidates})": metrics(retrieval_top, cases, KS),
-            f"feed: retrieval top {args.candidates} ranked by the GR ranker": metrics(feed_top, cases, KS),
+        tops: dict[str, list[np.ndarray]] = {
+            f"retrieval (served int8 encoder, top {args.candidates})": retrieval_top,
+            f"feed: retrieval top {args.candidates} ranked by the GR ranker": feed_top,
         }
         histories: Sequence[Sequence[int]] = [[h.post_id for h in m.history] for m in members]
         knn = itemknn.score(members)
@@ -134,14 +138,14 @@ def main(argv: list[str] | None = None) -> int:
             for k in args.recent_likes
         }
         sequential = transitions(data, members, ids)
-        rows[f"retrieval top {args.candidates} by retrieval + ItemKNN log rank (fixed fusion)"] = metrics(
-            fused(retrieval_top, ids, knn), cases, KS
+        tops[f"retrieval top {args.candidates} by retrieval + ItemKNN log rank (fixed fusion)"] = fused(
+            retrieval_top, ids, knn
         )
         for k, scores in recent.items():
-            rows[f"the same, ItemKNN from the {k} latest likes"] = metrics(fused(retrieval_top, ids, scores), cases, KS)
+            tops[f"the same, ItemKNN from the {k} latest likes"] = fused(retrieval_top, ids, scores)
         if RECENT_LIKES in recent:
-            rows[f"the same, + transitions from the {SEQUENCE_LIKES} latest likes"] = metrics(
-                fused(retrieval_top, ids, recent[RECENT_LIKES], sequential), cases, KS
+            tops[f"the same, + transitions from the {SEQUENCE_LIKES} latest likes"] = fused(
+                retrieval_top, ids, recent[RECENT_LIKES], sequential
             )
         for name, scores in (
             ("popularity", popularity.score(members)),
@@ -150,12 +154,20 @@ def main(argv: list[str] | None = None) -> int:
             (f"transitions from the {SEQUENCE_LIKES} latest likes", sequential),
             (f"SASRec (id only, {args.sasrec_steps} steps)", sasrec.score(histories)),
         ):
-            rows[name] = metrics(rank(scores, ids, cases, max(KS)), cases, KS)
+            tops[name] = rank(scores, ids, cases, max(KS))
+        # The same rows on the targets nobody had rated before the cutoff (rank_eval's new posts).
+        new = [i for i, c in enumerate(cases) if c.targets & new_posts]
+        new_cases = [RankCase(cases[i].member, cases[i].targets & new_posts, cases[i].history) for i in new]
         results[protocol] = {
             "cases": len(cases),
             "members": len({m.id for m in members}),
-            "rows": rows,
+            "rows": {name: metrics(top, cases, KS) for name, top in tops.items()},
             "feed_over_retrieval": compare(retrieval_top, feed_top, cases)["ranked_over_retrieval"],
+            "new_posts": {
+                "cases": len(new_cases),
+                "targets": sum(len(c.targets) for c in new_cases),
+                "rows": {name: metrics([top[i] for i in new], new_cases, KS) for name, top in tops.items()},
+            },
         }
     report = {
         "command": "python -m benchmarks.rank_quality " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -193,13 +205,18 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"## {titles[protocol]} ({result['cases']} cases, {result['members']} members)",
             "",
-            "| model | Recall@10 | Recall@50 | NDCG@10 | NDCG@10 / retrieval |",
-            "|---|---|---|---|---|",
+            f"New posts: the {result['new_posts']['targets']} targets nobody had rated before the cutoff, "
+            f"in the {result['new_posts']['cases']} cases that have any.",
+            "",
+            "| model | Recall@10 | Recall@50 | NDCG@10 | NDCG@10 / retrieval | new posts: Recall@10 | Recall@50 | NDCG@10 |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for name, m in result["rows"].items():
+            n = result["new_posts"]["rows"][name]
             lines.append(
                 f"| {name} | {m['recall@10']:.4f} | {m['recall@50']:.4f} | {m['ndcg@10']:.4f} | "
-                f"{m['ndcg@10'] / base['ndcg@10']:.2f}x |"
+                f"{m['ndcg@10'] / base['ndcg@10']:.2f}x | {n['recall@10']:.4f} | {n['recall@50']:.4f} | "
+                f"{n['ndcg@10']:.4f} |"
             )
         gain = result["feed_over_retrieval"]
         lines += [

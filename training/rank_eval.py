@@ -10,6 +10,11 @@ to `--moments` moments spread over their ratings after the cutoff: the history i
 before the moment (read as a server would read it; never trained on), the targets the movies liked
 among the next `--horizon` ratings. A member's moments are correlated, so the uncertainty of a
 ranker's gain over retrieval is a bootstrap over members (`paired_ratio`).
+
+Each protocol is also read on its new posts alone (`new_posts`): the targets that nobody had rated
+before the cutoff, so no ranker trained on them, no id embedding holds them and no co-engagement
+counts them. There only content can rank a post, where item ids and co-engagement serve the posts
+seen in training: the slice on which a gated post token is meant to beat an id-only one.
 """
 
 from __future__ import annotations
@@ -97,6 +102,12 @@ class RankingData:
         )
         return cls(ml, split, retriever, ids, features, movielens_coengagement(ml, split.cutoff))
 
+    def new_posts(self) -> set[int]:
+        """The posts nobody rated before the cutoff: new to every model trained on the period."""
+        return {int(p) for p in self.post_ids.tolist()} - {
+            r.movie for r in self.ml.ratings if r.timestamp < self.split.cutoff
+        }
+
     def tensorizer(self, config: RankerConfig) -> Tensorizer:
         return Tensorizer(config, PostTable(self.post_ids, self.retriever.posts), self.features, self.coengagement)
 
@@ -155,18 +166,34 @@ def rank_cases(
 
 
 def compare(
-    retrieval_top: Sequence[np.ndarray], ranked_top: Sequence[np.ndarray], cases: Sequence[RankCase]
+    retrieval_top: Sequence[np.ndarray],
+    ranked_top: Sequence[np.ndarray],
+    cases: Sequence[RankCase],
+    new_posts: set[int] | None = None,
 ) -> dict[str, Any]:
-    """Both orders' metrics, and the ranked / retrieval ratio of each with its bootstrap interval."""
+    """Both orders' metrics, and the ranked / retrieval ratio of each with its bootstrap interval;
+    with `new_posts`, the same over those targets alone, in the cases that have any ("new_posts")."""
     base, ranked = per_case(retrieval_top, cases, KS), per_case(ranked_top, cases, KS)
     members = [c.member.id for c in cases]
-    return {
+    report: dict[str, Any] = {
         "cases": len(cases),
         "members": len(set(members)),
         "retrieval": metrics(retrieval_top, cases, KS),
         "ranked": metrics(ranked_top, cases, KS),
         "ranked_over_retrieval": {name: paired_ratio(base[name], ranked[name], members) for name in base},
     }
+    if new_posts is not None:
+        new = [i for i, c in enumerate(cases) if c.targets & new_posts]
+        if new:
+            report["new_posts"] = {
+                "targets": sum(len(cases[i].targets & new_posts) for i in new),
+                **compare(
+                    [retrieval_top[i] for i in new],
+                    [ranked_top[i] for i in new],
+                    [RankCase(cases[i].member, cases[i].targets & new_posts, cases[i].history) for i in new],
+                ),
+            }
+    return report
 
 
 def evaluation_cases(ml: MovieLens, split: Split, moments: int = 10, horizon: int = 10) -> dict[str, list[RankCase]]:
@@ -184,13 +211,14 @@ def evaluate(
     protocols: Mapping[str, Sequence[RankCase]],
     post_ids: np.ndarray,
     candidates: int,
+    new_posts: set[int] | None = None,
 ) -> dict[str, Any]:
     """`compare` for each protocol, the ranker reordering the retrieval stage's top `candidates`."""
     report = {}
     for name, cases in protocols.items():
         vectors = retriever.member_vectors([c.member for c in cases])
         top = rank_cases(model, tensorize, vectors, cases, post_ids, retriever.posts, candidates)
-        report[name] = compare(*top, cases)
+        report[name] = compare(*top, cases, new_posts)
     retriever.save_members()
     return report
 
@@ -223,7 +251,15 @@ def main(argv: list[str] | None = None) -> int:
             "candidates": args.candidates,
             "moments": args.moments,
             "horizon": args.horizon,
-            **evaluate(model, data.tensorizer(model.config), data.retriever, protocols, data.post_ids, args.candidates),
+            **evaluate(
+                model,
+                data.tensorizer(model.config),
+                data.retriever,
+                protocols,
+                data.post_ids,
+                args.candidates,
+                data.new_posts(),
+            ),
         }
         atomic_write(Path(directory) / args.name, json.dumps(report, indent=1) + "\n")
         reports.append(report)
@@ -236,18 +272,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown_table(reports: Sequence[Mapping[str, Any]]) -> str:
     """One row per ranker (its directory's name), retrieval's first: each protocol's metrics and the
-    ranked / retrieval NDCG@10 with its 95% interval over members."""
+    ranked / retrieval NDCG@10 with its 95% interval over members, then the same on the moments' new
+    posts where the reports have them."""
     first = reports[0]
-    head = "| ranker | " + " | ".join(
-        f"{p}: R@10 | R@50 | NDCG@10 | NDCG@10 / retrieval" for p in ("moments", "cutoff")
-    )
-    lines = [
-        f"{first['moments']['cases']} moments of {first['moments']['members']} members; cutoff: "
-        f"{first['cutoff']['cases']} members.",
-        "",
-        head + " |",
-        "|---" * 9 + "|",
-    ]
+
+    def parts(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        moments = report["moments"]
+        return [moments, report["cutoff"], *([moments["new_posts"]] if "new_posts" in moments else [])]
+
+    names = ["moments", "cutoff", "moments, new posts' targets"][: len(parts(first))]
+    head = "| ranker | " + " | ".join(f"{p}: R@10 | R@50 | NDCG@10 | NDCG@10 / retrieval" for p in names)
+    moments = first["moments"]
+    counts = f"{moments['cases']} moments of {moments['members']} members; cutoff: {first['cutoff']['cases']} members"
+    if "new_posts" in moments:
+        counts += f"; new posts: {moments['new_posts']['targets']} targets in {moments['new_posts']['cases']} moments"
+    lines = [counts + ".", "", head + " |", "|---" * (1 + 4 * len(names)) + "|"]
 
     def cells(result: Mapping[str, Any], key: str) -> str:
         m = result[key]
@@ -257,12 +296,10 @@ def markdown_table(reports: Sequence[Mapping[str, Any]]) -> str:
         g = result["ranked_over_retrieval"]["ndcg@10"]
         return out + f" | {g['ratio']:.2f}x [{g['low']:.2f}, {g['high']:.2f}]"
 
-    lines.append(
-        "| retrieval alone | " + " | ".join(cells(first[p], "retrieval") for p in ("moments", "cutoff")) + " |"
-    )
+    lines.append("| retrieval alone | " + " | ".join(cells(p, "retrieval") for p in parts(first)) + " |")
     for r in reports:
         name = Path(r["ranker"]).name
-        lines.append(f"| {name} | " + " | ".join(cells(r[p], "ranked") for p in ("moments", "cutoff")) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells(p, "ranked") for p in parts(r)) + " |")
     return "\n".join(lines) + "\n"
 
 

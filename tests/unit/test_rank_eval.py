@@ -133,3 +133,25 @@ def test_the_table_puts_retrieval_first_and_each_ranker_with_its_interval() -> N
     assert [r.split(" | ")[0] for r in rows] == ["| retrieval alone", "| a", "| b"]
     assert "0.0500 | 1.00x" in rows[0]
     assert "0.0700 | 1.40x [1.10, 1.60]" in rows[2] and "1.20x [0.90, 1.50]" in rows[1]
+
+
+def test_the_new_posts_slice_reads_only_their_targets_in_the_cases_that_have_any() -> None:
+    from feedserve.prompt.records import Member
+    from feedserve.training.rank_eval import RankCase, compare
+
+    cases = [
+        RankCase(Member(id=1, headline="a"), {1, 2}),  # target 2 new
+        RankCase(Member(id=2, headline="b"), {3}),  # nothing new: not in the slice
+        RankCase(Member(id=3, headline="c"), {4, 5}),  # target 5 new
+    ]
+    retrieval = [np.array([1, 9, 2]), np.array([3, 8]), np.array([5, 4])]
+    ranked = [np.array([2, 1, 9]), np.array([8, 3]), np.array([4, 5])]
+    report = compare(retrieval, ranked, cases, new_posts={2, 5, 99})
+    new = report["new_posts"]
+    assert new["cases"] == 2 and new["members"] == 2 and new["targets"] == 2
+    # Recall@10 over the new targets alone: both found by both orders; NDCG@10 by their positions.
+    assert new["retrieval"]["recall@10"] == new["ranked"]["recall@10"] == 1.0
+    assert new["ranked"]["ndcg@10"] == pytest.approx((1.0 + 1 / np.log2(3)) / 2)
+    assert new["retrieval"]["ndcg@10"] == pytest.approx((1 / np.log2(4) + 1.0) / 2)
+    assert report["cases"] == 3 and "new_posts" not in compare(retrieval, ranked, cases)
+    assert "new_posts" not in compare(retrieval, ranked, cases, new_posts={99})
