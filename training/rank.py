@@ -116,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--label-horizon", type=int, help="ratings after a training moment that label its impressions (default: all)"
     )
+    p.add_argument(
+        "--table-lag-days",
+        type=float,
+        default=0.0,
+        help="examples read counts and co-engagement from tables built up to this long before their moment",
+    )
     p.add_argument("--candidates", type=int, default=200, help="retrieved candidates ranked per test member")
     p.add_argument("--max-history", type=int, default=200)
     p.add_argument("--d-model", type=int, default=64)
@@ -164,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         shown=args.shown,
         seed=args.seed,
         horizon=args.label_horizon,
+        table_lag=int(args.table_lag_days * 86400),
     )
     retriever.save_members()
     logger.info("%d ranker examples before the cutoff %d", len(examples), split.cutoff)
@@ -225,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Every member with targets after the cutoff, ranked from the retrieval stage's candidates: at
     # the cutoff, and at many moments after it (feedserve.training.rank_eval).
-    evaluation = evaluate(model, tensorize, retriever, protocols, post_ids, args.candidates)
+    evaluation = evaluate(model, tensorize, retriever, protocols, post_ids, args.candidates, data.new_posts())
     report = {
         "command": "python -m feedserve.training.rank " + " ".join(argv if argv is not None else sys.argv[1:]),
         "evaluated_on": "validation members (inside the training period)" if args.validate else "test members",

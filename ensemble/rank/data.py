@@ -114,6 +114,13 @@ class RankExample:
     # When the impressions were shown (unix seconds): counts and co-engagement are read as they stood
     # then. None when serving, where the tables were built before the request.
     at: int | None = None
+    # When the tables the example reads were built, if before `at`: a server reads tables built some
+    # time before its requests, in which every post created since has no counts and no co-engagement.
+    tables_at: int | None = None
+
+    def tables_time(self) -> int | None:
+        """The moment counts and co-engagement are read as of."""
+        return self.at if self.tables_at is None else self.tables_at
 
 
 def select_tasks(examples: Sequence[RankExample], tasks: Sequence[str], labels: Sequence[str] = LABELS) -> None:
@@ -157,6 +164,7 @@ def movielens_examples(
     shown: int = 200,
     seed: int = 0,
     horizon: int | None = None,
+    table_lag: int = 0,
 ) -> list[RankExample]:
     """Up to `per_member` moments per member before `cutoff`. At each: the history so far; as
     impressions the top `shown` posts retrieval returned then (for the member embedded from their
@@ -167,7 +175,10 @@ def movielens_examples(
     retrieval stage's candidates, not the posts the member happened to rate next, which would teach
     it that a high retrieval score means no engagement. With `horizon`, only the next `horizon`
     ratings label the impressions (what the member did soon after being shown them; a post rated
-    later was shown and not engaged with then).
+    later was shown and not engaged with then). With `table_lag` (seconds), each example reads the
+    counts and co-engagement of tables built a uniformly drawn 0 to `table_lag` before its moment, as
+    a server reads tables built before its requests: the posts created in between are candidates
+    with no counts, as new posts are when serving.
 
     Retrieval then could only return the posts that existed: a post is taken to exist from its first
     rating by anyone, and is retrievable at a moment when that came no later than the last rating
@@ -175,6 +186,7 @@ def movielens_examples(
     all labelled not engaged: a shortcut from "unknown then" to "passed over" that no served
     request has.)"""
     rng = random.Random(seed)
+    lags = random.Random(seed + 1)  # apart: the moments drawn are the same with and without a lag
     rows = {int(p): i for i, p in enumerate(post_ids.tolist())}
     by_user = ml.ratings_by_user(before=cutoff)
     first: dict[int, int] = {}
@@ -207,6 +219,7 @@ def movielens_examples(
                     scores,
                     np.array([labels_of(later.get(c)) for c in candidates.tolist()], np.float32),
                     ratings[i].timestamp,
+                    ratings[i].timestamp - lags.randint(0, table_lag) if table_lag else None,
                 )
             )
     rng.shuffle(examples)
@@ -347,12 +360,12 @@ class Tensorizer:
             if "affinity" in column:
                 features[:m, column["affinity"]] = self.features.affinity(x.candidates.tolist(), liked)
             if counts:
-                percentiles = self.features.percentiles(x.candidates.tolist(), x.at)
+                percentiles = self.features.percentiles(x.candidates.tolist(), x.tables_time())
                 for col, j in counts:
                     features[:m, col] = percentiles[:, j]
             if self.coengagement is not None and self.coengaged:
                 engaged = [it.post_id for it in history if is_engaged(it.action)]
-                scorer = self.coengagement.against(x.member_id, x.candidates.tolist(), x.at)
+                scorer = self.coengagement.against(x.member_id, x.candidates.tolist(), x.tables_time())
                 for share, ranks, read in self.coengaged:
                     shared = read(scorer, engaged)
                     if share is not None and m:

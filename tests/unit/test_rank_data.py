@@ -234,6 +234,26 @@ def test_counts_read_as_of_a_moment_are_the_records_counts_then(ml: MovieLens) -
     served = tensorize.batch([x])["candidate_features"][0, :, column]
     np.testing.assert_allclose(served, features.percentiles(ids[:40])[:, 0])
     assert not np.allclose(early, served)
+    # An example whose tables were built before its moment reads the counts as of then.
+    late = replace(x, at=times[len(times) // 2], tables_at=times[len(times) // 10])
+    np.testing.assert_array_equal(tensorize.batch([late])["candidate_features"][0, :, column], early)
+
+
+def test_a_table_lag_reads_tables_built_up_to_that_long_before_each_moment(ml: MovieLens) -> None:
+    ids, vectors = _table(ml)
+    cutoff = sorted(r.timestamp for r in ml.ratings)[len(ml.ratings) * 9 // 10]
+
+    def embed(user: int, liked: list) -> np.ndarray:  # type: ignore[type-arg]
+        return vectors[0]
+
+    lag = 30 * 86400
+    examples = movielens_examples(ml, cutoff, embed, ids, vectors, per_member=2, shown=5, table_lag=lag)
+    assert all(x.at is not None and x.tables_at is not None for x in examples)
+    lags = [x.at - x.tables_at for x in examples if x.at is not None and x.tables_at is not None]
+    assert min(lags) >= 0 and max(lags) <= lag and len(set(lags)) > len(lags) // 2  # drawn, not one value
+    plain = movielens_examples(ml, cutoff, embed, ids, vectors, per_member=2, shown=5)
+    assert all(x.tables_at is None and x.tables_time() == x.at for x in plain)
+    assert [(x.member_id, x.at) for x in plain] == [(x.member_id, x.at) for x in examples]  # the same moments
 
 
 @settings(max_examples=60, deadline=None)
