@@ -48,7 +48,7 @@ from feedserve.rank.data import LIKE, RECENT_LIKES, SEQUENCE_DECAY, SEQUENCE_LIK
 from feedserve.rank.model import GenerativeRanker
 from feedserve.training.baselines import ItemKNN, Popularity
 from feedserve.training.evaluate import metrics, rank
-from feedserve.training.rank_eval import RankCase, RankingData, compare, evaluation_cases, rank_cases
+from feedserve.training.rank_eval import RankingData, compare, evaluation_cases, new_post_cases, rank_cases
 from feedserve.training.sasrec import SASRecConfig, SASRecRecommender
 
 logger = logging.getLogger("benchmarks.rank_quality")
@@ -156,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         ):
             tops[name] = rank(scores, ids, cases, max(KS))
         # The same rows on the targets nobody had rated before the cutoff (rank_eval's new posts).
-        new = [i for i, c in enumerate(cases) if c.targets & new_posts]
-        new_cases = [RankCase(cases[i].member, cases[i].targets & new_posts, cases[i].history) for i in new]
+        new, new_cases = new_post_cases(cases, new_posts)
         results[protocol] = {
             "cases": len(cases),
             "members": len({m.id for m in members}),

@@ -183,17 +183,19 @@ def compare(
         "ranked_over_retrieval": {name: paired_ratio(base[name], ranked[name], members) for name in base},
     }
     if new_posts is not None:
-        new = [i for i, c in enumerate(cases) if c.targets & new_posts]
+        new, new_cases = new_post_cases(cases, new_posts)
         if new:
             report["new_posts"] = {
-                "targets": sum(len(cases[i].targets & new_posts) for i in new),
-                **compare(
-                    [retrieval_top[i] for i in new],
-                    [ranked_top[i] for i in new],
-                    [RankCase(cases[i].member, cases[i].targets & new_posts, cases[i].history) for i in new],
-                ),
+                "targets": sum(len(c.targets) for c in new_cases),
+                **compare([retrieval_top[i] for i in new], [ranked_top[i] for i in new], new_cases),
             }
     return report
+
+
+def new_post_cases(cases: Sequence[RankCase], new_posts: set[int]) -> tuple[list[int], list[RankCase]]:
+    """The cases with a target among `new_posts` (their positions, and each with those targets alone)."""
+    new = [i for i, c in enumerate(cases) if c.targets & new_posts]
+    return new, [RankCase(cases[i].member, cases[i].targets & new_posts, cases[i].history) for i in new]
 
 
 def evaluation_cases(ml: MovieLens, split: Split, moments: int = 10, horizon: int = 10) -> dict[str, list[RankCase]]:
