@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     curve: list[dict[str, object]] = []
 
     def validate(step: int) -> None:
-        at = evaluate(model, tensorize, retriever, {"moments": protocols["moments"]}, post_ids, args.candidates)
+        at, _ = evaluate(model, tensorize, retriever, {"moments": protocols["moments"]}, post_ids, args.candidates)
         gain = at["moments"]["ranked_over_retrieval"]
         curve.append(
             {"step": step, **at["moments"]["ranked"], **{f"{k}/retrieval": v["ratio"] for k, v in gain.items()}}
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Every member with targets after the cutoff, ranked from the retrieval stage's candidates: at
     # the cutoff, and at many moments after it (feedserve.training.rank_eval).
-    evaluation = evaluate(model, tensorize, retriever, protocols, post_ids, args.candidates, data.new_posts())
+    evaluation, _ = evaluate(model, tensorize, retriever, protocols, post_ids, args.candidates, data.new_posts())
     report = {
         "command": "python -m feedserve.training.rank " + " ".join(argv if argv is not None else sys.argv[1:]),
         "evaluated_on": "validation members (inside the training period)" if args.validate else "test members",

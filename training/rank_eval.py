@@ -214,15 +214,27 @@ def evaluate(
     post_ids: np.ndarray,
     candidates: int,
     new_posts: set[int] | None = None,
-) -> dict[str, Any]:
-    """`compare` for each protocol, the ranker reordering the retrieval stage's top `candidates`."""
-    report = {}
+    reference: Mapping[str, Sequence[np.ndarray]] | None = None,
+) -> tuple[dict[str, Any], dict[str, list[np.ndarray]]]:
+    """`compare` for each protocol, the ranker reordering the retrieval stage's top `candidates`, and
+    its ranked orders. With `reference` (another ranker's orders of the same cases), also this
+    ranker's paired ratio over it ("over_reference", on the new posts too): two rankers of the same
+    candidates move together from member to member, so their difference is measured far more
+    tightly than either one's interval over retrieval suggests."""
+    report, ranked = {}, {}
     for name, cases in protocols.items():
         vectors = retriever.member_vectors([c.member for c in cases])
-        top = rank_cases(model, tensorize, vectors, cases, post_ids, retriever.posts, candidates)
-        report[name] = compare(*top, cases, new_posts)
+        retrieval_top, ranked[name] = rank_cases(
+            model, tensorize, vectors, cases, post_ids, retriever.posts, candidates
+        )
+        report[name] = compare(retrieval_top, ranked[name], cases, new_posts)
+        if reference is not None:
+            against = compare(reference[name], ranked[name], cases, new_posts)
+            report[name]["over_reference"] = against["ranked_over_retrieval"]
+            if "new_posts" in against:
+                report[name]["new_posts"]["over_reference"] = against["new_posts"]["ranked_over_retrieval"]
     retriever.save_members()
-    return report
+    return report, ranked
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,8 +255,20 @@ def main(argv: list[str] | None = None) -> int:
     protocols = evaluation_cases(data.ml, data.split, args.moments, args.horizon)
     command = "python -m feedserve.training.rank_eval " + " ".join(argv if argv is not None else sys.argv[1:])
     reports = []
+    reference: dict[str, list[np.ndarray]] | None = None  # the first ranker's orders
     for directory in args.ranker:
         model = GenerativeRanker.load(directory)
+        results, ranked = evaluate(
+            model,
+            data.tensorizer(model.config),
+            data.retriever,
+            protocols,
+            data.post_ids,
+            args.candidates,
+            data.new_posts(),
+            reference,
+        )
+        reference = reference or ranked
         report: dict[str, Any] = {
             "command": command,
             "ranker": str(directory),
@@ -253,15 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             "candidates": args.candidates,
             "moments": args.moments,
             "horizon": args.horizon,
-            **evaluate(
-                model,
-                data.tensorizer(model.config),
-                data.retriever,
-                protocols,
-                data.post_ids,
-                args.candidates,
-                data.new_posts(),
-            ),
+            **({"reference": str(args.ranker[0])} if ranked is not reference else {}),
+            **results,
         }
         atomic_write(Path(directory) / args.name, json.dumps(report, indent=1) + "\n")
         reports.append(report)
@@ -302,7 +319,29 @@ def markdown_table(reports: Sequence[Mapping[str, Any]]) -> str:
     for r in reports:
         name = Path(r["ranker"]).name
         lines.append(f"| {name} | " + " | ".join(cells(p, "ranked") for p in parts(r)) + " |")
+    if any("over_reference" in r["moments"] for r in reports[1:]):
+        lines += paired_table(reports)
     return "\n".join(lines) + "\n"
+
+
+def paired_table(reports: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Each later ranker over the first, paired case by case: the ratio, its 95% interval over
+    members, and the share of resamples above 1, for NDCG@10 and Recall@10 on each part."""
+    first = Path(reports[0]["ranker"]).name
+    columns = [("moments", None), ("cutoff", None), ("moments", "new_posts")]
+    label = {None: "", "new_posts": ", new posts"}
+    head = " | ".join(f"{p}{label[sub]}: {m} / {first}" for p, sub in columns for m in ("NDCG@10", "R@10"))
+    lines = ["", f"Paired with `{first}` (the same cases, bootstrap over members; P: resamples above 1):", ""]
+    lines += [f"| ranker | {head} |", "|---" * (1 + 2 * len(columns)) + "|"]
+    for r in reports[1:]:
+        cells = []
+        for part, sub in columns:
+            result = r[part] if sub is None else r[part].get(sub, {})
+            for metric in ("ndcg@10", "recall@10"):
+                g = result.get("over_reference", {}).get(metric)
+                cells.append(f"{g['ratio']:.3f}x [{g['low']:.2f}, {g['high']:.2f}] P {g['above_1']:.2f}" if g else "")
+        lines.append(f"| {Path(r['ranker']).name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -155,3 +155,63 @@ def test_the_new_posts_slice_reads_only_their_targets_in_the_cases_that_have_any
     assert new["retrieval"]["ndcg@10"] == pytest.approx((1 / np.log2(4) + 1.0) / 2)
     assert report["cases"] == 3 and "new_posts" not in compare(retrieval, ranked, cases)
     assert "new_posts" not in compare(retrieval, ranked, cases, new_posts={99})
+
+
+class _Vectors:
+    """The retrieval stage's vectors, fixed (what EmbeddingRetriever computes from the encoder)."""
+
+    def __init__(self, posts: np.ndarray, members: dict[int, np.ndarray]) -> None:
+        self.posts, self._members = posts, members
+
+    def member_vectors(self, members: list) -> np.ndarray:  # type: ignore[type-arg]
+        return np.stack([self._members[m.id] for m in members])
+
+    def save_members(self) -> None:
+        pass
+
+
+def test_a_ranker_is_also_paired_with_a_reference_rankers_orders_of_the_same_cases() -> None:
+    import torch
+
+    from feedserve.prompt.records import Member
+    from feedserve.rank.data import Interaction
+    from feedserve.rank.model import GenerativeRanker
+    from feedserve.training.rank_eval import RankCase, evaluate, markdown_table
+    from tests.unit.test_rank_data import _synthetic
+
+    tensorize, _ = _synthetic(1)
+    ids, posts = np.arange(100, 160), tensorize.content.vectors[:-1]  # type: ignore[attr-defined]
+    rng = np.random.default_rng(1)
+    cases = [
+        RankCase(
+            Member(id=i, headline="m"),
+            {int(p) for p in rng.choice(ids[10:], 6, replace=False)},
+            [Interaction(int(p), "like", t) for t, p in enumerate(ids[i % 5 : i % 5 + 3])],
+        )
+        for i in range(24)
+    ]
+    vectors = _Vectors(posts, {c.member.id: rng.normal(size=8).astype(np.float32) for c in cases})
+    protocols = {"moments": cases, "cutoff": cases[:8]}
+    reports = []
+    reference = None
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = GenerativeRanker(tensorize.config).eval()
+        report, ranked = evaluate(model, tensorize, vectors, protocols, ids, 30, {int(ids[-1])}, reference)  # type: ignore[arg-type]
+        reports.append({"ranker": f"runs/s{seed}", **report})
+        reference = reference or ranked
+    first, second = reports[0]["moments"], reports[1]["moments"]
+    assert "over_reference" not in first
+    paired = second["over_reference"]["ndcg@10"]
+    # The paired ratio is the second ranker's mean over the first's, on the same cases.
+    assert paired["ratio"] == pytest.approx(second["ranked"]["ndcg@10"] / first["ranked"]["ndcg@10"])
+    assert paired["low"] <= paired["ratio"] <= paired["high"]
+    # Against itself a ranker is exactly level.
+    _, again = evaluate(model, tensorize, vectors, protocols, ids, 30, None, reference)  # type: ignore[arg-type]
+    itself, _ = evaluate(model, tensorize, vectors, protocols, ids, 30, None, again)  # type: ignore[arg-type]
+    level = itself["moments"]["over_reference"]["ndcg@10"]
+    assert level["ratio"] == level["low"] == level["high"] == pytest.approx(1.0)
+    table = markdown_table(reports)
+    assert "Paired with `s0`" in table
+    row = next(line for line in table.splitlines() if line.startswith("| s1 | ") and " P " in line)
+    assert f"{paired['ratio']:.3f}x" in row
