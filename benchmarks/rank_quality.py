@@ -138,15 +138,18 @@ def main(argv: list[str] | None = None) -> int:
             for k in args.recent_likes
         }
         sequential = transitions(data, members, ids)
-        tops[f"retrieval top {args.candidates} by retrieval + ItemKNN log rank (fixed fusion)"] = fused(
-            retrieval_top, ids, knn
-        )
+        fusions = {
+            f"retrieval top {args.candidates} by retrieval + ItemKNN log rank (fixed fusion)": fused(
+                retrieval_top, ids, knn
+            )
+        }
         for k, scores in recent.items():
-            tops[f"the same, ItemKNN from the {k} latest likes"] = fused(retrieval_top, ids, scores)
+            fusions[f"the same, ItemKNN from the {k} latest likes"] = fused(retrieval_top, ids, scores)
         if RECENT_LIKES in recent:
-            tops[f"the same, + transitions from the {SEQUENCE_LIKES} latest likes"] = fused(
+            fusions[f"the same, + transitions from the {SEQUENCE_LIKES} latest likes"] = fused(
                 retrieval_top, ids, recent[RECENT_LIKES], sequential
             )
+        tops.update(fusions)
         for name, scores in (
             ("popularity", popularity.score(members)),
             ("ItemKNN", knn),
@@ -162,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
             "members": len({m.id for m in members}),
             "rows": {name: metrics(top, cases, KS) for name, top in tops.items()},
             "feed_over_retrieval": compare(retrieval_top, feed_top, cases)["ranked_over_retrieval"],
+            # The learned ranker against each fixed fusion of its own inputs, paired case by case.
+            "feed_over_fusions": {
+                name: compare(top, feed_top, cases)["ranked_over_retrieval"] for name, top in fusions.items()
+            },
             "new_posts": {
                 "cases": len(new_cases),
                 "targets": sum(len(c.targets) for c in new_cases),
@@ -222,7 +229,19 @@ def main(argv: list[str] | None = None) -> int:
             "",
             "feed / retrieval, 95% bootstrap interval over members: "
             + "; ".join(f"{k} {v['ratio']:.2f}x [{v['low']:.2f}, {v['high']:.2f}]" for k, v in gain.items()),
+            "",
+            "feed / each fixed fusion, paired case by case (interval over members; P: resamples above 1):",
+            "",
         ]
+        for name, over in result["feed_over_fusions"].items():
+            lines.append(
+                f"- {name}: "
+                + "; ".join(
+                    f"{k} {v['ratio']:.3f}x [{v['low']:.2f}, {v['high']:.2f}] P {v['above_1']:.2f}"
+                    for k, v in over.items()
+                    if k in ("recall@10", "ndcg@10")
+                )
+            )
     (args.out / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
