@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         tasks=tasks,
         wide=args.wide,
         dropout=args.dropout,
+        max_rank=args.shown,
     )
     torch.manual_seed(args.seed)
     model = GenerativeRanker(config, known_ids=torch.from_numpy(trained_ids))

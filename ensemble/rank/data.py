@@ -241,11 +241,12 @@ def movielens_counts(ml: MovieLens, before: int, buckets: PercentileBuckets) -> 
     return CountLog(((r.movie, r.timestamp, r.rating) for r in ml.ratings if r.timestamp < before), buckets)
 
 
-def log_rank(scores: np.ndarray) -> np.ndarray:
-    """ln(1 + rank) of each score among `scores`, highest first (ties in the order given)."""
+def log_rank(scores: np.ndarray, max_rank: int | None = None) -> np.ndarray:
+    """ln(1 + rank) of each score among `scores`, highest first (ties in the order given), a rank
+    past `max_rank` read as `max_rank`."""
     ranks = np.empty(len(scores), np.float32)
     ranks[np.argsort(-np.asarray(scores), kind="stable")] = np.arange(len(scores), dtype=np.float32)
-    return np.log1p(ranks)
+    return np.log1p(ranks if max_rank is None else np.minimum(ranks, np.float32(max_rank)))
 
 
 def read_history(config: RankerConfig, history: Sequence[Interaction]) -> Sequence[Interaction]:
@@ -354,7 +355,7 @@ class Tensorizer:
             if "retrieval_score" in column:
                 features[:m, column["retrieval_score"]] = x.retrieval_scores
             if "retrieval_log_rank" in column:
-                features[:m, column["retrieval_log_rank"]] = log_rank(x.retrieval_scores)
+                features[:m, column["retrieval_log_rank"]] = log_rank(x.retrieval_scores, cfg.max_rank)
             if "has_content" in column:
                 features[:m, column["has_content"]] = has
             if "affinity" in column:
@@ -371,5 +372,5 @@ class Tensorizer:
                     if share is not None and m:
                         features[:m, share] = shared / max(float(shared.max()), 1e-9)
                     if ranks is not None:
-                        features[:m, ranks] = log_rank(shared)
+                        features[:m, ranks] = log_rank(shared, cfg.max_rank)
         return {k: torch.from_numpy(v) for k, v in out.items()}

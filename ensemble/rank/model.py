@@ -72,6 +72,11 @@ class RankerConfig:
     # "wide" part of wide & deep): the retrieval score reaches the final score directly, so the
     # ranker learns a correction of the retrieval order rather than a replacement for it.
     wide: bool = False
+    # The most candidates per example in training (`shown`): the log-rank features read a rank past
+    # it as that rank. Served 500 or 2,000 candidates, ln(1 + rank) would otherwise reach values the
+    # ranker never saw, which its linear terms extrapolate: the posts nothing co-engages with (every
+    # new post) fell far below where retrieval put them (benchmarks/reports/ranker/quality.md).
+    max_rank: int = 200
     extra: dict[str, str] = field(default_factory=dict)
 
     @property

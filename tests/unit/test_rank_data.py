@@ -322,3 +322,17 @@ def test_the_log_rank_orders_by_score_whatever_the_order_given() -> None:
 
     np.testing.assert_allclose(log_rank(np.array([0.1, 0.9, 0.5, 0.9])), np.log1p([3, 0, 2, 1]))
     assert log_rank(np.array([], np.float32)).shape == (0,)
+
+
+def test_ranks_past_those_the_ranker_trained_on_read_as_its_last() -> None:
+    from feedserve.rank.data import log_rank
+
+    np.testing.assert_allclose(log_rank(np.array([0.1, 0.9, 0.5, 0.2, 0.3]), max_rank=2), np.log1p([2, 0, 1, 2, 2]))
+    config = RankerConfig(content_dim=4, features=("retrieval_log_rank",), tasks=("like",), max_rank=3)
+    tensorize = Tensorizer(config, PostTable(np.arange(10), np.ones((10, 4), np.float32)))
+    scores = np.linspace(1.0, 0.1, 8).astype(np.float32)
+    x = RankExample(1, [], np.zeros(4, np.float32), np.arange(8), scores, np.zeros((8, 1), np.float32))
+    read = tensorize.batch([x])["candidate_features"][0, :, 0].numpy()
+    np.testing.assert_allclose(read, np.log1p([0, 1, 2, 3, 3, 3, 3, 3]), rtol=1e-6)
+    # A ranker saved before the field existed was trained on 200 impressions (the command's default).
+    assert RankerConfig(content_dim=4).max_rank == 200
