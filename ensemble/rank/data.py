@@ -34,7 +34,8 @@ LIKE, LOVE, DISLIKE = ENGAGED_RATING, 5.0, 2.0  # a like is what retrieval promp
 # The candidate features the ranker is trained with: the retrieval score; its rank among the
 # request's candidates as ln(1 + rank) (0 for retrieval's first: the top 200 of a member's scores
 # span a few hundredths, which a network reads only once its weights grow a hundredfold, while the
-# log rank spans 0 to 5 whatever the scores' scale and however many candidates follow); the Jaccard
+# log rank spans 0 to 5 whatever the scores' scale, a rank past the training's impressions read as
+# the last of them: RankerConfig.max_rank); the Jaccard
 # similarity of the candidate's tags to those of the posts the member liked; whether its content
 # vector was found; its counts as percentiles 0..1 (feedserve.rank.features); and its co-engagement
 # with the member's engaged history (feedserve.rank.coengagement), as a fraction of the request's
