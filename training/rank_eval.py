@@ -218,9 +218,10 @@ def evaluate(
 ) -> tuple[dict[str, Any], dict[str, list[np.ndarray]]]:
     """`compare` for each protocol, the ranker reordering the retrieval stage's top `candidates`, and
     its ranked orders. With `reference` (another ranker's orders of the same cases), also this
-    ranker's paired ratio over it ("over_reference", on the new posts too): two rankers of the same
-    candidates move together from member to member, so their difference is measured far more
-    tightly than either one's interval over retrieval suggests."""
+    ranker's paired ratio over it ("over_reference"): two rankers of the same candidates move
+    together from member to member, so their difference is measured far more tightly than either
+    one's interval over retrieval suggests. (Not on the new posts: there a few members hold every
+    hit, and a resample without them has nothing to divide by.)"""
     report, ranked = {}, {}
     for name, cases in protocols.items():
         vectors = retriever.member_vectors([c.member for c in cases])
@@ -229,10 +230,7 @@ def evaluate(
         )
         report[name] = compare(retrieval_top, ranked[name], cases, new_posts)
         if reference is not None:
-            against = compare(reference[name], ranked[name], cases, new_posts)
-            report[name]["over_reference"] = against["ranked_over_retrieval"]
-            if "new_posts" in against:
-                report[name]["new_posts"]["over_reference"] = against["new_posts"]["ranked_over_retrieval"]
+            report[name]["over_reference"] = compare(reference[name], ranked[name], cases)["ranked_over_retrieval"]
     retriever.save_members()
     return report, ranked
 
@@ -328,18 +326,13 @@ def paired_table(reports: Sequence[Mapping[str, Any]]) -> list[str]:
     """Each later ranker over the first, paired case by case: the ratio, its 95% interval over
     members, and the share of resamples above 1, for NDCG@10 and Recall@10 on each part."""
     first = Path(reports[0]["ranker"]).name
-    columns = [("moments", None), ("cutoff", None), ("moments", "new_posts")]
-    label = {None: "", "new_posts": ", new posts"}
-    head = " | ".join(f"{p}{label[sub]}: {m} / {first}" for p, sub in columns for m in ("NDCG@10", "R@10"))
+    parts, metrics = ("moments", "cutoff"), ("ndcg@10", "recall@10")
+    head = " | ".join(f"{p}: {m} / {first}" for p in parts for m in ("NDCG@10", "R@10"))
     lines = ["", f"Paired with `{first}` (the same cases, bootstrap over members; P: resamples above 1):", ""]
-    lines += [f"| ranker | {head} |", "|---" * (1 + 2 * len(columns)) + "|"]
+    lines += [f"| ranker | {head} |", "|---" * (1 + len(parts) * len(metrics)) + "|"]
     for r in reports[1:]:
-        cells = []
-        for part, sub in columns:
-            result = r[part] if sub is None else r[part].get(sub, {})
-            for metric in ("ndcg@10", "recall@10"):
-                g = result.get("over_reference", {}).get(metric)
-                cells.append(f"{g['ratio']:.3f}x [{g['low']:.2f}, {g['high']:.2f}] P {g['above_1']:.2f}" if g else "")
+        paired = [r[p]["over_reference"][m] for p in parts for m in metrics]
+        cells = [f"{g['ratio']:.3f}x [{g['low']:.2f}, {g['high']:.2f}] P {g['above_1']:.2f}" for g in paired]
         lines.append(f"| {Path(r['ranker']).name} | " + " | ".join(cells) + " |")
     return lines
 
