@@ -1,6 +1,6 @@
 """Quality of the ranked feed on MovieLens: the GR ranker against retrieval alone and the baselines.
 
-    .venv/bin/python -m benchmarks.rank_quality [--ranker models/gr-movielens] [--candidates 200]
+    .venv/bin/python -m benchmarks.rank_quality [--ranker models/gr-movielens] [--candidates 500]
 
 The project's global time split, full catalog, every movie a member rated before the moment
 excluded (as a server given the whole record excludes them), on two protocols
@@ -8,7 +8,8 @@ excluded (as a server given the whole record excludes them), on two protocols
 (`benchmarks/reports/quality.md`) with every movie they liked after it as targets; and at up to
 `--moments` moments per member after the cutoff, targets the likes among the next `--horizon` ratings:
 
-- retrieval: the served encoder (the int8 graph), top `--candidates` by cosine;
+- retrieval: the served encoder (the int8 graph), top `--candidates` by cosine (by default as many
+  as `feed` retrieves by default: the served configuration);
 - feed: the same candidates ordered by the GR ranker's final score (what `feed` serves; the served
   graph equals PyTorch, tests/unit/test_rank_backend.py), history every rating before the moment,
   with a bootstrap interval over members for its gain over retrieval;
@@ -42,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from feedserve.artifacts import DEFAULT_RANKER, default_artifacts_dir
+from feedserve.clients.online import DEFAULT_CANDIDATES
 from feedserve.clients.perf import machine
 from feedserve.prompt.records import Member
 from feedserve.rank.data import LIKE, RECENT_LIKES, SEQUENCE_DECAY, SEQUENCE_LIKES, log_rank
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", type=Path, default=default_artifacts_dir())
     p.add_argument("--ranker", type=Path, default=DEFAULT_RANKER)
-    p.add_argument("--candidates", type=int, default=200)
+    p.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, help="retrieved, then ranked")
     p.add_argument("--moments", type=int, default=10, help="moments per member (training.rank_eval)")
     p.add_argument("--horizon", type=int, default=10, help="ratings from a moment on whose likes are its targets")
     p.add_argument(
