@@ -326,12 +326,12 @@ def paired_table(reports: Sequence[Mapping[str, Any]]) -> list[str]:
     """Each later ranker over the first, paired case by case: the ratio, its 95% interval over
     members, and the share of resamples above 1, for NDCG@10 and Recall@10 on each part."""
     first = Path(reports[0]["ranker"]).name
-    parts, metrics = ("moments", "cutoff"), ("ndcg@10", "recall@10")
+    parts, measures = ("moments", "cutoff"), ("ndcg@10", "recall@10")
     head = " | ".join(f"{p}: {m} / {first}" for p in parts for m in ("NDCG@10", "R@10"))
     lines = ["", f"Paired with `{first}` (the same cases, bootstrap over members; P: resamples above 1):", ""]
-    lines += [f"| ranker | {head} |", "|---" * (1 + len(parts) * len(metrics)) + "|"]
+    lines += [f"| ranker | {head} |", "|---" * (1 + len(parts) * len(measures)) + "|"]
     for r in reports[1:]:
-        paired = [r[p]["over_reference"][m] for p in parts for m in metrics]
+        paired = [r[p]["over_reference"][m] for p in parts for m in measures]
         cells = [f"{g['ratio']:.3f}x [{g['low']:.2f}, {g['high']:.2f}] P {g['above_1']:.2f}" for g in paired]
         lines.append(f"| {Path(r['ranker']).name} | " + " | ".join(cells) + " |")
     return lines

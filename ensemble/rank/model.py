@@ -75,7 +75,7 @@ class RankerConfig:
     # The most candidates per example in training (`shown`): the log-rank features read a rank past
     # it as that rank. Served 500 or 2,000 candidates, ln(1 + rank) would otherwise reach values the
     # ranker never saw, which its linear terms extrapolate: the posts nothing co-engages with (every
-    # new post) fell far below where retrieval put them (benchmarks/reports/ranker/quality.md).
+    # new post) fell far below where retrieval put them (benchmarks/reports/ranker/validation/).
     max_rank: int = 200
     extra: dict[str, str] = field(default_factory=dict)
 
