@@ -50,7 +50,14 @@ from feedserve.rank.data import LIKE, RECENT_LIKES, SEQUENCE_DECAY, SEQUENCE_LIK
 from feedserve.rank.model import GenerativeRanker
 from feedserve.training.baselines import ItemKNN, Popularity
 from feedserve.training.evaluate import metrics, rank
-from feedserve.training.rank_eval import RankingData, compare, evaluation_cases, new_post_cases, rank_cases
+from feedserve.training.rank_eval import (
+    RankingData,
+    compare,
+    evaluation_cases,
+    new_post_cases,
+    paired_text,
+    rank_cases,
+)
 from feedserve.training.sasrec import SASRecConfig, SASRecRecommender
 
 logger = logging.getLogger("benchmarks.rank_quality")
@@ -238,11 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, over in result["feed_over_fusions"].items():
             lines.append(
                 f"- {name}: "
-                + "; ".join(
-                    f"{k} {v['ratio']:.3f}x [{v['low']:.2f}, {v['high']:.2f}] P {v['above_1']:.2f}"
-                    for k, v in over.items()
-                    if k in ("recall@10", "ndcg@10")
-                )
+                + "; ".join(f"{k} {paired_text(v)}" for k, v in over.items() if k in ("recall@10", "ndcg@10"))
             )
     (args.out / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -253,9 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     protocols = evaluation_cases(data.ml, data.split, args.moments, args.horizon)
     command = "python -m feedserve.training.rank_eval " + " ".join(argv if argv is not None else sys.argv[1:])
     reports = []
+    new_posts = data.new_posts()
     reference: dict[str, list[np.ndarray]] | None = None  # the first ranker's orders
     for directory in args.ranker:
         model = GenerativeRanker.load(directory)
+        paired = reference is not None
         results, ranked = evaluate(
             model,
             data.tensorizer(model.config),
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             protocols,
             data.post_ids,
             args.candidates,
-            data.new_posts(),
+            new_posts,
             reference,
         )
         reference = reference or ranked
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             "candidates": args.candidates,
             "moments": args.moments,
             "horizon": args.horizon,
-            **({"reference": str(args.ranker[0])} if ranked is not reference else {}),
+            **({"reference": str(args.ranker[0])} if paired else {}),
             **results,
         }
         atomic_write(Path(directory) / args.name, json.dumps(report, indent=1) + "\n")
@@ -332,9 +334,13 @@ def paired_table(reports: Sequence[Mapping[str, Any]]) -> list[str]:
     lines += [f"| ranker | {head} |", "|---" * (1 + len(parts) * len(measures)) + "|"]
     for r in reports[1:]:
         paired = [r[p]["over_reference"][m] for p in parts for m in measures]
-        cells = [f"{g['ratio']:.3f}x [{g['low']:.2f}, {g['high']:.2f}] P {g['above_1']:.2f}" for g in paired]
-        lines.append(f"| {Path(r['ranker']).name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {Path(r['ranker']).name} | " + " | ".join(paired_text(g) for g in paired) + " |")
     return lines
+
+
+def paired_text(gain: Mapping[str, float]) -> str:
+    """A paired ratio as the reports write it: ratio, 95% interval, share of resamples above 1."""
+    return f"{gain['ratio']:.3f}x [{gain['low']:.2f}, {gain['high']:.2f}] P {gain['above_1']:.2f}"
 
 
 if __name__ == "__main__":
