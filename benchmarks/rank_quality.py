@@ -45,15 +45,15 @@ import numpy as np
 from feedserve.artifacts import DEFAULT_RANKER, default_artifacts_dir
 from feedserve.clients.online import DEFAULT_CANDIDATES
 from feedserve.clients.perf import machine
-from feedserve.prompt.records import Member
-from feedserve.rank.data import LIKE, RECENT_LIKES, SEQUENCE_DECAY, SEQUENCE_LIKES, log_rank
+from feedserve.rank.data import LIKE, RECENT_LIKES, SEQUENCE_LIKES
 from feedserve.rank.model import GenerativeRanker
-from feedserve.training.baselines import ItemKNN, Popularity
+from feedserve.training.baselines import Popularity
 from feedserve.training.evaluate import metrics, rank
 from feedserve.training.rank_eval import (
     RankingData,
     compare,
     evaluation_cases,
+    fused,
     new_post_cases,
     paired_text,
     rank_cases,
@@ -63,34 +63,6 @@ from feedserve.training.sasrec import SASRecConfig, SASRecRecommender
 logger = logging.getLogger("benchmarks.rank_quality")
 
 KS = (10, 50)
-
-
-def fused(retrieval_top: Sequence[np.ndarray], ids: np.ndarray, *scores: np.ndarray) -> list[np.ndarray]:
-    """Each case's retrieved posts (best first) reordered by ln(1 + retrieval rank) plus, for each of
-    `scores` [case, catalog], ln(1 + rank by it among them), ties in retrieval order."""
-    column = {int(p): j for j, p in enumerate(ids.tolist())}
-    out = []
-    for i, top in enumerate(retrieval_top):
-        at = [column[int(p)] for p in top]
-        total = np.log1p(np.arange(len(top), dtype=np.float32))  # `top` is in retrieval order
-        for s in scores:
-            total = total + log_rank(s[i, at])
-        out.append(top[np.argsort(total, kind="stable")])
-    return out
-
-
-def transitions(data: RankingData, members: Sequence[Member], ids: np.ndarray) -> np.ndarray:
-    """[case, catalog]: each post's transitions from the member's SEQUENCE_LIKES latest likes (the
-    ranker's sequential co-engagement feature, feedserve.rank.coengagement), their own left out."""
-    catalog = ids.tolist()
-    return np.stack(
-        [
-            data.coengagement.against(m.id, catalog).transitions(
-                [h.post_id for h in m.history][-SEQUENCE_LIKES:], SEQUENCE_DECAY
-            )
-            for m in members
-        ]
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,12 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     model = GenerativeRanker.load(args.ranker)
     tensorize = data.tensorizer(model.config)
     before = ml.ratings_by_user(before=split.cutoff)
-    engaged = {u: {r.movie for r in rs if r.rating >= LIKE} for u, rs in before.items()}
     t = time.perf_counter()
     sasrec = SASRecRecommender(ids, SASRecConfig(steps=args.sasrec_steps))
     losses = sasrec.fit([[r.movie for r in before[u] if r.rating >= LIKE] for u in sorted(before)])
     sasrec_s = time.perf_counter() - t
-    popularity, itemknn = Popularity(split, ids), ItemKNN(engaged, ids)
+    popularity, itemknn = Popularity(split, ids), data.itemknn()
     new_posts = data.new_posts()
     results: dict[str, Any] = {}
     for protocol, cases in evaluation_cases(ml, split, args.moments, args.horizon).items():
@@ -146,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             k: itemknn.score([m.model_copy(update={"history": m.history[-k:]}) for m in members])
             for k in args.recent_likes
         }
-        sequential = transitions(data, members, ids)
+        sequential = data.transitions(members)
         fusions = {
             f"retrieval top {args.candidates} by retrieval + ItemKNN log rank (fixed fusion)": fused(
                 retrieval_top, ids, knn

@@ -59,11 +59,12 @@ def train_ranker(
     every: int = 0,
     on_step: Callable[[int], None] | None = None,
     weight_decay: float = 0.0,
+    listwise: float = 0.0,
 ) -> list[float]:
     """AdamW on multitask_loss (Adam without `weight_decay`); returns the losses of the steps run.
     The batch of step s is drawn from `seed + s` alone, so a resumed run takes the same batches as
     an uninterrupted one. Every `every` steps `on_step(step)` sees the model in eval mode (a
-    validation curve)."""
+    validation curve). `listwise` weighs the listwise term of `multitask_loss`."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     state_path = out / "state.pt"
     start, losses = 0, []
@@ -77,7 +78,7 @@ def train_ranker(
         rng = np.random.default_rng(seed + step)
         torch.manual_seed(seed + step)
         batch = tensorize.batch([examples[i] for i in rng.choice(len(examples), batch_size, replace=False)])
-        loss, _ = multitask_loss(model, batch)
+        loss, _ = multitask_loss(model, batch, listwise=listwise)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -110,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
     p.add_argument("--dropout", type=float, default=RankerConfig.dropout)
+    p.add_argument(
+        "--listwise", type=float, default=0.0, help="weight of the listwise loss over each member's candidates"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-member", type=int, default=6, help="training moments per member")
     p.add_argument("--shown", type=int, default=200, help="retrieved impressions per moment")
@@ -228,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         args.eval_every,
         validate,
         args.weight_decay,
+        args.listwise,
     )
     model.save(args.out)
 

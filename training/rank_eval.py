@@ -36,14 +36,19 @@ from feedserve.files import atomic_write
 from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.movielens import MovieLens, Rating, load_movielens
+from feedserve.prompt.records import Member
 from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.data import (
     LIKE,
+    RECENT_LIKES,
+    SEQUENCE_DECAY,
+    SEQUENCE_LIKES,
     Interaction,
     PostTable,
     RankExample,
     Tensorizer,
     interactions,
+    log_rank,
     movielens_coengagement,
     movielens_counts,
     top_posts,
@@ -51,6 +56,7 @@ from feedserve.rank.data import (
 from feedserve.rank.features import PostFeatures
 from feedserve.rank.model import INPUTS, GenerativeRanker, RankerConfig
 from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, final_score
+from feedserve.training.baselines import ItemKNN
 from feedserve.training.data import EvalCase, Split, movielens_split, validation_movielens
 from feedserve.training.evaluate import EmbeddingRetriever, metrics, paired_ratio, per_case
 
@@ -111,6 +117,25 @@ class RankingData:
     def tensorizer(self, config: RankerConfig) -> Tensorizer:
         return Tensorizer(config, PostTable(self.post_ids, self.retriever.posts), self.features, self.coengagement)
 
+    def itemknn(self) -> ItemKNN:
+        """ItemKNN over the likes before the cutoff (what the co-engagement table holds)."""
+        before = self.ml.ratings_by_user(before=self.split.cutoff)
+        return ItemKNN({u: {r.movie for r in rs if r.rating >= LIKE} for u, rs in before.items()}, self.post_ids)
+
+    def transitions(self, members: Sequence[Member]) -> np.ndarray:
+        """[member, catalog]: each post's transitions from the member's SEQUENCE_LIKES latest likes
+        (the ranker's sequential co-engagement feature, feedserve.rank.coengagement), their own row
+        left out."""
+        catalog = self.post_ids.tolist()
+        return np.stack(
+            [
+                self.coengagement.against(m.id, catalog).transitions(
+                    [h.post_id for h in m.history][-SEQUENCE_LIKES:], SEQUENCE_DECAY
+                )
+                for m in members
+            ]
+        )
+
 
 def cutoff_cases(split: Split, before: Mapping[int, Sequence[Rating]]) -> list[RankCase]:
     """The split's own test cases (one per member, at the cutoff, every later like a target)."""
@@ -163,6 +188,41 @@ def rank_cases(
             retrieval_top.append(x.candidates)
             ranked_top.append(x.candidates[np.argsort(-row[: len(x.candidates)], kind="stable")])
     return retrieval_top, ranked_top
+
+
+def fused(retrieval_top: Sequence[np.ndarray], ids: np.ndarray, *scores: np.ndarray) -> list[np.ndarray]:
+    """Each case's retrieved posts (best first) reordered by ln(1 + retrieval rank) plus, for each of
+    `scores` [case, catalog], ln(1 + rank by it among them), ties in retrieval order."""
+    column = {int(p): j for j, p in enumerate(ids.tolist())}
+    out = []
+    for i, top in enumerate(retrieval_top):
+        at = [column[int(p)] for p in top]
+        total = np.log1p(np.arange(len(top), dtype=np.float32))  # `top` is in retrieval order
+        for s in scores:
+            total = total + log_rank(s[i, at])
+        out.append(top[np.argsort(total, kind="stable")])
+    return out
+
+
+# The strongest fixed fusion of the ranker's own inputs (benchmarks/reports/ranker/quality.md): what a
+# learned ranker has to beat to have learned more than adding three ranks.
+FUSION = "fixed-fusion"
+
+
+def fusion_orders(
+    data: RankingData, cases: Sequence[RankCase], candidates: int, knn: ItemKNN
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """For each case: the retrieval stage's top `candidates` (what it has seen excluded), and the same
+    posts reordered by `fused` with ItemKNN from the member's RECENT_LIKES latest likes and the
+    transitions from their SEQUENCE_LIKES latest."""
+    members = [c.member for c in cases]
+    vectors = data.retriever.member_vectors(members)
+    retrieval_top = [
+        top_posts(v, data.post_ids, data.retriever.posts, candidates, sorted(c.seen()))[0]
+        for c, v in zip(cases, vectors, strict=True)
+    ]
+    recent = knn.score([m.model_copy(update={"history": m.history[-RECENT_LIKES:]}) for m in members])
+    return retrieval_top, fused(retrieval_top, data.post_ids, recent, data.transitions(members))
 
 
 def compare(
@@ -246,15 +306,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=Path("runs/cache"), help="embeddings kept between runs")
     p.add_argument("--name", default="eval.json", help="the report written into each ranker's directory")
     p.add_argument("--table", type=Path, help="also write the markdown table of every ranker here")
+    p.add_argument(
+        "--fusion",
+        action="store_true",
+        help=f"pair every ranker with the fixed fusion of its inputs ({FUSION}) rather than with the first",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     data = RankingData.load(args.artifacts, args.cache, args.validate)
     protocols = evaluation_cases(data.ml, data.split, args.moments, args.horizon)
     command = "python -m feedserve.training.rank_eval " + " ".join(argv if argv is not None else sys.argv[1:])
-    reports = []
+    head = {
+        "command": command,
+        "evaluated_on": "validation members (inside the training period)" if args.validate else "test members",
+        "cutoff": data.split.cutoff,
+        "candidates": args.candidates,
+        "moments": args.moments,
+        "horizon": args.horizon,
+    }
+    reports: list[dict[str, Any]] = []
     new_posts = data.new_posts()
-    reference: dict[str, list[np.ndarray]] | None = None  # the first ranker's orders
+    reference: dict[str, list[np.ndarray]] | None = None  # the orders every later ranker is paired with
+    if args.fusion:
+        knn, reference = data.itemknn(), {}
+        fusion: dict[str, Any] = {"ranker": FUSION, **head}
+        for name, cases in protocols.items():
+            retrieval_top, reference[name] = fusion_orders(data, cases, args.candidates, knn)
+            fusion[name] = compare(retrieval_top, reference[name], cases, new_posts)
+        reports.append(fusion)
     for directory in args.ranker:
         model = GenerativeRanker.load(directory)
         paired = reference is not None
@@ -270,14 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         reference = reference or ranked
         report: dict[str, Any] = {
-            "command": command,
             "ranker": str(directory),
-            "evaluated_on": "validation members (inside the training period)" if args.validate else "test members",
-            "cutoff": data.split.cutoff,
-            "candidates": args.candidates,
-            "moments": args.moments,
-            "horizon": args.horizon,
-            **({"reference": str(args.ranker[0])} if paired else {}),
+            **head,
+            **({"reference": reports[0]["ranker"]} if paired else {}),
             **results,
         }
         atomic_write(Path(directory) / args.name, json.dumps(report, indent=1) + "\n")

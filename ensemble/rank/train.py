@@ -5,6 +5,11 @@ they engaged with and the ones they were shown and passed over. Every task has i
 candidate (like, love, dislike on MovieLens); a task's weight scales its loss. The final score a
 server ranks by is a weighted sum of the task probabilities (`final_score`), the weights in the
 serving settings, a negative weight for a negative task (dislike).
+
+Binary cross-entropy scores each candidate on its own; a feed is read as an order. `listwise_loss`
+adds the order: a softmax over each example's candidates on the first task's logit (like), the
+liked ones the target, so the loss falls only when the liked candidates rise above the others of
+the same member (ListNet's top-one form, as sampled-softmax retrieval losses read a candidate set).
 """
 
 from __future__ import annotations
@@ -25,15 +30,35 @@ DEFAULT_TASK_WEIGHTS = {"like": 1.0, "love": 0.5, "dislike": -1.0}
 
 
 def multitask_loss(
-    model: GenerativeRanker, batch: Batch, task_weights: Sequence[float] | None = None
+    model: GenerativeRanker, batch: Batch, task_weights: Sequence[float] | None = None, listwise: float = 0.0
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """(weighted loss, per-task loss) over the real candidates of `batch`; its `labels` are float
-    [B, C, tasks] in {0, 1}."""
+    """(weighted loss, its parts: per-task loss, and "listwise" where `listwise` weighs it) over the
+    real candidates of `batch`; its `labels` are float [B, C, tasks] in {0, 1}."""
     logits = model(**{name: batch[name] for name in INPUTS})
     real = batch["candidate_mask"]
     weights = torch.tensor(task_weights or [1.0] * logits.shape[-1], dtype=logits.dtype)
     per_task = F.binary_cross_entropy_with_logits(logits[real], batch["labels"][real], reduction="none").mean(0)
-    return (per_task * weights).sum(), dict(zip(model.config.tasks, per_task.tolist(), strict=True))
+    loss = (per_task * weights).sum()
+    parts = dict(zip(model.config.tasks, per_task.tolist(), strict=True))
+    if listwise:
+        order = listwise_loss(logits[..., 0], batch["labels"][..., 0], real)
+        loss = loss + listwise * order
+        parts["listwise"] = float(order.detach())
+    return loss, parts
+
+
+def listwise_loss(logits: torch.Tensor, labels: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy between each example's liked candidates (uniform over them) and the softmax of
+    `logits` over its real candidates, averaged over the examples with a like: [B, C] logits and
+    labels, [B, C] bool `real`. An example with no like has no order to learn and adds nothing;
+    padding candidates take no share of the softmax."""
+    liked = labels * real
+    count = liked.sum(-1)
+    # Padding far below any logit, not -inf: a row of padding alone would be nan (0/0 in its softmax).
+    log_p = torch.log_softmax(logits.masked_fill(~real, -1e9), dim=-1)
+    per_example = -(liked * log_p).sum(-1) / count.clamp(min=1)
+    has = count > 0
+    return per_example[has].mean() if bool(has.any()) else logits.sum() * 0.0
 
 
 def final_score(logits: np.ndarray, weights: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -172,6 +172,32 @@ def test_the_ranker_learns_from_the_history_what_a_member_likes() -> None:
     assert pairs.sum() / (liked[:, :, None] & disliked[:, None, :]).sum() > 0.95
 
 
+def test_the_listwise_loss_is_the_cross_entropy_of_each_members_likes_over_their_real_candidates() -> None:
+    from feedserve.rank.train import listwise_loss
+
+    logits = torch.tensor([[2.0, 0.0, 1.0, 9.0], [0.5, 0.1, -1.0, 0.0], [1.0, 2.0, 3.0, 4.0]])
+    labels = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    real = torch.tensor([[True, True, True, False], [True, True, True, True], [True, True, True, True]])
+    first = torch.log_softmax(logits[0, :3], -1)
+    second = torch.log_softmax(logits[1], -1)
+    # Padding (a like on it included) takes no part; a member with no like adds nothing to the mean.
+    expected = (-(first[0] + first[2]) / 2 - second[1]) / 2
+    assert torch.allclose(listwise_loss(logits, labels, real), expected)
+    # It falls as the liked candidates rise above the others, whatever their absolute level.
+    higher = logits.clone()
+    higher[1, 1] += 3.0
+    assert listwise_loss(higher, labels, real) < listwise_loss(logits, labels, real)
+    assert torch.allclose(listwise_loss(logits + 5.0, labels, real), listwise_loss(logits, labels, real))
+    none = torch.zeros_like(labels)
+    assert listwise_loss(logits, none, real).item() == 0.0
+    # A row of padding alone leaves the loss and every gradient finite.
+    leaf = logits.clone().requires_grad_()
+    loss = listwise_loss(leaf, labels, real & torch.tensor([[True], [True], [False]]))
+    loss.backward()
+    assert torch.allclose(loss, expected)
+    assert leaf.grad is not None and bool(torch.isfinite(leaf.grad).all())
+
+
 @torch.no_grad()
 def test_the_post_token_ablations_read_content_alone_or_ids_alone() -> None:
     from dataclasses import replace

@@ -215,3 +215,19 @@ def test_a_ranker_is_also_paired_with_a_reference_rankers_orders_of_the_same_cas
     assert "Paired with `s0`" in table
     row = next(line for line in table.splitlines() if line.startswith("| s1 | ") and " P " in line)
     assert f"{paired['ratio']:.3f}x" in row
+
+
+def test_the_fixed_fusion_orders_the_retrieved_posts_by_their_summed_log_ranks() -> None:
+    from feedserve.training.rank_eval import fused
+
+    ids = np.array([10, 20, 30, 40, 50])
+    retrieved = [np.array([30, 10, 50, 20])]  # retrieval's order; 40 was not retrieved
+    # Alone, the fusion is retrieval's order.
+    np.testing.assert_array_equal(fused(retrieved, ids)[0], retrieved[0])
+    # A second score ranks 20 first among the retrieved (40 scores higher, but is not a candidate):
+    # 20 sums ln 4 + ln 1, 30 ln 1 + ln 4 (a tie, kept in retrieval order), 10 and 50 ln 2 + ln 3.
+    other = np.array([[0.2, 0.9, 0.1, 5.0, 0.3]])
+    np.testing.assert_array_equal(fused(retrieved, ids, other)[0], [30, 20, 10, 50])
+    # Two scores that both put 50 first lift it over retrieval's first.
+    first = np.array([[0.0, 0.0, 0.0, 0.0, 1.0]])
+    np.testing.assert_array_equal(fused(retrieved, ids, first, first)[0][0], 50)
