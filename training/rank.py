@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from feedserve.artifacts import default_artifacts_dir
@@ -39,10 +40,36 @@ from feedserve.rank.data import (
     select_tasks,
 )
 from feedserve.rank.model import HISTORIES, NEUTRAL, POST_TOKENS, GenerativeRanker, RankerConfig
-from feedserve.rank.train import multitask_loss
+from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, multitask_loss
 from feedserve.training.rank_eval import RankingData, evaluate, evaluation_cases
 
 logger = logging.getLogger(__name__)
+
+
+# How the wide term starts: PyTorch's default (uniform, about +-0.3 per feature: the bundled ranker's
+# learned weights are no larger, so its start is still in it), "zero" (it adds only what training
+# puts there), or "fusion": rank_eval's fixed fusion (minus the sum of the three log ranks it adds)
+# in the tasks that count for a post, with the MMoE's towers zeroed, so training starts from that
+# very ranking and learns corrections to it.
+WIDE_INITS = ("default", "zero", "fusion")
+FUSION_FEATURES = ("retrieval_log_rank", "recent_coengagement_log_rank", "sequential_coengagement_log_rank")
+
+
+def init_wide(model: GenerativeRanker, how: str) -> None:
+    if model.wide is None or how == "default":
+        return
+    with torch.no_grad():
+        model.wide.weight.zero_()
+        model.wide.bias.zero_()
+        if how == "fusion":
+            for tower in model.towers:
+                nn.init.zeros_(tower.weight)
+                nn.init.zeros_(tower.bias)
+            for t, task in enumerate(model.config.tasks):
+                if DEFAULT_TASK_WEIGHTS[task] > 0:
+                    for f in FUSION_FEATURES:
+                        if f in model.config.features:
+                            model.wide.weight[t, model.config.features.index(f)] = -1.0
 
 
 def train_ranker(
@@ -138,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-recent", action="store_true", help="ablation: no co-engagement with the latest likes alone")
     p.add_argument("--no-sequential", action="store_true", help="ablation: no transitions from the latest likes")
     p.add_argument("--wide", action="store_true", help="a linear term of the candidate features in every logit")
+    p.add_argument("--wide-init", choices=WIDE_INITS, default="default", help="how the wide term starts")
     p.add_argument("--tasks", default=",".join(LABELS), help=f"comma-separated, of {', '.join(LABELS)}")
     p.add_argument("--moments", type=int, default=10, help="evaluation moments per member (rank_eval)")
     p.add_argument("--horizon", type=int, default=10, help="ratings from a moment on whose likes are its targets")
@@ -206,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     torch.manual_seed(args.seed)
     model = GenerativeRanker(config, known_ids=torch.from_numpy(trained_ids))
+    init_wide(model, args.wide_init)
     tensorize = data.tensorizer(config)
     protocols = evaluation_cases(ml, split, args.moments, args.horizon)
     curve: list[dict[str, object]] = []

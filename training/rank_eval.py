@@ -230,9 +230,11 @@ def compare(
     ranked_top: Sequence[np.ndarray],
     cases: Sequence[RankCase],
     new_posts: set[int] | None = None,
+    slices: Mapping[str, Sequence[set[int]]] | None = None,
 ) -> dict[str, Any]:
     """Both orders' metrics, and the ranked / retrieval ratio of each with its bootstrap interval;
-    with `new_posts`, the same over those targets alone, in the cases that have any ("new_posts")."""
+    with `new_posts`, the same over those targets alone, in the cases that have any ("new_posts");
+    and the same for each of `slices` (a set of posts per case, whose targets alone it keeps)."""
     base, ranked = per_case(retrieval_top, cases, KS), per_case(ranked_top, cases, KS)
     members = [c.member.id for c in cases]
     report: dict[str, Any] = {
@@ -242,20 +244,43 @@ def compare(
         "ranked": metrics(ranked_top, cases, KS),
         "ranked_over_retrieval": {name: paired_ratio(base[name], ranked[name], members) for name in base},
     }
-    if new_posts is not None:
-        new, new_cases = new_post_cases(cases, new_posts)
-        if new:
-            report["new_posts"] = {
-                "targets": sum(len(c.targets) for c in new_cases),
-                **compare([retrieval_top[i] for i in new], [ranked_top[i] for i in new], new_cases),
+    parts = {**({"new_posts": [new_posts] * len(cases)} if new_posts is not None else {}), **(slices or {})}
+    for name, keep in parts.items():
+        at, kept = sliced_cases(cases, keep)
+        if at:
+            report[name] = {
+                "targets": sum(len(c.targets) for c in kept),
+                **compare([retrieval_top[i] for i in at], [ranked_top[i] for i in at], kept),
             }
     return report
 
 
+def sliced_cases(cases: Sequence[RankCase], keep: Sequence[set[int]]) -> tuple[list[int], list[RankCase]]:
+    """The cases with a target in their set of `keep` (their positions, and each with those targets
+    alone)."""
+    at = [i for i, c in enumerate(cases) if c.targets & keep[i]]
+    return at, [RankCase(cases[i].member, cases[i].targets & keep[i], cases[i].history) for i in at]
+
+
 def new_post_cases(cases: Sequence[RankCase], new_posts: set[int]) -> tuple[list[int], list[RankCase]]:
     """The cases with a target among `new_posts` (their positions, and each with those targets alone)."""
-    new = [i for i, c in enumerate(cases) if c.targets & new_posts]
-    return new, [RankCase(cases[i].member, cases[i].targets & new_posts, cases[i].history) for i in new]
+    return sliced_cases(cases, [new_posts] * len(cases))
+
+
+def transition_slices(data: RankingData, cases: Sequence[RankCase]) -> dict[str, list[set[int]]]:
+    """Each case's targets split by what the training period says of them: "seen_transition", posts
+    someone liked soon after one of the member's latest likes (`RankingData.transitions` > 0: what
+    an id embedding can memorise), and "unseen_transition", the rest of the posts rated before the
+    cutoff (known, but never reached from this history; only content generalises there). New posts
+    are neither (`new_posts`)."""
+    column = {int(p): j for j, p in enumerate(data.post_ids.tolist())}
+    old = {int(p) for p in data.post_ids.tolist()} - data.new_posts()
+    scores = data.transitions([c.member for c in cases])
+    seen = [{t for t in c.targets if t in column and row[column[t]] > 0} for c, row in zip(cases, scores, strict=True)]
+    return {
+        "seen_transition": seen,
+        "unseen_transition": [(c.targets & old) - s for c, s in zip(cases, seen, strict=True)],
+    }
 
 
 def evaluation_cases(ml: MovieLens, split: Split, moments: int = 10, horizon: int = 10) -> dict[str, list[RankCase]]:
@@ -275,22 +300,31 @@ def evaluate(
     candidates: int,
     new_posts: set[int] | None = None,
     reference: Mapping[str, Sequence[np.ndarray]] | None = None,
+    slices: Mapping[str, Mapping[str, Sequence[set[int]]]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[np.ndarray]]]:
     """`compare` for each protocol, the ranker reordering the retrieval stage's top `candidates`, and
     its ranked orders. With `reference` (another ranker's orders of the same cases), also this
     ranker's paired ratio over it ("over_reference"): two rankers of the same candidates move
     together from member to member, so their difference is measured far more tightly than either
     one's interval over retrieval suggests. (Not on the new posts: there a few members hold every
-    hit, and a resample without them has nothing to divide by.)"""
+    hit, and a resample without them has nothing to divide by.) `slices` (per protocol, `compare`'s)
+    are paired with the reference too."""
     report, ranked = {}, {}
     for name, cases in protocols.items():
         vectors = retriever.member_vectors([c.member for c in cases])
         retrieval_top, ranked[name] = rank_cases(
             model, tensorize, vectors, cases, post_ids, retriever.posts, candidates
         )
-        report[name] = compare(retrieval_top, ranked[name], cases, new_posts)
+        parts = (slices or {}).get(name, {})
+        report[name] = compare(retrieval_top, ranked[name], cases, new_posts, parts)
         if reference is not None:
             report[name]["over_reference"] = compare(reference[name], ranked[name], cases)["ranked_over_retrieval"]
+            for part, keep in parts.items():
+                at, kept = sliced_cases(cases, keep)
+                if at:
+                    report[name][part]["over_reference"] = compare(
+                        [reference[name][i] for i in at], [ranked[name][i] for i in at], kept
+                    )["ranked_over_retrieval"]
     retriever.save_members()
     return report, ranked
 
@@ -311,11 +345,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help=f"pair every ranker with the fixed fusion of its inputs ({FUSION}) rather than with the first",
     )
+    p.add_argument(
+        "--transitions",
+        action="store_true",
+        help="also read each ranker on the targets a transition from the latest likes reaches and on the rest",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     data = RankingData.load(args.artifacts, args.cache, args.validate)
     protocols = evaluation_cases(data.ml, data.split, args.moments, args.horizon)
+    slices = {name: transition_slices(data, cases) for name, cases in protocols.items()} if args.transitions else {}
     command = "python -m feedserve.training.rank_eval " + " ".join(argv if argv is not None else sys.argv[1:])
     head = {
         "command": command,
@@ -333,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         fusion: dict[str, Any] = {"ranker": FUSION, **head}
         for name, cases in protocols.items():
             retrieval_top, reference[name] = fusion_orders(data, cases, args.candidates, knn)
-            fusion[name] = compare(retrieval_top, reference[name], cases, new_posts)
+            fusion[name] = compare(retrieval_top, reference[name], cases, new_posts, slices.get(name))
         reports.append(fusion)
     for directory in args.ranker:
         model = GenerativeRanker.load(directory)
@@ -347,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             args.candidates,
             new_posts,
             reference,
+            slices,
         )
         reference = reference or ranked
         report: dict[str, Any] = {
@@ -396,7 +437,43 @@ def markdown_table(reports: Sequence[Mapping[str, Any]]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells(p, "ranked") for p in parts(r)) + " |")
     if any("over_reference" in r["moments"] for r in reports[1:]):
         lines += paired_table(reports)
+    if all(s in moments for s in SLICES):
+        lines += slice_table(reports)
     return "\n".join(lines) + "\n"
+
+
+# `transition_slices`, as the table names them.
+SLICES = {"seen_transition": "reached", "unseen_transition": "not reached"}
+
+
+def slice_table(reports: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The moments' targets by whether a transition from the member's latest likes reaches them
+    (`transition_slices`): each ranker's metrics on each, and its paired Recall@50 over the first
+    (the slices are small: Recall@50 has hits in most resamples of members where NDCG@10 has few)."""
+    moments, first = reports[0]["moments"], Path(reports[0]["ranker"]).name
+    sizes = "; ".join(f"{label} {moments[s]['targets']} in {moments[s]['cases']}" for s, label in SLICES.items())
+    head = " | ".join(f"{label}: R@10 | R@50 | NDCG@10 | R@50 / {first}" for label in SLICES.values())
+    lines = [
+        "",
+        f"The moments' targets by whether a transition from the member's latest likes in the training "
+        f"period reaches them (targets in moments: {sizes}):",
+        "",
+    ]
+    lines += [f"| ranker | {head} |", "|---" * (1 + 4 * len(SLICES)) + "|"]
+
+    def cells(part: Mapping[str, Any], key: str) -> str:
+        m = part[key]
+        paired = (
+            paired_text(part["over_reference"]["recall@50"]) if key == "ranked" and "over_reference" in part else "-"
+        )
+        return f"{m['recall@10']:.4f} | {m['recall@50']:.4f} | {m['ndcg@10']:.4f} | {paired}"
+
+    lines.append("| retrieval alone | " + " | ".join(cells(moments[s], "retrieval") for s in SLICES) + " |")
+    for r in reports:
+        lines.append(
+            f"| {Path(r['ranker']).name} | " + " | ".join(cells(r["moments"][s], "ranked") for s in SLICES) + " |"
+        )
+    return lines
 
 
 def paired_table(reports: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -231,3 +231,31 @@ def test_the_fixed_fusion_orders_the_retrieved_posts_by_their_summed_log_ranks()
     # Two scores that both put 50 first lift it over retrieval's first.
     first = np.array([[0.0, 0.0, 0.0, 0.0, 1.0]])
     np.testing.assert_array_equal(fused(retrieved, ids, first, first)[0][0], 50)
+
+
+def test_a_ranker_started_from_the_fusion_ranks_as_the_fusion_before_training() -> None:
+    import torch
+
+    from feedserve.rank.data import FEATURES
+    from feedserve.rank.model import INPUTS, GenerativeRanker, RankerConfig
+    from feedserve.training.rank import FUSION_FEATURES, init_wide
+    from tests.unit.test_rank import _inputs
+
+    config = RankerConfig(content_dim=16, d_model=32, max_history=12, id_buckets=4096, features=FEATURES, wide=True)
+    torch.manual_seed(0)
+    model = GenerativeRanker(config).eval()
+    inputs = _inputs(12, 30)
+    inputs["candidate_features"] = torch.rand(1, 30, len(FEATURES)) * 5
+    columns = [FEATURES.index(f) for f in FUSION_FEATURES]
+    fusion = -inputs["candidate_features"][0][:, columns].sum(-1)
+    with torch.no_grad():
+        before = model(**{k: inputs[k] for k in INPUTS})[0]
+        init_wide(model, "fusion")
+        after = model(**{k: inputs[k] for k in INPUTS})[0]
+    # like and love are the fusion's score exactly; dislike (a negative task) starts at zero.
+    assert torch.allclose(after[:, 0], fusion) and torch.allclose(after[:, 1], fusion)
+    assert torch.equal(after[:, 2], torch.zeros(30))
+    assert not torch.allclose(before[:, 0], fusion)  # PyTorch's own start is not it
+    with torch.no_grad():
+        init_wide(model, "zero")
+        assert torch.equal(model.wide.weight, torch.zeros_like(model.wide.weight))  # type: ignore[union-attr]
