@@ -156,6 +156,11 @@ def test_the_new_posts_slice_reads_only_their_targets_in_the_cases_that_have_any
     assert report["cases"] == 3 and "new_posts" not in compare(retrieval, ranked, cases)
     assert "new_posts" not in compare(retrieval, ranked, cases, new_posts={99})
 
+    # A slice keeps each case's own posts: the first case's target 1, the third's 4 and 5.
+    sliced = compare(retrieval, ranked, cases, slices={"mine": [{1}, set(), {4, 5, 2}]})["mine"]
+    assert sliced["cases"] == 2 and sliced["targets"] == 3
+    assert sliced["ranked"]["ndcg@10"] == pytest.approx((1 / np.log2(3) + 1.0) / 2)
+
 
 class _Vectors:
     """The retrieval stage's vectors, fixed (what EmbeddingRetriever computes from the encoder)."""
