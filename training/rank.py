@@ -6,7 +6,8 @@ The retrieval encoder the server runs (`encoder.int8.onnx` where built) embeds e
 member; training examples are members at moments before the split's cutoff (the retrieval stage's
 global time split: nothing after it is trained on), each with every rating before the moment as
 history, and as impressions the top retrieved movies then plus the movies rated next
-(`feedserve.rank.data`). The loss is multi-task binary cross-entropy (like, love, dislike).
+(`feedserve.rank.data`). The loss is multi-task binary cross-entropy (like, love, dislike), with
+`--listwise W` plus W times a softmax over each example's candidates (`feedserve.rank.train`).
 Batches depend only on the seed and the step, and a checkpoint is kept every `--checkpoint-every`
 steps: `--resume` continues a run exactly. At the end the test members (after the cutoff) are
 ranked: the retrieval stage's top `--candidates` for each, reordered by the ranker's final score,
