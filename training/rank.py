@@ -67,7 +67,7 @@ def init_wide(model: GenerativeRanker, how: str) -> None:
                 nn.init.zeros_(tower.weight)
                 nn.init.zeros_(tower.bias)
             for t, task in enumerate(model.config.tasks):
-                if DEFAULT_TASK_WEIGHTS[task] > 0:
+                if DEFAULT_TASK_WEIGHTS.get(task, 0.0) > 0:
                     for f in FUSION_FEATURES:
                         if f in model.config.features:
                             model.wide.weight[t, model.config.features.index(f)] = -1.0
