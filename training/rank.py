@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from feedserve.artifacts import default_artifacts_dir
@@ -63,9 +62,8 @@ def init_wide(model: GenerativeRanker, how: str) -> None:
         model.wide.weight.zero_()
         model.wide.bias.zero_()
         if how == "fusion":
-            for tower in model.towers:
-                nn.init.zeros_(tower.weight)
-                nn.init.zeros_(tower.bias)
+            for weight in model.towers.parameters():
+                weight.zero_()
             for t, task in enumerate(model.config.tasks):
                 if DEFAULT_TASK_WEIGHTS.get(task, 0.0) > 0:
                     for f in FUSION_FEATURES:
