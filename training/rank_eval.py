@@ -408,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
 def markdown_table(reports: Sequence[Mapping[str, Any]]) -> str:
     """One row per ranker (its directory's name), retrieval's first: each protocol's metrics and the
     ranked / retrieval NDCG@10 with its 95% interval over members, then the same on the moments' new
-    posts where the reports have them."""
+    posts where the reports have them; then the paired tables where the reports hold them (each later
+    ranker over the first; the transition slices)."""
     first = reports[0]
 
     def parts(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:

@@ -133,6 +133,23 @@ def test_the_table_puts_retrieval_first_and_each_ranker_with_its_interval() -> N
     assert [r.split(" | ")[0] for r in rows] == ["| retrieval alone", "| a", "| b"]
     assert "0.0500 | 1.00x" in rows[0]
     assert "0.0700 | 1.40x [1.10, 1.60]" in rows[2] and "1.20x [0.90, 1.50]" in rows[1]
+    assert "reached" not in markdown_table(reports)  # no slices read: no slice table
+
+    # With the transition slices, a table of them: retrieval, then each ranker, the later ones
+    # paired with the first on Recall@50.
+    paired = {"recall@50": {"ratio": 1.25, "low": 1.1, "high": 1.4, "above_1": 0.99}}
+    for r, recall in zip(reports, (0.3, 0.375), strict=True):
+        for part, targets in (("seen_transition", 12), ("unseen_transition", 4)):
+            sliced = {**result(0.04, 0.6, 1.1), "targets": targets}
+            sliced["ranked"] = {**sliced["ranked"], "recall@50": recall}
+            r["moments"][part] = {**sliced, **({"over_reference": paired} if r is reports[1] else {})}
+    lines = markdown_table(reports).splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("The moments' targets by whether"))
+    assert "reached 12 in 9; not reached 4 in 9" in lines[at]
+    rows = [line for line in lines[at:] if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split(" | ")[0] for r in rows] == ["| retrieval alone", "| a", "| b"]
+    assert rows[1].count(" | -") == 2 and "0.3000" in rows[1]
+    assert rows[2].count("1.250x [1.10, 1.40] P 0.99") == 2 and "0.3750" in rows[2]
 
 
 def test_the_new_posts_slice_reads_only_their_targets_in_the_cases_that_have_any() -> None:
