@@ -76,6 +76,13 @@ class RankCase(EvalCase):
     def seen(self) -> set[int]:
         return super().seen() | {it.post_id for it in self.history}
 
+    def retrieved(
+        self, member: np.ndarray, post_ids: np.ndarray, post_vectors: np.ndarray, candidates: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The retrieval stage's top `candidates` for this case, best first (ids, scores), for the
+        member vector `member`: every post it has seen excluded."""
+        return top_posts(member, post_ids, post_vectors, candidates, sorted(self.seen()))
+
 
 @dataclass
 class RankingData:
@@ -179,7 +186,7 @@ def rank_cases(
     for start in range(0, len(cases), batch):
         examples = []
         for case, member in zip(cases[start : start + batch], member_vectors[start : start + batch], strict=True):
-            ids, scores = top_posts(member, post_ids, post_vectors, candidates, sorted(case.seen()))
+            ids, scores = case.retrieved(member, post_ids, post_vectors, candidates)
             labels = np.zeros((len(ids), len(model.config.tasks)), np.float32)
             examples.append(RankExample(case.member.id, case.history, member, ids, scores, labels))
         t = tensorize.batch(examples)
@@ -218,8 +225,7 @@ def fusion_orders(
     members = [c.member for c in cases]
     vectors = data.retriever.member_vectors(members)
     retrieval_top = [
-        top_posts(v, data.post_ids, data.retriever.posts, candidates, sorted(c.seen()))[0]
-        for c, v in zip(cases, vectors, strict=True)
+        c.retrieved(v, data.post_ids, data.retriever.posts, candidates)[0] for c, v in zip(cases, vectors, strict=True)
     ]
     recent = knn.score([m.model_copy(update={"history": m.history[-RECENT_LIKES:]}) for m in members])
     return retrieval_top, fused(retrieval_top, data.post_ids, recent, data.transitions(members))
@@ -267,14 +273,14 @@ def new_post_cases(cases: Sequence[RankCase], new_posts: set[int]) -> tuple[list
     return sliced_cases(cases, [new_posts] * len(cases))
 
 
-def transition_slices(data: RankingData, cases: Sequence[RankCase]) -> dict[str, list[set[int]]]:
+def transition_slices(data: RankingData, cases: Sequence[RankCase], new_posts: set[int]) -> dict[str, list[set[int]]]:
     """Each case's targets split by what the training period says of them: "seen_transition", posts
     someone liked soon after one of the member's latest likes (`RankingData.transitions` > 0: what
     an id embedding can memorise), and "unseen_transition", the rest of the posts rated before the
     cutoff (known, but never reached from this history; only content generalises there). New posts
-    are neither (`new_posts`)."""
+    (`new_posts`, `RankingData.new_posts`) are neither."""
     column = {int(p): j for j, p in enumerate(data.post_ids.tolist())}
-    old = {int(p) for p in data.post_ids.tolist()} - data.new_posts()
+    old = {int(p) for p in data.post_ids.tolist()} - new_posts
     scores = data.transitions([c.member for c in cases])
     seen = [{t for t in c.targets if t in column and row[column[t]] > 0} for c, row in zip(cases, scores, strict=True)]
     return {
@@ -318,13 +324,10 @@ def evaluate(
         parts = (slices or {}).get(name, {})
         report[name] = compare(retrieval_top, ranked[name], cases, new_posts, parts)
         if reference is not None:
-            report[name]["over_reference"] = compare(reference[name], ranked[name], cases)["ranked_over_retrieval"]
-            for part, keep in parts.items():
-                at, kept = sliced_cases(cases, keep)
-                if at:
-                    report[name][part]["over_reference"] = compare(
-                        [reference[name][i] for i in at], [ranked[name][i] for i in at], kept
-                    )["ranked_over_retrieval"]
+            against = compare(reference[name], ranked[name], cases, slices=parts)
+            report[name]["over_reference"] = against["ranked_over_retrieval"]
+            for part in parts.keys() & against.keys():
+                report[name][part]["over_reference"] = against[part]["ranked_over_retrieval"]
     retriever.save_members()
     return report, ranked
 
@@ -355,7 +358,12 @@ def main(argv: list[str] | None = None) -> int:
 
     data = RankingData.load(args.artifacts, args.cache, args.validate)
     protocols = evaluation_cases(data.ml, data.split, args.moments, args.horizon)
-    slices = {name: transition_slices(data, cases) for name, cases in protocols.items()} if args.transitions else {}
+    new_posts = data.new_posts()
+    slices = (
+        {name: transition_slices(data, cases, new_posts) for name, cases in protocols.items()}
+        if args.transitions
+        else {}
+    )
     command = "python -m feedserve.training.rank_eval " + " ".join(argv if argv is not None else sys.argv[1:])
     head = {
         "command": command,
@@ -366,7 +374,6 @@ def main(argv: list[str] | None = None) -> int:
         "horizon": args.horizon,
     }
     reports: list[dict[str, Any]] = []
-    new_posts = data.new_posts()
     reference: dict[str, list[np.ndarray]] | None = None  # the orders every later ranker is paired with
     if args.fusion:
         knn, reference = data.itemknn(), {}
