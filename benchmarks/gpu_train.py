@@ -29,7 +29,7 @@ import torch
 from feedserve.artifacts import DEFAULT_ADAPTER, EncoderSettings
 from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.prompt.movielens import MovieLens, load_movielens
-from feedserve.training.data import Split, movielens_split
+from feedserve.training.data import Split, movielens_split, validation_movielens
 from feedserve.training.evaluate import EmbeddingRetriever, metrics, popularity_correlation, rank
 from feedserve.training.train import TrainConfig, train
 
@@ -107,9 +107,7 @@ def ablate(base: Path, out: Path, ml: MovieLens, steps: int) -> dict[str, dict[s
 
 
 def validation_split(ml: MovieLens) -> Split:
-    test = movielens_split(ml)
-    before = [r for r in ml.ratings if r.timestamp < test.cutoff]
-    return movielens_split(MovieLens(movies=ml.movies, ratings=before))
+    return movielens_split(validation_movielens(ml))
 
 
 def evaluate(model_dir: Path, split: Split, ml: MovieLens) -> dict[str, float]:

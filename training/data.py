@@ -71,6 +71,7 @@ def movielens_split(
     """
     rng = random.Random(seed)
     cutoff = ml.cutoff(test_fraction, positive_rating)
+    ml = ml.at(cutoff)  # every prompt, trained on or evaluated, describes its posts as of the cutoff
     liked: dict[int, list] = defaultdict(list)
     disliked: dict[int, list] = defaultdict(list)
     for r in sorted(ml.ratings, key=lambda r: (r.timestamp, r.movie)):
@@ -119,12 +120,10 @@ def movielens_split(
 
 
 def validation_movielens(ml: MovieLens, test_fraction: float = 0.1) -> MovieLens:
-    """MovieLens with every rating from the test period on removed: its own time split
+    """MovieLens with every rating and tagging from the test period on removed: its own time split
     (`movielens_split`) then cuts a validation period out of the training period, so choices
-    (steps, sizes, ablations) are made without ever looking at the test members. The movies' counts
-    are the ones loaded (over every rating), as in the test split."""
-    cutoff = movielens_split(ml, test_fraction).cutoff
-    return MovieLens(ml.movies, [r for r in ml.ratings if r.timestamp < cutoff])
+    (steps, sizes, ablations) are made without ever looking at the test members."""
+    return ml.before(ml.cutoff(test_fraction))
 
 
 # --- synthetic LinkedIn-shaped data --------------------------------------------------------

@@ -103,16 +103,14 @@ class RankingData:
             ml = validation_movielens(ml)
         layout = ArtifactLayout(artifacts)
         buckets = PercentileBuckets.load(layout.buckets)
-        corpus = ml.posts()
+        split = movielens_split(ml)
+        ml = ml.at(split.cutoff)  # posts described as the training period saw them, prompts and tags
         graph = layout.onnx_int8 if layout.onnx_int8.exists() else layout.onnx  # what the server runs
         settings = EncoderSettings.load(layout.settings)
-        retriever = EmbeddingRetriever(layout.hf_dir, settings, buckets, corpus, cache, onnx=graph)
-        ids = np.array([p.id for p in corpus], np.int64)
-        split = movielens_split(ml)
+        retriever = EmbeddingRetriever(layout.hf_dir, settings, buckets, split.corpus, cache, onnx=graph)
+        ids = np.array([p.id for p in split.corpus], np.int64)
         # The training period's counts; a training example reads them as they stood at its moment.
-        features = PostFeatures.from_posts(
-            ml.posts(split.cutoff), buckets, log=movielens_counts(ml, split.cutoff, buckets)
-        )
+        features = PostFeatures.from_posts(ml.posts(), buckets, log=movielens_counts(ml, split.cutoff, buckets))
         return cls(ml, split, retriever, ids, features, movielens_coengagement(ml, split.cutoff))
 
     def new_posts(self) -> set[int]:

@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.data == "movielens":
         ml = load_movielens(SAMPLE_CORPUS)
         split = movielens_split(ml, history_negatives=args.history_negatives)
-        examples, corpus, buckets = split.train, split.corpus, ml.fit_buckets()
+        examples, corpus, buckets = split.train, split.corpus, PercentileBuckets.fit_posts(split.corpus)
     else:
         syn = synthetic_feed()
         examples, corpus, buckets = syn.train, syn.posts, PercentileBuckets.fit_posts(syn.posts)

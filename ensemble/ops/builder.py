@@ -107,7 +107,7 @@ def build_ranker(layout: ArtifactLayout, package: Path | None, corpus: Path, for
     export_ranker(model, layout.ranker_onnx)
     atomic_write(layout.ranker_config, model.config.to_json())
     ml = load_movielens(corpus)
-    # Counts and co-engagement of the training period only: the test period's ratings stay unseen.
+    # Counts, tags and co-engagement of the training period only: the test period stays unseen.
     cutoff = ml.cutoff()
     PostFeatures.from_posts(ml.posts(cutoff), PercentileBuckets.load(layout.buckets)).save(layout.post_features)
     movielens_coengagement(ml, cutoff).save(layout.coengagement)

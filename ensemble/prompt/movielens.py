@@ -34,18 +34,60 @@ class Rating:
 
 
 @dataclass
+class Tagging:
+    user: int
+    movie: int
+    tag: str
+    timestamp: int
+
+
+@dataclass
 class MovieLens:
+    """The catalog and its log. `movies` describe each film as of `described_at` (None: the whole
+    log): its counts and user tags come from the ratings and taggings before that time alone."""
+
     movies: dict[int, Post]
     ratings: list[Rating] = field(repr=False)
+    taggings: list[Tagging] = field(repr=False, default_factory=list)
+    genres: dict[int, list[str]] = field(repr=False, default_factory=dict)
+    described_at: int | None = None
+
+    def at(self, time: int | None) -> MovieLens:
+        """Every rating kept, each movie described as it stood before `time`: what a model trained
+        on the period before `time` may read of a post. Counts and tags taken from the whole log
+        would tell an evaluation which films the test period rates (a fifth of the taggings fall
+        after the benchmarks' cutoff, often by the members being evaluated, on their own targets)."""
+        counts = engagement_counts(r for r in self.ratings if time is None or r.timestamp < time)
+        tags: dict[int, Counter[str]] = defaultdict(Counter)
+        for t in self.taggings:
+            if time is None or t.timestamp < time:
+                tags[t.movie][t.tag] += 1
+        movies = {
+            i: m.model_copy(
+                update={
+                    "counts": counts.get(i, {"ratings": 0.0}),
+                    "tags": movie_tags(self.genres.get(i, []), tags[i]),
+                }
+            )
+            for i, m in self.movies.items()
+        }
+        return MovieLens(movies, self.ratings, self.taggings, self.genres, time)
+
+    def before(self, time: int) -> MovieLens:
+        """The log cut at `time` (ratings and taggings before it), the movies described as of it."""
+        log = MovieLens(
+            self.movies,
+            [r for r in self.ratings if r.timestamp < time],
+            [t for t in self.taggings if t.timestamp < time],
+            self.genres,
+        )
+        return log.at(time)
 
     def posts(self, before: int | None = None) -> list[Post]:
-        """The movies; with `before`, their counts from the ratings before it alone (the catalog as
-        the training period saw it: the ranker's count features, which must not know the test
-        period's ratings; retrieval prompts read the whole log's, as the encoder was trained on)."""
+        """The movies as described here; with `before`, as they stood before it."""
         if before is None:
             return list(self.movies.values())
-        counts = engagement_counts(r for r in self.ratings if r.timestamp < before)
-        return [m.model_copy(update={"counts": counts.get(i, {"ratings": 0.0})}) for i, m in self.movies.items()]
+        return self.at(before).posts()
 
     def members(self, min_rating: float = 4.0) -> list[Member]:
         """Every user who liked a movie, their history the movies they rated `min_rating` or more."""
@@ -106,26 +148,24 @@ def load_movielens(directory: Path) -> MovieLens:
     with open(directory / "ratings.csv", newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             ratings.append(Rating(int(row["userId"]), int(row["movieId"]), float(row["rating"]), int(row["timestamp"])))
-    tags: dict[int, Counter[str]] = defaultdict(Counter)
     with open(directory / "tags.csv", newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            tags[int(row["movieId"])][row["tag"].strip().lower()] += 1
-    counts = engagement_counts(ratings)
-    movies = {}
+        taggings = [
+            Tagging(int(row["userId"]), int(row["movieId"]), row["tag"].strip().lower(), int(row["timestamp"]))
+            for row in csv.DictReader(f)
+        ]
+    movies, genres = {}, {}
     with open(directory / "movies.csv", newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             movie = int(row["movieId"])
             match = _YEAR.match(row["title"])
             title, year = (match.group(1), int(match.group(2))) if match else (row["title"].strip(), None)
-            genres = [g for g in row["genres"].split("|") if g and g != "(no genres listed)"]
-            user_tags = [t for t, _ in tags[movie].most_common(MAX_TAGS) if t not in {g.lower() for g in genres}]
-            movies[movie] = Post(
-                id=movie,
-                format="movie",
-                article=Article(title=title, source="MovieLens"),
-                year=year,
-                tags=genres + user_tags[: MAX_TAGS - len(genres)] if len(genres) < MAX_TAGS else genres[:MAX_TAGS],
-                counts=counts.get(movie, {"ratings": 0.0}),
-            )
+            genres[movie] = [g for g in row["genres"].split("|") if g and g != "(no genres listed)"]
+            movies[movie] = Post(id=movie, format="movie", article=Article(title=title, source="MovieLens"), year=year)
     logger.info("MovieLens: %d movies, %d ratings from %s", len(movies), len(ratings), directory)
-    return MovieLens(movies, ratings)
+    return MovieLens(movies, ratings, taggings, genres).at(None)
+
+
+def movie_tags(genres: list[str], tags: Counter[str]) -> list[str]:
+    """A movie's genres, then its most frequent user tags that are not a genre, `MAX_TAGS` in all."""
+    user_tags = [t for t, _ in tags.most_common(MAX_TAGS) if t not in {g.lower() for g in genres}]
+    return (genres + user_tags)[:MAX_TAGS]

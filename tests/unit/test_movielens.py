@@ -36,3 +36,26 @@ def test_buckets_fit_on_movie_counts(ml: MovieLens) -> None:
     buckets = ml.fit_buckets()
     assert set(buckets.features) == {"ratings", "mean_rating"}
     assert buckets.bucket("ratings", 300) == 99
+
+
+def test_a_movie_described_as_of_a_time_knows_only_the_log_before_it(ml: MovieLens) -> None:
+    cutoff = ml.cutoff()
+    then = ml.at(cutoff)
+    assert then.ratings is ml.ratings and then.described_at == cutoff
+    rated = [r for r in ml.ratings if r.timestamp < cutoff]
+    for movie in (1, 318, max(ml.movies)):
+        before = [r.rating for r in rated if r.movie == movie]
+        assert then.movies[movie].counts["ratings"] == len(before)
+    # A tag first given in the test period is in the whole log's description alone.
+    late = {(t.movie, t.tag) for t in ml.taggings if t.timestamp >= cutoff}
+    early = {(t.movie, t.tag) for t in ml.taggings if t.timestamp < cutoff}
+    movie, tag = next((m, t) for m, t in sorted(late - early) if t in ml.movies[m].tags)
+    assert tag not in then.movies[movie].tags and then.movies[movie].tags[: len(ml.genres[movie])] == ml.genres[movie]
+    assert ml.at(None).posts() == ml.posts()  # the whole log's description is the one loaded
+
+
+def test_the_log_cut_at_a_time_drops_later_ratings_and_tags(ml: MovieLens) -> None:
+    cutoff = ml.cutoff()
+    cut = ml.before(cutoff)
+    assert max(r.timestamp for r in cut.ratings) < cutoff and max(t.timestamp for t in cut.taggings) < cutoff
+    assert cut.posts() == ml.posts(cutoff) and cut.at(None).posts() == cut.posts()

@@ -74,3 +74,17 @@ def test_synthetic_members_engage_with_their_topic() -> None:
         assert topics == {m.industry}
     for ex in syn.train:
         assert all(syn.topic_of[n.id] != ex.member.industry for n in ex.hard_negatives)
+
+
+def test_split_prompts_describe_posts_as_of_the_cutoff() -> None:
+    """Counts and tags of the test period would tell the encoder which films it rates."""
+    ml = load_movielens(SAMPLE_CORPUS)
+    split = movielens_split(ml)
+    then = {p.id: p for p in ml.posts(split.cutoff)}
+    assert {p.id: p for p in split.corpus} == then
+    assert any(p != ml.movies[p.id] for p in split.corpus)  # the whole log does describe some differently
+    for ex in split.train[:50]:
+        assert ex.positive == then[ex.positive.id] and all(n == then[n.id] for n in ex.hard_negatives)
+        assert all(h.post == then[h.post_id] for h in ex.member.history)
+    for case in split.test[:20]:
+        assert all(h.post == then[h.post_id] for h in case.member.history)
