@@ -65,19 +65,32 @@ def paired_ratio(
 ) -> dict[str, float]:
     """mean(other) / mean(base) over paired per-case values, with a 95% interval from a bootstrap
     that resamples whole groups (a member's cases are correlated: resampling cases alone would
-    understate the spread), and how often the resampled ratio is above 1."""
+    understate the spread), and how often the resampled ratio is above 1.
+
+    Over a zero base the ratio is undefined, not 0x or a huge number: nan where both are zero, inf
+    where only the base is (a slice with few hits, such as new posts, has resamples like that, and
+    then the interval is unbounded above)."""
     keys, group = np.unique(np.asarray(groups), return_inverse=True)
     base_sum = np.bincount(group, weights=base, minlength=len(keys))
     other_sum = np.bincount(group, weights=other, minlength=len(keys))
     picks = np.random.default_rng(seed).integers(0, len(keys), size=(samples, len(keys)))
-    ratios = other_sum[picks].sum(1) / np.maximum(base_sum[picks].sum(1), 1e-12)
-    low, high = np.percentile(ratios, [2.5, 97.5])
+    ratios = _ratio(other_sum[picks].sum(1), base_sum[picks].sum(1))
+    defined = ratios[~np.isnan(ratios)]
+    low, high = np.nan, np.nan
+    if len(defined):
+        # Interpolating between two infinite resamples gives nan: that end of the interval is inf.
+        low, high = np.nan_to_num(np.percentile(defined, [2.5, 97.5]), nan=np.inf, posinf=np.inf)
     return {
-        "ratio": float(other.sum() / max(base.sum(), 1e-12)),
+        "ratio": float(_ratio(np.asarray(other.sum()), np.asarray(base.sum()))),
         "low": float(low),
         "high": float(high),
         "above_1": float(np.mean(ratios > 1)),
     }
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.asarray(num, np.float64) / np.asarray(den, np.float64)
 
 
 def evaluate_embeddings(
