@@ -68,18 +68,19 @@ def paired_ratio(
     understate the spread), and how often the resampled ratio is above 1.
 
     Over a zero base the ratio is undefined, not 0x or a huge number: nan where both are zero, inf
-    where only the base is (a slice with few hits, such as new posts, has resamples like that, and
-    then the interval is unbounded above)."""
+    where only the base is. A slice with few hits, such as new posts, has resamples like that: where
+    some lose the base's hits the interval is unbounded above, and where some have no hit in either
+    order it is nan (too few members carry the slice for a bootstrap to say anything)."""
     keys, group = np.unique(np.asarray(groups), return_inverse=True)
     base_sum = np.bincount(group, weights=base, minlength=len(keys))
     other_sum = np.bincount(group, weights=other, minlength=len(keys))
     picks = np.random.default_rng(seed).integers(0, len(keys), size=(samples, len(keys)))
     ratios = _ratio(other_sum[picks].sum(1), base_sum[picks].sum(1))
-    defined = ratios[~np.isnan(ratios)]
     low, high = np.nan, np.nan
-    if len(defined):
+    if not np.isnan(ratios).any():
         # Interpolating between two infinite resamples gives nan: that end of the interval is inf.
-        low, high = np.nan_to_num(np.percentile(defined, [2.5, 97.5]), nan=np.inf, posinf=np.inf)
+        with np.errstate(invalid="ignore"):
+            low, high = np.nan_to_num(np.percentile(ratios, [2.5, 97.5]), nan=np.inf, posinf=np.inf)
     return {
         "ratio": float(_ratio(np.asarray(other.sum()), np.asarray(base.sum()))),
         "low": float(low),

@@ -79,18 +79,20 @@ def test_the_gain_interval_resamples_members_not_cases() -> None:
 def test_the_gain_over_a_zero_base_is_undefined_not_zero_or_huge() -> None:
     # New posts' slices often have no hit at all: 0 hits against 0 is no evidence either way, and
     # hits against none are no finite multiple.
-    zero = np.zeros(20)
+    zero, everyone = np.zeros(20), np.ones(20)
     both_zero = paired_ratio(zero, zero, np.arange(20))
     assert np.isnan(both_zero["ratio"]) and np.isnan(both_zero["low"]) and both_zero["above_1"] == 0.0
-    hits = np.zeros(20)
-    hits[3] = 1.0
-    from_none = paired_ratio(zero, hits, np.arange(20))
-    assert from_none["ratio"] == np.inf and from_none["high"] == np.inf
+    from_none = paired_ratio(zero, everyone, np.arange(20))
+    assert from_none["ratio"] == np.inf and from_none["low"] == np.inf == from_none["high"]
     # Some resamples lose the base's only hit: the interval is unbounded above, not 1e12.
     base = np.zeros(20)
     base[5] = 1.0
-    some = paired_ratio(base, hits + base, np.arange(20))
-    assert some["ratio"] == pytest.approx(2.0) and some["high"] == np.inf
+    some = paired_ratio(base, everyone, np.arange(20))
+    assert some["ratio"] == pytest.approx(20.0) and some["low"] < np.inf and some["high"] == np.inf
+    # One member carries every hit of both orders: the resamples without them say nothing, and an
+    # interval of that one member's ratio alone would look precise.
+    one = paired_ratio(base, base * 0.5, np.arange(20))
+    assert one["ratio"] == pytest.approx(0.5) and np.isnan(one["low"]) and np.isnan(one["high"])
 
 
 def test_training_reports_a_validation_curve_in_eval_mode(tmp_path: Path) -> None:
