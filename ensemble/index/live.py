@@ -19,6 +19,10 @@ the writes since (`feedserve.index.wal`). There is one writer and any number of 
   logged after the rebuild started is still in the log, and is replayed on top of the rebuild by
   the writer and by every follower.
 
+A write may carry each upserted post's features (what the ranker reads of it besides its vector,
+`feedserve.rank.features.feature_row`): they are logged, applied, followed and snapshotted with the
+vector, and replaced or dropped with it.
+
 Consistency: a search that starts after a write was acknowledged sees it, on every instance and
 every server sharing the directory (each refreshes first); a write request (its upserts and deletes
 together) is one record applied under the index's lock, so a search sees all of it or none; a
@@ -35,11 +39,11 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -201,12 +205,19 @@ class _Replica:
         self._log, self._log_inode = None, -1
 
     def _apply_record(self, record: LogRecord) -> None:
-        self._apply(record.ops, record.ids, record.vectors)
+        self._apply(record.ops, record.ids, record.vectors, record.features)
         self.lsn = record.lsn
 
-    def _apply(self, ops: np.ndarray, ids: np.ndarray, vectors: np.ndarray | None) -> None:
+    def _apply(
+        self,
+        ops: np.ndarray,
+        ids: np.ndarray,
+        vectors: np.ndarray | None,
+        features: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
         upserts = ops == Op.UPSERT
-        self.index.write(ids[upserts], vectors, ids[~upserts])  # one lock: a search sees all of it or none
+        # One lock: a search sees all of it or none.
+        self.index.write(ids[upserts], vectors, ids[~upserts], features)
 
 
 class IndexFollower(_Replica):
@@ -338,9 +349,16 @@ class IndexWriter(_Replica):
             self._forget_log()
             return applied
 
-    def write(self, ops: np.ndarray, ids: np.ndarray, vectors: np.ndarray | None) -> int:
-        """Apply one write request, upserts (a vector per upsert row, in order) and deletes together;
-        returns its lsn once it is durable and applied. IndexStoreError before anything is logged."""
+    def write(
+        self,
+        ops: np.ndarray,
+        ids: np.ndarray,
+        vectors: np.ndarray | None,
+        features: Sequence[Mapping[str, Any]] | None = None,
+    ) -> int:
+        """Apply one write request, upserts (a vector per upsert row, in order, and with `features` a
+        feature row per upsert row, `{}` for none) and deletes together; returns its lsn once it is
+        durable and applied. IndexStoreError before anything is logged."""
         ops = np.ascontiguousarray(ops, dtype=np.uint8).reshape(-1)
         ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
         if len(ops) != len(ids) or not np.isin(ops, list(Op)).all():
@@ -350,16 +368,18 @@ class IndexWriter(_Replica):
         if len(np.unique(ids)) != len(ids):
             raise IndexStoreError("duplicate post ids in one write")
         upserts = ops == Op.UPSERT
+        if features is not None and len(features) != int(upserts.sum()):
+            raise IndexStoreError(f"expected {int(upserts.sum())} feature rows (one per upsert), got {len(features)}")
         if not upserts.any():
-            vectors = None
+            vectors, features = None, None
         elif vectors is None:
             raise IndexStoreError("upserts need their vectors")
         else:
             _, vectors = self.index.check_write(ids[upserts], vectors)
             check_unit(vectors)
         with self._lock:
-            lsn = self._wal.append(ops, ids, vectors)  # durable first ...
-            self._apply(ops, ids, vectors)  # ... then visible
+            lsn = self._wal.append(ops, ids, vectors, features)  # durable first ...
+            self._apply(ops, ids, vectors, features)  # ... then visible
             self.lsn = lsn
             return lsn
 
@@ -381,8 +401,8 @@ class IndexWriter(_Replica):
                 return None  # a rebuild landed since we last looked: never save over it
             with self._lock:  # a copy, so writes go on while it is saved
                 ids, vectors = self.index.snapshot()
-                lsn, keep_from, meta = self.lsn, self._wal.end, dict(self.index.meta)
-            save_arrays(self.snapshot_path, ids, vectors, {**meta, "lsn": lsn})
+                lsn, keep_from, meta, features = self.lsn, self._wal.end, dict(self.index.meta), self.index.features()
+            save_arrays(self.snapshot_path, ids, vectors, {**meta, "lsn": lsn}, features)
             self._snapshot_identity = file_identity(self.snapshot_path)
             # A crash before the log restarts leaves the old log: replay skips its records <= lsn.
             self._wal.restart(lsn, keep_from)

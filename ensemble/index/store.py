@@ -4,14 +4,17 @@ Embeddings are L2-normalised, so inner product is cosine similarity. The index i
 `IndexFlatIP`): at the sizes served here an exhaustive scan is fast and gives perfect recall, which
 is also what the system we reproduce runs on GPU. This store is the store of record; searches can
 run on it (faiss-cpu memory, one BLAS matmul) or on a GPU engine's copy (feedserve.index.engines).
-On disk it is a snapshot file (feedserve.index.snapshot).
+On disk it is a snapshot file (feedserve.index.snapshot). Beside each vector it may hold the post's
+features (what the ranker reads of it besides the vector: count percentiles and tags), written with
+the post by the live writer and replaced or dropped with it, so that a post ingested after the
+build is ranked as it was described.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ import numpy as np
 
 from feedserve.errors import IndexStoreError
 from feedserve.index.engines import DeviceCopy, Engine, RowWrite, device_copy
-from feedserve.index.snapshot import OWN_KEYS, load_arrays, save_arrays
+from feedserve.index.snapshot import OWN_KEYS, Features, load_arrays, save_arrays
 from feedserve.schema import NO_ID
 
 logger = logging.getLogger(__name__)
@@ -70,6 +73,7 @@ class PostIndex:
         self._flat = faiss.IndexFlatIP(dim)
         self._ids = np.empty(0, np.int64)  # row -> post id; spare capacity past len(self)
         self._rows: dict[int, int] = {}  # post id -> row
+        self._features: dict[int, Mapping[str, Any]] = {}  # post id -> its features, where written with any
         self._lock = threading.Lock()
         self._device: DeviceCopy | None = None  # a GPU engine's copy; None until a search needs it
 
@@ -100,13 +104,22 @@ class PostIndex:
     def delete(self, ids: np.ndarray) -> int:
         return self.write(np.empty(0, np.int64), None, ids)
 
-    def write(self, upsert_ids: np.ndarray, vectors: np.ndarray | None, delete_ids: np.ndarray) -> int:
+    def write(
+        self,
+        upsert_ids: np.ndarray,
+        vectors: np.ndarray | None,
+        delete_ids: np.ndarray,
+        features: Sequence[Mapping[str, Any]] | None = None,
+    ) -> int:
         """Upserts and deletes under one lock hold, so a search sees all of them or none; returns how
-        many posts the deletes removed."""
+        many posts the deletes removed. `features` has one row per upsert (None: none); a post written
+        again is replaced, features and all (an empty row or none: it has none)."""
         if len(upsert_ids):
             upsert_ids, vectors = self.check_write(
                 upsert_ids, vectors if vectors is not None else np.empty((0, self.dim))
             )
+        if features is not None and len(features) != len(upsert_ids):
+            raise IndexStoreError(f"expected {len(upsert_ids)} feature rows, got {len(features)}")
         delete_ids = np.asarray(delete_ids, dtype=np.int64).reshape(-1)
         with self._lock:
             try:
@@ -114,6 +127,14 @@ class PostIndex:
             except BaseException:
                 self._device = None  # the store may hold part of this write: the copy must not differ from it
                 raise
+            for i, post in enumerate(upsert_ids.tolist()):
+                row = features[i] if features is not None else None
+                if row:
+                    self._features[post] = row
+                else:
+                    self._features.pop(post, None)
+            for post in delete_ids.tolist():
+                self._features.pop(post, None)
             self._write_device(op)
             return removed
 
@@ -244,12 +265,23 @@ class PostIndex:
         """(vectors float32 [n, dim], found bool [n]) of these posts; a row of zeros where a post is not
         in the index (the ranker reads history and candidates by id, and ranks unknown ones too)."""
         ids = np.asarray(post_ids, np.int64).reshape(-1)
-        out = np.zeros((len(ids), self.dim), np.float32)
         with self._lock:
-            rows = np.array([self._rows.get(i, -1) for i in ids.tolist()], np.int64)
-            found = rows >= 0
-            if found.any():
-                out[found] = self._vectors()[rows[found]]
+            return self._lookup(ids)
+
+    def lookup_rows(self, post_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[int, Mapping[str, Any]]]:
+        """lookup, and the features of the posts held that have any (by id), as of one moment."""
+        ids = np.asarray(post_ids, np.int64).reshape(-1)
+        with self._lock:
+            vectors, found = self._lookup(ids)
+            rows = {p: self._features[p] for p in ids.tolist() if p in self._features}
+        return vectors, found, rows
+
+    def _lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = np.zeros((len(ids), self.dim), np.float32)
+        rows = np.array([self._rows.get(i, -1) for i in ids.tolist()], np.int64)
+        found = rows >= 0
+        if found.any():
+            out[found] = self._vectors()[rows[found]]
         return out, found
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
@@ -257,20 +289,27 @@ class PostIndex:
         with self._lock:
             return self._snapshot()
 
+    def features(self) -> Features:
+        """The features of every post that has any, by id (a copy of the map; the rows are shared)."""
+        with self._lock:
+            return dict(self._features)
+
     def _snapshot(self) -> tuple[np.ndarray, np.ndarray]:
         n = len(self)
         vectors = self._flat.reconstruct_n(0, n) if n else np.empty((0, self.dim), np.float32)
         return self._ids[:n].copy(), vectors
 
     def save(self, path: Path) -> None:
-        ids, vectors = self.snapshot()
-        save_arrays(path, ids, vectors, self.meta)
+        with self._lock:
+            (ids, vectors), features = self._snapshot(), dict(self._features)
+        save_arrays(path, ids, vectors, self.meta, features)
 
     @classmethod
     def load(cls, path: Path, engine: Engine = Engine()) -> PostIndex:
-        ids, vectors, meta = load_arrays(path)
+        ids, vectors, meta, features = load_arrays(path)
         index = cls(int(meta["dim"]), {k: v for k, v in meta.items() if k not in OWN_KEYS}, engine)
         if len(ids):
             index.upsert(ids, vectors)
+        index._features = {p: f for p, f in features.items() if p in index._rows and f}
         logger.info("loaded %d posts (dim %d) from %s", len(index), index.dim, path)
         return index

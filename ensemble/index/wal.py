@@ -4,6 +4,13 @@ A log file is a header (magic, base lsn) followed by records, one per write requ
 
     u32 payload length | u32 crc32 of (length, lsn, payload) | u64 sequence number (lsn) | payload
     payload = u32 n | u32 dim | u8 ops[n] (1 upsert, 2 delete) | int64 ids[n] | float32 vectors[upserts, dim]
+              [| u32 length | features: UTF-8 JSON, a list of one object per upsert]
+
+The features section is there when the writer was given each upserted post's features (what the
+ranking stage reads of a post besides its vector, `feedserve.rank.features.feature_row`), so that a
+post ingested after the build is ranked with its counts and tags, and they survive as its vector
+does. Logs of the version before it (FSWAL002, vectors only) are read as they are; a log this
+version writes is refused by that one (its header), never read as a torn tail and cut off.
 
 A request that mixes upserts and deletes is one record with one lsn, so it is applied, replayed and
 followed whole. Lsns count up by one from the base: a record out of sequence is damage.
@@ -17,21 +24,23 @@ the log truncates a torn tail with a warning; anything else that does not check 
 refused with `LogError`, never dropped. A snapshot covering everything up to lsn L starts a new
 log based at L; the records written meanwhile are carried over into it.
 
-Nothing here executes or unpickles what it reads: the payload is lengths and flat numeric arrays.
+Nothing here executes or unpickles what it reads: the payload is lengths, flat numeric arrays and
+JSON objects.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -41,10 +50,12 @@ from feedserve.schema import OP_DELETE, OP_UPSERT
 
 logger = logging.getLogger(__name__)
 
-MAGIC = b"FSWAL002"
+MAGIC = b"FSWAL003"
+READABLE = (b"FSWAL002", MAGIC)  # the version before wrote no features section
 HEADER = struct.Struct("<8sQ")  # magic, base lsn (the snapshot this log continues)
 RECORD = struct.Struct("<IIQ")  # payload length, crc32, lsn
 BODY = struct.Struct("<II")  # n, dim
+LENGTH = struct.Struct("<I")
 MAX_PAYLOAD = 1 << 30
 
 
@@ -64,6 +75,7 @@ class LogRecord:
     ids: np.ndarray  # int64 [n]
     vectors: np.ndarray  # float32 [upserts, dim], the upsert rows in order
     end: int  # file offset just past this record
+    features: list[dict[str, Any]] | None = None  # one per upsert row, in order; None: none were written
 
     @property
     def upserts(self) -> np.ndarray:
@@ -74,7 +86,9 @@ class LogRecord:
         return self.ids[self.ops == Op.DELETE]
 
 
-def encode(ops: np.ndarray, ids: np.ndarray, vectors: np.ndarray | None) -> bytes:
+def encode(
+    ops: np.ndarray, ids: np.ndarray, vectors: np.ndarray | None, features: Sequence[Mapping[str, Any]] | None = None
+) -> bytes:
     ops = np.ascontiguousarray(ops, dtype=np.uint8).reshape(-1)
     ids = np.ascontiguousarray(ids, dtype="<i8").reshape(-1)
     upserts = int((ops == Op.UPSERT).sum())
@@ -85,7 +99,13 @@ def encode(ops: np.ndarray, ids: np.ndarray, vectors: np.ndarray | None) -> byte
             f"{len(vecs)} vectors for {upserts} upserts"
         )
     dim = vecs.shape[1] if upserts else 0
-    return BODY.pack(len(ids), dim) + ops.tobytes() + ids.tobytes() + vecs.tobytes()
+    body = BODY.pack(len(ids), dim) + ops.tobytes() + ids.tobytes() + vecs.tobytes()
+    if features is None:
+        return body
+    if len(features) != upserts or not all(isinstance(f, Mapping) for f in features):
+        raise LogError(f"a write's features are one object per upsert: {len(features)} for {upserts} upserts")
+    text = json.dumps([dict(f) for f in features], separators=(",", ":"), allow_nan=False).encode()
+    return body + LENGTH.pack(len(text)) + text
 
 
 def _crc(length: int, lsn: int, payload: bytes | memoryview) -> int:
@@ -105,18 +125,29 @@ def decode(lsn: int, payload: bytes, end: int) -> LogRecord | None:
     if ops is None or not np.isin(ops, list(Op)).all():
         return None
     upserts = int((ops == Op.UPSERT).sum())
-    if len(payload) != BODY.size + 9 * n + 4 * upserts * dim:
-        return None
+    size = BODY.size + 9 * n + 4 * upserts * dim
+    features = None
+    if len(payload) != size:
+        if len(payload) < size + LENGTH.size:
+            return None
+        if len(payload) != size + LENGTH.size + LENGTH.unpack_from(payload, size)[0]:
+            return None
+        try:
+            features = json.loads(payload[size + LENGTH.size :])
+        except ValueError:  # UnicodeDecodeError included
+            return None
+        if not isinstance(features, list) or len(features) != upserts or not all(isinstance(f, dict) for f in features):
+            return None
     ids = np.frombuffer(payload, "<i8", n, BODY.size + n).astype(np.int64)
     vectors = np.frombuffer(payload, "<f4", upserts * dim, BODY.size + 9 * n).astype(np.float32)
-    return LogRecord(lsn, ops.copy(), ids, vectors.reshape(upserts, dim), end)
+    return LogRecord(lsn, ops.copy(), ids, vectors.reshape(upserts, dim), end, features)
 
 
 def read_header(f: BinaryIO, name: object = "log") -> int:
     """The base lsn of the log open as `f` (read from its start); LogError if it is not a log."""
     f.seek(0)
     head = f.read(HEADER.size)
-    if len(head) < HEADER.size or head[:8] != MAGIC:
+    if len(head) < HEADER.size or head[:8] not in READABLE:
         raise LogError(f"{name}: not a feedserve write-ahead log of this version (bad header)")
     return int(HEADER.unpack(head)[1])
 
@@ -207,8 +238,14 @@ class WriteAheadLog:
         self._lock = threading.Lock()
         self.failed: str | None = None  # why appends are refused, after a failure that could not be undone
 
-    def append(self, ops: np.ndarray, ids: np.ndarray, vectors: np.ndarray | None) -> int:
-        payload = encode(ops, ids, vectors)
+    def append(
+        self,
+        ops: np.ndarray,
+        ids: np.ndarray,
+        vectors: np.ndarray | None,
+        features: Sequence[Mapping[str, Any]] | None = None,
+    ) -> int:
+        payload = encode(ops, ids, vectors, features)
         with self._lock:
             if self.failed:
                 raise LogError(

@@ -11,10 +11,13 @@ way it could not undo (a disk error) is reopened from what is on disk before the
 With the `milvus` index (parameter `index`), Milvus is the store of record: each request's upserts
 then deletes are written there under Strong consistency, and acknowledged once Milvus has them; the
 LSN output is then the write's time in microseconds since the epoch (Milvus keeps the log). This
-server then holds no index state: any number of replicas may write and serve the same index. A
-request may carry each row's post record (RECORDS, optional; the ingester sends them): with Milvus
-the ranking stage's features of each upserted post (count percentiles, tags) are stored beside it,
-so `rank` reads a post's features as of its last write; the local index keeps vectors only.
+server then holds no index state: any number of replicas may write and serve the same index.
+
+A request may carry each row's post record (RECORDS, optional; the ingester sends them): the
+ranking stage's features of each upserted post (count percentiles, tags) are then stored beside its
+vector, in the local index's log and snapshots as in Milvus, so `rank` reads a post's features as
+of its last write (a post written without its record has none of its own: the build's table, if it
+has the post, speaks for it).
 
 Writes need the write key (feedserve.ops.keys): a request whose `feedserve-write-key` header (which
 Triton forwards into its parameters) does not carry the server's $FEEDSERVE_WRITE_KEY is refused
@@ -31,6 +34,7 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -78,14 +82,14 @@ class IndexWriteModel(BatchModel[Write]):
         if not self.write_key:
             logger.error("index_write: %s is not set: every write will be refused", WRITE_KEY_ENV)
         self.lock_wait_s = float(params.get("writer_lock_wait_s", "30"))
+        # The ranking stage's features of each written post, from its record, as the build's table has them.
+        self.buckets = PercentileBuckets.load(layout.buckets) if layout.buckets.exists() else None
+        self.counts = PostFeatures.load(layout.post_features).counts if layout.has_ranker() else COUNT_FEATURES
         self.milvus: MilvusStore | None = None
         if params.get("index", "local") != "local":
             followed = followed_index(layout, params, Engine(), "index_write")
             assert isinstance(followed, MilvusFollowed)
             self.milvus = followed.index
-            # The ranking stage's features of each written post, from its record, as the build's table has them.
-            self.buckets = PercentileBuckets.load(layout.buckets)
-            self.counts = PostFeatures.load(layout.post_features).counts if layout.has_ranker() else COUNT_FEATURES
             return
         self.live = IndexWriter.open(layout.index_dir.root, self._dim, lock_wait_s=self.lock_wait_s)
         self._since_snapshot = 0
@@ -147,9 +151,13 @@ class IndexWriteModel(BatchModel[Write]):
             logger.exception("index_write: could not take the rebuilt index; writing on the one it holds")
         outputs: list[Arrays | RequestError] = []
         for write in items:
+            upserts = write.ops == OP_UPSERT
             try:
                 lsn = self.live.write(
-                    write.ops, write.ids, None if write.vectors is None else write.vectors[write.ops == OP_UPSERT]
+                    write.ops,
+                    write.ids,
+                    None if write.vectors is None else write.vectors[upserts],
+                    self._features(write, upserts),
                 )
                 outputs.append({LSN.name: np.full((len(write.ids), 1), lsn, np.int64)})
                 self._since_snapshot += 1
@@ -168,20 +176,19 @@ class IndexWriteModel(BatchModel[Write]):
         try:
             store.refresh()  # a rebuild swapped the generation: write to the one serving
             vectors = None if write.vectors is None else write.vectors[upserts]
-            features = (
-                None
-                if write.posts is None
-                else [
-                    feature_row(p, self.buckets, self.counts) for p, up in zip(write.posts, upserts, strict=True) if up
-                ]
-            )
-            store.write(write.ids[upserts], vectors, write.ids[~upserts], features)
+            store.write(write.ids[upserts], vectors, write.ids[~upserts], self._features(write, upserts))
         except IndexStoreError as err:  # checked before anything is written
             return RequestError(f"{WRITE_EMBEDDING.name}: {err}")
         except Exception as err:  # Milvus did not take it: not acknowledged, the client retries
             logger.exception("index_write: Milvus write failed")
             return Unavailable(f"index_write: Milvus: {type(err).__name__}: {err}")
         return {LSN.name: np.full((len(write.ids), 1), now_us(), np.int64)}
+
+    def _features(self, write: Write, upserts: np.ndarray) -> list[dict[str, Any]] | None:
+        """Each upserted post's feature row from its record, in order; None when the writer sent no records."""
+        if write.posts is None:
+            return None
+        return [feature_row(p, self.buckets, self.counts) for p, up in zip(write.posts, upserts, strict=True) if up]
 
     def _snapshot(self) -> None:
         try:

@@ -26,7 +26,6 @@ import numpy as np
 
 from feedserve.artifacts import ArtifactLayout
 from feedserve.index.engines import Engine
-from feedserve.index.milvus import MilvusStore
 from feedserve.prompt.records import Member, parse_member
 from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.data import ContentSource, PostTable, RankExample, Tensorizer, member_interactions, read_history
@@ -72,8 +71,8 @@ class RankRequest:
 
 class _Posts:
     """What the ranker reads of the posts of one batch (its history and candidates), fetched once:
-    their vectors from the followed index, their features from the build's table or, where the
-    posts live in Milvus, from each post's row (written with the post) over the table."""
+    their vectors from the followed index, their features from the index where the post was written
+    with them (a post ingested after the build) over the build's table."""
 
     def __init__(self, followed: ServingIndex, dim: int, table: PostFeatures) -> None:
         self.followed, self.dim, self.table = followed, dim, table
@@ -87,11 +86,8 @@ class _Posts:
             logger.warning("rank: the index holds %d-wide vectors, the ranker reads %d", index.dim, self.dim)
         if index is None or index.dim != self.dim:
             return PostTable(ids[:0], np.zeros((0, self.dim), np.float32)), self.table
-        if isinstance(index, MilvusStore):
-            vectors, found, rows = index.lookup_rows(ids)
-            return PostTable(ids[found], vectors[found]), self.table.overlay(rows, ids)
-        vectors, found = index.lookup(ids)
-        return PostTable(ids[found], vectors[found]), self.table
+        vectors, found, rows = index.lookup_rows(ids)
+        return PostTable(ids[found], vectors[found]), self.table.overlay(rows, ids) if rows else self.table
 
 
 def task_weights(config: RankerConfig, value: str | None) -> np.ndarray:

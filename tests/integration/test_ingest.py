@@ -17,9 +17,12 @@ import pytest
 from feedserve.artifacts import ArtifactLayout
 from feedserve.clients.ingest import Ingester, JsonlSource
 from feedserve.clients.online import FeedClient
+from feedserve.index.live import IndexFollower
 from feedserve.ops.builder import SAMPLE_CORPUS
+from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.movielens import load_movielens
 from feedserve.prompt.records import Post
+from feedserve.rank.features import feature_row
 from feedserve.schema import ModelName
 
 pytestmark = pytest.mark.integration
@@ -72,6 +75,15 @@ def test_events_become_posts_and_a_restart_resumes(
         counted = posts[2].model_copy(update={"counts": {**posts[2].counts, "ratings": 5000.0}})
         expected = [p for p in (posts[0], renamed, counted, *posts[4:])]
         assert all(_present(client, expected))
+        # Each post's features as its last event described it, kept beside its vector for `rank`.
+        follower = IndexFollower.open(tiny_artifacts.index_dir.root)
+        try:
+            _, _, rows = follower.index.lookup_rows(np.array([p.id for p in posts]))
+        finally:
+            follower.close()
+        buckets = PercentileBuckets.load(tiny_artifacts.buckets)
+        assert rows == {p.id: feature_row(p, buckets) for p in expected}
+        assert rows[counted.id] != feature_row(posts[2], buckets)
         assert (
             posts[3].id
             not in client.infer(

@@ -12,6 +12,7 @@ import pytest
 
 from feedserve.artifacts import ArtifactLayout
 from feedserve.clients.batch import build_index
+from feedserve.index.engines import Engine
 from feedserve.index.store import PostIndex
 from feedserve.index.wal import read_records
 from feedserve.ops.keys import WRITE_HEADER, WRITE_KEY_ENV
@@ -175,3 +176,34 @@ def test_writes_need_the_write_key_and_unit_vectors(layout: ArtifactLayout, monk
 def read_records_count(layout: ArtifactLayout) -> int:
     with open(layout.index_dir.log, "rb") as log:
         return len(list(read_records(log)))
+
+
+def test_records_sent_with_upserts_give_the_ranker_each_posts_features(
+    tiny_artifacts: ArtifactLayout, layout: ArtifactLayout
+) -> None:
+    """The ingester sends each post's record: the local index keeps its count percentiles and tags
+    beside its vector (logged, snapshotted), and `rank` reads them over the build's table."""
+    import json
+
+    from feedserve.rank.features import PostFeatures
+    from feedserve.triton.base import followed_index
+    from feedserve.triton.rank import _Posts
+
+    shutil.copy(tiny_artifacts.buckets, layout.buckets)
+    rng = np.random.default_rng(5)
+    writer = _Writer()
+    writer.setup(layout, {"snapshot_every": "1"})
+    post = {"id": 7, "text": "new", "tags": ["drama", "ml"], "counts": {"ratings": 10_000, "mean_rating": 4.5}}
+    records = np.array([[json.dumps(post).encode()], [b'{"id": 8}'], [b'{"id": 9}']], object)
+    (out,) = writer.run([{**_write([1, 1, 2], [7, 8, 9], _unit(rng, 3)), "RECORDS": records}])
+    assert not isinstance(out, RequestError)
+    writer.finalize()  # the snapshot taken after the write has landed
+    table = PostFeatures({8: [0.5, 0.5], 10: [0.2, 0.3]}, {8: ["old"], 10: ["kept"]})  # the build's
+    posts = _Posts(followed_index(layout, {}, Engine(), "rank"), DIM, table)
+    _, features = posts.fetch(np.array([7, 8, 10]))
+    seven = features.percentiles([7])[0]
+    assert seven.min() > 0.5 and features.tags(7) == {"drama", "ml"}
+    # 8 was written with a record holding no counts or tags: that is what it holds now.
+    assert features.percentiles([8]).tolist() == [[0.0, 0.0]] and features.tags(8) == frozenset()
+    assert features.percentiles([10]).tolist() == [pytest.approx([0.2, 0.3])] and features.tags(10) == {"kept"}
+    assert PostIndex.load(layout.index).lookup_rows(np.array([7]))[2][7]["tags"] == ["drama", "ml"]

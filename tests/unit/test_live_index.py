@@ -352,3 +352,83 @@ def test_restoring_a_backup_as_the_readme_says(tmp_path: Path) -> None:
     restored.upsert(np.array([99]), _unit(rng, 1))
     restored.close()
     assert 99 in _state(IndexFollower.open(index_dir))
+
+
+def _features(live: IndexFollower | IndexWriter, ids: list[int]) -> dict[int, object]:
+    return dict(live.index.lookup_rows(np.array(ids))[2])
+
+
+def test_features_written_with_a_post_are_logged_followed_snapshotted_and_replaced_with_it(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    hot, cold = {"percentiles": [0.9, 0.7], "tags": ["ml"]}, {"percentiles": [0.1, 0.0], "tags": []}
+    live = IndexWriter.open(tmp_path, DIM)
+    follower = IndexFollower.open(tmp_path)
+    live.write(np.array([Op.UPSERT] * 3), np.array([1, 2, 3]), _unit(rng, 3), [hot, cold, {}])
+    follower.refresh()
+    for replica in (live, follower):
+        assert _features(replica, [1, 2, 3, 4]) == {1: hot, 2: cold}  # {}: none of its own
+    live.close()
+    replayed = IndexWriter.open(tmp_path)  # from the log alone
+    assert _features(replayed, [1, 2, 3]) == {1: hot, 2: cold}
+    replayed.snapshot()
+    replayed.write(np.array([Op.UPSERT, Op.DELETE]), np.array([1, 2]), _unit(rng, 1), [cold])
+    replayed.upsert(np.array([3]), _unit(rng, 1))  # written again without features: still none
+    replayed.write(np.array([Op.UPSERT]), np.array([4]), _unit(rng, 1), [hot])
+    assert _features(replayed, [1, 2, 3, 4]) == {1: cold, 4: hot}
+    replayed.snapshot()
+    replayed.upsert(np.array([4]), _unit(rng, 1))  # replaced, features and all
+    replayed.close()
+    again = IndexWriter.open(tmp_path)  # the snapshot's features, then the log's write past it
+    assert _features(again, [1, 2, 3, 4]) == {1: cold}
+    follower.refresh()
+    assert _features(follower, [1, 2, 3, 4]) == {1: cold}
+    with pytest.raises(IndexStoreError, match="one per upsert"):
+        again.write(np.array([Op.UPSERT, Op.DELETE]), np.array([5, 1]), _unit(rng, 1), [hot, hot])
+    assert again.lsn == 5 and _features(again, [1]) == {1: cold}  # refused before it was logged
+    again.close()
+    follower.close()
+
+
+def test_a_snapshot_checks_its_features_against_its_checksum(tmp_path: Path) -> None:
+    live = IndexWriter.open(tmp_path, DIM)
+    live.write(np.array([Op.UPSERT]), np.array([1]), _unit(np.random.default_rng(8), 1), [{"tags": ["a"]}])
+    live.snapshot()
+    live.close()
+    snapshot = tmp_path / "posts.npz"
+    with np.load(snapshot) as data:
+        arrays = {name: data[name] for name in data.files}
+    assert bytes(arrays["features"]) == b'[[1,{"tags":["a"]}]]'
+    arrays["features"] = np.frombuffer(b'[[1,{"tags":["b"]}]]', np.uint8)
+    with open(snapshot, "wb") as f:
+        np.savez(f, **arrays)
+    with pytest.raises(IndexStoreError, match="do not match the checksum"):
+        IndexWriter.open(tmp_path)
+
+
+def test_a_log_of_the_version_before_is_replayed_and_continued_in_this_one(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    vectors = _unit(rng, 2)
+    old = index_log.encode(np.array([Op.UPSERT, Op.UPSERT]), np.array([1, 2]), vectors)  # no features section
+    (tmp_path / "posts.wal").write_bytes(HEADER.pack(b"FSWAL002", 0) + index_log.record_bytes(1, old))
+    live = IndexWriter.open(tmp_path, DIM)
+    assert live.lsn == 1 and sorted(_state(live)) == [1, 2] and _features(live, [1, 2]) == {}
+    live.write(np.array([Op.UPSERT]), np.array([3]), _unit(rng, 1), [{"tags": ["new"]}])
+    live.snapshot()
+    live.close()
+    assert (tmp_path / "posts.wal").read_bytes()[:8] == index_log.MAGIC
+    again = IndexWriter.open(tmp_path)
+    assert sorted(_state(again)) == [1, 2, 3] and _features(again, [3]) == {3: {"tags": ["new"]}}
+    again.close()
+
+
+@pytest.mark.parametrize(
+    "section",
+    [b"[{}]", b"[{},{},{}]", b"[1,2]", b"{}", b"[{},", b"\xff\xfe", b""],
+    ids=["too-few", "too-many", "not-objects", "not-a-list", "cut", "not-utf8", "empty"],
+)
+def test_a_features_section_that_does_not_add_up_is_no_record(section: bytes) -> None:
+    body = index_log.encode(np.array([Op.UPSERT, Op.UPSERT]), np.array([1, 2]), np.zeros((2, DIM), np.float32))
+    assert index_log.decode(1, body + struct.pack("<I", len(section)) + section, 0) is None
+    assert index_log.decode(1, body + struct.pack("<I", 99) + b"[{},{}]", 0) is None  # a length that lies
+    whole = index_log.decode(1, body + struct.pack("<I", 7) + b"[{},{}]", 0)
+    assert whole is not None and whole.features == [{}, {}]

@@ -14,6 +14,7 @@ import torch
 
 from feedserve.artifacts import ArtifactLayout
 from feedserve.index.live import IndexWriter
+from feedserve.index.wal import Op
 from feedserve.prompt.records import parse_member
 from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.data import PostTable, RankExample, Tensorizer, member_interactions
@@ -188,6 +189,25 @@ def test_a_post_written_after_load_is_ranked_by_its_content(rank: RankModel, lay
     row = {i: s for i, s in zip(after["IDS"][0].tolist(), after["SCORES"][0].tolist(), strict=True)}
     old = {i: s for i, s in zip(before["IDS"][0].tolist(), before["SCORES"][0].tolist(), strict=True)}
     assert row[505] == pytest.approx(old[505], abs=1e-6) and row[fresh] != pytest.approx(old[fresh], abs=1e-6)
+
+
+def test_a_post_ingested_with_its_record_is_ranked_with_its_counts(rank: RankModel, layout: ArtifactLayout) -> None:
+    """The index keeps the features a post was written with (index_write computes them from the
+    record the ingester sends): the next request ranks the post with them, the others as before."""
+    fresh, vector = 123_457, _unit(1, seed=78)
+    scores = []
+    writer = IndexWriter.open(layout.index_dir.root)
+    try:
+        for features in (None, [{"percentiles": [1.0, 1.0], "tags": ["drama"]}], None):
+            writer.write(np.array([Op.UPSERT]), np.array([fresh]), vector, features)
+            out = _ok(rank, _request([_member(HISTORY)], [[fresh, 505]], k=2))
+            scores.append(dict(zip(out["IDS"][0].tolist(), out["SCORES"][0].tolist(), strict=True)))
+    finally:
+        writer.close()
+    bare, featured, bare_again = scores
+    assert featured[505] == pytest.approx(bare[505], abs=1e-6)
+    assert featured[fresh] != pytest.approx(bare[fresh], abs=1e-4)
+    assert bare_again == pytest.approx(bare, abs=1e-6)  # written again without: back to none
 
 
 def test_what_a_model_loaded_is_left_out_of_the_collectors_full_passes(layout: ArtifactLayout) -> None:
