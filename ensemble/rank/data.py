@@ -26,7 +26,7 @@ from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.movielens import MovieLens, Rating
 from feedserve.prompt.records import ENGAGED_RATING, Member, is_engaged, rating_of
 from feedserve.rank.coengagement import CoEngagement, Scorer
-from feedserve.rank.features import COUNT_FEATURES, CountLog, PostFeatures
+from feedserve.rank.features import COUNT_FEATURES, CountLog, FeatureReader, PostFeatures
 from feedserve.rank.model import NEUTRAL, RankerConfig
 
 # Ratings as actions and as task labels (like, love, dislike).
@@ -288,7 +288,7 @@ class Tensorizer:
         self,
         config: RankerConfig,
         content: ContentSource,
-        features: PostFeatures | None = None,
+        features: FeatureReader | None = None,
         coengagement: CoEngagement | None = None,
     ) -> None:
         self.config = config

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -89,6 +89,18 @@ class CountLog:
         return out
 
 
+class FeatureReader(Protocol):
+    """What the ranker reads of posts' features (PostFeatures, or one overlaid with live rows)."""
+
+    counts: tuple[str, ...]
+
+    def percentiles(self, post_ids: Sequence[int], before: int | None = None) -> np.ndarray: ...
+
+    def tags(self, post_id: int) -> frozenset[str]: ...
+
+    def affinity(self, post_ids: Sequence[int], liked: frozenset[str]) -> np.ndarray: ...
+
+
 class PostFeatures:
     def __init__(
         self,
@@ -126,21 +138,10 @@ class PostFeatures:
         rows = {post.id: feature_row(post, buckets, counts) for post in posts}
         return cls({p: r["percentiles"] for p, r in rows.items()}, {p: r["tags"] for p, r in rows.items()}, counts, log)
 
-    def overlay(self, live: Mapping[int, Mapping[str, Any]], post_ids: Iterable[int]) -> PostFeatures:
-        """The features of these posts: a live row (`feature_row`, stored with the post) where there
-        is a well-formed one, else this table's."""
-        percentiles: dict[int, Sequence[float] | np.ndarray] = {}
-        tags: dict[int, Iterable[str]] = {}
-        for p in {int(i) for i in post_ids}:
-            row = live.get(p)
-            if row and len(row.get("percentiles", ())) == len(self.counts):
-                percentiles[p], tags[p] = row["percentiles"], row.get("tags", ())
-                continue
-            if p in self._percentiles:
-                percentiles[p] = self._percentiles[p]
-            if p in self._tags:
-                tags[p] = self._tags[p]
-        return PostFeatures(percentiles, tags, self.counts)
+    def overlay(self, live: Mapping[int, Mapping[str, Any]]) -> FeatureReader:
+        """These features read through `live` rows (`feature_row`, stored with a post by the index):
+        a post's well-formed live row speaks for it, else this table."""
+        return OverlaidFeatures(self, live)
 
     def percentiles(self, post_ids: Sequence[int], before: int | None = None) -> np.ndarray:
         """[n, len(counts)]; zeros for a post the table does not hold. With `before` and a log, the
@@ -189,3 +190,47 @@ class PostFeatures:
             {int(p): v["tags"] for p, v in posts.items()},
             data["counts"],
         )
+
+
+class OverlaidFeatures:
+    """A table read through live rows, built per request: nothing is copied up front (a request reads
+    2,200 posts, and every one of them may have a live row), each read takes a post's live row where
+    it has a well-formed one (as many percentiles as the table has counts) and the table's otherwise."""
+
+    def __init__(self, table: PostFeatures, live: Mapping[int, Mapping[str, Any]]) -> None:
+        self.table, self.counts = table, table.counts
+        width = len(self.counts)
+        self._live = {p: r for p, r in live.items() if r and len(r.get("percentiles", ())) == width}
+
+    def _split(self, post_ids: Sequence[int]) -> tuple[list[int], list[Mapping[str, Any]], list[int]]:
+        """(positions with a live row, those rows, positions without one)."""
+        found = [self._live.get(p) for p in post_ids]  # np.int64 and int keys hash alike
+        at = [i for i, r in enumerate(found) if r is not None]
+        rest = [i for i, r in enumerate(found) if r is None] if len(at) < len(found) else []
+        return at, [r for r in found if r is not None], rest
+
+    def percentiles(self, post_ids: Sequence[int], before: int | None = None) -> np.ndarray:
+        at, rows, rest = self._split(post_ids)
+        out = np.zeros((len(post_ids), len(self.counts)), np.float32)
+        if rest:
+            out[rest] = self.table.percentiles([post_ids[i] for i in rest], before)
+        if at:
+            out[at] = np.array([r["percentiles"] for r in rows], np.float32)
+        return out
+
+    def tags(self, post_id: int) -> frozenset[str]:
+        row = self._live.get(post_id)
+        return frozenset(row.get("tags", ())) if row is not None else self.table.tags(post_id)
+
+    def affinity(self, post_ids: Sequence[int], liked: frozenset[str]) -> np.ndarray:
+        """PostFeatures.affinity, a live row's tags in place of the table's."""
+        at, rows, rest = self._split(post_ids)
+        out = np.zeros(len(post_ids), np.float32)
+        if rest:
+            out[rest] = self.table.affinity([post_ids[i] for i in rest], liked)
+        if at:
+            tags = [set(r.get("tags", ())) for r in rows]
+            inter = np.array([len(liked.intersection(t)) for t in tags], np.float32)
+            union = np.array([len(t) for t in tags], np.float32) + len(liked) - inter
+            out[at] = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+        return out

@@ -29,7 +29,7 @@ from feedserve.index.engines import Engine
 from feedserve.prompt.records import Member, parse_member
 from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.data import ContentSource, PostTable, RankExample, Tensorizer, member_interactions, read_history
-from feedserve.rank.features import PostFeatures
+from feedserve.rank.features import FeatureReader, PostFeatures
 from feedserve.rank.model import INPUTS, OUTPUT, RankerConfig
 from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, final_score
 from feedserve.schema import (
@@ -78,7 +78,7 @@ class _Posts:
         self.followed, self.dim, self.table = followed, dim, table
         self._warned = False
 
-    def fetch(self, post_ids: np.ndarray) -> tuple[ContentSource, PostFeatures]:
+    def fetch(self, post_ids: np.ndarray) -> tuple[ContentSource, FeatureReader]:
         ids = np.unique(post_ids)
         index = self.followed.index
         if index is not None and index.dim != self.dim and not self._warned:
@@ -87,7 +87,7 @@ class _Posts:
         if index is None or index.dim != self.dim:
             return PostTable(ids[:0], np.zeros((0, self.dim), np.float32)), self.table
         vectors, found, rows = index.lookup_rows(ids)
-        return PostTable(ids[found], vectors[found]), self.table.overlay(rows, ids) if rows else self.table
+        return PostTable(ids[found], vectors[found]), self.table.overlay(rows) if rows else self.table
 
 
 def task_weights(config: RankerConfig, value: str | None) -> np.ndarray:

@@ -273,6 +273,39 @@ def test_affinity_is_the_jaccard_similarity_of_tag_sets(
     np.testing.assert_allclose(features.affinity(posts, liked), want, rtol=1e-6)
 
 
+_ROW = st.fixed_dictionaries(
+    {
+        "percentiles": st.lists(st.floats(0, 1, width=32), min_size=2, max_size=2),
+        "tags": st.frozensets(st.sampled_from("abcdefgh"), max_size=6).map(sorted),
+    }
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.dictionaries(st.integers(0, 40), _ROW, max_size=20),
+    st.dictionaries(
+        st.integers(0, 40), st.one_of(_ROW, st.just({}), st.just({"percentiles": [0.5], "tags": ["z"]})), max_size=20
+    ),
+    st.frozensets(st.sampled_from("abcdefghz"), max_size=6),
+    st.lists(st.integers(0, 40), max_size=25),
+)
+def test_live_rows_read_over_a_table_as_the_table_of_the_merged_rows(
+    table_rows: dict[int, dict], live: dict[int, dict], liked: frozenset[str], posts: list[int]
+) -> None:
+    """A post's live row (well-formed: one percentile per count) replaces its table row, percentiles and
+    tags alike; an empty or malformed one leaves the table's."""
+    table = PostFeatures(
+        {p: r["percentiles"] for p, r in table_rows.items()}, {p: r["tags"] for p, r in table_rows.items()}
+    )
+    merged = {**table_rows, **{p: r for p, r in live.items() if len(r.get("percentiles", ())) == 2}}
+    want = PostFeatures({p: r["percentiles"] for p, r in merged.items()}, {p: r["tags"] for p, r in merged.items()})
+    got = table.overlay(live)
+    np.testing.assert_array_equal(got.percentiles(posts), want.percentiles(posts))
+    np.testing.assert_allclose(got.affinity(posts, liked), want.affinity(posts, liked), rtol=1e-6)
+    assert [got.tags(p) for p in posts] == [want.tags(p) for p in posts]
+
+
 def _history_tensors(config: RankerConfig, history: list[tuple[int, str]]) -> dict[str, np.ndarray]:
     from feedserve.prompt.records import parse_member
     from feedserve.rank.data import member_interactions
