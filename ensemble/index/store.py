@@ -12,9 +12,11 @@ build is ranked as it was described.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,39 @@ def check_unit(vectors: np.ndarray) -> None:
         )
 
 
+# A post's features as the index holds them: its JSON object as (key, value) pairs, lists as tuples.
+# Tuples of strings and numbers drop out of the garbage collector's tracking, dicts and lists never
+# do: a million posts' features held as dicts made each full collection pass take 1.8 s (as tuples,
+# none; benchmarks/reports/index_features.md), and such a pass falls on whichever request is running.
+FrozenRow = tuple[tuple[str, Any], ...]
+
+
+def freeze_row(row: Mapping[str, Any]) -> FrozenRow:
+    """The row as the index holds it; `dict()` of it reads it back, lists as tuples (and an object
+    inside it as its pairs: the ranking features are flat)."""
+    return tuple((str(k), _frozen(v)) for k, v in row.items())
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return freeze_row(value)
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """No garbage collection inside the block (it builds objects that all live on)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 @dataclass
 class SearchResult:
     ids: np.ndarray  # int64 [n], n <= k
@@ -73,7 +108,7 @@ class PostIndex:
         self._flat = faiss.IndexFlatIP(dim)
         self._ids = np.empty(0, np.int64)  # row -> post id; spare capacity past len(self)
         self._rows: dict[int, int] = {}  # post id -> row
-        self._features: dict[int, Mapping[str, Any]] = {}  # post id -> its features, where written with any
+        self._features: dict[int, FrozenRow] = {}  # post id -> its features, where written with any
         self._lock = threading.Lock()
         self._device: DeviceCopy | None = None  # a GPU engine's copy; None until a search needs it
 
@@ -130,7 +165,7 @@ class PostIndex:
             for i, post in enumerate(upsert_ids.tolist()):
                 row = features[i] if features is not None else None
                 if row:
-                    self._features[post] = row
+                    self._features[post] = freeze_row(row)
                 else:
                     self._features.pop(post, None)
             for post in delete_ids.tolist():
@@ -269,11 +304,14 @@ class PostIndex:
             return self._lookup(ids)
 
     def lookup_rows(self, post_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[int, Mapping[str, Any]]]:
-        """lookup, and the features of the posts held that have any (by id), as of one moment."""
+        """lookup, and the features of the posts held that have any (by id), as of one moment (their
+        lists read back as tuples)."""
         ids = np.asarray(post_ids, np.int64).reshape(-1)
         with self._lock:
             vectors, found = self._lookup(ids)
-            rows = {p: self._features[p] for p in ids.tolist() if p in self._features}
+            rows: dict[int, Mapping[str, Any]] = {
+                p: dict(self._features[p]) for p in ids.tolist() if p in self._features
+            }
         return vectors, found, rows
 
     def _lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -290,9 +328,10 @@ class PostIndex:
             return self._snapshot()
 
     def features(self) -> Features:
-        """The features of every post that has any, by id (a copy of the map; the rows are shared)."""
+        """The features of every post that has any, by id (a copy; lists read back as tuples)."""
         with self._lock:
-            return dict(self._features)
+            frozen = dict(self._features)
+        return {p: dict(f) for p, f in frozen.items()}
 
     def _snapshot(self) -> tuple[np.ndarray, np.ndarray]:
         n = len(self)
@@ -301,15 +340,16 @@ class PostIndex:
 
     def save(self, path: Path) -> None:
         with self._lock:
-            (ids, vectors), features = self._snapshot(), dict(self._features)
-        save_arrays(path, ids, vectors, self.meta, features)
+            (ids, vectors), frozen = self._snapshot(), dict(self._features)
+        save_arrays(path, ids, vectors, self.meta, {p: dict(f) for p, f in frozen.items()})
 
     @classmethod
     def load(cls, path: Path, engine: Engine = Engine()) -> PostIndex:
-        ids, vectors, meta, features = load_arrays(path)
-        index = cls(int(meta["dim"]), {k: v for k, v in meta.items() if k not in OWN_KEYS}, engine)
-        if len(ids):
-            index.upsert(ids, vectors)
-        index._features = {p: f for p, f in features.items() if p in index._rows and f}
+        with gc_paused():  # a million rows parsed are millions of containers: no collector passes over them
+            ids, vectors, meta, features = load_arrays(path)
+            index = cls(int(meta["dim"]), {k: v for k, v in meta.items() if k not in OWN_KEYS}, engine)
+            if len(ids):
+                index.upsert(ids, vectors)
+            index._features = {p: freeze_row(f) for p, f in features.items() if p in index._rows and f}
         logger.info("loaded %d posts (dim %d) from %s", len(index), index.dim, path)
         return index

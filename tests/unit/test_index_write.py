@@ -206,4 +206,4 @@ def test_records_sent_with_upserts_give_the_ranker_each_posts_features(
     # 8 was written with a record holding no counts or tags: that is what it holds now.
     assert features.percentiles([8]).tolist() == [[0.0, 0.0]] and features.tags(8) == frozenset()
     assert features.percentiles([10]).tolist() == [pytest.approx([0.2, 0.3])] and features.tags(10) == {"kept"}
-    assert PostIndex.load(layout.index).lookup_rows(np.array([7]))[2][7]["tags"] == ["drama", "ml"]
+    assert PostIndex.load(layout.index).lookup_rows(np.array([7]))[2][7]["tags"] == ("drama", "ml")

@@ -274,6 +274,19 @@ def test_the_fixed_fusion_orders_the_retrieved_posts_by_their_summed_log_ranks()
     np.testing.assert_array_equal(fused(retrieved, ids, first, first)[0][0], 50)
 
 
+def test_a_blend_of_two_orders_sums_their_log_ranks() -> None:
+    from feedserve.training.rank_eval import blended
+
+    a, b = np.array([1, 2, 3, 4]), np.array([4, 3, 2, 1])
+    # Against its reverse: 1 and 4 sum ln 1 + ln 4 (the smaller), 2 and 3 ln 2 + ln 3; ties keep the
+    # first order.
+    np.testing.assert_array_equal(blended([a], [b])[0], [1, 4, 2, 3])
+    np.testing.assert_array_equal(blended([a], [a])[0], a)  # an order blended with itself
+    np.testing.assert_array_equal(blended([a], [np.array([3, 1, 2, 4])])[0], [1, 3, 2, 4])
+    with pytest.raises(ValueError, match="the same posts"):
+        blended([a], [np.array([1, 2, 3, 5])])
+
+
 def test_a_ranker_started_from_the_fusion_ranks_as_the_fusion_before_training() -> None:
     import torch
 
