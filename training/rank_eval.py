@@ -212,6 +212,7 @@ def fused(retrieval_top: Sequence[np.ndarray], ids: np.ndarray, *scores: np.ndar
 # The strongest fixed fusion of the ranker's own inputs (benchmarks/reports/ranker/quality.md): what a
 # learned ranker has to beat to have learned more than adding three ranks.
 FUSION = "fixed-fusion"
+BLEND = "+ fusion"  # a ranker's order blended with the fusion's (`blended`)
 
 
 def fusion_orders(
@@ -227,6 +228,19 @@ def fusion_orders(
     ]
     recent = knn.score([m.model_copy(update={"history": m.history[-RECENT_LIKES:]}) for m in members])
     return retrieval_top, fused(retrieval_top, data.post_ids, recent, data.transitions(members))
+
+
+def blended(first: Sequence[np.ndarray], second: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Each case's posts (two orders of the same posts) by ln(1 + rank in `first`) + ln(1 + rank in
+    `second`), ties in `first`'s order: `fused`'s rule over two whole orders."""
+    out = []
+    for a, b in zip(first, second, strict=True):
+        if sorted(a.tolist()) != sorted(b.tolist()):
+            raise ValueError("a blend needs two orders of the same posts")
+        rank_b = {int(p): r for r, p in enumerate(b.tolist())}
+        total = np.log1p(np.arange(len(a), dtype=np.float64)) + np.log1p([rank_b[int(p)] for p in a.tolist()])
+        out.append(a[np.argsort(total, kind="stable")])
+    return out
 
 
 def compare(
@@ -257,6 +271,21 @@ def compare(
                 **compare([retrieval_top[i] for i in at], [ranked_top[i] for i in at], kept),
             }
     return report
+
+
+def pair_with(
+    result: dict[str, Any],
+    reference: Sequence[np.ndarray],
+    ranked: Sequence[np.ndarray],
+    cases: Sequence[RankCase],
+    slices: Mapping[str, Sequence[set[int]]],
+) -> None:
+    """Add to `compare`'s `result` of `ranked` its paired ratio over the `reference` orders of the same
+    cases ("over_reference"), on the whole and on each of `slices`."""
+    against = compare(reference, ranked, cases, slices=slices)
+    result["over_reference"] = against["ranked_over_retrieval"]
+    for part in slices.keys() & against.keys():
+        result[part]["over_reference"] = against[part]["ranked_over_retrieval"]
 
 
 def sliced_cases(cases: Sequence[RankCase], keep: Sequence[set[int]]) -> tuple[list[int], list[RankCase]]:
@@ -322,10 +351,7 @@ def evaluate(
         parts = (slices or {}).get(name, {})
         report[name] = compare(retrieval_top, ranked[name], cases, new_posts, parts)
         if reference is not None:
-            against = compare(reference[name], ranked[name], cases, slices=parts)
-            report[name]["over_reference"] = against["ranked_over_retrieval"]
-            for part in parts.keys() & against.keys():
-                report[name][part]["over_reference"] = against[part]["ranked_over_retrieval"]
+            pair_with(report[name], reference[name], ranked[name], cases, parts)
     retriever.save_members()
     return report, ranked
 
@@ -345,6 +371,11 @@ def main(argv: list[str] | None = None) -> int:
         "--fusion",
         action="store_true",
         help=f"pair every ranker with the fixed fusion of its inputs ({FUSION}) rather than with the first",
+    )
+    p.add_argument(
+        "--blend",
+        action="store_true",
+        help=f"with --fusion, also read each ranker's order blended with the fusion's ({BLEND})",
     )
     p.add_argument(
         "--transitions",
@@ -372,13 +403,16 @@ def main(argv: list[str] | None = None) -> int:
         "horizon": args.horizon,
     }
     reports: list[dict[str, Any]] = []
+    if args.blend and not args.fusion:
+        p.error("--blend needs --fusion")
     reference: dict[str, list[np.ndarray]] | None = None  # the orders every later ranker is paired with
+    retrieved: dict[str, list[np.ndarray]] = {}
     if args.fusion:
         knn, reference = data.itemknn(), {}
         fusion: dict[str, Any] = {"ranker": FUSION, **head}
         for name, cases in protocols.items():
-            retrieval_top, reference[name] = fusion_orders(data, cases, args.candidates, knn)
-            fusion[name] = compare(retrieval_top, reference[name], cases, new_posts, slices.get(name))
+            retrieved[name], reference[name] = fusion_orders(data, cases, args.candidates, knn)
+            fusion[name] = compare(retrieved[name], reference[name], cases, new_posts, slices.get(name))
         reports.append(fusion)
     for directory in args.ranker:
         model = GenerativeRanker.load(directory)
@@ -403,6 +437,14 @@ def main(argv: list[str] | None = None) -> int:
         }
         atomic_write(Path(directory) / args.name, json.dumps(report, indent=1) + "\n")
         reports.append(report)
+        if args.blend and reference is not None:
+            blend: dict[str, Any] = {"ranker": f"{Path(directory).name} {BLEND}", **head, "reference": FUSION}
+            for name, cases in protocols.items():
+                parts = slices.get(name, {})
+                orders = blended(ranked[name], reference[name])
+                blend[name] = compare(retrieved[name], orders, cases, new_posts, parts)
+                pair_with(blend[name], reference[name], orders, cases, parts)
+            reports.append(blend)
     table = markdown_table(reports)
     print(table)
     if args.table is not None:
