@@ -237,6 +237,14 @@ class WriteAheadLog:
             os.fsync(self._fd)
         self._lock = threading.Lock()
         self.failed: str | None = None  # why appends are refused, after a failure that could not be undone
+        with open(self.path, "rb") as f:
+            magic = f.read(len(MAGIC))
+        if magic != MAGIC:
+            # A log of the version before is rewritten under this version's header before any record
+            # of this version joins it, so that the version before refuses it instead of cutting
+            # records it cannot read off as a torn tail.
+            logger.info("%s: rewriting a %s log as %s", self.path, magic.decode(errors="replace"), MAGIC.decode())
+            self.restart(self.base_lsn, HEADER.size)
 
     def append(
         self,

@@ -412,12 +412,18 @@ def test_a_log_of_the_version_before_is_replayed_and_continued_in_this_one(tmp_p
     vectors = _unit(rng, 2)
     old = index_log.encode(np.array([Op.UPSERT, Op.UPSERT]), np.array([1, 2]), vectors)  # no features section
     (tmp_path / "posts.wal").write_bytes(HEADER.pack(b"FSWAL002", 0) + index_log.record_bytes(1, old))
+    follower = IndexFollower.open(tmp_path, DIM)  # no snapshot yet: the log alone
+    assert sorted(_state(follower)) == [1, 2]
     live = IndexWriter.open(tmp_path, DIM)
     assert live.lsn == 1 and sorted(_state(live)) == [1, 2] and _features(live, [1, 2]) == {}
+    # Rewritten under this version's header before a record of this version joins it.
+    assert (tmp_path / "posts.wal").read_bytes()[:8] == index_log.MAGIC and _lsns(tmp_path / "posts.wal") == [1]
     live.write(np.array([Op.UPSERT]), np.array([3]), _unit(rng, 1), [{"tags": ["new"]}])
+    follower.refresh()  # it followed the old file, and moves to the new one as after a snapshot
+    assert sorted(_state(follower)) == [1, 2, 3] and _features(follower, [3]) == {3: {"tags": ["new"]}}
+    follower.close()
     live.snapshot()
     live.close()
-    assert (tmp_path / "posts.wal").read_bytes()[:8] == index_log.MAGIC
     again = IndexWriter.open(tmp_path)
     assert sorted(_state(again)) == [1, 2, 3] and _features(again, [3]) == {3: {"tags": ["new"]}}
     again.close()
