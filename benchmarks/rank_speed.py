@@ -12,7 +12,10 @@
    weights (speed does not depend on them).
 2. Through Triton (the embedded default server, a follower of artifacts/default's index):
    perf_analyzer on `rank` with 2,000 candidates per member (retrieval's real ones) and on `feed`
-   with 500 and 2,000 candidates, at concurrency 1 and 8.
+   with 500 and 2,000 candidates, at concurrency 1 and 8. With `--live-features`, every indexed
+   post is first written again with its record's ranking features (the rows `feedserve build` puts
+   in its table, so the scores do not change): `rank` then reads each post's features from the
+   index, as it does for posts ingested since the build; they are taken out again at the end.
 
 Needs the default artifacts with the ranker (`feedserve build`) and an index (the demo builds one).
 """
@@ -25,6 +28,8 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +40,7 @@ import torch
 from feedserve.artifacts import ArtifactLayout, default_artifacts_dir
 from feedserve.clients.perf import machine, perf_analyzer_binary, run_perf_analyzer
 from feedserve.export.rank import export_ranker, sample_inputs
+from feedserve.index.wal import Op
 from feedserve.rank.model import GenerativeRanker, RankerConfig
 
 logger = logging.getLogger("benchmarks.rank_speed")
@@ -141,7 +147,40 @@ def _feed_inputs(members: list[Any], candidates: int) -> dict[str, Any]:
     }
 
 
-def through_triton(layout: ArtifactLayout, n_members: int, window_ms: int, tmp: Path) -> list[dict[str, Any]]:
+@contextmanager
+def live_features(layout: ArtifactLayout, posts: dict[int, Any]) -> Iterator[int]:
+    """Every indexed post written again with its ranking features (then without them again, as the
+    build left it); yields how many have them."""
+    from feedserve.index.live import IndexWriter
+    from feedserve.prompt.buckets import PercentileBuckets
+    from feedserve.rank.features import feature_row
+
+    buckets = PercentileBuckets.load(layout.buckets)
+
+    def rewrite(with_features: bool) -> int:
+        writer = IndexWriter.open(layout.index_dir.root)
+        try:
+            ids, vectors = writer.index.snapshot()
+            keep = np.array([int(i) in posts for i in ids], bool)
+            ids, vectors = ids[keep], vectors[keep]
+            for start in range(0, len(ids), 1000):
+                chunk = ids[start : start + 1000]
+                rows = [feature_row(posts[int(i)], buckets) for i in chunk] if with_features else None
+                writer.write(np.full(len(chunk), Op.UPSERT), chunk, vectors[start : start + 1000], rows)
+            return len(ids)
+        finally:
+            writer.close()
+
+    count = rewrite(True)
+    try:
+        yield count
+    finally:
+        rewrite(False)
+
+
+def through_triton(
+    layout: ArtifactLayout, n_members: int, window_ms: int, tmp: Path, with_live_features: bool = False
+) -> list[dict[str, Any]]:
     from feedserve.clients.online import FeedClient
     from feedserve.ops.builder import SAMPLE_CORPUS
     from feedserve.ops.launcher import TritonServer, on_free_ports
@@ -164,7 +203,13 @@ def through_triton(layout: ArtifactLayout, n_members: int, window_ms: int, tmp: 
         raise SystemExit(
             f"{layout.index} holds {index_posts} posts: index the full catalog first (feedserve demo --full)"
         )
-    with TritonServer(on_free_ports(repository=repo, artifacts=layout.root)) as server:
+    with ExitStack() as stack:
+        featured = (
+            stack.enter_context(live_features(layout, {p.id: p for p in ml.posts(ml.cutoff())}))
+            if with_live_features
+            else 0
+        )
+        server = stack.enter_context(TritonServer(on_free_ports(repository=repo, artifacts=layout.root)))
         with FeedClient(server.grpc_url, "grpc", timeout_s=120) as client:
             data = {"rank-2000": _rank_inputs(client, members, 2000)}
         data["feed-500"] = _feed_inputs(members, 500)
@@ -193,6 +238,7 @@ def through_triton(layout: ArtifactLayout, n_members: int, window_ms: int, tmp: 
                     "p50_ms": float(row["p50 latency"]) / 1000,
                     "p99_ms": float(row["p99 latency"]) / 1000,
                     "members": len(members),
+                    "posts_with_live_features": featured,
                 }
                 logger.info("%s", point)
                 points.append(point)
@@ -222,7 +268,8 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     if report.get("triton"):
         lines += [
             "",
-            f"## Through Triton (perf_analyzer, gRPC, K=10, {report['triton'][0]['index_posts']} posts indexed)",
+            f"## Through Triton (perf_analyzer, gRPC, K=10, {report['triton'][0]['index_posts']} posts indexed, "
+            f"{report['triton'][0].get('posts_with_live_features', 0)} of them with their features in the index)",
             "",
             "| model | candidates | concurrency | inferences/s | p50 ms | p99 ms |",
             "|---|---|---|---|---|---|",
@@ -243,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--members", type=int, default=16)
     p.add_argument("--window-ms", type=int, default=8000)
     p.add_argument("--skip-server", action="store_true")
+    p.add_argument("--skip-in-process", action="store_true")
+    p.add_argument("--live-features", action="store_true", help="every indexed post's features read from the index")
     p.add_argument("--out", type=Path, default=Path("benchmarks/reports/rank_speed"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -254,9 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.rank_speed " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     with tempfile.TemporaryDirectory() as tmp:
-        report["in_process"] = in_process(layout, args.runs, args.sample, Path(tmp))
+        report["in_process"] = [] if args.skip_in_process else in_process(layout, args.runs, args.sample, Path(tmp))
         if not args.skip_server:
-            report["triton"] = through_triton(layout, args.members, args.window_ms, Path(tmp))
+            report["triton"] = through_triton(layout, args.members, args.window_ms, Path(tmp), args.live_features)
     write_report(report, args.out)
     print((args.out / "rank_speed.md").read_text())
     return 0

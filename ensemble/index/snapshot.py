@@ -3,7 +3,7 @@ live writes carried them, the posts' features (what the ranker reads of a post b
 as JSON text.
 
 Written atomically and durably (feedserve.files), read with `allow_pickle=False`, so loading an
-index never executes code. The file carries the SHA-256 of its ids and vectors in its own metadata:
+index never executes code. The file carries the SHA-256 of its contents in its own metadata:
 it is rewritten while the server runs, so its checksum cannot live in the artifact manifest.
 """
 
@@ -83,7 +83,7 @@ def load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any], dic
         logger.warning("%s has no checksum (an older feedserve saved it); the next snapshot adds one", path)
     elif meta["sha256"] != arrays_checksum(ids, vectors, text):
         raise IndexStoreError(
-            f"{path}: ids and vectors do not match the checksum saved with them (corrupted or "
+            f"{path}: ids, vectors and features do not match the checksum saved with them (corrupted or "
             'written by another program); restore a backup of the snapshot (README, "Backups '
             'and restore"), or rebuild with `feedserve index` (live writes since are lost)'
         )

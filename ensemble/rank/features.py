@@ -229,7 +229,7 @@ class OverlaidFeatures:
         if rest:
             out[rest] = self.table.affinity([post_ids[i] for i in rest], liked)
         if at:
-            tags = [set(r.get("tags", ())) for r in rows]
+            tags = [r.get("tags", ()) for r in rows]  # unique (feature_row's), so no set is built
             inter = np.array([len(liked.intersection(t)) for t in tags], np.float32)
             union = np.array([len(t) for t in tags], np.float32) + len(liked) - inter
             out[at] = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
