@@ -29,7 +29,10 @@ FORMAT = "feedserve.index/1"
 OWN_KEYS = ("format", "dim", "count", "sha256")
 
 
-Features = Mapping[int, Mapping[str, Any]]  # by post id; a post without any is absent
+# A post's features: a JSON object, or its (key, value) pairs (as the index holds them); by post id,
+# a post without any absent.
+Row = Mapping[str, Any] | tuple[tuple[str, Any], ...]
+Features = Mapping[int, Row]
 
 
 def arrays_checksum(ids: np.ndarray, vectors: np.ndarray, features: bytes = b"") -> str:

@@ -331,10 +331,11 @@ class PostIndex:
             return self._snapshot()
 
     def features(self) -> Features:
-        """The features of every post that has any, by id (a copy; lists read back as tuples)."""
+        """The features of every post that has any, by id: a copy of the map, the rows as held
+        (read-only pairs; `dict()` of one reads it). No row is copied: the writer takes this under
+        its lock, which holds its writes back meanwhile."""
         with self._lock:
-            frozen = dict(self._features)
-        return {p: dict(f) for p, f in frozen.items()}
+            return dict(self._features)
 
     def _snapshot(self) -> tuple[np.ndarray, np.ndarray]:
         n = len(self)
@@ -343,8 +344,8 @@ class PostIndex:
 
     def save(self, path: Path) -> None:
         with self._lock:
-            (ids, vectors), frozen = self._snapshot(), dict(self._features)
-        save_arrays(path, ids, vectors, self.meta, {p: dict(f) for p, f in frozen.items()})
+            (ids, vectors), features = self._snapshot(), dict(self._features)
+        save_arrays(path, ids, vectors, self.meta, features)
 
     @classmethod
     def load(cls, path: Path, engine: Engine = Engine()) -> PostIndex:

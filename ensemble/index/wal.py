@@ -9,8 +9,9 @@ A log file is a header (magic, base lsn) followed by records, one per write requ
 The features section is there when the writer was given each upserted post's features (what the
 ranking stage reads of a post besides its vector, `feedserve.rank.features.feature_row`), so that a
 post ingested after the build is ranked with its counts and tags, and they survive as its vector
-does. Logs of the version before it (FSWAL002, vectors only) are read as they are; a log this
-version writes is refused by that one (its header), never read as a torn tail and cut off.
+does. A log of the version before it (FSWAL002, vectors only) is read as it is, and rewritten under
+this version's header when a writer opens it: that version refuses a log this one wrote (by its
+header), never reading its records as a torn tail to cut off.
 
 A request that mixes upserts and deletes is one record with one lsn, so it is applied, replayed and
 followed whole. Lsns count up by one from the base: a record out of sequence is damage.
