@@ -181,15 +181,25 @@ class PostFeatures:
 
     @classmethod
     def load(cls, path: Path) -> PostFeatures:
-        data = json.loads(Path(path).read_text())
-        if data.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a {FORMAT} file")
+        data = _read(path)
         posts = data["posts"]
         return cls(
             {int(p): v["percentiles"] for p, v in posts.items()},
             {int(p): v["tags"] for p, v in posts.items()},
             data["counts"],
         )
+
+
+def saved_counts(path: Path) -> tuple[str, ...]:
+    """The counts a saved table holds, without building the table (the writer needs no more)."""
+    return tuple(_read(path)["counts"])
+
+
+def _read(path: Path) -> dict[str, Any]:
+    data = json.loads(Path(path).read_text())
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a {FORMAT} file")
+    return dict(data)
 
 
 class OverlaidFeatures:

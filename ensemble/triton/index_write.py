@@ -47,7 +47,7 @@ from feedserve.index.wal import LogError
 from feedserve.ops.keys import WRITE_HEADER, WRITE_KEY_ENV
 from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.records import Post, parse_post
-from feedserve.rank.features import COUNT_FEATURES, PostFeatures, feature_row
+from feedserve.rank.features import COUNT_FEATURES, feature_row, saved_counts
 from feedserve.schema import LSN, OP, OP_DELETE, OP_UPSERT, POST_ID, WRITE_EMBEDDING, WRITE_RECORDS, ModelName
 from feedserve.triton.base import (
     Arrays,
@@ -84,7 +84,7 @@ class IndexWriteModel(BatchModel[Write]):
         self.lock_wait_s = float(params.get("writer_lock_wait_s", "30"))
         # The ranking stage's features of each written post, from its record, as the build's table has them.
         self.buckets = PercentileBuckets.load(layout.buckets) if layout.buckets.exists() else None
-        self.counts = PostFeatures.load(layout.post_features).counts if layout.has_ranker() else COUNT_FEATURES
+        self.counts = saved_counts(layout.post_features) if layout.has_ranker() else COUNT_FEATURES
         self.milvus: MilvusStore | None = None
         if params.get("index", "local") != "local":
             followed = followed_index(layout, params, Engine(), "index_write")
