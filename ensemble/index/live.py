@@ -467,15 +467,21 @@ def _flock(path: Path, blocking: bool) -> Iterator[bool]:
             os.close(fd)
 
 
+def wait_for_lock(path: Path, wait_s: float) -> int | None:
+    """An fd holding the exclusive flock on `path`, taken within `wait_s` seconds, else None."""
+    deadline = time.monotonic() + wait_s
+    fd = _try_lock(path, blocking=False)
+    while fd is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+        fd = _try_lock(path, blocking=False)
+    return fd
+
+
 def _take_writer_lock(directory: Path, wait_s: float = 0.0) -> int:
     """The writer lock. A writer whose server was killed exits within a second or so (its stub
     watches its server, feedserve.triton.base.watch_parent), and the kernel drops its lock then: a
     restarted server waits for that instead of failing."""
-    deadline = time.monotonic() + wait_s
-    fd = _try_lock(IndexLayout(directory).writer_lock, blocking=False)
-    while fd is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-        fd = _try_lock(IndexLayout(directory).writer_lock, blocking=False)
+    fd = wait_for_lock(IndexLayout(directory).writer_lock, wait_s)
     if fd is None:
         raise IndexStoreError(
             f"{directory} already has a writer (it holds {IndexLayout(directory).writer_lock}); a second "

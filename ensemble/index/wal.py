@@ -37,11 +37,11 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Generic, Protocol, TypeVar, overload
 
 import numpy as np
 
@@ -85,6 +85,28 @@ class LogRecord:
     @property
     def deletes(self) -> np.ndarray:
         return self.ids[self.ops == Op.DELETE]
+
+
+class Record(Protocol):
+    @property
+    def lsn(self) -> int: ...
+
+    @property
+    def end(self) -> int: ...
+
+
+R = TypeVar("R", bound=Record)
+
+
+@dataclass(frozen=True)
+class Codec(Generic[R]):
+    """What a log's records hold: the magic its header carries (and those of older versions it still
+    reads), and how a record's payload is read (None when it does not add up). The framing (header,
+    lengths, checksums, lsns, torn tails) is the same for every log."""
+
+    magic: bytes
+    readable: tuple[bytes, ...]
+    decode: Callable[[int, bytes, int], R | None]
 
 
 def encode(
@@ -144,16 +166,27 @@ def decode(lsn: int, payload: bytes, end: int) -> LogRecord | None:
     return LogRecord(lsn, ops.copy(), ids, vectors.reshape(upserts, dim), end, features)
 
 
-def read_header(f: BinaryIO, name: object = "log") -> int:
+POSTS: Codec[LogRecord] = Codec(MAGIC, READABLE, decode)  # the post index's log
+
+
+def read_header(f: BinaryIO, name: object = "log", codec: Codec[Any] = POSTS) -> int:
     """The base lsn of the log open as `f` (read from its start); LogError if it is not a log."""
     f.seek(0)
     head = f.read(HEADER.size)
-    if len(head) < HEADER.size or head[:8] not in READABLE:
+    if len(head) < HEADER.size or head[:8] not in codec.readable:
         raise LogError(f"{name}: not a feedserve write-ahead log of this version (bad header)")
     return int(HEADER.unpack(head)[1])
 
 
-def read_records(f: BinaryIO, offset: int = HEADER.size) -> Iterator[LogRecord]:
+@overload
+def read_records(f: BinaryIO, offset: int = ...) -> Iterator[LogRecord]: ...
+
+
+@overload
+def read_records(f: BinaryIO, offset: int = ..., *, codec: Codec[R]) -> Iterator[R]: ...
+
+
+def read_records(f: BinaryIO, offset: int = HEADER.size, *, codec: Codec[Any] = POSTS) -> Iterator[Any]:
     """Whole, intact records of the log open as `f`, from `offset` on; stops quietly at the first
     incomplete or invalid one (a reader following a live log may see an append in progress)."""
     f.seek(offset)
@@ -167,27 +200,27 @@ def read_records(f: BinaryIO, offset: int = HEADER.size) -> Iterator[LogRecord]:
         payload = f.read(length)
         if len(payload) < length or _crc(length, lsn, payload) != crc:
             return
-        record = decode(lsn, payload, offset + RECORD.size + length)
+        record = codec.decode(lsn, payload, offset + RECORD.size + length)
         if record is None:
             return
         offset = record.end
         yield record
 
 
-def scan(path: Path) -> tuple[int, int, int]:
+def scan(path: Path, codec: Codec[Any] = POSTS) -> tuple[int, int, int]:
     """(base lsn, last lsn, end of the last whole record) of a log, checking every record is the
     one after the last. LogError on damage: bad bytes that a valid record follows."""
     with open(path, "rb") as f:
-        base = read_header(f, path)
+        base = read_header(f, path, codec)
         last, end = base, HEADER.size
-        for record in read_records(f):
+        for record in read_records(f, codec=codec):
             if record.lsn != last + 1:
                 raise LogError(
                     f"{path}: record {record.lsn} at offset {end} follows {last}: the log is out of sequence"
                 )
             last, end = record.lsn, record.end
         size = os.fstat(f.fileno()).st_size
-        if size > end and _valid_record_in(f, end + 1, size, last):
+        if size > end and _valid_record_in(f, end + 1, size, last, codec):
             raise LogError(
                 f"{path}: the record at offset {end} (after lsn {last}) is damaged, and a valid record "
                 f"follows it: that is damage, not a torn write; refusing to drop acknowledged writes"
@@ -195,12 +228,12 @@ def scan(path: Path) -> tuple[int, int, int]:
     return base, last, end
 
 
-def _valid_record_in(f: BinaryIO, start: int, size: int, after_lsn: int) -> bool:
+def _valid_record_in(f: BinaryIO, start: int, size: int, after_lsn: int, codec: Codec[Any]) -> bool:
     """Whether a valid record with an lsn past `after_lsn` starts anywhere in [start, size): the lsn
     field is searched for at every byte offset (with numpy), and each candidate's checksum checked."""
     f.seek(start)
     tail = f.read(size - start)
-    most = after_lsn + 1 + len(tail) // (RECORD.size + BODY.size)  # no more records than fit
+    most = after_lsn + 1 + len(tail) // (RECORD.size + BODY.size)  # no more records than fit (payloads >= 8 bytes)
     for shift in range(8):
         usable = (len(tail) - shift) // 8 * 8
         if usable <= 0:
@@ -211,19 +244,24 @@ def _valid_record_in(f: BinaryIO, start: int, size: int, after_lsn: int) -> bool
                 continue
             length, crc, lsn = RECORD.unpack_from(tail, at)
             payload = tail[at + RECORD.size : at + RECORD.size + length]
-            if len(payload) == length and _crc(length, lsn, payload) == crc and decode(lsn, payload, 0) is not None:
+            if (
+                len(payload) == length
+                and _crc(length, lsn, payload) == crc
+                and codec.decode(lsn, payload, 0) is not None
+            ):
                 return True
     return False
 
 
 class WriteAheadLog:
-    """The single writer's handle: appends are serialised by a lock and fsynced."""
+    """The single writer's handle: appends are serialised by a lock and fsynced. `codec`: what its
+    records hold (the post index's writes by default)."""
 
-    def __init__(self, path: Path, base_lsn: int = 0) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path, base_lsn: int = 0, codec: Codec[Any] = POSTS) -> None:
+        self.path, self.codec = Path(path), codec
         if not self.path.exists():
-            _create(self.path, base_lsn)
-        self.base_lsn, self.last_lsn, self.end = scan(self.path)
+            _create(self.path, base_lsn, codec.magic)
+        self.base_lsn, self.last_lsn, self.end = scan(self.path, codec)
         size = self.path.stat().st_size
         if size > self.end:
             logger.warning(
@@ -239,12 +277,12 @@ class WriteAheadLog:
         self._lock = threading.Lock()
         self.failed: str | None = None  # why appends are refused, after a failure that could not be undone
         with open(self.path, "rb") as f:
-            magic = f.read(len(MAGIC))
-        if magic != MAGIC:
+            magic = f.read(len(codec.magic))
+        if magic != codec.magic:
             # A log of the version before is rewritten under this version's header before any record
             # of this version joins it, so that the version before refuses it instead of cutting
             # records it cannot read off as a torn tail.
-            logger.info("%s: rewriting a %s log as %s", self.path, magic.decode(errors="replace"), MAGIC.decode())
+            logger.info("%s: rewriting a %s log as %s", self.path, magic.decode(errors="replace"), codec.magic.decode())
             self.restart(self.base_lsn, HEADER.size)
 
     def append(
@@ -254,7 +292,11 @@ class WriteAheadLog:
         vectors: np.ndarray | None,
         features: Sequence[Mapping[str, Any]] | None = None,
     ) -> int:
-        payload = encode(ops, ids, vectors, features)
+        """Log a write to the post index (the default codec's records); its lsn."""
+        return self.append_payload(encode(ops, ids, vectors, features))
+
+    def append_payload(self, payload: bytes) -> int:
+        """Log one record of this log's codec, durable when this returns; its lsn."""
         with self._lock:
             if self.failed:
                 raise LogError(
@@ -286,7 +328,7 @@ class WriteAheadLog:
                 f.seek(keep_from)
                 tail = f.read(self.end - keep_from)
             with temporary_file(self.path) as f:
-                f.write(HEADER.pack(MAGIC, base_lsn) + tail)
+                f.write(HEADER.pack(self.codec.magic, base_lsn) + tail)
             tmp = temporary_path(self.path)
             fd = os.open(tmp, os.O_WRONLY)
             try:
@@ -309,13 +351,13 @@ class WriteAheadLog:
             self._fd = -1
 
 
-def logged_lsn(path: Path) -> int:
+def logged_lsn(path: Path, codec: Codec[Any] = POSTS) -> int:
     """The last lsn in a log (0 when there is none)."""
-    return scan(path)[1] if Path(path).exists() else 0
+    return scan(path, codec)[1] if Path(path).exists() else 0
 
 
-def _create(path: Path, base_lsn: int) -> None:
-    atomic_write(path, HEADER.pack(MAGIC, base_lsn))
+def _create(path: Path, base_lsn: int, magic: bytes) -> None:
+    atomic_write(path, HEADER.pack(magic, base_lsn))
 
 
 def _write_all(fd: int, data: bytes, offset: int) -> None:
