@@ -10,6 +10,8 @@ SNAPSHOT = "posts.npz"  # the snapshot: ids, vectors, metadata (feedserve.index.
 LOG = "posts.wal"  # the write-ahead log of the writes since the snapshot (feedserve.index.wal)
 WRITER_LOCK = "writer.lock"  # flock held by the one writer for its life
 SNAPSHOT_LOCK = "snapshot.lock"  # flock held by a full rebuild; the writer takes no snapshot meanwhile
+ENGAGEMENTS = "engagements.wal"  # engagements logged since the build (feedserve.rank.engagements)
+ENGAGEMENTS_LOCK = "engagements.lock"  # flock held by the one engagement writer
 
 
 @dataclass(frozen=True)
@@ -31,3 +33,11 @@ class IndexLayout:
     @property
     def snapshot_lock(self) -> Path:
         return self.root / SNAPSHOT_LOCK
+
+    @property
+    def engagements(self) -> Path:
+        return self.root / ENGAGEMENTS
+
+    @property
+    def engagements_lock(self) -> Path:
+        return self.root / ENGAGEMENTS_LOCK

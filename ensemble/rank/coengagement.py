@@ -63,15 +63,30 @@ class CoEngagement:
     def from_events(cls, events: Iterable[tuple[int, int, int]]) -> CoEngagement:
         """From (member id, post id, time) engagements; a member engaging with a post twice counts
         once, from the first time."""
-        by_post: dict[int, dict[int, int]] = {}
-        for member, post, at in events:
-            first = by_post.setdefault(int(post), {})
-            first[int(member)] = min(int(at), first.get(int(member), int(at)))
-        posts = sorted(by_post)
-        entries = [sorted(by_post[p].items()) for p in posts]
-        indptr = np.concatenate([[0], np.cumsum([len(e) for e in entries])]).astype(np.int64)
-        flat = np.array([e for es in entries for e in es], np.int64).reshape(-1, 2)
-        return cls(np.array(posts, np.int64), indptr, flat[:, 0], flat[:, 1])
+        rows = np.array(list(events), np.int64).reshape(-1, 3)
+        return cls.from_arrays(rows[:, 0], rows[:, 1], rows[:, 2])
+
+    @classmethod
+    def from_arrays(cls, members: np.ndarray, posts: np.ndarray, times: np.ndarray) -> CoEngagement:
+        """From engagements as three arrays, as `from_events`, sorted rather than looped over (a
+        server merges the engagements logged since the build into its table this way)."""
+        members, posts, times = (np.asarray(c, np.int64).reshape(-1) for c in (members, posts, times))
+        order = np.lexsort((times, members, posts))  # by post, member, then time: a pair's first comes first
+        members, posts, times = members[order], posts[order], times[order]
+        first = np.ones(len(order), bool)
+        first[1:] = (posts[1:] != posts[:-1]) | (members[1:] != members[:-1])
+        members, posts, times = members[first], posts[first], times[first]
+        unique, starts = np.unique(posts, return_index=True)
+        return cls(unique, np.append(starts, len(posts)), members, times)
+
+    def events(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(member ids, post ids, times) of every entry."""
+        return self.members, np.repeat(self.posts, np.diff(self.indptr)), self.times
+
+    def with_events(self, members: np.ndarray, posts: np.ndarray, times: np.ndarray) -> CoEngagement:
+        """This table with more engagements (`from_arrays`'s arrays) merged in."""
+        mine = self.events()
+        return CoEngagement.from_arrays(*(np.concatenate([a, b]) for a, b in zip(mine, (members, posts, times))))
 
     @classmethod
     def from_engagements(cls, engaged: Mapping[int, Iterable[int]]) -> CoEngagement:

@@ -1,0 +1,234 @@
+"""Engagements streamed in while the server runs, so co-engagement reads them before the next build.
+
+`coengagement.npz` holds who engaged with each post before the build; a post created since, or
+liked by new members since, would be scored as of the build until the next one. Here every
+engagement (member, post, time) the ingester sends is logged as it comes, durable before it is
+acknowledged, and every `rank` instance follows the log and serves the build's table merged with
+what was logged since (`LiveCoEngagement`): the table a training example reads "as of its moment",
+which the served one otherwise only approximates.
+
+The log is `engagements.wal` in the live index's directory, framed as the post index's log is
+(`feedserve.index.wal`: header, length, crc32, lsn, torn tails cut off by the writer), one record
+per write request:
+
+    payload = u32 n | u32 columns (3) | int64 members[n] | int64 posts[n] | int64 times[n]
+
+One writer (`EngagementWriter`, the `engage_write` model) holds `engagements.lock`; followers read
+whole records from where they stopped. The log is never snapshotted: it holds every engagement since
+the build, 24 bytes each plus a record's framing, and the merged table is rebuilt from the build's
+entries and all of them (a fraction of a second at the sample corpus's size,
+benchmarks/reports/engagements.md at larger ones). A member engaging with a post twice counts once,
+from the first time, so a batch the ingester sends again after a crash changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from feedserve.errors import IndexStoreError
+from feedserve.index.layout import IndexLayout
+from feedserve.index.live import wait_for_lock
+from feedserve.index.wal import HEADER, Codec, WriteAheadLog, read_header, read_records
+from feedserve.rank.coengagement import CoEngagement
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"FSENG001"
+BODY = struct.Struct("<II")  # n, columns
+COLUMNS = 3
+# Times are unix seconds, as the co-engagement table and the count log hold them.
+MAX_TIME = (1 << 32) - 1
+
+
+@dataclass(frozen=True)
+class EngagementRecord:
+    lsn: int
+    members: np.ndarray  # int64 [n]
+    posts: np.ndarray  # int64 [n]
+    times: np.ndarray  # int64 [n], unix seconds
+    end: int  # file offset just past this record
+
+
+def check(members: np.ndarray, posts: np.ndarray, times: np.ndarray) -> None:
+    """ValueError naming what is wrong with a batch of engagements."""
+    if not (members.shape == posts.shape == times.shape) or members.ndim != 1:
+        raise ValueError(
+            f"engagements: one member, post and time per row, got {members.shape}, {posts.shape}, {times.shape}"
+        )
+    for name, values in (("member ids", members), ("post ids", posts)):
+        if len(values) and values.min() < 0:
+            raise ValueError(f"engagements: {name} must be >= 0, got {int(values.min())}")
+    if len(times) and (times.min() < 0 or times.max() > MAX_TIME):
+        raise ValueError(f"engagements: times must be unix seconds in [0, {MAX_TIME}]")
+
+
+def encode(members: np.ndarray, posts: np.ndarray, times: np.ndarray) -> bytes:
+    columns = [np.ascontiguousarray(c, "<i8").reshape(-1) for c in (members, posts, times)]
+    check(*columns)
+    return BODY.pack(len(columns[0]), COLUMNS) + b"".join(c.tobytes() for c in columns)
+
+
+def decode(lsn: int, payload: bytes, end: int) -> EngagementRecord | None:
+    """The record, or None when its lengths do not add up."""
+    if len(payload) < BODY.size:
+        return None
+    n, columns = BODY.unpack_from(payload)
+    if columns != COLUMNS or len(payload) != BODY.size + 8 * COLUMNS * n:
+        return None
+    members, posts, times = np.frombuffer(payload, "<i8", COLUMNS * n, BODY.size).astype(np.int64).reshape(COLUMNS, n)
+    return EngagementRecord(lsn, members, posts, times, end)
+
+
+ENGAGEMENTS: Codec[EngagementRecord] = Codec(MAGIC, (MAGIC,), decode)
+
+
+class EngagementWriter:
+    """The log's one writer: a batch is checked, logged and fsynced before `write` returns its lsn."""
+
+    def __init__(self, log: WriteAheadLog, lock: int) -> None:
+        self._log, self._lock = log, lock
+
+    @classmethod
+    def open(cls, directory: Path, lock_wait_s: float = 0.0) -> EngagementWriter:
+        """Take `engagements.lock` (waiting up to `lock_wait_s` for a writer going away; IndexStoreError
+        when another still holds it) and open the log, a torn tail cut off."""
+        files = IndexLayout(Path(directory))
+        files.root.mkdir(parents=True, exist_ok=True)
+        lock = wait_for_lock(files.engagements_lock, lock_wait_s)
+        if lock is None:
+            raise IndexStoreError(f"{files.root} already has an engagement writer (it holds {files.engagements_lock})")
+        try:
+            log = WriteAheadLog(files.engagements, codec=ENGAGEMENTS)
+        except BaseException:
+            os.close(lock)
+            raise
+        logger.info("%s: engagements logged up to lsn %d (writer)", files.engagements, log.last_lsn)
+        return cls(log, lock)
+
+    @property
+    def path(self) -> Path:
+        return self._log.path
+
+    @property
+    def failed(self) -> bool:
+        return self._log.failed is not None
+
+    def write(self, members: np.ndarray, posts: np.ndarray, times: np.ndarray) -> int:
+        """Log one batch; its lsn once durable. ValueError (nothing logged) on a bad batch, LogError
+        when the disk did not take it."""
+        return self._log.append_payload(encode(members, posts, times))
+
+    def close(self) -> None:
+        self._log.close()
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
+
+
+class EngagementFollower:
+    """Reads the records appended to a log since the last read. A log replaced by another file (a
+    new index directory) is read again from its start, and what was read of the old one dropped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._log: BinaryIO | None = None
+        self._inode = -1
+        self._offset = HEADER.size
+
+    def read(self) -> tuple[bool, list[EngagementRecord]]:
+        """(whether the log was replaced since the last read, the records appended since)."""
+        replaced = False
+        try:
+            inode = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False, []
+        if inode != self._inode:
+            replaced = self._inode != -1
+            self.close()
+            # Unbuffered, as the post index's followers read theirs: never bytes from a stale buffer.
+            log = open(self.path, "rb", buffering=0)  # noqa: SIM115 (kept open across reads)
+            try:
+                read_header(log, self.path, ENGAGEMENTS)
+            except BaseException:
+                log.close()
+                raise
+            self._log, self._inode, self._offset = log, os.fstat(log.fileno()).st_ino, HEADER.size
+        assert self._log is not None
+        records = list(read_records(self._log, self._offset, codec=ENGAGEMENTS))
+        if records:
+            self._offset = records[-1].end
+        return replaced, records
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+        self._log, self._inode = None, -1
+
+
+class LiveCoEngagement:
+    """The build's co-engagement table merged with the engagements logged since it.
+
+    `update()` reads what was appended to the log and, when there is anything, builds the merged
+    table and swaps it in; `start()` runs it on a thread every `poll_s` seconds, so requests only
+    read `table` (a reference: a request scores against one table from start to end) and never wait
+    for a merge."""
+
+    def __init__(self, base: CoEngagement, log: Path, poll_s: float = 1.0) -> None:
+        self.base, self.table, self.poll_s = base, base, poll_s
+        self.follower = EngagementFollower(log)
+        self._logged: list[np.ndarray] = []  # [3, n] per record read: members, posts, times
+        self.merges = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def logged(self) -> int:
+        """Engagements read from the log so far."""
+        return sum(chunk.shape[1] for chunk in self._logged)
+
+    def update(self) -> bool:
+        """Read the log; merge and swap in a new table when it held anything new. Whether it did."""
+        replaced, records = self.follower.read()
+        if replaced:
+            logger.info("%s: the engagement log was replaced; reading the new one from its start", self.follower.path)
+            self._logged = []
+        self._logged.extend(np.stack([r.members, r.posts, r.times]) for r in records)
+        if not records and not replaced:
+            return False
+        started = time.monotonic()
+        self.table = self.base.with_events(*np.concatenate([np.empty((3, 0), np.int64), *self._logged], axis=1))
+        self.merges += 1
+        logger.info(
+            "%s: co-engagement merged with %d logged engagements in %.3f s",
+            self.follower.path,
+            self.logged,
+            time.monotonic() - started,
+        )
+        return True
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="coengagement-follow", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.update()
+            except Exception:  # a damaged log is reported and read again; the table in use stays
+                logger.exception("%s: could not follow the engagement log", self.follower.path)
+            self._stop.wait(self.poll_s)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.follower.close()

@@ -1,0 +1,146 @@
+"""Engagements streamed in while serving (feedserve.rank.engagements): logged durably by one writer,
+followed by readers, merged into the build's co-engagement table as if it had been built with them."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from feedserve.errors import IndexStoreError
+from feedserve.index.layout import IndexLayout
+from feedserve.index.wal import HEADER, LogError
+from feedserve.rank.coengagement import CoEngagement
+from feedserve.rank.engagements import EngagementFollower, EngagementWriter, LiveCoEngagement
+
+events_strategy = st.lists(
+    st.tuples(st.integers(0, 6), st.integers(0, 9), st.integers(0, 50)), min_size=0, max_size=60
+)
+
+
+def _same(a: CoEngagement, b: CoEngagement) -> None:
+    for x, y in zip((a.posts, a.indptr, a.members, a.times), (b.posts, b.indptr, b.members, b.times), strict=True):
+        assert x.tolist() == y.tolist()
+    for x, y in zip(a._transitions, b._transitions, strict=True):
+        assert x.tolist() == y.tolist()
+
+
+def _columns(events: list[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rows = np.array(events, np.int64).reshape(-1, 3)
+    return rows[:, 0], rows[:, 1], rows[:, 2]
+
+
+@settings(max_examples=60, deadline=None)
+@given(events_strategy, st.integers(0, 60))
+def test_a_table_with_events_merged_in_is_the_table_built_from_all_of_them(
+    events: list[tuple[int, int, int]], cut: int
+) -> None:
+    """However the engagements are split between the build and the log (a pair in both, at different
+    times, included), the merged table is the one built from all of them: each pair once, from its
+    first time."""
+    merged = CoEngagement.from_events(events[:cut]).with_events(*_columns(events[cut:]))
+    _same(merged, CoEngagement.from_events(events))
+
+
+def test_the_log_is_written_once_durable_followed_and_survives_a_torn_tail(tmp_path: Path) -> None:
+    writer = EngagementWriter.open(tmp_path)
+    follower = EngagementFollower(IndexLayout(tmp_path).engagements)
+    assert follower.read() == (False, [])
+    assert writer.write(np.array([1, 2]), np.array([10, 11]), np.array([100, 101])) == 1
+    assert writer.write(np.array([3]), np.array([12]), np.array([102])) == 2
+    replaced, records = follower.read()
+    assert not replaced and [r.lsn for r in records] == [1, 2]
+    assert records[0].members.tolist() == [1, 2] and records[0].posts.tolist() == [10, 11]
+    assert records[1].times.tolist() == [102]
+    assert follower.read() == (False, [])
+    # A bad batch is refused before anything is logged, naming what is wrong.
+    for members, posts, times, match in (
+        ([-1], [1], [1], "member ids"),
+        ([1], [-5], [1], "post ids"),
+        ([1], [1], [-1], "unix seconds"),
+        ([1], [1], [2**40], "unix seconds"),
+        ([1, 2], [1], [1], "one member, post and time"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            writer.write(np.array(members), np.array(posts), np.array(times))
+    # A second writer on the same directory is refused while the first holds the lock.
+    with pytest.raises(IndexStoreError, match="engagement writer"):
+        EngagementWriter.open(tmp_path)
+    writer.close()
+    # A crash mid-append: the torn tail is cut off by the next writer, and what follows is read.
+    path = IndexLayout(tmp_path).engagements
+    with open(path, "ab") as f:
+        f.write(b"\x30\x00\x00\x00torn")
+    assert follower.read() == (False, [])  # half a record is not a record
+    writer = EngagementWriter.open(tmp_path)
+    assert path.stat().st_size == records[-1].end
+    assert writer.write(np.array([4]), np.array([13]), np.array([103])) == 3
+    _, records = follower.read()
+    assert [r.lsn for r in records] == [3] and records[0].members.tolist() == [4]
+    writer.close()
+
+
+def test_damage_that_a_valid_record_follows_is_refused_not_dropped(tmp_path: Path) -> None:
+    writer = EngagementWriter.open(tmp_path)
+    for i in range(3):
+        writer.write(np.array([i]), np.array([i]), np.array([i]))
+    writer.close()
+    path = IndexLayout(tmp_path).engagements
+    data = bytearray(path.read_bytes())
+    data[HEADER.size + 20] ^= 0xFF  # inside the first record's payload
+    path.write_bytes(bytes(data))
+    with pytest.raises(LogError, match="damaged"):
+        EngagementWriter.open(tmp_path)
+    # Not another log's: a post index log is not an engagement log.
+    os.remove(path)
+    path.write_bytes(b"FSWAL003" + bytes(8))
+    with pytest.raises(LogError, match="bad header"):
+        EngagementWriter.open(tmp_path)
+
+
+def test_the_live_table_serves_the_build_merged_with_what_was_logged(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    build = [(int(m), int(p), int(t)) for m, p, t in rng.integers(0, 40, (300, 3))]
+    later = [(int(m), int(p), 100 + int(t)) for m, p, t in rng.integers(0, 50, (120, 3))]  # posts 40..49: new
+    base = CoEngagement.from_events(build)
+    path = IndexLayout(tmp_path).engagements
+    live = LiveCoEngagement(base, path)
+    assert not live.update() and live.table is base  # no log yet: the build's table
+    writer = EngagementWriter.open(tmp_path)
+    writer.write(*_columns(later[:70]))
+    writer.write(*_columns(later[70:]))
+    assert live.update() and live.logged == 120 and live.merges == 1
+    _same(live.table, CoEngagement.from_events(build + later))
+    history, candidates = [1, 2, 3], list(range(50))
+    new = live.table.scores(7, history, candidates)[40:]
+    assert base.scores(7, history, candidates)[40:].sum() == 0 and new.sum() > 0  # new posts scored now
+    assert not live.update() and live.merges == 1  # nothing new: no merge
+    # The log replaced (a new index directory): what was read of the old one is dropped.
+    writer.close()
+    os.remove(path)
+    writer = EngagementWriter.open(tmp_path)
+    writer.write(*_columns(later[:5]))
+    assert live.update() and live.logged == 5
+    _same(live.table, CoEngagement.from_events(build + later[:5]))
+    writer.close()
+    live.close()
+
+
+def test_the_follow_thread_swaps_tables_in_and_stops(tmp_path: Path) -> None:
+    base = CoEngagement.from_events([(1, 1, 1), (2, 1, 1), (2, 2, 1)])
+    live = LiveCoEngagement(base, IndexLayout(tmp_path).engagements, poll_s=0.01)
+    live.start()
+    writer = EngagementWriter.open(tmp_path)
+    writer.write(np.array([3, 3]), np.array([1, 5]), np.array([9, 9]))
+    deadline = time.monotonic() + 10
+    while live.merges == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert live.merges == 1 and live.table.scores(9, [1], [5]).tolist()[0] > 0
+    live.close()
+    writer.close()
+    assert live._thread is not None and not live._thread.is_alive()
