@@ -85,8 +85,10 @@ class CoEngagement:
 
     def with_events(self, members: np.ndarray, posts: np.ndarray, times: np.ndarray) -> CoEngagement:
         """This table with more engagements (`from_arrays`'s arrays) merged in."""
-        mine = self.events()
-        return CoEngagement.from_arrays(*(np.concatenate([a, b]) for a, b in zip(mine, (members, posts, times))))
+        mine_m, mine_p, mine_t = self.events()
+        return CoEngagement.from_arrays(
+            np.concatenate([mine_m, members]), np.concatenate([mine_p, posts]), np.concatenate([mine_t, times])
+        )
 
     @classmethod
     def from_engagements(cls, engaged: Mapping[int, Iterable[int]]) -> CoEngagement:
