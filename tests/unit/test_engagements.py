@@ -18,9 +18,7 @@ from feedserve.index.wal import HEADER, LogError
 from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.engagements import EngagementFollower, EngagementWriter, LiveCoEngagement
 
-events_strategy = st.lists(
-    st.tuples(st.integers(0, 6), st.integers(0, 9), st.integers(0, 50)), min_size=0, max_size=60
-)
+events_strategy = st.lists(st.tuples(st.integers(0, 6), st.integers(0, 9), st.integers(0, 50)), min_size=0, max_size=60)
 
 
 def _same(a: CoEngagement, b: CoEngagement) -> None:
