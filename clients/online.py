@@ -129,7 +129,7 @@ class FeedClient:
         else:
             requested = [self._tc.InferRequestedOutput(o) for o in outputs]
             kwargs = {"client_timeout": self.timeout_s}
-        if model == ModelName.INDEX_WRITE and self.write_key:
+        if model in (ModelName.INDEX_WRITE, ModelName.ENGAGE_WRITE) and self.write_key:
             kwargs["headers"] = {WRITE_HEADER: self.write_key}
         try:
             result = self._client.infer(model, tensors, outputs=requested, **kwargs)

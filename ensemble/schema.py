@@ -22,6 +22,7 @@ class ModelName(StrEnum):
     EMBED_MEMBER = "embed_member"
     RETRIEVE = "retrieve"
     INDEX_WRITE = "index_write"
+    ENGAGE_WRITE = "engage_write"
     RANK = "rank"
     FEED = "feed"
 
@@ -87,6 +88,10 @@ LSN = TensorSpec("LSN", "INT64", (1,))
 # index_write: each row's post record (optional; the ingester sends it). Where the posts live in
 # Milvus, the ranking stage's features of the post are computed from it and stored beside it.
 WRITE_RECORDS = TensorSpec("RECORDS", "BYTES", (1,), optional=True)
+# Engagements (`engage_write`), one per row: MEMBER_ID engaged with POST_ID at ENGAGED_AT (unix
+# seconds); LSN: the batch's sequence number in the engagement log, returned once it is durable.
+MEMBER_ID = TensorSpec("MEMBER_ID", "INT64", (1,))
+ENGAGED_AT = TensorSpec("ENGAGED_AT", "INT64", (1,))
 OP_UPSERT: Final[int] = 1
 OP_DELETE: Final[int] = 2
 
@@ -118,6 +123,7 @@ IO: Final[dict[ModelName, ModelIO]] = {
     ModelName.EMBED_MEMBER: ModelIO((RECORDS,), (EMBEDDING,)),
     ModelName.RETRIEVE: ModelIO((RECORDS, K), (IDS, SCORES)),
     ModelName.INDEX_WRITE: ModelIO((OP, POST_ID, WRITE_EMBEDDING, WRITE_RECORDS), (LSN,)),
+    ModelName.ENGAGE_WRITE: ModelIO((MEMBER_ID, POST_ID, ENGAGED_AT), (LSN,)),
     ModelName.RANK: ModelIO((RECORDS, QUERY, CANDIDATE_IDS, CANDIDATE_SCORES, K), (IDS, SCORES, TASK_SCORES)),
     ModelName.FEED: ModelIO((RECORDS, K, CANDIDATES), (IDS, SCORES, TASK_SCORES)),
 }

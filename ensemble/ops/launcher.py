@@ -193,7 +193,7 @@ class TritonServer:
     def load_models(self) -> list[str]:
         if ArtifactLayout(self.options.artifacts).has_ranker():
             return ["--load-model=*"]
-        ranking = {str(ModelName.RANK), str(ModelName.FEED)}
+        ranking = {str(ModelName.RANK), str(ModelName.FEED), str(ModelName.ENGAGE_WRITE)}
         names = sorted(p.parent.name for p in self.options.repository.glob("*/config.pbtxt"))
         return [f"--load-model={name}" for name in names if name not in ranking]
 

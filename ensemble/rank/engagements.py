@@ -187,6 +187,7 @@ class LiveCoEngagement:
         self.follower = EngagementFollower(log)
         self._logged: list[np.ndarray] = []  # [3, n] per record read: members, posts, times
         self.merges = 0
+        self._updating = threading.Lock()  # the thread's update and a caller's never interleave
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -197,23 +198,25 @@ class LiveCoEngagement:
 
     def update(self) -> bool:
         """Read the log; merge and swap in a new table when it held anything new. Whether it did."""
-        replaced, records = self.follower.read()
-        if replaced:
-            logger.info("%s: the engagement log was replaced; reading the new one from its start", self.follower.path)
-            self._logged = []
-        self._logged.extend(np.stack([r.members, r.posts, r.times]) for r in records)
-        if not records and not replaced:
-            return False
-        started = time.monotonic()
-        self.table = self.base.with_events(*np.concatenate([np.empty((3, 0), np.int64), *self._logged], axis=1))
-        self.merges += 1
-        logger.info(
-            "%s: co-engagement merged with %d logged engagements in %.3f s",
-            self.follower.path,
-            self.logged,
-            time.monotonic() - started,
-        )
-        return True
+        with self._updating:
+            replaced, records = self.follower.read()
+            if replaced:
+                logger.info("%s: the engagement log was replaced; reading it from its start", self.follower.path)
+                self._logged = []
+            self._logged.extend(np.stack([r.members, r.posts, r.times]) for r in records)
+            if not records and not replaced:
+                return False
+            started = time.monotonic()
+            logged = np.concatenate([np.empty((3, 0), np.int64), *self._logged], axis=1)
+            self.table = self.base.with_events(*logged)
+            self.merges += 1
+            logger.info(
+                "%s: co-engagement merged with %d logged engagements in %.3f s",
+                self.follower.path,
+                logged.shape[1],
+                time.monotonic() - started,
+            )
+            return True
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="coengagement-follow", daemon=True)

@@ -14,6 +14,7 @@ orphaned stub would serve nothing while holding files, such as the index's write
 from __future__ import annotations
 
 import gc
+import hmac
 import json
 import logging
 import os
@@ -27,10 +28,11 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from feedserve.artifacts import ARTIFACTS_ENV, ArtifactLayout, default_artifacts_dir
-from feedserve.errors import FeedserveError, RecordError
+from feedserve.errors import FORBIDDEN, FeedserveError, RecordError
 from feedserve.index.engines import Engine
 from feedserve.index.live import FollowedIndex
 from feedserve.index.milvus import DEFAULT_COLLECTION, MilvusFollowed, milvus_uri
+from feedserve.ops.keys import WRITE_HEADER, WRITE_KEY_ENV
 from feedserve.ops.watchdog import parent_of
 from feedserve.schema import IO, RECORDS, ModelName
 from feedserve.triton.compat import pb_utils
@@ -175,6 +177,28 @@ class BatchModel(ABC, Generic[P]):
 
     def finalize(self) -> None:
         logger.info("%s: unloaded", self.name)
+
+
+class WriteModel(BatchModel[P]):
+    """A model that writes (the live index, the engagement log): a request whose
+    `feedserve-write-key` header (which Triton forwards into its parameters) does not carry the
+    server's $FEEDSERVE_WRITE_KEY is refused before it is read; a server started without a key
+    refuses every write."""
+
+    write_key: str | None = None
+
+    def load_write_key(self) -> None:
+        self.write_key = os.environ.get(WRITE_KEY_ENV)
+        if not self.write_key:
+            logger.error("%s: %s is not set: every write will be refused", self.name, WRITE_KEY_ENV)
+
+    def authorize(self, parameters: dict[str, object]) -> None:
+        if not self.write_key:
+            raise RequestError(f"{FORBIDDEN}: the server has no write key ({WRITE_KEY_ENV} is not set)")
+        given = next((v for k, v in parameters.items() if k.lower() == WRITE_HEADER), None)
+        if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self.write_key.encode()):
+            reason = "a wrong" if given else "no"
+            raise RequestError(f"{FORBIDDEN}: the request carries {reason} write key (header {WRITE_HEADER})")
 
 
 def _parameters(request: Any) -> dict[str, object]:

@@ -19,18 +19,14 @@ vector, in the local index's log and snapshots as in Milvus, so `rank` reads a p
 of its last write (a post written without its record has none of its own: the build's table, if it
 has the post, speaks for it).
 
-Writes need the write key (feedserve.ops.keys): a request whose `feedserve-write-key` header (which
-Triton forwards into its parameters) does not carry the server's $FEEDSERVE_WRITE_KEY is refused
-before it is read, and a server started without a key refuses every write. Vectors must be unit
+Writes need the write key (feedserve.ops.keys, feedserve.triton.base.WriteModel). Vectors must be unit
 length (feedserve.index.store.NORM_TOLERANCE): they are refused, not normalised, since a vector of
 another length came from something other than the encoder.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
-import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,21 +35,20 @@ from typing import Any
 import numpy as np
 
 from feedserve.artifacts import ArtifactLayout
-from feedserve.errors import FORBIDDEN, IndexStoreError
+from feedserve.errors import IndexStoreError
 from feedserve.index.engines import Engine
 from feedserve.index.live import IndexWriter
 from feedserve.index.milvus import MilvusFollowed, MilvusStore, now_us
 from feedserve.index.wal import LogError
-from feedserve.ops.keys import WRITE_HEADER, WRITE_KEY_ENV
 from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.records import Post, parse_post
 from feedserve.rank.features import COUNT_FEATURES, feature_row, saved_counts
 from feedserve.schema import LSN, OP, OP_DELETE, OP_UPSERT, POST_ID, WRITE_EMBEDDING, WRITE_RECORDS, ModelName
 from feedserve.triton.base import (
     Arrays,
-    BatchModel,
     RequestError,
     Unavailable,
+    WriteModel,
     check_2d,
     followed_index,
     read_records,
@@ -71,16 +66,14 @@ class Write:
     posts: list[Post] | None = None  # each row's record (RECORDS), when the writer sent them
 
 
-class IndexWriteModel(BatchModel[Write]):
+class IndexWriteModel(WriteModel[Write]):
     name = ModelName.INDEX_WRITE
 
     def setup(self, layout: ArtifactLayout, params: dict[str, str]) -> None:
         self.layout = layout
         self.snapshot_every = int(params.get("snapshot_every", "1000"))
         self._dim = layout.serving_dim()
-        self.write_key = os.environ.get(WRITE_KEY_ENV)
-        if not self.write_key:
-            logger.error("index_write: %s is not set: every write will be refused", WRITE_KEY_ENV)
+        self.load_write_key()
         self.lock_wait_s = float(params.get("writer_lock_wait_s", "30"))
         # The ranking stage's features of each written post, from its record, as the build's table has them.
         self.buckets = PercentileBuckets.load(layout.buckets) if layout.buckets.exists() else None
@@ -94,14 +87,6 @@ class IndexWriteModel(BatchModel[Write]):
         self.live = IndexWriter.open(layout.index_dir.root, self._dim, lock_wait_s=self.lock_wait_s)
         self._since_snapshot = 0
         self._snapshotting: threading.Thread | None = None
-
-    def authorize(self, parameters: dict[str, object]) -> None:
-        if not self.write_key:
-            raise RequestError(f"{FORBIDDEN}: the server has no write key ({WRITE_KEY_ENV} is not set)")
-        given = next((v for k, v in parameters.items() if k.lower() == WRITE_HEADER), None)
-        if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self.write_key.encode()):
-            reason = "a wrong" if given else "no"
-            raise RequestError(f"{FORBIDDEN}: the request carries {reason} write key (header {WRITE_HEADER})")
 
     def parse(self, inputs: dict[str, np.ndarray | None]) -> Write:
         ops = check_2d(OP.name, require(inputs, OP.name), np.int64)

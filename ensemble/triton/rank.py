@@ -4,7 +4,8 @@ A request row is a member record (its history: post ids with their actions, olde
 member's retrieval embedding (QUERY) and the candidates retrieval returned for it, with their
 scores. The ranker reads history and candidate content from the live index it follows, as `knn`
 does (same files, same consistency: a post acknowledged by `index_write` has its content here
-too), and candidate features from the artifacts' post feature and co-engagement tables. It
+too), and candidate features from the artifacts' post feature and co-engagement tables (the
+latter merged with the engagements logged since the build, feedserve.rank.engagements). It
 returns the top K candidates by the final score (a weighted sum of the task probabilities, weights
 in the `task_weights` parameter) and each one's probability per task.
 
@@ -29,6 +30,7 @@ from feedserve.index.engines import Engine
 from feedserve.prompt.records import Member, parse_member
 from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.data import ContentSource, PostTable, RankExample, Tensorizer, member_interactions, read_history
+from feedserve.rank.engagements import LiveCoEngagement
 from feedserve.rank.features import FeatureReader, PostFeatures
 from feedserve.rank.model import INPUTS, OUTPUT, RankerConfig
 from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, final_score
@@ -58,6 +60,7 @@ from feedserve.triton.base import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_CANDIDATES = 2000
+DEFAULT_ENGAGEMENT_POLL_S = 1.0
 
 
 @dataclass
@@ -121,7 +124,15 @@ class RankModel(BatchModel[RankRequest]):
         self.session = ort.InferenceSession(str(layout.ranker_onnx), options, providers=["CPUExecutionProvider"])
         self.followed = followed_index(layout, params, Engine(), "rank")
         self.posts = _Posts(self.followed, self.config.content_dim, PostFeatures.load(layout.post_features))
-        self.coengagement = CoEngagement.load(layout.coengagement)
+        # Who engaged with each post: the build's table, and with the local index the engagements
+        # logged since (engage_write), merged in on a thread every `engagement_poll_s`.
+        self.coengagement = LiveCoEngagement(
+            CoEngagement.load(layout.coengagement),
+            layout.index_dir.engagements,
+            float(params.get("engagement_poll_s", DEFAULT_ENGAGEMENT_POLL_S)),
+        )
+        if params.get("index", "local") == "local":
+            self.coengagement.start()
         logger.info(
             "rank: %s, up to %d candidates, history %d, tasks %s weighted %s",
             layout.ranker_onnx,
@@ -198,7 +209,7 @@ class RankModel(BatchModel[RankRequest]):
             content, features = self.posts.fetch(
                 np.concatenate([np.array(read, np.int64), *(x.candidates for x in examples)])
             )
-            tensors = Tensorizer(self.config, content, features, self.coengagement).batch(examples)
+            tensors = Tensorizer(self.config, content, features, self.coengagement.table).batch(examples)
             (logits,) = self.session.run([OUTPUT], {name: tensors[name].numpy() for name in INPUTS})
             probabilities, scores = final_score(logits, self.weights)
             for j, i in enumerate(rows):
@@ -208,6 +219,10 @@ class RankModel(BatchModel[RankRequest]):
                 final[i, : len(top)] = scores[j, top]
                 per_task[i, : len(top)] = probabilities[j, top]
         return {IDS.name: ids, SCORES.name: final, TASK_SCORES.name: per_task}
+
+    def finalize(self) -> None:
+        self.coengagement.close()
+        super().finalize()
 
 
 TritonPythonModel = RankModel

@@ -227,3 +227,28 @@ def test_what_a_model_loaded_is_left_out_of_the_collectors_full_passes(layout: A
         assert not isinstance(_ok(model, _request([_member(HISTORY)], [[505, 510]])), RequestError)
     finally:
         gc.unfreeze()
+
+
+def test_an_engagement_logged_since_the_build_is_co_engaged_at_the_next_merge(
+    rank: RankModel, layout: ArtifactLayout
+) -> None:
+    """Members who liked the history's posts and then a post the build never saw liked: once
+    engage_write has logged it, the rank model's table holds it and the post is ranked with it."""
+    from feedserve.rank.engagements import EngagementWriter
+
+    fresh, other = 123_458, 505
+    request = _request([_member(HISTORY)], [[fresh, other]], k=2)
+    before = dict(zip(*(_ok(rank, request)[k][0].tolist() for k in ("IDS", "SCORES")), strict=True))
+    assert rank.coengagement.table.scores(3, [501, 502], [fresh]).tolist() == [0.0]
+    writer = EngagementWriter.open(layout.index_dir.root)
+    try:
+        members = np.arange(9000, 9040, dtype=np.int64)
+        writer.write(members, np.full(40, 501, np.int64), np.full(40, 10, np.int64))
+        writer.write(members, np.full(40, fresh, np.int64), np.full(40, 11, np.int64))
+    finally:
+        writer.close()
+    rank.coengagement.update()  # what its thread does every second
+    assert rank.coengagement.table.scores(3, [501, 502], [fresh]).tolist()[0] > 0
+    after = dict(zip(*(_ok(rank, request)[k][0].tolist() for k in ("IDS", "SCORES")), strict=True))
+    assert after[other] == pytest.approx(before[other], abs=1e-6)
+    assert after[fresh] != pytest.approx(before[fresh], abs=1e-4)

@@ -1,0 +1,86 @@
+"""The `engage_write` model: the engagement log's single writer (one instance; see
+feedserve.rank.engagements).
+
+Each request's engagements (MEMBER_ID engaged with POST_ID at ENGAGED_AT, one per row) are checked,
+appended to `engagements.wal` in the live index's directory as one record and fsynced; its LSN
+output comes back only after that. Every `rank` instance follows the log and merges what it reads
+into the build's co-engagement table within about a second, so a post liked since the build is
+co-engaged at once, not at the next build. A post or member id need not be known: an engagement with
+a post the index does not hold yet is kept for when it is written. A bad request (negative ids, a
+time that is not unix seconds, shapes that disagree) fails alone, nothing of it logged. Writes need
+the write key, as `index_write`'s do. Rendered for the local index only: with Milvus, servers share
+no directory for the log to live in.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from feedserve.artifacts import ArtifactLayout
+from feedserve.index.wal import LogError
+from feedserve.rank.engagements import EngagementWriter, check
+from feedserve.schema import ENGAGED_AT, LSN, MEMBER_ID, POST_ID, ModelName
+from feedserve.triton.base import Arrays, RequestError, Unavailable, WriteModel, check_2d, require
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Engagements:
+    members: np.ndarray  # int64 [n]
+    posts: np.ndarray
+    times: np.ndarray
+
+
+class EngageWriteModel(WriteModel[Engagements]):
+    name = ModelName.ENGAGE_WRITE
+
+    def setup(self, layout: ArtifactLayout, params: dict[str, str]) -> None:
+        if params.get("index", "local") != "local":
+            raise ValueError("engage_write logs into the local index's directory; with Milvus it is not served")
+        self.load_write_key()
+        self.directory = layout.index_dir.root
+        self.lock_wait_s = float(params.get("writer_lock_wait_s", "30"))
+        self.writer = EngagementWriter.open(self.directory, lock_wait_s=self.lock_wait_s)
+
+    def parse(self, inputs: dict[str, np.ndarray | None]) -> Engagements:
+        columns = [
+            check_2d(spec.name, require(inputs, spec.name), np.int64) for spec in (MEMBER_ID, POST_ID, ENGAGED_AT)
+        ]
+        shapes = [list(c.shape) for c in columns]
+        if columns[0].shape[1] != 1 or any(c.shape != columns[0].shape for c in columns):
+            raise RequestError(
+                f"{MEMBER_ID.name}, {POST_ID.name} and {ENGAGED_AT.name} must all be [n, 1], got {shapes}"
+            )
+        members, posts, times = (c[:, 0] for c in columns)
+        try:
+            check(members, posts, times)
+        except ValueError as err:
+            raise RequestError(str(err)) from err
+        return Engagements(members, posts, times)
+
+    def compute(self, items: Sequence[Engagements]) -> list[Arrays | RequestError]:
+        if self.writer.failed:
+            logger.warning("engage_write: reopening %s after a failed write", self.writer.path)
+            self.writer.close()
+            self.writer = EngagementWriter.open(self.directory, lock_wait_s=self.lock_wait_s)
+        outputs: list[Arrays | RequestError] = []
+        for batch in items:
+            try:
+                lsn = self.writer.write(batch.members, batch.posts, batch.times)
+            except LogError as err:  # not acknowledged; the next batch reopens the log
+                outputs.append(Unavailable(f"engage_write: {err}"))
+                continue
+            outputs.append({LSN.name: np.full((len(batch.members), 1), lsn, np.int64)})
+        return outputs
+
+    def finalize(self) -> None:
+        self.writer.close()
+        super().finalize()
+
+
+TritonPythonModel = EngageWriteModel

@@ -1,0 +1,90 @@
+"""`engage_write` (the engagement log's writer) on plain numpy: a keyed request is logged and
+acknowledged with its LSN; a bad one fails alone, by name, with nothing of it logged; a write the
+disk failed is retryable and the writer recovers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from feedserve.artifacts import ArtifactLayout
+from feedserve.ops.keys import WRITE_HEADER, WRITE_KEY_ENV
+from feedserve.rank.engagements import EngagementFollower
+from feedserve.triton.base import RequestError, Unavailable
+from feedserve.triton.engage_write import EngageWriteModel
+
+KEYED = {WRITE_HEADER: os.environ[WRITE_KEY_ENV]}
+
+
+def _batch(members: list[int], posts: list[int], times: list[int]) -> dict[str, np.ndarray | None]:
+    return {
+        "MEMBER_ID": np.array(members, np.int64)[:, None],
+        "POST_ID": np.array(posts, np.int64)[:, None],
+        "ENGAGED_AT": np.array(times, np.int64)[:, None],
+    }
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Iterator[EngageWriteModel]:
+    m = EngageWriteModel()
+    m.setup(ArtifactLayout(tmp_path), {})
+    yield m
+    m.finalize()
+
+
+def _logged(tmp_path: Path) -> list[tuple[int, int, int]]:
+    follower = EngagementFollower(ArtifactLayout(tmp_path).index_dir.engagements)
+    _, records = follower.read()
+    follower.close()
+    return [(m, p, t) for r in records for m, p, t in zip(r.members, r.posts, r.times, strict=True)]
+
+
+def test_keyed_engagements_are_logged_and_bad_ones_fail_alone_by_name(model: EngageWriteModel, tmp_path: Path) -> None:
+    good = _batch([1, 2], [10, 11], [1_700_000_000, 1_700_000_001])
+    bad = {
+        "negative member": (_batch([-1], [10], [5]), "member ids must be >= 0"),
+        "negative post": (_batch([1], [-3], [5]), "post ids must be >= 0"),
+        "time in ms": (_batch([1], [10], [1_700_000_000_000]), "unix seconds"),
+        "negative time": (_batch([1], [10], [-1]), "unix seconds"),
+        "rows disagree": ({**_batch([1, 2], [10, 11], [5, 6]), "ENGAGED_AT": np.array([[5]], np.int64)}, "[n, 1]"),
+        "two columns": ({**_batch([1], [10], [5]), "MEMBER_ID": np.array([[1, 2]], np.int64)}, "[n, 1]"),
+        "float ids": ({**_batch([1], [10], [5]), "POST_ID": np.array([[10.0]], np.float32)}, "POST_ID: expected dtype"),
+        "no time": ({k: v for k, v in _batch([1], [10], [5]).items() if k != "ENGAGED_AT"}, "ENGAGED_AT is missing"),
+    }
+    requests = [good, *(b for b, _ in bad.values()), good]
+    out = model.run(requests, [KEYED] * len(requests))
+    assert out[0]["LSN"].tolist() == [[1], [1]] and out[-1]["LSN"].tolist() == [[2], [2]]
+    for result, (name, (_, match)) in zip(out[1:-1], bad.items(), strict=True):
+        assert isinstance(result, RequestError) and not isinstance(result, Unavailable), name
+        assert match in str(result), (name, str(result))
+    assert _logged(tmp_path) == [(1, 10, 1_700_000_000), (2, 11, 1_700_000_001)] * 2
+    no_key, wrong_key = model.run([good, good], [{}, {WRITE_HEADER: "guess"}])
+    assert isinstance(no_key, RequestError) and "no write key" in str(no_key)
+    assert isinstance(wrong_key, RequestError) and "a wrong write key" in str(wrong_key)
+    assert len(_logged(tmp_path)) == 4
+
+
+def test_a_write_the_disk_failed_is_unavailable_and_the_writer_recovers(
+    model: EngageWriteModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from feedserve.index import wal as index_log
+
+    def disk_error(*args: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(index_log.os, "fsync", disk_error)
+    (failed,) = model.run([_batch([1], [10], [5])], [KEYED])
+    assert isinstance(failed, Unavailable) and "Input/output error" in str(failed)
+    monkeypatch.undo()
+    (ok,) = model.run([_batch([2], [11], [6])], [KEYED])
+    assert not isinstance(ok, RequestError)
+    assert (2, 11, 6) in _logged(tmp_path)
+
+
+def test_with_milvus_it_is_not_served(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="Milvus"):
+        EngageWriteModel().setup(ArtifactLayout(tmp_path), {"index": "milvus"})
