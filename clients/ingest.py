@@ -1,4 +1,5 @@
-"""Nearline ingestion: post events -> `embed_post` -> `index_write`, in time windows, resumable.
+"""Nearline ingestion: post events -> `embed_post` -> `index_write` (engagements -> `engage_write`),
+in time windows, resumable.
 
     python -m feedserve.clients.ingest --events events.jsonl --state runs/ingest [--follow] [--window-ms 200]
     python -m feedserve.clients.ingest --redis redis://127.0.0.1:6379/0 --stream post-events --state runs/ingest
@@ -8,6 +9,13 @@ One JSON event per line (or per Redis Stream entry, in its `event` field):
     {"type": "create" | "update", "post": {...a post record...}, "ts": 1700000000.5}
     {"type": "counts", "post_id": 7, "counts": {"views": 1200, "likes": 40}}   # new engagement
     {"type": "delete", "post_id": 7}
+    {"type": "engage", "member_id": 3, "post_id": 7, "action": "like", "ts": 1700000001}  # who engaged
+
+An engage event is logged through `engage_write` (when its action is an engagement,
+`feedserve.prompt.records.is_engaged`: a like, a share, a rating of 4 or more; a dislike or a low
+rating is counted and not logged), so the ranker's co-engagement reads it within about a second
+instead of at the next build (feedserve.rank.engagements). Its `ts` is when the member engaged (now
+when left out). It does not change the post's counts: `counts` events carry those.
 
 Events are gathered for up to `window_s` (or `max_batch` events), folded per post (the last event
 of a post in a window wins; new counts are merged into the post's last known record, and the
@@ -47,10 +55,22 @@ from feedserve.clients.online import FeedClient, records_tensor
 from feedserve.errors import ClientError
 from feedserve.files import atomic_write
 from feedserve.ops.keys import WRITE_KEY_ENV, WRITE_KEY_FILE, write_key
-from feedserve.prompt.records import Post
-from feedserve.schema import LSN, OP, OP_DELETE, OP_UPSERT, POST_ID, WRITE_EMBEDDING, WRITE_RECORDS, ModelName
+from feedserve.prompt.records import Post, is_engaged
+from feedserve.rank.engagements import MAX_TIME
+from feedserve.schema import (
+    LSN,
+    OP,
+    OP_DELETE,
+    OP_UPSERT,
+    POST_ID,
+    WRITE_EMBEDDING,
+    WRITE_RECORDS,
+    ModelName,
+)
 
 logger = logging.getLogger(__name__)
+
+MAX_ACTION = 64  # characters of an engage event's action
 
 
 class BadEvent(ClientError, ValueError):
@@ -64,6 +84,17 @@ class Event:
     post: Post | None = None
     counts: dict[str, float] | None = None
     ts: float | None = None
+    member_id: int | None = None  # engage events: who
+    engaged: bool = False  # engage events: whether the action is an engagement (logged) or not
+
+
+def _id(data: dict[str, Any], key: str) -> int:
+    value = data.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BadEvent(f"{key} must be an integer")
+    if value < 0:
+        raise BadEvent(f"{key} must be >= 0, got {value}")
+    return value
 
 
 def parse_event(line: bytes) -> Event:
@@ -80,10 +111,17 @@ def parse_event(line: bytes) -> Event:
         if kind in ("create", "update"):
             post = Post.model_validate(data.get("post"))
             return Event(kind, post.id, post=post, ts=ts)
+        if kind == "engage":
+            action = data.get("action", "like")
+            if not isinstance(action, str) or not action.strip() or len(action) > MAX_ACTION:
+                raise BadEvent(f"action must be a non-empty string of at most {MAX_ACTION} characters")
+            if ts is not None and not 0 <= ts <= MAX_TIME:
+                raise BadEvent(f"ts must be unix seconds in [0, {MAX_TIME}]")
+            return Event(
+                kind, _id(data, "post_id"), ts=ts, member_id=_id(data, "member_id"), engaged=is_engaged(action)
+            )
         if kind in ("delete", "counts"):
-            post_id = data.get("post_id")
-            if not isinstance(post_id, int) or isinstance(post_id, bool):
-                raise BadEvent("post_id must be an integer")
+            post_id = _id(data, "post_id")
             counts = None
             if kind == "counts":
                 # Validated the way a post's counts are: finite, non-negative numbers.
@@ -91,7 +129,7 @@ def parse_event(line: bytes) -> Event:
             return Event(kind, post_id, counts=counts, ts=ts)
     except ValidationError as err:
         raise BadEvent(f"invalid {kind} event: {err.errors()[0]['loc']}: {err.errors()[0]['msg']}") from err
-    raise BadEvent(f"unknown event type {kind!r} (create, update, counts, delete)")
+    raise BadEvent(f"unknown event type {kind!r} (create, update, counts, delete, engage)")
 
 
 class PostStore:
@@ -120,6 +158,7 @@ class Stats:
     bad: int = 0
     upserts: int = 0
     deletes: int = 0
+    engagements: int = 0  # logged through engage_write (engage events whose action is an engagement)
     batches: int = 0
     seconds: float = 0.0
     lags_s: list[float] = field(default_factory=list)
@@ -133,7 +172,7 @@ class Stats:
         rate = self.events / self.seconds if self.seconds else 0.0
         return (
             f"{self.events} events ({self.bad} bad) in {self.batches} batches: {self.upserts} upserts, "
-            f"{self.deletes} deletes, {rate:.1f} events/s{lag}"
+            f"{self.deletes} deletes, {self.engagements} engagements, {rate:.1f} events/s{lag}"
         )
 
 
@@ -312,12 +351,19 @@ class Ingester:
     def _process(self, lines: list[tuple[Any, bytes]]) -> None:
         upserts: dict[int, Post] = {}
         deletes: set[int] = set()
+        engagements: list[tuple[int, int, int]] = []
         stamps: list[float] = []
         for offset, line in lines:
             self.stats.events += 1
             try:
                 event = parse_event(line)
-                self._fold(event, upserts, deletes)
+                if event.kind == "engage":
+                    if event.engaged:
+                        assert event.member_id is not None
+                        at = int(event.ts if event.ts is not None else time.time())
+                        engagements.append((event.member_id, event.post_id, at))
+                else:
+                    self._fold(event, upserts, deletes)
             except BadEvent as err:
                 self.stats.bad += 1
                 logger.warning("ingest: skipping the event at %s: %s", _position(offset), err)
@@ -334,12 +380,17 @@ class Ingester:
                 # The server refused the window (a post it will not take): write the posts one by
                 # one, so the refused ones are skipped by name instead of blocking every restart.
                 self._isolate(upserts, deletes)
+        for start in range(0, len(engagements), self.max_batch):  # after the posts: a like of a new post follows it
+            # Logged again after a crash, they change nothing: each (member, post) counts once.
+            chunk = engagements[start : start + self.max_batch]
+            self._retrying(lambda: self.client.engage(chunk))  # noqa: B023 (called at once)
         self.store.apply(upserts, deletes)
         # Lag: from the event's time to its write being acknowledged, i.e. retrievable by any search.
         acknowledged = time.time()
         self.stats.lags_s.extend(acknowledged - ts for ts in stamps)
         self.stats.upserts += len(ids)
         self.stats.deletes += len(deletes)
+        self.stats.engagements += len(engagements)
         self.stats.batches += 1
 
     def _write(self, upserts: dict[int, Post], deletes: set[int]) -> None:
@@ -371,13 +422,14 @@ class Ingester:
         if deletes:
             self._retrying(lambda: self._write({}, deletes))
 
-    def _retrying(self, write: Callable[[], None]) -> None:
+    def _retrying(self, write: Callable[[], object]) -> None:
         """A server that is down or restarting: try the same window again, with backoff, for up to
         `retry_s`; the window is committed only once a try succeeds (writes are idempotent)."""
         deadline, pause = time.monotonic() + self.retry_s, 0.2
         while True:
             try:
-                return write()
+                write()
+                return
             except ClientError as err:
                 if not err.retryable or time.monotonic() + pause > deadline:
                     raise

@@ -23,7 +23,19 @@ from tritonclient.utils import InferenceServerException
 
 from feedserve.errors import ClientError
 from feedserve.ops.keys import WRITE_HEADER, WRITE_KEY_ENV
-from feedserve.schema import CANDIDATES, EMBEDDING, IDS, NO_ID, RECORDS, SCORES, TASK_SCORES, K, ModelName
+from feedserve.schema import (
+    CANDIDATES,
+    EMBEDDING,
+    ENGAGE_COLUMNS,
+    IDS,
+    LSN,
+    NO_ID,
+    RECORDS,
+    SCORES,
+    TASK_SCORES,
+    K,
+    ModelName,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +100,7 @@ GRPC_CHANNEL_ARGS = [
 
 class FeedClient:
     """Retrievals, embeddings and any model's inference over HTTP or gRPC. Requests to index_write
-    carry `write_key` (default: $FEEDSERVE_WRITE_KEY) in the header the server checks."""
+    and engage_write carry `write_key` (default: $FEEDSERVE_WRITE_KEY) in the header the server checks."""
 
     def __init__(
         self,
@@ -188,6 +200,14 @@ class FeedClient:
             value = params["tasks"]["string_value"] if self.protocol == "http" else params["tasks"].string_value
             self._tasks = str(value).split(",")
         return self._tasks
+
+    def engage(self, engagements: Sequence[tuple[int, int, int]]) -> int:
+        """Log (member id, post id, unix seconds) engagements through `engage_write` (the write key
+        needed); the log's sequence number once they are durable. `rank` reads them within about a
+        second (feedserve.rank.engagements)."""
+        rows = np.array(engagements, np.int64).reshape(-1, 3)
+        inputs = {spec.name: np.ascontiguousarray(rows[:, j : j + 1]) for j, spec in enumerate(ENGAGE_COLUMNS)}
+        return int(self.infer(ModelName.ENGAGE_WRITE, inputs, (LSN.name,))[LSN.name][0, 0])
 
     def embed_posts(self, posts: Sequence[Record]) -> np.ndarray:
         return self.infer(ModelName.EMBED_POST, {RECORDS.name: records_tensor(posts)}, (EMBEDDING.name,))[

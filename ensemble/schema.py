@@ -92,6 +92,7 @@ WRITE_RECORDS = TensorSpec("RECORDS", "BYTES", (1,), optional=True)
 # seconds); LSN: the batch's sequence number in the engagement log, returned once it is durable.
 MEMBER_ID = TensorSpec("MEMBER_ID", "INT64", (1,))
 ENGAGED_AT = TensorSpec("ENGAGED_AT", "INT64", (1,))
+ENGAGE_COLUMNS: Final[tuple[TensorSpec, ...]] = (MEMBER_ID, POST_ID, ENGAGED_AT)
 OP_UPSERT: Final[int] = 1
 OP_DELETE: Final[int] = 2
 
@@ -123,7 +124,7 @@ IO: Final[dict[ModelName, ModelIO]] = {
     ModelName.EMBED_MEMBER: ModelIO((RECORDS,), (EMBEDDING,)),
     ModelName.RETRIEVE: ModelIO((RECORDS, K), (IDS, SCORES)),
     ModelName.INDEX_WRITE: ModelIO((OP, POST_ID, WRITE_EMBEDDING, WRITE_RECORDS), (LSN,)),
-    ModelName.ENGAGE_WRITE: ModelIO((MEMBER_ID, POST_ID, ENGAGED_AT), (LSN,)),
+    ModelName.ENGAGE_WRITE: ModelIO(ENGAGE_COLUMNS, (LSN,)),
     ModelName.RANK: ModelIO((RECORDS, QUERY, CANDIDATE_IDS, CANDIDATE_SCORES, K), (IDS, SCORES, TASK_SCORES)),
     ModelName.FEED: ModelIO((RECORDS, K, CANDIDATES), (IDS, SCORES, TASK_SCORES)),
 }

@@ -78,6 +78,11 @@ GOOD: dict[ModelName, dict[str, np.ndarray]] = {
         "POST_ID": np.array([[900]], np.int64),
         "EMBEDDING": _unit(seed=9),
     },
+    M.ENGAGE_WRITE: {
+        "MEMBER_ID": np.array([[7]], np.int64),
+        "POST_ID": np.array([[501]], np.int64),
+        "ENGAGED_AT": np.array([[1_700_000_000]], np.int64),
+    },
 }
 
 
@@ -331,6 +336,21 @@ CASES: list[Case] = [
         M.INDEX_WRITE,
         {**GOOD[M.INDEX_WRITE], "RECORDS": np.array([[b'{"id": 900}'], [b'{"id": 900}']], np.object_)},
         "batch size does not match",  # Triton refuses it before the model sees it
+    ),
+    *(
+        Case(f"engage_write-{cid}", M.ENGAGE_WRITE, {**GOOD[M.ENGAGE_WRITE], **change}, words, write_key=key)
+        for cid, change, words, key in [
+            ("negative-member", {"MEMBER_ID": np.array([[-1]], np.int64)}, "member ids must be >= 0", ENV_KEY),
+            ("negative-post", {"POST_ID": np.array([[-7]], np.int64)}, "post ids must be >= 0", ENV_KEY),
+            ("time-in-ms", {"ENGAGED_AT": np.array([[1_700_000_000_000]], np.int64)}, "unix seconds", ENV_KEY),
+            ("time-negative", {"ENGAGED_AT": np.array([[-5]], np.int64)}, "unix seconds", ENV_KEY),
+            # Shapes Triton refuses before the model sees them, naming the tensor.
+            ("two-columns", {"MEMBER_ID": np.array([[1, 2]], np.int64)}, "shape for input 'MEMBER_ID'", ENV_KEY),
+            ("rows-disagree", {"MEMBER_ID": np.array([[1], [2]], np.int64)}, "batch size does not match", ENV_KEY),
+            ("float-ids", {"POST_ID": np.array([[1.5]], np.float32)}, "POST_ID", ENV_KEY),
+            ("no-write-key", {}, "forbidden: the request carries no write key", None),
+            ("wrong-write-key", {}, "forbidden: the request carries a wrong write key", "guessed"),
+        ]
     ),
     Case(
         "index_write-no-write-key",

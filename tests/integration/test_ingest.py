@@ -273,3 +273,53 @@ def test_every_pending_entry_is_taken_back_and_a_dead_consumers_are_claimed(redi
     assert until_idle(RedisSource(redis_url, "pending", consumer="b")) == []
     assert until_idle(RedisSource(redis_url, "pending", consumer="b", claim_idle_s=0.0)) == added
     assert broker.xpending("pending", "feedserve")["consumers"] == [{"name": b"b", "pending": 600}]
+
+
+def _rank_scores(client: FeedClient, member: dict[str, object], candidates: list[int]) -> dict[int, float]:
+    out = client.infer(
+        ModelName.RANK,
+        {
+            "RECORDS": np.array([[json.dumps(member).encode()]], object),
+            "QUERY": client.embed_members([member]),
+            "CANDIDATE_IDS": np.array([candidates], np.int64),
+            "CANDIDATE_SCORES": np.linspace(0.9, 0.8, len(candidates), dtype=np.float32)[None],
+            "K": np.array([[len(candidates)]], np.int64),
+        },
+        ("IDS", "SCORES"),
+    )
+    return dict(zip(out["IDS"][0].tolist(), out["SCORES"][0].tolist(), strict=True))
+
+
+def test_engage_events_reach_the_rankers_co_engagement(triton_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Members who liked a film the member liked then like a post created now: once the ingester's
+    engage events are acknowledged, `rank` scores that post with their co-engagement within a few
+    seconds (its table merged with the log), the other candidate as before; bad engage events are
+    skipped by name and a dislike is not logged."""
+    new, other = _posts(2, 500)
+    liked = load_movielens(SAMPLE_CORPUS).posts()[0].id
+    member = {"id": 10**9, "headline": "Engineer", "history": [{"post_id": liked, "action": "like", "engaged_at": 1}]}
+    events = tmp_path / "events.jsonl"
+    fans = range(2 * 10**9, 2 * 10**9 + 30)
+    events.write_text(
+        "".join(_create(p) for p in (new, other))
+        + "".join(_event("engage", member_id=m, post_id=liked, action="like") for m in fans)
+        + "".join(_event("engage", member_id=m, post_id=new.id, action="rated 5") for m in fans)
+        + _event("engage", member_id=7, post_id=other.id, action="dislike")
+        + _event("engage", member_id=-1, post_id=other.id)
+        + _event("engage", member_id=7, post_id=other.id, ts="yesterday")
+        + _event("engage", member_id=7, post_id=other.id, action=["like"])
+        + _event("engage", member_id=7, post_id=other.id, ts=2**40)
+    )
+    state = tmp_path / "state"
+    with FeedClient(triton_server.grpc_url, "grpc", timeout_s=60) as client:
+        before = _rank_scores(client, member, [new.id, other.id])
+        stats = Ingester(client, state, window_s=0.05, max_batch=16).run(JsonlSource(events, state))
+        assert (stats.events, stats.bad, stats.engagements) == (67, 4, 60)
+        deadline, after = time.monotonic() + 20, before
+        while after[new.id] == pytest.approx(before[new.id], abs=1e-5) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            after = _rank_scores(client, member, [new.id, other.id])
+        assert after[new.id] != pytest.approx(before[new.id], abs=1e-5)
+        # The other post is now in the index with its content, as `new` is; no engagement reached it.
+        again = _rank_scores(client, member, [new.id, other.id])
+        assert again[other.id] == pytest.approx(after[other.id], abs=1e-6)
