@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             k: itemknn.score([m.model_copy(update={"history": m.history[-k:]}) for m in members])
             for k in args.recent_likes
         }
-        sequential = data.transitions(members)
+        sequential = data.transitions(cases)
         fusions = {
             f"retrieval top {args.candidates} by retrieval + ItemKNN log rank (fixed fusion)": fused(
                 retrieval_top, ids, knn

@@ -36,7 +36,6 @@ from feedserve.files import atomic_write
 from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.movielens import MovieLens, Rating, load_movielens
-from feedserve.prompt.records import Member
 from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.data import (
     LIKE,
@@ -53,6 +52,7 @@ from feedserve.rank.data import (
     movielens_counts,
     top_posts,
 )
+from feedserve.rank.engagements import MAX_TIME
 from feedserve.rank.features import PostFeatures
 from feedserve.rank.model import INPUTS, GenerativeRanker, RankerConfig
 from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, final_score
@@ -72,6 +72,7 @@ class RankCase(EvalCase):
     server given the whole record excludes them all, for retrieval alone as for the ranked feed."""
 
     history: list[Interaction] = field(default_factory=list)
+    at: int | None = None  # the moment (unix seconds); with fresh tables, counts and co-engagement as of it
 
     def seen(self) -> set[int]:
         return super().seen() | {it.post_id for it in self.history}
@@ -95,9 +96,12 @@ class RankingData:
     post_ids: np.ndarray
     features: PostFeatures
     coengagement: CoEngagement
+    # Counts and co-engagement read as of each case's moment (every engagement before it streamed
+    # in, feedserve.rank.engagements), not as of the cutoff (the build's tables alone).
+    fresh: bool = False
 
     @classmethod
-    def load(cls, artifacts: Path, cache: Path, validate: bool = False) -> RankingData:
+    def load(cls, artifacts: Path, cache: Path, validate: bool = False, fresh: bool = False) -> RankingData:
         ml = load_movielens(SAMPLE_CORPUS)
         if validate:
             ml = validation_movielens(ml)
@@ -110,8 +114,14 @@ class RankingData:
         retriever = EmbeddingRetriever(layout.hf_dir, settings, buckets, split.corpus, cache, onnx=graph)
         ids = np.array([p.id for p in split.corpus], np.int64)
         # The training period's counts; a training example reads them as they stood at its moment.
-        features = PostFeatures.from_posts(ml.posts(), buckets, log=movielens_counts(ml, split.cutoff, buckets))
-        return cls(ml, split, retriever, ids, features, movielens_coengagement(ml, split.cutoff))
+        # Fresh, every engagement's, read as of each case's moment (never one at or after it).
+        until = MAX_TIME if fresh else split.cutoff
+        features = PostFeatures.from_posts(ml.posts(), buckets, log=movielens_counts(ml, until, buckets))
+        return cls(ml, split, retriever, ids, features, movielens_coengagement(ml, until), fresh)
+
+    def tables_time(self, case: RankCase) -> int | None:
+        """The moment a case reads counts and co-engagement as of (None: the tables as built)."""
+        return case.at if self.fresh else None
 
     def new_posts(self) -> set[int]:
         """The posts nobody rated before the cutoff: new to every model trained on the period."""
@@ -127,24 +137,40 @@ class RankingData:
         before = self.ml.ratings_by_user(before=self.split.cutoff)
         return ItemKNN({u: {r.movie for r in rs if r.rating >= LIKE} for u, rs in before.items()}, self.post_ids)
 
-    def transitions(self, members: Sequence[Member]) -> np.ndarray:
-        """[member, catalog]: each post's transitions from the member's SEQUENCE_LIKES latest likes
+    def recent_itemknn(self, cases: Sequence[RankCase], knn: ItemKNN) -> np.ndarray:
+        """[case, catalog]: ItemKNN from each member's RECENT_LIKES latest likes; fresh, from the
+        co-engagement table as of the case's moment (ItemKNN's score without the member's own row)."""
+        members = [c.member.model_copy(update={"history": c.member.history[-RECENT_LIKES:]}) for c in cases]
+        if not self.fresh:
+            return knn.score(members)
+        catalog = self.post_ids.tolist()
+        return np.stack(
+            [
+                self.coengagement.against(m.id, catalog, self.tables_time(c)).cooccurrence(
+                    [h.post_id for h in m.history]
+                )
+                for c, m in zip(cases, members, strict=True)
+            ]
+        )
+
+    def transitions(self, cases: Sequence[RankCase]) -> np.ndarray:
+        """[case, catalog]: each post's transitions from the member's SEQUENCE_LIKES latest likes
         (the ranker's sequential co-engagement feature, feedserve.rank.coengagement), their own row
         left out."""
         catalog = self.post_ids.tolist()
         return np.stack(
             [
-                self.coengagement.against(m.id, catalog).transitions(
-                    [h.post_id for h in m.history][-SEQUENCE_LIKES:], SEQUENCE_DECAY
+                self.coengagement.against(c.member.id, catalog, self.tables_time(c)).transitions(
+                    [h.post_id for h in c.member.history][-SEQUENCE_LIKES:], SEQUENCE_DECAY
                 )
-                for m in members
+                for c in cases
             ]
         )
 
 
 def cutoff_cases(split: Split, before: Mapping[int, Sequence[Rating]]) -> list[RankCase]:
     """The split's own test cases (one per member, at the cutoff, every later like a target)."""
-    return [RankCase(c.member, c.targets, interactions(before.get(c.member.id, []))) for c in split.test]
+    return [RankCase(c.member, c.targets, interactions(before.get(c.member.id, [])), split.cutoff) for c in split.test]
 
 
 def moment_cases(ml: MovieLens, cutoff: int, moments: int = 10, horizon: int = 10) -> list[RankCase]:
@@ -162,7 +188,7 @@ def moment_cases(ml: MovieLens, cutoff: int, moments: int = 10, horizon: int = 1
             rated = {r.movie for r in past}
             targets = {r.movie for r in [r for r in ratings if r.timestamp >= at][:horizon] if r.rating >= LIKE}
             if liked and targets - rated:
-                cases.append(RankCase(ml.member(user, liked), targets - rated, interactions(past)))
+                cases.append(RankCase(ml.member(user, liked), targets - rated, interactions(past), at))
     return cases
 
 
@@ -176,9 +202,11 @@ def rank_cases(
     post_vectors: np.ndarray,
     candidates: int,
     batch: int = 16,
+    fresh: bool = False,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """For each case: the retrieval stage's top `candidates` (what it has seen excluded) and the
-    same posts ordered by the ranker's final score."""
+    same posts ordered by the ranker's final score (with `fresh`, its tables read as of the case's
+    moment)."""
     weights = [DEFAULT_TASK_WEIGHTS[task] for task in model.config.tasks]
     retrieval_top, ranked_top = [], []
     for start in range(0, len(cases), batch):
@@ -186,7 +214,8 @@ def rank_cases(
         for case, member in zip(cases[start : start + batch], member_vectors[start : start + batch], strict=True):
             ids, scores = case.retrieved(member, post_ids, post_vectors, candidates)
             labels = np.zeros((len(ids), len(model.config.tasks)), np.float32)
-            examples.append(RankExample(case.member.id, case.history, member, ids, scores, labels))
+            at = case.at if fresh else None
+            examples.append(RankExample(case.member.id, case.history, member, ids, scores, labels, at))
         t = tensorize.batch(examples)
         _, scores = final_score(model(**{k: t[k] for k in INPUTS}).numpy(), weights)
         for x, row in zip(examples, scores, strict=True):
@@ -226,8 +255,7 @@ def fusion_orders(
     retrieval_top = [
         c.retrieved(v, data.post_ids, data.retriever.posts, candidates)[0] for c, v in zip(cases, vectors, strict=True)
     ]
-    recent = knn.score([m.model_copy(update={"history": m.history[-RECENT_LIKES:]}) for m in members])
-    return retrieval_top, fused(retrieval_top, data.post_ids, recent, data.transitions(members))
+    return retrieval_top, fused(retrieval_top, data.post_ids, data.recent_itemknn(cases, knn), data.transitions(cases))
 
 
 def blended(first: Sequence[np.ndarray], second: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -308,7 +336,7 @@ def transition_slices(data: RankingData, cases: Sequence[RankCase], new_posts: s
     (`new_posts`, `RankingData.new_posts`) are neither."""
     column = {int(p): j for j, p in enumerate(data.post_ids.tolist())}
     old = {int(p) for p in data.post_ids.tolist()} - new_posts
-    scores = data.transitions([c.member for c in cases])
+    scores = data.transitions(cases)
     seen = [{t for t in c.targets if t in column and row[column[t]] > 0} for c, row in zip(cases, scores, strict=True)]
     return {
         "seen_transition": seen,
@@ -334,6 +362,7 @@ def evaluate(
     new_posts: set[int] | None = None,
     reference: Mapping[str, Sequence[np.ndarray]] | None = None,
     slices: Mapping[str, Mapping[str, Sequence[set[int]]]] | None = None,
+    fresh: bool = False,
 ) -> tuple[dict[str, Any], dict[str, list[np.ndarray]]]:
     """`compare` for each protocol, the ranker reordering the retrieval stage's top `candidates`, and
     its ranked orders. With `reference` (another ranker's orders of the same cases), also this
@@ -341,12 +370,12 @@ def evaluate(
     together from member to member, so their difference is measured far more tightly than either
     one's interval over retrieval suggests. (Not on the new posts: there a few members hold every
     hit, and a resample without them has nothing to divide by.) `slices` (per protocol, `compare`'s)
-    are paired with the reference too."""
+    are paired with the reference too. `fresh`: tables read as of each case's moment (`RankingData.fresh`)."""
     report, ranked = {}, {}
     for name, cases in protocols.items():
         vectors = retriever.member_vectors([c.member for c in cases])
         retrieval_top, ranked[name] = rank_cases(
-            model, tensorize, vectors, cases, post_ids, retriever.posts, candidates
+            model, tensorize, vectors, cases, post_ids, retriever.posts, candidates, fresh=fresh
         )
         parts = (slices or {}).get(name, {})
         report[name] = compare(retrieval_top, ranked[name], cases, new_posts, parts)
@@ -378,6 +407,11 @@ def main(argv: list[str] | None = None) -> int:
         help=f"with --fusion, also read each ranker's order blended with the fusion's ({BLEND})",
     )
     p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="counts and co-engagement as of each moment (engagements streamed in), not as of the cutoff (the build's)",
+    )
+    p.add_argument(
         "--transitions",
         action="store_true",
         help="also read each ranker on the targets a transition from the latest likes reaches and on the rest",
@@ -385,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    data = RankingData.load(args.artifacts, args.cache, args.validate)
+    data = RankingData.load(args.artifacts, args.cache, args.validate, args.fresh)
     protocols = evaluation_cases(data.ml, data.split, args.moments, args.horizon)
     new_posts = data.new_posts()
     slices = (
@@ -401,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         "candidates": args.candidates,
         "moments": args.moments,
         "horizon": args.horizon,
+        "tables": "as of each moment (streamed)" if args.fresh else "as of the cutoff (the build's)",
     }
     reports: list[dict[str, Any]] = []
     if args.blend and not args.fusion:
@@ -427,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
             new_posts,
             reference,
             slices,
+            data.fresh,
         )
         reference = reference or ranked
         report: dict[str, Any] = {

@@ -313,3 +313,42 @@ def test_a_ranker_started_from_the_fusion_ranks_as_the_fusion_before_training() 
     with torch.no_grad():
         init_wide(model, "zero")
         assert torch.equal(model.wide.weight, torch.zeros_like(model.wide.weight))  # type: ignore[union-attr]
+
+
+def test_fresh_tables_are_read_as_of_each_cases_moment(ml: MovieLens) -> None:
+    """A case knows its moment (a moment case's, the cutoff for the split's own); ranked with fresh
+    tables (every engagement streamed in) each example reads counts and co-engagement as of it, and
+    as built (None) otherwise."""
+    import torch
+
+    from feedserve.prompt.records import Member
+    from feedserve.rank.data import Interaction
+    from feedserve.rank.model import GenerativeRanker
+    from feedserve.training.rank_eval import RankCase, rank_cases
+    from tests.unit.test_rank_data import _synthetic
+
+    split = movielens_split(ml)
+    moments = moment_cases(ml, split.cutoff, moments=3)
+    assert all(c.at is not None and c.at >= split.cutoff and all(it.at < c.at for it in c.history) for c in moments)
+    assert {c.at for c in cutoff_cases(split, ml.ratings_by_user(before=split.cutoff))} == {split.cutoff}
+
+    tensorize, _ = _synthetic(1)
+    ids, posts = np.arange(100, 160), tensorize.content.vectors[:-1]  # type: ignore[attr-defined]
+    cases = [
+        RankCase(Member(id=i, headline="m"), {101}, [Interaction(100 + i, "like", 1)], at=1_000 + i) for i in range(5)
+    ]
+    read: list[int | None] = []
+    real = tensorize.batch
+
+    def spy(examples):  # type: ignore[no-untyped-def]
+        read.extend(x.tables_time() for x in examples)
+        return real(examples)
+
+    tensorize.batch = spy  # type: ignore[method-assign]
+    vectors = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
+    model = GenerativeRanker(tensorize.config).eval()
+    torch.manual_seed(0)
+    for fresh, want in ((True, [1_000 + i for i in range(5)]), (False, [None] * 5)):
+        read.clear()
+        rank_cases(model, tensorize, vectors, cases, ids, posts, 30, fresh=fresh)
+        assert read == want
