@@ -6,6 +6,9 @@ tritonserver on 127.0.0.1, indexes MovieLens movies as posts through `embed_post
 few real MovieLens users, the top-k movies `retrieve` returns beside the feed `feed` returns (the
 same retrieval's top candidates reordered by the GR ranker). Each user's history is every movie they
 rated, in time order: the retrieval prompt shows the ones rated 4 or more, the ranker reads all.
+The likes after the build's cutoff (the test period the ranker's tables leave out) are streamed in
+through `engage_write` first, as an ingester would send them as they happen: the feed's
+co-engagement reads them (feedserve.rank.engagements).
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from feedserve.clients.batch import index_corpus
 from feedserve.clients.online import FeedClient
 from feedserve.ops.builder import SAMPLE_CORPUS, BuildOptions, build_artifacts, resolve_ranker
 from feedserve.ops.launcher import TritonServer, on_free_ports
-from feedserve.prompt.movielens import load_movielens
-from feedserve.prompt.records import MAX_HISTORY, is_engaged
+from feedserve.prompt.movielens import MovieLens, load_movielens
+from feedserve.prompt.records import ENGAGED_RATING, MAX_HISTORY, is_engaged
 from feedserve.triton.repository import write_repository
 
 logger = logging.getLogger(__name__)
@@ -43,6 +46,20 @@ def _title(post: object) -> str:
     return f"{title} ({year})" if year else str(title)
 
 
+def stream_likes(client: FeedClient, movielens: MovieLens, batch: int = 64) -> int:
+    """Log every like at or after the corpus's cutoff (what the build's co-engagement table leaves
+    out), oldest first, in `batch`-row requests; how many."""
+    cutoff = movielens.cutoff()
+    likes = sorted(
+        (r.timestamp, r.user, r.movie)
+        for r in movielens.ratings
+        if r.timestamp >= cutoff and r.rating >= ENGAGED_RATING
+    )
+    for start in range(0, len(likes), batch):
+        client.engage([(user, movie, at) for at, user, movie in likes[start : start + batch]])
+    return len(likes)
+
+
 def run_demo(opts: DemoOptions) -> int:
     t0 = time.perf_counter()
     ranker = resolve_ranker(opts.adapter, None)
@@ -62,6 +79,12 @@ def run_demo(opts: DemoOptions) -> int:
     server_opts = on_free_ports(artifacts=layout.root, log_file=layout.root.parent / "logs" / "demo-tritonserver.log")
     with TritonServer(server_opts) as server:
         t_ready = time.perf_counter() - t0 - t_build
+        if layout.has_ranker():
+            with FeedClient(server.grpc_url, "grpc", timeout_s=60, write_key=server.write_key) as client:
+                t = time.perf_counter()
+                n = stream_likes(client, movielens)
+                took = time.perf_counter() - t
+                print(f"streamed {n} likes made after the build's cutoff through engage_write in {took:.1f} s")
         stats = index_corpus(
             posts, [p.id for p in posts], layout.index, url=server.grpc_url, batch_size=8, concurrency=4
         )

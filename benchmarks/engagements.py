@@ -1,0 +1,227 @@
+"""Streamed engagements (feedserve.rank.engagements): what logging them costs, what merging them into
+the co-engagement table costs as it grows, and how soon `rank` reads an acknowledged engagement.
+
+    .venv/bin/python -m benchmarks.engagements [--sizes 1000000 10000000] [--trials 20]
+
+1. The log: `EngagementWriter.write` of 64-row batches (each fsynced before it returns), per batch.
+2. The merge a `rank` instance runs on its follow thread: the build's table with L engagements
+   logged since, `CoEngagement.with_events` (sort, dedupe, index, the transitions derived), for the
+   sample corpus's table (the training period's 43,722 likes) and for synthetic tables of N entries
+   (members and Zipf-distributed posts, times spread), L = 1,000 and N / 10. Median of `--runs`.
+3. Through Triton (the default artifacts served from a scratch directory on loopback, as
+   benchmarks/freshness.py does, rank's default `engagement_poll_s` of 1 s): a trial logs 30
+   members' likes of a film the ranked member liked and of a post nobody engaged with before (one
+   `engage_write` request), then asks `rank` every 20 ms until that post's score moves; the lag is
+   from the acknowledgement to the first answer that reads it.
+
+Needs `artifacts/default` with the ranker (`feedserve build`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.freshness import scratch_artifacts
+from feedserve.artifacts import ArtifactLayout, default_artifacts_dir
+from feedserve.clients.online import FeedClient
+from feedserve.clients.perf import machine
+from feedserve.ops.launcher import TritonServer, on_free_ports
+from feedserve.rank.coengagement import CoEngagement
+from feedserve.rank.engagements import EngagementWriter
+from feedserve.schema import ModelName
+from feedserve.triton.repository import RepositorySettings, write_repository
+
+logger = logging.getLogger("benchmarks.engagements")
+
+BATCH = 64  # rows per engage_write request (the ingester's default window)
+
+
+def _synthetic(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n engagements: n / 20 members, posts drawn from a Zipf law over n / 5 posts, times over a year."""
+    rng = np.random.default_rng(seed)
+    members = rng.integers(0, max(n // 20, 1), n)
+    posts = (rng.zipf(1.3, n) - 1) % max(n // 5, 1)
+    times = rng.integers(1_600_000_000, 1_600_000_000 + 365 * 86400, n)
+    return members, posts, times
+
+
+def _table_mb(table: CoEngagement) -> float:
+    arrays = [table.posts, table.indptr, table.members, table.times, *table._transitions]
+    return sum(a.nbytes for a in arrays) / 1e6
+
+
+def log_writes(batches: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = EngagementWriter.open(Path(tmp))
+        members, posts, times = _synthetic(batches * BATCH, seed=1)
+        took = []
+        for start in range(0, len(members), BATCH):
+            t = time.perf_counter()
+            writer.write(members[start : start + BATCH], posts[start : start + BATCH], times[start : start + BATCH])
+            took.append(time.perf_counter() - t)
+        writer.close()
+    ms = np.array(took) * 1000
+    return {
+        "batches": batches,
+        "rows": BATCH,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "engagements_per_s": BATCH / float(np.mean(took)),
+    }
+
+
+def merges(base: CoEngagement, name: str, runs: int) -> list[dict[str, Any]]:
+    out = []
+    for logged in (1000, max(len(base) // 10, 1)):
+        extra = _synthetic(logged, seed=2)
+        took = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            merged = base.with_events(*extra)
+            took.append(time.perf_counter() - t)
+        out.append(
+            {
+                "table": name,
+                "entries": len(base),
+                "logged": logged,
+                "merged_entries": len(merged),
+                "merge_s": statistics.median(took),
+                "table_mb": _table_mb(merged),
+            }
+        )
+        logger.info("%s + %d logged: %.3f s", name, logged, out[-1]["merge_s"])
+    return out
+
+
+def _rank_score(client: FeedClient, member: dict[str, Any], query: np.ndarray, post: int, other: int) -> float:
+    out = client.infer(
+        ModelName.RANK,
+        {
+            "RECORDS": np.array([[json.dumps(member).encode()]], object),
+            "QUERY": query,
+            "CANDIDATE_IDS": np.array([[post, other]], np.int64),
+            "CANDIDATE_SCORES": np.array([[0.9, 0.8]], np.float32),
+            "K": np.array([[2]], np.int64),
+        },
+        ("IDS", "SCORES"),
+    )
+    return float(dict(zip(out["IDS"][0].tolist(), out["SCORES"][0].tolist(), strict=True))[post])
+
+
+def lag_through_triton(artifacts: Path, trials: int) -> dict[str, Any]:
+    layout = ArtifactLayout(artifacts)
+    liked = int(CoEngagement.load(layout.coengagement).posts[0])
+    member = {"id": 10**9, "headline": "Engineer", "history": [{"post_id": liked, "action": "like", "engaged_at": 1}]}
+    lags, requests = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = scratch_artifacts(layout, Path(tmp) / "artifacts")
+        repository = Path(tmp) / "repository"
+        write_repository(repository, RepositorySettings())
+        opts = on_free_ports(repository=repository, artifacts=scratch.root, log_file=Path(tmp) / "tritonserver.log")
+        with (
+            TritonServer(opts) as server,
+            FeedClient(server.grpc_url, "grpc", timeout_s=60, write_key=server.write_key) as client,
+        ):
+            query = client.embed_members([member])
+            for trial in range(trials):
+                post = 10**12 + trial  # nobody engaged with it before this trial
+                before = _rank_score(client, member, query, post, liked + 1)
+                fans = range(3 * 10**9 + 100 * trial, 3 * 10**9 + 100 * trial + 30)
+                client.engage([(m, liked, 1_700_000_000) for m in fans] + [(m, post, 1_700_000_001) for m in fans])
+                acknowledged, asked = time.perf_counter(), 0
+                deadline = acknowledged + 30
+                while time.perf_counter() < deadline:
+                    asked += 1
+                    if abs(_rank_score(client, member, query, post, liked + 1) - before) > 1e-6:
+                        lags.append(time.perf_counter() - acknowledged)
+                        break
+                    time.sleep(0.02)
+                requests.append(asked)
+                time.sleep(0.3 * (trial % 4))  # spread the acknowledgements over the follow thread's period
+    seen = np.array(lags)
+    return {
+        "trials": trials,
+        "read": len(lags),
+        "lag_p50_s": float(np.percentile(seen, 50)) if len(seen) else None,
+        "lag_p99_s": float(np.percentile(seen, 99)) if len(seen) else None,
+        "lag_max_s": float(seen.max()) if len(seen) else None,
+        "rank_requests_per_trial": float(np.mean(requests)),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifacts", type=Path, default=default_artifacts_dir())
+    p.add_argument("--sizes", type=int, nargs="*", default=[1_000_000, 10_000_000], help="synthetic table entries")
+    p.add_argument("--runs", type=int, default=3, help="merges timed per size (median)")
+    p.add_argument("--batches", type=int, default=500, help="64-row log writes timed")
+    p.add_argument("--trials", type=int, default=20, help="engagements followed through Triton")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "reports")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    report: dict[str, Any] = {
+        "command": "python -m benchmarks.engagements " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(),
+        "log_writes": log_writes(args.batches),
+    }
+    sample = CoEngagement.load(ArtifactLayout(args.artifacts).coengagement)
+    rows = merges(sample, "sample corpus (coengagement.npz)", args.runs)
+    for n in args.sizes:
+        rows += merges(CoEngagement.from_arrays(*_synthetic(n)), f"synthetic {n:,}", args.runs)
+    report["merges"] = rows
+    if args.trials:
+        report["through_triton"] = lag_through_triton(args.artifacts, args.trials)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "engagements.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "engagements.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+def markdown(r: dict[str, Any]) -> str:
+    w = r["log_writes"]
+    lines = [
+        "# Streamed engagements (2-core CPU)",
+        "",
+        f"Command: `{r['command']}`.",
+        "",
+        f"Machine: {r['machine']}",
+        "",
+        f"Log writes ({w['batches']} batches of {w['rows']}, each fsynced): p50 {w['p50_ms']:.2f} ms, "
+        f"p99 {w['p99_ms']:.2f} ms per batch, {w['engagements_per_s']:,.0f} engagements/s from one writer.",
+        "",
+        "The merge `rank`'s follow thread runs when the log has grown (the build's table + every engagement logged since):",
+        "",
+        "| table | entries | logged | merged entries | merge s | table MB |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {m['table']} | {m['entries']:,} | {m['logged']:,} | {m['merged_entries']:,} | {m['merge_s']:.3f} | {m['table_mb']:.0f} |"
+            for m in r["merges"]
+        ),
+        "",
+    ]
+    t = r.get("through_triton")
+    if t:
+        lines += [
+            "Through Triton (engage_write acknowledged -> the first `rank` answer that reads it; follow period 1 s):",
+            "",
+            "| trials | read | lag p50 s | lag p99 s | lag max s | rank requests per trial |",
+            "|---|---|---|---|---|---|",
+            f"| {t['trials']} | {t['read']} | {t['lag_p50_s']:.2f} | {t['lag_p99_s']:.2f} | {t['lag_max_s']:.2f} | {t['rank_requests_per_trial']:.1f} |",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
