@@ -159,6 +159,7 @@ class Stats:
     upserts: int = 0
     deletes: int = 0
     engagements: int = 0  # logged through engage_write (engage events whose action is an engagement)
+    unserved: int = 0  # engagements dropped: the server has no engage_write (Milvus, or no ranker)
     batches: int = 0
     seconds: float = 0.0
     lags_s: list[float] = field(default_factory=list)
@@ -172,7 +173,8 @@ class Stats:
         rate = self.events / self.seconds if self.seconds else 0.0
         return (
             f"{self.events} events ({self.bad} bad) in {self.batches} batches: {self.upserts} upserts, "
-            f"{self.deletes} deletes, {self.engagements} engagements, {rate:.1f} events/s{lag}"
+            f"{self.deletes} deletes, {self.engagements} engagements ({self.unserved} unserved), "
+            f"{rate:.1f} events/s{lag}"
         )
 
 
@@ -325,6 +327,7 @@ class Ingester:
         self.client, self.window_s, self.max_batch, self.retry_s = client, window_s, max_batch, retry_s
         self.store = PostStore(state_dir / "posts.sqlite")
         self.stats = Stats()
+        self._engage_write: bool | None = None  # whether the server serves engage_write, once asked
 
     def run(self, source: EventSource) -> Stats:
         """Ingest from where the source last committed; returns when the source ends."""
@@ -380,6 +383,9 @@ class Ingester:
                 # The server refused the window (a post it will not take): write the posts one by
                 # one, so the refused ones are skipped by name instead of blocking every restart.
                 self._isolate(upserts, deletes)
+        if engagements and not self._engagements_served():
+            self.stats.unserved += len(engagements)
+            engagements = []
         for start in range(0, len(engagements), self.max_batch):  # after the posts: a like of a new post follows it
             # Logged again after a crash, they change nothing: each (member, post) counts once.
             chunk = engagements[start : start + self.max_batch]
@@ -392,6 +398,16 @@ class Ingester:
         self.stats.deletes += len(deletes)
         self.stats.engagements += len(engagements)
         self.stats.batches += 1
+
+    def _engagements_served(self) -> bool:
+        """Whether the server logs engagements, asked once: a server without `engage_write` (the posts
+        in Milvus, or no ranker) ranks with the build's co-engagement, and its engage events are
+        counted and dropped rather than stopping the ingester."""
+        if self._engage_write is None:
+            self._engage_write = self.client.ready(ModelName.ENGAGE_WRITE)
+            if not self._engage_write:
+                logger.warning("ingest: the server has no engage_write: engage events are counted and dropped")
+        return self._engage_write
 
     def _write(self, upserts: dict[int, Post], deletes: set[int]) -> None:
         ids = list(upserts)

@@ -119,8 +119,11 @@ class FeedClient:
         else:
             self._client = self._tc.InferenceServerClient(url, channel_args=GRPC_CHANNEL_ARGS)
 
-    def ready(self) -> bool:
+    def ready(self, model: str | None = None) -> bool:
+        """Whether the server (or, named, one of its models) is ready."""
         try:
+            if model is not None:
+                return bool(self._client.is_model_ready(model))
             return bool(self._client.is_server_ready())
         except (InferenceServerException, OSError):
             return False

@@ -132,8 +132,12 @@ def test_both_servers_answer_alike_and_see_each_others_writes(
             "tags": ["documentary"],
         }
         counts = {"type": "counts", "post_id": 990_002, "counts": {"ratings": 10_000, "mean_rating": 5.0}}
-        events.write_text(events.read_text() + json.dumps(counts) + "\n")
-        Ingester(one, tmp_path / "ingest").run(JsonlSource(events, tmp_path / "ingest"))
+        # With Milvus there is no engagement log (no engage_write): an engage event is counted as
+        # unserved, and the ingester goes on with the posts of its window.
+        engage = {"type": "engage", "member_id": 5, "post_id": 990_002, "action": "like"}
+        events.write_text(events.read_text() + json.dumps(counts) + "\n" + json.dumps(engage) + "\n")
+        stats = Ingester(one, tmp_path / "ingest").run(JsonlSource(events, tmp_path / "ingest"))
+        assert (stats.events, stats.bad, stats.engagements, stats.unserved) == (2, 0, 0, 1)
         percentiles = store.lookup_rows(np.array([990_002]))[2][990_002]["percentiles"]
         assert percentiles == [1.0, 1.0]  # the top buckets of both counts
 
