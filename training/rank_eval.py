@@ -56,6 +56,7 @@ from feedserve.rank.engagements import MAX_TIME
 from feedserve.rank.features import PostFeatures
 from feedserve.rank.model import INPUTS, GenerativeRanker, RankerConfig
 from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, final_score
+from feedserve.schema import NO_ID
 from feedserve.training.baselines import ItemKNN
 from feedserve.training.data import EvalCase, Split, movielens_split, validation_movielens
 from feedserve.training.evaluate import EmbeddingRetriever, metrics, paired_ratio, per_case
@@ -138,15 +139,17 @@ class RankingData:
         return ItemKNN({u: {r.movie for r in rs if r.rating >= LIKE} for u, rs in before.items()}, self.post_ids)
 
     def recent_itemknn(self, cases: Sequence[RankCase], knn: ItemKNN) -> np.ndarray:
-        """[case, catalog]: ItemKNN from each member's RECENT_LIKES latest likes; fresh, from the
-        co-engagement table as of the case's moment (ItemKNN's score without the member's own row)."""
+        """[case, catalog]: ItemKNN (`knn`, the likes before the cutoff) from each member's
+        RECENT_LIKES latest likes; fresh, ItemKNN over every like before the case's moment, read from
+        the co-engagement table as of it (asked for no member: every row counts, the member's own
+        too, as in ItemKNN)."""
         members = [c.member.model_copy(update={"history": c.member.history[-RECENT_LIKES:]}) for c in cases]
         if not self.fresh:
             return knn.score(members)
         catalog = self.post_ids.tolist()
         return np.stack(
             [
-                self.coengagement.against(m.id, catalog, self.tables_time(c)).cooccurrence(
+                self.coengagement.against(NO_ID, catalog, self.tables_time(c)).cooccurrence(
                     [h.post_id for h in m.history]
                 )
                 for c, m in zip(cases, members, strict=True)

@@ -352,3 +352,31 @@ def test_fresh_tables_are_read_as_of_each_cases_moment(ml: MovieLens) -> None:
         read.clear()
         rank_cases(model, tensorize, vectors, cases, ids, posts, 30, fresh=fresh)
         assert read == want
+
+
+def test_fresh_itemknn_is_itemknn_over_every_like_before_the_moment() -> None:
+    """The fused rule's ItemKNN read with fresh tables: ItemKNN (the member's own row included, as
+    the baseline's) over the likes before each case's moment; as built, the baseline's own table."""
+    from feedserve.prompt.records import Engagement, Member
+    from feedserve.rank.coengagement import CoEngagement
+    from feedserve.training.baselines import ItemKNN
+    from feedserve.training.rank_eval import RankCase, RankingData
+
+    rng = np.random.default_rng(4)
+    events = [(int(m), int(p), int(t)) for m, p, t in zip(*rng.integers(0, [12, 30, 100], (200, 3)).T, strict=True)]
+    ids = np.arange(30)
+    history = [Engagement(post_id=p, action="like") for p in (1, 2, 3)]
+    cases = [
+        RankCase(Member(id=m, headline="m", history=history), {5}, at=at) for m, at in ((3, 40), (3, 90), (50, 60))
+    ]
+    data = RankingData(None, None, None, ids, None, CoEngagement.from_events(events), fresh=True)  # type: ignore[arg-type]
+    got = data.recent_itemknn(cases, None)  # type: ignore[arg-type]
+    for row, case in zip(got, cases, strict=True):
+        before: dict[int, set[int]] = {}
+        for m, p, t in events:
+            if t < (case.at or 0):
+                before.setdefault(m, set()).add(p)
+        assert np.abs(row - ItemKNN(before, ids).score([case.member])[0]).max() < 1e-5
+    knn = ItemKNN({0: {1, 2}, 1: {2, 5}}, ids)
+    data.fresh = False
+    assert np.array_equal(data.recent_itemknn(cases, knn), knn.score([c.member for c in cases]))
