@@ -11,11 +11,12 @@ One JSON event per line (or per Redis Stream entry, in its `event` field):
     {"type": "delete", "post_id": 7}
     {"type": "engage", "member_id": 3, "post_id": 7, "action": "like", "ts": 1700000001}  # who engaged
 
-An engage event is logged through `engage_write` (when its action is an engagement,
-`feedserve.prompt.records.is_engaged`: a like, a share, a rating of 4 or more; a dislike or a low
-rating is counted and not logged), so the ranker's co-engagement reads it within about a second
-instead of at the next build (feedserve.rank.engagements). Its `ts` is when the member engaged (now
-when left out). It does not change the post's counts: `counts` events carry those.
+An engage event is logged through `engage_write` when its action is an engagement
+(`feedserve.rank.engagements.coengaged`: a like, love, comment, share, repost or save, a rating of 4
+or more; a view, a click, a dislike or a low rating is counted and not logged), so the ranker's
+co-engagement reads it within seconds instead of at the next build (feedserve.rank.engagements).
+Its `ts` is when the member engaged (now when left out). It does not change the post's counts:
+`counts` events carry those. A server without `engage_write` (Milvus) has them counted as unserved.
 
 Events are gathered for up to `window_s` (or `max_batch` events), folded per post (the last event
 of a post in a window wins; new counts are merged into the post's last known record, and the
@@ -55,8 +56,8 @@ from feedserve.clients.online import FeedClient, records_tensor
 from feedserve.errors import ClientError
 from feedserve.files import atomic_write
 from feedserve.ops.keys import WRITE_KEY_ENV, WRITE_KEY_FILE, write_key
-from feedserve.prompt.records import Post, is_engaged
-from feedserve.rank.engagements import MAX_TIME
+from feedserve.prompt.records import Post
+from feedserve.rank.engagements import MAX_TIME, coengaged
 from feedserve.schema import (
     LSN,
     OP,
@@ -71,6 +72,7 @@ from feedserve.schema import (
 logger = logging.getLogger(__name__)
 
 MAX_ACTION = 64  # characters of an engage event's action
+MAX_ID = (1 << 63) - 1  # ids are int64
 
 
 class BadEvent(ClientError, ValueError):
@@ -92,8 +94,8 @@ def _id(data: dict[str, Any], key: str) -> int:
     value = data.get(key)
     if not isinstance(value, int) or isinstance(value, bool):
         raise BadEvent(f"{key} must be an integer")
-    if value < 0:
-        raise BadEvent(f"{key} must be >= 0, got {value}")
+    if not 0 <= value <= MAX_ID:
+        raise BadEvent(f"{key} must be in [0, {MAX_ID}], got {value}")
     return value
 
 
@@ -117,9 +119,7 @@ def parse_event(line: bytes) -> Event:
                 raise BadEvent(f"action must be a non-empty string of at most {MAX_ACTION} characters")
             if ts is not None and not 0 <= ts <= MAX_TIME:
                 raise BadEvent(f"ts must be unix seconds in [0, {MAX_TIME}]")
-            return Event(
-                kind, _id(data, "post_id"), ts=ts, member_id=_id(data, "member_id"), engaged=is_engaged(action)
-            )
+            return Event(kind, _id(data, "post_id"), ts=ts, member_id=_id(data, "member_id"), engaged=coengaged(action))
         if kind in ("delete", "counts"):
             post_id = _id(data, "post_id")
             counts = None
@@ -383,7 +383,7 @@ class Ingester:
                 # The server refused the window (a post it will not take): write the posts one by
                 # one, so the refused ones are skipped by name instead of blocking every restart.
                 self._isolate(upserts, deletes)
-        if engagements and not self._engagements_served():
+        if engagements and self._engagements_served() is False:
             self.stats.unserved += len(engagements)
             engagements = []
         for start in range(0, len(engagements), self.max_batch):  # after the posts: a like of a new post follows it
@@ -399,14 +399,18 @@ class Ingester:
         self.stats.engagements += len(engagements)
         self.stats.batches += 1
 
-    def _engagements_served(self) -> bool:
-        """Whether the server logs engagements, asked once: a server without `engage_write` (the posts
-        in Milvus, or no ranker) ranks with the build's co-engagement, and its engage events are
-        counted and dropped rather than stopping the ingester."""
-        if self._engage_write is None:
-            self._engage_write = self.client.ready(ModelName.ENGAGE_WRITE)
-            if not self._engage_write:
-                logger.warning("ingest: the server has no engage_write: engage events are counted and dropped")
+    def _engagements_served(self) -> bool | None:
+        """Whether the server logs engagements (None: not known yet). A server without `engage_write`
+        (the posts in Milvus, or no ranker) ranks with the build's co-engagement: its engage events
+        are counted and dropped rather than stopping the ingester. Only a ready server's answer
+        counts (with strict readiness every model it loaded is ready then), asked again to be sure:
+        one unreachable, starting or reloading a stub is asked again with the next window."""
+        if self._engage_write is None and self.client.ready():
+            served = self.client.ready(ModelName.ENGAGE_WRITE)
+            if served or self.client.ready():
+                self._engage_write = served
+                if not served:
+                    logger.warning("ingest: the server has no engage_write: engage events are counted and dropped")
         return self._engage_write
 
     def _write(self, upserts: dict[int, Post], deletes: set[int]) -> None:

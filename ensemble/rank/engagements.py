@@ -14,11 +14,21 @@ per write request:
     payload = u32 n | u32 columns (3) | int64 members[n] | int64 posts[n] | int64 times[n]
 
 One writer (`EngagementWriter`, the `engage_write` model) holds `engagements.lock`; followers read
-whole records from where they stopped. The log is never snapshotted: it holds every engagement since
-the build, 24 bytes each plus a record's framing, and the merged table is rebuilt from the build's
-entries and all of them (a fraction of a second at the sample corpus's size,
-benchmarks/reports/engagements.md at larger ones). A member engaging with a post twice counts once,
-from the first time, so a batch the ingester sends again after a crash changes nothing.
+whole records from where they stopped. The log is never snapshotted or compacted: it holds every
+engagement logged since it was created (a new build does not reset it), 24 bytes each plus a
+record's framing, and the merged table is rebuilt from the build's entries and all of them. A
+member engaging with a post twice counts once, from the first time, so a batch the ingester sends
+again after a crash, or a like the build's table already holds, changes nothing.
+
+A merge costs as much as the table it builds (0.1 s at the sample corpus's size, seconds at a
+million entries: benchmarks/reports/engagements.md), so a follower waits MERGE_SPACING times the last
+merge's duration before the next: merging takes at most a tenth of a core, and an engagement reaches
+`rank` within a second at the sample's size, within tens of seconds at millions. At a real feed's
+scale a nearline job's top co-engaged neighbours per post would take the table's place.
+
+What counts as an engagement here is what the build's table holds: an active, positive action
+(`coengaged`): a like, love, comment, share, repost or save, or a rating of ENGAGED_RATING or more.
+A view, a click, a dwell or a negative is not logged.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from feedserve.errors import IndexStoreError
 from feedserve.index.layout import IndexLayout
 from feedserve.index.live import wait_for_lock
 from feedserve.index.wal import HEADER, Codec, WriteAheadLog, read_header, read_records
+from feedserve.prompt.records import ENGAGED_RATING, rating_of
 from feedserve.rank.coengagement import CoEngagement
 
 logger = logging.getLogger(__name__)
@@ -47,6 +58,17 @@ BODY = struct.Struct("<II")  # n, columns
 COLUMNS = 3
 # Times are unix seconds, as the co-engagement table and the count log hold them.
 MAX_TIME = (1 << 32) - 1
+COENGAGED_ACTIONS = frozenset({"like", "love", "comment", "share", "repost", "save"})
+MERGE_SPACING = 10  # a follower merges at most every this many times its last merge took
+
+
+def coengaged(action: str) -> bool:
+    """Whether a member's action counts as an engagement for co-engagement (the build's table holds
+    likes: ratings of ENGAGED_RATING or more)."""
+    rating = rating_of(action)
+    if rating is not None:
+        return rating >= ENGAGED_RATING
+    return action.strip().lower() in COENGAGED_ACTIONS
 
 
 @dataclass(frozen=True)
@@ -146,21 +168,21 @@ class EngagementFollower:
 
     def read(self) -> tuple[bool, list[EngagementRecord]]:
         """(whether the log was replaced since the last read, the records appended since)."""
-        replaced = False
         try:
             inode = os.stat(self.path).st_ino
         except FileNotFoundError:
             return False, []
+        replaced = False
         if inode != self._inode:
-            replaced = self._inode != -1
-            self.close()
             # Unbuffered, as the post index's followers read theirs: never bytes from a stale buffer.
             log = open(self.path, "rb", buffering=0)  # noqa: SIM115 (kept open across reads)
             try:
                 read_header(log, self.path, ENGAGEMENTS)
             except BaseException:
-                log.close()
+                log.close()  # the log followed so far stays: a replacement is reported once it is read
                 raise
+            replaced = self._inode != -1
+            self.close()
             self._log, self._inode, self._offset = log, os.fstat(log.fileno()).st_ino, HEADER.size
         assert self._log is not None
         records = list(read_records(self._log, self._offset, codec=ENGAGEMENTS))
@@ -186,7 +208,9 @@ class LiveCoEngagement:
         self.base, self.table, self.poll_s = base, base, poll_s
         self.follower = EngagementFollower(log)
         self._logged: list[np.ndarray] = []  # [3, n] per record read: members, posts, times
+        self._pending = False  # read, not yet in `table` (a merge failed, or it was not yet time)
         self.merges = 0
+        self.last_merge_s = 0.0
         self._updating = threading.Lock()  # the thread's update and a caller's never interleave
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -197,24 +221,28 @@ class LiveCoEngagement:
         return sum(chunk.shape[1] for chunk in self._logged)
 
     def update(self) -> bool:
-        """Read the log; merge and swap in a new table when it held anything new. Whether it did."""
+        """Read the log; merge and swap in a new table when anything was read that the table does
+        not hold yet. Whether it did."""
         with self._updating:
             replaced, records = self.follower.read()
             if replaced:
                 logger.info("%s: the engagement log was replaced; reading it from its start", self.follower.path)
                 self._logged = []
             self._logged.extend(np.stack([r.members, r.posts, r.times]) for r in records)
-            if not records and not replaced:
+            self._pending |= replaced or bool(records)
+            if not self._pending:
                 return False
             started = time.monotonic()
             logged = np.concatenate([np.empty((3, 0), np.int64), *self._logged], axis=1)
             self.table = self.base.with_events(*logged)
+            self._pending = False
             self.merges += 1
+            self.last_merge_s = time.monotonic() - started
             logger.info(
                 "%s: co-engagement merged with %d logged engagements in %.3f s",
                 self.follower.path,
                 logged.shape[1],
-                time.monotonic() - started,
+                self.last_merge_s,
             )
             return True
 
@@ -228,7 +256,7 @@ class LiveCoEngagement:
                 self.update()
             except Exception:  # a damaged log is reported and read again; the table in use stays
                 logger.exception("%s: could not follow the engagement log", self.follower.path)
-            self._stop.wait(self.poll_s)
+            self._stop.wait(max(self.poll_s, MERGE_SPACING * self.last_merge_s))
 
     def close(self) -> None:
         self._stop.set()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from feedserve.artifacts import ArtifactLayout
+from feedserve.errors import IndexStoreError
 from feedserve.index.wal import LogError
 from feedserve.rank.engagements import EngagementWriter, check
 from feedserve.schema import ENGAGED_AT, LSN, MEMBER_ID, POST_ID, ModelName
@@ -66,8 +67,12 @@ class EngageWriteModel(WriteModel[Engagements]):
     def compute(self, items: Sequence[Engagements]) -> list[Arrays | RequestError]:
         if self.writer.failed:
             logger.warning("engage_write: reopening %s after a failed write", self.writer.path)
-            self.writer.close()
-            self.writer = EngagementWriter.open(self.directory, lock_wait_s=self.lock_wait_s)
+            self.writer.close()  # its lock too: a flock is per open file, even within one process
+            try:
+                self.writer = EngagementWriter.open(self.directory)
+            except (IndexStoreError, OSError) as err:  # still failing: retryable; the next batch tries again
+                logger.error("engage_write: could not reopen %s: %s", self.writer.path, err)
+                return [Unavailable(f"engage_write: the log could not be reopened: {err}") for _ in items]
         outputs: list[Arrays | RequestError] = []
         for batch in items:
             try:

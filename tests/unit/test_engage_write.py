@@ -79,6 +79,11 @@ def test_a_write_the_disk_failed_is_unavailable_and_the_writer_recovers(
     monkeypatch.setattr(index_log.os, "fsync", disk_error)
     (failed,) = model.run([_batch([1], [10], [5])], [KEYED])
     assert isinstance(failed, Unavailable) and "Input/output error" in str(failed)
+    # Reopening the log fails too (the disk is still gone): every request of the batch is
+    # retryable, none an internal error, and the next batch tries again.
+    monkeypatch.setattr(index_log.os, "open", disk_error)
+    again = model.run([_batch([1], [10], [5]), _batch([2], [11], [6])], [KEYED] * 2)
+    assert all(isinstance(r, Unavailable) and "could not be reopened" in str(r) for r in again), again
     monkeypatch.undo()
     (ok,) = model.run([_batch([2], [11], [6])], [KEYED])
     assert not isinstance(ok, RequestError)

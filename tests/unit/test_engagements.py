@@ -43,6 +43,16 @@ def test_a_table_with_events_merged_in_is_the_table_built_from_all_of_them(
     first time."""
     merged = CoEngagement.from_events(events[:cut]).with_events(*_columns(events[cut:]))
     _same(merged, CoEngagement.from_events(events))
+    # Against a reference written as a loop: each (member, post) once, at its first time, entries
+    # by post then member.
+    first: dict[tuple[int, int], int] = {}
+    for m, p, t in events:
+        first[(p, m)] = min(t, first.get((p, m), t))
+    pairs = sorted(first)
+    assert merged.posts.tolist() == sorted({p for p, _ in pairs})
+    assert merged.members.tolist() == [m for _, m in pairs]
+    assert merged.times.tolist() == [first[k] for k in pairs]
+    assert np.diff(merged.indptr).tolist() == [sum(1 for q, _ in pairs if q == p) for p in merged.posts.tolist()]
 
 
 def test_the_log_is_written_once_durable_followed_and_survives_a_torn_tail(tmp_path: Path) -> None:
@@ -127,6 +137,45 @@ def test_the_live_table_serves_the_build_merged_with_what_was_logged(tmp_path: P
     _same(live.table, CoEngagement.from_events(build + later[:5]))
     writer.close()
     live.close()
+
+
+def test_a_replacement_or_a_merge_that_failed_is_taken_up_at_the_next_update(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = CoEngagement.from_events([(1, 1, 1), (2, 1, 1), (2, 2, 1)])
+    path = IndexLayout(tmp_path).engagements
+    live = LiveCoEngagement(base, path)
+    writer = EngagementWriter.open(tmp_path)
+    writer.write(np.array([3]), np.array([1]), np.array([5]))
+    # A merge that fails (memory, say) leaves the records read, and the next update merges them.
+    monkeypatch.setattr(CoEngagement, "with_events", lambda *a: (_ for _ in ()).throw(MemoryError()))
+    with pytest.raises(MemoryError):
+        live.update()
+    monkeypatch.undo()
+    assert live.table is base and live.update() and live.logged == 1
+    # A replacement whose header cannot be read yet: the old log's engagements stay until the new
+    # one is read, and then they go.
+    writer.close()
+    os.remove(path)
+    path.write_bytes(b"garbage!" + bytes(8))
+    with pytest.raises(LogError):
+        live.update()
+    assert live.logged == 1
+    os.remove(path)
+    EngagementWriter.open(tmp_path).close()
+    assert (
+        live.update()
+        and live.logged == 0
+        and live.table.scores(9, [1], [2]).tolist() == base.scores(9, [1], [2]).tolist()
+    )
+    live.close()
+
+
+def test_only_active_positive_actions_count_as_engagements() -> None:
+    from feedserve.rank.engagements import coengaged
+
+    assert all(coengaged(a) for a in ("like", "Love ", "comment", "share", "repost", "save", "rated 4", "rated 5"))
+    assert not any(coengaged(a) for a in ("view", "click", "long dwell", "dislike", "skip", "rated 3.5", "liek"))
 
 
 def test_the_follow_thread_swaps_tables_in_and_stops(tmp_path: Path) -> None:
