@@ -23,7 +23,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,11 +205,11 @@ def rank_cases(
     post_vectors: np.ndarray,
     candidates: int,
     batch: int = 16,
-    fresh: bool = False,
+    tables_at: Callable[[RankCase], int | None] | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """For each case: the retrieval stage's top `candidates` (what it has seen excluded) and the
-    same posts ordered by the ranker's final score (with `fresh`, its tables read as of the case's
-    moment)."""
+    same posts ordered by the ranker's final score, its tables read as of `tables_at(case)` (None:
+    as they were built)."""
     weights = [DEFAULT_TASK_WEIGHTS[task] for task in model.config.tasks]
     retrieval_top, ranked_top = [], []
     for start in range(0, len(cases), batch):
@@ -217,7 +217,7 @@ def rank_cases(
         for case, member in zip(cases[start : start + batch], member_vectors[start : start + batch], strict=True):
             ids, scores = case.retrieved(member, post_ids, post_vectors, candidates)
             labels = np.zeros((len(ids), len(model.config.tasks)), np.float32)
-            at = case.at if fresh else None
+            at = tables_at(case) if tables_at is not None else None
             examples.append(RankExample(case.member.id, case.history, member, ids, scores, labels, at))
         t = tensorize.batch(examples)
         _, scores = final_score(model(**{k: t[k] for k in INPUTS}).numpy(), weights)
@@ -244,6 +244,7 @@ def fused(retrieval_top: Sequence[np.ndarray], ids: np.ndarray, *scores: np.ndar
 # The strongest fixed fusion of the ranker's own inputs (benchmarks/reports/ranker/quality.md): what a
 # learned ranker has to beat to have learned more than adding three ranks.
 FUSION = "fixed-fusion"
+OVER_BUILT = "over_built"  # with --fresh: a ranker's orders over its own with the tables as built
 BLEND = "+ fusion"  # a ranker's order blended with the fusion's (`blended`)
 
 
@@ -310,13 +311,14 @@ def pair_with(
     ranked: Sequence[np.ndarray],
     cases: Sequence[RankCase],
     slices: Mapping[str, Sequence[set[int]]],
+    key: str = "over_reference",
 ) -> None:
     """Add to `compare`'s `result` of `ranked` its paired ratio over the `reference` orders of the same
-    cases ("over_reference"), on the whole and on each of `slices`."""
+    cases (as `key`), on the whole and on each of `slices`."""
     against = compare(reference, ranked, cases, slices=slices)
-    result["over_reference"] = against["ranked_over_retrieval"]
+    result[key] = against["ranked_over_retrieval"]
     for part in slices.keys() & against.keys():
-        result[part]["over_reference"] = against[part]["ranked_over_retrieval"]
+        result[part][key] = against[part]["ranked_over_retrieval"]
 
 
 def sliced_cases(cases: Sequence[RankCase], keep: Sequence[set[int]]) -> tuple[list[int], list[RankCase]]:
@@ -365,7 +367,7 @@ def evaluate(
     new_posts: set[int] | None = None,
     reference: Mapping[str, Sequence[np.ndarray]] | None = None,
     slices: Mapping[str, Mapping[str, Sequence[set[int]]]] | None = None,
-    fresh: bool = False,
+    tables_at: Callable[[RankCase], int | None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[np.ndarray]]]:
     """`compare` for each protocol, the ranker reordering the retrieval stage's top `candidates`, and
     its ranked orders. With `reference` (another ranker's orders of the same cases), also this
@@ -373,12 +375,12 @@ def evaluate(
     together from member to member, so their difference is measured far more tightly than either
     one's interval over retrieval suggests. (Not on the new posts: there a few members hold every
     hit, and a resample without them has nothing to divide by.) `slices` (per protocol, `compare`'s)
-    are paired with the reference too. `fresh`: tables read as of each case's moment (`RankingData.fresh`)."""
+    are paired with the reference too. `tables_at`: `rank_cases`'."""
     report, ranked = {}, {}
     for name, cases in protocols.items():
         vectors = retriever.member_vectors([c.member for c in cases])
         retrieval_top, ranked[name] = rank_cases(
-            model, tensorize, vectors, cases, post_ids, retriever.posts, candidates, fresh=fresh
+            model, tensorize, vectors, cases, post_ids, retriever.posts, candidates, tables_at=tables_at
         )
         parts = (slices or {}).get(name, {})
         report[name] = compare(retrieval_top, ranked[name], cases, new_posts, parts)
@@ -465,9 +467,25 @@ def main(argv: list[str] | None = None) -> int:
             new_posts,
             reference,
             slices,
-            data.fresh,
+            data.tables_time,
         )
         reference = reference or ranked
+        if data.fresh:
+            # The same ranker and cases with the tables as built (the cutoff's): what streaming the
+            # engagements in gains, paired case by case.
+            for name, cases in protocols.items():
+                vectors = data.retriever.member_vectors([c.member for c in cases])
+                _, built = rank_cases(
+                    model,
+                    data.tensorizer(model.config),
+                    vectors,
+                    cases,
+                    data.post_ids,
+                    data.retriever.posts,
+                    args.candidates,
+                    tables_at=lambda c: data.split.cutoff,
+                )
+                pair_with(results[name], built, ranked[name], cases, {}, key=OVER_BUILT)
         report: dict[str, Any] = {
             "ranker": str(directory),
             **head,
@@ -526,6 +544,8 @@ def markdown_table(reports: Sequence[Mapping[str, Any]]) -> str:
         lines += paired_table(reports)
     if all(s in moments for s in SLICES):
         lines += slice_table(reports)
+    if any(OVER_BUILT in r["moments"] for r in reports):
+        lines += paired_table([r for r in reports if OVER_BUILT in r["moments"]], OVER_BUILT)
     return "\n".join(lines) + "\n"
 
 
@@ -563,16 +583,22 @@ def slice_table(reports: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def paired_table(reports: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Each later ranker over the first, paired case by case: the ratio, its 95% interval over
+def paired_table(reports: Sequence[Mapping[str, Any]], key: str = "over_reference") -> list[str]:
+    """Each later ranker over the first (with `key` OVER_BUILT: each ranker with fresh tables over
+    itself with the tables as built), paired case by case: the ratio, its 95% interval over
     members, and the share of resamples above 1, for NDCG@10 and Recall@10 on each part."""
-    first = Path(reports[0]["ranker"]).name
+    first = Path(reports[0]["ranker"]).name if key != OVER_BUILT else "as built"
     parts, measures = ("moments", "cutoff"), ("ndcg@10", "recall@10")
     head = " | ".join(f"{p}: {m} / {first}" for p in parts for m in ("NDCG@10", "R@10"))
-    lines = ["", f"Paired with `{first}` (the same cases, bootstrap over members; P: resamples above 1):", ""]
+    title = (
+        f"Paired with `{first}`"
+        if key != OVER_BUILT
+        else "Fresh tables (every engagement before the moment) paired with the same ranker's tables as built"
+    )
+    lines = ["", f"{title} (the same cases, bootstrap over members; P: resamples above 1):", ""]
     lines += [f"| ranker | {head} |", "|---" * (1 + len(parts) * len(measures)) + "|"]
-    for r in reports[1:]:
-        paired = [r[p]["over_reference"][m] for p in parts for m in measures]
+    for r in reports[1:] if key != OVER_BUILT else reports:
+        paired = [r[p][key][m] for p in parts for m in measures]
         lines.append(f"| {Path(r['ranker']).name} | " + " | ".join(paired_text(g) for g in paired) + " |")
     return lines
 

@@ -317,8 +317,8 @@ def test_a_ranker_started_from_the_fusion_ranks_as_the_fusion_before_training() 
 
 def test_fresh_tables_are_read_as_of_each_cases_moment(ml: MovieLens) -> None:
     """A case knows its moment (a moment case's, the cutoff for the split's own); ranked with fresh
-    tables (every engagement streamed in) each example reads counts and co-engagement as of it, and
-    as built (None) otherwise."""
+    tables (every engagement streamed in) each example reads counts and co-engagement as of the
+    moment `tables_at` gives it, and as built (None) without one."""
     import torch
 
     from feedserve.prompt.records import Member
@@ -348,9 +348,9 @@ def test_fresh_tables_are_read_as_of_each_cases_moment(ml: MovieLens) -> None:
     vectors = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
     model = GenerativeRanker(tensorize.config).eval()
     torch.manual_seed(0)
-    for fresh, want in ((True, [1_000 + i for i in range(5)]), (False, [None] * 5)):
+    for tables_at, want in ((lambda c: c.at, [1_000 + i for i in range(5)]), (None, [None] * 5)):
         read.clear()
-        rank_cases(model, tensorize, vectors, cases, ids, posts, 30, fresh=fresh)
+        rank_cases(model, tensorize, vectors, cases, ids, posts, 30, tables_at=tables_at)
         assert read == want
 
 
