@@ -5,9 +5,11 @@ the co-engagement table costs as it grows, and how soon `rank` reads an acknowle
 
 1. The log: `EngagementWriter.write` of 64-row batches (each fsynced before it returns), per batch.
 2. The merge a `rank` instance runs on its follow thread: the build's table with L engagements
-   logged since, `CoEngagement.with_events` (sort, dedupe, index, the transitions derived), for the
+   logged since, `CoEngagement.with_events` (sort, dedupe, index, each member's time order), for the
    sample corpus's table (the training period's 43,722 likes) and for synthetic tables of N entries
    (members and Zipf-distributed posts, times spread), L = 1,000 and N / 10. Median of `--runs`.
+   With each, what one request reads of the merged table (2,000 candidates' co-occurrence with and
+   transitions from 20 history posts, the 200 most engaged-with posts' or any).
 3. Through Triton (the default artifacts served from a scratch directory on loopback, as
    benchmarks/freshness.py does, rank's default `engagement_poll_s` of 1 s): a trial logs 30
    members' likes of a film the ranked member liked and of a post nobody engaged with before (one
@@ -56,8 +58,31 @@ def _synthetic(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def _table_mb(table: CoEngagement) -> float:
-    arrays = [table.posts, table.indptr, table.members, table.times, *table._transitions]
-    return sum(a.nbytes for a in arrays) / 1e6
+    """Every array the table holds (whatever its layout: this measured the one before it too)."""
+    held = [v for v in vars(table).values() if isinstance(v, np.ndarray)]
+    held += [a for v in vars(table).values() if isinstance(v, tuple) for a in v if isinstance(a, np.ndarray)]
+    return sum(a.nbytes for a in held) / 1e6
+
+
+def _request_ms(table: CoEngagement, runs: int = 20) -> dict[str, float]:
+    """What a request reads of the table: 2,000 candidates' co-occurrence with and transitions from
+    20 history posts, drawn from the 200 most engaged-with posts ("popular": the costliest) or from
+    all of them ("any"); median ms."""
+    rng = np.random.default_rng(0)
+    by_count = table.posts[np.argsort(-np.diff(table.indptr), kind="stable")]
+    out = {}
+    for name, pool in (("popular", by_count[:200]), ("any", table.posts)):
+        candidates = rng.choice(table.posts, min(2000, len(table.posts)), replace=False).tolist()
+        history = rng.choice(pool, 20, replace=False).tolist()
+        took = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            scorer = table.against(10**12, candidates)
+            scorer.cooccurrence(history)
+            scorer.transitions(history, 0.8)
+            took.append(time.perf_counter() - t)
+        out[name] = 1000 * statistics.median(took)
+    return out
 
 
 def log_writes(batches: int) -> dict[str, float]:
@@ -97,6 +122,7 @@ def merges(base: CoEngagement, name: str, runs: int) -> list[dict[str, Any]]:
                 "merged_entries": len(merged),
                 "merge_s": statistics.median(took),
                 "table_mb": _table_mb(merged),
+                **{f"request_ms_{k}": v for k, v in _request_ms(merged).items()},
             }
         )
         logger.info("%s + %d logged: %.3f s", name, logged, out[-1]["merge_s"])
@@ -202,10 +228,11 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "The merge `rank`'s follow thread runs when the log has grown (the build's table + every engagement logged since):",
         "",
-        "| table | entries | logged | merged entries | merge s | table MB |",
-        "|---|---|---|---|---|---|",
+        "| table | entries | logged | merged entries | merge s | table MB | a request's read, popular / any history, ms |",
+        "|---|---|---|---|---|---|---|",
         *(
-            f"| {m['table']} | {m['entries']:,} | {m['logged']:,} | {m['merged_entries']:,} | {m['merge_s']:.3f} | {m['table_mb']:.0f} |"
+            f"| {m['table']} | {m['entries']:,} | {m['logged']:,} | {m['merged_entries']:,} | {m['merge_s']:.3f} "
+            f"| {m['table_mb']:.0f} | {m['request_ms_popular']:.2f} / {m['request_ms_any']:.2f} |"
             for m in r["merges"]
         ),
         "",

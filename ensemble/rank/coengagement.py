@@ -57,7 +57,7 @@ class CoEngagement:
             raise ValueError("coengagement: one time per entry")
         self._row = {int(p): i for i, p in enumerate(self.posts.tolist())}
         self._member_ids, self._member_col = np.unique(self.members, return_inverse=True)
-        self._transitions = self._sequence()
+        self._place, self._last, self._post_in_order, self._time_in_order = self._sequence()
 
     @classmethod
     def from_events(cls, events: Iterable[tuple[int, int, int]]) -> CoEngagement:
@@ -117,24 +117,20 @@ class CoEngagement:
         return rows, sizes, columns, left, inv_norm, found
 
     def _sequence(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Every transition: a member engaged with post b within SEQUENCE_WINDOW engagements after
-        post a. As (b's row, member column, b's time) sorted by a's row, and where each a's start
-        (indptr over rows). Derived from the entries, at load rather than on a request (a fraction of
-        a second for the sample corpus's): a member's engagements in time order, ties by post id
-        (where times are unknown, by post id alone)."""
+        """Each member's engagements in time order (ties by post id; where times are unknown, by post
+        id alone): each entry's place in that order, and for each place the last place of its
+        member, the post row and the time there (read in runs, not gathered entry by entry). A
+        transition a -> b is then b within SEQUENCE_WINDOW places after a, up to its member's last:
+        found per request from the history's entries (`Scorer.transitions`) rather than stored, ten
+        pairs an entry, which made the table several times larger and a merge of logged
+        engagements as much slower (benchmarks/reports/engagements.md)."""
         post_of = np.repeat(np.arange(len(self.posts)), np.diff(self.indptr))
         order = np.lexsort((post_of, self.times, self._member_col))
-        column, post, time = self._member_col[order], post_of[order], self.times[order]
-        sources, targets = [], []
-        for gap in range(1, SEQUENCE_WINDOW + 1):
-            a = np.arange(len(order) - gap)
-            same = column[a] == column[a + gap]
-            sources.append(a[same])
-            targets.append(a[same] + gap)
-        a, b = np.concatenate(sources), np.concatenate(targets)
-        by_source = np.argsort(post[a], kind="stable")
-        a, b = a[by_source], b[by_source]
-        return post[b], column[b], time[b], np.searchsorted(post[a], np.arange(len(self.posts) + 1))
+        place = np.empty_like(order)
+        place[order] = np.arange(len(order))
+        members_in_order = self._member_col[order]
+        last = np.searchsorted(members_in_order, members_in_order, side="right") - 1
+        return place, last, post_of[order], self.times[order]
 
     def against(self, member_id: int, candidates: Sequence[int], before: int | None = None) -> Scorer:
         """A scorer of `candidates` for member `member_id` (their own engagements left out; with
@@ -204,15 +200,20 @@ class Scorer:
         if not self.n or not len(history):
             return out
         table = self.table
-        rows, _, _, _, inv_norm, found = table._entries(history, self.own, self.before)
-        target, column, time, indptr = table._transitions
+        rows, sizes, columns, _, inv_norm, found = table._entries(history, self.own, self.before)
         weight = (decay ** np.arange(len(history) - 1, -1, -1, dtype=np.float64))[found] * inv_norm
-        positions, sizes = _ranges(indptr[rows[found]], np.diff(indptr)[rows[found]])
-        kept = column[positions] != self.own
+        # Every other member's engagement with a history post, then the SEQUENCE_WINDOW engagements
+        # after it in its member's time order (up to the member's last): the transitions from it.
+        sources, _ = _ranges(table.indptr[rows[found]], sizes)
+        others = columns != self.own
+        sources, weights = sources[others], np.repeat(weight, sizes)[others]
+        place = table._place[sources]
+        counts = np.minimum(SEQUENCE_WINDOW, table._last[place] - place)
+        targets = _ranges(place + 1, counts)[0]  # places in the members' time order
+        weights = np.repeat(weights, counts)
         if self.before is not None:
-            kept &= time[positions] < self.before
-        by_row = np.bincount(
-            target[positions][kept], weights=np.repeat(weight, sizes)[kept], minlength=len(table.posts)
-        )
+            kept = table._time_in_order[targets] < self.before
+            targets, weights = targets[kept], weights[kept]
+        by_row = np.bincount(table._post_in_order[targets], weights=weights, minlength=len(table.posts))
         out[self.found] = by_row[self.rows[self.found]] * self.inv_norm
         return out

@@ -24,7 +24,11 @@ events_strategy = st.lists(st.tuples(st.integers(0, 6), st.integers(0, 9), st.in
 def _same(a: CoEngagement, b: CoEngagement) -> None:
     for x, y in zip((a.posts, a.indptr, a.members, a.times), (b.posts, b.indptr, b.members, b.times), strict=True):
         assert x.tolist() == y.tolist()
-    for x, y in zip(a._transitions, b._transitions, strict=True):
+    for x, y in zip(
+        (a._place, a._last, a._post_in_order, a._time_in_order),
+        (b._place, b._last, b._post_in_order, b._time_in_order),
+        strict=True,
+    ):
         assert x.tolist() == y.tolist()
 
 
