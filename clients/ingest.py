@@ -60,6 +60,7 @@ from feedserve.prompt.records import Post
 from feedserve.rank.engagements import MAX_TIME, coengaged
 from feedserve.schema import (
     LSN,
+    MAX_BATCH,
     OP,
     OP_DELETE,
     OP_UPSERT,
@@ -73,6 +74,7 @@ logger = logging.getLogger(__name__)
 
 MAX_ACTION = 64  # characters of an engage event's action
 MAX_ID = (1 << 63) - 1  # ids are int64
+ENGAGE_ROWS = MAX_BATCH  # rows per engage_write request: what the rendered model takes
 
 
 class BadEvent(ClientError, ValueError):
@@ -386,9 +388,10 @@ class Ingester:
         if engagements and self._engagements_served() is False:
             self.stats.unserved += len(engagements)
             engagements = []
-        for start in range(0, len(engagements), self.max_batch):  # after the posts: a like of a new post follows it
-            # Logged again after a crash, they change nothing: each (member, post) counts once.
-            chunk = engagements[start : start + self.max_batch]
+        # After the posts (a like of a new post follows it), in requests the model takes whatever
+        # `--max-batch` is. Logged again after a crash, they change nothing: each pair counts once.
+        for start in range(0, len(engagements), ENGAGE_ROWS):
+            chunk = engagements[start : start + ENGAGE_ROWS]
             self._retrying(lambda: self.client.engage(chunk))  # noqa: B023 (called at once)
         self.store.apply(upserts, deletes)
         # Lag: from the event's time to its write being acknowledged, i.e. retrievable by any search.

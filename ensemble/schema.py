@@ -105,6 +105,9 @@ CANDIDATE_SCORES = TensorSpec("CANDIDATE_SCORES", "FP32", (-1,), ragged=True)
 TASK_SCORES = TensorSpec("TASK_SCORES", "FP32", (-1, -1))
 CANDIDATES = TensorSpec("CANDIDATES", "INT64", (1,))
 
+# Rows per request the rendered models take by default (their config's max_batch_size).
+MAX_BATCH: Final[int] = 64
+
 # Padding value for EXCLUDE_IDS and for IDS when fewer than k posts exist.
 NO_ID: Final[int] = -1
 

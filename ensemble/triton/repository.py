@@ -18,7 +18,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from feedserve.index.milvus import DEFAULT_COLLECTION
 from feedserve.ops.launcher import DEFAULT_REPOSITORY
 from feedserve.rank.train import DEFAULT_TASK_WEIGHTS
-from feedserve.schema import IO, ModelName, RecordKind, TensorSpec
+from feedserve.schema import IO, MAX_BATCH, ModelName, RecordKind, TensorSpec
 from feedserve.triton.encoder import GROUPINGS, PRECISIONS
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ INDEXES = ("local", "milvus")
 @dataclass(frozen=True)
 class RepositorySettings:
     variant: str = "cpu"
-    max_batch_size: int = 64
+    max_batch_size: int = MAX_BATCH
     preprocess_instances: int = 1
     encoder_instances: int = 1
     knn_instances: int = 1
