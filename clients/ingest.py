@@ -74,7 +74,6 @@ logger = logging.getLogger(__name__)
 
 MAX_ACTION = 64  # characters of an engage event's action
 MAX_ID = (1 << 63) - 1  # ids are int64
-ENGAGE_ROWS = MAX_BATCH  # rows per engage_write request: what the rendered model takes
 
 
 class BadEvent(ClientError, ValueError):
@@ -390,8 +389,8 @@ class Ingester:
             engagements = []
         # After the posts (a like of a new post follows it), in requests the model takes whatever
         # `--max-batch` is. Logged again after a crash, they change nothing: each pair counts once.
-        for start in range(0, len(engagements), ENGAGE_ROWS):
-            chunk = engagements[start : start + ENGAGE_ROWS]
+        for start in range(0, len(engagements), MAX_BATCH):
+            chunk = engagements[start : start + MAX_BATCH]
             self._retrying(lambda: self.client.engage(chunk))  # noqa: B023 (called at once)
         self.store.apply(upserts, deletes)
         # Lag: from the event's time to its write being acknowledged, i.e. retrievable by any search.
@@ -417,18 +416,25 @@ class Ingester:
         return self._engage_write
 
     def _write(self, upserts: dict[int, Post], deletes: set[int]) -> None:
-        ids = list(upserts)
-        ops = [OP_UPSERT] * len(ids) + [OP_DELETE] * len(deletes)
+        """Write a window's posts, in requests of the rows the rendered models take (MAX_BATCH),
+        whatever `--max-batch` is; a window is committed only once every one was acknowledged."""
+        rows = [(OP_UPSERT, i) for i in upserts] + [(OP_DELETE, d) for d in sorted(deletes)]
+        for start in range(0, len(rows), MAX_BATCH):
+            self._write_rows(rows[start : start + MAX_BATCH], upserts)
+
+    def _write_rows(self, rows: list[tuple[int, int]], upserts: dict[int, Post]) -> None:
+        ids = [i for op, i in rows if op == OP_UPSERT]
+        deleted = [i for op, i in rows if op == OP_DELETE]
         inputs: dict[str, np.ndarray] = {
-            OP.name: np.array(ops, np.int64)[:, None],
-            POST_ID.name: np.array(ids + sorted(deletes), np.int64)[:, None],
+            OP.name: np.array([op for op, _ in rows], np.int64)[:, None],
+            POST_ID.name: np.array(ids + deleted, np.int64)[:, None],
             # Each row's record: where the posts live in Milvus, the ranker's features are stored from it.
-            WRITE_RECORDS.name: records_tensor([upserts[i] for i in ids] + [{"id": d} for d in sorted(deletes)]),
+            WRITE_RECORDS.name: records_tensor([upserts[i] for i in ids] + [{"id": d} for d in deleted]),
         }
         if ids:  # delete rows ride along with zero vectors, which the writer ignores
             embedded = self.client.embed_posts([upserts[i] for i in ids])
             inputs[WRITE_EMBEDDING.name] = np.concatenate(
-                [embedded, np.zeros((len(deletes), embedded.shape[1]), np.float32)]
+                [embedded, np.zeros((len(deleted), embedded.shape[1]), np.float32)]
             )
         self.client.infer(ModelName.INDEX_WRITE, inputs, (LSN.name,))  # durable when this returns
 

@@ -474,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
             # The same ranker and cases with the tables as built (the cutoff's): what streaming the
             # engagements in gains, paired case by case.
             for name, cases in protocols.items():
+                if all(c.at == data.split.cutoff for c in cases):
+                    continue  # read at the cutoff itself: the same tables both ways
                 vectors = data.retriever.member_vectors([c.member for c in cases])
                 _, built = rank_cases(
                     model,
@@ -598,8 +600,9 @@ def paired_table(reports: Sequence[Mapping[str, Any]], key: str = "over_referenc
     lines = ["", f"{title} (the same cases, bootstrap over members; P: resamples above 1):", ""]
     lines += [f"| ranker | {head} |", "|---" * (1 + len(parts) * len(measures)) + "|"]
     for r in reports[1:] if key != OVER_BUILT else reports:
-        paired = [r[p][key][m] for p in parts for m in measures]
-        lines.append(f"| {Path(r['ranker']).name} | " + " | ".join(paired_text(g) for g in paired) + " |")
+        paired = [r[p][key][m] if key in r[p] else None for p in parts for m in measures]
+        cells = (paired_text(g) if g is not None else "- (the same tables)" for g in paired)
+        lines.append(f"| {Path(r['ranker']).name} | " + " | ".join(cells) + " |")
     return lines
 
 

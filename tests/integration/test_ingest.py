@@ -291,18 +291,21 @@ def _rank_scores(client: FeedClient, member: dict[str, object], candidates: list
 
 
 def test_engage_events_reach_the_rankers_co_engagement(triton_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """Two new posts are ingested; then members who liked a film the member liked like one of them:
+    """New posts are ingested; then members who liked a film the member liked like one of them:
     once the ingester's engage events are acknowledged, `rank` scores that post with their
     co-engagement within seconds (its table merged with the log) and the other as before; bad
     engage events are skipped by name, and a dislike or a view is not logged."""
-    new, other = _posts(2, 500)
+    posts = _posts(70, 500)
+    new, other = posts[:2]
     liked = load_movielens(SAMPLE_CORPUS).posts()[0].id
     member = {"id": 10**9, "headline": "Engineer", "history": [{"post_id": liked, "action": "like", "engaged_at": 1}]}
     events, state = tmp_path / "events.jsonl", tmp_path / "state"
     fans = range(2 * 10**9, 2 * 10**9 + 40)
     with FeedClient(triton_server.grpc_url, "grpc", timeout_s=60) as client:
-        events.write_text("".join(_create(p) for p in (new, other)))
-        Ingester(client, state, window_s=0.05, max_batch=16).run(JsonlSource(events, state))
+        # 70 posts in one window: written in requests the models take (64 rows at most).
+        events.write_text("".join(_create(p) for p in posts))
+        created = Ingester(client, state, window_s=5, max_batch=200).run(JsonlSource(events, state))
+        assert (created.upserts, created.batches) == (70, 1) and all(_present(client, [new, other, posts[-1]]))
         before = _rank_scores(client, member, [new.id, other.id])  # both posts indexed, nobody engaged
         with open(events, "a") as f:
             f.write(
