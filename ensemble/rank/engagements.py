@@ -251,11 +251,15 @@ class LiveCoEngagement:
         self._thread.start()
 
     def _run(self) -> None:
+        reported = ""  # a damaged log is reported once, not every poll, and read again; the table in use stays
         while not self._stop.is_set():
             try:
                 self.update()
-            except Exception:  # a damaged log is reported and read again; the table in use stays
-                logger.exception("%s: could not follow the engagement log", self.follower.path)
+                reported = ""
+            except Exception as err:
+                if repr(err) != reported:
+                    reported = repr(err)
+                    logger.exception("%s: could not follow the engagement log", self.follower.path)
             self._stop.wait(max(self.poll_s, MERGE_SPACING * self.last_merge_s))
 
     def close(self) -> None:

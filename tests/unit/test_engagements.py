@@ -195,3 +195,24 @@ def test_the_follow_thread_swaps_tables_in_and_stops(tmp_path: Path) -> None:
     live.close()
     writer.close()
     assert live._thread is not None and not live._thread.is_alive()
+
+
+def test_the_follow_thread_reports_a_damaged_log_once_and_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = IndexLayout(tmp_path).engagements
+    path.write_bytes(b"garbage!" + bytes(8))
+    live = LiveCoEngagement(CoEngagement.from_events([(1, 1, 1)]), path, poll_s=0.01)
+    with caplog.at_level("ERROR", logger="feedserve.rank.engagements"):
+        live.start()
+        time.sleep(0.3)  # some thirty polls
+        reports = [r for r in caplog.records if "could not follow" in r.getMessage()]
+        os.remove(path)
+        writer = EngagementWriter.open(tmp_path)
+        writer.write(np.array([2]), np.array([1]), np.array([5]))
+        deadline = time.monotonic() + 10
+        while live.merges == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    live.close()
+    writer.close()
+    assert len(reports) == 1 and live.merges == 1 and live.logged == 1
