@@ -20,9 +20,9 @@ record's framing, and the merged table is rebuilt from the build's entries and a
 member engaging with a post twice counts once, from the first time, so a batch the ingester sends
 again after a crash, or a like the build's table already holds, changes nothing.
 
-A merge costs as much as the table it builds (0.1 s at the sample corpus's size, seconds at a
-million entries: benchmarks/reports/engagements.md), so a follower waits MERGE_SPACING times the last
-merge's duration before the next: merging takes at most a tenth of a core, and an engagement reaches
+A merge costs as much as the table it builds (hundredths of a second at the sample corpus's size,
+most of a second at 0.67M entries, seconds at millions: benchmarks/reports/engagements.md), so a
+follower waits MERGE_SPACING times the last merge's duration before the next: merging takes at most a tenth of a core, and an engagement reaches
 `rank` within a second at the sample's size, within tens of seconds at millions. At a real feed's
 scale a nearline job's top co-engaged neighbours per post would take the table's place.
 
