@@ -22,9 +22,10 @@ again after a crash, or a like the build's table already holds, changes nothing.
 
 A merge costs as much as the table it builds (hundredths of a second at the sample corpus's size,
 most of a second at 0.67M entries, seconds at millions: benchmarks/reports/engagements.md), so a
-follower waits MERGE_SPACING times the last merge's duration before the next: merging takes at most a tenth of a core, and an engagement reaches
-`rank` within a second at the sample's size, within tens of seconds at millions. At a real feed's
-scale a nearline job's top co-engaged neighbours per post would take the table's place.
+follower waits MERGE_SPACING times the last merge's duration before the next: merging takes at
+most a tenth of a core, and an engagement reaches `rank` within a second at the sample's size,
+within tens of seconds at millions. At a real feed's scale a nearline job's top co-engaged
+neighbours per post would take the table's place.
 
 What counts as an engagement here is what the build's table holds: an active, positive action
 (`coengaged`): a like, love, comment, share, repost or save, or a rating of ENGAGED_RATING or more.
