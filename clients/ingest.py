@@ -387,11 +387,8 @@ class Ingester:
         if engagements and self._engagements_served() is False:
             self.stats.unserved += len(engagements)
             engagements = []
-        # After the posts (a like of a new post follows it), in requests the model takes whatever
-        # `--max-batch` is. Logged again after a crash, they change nothing: each pair counts once.
-        for start in range(0, len(engagements), MAX_BATCH):
-            chunk = engagements[start : start + MAX_BATCH]
-            self._retrying(lambda: self.client.engage(chunk))  # noqa: B023 (called at once)
+        if engagements:  # after the posts: a like of a new post follows it
+            self._retrying(lambda: self.client.engage(engagements))
         self.store.apply(upserts, deletes)
         # Lag: from the event's time to its write being acknowledged, i.e. retrievable by any search.
         acknowledged = time.time()

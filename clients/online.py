@@ -29,6 +29,7 @@ from feedserve.schema import (
     ENGAGE_COLUMNS,
     IDS,
     LSN,
+    MAX_BATCH,
     NO_ID,
     RECORDS,
     SCORES,
@@ -206,11 +207,17 @@ class FeedClient:
 
     def engage(self, engagements: Sequence[tuple[int, int, int]]) -> int:
         """Log (member id, post id, unix seconds) engagements through `engage_write` (the write key
-        needed); the log's sequence number once they are durable. `rank` reads them within about a
-        second (feedserve.rank.engagements)."""
+        needed), in requests of the rows the model takes (MAX_BATCH); the last one's sequence number
+        in the log once all are durable (0 for none). `rank` reads them within about a second
+        (feedserve.rank.engagements). Sent again after a failure, they change nothing: each
+        (member, post) counts once."""
         rows = np.array(engagements, np.int64).reshape(-1, 3)
-        inputs = {spec.name: np.ascontiguousarray(rows[:, j : j + 1]) for j, spec in enumerate(ENGAGE_COLUMNS)}
-        return int(self.infer(ModelName.ENGAGE_WRITE, inputs, (LSN.name,))[LSN.name][0, 0])
+        lsn = 0
+        for start in range(0, len(rows), MAX_BATCH):
+            chunk = rows[start : start + MAX_BATCH]
+            inputs = {spec.name: np.ascontiguousarray(chunk[:, j : j + 1]) for j, spec in enumerate(ENGAGE_COLUMNS)}
+            lsn = int(self.infer(ModelName.ENGAGE_WRITE, inputs, (LSN.name,))[LSN.name][0, 0])
+        return lsn
 
     def embed_posts(self, posts: Sequence[Record]) -> np.ndarray:
         return self.infer(ModelName.EMBED_POST, {RECORDS.name: records_tensor(posts)}, (EMBEDDING.name,))[

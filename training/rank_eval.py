@@ -456,10 +456,11 @@ def main(argv: list[str] | None = None) -> int:
         reports.append(fusion)
     for directory in args.ranker:
         model = GenerativeRanker.load(directory)
+        tensorize = data.tensorizer(model.config)
         paired = reference is not None
         results, ranked = evaluate(
             model,
-            data.tensorizer(model.config),
+            tensorize,
             data.retriever,
             protocols,
             data.post_ids,
@@ -479,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
                 vectors = data.retriever.member_vectors([c.member for c in cases])
                 _, built = rank_cases(
                     model,
-                    data.tensorizer(model.config),
+                    tensorize,
                     vectors,
                     cases,
                     data.post_ids,

@@ -46,17 +46,16 @@ def _title(post: object) -> str:
     return f"{title} ({year})" if year else str(title)
 
 
-def stream_likes(client: FeedClient, movielens: MovieLens, batch: int = 64) -> int:
+def stream_likes(client: FeedClient, movielens: MovieLens) -> int:
     """Log every like at or after the corpus's cutoff (what the build's co-engagement table leaves
-    out), oldest first, in `batch`-row requests; how many."""
+    out), oldest first; how many."""
     cutoff = movielens.cutoff()
     likes = sorted(
         (r.timestamp, r.user, r.movie)
         for r in movielens.ratings
         if r.timestamp >= cutoff and r.rating >= ENGAGED_RATING
     )
-    for start in range(0, len(likes), batch):
-        client.engage([(user, movie, at) for at, user, movie in likes[start : start + batch]])
+    client.engage([(user, movie, at) for at, user, movie in likes])
     return len(likes)
 
 

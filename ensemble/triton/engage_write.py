@@ -24,7 +24,7 @@ from feedserve.artifacts import ArtifactLayout
 from feedserve.errors import IndexStoreError
 from feedserve.index.wal import LogError
 from feedserve.rank.engagements import EngagementWriter, check
-from feedserve.schema import ENGAGED_AT, LSN, MEMBER_ID, POST_ID, ModelName
+from feedserve.schema import ENGAGE_COLUMNS, ENGAGED_AT, LSN, MEMBER_ID, POST_ID, ModelName
 from feedserve.triton.base import Arrays, RequestError, Unavailable, WriteModel, check_2d, require
 
 logger = logging.getLogger(__name__)
@@ -49,9 +49,7 @@ class EngageWriteModel(WriteModel[Engagements]):
         self.writer = EngagementWriter.open(self.directory, lock_wait_s=self.lock_wait_s)
 
     def parse(self, inputs: dict[str, np.ndarray | None]) -> Engagements:
-        columns = [
-            check_2d(spec.name, require(inputs, spec.name), np.int64) for spec in (MEMBER_ID, POST_ID, ENGAGED_AT)
-        ]
+        columns = [check_2d(spec.name, require(inputs, spec.name), np.int64) for spec in ENGAGE_COLUMNS]
         shapes = [list(c.shape) for c in columns]
         if columns[0].shape[1] != 1 or any(c.shape != columns[0].shape for c in columns):
             raise RequestError(
