@@ -21,10 +21,11 @@ example at a moment in the past reads the engagements before it, as the server r
 before its requests, rather than other members' likes still to come.
 
 The table is built from engagements before a cutoff (the training period; `feedserve build` ships
-the sample corpus's as coengagement.npz) and is static while serving: a post engaged with since is
-scored 0, as a post missing from the feature table gets percentiles 0. Its size is the number of
-engagements; at the scale of a real feed the same score would come from a nearline job's top
-co-engaged neighbours per post, which this table's interface would hide.
+the sample corpus's as coengagement.npz); while serving, the engagements streamed in since are
+merged into it (`with_events`, feedserve.rank.engagements), inserted into its sorted arrays rather
+than sorted anew. Its size is the number of engagements; at the scale of a real feed the same score
+would come from a nearline job's top co-engaged neighbours per post, which this table's interface
+would hide.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ class CoEngagement:
     def __init__(
         self, posts: np.ndarray, indptr: np.ndarray, members: np.ndarray, times: np.ndarray | None = None
     ) -> None:
-        """Post `posts[i]` was engaged with by the members `members[indptr[i]:indptr[i + 1]]` (member
-        ids), at `times` of the same entries (unix seconds; 0, before any moment, where unknown)."""
+        """Post `posts[i]` (ascending) was engaged with by the members `members[indptr[i]:indptr[i + 1]]`
+        (member ids), at `times` of the same entries (unix seconds; 0, before any moment, where unknown)."""
         self.posts = np.asarray(posts, np.int64)
         self.indptr = np.asarray(indptr, np.int64)
         self.members = np.asarray(members, np.int64)
@@ -55,9 +56,12 @@ class CoEngagement:
             raise ValueError("coengagement: indptr does not index the member lists")
         if self.times.shape != self.members.shape:
             raise ValueError("coengagement: one time per entry")
-        self._row = {int(p): i for i, p in enumerate(self.posts.tolist())}
+        if (np.diff(self.posts) <= 0).any():
+            raise ValueError("coengagement: posts must be unique and ascending")
         self._member_ids, self._member_col = np.unique(self.members, return_inverse=True)
-        self._place, self._last, self._post_in_order, self._time_in_order = self._sequence()
+        post_of = np.repeat(np.arange(len(self.posts)), np.diff(self.indptr))
+        order = np.lexsort((post_of, self.times, self._member_col))
+        self._sequence(order, post_of)
 
     @classmethod
     def from_events(cls, events: Iterable[tuple[int, int, int]]) -> CoEngagement:
@@ -70,12 +74,7 @@ class CoEngagement:
     def from_arrays(cls, members: np.ndarray, posts: np.ndarray, times: np.ndarray) -> CoEngagement:
         """From engagements as three arrays, as `from_events`, sorted rather than looped over (a
         server merges the engagements logged since the build into its table this way)."""
-        members, posts, times = (np.asarray(c, np.int64).reshape(-1) for c in (members, posts, times))
-        order = np.lexsort((times, members, posts))  # by post, member, then time: a pair's first comes first
-        members, posts, times = members[order], posts[order], times[order]
-        first = np.ones(len(order), bool)
-        first[1:] = (posts[1:] != posts[:-1]) | (members[1:] != members[:-1])
-        members, posts, times = members[first], posts[first], times[first]
+        members, posts, times = first_engagements(members, posts, times)
         unique, starts = np.unique(posts, return_index=True)
         return cls(unique, np.append(starts, len(posts)), members, times)
 
@@ -84,11 +83,106 @@ class CoEngagement:
         return self.members, np.repeat(self.posts, np.diff(self.indptr)), self.times
 
     def with_events(self, members: np.ndarray, posts: np.ndarray, times: np.ndarray) -> CoEngagement:
-        """This table with more engagements (`from_arrays`'s arrays) merged in."""
-        mine_m, mine_p, mine_t = self.events()
-        return CoEngagement.from_arrays(
-            np.concatenate([mine_m, members]), np.concatenate([mine_p, posts]), np.concatenate([mine_t, times])
-        )
+        """This table with more engagements (`from_arrays`'s arrays) merged in: the table `from_arrays`
+        builds from all of them, made by inserting the new entries into this table's sorted arrays.
+        A server merges each second's logged engagements into a table of millions, and inserting
+        costs a few passes over its arrays where building it anew sorts them twice
+        (benchmarks/reports/engagements.md)."""
+        new = CoEngagement.from_arrays(members, posts, times)  # sorted, each pair once at its first time
+        if not len(new) or not len(self):
+            return new if not len(self) else self
+        post_ids, post_shift, new_post_at = _union(self.posts, new.posts)
+        member_ids, member_shift, new_member_at = _union(self._member_ids, new._member_ids)
+        width = len(member_ids)
+        times_fit = min(self.times.min(), new.times.min()) >= 0 and max(self.times.max(), new.times.max()) < 1 << 32
+        if len(post_ids) * width >= 1 << 62 or width >= 1 << 31 or not times_fit:
+            return self._rebuilt_with(new)  # beyond what one int64 key orders
+        # Every entry at (union row, union member column): both tables' entries are in that key's
+        # order (the union's numbering keeps each table's order), so merging is inserting.
+        old_rows = np.repeat(np.arange(len(self.posts)) + post_shift, np.diff(self.indptr))
+        # (new ids past every one held, as streamed posts and members mostly are, move nothing)
+        old_cols = self._member_col + member_shift[self._member_col] if member_shift.any() else self._member_col
+        new_rows = np.repeat(new_post_at, np.diff(new.indptr))
+        new_cols = new_member_at[new._member_col]
+        old_keys, new_keys = old_rows * width + old_cols, new_rows * width + new_cols
+        at = np.searchsorted(old_keys, new_keys)
+        held = at < len(old_keys)
+        held[held] = old_keys[at[held]] == new_keys[held]
+        earlier = held.copy()  # a pair the table holds, engaged with before the table says: moves earlier
+        earlier[held] = new.times[held] < self.times[at[held]]
+        kept = ~held
+        if not kept.any() and not earlier.any():
+            return self
+        inserted, new_rows, new_cols = at[kept], new_rows[kept], new_cols[kept]
+        cols = np.insert(old_cols, inserted, new_cols)
+        times = np.insert(self.times, inserted, new.times[kept])
+        members = np.insert(self.members, inserted, new.members[kept])
+        moved = at[earlier] + np.searchsorted(inserted, at[earlier], side="right")  # in the merged arrays
+        times[moved] = new.times[earlier]
+        posts_count = np.zeros(len(post_ids), np.int64)
+        posts_count[np.arange(len(self.posts)) + post_shift] = np.diff(self.indptr)
+        posts_count += np.bincount(new_rows, minlength=len(post_ids))
+        table = CoEngagement.__new__(CoEngagement)
+        table.posts, table.members, table.times = post_ids, members, times
+        table.indptr = np.concatenate([[0], np.cumsum(posts_count)])
+        table._member_ids, table._member_col = member_ids, cols
+        added = np.concatenate([inserted + np.arange(len(inserted)), moved])  # entries, in the merged arrays
+        added_rows = np.concatenate([new_rows, old_rows[at[earlier]]])
+        gone = np.sort(self._place[at[earlier]])  # the places in the order of the entries that moved
+        self._order_into(table, post_shift, member_shift, inserted, added, added_rows, gone)
+        return table
+
+    def _order_into(
+        self,
+        table: CoEngagement,
+        post_shift: np.ndarray,
+        member_shift: np.ndarray,
+        inserted: np.ndarray,
+        added: np.ndarray,
+        added_rows: np.ndarray,
+        gone: np.ndarray,
+    ) -> None:
+        """The members' time order of `table`, this table with entries merged in (`with_events`):
+        this table's order, renumbered (`post_shift`, `member_shift`: how far each of its rows and
+        member columns moved), less the places `gone` (entries that moved earlier), with the `added`
+        entries (new ones, and those that moved; `added_rows` their rows) inserted where (member
+        column, time, row) puts them; `inserted`: where the new entries went among this table's.
+        Every array is edited in its own order, so that the merge is passes over memory rather than
+        gathers."""
+        held = np.bincount(self._member_col)  # entries per member column
+        in_rows = self._post_in_order + post_shift[self._post_in_order] if post_shift.any() else self._post_in_order
+        in_cols = np.repeat(np.arange(len(self._member_ids)) + member_shift, held)
+        in_times = self._time_in_order
+        if len(gone):
+            stay = np.ones(len(in_rows), bool)
+            stay[gone] = False
+            in_rows, in_cols, in_times = in_rows[stay], in_cols[stay], in_times[stay]
+        cols, times = table._member_col[added], table.times[added]
+        by_order = np.lexsort((added_rows, times, cols))
+        added, added_rows, cols, times = added[by_order], added_rows[by_order], cols[by_order], times[by_order]
+        in_keys, added_keys = in_cols * (1 << 32) + in_times, cols * (1 << 32) + times
+        places = np.searchsorted(in_keys, added_keys, side="left")
+        ends = np.searchsorted(in_keys, added_keys, side="right")
+        for i in np.flatnonzero(places < ends).tolist():  # the same member and time: by row
+            places[i] += int(np.searchsorted(in_rows[places[i] : ends[i]], added_rows[i]))
+        # Where each of this table's places goes: less the places removed before it, after the
+        # insertions at or before it (counted along the order, then read once per entry).
+        to_place = np.arange(len(self._place))
+        if len(gone):
+            to_place -= np.cumsum(np.bincount(gone, minlength=len(to_place)))  # (a removed place's is never read)
+        to_place += np.cumsum(np.bincount(places, minlength=len(in_keys) + 1))[to_place]
+        table._place = np.insert(to_place[self._place], inserted, 0)
+        table._place[added] = places + np.arange(len(places))
+        per_member = np.zeros(len(table._member_ids), np.int64)
+        per_member[np.arange(len(self._member_ids)) + member_shift] = held
+        per_member += np.bincount(table._member_col[inserted + np.arange(len(inserted))], minlength=len(per_member))
+        table._last = np.repeat(np.cumsum(per_member) - 1, per_member)
+        table._post_in_order = np.insert(in_rows, places, added_rows)
+        table._time_in_order = np.insert(in_times, places, times)
+
+    def _rebuilt_with(self, new: CoEngagement) -> CoEngagement:
+        mine, theirs = self.events(), new.events()
+        return CoEngagement.from_arrays(*(np.concatenate([a, b]) for a, b in zip(mine, theirs, strict=True)))
 
     @classmethod
     def from_engagements(cls, engaged: Mapping[int, Iterable[int]]) -> CoEngagement:
@@ -98,6 +192,14 @@ class CoEngagement:
     def __len__(self) -> int:
         return len(self.members)
 
+    def _rows(self, post_ids: Sequence[int]) -> np.ndarray:
+        """Each post's row, -1 where the table does not hold it."""
+        ids = np.asarray(post_ids, np.int64).reshape(-1)
+        if not len(self.posts):
+            return np.full(len(ids), -1, np.int64)
+        at = np.minimum(np.searchsorted(self.posts, ids), len(self.posts) - 1)
+        return np.where(self.posts[at] == ids, at, -1)
+
     def _entries(
         self, post_ids: Sequence[int], own: int, before: int | None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -105,7 +207,7 @@ class CoEngagement:
         those it holds, how many entries each has, the member column of every entry, which entries
         are left out (column `own`'s, and those at `before` or later), and each post's
         1 / sqrt(engagement count) without them."""
-        rows = np.array([self._row.get(int(p), -1) for p in post_ids], np.int64)
+        rows = self._rows(post_ids)
         found = rows >= 0
         positions, sizes = _ranges(self.indptr[rows[found]], np.diff(self.indptr)[rows[found]])
         columns = self._member_col[positions]
@@ -116,23 +218,20 @@ class CoEngagement:
         inv_norm = np.where(counts > 0, 1.0 / np.sqrt(np.maximum(counts, 1.0)), 0.0)
         return rows, sizes, columns, left, inv_norm, found
 
-    def _sequence(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Each member's engagements in time order (ties by post id; where times are unknown, by post
-        id alone): each entry's place in that order, and for each place the last place of its
-        member, the post row and the time there (read in runs, not gathered entry by entry). A
-        transition a -> b is then b within SEQUENCE_WINDOW places after a, up to its member's last:
-        found per request from the history's entries (`Scorer.transitions`) rather than stored as
-        ten pairs an entry: the table three times smaller and a merge of logged engagements three to
-        four times faster, a request's read slower only at millions of entries with the most
+    def _sequence(self, order: np.ndarray, post_of: np.ndarray) -> None:
+        """From the entries in each member's time order (`order`: by member, then time, then post
+        row; `post_of`: each entry's row), each entry's place in that order, and for each place the
+        last place of its member, the post row and the time there (read in runs, not gathered entry
+        by entry). A transition a -> b is then b within SEQUENCE_WINDOW places after a, up to its
+        member's last: found per request from the history's entries (`Scorer.transitions`) rather
+        than stored as ten pairs an entry: the table three times smaller and a merge of logged
+        engagements faster, a request's read slower only at millions of entries with the most
         engaged-with posts in its history (benchmarks/reports/engagements.md against
         engagements-stored-transitions.md)."""
-        post_of = np.repeat(np.arange(len(self.posts)), np.diff(self.indptr))
-        order = np.lexsort((post_of, self.times, self._member_col))
         place = np.empty_like(order)
         place[order] = np.arange(len(order))
-        members_in_order = self._member_col[order]
-        last = np.searchsorted(members_in_order, members_in_order, side="right") - 1
-        return place, last, post_of[order], self.times[order]
+        self._place, self._last = place, _last_places(self._member_col[order])
+        self._post_in_order, self._time_in_order = post_of[order], self.times[order]
 
     def against(self, member_id: int, candidates: Sequence[int], before: int | None = None) -> Scorer:
         """A scorer of `candidates` for member `member_id` (their own engagements left out; with
@@ -162,6 +261,36 @@ class CoEngagement:
             if "format" not in data or str(data["format"]) != FORMAT:
                 raise ValueError(f"{path}: not a {FORMAT} file")
             return cls(data["posts"], data["indptr"], data["members"], data.get("times"))
+
+
+def first_engagements(
+    members: np.ndarray, posts: np.ndarray, times: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Engagements (member, post, time) each pair once, at its first time, ordered by post then
+    member: what a table holds, as three int64 arrays."""
+    members, posts, times = (np.asarray(c, np.int64).reshape(-1) for c in (members, posts, times))
+    order = np.lexsort((times, members, posts))  # by post, member, then time: a pair's first comes first
+    members, posts, times = members[order], posts[order], times[order]
+    first = np.ones(len(order), bool)
+    first[1:] = (posts[1:] != posts[:-1]) | (members[1:] != members[:-1])
+    return members[first], posts[first], times[first]
+
+
+def _union(mine: np.ndarray, theirs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two ascending unique id arrays' union, how far each of `mine` moves in it, and where each of
+    `theirs` is in it; costs a pass over `mine` and a search per id of `theirs`, not a sort."""
+    at = np.minimum(np.searchsorted(mine, theirs), max(len(mine) - 1, 0))
+    extra = theirs[mine[at] != theirs] if len(mine) else theirs
+    union = np.insert(mine, np.searchsorted(mine, extra), extra)
+    return union, np.searchsorted(extra, mine), np.searchsorted(union, theirs)
+
+
+def _last_places(columns_in_order: np.ndarray) -> np.ndarray:
+    """For each place of the members' time order (member columns ascending), the last place of its
+    member: the end of its run."""
+    starts = np.flatnonzero(np.diff(columns_in_order)) + 1
+    ends = np.append(starts, len(columns_in_order)) - 1
+    return np.repeat(ends, np.diff(np.concatenate([[0], starts, [len(columns_in_order)]])))
 
 
 def _ranges(starts: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

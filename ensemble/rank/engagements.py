@@ -16,16 +16,17 @@ per write request:
 One writer (`EngagementWriter`, the `engage_write` model) holds `engagements.lock`; followers read
 whole records from where they stopped. The log is never snapshotted or compacted: it holds every
 engagement logged since it was created (a new build does not reset it), 24 bytes each plus a
-record's framing, and the merged table is rebuilt from the build's entries and all of them. A
-member engaging with a post twice counts once, from the first time, so a batch the ingester sends
-again after a crash, or a like the build's table already holds, changes nothing.
+record's framing, and a follower that starts merges all of it into the build's table. After that,
+each poll's records are inserted into the table it serves (`CoEngagement.with_events`). A member
+engaging with a post twice counts once, from the first time, so a batch the ingester sends again
+after a crash, or a like the build's table already holds, changes nothing.
 
-A merge costs as much as the table it builds (hundredths of a second at the sample corpus's size,
-most of a second at 0.67M entries, seconds at millions: benchmarks/reports/engagements.md), so a
-follower waits MERGE_SPACING times the last merge's duration before the next: merging takes at
+A merge costs passes over the table's arrays, whatever it adds (a tenth of a second or two at
+millions of entries, against seconds to build the table anew: benchmarks/reports/engagements.md),
+so a follower waits MERGE_SPACING times the last merge's duration before the next: merging takes at
 most a tenth of a core, and an engagement reaches `rank` within a second at the sample's size,
-within tens of seconds at millions. At a real feed's scale a nearline job's top co-engaged
-neighbours per post would take the table's place.
+within a few seconds at millions. At a real feed's scale a nearline job's top co-engaged neighbours
+per post would take the table's place.
 
 What counts as an engagement here is what the build's table holds: an active, positive action
 (`coengaged`): a like, love, comment, share, repost or save, or a rating of ENGAGED_RATING or more.
@@ -208,41 +209,38 @@ class LiveCoEngagement:
     def __init__(self, base: CoEngagement, log: Path, poll_s: float = 1.0) -> None:
         self.base, self.table, self.poll_s = base, base, poll_s
         self.follower = EngagementFollower(log)
-        self._logged: list[np.ndarray] = []  # [3, n] per record read: members, posts, times
-        self._pending = False  # read, not yet in `table` (a merge failed, or it was not yet time)
+        self.logged = 0  # engagements read from the log so far
+        self._unmerged: list[np.ndarray] = []  # [3, n] per record read and not yet in `table`
+        self._from_base = False  # the log was replaced: the next merge starts again from `base`
         self.merges = 0
         self.last_merge_s = 0.0
         self._updating = threading.Lock()  # the thread's update and a caller's never interleave
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    @property
-    def logged(self) -> int:
-        """Engagements read from the log so far."""
-        return sum(chunk.shape[1] for chunk in self._logged)
-
     def update(self) -> bool:
-        """Read the log; merge and swap in a new table when anything was read that the table does
-        not hold yet. Whether it did."""
+        """Read the log; merge what was read that the table does not hold yet into it and swap the
+        result in. Whether it did. A merge that fails leaves what it had to merge for the next."""
         with self._updating:
             replaced, records = self.follower.read()
             if replaced:
                 logger.info("%s: the engagement log was replaced; reading it from its start", self.follower.path)
-                self._logged = []
-            self._logged.extend(np.stack([r.members, r.posts, r.times]) for r in records)
-            self._pending |= replaced or bool(records)
-            if not self._pending:
+                self._unmerged, self._from_base, self.logged = [], True, 0
+            self._unmerged.extend(np.stack([r.members, r.posts, r.times]) for r in records)
+            self.logged += sum(len(r.members) for r in records)
+            if not (self._unmerged or self._from_base):
                 return False
             started = time.monotonic()
-            logged = np.concatenate([np.empty((3, 0), np.int64), *self._logged], axis=1)
-            self.table = self.base.with_events(*logged)
-            self._pending = False
+            unmerged = np.concatenate([np.empty((3, 0), np.int64), *self._unmerged], axis=1)
+            self.table = (self.base if self._from_base else self.table).with_events(*unmerged)
+            self._unmerged, self._from_base = [], False
             self.merges += 1
             self.last_merge_s = time.monotonic() - started
             logger.info(
-                "%s: co-engagement merged with %d logged engagements in %.3f s",
+                "%s: co-engagement merged with %d more logged engagements (%d in all) in %.3f s",
                 self.follower.path,
-                logged.shape[1],
+                unmerged.shape[1],
+                self.logged,
                 self.last_merge_s,
             )
             return True

@@ -25,8 +25,8 @@ def _same(a: CoEngagement, b: CoEngagement) -> None:
     for x, y in zip((a.posts, a.indptr, a.members, a.times), (b.posts, b.indptr, b.members, b.times), strict=True):
         assert x.tolist() == y.tolist()
     for x, y in zip(
-        (a._place, a._last, a._post_in_order, a._time_in_order),
-        (b._place, b._last, b._post_in_order, b._time_in_order),
+        (a._place, a._last, a._post_in_order, a._time_in_order, a._member_ids, a._member_col),
+        (b._place, b._last, b._post_in_order, b._time_in_order, b._member_ids, b._member_col),
         strict=True,
     ):
         assert x.tolist() == y.tolist()
@@ -57,6 +57,38 @@ def test_a_table_with_events_merged_in_is_the_table_built_from_all_of_them(
     assert merged.members.tolist() == [m for _, m in pairs]
     assert merged.times.tolist() == [first[k] for k in pairs]
     assert np.diff(merged.indptr).tolist() == [sum(1 for q, _ in pairs if q == p) for p in merged.posts.tolist()]
+
+
+@settings(max_examples=80, deadline=None)
+@given(events_strategy, st.lists(st.integers(0, 60), max_size=4), st.booleans())
+def test_merging_poll_after_poll_inserts_into_the_table_and_builds_the_same_one(
+    events: list[tuple[int, int, int]], cuts: list[int], later: bool
+) -> None:
+    """A follower merges each poll's records into the table it serves. Merged step by step, the table
+    is the one built from everything, each step inserting into the table rather than building it
+    anew: with every step's engagements after the table's (as streamed ones are), and with pairs the
+    table holds engaged with earlier than it says (they move earlier in their member's order)."""
+    if later:  # each step's engagements after everything before them
+        events = [(m, p, t + 100 * sum(c <= i for c in cuts)) for i, (m, p, t) in enumerate(events)]
+    bounds = [0, *sorted(cuts), len(events)]
+    steps = [events[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    rebuilt: list[int] = []
+    table = CoEngagement.from_events(steps[0])
+    original = CoEngagement._rebuilt_with
+    CoEngagement._rebuilt_with = lambda self, new: rebuilt.append(1) or original(self, new)  # type: ignore[method-assign]
+    try:
+        for step in steps[1:]:
+            table = table.with_events(*_columns(step))
+    finally:
+        CoEngagement._rebuilt_with = original  # type: ignore[method-assign]
+    _same(table, CoEngagement.from_events(events))
+    assert not rebuilt
+
+
+def test_times_beyond_what_one_key_orders_are_merged_by_building_anew() -> None:
+    events = [(1, 5, 2**40), (2, 5, 3), (1, 6, 7)]
+    table = CoEngagement.from_events(events[:1]).with_events(*_columns(events[1:]))
+    _same(table, CoEngagement.from_events(events))
 
 
 def test_the_log_is_written_once_durable_followed_and_survives_a_torn_tail(tmp_path: Path) -> None:
