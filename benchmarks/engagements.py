@@ -39,9 +39,10 @@ from benchmarks.freshness import scratch_artifacts
 from feedserve.artifacts import ArtifactLayout, default_artifacts_dir
 from feedserve.clients.online import FeedClient
 from feedserve.clients.perf import machine
+from feedserve.index.layout import IndexLayout
 from feedserve.ops.launcher import TritonServer, on_free_ports
 from feedserve.rank.coengagement import CoEngagement
-from feedserve.rank.engagements import EngagementWriter
+from feedserve.rank.engagements import EngagementWriter, LiveCoEngagement
 from feedserve.schema import MAX_BATCH, ModelName
 from feedserve.triton.repository import RepositorySettings, write_repository
 
@@ -146,6 +147,45 @@ def merges(base: CoEngagement, name: str, runs: int) -> list[dict[str, Any]]:
     return out
 
 
+def starts(base: CoEngagement, logged: int) -> dict[str, Any]:
+    """What a `rank` that starts reads: `logged` engagements written in 64-row records, the writer's
+    open (it scans the log) and a follower's first update (read, then merge into `base`), from the
+    log alone and then after a snapshot folded it (its duration and sizes too)."""
+    members, posts, times = _synthetic(logged, seed=3)
+    times = times - times.min() + int(base.times.max()) + 1
+    with tempfile.TemporaryDirectory() as tmp:
+        files = IndexLayout(Path(tmp))
+        writer = EngagementWriter.open(files.root)
+        for start in range(0, logged, BATCH):
+            writer.write(*(c[start : start + BATCH] for c in (members, posts, times)))
+        writer.close()
+        out: dict[str, Any] = {"logged": logged, "log_mb": files.engagements.stat().st_size / 1e6}
+
+        def opened() -> tuple[float, float]:
+            t = time.perf_counter()
+            writer = EngagementWriter.open(files.root)
+            open_s = time.perf_counter() - t
+            live = LiveCoEngagement(base, files.engagements)
+            t = time.perf_counter()
+            live.update()
+            update_s = time.perf_counter() - t
+            live.close()
+            writer.close()
+            return open_s, update_s
+
+        out["from_log"] = opened()
+        writer = EngagementWriter.open(files.root)
+        t = time.perf_counter()
+        writer.snapshot()
+        out["snapshot_s"] = time.perf_counter() - t
+        writer.close()
+        out["snapshot_mb"] = files.engagements_snapshot.stat().st_size / 1e6
+        out["log_after_mb"] = files.engagements.stat().st_size / 1e6
+        out["from_snapshot"] = opened()
+    logger.info("start with %d logged: %s", logged, out)
+    return out
+
+
 def _rank_score(client: FeedClient, member: dict[str, Any], query: np.ndarray, post: int, other: int) -> float:
     out = client.infer(
         ModelName.RANK,
@@ -209,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3, help="merges timed per size (median)")
     p.add_argument("--batches", type=int, default=500, help="64-row log writes timed")
     p.add_argument("--trials", type=int, default=20, help="engagements followed through Triton")
+    p.add_argument("--starts", type=int, nargs="*", default=[1_000_000], help="engagements logged before a start")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "reports")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -222,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.sizes:
         rows += merges(CoEngagement.from_arrays(*_synthetic(n)), f"synthetic {n:,}", args.runs)
     report["merges"] = rows
+    report["starts"] = [starts(sample, n) for n in args.starts]
     if args.trials:
         report["through_triton"] = lag_through_triton(args.artifacts, args.trials)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -255,6 +297,23 @@ def markdown(r: dict[str, Any]) -> str:
         ),
         "",
     ]
+    if r.get("starts"):
+        lines += [
+            "A start (`engage_write`'s writer opening: it scans its log; a `rank` follower's first update: it reads,"
+            " then merges into the sample corpus's table), with the engagements logged in 64-row records, from the"
+            " log alone and after a snapshot folded it into `engagements.npz`:",
+            "",
+            "| logged | log MB | writer open s | follower's first update s | snapshot s | snapshot MB | log after MB"
+            " | writer open s | follower's first update s |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *(
+                f"| {x['logged']:,} | {x['log_mb']:.1f} | {x['from_log'][0]:.2f} | {x['from_log'][1]:.2f} "
+                f"| {x['snapshot_s']:.2f} | {x['snapshot_mb']:.1f} | {x['log_after_mb']:.3f} "
+                f"| {x['from_snapshot'][0]:.3f} | {x['from_snapshot'][1]:.2f} |"
+                for x in r["starts"]
+            ),
+            "",
+        ]
     t = r.get("through_triton")
     if t:
         lines += [

@@ -12,6 +12,7 @@ WRITER_LOCK = "writer.lock"  # flock held by the one writer for its life
 SNAPSHOT_LOCK = "snapshot.lock"  # flock held by a full rebuild; the writer takes no snapshot meanwhile
 ENGAGEMENTS = "engagements.wal"  # engagements logged since the build (feedserve.rank.engagements)
 ENGAGEMENTS_LOCK = "engagements.lock"  # flock held by the one engagement writer
+ENGAGEMENTS_SNAPSHOT = "engagements.npz"  # the engagements logged up to an lsn, each pair once
 
 
 @dataclass(frozen=True)
@@ -41,3 +42,7 @@ class IndexLayout:
     @property
     def engagements_lock(self) -> Path:
         return self.root / ENGAGEMENTS_LOCK
+
+    @property
+    def engagements_snapshot(self) -> Path:
+        return self.root / ENGAGEMENTS_SNAPSHOT

@@ -14,15 +14,18 @@ per write request:
     payload = u32 n | u32 columns (3) | int64 members[n] | int64 posts[n] | int64 times[n]
 
 One writer (`EngagementWriter`, the `engage_write` model) holds `engagements.lock`; followers read
-whole records from where they stopped. The log is never snapshotted or compacted: it holds every
-engagement logged since it was created (a new build does not reset it), 24 bytes each plus a
-record's framing, and a follower that starts merges all of it into the build's table. After that,
-each poll's records are inserted into the table it serves (`CoEngagement.with_events`). A member
+whole records from where they stopped. A snapshot (`EngagementWriter.snapshot`, every
+`snapshot_every` writes) folds the log into `engagements.npz` (every engagement logged up to an
+lsn, each pair once: 24 bytes an engagement) and starts a new log based at it, as the post index's
+writer does; a follower reads on across it, and one that starts (a `rank` instance loading) reads
+the snapshot and the short log after it rather than every record ever logged. A new build does not
+reset either. A follower that starts merges all of it into the build's table; after that, each
+poll's records are inserted into the table it serves (`CoEngagement.with_events`). A member
 engaging with a post twice counts once, from the first time, so a batch the ingester sends again
 after a crash, or a like the build's table already holds, changes nothing.
 
-A merge costs passes over the table's arrays, whatever it adds (a tenth of a second or two at
-millions of entries, against seconds to build the table anew: benchmarks/reports/engagements.md),
+A merge costs passes over the table's arrays, whatever it adds (a fraction of a second at millions
+of entries, against seconds to build the table anew: benchmarks/reports/engagements.md),
 so a follower waits MERGE_SPACING times the last merge's duration before the next: merging takes at
 most a tenth of a core, and an engagement reaches `rank` within a second at the sample's size,
 within a few seconds at millions. At a real feed's scale a nearline job's top co-engaged neighbours
@@ -35,11 +38,14 @@ A view, a click, a dwell or a negative is not logged.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import struct
 import threading
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -47,11 +53,12 @@ from typing import BinaryIO
 import numpy as np
 
 from feedserve.errors import IndexStoreError
+from feedserve.files import atomic_file
 from feedserve.index.layout import IndexLayout
 from feedserve.index.live import wait_for_lock
-from feedserve.index.wal import HEADER, Codec, WriteAheadLog, read_header, read_records
+from feedserve.index.wal import HEADER, Codec, LogError, WriteAheadLog, read_header, read_records
 from feedserve.prompt.records import ENGAGED_RATING, rating_of
-from feedserve.rank.coengagement import CoEngagement
+from feedserve.rank.coengagement import CoEngagement, first_engagements
 
 logger = logging.getLogger(__name__)
 
@@ -113,30 +120,82 @@ def decode(lsn: int, payload: bytes, end: int) -> EngagementRecord | None:
 
 
 ENGAGEMENTS: Codec[EngagementRecord] = Codec(MAGIC, (MAGIC,), decode)
+SNAPSHOT_FORMAT = "feedserve.engagements/1"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The engagements logged up to `lsn`, each (member, post) pair once, at its first time."""
+
+    lsn: int
+    events: np.ndarray  # int64 [3, n]: members, posts, times
+
+    @classmethod
+    def empty(cls) -> Snapshot:
+        return cls(0, np.empty((3, 0), np.int64))
+
+
+def _checksum(lsn: int, events: np.ndarray) -> str:
+    h = hashlib.sha256(str(lsn).encode())
+    h.update(np.ascontiguousarray(events, "<i8").data)
+    return h.hexdigest()
+
+
+def save_snapshot(path: Path, snapshot: Snapshot) -> None:
+    """Atomically and durably, its checksum inside it (the file is rewritten while servers run)."""
+    meta = {"format": SNAPSHOT_FORMAT, "lsn": snapshot.lsn, "sha256": _checksum(snapshot.lsn, snapshot.events)}
+    with atomic_file(path) as f:
+        np.savez(f, meta=np.array(json.dumps(meta)), events=np.ascontiguousarray(snapshot.events, "<i8"))
+
+
+def load_snapshot(path: Path) -> Snapshot:
+    """IndexStoreError naming the file and what is wrong with it."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta, events = json.loads(str(data["meta"])), data["events"].astype(np.int64)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise IndexStoreError(f"cannot read the engagement snapshot {path}: {err}") from err
+    if meta.get("format") != SNAPSHOT_FORMAT or events.ndim != 2 or events.shape[0] != COLUMNS:
+        raise IndexStoreError(f"{path}: not a {SNAPSHOT_FORMAT} file")
+    if meta.get("sha256") != _checksum(int(meta["lsn"]), events):
+        raise IndexStoreError(f"{path}: the engagements do not match the checksum saved with them")
+    return Snapshot(int(meta["lsn"]), events)
 
 
 class EngagementWriter:
-    """The log's one writer: a batch is checked, logged and fsynced before `write` returns its lsn."""
+    """The log's one writer: a batch is checked, logged and fsynced before `write` returns its lsn.
+    `snapshot()` folds what was logged into `engagements.npz` and starts a new log after it."""
 
-    def __init__(self, log: WriteAheadLog, lock: int) -> None:
-        self._log, self._lock = log, lock
+    def __init__(self, log: WriteAheadLog, lock: int, files: IndexLayout) -> None:
+        self._log, self._lock, self.files = log, lock, files
+        self._appending = threading.Lock()  # a snapshot reads where the log ends between two writes
+        self._snapshotting = threading.Lock()
 
     @classmethod
     def open(cls, directory: Path, lock_wait_s: float = 0.0) -> EngagementWriter:
         """Take `engagements.lock` (waiting up to `lock_wait_s` for a writer going away; IndexStoreError
-        when another still holds it) and open the log, a torn tail cut off."""
+        when another still holds it) and open the log, a torn tail cut off; a new log continues the
+        snapshot there."""
         files = IndexLayout(Path(directory))
         files.root.mkdir(parents=True, exist_ok=True)
         lock = wait_for_lock(files.engagements_lock, lock_wait_s)
         if lock is None:
             raise IndexStoreError(f"{files.root} already has an engagement writer (it holds {files.engagements_lock})")
         try:
-            log = WriteAheadLog(files.engagements, codec=ENGAGEMENTS)
+            snapshot = load_snapshot(files.engagements_snapshot) if files.engagements_snapshot.exists() else None
+            base = snapshot.lsn if snapshot is not None else 0
+            log = WriteAheadLog(files.engagements, base, codec=ENGAGEMENTS)
+            if log.last_lsn < base:
+                log.close()
+                raise LogError(
+                    f"{files.engagements} ends at lsn {log.last_lsn}, before the snapshot {files.engagements_snapshot} "
+                    f"(lsn {base}): they are not one log's; move one of them away"
+                )
         except BaseException:
             os.close(lock)
             raise
         logger.info("%s: engagements logged up to lsn %d (writer)", files.engagements, log.last_lsn)
-        return cls(log, lock)
+        return cls(log, lock, files)
 
     @property
     def path(self) -> Path:
@@ -149,7 +208,37 @@ class EngagementWriter:
     def write(self, members: np.ndarray, posts: np.ndarray, times: np.ndarray) -> int:
         """Log one batch; its lsn once durable. ValueError (nothing logged) on a bad batch, LogError
         when the disk did not take it."""
-        return self._log.append_payload(encode(members, posts, times))
+        payload = encode(members, posts, times)
+        with self._appending:
+            return self._log.append_payload(payload)
+
+    def snapshot(self) -> int | None:
+        """Save every engagement logged so far in `engagements.npz` (the last snapshot's and the log's
+        records after it, each pair once) and start a new log based after them, carrying over what
+        was written meanwhile (writes go on). The snapshot's lsn; None when nothing was logged since
+        the last. A follower reads on from where it is; one that starts reads the snapshot and the
+        log after it instead of every record ever logged."""
+        with self._snapshotting:
+            with self._appending:
+                lsn, end, base = self._log.last_lsn, self._log.end, self._log.base_lsn
+            if lsn == base:
+                return None
+            path = self.files.engagements_snapshot
+            previous = load_snapshot(path) if path.exists() else Snapshot.empty()
+            chunks = [previous.events]
+            with open(self.path, "rb") as f:
+                for record in read_records(f, codec=ENGAGEMENTS):
+                    if record.end > end:
+                        break
+                    if record.lsn > previous.lsn:
+                        chunks.append(np.stack([record.members, record.posts, record.times]))
+            events = np.stack(first_engagements(*np.concatenate(chunks, axis=1)))
+            save_snapshot(path, Snapshot(lsn, events))
+            # A crash before the log restarts leaves the old log: its records <= lsn are read twice,
+            # which changes nothing (a pair counts once).
+            self._log.restart(lsn, end)
+            logger.info("%s: %d engagements snapshotted at lsn %d", path, events.shape[1], lsn)
+            return lsn
 
     def close(self) -> None:
         self._log.close()
@@ -159,38 +248,67 @@ class EngagementWriter:
 
 
 class EngagementFollower:
-    """Reads the records appended to a log since the last read. A log replaced by another file (a
-    new index directory) is read again from its start, and what was read of the old one dropped."""
+    """Reads what was logged since the last read, as [3, n] int64 chunks (members, posts, times).
+
+    When the writer snapshots, it starts a new log based at the snapshot: a follower reads the one
+    it has open to its end and goes on in the new one. One that starts, or that finds the log based
+    past what it read (it fell behind a snapshot), reads the snapshot and the log after it. A log
+    based at 0 that replaces the one followed (a new index directory) starts everything again."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.snapshot_path = IndexLayout(self.path.parent).engagements_snapshot
+        self.lsn = 0  # the last record read
         self._log: BinaryIO | None = None
         self._inode = -1
         self._offset = HEADER.size
 
-    def read(self) -> tuple[bool, list[EngagementRecord]]:
-        """(whether the log was replaced since the last read, the records appended since)."""
+    def read(self) -> tuple[bool, list[np.ndarray]]:
+        """(whether what was read before no longer holds, so the reader starts again from its base;
+        the chunks read since: on a start, the snapshot's first)."""
         try:
             inode = os.stat(self.path).st_ino
-        except FileNotFoundError:
-            return False, []
-        replaced = False
-        if inode != self._inode:
+            if inode == self._inode:
+                return False, self._drain()
             # Unbuffered, as the post index's followers read theirs: never bytes from a stale buffer.
             log = open(self.path, "rb", buffering=0)  # noqa: SIM115 (kept open across reads)
-            try:
-                read_header(log, self.path, ENGAGEMENTS)
-            except BaseException:
-                log.close()  # the log followed so far stays: a replacement is reported once it is read
-                raise
-            replaced = self._inode != -1
-            self.close()
-            self._log, self._inode, self._offset = log, os.fstat(log.fileno()).st_ino, HEADER.size
-        assert self._log is not None
-        records = list(read_records(self._log, self._offset, codec=ENGAGEMENTS))
-        if records:
-            self._offset = records[-1].end
-        return replaced, records
+        except FileNotFoundError:
+            return False, self._drain()
+        lsn, offset = self.lsn, self._offset
+        try:
+            base = read_header(log, self.path, ENGAGEMENTS)
+            chunks = self._drain()  # the rest of the log followed, before the one that continues it
+            restart = self._inode == -1 or base == 0 or base > self.lsn
+            snapshot = Snapshot.empty()
+            if restart and base > 0:
+                snapshot = load_snapshot(self.snapshot_path)
+                if snapshot.lsn < base:
+                    raise LogError(
+                        f"{self.path} starts after lsn {base} but {self.snapshot_path} holds only up to "
+                        f"{snapshot.lsn}: engagements {snapshot.lsn + 1}..{base} are in no file"
+                    )
+        except BaseException:
+            log.close()  # the log followed so far stays, unread: a new one is taken once it reads
+            self.lsn, self._offset = lsn, offset
+            raise
+        replaced = restart and self._inode != -1
+        self.close()
+        self._log, self._inode, self._offset = log, os.fstat(log.fileno()).st_ino, HEADER.size
+        if restart:
+            self.lsn, chunks = snapshot.lsn, [snapshot.events] if snapshot.events.shape[1] else []
+        return replaced, chunks + self._drain()
+
+    def _drain(self) -> list[np.ndarray]:
+        """The records of the open log past the last one read."""
+        if self._log is None:
+            return []
+        chunks = []
+        for record in read_records(self._log, self._offset, codec=ENGAGEMENTS):
+            if record.lsn > self.lsn:
+                chunks.append(np.stack([record.members, record.posts, record.times]))
+                self.lsn = record.lsn
+            self._offset = record.end
+        return chunks
 
     def close(self) -> None:
         if self._log is not None:
@@ -222,12 +340,12 @@ class LiveCoEngagement:
         """Read the log; merge what was read that the table does not hold yet into it and swap the
         result in. Whether it did. A merge that fails leaves what it had to merge for the next."""
         with self._updating:
-            replaced, records = self.follower.read()
+            replaced, chunks = self.follower.read()
             if replaced:
-                logger.info("%s: the engagement log was replaced; reading it from its start", self.follower.path)
+                logger.info("%s: the engagement log was replaced; merging it anew", self.follower.path)
                 self._unmerged, self._from_base, self.logged = [], True, 0
-            self._unmerged.extend(np.stack([r.members, r.posts, r.times]) for r in records)
-            self.logged += sum(len(r.members) for r in records)
+            self._unmerged.extend(chunks)
+            self.logged += sum(chunk.shape[1] for chunk in chunks)
             if not (self._unmerged or self._from_base):
                 return False
             started = time.monotonic()

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -199,6 +200,38 @@ class WriteModel(BatchModel[P]):
         if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self.write_key.encode()):
             reason = "a wrong" if given else "no"
             raise RequestError(f"{FORBIDDEN}: the request carries {reason} write key (header {WRITE_HEADER})")
+
+
+class Snapshots:
+    """A writer's snapshots, taken on a background thread (writes go on meanwhile) once every
+    `every` writes; one at a time. A failed one is logged: the log keeps every write, and the next
+    one tries again."""
+
+    def __init__(self, take: Callable[[], object], every: int, name: str) -> None:
+        self.take, self.every, self.name = take, every, name
+        self._since = 0
+        self._thread: threading.Thread | None = None
+
+    def wrote(self, writes: int = 1) -> None:
+        self._since += writes
+        if self._since >= self.every and self._thread is None:
+            self._since = 0
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.take()
+        except Exception:
+            logger.exception("%s failed", self.name)
+        finally:
+            self._thread = None
+
+    def join(self) -> None:
+        """Wait for the snapshot being taken, if any (before the writer is closed or reopened)."""
+        thread = self._thread
+        if thread is not None:
+            thread.join()
 
 
 def _parameters(request: Any) -> dict[str, object]:

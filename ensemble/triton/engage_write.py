@@ -7,9 +7,11 @@ output comes back only after that. Every `rank` instance follows the log and mer
 into the build's co-engagement table within about a second, so a post liked since the build is
 co-engaged at once, not at the next build. A post or member id need not be known: an engagement with
 a post the index does not hold yet is kept for when it is written. A bad request (negative ids, a
-time that is not unix seconds, shapes that disagree) fails alone, nothing of it logged. Writes need
-the write key, as `index_write`'s do. Rendered for the local index only: with Milvus, servers share
-no directory for the log to live in.
+time that is not unix seconds, shapes that disagree) fails alone, nothing of it logged. Every
+`snapshot_every` writes the log is folded into `engagements.npz` on a background thread (writes go
+on meanwhile) and restarted, so that the log stays short and a `rank` that starts reads the
+snapshot instead of every record ever logged. Writes need the write key, as `index_write`'s do.
+Rendered for the local index only: with Milvus, servers share no directory for the log to live in.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from feedserve.errors import IndexStoreError
 from feedserve.index.wal import LogError
 from feedserve.rank.engagements import EngagementWriter, check
 from feedserve.schema import ENGAGE_COLUMNS, ENGAGED_AT, LSN, MEMBER_ID, POST_ID, ModelName
-from feedserve.triton.base import Arrays, RequestError, Unavailable, WriteModel, check_2d, require
+from feedserve.triton.base import Arrays, RequestError, Snapshots, Unavailable, WriteModel, check_2d, require
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ class EngageWriteModel(WriteModel[Engagements]):
         self.directory = layout.index_dir.root
         self.lock_wait_s = float(params.get("writer_lock_wait_s", "30"))
         self.writer = EngagementWriter.open(self.directory, lock_wait_s=self.lock_wait_s)
+        every = int(params.get("snapshot_every", "1000"))
+        self.snapshots = Snapshots(lambda: self.writer.snapshot(), every, "engagement-snapshot")
 
     def parse(self, inputs: dict[str, np.ndarray | None]) -> Engagements:
         columns = [check_2d(spec.name, require(inputs, spec.name), np.int64) for spec in ENGAGE_COLUMNS]
@@ -65,6 +69,7 @@ class EngageWriteModel(WriteModel[Engagements]):
     def compute(self, items: Sequence[Engagements]) -> list[Arrays | RequestError]:
         if self.writer.failed:
             logger.warning("engage_write: reopening %s after a failed write", self.writer.path)
+            self.snapshots.join()
             self.writer.close()  # its lock too: a flock is per open file, even within one process
             try:
                 self.writer = EngagementWriter.open(self.directory)
@@ -79,9 +84,11 @@ class EngageWriteModel(WriteModel[Engagements]):
                 outputs.append(Unavailable(f"engage_write: {err}"))
                 continue
             outputs.append({LSN.name: np.full((len(batch.members), 1), lsn, np.int64)})
+            self.snapshots.wrote()
         return outputs
 
     def finalize(self) -> None:
+        self.snapshots.join()
         self.writer.close()
         super().finalize()
 

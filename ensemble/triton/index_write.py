@@ -27,7 +27,6 @@ another length came from something other than the encoder.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +46,7 @@ from feedserve.schema import LSN, OP, OP_DELETE, OP_UPSERT, POST_ID, WRITE_EMBED
 from feedserve.triton.base import (
     Arrays,
     RequestError,
+    Snapshots,
     Unavailable,
     WriteModel,
     check_2d,
@@ -85,8 +85,7 @@ class IndexWriteModel(WriteModel[Write]):
             self.milvus = followed.index
             return
         self.live = IndexWriter.open(layout.index_dir.root, self._dim, lock_wait_s=self.lock_wait_s)
-        self._since_snapshot = 0
-        self._snapshotting: threading.Thread | None = None
+        self.snapshots = Snapshots(lambda: self.live.snapshot(), self.snapshot_every, "index-snapshot")
 
     def parse(self, inputs: dict[str, np.ndarray | None]) -> Write:
         ops = check_2d(OP.name, require(inputs, OP.name), np.int64)
@@ -127,7 +126,7 @@ class IndexWriteModel(WriteModel[Write]):
             return [self._write_milvus(self.milvus, write) for write in items]
         if self.live.failed:
             logger.warning("index_write: reopening %s after a failed write", self.live.log_path)
-            self._join_snapshot()
+            self.snapshots.join()
             self.live.close()
             self.live = IndexWriter.open(self.layout.index_dir.root, self._dim, lock_wait_s=self.lock_wait_s)
         try:
@@ -145,15 +144,11 @@ class IndexWriteModel(WriteModel[Write]):
                     self._features(write, upserts),
                 )
                 outputs.append({LSN.name: np.full((len(write.ids), 1), lsn, np.int64)})
-                self._since_snapshot += 1
+                self.snapshots.wrote()
             except LogError as err:  # not acknowledged; the next batch reopens the log if it must
                 outputs.append(Unavailable(f"index_write: {err}"))
             except IndexStoreError as err:  # checked before anything is logged: nothing of it was written
                 outputs.append(RequestError(f"{WRITE_EMBEDDING.name}: {err}"))
-        if self._since_snapshot >= self.snapshot_every and self._snapshotting is None:
-            self._since_snapshot = 0
-            self._snapshotting = threading.Thread(target=self._snapshot, name="index-snapshot", daemon=True)
-            self._snapshotting.start()
         return outputs
 
     def _write_milvus(self, store: MilvusStore, write: Write) -> Arrays | RequestError:
@@ -175,24 +170,11 @@ class IndexWriteModel(WriteModel[Write]):
             return None
         return [feature_row(p, self.buckets, self.counts) for p, up in zip(write.posts, upserts, strict=True) if up]
 
-    def _snapshot(self) -> None:
-        try:
-            self.live.snapshot()
-        except Exception:  # the log keeps every write; the next snapshot tries again
-            logger.exception("index_write: snapshot failed")
-        finally:
-            self._snapshotting = None
-
-    def _join_snapshot(self) -> None:
-        thread = self._snapshotting
-        if thread is not None:
-            thread.join()
-
     def finalize(self) -> None:
         if self.milvus is not None:
             self.milvus.close()
             return super().finalize()
-        self._join_snapshot()
+        self.snapshots.join()
         self.live.close()
         super().finalize()
 

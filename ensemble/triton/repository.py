@@ -58,7 +58,8 @@ class RepositorySettings:
     knn_queue_delay_us: int = 500
     max_k: int = 2000
     knn_dtype: str = "fp16"  # device storage of the GPU kNN
-    snapshot_every: int = 1000  # live-index writes between snapshots (each restarts the log)
+    # Writes between snapshots of the live index and of the engagement log (each restarts its log).
+    snapshot_every: int = 1000
     encoder_cache_rows: int = 10000  # prompts whose embeddings the python encoder keeps (0: off)
     # The CPU encoder's graph: "int8" (encoder.int8.onnx, feedserve.export.onnx.quantize_int8), "fp32",
     # or "auto": int8 where `feedserve build` wrote an int8 graph that passed its parity check, else
@@ -342,7 +343,12 @@ def _with_writer(
         if settings.index == "local":
             # The engagement log's single writer, beside the index's (feedserve.rank.engagements).
             configs[ModelName.ENGAGE_WRITE] = _python_model(
-                ModelName.ENGAGE_WRITE, "feedserve.triton.engage_write", settings, 1, settings.knn_queue_delay_us, {}
+                ModelName.ENGAGE_WRITE,
+                "feedserve.triton.engage_write",
+                settings,
+                1,
+                settings.knn_queue_delay_us,
+                {"snapshot_every": str(settings.snapshot_every)},
             )
     return configs
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,12 +19,16 @@ from feedserve.artifacts import ArtifactLayout
 from feedserve.clients.ingest import Ingester, JsonlSource
 from feedserve.clients.online import FeedClient
 from feedserve.index.live import IndexFollower
+from feedserve.index.wal import read_header
 from feedserve.ops.builder import SAMPLE_CORPUS
+from feedserve.ops.launcher import TritonServer, on_free_ports
 from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.movielens import load_movielens
 from feedserve.prompt.records import Post
+from feedserve.rank.engagements import ENGAGEMENTS, load_snapshot
 from feedserve.rank.features import feature_row
 from feedserve.schema import ModelName
+from feedserve.triton.repository import RepositorySettings, write_repository
 
 pytestmark = pytest.mark.integration
 
@@ -328,3 +333,53 @@ def test_engage_events_reach_the_rankers_co_engagement(triton_server, tmp_path: 
             after = _rank_scores(client, member, [new.id, other.id])
         assert after[new.id] != pytest.approx(before[new.id], abs=1e-5)
         assert after[other.id] == pytest.approx(before[other.id], abs=1e-5)  # nobody liked it
+
+
+def test_engagements_survive_a_snapshot_and_a_restart_of_the_server(
+    tiny_artifacts: ArtifactLayout, tmp_path: Path
+) -> None:
+    """With a snapshot every two engage_write requests: a `rank` that follows reads on across it,
+    and after a restart `rank` reads the snapshot and the log after it, ranking as before."""
+    root = tmp_path / "artifacts"
+    shutil.copytree(tiny_artifacts.root, root, ignore=shutil.ignore_patterns("index", "emb"))
+    repo = tmp_path / "repository"
+    write_repository(repo, RepositorySettings(snapshot_every=2))
+    opts = on_free_ports(repository=repo, artifacts=root, log_file=tmp_path / "tritonserver.log", startup_timeout_s=180)
+    liked = load_movielens(SAMPLE_CORPUS).posts()[0].id
+    member = {"id": 10**9, "headline": "Engineer", "history": [{"post_id": liked, "action": "like", "engaged_at": 1}]}
+    target, control = 7 * 10**11, 7 * 10**11 + 1  # posts nobody engaged with
+    fans = range(3 * 10**9, 3 * 10**9 + 30)
+    files = ArtifactLayout(root).index_dir
+    server = TritonServer(opts).start()
+    try:
+        with FeedClient(server.grpc_url, "grpc", timeout_s=60) as client:
+            before = _rank_scores(client, member, [target, control])
+            for step in range(3):  # three requests: the second starts a snapshot, the third follows it
+                client.engage(
+                    [(m, p, 1_800_000_000 + step) for m in fans[10 * step : 10 * step + 10] for p in (liked, target)]
+                )
+            deadline = time.monotonic() + 30
+            while not files.engagements_snapshot.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert load_snapshot(files.engagements_snapshot).lsn >= 2
+            while time.monotonic() < deadline:  # every fan read: the score stops moving
+                after = _rank_scores(client, member, [target, control])
+                time.sleep(1.5)
+                if _rank_scores(client, member, [target, control]) == after:
+                    break
+            assert after[target] != pytest.approx(before[target], abs=1e-5)
+            assert after[control] == pytest.approx(before[control], abs=1e-5)
+    finally:
+        server.stop()
+    with open(files.engagements, "rb") as log:
+        assert read_header(log, codec=ENGAGEMENTS) >= 2  # the log restarted after the snapshot
+    server = TritonServer(opts).start()
+    try:
+        with FeedClient(server.grpc_url, "grpc", timeout_s=60) as client:
+            deadline, again = time.monotonic() + 30, before
+            while again != after and time.monotonic() < deadline:
+                again = _rank_scores(client, member, [target, control])
+                time.sleep(0.2)
+            assert again == pytest.approx(after, abs=1e-6)
+    finally:
+        server.stop()

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from feedserve.artifacts import ArtifactLayout
+from feedserve.index.wal import read_header
 from feedserve.ops.keys import WRITE_HEADER, WRITE_KEY_ENV
-from feedserve.rank.engagements import EngagementFollower
+from feedserve.rank.engagements import ENGAGEMENTS, EngagementFollower, load_snapshot
 from feedserve.triton.base import RequestError, Unavailable
 from feedserve.triton.engage_write import EngageWriteModel
 
@@ -38,9 +39,9 @@ def model(tmp_path: Path) -> Iterator[EngageWriteModel]:
 
 def _logged(tmp_path: Path) -> list[tuple[int, int, int]]:
     follower = EngagementFollower(ArtifactLayout(tmp_path).index_dir.engagements)
-    _, records = follower.read()
+    _, chunks = follower.read()
     follower.close()
-    return [(m, p, t) for r in records for m, p, t in zip(r.members, r.posts, r.times, strict=True)]
+    return [(int(m), int(p), int(t)) for c in chunks for m, p, t in c.T]
 
 
 def test_keyed_engagements_are_logged_and_bad_ones_fail_alone_by_name(model: EngageWriteModel, tmp_path: Path) -> None:
@@ -93,3 +94,21 @@ def test_a_write_the_disk_failed_is_unavailable_and_the_writer_recovers(
 def test_with_milvus_it_is_not_served(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="Milvus"):
         EngageWriteModel().setup(ArtifactLayout(tmp_path), {"index": "milvus"})
+
+
+def test_every_snapshot_every_writes_the_log_is_folded_into_a_snapshot(tmp_path: Path) -> None:
+    """On a background thread; what a follower that starts reads is the same, each pair once."""
+    model = EngageWriteModel()
+    model.setup(ArtifactLayout(tmp_path), {"snapshot_every": "2"})
+    batches = [_batch([1, 2], [10, 11], [100, 101]), _batch([1, 3], [10, 12], [102, 103]), _batch([4], [13], [104])]
+    for i, batch in enumerate(batches):
+        (out,) = model.run([batch], [KEYED])
+        assert not isinstance(out, RequestError)
+        if i == 1:  # the second write starts the snapshot
+            model.snapshots.join()
+    files = ArtifactLayout(tmp_path).index_dir
+    assert load_snapshot(files.engagements_snapshot).lsn == 2
+    with open(files.engagements, "rb") as f:
+        assert read_header(f, codec=ENGAGEMENTS) == 2
+    assert sorted(_logged(tmp_path)) == [(1, 10, 100), (2, 11, 101), (3, 12, 103), (4, 13, 104)]
+    model.finalize()

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from feedserve.errors import IndexStoreError
 from feedserve.index.layout import IndexLayout
 from feedserve.index.wal import HEADER, LogError
+from feedserve.rank import engagements
 from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.engagements import EngagementFollower, EngagementWriter, LiveCoEngagement
 
@@ -97,11 +98,11 @@ def test_the_log_is_written_once_durable_followed_and_survives_a_torn_tail(tmp_p
     assert follower.read() == (False, [])
     assert writer.write(np.array([1, 2]), np.array([10, 11]), np.array([100, 101])) == 1
     assert writer.write(np.array([3]), np.array([12]), np.array([102])) == 2
-    replaced, records = follower.read()
-    assert not replaced and [r.lsn for r in records] == [1, 2]
-    assert records[0].members.tolist() == [1, 2] and records[0].posts.tolist() == [10, 11]
-    assert records[1].times.tolist() == [102]
+    replaced, chunks = follower.read()
+    assert not replaced and follower.lsn == 2
+    assert [c.tolist() for c in chunks] == [[[1, 2], [10, 11], [100, 101]], [[3], [12], [102]]]
     assert follower.read() == (False, [])
+    end = IndexLayout(tmp_path).engagements.stat().st_size
     # A bad batch is refused before anything is logged, naming what is wrong.
     for members, posts, times, match in (
         ([-1], [1], [1], "member ids"),
@@ -122,10 +123,10 @@ def test_the_log_is_written_once_durable_followed_and_survives_a_torn_tail(tmp_p
         f.write(b"\x30\x00\x00\x00torn")
     assert follower.read() == (False, [])  # half a record is not a record
     writer = EngagementWriter.open(tmp_path)
-    assert path.stat().st_size == records[-1].end
+    assert path.stat().st_size == end
     assert writer.write(np.array([4]), np.array([13]), np.array([103])) == 3
-    _, records = follower.read()
-    assert [r.lsn for r in records] == [3] and records[0].members.tolist() == [4]
+    _, chunks = follower.read()
+    assert follower.lsn == 3 and [c.tolist() for c in chunks] == [[[4], [13], [103]]]
     writer.close()
 
 
@@ -204,6 +205,95 @@ def test_a_replacement_or_a_merge_that_failed_is_taken_up_at_the_next_update(
         and live.logged == 0
         and live.table.scores(9, [1], [2]).tolist() == base.scores(9, [1], [2]).tolist()
     )
+    live.close()
+
+
+def test_a_snapshot_folds_the_log_and_followers_read_on_across_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer folds the log into engagements.npz and starts a new log after it: a follower reading
+    all along goes on where it was (no merge anew), one that starts, or that slept through two
+    snapshots, reads the snapshot and the log after it; a write during the snapshot is carried over;
+    each serves the table built from everything."""
+    rng = np.random.default_rng(1)
+    build = [(int(m), int(p), int(t)) for m, p, t in rng.integers(0, 30, (200, 3))]
+    later = [(int(m), int(p), 100 + int(t)) for m, p, t in rng.integers(0, 40, (300, 3))]
+    later += later[:10]  # sent again after a crash: counts once
+    base = CoEngagement.from_events(build)
+    files = IndexLayout(tmp_path)
+    awake, asleep = LiveCoEngagement(base, files.engagements), LiveCoEngagement(base, files.engagements)
+    writer = EngagementWriter.open(tmp_path)
+    assert writer.snapshot() is None  # nothing logged
+    for i in range(0, 150, 30):
+        writer.write(*_columns(later[i : i + 30]))
+    assert awake.update() and asleep.update()
+    # A write that lands while the snapshot is being saved is carried into the new log.
+    save = engagements.save_snapshot
+    monkeypatch.setattr(engagements, "save_snapshot", lambda *a: (writer.write(*_columns(later[150:160])), save(*a)))
+    assert writer.snapshot() == 5
+    monkeypatch.undo()
+    assert engagements.load_snapshot(files.engagements_snapshot).events.shape == (
+        3,
+        len(set((m, p) for m, p, _ in later[:150])),
+    )
+    assert writer.write(*_columns(later[160:200])) == 7
+    merges = awake.merges
+    assert awake.update() and awake.follower.lsn == 7 and awake.merges == merges + 1 and awake.logged == 200
+    _same(awake.table, CoEngagement.from_events(build + later[:200]))
+    fresh = LiveCoEngagement(base, files.engagements)
+    assert fresh.update() and fresh.logged == len(set((m, p) for m, p, _ in later[:150])) + 50
+    _same(fresh.table, CoEngagement.from_events(build + later[:200]))
+    for i in range(200, len(later), 50):
+        writer.write(*_columns(later[i : i + 50]))
+        assert writer.snapshot() is not None
+    assert files.engagements.stat().st_size == HEADER.size  # everything is in the snapshot
+    for live in (awake, asleep, fresh):
+        live.update()
+        _same(live.table, CoEngagement.from_events(build + later))
+    # A writer reopened goes on after the snapshot, the log removed or not.
+    writer.close()
+    os.remove(files.engagements)
+    writer = EngagementWriter.open(tmp_path)
+    assert writer.write(np.array([99]), np.array([1]), np.array([500])) == awake.follower.lsn + 1
+    awake.update()
+    _same(awake.table, CoEngagement.from_events([*build, *later, (99, 1, 500)]))
+    writer.close()
+    for live in (awake, asleep, fresh):
+        live.close()
+
+
+def test_a_snapshot_that_did_not_finish_or_does_not_read_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = IndexLayout(tmp_path)
+    writer = EngagementWriter.open(tmp_path)
+    writer.write(np.array([1, 2]), np.array([5, 5]), np.array([10, 11]))
+    # Saved, but the log not restarted (a crash between the two): the log still holds everything.
+    monkeypatch.setattr(engagements.WriteAheadLog, "restart", lambda *a: (_ for _ in ()).throw(OSError("crash")))
+    with pytest.raises(OSError):
+        writer.snapshot()
+    monkeypatch.undo()
+    writer.write(np.array([3]), np.array([6]), np.array([12]))
+    assert writer.snapshot() == 2
+    live = LiveCoEngagement(CoEngagement.from_events([]), files.engagements)
+    live.update()
+    _same(live.table, CoEngagement.from_events([(1, 5, 10), (2, 5, 11), (3, 6, 12)]))
+    writer.close()
+    # A snapshot that does not match its checksum is refused by name, by the writer and a follower.
+    with np.load(files.engagements_snapshot) as saved:
+        meta, events = saved["meta"], saved["events"]
+    events[2, 0] += 1
+    with open(files.engagements_snapshot, "wb") as f:
+        np.savez(f, meta=meta, events=events)
+    with pytest.raises(IndexStoreError, match="engagements.npz"):
+        EngagementWriter.open(tmp_path)
+    with pytest.raises(IndexStoreError, match="engagements.npz"):
+        LiveCoEngagement(CoEngagement.from_events([]), files.engagements).update()
+    # A log that ends before the snapshot is another log's.
+    os.remove(files.engagements_snapshot)
+    engagements.save_snapshot(files.engagements_snapshot, engagements.Snapshot(9, np.zeros((3, 1), np.int64)))
+    with pytest.raises(LogError, match="not one log's"):
+        EngagementWriter.open(tmp_path)
     live.close()
 
 

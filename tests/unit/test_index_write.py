@@ -77,7 +77,7 @@ def test_writes_are_acknowledged_then_seen_by_every_follower(layout: ArtifactLay
     # The third write reaches snapshot_every=3: a snapshot on a background thread and a new log;
     # the followers go on following it without reloading.
     writer.run([_write([1], [11], _unit(rng, 1))])
-    writer._join_snapshot()
+    writer.snapshots.join()
     assert PostIndex.load(layout.index).meta["lsn"] == 3
     writer.run([_write([1], [12], _unit(rng, 1))])
     with open(layout.index.with_suffix(".wal"), "rb") as log:
