@@ -43,7 +43,7 @@ from feedserve.index.layout import IndexLayout
 from feedserve.ops.launcher import TritonServer, on_free_ports
 from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.engagements import EngagementWriter, LiveCoEngagement
-from feedserve.schema import MAX_BATCH, ModelName
+from feedserve.schema import MAX_BATCH
 from feedserve.triton.repository import RepositorySettings, write_repository
 
 logger = logging.getLogger("benchmarks.engagements")
@@ -187,18 +187,7 @@ def starts(base: CoEngagement, logged: int) -> dict[str, Any]:
 
 
 def _rank_score(client: FeedClient, member: dict[str, Any], query: np.ndarray, post: int, other: int) -> float:
-    out = client.infer(
-        ModelName.RANK,
-        {
-            "RECORDS": np.array([[json.dumps(member).encode()]], object),
-            "QUERY": query,
-            "CANDIDATE_IDS": np.array([[post, other]], np.int64),
-            "CANDIDATE_SCORES": np.array([[0.9, 0.8]], np.float32),
-            "K": np.array([[2]], np.int64),
-        },
-        ("IDS", "SCORES"),
-    )
-    return float(dict(zip(out["IDS"][0].tolist(), out["SCORES"][0].tolist(), strict=True))[post])
+    return next(r.score for r in client.rank(member, [post, other], query=query) if r.post_id == post)
 
 
 def lag_through_triton(artifacts: Path, trials: int) -> dict[str, Any]:

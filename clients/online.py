@@ -24,6 +24,8 @@ from tritonclient.utils import InferenceServerException
 from feedserve.errors import ClientError
 from feedserve.ops.keys import WRITE_HEADER, WRITE_KEY_ENV
 from feedserve.schema import (
+    CANDIDATE_IDS,
+    CANDIDATE_SCORES,
     CANDIDATES,
     EMBEDDING,
     ENGAGE_COLUMNS,
@@ -31,6 +33,7 @@ from feedserve.schema import (
     LSN,
     MAX_BATCH,
     NO_ID,
+    QUERY,
     RECORDS,
     SCORES,
     TASK_SCORES,
@@ -195,6 +198,37 @@ class FeedClient:
 
     def feed(self, member: Record, n: int = 10, candidates: int = DEFAULT_CANDIDATES) -> list[Ranked]:
         return self.feed_many([member], n, candidates)[0]
+
+    def rank(
+        self,
+        member: Record,
+        candidates: Sequence[int],
+        retrieval_scores: Sequence[float] | None = None,
+        query: np.ndarray | None = None,
+    ) -> list[Ranked]:
+        """`candidates` (post ids, retrieved elsewhere) ranked for `member` by the GR ranker (`rank`),
+        best first. `retrieval_scores`, one of the ranker's features, are the candidates' retrieval
+        scores (None: cosines falling from 0.9 to 0.8 in the candidates' order); `query` the member's
+        embedding ([1, dim]; None: embedded here, by the encoder)."""
+        n = len(candidates)
+        given = np.linspace(0.9, 0.8, n) if retrieval_scores is None else np.asarray(retrieval_scores)
+        out = self.infer(
+            ModelName.RANK,
+            {
+                RECORDS.name: records_tensor([member]),
+                QUERY.name: self.embed_members([member]) if query is None else query,
+                CANDIDATE_IDS.name: np.asarray([candidates], np.int64),
+                CANDIDATE_SCORES.name: given.astype(np.float32)[None],
+                K.name: np.array([[n]], np.int64),
+            },
+            (IDS.name, SCORES.name, TASK_SCORES.name),
+        )
+        tasks = self.ranker_tasks()
+        return [
+            Ranked(int(i), float(s), dict(zip(tasks, t.tolist(), strict=True)))
+            for i, s, t in zip(out[IDS.name][0], out[SCORES.name][0], out[TASK_SCORES.name][0], strict=True)
+            if i != NO_ID
+        ]
 
     def ranker_tasks(self) -> list[str]:
         """The ranker's tasks, in the order of its TASK_SCORES columns (the rank config's `tasks`)."""

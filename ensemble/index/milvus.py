@@ -98,14 +98,7 @@ class MilvusStore:
         return f"{self.name}__current"
 
     def _create(self, name: str, schema: Any, index: Any) -> None:
-        """Create a collection unless it exists, also when another process creates it meanwhile."""
-        if self.client.has_collection(name):
-            return
-        try:
-            self.client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong")
-        except Exception:
-            if not self.client.has_collection(name):
-                raise
+        create_collection(self.client, name, schema, index)
 
     def _ensure_pointer(self) -> None:
         from pymilvus import DataType
@@ -288,6 +281,18 @@ class MilvusStore:
 
     def close(self) -> None:
         self.client.close()
+
+
+def create_collection(client: Any, name: str, schema: Any, index: Any) -> None:
+    """Create a collection (Strong consistency) unless it exists, also when another process creates
+    it meanwhile."""
+    if client.has_collection(name):
+        return
+    try:
+        client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong")
+    except Exception:
+        if not client.has_collection(name):
+            raise
 
 
 def _kept(hits: list[dict[str, Any]], skip: list[int], k: int) -> SearchResult:

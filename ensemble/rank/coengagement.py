@@ -56,10 +56,12 @@ class CoEngagement:
             raise ValueError("coengagement: indptr does not index the member lists")
         if self.times.shape != self.members.shape:
             raise ValueError("coengagement: one time per entry")
-        if (np.diff(self.posts) <= 0).any():
+        if (self.posts[1:] <= self.posts[:-1]).any():
             raise ValueError("coengagement: posts must be unique and ascending")
-        self._member_ids, self._member_col = np.unique(self.members, return_inverse=True)
         post_of = np.repeat(np.arange(len(self.posts)), np.diff(self.indptr))
+        if ((post_of[1:] == post_of[:-1]) & (self.members[1:] <= self.members[:-1])).any():
+            raise ValueError("coengagement: a post's members must be unique and ascending")
+        self._member_ids, self._member_col = np.unique(self.members, return_inverse=True)
         order = np.lexsort((post_of, self.times, self._member_col))
         self._sequence(order, post_of)
 
@@ -95,7 +97,8 @@ class CoEngagement:
         member_ids, member_shift, new_member_at = _union(self._member_ids, new._member_ids)
         width = len(member_ids)
         times_fit = min(self.times.min(), new.times.min()) >= 0 and max(self.times.max(), new.times.max()) < 1 << 32
-        if len(post_ids) * width >= 1 << 62 or width >= 1 << 31 or not times_fit:
+        too_many = (2 * len(self) + 1) * (len(post_ids) + 1) >= 1 << 63  # for `_order_into`'s key
+        if len(post_ids) * width >= 1 << 62 or width >= 1 << 31 or not times_fit or too_many:
             return self._rebuilt_with(new)  # beyond what one int64 key orders
         # Every entry at (union row, union member column): both tables' entries are in that key's
         # order (the union's numbering keeps each table's order), so merging is inserting.
@@ -162,9 +165,19 @@ class CoEngagement:
         added, added_rows, cols, times = added[by_order], added_rows[by_order], cols[by_order], times[by_order]
         in_keys, added_keys = in_cols * (1 << 32) + in_times, cols * (1 << 32) + times
         places = np.searchsorted(in_keys, added_keys, side="left")
-        ends = np.searchsorted(in_keys, added_keys, side="right")
-        for i in np.flatnonzero(places < ends).tolist():  # the same member and time: by row
-            places[i] += int(np.searchsorted(in_rows[places[i] : ends[i]], added_rows[i]))
+        if (places < np.searchsorted(in_keys, added_keys, side="right")).any():
+            # An entry of the same member and time is held (times repeat): ordered by row too, in one
+            # key of (the rank of (member, time) among those held, between theirs where it is not, row).
+            starts = np.ones(len(in_keys), bool)
+            starts[1:] = in_keys[1:] != in_keys[:-1]
+            distinct = in_keys[starts]
+            at = np.searchsorted(distinct, added_keys)
+            present = at < len(distinct)
+            present[present] = distinct[at[present]] == added_keys[present]
+            width = len(table.posts) + 1  # (with_events checked that the key fits)
+            in_ranks = (np.cumsum(starts) - 1) * 2 + 1
+            added_ranks = np.where(present, 2 * at + 1, 2 * at)
+            places = np.searchsorted(in_ranks * width + in_rows, added_ranks * width + added_rows)
         # Where each of this table's places goes: less the places removed before it, after the
         # insertions at or before it (counted along the order, then read once per entry).
         to_place = np.arange(len(self._place))

@@ -48,7 +48,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
@@ -56,6 +56,7 @@ from feedserve.errors import IndexStoreError
 from feedserve.files import atomic_file
 from feedserve.index.layout import IndexLayout
 from feedserve.index.live import wait_for_lock
+from feedserve.index.milvus import WRITE_CHUNK, create_collection, now_us
 from feedserve.index.wal import HEADER, Codec, LogError, WriteAheadLog, read_header, read_records
 from feedserve.prompt.records import ENGAGED_RATING, rating_of
 from feedserve.rank.coengagement import CoEngagement, first_engagements
@@ -69,6 +70,9 @@ COLUMNS = 3
 MAX_TIME = (1 << 32) - 1
 COENGAGED_ACTIONS = frozenset({"like", "love", "comment", "share", "repost", "save"})
 MERGE_SPACING = 10  # a follower merges at most every this many times its last merge took
+# A Milvus follower reads again what was written this long before the latest it read: writers' clocks
+# differ a little, and a row stamped before another may become visible after it.
+OVERLAP_US = 30_000_000
 
 
 def coengaged(action: str) -> bool:
@@ -184,12 +188,22 @@ class EngagementWriter:
         try:
             snapshot = load_snapshot(files.engagements_snapshot) if files.engagements_snapshot.exists() else None
             base = snapshot.lsn if snapshot is not None else 0
+            if base and not files.engagements.exists():
+                logger.warning(
+                    "%s: no log beside the snapshot %s; starting one after it (lsn %d): whatever was logged "
+                    "after the snapshot is gone",
+                    files.engagements,
+                    files.engagements_snapshot,
+                    base,
+                )
             log = WriteAheadLog(files.engagements, base, codec=ENGAGEMENTS)
-            if log.last_lsn < base:
+            if log.last_lsn < base or log.base_lsn > base:
                 log.close()
+                held = f"lsns {log.base_lsn + 1}..{log.last_lsn}"
                 raise LogError(
-                    f"{files.engagements} ends at lsn {log.last_lsn}, before the snapshot {files.engagements_snapshot} "
-                    f"(lsn {base}): they are not one log's; move one of them away"
+                    f"{files.engagements} holds {held}, but the snapshot {files.engagements_snapshot} holds up to "
+                    f"lsn {base}: engagements are missing between them, or they are not one log's; restore the "
+                    "snapshot the log continues"
                 )
         except BaseException:
             os.close(lock)
@@ -220,6 +234,8 @@ class EngagementWriter:
         log after it instead of every record ever logged."""
         with self._snapshotting:
             with self._appending:
+                if self._log.failed:  # a failed append may be on disk past `end`: reopen first
+                    raise LogError(f"{self.path}: no snapshot of a log that failed ({self._log.failed}); reopen it")
                 lsn, end, base = self._log.last_lsn, self._log.end, self._log.base_lsn
             if lsn == base:
                 return None
@@ -257,6 +273,7 @@ class EngagementFollower:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.name = str(self.path)
         self.snapshot_path = IndexLayout(self.path.parent).engagements_snapshot
         self.lsn = 0  # the last record read
         self._log: BinaryIO | None = None
@@ -316,6 +333,103 @@ class EngagementFollower:
         self._log, self._inode = None, -1
 
 
+class MilvusEngagements:
+    """The engagement log as a Milvus collection, for servers that share no directory (`--index
+    milvus`): `<index name>_engagements` (one underscore: the index's generations are the
+    collections named `<index name>__...`, and a rebuild drops those it does not serve), one row per
+    engagement (member, post, engaged_at, and written_at: microseconds since the epoch, stamped by
+    the writer), an automatic id, and a placeholder vector (Milvus wants one in every collection).
+    Any number of writers insert; an insert under Strong consistency is visible to every query
+    after it is acknowledged. Milvus keeps it: there is no snapshot to take."""
+
+    def __init__(self, uri: str, index_name: str) -> None:
+        from pymilvus import DataType, MilvusClient
+
+        self.client = MilvusClient(uri)
+        self.collection = f"{index_name}_engagements"
+        schema = self.client.create_schema(auto_id=True, enable_dynamic_field=False)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        for name in ("member", "post", "engaged_at", "written_at"):
+            schema.add_field(name, DataType.INT64)
+        schema.add_field("placeholder", DataType.FLOAT_VECTOR, dim=2)
+        index = self.client.prepare_index_params()
+        index.add_index("placeholder", index_type="FLAT", metric_type="IP")
+        create_collection(self.client, self.collection, schema, index)
+        self.client.load_collection(self.collection)
+
+    def write(self, members: np.ndarray, posts: np.ndarray, times: np.ndarray) -> int:
+        """Insert one batch; its written_at once Milvus has it. ValueError (nothing written) on a bad
+        batch; Milvus's own error when it did not take it."""
+        columns = [np.asarray(c, np.int64).reshape(-1) for c in (members, posts, times)]
+        check(*columns)
+        written = now_us()
+        rows = [
+            {"member": m, "post": p, "engaged_at": t, "written_at": written, "placeholder": [1.0, 0.0]}
+            for m, p, t in zip(*(c.tolist() for c in columns), strict=True)
+        ]
+        for start in range(0, len(rows), WRITE_CHUNK):
+            self.client.insert(self.collection, rows[start : start + WRITE_CHUNK])
+        return written
+
+    def since(self, written_us: int) -> list[dict[str, Any]]:
+        """Every row written at `written_us` or later (id, member, post, engaged_at, written_at)."""
+        fields = ["id", "member", "post", "engaged_at", "written_at"]
+        it = self.client.query_iterator(
+            self.collection, batch_size=4096, filter=f"written_at >= {int(written_us)}", output_fields=fields
+        )
+        rows: list[dict[str, Any]] = []
+        try:
+            while batch := it.next():
+                rows.extend(batch)
+        finally:
+            it.close()
+        return rows
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class MilvusFollower:
+    """Reads what was written to a `MilvusEngagements` since the last read: the rows written since the
+    latest it read less OVERLAP_US, less those it read already (by id)."""
+
+    def __init__(self, log: MilvusEngagements) -> None:
+        self.log, self.name = log, f"Milvus collection {log.collection}"
+        self.latest_us: int | None = None
+        self._recent: dict[int, int] = {}  # id -> written_at, of the rows read inside the overlap
+
+    def read(self) -> tuple[bool, list[np.ndarray]]:
+        since = 0 if self.latest_us is None else self.latest_us - OVERLAP_US
+        rows = [r for r in self.log.since(since) if int(r["id"]) not in self._recent]
+        for r in rows:
+            self._recent[int(r["id"])] = int(r["written_at"])
+        if rows:
+            self.latest_us = max(self.latest_us or 0, *(int(r["written_at"]) for r in rows))
+        if self.latest_us is not None:
+            horizon = self.latest_us - OVERLAP_US
+            self._recent = {i: w for i, w in self._recent.items() if w >= horizon}
+        if not rows:
+            return False, []
+        return False, [
+            np.array(
+                [[r["member"] for r in rows], [r["post"] for r in rows], [r["engaged_at"] for r in rows]], np.int64
+            )
+        ]
+
+    def close(self) -> None:
+        self.log.close()
+
+
+class Follower(Protocol):
+    """What `LiveCoEngagement` reads engagements from (`EngagementFollower`, `MilvusFollower`)."""
+
+    name: str
+
+    def read(self) -> tuple[bool, list[np.ndarray]]: ...
+
+    def close(self) -> None: ...
+
+
 class LiveCoEngagement:
     """The build's co-engagement table merged with the engagements logged since it.
 
@@ -324,9 +438,10 @@ class LiveCoEngagement:
     read `table` (a reference: a request scores against one table from start to end) and never wait
     for a merge."""
 
-    def __init__(self, base: CoEngagement, log: Path, poll_s: float = 1.0) -> None:
+    def __init__(self, base: CoEngagement, log: Path | Follower, poll_s: float = 1.0) -> None:
+        """`log`: the local log's path, or a follower of another log."""
         self.base, self.table, self.poll_s = base, base, poll_s
-        self.follower = EngagementFollower(log)
+        self.follower: Follower = EngagementFollower(log) if isinstance(log, Path) else log
         self.logged = 0  # engagements read from the log so far
         self._unmerged: list[np.ndarray] = []  # [3, n] per record read and not yet in `table`
         self._from_base = False  # the log was replaced: the next merge starts again from `base`
@@ -342,7 +457,7 @@ class LiveCoEngagement:
         with self._updating:
             replaced, chunks = self.follower.read()
             if replaced:
-                logger.info("%s: the engagement log was replaced; merging it anew", self.follower.path)
+                logger.info("%s: the engagement log was replaced; merging it anew", self.follower.name)
                 self._unmerged, self._from_base, self.logged = [], True, 0
             self._unmerged.extend(chunks)
             self.logged += sum(chunk.shape[1] for chunk in chunks)
@@ -356,7 +471,7 @@ class LiveCoEngagement:
             self.last_merge_s = time.monotonic() - started
             logger.info(
                 "%s: co-engagement merged with %d more logged engagements (%d in all) in %.3f s",
-                self.follower.path,
+                self.follower.name,
                 unmerged.shape[1],
                 self.logged,
                 self.last_merge_s,
@@ -376,7 +491,7 @@ class LiveCoEngagement:
             except Exception as err:
                 if repr(err) != reported:
                     reported = repr(err)
-                    logger.exception("%s: could not follow the engagement log", self.follower.path)
+                    logger.exception("%s: could not follow the engagement log", self.follower.name)
             self._stop.wait(max(self.poll_s, MERGE_SPACING * self.last_merge_s))
 
     def close(self) -> None:

@@ -278,13 +278,23 @@ def read_records(inputs: dict[str, np.ndarray | None], parse: Callable[[bytes | 
     return records
 
 
+def milvus_log_uri(params: dict[str, str], owner: str) -> str:
+    """The Milvus a model with `index` "milvus" reads and writes ($FEEDSERVE_MILVUS_URI or the
+    `milvus_uri` parameter)."""
+    uri = milvus_uri(params.get("milvus_uri"))
+    if uri is None:
+        raise ValueError(f"{owner}: index milvus needs a URI ($FEEDSERVE_MILVUS_URI or the milvus_uri parameter)")
+    return uri
+
+
+def milvus_index_name(params: dict[str, str]) -> str:
+    return params.get("milvus_collection", DEFAULT_COLLECTION)
+
+
 def followed_index(layout: ArtifactLayout, params: dict[str, str], engine: Engine, owner: str) -> ServingIndex:
     """The post index a serving model reads: the local live index it follows (`index` "local", the
     default), or a Milvus index (`index` "milvus": $FEEDSERVE_MILVUS_URI or the `milvus_uri`
     parameter, the index named `milvus_collection`)."""
     if params.get("index", "local") == "local":
         return FollowedIndex(layout.index_dir, engine, owner)
-    uri = milvus_uri(params.get("milvus_uri"))
-    if uri is None:
-        raise ValueError(f"{owner}: index milvus needs a URI ($FEEDSERVE_MILVUS_URI or the milvus_uri parameter)")
-    return MilvusFollowed(uri, layout.serving_dim(), params.get("milvus_collection", DEFAULT_COLLECTION), owner)
+    return MilvusFollowed(milvus_log_uri(params, owner), layout.serving_dim(), milvus_index_name(params), owner)

@@ -11,7 +11,9 @@ time that is not unix seconds, shapes that disagree) fails alone, nothing of it 
 `snapshot_every` writes the log is folded into `engagements.npz` on a background thread (writes go
 on meanwhile) and restarted, so that the log stays short and a `rank` that starts reads the
 snapshot instead of every record ever logged. Writes need the write key, as `index_write`'s do.
-Rendered for the local index only: with Milvus, servers share no directory for the log to live in.
+With the `milvus` index, servers share no directory: the log is then a Milvus collection beside the
+post index's (`MilvusEngagements`), any number of replicas write it, Milvus keeps it, and the LSN
+output is the write's time in microseconds since the epoch.
 """
 
 from __future__ import annotations
@@ -25,9 +27,19 @@ import numpy as np
 from feedserve.artifacts import ArtifactLayout
 from feedserve.errors import IndexStoreError
 from feedserve.index.wal import LogError
-from feedserve.rank.engagements import EngagementWriter, check
+from feedserve.rank.engagements import EngagementWriter, MilvusEngagements, check
 from feedserve.schema import ENGAGE_COLUMNS, ENGAGED_AT, LSN, MEMBER_ID, POST_ID, ModelName
-from feedserve.triton.base import Arrays, RequestError, Snapshots, Unavailable, WriteModel, check_2d, require
+from feedserve.triton.base import (
+    Arrays,
+    RequestError,
+    Snapshots,
+    Unavailable,
+    WriteModel,
+    check_2d,
+    milvus_index_name,
+    milvus_log_uri,
+    require,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +55,11 @@ class EngageWriteModel(WriteModel[Engagements]):
     name = ModelName.ENGAGE_WRITE
 
     def setup(self, layout: ArtifactLayout, params: dict[str, str]) -> None:
-        if params.get("index", "local") != "local":
-            raise ValueError("engage_write logs into the local index's directory; with Milvus it is not served")
         self.load_write_key()
+        self.milvus: MilvusEngagements | None = None
+        if params.get("index", "local") != "local":
+            self.milvus = MilvusEngagements(milvus_log_uri(params, "engage_write"), milvus_index_name(params))
+            return
         self.directory = layout.index_dir.root
         self.lock_wait_s = float(params.get("writer_lock_wait_s", "30"))
         self.writer = EngagementWriter.open(self.directory, lock_wait_s=self.lock_wait_s)
@@ -67,6 +81,8 @@ class EngageWriteModel(WriteModel[Engagements]):
         return Engagements(members, posts, times)
 
     def compute(self, items: Sequence[Engagements]) -> list[Arrays | RequestError]:
+        if self.milvus is not None:
+            return [self._write_milvus(self.milvus, batch) for batch in items]
         if self.writer.failed:
             logger.warning("engage_write: reopening %s after a failed write", self.writer.path)
             self.snapshots.join()
@@ -87,7 +103,19 @@ class EngageWriteModel(WriteModel[Engagements]):
             self.snapshots.wrote()
         return outputs
 
+    @staticmethod
+    def _write_milvus(log: MilvusEngagements, batch: Engagements) -> Arrays | RequestError:
+        try:
+            written = log.write(batch.members, batch.posts, batch.times)
+        except Exception as err:  # Milvus did not take it: not acknowledged, the client retries
+            logger.exception("engage_write: Milvus write failed")
+            return Unavailable(f"engage_write: Milvus: {type(err).__name__}: {err}")
+        return {LSN.name: np.full((len(batch.members), 1), written, np.int64)}
+
     def finalize(self) -> None:
+        if self.milvus is not None:
+            self.milvus.close()
+            return super().finalize()
         self.snapshots.join()
         self.writer.close()
         super().finalize()

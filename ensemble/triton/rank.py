@@ -5,7 +5,8 @@ member's retrieval embedding (QUERY) and the candidates retrieval returned for i
 scores. The ranker reads history and candidate content from the live index it follows, as `knn`
 does (same files, same consistency: a post acknowledged by `index_write` has its content here
 too), and candidate features from the artifacts' post feature and co-engagement tables (the
-latter merged with the engagements logged since the build, feedserve.rank.engagements). It
+latter merged with the engagements logged since the build, in the index's directory or in Milvus:
+feedserve.rank.engagements). It
 returns the top K candidates by the final score (a weighted sum of the task probabilities, weights
 in the `task_weights` parameter) and each one's probability per task.
 
@@ -22,6 +23,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -30,7 +32,7 @@ from feedserve.index.engines import Engine
 from feedserve.prompt.records import Member, parse_member
 from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.data import ContentSource, PostTable, RankExample, Tensorizer, member_interactions, read_history
-from feedserve.rank.engagements import LiveCoEngagement
+from feedserve.rank.engagements import Follower, LiveCoEngagement, MilvusEngagements, MilvusFollower
 from feedserve.rank.features import FeatureReader, PostFeatures
 from feedserve.rank.model import INPUTS, OUTPUT, RankerConfig
 from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, final_score
@@ -53,6 +55,8 @@ from feedserve.triton.base import (
     ServingIndex,
     check_2d,
     followed_index,
+    milvus_index_name,
+    milvus_log_uri,
     read_records,
     require,
 )
@@ -124,15 +128,17 @@ class RankModel(BatchModel[RankRequest]):
         self.session = ort.InferenceSession(str(layout.ranker_onnx), options, providers=["CPUExecutionProvider"])
         self.followed = followed_index(layout, params, Engine(), "rank")
         self.posts = _Posts(self.followed, self.config.content_dim, PostFeatures.load(layout.post_features))
-        # Who engaged with each post: the build's table, and with the local index the engagements
-        # logged since (engage_write), merged in on a thread every `engagement_poll_s`.
+        # Who engaged with each post: the build's table and the engagements logged since
+        # (engage_write: the local index's log, or Milvus's), merged in on a thread every `engagement_poll_s`.
+        log: Path | Follower = layout.index_dir.engagements
+        if params.get("index", "local") != "local":
+            log = MilvusFollower(MilvusEngagements(milvus_log_uri(params, "rank"), milvus_index_name(params)))
         self.coengagement = LiveCoEngagement(
             CoEngagement.load(layout.coengagement),
-            layout.index_dir.engagements,
+            log,
             float(params.get("engagement_poll_s", DEFAULT_ENGAGEMENT_POLL_S)),
         )
-        if params.get("index", "local") == "local":
-            self.coengagement.start()
+        self.coengagement.start()
         logger.info(
             "rank: %s, up to %d candidates, history %d, tasks %s weighted %s",
             layout.ranker_onnx,

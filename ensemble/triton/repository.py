@@ -340,16 +340,16 @@ def _with_writer(
             settings.knn_queue_delay_us,
             {"snapshot_every": str(settings.snapshot_every), **settings.index_params()},
         )
-        if settings.index == "local":
-            # The engagement log's single writer, beside the index's (feedserve.rank.engagements).
-            configs[ModelName.ENGAGE_WRITE] = _python_model(
-                ModelName.ENGAGE_WRITE,
-                "feedserve.triton.engage_write",
-                settings,
-                1,
-                settings.knn_queue_delay_us,
-                {"snapshot_every": str(settings.snapshot_every)},
-            )
+        # The engagement log's writer, beside the index's (feedserve.rank.engagements): in the local
+        # index's directory (its single writer) or in Milvus.
+        configs[ModelName.ENGAGE_WRITE] = _python_model(
+            ModelName.ENGAGE_WRITE,
+            "feedserve.triton.engage_write",
+            settings,
+            1,
+            settings.knn_queue_delay_us,
+            {"snapshot_every": str(settings.snapshot_every), **settings.index_params()},
+        )
     return configs
 
 

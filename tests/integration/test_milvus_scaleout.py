@@ -1,13 +1,15 @@
 """Scale-out on one machine: two tritonservers rendered with `--index milvus` share one Milvus (the
 real engine, Milvus Lite on loopback) and hold no index state of their own. A rebuild through one
 is served by both; a write acknowledged through one (index_write, or the nearline ingester) is
-retrievable through the other at its next search; both answer retrievals and feeds identically;
+retrievable through the other at its next search, an engagement ranked with by the other's `rank`
+within seconds; both answer retrievals and feeds identically;
 and when one is killed, a client that retries on the other loses no request."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -132,14 +134,26 @@ def test_both_servers_answer_alike_and_see_each_others_writes(
             "tags": ["documentary"],
         }
         counts = {"type": "counts", "post_id": 990_002, "counts": {"ratings": 10_000, "mean_rating": 5.0}}
-        # With Milvus there is no engagement log (no engage_write): an engage event is counted as
-        # unserved, and the ingester goes on with the posts of its window.
-        engage = {"type": "engage", "member_id": 5, "post_id": 990_002, "action": "like"}
-        events.write_text(events.read_text() + json.dumps(counts) + "\n" + json.dumps(engage) + "\n")
+        # Engagements go into Milvus through one server, and the other's `rank` reads them: members
+        # who liked a film the ranked member liked now like the new post, and its score moves there.
+        liked = members[0].history[-1].post_id
+        member = {"id": 10**9, "headline": "x", "history": [{"post_id": liked, "action": "like", "engaged_at": 1}]}
+        before = {r.post_id: r.score for r in other.rank(member, [990_002, 990_003])}
+        fans = range(4 * 10**9, 4 * 10**9 + 30)
+        engage = [
+            {"type": "engage", "member_id": m, "post_id": p, "action": "like"} for m in fans for p in (liked, 990_002)
+        ]
+        events.write_text(events.read_text() + "".join(json.dumps(e) + "\n" for e in [counts, *engage]))
         stats = Ingester(one, tmp_path / "ingest").run(JsonlSource(events, tmp_path / "ingest"))
-        assert (stats.events, stats.bad, stats.engagements, stats.unserved) == (2, 0, 0, 1)
+        assert (stats.events, stats.bad, stats.engagements, stats.unserved) == (61, 0, 60, 0)
         percentiles = store.lookup_rows(np.array([990_002]))[2][990_002]["percentiles"]
         assert percentiles == [1.0, 1.0]  # the top buckets of both counts
+        deadline, after = time.monotonic() + 30, before
+        while after[990_002] == pytest.approx(before[990_002], abs=1e-5) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            after = {r.post_id: r.score for r in other.rank(member, [990_002, 990_003])}
+        assert after[990_002] != pytest.approx(before[990_002], abs=1e-5)
+        assert after[990_003] == pytest.approx(before[990_003], abs=1e-5)  # nobody liked it
 
 
 def test_a_client_that_retries_on_the_other_server_loses_nothing_when_one_dies(

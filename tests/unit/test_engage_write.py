@@ -91,9 +91,47 @@ def test_a_write_the_disk_failed_is_unavailable_and_the_writer_recovers(
     assert (2, 11, 6) in _logged(tmp_path)
 
 
-def test_with_milvus_it_is_not_served(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="Milvus"):
-        EngageWriteModel().setup(ArtifactLayout(tmp_path), {"index": "milvus"})
+def test_with_milvus_every_replica_writes_the_log_there_and_every_ranker_reads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two engage_write replicas (two servers) and two followers (two `rank`s) on one Milvus (the
+    real engine, Milvus Lite): what either writes, each reads once, merged into its table; a bad
+    batch fails alone by name; a write Milvus refuses is retryable."""
+    pytest.importorskip("milvus_lite")
+    from feedserve.index.milvus import MilvusLite
+    from feedserve.rank.coengagement import CoEngagement
+    from feedserve.rank.engagements import LiveCoEngagement, MilvusEngagements, MilvusFollower
+
+    with MilvusLite(tmp_path / "milvus" / "db.db") as lite:
+        params = {"index": "milvus", "milvus_uri": lite.uri, "milvus_collection": "posts"}
+        replicas = [EngageWriteModel(), EngageWriteModel()]
+        for replica in replicas:
+            replica.setup(ArtifactLayout(tmp_path), params)
+        base = CoEngagement.from_events([(1, 10, 5), (2, 10, 5)])
+        rankers = [LiveCoEngagement(base, MilvusFollower(MilvusEngagements(lite.uri, "posts"))) for _ in range(2)]
+        first = replicas[0].run([_batch([3, 4], [10, 11], [50, 51]), _batch([-1], [1], [1])], [KEYED] * 2)
+        assert first[0]["LSN"].shape == (2, 1) and first[0]["LSN"][0, 0] > 0
+        assert isinstance(first[1], RequestError) and "member ids must be >= 0" in str(first[1])
+        (second,) = replicas[1].run([_batch([3], [12], [52])], [KEYED])
+        assert not isinstance(second, RequestError)
+        want = CoEngagement.from_events([(1, 10, 5), (2, 10, 5), (3, 10, 50), (4, 11, 51), (3, 12, 52)])
+        for live in rankers:
+            assert live.update() and live.logged == 3
+            assert (
+                live.table.members.tolist() == want.members.tolist()
+                and live.table.times.tolist() == want.times.tolist()
+            )
+            assert not live.update() and live.logged == 3  # read once, though inside the overlap
+        monkeypatch.setattr(replicas[0].milvus.client, "insert", lambda *a, **k: (_ for _ in ()).throw(OSError("down")))
+        (failed,) = replicas[0].run([_batch([5], [13], [53])], [KEYED])
+        assert isinstance(failed, Unavailable) and "Milvus" in str(failed)
+        monkeypatch.undo()
+        replicas[0].run([_batch([5], [13], [53])], [KEYED])
+        assert rankers[0].update() and rankers[0].logged == 4
+        for live in rankers:
+            live.close()
+        for replica in replicas:
+            replica.finalize()
 
 
 def test_every_snapshot_every_writes_the_log_is_folded_into_a_snapshot(tmp_path: Path) -> None:

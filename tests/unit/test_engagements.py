@@ -86,10 +86,22 @@ def test_merging_poll_after_poll_inserts_into_the_table_and_builds_the_same_one(
     assert not rebuilt
 
 
-def test_times_beyond_what_one_key_orders_are_merged_by_building_anew() -> None:
+def test_times_beyond_what_one_key_orders_are_merged_by_building_anew(monkeypatch: pytest.MonkeyPatch) -> None:
+    rebuilt: list[int] = []
+    original = CoEngagement._rebuilt_with
+    monkeypatch.setattr(CoEngagement, "_rebuilt_with", lambda self, new: rebuilt.append(1) or original(self, new))
     events = [(1, 5, 2**40), (2, 5, 3), (1, 6, 7)]
     table = CoEngagement.from_events(events[:1]).with_events(*_columns(events[1:]))
     _same(table, CoEngagement.from_events(events))
+    assert rebuilt == [1]
+
+
+def test_a_table_that_is_not_in_order_is_refused() -> None:
+    with pytest.raises(ValueError, match="posts must be unique and ascending"):
+        CoEngagement(np.array([5, 3]), np.array([0, 1, 2]), np.array([1, 2]))
+    with pytest.raises(ValueError, match="members must be unique and ascending"):
+        CoEngagement(np.array([5]), np.array([0, 2]), np.array([9, 3]))
+    CoEngagement.from_arrays(np.array([1, 1]), np.array([-2, 2**63 - 1]), np.array([0, 0]))  # ids far apart
 
 
 def test_the_log_is_written_once_durable_followed_and_survives_a_torn_tail(tmp_path: Path) -> None:
@@ -289,12 +301,36 @@ def test_a_snapshot_that_did_not_finish_or_does_not_read_loses_nothing(
         EngagementWriter.open(tmp_path)
     with pytest.raises(IndexStoreError, match="engagements.npz"):
         LiveCoEngagement(CoEngagement.from_events([]), files.engagements).update()
-    # A log that ends before the snapshot is another log's.
+    # A log that ends before the snapshot is another log's; one that starts after it (the snapshot
+    # moved away, or an older one restored) would lose what the snapshot held: both refused.
     os.remove(files.engagements_snapshot)
     engagements.save_snapshot(files.engagements_snapshot, engagements.Snapshot(9, np.zeros((3, 1), np.int64)))
     with pytest.raises(LogError, match="not one log's"):
         EngagementWriter.open(tmp_path)
+    os.remove(files.engagements_snapshot)
+    with pytest.raises(LogError, match="missing between them"):
+        EngagementWriter.open(tmp_path)
+    engagements.save_snapshot(files.engagements_snapshot, engagements.Snapshot(1, np.zeros((3, 1), np.int64)))
+    with pytest.raises(LogError, match="missing between them"):
+        EngagementWriter.open(tmp_path)
     live.close()
+
+
+def test_a_log_whose_write_failed_is_not_snapshotted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed append may have reached the disk past where the log says it ends: a snapshot then
+    would cut it off and its lsn be handed out again."""
+    from feedserve.index import wal
+
+    writer = EngagementWriter.open(tmp_path)
+    writer.write(np.array([1]), np.array([10]), np.array([100]))
+    monkeypatch.setattr(wal.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(5, "Input/output error")))
+    with pytest.raises(LogError):
+        writer.write(np.array([2]), np.array([11]), np.array([101]))
+    monkeypatch.undo()
+    with pytest.raises(LogError, match="reopen"):
+        writer.snapshot()
+    assert not IndexLayout(tmp_path).engagements_snapshot.exists()
+    writer.close()
 
 
 def test_only_active_positive_actions_count_as_engagements() -> None:
