@@ -1,7 +1,7 @@
 """Streamed engagements (feedserve.rank.engagements): what logging them costs, what merging them into
 the co-engagement table costs as it grows, and how soon `rank` reads an acknowledged engagement.
 
-    .venv/bin/python -m benchmarks.engagements [--sizes 1000000 10000000] [--trials 20]
+    .venv/bin/python -m benchmarks.engagements [--sizes 1000000 10000000] [--starts 1000000] [--trials 20]
 
 1. The log: `EngagementWriter.write` of 64-row batches (each fsynced before it returns), per batch.
 2. The merge a `rank` instance runs on its follow thread: the table it serves with L engagements
@@ -12,11 +12,17 @@ the co-engagement table costs as it grows, and how soon `rank` reads an acknowle
    times spread over a year), L = 1,000 and N / 10. Median of `--runs`.
    With each, what one request reads of the merged table (2,000 candidates' co-occurrence with and
    transitions from 20 history posts, the 200 most engaged-with posts' or any).
-3. Through Triton (the default artifacts served from a scratch directory on loopback, as
+3. A start (`--starts`: engagements logged before it, in 64-row records): the writer's open (it
+   scans its log) and a `rank` follower's first update (it reads them all, then merges them into the
+   sample corpus's table), from the log alone, then after `EngagementWriter.snapshot` folded it into
+   `engagements.npz` (the snapshot's duration and the files' sizes too).
+4. Through Triton (the default artifacts served from a scratch directory on loopback, as
    benchmarks/freshness.py does, rank's default `engagement_poll_s` of 1 s): a trial logs 30
    members' likes of a film the ranked member liked and of a post nobody engaged with before (one
    `engage_write` request), then asks `rank` every 20 ms until that post's score moves; the lag is
-   from the acknowledgement to the first answer that reads it.
+   from the acknowledgement to the first answer that reads it. Then the same with the server
+   rendered with `--index milvus` (Milvus Lite on loopback): the log a Milvus collection, followed
+   by queries.
 
 Needs `artifacts/default` with the ranker (`feedserve build`).
 """
@@ -190,7 +196,9 @@ def _rank_score(client: FeedClient, member: dict[str, Any], query: np.ndarray, p
     return next(r.score for r in client.rank(member, [post, other], query=query) if r.post_id == post)
 
 
-def lag_through_triton(artifacts: Path, trials: int) -> dict[str, Any]:
+def lag_through_triton(artifacts: Path, trials: int, milvus: bool = False) -> dict[str, Any]:
+    """With `milvus`, the server rendered with `--index milvus` on Milvus Lite: the log is the Milvus
+    collection, and `rank` follows it by queries."""
     layout = ArtifactLayout(artifacts)
     liked = int(CoEngagement.load(layout.coengagement).posts[0])
     member = {"id": 10**9, "headline": "Engineer", "history": [{"post_id": liked, "action": "like", "engaged_at": 1}]}
@@ -198,8 +206,13 @@ def lag_through_triton(artifacts: Path, trials: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         scratch = scratch_artifacts(layout, Path(tmp) / "artifacts")
         repository = Path(tmp) / "repository"
-        write_repository(repository, RepositorySettings())
-        opts = on_free_ports(repository=repository, artifacts=scratch.root, log_file=Path(tmp) / "tritonserver.log")
+        write_repository(repository, RepositorySettings(index="milvus" if milvus else "local"))
+        opts = on_free_ports(
+            repository=repository,
+            artifacts=scratch.root,
+            log_file=Path(tmp) / "tritonserver.log",
+            milvus_uri=str(Path(tmp) / "milvus" / "posts.db") if milvus else None,
+        )
         with (
             TritonServer(opts) as server,
             FeedClient(server.grpc_url, "grpc", timeout_s=60, write_key=server.write_key) as client,
@@ -238,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3, help="merges timed per size (median)")
     p.add_argument("--batches", type=int, default=500, help="64-row log writes timed")
     p.add_argument("--trials", type=int, default=20, help="engagements followed through Triton")
+    p.add_argument("--milvus-trials", type=int, default=20, help="the same with --index milvus (Milvus Lite)")
     p.add_argument("--starts", type=int, nargs="*", default=[1_000_000], help="engagements logged before a start")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "reports")
     args = p.parse_args(argv)
@@ -255,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     report["starts"] = [starts(sample, n) for n in args.starts]
     if args.trials:
         report["through_triton"] = lag_through_triton(args.artifacts, args.trials)
+    if args.milvus_trials:
+        report["through_triton_milvus"] = lag_through_triton(args.artifacts, args.milvus_trials, milvus=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "engagements.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "engagements.md").write_text(markdown(report))
@@ -303,14 +319,20 @@ def markdown(r: dict[str, Any]) -> str:
             ),
             "",
         ]
-    t = r.get("through_triton")
-    if t:
+    lags = [(name, r.get(key)) for name, key in (("local log", "through_triton"), ("Milvus", "through_triton_milvus"))]
+    if any(t for _, t in lags):
         lines += [
-            "Through Triton (engage_write acknowledged -> the first `rank` answer that reads it; follow period 1 s):",
+            "Through Triton (engage_write acknowledged -> the first `rank` answer that reads it; follow period 1 s;"
+            " *Milvus*: the server rendered with `--index milvus` on Milvus Lite, the log a Milvus collection):",
             "",
-            "| trials | read | lag p50 s | lag p99 s | lag max s | rank requests per trial |",
-            "|---|---|---|---|---|---|",
-            f"| {t['trials']} | {t['read']} | {t['lag_p50_s']:.2f} | {t['lag_p99_s']:.2f} | {t['lag_max_s']:.2f} | {t['rank_requests_per_trial']:.1f} |",
+            "| log | trials | read | lag p50 s | lag p99 s | lag max s | rank requests per trial |",
+            "|---|---|---|---|---|---|---|",
+            *(
+                f"| {name} | {t['trials']} | {t['read']} | {t['lag_p50_s']:.2f} | {t['lag_p99_s']:.2f} "
+                f"| {t['lag_max_s']:.2f} | {t['rank_requests_per_trial']:.1f} |"
+                for name, t in lags
+                if t
+            ),
             "",
         ]
     return "\n".join(lines)

@@ -71,8 +71,10 @@ MAX_TIME = (1 << 32) - 1
 COENGAGED_ACTIONS = frozenset({"like", "love", "comment", "share", "repost", "save"})
 MERGE_SPACING = 10  # a follower merges at most every this many times its last merge took
 # A Milvus follower reads again what was written this long before the latest it read: writers' clocks
-# differ a little, and a row stamped before another may become visible after it.
-OVERLAP_US = 30_000_000
+# differ a little (NTP keeps them within milliseconds), and a row is stamped before its insert is
+# acknowledged (within a second), so it may become visible after a row stamped later. Each poll
+# reads the rows of this window again (and skips them by id): a window of 10 s is ten polls' worth.
+OVERLAP_US = 10_000_000
 
 
 def coengaged(action: str) -> bool:
