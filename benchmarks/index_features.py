@@ -115,12 +115,13 @@ def measure(n: int, dim: int, featured: bool, reps: int, rows: list[dict[str, An
         gc_ms = _ms(gc.collect)
         reopened.close()
         del reopened
-        _, _, _, loaded = load_arrays(directory / "posts.npz")
-        tracemalloc.start()
-        held = {p: freeze_row(f) for p, f in loaded.items()}
+        tracemalloc.start()  # the map as PostIndex.load builds it (the ids and vectors read are let go)
+        loaded = load_arrays(directory / "posts.npz")[3]
+        held = {p: f if isinstance(f, tuple) else freeze_row(f) for p, f in loaded.items()}
+        del loaded
         features_mb = tracemalloc.get_traced_memory()[0] / 2**20
         tracemalloc.stop()
-        del loaded, held
+        del held
     row = {
         "posts": n,
         "dim": dim,

@@ -1,6 +1,13 @@
 """The index's snapshot file: one `.npz` of ids, vectors, metadata as JSON text and, where the
-live writes carried them, the posts' features (what the ranker reads of a post besides its vector)
-as JSON text.
+live writes carried them, the posts' features (what the ranker reads of a post besides its vector).
+
+Features in the shape the ingester writes them (`feedserve.rank.features.feature_row`: exactly
+`percentiles`, floats of one width, then `tags`, strings) are stored as columns: the posts' ids, a
+float64 matrix of their percentiles, and their tags as runs of ids into a vocabulary (JSON text).
+Reading them back is a pass over arrays rather than the parse of a JSON object per post, the cost
+that dominated opening and snapshotting an index of a million posts with features
+(benchmarks/reports/index_features.md). Any other row is kept as JSON text, as it came. A file of
+the version before (features as JSON text alone) is read as it is.
 
 Written atomically and durably (feedserve.files), read with `allow_pickle=False`, so loading an
 index never executes code. The file carries the SHA-256 of its contents in its own metadata:
@@ -13,7 +20,7 @@ import hashlib
 import json
 import logging
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +31,11 @@ from feedserve.files import atomic_file
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "feedserve.index/1"
+FORMAT = "feedserve.index/2"
+READABLE = ("feedserve.index/1", FORMAT)  # the version before held every post's features as JSON text
 # Keys the file format owns; the rest of the metadata belongs to the index (lsn, generation, ...).
 OWN_KEYS = ("format", "dim", "count", "sha256")
+COLUMNS = ("feature_ids", "feature_percentiles", "feature_tag_indptr", "feature_tags", "feature_vocabulary")
 
 
 # A post's features: a JSON object, or its (key, value) pairs (as the index holds them); by post id,
@@ -35,14 +44,60 @@ Row = Mapping[str, Any] | tuple[tuple[str, Any], ...]
 Features = Mapping[int, Row]
 
 
-def arrays_checksum(ids: np.ndarray, vectors: np.ndarray, features: bytes = b"") -> str:
-    """SHA-256 over the ids and vectors as saved (int64, float32, C order), then the features' JSON
-    text (none: the checksum of the files saved before features were): an index file is rewritten
-    while the server runs, so its checksum travels inside it instead of in the artifact manifest."""
+def arrays_checksum(ids: np.ndarray, vectors: np.ndarray, *features: np.ndarray | bytes) -> str:
+    """SHA-256 over the ids and vectors as saved (int64, float32, C order), then the features'
+    sections in order (none: the checksum of the files saved before features were): an index file is
+    rewritten while the server runs, so its checksum travels inside it instead of in the artifact
+    manifest."""
     h = hashlib.sha256(np.ascontiguousarray(ids, np.int64).data)  # hashed through the buffer: no copy
     h.update(np.ascontiguousarray(vectors, np.float32).data)
-    h.update(features)
+    for section in features:
+        h.update(section if isinstance(section, bytes) else np.ascontiguousarray(section).data)
     return h.hexdigest()
+
+
+def _pairs(row: Row) -> list[tuple[str, Any]]:
+    return list(row.items()) if isinstance(row, Mapping) else list(row)
+
+
+def _columns(features: Features) -> tuple[dict[str, np.ndarray], list[tuple[int, dict[str, Any]]]]:
+    """The rows in `feature_row`'s shape as columns (COLUMNS; none: {}), and the other rows, by id."""
+    ids: list[int] = []
+    percentiles: list[Sequence[float]] = []
+    tags: list[Sequence[str]] = []
+    others: list[tuple[int, dict[str, Any]]] = []
+    width = -1
+    for post, row in sorted(features.items()):
+        pairs = _pairs(row)
+        if [k for k, _ in pairs] == ["percentiles", "tags"]:
+            (_, p), (_, t) = pairs
+            if width < 0 and isinstance(p, list | tuple):
+                width = len(p)
+            if (
+                isinstance(p, list | tuple)
+                and len(p) == width
+                and all(type(x) is float for x in p)
+                and isinstance(t, list | tuple)
+                and all(isinstance(x, str) for x in t)
+            ):
+                ids.append(int(post))
+                percentiles.append(p)
+                tags.append(t)
+                continue
+        others.append((int(post), dict(pairs)))
+    if not ids:
+        return {}, others
+    vocabulary = sorted({t for row in tags for t in row})
+    index = {t: i for i, t in enumerate(vocabulary)}
+    lengths = np.array([len(t) for t in tags], np.int64)
+    columns: dict[str, np.ndarray] = {
+        "feature_ids": np.array(ids, np.int64),
+        "feature_percentiles": np.array(percentiles, np.float64).reshape(len(ids), width),
+        "feature_tag_indptr": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        "feature_tags": np.array([index[t] for row in tags for t in row], np.int32),
+        "feature_vocabulary": np.frombuffer(json.dumps(vocabulary).encode(), np.uint8),
+    }
+    return columns, others
 
 
 def save_arrays(
@@ -51,40 +106,44 @@ def save_arrays(
     """Write an index file atomically and durably: readers see the old file or the new one, and a
     failed write (a full disk) leaves the previous file and no temporary."""
     ids, vectors = np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(vectors, np.float32)
-    rows = sorted((int(p), dict(f)) for p, f in (features or {}).items())
-    text = json.dumps(rows, separators=(",", ":"), allow_nan=False).encode() if rows else b""
+    columns, others = _columns(features or {})
+    text = json.dumps(others, separators=(",", ":"), allow_nan=False).encode() if others else b""
+    extra = {**columns, **({"features": np.frombuffer(text, np.uint8)} if text else {})}  # bytes: a str array is UTF-32
     header = json.dumps(
         {
             **meta,
             "format": FORMAT,
             "dim": int(vectors.shape[1]),
             "count": len(ids),
-            "sha256": arrays_checksum(ids, vectors, text),
+            "sha256": arrays_checksum(ids, vectors, *(extra[k] for k in (*COLUMNS, "features") if k in extra)),
         }
     )
     with atomic_file(path) as f:
-        extra = {"features": np.frombuffer(text, np.uint8)} if text else {}  # bytes: a str array is UTF-32
         np.savez(f, ids=ids, vectors=vectors, meta=np.array(header), **extra)
     logger.info("saved %d posts (dim %d) to %s", len(ids), vectors.shape[1], path)
 
 
-def load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any], dict[int, dict[str, Any]]]:
+def load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any], dict[int, Row]]:
     """(ids, vectors, the index's own metadata, the posts' features) of an index file, checked
-    against its checksum; IndexStoreError names the file and what is wrong with it."""
+    against its checksum; IndexStoreError names the file and what is wrong with it. The features
+    stored as columns come back as (key, value) pairs, lists as tuples (as the index holds them),
+    the others as JSON objects."""
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
             ids, vectors = data["ids"], data["vectors"]
-            text = data["features"].tobytes() if "features" in data.files else b""
+            sections = {k: data[k] for k in (*COLUMNS, "features") if k in data.files}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise IndexStoreError(f"cannot read index {path}: {err}") from err
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in READABLE:
         raise IndexStoreError(f"{path}: unknown index format {meta.get('format')!r}")
     if vectors.ndim != 2 or len(ids) != len(vectors) or vectors.shape[1] != meta["dim"]:
         raise IndexStoreError(f"{path}: ids {ids.shape} and vectors {vectors.shape} do not match")
+    text = sections["features"].tobytes() if "features" in sections else b""
+    checked = [*(sections[k] for k in COLUMNS if k in sections), *([text] if text else [])]
     if "sha256" not in meta:  # saved before checksums existed: the zip's CRCs still guard it
         logger.warning("%s has no checksum (an older feedserve saved it); the next snapshot adds one", path)
-    elif meta["sha256"] != arrays_checksum(ids, vectors, text):
+    elif meta["sha256"] != arrays_checksum(ids, vectors, *checked):
         raise IndexStoreError(
             f"{path}: ids, vectors and features do not match the checksum saved with them (corrupted or "
             'written by another program); restore a backup of the snapshot (README, "Backups '
@@ -92,10 +151,26 @@ def load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any], dic
         )
     try:
         rows = json.loads(text) if text else []
-        features = {int(p): dict(f) for p, f in rows}
-    except (ValueError, TypeError) as err:  # checksummed: only another program writes this
-        raise IndexStoreError(f"{path}: the posts' features are not [[id, {{...}}], ...]: {err}") from err
+        features: dict[int, Row] = {int(p): dict(f) for p, f in rows}
+        features.update(_rows(sections) if "feature_ids" in sections else {})
+    except (ValueError, TypeError, KeyError, IndexError) as err:  # checksummed: only another program writes this
+        raise IndexStoreError(f"{path}: the posts' features do not read back: {err}") from err
     return ids, vectors, meta, features
+
+
+def _rows(sections: Mapping[str, np.ndarray]) -> dict[int, Row]:
+    """The rows stored as columns, as (key, value) pairs."""
+    ids, indptr = sections["feature_ids"], sections["feature_tag_indptr"]
+    vocabulary = json.loads(sections["feature_vocabulary"].tobytes())
+    percentiles = sections["feature_percentiles"]
+    if percentiles.ndim != 2 or len(percentiles) != len(ids) or indptr.shape != (len(ids) + 1,):
+        raise ValueError("the feature columns do not have one row per post")
+    names = [vocabulary[t] for t in sections["feature_tags"].tolist()]
+    bounds = indptr.tolist()
+    return {
+        post: (("percentiles", tuple(p)), ("tags", tuple(names[a:b])))
+        for post, p, a, b in zip(ids.tolist(), percentiles.tolist(), bounds, bounds[1:], strict=False)
+    }
 
 
 def read_meta(path: Path) -> dict[str, object]:

@@ -354,6 +354,8 @@ class PostIndex:
             index = cls(int(meta["dim"]), {k: v for k, v in meta.items() if k not in OWN_KEYS}, engine)
             if len(ids):
                 index.upsert(ids, vectors)
-            index._features = {p: freeze_row(f) for p, f in features.items() if p in index._rows and f}
+            index._features = {
+                p: f if isinstance(f, tuple) else freeze_row(f) for p, f in features.items() if p in index._rows and f
+            }
         logger.info("loaded %d posts (dim %d) from %s", len(index), index.dim, path)
         return index

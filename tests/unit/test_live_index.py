@@ -22,6 +22,7 @@ import pytest
 from feedserve.errors import IndexStoreError
 from feedserve.index import wal as index_log
 from feedserve.index.live import IndexFollower, IndexWriter, rebuilding
+from feedserve.index.snapshot import arrays_checksum
 from feedserve.index.wal import HEADER, LogError, Op, WriteAheadLog, read_records
 
 DIM = 8
@@ -405,6 +406,60 @@ def test_a_snapshot_checks_its_features_against_its_checksum(tmp_path: Path) -> 
         np.savez(f, **arrays)
     with pytest.raises(IndexStoreError, match="do not match the checksum"):
         IndexWriter.open(tmp_path)
+
+
+def test_features_in_the_ingesters_shape_are_snapshotted_as_columns_and_others_as_json(tmp_path: Path) -> None:
+    """Rows as `feature_row` writes them (percentiles of one width, then tags) go into columns, any
+    other into JSON; every row reads back as written, by the writer and a follower; a column that
+    does not match the checksum is refused; a file of the version before (JSON alone) still reads."""
+    rng = np.random.default_rng(11)
+    rows: dict[int, dict[str, object]] = {
+        1: {"percentiles": [0.25, 1.0], "tags": ["drama", "new york"]},
+        2: {"percentiles": [0.0, 0.0], "tags": []},
+        3: {"percentiles": [1 / 3, 0.5], "tags": ["drama"]},
+        4: {"percentiles": [0.5], "tags": ["drama"]},  # another width
+        5: {"percentiles": [1, 0], "tags": ["x"]},  # ints: kept as they are, in JSON
+        6: {"tags": ["drama"], "percentiles": [0.5, 0.5]},  # another order
+        7: {"percentiles": [0.5, 0.5], "tags": ["a"], "extra": 1},
+    }
+    live = IndexWriter.open(tmp_path, DIM)
+    ids = sorted(rows)
+    live.write(np.full(len(ids), Op.UPSERT), np.array(ids), _unit(rng, len(ids)), [rows[p] for p in ids])
+    live.snapshot()
+    live.close()
+    snapshot = tmp_path / "posts.npz"
+    with np.load(snapshot) as data:
+        arrays = {name: data[name] for name in data.files}
+    assert arrays["feature_ids"].tolist() == [1, 2, 3]
+    assert [p for p, _ in json.loads(bytes(arrays["features"]))] == [4, 5, 6, 7]
+    want = json.loads(json.dumps(rows))
+    for reader in (IndexWriter.open(tmp_path), IndexFollower.open(tmp_path)):
+        assert _features(reader, ids) == {p: want[str(p)] for p in ids}
+        assert [list(dict(reader.index.lookup_rows(np.array([p]))[2][p])) for p in (1, 6)] == [
+            ["percentiles", "tags"],
+            ["tags", "percentiles"],
+        ]
+        reader.close()
+    arrays["feature_percentiles"][0, 0] = 0.75
+    with open(snapshot, "wb") as f:
+        np.savez(f, **arrays)
+    with pytest.raises(IndexStoreError, match="do not match the checksum"):
+        IndexWriter.open(tmp_path)
+    # The version before: every row as JSON text, format 1.
+    text = json.dumps([[p, rows[p]] for p in ids], separators=(",", ":")).encode()
+    meta = {"lsn": 1, "format": "feedserve.index/1", "dim": DIM, "count": len(ids)}
+    meta["sha256"] = arrays_checksum(arrays["ids"], arrays["vectors"], text)
+    with open(snapshot, "wb") as f:
+        np.savez(
+            f,
+            ids=arrays["ids"],
+            vectors=arrays["vectors"],
+            meta=np.array(json.dumps(meta)),
+            features=np.frombuffer(text, np.uint8),
+        )
+    old = IndexWriter.open(tmp_path)
+    assert _features(old, ids) == {p: want[str(p)] for p in ids}
+    old.close()
 
 
 def test_a_log_of_the_version_before_is_replayed_and_continued_in_this_one(tmp_path: Path) -> None:
