@@ -16,7 +16,7 @@ An engage event is logged through `engage_write` when its action is an engagemen
 or more; a view, a click, a dislike or a low rating is counted and not logged), so the ranker's
 co-engagement reads it within seconds instead of at the next build (feedserve.rank.engagements).
 Its `ts` is when the member engaged (now when left out). It does not change the post's counts:
-`counts` events carry those. A server without `engage_write` (Milvus) has them counted as unserved.
+`counts` events carry those. A server without `engage_write` (no ranker) has them counted as unserved.
 
 Events are gathered for up to `window_s` (or `max_batch` events), folded per post (the last event
 of a post in a window wins; new counts are merged into the post's last known record, and the
@@ -160,7 +160,7 @@ class Stats:
     upserts: int = 0
     deletes: int = 0
     engagements: int = 0  # logged through engage_write (engage events whose action is an engagement)
-    unserved: int = 0  # engagements dropped: the server has no engage_write (Milvus, or no ranker)
+    unserved: int = 0  # engagements dropped: the server has no engage_write (no ranker)
     batches: int = 0
     seconds: float = 0.0
     lags_s: list[float] = field(default_factory=list)

@@ -369,3 +369,28 @@ def test_engagements_survive_a_snapshot_and_a_restart_of_the_server(
             assert again == pytest.approx(after, abs=1e-6)
     finally:
         server.stop()
+
+
+def test_a_server_without_a_ranker_retrieves_and_counts_engage_events_unserved(
+    tiny_artifacts: ArtifactLayout, tmp_path: Path
+) -> None:
+    """Artifacts without a ranker: the server loads every model but rank, feed and engage_write and
+    is ready; the ingester writes a window's posts and counts its engage events as unserved rather
+    than retrying them or stopping."""
+    root = tmp_path / "artifacts"
+    ranker = [p.name for p in tiny_artifacts.ranker_files()]
+    shutil.copytree(tiny_artifacts.root, root, ignore=shutil.ignore_patterns("index", "emb", *ranker))
+    ArtifactLayout(root).write_manifest()
+    repo = tmp_path / "repository"
+    write_repository(repo)
+    opts = on_free_ports(repository=repo, artifacts=root, log_file=tmp_path / "tritonserver.log", startup_timeout_s=180)
+    (post,) = _posts(1, 900)
+    events, state = tmp_path / "events.jsonl", tmp_path / "state"
+    engage = "".join(_event("engage", member_id=m, post_id=post.id, action="like") for m in (1, 2))
+    events.write_text(_create(post) + engage)
+    with TritonServer(opts) as server, FeedClient(server.grpc_url, "grpc", timeout_s=60) as client:
+        assert client.ready() and client.ready(ModelName.RETRIEVE)
+        assert not any(client.ready(m) for m in (ModelName.RANK, ModelName.FEED, ModelName.ENGAGE_WRITE))
+        stats = Ingester(client, state, window_s=5, max_batch=200).run(JsonlSource(events, state))
+        assert (stats.upserts, stats.engagements, stats.unserved) == (1, 0, 2)
+        assert all(_present(client, [post]))
