@@ -216,7 +216,9 @@ class FeedClient:
             ModelName.RANK,
             {
                 RECORDS.name: records_tensor([member]),
-                QUERY.name: self.embed_members([member]) if query is None else query,
+                QUERY.name: self.embed_members([member])
+                if query is None
+                else np.asarray(query, np.float32).reshape(1, -1),
                 CANDIDATE_IDS.name: np.asarray([candidates], np.int64),
                 CANDIDATE_SCORES.name: given.astype(np.float32)[None],
                 K.name: np.array([[n]], np.int64),

@@ -33,6 +33,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -139,7 +140,10 @@ class MilvusStore:
         return name
 
     def generations(self) -> list[str]:
-        return sorted(c for c in self.client.list_collections() if c.startswith(f"{self.name}__") and c != self.pointer)
+        """This index's generations: `<name>__initial` and `<name>__<12 hex digits>` (not another
+        index's whose name starts with this one's, nor the engagement log's)."""
+        named = re.compile(rf"{re.escape(self.name)}__(initial|[0-9a-f]{{12}})")
+        return sorted(c for c in self.client.list_collections() if named.fullmatch(c))
 
     def refresh(self) -> bool:
         """Follow the name to the generation serving now (a rebuild may have swapped it); True if it moved."""

@@ -44,15 +44,20 @@ Row = Mapping[str, Any] | tuple[tuple[str, Any], ...]
 Features = Mapping[int, Row]
 
 
-def arrays_checksum(ids: np.ndarray, vectors: np.ndarray, *features: np.ndarray | bytes) -> str:
-    """SHA-256 over the ids and vectors as saved (int64, float32, C order), then the features'
-    sections in order (none: the checksum of the files saved before features were): an index file is
-    rewritten while the server runs, so its checksum travels inside it instead of in the artifact
-    manifest."""
+def arrays_checksum(
+    ids: np.ndarray, vectors: np.ndarray, features: bytes = b"", columns: Mapping[str, np.ndarray] | None = None
+) -> str:
+    """SHA-256 over the ids and vectors as saved (int64, float32, C order), the features' JSON text
+    (none: the checksum of the files saved before features were), then each feature column's name,
+    dtype, shape and bytes (the same bytes read as another dtype or shape are another column): an
+    index file is rewritten while the server runs, so its checksum travels inside it instead of in
+    the artifact manifest."""
     h = hashlib.sha256(np.ascontiguousarray(ids, np.int64).data)  # hashed through the buffer: no copy
     h.update(np.ascontiguousarray(vectors, np.float32).data)
-    for section in features:
-        h.update(section if isinstance(section, bytes) else np.ascontiguousarray(section).data)
+    h.update(features)
+    for name, column in sorted((columns or {}).items()):
+        h.update(f"{name}:{column.dtype.str}:{list(column.shape)}".encode())
+        h.update(np.ascontiguousarray(column).data)
     return h.hexdigest()
 
 
@@ -71,15 +76,14 @@ def _columns(features: Features) -> tuple[dict[str, np.ndarray], list[tuple[int,
         pairs = _pairs(row)
         if [k for k, _ in pairs] == ["percentiles", "tags"]:
             (_, p), (_, t) = pairs
-            if width < 0 and isinstance(p, list | tuple):
-                width = len(p)
             if (
                 isinstance(p, list | tuple)
-                and len(p) == width
+                and len(p) == (len(p) if width < 0 else width)
                 and all(type(x) is float for x in p)
                 and isinstance(t, list | tuple)
                 and all(isinstance(x, str) for x in t)
             ):
+                width = len(p)  # the first row that fits sets it
                 ids.append(int(post))
                 percentiles.append(p)
                 tags.append(t)
@@ -112,10 +116,11 @@ def save_arrays(
     header = json.dumps(
         {
             **meta,
-            "format": FORMAT,
+            # A file without columns is one the version before reads: a server rolled back opens it.
+            "format": FORMAT if columns else READABLE[0],
             "dim": int(vectors.shape[1]),
             "count": len(ids),
-            "sha256": arrays_checksum(ids, vectors, *(extra[k] for k in (*COLUMNS, "features") if k in extra)),
+            "sha256": arrays_checksum(ids, vectors, text, columns),
         }
     )
     with atomic_file(path) as f:
@@ -140,10 +145,10 @@ def load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any], dic
     if vectors.ndim != 2 or len(ids) != len(vectors) or vectors.shape[1] != meta["dim"]:
         raise IndexStoreError(f"{path}: ids {ids.shape} and vectors {vectors.shape} do not match")
     text = sections["features"].tobytes() if "features" in sections else b""
-    checked = [*(sections[k] for k in COLUMNS if k in sections), *([text] if text else [])]
+    columns = {k: sections[k] for k in COLUMNS if k in sections}
     if "sha256" not in meta:  # saved before checksums existed: the zip's CRCs still guard it
         logger.warning("%s has no checksum (an older feedserve saved it); the next snapshot adds one", path)
-    elif meta["sha256"] != arrays_checksum(ids, vectors, *checked):
+    elif meta["sha256"] != arrays_checksum(ids, vectors, text, columns):
         raise IndexStoreError(
             f"{path}: ids, vectors and features do not match the checksum saved with them (corrupted or "
             'written by another program); restore a backup of the snapshot (README, "Backups '
@@ -160,12 +165,16 @@ def load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any], dic
 
 def _rows(sections: Mapping[str, np.ndarray]) -> dict[int, Row]:
     """The rows stored as columns, as (key, value) pairs."""
-    ids, indptr = sections["feature_ids"], sections["feature_tag_indptr"]
+    ids, indptr, tags = sections["feature_ids"], sections["feature_tag_indptr"], sections["feature_tags"]
     vocabulary = json.loads(sections["feature_vocabulary"].tobytes())
     percentiles = sections["feature_percentiles"]
     if percentiles.ndim != 2 or len(percentiles) != len(ids) or indptr.shape != (len(ids) + 1,):
         raise ValueError("the feature columns do not have one row per post")
-    names = [vocabulary[t] for t in sections["feature_tags"].tolist()]
+    if indptr[0] != 0 or indptr[-1] != len(tags) or (np.diff(indptr) < 0).any():
+        raise ValueError("the tags' offsets do not cover the tags in order")
+    if len(tags) and (tags.min() < 0 or tags.max() >= len(vocabulary)):
+        raise ValueError("a tag id is outside the vocabulary")
+    names = [vocabulary[t] for t in tags.tolist()]
     bounds = indptr.tolist()
     return {
         post: (("percentiles", tuple(p)), ("tags", tuple(names[a:b])))

@@ -75,6 +75,7 @@ MERGE_SPACING = 10  # a follower merges at most every this many times its last m
 # acknowledged (within a second), so it may become visible after a row stamped later. Each poll
 # reads the rows of this window again (and skips them by id): a window of 10 s is ten polls' worth.
 OVERLAP_US = 10_000_000
+QUERY_LIMIT = 16384  # Milvus's most rows a query returns
 
 
 def coengaged(action: str) -> bool:
@@ -361,7 +362,9 @@ class MilvusEngagements:
 
     def write(self, members: np.ndarray, posts: np.ndarray, times: np.ndarray) -> int:
         """Insert one batch; its written_at once Milvus has it. ValueError (nothing written) on a bad
-        batch; Milvus's own error when it did not take it."""
+        batch; Milvus's own error when it did not take it, and LogError when it took longer than half
+        the followers' overlap: the rows may land where a follower already read past them, so the
+        write is not acknowledged and the client's retry stamps them anew (a pair counts once)."""
         columns = [np.asarray(c, np.int64).reshape(-1) for c in (members, posts, times)]
         check(*columns)
         written = now_us()
@@ -369,17 +372,25 @@ class MilvusEngagements:
             {"member": m, "post": p, "engaged_at": t, "written_at": written, "placeholder": [1.0, 0.0]}
             for m, p, t in zip(*(c.tolist() for c in columns), strict=True)
         ]
+        budget_s = OVERLAP_US / 2e6
         for start in range(0, len(rows), WRITE_CHUNK):
-            self.client.insert(self.collection, rows[start : start + WRITE_CHUNK])
+            self.client.insert(self.collection, rows[start : start + WRITE_CHUNK], timeout=budget_s)
+        if now_us() - written > OVERLAP_US // 2:
+            raise LogError(f"Milvus took the engagements {(now_us() - written) / 1e6:.1f} s after they were stamped")
         return written
 
     def since(self, written_us: int) -> list[dict[str, Any]]:
-        """Every row written at `written_us` or later (id, member, post, engaged_at, written_at)."""
+        """Every row written at `written_us` or later (id, member, post, engaged_at, written_at): one
+        query for a poll's few, the iterator past its limit (a start reads every row)."""
         fields = ["id", "member", "post", "engaged_at", "written_at"]
-        it = self.client.query_iterator(
-            self.collection, batch_size=4096, filter=f"written_at >= {int(written_us)}", output_fields=fields
+        where = f"written_at >= {int(written_us)}"
+        rows: list[dict[str, Any]] = self.client.query(
+            self.collection, filter=where, output_fields=fields, limit=QUERY_LIMIT
         )
-        rows: list[dict[str, Any]] = []
+        if len(rows) < QUERY_LIMIT:
+            return rows
+        it = self.client.query_iterator(self.collection, batch_size=4096, filter=where, output_fields=fields)
+        rows = []
         try:
             while batch := it.next():
                 rows.extend(batch)
@@ -406,7 +417,9 @@ class MilvusFollower:
         for r in rows:
             self._recent[int(r["id"])] = int(r["written_at"])
         if rows:
-            self.latest_us = max(self.latest_us or 0, *(int(r["written_at"]) for r in rows))
+            # Never past this clock: a writer whose clock runs ahead would hide the others' rows.
+            latest = max(self.latest_us or 0, *(int(r["written_at"]) for r in rows))
+            self.latest_us = min(latest, max(now_us(), self.latest_us or 0))
         if self.latest_us is not None:
             horizon = self.latest_us - OVERLAP_US
             self._recent = {i: w for i, w in self._recent.items() if w >= horizon}
@@ -440,10 +453,10 @@ class LiveCoEngagement:
     read `table` (a reference: a request scores against one table from start to end) and never wait
     for a merge."""
 
-    def __init__(self, base: CoEngagement, log: Path | Follower, poll_s: float = 1.0) -> None:
+    def __init__(self, base: CoEngagement, log: str | os.PathLike[str] | Follower, poll_s: float = 1.0) -> None:
         """`log`: the local log's path, or a follower of another log."""
         self.base, self.table, self.poll_s = base, base, poll_s
-        self.follower: Follower = EngagementFollower(log) if isinstance(log, Path) else log
+        self.follower: Follower = EngagementFollower(Path(log)) if isinstance(log, str | os.PathLike) else log
         self.logged = 0  # engagements read from the log so far
         self._unmerged: list[np.ndarray] = []  # [3, n] per record read and not yet in `table`
         self._from_base = False  # the log was replaced: the next merge starts again from `base`

@@ -150,3 +150,48 @@ def test_every_snapshot_every_writes_the_log_is_folded_into_a_snapshot(tmp_path:
         assert read_header(f, codec=ENGAGEMENTS) == 2
     assert sorted(_logged(tmp_path)) == [(1, 10, 100), (2, 11, 101), (3, 12, 103), (4, 13, 104)]
     model.finalize()
+
+
+def test_a_milvus_follower_reads_late_rows_and_no_clock_hides_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows stamped before one already read but visible after it (inside the overlap) are read, each
+    row once; a writer whose clock runs ahead hides nobody's rows; a start reads past one query's
+    limit; a write Milvus took too long to acknowledge is not acknowledged (its retry is stamped anew)."""
+    pytest.importorskip("milvus_lite")
+    from feedserve.index.milvus import MilvusLite
+    from feedserve.rank import engagements
+    from feedserve.rank.engagements import OVERLAP_US, MilvusEngagements, MilvusFollower, now_us
+
+    with MilvusLite(tmp_path / "milvus" / "db.db") as lite:
+        log = MilvusEngagements(lite.uri, "posts")
+
+        def insert(members: list[int], written: int) -> None:
+            rows = [
+                {"member": m, "post": 1, "engaged_at": 5, "written_at": written, "placeholder": [1.0, 0.0]}
+                for m in members
+            ]
+            log.client.insert(log.collection, rows)
+
+        def read(follower: MilvusFollower) -> list[int]:
+            _, chunks = follower.read()
+            return sorted(m for c in chunks for m in c[0].tolist())
+
+        follower = MilvusFollower(MilvusEngagements(lite.uri, "posts"))
+        now = now_us()
+        insert([1], now)
+        assert read(follower) == [1]
+        insert([2], now - OVERLAP_US // 2)  # stamped before the row read, visible after it
+        assert read(follower) == [2] and read(follower) == []
+        insert([3], now + 60 * 10**6)  # a writer whose clock runs a minute ahead
+        assert read(follower) == [3]
+        insert([4], now_us())  # is not hidden behind it
+        assert read(follower) == [4] and read(follower) == []
+        monkeypatch.setattr(engagements, "QUERY_LIMIT", 3)  # a start reads more than one query returns
+        assert read(MilvusFollower(MilvusEngagements(lite.uri, "posts"))) == [1, 2, 3, 4]
+        clock = iter([now, now + OVERLAP_US])  # stamped, then acknowledged an overlap later
+        monkeypatch.setattr(engagements, "now_us", lambda: next(clock, now + OVERLAP_US))
+        with pytest.raises(engagements.LogError, match="after they were stamped"):
+            log.write(np.array([5]), np.array([1]), np.array([5]))
+        log.close()
+        follower.log.close()

@@ -440,11 +440,15 @@ def test_features_in_the_ingesters_shape_are_snapshotted_as_columns_and_others_a
             ["tags", "percentiles"],
         ]
         reader.close()
-    arrays["feature_percentiles"][0, 0] = 0.75
-    with open(snapshot, "wb") as f:
-        np.savez(f, **arrays)
-    with pytest.raises(IndexStoreError, match="do not match the checksum"):
-        IndexWriter.open(tmp_path)
+    assert json.loads(str(arrays["meta"]))["format"] == "feedserve.index/2"
+    for name, changed in (
+        ("feature_percentiles", arrays["feature_percentiles"] * np.array([[0.5, 1.0]])),
+        ("feature_tags", arrays["feature_tags"].view(np.uint8)),  # the same bytes, read otherwise
+    ):
+        with open(snapshot, "wb") as f:
+            np.savez(f, **{**arrays, name: changed})
+        with pytest.raises(IndexStoreError, match="do not match the checksum"):
+            IndexWriter.open(tmp_path)
     # The version before: every row as JSON text, format 1.
     text = json.dumps([[p, rows[p]] for p in ids], separators=(",", ":")).encode()
     meta = {"lsn": 1, "format": "feedserve.index/1", "dim": DIM, "count": len(ids)}
@@ -459,7 +463,12 @@ def test_features_in_the_ingesters_shape_are_snapshotted_as_columns_and_others_a
         )
     old = IndexWriter.open(tmp_path)
     assert _features(old, ids) == {p: want[str(p)] for p in ids}
+    # Without a row that fits the columns, the file is one of format 1 (a rolled back server reads it).
+    old.write(np.full(4, Op.DELETE), np.array([1, 2, 3, 4]), None)
+    old.snapshot()
     old.close()
+    with np.load(snapshot) as data:
+        assert json.loads(str(data["meta"]))["format"] == "feedserve.index/1" and "feature_ids" not in data.files
 
 
 def test_a_log_of_the_version_before_is_replayed_and_continued_in_this_one(tmp_path: Path) -> None:
