@@ -384,11 +384,12 @@ class Ingester:
                 # The server refused the window (a post it will not take): write the posts one by
                 # one, so the refused ones are skipped by name instead of blocking every restart.
                 self._isolate(upserts, deletes)
-        if engagements and self._engagements_served() is False:
-            self.stats.unserved += len(engagements)
-            engagements = []
         if engagements:  # after the posts: a like of a new post follows it
-            self._retrying(lambda: self.client.engage(engagements))
+            logged: list[bool] = []
+            self._retrying(lambda: logged.append(self._engage(engagements)))
+            if not logged[-1]:
+                self.stats.unserved += len(engagements)
+                engagements = []
         self.store.apply(upserts, deletes)
         # Lag: from the event's time to its write being acknowledged, i.e. retrievable by any search.
         acknowledged = time.time()
@@ -397,6 +398,14 @@ class Ingester:
         self.stats.deletes += len(deletes)
         self.stats.engagements += len(engagements)
         self.stats.batches += 1
+
+    def _engage(self, engagements: list[tuple[int, int, int]]) -> bool:
+        """Log a window's engagements; False (dropped) when the server serves no engage_write. Asked
+        at every try: a server that was not ready (a model loading) may turn out to serve none."""
+        if self._engagements_served() is False:
+            return False
+        self.client.engage(engagements)
+        return True
 
     def _engagements_served(self) -> bool | None:
         """Whether the server logs engagements (None: not known yet). A server without `engage_write`

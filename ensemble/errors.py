@@ -29,6 +29,9 @@ class ServerError(FeedserveError):
 
 # How Triton's python backend answers for a model whose stub process died (status INTERNAL).
 DEAD_STUB = "is not healthy"
+# How Triton answers for a model of the repository with no version loaded: loading, reloading after
+# its stub died, or unloaded (NOT_FOUND over gRPC, 400 over HTTP, where it reads as refused).
+NOT_LOADED = "has no available versions"
 # How index_write refuses a request without the write key (status INVALID_ARGUMENT, as Triton's
 # python backend has no code for permissions): a client's configuration, not its data, is wrong.
 FORBIDDEN = "forbidden"
@@ -45,6 +48,8 @@ class ClientError(FeedserveError):
     @property
     def refused(self) -> bool:
         """The request itself was refused as invalid (only then may an ingester skip it)."""
+        if NOT_LOADED in str(self):
+            return False
         return self.status is not None and any(code in self.status for code in ("INVALID_ARGUMENT", "400"))
 
     @property
@@ -55,10 +60,10 @@ class ClientError(FeedserveError):
 
     @property
     def retryable(self) -> bool:
-        """The server was unreachable, restarting or too slow, or one of its python models lost its
-        stub process (the launcher's watchdog reloads it within seconds): the same request may
-        succeed later. A refused request (bad input) is not."""
-        if DEAD_STUB in str(self):
+        """The server was unreachable, restarting or too slow, one of its python models lost its
+        stub process (the launcher's watchdog reloads it within seconds), or the model has no
+        version loaded yet: the same request may succeed later. A refused request (bad input) is not."""
+        if DEAD_STUB in str(self) or NOT_LOADED in str(self):
             return True
         return self.status is not None and any(
             code in self.status for code in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "503")

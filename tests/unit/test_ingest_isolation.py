@@ -40,3 +40,43 @@ def test_a_refused_post_is_skipped_and_the_rest_of_its_window_written(tmp_path: 
     stats = Ingester(server, tmp_path / "state", window_s=10, max_batch=4).run(JsonlSource(events, tmp_path / "state"))  # type: ignore[arg-type]
     assert sorted(server.written) == [11, 12, 14] and stats.bad == 1
     assert JsonlSource(events, tmp_path / "state").offset == events.stat().st_size  # committed: no retry loop
+
+
+def test_a_model_with_no_version_loaded_is_retried_not_refused() -> None:
+    """Triton's answer for a model loading or reloading (NOT_FOUND over gRPC, 400 over HTTP): the
+    same request may succeed later, so it is retried, never skipped as a refused one."""
+    for status in ("StatusCode.NOT_FOUND", "400"):
+        err = ClientError("engage_write: Request for unknown model: 'engage_write' has no available versions", status)
+        assert err.retryable and not err.refused
+    assert ClientError("index_write: post 13 refused", "400").refused
+
+
+class LoadingServer(RefusingServer):
+    """Not ready at first (a model loading), and engage_write not loaded: ready after the first try,
+    without engage_write (a server without a ranker)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tries = 0
+
+    def ready(self, model: str | None = None) -> bool:
+        return model is None and self.tries > 0
+
+    def engage(self, engagements: list[tuple[int, int, int]]) -> int:
+        self.tries += 1
+        raise ClientError("engage_write: Request for unknown model: 'engage_write' has no available versions", "400")
+
+
+def test_engagements_sent_while_the_server_was_not_ready_are_dropped_once_it_says_it_serves_none(
+    tmp_path: Path,
+) -> None:
+    events = tmp_path / "events.jsonl"
+    events.write_text(
+        json.dumps({"type": "create", "post": {"id": 1, "text": "post 1"}})
+        + "\n"
+        + json.dumps({"type": "engage", "member_id": 5, "post_id": 1, "action": "like"})
+        + "\n"
+    )
+    server = LoadingServer()
+    stats = Ingester(server, tmp_path / "state", window_s=10, max_batch=4).run(JsonlSource(events, tmp_path / "state"))  # type: ignore[arg-type]
+    assert server.tries == 1 and (stats.upserts, stats.engagements, stats.unserved) == (1, 0, 1)
