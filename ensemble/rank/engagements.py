@@ -357,6 +357,7 @@ class MilvusEngagements:
         schema.add_field("placeholder", DataType.FLOAT_VECTOR, dim=2)
         index = self.client.prepare_index_params()
         index.add_index("placeholder", index_type="FLAT", metric_type="IP")
+        index.add_index("written_at", index_type="INVERTED")  # every poll filters by it
         create_collection(self.client, self.collection, schema, index)
         self.client.load_collection(self.collection)
 
