@@ -282,9 +282,14 @@ def first_engagements(
     """Engagements (member, post, time) each pair once, at its first time, ordered by post then
     member: what a table holds, as three int64 arrays."""
     members, posts, times = (np.asarray(c, np.int64).reshape(-1) for c in (members, posts, times))
-    order = np.lexsort((times, members, posts))  # by post, member, then time: a pair's first comes first
-    members, posts, times = members[order], posts[order], times[order]
-    first = np.ones(len(order), bool)
+    same_post, same_member = posts[1:] == posts[:-1], members[1:] == members[:-1]
+    in_order = (posts[1:] > posts[:-1]) | same_post & (
+        (members[1:] > members[:-1]) | same_member & (times[1:] >= times[:-1])
+    )
+    if not in_order.all():  # (a snapshot's engagements are in order already: no sort)
+        order = np.lexsort((times, members, posts))  # by post, member, then time: a pair's first comes first
+        members, posts, times = members[order], posts[order], times[order]
+    first = np.ones(len(posts), bool)
     first[1:] = (posts[1:] != posts[:-1]) | (members[1:] != members[:-1])
     return members[first], posts[first], times[first]
 

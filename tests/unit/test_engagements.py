@@ -48,6 +48,7 @@ def test_a_table_with_events_merged_in_is_the_table_built_from_all_of_them(
     first time."""
     merged = CoEngagement.from_events(events[:cut]).with_events(*_columns(events[cut:]))
     _same(merged, CoEngagement.from_events(events))
+    _same(merged, CoEngagement.from_events(sorted(events, key=lambda e: (e[1], e[0], e[2]))))  # in order: no sort
     # Against a reference written as a loop: each (member, post) once, at its first time, entries
     # by post then member.
     first: dict[tuple[int, int], int] = {}
