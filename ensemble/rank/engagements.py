@@ -31,6 +31,10 @@ most a tenth of a core, and an engagement reaches `rank` within a second at the 
 within a few seconds at millions. At a real feed's scale a nearline job's top co-engaged neighbours
 per post would take the table's place.
 
+With `--index milvus` servers share no directory: the log is then a Milvus collection beside the
+post index's (`MilvusEngagements`), written by any `engage_write` replica and followed by every
+`rank` by queries (`MilvusFollower`); Milvus keeps it, and there is no snapshot to take.
+
 What counts as an engagement here is what the build's table holds: an active, positive action
 (`coengaged`): a like, love, comment, share, repost or save, or a rating of ENGAGED_RATING or more.
 A view, a click, a dwell or a negative is not logged.
