@@ -239,15 +239,10 @@ class MilvusStore:
     def rows(self, collection: str, filter: str = "", full: bool = False) -> dict[int, Row]:
         """Every row of `collection` matching `filter`, by id (vector and features only if `full`)."""
         fields = ["id", "written_at", *(["vector", "features"] if full else [])]
-        it = self.client.query_iterator(collection, batch_size=4096, filter=filter, output_fields=fields)
-        out: dict[int, Row] = {}
-        try:
-            while batch := it.next():
-                for r in batch:
-                    out[int(r["id"])] = Row(int(r["written_at"]), r.get("vector", []), dict(r.get("features") or {}))
-        finally:
-            it.close()
-        return out
+        return {
+            int(r["id"]): Row(int(r["written_at"]), r.get("vector", []), dict(r.get("features") or {}))
+            for r in query_all(self.client, collection, filter, fields)
+        }
 
     def search(
         self, queries: np.ndarray, ks: Sequence[int], exclude: Sequence[np.ndarray] | None = None
@@ -297,6 +292,16 @@ def create_collection(client: Any, name: str, schema: Any, index: Any) -> None:
     except Exception:
         if not client.has_collection(name):
             raise
+
+
+def query_all(client: Any, collection: str, filter: str, fields: list[str]) -> Iterator[dict[str, Any]]:
+    """Every row of `collection` matching `filter` (past a query's limit: through an iterator)."""
+    it = client.query_iterator(collection, batch_size=4096, filter=filter, output_fields=fields)
+    try:
+        while batch := it.next():
+            yield from batch
+    finally:
+        it.close()
 
 
 def _kept(hits: list[dict[str, Any]], skip: list[int], k: int) -> SearchResult:

@@ -60,7 +60,7 @@ from feedserve.errors import IndexStoreError
 from feedserve.files import atomic_file
 from feedserve.index.layout import IndexLayout
 from feedserve.index.live import wait_for_lock
-from feedserve.index.milvus import WRITE_CHUNK, create_collection, now_us
+from feedserve.index.milvus import WRITE_CHUNK, create_collection, now_us, query_all
 from feedserve.index.wal import HEADER, Codec, LogError, WriteAheadLog, read_header, read_records
 from feedserve.prompt.records import ENGAGED_RATING, rating_of
 from feedserve.rank.coengagement import CoEngagement, first_engagements
@@ -94,9 +94,7 @@ def coengaged(action: str) -> bool:
 @dataclass(frozen=True)
 class EngagementRecord:
     lsn: int
-    members: np.ndarray  # int64 [n]
-    posts: np.ndarray  # int64 [n]
-    times: np.ndarray  # int64 [n], unix seconds
+    events: np.ndarray  # int64 [3, n]: members, posts, times (unix seconds), as the payload holds them
     end: int  # file offset just past this record
 
 
@@ -126,8 +124,8 @@ def decode(lsn: int, payload: bytes, end: int) -> EngagementRecord | None:
     n, columns = BODY.unpack_from(payload)
     if columns != COLUMNS or len(payload) != BODY.size + 8 * COLUMNS * n:
         return None
-    members, posts, times = np.frombuffer(payload, "<i8", COLUMNS * n, BODY.size).astype(np.int64).reshape(COLUMNS, n)
-    return EngagementRecord(lsn, members, posts, times, end)
+    events = np.frombuffer(payload, "<i8", COLUMNS * n, BODY.size).astype(np.int64).reshape(COLUMNS, n)
+    return EngagementRecord(lsn, events, end)
 
 
 ENGAGEMENTS: Codec[EngagementRecord] = Codec(MAGIC, (MAGIC,), decode)
@@ -254,7 +252,7 @@ class EngagementWriter:
                     if record.end > end:
                         break
                     if record.lsn > previous.lsn:
-                        chunks.append(np.stack([record.members, record.posts, record.times]))
+                        chunks.append(record.events)
             events = np.stack(first_engagements(*np.concatenate(chunks, axis=1)))
             save_snapshot(path, Snapshot(lsn, events))
             # A crash before the log restarts leaves the old log: its records <= lsn are read twice,
@@ -329,7 +327,7 @@ class EngagementFollower:
         chunks = []
         for record in read_records(self._log, self._offset, codec=ENGAGEMENTS):
             if record.lsn > self.lsn:
-                chunks.append(np.stack([record.members, record.posts, record.times]))
+                chunks.append(record.events)
                 self.lsn = record.lsn
             self._offset = record.end
         return chunks
@@ -394,14 +392,7 @@ class MilvusEngagements:
         )
         if len(rows) < QUERY_LIMIT:
             return rows
-        it = self.client.query_iterator(self.collection, batch_size=4096, filter=where, output_fields=fields)
-        rows = []
-        try:
-            while batch := it.next():
-                rows.extend(batch)
-        finally:
-            it.close()
-        return rows
+        return list(query_all(self.client, self.collection, where, fields))
 
     def close(self) -> None:
         self.client.close()
