@@ -78,7 +78,7 @@ def _columns(features: Features) -> tuple[dict[str, np.ndarray], list[tuple[int,
             (_, p), (_, t) = pairs
             if (
                 isinstance(p, list | tuple)
-                and len(p) == (len(p) if width < 0 else width)
+                and (width < 0 or len(p) == width)
                 and all(type(x) is float for x in p)
                 and isinstance(t, list | tuple)
                 and all(isinstance(x, str) for x in t)

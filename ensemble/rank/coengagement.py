@@ -74,8 +74,8 @@ class CoEngagement:
 
     @classmethod
     def from_arrays(cls, members: np.ndarray, posts: np.ndarray, times: np.ndarray) -> CoEngagement:
-        """From engagements as three arrays, as `from_events`, sorted rather than looped over (a
-        server merges the engagements logged since the build into its table this way)."""
+        """From engagements as three arrays, as `from_events`, sorted rather than looped over
+        (`with_events` builds the table of the engagements it inserts this way)."""
         members, posts, times = first_engagements(members, posts, times)
         unique, starts = np.unique(posts, return_index=True)
         return cls(unique, np.append(starts, len(posts)), members, times)
@@ -189,7 +189,7 @@ class CoEngagement:
         per_member = np.zeros(len(table._member_ids), np.int64)
         per_member[np.arange(len(self._member_ids)) + member_shift] = held
         per_member += np.bincount(table._member_col[inserted + np.arange(len(inserted))], minlength=len(per_member))
-        table._last = np.repeat(np.cumsum(per_member) - 1, per_member)
+        table._last = _last_places(per_member)
         table._post_in_order = np.insert(in_rows, places, added_rows)
         table._time_in_order = np.insert(in_times, places, times)
 
@@ -243,7 +243,7 @@ class CoEngagement:
         engagements-stored-transitions.md)."""
         place = np.empty_like(order)
         place[order] = np.arange(len(order))
-        self._place, self._last = place, _last_places(self._member_col[order])
+        self._place, self._last = place, _last_places(np.bincount(self._member_col, minlength=len(self._member_ids)))
         self._post_in_order, self._time_in_order = post_of[order], self.times[order]
 
     def against(self, member_id: int, candidates: Sequence[int], before: int | None = None) -> Scorer:
@@ -303,12 +303,10 @@ def _union(mine: np.ndarray, theirs: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return union, np.searchsorted(extra, mine), np.searchsorted(union, theirs)
 
 
-def _last_places(columns_in_order: np.ndarray) -> np.ndarray:
-    """For each place of the members' time order (member columns ascending), the last place of its
-    member: the end of its run."""
-    starts = np.flatnonzero(np.diff(columns_in_order)) + 1
-    ends = np.append(starts, len(columns_in_order)) - 1
-    return np.repeat(ends, np.diff(np.concatenate([[0], starts, [len(columns_in_order)]])))
+def _last_places(per_member: np.ndarray) -> np.ndarray:
+    """For each place of the members' time order (member columns ascending, `per_member` entries
+    each), the last place of its member: the end of its run."""
+    return np.repeat(np.cumsum(per_member) - 1, per_member)
 
 
 def _ranges(starts: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -278,7 +278,7 @@ def read_records(inputs: dict[str, np.ndarray | None], parse: Callable[[bytes | 
     return records
 
 
-def milvus_log_uri(params: dict[str, str], owner: str) -> str:
+def milvus_uri_of(params: dict[str, str], owner: str) -> str:
     """The Milvus a model with `index` "milvus" reads and writes ($FEEDSERVE_MILVUS_URI or the
     `milvus_uri` parameter)."""
     uri = milvus_uri(params.get("milvus_uri"))
@@ -297,4 +297,4 @@ def followed_index(layout: ArtifactLayout, params: dict[str, str], engine: Engin
     parameter, the index named `milvus_collection`)."""
     if params.get("index", "local") == "local":
         return FollowedIndex(layout.index_dir, engine, owner)
-    return MilvusFollowed(milvus_log_uri(params, owner), layout.serving_dim(), milvus_index_name(params), owner)
+    return MilvusFollowed(milvus_uri_of(params, owner), layout.serving_dim(), milvus_index_name(params), owner)

@@ -37,7 +37,7 @@ from feedserve.triton.base import (
     WriteModel,
     check_2d,
     milvus_index_name,
-    milvus_log_uri,
+    milvus_uri_of,
     require,
 )
 
@@ -58,7 +58,7 @@ class EngageWriteModel(WriteModel[Engagements]):
         self.load_write_key()
         self.milvus: MilvusEngagements | None = None
         if params.get("index", "local") != "local":
-            self.milvus = MilvusEngagements(milvus_log_uri(params, "engage_write"), milvus_index_name(params))
+            self.milvus = MilvusEngagements(milvus_uri_of(params, "engage_write"), milvus_index_name(params))
             return
         self.directory = layout.index_dir.root
         self.lock_wait_s = float(params.get("writer_lock_wait_s", "30"))

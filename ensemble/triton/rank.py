@@ -56,7 +56,7 @@ from feedserve.triton.base import (
     check_2d,
     followed_index,
     milvus_index_name,
-    milvus_log_uri,
+    milvus_uri_of,
     read_records,
     require,
 )
@@ -132,7 +132,7 @@ class RankModel(BatchModel[RankRequest]):
         # (engage_write: the local index's log, or Milvus's), merged in on a thread every `engagement_poll_s`.
         log: Path | Follower = layout.index_dir.engagements
         if params.get("index", "local") != "local":
-            log = MilvusFollower(MilvusEngagements(milvus_log_uri(params, "rank"), milvus_index_name(params)))
+            log = MilvusFollower(MilvusEngagements(milvus_uri_of(params, "rank"), milvus_index_name(params)))
         self.coengagement = LiveCoEngagement(
             CoEngagement.load(layout.coengagement),
             log,
