@@ -11,7 +11,7 @@ writer's open (load the snapshot, replay the log), one `rank` request's read of 
 (`lookup_rows`, the vectors and features of its 200 history items and 2,000 candidates), what the
 ranker then reads of their features (the history's tags, the candidates' percentiles and tag
 affinity: through the live rows over the build's table, `PostFeatures.overlay`, or from the table
-alone holding every post), the features map's memory, and a full pass of the garbage collector.
+alone holding every post), the features' memory, and a full pass of the garbage collector.
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ import numpy as np
 
 from benchmarks.peers import unit_vectors
 from feedserve.clients.perf import machine
+from feedserve.index.features import FeatureColumns, positions_of
 from feedserve.index.live import IndexWriter
 from feedserve.index.snapshot import load_arrays
-from feedserve.index.store import PostIndex, freeze_row
+from feedserve.index.store import PostIndex
 from feedserve.index.wal import Op
 from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.prompt.movielens import load_movielens
@@ -101,7 +102,7 @@ def measure(n: int, dim: int, featured: bool, reps: int, rows: list[dict[str, An
 
         def read() -> None:
             features = table.overlay(live) if live else table
-            liked = frozenset().union(*(features.tags(p) for p in history))
+            liked = features.tag_union(history)
             features.percentiles(candidates)
             features.affinity(candidates, liked)
 
@@ -115,9 +116,10 @@ def measure(n: int, dim: int, featured: bool, reps: int, rows: list[dict[str, An
         gc_ms = _ms(gc.collect)
         reopened.close()
         del reopened
-        tracemalloc.start()  # the map as PostIndex.load builds it (the ids and vectors read are let go)
-        loaded = load_arrays(directory / "posts.npz")[3]
-        held = {p: f if isinstance(f, tuple) else freeze_row(f) for p, f in loaded.items()}
+        saved_ids, _, _, loaded = load_arrays(directory / "posts.npz")
+        tracemalloc.start()  # the columns as PostIndex.load builds them from the file's
+        held = FeatureColumns()
+        held.load(positions_of(loaded.ids, saved_ids), loaded)
         del loaded
         features_mb = tracemalloc.get_traced_memory()[0] / 2**20
         tracemalloc.stop()
@@ -150,8 +152,8 @@ def markdown(report: dict[str, Any]) -> str:
         __doc__.split("\n\n", 2)[2].strip(),
         "",
         f"Medians of {report['reps']} repetitions for the write and the reads; one snapshot and one open. "
-        "*features held MB*: the features map as the index holds it, every object in it (tracemalloc from the "
-        "snapshot's read on; before 2026-12-03 the floats and strings of its rows went uncounted); *full gc ms*: one full "
+        "*features held MB*: the features as the index holds them, every object (tracemalloc of their columns "
+        "built from the snapshot's, as the writer's open builds them); *full gc ms*: one full "
         "pass of Python's garbage collector with the reopened index in memory (a pass falls on whichever "
         "request is running when it comes).",
         "",

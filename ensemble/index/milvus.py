@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from feedserve.errors import IndexStoreError
+from feedserve.index.features import FeatureRows
 from feedserve.index.store import SearchResult, check_unit
 from feedserve.schema import NO_ID
 
@@ -219,14 +220,14 @@ class MilvusStore:
 
     def lookup_rows(
         self, post_ids: np.ndarray, collection: str | None = None, features: bool = True
-    ) -> tuple[np.ndarray, np.ndarray, dict[int, dict[str, Any]]]:
-        """lookup, and the features of the posts held (by id), in one call."""
+    ) -> tuple[np.ndarray, np.ndarray, FeatureRows]:
+        """lookup, and the features of the posts held that have any, in one call."""
         ids = np.asarray(post_ids, np.int64).reshape(-1)
         out = np.zeros((len(ids), self.dim), np.float32)
         found = np.zeros(len(ids), bool)
         wanted = sorted({int(i) for i in ids.tolist() if i != NO_ID})
         if not wanted:
-            return out, found, {}
+            return out, found, FeatureRows.empty()
         fields = ["vector", *(["features"] if features else [])]
         rows = self.client.get(collection or self.collection, ids=wanted, output_fields=fields)
         vector_of = {int(r["id"]): r["vector"] for r in rows}
@@ -234,7 +235,7 @@ class MilvusStore:
             if i in vector_of:
                 out[j] = vector_of[i]
                 found[j] = True
-        return out, found, {int(r["id"]): dict(r["features"] or {}) for r in rows} if features else {}
+        return out, found, FeatureRows.from_rows({int(r["id"]): r["features"] or {} for r in rows} if features else {})
 
     def rows(self, collection: str, filter: str = "", full: bool = False) -> dict[int, Row]:
         """Every row of `collection` matching `filter`, by id (vector and features only if `full`)."""

@@ -3,11 +3,12 @@ live writes carried them, the posts' features (what the ranker reads of a post b
 
 Features in the shape the ingester writes them (`feedserve.rank.features.feature_row`: exactly
 `percentiles`, floats of one width, then `tags`, strings) are stored as columns: the posts' ids, a
-float64 matrix of their percentiles, and their tags as runs of ids into a vocabulary (JSON text).
-Reading them back is a pass over arrays rather than the parse of a JSON object per post, the cost
-that dominated opening and snapshotting an index of a million posts with features
-(benchmarks/reports/index_features.md). Any other row is kept as JSON text, as it came. A file of
-the version before (features as JSON text alone) is read as it is.
+float64 matrix of their percentiles, and their tags as runs of ids into a vocabulary (JSON text),
+the layout the index holds them in (feedserve.index.features): saving and reading them back are
+passes over arrays rather than a JSON object per post, the cost that dominated opening and
+snapshotting an index of a million posts with features (benchmarks/reports/index_features.md).
+Any other row is kept as JSON text, as it came. A file of the version before (features as JSON
+text alone) is read as it is.
 
 Written atomically and durably (feedserve.files), read with `allow_pickle=False`, so loading an
 index never executes code. The file carries the SHA-256 of its contents in its own metadata:
@@ -20,7 +21,7 @@ import hashlib
 import json
 import logging
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import numpy as np
 
 from feedserve.errors import IndexStoreError
 from feedserve.files import atomic_file
+from feedserve.index.features import COLUMNS, FeatureRows
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +37,6 @@ FORMAT = "feedserve.index/2"
 READABLE = ("feedserve.index/1", FORMAT)  # the version before held every post's features as JSON text
 # Keys the file format owns; the rest of the metadata belongs to the index (lsn, generation, ...).
 OWN_KEYS = ("format", "dim", "count", "sha256")
-COLUMNS = ("feature_ids", "feature_percentiles", "feature_tag_indptr", "feature_tags", "feature_vocabulary")
-
-
-# A post's features: a JSON object, or its (key, value) pairs (as the index holds them); by post id,
-# a post without any absent.
-Row = Mapping[str, Any] | tuple[tuple[str, Any], ...]
-Features = Mapping[int, Row]
 
 
 def arrays_checksum(
@@ -61,56 +56,14 @@ def arrays_checksum(
     return h.hexdigest()
 
 
-def _pairs(row: Row) -> list[tuple[str, Any]]:
-    return list(row.items()) if isinstance(row, Mapping) else list(row)
-
-
-def _columns(features: Features) -> tuple[dict[str, np.ndarray], list[tuple[int, dict[str, Any]]]]:
-    """The rows in `feature_row`'s shape as columns (COLUMNS; none: {}), and the other rows, by id."""
-    ids: list[int] = []
-    percentiles: list[Sequence[float]] = []
-    tags: list[Sequence[str]] = []
-    others: list[tuple[int, dict[str, Any]]] = []
-    width = -1
-    for post, row in sorted(features.items()):
-        pairs = _pairs(row)
-        if [k for k, _ in pairs] == ["percentiles", "tags"]:
-            (_, p), (_, t) = pairs
-            if (
-                isinstance(p, list | tuple)
-                and (width < 0 or len(p) == width)
-                and all(type(x) is float for x in p)
-                and isinstance(t, list | tuple)
-                and all(isinstance(x, str) for x in t)
-            ):
-                width = len(p)  # the first row that fits sets it
-                ids.append(int(post))
-                percentiles.append(p)
-                tags.append(t)
-                continue
-        others.append((int(post), dict(pairs)))
-    if not ids:
-        return {}, others
-    vocabulary = sorted({t for row in tags for t in row})
-    index = {t: i for i, t in enumerate(vocabulary)}
-    lengths = np.array([len(t) for t in tags], np.int64)
-    columns: dict[str, np.ndarray] = {
-        "feature_ids": np.array(ids, np.int64),
-        "feature_percentiles": np.array(percentiles, np.float64).reshape(len(ids), width),
-        "feature_tag_indptr": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        "feature_tags": np.array([index[t] for row in tags for t in row], np.int32),
-        "feature_vocabulary": np.frombuffer(json.dumps(vocabulary).encode(), np.uint8),
-    }
-    return columns, others
-
-
 def save_arrays(
-    path: Path, ids: np.ndarray, vectors: np.ndarray, meta: dict[str, object], features: Features | None = None
+    path: Path, ids: np.ndarray, vectors: np.ndarray, meta: dict[str, object], features: FeatureRows | None = None
 ) -> None:
     """Write an index file atomically and durably: readers see the old file or the new one, and a
     failed write (a full disk) leaves the previous file and no temporary."""
     ids, vectors = np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(vectors, np.float32)
-    columns, others = _columns(features or {})
+    columns = features.columns() if features is not None else {}
+    others = sorted((int(p), dict(row)) for p, row in features.others.items()) if features is not None else []
     text = json.dumps(others, separators=(",", ":"), allow_nan=False).encode() if others else b""
     extra = {**columns, **({"features": np.frombuffer(text, np.uint8)} if text else {})}  # bytes: a str array is UTF-32
     header = json.dumps(
@@ -128,11 +81,9 @@ def save_arrays(
     logger.info("saved %d posts (dim %d) to %s", len(ids), vectors.shape[1], path)
 
 
-def load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any], dict[int, Row]]:
+def load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any], FeatureRows]:
     """(ids, vectors, the index's own metadata, the posts' features) of an index file, checked
-    against its checksum; IndexStoreError names the file and what is wrong with it. The features
-    stored as columns come back as (key, value) pairs, lists as tuples (as the index holds them),
-    the others as JSON objects."""
+    against its checksum; IndexStoreError names the file and what is wrong with it."""
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
@@ -155,31 +106,12 @@ def load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any], dic
             'and restore"), or rebuild with `feedserve index` (live writes since are lost)'
         )
     try:
-        rows = json.loads(text) if text else []
-        features: dict[int, Row] = {int(p): dict(f) for p, f in rows}
-        features.update(_rows(sections) if "feature_ids" in sections else {})
+        rows = {int(p): dict(f) for p, f in json.loads(text)} if text else {}
+        # A file of format 1 held every row as JSON: those of feature_row's shape go in the columns now.
+        features = FeatureRows.from_columns(columns, rows) if columns else FeatureRows.from_rows(rows)
     except (ValueError, TypeError, KeyError, IndexError) as err:  # checksummed: only another program writes this
         raise IndexStoreError(f"{path}: the posts' features do not read back: {err}") from err
     return ids, vectors, meta, features
-
-
-def _rows(sections: Mapping[str, np.ndarray]) -> dict[int, Row]:
-    """The rows stored as columns, as (key, value) pairs."""
-    ids, indptr, tags = sections["feature_ids"], sections["feature_tag_indptr"], sections["feature_tags"]
-    vocabulary = json.loads(sections["feature_vocabulary"].tobytes())
-    percentiles = sections["feature_percentiles"]
-    if percentiles.ndim != 2 or len(percentiles) != len(ids) or indptr.shape != (len(ids) + 1,):
-        raise ValueError("the feature columns do not have one row per post")
-    if indptr[0] != 0 or indptr[-1] != len(tags) or (np.diff(indptr) < 0).any():
-        raise ValueError("the tags' offsets do not cover the tags in order")
-    if len(tags) and (tags.min() < 0 or tags.max() >= len(vocabulary)):
-        raise ValueError("a tag id is outside the vocabulary")
-    names = [vocabulary[t] for t in tags.tolist()]
-    bounds = indptr.tolist()
-    return {
-        post: (("percentiles", tuple(p)), ("tags", tuple(names[a:b])))
-        for post, p, a, b in zip(ids.tolist(), percentiles.tolist(), bounds, bounds[1:], strict=False)
-    }
 
 
 def read_meta(path: Path) -> dict[str, object]:

@@ -5,19 +5,17 @@ Embeddings are L2-normalised, so inner product is cosine similarity. The index i
 is also what the system we reproduce runs on GPU. This store is the store of record; searches can
 run on it (faiss-cpu memory, one BLAS matmul) or on a GPU engine's copy (feedserve.index.engines).
 On disk it is a snapshot file (feedserve.index.snapshot). Beside each vector it may hold the post's
-features (what the ranker reads of it besides the vector: count percentiles and tags), written with
-the post by the live writer and replaced or dropped with it, so that a post ingested after the
-build is ranked as it was described.
+features (what the ranker reads of it besides the vector: count percentiles and tags, as columns
+by row: feedserve.index.features), written with the post by the live writer and replaced or
+dropped with it, so that a post ingested after the build is ranked as it was described.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,8 @@ import numpy as np
 
 from feedserve.errors import IndexStoreError
 from feedserve.index.engines import DeviceCopy, Engine, RowWrite, device_copy
-from feedserve.index.snapshot import OWN_KEYS, Features, load_arrays, save_arrays
+from feedserve.index.features import FeatureColumns, FeatureRows, positions_of
+from feedserve.index.snapshot import OWN_KEYS, load_arrays, save_arrays
 from feedserve.schema import NO_ID
 
 logger = logging.getLogger(__name__)
@@ -47,42 +46,6 @@ def check_unit(vectors: np.ndarray) -> None:
         raise IndexStoreError(
             f"vectors must be unit length (L2 norm 1 +- {NORM_TOLERANCE}): row {row} has norm {norms[row]:.6g}"
         )
-
-
-# A post's features as the index holds them: its JSON object as (key, value) pairs, lists as tuples.
-# Tuples of strings and numbers drop out of the garbage collector's tracking, dicts and lists never
-# do: a million posts' features held as dicts made each full collection pass take 1.8 s (as tuples,
-# none; benchmarks/reports/index_features.md), and such a pass falls on whichever request is running.
-# Rows as dicts of tuples were tried: the rows drop out, but a map whose values are dicts never does
-# (CPython counts any dict value as possibly tracked), and walking it added 45 ms to every full pass
-# at a million posts; the tuples cost a dict per row looked up instead (about 1 ms per request).
-FrozenRow = tuple[tuple[str, Any], ...]
-
-
-def freeze_row(row: Mapping[str, Any]) -> FrozenRow:
-    """The row as the index holds it; `dict()` of it reads it back, lists as tuples (and an object
-    inside it as its pairs: the ranking features are flat)."""
-    return tuple((str(k), _frozen(v)) for k, v in row.items())
-
-
-def _frozen(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return freeze_row(value)
-    if isinstance(value, list | tuple):
-        return tuple(_frozen(v) for v in value)
-    return value
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """No garbage collection inside the block (it builds objects that all live on)."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 @dataclass
@@ -111,7 +74,7 @@ class PostIndex:
         self._flat = faiss.IndexFlatIP(dim)
         self._ids = np.empty(0, np.int64)  # row -> post id; spare capacity past len(self)
         self._rows: dict[int, int] = {}  # post id -> row
-        self._features: dict[int, FrozenRow] = {}  # post id -> its features, where written with any
+        self._features = FeatureColumns()  # by row, as the vectors
         self._lock = threading.Lock()
         self._device: DeviceCopy | None = None  # a GPU engine's copy; None until a search needs it
 
@@ -161,40 +124,39 @@ class PostIndex:
         delete_ids = np.asarray(delete_ids, dtype=np.int64).reshape(-1)
         with self._lock:
             try:
-                op, removed = self._write_store(upsert_ids, vectors, delete_ids)
+                op, removed = self._write_store(upsert_ids, vectors, delete_ids, features)
             except BaseException:
                 self._device = None  # the store may hold part of this write: the copy must not differ from it
                 raise
-            for i, post in enumerate(upsert_ids.tolist()):
-                row = features[i] if features is not None else None
-                if row:
-                    self._features[post] = freeze_row(row)
-                else:
-                    self._features.pop(post, None)
-            for post in delete_ids.tolist():
-                self._features.pop(post, None)
             self._write_device(op)
             return removed
 
     def _write_store(
-        self, upsert_ids: np.ndarray, vectors: np.ndarray | None, delete_ids: np.ndarray
+        self,
+        upsert_ids: np.ndarray,
+        vectors: np.ndarray | None,
+        delete_ids: np.ndarray,
+        features: Sequence[Mapping[str, Any]] | None = None,
     ) -> tuple[RowWrite, int]:
         """The write on the store's rows: (what was done to them, how many posts the deletes removed)."""
         if not len(upsert_ids) or vectors is None:
             vectors = np.empty((0, self.dim), np.float32)
-        rows = (
+        at = (
             np.array([self._rows.get(i, -1) for i in upsert_ids.tolist()], np.int64)
             if self._rows
             else np.full(len(upsert_ids), -1, np.int64)
         )
-        new = rows < 0
-        rows, replaced = rows[~new], vectors[~new]
+        new = at < 0
+        rows, replaced = at[~new], vectors[~new]
         if len(rows):
             self._vectors()[rows] = replaced
         # All new (a bulk load): appended without a copy of the vectors.
         new_ids, new_vectors = (upsert_ids, vectors) if new.all() else (upsert_ids[new], vectors[new])
+        at[new] = np.arange(len(self), len(self) + len(new_ids))
         if len(new_ids):
             self._append(new_ids, new_vectors)
+        if features is not None or self._features.width is not None or self._features.others:
+            self._features.write(at, upsert_ids.tolist(), features)  # before the deletes move rows
         size = len(self)
         holes, movers = self._remove(delete_ids)
         return RowWrite(rows, replaced, new_ids, new_vectors, holes, movers, len(self)), size - len(self)
@@ -217,7 +179,8 @@ class PostIndex:
     def _remove(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Swap-remove: each removed row below the new end takes one of the kept rows past it;
         returns (holes, movers): rows filled and the rows they were filled from."""
-        rows = np.array([self._rows.pop(i, -1) for i in ids.tolist()], np.int64)  # an id twice pops once
+        posts = ids.tolist()
+        rows = np.array([self._rows.pop(i, -1) for i in posts], np.int64)  # an id twice pops once
         rows = rows[rows >= 0]
         if not len(rows):
             return rows, rows
@@ -233,6 +196,7 @@ class PostIndex:
         # Public fields of faiss's flat index: its rows are `codes` (code_size bytes each) and `ntotal`.
         self._flat.codes.resize(end * self._flat.code_size)
         self._flat.ntotal = end
+        self._features.remove(posts, rows, holes, movers, end)
         return holes, movers
 
     def _write_device(self, op: RowWrite) -> None:
@@ -304,38 +268,37 @@ class PostIndex:
         in the index (the ranker reads history and candidates by id, and ranks unknown ones too)."""
         ids = np.asarray(post_ids, np.int64).reshape(-1)
         with self._lock:
-            return self._lookup(ids)
+            vectors, rows = self._lookup(ids)
+        return vectors, rows >= 0
 
-    def lookup_rows(self, post_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[int, Mapping[str, Any]]]:
-        """lookup, and the features of the posts held that have any (by id), as of one moment (their
-        lists read back as tuples)."""
+    def lookup_rows(self, post_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, FeatureRows]:
+        """lookup, and the features of the posts held that have any, as of one moment."""
         ids = np.asarray(post_ids, np.int64).reshape(-1)
         with self._lock:
-            vectors, found = self._lookup(ids)
-            rows: dict[int, Mapping[str, Any]] = {
-                p: dict(self._features[p]) for p in ids.tolist() if p in self._features
-            }
-        return vectors, found, rows
+            vectors, rows = self._lookup(ids)
+            found = rows >= 0
+            return vectors, found, self._features.take(rows[found], ids[found])
 
     def _lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors, each post's row or -1)."""
         out = np.zeros((len(ids), self.dim), np.float32)
         rows = np.array([self._rows.get(i, -1) for i in ids.tolist()], np.int64)
         found = rows >= 0
         if found.any():
             out[found] = self._vectors()[rows[found]]
-        return out, found
+        return out, rows
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) currently in the index."""
         with self._lock:
             return self._snapshot()
 
-    def features(self) -> Features:
-        """The features of every post that has any, by id: a copy of the map, the rows as held
-        (read-only pairs; `dict()` of one reads it). No row is copied: the writer takes this under
-        its lock, which holds its writes back meanwhile."""
+    def features(self) -> FeatureRows:
+        """The features of every post that has any, copied out (the writer takes this under its
+        lock, which holds its writes back meanwhile)."""
         with self._lock:
-            return dict(self._features)
+            n = len(self)
+            return self._features.take(np.arange(n), self._ids[:n])
 
     def _snapshot(self) -> tuple[np.ndarray, np.ndarray]:
         n = len(self)
@@ -343,19 +306,16 @@ class PostIndex:
         return self._ids[:n].copy(), vectors
 
     def save(self, path: Path) -> None:
-        with self._lock:
-            (ids, vectors), features = self._snapshot(), dict(self._features)
-        save_arrays(path, ids, vectors, self.meta, features)
+        save_arrays(path, *self.snapshot(), self.meta, self.features())
 
     @classmethod
     def load(cls, path: Path, engine: Engine = Engine()) -> PostIndex:
-        with gc_paused():  # a million rows parsed are millions of containers: no collector passes over them
-            ids, vectors, meta, features = load_arrays(path)
-            index = cls(int(meta["dim"]), {k: v for k, v in meta.items() if k not in OWN_KEYS}, engine)
-            if len(ids):
-                index.upsert(ids, vectors)
-            index._features = {
-                p: f if isinstance(f, tuple) else freeze_row(f) for p, f in features.items() if p in index._rows and f
-            }
+        ids, vectors, meta, features = load_arrays(path)
+        index = cls(int(meta["dim"]), {k: v for k, v in meta.items() if k not in OWN_KEYS}, engine)
+        if len(ids):
+            index.upsert(ids, vectors)
+        # The store's rows are the file's order (its ids are unique: a write refuses duplicates).
+        held = {p: r for p, r in features.others.items() if p in index._rows}
+        index._features.load(positions_of(features.ids, ids), replace(features, others=held))
         logger.info("loaded %d posts (dim %d) from %s", len(index), index.dim, path)
         return index

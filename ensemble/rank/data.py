@@ -344,7 +344,7 @@ class Tensorizer:
             out["history_actions"][i, :n] = [self.actions.get(it.action, self.neutral) for it in history]
             out["history_content"][i, :n] = self.content.lookup(ids)[0]
             out["history_mask"][i, :n] = True
-            liked = frozenset().union(*(self.features.tags(it.post_id) for it in history if is_engaged(it.action)))
+            liked = self.features.tag_union([it.post_id for it in history if is_engaged(it.action)])
             m = len(x.candidates)
             content, has = self.content.lookup(x.candidates)
             out["candidate_ids"][i, :m] = x.candidates

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from feedserve.files import atomic_write
+from feedserve.index.features import FeatureRows, Row
 from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.records import Post
 
@@ -96,7 +97,7 @@ class FeatureReader(Protocol):
 
     def percentiles(self, post_ids: Sequence[int], before: int | None = None) -> np.ndarray: ...
 
-    def tags(self, post_id: int) -> frozenset[str]: ...
+    def tag_union(self, post_ids: Sequence[int]) -> frozenset[str]: ...
 
     def affinity(self, post_ids: Sequence[int], liked: frozenset[str]) -> np.ndarray: ...
 
@@ -138,7 +139,7 @@ class PostFeatures:
         rows = {post.id: feature_row(post, buckets, counts) for post in posts}
         return cls({p: r["percentiles"] for p, r in rows.items()}, {p: r["tags"] for p, r in rows.items()}, counts, log)
 
-    def overlay(self, live: Mapping[int, Mapping[str, Any]]) -> FeatureReader:
+    def overlay(self, live: FeatureRows) -> FeatureReader:
         """These features read through `live` rows (`feature_row`, stored with a post by the index):
         a post's well-formed live row speaks for it, else this table."""
         return OverlaidFeatures(self, live)
@@ -154,6 +155,9 @@ class PostFeatures:
 
     def tags(self, post_id: int) -> frozenset[str]:
         return self._tags.get(int(post_id), frozenset())
+
+    def tag_union(self, post_ids: Sequence[int]) -> frozenset[str]:
+        return frozenset().union(*(self._tags.get(int(p), ()) for p in post_ids))
 
     def affinity(self, post_ids: Sequence[int], liked: frozenset[str]) -> np.ndarray:
         """[n] Jaccard similarity of each post's tags to `liked` (0 when both are empty), vectorised:
@@ -203,44 +207,65 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 class OverlaidFeatures:
-    """A table read through live rows, built per request: nothing is copied up front (a request reads
-    2,200 posts, and every one of them may have a live row), each read takes a post's live row where
-    it has a well-formed one (as many percentiles as the table has counts) and the table's otherwise."""
+    """A table read through live rows, built per request: each read takes a post's live row where it
+    has a well-formed one (as many percentiles as the table has counts) and the table's otherwise.
+    The live rows are columns (`FeatureRows`), read as arrays: a request reads 2,200 posts, and
+    every one of them may have a live row."""
 
-    def __init__(self, table: PostFeatures, live: Mapping[int, Mapping[str, Any]]) -> None:
+    def __init__(self, table: PostFeatures, live: FeatureRows) -> None:
         self.table, self.counts = table, table.counts
         width = len(self.counts)
-        self._live = {p: r for p, r in live.items() if r and len(r.get("percentiles", ())) == width}
+        # The columns, where their width is the table's, then the rows of other shapes that fit it
+        # (ints, other keys: read as floats and names), into columns of their own.
+        loose = {p: fit for p, row in live.others.items() if (fit := _loose(row, width)) is not None}
+        parts = (live, FeatureRows.from_rows(loose)) if loose else (live,)
+        self._parts = [rows for rows in parts if len(rows.ids) and rows.width == width]
 
-    def _split(self, post_ids: Sequence[int]) -> tuple[list[int], list[Mapping[str, Any]], list[int]]:
-        """(positions with a live row, those rows, positions without one)."""
-        found = [self._live.get(p) for p in post_ids]  # np.int64 and int keys hash alike
-        at = [i for i, r in enumerate(found) if r is not None]
-        rest = [i for i, r in enumerate(found) if r is None] if len(at) < len(found) else []
-        return at, [r for r in found if r is not None], rest
+    def _split(self, post_ids: Sequence[int]) -> tuple[np.ndarray, list[tuple[FeatureRows, np.ndarray, np.ndarray]]]:
+        """(the posts without a live row, and for each part: where its posts are in `post_ids`, and
+        their rows in it)."""
+        ids = np.asarray(post_ids, np.int64).reshape(-1)
+        rest = np.ones(len(ids), bool)
+        found = []
+        for part in self._parts:
+            rows = part.positions(ids)
+            at = np.flatnonzero((rows >= 0) & rest)
+            rest[at] = False
+            found.append((part, at, rows[at]))
+        return rest, found
 
     def percentiles(self, post_ids: Sequence[int], before: int | None = None) -> np.ndarray:
-        at, rows, rest = self._split(post_ids)
+        rest, found = self._split(post_ids)
         out = np.zeros((len(post_ids), len(self.counts)), np.float32)
-        if rest:
-            out[rest] = self.table.percentiles([post_ids[i] for i in rest], before)
-        if at:
-            out[at] = np.array([r["percentiles"] for r in rows], np.float32)
+        if rest.any():
+            out[rest] = self.table.percentiles(np.asarray(post_ids, np.int64)[rest].tolist(), before)
+        for part, at, rows in found:
+            out[at] = part.percentiles[rows]
         return out
 
-    def tags(self, post_id: int) -> frozenset[str]:
-        row = self._live.get(post_id)
-        return frozenset(row.get("tags", ())) if row is not None else self.table.tags(post_id)
+    def tag_union(self, post_ids: Sequence[int]) -> frozenset[str]:
+        rest, found = self._split(post_ids)
+        names = self.table.tag_union(np.asarray(post_ids, np.int64)[rest].tolist())
+        return names.union(*(part.tag_union(rows) for part, _, rows in found))
 
     def affinity(self, post_ids: Sequence[int], liked: frozenset[str]) -> np.ndarray:
         """PostFeatures.affinity, a live row's tags in place of the table's."""
-        at, rows, rest = self._split(post_ids)
+        rest, found = self._split(post_ids)
         out = np.zeros(len(post_ids), np.float32)
-        if rest:
-            out[rest] = self.table.affinity([post_ids[i] for i in rest], liked)
-        if at:
-            tags = [r.get("tags", ()) for r in rows]  # unique (feature_row's), so no set is built
-            inter = np.array([len(liked.intersection(t)) for t in tags], np.float32)
-            union = np.array([len(t) for t in tags], np.float32) + len(liked) - inter
-            out[at] = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+        if rest.any():
+            out[rest] = self.table.affinity(np.asarray(post_ids, np.int64)[rest].tolist(), liked)
+        for part, at, rows in found:
+            out[at] = part.affinity(rows, liked)
         return out
+
+
+def _loose(row: Row, width: int) -> dict[str, Any] | None:
+    """A row of another shape as `feature_row`'s, when it has `width` numeric percentiles; else None."""
+    values = dict(row)
+    percentiles, tags = values.get("percentiles", ()), values.get("tags", ())
+    if not isinstance(percentiles, list | tuple) or len(percentiles) != width or not isinstance(tags, list | tuple):
+        return None
+    try:
+        return {"percentiles": [float(x) for x in percentiles], "tags": sorted({str(t) for t in tags})}
+    except (TypeError, ValueError):
+        return None

@@ -130,8 +130,8 @@ def test_both_servers_answer_alike_and_see_each_others_writes(
         # counts event updates them.
         store = MilvusStore(lite.uri, dim)
         assert store.lookup_rows(np.array([990_002]))[2][990_002] == {
-            "percentiles": [0.0, 0.0],
-            "tags": ["documentary"],
+            "percentiles": (0.0, 0.0),
+            "tags": ("documentary",),
         }
         counts = {"type": "counts", "post_id": 990_002, "counts": {"ratings": 10_000, "mean_rating": 5.0}}
         # Engagements go into Milvus through one server, and the other's `rank` reads them: members
@@ -147,7 +147,7 @@ def test_both_servers_answer_alike_and_see_each_others_writes(
         stats = Ingester(one, tmp_path / "ingest").run(JsonlSource(events, tmp_path / "ingest"))
         assert (stats.events, stats.bad, stats.engagements, stats.unserved) == (61, 0, 60, 0)
         percentiles = store.lookup_rows(np.array([990_002]))[2][990_002]["percentiles"]
-        assert percentiles == [1.0, 1.0]  # the top buckets of both counts
+        assert percentiles == (1.0, 1.0)  # the top buckets of both counts
         deadline, after = time.monotonic() + 30, before
         while after[990_002] == pytest.approx(before[990_002], abs=1e-5) and time.monotonic() < deadline:
             time.sleep(0.2)

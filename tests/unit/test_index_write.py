@@ -202,8 +202,8 @@ def test_records_sent_with_upserts_give_the_ranker_each_posts_features(
     posts = _Posts(followed_index(layout, {}, Engine(), "rank"), DIM, table)
     _, features = posts.fetch(np.array([7, 8, 10]))
     seven = features.percentiles([7])[0]
-    assert seven.min() > 0.5 and features.tags(7) == {"drama", "ml"}
+    assert seven.min() > 0.5 and features.tag_union([7]) == {"drama", "ml"}
     # 8 was written with a record holding no counts or tags: that is what it holds now.
-    assert features.percentiles([8]).tolist() == [[0.0, 0.0]] and features.tags(8) == frozenset()
-    assert features.percentiles([10]).tolist() == [pytest.approx([0.2, 0.3])] and features.tags(10) == {"kept"}
+    assert features.percentiles([8]).tolist() == [[0.0, 0.0]] and features.tag_union([8]) == frozenset()
+    assert features.percentiles([10]).tolist() == [pytest.approx([0.2, 0.3])] and features.tag_union([10]) == {"kept"}
     assert PostIndex.load(layout.index).lookup_rows(np.array([7]))[2][7]["tags"] == ("drama", "ml")

@@ -148,13 +148,13 @@ def test_features_stored_with_a_post_reach_the_ranker_over_the_builds_table(lite
     vectors, found = content.lookup(np.array([1, 2, 3]))
     assert found.tolist() == [True, True, False]  # 3 is in the table, not in the index
     np.testing.assert_allclose(features.percentiles([1, 2, 3]), [[0.9, 0.5], [0.1, 0.2], [0.3, 0.4]])
-    assert [features.tags(p) for p in (1, 2, 3)] == [{"new"}, {"old"}, {"kept"}]
+    assert [features.tag_union([p]) for p in (1, 2, 3)] == [{"new"}, {"old"}, {"kept"}]
     # A rebuild keeps the features written while it filled; the rebuilt rows have none of their own.
     with milvus.rebuilding(store) as rebuild:
         store.write(np.array([5]), _unit(rng, 1), np.empty(0, np.int64), [live])
         rebuild.save(np.array([1, 2]), _unit(rng, 2))
     _, found, rows = store.lookup_rows(np.array([1, 5]))
-    assert found.all() and rows == {1: {}, 5: live}
+    assert found.all() and rows == {5: {"percentiles": (0.9, 0.5), "tags": ("new",)}}  # 1 has none
     with pytest.raises(IndexStoreError, match="feature rows"):
         store.write(np.array([6, 7]), _unit(rng, 2), np.empty(0, np.int64), [live])
 

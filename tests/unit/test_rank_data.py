@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from feedserve.index.features import FeatureRows
 from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.prompt.movielens import MovieLens, load_movielens
 from feedserve.rank.data import (
@@ -300,10 +301,11 @@ def test_live_rows_read_over_a_table_as_the_table_of_the_merged_rows(
     )
     merged = {**table_rows, **{p: r for p, r in live.items() if len(r.get("percentiles", ())) == 2}}
     want = PostFeatures({p: r["percentiles"] for p, r in merged.items()}, {p: r["tags"] for p, r in merged.items()})
-    got = table.overlay(live)
+    got = table.overlay(FeatureRows.from_rows(live))
     np.testing.assert_array_equal(got.percentiles(posts), want.percentiles(posts))
     np.testing.assert_allclose(got.affinity(posts, liked), want.affinity(posts, liked), rtol=1e-6)
-    assert [got.tags(p) for p in posts] == [want.tags(p) for p in posts]
+    assert [got.tag_union([p]) for p in posts] == [want.tags(p) for p in posts]
+    assert got.tag_union(posts) == want.tag_union(posts)
 
 
 def _history_tensors(config: RankerConfig, history: list[tuple[int, str]]) -> dict[str, np.ndarray]:
