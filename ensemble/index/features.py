@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -113,15 +113,27 @@ class FeatureRows(Mapping[int, Mapping[str, Any]]):
                 tags.append(split[1])
             elif row:
                 others[int(post)] = row
+        matrix = np.array(percentiles, np.float64).reshape(len(ids), len(percentiles[0]) if ids else 0)
+        return cls.pack(np.array(ids, np.int64), matrix, tags, others)
+
+    @classmethod
+    def pack(
+        cls,
+        ids: np.ndarray,
+        percentiles: np.ndarray,
+        tags: Sequence[Sequence[str]],
+        others: Mapping[int, Row] | None = None,
+    ) -> FeatureRows:
+        """Rows of these posts (unique), percentiles and tags, the tags numbered in sorted order."""
         vocabulary = sorted({t for names in tags for t in names})
         index = {t: i for i, t in enumerate(vocabulary)}
         return cls(
-            np.array(ids, np.int64),
-            np.array(percentiles, np.float64).reshape(len(ids), len(percentiles[0]) if ids else 0),
+            ids,
+            percentiles,
             np.concatenate([[0], np.cumsum([len(names) for names in tags])]).astype(np.int64),
             np.array([index[t] for names in tags for t in names], np.int32),
             vocabulary,
-            others,
+            dict(others or {}),
         )
 
     @classmethod
@@ -155,12 +167,8 @@ class FeatureRows(Mapping[int, Mapping[str, Any]]):
         if not len(self.ids):
             return {}
         order = np.argsort(self.ids, kind="stable")
-        sizes = np.diff(self.indptr)[order]
-        starts = self.indptr[:-1][order]
-        # Each row's run of tags, gathered in the new order: entry j of row i is tags[starts[i] + j].
-        within = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-        tags = self.tags[np.repeat(starts, sizes) + within]
-        used, tags = np.unique(tags, return_inverse=True)
+        entries, sizes = self._entries(order)
+        used, tags = np.unique(self.tags[entries], return_inverse=True)
         names = [self.vocabulary[t] for t in used.tolist()]
         return {
             "feature_ids": self.ids[order],
@@ -180,24 +188,30 @@ class FeatureRows(Mapping[int, Mapping[str, Any]]):
 
     def tag_union(self, positions: np.ndarray) -> frozenset[str]:
         """The names of the tags of the rows at `positions`."""
-        entries = np.isin(self._row_of_tag, positions)
+        entries, _ = self._entries(positions)
         return frozenset(self.vocabulary[t] for t in np.unique(self.tags[entries]).tolist())
 
     def affinity(self, positions: np.ndarray, liked: frozenset[str]) -> np.ndarray:
         """[len(positions)] Jaccard similarity of each row's tags to `liked` (0 when both are empty)."""
+        entries, sizes = self._entries(positions)
         liked_ids = [self._tag_ids[t] for t in liked if t in self._tag_ids]
-        hits = np.bincount(self._row_of_tag, weights=np.isin(self.tags, liked_ids), minlength=len(self.ids))
-        inter, sizes = hits[positions], np.diff(self.indptr)[positions]
+        hits = np.isin(self.tags[entries], liked_ids)
+        inter = np.bincount(np.repeat(np.arange(len(sizes)), sizes), weights=hits, minlength=len(sizes))
         union = sizes + len(liked) - inter
         return np.where(union > 0, inter / np.maximum(union, 1), 0.0).astype(np.float32)
+
+    def _entries(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(where the tags of the rows at `positions` are in `tags`, one run per row in that order;
+        each row's number of them): only those rows are read, however many this holds."""
+        positions = np.asarray(positions, np.int64)
+        sizes = self.indptr[positions + 1] - self.indptr[positions]
+        # Entry j of the i-th row asked for is tags[indptr[row] + j]: its place in the runs, shifted.
+        shift = np.repeat(self.indptr[positions] - (np.cumsum(sizes) - sizes), sizes)
+        return np.arange(int(sizes.sum())) + shift, sizes
 
     @cached_property
     def _order(self) -> np.ndarray:
         return np.argsort(self.ids, kind="stable")
-
-    @cached_property
-    def _row_of_tag(self) -> np.ndarray:
-        return np.repeat(np.arange(len(self.ids)), np.diff(self.indptr))
 
     @cached_property
     def _tag_ids(self) -> dict[str, int]:
@@ -315,7 +329,7 @@ class FeatureColumns:
         """The features of `posts` at store `rows`, copied out."""
         others = {p: self.others[p] for p in posts.tolist() if p in self.others} if self.others else {}
         if self.width is None:
-            return FeatureRows(*_no_columns(), others)
+            return replace(FeatureRows.empty(), others=others)
         inside = rows < len(self._has)
         rows, posts = rows[inside], posts[inside]
         keep = self._has[rows]
@@ -353,11 +367,3 @@ class FeatureColumns:
         entries = np.repeat(fits, sizes)
         self._tags[np.repeat(at, sizes)[entries], within[entries]] = features.tags[entries]
         self._has[at[fits]] = True
-
-    def nbytes(self) -> int:
-        return int(self._has.nbytes + self._percentiles.nbytes + self._tags.nbytes)
-
-
-def _no_columns() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    empty = FeatureRows.empty()
-    return empty.ids, empty.percentiles, empty.indptr, empty.tags, []

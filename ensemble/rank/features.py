@@ -113,20 +113,23 @@ class PostFeatures:
         """With a `log`, the counts can also be read as they stood at a moment (`percentiles`)."""
         self.counts = tuple(counts)
         self.log = log
-        self._percentiles = {int(k): np.asarray(v, np.float32) for k, v in (percentiles or {}).items()}
-        self._tags = {int(k): frozenset(v) for k, v in (tags or {}).items()}
-        # Each post's tags as sorted ids into one vocabulary, for affinity over many posts at once.
-        vocabulary = {t: i for i, t in enumerate(sorted(frozenset().union(*self._tags.values())))}
-        self._tag_ids = {p: np.array(sorted(vocabulary[t] for t in ts), np.int64) for p, ts in self._tags.items()}
-        self._vocabulary = vocabulary
-        self._no_tags = np.empty(0, np.int64)
-        self._none = np.zeros(len(self.counts), np.float32)
-        for post, row in self._percentiles.items():
-            if row.shape != self._none.shape:
-                raise ValueError(f"post {post}: {row.shape[0]} percentiles for {len(self.counts)} counts")
+        width = len(self.counts)
+        by_post = {int(k): np.asarray(v, np.float32) for k, v in (percentiles or {}).items()}
+        for post, row in by_post.items():
+            if row.shape != (width,):
+                raise ValueError(f"post {post}: {row.shape[0] if row.ndim else 0} percentiles for {width} counts")
+        names = {int(k): sorted(set(v)) for k, v in (tags or {}).items()}
+        posts = sorted(by_post.keys() | names.keys())
+        none = np.zeros(width, np.float32)
+        # Held as the index's live rows are (float32 values, as the ranker reads them), read the same way.
+        self._rows = FeatureRows.pack(
+            np.array(posts, np.int64),
+            np.array([by_post.get(p, none) for p in posts], np.float64).reshape(len(posts), width),
+            [names.get(p, []) for p in posts],
+        )
 
     def __len__(self) -> int:
-        return len(self._percentiles.keys() | self._tags.keys())
+        return len(self._rows.ids)
 
     @classmethod
     def from_posts(
@@ -151,34 +154,32 @@ class PostFeatures:
             return np.zeros((0, len(self.counts)), np.float32)
         if before is not None and self.log is not None:
             return self.log.percentiles(post_ids, before, self.counts)
-        return np.stack([self._percentiles.get(int(p), self._none) for p in post_ids])
+        rows = self._rows.positions(np.asarray(post_ids, np.int64))
+        out = np.zeros((len(rows), len(self.counts)), np.float32)
+        out[rows >= 0] = self._rows.percentiles[rows[rows >= 0]]
+        return out
 
     def tags(self, post_id: int) -> frozenset[str]:
-        return self._tags.get(int(post_id), frozenset())
+        return frozenset(self._rows.get(int(post_id), {}).get("tags", ()))
 
     def tag_union(self, post_ids: Sequence[int]) -> frozenset[str]:
-        return frozenset().union(*(self._tags.get(int(p), ()) for p in post_ids))
+        rows = self._rows.positions(np.asarray(post_ids, np.int64))
+        return self._rows.tag_union(rows[rows >= 0])
 
     def affinity(self, post_ids: Sequence[int], liked: frozenset[str]) -> np.ndarray:
-        """[n] Jaccard similarity of each post's tags to `liked` (0 when both are empty), vectorised:
-        a ranker reads thousands of candidates per request."""
-        rows = [self._tag_ids.get(int(p), self._no_tags) for p in post_ids]
-        if not rows:
-            return np.zeros(0, np.float32)
-        sizes = np.array([len(r) for r in rows], np.int64)
-        liked_ids = np.array(sorted(self._vocabulary[t] for t in liked if t in self._vocabulary), np.int64)
-        hits = np.isin(np.concatenate(rows), liked_ids)
-        inter = np.bincount(np.repeat(np.arange(len(rows)), sizes), weights=hits, minlength=len(rows))
-        union = sizes + len(liked) - inter
-        return np.where(union > 0, inter / np.maximum(union, 1), 0.0).astype(np.float32)
+        """[n] Jaccard similarity of each post's tags to `liked` (0 when both are empty, and for a
+        post the table does not hold), vectorised: a ranker reads thousands of candidates per request."""
+        rows = self._rows.positions(np.asarray(post_ids, np.int64))
+        out = np.zeros(len(rows), np.float32)
+        out[rows >= 0] = self._rows.affinity(rows[rows >= 0], liked)
+        return out
 
     def save(self, path: Path) -> None:
-        posts = sorted(self._percentiles.keys() | self._tags.keys())
         body = {
             "format": FORMAT,
             "counts": list(self.counts),
             "posts": {
-                str(p): {"percentiles": self.percentiles([p])[0].tolist(), "tags": sorted(self.tags(p))} for p in posts
+                str(p): {"percentiles": list(r["percentiles"]), "tags": list(r["tags"])} for p, r in self._rows.items()
             },
         }
         atomic_write(path, json.dumps(body, separators=(",", ":")) + "\n")
