@@ -67,19 +67,25 @@ def split_row(row: Row, width: int | None = None) -> tuple[tuple[float, ...], tu
         and all(type(x) is float for x in percentiles)
         and isinstance(tags, list | tuple)
         and all(isinstance(x, str) for x in tags)
+        and len(set(tags)) == len(tags)  # a tag set: affinity counts each tag once
     ):
         return tuple(percentiles), tuple(tags)
     return None
 
 
-def positions_of(wanted: np.ndarray, ids: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
-    """Where each of `wanted` is in `ids` (unique; `order` sorts them, where known), -1 where absent."""
+def positions_of(wanted: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Where each of `wanted` is in `ids` (unique), -1 where absent."""
+    order = np.argsort(ids)
+    return _search(wanted, order, ids[order])
+
+
+def _search(wanted: np.ndarray, order: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
+    """positions_of, the ids' sort given."""
     wanted = np.asarray(wanted, np.int64).reshape(-1)
-    if not len(ids):
+    if not len(sorted_ids):
         return np.full(len(wanted), -1, np.int64)
-    order = np.argsort(ids) if order is None else order
-    at = order[np.minimum(np.searchsorted(ids[order], wanted), len(ids) - 1)]
-    return np.where(ids[at] == wanted, at, -1)
+    at = np.minimum(np.searchsorted(sorted_ids, wanted), len(sorted_ids) - 1)
+    return np.where(sorted_ids[at] == wanted, order[at], -1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -184,7 +190,7 @@ class FeatureRows(Mapping[int, Mapping[str, Any]]):
 
     def positions(self, post_ids: np.ndarray) -> np.ndarray:
         """Each post's row in the columns, -1 where it has none there."""
-        return positions_of(post_ids, self.ids, self._order)
+        return _search(post_ids, self._order, self._sorted_ids)
 
     def tag_union(self, positions: np.ndarray) -> frozenset[str]:
         """The names of the tags of the rows at `positions`."""
@@ -214,6 +220,10 @@ class FeatureRows(Mapping[int, Mapping[str, Any]]):
         return np.argsort(self.ids, kind="stable")
 
     @cached_property
+    def _sorted_ids(self) -> np.ndarray:
+        return self.ids[self._order]
+
+    @cached_property
     def _tag_ids(self) -> dict[str, int]:
         """The names of the tags these rows use (the vocabulary may be the store's, of any size)."""
         return {self.vocabulary[t]: t for t in np.unique(self.tags).tolist()}
@@ -221,7 +231,10 @@ class FeatureRows(Mapping[int, Mapping[str, Any]]):
     def __getitem__(self, post: int) -> Mapping[str, Any]:
         if post in self.others:
             return dict(self.others[post])
-        at = int(self.positions(np.array([post]))[0])
+        try:
+            at = int(self.positions(np.array([post], np.int64))[0])
+        except (TypeError, ValueError, OverflowError):  # not an int64: no post's id
+            at = -1
         if at < 0:
             raise KeyError(post)
         names = self.tags[self.indptr[at] : self.indptr[at + 1]].tolist()
@@ -258,8 +271,10 @@ class FeatureColumns:
                 self.others.pop(post, None)
             return
         for row, post, feature in zip(rows.tolist(), posts, features, strict=True):
-            split = split_row(feature, self.width) if feature else None
-            if split is not None and len(split[1]) <= MAX_TAGS:
+            split = split_row(feature) if feature else None
+            if split is not None and len(split[0]) != self.width and self.width is not None and not self._has.any():
+                self.width = None  # no row holds the old width (the counts changed): this row sets the new one
+            if split is not None and (self.width is None or len(split[0]) == self.width) and len(split[1]) <= MAX_TAGS:
                 self._put(row, *split)
                 self.others.pop(post, None)
                 continue
@@ -330,6 +345,8 @@ class FeatureColumns:
         others = {p: self.others[p] for p in posts.tolist() if p in self.others} if self.others else {}
         if self.width is None:
             return replace(FeatureRows.empty(), others=others)
+        posts, first = np.unique(posts, return_index=True)  # each post once, asked for twice or not
+        rows = rows[first]
         inside = rows < len(self._has)
         rows, posts = rows[inside], posts[inside]
         keep = self._has[rows]

@@ -297,8 +297,11 @@ class PostIndex:
         """The features of every post that has any, copied out (the writer takes this under its
         lock, which holds its writes back meanwhile)."""
         with self._lock:
-            n = len(self)
-            return self._features.take(np.arange(n), self._ids[:n])
+            return self._all_features()
+
+    def _all_features(self) -> FeatureRows:
+        n = len(self)
+        return self._features.take(np.arange(n), self._ids[:n])
 
     def _snapshot(self) -> tuple[np.ndarray, np.ndarray]:
         n = len(self)
@@ -306,7 +309,9 @@ class PostIndex:
         return self._ids[:n].copy(), vectors
 
     def save(self, path: Path) -> None:
-        save_arrays(path, *self.snapshot(), self.meta, self.features())
+        with self._lock:  # the vectors and the features of one moment
+            (ids, vectors), features = self._snapshot(), self._all_features()
+        save_arrays(path, ids, vectors, self.meta, features)
 
     @classmethod
     def load(cls, path: Path, engine: Engine = Engine()) -> PostIndex:

@@ -268,5 +268,5 @@ def _loose(row: Row, width: int) -> dict[str, Any] | None:
         return None
     try:
         return {"percentiles": [float(x) for x in percentiles], "tags": sorted({str(t) for t in tags})}
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None

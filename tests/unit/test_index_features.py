@@ -26,6 +26,7 @@ ROW = st.one_of(
     st.builds(lambda t: {"tags": t, "percentiles": [0.5, 0.5]}, TAGS),  # another order
     st.builds(lambda n: {"percentiles": [0.5, 0.5], "tags": [f"t{i}" for i in range(n)]}, st.integers(15, 18)),
     st.builds(lambda t: {"percentiles": [0.5, 0.5], "tags": t, "extra": 1}, TAGS),
+    st.builds(lambda t: {"percentiles": [0.5, 0.5], "tags": [*t, *t]}, TAGS),  # a tag twice: kept as written
     st.just({}),
 )
 STEP = st.tuples(
@@ -113,3 +114,33 @@ def test_a_row_with_many_tags_is_held_whole_and_the_columns_stay_narrow() -> Non
     _, _, got = index.lookup_rows(np.array([1, 2]))
     assert _json(got) == _json({1: rows[0], 2: rows[1]})
     assert index._features._tags.shape[1] == 1 and list(got.others) == [1]
+
+
+def test_a_new_width_takes_the_columns_once_no_row_holds_the_old_one() -> None:
+    """The counts a build ranks by may change: once the rows of the old width are gone, rows of the
+    new one go in the columns rather than being held whole for good."""
+    rng = np.random.default_rng(3)
+    index = PostIndex(DIM)
+    index.write(np.array([1]), _unit(rng, 1), np.empty(0, np.int64), [{"percentiles": [0.5], "tags": ["a"]}])
+    index.write(np.array([2]), _unit(rng, 1), np.empty(0, np.int64), [{"percentiles": [0.5, 0.1], "tags": ["b"]}])
+    assert list(index.lookup_rows(np.array([1, 2]))[2].others) == [2]  # the first width holds
+    index.delete(np.array([1]))
+    index.write(np.array([3]), _unit(rng, 1), np.empty(0, np.int64), [{"percentiles": [0.2, 0.3], "tags": ["c"]}])
+    _, _, rows = index.lookup_rows(np.array([2, 3, 3]))  # a post asked for twice is read once
+    assert rows.ids.tolist() == [3] and list(rows.others) == [2] and len(rows) == 2
+    assert rows[3] == {"percentiles": (0.2, 0.3), "tags": ("c",)}
+    assert rows.get("x") is None and rows.get(10**30) is None  # no post's id: absent, not an error
+
+
+def test_a_row_repeating_a_tag_is_held_as_written_and_read_as_its_set() -> None:
+    from feedserve.rank.features import PostFeatures
+
+    index = PostIndex(DIM)
+    row = {"percentiles": [0.1, 0.2], "tags": ["a", "a"]}
+    index.write(np.array([1]), _unit(np.random.default_rng(4), 1), np.empty(0, np.int64), [row])
+    _, _, rows = index.lookup_rows(np.array([1]))
+    assert _json(rows) == {1: row} and list(rows.others) == [1]
+    overlaid = PostFeatures(counts=("ratings", "mean_rating")).overlay(rows)
+    assert overlaid.affinity([1], frozenset({"a"})).tolist() == [1.0]  # |{a} & {a}| / |{a} | {a}|
+    huge = FeatureRows.from_rows({2: {"percentiles": [10**400, 0], "tags": []}})  # no float holds it
+    assert PostFeatures(counts=("ratings", "mean_rating")).overlay(huge).percentiles([2]).tolist() == [[0.0, 0.0]]
