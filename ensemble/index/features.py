@@ -271,19 +271,16 @@ class FeatureColumns:
                 self.others.pop(post, None)
             return
         for row, post, feature in zip(rows.tolist(), posts, features, strict=True):
+            if row < len(self._has):
+                self._has[row] = False  # replaced: what the post held goes, in the columns or not
+            self.others.pop(post, None)
             split = split_row(feature) if feature else None
-            if split is not None and len(split[0]) != self.width and self.width is not None and not self._has.any():
+            if split is not None and self.width is not None and len(split[0]) != self.width and not self._has.any():
                 self.width = None  # no row holds the old width (the counts changed): this row sets the new one
             if split is not None and (self.width is None or len(split[0]) == self.width) and len(split[1]) <= MAX_TAGS:
                 self._put(row, *split)
-                self.others.pop(post, None)
-                continue
-            if row < len(self._has):
-                self._has[row] = False
-            if feature:
+            elif feature:
                 self.others[post] = freeze_row(feature)
-            else:
-                self.others.pop(post, None)
 
     def _put(self, row: int, percentiles: tuple[float, ...], tags: tuple[str, ...]) -> None:
         if self.width is None:

@@ -130,6 +130,10 @@ def test_a_new_width_takes_the_columns_once_no_row_holds_the_old_one() -> None:
     assert rows.ids.tolist() == [3] and list(rows.others) == [2] and len(rows) == 2
     assert rows[3] == {"percentiles": (0.2, 0.3), "tags": ("c",)}
     assert rows.get("x") is None and rows.get(10**30) is None  # no post's id: absent, not an error
+    index.delete(np.array([2, 3]))
+    index.write(np.array([4]), _unit(rng, 1), np.empty(0, np.int64), [{"percentiles": [0.1], "tags": []}])
+    index.write(np.array([4]), _unit(rng, 1), np.empty(0, np.int64), [{"percentiles": [0.1, 0.2, 0.3], "tags": []}])
+    assert index.lookup_rows(np.array([4]))[2].ids.tolist() == [4]  # its own replacement held the only row
 
 
 def test_a_row_repeating_a_tag_is_held_as_written_and_read_as_its_set() -> None:
