@@ -76,16 +76,17 @@ def split_row(row: Row, width: int | None = None) -> tuple[tuple[float, ...], tu
 def positions_of(wanted: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Where each of `wanted` is in `ids` (unique), -1 where absent."""
     order = np.argsort(ids)
-    return _search(wanted, order, ids[order])
+    return search_sorted(wanted, ids[order], order)
 
 
-def _search(wanted: np.ndarray, order: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
-    """positions_of, the ids' sort given."""
+def search_sorted(wanted: np.ndarray, sorted_ids: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
+    """Where each of `wanted` is in `sorted_ids` (ascending, unique), -1 where absent; with `order`
+    (the argsort that sorted them), its place in the ids before the sort."""
     wanted = np.asarray(wanted, np.int64).reshape(-1)
     if not len(sorted_ids):
         return np.full(len(wanted), -1, np.int64)
     at = np.minimum(np.searchsorted(sorted_ids, wanted), len(sorted_ids) - 1)
-    return np.where(sorted_ids[at] == wanted, order[at], -1)
+    return np.where(sorted_ids[at] == wanted, at if order is None else order[at], -1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -190,7 +191,7 @@ class FeatureRows(Mapping[int, Mapping[str, Any]]):
 
     def positions(self, post_ids: np.ndarray) -> np.ndarray:
         """Each post's row in the columns, -1 where it has none there."""
-        return _search(post_ids, self._order, self._sorted_ids)
+        return search_sorted(post_ids, self._sorted_ids, self._order)
 
     def tag_union(self, positions: np.ndarray) -> frozenset[str]:
         """The names of the tags of the rows at `positions`."""

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from feedserve.files import atomic_file
+from feedserve.index.features import search_sorted
 
 FORMAT = "feedserve.coengagement/1"
 # Transitions: a post engaged with within this many engagements after another, by the same member.
@@ -207,11 +208,7 @@ class CoEngagement:
 
     def _rows(self, post_ids: Sequence[int]) -> np.ndarray:
         """Each post's row, -1 where the table does not hold it."""
-        ids = np.asarray(post_ids, np.int64).reshape(-1)
-        if not len(self.posts):
-            return np.full(len(ids), -1, np.int64)
-        at = np.minimum(np.searchsorted(self.posts, ids), len(self.posts) - 1)
-        return np.where(self.posts[at] == ids, at, -1)
+        return search_sorted(np.asarray(post_ids, np.int64), self.posts)
 
     def _entries(
         self, post_ids: Sequence[int], own: int, before: int | None
