@@ -55,7 +55,7 @@ def _frozen(value: Any) -> Any:
 
 def split_row(row: Row, width: int | None = None) -> tuple[tuple[float, ...], tuple[str, ...]] | None:
     """(percentiles, tags) of a row in `feature_row`'s shape (exactly those keys in that order,
-    floats, `width` of them where given, and strings), else None: such a row goes in the columns
+    floats, `width` of them where given, and distinct strings), else None: such a row goes in the columns
     and reads back exactly as written; any other is kept as it came."""
     pairs = list(row.items()) if isinstance(row, Mapping) else list(row)
     if [k for k, _ in pairs] != ["percentiles", "tags"]:
@@ -101,8 +101,8 @@ class FeatureRows(Mapping[int, Mapping[str, Any]]):
     others: Mapping[int, Row] = field(default_factory=dict)  # the rows of other shapes, by post id
 
     @classmethod
-    def empty(cls, width: int = 0) -> FeatureRows:
-        return cls(np.empty(0, np.int64), np.empty((0, width)), np.zeros(1, np.int64), np.empty(0, np.int32), [])
+    def empty(cls) -> FeatureRows:
+        return cls(np.empty(0, np.int64), np.empty((0, 0)), np.zeros(1, np.int64), np.empty(0, np.int32), [])
 
     @classmethod
     def from_rows(cls, rows: Mapping[int, Row]) -> FeatureRows:
@@ -264,14 +264,14 @@ class FeatureColumns:
         self._compact_at = VOCABULARY_SLACK
         self.others: dict[int, FrozenRow] = {}
 
-    def write(self, rows: np.ndarray, posts: Sequence[int], features: Sequence[Mapping[str, Any]] | None) -> None:
+    def write(self, rows: np.ndarray, posts: np.ndarray, features: Sequence[Mapping[str, Any]] | None) -> None:
         """Each of `posts`, at store `rows`, now has its row of `features` (None, or an empty row: none)."""
-        if features is None:
+        if features is None:  # nothing per post unless some are held (a bulk load of vectors costs nothing here)
             self._has[rows[rows < len(self._has)]] = False
-            for post in posts if self.others else ():
+            for post in posts.tolist() if self.others else ():
                 self.others.pop(post, None)
             return
-        for row, post, feature in zip(rows.tolist(), posts, features, strict=True):
+        for row, post, feature in zip(rows.tolist(), posts.tolist(), features, strict=True):
             if row < len(self._has):
                 self._has[row] = False  # replaced: what the post held goes, in the columns or not
             self.others.pop(post, None)
@@ -320,9 +320,12 @@ class FeatureColumns:
         remap = np.full(len(self._vocabulary) + 1, -1, np.int32)  # the last entry maps -1 to -1
         remap[used] = np.arange(len(used), dtype=np.int32)
         self._tags = remap[self._tags]
-        self._vocabulary = [self._vocabulary[t] for t in used.tolist()]
-        self._tag_id = {t: i for i, t in enumerate(self._vocabulary)}
-        self._compact_at = 2 * len(self._vocabulary) + VOCABULARY_SLACK
+        self._set_vocabulary([self._vocabulary[t] for t in used.tolist()])
+
+    def _set_vocabulary(self, names: list[str]) -> None:
+        self._vocabulary = names
+        self._tag_id = {t: i for i, t in enumerate(names)}
+        self._compact_at = 2 * len(names) + VOCABULARY_SLACK
 
     def remove(self, posts: Sequence[int], rows: np.ndarray, holes: np.ndarray, movers: np.ndarray, end: int) -> None:
         """`posts` are deleted from store `rows`; then rows `holes` took rows `movers` and the store
@@ -372,9 +375,7 @@ class FeatureColumns:
         if not fits.any():
             return
         self.width = features.width
-        self._vocabulary = list(features.vocabulary)
-        self._tag_id = {t: i for i, t in enumerate(self._vocabulary)}
-        self._compact_at = 2 * len(self._vocabulary) + VOCABULARY_SLACK
+        self._set_vocabulary(list(features.vocabulary))
         self._percentiles = np.zeros((0, self.width))
         self._grow(int(at.max()) + 1, int(sizes[fits].max(initial=0)))
         self._percentiles[at[fits]] = features.percentiles[fits]

@@ -155,8 +155,7 @@ class PostIndex:
         at[new] = np.arange(len(self), len(self) + len(new_ids))
         if len(new_ids):
             self._append(new_ids, new_vectors)
-        if features is not None or self._features.width is not None or self._features.others:
-            self._features.write(at, upsert_ids.tolist(), features)  # before the deletes move rows
+        self._features.write(at, upsert_ids, features)  # before the deletes move rows
         size = len(self)
         holes, movers = self._remove(delete_ids)
         return RowWrite(rows, replaced, new_ids, new_vectors, holes, movers, len(self)), size - len(self)

@@ -160,7 +160,7 @@ class PostFeatures:
         return out
 
     def tags(self, post_id: int) -> frozenset[str]:
-        return frozenset(self._rows.get(int(post_id), {}).get("tags", ()))
+        return self.tag_union([post_id])
 
     def tag_union(self, post_ids: Sequence[int]) -> frozenset[str]:
         rows = self._rows.positions(np.asarray(post_ids, np.int64))
