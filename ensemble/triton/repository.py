@@ -331,25 +331,21 @@ def _with_writer(
     configs: dict[ModelName, mc.ModelConfig], settings: RepositorySettings
 ) -> dict[ModelName, mc.ModelConfig]:
     if settings.index_writer:
-        # The live index's single writer: one instance on purpose (see feedserve.index.live).
-        configs[ModelName.INDEX_WRITE] = _python_model(
-            ModelName.INDEX_WRITE,
-            "feedserve.triton.index_write",
-            settings,
-            1,
-            settings.knn_queue_delay_us,
-            {"snapshot_every": str(settings.snapshot_every), **settings.index_params()},
-        )
-        # The engagement log's writer, beside the index's (feedserve.rank.engagements): in the local
-        # index's directory (its single writer) or in Milvus.
-        configs[ModelName.ENGAGE_WRITE] = _python_model(
-            ModelName.ENGAGE_WRITE,
-            "feedserve.triton.engage_write",
-            settings,
-            1,
-            settings.knn_queue_delay_us,
-            {"snapshot_every": str(settings.snapshot_every), **settings.index_params()},
-        )
+        # The live index's single writer: one instance on purpose (see feedserve.index.live), and the
+        # engagement log's writer beside it (feedserve.rank.engagements): in the local index's
+        # directory (its single writer) or in Milvus. Both snapshot their logs alike.
+        for name, module in (
+            (ModelName.INDEX_WRITE, "feedserve.triton.index_write"),
+            (ModelName.ENGAGE_WRITE, "feedserve.triton.engage_write"),
+        ):
+            configs[name] = _python_model(
+                name,
+                module,
+                settings,
+                1,
+                settings.knn_queue_delay_us,
+                {"snapshot_every": str(settings.snapshot_every), **settings.index_params()},
+            )
     return configs
 
 
