@@ -12,6 +12,11 @@ writer's open (load the snapshot, replay the log), one `rank` request's read of 
 ranker then reads of their features (the history's tags, the candidates' percentiles and tag
 affinity: through the live rows over the build's table, `PostFeatures.overlay`, or from the table
 alone holding every post), the features' memory, and a full pass of the garbage collector.
+
+And how the store finds a post's row from its id, the first step of that read, three ways over the
+same random ids: a comprehension of `dict.get` (before), `map` of the dict's bound `get`, which
+loops in C (`PostIndex._rows_of`), and a binary search in a sorted id array (what writes would have
+to keep sorted instead of the dict).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +39,7 @@ import numpy as np
 
 from benchmarks.peers import unit_vectors
 from feedserve.clients.perf import machine
-from feedserve.index.features import FeatureColumns, positions_of
+from feedserve.index.features import FeatureColumns, positions_of, search_sorted
 from feedserve.index.live import IndexWriter
 from feedserve.index.snapshot import load_arrays
 from feedserve.index.store import PostIndex
@@ -141,6 +147,31 @@ def measure(n: int, dim: int, featured: bool, reps: int, rows: list[dict[str, An
     return row
 
 
+def id_lookup(n: int, reps: int = 61) -> dict[str, Any]:
+    """Medians over `reps` draws of READ random held ids, the three ways interleaved in one process."""
+    rng = np.random.default_rng(0)
+    ids = rng.choice(1 << 40, n, replace=False).astype(np.int64)
+    rows = dict(zip(ids.tolist(), range(n), strict=True))
+    order = np.argsort(ids)
+    sorted_ids = ids[order]
+    get = rows.get
+    ways: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+        "comprehension": lambda q: np.array([get(i, -1) for i in q.tolist()], np.int64),
+        "map": lambda q: np.fromiter(map(get, q.tolist(), repeat(-1, len(q))), np.int64, len(q)),
+        "sorted search": lambda q: search_sorted(q, sorted_ids, order),
+    }
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(reps):
+        wanted = ids[rng.integers(0, n, READ)]
+        answers = []
+        for name, way in ways.items():
+            started = time.perf_counter()
+            answers.append(way(wanted))
+            times[name].append((time.perf_counter() - started) * 1000)
+        assert all(np.array_equal(answers[0], a) for a in answers[1:])
+    return {"posts": n, **{f"{name}_ms": statistics.median(t) for name, t in times.items()}}
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Ranking features in the local index",
@@ -167,6 +198,17 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r['open_s']:.2f} | {r['lookup_ms']:.1f} | {r['features_read_ms']:.1f} | {r['features_held_mb']:.0f} | "
             f"{r['full_gc_ms']:.0f} |"
         )
+    lines += [
+        "",
+        f"A post's row from its id, {READ:,} random held ids (medians of 61 draws, the ways interleaved):",
+        "",
+        "| posts | comprehension ms | map ms | sorted search ms |",
+        "|---|---|---|---|",
+    ]
+    for r in report.get("id_lookup", []):
+        lines.append(
+            f"| {r['posts']:,} | {r['comprehension_ms']:.2f} | {r['map_ms']:.2f} | {r['sorted search_ms']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -184,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "reps": args.reps,
         "rows": [measure(n, args.dim, featured, args.reps, rows) for n in args.sizes for featured in (False, True)],
+        "id_lookup": [id_lookup(n) for n in args.sizes],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "index_features.json").write_text(json.dumps(report, indent=2) + "\n")
