@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from feedserve.files import atomic_write
-from feedserve.index.features import FeatureRows, Row
+from feedserve.index.features import FeatureRows, Row, search_sorted
 from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.records import Post
 
@@ -90,6 +90,47 @@ class CountLog:
         return out
 
 
+class EventCounts:
+    """Each post's number of events of each kind (views, likes, comments, shares: a feed's counts, where
+    CountLog holds MovieLens's ratings) as they stood before any moment, as percentiles of `buckets`."""
+
+    _SHIFT = CountLog._SHIFT  # a post's row and an event's time in one sortable key
+
+    def __init__(self, events: Iterable[tuple[int, int, str]], buckets: PercentileBuckets) -> None:
+        rows = list(events)
+        self._posts = np.unique(np.array([p for p, _, _ in rows], np.int64))
+        time = np.array([t for _, t, _ in rows], np.int64)
+        if len(time) and (time.min() < 0 or time.max() >= self._SHIFT):
+            raise ValueError("event counts: times must be unix seconds")
+        keys = np.searchsorted(self._posts, np.array([p for p, _, _ in rows], np.int64)) * self._SHIFT + time
+        kinds = np.array([k for _, _, k in rows], dtype=object)
+        # Per kind, the sorted keys: a post's events before a moment are one searchsorted run.
+        self._keys = {str(k): np.sort(keys[kinds == k]) for k in set(kinds.tolist())}
+        self._buckets = buckets
+
+    def percentiles(self, post_ids: Sequence[int], before: int, counts: Sequence[str]) -> np.ndarray:
+        """[n, len(counts)] float32 0..1; 0 for a post with no events of a kind yet, or none at all."""
+        ids = np.asarray(post_ids, np.int64).reshape(-1)
+        rows = search_sorted(ids, self._posts)
+        known = rows >= 0
+        start = rows[known] * self._SHIFT
+        out = np.zeros((len(ids), len(counts)), np.float32)
+        top = self._buckets.n_buckets - 1
+        for j, name in enumerate(counts):
+            keys = self._keys.get(name)
+            if keys is None or name not in self._buckets.cut_points:
+                continue
+            n = np.searchsorted(keys, start + min(max(before, 0), self._SHIFT - 1)) - np.searchsorted(keys, start)
+            out[known, j] = np.where(n > 0, self._buckets.buckets(name, n.astype(np.float64)) / top, 0.0)
+        return out
+
+
+class CountHistory(Protocol):
+    """Counts as they stood at a moment (CountLog, EventCounts)."""
+
+    def percentiles(self, post_ids: Sequence[int], before: int, counts: Sequence[str]) -> np.ndarray: ...
+
+
 class FeatureReader(Protocol):
     """What the ranker reads of posts' features (PostFeatures, or one overlaid with live rows)."""
 
@@ -108,7 +149,7 @@ class PostFeatures:
         percentiles: Mapping[int, Sequence[float] | np.ndarray] | None = None,
         tags: Mapping[int, Iterable[str]] | None = None,
         counts: Sequence[str] = COUNT_FEATURES,
-        log: CountLog | None = None,
+        log: CountHistory | None = None,
     ) -> None:
         """With a `log`, the counts can also be read as they stood at a moment (`percentiles`)."""
         self.counts = tuple(counts)
@@ -137,7 +178,7 @@ class PostFeatures:
         posts: Iterable[Post],
         buckets: PercentileBuckets | None,
         counts: Sequence[str] = COUNT_FEATURES,
-        log: CountLog | None = None,
+        log: CountHistory | None = None,
     ) -> PostFeatures:
         rows = {post.id: feature_row(post, buckets, counts) for post in posts}
         return cls({p: r["percentiles"] for p, r in rows.items()}, {p: r["tags"] for p, r in rows.items()}, counts, log)

@@ -27,6 +27,9 @@ Batch = Mapping[str, torch.Tensor]
 # The final score's weight per task (a negative task counts against a post); serving takes them from
 # its settings (the rank config's `task_weights`), which default to these.
 DEFAULT_TASK_WEIGHTS = {"like": 1.0, "love": 0.5, "dislike": -1.0}
+# The same for a feed ranker's six tasks (feedserve.training.rank_feed): active engagement counts more
+# than passive, a skip against.
+FEED_TASK_WEIGHTS = {"click": 0.2, "long dwell": 0.5, "like": 1.0, "comment": 1.5, "share": 2.0, "skip": -1.0}
 
 
 def multitask_loss(
