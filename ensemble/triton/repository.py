@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from feedserve.index.milvus import DEFAULT_COLLECTION
 from feedserve.ops.launcher import DEFAULT_REPOSITORY
-from feedserve.rank.train import DEFAULT_TASK_WEIGHTS
+from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, FEED_TASK_WEIGHTS
 from feedserve.schema import IO, MAX_BATCH, ModelName, RecordKind, TensorSpec
 from feedserve.triton.encoder import GROUPINGS, PRECISIONS
 
@@ -424,11 +425,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--milvus-collection", default=DEFAULT_COLLECTION, help="the Milvus index's name")
     parser.add_argument(
+        "--task-weights",
+        type=task_weights_arg,
+        default=DEFAULT_TASK_WEIGHTS,
+        help="the final score's weight per ranker task: a JSON object, or `movielens` (the default: like, love, "
+        "dislike) or `feed` (click, long dwell, like, comment, share, skip); `rank` refuses weights that do not "
+        "name exactly its ranker's tasks",
+    )
+    parser.add_argument(
         "--precision",
         choices=PRECISIONS,
         default="auto",
         help="the CPU encoder's graph (auto: int8 where `feedserve build` wrote one, else fp32)",
     )
+
+
+PRESET_TASK_WEIGHTS = {"movielens": DEFAULT_TASK_WEIGHTS, "feed": FEED_TASK_WEIGHTS}
+
+
+def task_weights_arg(value: str) -> dict[str, float]:
+    """`--task-weights`: a preset's name, or a JSON object of task names to finite numbers."""
+    if value in PRESET_TASK_WEIGHTS:
+        return PRESET_TASK_WEIGHTS[value]
+    try:
+        weights = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not a preset ({', '.join(PRESET_TASK_WEIGHTS)}) or JSON: {err}") from err
+    if (
+        not isinstance(weights, dict)
+        or not weights
+        or not all(
+            isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) for w in weights.values()
+        )
+    ):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of task names to finite numbers, got {value!r}")
+    return {str(task): float(w) for task, w in weights.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -445,6 +476,7 @@ def render(args: argparse.Namespace) -> int:
         index=args.index,
         milvus_uri=args.milvus_uri,
         milvus_collection=args.milvus_collection,
+        task_weights=tuple(args.task_weights.items()),
     )
     if args.check:
         stale = drift(args.out, settings)

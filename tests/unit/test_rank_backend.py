@@ -21,6 +21,7 @@ from feedserve.rank.data import PostTable, RankExample, Tensorizer, member_inter
 from feedserve.rank.features import PostFeatures
 from feedserve.rank.model import INPUTS, GenerativeRanker
 from feedserve.rank.train import DEFAULT_TASK_WEIGHTS
+from feedserve.schema import ModelName
 from feedserve.triton.base import RequestError
 from feedserve.triton.rank import RankModel
 
@@ -252,3 +253,60 @@ def test_an_engagement_logged_since_the_build_is_co_engaged_at_the_next_merge(
     after = dict(zip(*(_ok(rank, request)[k][0].tolist() for k in ("IDS", "SCORES")), strict=True))
     assert after[other] == pytest.approx(before[other], abs=1e-6)
     assert after[fresh] != pytest.approx(before[fresh], abs=1e-4)
+
+
+def test_a_feed_ranker_serves_its_six_tasks_by_the_rendered_weights(layout: ArtifactLayout, tmp_path: Path) -> None:
+    """A ranker trained on the feed's tasks (feedserve.training.rank_feed), exported into artifacts
+    and served with `feedserve render --task-weights feed`: one probability per task, ranked by
+    their weighted sum; the default weights, which name other tasks, are refused at load by name."""
+    from feedserve.ops.builder import SAMPLE_CORPUS, build_ranker
+    from feedserve.rank.model import RankerConfig
+    from feedserve.rank.train import FEED_TASK_WEIGHTS
+    from feedserve.training.rank_feed import feed_config
+    from feedserve.triton.repository import RepositorySettings, render_configs, task_weights_arg
+
+    torch.manual_seed(1)
+    config = feed_config(DIM, d_model=16, n_heads=2, n_layers=1, max_history=20, id_buckets=1024, max_rank=24)
+    package = tmp_path / "feed-ranker"
+    GenerativeRanker(config, known_ids=torch.from_numpy(POSTS)).save(package)
+    root = tmp_path / "artifacts"
+    shutil.copytree(layout.root, root)
+    feed_layout = ArtifactLayout(root)
+    build_ranker(feed_layout, package, SAMPLE_CORPUS, force=True)
+    feed_layout.write_manifest()
+    settings = RepositorySettings(task_weights=tuple(task_weights_arg("feed").items()))
+    rendered = render_configs(settings)[ModelName.RANK].parameters
+    params = {"max_candidates": "64", **{k: v.string_value for k, v in rendered.items() if k != "max_candidates"}}
+    served = RankModel()
+    served.setup(feed_layout, params)
+    history = [(501, "share"), (502, "long dwell"), (503, "skip"), (504, "comment"), (999_999, "click")]
+    candidates = [505, 510, 777_777, 520, 530]
+    request = _request([_member(history)], [candidates], k=5)
+    out = _ok(served, request)
+    model = GenerativeRanker.load(package)
+    features, coengagement = PostFeatures.load(feed_layout.post_features), CoEngagement.load(feed_layout.coengagement)
+    tensorize = Tensorizer(model.config, PostTable(POSTS, VECTORS), features, coengagement)
+    example = RankExample(
+        3,
+        member_interactions(parse_member(_member(history))),
+        request["QUERY"][0],  # type: ignore[index]
+        np.array(candidates, np.int64),
+        request["CANDIDATE_SCORES"][0],  # type: ignore[index]
+        np.zeros((len(candidates), len(config.tasks)), np.float32),
+    )
+    with torch.no_grad():
+        t = tensorize.batch([example])
+        probabilities = torch.sigmoid(model(**{k: t[k] for k in INPUTS}))[0].numpy()
+    final = probabilities @ np.array([FEED_TASK_WEIGHTS[task] for task in config.tasks], np.float32)
+    order = np.argsort(-final, kind="stable")
+    assert out["TASK_SCORES"].shape == (1, 5, 6)
+    assert out["IDS"][0].tolist() == np.array(candidates)[order].tolist()
+    np.testing.assert_allclose(out["SCORES"][0], final[order], atol=1e-4)
+    np.testing.assert_allclose(out["TASK_SCORES"][0], probabilities[order], atol=1e-4)
+    # The history's feed actions are tokens of their own: read as neutral, the scores move.
+    assert {"share", "long dwell", "skip", "comment", "click"} <= set(config.actions)
+    neutral = _ok(served, _request([_member([(p, "view") for p, _ in history])], [candidates], k=5))
+    assert not np.allclose(np.sort(neutral["SCORES"][0]), np.sort(out["SCORES"][0]), atol=1e-6)
+    with pytest.raises(ValueError, match="must weigh exactly the ranker's tasks"):
+        RankModel().setup(feed_layout, {"max_candidates": "64"})
+    assert RankerConfig.load(feed_layout.ranker_config).tasks == config.tasks

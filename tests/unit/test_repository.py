@@ -78,3 +78,26 @@ def test_the_encoder_precision_is_a_cpu_choice() -> None:
         render_configs(RepositorySettings(variant="gpu-torch", encoder_precision="int8"))
     with pytest.raises(ValueError, match="unknown encoder precision"):
         RepositorySettings(encoder_precision="int4")
+
+
+def test_task_weights_are_a_preset_or_a_json_object_of_finite_numbers(tmp_path: Path) -> None:
+    import argparse
+    import json
+
+    from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, FEED_TASK_WEIGHTS
+    from feedserve.triton.repository import main, task_weights_arg
+
+    assert task_weights_arg("feed") == FEED_TASK_WEIGHTS and task_weights_arg("movielens") == DEFAULT_TASK_WEIGHTS
+    assert task_weights_arg('{"like": 1, "skip": -0.5}') == {"like": 1.0, "skip": -0.5}
+    for bad in ("fed", "[1, 2]", "{}", '{"like": "1"}', '{"like": true}', '{"like": NaN}', '{"like": 1e999}'):
+        with pytest.raises(argparse.ArgumentTypeError):
+            task_weights_arg(bad)
+    # Rendered into the rank model's parameters, which its backend checks against its ranker.
+    assert main(["--out", str(tmp_path), "--task-weights", "feed"]) == 0
+    params = render_configs(RepositorySettings(task_weights=tuple(FEED_TASK_WEIGHTS.items())))[
+        ModelName.RANK
+    ].parameters
+    assert json.loads(params["task_weights"].string_value) == FEED_TASK_WEIGHTS
+    assert params["tasks"].string_value == ",".join(FEED_TASK_WEIGHTS)
+    feed = RepositorySettings(task_weights=tuple(FEED_TASK_WEIGHTS.items()))
+    assert drift(tmp_path, feed) == [] and drift(tmp_path, RepositorySettings()) == ["rank/config.pbtxt"]
