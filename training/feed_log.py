@@ -85,16 +85,6 @@ class FeedLog:
             events.extend((i.post, i.at, named[a]) for a in i.actions if a in named)
         return events
 
-    def history(self, member: int, before: int) -> list[Engagement]:
-        """The member's impressions with an action before `before`, oldest first, as a member record
-        holds them (with the post records, which the retrieval prompt reads)."""
-        posts = {p.id: p for p in self.posts}
-        return [
-            Engagement(post_id=i.post, engaged_at=i.at, action=i.action, post=posts[i.post])
-            for i in self.impressions
-            if i.member == member and i.at < before and i.action is not None
-        ]
-
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))

@@ -147,3 +147,42 @@ def test_the_six_task_ranker_trains_and_evaluates_end_to_end(tiny_artifacts: Art
     resumed = GenerativeRanker.load(tmp_path / "b")
     for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+class _MeanOfPosts:
+    """Stands in for the encoder where the split, not the embedding, is tested: a member is the mean
+    of the posts they acted on."""
+
+    def __init__(self, posts: list[int]) -> None:
+        self.row = {p: i for i, p in enumerate(posts)}
+        self.posts = np.random.default_rng(0).normal(size=(len(posts), 8)).astype(np.float32)
+
+    def member_vectors(self, members: list[Member]) -> np.ndarray:
+        return np.stack(
+            [
+                self.posts[[self.row[h.post_id] for h in m.history]].mean(0) if m.history else np.zeros(8)
+                for m in members
+            ]
+        )
+
+    def save_members(self) -> None:
+        pass
+
+
+def test_the_split_trains_before_the_cutoff_and_counts_only_what_came_before() -> None:
+    from feedserve.training.rank_feed import FeedData
+
+    retriever = _MeanOfPosts([p.id for p in LOG.posts])
+    data = FeedData.build(LOG, retriever)  # type: ignore[arg-type]
+    assert data.train and data.test
+    assert max(x.at or 0 for x in data.train) < data.cutoff <= min(x.at or 0 for x in data.test)
+    valid = FeedData.build(LOG, retriever, validate=True)  # type: ignore[arg-type]
+    assert max(x.at or 0 for x in valid.train + valid.test) < data.cutoff and valid.cutoff < data.cutoff
+    # A session's counts are those before it: its own impressions and everything later are unread.
+    x = data.test[0]
+    views = data.features.percentiles(x.candidates.tolist(), x.at)[:, data.features.counts.index("views")]
+    shown_before = Counter(i.post for i in LOG.impressions if x.at is not None and i.at < x.at)
+    assert [v > 0 for v in views] == [shown_before[c] > 0 for c in x.candidates.tolist()]
+    for task in FEED_TASKS:
+        labels = data.training([task])[0].labels
+        assert labels.shape == (len(data.train[0].candidates), 1)
