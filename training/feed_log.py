@@ -80,7 +80,7 @@ class FeedLog:
         events = []
         for i in self.impressions:
             if before is not None and i.at >= before:
-                break
+                continue
             events.append((i.post, i.at, "views"))
             events.extend((i.post, i.at, named[a]) for a in i.actions if a in named)
         return events

@@ -145,10 +145,16 @@ def predict(
     model: GenerativeRanker, tensorize: Tensorizer, examples: Sequence[RankExample], batch: int = 64
 ) -> list[np.ndarray]:
     """The model's probabilities per example, [candidates, tasks]."""
+    model.eval()
+    tasks = len(model.config.tasks)
     out: list[np.ndarray] = []
     with torch.no_grad():
         for start in range(0, len(examples), batch):
-            part = examples[start : start + batch]
+            # Unlabelled: the examples' labels are FEED_TASKS', the model may be trained on fewer.
+            part = [
+                replace(x, labels=np.zeros((len(x.candidates), tasks), np.float32))
+                for x in examples[start : start + batch]
+            ]
             t = tensorize.batch(part)
             logits = model(**{k: t[k] for k in INPUTS}).numpy()
             out.extend(1.0 / (1.0 + np.exp(-row[: len(x.candidates)])) for x, row in zip(part, logits, strict=True))
@@ -184,7 +190,7 @@ def per_session(
     weights: Mapping[str, float] = FEED_TASK_WEIGHTS,
 ) -> dict[str, np.ndarray]:
     """Each session's AUC per task (nan where the session has no positive or no negative), and with
-    every one of FEED_TASKS the NDCG@10 of the final score against the value of what the member did
+    every one of FEED_TASKS (in any order) the NDCG@10 of the final score against the value of what the member did
     (nan where they did nothing of value): the values a paired comparison of two rankers resamples."""
     labels = [x.labels for x in examples]
     out = {}
@@ -192,9 +198,9 @@ def per_session(
         column = FEED_TASKS.index(task)
         values = [auc(s[:, t], y[:, column]) for s, y in zip(scores, labels, strict=True)]
         out[task] = np.array([np.nan if v is None else v for v in values])
-    if tuple(tasks) == FEED_TASKS:
-        weighted = np.array([weights[t] for t in FEED_TASKS], np.float32)  # the final score, as served
-        value = np.maximum(weighted, 0.0)
+    if sorted(tasks) == sorted(FEED_TASKS):
+        weighted = np.array([weights[t] for t in tasks], np.float32)  # the final score, as served
+        value = np.maximum(np.array([weights[t] for t in FEED_TASKS], np.float32), 0.0)  # the labels' columns
         ranked = [
             ndcg_at(np.argsort(-(s @ weighted), kind="stable"), y @ value) for s, y in zip(scores, labels, strict=True)
         ]
@@ -265,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--validate", action="store_true", help="train and evaluate inside the training period")
     args = p.parse_args(argv)
     tasks = tuple(t for t in args.tasks.split(",") if t)
-    if not tasks or not set(tasks) <= set(FEED_TASKS):
-        p.error(f"--tasks: one or more of {', '.join(FEED_TASKS)}, got {args.tasks!r}")
+    if not tasks or not set(tasks) <= set(FEED_TASKS) or len(set(tasks)) != len(tasks):
+        p.error(f"--tasks: one or more of {', '.join(FEED_TASKS)}, each once, got {args.tasks!r}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
 

@@ -65,6 +65,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_CANDIDATES = 2000
 DEFAULT_ENGAGEMENT_POLL_S = 1.0
+PERCENTILE = "_percentile"  # a count feature is the count's name and this (feedserve.rank.data.FEATURES)
 
 
 @dataclass
@@ -122,12 +123,23 @@ class RankModel(BatchModel[RankRequest]):
         self.max_candidates = int(params.get("max_candidates", DEFAULT_MAX_CANDIDATES))
         self.weights = task_weights(self.config, params.get("task_weights"))
         if params.get("tasks") and params["tasks"].split(",") != list(self.config.tasks):
-            raise ValueError(f"the config's tasks {params['tasks']} are not the ranker's {list(self.config.tasks)}")
+            # Clients name TASK_SCORES' columns by this parameter: it must list the ranker's own order.
+            raise ValueError(
+                f"the config's tasks {params['tasks']} are not the ranker's, in its order: {list(self.config.tasks)}"
+            )
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
         self.session = ort.InferenceSession(str(layout.ranker_onnx), options, providers=["CPUExecutionProvider"])
         self.followed = followed_index(layout, params, Engine(), "rank")
-        self.posts = _Posts(self.followed, self.config.content_dim, PostFeatures.load(layout.post_features))
+        table = PostFeatures.load(layout.post_features)
+        unread = [
+            f for f in self.config.features if f.endswith(PERCENTILE) and f[: -len(PERCENTILE)] not in table.counts
+        ]
+        if unread:  # they would be 0 for every post: a ranker trained on other counts (another corpus's)
+            raise ValueError(
+                f"the ranker reads {unread}, but {layout.post_features} holds the counts {list(table.counts)}"
+            )
+        self.posts = _Posts(self.followed, self.config.content_dim, table)
         # Who engaged with each post: the build's table and the engagements logged since
         # (engage_write: the local index's log, or Milvus's), merged in on a thread every `engagement_poll_s`.
         log: Path | Follower = layout.index_dir.engagements

@@ -428,9 +428,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--task-weights",
         type=task_weights_arg,
         default=DEFAULT_TASK_WEIGHTS,
-        help="the final score's weight per ranker task: a JSON object, or `movielens` (the default: like, love, "
-        "dislike) or `feed` (click, long dwell, like, comment, share, skip); `rank` refuses weights that do not "
-        "name exactly its ranker's tasks",
+        help="the final score's weight per ranker task: a JSON object in the ranker's task order, or `movielens` "
+        "(the default: like, love, dislike) or `feed` (click, long dwell, like, comment, share, skip); `rank` "
+        "refuses weights that do not name exactly its ranker's tasks in its order",
     )
     parser.add_argument(
         "--precision",
@@ -444,22 +444,21 @@ PRESET_TASK_WEIGHTS = {"movielens": DEFAULT_TASK_WEIGHTS, "feed": FEED_TASK_WEIG
 
 
 def task_weights_arg(value: str) -> dict[str, float]:
-    """`--task-weights`: a preset's name, or a JSON object of task names to finite numbers."""
+    """`--task-weights`: a preset's name, or a JSON object of task names to finite numbers, listed in
+    the ranker's order (its TASK_SCORES columns are named by it)."""
     if value in PRESET_TASK_WEIGHTS:
         return PRESET_TASK_WEIGHTS[value]
+    expected = f"a preset ({', '.join(PRESET_TASK_WEIGHTS)}) or a JSON object of task names to finite numbers"
     try:
         weights = json.loads(value)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not a preset ({', '.join(PRESET_TASK_WEIGHTS)}) or JSON: {err}") from err
-    if (
-        not isinstance(weights, dict)
-        or not weights
-        or not all(
-            isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) for w in weights.values()
-        )
-    ):
-        raise argparse.ArgumentTypeError(f"expected a JSON object of task names to finite numbers, got {value!r}")
-    return {str(task): float(w) for task, w in weights.items()}
+        if not isinstance(weights, dict) or not weights or any(isinstance(w, bool | str) for w in weights.values()):
+            raise ValueError(value)
+        floats = {str(task): float(w) for task, w in weights.items()}
+    except (ValueError, TypeError, OverflowError) as err:  # JSONDecodeError is a ValueError
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r} ({err})") from err
+    if not all(math.isfinite(w) for w in floats.values()):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
+    return floats
 
 
 def main(argv: list[str] | None = None) -> int:

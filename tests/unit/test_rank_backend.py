@@ -262,6 +262,7 @@ def test_a_feed_ranker_serves_its_six_tasks_by_the_rendered_weights(layout: Arti
     from feedserve.ops.builder import SAMPLE_CORPUS, build_ranker
     from feedserve.rank.model import RankerConfig
     from feedserve.rank.train import FEED_TASK_WEIGHTS
+    from feedserve.training.feed_log import COUNTS
     from feedserve.training.rank_feed import feed_config
     from feedserve.triton.repository import RepositorySettings, render_configs, task_weights_arg
 
@@ -277,6 +278,14 @@ def test_a_feed_ranker_serves_its_six_tasks_by_the_rendered_weights(layout: Arti
     settings = RepositorySettings(task_weights=tuple(task_weights_arg("feed").items()))
     rendered = render_configs(settings)[ModelName.RANK].parameters
     params = {"max_candidates": "64", **{k: v.string_value for k, v in rendered.items() if k != "max_candidates"}}
+    # The build's table holds MovieLens's counts: the feed's count features would read 0 for every post.
+    with pytest.raises(ValueError, match="views_percentile"):
+        RankModel().setup(feed_layout, params)
+    rng = np.random.default_rng(5)
+    PostFeatures(
+        {int(p): rng.random(len(COUNTS)) for p in POSTS[::2]}, {int(p): ["ml", "kafka"] for p in POSTS[::3]}, COUNTS
+    ).save(feed_layout.post_features)
+    feed_layout.write_manifest()
     served = RankModel()
     served.setup(feed_layout, params)
     history = [(501, "share"), (502, "long dwell"), (503, "skip"), (504, "comment"), (999_999, "click")]
@@ -309,4 +318,6 @@ def test_a_feed_ranker_serves_its_six_tasks_by_the_rendered_weights(layout: Arti
     assert not np.allclose(np.sort(neutral["SCORES"][0]), np.sort(out["SCORES"][0]), atol=1e-6)
     with pytest.raises(ValueError, match="must weigh exactly the ranker's tasks"):
         RankModel().setup(feed_layout, {"max_candidates": "64"})
+    with pytest.raises(ValueError, match="in its order"):
+        RankModel().setup(feed_layout, {**params, "tasks": ",".join(reversed(config.tasks))})
     assert RankerConfig.load(feed_layout.ranker_config).tasks == config.tasks

@@ -183,6 +183,24 @@ def test_the_split_trains_before_the_cutoff_and_counts_only_what_came_before() -
     views = data.features.percentiles(x.candidates.tolist(), x.at)[:, data.features.counts.index("views")]
     shown_before = Counter(i.post for i in LOG.impressions if x.at is not None and i.at < x.at)
     assert [v > 0 for v in views] == [shown_before[c] > 0 for c in x.candidates.tolist()]
-    for task in FEED_TASKS:
-        labels = data.training([task])[0].labels
-        assert labels.shape == (len(data.train[0].candidates), 1)
+    for tasks in (("skip", "like"), ("comment",), FEED_TASKS):
+        columns = [FEED_TASKS.index(t) for t in tasks]
+        for x, y in zip(data.training(tasks), data.train, strict=True):
+            np.testing.assert_array_equal(x.labels, y.labels[:, columns])
+    assert data.train[0].labels.shape[1] == len(FEED_TASKS)  # relabelling copies
+
+
+def test_a_ranker_of_some_tasks_predicts_and_is_reported_by_name() -> None:
+    from feedserve.training.rank_feed import FeedData, feed_config, per_session, predict
+
+    data = FeedData.build(LOG, _MeanOfPosts([p.id for p in LOG.posts]))  # type: ignore[arg-type]
+    config = feed_config(8, ("skip", "like"), d_model=16, n_heads=2, n_layers=1, max_history=20, max_rank=12)
+    model = GenerativeRanker(config)
+    scores = predict(model, data.tensorizer(config), data.test[:5])
+    assert [s.shape for s in scores] == [(len(x.candidates), 2) for x in data.test[:5]]
+    assert set(task_report(data.test[:5], scores, config.tasks)) == {"skip", "like"}  # no final score of two tasks
+    # Every task in another order: the same final score, read by name.
+    six = [np.random.default_rng(i).random((len(x.candidates), 6)) for i, x in enumerate(data.test[:20])]
+    order = [5, 2, 0, 4, 1, 3]
+    shuffled = per_session(data.test[:20], [s[:, order] for s in six], [FEED_TASKS[i] for i in order])
+    np.testing.assert_allclose(shuffled["final"], per_session(data.test[:20], six, FEED_TASKS)["final"])

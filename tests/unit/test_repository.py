@@ -89,7 +89,9 @@ def test_task_weights_are_a_preset_or_a_json_object_of_finite_numbers(tmp_path: 
 
     assert task_weights_arg("feed") == FEED_TASK_WEIGHTS and task_weights_arg("movielens") == DEFAULT_TASK_WEIGHTS
     assert task_weights_arg('{"like": 1, "skip": -0.5}') == {"like": 1.0, "skip": -0.5}
-    for bad in ("fed", "[1, 2]", "{}", '{"like": "1"}', '{"like": true}', '{"like": NaN}', '{"like": 1e999}'):
+    huge = '{"like": 1' + "0" * 400 + "}"
+    bad_values = ('{"like": "1"}', '{"like": true}', '{"like": NaN}', '{"like": 1e999}', '{"like": null}', huge)
+    for bad in ("fed", "[1, 2]", "{}", *bad_values):
         with pytest.raises(argparse.ArgumentTypeError):
             task_weights_arg(bad)
     # Rendered into the rank model's parameters, which its backend checks against its ranker.
