@@ -37,7 +37,7 @@ from feedserve.artifacts import ArtifactLayout, EncoderSettings, default_artifac
 from feedserve.files import atomic_write
 from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.rank.coengagement import CoEngagement
-from feedserve.rank.data import PostTable, RankExample, Tensorizer
+from feedserve.rank.data import PostTable, RankExample, Tensorizer, feature_names
 from feedserve.rank.engagements import coengaged
 from feedserve.rank.features import EventCounts, PostFeatures
 from feedserve.rank.model import INPUTS, NEUTRAL, GenerativeRanker, RankerConfig
@@ -57,20 +57,9 @@ logger = logging.getLogger(__name__)
 
 # The history's action tokens: the feed's actions, and neutral for any other.
 FEED_ACTIONS = (*STRONGEST_FIRST, NEUTRAL)
-# The candidate features: the retrieval score and its log rank among the session's impressions, tag
-# affinity with the posts acted on, the counts so far as percentiles, co-engagement with the
-# member's engaged history and with their latest engagements.
-FEED_FEATURES = (
-    "retrieval_score",
-    "retrieval_log_rank",
-    "affinity",
-    "has_content",
-    *(f"{c}_percentile" for c in COUNTS),
-    "coengagement",
-    "coengagement_log_rank",
-    "recent_coengagement",
-    "recent_coengagement_log_rank",
-)
+# The candidate features (feedserve.rank.data's) with the feed's counts, without the transitions
+# from the latest likes (chosen on MovieLens's validation moments, not tried here).
+FEED_FEATURES = feature_names(COUNTS, sequential=False)
 
 
 @dataclass

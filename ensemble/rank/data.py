@@ -49,19 +49,26 @@ LIKE, LOVE, DISLIKE = ENGAGED_RATING, 5.0, 2.0  # a like is what retrieval promp
 # likes, which co-occurrence ignores (chosen on the validation moments, same README).
 RECENT_LIKES = 10
 SEQUENCE_LIKES, SEQUENCE_DECAY = 20, 0.8
-FEATURES = (
-    "retrieval_score",
-    "retrieval_log_rank",
-    "affinity",
-    "has_content",
-    *(f"{c}_percentile" for c in COUNT_FEATURES),
-    "coengagement",
-    "coengagement_log_rank",
-    "recent_coengagement",
-    "recent_coengagement_log_rank",
-    "sequential_coengagement",
-    "sequential_coengagement_log_rank",
-)
+
+
+def feature_names(counts: Sequence[str] = COUNT_FEATURES, sequential: bool = True) -> tuple[str, ...]:
+    """The features above, in their columns' order, for a corpus with these counts (a feed's views,
+    likes, comments, shares where MovieLens has ratings), with or without the transitions."""
+    return (
+        "retrieval_score",
+        "retrieval_log_rank",
+        "affinity",
+        "has_content",
+        *(f"{c}_percentile" for c in counts),
+        "coengagement",
+        "coengagement_log_rank",
+        "recent_coengagement",
+        "recent_coengagement_log_rank",
+        *(("sequential_coengagement", "sequential_coengagement_log_rank") if sequential else ()),
+    )
+
+
+FEATURES = feature_names()
 
 
 def action_of(rating: float) -> str:

@@ -90,24 +90,36 @@ def _ok(model: RankModel, request: dict[str, np.ndarray | None]) -> dict[str, np
 HISTORY = [(501, "like"), (502, "rated 5"), (999_999, "like"), (503, "rated 1"), (504, "share")]
 
 
-def test_it_ranks_as_the_pytorch_ranker_does(rank: RankModel, layout: ArtifactLayout, tiny_ranker: Path) -> None:
-    candidates = [505, 510, 777_777, 520, 530, 531, 539]  # 777777: not in the index
-    request = _request([_member(HISTORY)], [candidates], k=4)
-    out = _ok(rank, request)
-    model = GenerativeRanker.load(tiny_ranker)
+def _pytorch_probabilities(
+    package: Path,
+    layout: ArtifactLayout,
+    request: dict[str, np.ndarray | None],
+    history: list[tuple[int, str]],
+    candidates: list[int],
+) -> np.ndarray:
+    """What the PyTorch ranker in `package` gives the request's first member on the artifacts'
+    tables: each candidate's probability per task."""
+    model = GenerativeRanker.load(package)
     features, coengagement = PostFeatures.load(layout.post_features), CoEngagement.load(layout.coengagement)
     tensorize = Tensorizer(model.config, PostTable(POSTS, VECTORS), features, coengagement)
     example = RankExample(
         3,
-        member_interactions(parse_member(_member(HISTORY))),
+        member_interactions(parse_member(_member(history))),
         request["QUERY"][0],  # type: ignore[index]
         np.array(candidates, np.int64),
         request["CANDIDATE_SCORES"][0],  # type: ignore[index]
-        np.zeros((len(candidates), 3), np.float32),
+        np.zeros((len(candidates), len(model.config.tasks)), np.float32),
     )
     with torch.no_grad():
         t = tensorize.batch([example])
-        probabilities = torch.sigmoid(model(**{k: t[k] for k in INPUTS}))[0].numpy()
+        return torch.sigmoid(model(**{k: t[k] for k in INPUTS}))[0].numpy()
+
+
+def test_it_ranks_as_the_pytorch_ranker_does(rank: RankModel, layout: ArtifactLayout, tiny_ranker: Path) -> None:
+    candidates = [505, 510, 777_777, 520, 530, 531, 539]  # 777777: not in the index
+    request = _request([_member(HISTORY)], [candidates], k=4)
+    out = _ok(rank, request)
+    probabilities = _pytorch_probabilities(tiny_ranker, layout, request, HISTORY, candidates)
     final = probabilities @ np.array(list(DEFAULT_TASK_WEIGHTS.values()), np.float32)
     order = np.argsort(-final, kind="stable")[:4]
     assert out["IDS"][0].tolist() == np.array(candidates)[order].tolist()
@@ -292,20 +304,7 @@ def test_a_feed_ranker_serves_its_six_tasks_by_the_rendered_weights(layout: Arti
     candidates = [505, 510, 777_777, 520, 530]
     request = _request([_member(history)], [candidates], k=5)
     out = _ok(served, request)
-    model = GenerativeRanker.load(package)
-    features, coengagement = PostFeatures.load(feed_layout.post_features), CoEngagement.load(feed_layout.coengagement)
-    tensorize = Tensorizer(model.config, PostTable(POSTS, VECTORS), features, coengagement)
-    example = RankExample(
-        3,
-        member_interactions(parse_member(_member(history))),
-        request["QUERY"][0],  # type: ignore[index]
-        np.array(candidates, np.int64),
-        request["CANDIDATE_SCORES"][0],  # type: ignore[index]
-        np.zeros((len(candidates), len(config.tasks)), np.float32),
-    )
-    with torch.no_grad():
-        t = tensorize.batch([example])
-        probabilities = torch.sigmoid(model(**{k: t[k] for k in INPUTS}))[0].numpy()
+    probabilities = _pytorch_probabilities(package, feed_layout, request, history, candidates)
     final = probabilities @ np.array([FEED_TASK_WEIGHTS[task] for task in config.tasks], np.float32)
     order = np.argsort(-final, kind="stable")
     assert out["TASK_SCORES"].shape == (1, 5, 6)
