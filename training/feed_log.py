@@ -54,6 +54,8 @@ class Impression:
     post: int
     at: int  # unix seconds
     actions: frozenset[str]
+    # The chance of each of FEED_TASKS the log drew the actions from: what no ranker can beat.
+    chances: tuple[float, ...] = ()
 
     @property
     def action(self) -> str | None:
@@ -181,13 +183,17 @@ def synthetic_impressions(
                 "comment": 1.8 * follow + 1.5 * question[chosen] + 0.5 * interest + 0.7 * talkative[m] - 4.6,
                 "share": 1.6 * q + 0.4 * interest - 4.6,
             }
-            taken = {a: rng.random(shown) < _sigmoid(x) for a, x in draw.items()}
+            chance = {a: _sigmoid(x) for a, x in draw.items()}
+            taken = {a: rng.random(shown) < p for a, p in chance.items()}
             engaged = np.logical_or.reduce(list(taken.values()))
             # A skip: passed over quickly, likelier the less the post is of the member's interests.
-            taken["skip"] = ~engaged & (rng.random(shown) < _sigmoid(0.5 - interest))
+            skip = _sigmoid(0.5 - interest)
+            taken["skip"] = ~engaged & (rng.random(shown) < skip)
+            chance["skip"] = np.prod([1.0 - p for p in chance.values()], axis=0) * skip
             for j, post in enumerate(chosen.tolist()):
                 actions = frozenset(a for a, did in taken.items() if did[j])
-                impressions.append(Impression(m, 50_000 + post, int(at), actions))
+                odds = tuple(float(chance[t][j]) for t in FEED_TASKS)
+                impressions.append(Impression(m, 50_000 + post, int(at), actions, odds))
     impressions.sort(key=lambda i: (i.at, i.member, i.post))
     return FeedLog(posts, members, impressions, topic_of)
 

@@ -49,6 +49,11 @@ def test_actions_have_their_causes() -> None:
         assert np.mean(rate[(task, True)]) > 1.5 * np.mean(rate[(task, False)]), task
     assert np.mean(rate[("skip", True)]) < np.mean(rate[("skip", False)])
     assert 0 < np.mean(rate[("comment", True)] + rate[("comment", False)]) < 0.1  # active tasks are rare
+    # Each action is drawn from the chance the impression carries (the benchmark's ceiling).
+    chances = np.array([i.chances for i in LOG.impressions])
+    taken = np.array([[t in i.actions for t in FEED_TASKS] for i in LOG.impressions])
+    np.testing.assert_allclose(chances.mean(0), taken.mean(0), atol=0.02)
+    assert all(auc(chances[:, t], taken[:, t]) > 0.7 for t in range(len(FEED_TASKS)))  # type: ignore[operator]
 
 
 def test_examples_read_only_the_past() -> None:
