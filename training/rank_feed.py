@@ -124,10 +124,10 @@ class FeedData:
 
 
 def feed_config(content_dim: int, tasks: Sequence[str] = FEED_TASKS, **overrides: Any) -> RankerConfig:
-    """The ranker for the feed: its tasks, actions and features (max_rank: a session's impressions)."""
-    return RankerConfig(
-        content_dim=content_dim, actions=FEED_ACTIONS, features=FEED_FEATURES, tasks=tuple(tasks), **overrides
-    )
+    """The ranker for the feed: its tasks, actions and features, any of them `overrides`' instead (an
+    ablation's); max_rank is a session's impressions."""
+    fields: dict[str, Any] = {"actions": FEED_ACTIONS, "features": FEED_FEATURES, **overrides}
+    return RankerConfig(content_dim=content_dim, tasks=tuple(tasks), **fields)
 
 
 def predict(

@@ -200,6 +200,7 @@ def test_a_ranker_of_some_tasks_predicts_and_is_reported_by_name() -> None:
 
     data = FeedData.build(LOG, _MeanOfPosts([p.id for p in LOG.posts]))  # type: ignore[arg-type]
     config = feed_config(8, ("skip", "like"), d_model=16, n_heads=2, n_layers=1, max_history=20, max_rank=12)
+    assert feed_config(8, actions=("neutral",)).actions == ("neutral",)  # an ablation's fields win
     model = GenerativeRanker(config)
     scores = predict(model, data.tensorizer(config), data.test[:5])
     assert [s.shape for s in scores] == [(len(x.candidates), 2) for x in data.test[:5]]
