@@ -120,7 +120,7 @@ class EventCounts:
             keys = self._keys.get(name)
             if keys is None or name not in self._buckets.cut_points:
                 continue
-            n = np.searchsorted(keys, start + min(max(before, 0), self._SHIFT - 1)) - np.searchsorted(keys, start)
+            n = np.searchsorted(keys, start + min(max(before, 0), self._SHIFT)) - np.searchsorted(keys, start)
             out[known, j] = np.where(n > 0, self._buckets.buckets(name, n.astype(np.float64)) / top, 0.0)
         return out
 
