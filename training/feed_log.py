@@ -76,13 +76,11 @@ class FeedLog:
         times = np.array([i.at for i in self.impressions], np.int64)
         return int(np.quantile(times, 1.0 - test_fraction, method="higher"))
 
-    def count_events(self, before: int | None = None) -> list[tuple[int, int, str]]:
-        """(post, time, count) per impression and per action counted (`COUNTS`), before `before`."""
+    def count_events(self) -> list[tuple[int, int, str]]:
+        """(post, time, count) per impression and per action counted (`COUNTS`)."""
         named = {"like": "likes", "comment": "comments", "share": "shares"}
         events = []
         for i in self.impressions:
-            if before is not None and i.at >= before:
-                continue
             events.append((i.post, i.at, "views"))
             events.extend((i.post, i.at, named[a]) for a in i.actions if a in named)
         return events

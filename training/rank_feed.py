@@ -86,14 +86,14 @@ class FeedData:
         examples = feed_examples(log, retriever.member_vectors, post_ids, retriever.posts)
         retriever.save_members()
         # Percentile buckets of the counts as they stood at the cutoff (what the training period saw).
+        events = log.count_events()
         at_cutoff: dict[str, dict[int, float]] = {c: {} for c in COUNTS}
-        for post, _, count in log.count_events(cutoff):
-            at_cutoff[count][post] = at_cutoff[count].get(post, 0.0) + 1.0
+        for post, time, count in events:
+            if time < cutoff:
+                at_cutoff[count][post] = at_cutoff[count].get(post, 0.0) + 1.0
         buckets = PercentileBuckets.fit({c: list(v.values()) or [0.0] for c, v in at_cutoff.items()})
         # Every event is held; an example reads those before its session (`RankExample.at`).
-        features = PostFeatures(
-            tags={p.id: p.tags for p in log.posts}, counts=COUNTS, log=EventCounts(log.count_events(), buckets)
-        )
+        features = PostFeatures(tags={p.id: p.tags for p in log.posts}, counts=COUNTS, log=EventCounts(events, buckets))
         engaged = ((i.member, i.post, i.at) for i in log.impressions if any(coengaged(a) for a in i.actions))
         return cls(
             log,
@@ -118,14 +118,15 @@ class FeedData:
         """The post ids the training sessions show or hold in their histories (the ids with an embedding)."""
         return np.unique(
             np.concatenate(
-                [x.candidates for x in self.train] + [np.array([i.post_id for x in self.train for i in x.history])]
+                [x.candidates for x in self.train]
+                + [np.array([i.post_id for x in self.train for i in x.history], np.int64)]
             )
         )
 
 
 def feed_config(content_dim: int, tasks: Sequence[str] = FEED_TASKS, **overrides: Any) -> RankerConfig:
     """The ranker for the feed: its tasks, actions and features, any of them `overrides`' instead (an
-    ablation's); max_rank is a session's impressions."""
+    ablation's; callers pass max_rank, a session's impressions)."""
     fields: dict[str, Any] = {"actions": FEED_ACTIONS, "features": FEED_FEATURES, **overrides}
     return RankerConfig(content_dim=content_dim, tasks=tuple(tasks), **fields)
 
