@@ -91,11 +91,18 @@ class PercentileBuckets:
     def load(cls, path: Path) -> PercentileBuckets:
         try:
             data = json.loads(Path(path).read_text())
-            body = {"n_buckets": data["n_buckets"], "cut_points": data["cut_points"]}
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except (OSError, ValueError) as err:
             raise ValueError(f"cannot read percentile buckets {path}: {err}") from err
+        return cls.from_saved(data, str(path))
+
+    @classmethod
+    def from_saved(cls, data: object, source: str) -> PercentileBuckets:
+        """Buckets from `to_json`'s object (a file's, or one kept inside another file), checked."""
+        if not isinstance(data, dict) or not {"n_buckets", "cut_points"} <= data.keys():
+            raise ValueError(f"cannot read percentile buckets {source}: no n_buckets and cut_points")
+        body = {"n_buckets": data["n_buckets"], "cut_points": data["cut_points"]}
         if data.get("format") != FORMAT:
-            raise ValueError(f"{path}: unknown buckets format {data.get('format')!r}, expected {FORMAT}")
+            raise ValueError(f"{source}: unknown buckets format {data.get('format')!r}, expected {FORMAT}")
         if hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest() != data.get("sha256"):
-            raise ValueError(f"{path}: checksum mismatch, the file is corrupt or was edited by hand")
+            raise ValueError(f"{source}: checksum mismatch, the file is corrupt or was edited by hand")
         return cls(body["cut_points"], int(body["n_buckets"]))

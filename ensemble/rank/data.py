@@ -51,6 +51,19 @@ RECENT_LIKES = 10
 SEQUENCE_LIKES, SEQUENCE_DECAY = 20, 0.8
 
 
+_PERCENTILE = "_percentile"
+
+
+def count_feature(count: str) -> str:
+    """The feature that reads a count (as its percentile)."""
+    return count + _PERCENTILE
+
+
+def counts_read(features: Sequence[str]) -> tuple[str, ...]:
+    """The counts these features read, in their order."""
+    return tuple(f[: -len(_PERCENTILE)] for f in features if f.endswith(_PERCENTILE))
+
+
 def feature_names(counts: Sequence[str] = COUNT_FEATURES, sequential: bool = True) -> tuple[str, ...]:
     """The features above, in their columns' order, for a corpus with these counts (a feed's views,
     likes, comments, shares where MovieLens has ratings), with or without the transitions."""
@@ -59,7 +72,7 @@ def feature_names(counts: Sequence[str] = COUNT_FEATURES, sequential: bool = Tru
         "retrieval_log_rank",
         "affinity",
         "has_content",
-        *(f"{c}_percentile" for c in counts),
+        *(count_feature(c) for c in counts),
         "coengagement",
         "coengagement_log_rank",
         "recent_coengagement",
@@ -340,9 +353,9 @@ class Tensorizer:
         }
         column = self.column
         counts = [
-            (column[f"{name}_percentile"], j)
+            (column[count_feature(name)], j)
             for j, name in enumerate(self.features.counts)
-            if f"{name}_percentile" in column
+            if count_feature(name) in column
         ]
         for i, (x, history) in enumerate(zip(examples, histories, strict=True)):
             n = len(history)

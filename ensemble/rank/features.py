@@ -150,10 +150,14 @@ class PostFeatures:
         tags: Mapping[int, Iterable[str]] | None = None,
         counts: Sequence[str] = COUNT_FEATURES,
         log: CountHistory | None = None,
+        buckets: PercentileBuckets | None = None,
     ) -> None:
-        """With a `log`, the counts can also be read as they stood at a moment (`percentiles`)."""
+        """With a `log`, the counts can also be read as they stood at a moment (`percentiles`).
+        `buckets`: the cut points the percentiles were read with, saved with the table so that a
+        post written later (index_write) has its counts cut the same way."""
         self.counts = tuple(counts)
         self.log = log
+        self.buckets = buckets
         width = len(self.counts)
         by_post = {int(k): np.asarray(v, np.float32) for k, v in (percentiles or {}).items()}
         for post, row in by_post.items():
@@ -181,7 +185,8 @@ class PostFeatures:
         log: CountHistory | None = None,
     ) -> PostFeatures:
         rows = {post.id: feature_row(post, buckets, counts) for post in posts}
-        return cls({p: r["percentiles"] for p, r in rows.items()}, {p: r["tags"] for p, r in rows.items()}, counts, log)
+        percentiles = {p: r["percentiles"] for p, r in rows.items()}
+        return cls(percentiles, {p: r["tags"] for p, r in rows.items()}, counts, log, buckets)
 
     def overlay(self, live: FeatureRows) -> FeatureReader:
         """These features read through `live` rows (`feature_row`, stored with a post by the index):
@@ -216,12 +221,11 @@ class PostFeatures:
         return out
 
     def save(self, path: Path) -> None:
-        body = {
-            "format": FORMAT,
-            "counts": list(self.counts),
-            "posts": {
-                str(p): {"percentiles": list(r["percentiles"]), "tags": list(r["tags"])} for p, r in self._rows.items()
-            },
+        body: dict[str, Any] = {"format": FORMAT, "counts": list(self.counts)}
+        if self.buckets is not None:
+            body["buckets"] = json.loads(self.buckets.to_json())
+        body["posts"] = {
+            str(p): {"percentiles": list(r["percentiles"]), "tags": list(r["tags"])} for p, r in self._rows.items()
         }
         atomic_write(path, json.dumps(body, separators=(",", ":")) + "\n")
 
@@ -233,12 +237,23 @@ class PostFeatures:
             {int(p): v["percentiles"] for p, v in posts.items()},
             {int(p): v["tags"] for p, v in posts.items()},
             data["counts"],
+            buckets=_buckets(data),
         )
 
 
 def saved_counts(path: Path) -> tuple[str, ...]:
     """The counts a saved table holds, without building the table (the writer needs no more)."""
     return tuple(_read(path)["counts"])
+
+
+def saved_buckets(path: Path) -> PercentileBuckets | None:
+    """The cut points a saved table's counts were read with; None for a table saved without them."""
+    return _buckets(_read(path))
+
+
+def _buckets(data: dict[str, Any]) -> PercentileBuckets | None:
+    saved = data.get("buckets")
+    return None if saved is None else PercentileBuckets.from_saved(saved, "a post feature table's buckets")
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from feedserve.index.milvus import MilvusFollowed, MilvusStore, now_us
 from feedserve.index.wal import LogError
 from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.records import Post, parse_post
-from feedserve.rank.features import COUNT_FEATURES, feature_row, saved_counts
+from feedserve.rank.features import COUNT_FEATURES, feature_row, saved_buckets, saved_counts
 from feedserve.schema import LSN, OP, OP_DELETE, OP_UPSERT, POST_ID, WRITE_EMBEDDING, WRITE_RECORDS, ModelName
 from feedserve.triton.base import (
     Arrays,
@@ -75,9 +75,13 @@ class IndexWriteModel(WriteModel[Write]):
         self._dim = layout.serving_dim()
         self.load_write_key()
         self.lock_wait_s = float(params.get("writer_lock_wait_s", "30"))
-        # The ranking stage's features of each written post, from its record, as the build's table has them.
+        # The ranking stage's features of each written post, from its record, as the build's table has
+        # them: its counts, cut at its points (a feed ranker's counts are not the prompts').
         self.buckets = PercentileBuckets.load(layout.buckets) if layout.buckets.exists() else None
-        self.counts = saved_counts(layout.post_features) if layout.has_ranker() else COUNT_FEATURES
+        self.counts: tuple[str, ...] = COUNT_FEATURES
+        if layout.has_ranker():
+            self.counts = saved_counts(layout.post_features)
+            self.buckets = saved_buckets(layout.post_features) or self.buckets
         self.milvus: MilvusStore | None = None
         if params.get("index", "local") != "local":
             followed = followed_index(layout, params, Engine(), "index_write")

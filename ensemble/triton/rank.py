@@ -31,7 +31,16 @@ from feedserve.artifacts import ArtifactLayout
 from feedserve.index.engines import Engine
 from feedserve.prompt.records import Member, parse_member
 from feedserve.rank.coengagement import CoEngagement
-from feedserve.rank.data import ContentSource, PostTable, RankExample, Tensorizer, member_interactions, read_history
+from feedserve.rank.data import (
+    ContentSource,
+    PostTable,
+    RankExample,
+    Tensorizer,
+    count_feature,
+    counts_read,
+    member_interactions,
+    read_history,
+)
 from feedserve.rank.engagements import Follower, LiveCoEngagement, MilvusEngagements, MilvusFollower
 from feedserve.rank.features import FeatureReader, PostFeatures
 from feedserve.rank.model import INPUTS, OUTPUT, RankerConfig
@@ -65,7 +74,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_CANDIDATES = 2000
 DEFAULT_ENGAGEMENT_POLL_S = 1.0
-PERCENTILE = "_percentile"  # a count feature is the count's name and this (feedserve.rank.data.FEATURES)
 
 
 @dataclass
@@ -132,9 +140,7 @@ class RankModel(BatchModel[RankRequest]):
         self.session = ort.InferenceSession(str(layout.ranker_onnx), options, providers=["CPUExecutionProvider"])
         self.followed = followed_index(layout, params, Engine(), "rank")
         table = PostFeatures.load(layout.post_features)
-        unread = [
-            f for f in self.config.features if f.endswith(PERCENTILE) and f[: -len(PERCENTILE)] not in table.counts
-        ]
+        unread = [count_feature(c) for c in counts_read(self.config.features) if c not in table.counts]
         if unread:  # they would be 0 for every post: a ranker trained on other counts (another corpus's)
             raise ValueError(
                 f"the ranker reads {unread}, but {layout.post_features} holds the counts {list(table.counts)}"

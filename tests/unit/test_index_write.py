@@ -207,3 +207,29 @@ def test_records_sent_with_upserts_give_the_ranker_each_posts_features(
     assert features.percentiles([8]).tolist() == [[0.0, 0.0]] and features.tag_union([8]) == frozenset()
     assert features.percentiles([10]).tolist() == [pytest.approx([0.2, 0.3])] and features.tag_union([10]) == {"kept"}
     assert PostIndex.load(layout.index).lookup_rows(np.array([7]))[2][7]["tags"] == ("drama", "ml")
+
+
+def test_written_posts_counts_are_cut_at_the_ranker_tables_points(
+    tiny_artifacts: ArtifactLayout, layout: ArtifactLayout
+) -> None:
+    """A feed ranker's table holds its own counts and cut points (not the prompts' MovieLens ones):
+    a post written later has its counts read as that table's are."""
+    import json
+
+    from feedserve.prompt.buckets import PercentileBuckets
+    from feedserve.rank.features import PostFeatures
+
+    for path in tiny_artifacts.ranker_files():
+        shutil.copy(path, layout.root / path.name)
+    shutil.copy(tiny_artifacts.buckets, layout.buckets)  # the prompts': no views or likes in them
+    buckets = PercentileBuckets.fit({"views": list(range(1000)), "likes": list(range(100))})
+    PostFeatures({}, {}, ("views", "likes"), buckets=buckets).save(layout.post_features)
+    writer = _Writer()
+    writer.setup(layout, {"snapshot_every": "1"})
+    post = {"id": 7, "text": "new", "counts": {"views": 500, "likes": 90}}
+    records = np.array([[json.dumps(post).encode()]], object)
+    (out,) = writer.run([{**_write([1], [7], _unit(np.random.default_rng(2), 1)), "RECORDS": records}])
+    assert not isinstance(out, RequestError)
+    writer.finalize()
+    row = PostIndex.load(layout.index).lookup_rows(np.array([7]))[2][7]
+    assert row["percentiles"] == pytest.approx([0.5, 0.9], abs=0.02)
