@@ -23,17 +23,32 @@ throughout, so the newest ones have few counts and no history with anyone when f
 sessions after it. Post records carry no counts (their text, author, format and tags are what the
 encoder embeds: counts in the prompt would leak the future into a training moment); the counts as
 they stood at any moment come from the log (`FeedLog.count_events`).
+
+On disk a log is a directory of three JSON-lines files (`FeedLog.save`, `load_feed_log`), the
+shape a real feed's log would be exported in: `posts.jsonl` (post records), `members.jsonl`
+(member profiles, no history) and `impressions.jsonl` (member, post, time, actions). It is what
+`feedserve build --corpus DIR` builds a feed ranker's serving tables from and `feedserve index
+--corpus DIR` indexes. `python -m feedserve.training.feed_log --out DIR` writes the synthetic one,
+with `requests.jsonl` beside it: every member's record as of the cutoff, a feed request each.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import argparse
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from feedserve.prompt.records import MAX_HISTORY, Author, Engagement, Member, Post
+from feedserve.files import atomic_write
+from feedserve.prompt.buckets import PercentileBuckets
+from feedserve.prompt.records import MAX_HISTORY, Author, Engagement, Member, Post, parse_member, read_posts_jsonl
+from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.data import RankExample, member_interactions
+from feedserve.rank.engagements import coengaged
+from feedserve.rank.features import PostFeatures
 from feedserve.training.data import FIRST, LAST, TOPICS
 
 # The tasks, and the one action a history item is read as when a member took several (the
@@ -68,7 +83,8 @@ class FeedLog:
     posts: list[Post]  # content only: no counts
     members: list[Member]  # profiles: no history
     impressions: list[Impression]  # in time order
-    topic_of: dict[int, str]
+    # The simulation's hidden truth (each post's topic), for tests; not part of a saved log.
+    topic_of: dict[int, str] = field(default_factory=dict)
 
     def cutoff(self, test_fraction: float = 0.2) -> int:
         """The time after which the last `test_fraction` of the impressions fall (sessions are whole:
@@ -84,6 +100,105 @@ class FeedLog:
             events.append((i.post, i.at, "views"))
             events.extend((i.post, i.at, named[a]) for a in i.actions if a in named)
         return events
+
+    def counts_before(self, moment: int) -> dict[int, dict[str, float]]:
+        """Each post's counts (`COUNTS`, those it has) from the events before `moment`."""
+        out: dict[int, dict[str, float]] = {}
+        for post, time, count in self.count_events():
+            if time < moment:
+                counts = out.setdefault(post, {})
+                counts[count] = counts.get(count, 0.0) + 1.0
+        return out
+
+    def count_buckets(self, moment: int) -> PercentileBuckets:
+        """Percentile cut points of the posts' counts as they stood at `moment` (a count no post has
+        yet: all at 0)."""
+        counts = self.counts_before(moment).values()
+        return PercentileBuckets.fit({c: [n[c] for n in counts if c in n] or [0.0] for c in COUNTS})
+
+    def engagements(self, before: int | None = None) -> list[tuple[int, int, int]]:
+        """(member, post, time) of each impression a co-engagement counts (a like, comment or share),
+        those before `before` where given."""
+        return [
+            (i.member, i.post, i.at)
+            for i in self.impressions
+            if (before is None or i.at < before) and any(coengaged(a) for a in i.actions)
+        ]
+
+    def serving_tables(
+        self, buckets: PercentileBuckets, counts: Sequence[str] = COUNTS
+    ) -> tuple[PostFeatures, CoEngagement]:
+        """What a ranker trained on this log serves with, as of the cutoff (the test period unseen, as
+        in training): every post's `counts` as percentiles of `buckets` and its tags, and who engaged
+        with each post."""
+        cutoff = self.cutoff()
+        held = self.counts_before(cutoff)
+        posts = [p.model_copy(update={"counts": held.get(p.id, {})}) for p in self.posts]
+        return PostFeatures.from_posts(posts, buckets, counts), CoEngagement.from_events(self.engagements(cutoff))
+
+    def members_at(self, moment: int) -> list[Member]:
+        """Every member's record as it stood at `moment`: the profile, and the posts acted on before
+        it (oldest first, with the strongest action, skips included; the newest MAX_HISTORY)."""
+        posts = {p.id: p for p in self.posts}
+        acted: dict[int, list[Engagement]] = {}
+        for i in self.impressions:
+            if i.at < moment and i.action is not None:
+                item = Engagement(post_id=i.post, engaged_at=i.at, action=i.action, post=posts[i.post])
+                acted.setdefault(i.member, []).append(item)
+        return [m.model_copy(update={"history": acted.get(m.id, [])[-MAX_HISTORY:]}) for m in self.members]
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_lines(directory / POSTS_FILE, (p.model_dump_json(exclude_defaults=True) for p in self.posts))
+        _write_lines(directory / MEMBERS_FILE, (m.model_dump_json(exclude_defaults=True) for m in self.members))
+        _write_lines(
+            directory / IMPRESSIONS_FILE,
+            (
+                json.dumps({"member": i.member, "post": i.post, "at": i.at, "actions": sorted(i.actions)})
+                for i in self.impressions
+            ),
+        )
+
+
+POSTS_FILE, MEMBERS_FILE, IMPRESSIONS_FILE = "posts.jsonl", "members.jsonl", "impressions.jsonl"
+REQUESTS_FILE = "requests.jsonl"  # the synthetic log's members as of its cutoff (`main`)
+
+
+def is_feed_log(directory: Path) -> bool:
+    return (directory / IMPRESSIONS_FILE).is_file()
+
+
+def load_feed_log(directory: Path) -> FeedLog:
+    """A saved log (`FeedLog.save`); a malformed line is named by file and line number."""
+    posts = read_posts_jsonl(directory / POSTS_FILE)
+    members = [parse_member(line) for line in _read_lines(directory / MEMBERS_FILE)]
+    post_ids, member_ids = {p.id for p in posts}, {m.id for m in members}
+    impressions = []
+    for n, line in enumerate(_read_lines(directory / IMPRESSIONS_FILE), 1):
+        try:
+            row = json.loads(line)
+            i = Impression(int(row["member"]), int(row["post"]), int(row["at"]), frozenset(map(str, row["actions"])))
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{directory / IMPRESSIONS_FILE}:{n}: {err!r}") from err
+        checks = (
+            (i.actions <= set(FEED_TASKS), f"actions {sorted(i.actions)} not of {FEED_TASKS}"),
+            (i.member in member_ids, f"member {i.member} not in {MEMBERS_FILE}"),
+            (i.post in post_ids, f"post {i.post} not in {POSTS_FILE}"),
+        )
+        for holds, wrong in checks:
+            if not holds:
+                raise ValueError(f"{directory / IMPRESSIONS_FILE}:{n}: {wrong}")
+        impressions.append(i)
+    impressions.sort(key=lambda i: (i.at, i.member, i.post))
+    return FeedLog(posts, members, impressions)
+
+
+def _write_lines(path: Path, lines: Iterable[str]) -> None:
+    atomic_write(path, "".join(f"{line}\n" for line in lines))
+
+
+def _read_lines(path: Path) -> list[str]:
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -242,3 +357,24 @@ def feed_examples(
             )
         )
     return examples
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="the log's directory")
+    p.add_argument("--members", type=int, default=400)
+    p.add_argument("--posts", type=int, default=2000)
+    p.add_argument("--sessions", type=int, default=12, help="sessions per member")
+    p.add_argument("--shown", type=int, default=24, help="impressions per session")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    log = synthetic_impressions(args.members, args.posts, sessions=args.sessions, shown=args.shown, seed=args.seed)
+    log.save(args.out)
+    requests = log.members_at(log.cutoff())
+    _write_lines(args.out / REQUESTS_FILE, (m.model_dump_json(exclude_defaults=True) for m in requests))
+    print(f"wrote {len(log.posts)} posts, {len(log.members)} members, {len(log.impressions)} impressions to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -38,9 +38,8 @@ from feedserve.files import atomic_write
 from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.data import PostTable, RankExample, Tensorizer, feature_names
-from feedserve.rank.engagements import coengaged
 from feedserve.rank.features import EventCounts, PostFeatures
-from feedserve.rank.model import INPUTS, NEUTRAL, GenerativeRanker, RankerConfig
+from feedserve.rank.model import COUNT_BUCKETS_FILE, INPUTS, NEUTRAL, GenerativeRanker, RankerConfig
 from feedserve.rank.train import FEED_TASK_WEIGHTS
 from feedserve.training.evaluate import EmbeddingRetriever
 from feedserve.training.feed_log import (
@@ -49,6 +48,7 @@ from feedserve.training.feed_log import (
     STRONGEST_FIRST,
     FeedLog,
     feed_examples,
+    load_feed_log,
     synthetic_impressions,
 )
 from feedserve.training.rank import train_ranker
@@ -86,15 +86,10 @@ class FeedData:
         examples = feed_examples(log, retriever.member_vectors, post_ids, retriever.posts)
         retriever.save_members()
         # Percentile buckets of the counts as they stood at the cutoff (what the training period saw).
-        events = log.count_events()
-        at_cutoff: dict[str, dict[int, float]] = {c: {} for c in COUNTS}
-        for post, time, count in events:
-            if time < cutoff:
-                at_cutoff[count][post] = at_cutoff[count].get(post, 0.0) + 1.0
-        buckets = PercentileBuckets.fit({c: list(v.values()) or [0.0] for c, v in at_cutoff.items()})
+        buckets = log.count_buckets(cutoff)
         # Every event is held; an example reads those before its session (`RankExample.at`).
-        features = PostFeatures(tags={p.id: p.tags for p in log.posts}, counts=COUNTS, log=EventCounts(events, buckets))
-        engaged = ((i.member, i.post, i.at) for i in log.impressions if any(coengaged(a) for a in i.actions))
+        tags = {p.id: p.tags for p in log.posts}
+        features = PostFeatures(tags=tags, counts=COUNTS, log=EventCounts(log.count_events(), buckets), buckets=buckets)
         return cls(
             log,
             cutoff,
@@ -103,7 +98,7 @@ class FeedData:
             post_ids,
             retriever.posts,
             features,
-            CoEngagement.from_events(engaged),
+            CoEngagement.from_events(log.engagements()),
         )
 
     def training(self, tasks: Sequence[str]) -> list[RankExample]:
@@ -243,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifacts", type=Path, default=default_artifacts_dir(), help="the retrieval stage's")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--cache", type=Path, help="embeddings kept between runs (default: OUT/cache)")
+    p.add_argument(
+        "--log",
+        type=Path,
+        help="a saved feed log (`python -m feedserve.training.feed_log`) instead of "
+        "generating one from the flags below",
+    )
     p.add_argument("--members", type=int, default=400)
     p.add_argument("--posts", type=int, default=2000)
     p.add_argument("--sessions", type=int, default=12, help="sessions per member")
@@ -266,7 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
 
-    log = synthetic_impressions(args.members, args.posts, sessions=args.sessions, shown=args.shown, seed=args.data_seed)
+    if args.log is not None:
+        log = load_feed_log(args.log)
+    else:
+        log = synthetic_impressions(
+            args.members, args.posts, sessions=args.sessions, shown=args.shown, seed=args.data_seed
+        )
     data = FeedData.build(log, load_retriever(args.artifacts, log, args.cache or args.out / "cache"), args.validate)
     logger.info("%d training sessions, %d evaluated (cutoff %d)", len(data.train), len(data.test), data.cutoff)
     config = feed_config(
@@ -293,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         args.resume,
     )
     model.save(args.out)
+    if data.features.buckets is not None:  # the counts' cut points: serving must read them the same way
+        data.features.buckets.save(args.out / COUNT_BUCKETS_FILE)
     scores = predict(model, tensorize, data.test)
     report = {
         "command": "python -m feedserve.training.rank_feed " + " ".join(argv if argv is not None else sys.argv[1:]),

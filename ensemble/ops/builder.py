@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from feedserve.artifacts import DEFAULT_ADAPTER, DEFAULT_RANKER, REPO_ROOT, ArtifactLayout, EncoderSettings, Pooling
 from feedserve.prompt.buckets import PercentileBuckets
+
+if TYPE_CHECKING:
+    from feedserve.rank.coengagement import CoEngagement
+    from feedserve.rank.features import PostFeatures
 
 logger = logging.getLogger(__name__)
 
@@ -62,15 +68,13 @@ def resolve_ranker(adapter: Path | None, ranker: Path | None, dim: int | None = 
 
 def build_ranker(layout: ArtifactLayout, package: Path | None, corpus: Path, force: bool = False) -> None:
     """Export `package`'s ranker (ranker.onnx, parity checked) with its ranker.json, and the post
-    feature and co-engagement tables of `corpus`; redone only when what they are made from (the exporting code
+    feature and co-engagement tables of `corpus` (a MovieLens directory, or a feed log:
+    feedserve.training.feed_log); redone only when what they are made from (the exporting code
     included) changed. Without a package, a ranker left from an earlier build is removed (it read
     the previous encoder's vectors)."""
     from feedserve.export.rank import export_ranker
     from feedserve.files import atomic_write, sha256_file
-    from feedserve.prompt.movielens import load_movielens
-    from feedserve.rank.data import movielens_coengagement
-    from feedserve.rank.features import PostFeatures
-    from feedserve.rank.model import CONFIG_FILE, WEIGHTS_FILE, GenerativeRanker
+    from feedserve.rank.model import CONFIG_FILE, COUNT_BUCKETS_FILE, WEIGHTS_FILE, GenerativeRanker
 
     record = layout.root / "ranker_export.json"
     if package is None:
@@ -89,30 +93,68 @@ def build_ranker(layout: ArtifactLayout, package: Path | None, corpus: Path, for
     from feedserve.prompt import movielens
     from feedserve.rank import coengagement, data, features
     from feedserve.rank import model as graph
+    from feedserve.training import feed_log
 
+    # The counts cut as the ranker was trained with: its own cut points where it shipped them, else
+    # the encoder's (MovieLens's ranker reads the prompts' counts).
+    count_buckets = package / COUNT_BUCKETS_FILE if (package / COUNT_BUCKETS_FILE).exists() else layout.buckets
     source = {
         # The code that writes the graph and the tables too: a faster or fixed one reaches built artifacts.
         "code": [
-            sha256_file(Path(m.__file__ or "")) for m in (graph, exporter, features, coengagement, data, movielens)
+            sha256_file(Path(m.__file__ or ""))
+            for m in (graph, exporter, features, coengagement, data, movielens, feed_log)
         ],
         "ranker": sha256_file(package / WEIGHTS_FILE),
         "config": sha256_file(package / CONFIG_FILE),
         "corpus": str(corpus.resolve()),
-        "buckets": sha256_file(layout.buckets),
+        "buckets": sha256_file(count_buckets),
     }
     done = json.loads(record.read_text()) if record.exists() else None
     if not force and done == source and all(p.exists() for p in layout.ranker_files()):
         logger.info("ranker up to date: %s", layout.ranker_onnx)
         return
+    buckets = PercentileBuckets.load(count_buckets)
+    uncut = [c for c in data.counts_read(model.config.features) if c not in buckets.cut_points]
+    if uncut:  # they would read 0 for every post
+        raise ValueError(f"{package}: the ranker reads the counts {uncut}, which {count_buckets} has no cut points for")
+    table, engaged = ranker_tables(corpus, buckets, data.counts_read(model.config.features))
     export_ranker(model, layout.ranker_onnx)
     atomic_write(layout.ranker_config, model.config.to_json())
-    ml = load_movielens(corpus)
-    # Counts, tags and co-engagement of the training period only: the test period stays unseen.
-    cutoff = ml.cutoff()
-    PostFeatures.from_posts(ml.posts(cutoff), PercentileBuckets.load(layout.buckets)).save(layout.post_features)
-    movielens_coengagement(ml, cutoff).save(layout.coengagement)
+    table.save(layout.post_features)
+    engaged.save(layout.coengagement)
     atomic_write(record, json.dumps(source, indent=1) + "\n")
     logger.info("ranker from %s exported to %s", package, layout.ranker_onnx)
+
+
+def ranker_tables(corpus: Path, buckets: PercentileBuckets, counts: Sequence[str]) -> tuple[PostFeatures, CoEngagement]:
+    """The ranker's post features (these counts, as percentiles of `buckets`, and tags) and
+    co-engagement, of the training period of `corpus` only: the test period stays unseen."""
+    from feedserve.prompt.movielens import load_movielens
+    from feedserve.rank.data import movielens_coengagement
+    from feedserve.rank.features import COUNT_FEATURES, PostFeatures
+    from feedserve.training.feed_log import COUNTS, is_feed_log, load_feed_log
+
+    feed = is_feed_log(corpus)
+    held = COUNTS if feed else COUNT_FEATURES
+    if not set(counts) <= set(held):  # a ranker trained on another corpus: its counts would all be 0
+        raise ValueError(f"the ranker reads the counts {list(counts)}; {corpus} has {list(held)}")
+    if feed:
+        return load_feed_log(corpus).serving_tables(buckets, counts)
+    ml = load_movielens(corpus)
+    cutoff = ml.cutoff()
+    return PostFeatures.from_posts(ml.posts(cutoff), buckets, counts), movielens_coengagement(ml, cutoff)
+
+
+def corpus_buckets(corpus: Path) -> PercentileBuckets:
+    """The prompts' percentile buckets fitted on `corpus`: MovieLens's movies' counts, or a feed
+    log's counts at its cutoff."""
+    from feedserve.prompt.movielens import load_movielens
+    from feedserve.training.feed_log import is_feed_log, load_feed_log
+
+    if is_feed_log(corpus):
+        log = load_feed_log(corpus)
+        return log.count_buckets(log.cutoff())
+    return load_movielens(corpus).fit_buckets()
 
 
 def resolve_settings(opts: BuildOptions, layout: ArtifactLayout) -> EncoderSettings:
@@ -179,7 +221,6 @@ def _damaged(layout: ArtifactLayout) -> bool:
 def build_artifacts(opts: BuildOptions) -> ArtifactLayout:
     from feedserve.export.import_model import default_gguf_path, import_checkpoint
     from feedserve.export.onnx import export_onnx
-    from feedserve.prompt.movielens import load_movielens
 
     layout = ArtifactLayout(opts.artifacts)
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -212,7 +253,7 @@ def build_artifacts(opts: BuildOptions) -> ArtifactLayout:
         # Validate before copying: serving must use exactly the cut points the model was trained with.
         PercentileBuckets.load(buckets).save(layout.buckets)
     elif force or not layout.buckets.exists():
-        load_movielens(opts.corpus).fit_buckets().save(layout.buckets)
+        corpus_buckets(opts.corpus).save(layout.buckets)
         logger.info("fitted percentile buckets on %s", opts.corpus)
     build_ranker(layout, opts.ranker, opts.corpus, force)
     layout.write_manifest()

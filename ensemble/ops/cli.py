@@ -111,8 +111,11 @@ def cmd_index(args: argparse.Namespace) -> int:
     from feedserve.clients.batch import index_corpus
     from feedserve.prompt.movielens import load_movielens
     from feedserve.prompt.records import read_posts_jsonl
+    from feedserve.training.feed_log import POSTS_FILE, is_feed_log
 
-    if args.corpus.is_dir():
+    if is_feed_log(args.corpus):
+        posts = read_posts_jsonl(args.corpus / POSTS_FILE)
+    elif args.corpus.is_dir():
         posts = load_movielens(args.corpus).posts()
     else:
         posts = read_posts_jsonl(args.corpus)
@@ -199,7 +202,12 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="import the model, export ONNX, fit buckets")
     b.add_argument("--source", type=Path, help="a .gguf file or a local HF LLaMA-family checkpoint")
-    b.add_argument("--corpus", type=Path, default=SAMPLE_CORPUS, help="MovieLens dir to fit buckets on")
+    b.add_argument(
+        "--corpus",
+        type=Path,
+        default=SAMPLE_CORPUS,
+        help="the ranker's tables (and buckets without an adapter) come from: a MovieLens dir or a feed log dir",
+    )
     b.add_argument("--pooling", choices=("mean", "last"))
     b.add_argument("--dim", type=int, help="Matryoshka dimension (default: full)")
     b.add_argument("--buckets", type=Path, help="use this buckets.json (a training run's) instead of fitting")
@@ -238,7 +246,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     i = sub.add_parser("index", help="embed a corpus via embed_post and build the index")
-    i.add_argument("--corpus", type=Path, default=SAMPLE_CORPUS, help="posts .jsonl or a MovieLens dir")
+    i.add_argument("--corpus", type=Path, default=SAMPLE_CORPUS, help="posts .jsonl, a MovieLens dir or a feed log dir")
     i.add_argument("--limit", type=int, default=0)
     i.add_argument("--url", default=None, help="gRPC host:port (default 127.0.0.1:8001)")
     i.add_argument("--batch-size", type=int, default=8)

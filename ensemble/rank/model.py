@@ -43,8 +43,9 @@ POST_TOKENS = ("gated", "content", "id")
 HISTORIES = ("all", "engaged")
 # The action every interaction the ranker has no token for is read as (seen, neither liked nor not).
 NEUTRAL = "neutral"
-# A saved ranker: its configuration and its weights.
-CONFIG_FILE, WEIGHTS_FILE = "ranker.json", "ranker.pt"
+# A saved ranker: its configuration and its weights; and, where its counts are not cut at the
+# encoder's buckets (a feed's views, likes, ...), the cut points it was trained with.
+CONFIG_FILE, WEIGHTS_FILE, COUNT_BUCKETS_FILE = "ranker.json", "ranker.pt", "count_buckets.json"
 
 
 @dataclass(frozen=True)

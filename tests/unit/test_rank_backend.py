@@ -272,9 +272,9 @@ def test_a_feed_ranker_serves_its_six_tasks_by_the_rendered_weights(layout: Arti
     and served with `feedserve render --task-weights feed`: one probability per task, ranked by
     their weighted sum; the default weights, which name other tasks, are refused at load by name."""
     from feedserve.ops.builder import SAMPLE_CORPUS, build_ranker
-    from feedserve.rank.model import RankerConfig
+    from feedserve.rank.model import COUNT_BUCKETS_FILE, RankerConfig
     from feedserve.rank.train import FEED_TASK_WEIGHTS
-    from feedserve.training.feed_log import COUNTS
+    from feedserve.training.feed_log import COUNTS, load_feed_log, synthetic_impressions
     from feedserve.training.rank_feed import feed_config
     from feedserve.triton.repository import RepositorySettings, render_configs, task_weights_arg
 
@@ -285,12 +285,23 @@ def test_a_feed_ranker_serves_its_six_tasks_by_the_rendered_weights(layout: Arti
     root = tmp_path / "artifacts"
     shutil.copytree(layout.root, root)
     feed_layout = ArtifactLayout(root)
-    build_ranker(feed_layout, package, SAMPLE_CORPUS, force=True)
-    feed_layout.write_manifest()
+    # Its counts would read 0 for every post: without its own cut points for them (the encoder's are
+    # MovieLens's), and over a corpus without them (MovieLens), the build refuses by name.
+    log = tmp_path / "feed-log"
+    synthetic_impressions(n_members=20, n_posts=100, n_authors=6, sessions=3, shown=8).save(log)
+    with pytest.raises(ValueError, match="'views'.*no cut points"):
+        build_ranker(feed_layout, package, log, force=True)
+    load_feed_log(log).count_buckets(load_feed_log(log).cutoff()).save(package / COUNT_BUCKETS_FILE)
+    with pytest.raises(ValueError, match="the counts .*'views'.* has \\['ratings'"):
+        build_ranker(feed_layout, package, SAMPLE_CORPUS, force=True)
+    build_ranker(feed_layout, package, log, force=True)
+    assert PostFeatures.load(feed_layout.post_features).counts == COUNTS
     settings = RepositorySettings(task_weights=tuple(task_weights_arg("feed").items()))
     rendered = render_configs(settings)[ModelName.RANK].parameters
     params = {"max_candidates": "64", **{k: v.string_value for k, v in rendered.items() if k != "max_candidates"}}
-    # The build's table holds MovieLens's counts: the feed's count features would read 0 for every post.
+    # A table of other counts (built by hand, or by an older build) is refused at load by name.
+    PostFeatures({}, {}).save(feed_layout.post_features)
+    feed_layout.write_manifest()
     with pytest.raises(ValueError, match="views_percentile"):
         RankModel().setup(feed_layout, params)
     rng = np.random.default_rng(5)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from feedserve.artifacts import ArtifactLayout
 from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.records import Member, is_engaged
+from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.features import EventCounts
 from feedserve.rank.model import GenerativeRanker
 from feedserve.rank.train import FEED_TASK_WEIGHTS
@@ -210,3 +211,55 @@ def test_a_ranker_of_some_tasks_predicts_and_is_reported_by_name() -> None:
     order = [5, 2, 0, 4, 1, 3]
     shuffled = per_session(data.test[:20], [s[:, order] for s in six], [FEED_TASKS[i] for i in order])
     np.testing.assert_allclose(shuffled["final"], per_session(data.test[:20], six, FEED_TASKS)["final"])
+
+
+def test_a_saved_log_reads_back_and_is_named_where_malformed(tmp_path: Path) -> None:
+    from feedserve.training.feed_log import is_feed_log, load_feed_log
+
+    LOG.save(tmp_path / "log")
+    assert is_feed_log(tmp_path / "log") and not is_feed_log(tmp_path)
+    back = load_feed_log(tmp_path / "log")
+    assert back.posts == LOG.posts and back.members == LOG.members
+    assert [(i.member, i.post, i.at, i.actions) for i in back.impressions] == [
+        (i.member, i.post, i.at, i.actions) for i in LOG.impressions
+    ]
+    assert back.cutoff() == LOG.cutoff()
+    lines = (tmp_path / "log" / "impressions.jsonl").read_text().splitlines()
+    for bad, named in (
+        ('{"member": 1, "post": 2}', "'at'"),
+        ('{"member": 1, "post": 2, "at": 3, "actions": ["x"]}', "x"),
+    ):
+        (tmp_path / "log" / "impressions.jsonl").write_text("\n".join([*lines[:5], bad, *lines[5:]]) + "\n")
+        with pytest.raises(ValueError, match=f"impressions.jsonl:6: .*{named}"):
+            load_feed_log(tmp_path / "log")
+
+
+def test_members_at_a_moment_hold_what_they_acted_on_before_it() -> None:
+    moment = LOG.cutoff()
+    records = {m.id: m for m in LOG.members_at(moment)}
+    assert set(records) == {m.id for m in LOG.members}
+    for member, record in records.items():
+        acted = [i for i in LOG.impressions if i.member == member and i.at < moment and i.action]
+        assert [(h.post_id, h.engaged_at, h.action) for h in record.history] == [
+            (i.post, i.at, i.action) for i in acted
+        ]
+        assert all(h.post is not None and h.post.id == h.post_id for h in record.history)
+
+
+def test_the_served_tables_are_what_training_reads_at_the_cutoff() -> None:
+    """`feedserve build --corpus LOG` serves the counts and co-engagement of the training period: a
+    request at the cutoff reads the features a training example at that moment reads."""
+    from feedserve.training.rank_feed import FeedData
+
+    data = FeedData.build(LOG, _MeanOfPosts([p.id for p in LOG.posts]))  # type: ignore[arg-type]
+    assert data.features.buckets is not None
+    table, engaged = LOG.serving_tables(data.features.buckets)
+    ids = [p.id for p in LOG.posts]
+    served = table.percentiles(ids)
+    np.testing.assert_array_equal(served, data.features.percentiles(ids, data.cutoff))
+    assert (served > 0).any(axis=0).all()  # every count is read
+    assert table.tag_union(ids[:3]) == data.features.tag_union(ids[:3])
+    before = CoEngagement.from_events(LOG.engagements(data.cutoff)).events()
+    for served_column, column in zip(engaged.events(), before, strict=True):
+        np.testing.assert_array_equal(served_column, column)
+    assert 0 < len(before[0]) < len(data.coengagement.events()[0])  # the test period's are not served
