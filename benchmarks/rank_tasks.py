@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         ("MMoE, no action tokens", [("no-actions", FEED_TASKS, {"actions": (NEUTRAL,)})]),
         ("MMoE, post tokens of content alone", [("content-only", FEED_TASKS, {"post_tokens": "content"})]),
         ("MMoE, post tokens of ids alone", [("id-only", FEED_TASKS, {"post_tokens": "id"})]),
+        ("MMoE, content plus a gated id", [("residual", FEED_TASKS, {"post_tokens": "residual"})]),
     ]
     for name, runs in variants:
         parts = [train_and_predict(data, args.runs / run, args.steps, tasks, **over) for run, tasks, over in runs]

@@ -39,7 +39,7 @@ from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.data import PostTable, RankExample, Tensorizer, feature_names
 from feedserve.rank.features import EventCounts, PostFeatures
-from feedserve.rank.model import COUNT_BUCKETS_FILE, INPUTS, NEUTRAL, GenerativeRanker, RankerConfig
+from feedserve.rank.model import COUNT_BUCKETS_FILE, INPUTS, NEUTRAL, POST_TOKENS, GenerativeRanker, RankerConfig
 from feedserve.rank.train import FEED_TASK_WEIGHTS
 from feedserve.training.evaluate import EmbeddingRetriever
 from feedserve.training.feed_log import (
@@ -257,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experts", type=int, default=RankerConfig.n_experts, help="MMoE experts (1: a shared bottom)")
     p.add_argument("--tasks", default=",".join(FEED_TASKS), help=f"comma-separated, of {', '.join(FEED_TASKS)}")
     p.add_argument("--no-action-tokens", action="store_true", help="ablation: every interaction read as neutral")
+    p.add_argument("--post-tokens", choices=POST_TOKENS, default="gated", help="content and id mixed, or one alone")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--validate", action="store_true", help="train and evaluate inside the training period")
@@ -281,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         d_model=args.d_model,
         n_experts=args.experts,
         max_rank=args.shown,
+        post_tokens=args.post_tokens,
         **({"actions": (NEUTRAL,)} if args.no_action_tokens else {}),
     )
     torch.manual_seed(args.seed)

@@ -39,7 +39,7 @@ INPUTS = (
     "member",
 )
 OUTPUT = "logits"
-POST_TOKENS = ("gated", "content", "id")
+POST_TOKENS = ("gated", "content", "id", "residual")
 HISTORIES = ("all", "engaged")
 # The action every interaction the ranker has no token for is read as (seen, neither liked nor not).
 NEUTRAL = "neutral"
@@ -61,7 +61,8 @@ class RankerConfig:
     tasks: tuple[str, ...] = ("like", "love", "dislike")
     # How a post token is made: "gated" (content and id mixed by a learned gate, the default),
     # "content" (the retrieval embedding alone) or "id" (the id embedding alone; zero for an id never
-    # trained on): the last two are the ablations of the first.
+    # trained on): the last two are the ablations of the first. "residual": the content whole, plus
+    # the id embedding as far as the gate lets it (a mix that cannot lose the content's scale).
     post_tokens: str = "gated"
     # The history the ranker reads: "all" interactions, negatives included (the default), or the
     # "engaged" ones alone (as retrieval prompts show them): the ablation of the first.
@@ -360,6 +361,8 @@ class GenerativeRanker(nn.Module):
             return by_id * known
         gate = torch.sigmoid(self.gate(torch.cat([by_content, by_id], dim=-1)))
         gate = gate * known
+        if self.config.post_tokens == "residual":
+            return by_content + gate * by_id
         return gate * by_id + (1 - gate) * by_content
 
     def encode(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from feedserve.rank.model import INPUTS, GenerativeRanker, RankerConfig, shared_context_mask
+from feedserve.rank.model import INPUTS, GenerativeRanker, RankerConfig, hash_ids, shared_context_mask
 
 E = 16
 CONFIG = RankerConfig(content_dim=E, d_model=32, n_heads=4, n_layers=2, max_history=12, id_buckets=4096, dropout=0.0)
@@ -215,6 +215,26 @@ def test_the_post_token_ablations_read_content_alone_or_ids_alone() -> None:
         hidden = model.encode(**encode)
         assert torch.allclose(hidden, model.encode(**{k: same[k] for k in encode}), atol=1e-6), mode
         assert not torch.allclose(hidden, model.encode(**{k: differs[k] for k in encode}), atol=1e-4), mode
+
+
+@torch.no_grad()
+def test_residual_post_tokens_keep_the_content_whole_and_add_a_known_id_by_its_gate() -> None:
+    """`residual`: a post token is its content's projection plus its id embedding times the gate;
+    an id never trained on adds nothing, so a new post is its content, as with the gated mix."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    model = GenerativeRanker(replace(CONFIG, post_tokens="residual"), known_ids=torch.arange(1000, 1002)).eval()
+    torch.nn.init.normal_(model.ids.weight)
+    ids, content = torch.tensor([[1000, 1001, 5000]]), torch.randn(1, 3, CONFIG.content_dim)
+    by_content, by_id = model.content(content), model.ids(hash_ids(ids, CONFIG.id_buckets))
+    gate = torch.sigmoid(model.gate(torch.cat([by_content, by_id], dim=-1)))
+    tokens = model.post_tokens(ids, content)
+    assert torch.allclose(tokens[0, :2], (by_content + gate * by_id)[0, :2], atol=1e-6)
+    assert torch.allclose(tokens[0, 2], by_content[0, 2], atol=1e-6)  # 5000: never trained on
+    gated = GenerativeRanker(CONFIG, known_ids=torch.arange(1000, 1002)).eval()
+    gated.load_state_dict(model.state_dict())
+    assert torch.allclose(gated.post_tokens(ids, content)[0, 2], tokens[0, 2], atol=1e-6)
 
 
 @torch.no_grad()
