@@ -148,6 +148,7 @@ class FeedLog:
         return [m.model_copy(update={"history": acted.get(m.id, [])[-MAX_HISTORY:]}) for m in self.members]
 
     def save(self, directory: Path) -> None:
+        """The log's three files; the simulation's hidden truth (chances, topics) is not part of them."""
         directory.mkdir(parents=True, exist_ok=True)
         _write_lines(directory / POSTS_FILE, (p.model_dump_json(exclude_defaults=True) for p in self.posts))
         _write_lines(directory / MEMBERS_FILE, (m.model_dump_json(exclude_defaults=True) for m in self.members))
@@ -165,6 +166,7 @@ REQUESTS_FILE = "requests.jsonl"  # the synthetic log's members as of its cutoff
 
 
 def is_feed_log(directory: Path) -> bool:
+    """Whether `directory` holds a saved log (rather than, say, MovieLens)."""
     return (directory / IMPRESSIONS_FILE).is_file()
 
 
