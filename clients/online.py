@@ -118,6 +118,7 @@ class FeedClient:
         self.write_key = write_key or os.environ.get(WRITE_KEY_ENV)
         self._tc = protocol_module(protocol)
         self._tasks: list[str] | None = None
+        self._max_batch: dict[str, int] = {}
         if protocol == "http":
             self._client = self._tc.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
         else:
@@ -159,15 +160,19 @@ class FeedClient:
         return {o: result.as_numpy(o) for o in outputs}
 
     def retrieve_many(self, members: Sequence[Record], k: int = 10) -> list[list[Hit]]:
-        out = self.infer(
-            ModelName.RETRIEVE,
-            {RECORDS.name: records_tensor(members), K.name: np.full((len(members), 1), k, np.int64)},
-            (IDS.name, SCORES.name),
-        )
-        return [
-            [Hit(int(i), float(s)) for i, s in zip(ids, scores, strict=True) if i != NO_ID]
-            for ids, scores in zip(out[IDS.name], out[SCORES.name], strict=True)
-        ]
+        """Each member's top `k` posts, in requests of at most the rows `retrieve` takes."""
+        hits = []
+        for part in self._parts(ModelName.RETRIEVE, members):
+            out = self.infer(
+                ModelName.RETRIEVE,
+                {RECORDS.name: records_tensor(part), K.name: np.full((len(part), 1), k, np.int64)},
+                (IDS.name, SCORES.name),
+            )
+            hits += [
+                [Hit(int(i), float(s)) for i, s in zip(ids, scores, strict=True) if i != NO_ID]
+                for ids, scores in zip(out[IDS.name], out[SCORES.name], strict=True)
+            ]
+        return hits
 
     def retrieve(self, member: Record, k: int = 10) -> list[Hit]:
         return self.retrieve_many([member], k)[0]
@@ -175,26 +180,30 @@ class FeedClient:
     def feed_many(
         self, members: Sequence[Record], n: int = 10, candidates: int = DEFAULT_CANDIDATES
     ) -> list[list[Ranked]]:
-        """Each member's top `n` posts: `candidates` retrieved, ranked by the GR ranker (`feed`)."""
-        rows = len(members)
-        out = self.infer(
-            ModelName.FEED,
-            {
-                RECORDS.name: records_tensor(members),
-                K.name: np.full((rows, 1), n, np.int64),
-                CANDIDATES.name: np.full((rows, 1), candidates, np.int64),
-            },
-            (IDS.name, SCORES.name, TASK_SCORES.name),
-        )
-        tasks = self.ranker_tasks()
-        return [
-            [
-                Ranked(int(i), float(s), dict(zip(tasks, t.tolist(), strict=True)))
-                for i, s, t in zip(ids, scores, per_task, strict=True)
-                if i != NO_ID
+        """Each member's top `n` posts: `candidates` retrieved, ranked by the GR ranker (`feed`), in
+        requests of at most the rows `feed` takes."""
+        feeds = []
+        for part in self._parts(ModelName.FEED, members):
+            rows = len(part)
+            out = self.infer(
+                ModelName.FEED,
+                {
+                    RECORDS.name: records_tensor(part),
+                    K.name: np.full((rows, 1), n, np.int64),
+                    CANDIDATES.name: np.full((rows, 1), candidates, np.int64),
+                },
+                (IDS.name, SCORES.name, TASK_SCORES.name),
+            )
+            tasks = self.ranker_tasks()
+            feeds += [
+                [
+                    Ranked(int(i), float(s), dict(zip(tasks, t.tolist(), strict=True)))
+                    for i, s, t in zip(ids, scores, per_task, strict=True)
+                    if i != NO_ID
+                ]
+                for ids, scores, per_task in zip(out[IDS.name], out[SCORES.name], out[TASK_SCORES.name], strict=True)
             ]
-            for ids, scores, per_task in zip(out[IDS.name], out[SCORES.name], out[TASK_SCORES.name], strict=True)
-        ]
+        return feeds
 
     def feed(self, member: Record, n: int = 10, candidates: int = DEFAULT_CANDIDATES) -> list[Ranked]:
         return self.feed_many([member], n, candidates)[0]
@@ -235,11 +244,33 @@ class FeedClient:
     def ranker_tasks(self) -> list[str]:
         """The ranker's tasks, in the order of its TASK_SCORES columns (the rank config's `tasks`)."""
         if self._tasks is None:
-            config = self._client.get_model_config(ModelName.RANK)
+            config = self._config(ModelName.RANK)
             params = config["parameters"] if self.protocol == "http" else config.config.parameters
             value = params["tasks"]["string_value"] if self.protocol == "http" else params["tasks"].string_value
             self._tasks = str(value).split(",")
         return self._tasks
+
+    def max_batch(self, model: str) -> int:
+        """The most rows one request to `model` may carry (its config's max_batch_size)."""
+        if model not in self._max_batch:
+            config = self._config(model)
+            value = config["max_batch_size"] if self.protocol == "http" else config.config.max_batch_size
+            self._max_batch[model] = max(int(value), 1)
+        return self._max_batch[model]
+
+    def _parts(self, model: str, records: Sequence[Record]) -> list[Sequence[Record]]:
+        """`records` in runs of at most `max_batch(model)`: a .jsonl of any length is many requests
+        rather than one the server refuses (an empty one stays one request, refused by name)."""
+        size = self.max_batch(model)
+        return [records[i : i + size] for i in range(0, len(records), size)] or [records]
+
+    def _config(self, model: str) -> Any:
+        try:
+            return self._client.get_model_config(model)
+        except InferenceServerException as err:
+            raise ClientError(
+                f"{model}: {err.message()}", str(err.status()) if err.status() is not None else None
+            ) from err
 
     def engage(self, engagements: Sequence[tuple[int, int, int]]) -> int:
         """Log (member id, post id, unix seconds) engagements through `engage_write` (the write key
@@ -256,14 +287,18 @@ class FeedClient:
         return lsn
 
     def embed_posts(self, posts: Sequence[Record]) -> np.ndarray:
-        return self.infer(ModelName.EMBED_POST, {RECORDS.name: records_tensor(posts)}, (EMBEDDING.name,))[
-            EMBEDDING.name
-        ]
+        return self._embed(ModelName.EMBED_POST, posts)
 
     def embed_members(self, members: Sequence[Record]) -> np.ndarray:
-        return self.infer(ModelName.EMBED_MEMBER, {RECORDS.name: records_tensor(members)}, (EMBEDDING.name,))[
-            EMBEDDING.name
+        return self._embed(ModelName.EMBED_MEMBER, members)
+
+    def _embed(self, model: str, records: Sequence[Record]) -> np.ndarray:
+        """[len(records), dim], in requests of at most the rows `model` takes."""
+        parts = [
+            self.infer(model, {RECORDS.name: records_tensor(part)}, (EMBEDDING.name,))[EMBEDDING.name]
+            for part in self._parts(model, records)
         ]
+        return np.concatenate(parts)
 
     def close(self) -> None:
         self._client.close()

@@ -68,14 +68,14 @@ def _members(log: Path, n: int) -> list[Member]:
 def test_feedserve_feed_serves_the_six_tasks_by_the_feeds_weights(served: dict[str, object]) -> None:
     server, log = served["server"], served["log"]
     assert isinstance(server, TritonServer) and isinstance(log, Path)
-    members = _members(log, 3)
-    requests = log.parent / "three.jsonl"
+    members = _members(log, 10)  # more than a `feed` request takes (8): the command sends several
+    requests = log.parent / "ten.jsonl"
     requests.write_text("".join(m.model_dump_json() + "\n" for m in members))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert cli.main(["feed", str(requests), "-n", "5", "--candidates", "40", "--url", server.grpc_url]) == 0
     feeds = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert len(feeds) == 3
+    assert len(feeds) == 10
     posts = {p.id for p in load_feed_log(log).posts}
     for member, feed in zip(members, feeds, strict=True):
         assert len(feed) == 5 and {row["post_id"] for row in feed} <= posts
@@ -101,8 +101,8 @@ def test_the_served_ranker_scores_as_pytorch_does_on_the_logs_tables(served: dic
     with FeedClient(server.grpc_url, "grpc", timeout_s=60) as client:
         assert client.ranker_tasks() == list(FEED_TASKS)
         # The index's content of every post (histories read posts beyond the candidates).
-        vectors = np.concatenate([client.embed_posts(posts[i : i + 32]) for i in range(0, len(posts), 32)])
-        content = PostTable(np.array([p.id for p in posts]), vectors)
+        assert len(posts) > client.max_batch("embed_post")  # sent as several requests
+        content = PostTable(np.array([p.id for p in posts]), client.embed_posts(posts))
         tensorize = Tensorizer(model.config, content, table, CoEngagement.load(layout.coengagement))
         for member in _members(log, 2):
             query = client.embed_members([member])
