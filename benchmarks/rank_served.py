@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.rank_tasks import task_table
 from feedserve.artifacts import ArtifactLayout
 from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.data import RankExample, Tensorizer
@@ -166,7 +167,6 @@ def served(layout: ArtifactLayout, data: FeedData, log: FeedLog, feeds: int, eve
 
 
 def markdown(report: dict[str, Any]) -> str:
-    tasks = list(FEED_TASKS)
     lines = [
         "# The feed ranker served through tritonserver",
         "",
@@ -181,12 +181,8 @@ def markdown(report: dict[str, Any]) -> str:
         "AUC over every test impression (GAUC in brackets); NDCG@10 of the final score against the value of what "
         "the member did.",
         "",
-        "| ranked | " + " | ".join(tasks) + " | NDCG@10 |",
-        "|---|" + "---|" * (len(tasks) + 1),
+        *task_table("ranked", report["rows"]),
     ]
-    for row in report["rows"]:
-        cells = [f"{row['tasks'][t]['auc']:.4f} ({row['tasks'][t]['gauc']:.4f})" for t in tasks]
-        lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {row['tasks']['final']['ndcg@10']:.4f} |")
     rank, feed = report["latency"]["rank"], report["latency"]["feed"]
     lines += [
         "",

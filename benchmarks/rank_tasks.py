@@ -65,6 +65,15 @@ def baseline(data: FeedData, score: str) -> list[np.ndarray]:
     return out
 
 
+def task_table(first: str, rows: Sequence[dict[str, Any]]) -> list[str]:
+    """A markdown table of `task_report`s: a row's AUC (GAUC) per task and its NDCG@10."""
+    lines = ["| " + " | ".join([first, *FEED_TASKS, "NDCG@10"]) + " |", "|---|" + "---|" * (len(FEED_TASKS) + 1)]
+    for row in rows:
+        cells = [f"{row['tasks'][t]['auc']:.4f} ({row['tasks'][t]['gauc']:.4f})" for t in FEED_TASKS]
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {row['tasks']['final']['ndcg@10']:.4f} |")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     tasks = list(FEED_TASKS)
     lines = [
@@ -81,13 +90,8 @@ def markdown(report: dict[str, Any]) -> str:
         "AUC over every test impression (GAUC: within each session, weighted by its impressions, in brackets); "
         "NDCG@10: the final score's order of each session against the value of what the member did.",
         "",
-        "| model | " + " | ".join(tasks) + " | NDCG@10 |",
-        "|---|" + "---|" * (len(tasks) + 1),
+        *task_table("model", report["rows"]),
     ]
-    for row in report["rows"]:
-        cells = [f"{row['tasks'][t]['auc']:.4f} ({row['tasks'][t]['gauc']:.4f})" for t in tasks]
-        final = row["tasks"].get("final", {}).get("ndcg@10")
-        lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {final:.4f} |")
     lines += [
         "",
         "Paired against the MMoE (ratio of means over the same sessions, 95% bootstrap interval over members):",
