@@ -140,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         ("MMoE, post tokens of content alone", [("content-only", FEED_TASKS, {"post_tokens": "content"})]),
         ("MMoE, post tokens of ids alone", [("id-only", FEED_TASKS, {"post_tokens": "id"})]),
         ("MMoE, content plus a gated id", [("residual", FEED_TASKS, {"post_tokens": "residual"})]),
+        ("MMoE, gated, half the ids dropped in training", [("id-dropout", FEED_TASKS, {"id_dropout": 0.5})]),
+        (
+            "MMoE, content plus a gated id, half the ids dropped in training",
+            [("residual-id-dropout", FEED_TASKS, {"post_tokens": "residual", "id_dropout": 0.5})],
+        ),
     ]
     for name, runs in variants:
         parts = [train_and_predict(data, args.runs / run, args.steps, tasks, **over) for run, tasks, over in runs]

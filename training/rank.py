@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--id-buckets", type=int, default=RankerConfig.id_buckets, help="hashed post-id embeddings")
     p.add_argument("--post-tokens", choices=POST_TOKENS, default="gated", help="content and id gated, or one alone")
+    p.add_argument(
+        "--id-dropout", type=float, default=0.0, help="share of post tokens trained as new posts (content alone)"
+    )
     p.add_argument("--history", choices=HISTORIES, default="all", help="what the ranker reads of a member's history")
     p.add_argument("--no-action-tokens", action="store_true", help="ablation: every interaction read as neutral")
     p.add_argument("--no-features", action="store_true", help="ablation: no candidate features fused late")
@@ -216,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         max_history=args.max_history,
         id_buckets=args.id_buckets,
         post_tokens=args.post_tokens,
+        id_dropout=args.id_dropout,
         history=args.history,
         actions=(NEUTRAL,) if args.no_action_tokens else RankerConfig.actions,
         features=()

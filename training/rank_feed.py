@@ -258,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", default=",".join(FEED_TASKS), help=f"comma-separated, of {', '.join(FEED_TASKS)}")
     p.add_argument("--no-action-tokens", action="store_true", help="ablation: every interaction read as neutral")
     p.add_argument("--post-tokens", choices=POST_TOKENS, default="gated", help="content and id mixed, or one alone")
+    p.add_argument(
+        "--id-dropout", type=float, default=0.0, help="share of post tokens trained as new posts (content alone)"
+    )
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--validate", action="store_true", help="train and evaluate inside the training period")
@@ -283,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         n_experts=args.experts,
         max_rank=args.shown,
         post_tokens=args.post_tokens,
+        id_dropout=args.id_dropout,
         **({"actions": (NEUTRAL,)} if args.no_action_tokens else {}),
     )
     torch.manual_seed(args.seed)

@@ -70,6 +70,10 @@ class RankerConfig:
     n_experts: int = 4
     cross_layers: int = 2
     dropout: float = 0.1
+    # In training, the share of post tokens read as if their id were never trained on (content
+    # alone): at serving, every post created since the training cutoff is (half the feed log's test
+    # impressions), a token the ranker otherwise never sees while it learns.
+    id_dropout: float = 0.0
     # A linear term of the candidate features added to every task's logit beside the MMoE's (the
     # "wide" part of wide & deep): the retrieval score reaches the final score directly, so the
     # ranker learns a correction of the retrieval order rather than a replacement for it.
@@ -100,6 +104,8 @@ class RankerConfig:
     def __post_init__(self) -> None:
         if self.post_tokens not in POST_TOKENS:
             raise ValueError(f"post_tokens must be one of {POST_TOKENS}, got {self.post_tokens!r}")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
         if self.history not in HISTORIES:
             raise ValueError(f"history must be one of {HISTORIES}, got {self.history!r}")
         if NEUTRAL not in self.actions:
@@ -359,6 +365,8 @@ class GenerativeRanker(nn.Module):
         known = (self.id_owners[buckets] == ids).unsqueeze(-1).to(by_id.dtype)
         if self.config.post_tokens == "id":
             return by_id * known
+        if self.training and self.config.id_dropout > 0:
+            known = known * (torch.rand(known.shape, device=known.device) >= self.config.id_dropout).to(known.dtype)
         gate = torch.sigmoid(self.gate(torch.cat([by_content, by_id], dim=-1)))
         gate = gate * known
         if self.config.post_tokens == "residual":

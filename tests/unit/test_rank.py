@@ -4,6 +4,7 @@ never trained on is read by its content alone."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -235,6 +236,25 @@ def test_residual_post_tokens_keep_the_content_whole_and_add_a_known_id_by_its_g
     gated = GenerativeRanker(CONFIG, known_ids=torch.arange(1000, 1002)).eval()
     gated.load_state_dict(model.state_dict())
     assert torch.allclose(gated.post_tokens(ids, content)[0, 2], tokens[0, 2], atol=1e-6)
+
+
+@torch.no_grad()
+def test_id_dropout_reads_some_known_posts_by_content_alone_in_training_only() -> None:
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    config = replace(CONFIG, post_tokens="residual", id_dropout=0.5)
+    model = GenerativeRanker(config, known_ids=torch.arange(1000, 1400))
+    torch.nn.init.normal_(model.ids.weight)
+    ids, content = torch.arange(1000, 1400).reshape(1, -1), torch.randn(1, 400, CONFIG.content_dim)
+    by_content = model.content(content)
+    model.train()
+    alone = torch.isclose(model.post_tokens(ids, content), by_content, atol=1e-6).all(-1)
+    assert 0.4 < alone.float().mean() < 0.6  # about half, each token drawn on its own
+    model.eval()
+    assert not torch.isclose(model.post_tokens(ids, content), by_content, atol=1e-6).all(-1).any()
+    with pytest.raises(ValueError, match="id_dropout"):
+        replace(CONFIG, id_dropout=1.0)
 
 
 @torch.no_grad()
