@@ -42,9 +42,9 @@ REPORT = Path(__file__).parent / "reports" / "rank_tasks"
 # The rankers that mix a post's content and id, and the two arms they mix (by row name).
 ARMS = ("MMoE, post tokens of content alone", "MMoE, post tokens of ids alone")
 GATED = (
-    "MMoE, 4 experts (served)",
+    "MMoE, 4 experts",
     "MMoE, content plus a gated id",
-    "MMoE, gated, half the ids dropped in training",
+    "MMoE, gated, half the ids dropped in training (rank_feed's default)",
     "MMoE, content plus a gated id, half the ids dropped in training",
 )
 
@@ -154,14 +154,17 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("%s: %s", name, rows[-1]["tasks"])
 
     variants: list[tuple[str, list[tuple[str, tuple[str, ...], dict[str, Any]]]]] = [
-        ("MMoE, 4 experts (served)", [("mmoe", FEED_TASKS, {})]),
+        ("MMoE, 4 experts", [("mmoe", FEED_TASKS, {})]),
         ("shared bottom (1 expert)", [("shared-bottom", FEED_TASKS, {"n_experts": 1})]),
         ("one model per task", [(f"single-{t}".replace(" ", "-"), (t,), {}) for t in FEED_TASKS]),
         ("MMoE, no action tokens", [("no-actions", FEED_TASKS, {"actions": (NEUTRAL,)})]),
         ("MMoE, post tokens of content alone", [("content-only", FEED_TASKS, {"post_tokens": "content"})]),
         ("MMoE, post tokens of ids alone", [("id-only", FEED_TASKS, {"post_tokens": "id"})]),
         ("MMoE, content plus a gated id", [("residual", FEED_TASKS, {"post_tokens": "residual"})]),
-        ("MMoE, gated, half the ids dropped in training", [("id-dropout", FEED_TASKS, {"id_dropout": 0.5})]),
+        (
+            "MMoE, gated, half the ids dropped in training (rank_feed's default)",
+            [("id-dropout", FEED_TASKS, {"id_dropout": 0.5})],
+        ),
         (
             "MMoE, content plus a gated id, half the ids dropped in training",
             [("residual-id-dropout", FEED_TASKS, {"post_tokens": "residual", "id_dropout": 0.5})],
