@@ -1,7 +1,8 @@
 """The feed ranker's six tasks: one MMoE head against a shared bottom, one model per task, the
 ranker without its action tokens, and its post tokens of content alone or of ids alone rather than
-gated; retrieval and popularity as the floor, and the chances the log drew each action from (what
-no ranker can beat) as the ceiling.
+gated, or mixed as content plus a gated id (`residual`), each mix also trained with half its ids
+dropped (`id_dropout`; every gated ranker is paired against both arms); retrieval and popularity as
+the floor, and the chances the log drew each action from (what no ranker can beat) as the ceiling.
 
     .venv/bin/python -m benchmarks.rank_tasks [--steps 800] [--out benchmarks/reports/rank_tasks]
 
