@@ -48,7 +48,7 @@ from feedserve.artifacts import ArtifactLayout
 from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.data import PostTable, RankExample, Tensorizer
 from feedserve.rank.features import PostFeatures
-from feedserve.rank.model import GenerativeRanker
+from feedserve.rank.model import GenerativeRanker, RankerConfig
 from feedserve.rank.train import FEED_TASK_WEIGHTS
 from feedserve.training.feed_log import FEED_TASKS, FeedLog, load_feed_log
 from feedserve.training.rank_feed import FeedData, load_retriever, predict, task_report
@@ -142,6 +142,7 @@ def served(layout: ArtifactLayout, data: FeedData, log: FeedLog, feeds: int, eve
     repo = tmp / "repository"
     write_repository(repo, RepositorySettings(task_weights=tuple(task_weights_arg("feed").items())))
     # An earlier run's live index: its writes and logged engagements would be read as this run's.
+    logger.warning("replacing %s with the log's posts", layout.index_dir.root)
     shutil.rmtree(layout.index_dir.root, ignore_errors=True)
     with TritonServer(on_free_ports(repository=repo, artifacts=layout.root, log_file=tmp / "server.log")) as server:
         start = time.perf_counter()
@@ -150,8 +151,6 @@ def served(layout: ArtifactLayout, data: FeedData, log: FeedLog, feeds: int, eve
         )
         indexed_s = time.perf_counter() - start
         with FeedClient(server.grpc_url, "grpc", timeout_s=120, write_key=write_key(layout.root)) as client:
-            if client.ranker_tasks() != list(FEED_TASKS):
-                raise SystemExit(f"{layout.root} serves a ranker of {client.ranker_tasks()}: build it with --ranker")
             frozen, rank_s = rank_sessions(client, data.test)
             members = [m for m in log.members_at(log.cutoff()) if m.history][:feeds]
             feed_s = []
@@ -223,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     layout = ArtifactLayout(args.artifacts.resolve())
+    # Checked before anything is read or replaced (the run rebuilds the artifacts' index).
+    if not layout.has_ranker() or RankerConfig.load(layout.ranker_config).tasks != FEED_TASKS:
+        raise SystemExit(f"{layout.root} has no feed ranker: build it with --corpus {args.log} --ranker {args.ranker}")
     log = load_feed_log(args.log)
     data = FeedData.build(log, load_retriever(layout.root, log, args.cache or args.ranker / "cache"))
     model = GenerativeRanker.load(args.ranker)
