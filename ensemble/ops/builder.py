@@ -113,11 +113,11 @@ def build_ranker(layout: ArtifactLayout, package: Path | None, corpus: Path, for
     if not force and done == source and all(p.exists() for p in layout.ranker_files()):
         logger.info("ranker up to date: %s", layout.ranker_onnx)
         return
-    buckets = PercentileBuckets.load(count_buckets)
-    uncut = [c for c in data.counts_read(model.config.features) if c not in buckets.cut_points]
+    buckets, counts = PercentileBuckets.load(count_buckets), data.counts_read(model.config.features)
+    uncut = [c for c in counts if c not in buckets.cut_points]
     if uncut:  # they would read 0 for every post
         raise ValueError(f"{package}: the ranker reads the counts {uncut}, which {count_buckets} has no cut points for")
-    table, engaged = ranker_tables(corpus, buckets, data.counts_read(model.config.features))
+    table, engaged = ranker_tables(corpus, buckets, counts)
     export_ranker(model, layout.ranker_onnx)
     atomic_write(layout.ranker_config, model.config.to_json())
     table.save(layout.post_features)

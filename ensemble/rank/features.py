@@ -241,14 +241,11 @@ class PostFeatures:
         )
 
 
-def saved_counts(path: Path) -> tuple[str, ...]:
-    """The counts a saved table holds, without building the table (the writer needs no more)."""
-    return tuple(_read(path)["counts"])
-
-
-def saved_buckets(path: Path) -> PercentileBuckets | None:
-    """The cut points a saved table's counts were read with; None for a table saved without them."""
-    return _buckets(_read(path))
+def saved_counts(path: Path) -> tuple[tuple[str, ...], PercentileBuckets | None]:
+    """The counts a saved table holds and the cut points they were read with (None for a table
+    saved without them), without building the table (the writer needs no more)."""
+    data = _read(path)
+    return tuple(data["counts"]), _buckets(data)
 
 
 def _buckets(data: dict[str, Any]) -> PercentileBuckets | None:

@@ -41,7 +41,7 @@ from feedserve.index.milvus import MilvusFollowed, MilvusStore, now_us
 from feedserve.index.wal import LogError
 from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.records import Post, parse_post
-from feedserve.rank.features import COUNT_FEATURES, feature_row, saved_buckets, saved_counts
+from feedserve.rank.features import COUNT_FEATURES, feature_row, saved_counts
 from feedserve.schema import LSN, OP, OP_DELETE, OP_UPSERT, POST_ID, WRITE_EMBEDDING, WRITE_RECORDS, ModelName
 from feedserve.triton.base import (
     Arrays,
@@ -80,8 +80,8 @@ class IndexWriteModel(WriteModel[Write]):
         self.buckets = PercentileBuckets.load(layout.buckets) if layout.buckets.exists() else None
         self.counts: tuple[str, ...] = COUNT_FEATURES
         if layout.has_ranker():
-            self.counts = saved_counts(layout.post_features)
-            self.buckets = saved_buckets(layout.post_features) or self.buckets
+            self.counts, cut = saved_counts(layout.post_features)
+            self.buckets = cut or self.buckets
         self.milvus: MilvusStore | None = None
         if params.get("index", "local") != "local":
             followed = followed_index(layout, params, Engine(), "index_write")
