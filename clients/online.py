@@ -154,9 +154,7 @@ class FeedClient:
         try:
             result = self._client.infer(model, tensors, outputs=requested, **kwargs)
         except InferenceServerException as err:
-            raise ClientError(
-                f"{model}: {err.message()}", str(err.status()) if err.status() is not None else None
-            ) from err
+            raise _client_error(model, err) from err
         return {o: result.as_numpy(o) for o in outputs}
 
     def retrieve_many(self, members: Sequence[Record], k: int = 10) -> list[list[Hit]]:
@@ -268,9 +266,7 @@ class FeedClient:
         try:
             return self._client.get_model_config(model)
         except InferenceServerException as err:
-            raise ClientError(
-                f"{model}: {err.message()}", str(err.status()) if err.status() is not None else None
-            ) from err
+            raise _client_error(model, err) from err
 
     def engage(self, engagements: Sequence[tuple[int, int, int]]) -> int:
         """Log (member id, post id, unix seconds) engagements through `engage_write` (the write key
@@ -308,6 +304,11 @@ class FeedClient:
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+def _client_error(model: str, err: InferenceServerException) -> ClientError:
+    """A server's refusal as the client's error, named by the model and keeping the server's status."""
+    return ClientError(f"{model}: {err.message()}", str(err.status()) if err.status() is not None else None)
 
 
 def _datatype(value: np.ndarray) -> str:
