@@ -42,9 +42,19 @@ from pathlib import Path
 
 import numpy as np
 
+from feedserve.errors import RecordError
 from feedserve.files import atomic_write
 from feedserve.prompt.buckets import PercentileBuckets
-from feedserve.prompt.records import MAX_HISTORY, Author, Engagement, Member, Post, parse_member, read_posts_jsonl
+from feedserve.prompt.records import (
+    MAX_HISTORY,
+    Author,
+    Engagement,
+    Member,
+    Post,
+    parse_member,
+    read_jsonl,
+    read_posts_jsonl,
+)
 from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.data import RankExample, member_interactions
 from feedserve.rank.engagements import coengaged
@@ -173,15 +183,15 @@ def is_feed_log(directory: Path) -> bool:
 def load_feed_log(directory: Path) -> FeedLog:
     """A saved log (`FeedLog.save`); a malformed line is named by file and line number."""
     posts = read_posts_jsonl(directory / POSTS_FILE)
-    members = [parse_member(line) for line in _read_lines(directory / MEMBERS_FILE)]
+    members = read_jsonl(directory / MEMBERS_FILE, parse_member)
     post_ids, member_ids = {p.id for p in posts}, {m.id for m in members}
-    impressions = []
-    for n, line in enumerate(_read_lines(directory / IMPRESSIONS_FILE), 1):
+
+    def impression(line: str) -> Impression:
         try:
             row = json.loads(line)
             i = Impression(int(row["member"]), int(row["post"]), int(row["at"]), frozenset(map(str, row["actions"])))
         except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{directory / IMPRESSIONS_FILE}:{n}: {err!r}") from err
+            raise RecordError(repr(err)) from err
         checks = (
             (i.actions <= set(FEED_TASKS), f"actions {sorted(i.actions)} not of {FEED_TASKS}"),
             (i.member in member_ids, f"member {i.member} not in {MEMBERS_FILE}"),
@@ -189,18 +199,16 @@ def load_feed_log(directory: Path) -> FeedLog:
         )
         for holds, wrong in checks:
             if not holds:
-                raise ValueError(f"{directory / IMPRESSIONS_FILE}:{n}: {wrong}")
-        impressions.append(i)
+                raise RecordError(wrong)
+        return i
+
+    impressions = read_jsonl(directory / IMPRESSIONS_FILE, impression)
     impressions.sort(key=lambda i: (i.at, i.member, i.post))
     return FeedLog(posts, members, impressions)
 
 
 def _write_lines(path: Path, lines: Iterable[str]) -> None:
     atomic_write(path, "".join(f"{line}\n" for line in lines))
-
-
-def _read_lines(path: Path) -> list[str]:
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -225,16 +225,24 @@ def json_schema(kind: str) -> dict[str, Any]:
     return models[kind].model_json_schema()
 
 
-def read_posts_jsonl(path: Path) -> list[Post]:
-    posts = []
+R = TypeVar("R")
+
+
+def read_jsonl(path: Path, parse: Callable[[str], R]) -> list[R]:
+    """One record a line (blank lines skipped); a bad one is named by file and line number."""
+    records = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    posts.append(parse_post(line))
+                    records.append(parse(line))
                 except RecordError as err:
                     raise RecordError(f"{path}:{n}: {err}") from err
-    return posts
+    return records
+
+
+def read_posts_jsonl(path: Path) -> list[Post]:
+    return read_jsonl(path, parse_post)
 
 
 def write_posts_jsonl(posts: Iterable[Post], path: Path) -> None:

@@ -232,6 +232,10 @@ def test_a_saved_log_reads_back_and_is_named_where_malformed(tmp_path: Path) -> 
         (tmp_path / "log" / "impressions.jsonl").write_text("\n".join([*lines[:5], bad, *lines[5:]]) + "\n")
         with pytest.raises(ValueError, match=f"impressions.jsonl:6: .*{named}"):
             load_feed_log(tmp_path / "log")
+    members = (tmp_path / "log" / "members.jsonl").read_text()
+    (tmp_path / "log" / "members.jsonl").write_text(members + '{"id": "x"}\n')
+    with pytest.raises(ValueError, match=f"members.jsonl:{len(LOG.members) + 1}: "):
+        load_feed_log(tmp_path / "log")
 
 
 def test_members_at_a_moment_hold_what_they_acted_on_before_it() -> None:
