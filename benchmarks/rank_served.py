@@ -63,6 +63,11 @@ def record_of(x: RankExample) -> dict[str, Any]:
     return {"id": x.member_id, "history": history}
 
 
+def worst(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
+    """The largest difference between two rankings' probabilities, session by session."""
+    return float(max(np.abs(x - y).max() for x, y in zip(a, b, strict=True)))
+
+
 def latency(samples: list[float]) -> dict[str, float]:
     ms = np.array(samples) * 1000
     return {"requests": len(ms), "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
@@ -249,22 +254,17 @@ def main(argv: list[str] | None = None) -> int:
     hours = f"{args.refresh_hours:g} h"
     add("in process, counts and co-engagement as of each session", predict(model, tensorize, data.test))
     add(f"in process, as of the last refresh (every {hours})", predict(model, tensorize, refreshed))
-    add(
-        "in process, the built tables (as of the cutoff)",
-        predict(model, built, [replace(x, at=None) for x in data.test]),
-    )
+    as_served = [replace(x, at=None) for x in data.test]  # no moment: the tables as built
+    add("in process, the built tables (as of the cutoff)", predict(model, built, as_served))
     with tempfile.TemporaryDirectory() as tmp:
         through = served(layout, data, log, args.feeds, every, Path(tmp))
     add("through tritonserver, the built tables", through["frozen"])
     # Its exact twin: the built tables and the vectors the server read. The cache's vectors differ a
     # little (the int8 encoder's dynamic quantization scales by the batch a post is embedded in).
     indexed = Tensorizer(model.config, PostTable(*through["indexed"]), built.features, built.coengagement)
-    twin = predict(model, indexed, [replace(x, at=None) for x in data.test])
-    same_vectors = float(max(np.abs(a - b).max() for a, b in zip(twin, through["frozen"], strict=True)))
+    twin = predict(model, indexed, as_served)
+    same_vectors = worst(twin, through["frozen"])
     add(f"through tritonserver, nearline refresh every {hours}", through["nearline"])
-
-    def worst(a: str, b: str) -> float:
-        return float(max(np.abs(x - y).max() for x, y in zip(scores[a], scores[b], strict=True)))
 
     report = {
         "command": "python -m benchmarks.rank_served " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -279,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "served_vs_in_process_max_abs": {
             "built tables, the index's vectors": same_vectors,
-            "built tables, the training run's vectors": worst(rows[2]["name"], rows[3]["name"]),
-            "nearline, the training run's vectors": worst(rows[1]["name"], rows[4]["name"]),
+            "built tables, the training run's vectors": worst(scores[rows[2]["name"]], scores[rows[3]["name"]]),
+            "nearline, the training run's vectors": worst(scores[rows[1]["name"]], scores[rows[4]["name"]]),
         },
         "indexed_posts": through["indexed_posts"],
         "index_s": through["index_s"],
