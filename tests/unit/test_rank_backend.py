@@ -291,7 +291,8 @@ def test_a_feed_ranker_serves_its_six_tasks_by_the_rendered_weights(layout: Arti
     synthetic_impressions(n_members=20, n_posts=100, n_authors=6, sessions=3, shown=8).save(log)
     with pytest.raises(ValueError, match="'views'.*no cut points"):
         build_ranker(feed_layout, package, log, force=True)
-    load_feed_log(log).count_buckets(load_feed_log(log).cutoff()).save(package / COUNT_BUCKETS_FILE)
+    saved = load_feed_log(log)
+    saved.count_buckets(saved.cutoff()).save(package / COUNT_BUCKETS_FILE)
     with pytest.raises(ValueError, match="the counts .*'views'.* has \\['ratings'"):
         build_ranker(feed_layout, package, SAMPLE_CORPUS, force=True)
     build_ranker(feed_layout, package, log, force=True)
