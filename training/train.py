@@ -300,6 +300,23 @@ def materialize_checkpoint(hf_dir: Path, run: Path, checkpoint: Path, dest: Path
     return dest / "model"
 
 
+# The TrainConfig fields the command line sets (`--field-name`), with their types.
+CLI_FIELDS: dict[str, type] = {
+    "steps": int,
+    "batch_size": int,
+    "grad_accum": int,
+    "hard_negatives": int,
+    "easy_negatives": int,
+    "lora_r": int,
+    "keep_layers": int,
+    "seed": int,
+    "checkpoint_every": int,
+    "keep_checkpoints": int,
+    "lr": float,
+    "temperature": float,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     from feedserve.artifacts import REPO_ROOT, ArtifactLayout
     from feedserve.ops.builder import SAMPLE_CORPUS
@@ -316,21 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--device", default="cpu", help="cpu, or cuda: bf16 autocast on the GPU")
     p.add_argument("--out", type=Path, required=True)
-    for f in (
-        "steps",
-        "batch_size",
-        "grad_accum",
-        "hard_negatives",
-        "easy_negatives",
-        "lora_r",
-        "keep_layers",
-        "seed",
-        "checkpoint_every",
-        "keep_checkpoints",
-    ):
-        p.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(TrainConfig, f, None))
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
-    p.add_argument("--temperature", type=float, default=TrainConfig.temperature)
+    for f, kind in CLI_FIELDS.items():
+        p.add_argument("--" + f.replace("_", "-"), type=kind, default=getattr(TrainConfig, f))
     p.add_argument("--matryoshka", type=int, nargs="*", default=[])
     p.add_argument("--max-prompt-tokens", type=int, help="token budget of a prompt (default: the base's serving.json)")
     # Ablations of the choices the system we reproduce made (benchmarks/quality.py evaluates them).
@@ -339,23 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = TrainConfig(
-        **{
-            f: getattr(args, f)
-            for f in (
-                "steps",
-                "batch_size",
-                "grad_accum",
-                "hard_negatives",
-                "easy_negatives",
-                "lora_r",
-                "keep_layers",
-                "seed",
-                "checkpoint_every",
-                "keep_checkpoints",
-                "lr",
-                "temperature",
-            )
-        },
+        **{f: getattr(args, f) for f in CLI_FIELDS},
         matryoshka_dims=tuple(args.matryoshka),
         extra={"data": args.data, "history": "engaged+disliked" if args.history_negatives else "engaged"},
     )
