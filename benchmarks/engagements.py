@@ -30,7 +30,6 @@ Needs `artifacts/default` with the ranker (`feedserve build`).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -41,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import write_report
 from benchmarks.freshness import scratch_artifacts
 from feedserve.artifacts import ArtifactLayout, default_artifacts_dir
 from feedserve.clients.online import FeedClient
@@ -271,10 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         report["through_triton"] = lag_through_triton(args.artifacts, args.trials)
     if args.milvus_trials:
         report["through_triton_milvus"] = lag_through_triton(args.artifacts, args.milvus_trials, milvus=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "engagements.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "engagements.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, "engagements", report, markdown(report))
     return 0
 
 

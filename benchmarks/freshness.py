@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import write_report
 from feedserve.artifacts import ArtifactLayout, default_artifacts_dir
 from feedserve.clients.batch import index_corpus
 from feedserve.clients.ingest import Ingester, JsonlSource
@@ -249,11 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                 "written_during": len(writes.acknowledged),
                 "retrievable_after": writes.retrievable(),
             }
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "freshness-milvus" if args.milvus else "freshness"
-    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"{name}.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, "freshness-milvus" if args.milvus else "freshness", report, markdown(report))
     return 0
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import write_report
 from feedserve.index.torch_engine import TorchFlatIndex
 
 logger = logging.getLogger(__name__)
@@ -224,10 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     report["encoder"] = [r for b in args.batch for r in bench_encoder(args.config, b, args.tokens, peak)]
     report["knn"] = bench_knn(args.knn_sizes, args.dim, args.knn_batches, args.k, peaks["copy_gb_per_s"])
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu.json").write_text(json.dumps(report, indent=2))
-    (args.out / "gpu.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, "gpu", report, markdown(report))
     return 0
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import write_report
 from benchmarks.freshness import scratch_artifacts
 from feedserve.artifacts import ArtifactLayout, default_artifacts_dir
 from feedserve.clients.perf import machine
@@ -141,10 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds=args.seconds,
     )
     report["runs"][args.label] = measure(args.artifacts, args.seconds, args.posts)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "hostile.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, "hostile", report, markdown(report))
     return 0
 
 

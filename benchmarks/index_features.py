@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import statistics
 import sys
@@ -37,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import write_report
 from benchmarks.peers import unit_vectors
 from feedserve.clients.perf import machine
 from feedserve.index.features import FeatureColumns, positions_of, search_sorted
@@ -228,9 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [measure(n, args.dim, featured, args.reps, rows) for n in args.sizes for featured in (False, True)],
         "id_lookup": [id_lookup(n) for n in args.sizes],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "index_features.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "index_features.md").write_text(markdown(report))
+    write_report(args.out, "index_features", report, markdown(report))
     return 0
 
 

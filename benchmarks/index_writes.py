@@ -14,7 +14,6 @@ what faiss-gpu still does: it cannot remove rows).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import write_report
 from benchmarks.peers import unit_vectors
 from feedserve.clients.perf import machine
 from feedserve.index.engines import Engine
@@ -135,10 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": where,
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "index_writes.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "index_writes.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, "index_writes", report, markdown(report))
     return 0
 
 

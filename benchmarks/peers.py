@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import write_report
 from feedserve.artifacts import ArtifactLayout, EncoderSettings, default_artifacts_dir
 from feedserve.clients.perf import machine
 
@@ -486,11 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         runs[name] = f"{command} ({time.strftime('%Y-%m-%d')})"
         machines[name] = machine()
     report.update(command=command, machine=machine(), commands=runs, machines=machines)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "peers.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "peers.md").write_text(markdown(report))
+    write_report(args.out, "peers", report, markdown(report))
     plot(report, args.out / "peers.png")
-    print(markdown(report))
     return 0
 
 

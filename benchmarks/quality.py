@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import write_report
 from feedserve.artifacts import REPO_ROOT
 from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.prompt.movielens import MovieLens, load_movielens
@@ -177,11 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": seconds,
         "training": training,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "quality.md").write_text(markdown(report, main_rows, ablation_rows, ev.groups, argv))
+    write_report(args.out, "quality", report, markdown(report, main_rows, ablation_rows, ev.groups, argv))
     plot(results, main_rows, ablation_rows, args.out / "quality.png")
-    print((args.out / "quality.md").read_text())
     return 0
 
 

@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import write_report
+
 REPO = Path(__file__).resolve().parents[1]
 SUBPACKAGES = ("export", "clients", "training")  # pyproject.toml: feedserve.<name> = <name>/
 
@@ -213,10 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
         },
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "rank_ab.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "rank_ab.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, "rank_ab", report, markdown(report))
     return 0
 
 

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import write_report
 from feedserve.artifacts import DEFAULT_RANKER, default_artifacts_dir
 from feedserve.clients.online import DEFAULT_CANDIDATES
 from feedserve.clients.perf import machine
@@ -171,8 +172,6 @@ def main(argv: list[str] | None = None) -> int:
         },
         **results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
     lines = [
         "# Ranked feed quality on MovieLens",
         "",
@@ -218,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"- {name}: "
                 + "; ".join(f"{k} {paired_text(v)}" for k, v in over.items() if k in ("recall@10", "ndcg@10"))
             )
-    (args.out / "quality.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, "quality", report, "\n".join(lines) + "\n")
     return 0
 
 

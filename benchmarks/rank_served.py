@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import write_report
 from benchmarks.rank_tasks import task_table
 from feedserve.artifacts import ArtifactLayout
 from feedserve.rank.coengagement import CoEngagement
@@ -286,10 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         "index_s": through["index_s"],
         "latency": {"rank": through["rank"], "feed": through["feed"]},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "rank_served.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "README.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, "rank_served", report, markdown(report), "README.md")
     return 0
 
 

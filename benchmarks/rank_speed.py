@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks import write_report
 from feedserve.artifacts import ArtifactLayout, default_artifacts_dir
 from feedserve.clients.perf import machine, perf_analyzer_binary, run_perf_analyzer
 from feedserve.export.rank import export_ranker, sample_inputs
@@ -245,9 +246,7 @@ def through_triton(
     return points
 
 
-def write_report(report: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rank_speed.json").write_text(json.dumps(report, indent=1) + "\n")
+def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Ranking speed",
         "",
@@ -279,7 +278,7 @@ def write_report(report: dict[str, Any], out: Path) -> None:
                 f"| {p['model']} | {p['candidates']} | {p['concurrency']} | {p['infer_per_s']:.2f} | "
                 f"{p['p50_ms']:.1f} | {p['p99_ms']:.1f} |"
             )
-    (out / "rank_speed.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,8 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         report["in_process"] = [] if args.skip_in_process else in_process(layout, args.runs, args.sample, Path(tmp))
         if not args.skip_server:
             report["triton"] = through_triton(layout, args.members, args.window_ms, Path(tmp), args.live_features)
-    write_report(report, args.out)
-    print((args.out / "rank_speed.md").read_text())
+    write_report(args.out, "rank_speed", report, markdown(report))
     return 0
 
 

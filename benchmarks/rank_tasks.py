@@ -19,7 +19,6 @@ a bootstrap over members (`feedserve.training.evaluate.paired_ratio`).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks import write_report
 from feedserve.artifacts import default_artifacts_dir
 from feedserve.rank.model import NEUTRAL, GenerativeRanker
 from feedserve.training.evaluate import paired_ratio
@@ -215,10 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         "test_impressions": int(sizes.sum()),
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "rank_tasks.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "README.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, "rank_tasks", report, markdown(report), "README.md")
     return 0
 
 

@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks import write_report
+
 REPORTS = Path(__file__).parent / "reports"
 POSTS = (100_000_000, 1_000_000_000)
 DIMS = (576, 3072)
@@ -76,10 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sizing.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "sizing.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, "sizing", report, markdown(report))
     return 0
 
 

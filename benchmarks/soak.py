@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import write_report
 from benchmarks.freshness import scratch_artifacts
 from feedserve.artifacts import ArtifactLayout, default_artifacts_dir
 
@@ -148,10 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     report["rounds"] = rounds
     report["rss_first_mb"], report["rss_last_mb"] = rounds[0]["rss_mb"], rounds[-1]["rss_mb"]
     report["rss_growth_pct"] = 100 * (rounds[-1]["rss_mb"] / rounds[0]["rss_mb"] - 1)  # type: ignore[operator]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "soak.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "soak.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, "soak", report, markdown(report))
     return 0 if all(x["ok"] for x in rounds) else 1
 
 

@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import write_report
 from feedserve.artifacts import ArtifactLayout, EncoderSettings, default_artifacts_dir
 from feedserve.clients.perf import machine, perf_analyzer_binary, run_perf_analyzer
 from feedserve.clients.perf_data import perf_input
@@ -135,10 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             data = Path(tmp) / "members.json"
             data.write_text(json.dumps(perf_input(members, k=10)))
             results["retrieve"] = [perf_analyzer(server.grpc_url, "retrieve", data, c) for c in (1, 8)]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "speed_cpu.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "speed_cpu.md").write_text(render_markdown(results))
-    logger.info("results: %s", json.dumps(results, indent=2))
+    write_report(args.out, "speed_cpu", results, render_markdown(results))
     return 0
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import write_report
 from feedserve.artifacts import ArtifactLayout, EncoderSettings, default_artifacts_dir
 from feedserve.clients.perf import machine, perf_analyzer_binary, run_perf_analyzer
 from feedserve.clients.perf_data import movielens_input, token_input
@@ -369,10 +370,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write(report: dict[str, object], out: Path) -> int:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tuning.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out / "tuning.md").write_text(render_markdown(report))
-    print(out / "tuning.md")
+    write_report(out, "tuning", report, render_markdown(report))
     return 0
 
 
