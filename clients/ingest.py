@@ -16,7 +16,8 @@ An engage event is logged through `engage_write` when its action is an engagemen
 or more; a view, a click, a dislike or a low rating is counted and not logged), so the ranker's
 co-engagement reads it within seconds instead of at the next build (feedserve.rank.engagements).
 Its `ts` is when the member engaged (now when left out). It does not change the post's counts:
-`counts` events carry those. A server without `engage_write` (no ranker) has them counted as unserved.
+`counts` events carry those (feedserve.clients.counter makes them from the same engage events).
+A server without `engage_write` (no ranker) has them counted as unserved.
 
 Events are gathered for up to `window_s` (or `max_batch` events), folded per post (the last event
 of a post in a window wins; new counts are merged into the post's last known record, and the
@@ -88,6 +89,7 @@ class Event:
     counts: dict[str, float] | None = None
     ts: float | None = None
     member_id: int | None = None  # engage events: who
+    action: str | None = None  # engage events: what they did
     engaged: bool = False  # engage events: whether the action is an engagement (logged) or not
 
 
@@ -120,7 +122,8 @@ def parse_event(line: bytes) -> Event:
                 raise BadEvent(f"action must be a non-empty string of at most {MAX_ACTION} characters")
             if ts is not None and not 0 <= ts <= MAX_TIME:
                 raise BadEvent(f"ts must be unix seconds in [0, {MAX_TIME}]")
-            return Event(kind, _id(data, "post_id"), ts=ts, member_id=_id(data, "member_id"), engaged=coengaged(action))
+            member = _id(data, "member_id")
+            return Event(kind, _id(data, "post_id"), ts=ts, member_id=member, action=action, engaged=coengaged(action))
         if kind in ("delete", "counts"):
             post_id = _id(data, "post_id")
             counts = None
@@ -334,23 +337,12 @@ class Ingester:
         """Ingest from where the source last committed; returns when the source ends."""
         start = time.perf_counter()
         events = source.events()
-        while batch := self._window(events):
+        while batch := next_window(events, self.window_s, self.max_batch):
             self._process(batch)
             source.commit([position for position, _ in batch])  # only now: the index has them all
             self.stats.seconds = time.perf_counter() - start
         logger.info("ingest: %s", self.stats.line())
         return self.stats
-
-    def _window(self, events: Iterator[tuple[Any, bytes] | None]) -> list[tuple[Any, bytes]]:
-        batch: list[tuple[Any, bytes]] = []
-        deadline = None
-        for item in events:
-            if item is not None:
-                batch.append(item)
-                deadline = deadline or time.monotonic() + self.window_s
-            if batch and (len(batch) >= self.max_batch or time.monotonic() >= (deadline or 0)):
-                break
-        return batch
 
     def _process(self, lines: list[tuple[Any, bytes]]) -> None:
         upserts: dict[int, Post] = {}
@@ -489,6 +481,20 @@ class Ingester:
         upserts[event.post_id] = post
 
 
+def next_window(events: Iterator[tuple[Any, bytes] | None], window_s: float, max_batch: int) -> list[tuple[Any, bytes]]:
+    """The next window of (position, event) from a source's `events()`: up to `max_batch` events,
+    closed `window_s` after its first; empty once the source has ended."""
+    batch: list[tuple[Any, bytes]] = []
+    deadline = None
+    for item in events:
+        if item is not None:
+            batch.append(item)
+            deadline = deadline or time.monotonic() + window_s
+        if batch and (len(batch) >= max_batch or time.monotonic() >= (deadline or 0)):
+            break
+    return batch
+
+
 def _lines(
     source: IO[bytes], offset: int, follow: bool, idle_exit_s: float | None
 ) -> Iterator[tuple[int, bytes] | None]:
@@ -526,18 +532,39 @@ def _position(position: Any) -> str:
     return f"stream entry {position.decode()}" if isinstance(position, bytes) else f"position {position}"
 
 
+def add_source_arguments(p: argparse.ArgumentParser, what: str, stream: str, group: str, consumer: str) -> None:
+    """The options naming where a job's events come from (`source_from_args`)."""
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--events", type=Path, help=f"a JSONL file of {what}, or - for standard input")
+    source.add_argument("--redis", metavar="URL", help="a Redis server, e.g. redis://127.0.0.1:6379/0")
+    p.add_argument("--stream", default=stream, help="with --redis: the stream's key")
+    p.add_argument("--group", default=group, help="with --redis: the consumer group")
+    p.add_argument("--consumer", default=consumer, help="with --redis: this consumer's name (keep it across restarts)")
+    p.add_argument("--follow", action="store_true", help="with --events: keep reading as the file grows")
+    p.add_argument(
+        "--idle-exit-s",
+        type=float,
+        default=None,
+        help="stop after this long without events (default: never, when following)",
+    )
+
+
+def source_from_args(args: argparse.Namespace, state: Path, claim_idle_s: float | None = None) -> EventSource:
+    """The event source `add_source_arguments`' options name; a file's position is kept in `state`."""
+    if args.redis:
+        return RedisSource(
+            args.redis, args.stream, args.group, args.consumer, args.idle_exit_s, claim_idle_s=claim_idle_s
+        )
+    if str(args.events) == "-":
+        return StdinSource(sys.stdin.buffer, state)
+    return JsonlSource(args.events, state, args.follow, args.idle_exit_s)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="feedserve ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--events", type=Path, help="a JSONL file of post events, or - for standard input")
-    source.add_argument("--redis", metavar="URL", help="a Redis server, e.g. redis://127.0.0.1:6379/0")
-    p.add_argument("--stream", default="post-events", help="with --redis: the stream's key")
-    p.add_argument("--group", default="feedserve", help="with --redis: the consumer group")
-    p.add_argument(
-        "--consumer", default="ingester-1", help="with --redis: this consumer's name (keep it across restarts)"
-    )
+    add_source_arguments(p, "post events", stream="post-events", group="feedserve", consumer="ingester-1")
     p.add_argument(
         "--claim-idle-s",
         type=float,
@@ -546,13 +573,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--state", type=Path, required=True, help="where the offset and the post store live")
     p.add_argument("--url", default="127.0.0.1:8001", help="gRPC host:port of the server")
-    p.add_argument("--follow", action="store_true", help="with --events: keep reading as the file grows")
-    p.add_argument(
-        "--idle-exit-s",
-        type=float,
-        default=None,
-        help="stop after this long without events (default: never, when following)",
-    )
     p.add_argument(
         "--write-key",
         default=None,
@@ -562,15 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window-ms", type=float, default=200.0)
     p.add_argument("--max-batch", type=int, default=64)
     args = p.parse_args(argv)
-    events: EventSource
-    if args.redis:
-        events = RedisSource(
-            args.redis, args.stream, args.group, args.consumer, args.idle_exit_s, claim_idle_s=args.claim_idle_s
-        )
-    elif str(args.events) == "-":
-        events = StdinSource(sys.stdin.buffer, args.state)
-    else:
-        events = JsonlSource(args.events, args.state, args.follow, args.idle_exit_s)
+    events = source_from_args(args, args.state, claim_idle_s=args.claim_idle_s)
     key = args.write_key or write_key(args.artifacts)
     with FeedClient(args.url, "grpc", timeout_s=60, write_key=key) as client:
         stats = Ingester(client, args.state, args.window_ms / 1000, args.max_batch).run(events)

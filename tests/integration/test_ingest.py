@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -224,6 +225,65 @@ def test_redis_stream_events_are_acknowledged_only_once_indexed(triton_server, r
             broker.xadd("post-events", {"event": _event("delete", post_id=p.id)})
         Ingester(client, state, window_s=0.05).run(RedisSource(redis_url, "post-events", idle_exit_s=0.5))
         assert not any(_present(client, posts))
+
+
+def test_counted_actions_reach_the_index_through_redis_and_a_restarted_counter_counts_once(  # type: ignore[no-untyped-def]
+    triton_server, tiny_artifacts: ArtifactLayout, redis_url: str, tmp_path: Path
+) -> None:
+    """Ratings on an `actions` stream -> the counter (dying once, its entries unacknowledged) ->
+    `counts` events on `post-events` beside the posts' creation -> the ingester: the index holds each
+    post's features with its counts as the build's plus every rating once."""
+    import redis
+
+    from feedserve.clients.counter import Counter, CountStore, RedisSink
+    from feedserve.clients.ingest import RedisSource
+
+    class Gone(RedisSource):
+        def commit(self, positions: list[Any]) -> None:
+            raise ConnectionError("the counter died before acknowledging")
+
+    def rated(post: Post, stars: float, n: int) -> Post:
+        before = post.counts["ratings"]
+        mean = (before * post.counts["mean_rating"] + stars * n) / (before + n)
+        return post.model_copy(update={"counts": {"ratings": before + n, "mean_rating": round(mean, 3)}})
+
+    posts = _posts(3, 3500)
+    broker = redis.Redis.from_url(redis_url)
+    for p in posts:
+        broker.xadd("post-events", {"event": _create(p)})
+    for post, stars, n in ((posts[0], 5, 30), (posts[1], 1, 7)):
+        for _ in range(n):
+            broker.xadd("actions", {"event": _event("engage", member_id=1, post_id=post.id, action=f"rated {stars}")})
+    store = CountStore(tmp_path / "counter" / "counts.sqlite")
+    store.seed({p.id: p.counts for p in posts})
+    # Counted through its first window of 16, then gone before acknowledging: the entries come back.
+    with pytest.raises(ConnectionError):
+        Counter(store, RedisSink(redis_url, "post-events"), max_batch=16).run(
+            Gone(redis_url, "actions", group="counter", idle_exit_s=0.5)
+        )
+    stats = Counter(store, RedisSink(redis_url, "post-events"), max_batch=16).run(
+        RedisSource(redis_url, "actions", group="counter", idle_exit_s=0.5)
+    )
+    assert (stats.events, stats.skipped, stats.counted, stats.sent) == (37, 16, 21, 2)
+    assert broker.xpending("actions", "counter")["pending"] == 0
+    expected = {p.id: p for p in (rated(posts[0], 5, 30), rated(posts[1], 1, 7), posts[2])}
+    with FeedClient(triton_server.grpc_url, "grpc", timeout_s=60) as client:
+        ingested = Ingester(client, tmp_path / "ingest", window_s=0.05).run(
+            RedisSource(redis_url, "post-events", idle_exit_s=0.5)
+        )
+        assert (ingested.events, ingested.bad) == (5, 0)
+        follower = IndexFollower.open(tiny_artifacts.index_dir.root)
+        try:
+            _, _, rows = follower.index.lookup_rows(np.array(list(expected)))
+        finally:
+            follower.close()
+        buckets = PercentileBuckets.load(tiny_artifacts.buckets)
+        held = {p: json.loads(json.dumps(r)) for p, r in rows.items()}
+        assert held == {i: feature_row(p, buckets) for i, p in expected.items()}
+        assert held[posts[0].id] != feature_row(posts[0], buckets)  # 30 five-star ratings moved its tokens
+        for p in posts:  # leave the shared index as it was
+            broker.xadd("post-events", {"event": _event("delete", post_id=p.id)})
+        Ingester(client, tmp_path / "ingest", window_s=0.05).run(RedisSource(redis_url, "post-events", idle_exit_s=0.5))
 
 
 def test_events_piped_on_stdin(triton_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
