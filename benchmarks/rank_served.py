@@ -15,9 +15,10 @@ encoder.) The log's test sessions (after its cutoff) are ranked five ways:
 - through tritonserver on the built tables: `rank` with the session's member record (history,
   actions and times), the member's embedding and the session's impressions with their retrieval
   scores, one session per request;
-- through tritonserver kept fresh by the nearline ingester (feedserve.clients.ingest): the counts
-  that changed and the engagements since sent at every refresh, through `embed_post`,
-  `index_write` and `engage_write`.
+- through tritonserver kept fresh by the nearline jobs: at every refresh what members did since
+  counted by the counter (feedserve.clients.counter), which sends the counts that changed, and the
+  engagements since, ingested (feedserve.clients.ingest) through `embed_post`, `index_write` and
+  `engage_write`.
 
 Each served way should equal its in-process twin (the largest probability difference is reported:
 against the ranker on the vectors the server read, float noise; on the training run's cached
@@ -88,17 +89,26 @@ def rank_sessions(client: Any, sessions: Sequence[RankExample]) -> tuple[list[np
 
 
 def nearline(client: Any, log: FeedLog, sessions: Sequence[RankExample], every: int, state: Path) -> list[np.ndarray]:
-    """The sessions ranked as a server kept fresh by the nearline ingester would rank them: the log's
-    posts first sent as `create` events with their counts at the cutoff, then every `every` seconds
-    of the test period the counts that changed (`counts` events) and the engagements since
-    (`engage` events), ingested through `embed_post`, `index_write` and `engage_write`
+    """The sessions ranked as a server kept fresh by the nearline jobs would rank them: the log's
+    posts first sent as `create` events with their counts at the cutoff; then every `every` seconds
+    of the test period what members did since (a view per impression, and each like, comment and
+    share) counted by the counter (feedserve.clients.counter, its store seeded with the cutoff's
+    counts), which sends the changed counts as `counts` events, and the engagements since sent as
+    `engage` events, all ingested through `embed_post`, `index_write` and `engage_write`
     (feedserve.clients.ingest); each session is ranked after the refresh before it."""
+    from feedserve.clients.counter import Counter, CountStore, JsonlSink
     from feedserve.clients.ingest import Ingester, JsonlSource
 
     state.mkdir(parents=True)
-    events = state / "events.jsonl"
+    events, actions = state / "events.jsonl", state / "actions.jsonl"
     events.touch()
+    actions.touch()
     source, ingester = JsonlSource(events, state), Ingester(client, state, window_s=0.05, max_batch=64)
+    cutoff = log.cutoff()
+    counts = log.counts_before(cutoff)
+    store = CountStore(state / "counter" / "counts.sqlite")
+    store.seed(counts)
+    counter = Counter(store, JsonlSink(events), flush_s=float("inf"), max_batch=4096)
 
     def ingest(lines: list[dict[str, Any]]) -> None:
         with open(events, "a") as f:
@@ -107,8 +117,6 @@ def nearline(client: Any, log: FeedLog, sessions: Sequence[RankExample], every: 
         # rank merges logged engagements on a thread (every engagement_poll_s, 1 s by default).
         time.sleep(2.5)
 
-    cutoff = log.cutoff()
-    counts = log.counts_before(cutoff)
     ingest(
         [
             {"type": "create", "post": p.model_copy(update={"counts": counts.get(p.id, {})}).model_dump(mode="json")}
@@ -122,16 +130,24 @@ def nearline(client: Any, log: FeedLog, sessions: Sequence[RankExample], every: 
         assert x.at is not None
         if x.at >= refreshed + every:
             now = refreshed + every * ((x.at - refreshed) // every)
-            fresh = log.counts_before(now)
-            changed = [{"type": "counts", "post_id": p, "counts": c} for p, c in fresh.items() if counts.get(p) != c]
+            since = [i for i in log.impressions if refreshed <= i.at < now]
+            with open(actions, "a") as f:
+                f.writelines(
+                    json.dumps({"type": "engage", "member_id": i.member, "post_id": i.post, "action": a, "ts": i.at})
+                    + "\n"
+                    for i in since
+                    for a in ("view", *sorted(i.actions))
+                )
+            sent = counter.stats.sent
+            counter.run(JsonlSource(actions, state / "counter"))  # appends the counts events to `events`
             engaged = [
                 {"type": "engage", "member_id": m, "post_id": p, "action": strongest[(m, p, t)], "ts": t}
                 for m, p, t in log.engagements(now)
                 if t >= refreshed
             ]
-            ingest(changed + engaged)
-            logger.info("refreshed at %d: %d counts, %d engagements", now, len(changed), len(engaged))
-            counts, refreshed = fresh, now
+            ingest(engaged)
+            logger.info("refreshed at %d: %d counts, %d engagements", now, counter.stats.sent - sent, len(engaged))
+            refreshed = now
         scores.extend(rank_sessions(client, [x])[0])
     return scores
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from feedserve.clients.ingest import BadEvent, EventSource, add_source_arguments, next_window, parse_event
+from feedserve.clients.ingest import BadEvent, EventSource, add_source_arguments, parse_event, windows
 from feedserve.prompt.records import rating_of, read_posts_jsonl
 
 logger = logging.getLogger(__name__)
@@ -196,6 +196,7 @@ class Counter:
         self.counted = {a.strip().lower(): c for a, c in (DEFAULT_COUNTED if counted is None else counted).items()}
         self.window_s, self.max_batch = window_s, max_batch
         self.stats = CounterStats()
+        self._through: tuple[int, int] | None = None  # the last position the store has counted
 
     def increments_of(self, action: str) -> dict[str, float]:
         rating = rating_of(action)
@@ -208,29 +209,33 @@ class Counter:
 
     def run(self, source: EventSource) -> CounterStats:
         """Count from where the source last committed, sending what changed every `flush_s` seconds
-        and when the source ends."""
-        through = self.store.counted_through()
+        (on a quiet stream too) and when the source ends."""
+        self._through = self.store.counted_through()
         flushed = time.monotonic()
-        events = source.events()
-        while window := next_window(events, self.window_s, self.max_batch):
-            increments: dict[int, dict[str, float]] = {}
-            for position, line in window:
-                self.stats.events += 1
-                if through is not None and position_order(position) <= through:
-                    self.stats.skipped += 1
-                    continue
-                self._count(position, line, increments)
-            last = position_order(window[-1][0])
-            if through is None or last > through:
-                self.store.add(increments, last)
-                through = last
-            source.commit([position for position, _ in window])  # only now: the store has them
+        for window in windows(source.events(), self.window_s, self.max_batch):
+            if window:
+                self._add(window)
+                source.commit([position for position, _ in window])  # only now: the store has them
             if time.monotonic() - flushed >= self.flush_s:
                 self.flush()
                 flushed = time.monotonic()
         self.flush()
         logger.info("counter: %s", self.stats.line())
         return self.stats
+
+    def _add(self, window: list[tuple[Any, bytes]]) -> None:
+        """Count a window's events the store has not counted, and commit them with its last position."""
+        increments: dict[int, dict[str, float]] = {}
+        for position, line in window:
+            self.stats.events += 1
+            if self._through is not None and position_order(position) <= self._through:
+                self.stats.skipped += 1
+                continue
+            self._count(position, line, increments)
+        last = position_order(window[-1][0])
+        if self._through is None or last > self._through:
+            self.store.add(increments, last)
+            self._through = last
 
     def _count(self, position: Any, line: bytes, increments: dict[int, dict[str, float]]) -> None:
         try:

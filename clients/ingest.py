@@ -336,11 +336,11 @@ class Ingester:
     def run(self, source: EventSource) -> Stats:
         """Ingest from where the source last committed; returns when the source ends."""
         start = time.perf_counter()
-        events = source.events()
-        while batch := next_window(events, self.window_s, self.max_batch):
-            self._process(batch)
-            source.commit([position for position, _ in batch])  # only now: the index has them all
-            self.stats.seconds = time.perf_counter() - start
+        for batch in windows(source.events(), self.window_s, self.max_batch):
+            if batch:
+                self._process(batch)
+                source.commit([position for position, _ in batch])  # only now: the index has them all
+                self.stats.seconds = time.perf_counter() - start
         logger.info("ingest: %s", self.stats.line())
         return self.stats
 
@@ -481,18 +481,27 @@ class Ingester:
         upserts[event.post_id] = post
 
 
-def next_window(events: Iterator[tuple[Any, bytes] | None], window_s: float, max_batch: int) -> list[tuple[Any, bytes]]:
-    """The next window of (position, event) from a source's `events()`: up to `max_batch` events,
-    closed `window_s` after its first; empty once the source has ended."""
+def windows(
+    events: Iterator[tuple[Any, bytes] | None], window_s: float, max_batch: int
+) -> Iterator[list[tuple[Any, bytes]]]:
+    """Windows of (position, event) from a source's `events()`: up to `max_batch` events, closed
+    `window_s` after the first; an empty one whenever the source waits with no window open (a tick:
+    a job's timed work runs on a quiet stream too); the last one as it stands when the source ends.
+    The next window is read only once the caller is done with this one (it commits it first)."""
     batch: list[tuple[Any, bytes]] = []
-    deadline = None
+    deadline = 0.0
     for item in events:
         if item is not None:
+            if not batch:
+                deadline = time.monotonic() + window_s
             batch.append(item)
-            deadline = deadline or time.monotonic() + window_s
-        if batch and (len(batch) >= max_batch or time.monotonic() >= (deadline or 0)):
-            break
-    return batch
+        if batch and (len(batch) >= max_batch or time.monotonic() >= deadline):
+            yield batch
+            batch = []
+        elif item is None and not batch:
+            yield []
+    if batch:
+        yield batch
 
 
 def _lines(

@@ -4,6 +4,7 @@ exactly once across crashes at every step, on a real JSONL source and SQLite sto
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -153,3 +154,20 @@ def test_the_command_line_seeds_once_and_refuses_a_malformed_count(tmp_path: Pat
     assert _sent(out) == {3: {"upvotes": 6.0}}
     with pytest.raises(SystemExit):
         main([*args, "--count", "upvote"])
+
+
+def test_a_quiet_stream_is_flushed_on_time_not_at_the_next_event(tmp_path: Path) -> None:
+    """Following a file that stops growing: the counts go out `flush_s` after they were counted,
+    while the counter waits, not only when the next event (or the end) comes."""
+    events = tmp_path / "actions.jsonl"
+    events.write_text(_engage(1, "like"))
+    written: list[float] = []
+
+    class Timed(JsonlSink):
+        def write(self, events: list[dict[str, Any]]) -> None:
+            written.append(time.monotonic())
+            super().write(events)
+
+    counter = Counter(CountStore(tmp_path / "state" / "counts.sqlite"), Timed(tmp_path / "counts.jsonl"), flush_s=0.2)
+    counter.run(JsonlSource(events, tmp_path / "state", follow=True, idle_exit_s=2.0))
+    assert len(written) == 1 and time.monotonic() - written[0] > 1.0  # sent while waiting, long before the end
