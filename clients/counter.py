@@ -18,7 +18,9 @@ to `ratings` and moves `mean_rating`); other actions and other event types pass 
 Every `flush_s` seconds, and when the source ends, each post whose counts changed is sent as one
 `counts` event with its totals: absolute, so an event sent twice changes nothing. `--seed` starts
 the counts from the corpus the index was built from (its records' counts), once, into an empty
-store: the counts a build made are the base the stream adds to.
+store: the counts a build made are the base the stream adds to. An empty store without it is
+refused (`--from-zero` for a corpus without counts): its first events would replace the build's
+counts with a handful.
 
 Exactly once: the counts and the position of the last event counted are committed in one SQLite
 transaction, then the source is committed (its offset saved, or its Redis entries acknowledged). A
@@ -45,7 +47,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from feedserve.clients.ingest import BadEvent, EventSource, add_source_arguments, parse_event, windows
+from feedserve.clients.ingest import (
+    BadEvent,
+    EventSource,
+    add_source_arguments,
+    parse_event,
+    source_from_args,
+    windows,
+)
 from feedserve.prompt.records import rating_of, read_posts_jsonl
 
 logger = logging.getLogger(__name__)
@@ -72,8 +81,9 @@ class CountStore:
     """Each post's counts, which posts owe a `counts` event, and the position counted through."""
 
     def __init__(self, path: Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path)
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path)
         with self.db:
             self.db.execute(
                 "CREATE TABLE IF NOT EXISTS counts"
@@ -274,8 +284,6 @@ def parse_counted(pairs: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from feedserve.clients.ingest import source_from_args
-
     p = argparse.ArgumentParser(
         prog="feedserve counter", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -285,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     out.add_argument("--out", type=Path, help="a JSONL file the counts events are appended to")
     out.add_argument("--out-stream", help="with --redis: the Redis Stream the counts events are added to")
     p.add_argument("--seed", type=Path, help="a JSONL of post records whose counts start an empty store")
+    p.add_argument(
+        "--from-zero", action="store_true", help="start an empty store at 0 (a corpus whose posts have no counts)"
+    )
     p.add_argument(
         "--count", action="append", default=[], metavar="ACTION=COUNT", help="a counted action (default: a feed's)"
     )
@@ -297,8 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     except argparse.ArgumentTypeError as err:
         p.error(str(err))
     store = CountStore(args.state / "counts.sqlite")
-    if args.seed and store.empty():
-        store.seed({post.id: post.counts for post in read_posts_jsonl(args.seed) if post.counts})
+    if store.empty():
+        if args.seed:
+            store.seed({post.id: post.counts for post in read_posts_jsonl(args.seed) if post.counts})
+        elif not args.from_zero:  # its first counts events would replace the build's with a few
+            p.error(f"{store.path} is empty: --seed the posts the index was built from, or --from-zero")
     sink: Sink = RedisSink(args.redis, args.out_stream) if args.out_stream else JsonlSink(args.out)
     stats = Counter(store, sink, counted, args.flush_s).run(source_from_args(args, args.state))
     print(stats.line(), flush=True)

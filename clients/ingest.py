@@ -74,6 +74,7 @@ from feedserve.schema import (
 logger = logging.getLogger(__name__)
 
 MAX_ACTION = 64  # characters of an engage event's action
+POST_EVENTS = "post-events"  # the Redis Stream the ingester reads by default (the counter writes to it)
 MAX_ID = (1 << 63) - 1  # ids are int64
 
 
@@ -573,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="feedserve ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_source_arguments(p, "post events", stream="post-events", group="feedserve", consumer="ingester-1")
+    add_source_arguments(p, "post events", stream=POST_EVENTS, group="feedserve", consumer="ingester-1")
     p.add_argument(
         "--claim-idle-s",
         type=float,

@@ -154,6 +154,12 @@ def test_the_command_line_seeds_once_and_refuses_a_malformed_count(tmp_path: Pat
     assert _sent(out) == {3: {"upvotes": 6.0}}
     with pytest.raises(SystemExit):
         main([*args, "--count", "upvote"])
+    # Without a seed an empty store would send counts that replace the build's: refused.
+    unseeded = ["--events", str(events), "--state", str(tmp_path / "other"), "--out", str(tmp_path / "other.jsonl")]
+    with pytest.raises(SystemExit):
+        main(unseeded)
+    assert main([*unseeded, "--from-zero", "--count", "upvote=upvotes"]) == 0
+    assert _sent(tmp_path / "other.jsonl") == {3: {"upvotes": 2.0}}
 
 
 def test_a_quiet_stream_is_flushed_on_time_not_at_the_next_event(tmp_path: Path) -> None:

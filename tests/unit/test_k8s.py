@@ -118,6 +118,23 @@ def test_the_ingester_speaks_to_the_triton_service_with_arguments_it_takes() -> 
     assert exit_.value.code == 0
 
 
+def test_the_counter_writes_the_stream_the_ingester_reads_with_arguments_it_takes() -> None:
+    from feedserve.clients import counter, ingest
+
+    container = _container("feedserve-counter")
+    assert container["command"][-1] == counter.__name__
+    args = container["args"]
+    ingester = _container("feedserve-ingester")["args"]
+    read = ingester[ingester.index("--stream") + 1] if "--stream" in ingester else ingest.POST_EVENTS
+    assert args[args.index("--out-stream") + 1] == read
+    assert args[args.index("--redis") + 1] == ingester[ingester.index("--redis") + 1]
+    assert args[args.index("--seed") + 1].startswith(container["volumeMounts"][0]["mountPath"] + "/")
+    assert _by_kind("Deployment", "feedserve-counter")["spec"]["replicas"] == 1  # one store per stream
+    with pytest.raises(SystemExit) as exit_:
+        counter.main([*args, "--help"])
+    assert exit_.value.code == 0
+
+
 def test_the_autoscaler_reads_the_metric_the_adapter_serves() -> None:
     hpa = _by_kind("HorizontalPodAutoscaler", "feedserve-triton")
     assert hpa["spec"]["scaleTargetRef"]["name"] == "feedserve-triton"
