@@ -285,7 +285,9 @@ def parse_counted(pairs: list[str]) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="feedserve counter", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m feedserve.clients.counter",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_source_arguments(p, "engage events", stream="actions", group="feedserve-counter", consumer="counter")
     p.add_argument("--state", type=Path, required=True, help="where the counts and the source's position live")

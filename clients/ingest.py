@@ -572,7 +572,9 @@ def source_from_args(args: argparse.Namespace, state: Path, claim_idle_s: float 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="feedserve ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m feedserve.clients.ingest",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_source_arguments(p, "post events", stream=POST_EVENTS, group="feedserve", consumer="ingester-1")
     p.add_argument(
