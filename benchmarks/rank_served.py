@@ -208,6 +208,10 @@ def markdown(report: dict[str, Any]) -> str:
         "the member did.",
         "",
         *task_table("ranked", report["rows"]),
+        "",
+        f"The nearline refresh: every {report['refresh_hours']:g} h, what members did since (a view per impression, "
+        "each like, comment and share) counted by the counter (`feedserve.clients.counter`) into `counts` events for "
+        "the posts that changed, and the engagements since as `engage` events, through the ingester.",
     ]
     rank, feed = report["latency"]["rank"], report["latency"]["feed"]
     lines += [
