@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         result = run(args.events, args.posts, args.windows, Path(tmp))
     report = {
-        "command": "python -m benchmarks.counter " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python -m benchmarks.counter", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(),
         "result": result,
     }

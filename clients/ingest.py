@@ -30,8 +30,9 @@ between the saved offset and a crash are processed again; writes are idempotent 
 same vector, a delete of a deleted post is a
 no-op), so the index ends the same as if nothing had happened: no gaps, and no duplicated posts.
 
-A bad event (malformed JSON, an unknown type, an invalid post, counts for a post never seen) is
-logged with its line's offset, counted, and skipped; the rest of its window goes on.
+A bad event (malformed JSON, an unknown type, an invalid post, counts for a post never seen, a line
+over MAX_EVENT_BYTES, 2 MiB, read to its end without being kept) is logged with its line's offset,
+counted, and skipped; the rest of its window goes on.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from feedserve.clients.online import FeedClient, records_tensor
 from feedserve.errors import ClientError
 from feedserve.files import atomic_write
 from feedserve.ops.keys import WRITE_KEY_ENV, WRITE_KEY_FILE, write_key
-from feedserve.prompt.records import Post
+from feedserve.prompt.records import MAX_RECORD_BYTES, Post
 from feedserve.rank.engagements import MAX_TIME, coengaged
 from feedserve.schema import (
     LSN,
@@ -76,6 +77,10 @@ logger = logging.getLogger(__name__)
 MAX_ACTION = 64  # characters of an engage event's action
 POST_EVENTS = "post-events"  # the Redis Stream the ingester reads by default (the counter writes to it)
 MAX_ID = (1 << 63) - 1  # ids are int64
+# The longest event a source reads: a post record at its limit, room to spare for the event around
+# it. A longer line is read to its end without being kept and stands as one bad event (OVERSIZE).
+MAX_EVENT_BYTES = 2 * MAX_RECORD_BYTES
+OVERSIZE = b"<an event longer than MAX_EVENT_BYTES, not kept>"
 
 
 class BadEvent(ClientError, ValueError):
@@ -104,6 +109,8 @@ def _id(data: dict[str, Any], key: str) -> int:
 
 
 def parse_event(line: bytes) -> Event:
+    if line == OVERSIZE or len(line) > MAX_EVENT_BYTES:
+        raise BadEvent(f"an event must be at most {MAX_EVENT_BYTES:,} bytes")
     try:
         data = json.loads(line)
     except ValueError as err:
@@ -509,17 +516,29 @@ def _lines(
     source: IO[bytes], offset: int, follow: bool, idle_exit_s: float | None
 ) -> Iterator[tuple[int, bytes] | None]:
     """(offset past the line, line) for whole lines; None while following and waiting (so a
-    window can close on time). A last line without its newline is not an event yet."""
+    window can close on time). A last line without its newline is not an event yet. A line longer
+    than MAX_EVENT_BYTES is read to its end in pieces, none kept, and yields OVERSIZE."""
     idle_since = time.monotonic()
+    long = 0  # bytes read so far of a line longer than any event
     while True:
-        line = source.readline()
-        if line.endswith(b"\n"):
+        line = source.readline(MAX_EVENT_BYTES + 1)
+        if long or len(line) > MAX_EVENT_BYTES:
+            long += len(line)
+            if line.endswith(b"\n"):
+                offset, long = offset + long, 0
+                idle_since = time.monotonic()
+                yield offset, OVERSIZE
+                continue
+            if line:
+                continue  # read on to its end
+            # Its end is not written yet: wait where we are (its start is behind us, none of it kept).
+        elif line.endswith(b"\n"):
             offset += len(line)
             idle_since = time.monotonic()
             if line.strip():
                 yield offset, line
             continue
-        if line:  # a partial line: rewind and wait for the writer to finish it
+        elif line:  # a partial line: rewind and wait for the writer to finish it
             source.seek(offset)
         if not follow or (idle_exit_s is not None and time.monotonic() - idle_since >= idle_exit_s):
             return
@@ -528,7 +547,11 @@ def _lines(
 
 
 def _pump(stream: IO[bytes], lines: queue.Queue[bytes | None]) -> None:
-    for line in stream:
+    while line := stream.readline(MAX_EVENT_BYTES + 1):
+        if len(line) > MAX_EVENT_BYTES:  # read to its end, keeping none of it
+            while not line.endswith(b"\n") and (line := stream.readline(MAX_EVENT_BYTES + 1)):
+                pass
+            line = OVERSIZE
         lines.put(line)
     lines.put(None)
 

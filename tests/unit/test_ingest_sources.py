@@ -4,10 +4,13 @@ waits), and the committed position is where a restart begins."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
-from feedserve.clients.ingest import StdinSource
+import pytest
+
+from feedserve.clients.ingest import MAX_EVENT_BYTES, OVERSIZE, BadEvent, JsonlSource, StdinSource, parse_event
 
 
 def test_stdin_yields_none_while_the_pipe_is_quiet(tmp_path: Path) -> None:
@@ -40,3 +43,33 @@ def test_stdin_skips_the_lines_already_committed(tmp_path: Path) -> None:
         source = StdinSource(stream, tmp_path)
         source.commit([2])
         assert [item for item in source.events() if item is not None] == [(3, b"c\n")]
+
+
+def test_a_line_longer_than_any_event_is_one_bad_event_read_in_bounded_pieces(tmp_path: Path) -> None:
+    """A producer's 5 MiB line (no newline for a while, as a writer mid-line): the file source waits
+    for its end without rewinding, then yields one OVERSIZE at the offset past it, and the next
+    event whole; standard input the same; parse_event names the limit."""
+    ok = b'{"type": "delete", "post_id": 1}\n'
+    huge = b'{"type": "create", "post": {"id": 2, "text": "' + b"x" * (5 << 20)
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(ok + huge)
+    events = JsonlSource(path, tmp_path / "state", follow=True, idle_exit_s=5.0).events()
+    assert next(events) == (len(ok), ok)
+    assert next(events) is None  # the long line's end is not written yet
+    with open(path, "ab") as f:
+        f.write(b'"}}\n' + ok)
+    end = len(ok) + len(huge) + 4
+    assert next(events) == (end, OVERSIZE)
+    assert next(events) == (end + len(ok), ok)
+    with pytest.raises(BadEvent, match="at most 2,097,152 bytes"):
+        parse_event(OVERSIZE)
+    with pytest.raises(BadEvent, match="at most"):
+        parse_event(b" " * (MAX_EVENT_BYTES + 1))  # a Redis entry's field, as long
+
+    read_end, write_end = os.pipe()
+    writer = threading.Thread(target=lambda: (os.write(write_end, ok + huge + b"\n" + ok), os.close(write_end)))
+    writer.start()
+    with os.fdopen(read_end, "rb") as stream:
+        lines = [item for item in StdinSource(stream, tmp_path / "stdin").events() if item is not None]
+    writer.join()
+    assert lines == [(1, ok), (2, OVERSIZE), (3, ok)]
