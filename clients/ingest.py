@@ -115,11 +115,14 @@ def parse_event(line: bytes) -> Event:
         data = json.loads(line)
     except ValueError as err:
         raise BadEvent(f"not JSON: {err}") from err
+    except RecursionError as err:  # thousands of nested brackets: within the size limit, beyond the parser's
+        raise BadEvent("not JSON: nested too deeply") from err
     if not isinstance(data, dict):
         raise BadEvent("an event must be a JSON object")
     kind, ts = data.get("type"), data.get("ts")
-    if ts is not None and not isinstance(ts, int | float):
-        raise BadEvent("ts must be a number (unix seconds)")
+    if ts is not None and (not isinstance(ts, int | float) or isinstance(ts, bool) or not 0 <= ts <= MAX_TIME):
+        # Every event's: an engagement's is logged, and the lag is taken from any (10**400 overflows).
+        raise BadEvent(f"ts must be unix seconds in [0, {MAX_TIME}]")
     try:
         if kind in ("create", "update"):
             post = Post.model_validate(data.get("post"))
@@ -128,8 +131,6 @@ def parse_event(line: bytes) -> Event:
             action = data.get("action", "like")
             if not isinstance(action, str) or not action.strip() or len(action) > MAX_ACTION:
                 raise BadEvent(f"action must be a non-empty string of at most {MAX_ACTION} characters")
-            if ts is not None and not 0 <= ts <= MAX_TIME:
-                raise BadEvent(f"ts must be unix seconds in [0, {MAX_TIME}]")
             member = _id(data, "member_id")
             return Event(kind, _id(data, "post_id"), ts=ts, member_id=member, action=action, engaged=coengaged(action))
         if kind in ("delete", "counts"):

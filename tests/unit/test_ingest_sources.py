@@ -73,3 +73,20 @@ def test_a_line_longer_than_any_event_is_one_bad_event_read_in_bounded_pieces(tm
         lines = [item for item in StdinSource(stream, tmp_path / "stdin").events() if item is not None]
     writer.join()
     assert lines == [(1, ok), (2, OVERSIZE), (3, ok)]
+
+
+def test_an_event_nested_too_deeply_for_the_parser_is_a_bad_event_not_a_crash() -> None:
+    with pytest.raises(BadEvent, match="nested too deeply"):
+        parse_event(b"[" * 100_000)
+    with pytest.raises(BadEvent, match="nested too deeply"):
+        parse_event(b'{"type": "create", "post": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_001)
+
+
+@pytest.mark.parametrize("ts", ["1" + "0" * 400, "-1", "NaN", "Infinity", "true", '"yesterday"', "4294967296"])
+def test_a_time_that_is_not_unix_seconds_is_refused_for_every_event_type(ts: str) -> None:
+    """A ts no float holds (10**400) used to pass a create or delete event and then crash the
+    ingester's lag arithmetic after the window was written."""
+    for event in ('{"type": "delete", "post_id": 1', '{"type": "create", "post": {"id": 1}'):
+        with pytest.raises(BadEvent, match="ts must be unix seconds"):
+            parse_event(f'{event}, "ts": {ts}}}'.encode())
+    assert parse_event(b'{"type": "delete", "post_id": 1, "ts": 1700000000.5}').ts == 1700000000.5
