@@ -34,6 +34,7 @@ from feedserve.prompt.movielens import Rating
 from feedserve.rank.data import (
     FEATURES,
     LABELS,
+    MOVIELENS_TASKS,
     RankExample,
     Tensorizer,
     movielens_examples,
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-sequential", action="store_true", help="ablation: no transitions from the latest likes")
     p.add_argument("--wide", action="store_true", help="a linear term of the candidate features in every logit")
     p.add_argument("--wide-init", choices=WIDE_INITS, default="default", help="how the wide term starts")
-    p.add_argument("--tasks", default=",".join(LABELS), help=f"comma-separated, of {', '.join(LABELS)}")
+    p.add_argument("--tasks", default=",".join(MOVIELENS_TASKS), help=f"comma-separated, of {', '.join(LABELS)}")
     p.add_argument("--moments", type=int, default=10, help="evaluation moments per member (rank_eval)")
     p.add_argument("--horizon", type=int, default=10, help="ratings from a moment on whose likes are its targets")
     p.add_argument("--eval-every", type=int, default=0, help="steps between validation-curve points (0: none)")

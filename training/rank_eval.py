@@ -38,6 +38,7 @@ from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.movielens import MovieLens, Rating, load_movielens
 from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.data import (
+    AUXILIARY_TASKS,
     LIKE,
     RECENT_LIKES,
     SEQUENCE_DECAY,
@@ -206,11 +207,16 @@ def rank_cases(
     candidates: int,
     batch: int = 16,
     tables_at: Callable[[RankCase], int | None] | None = None,
+    weights: Mapping[str, float] | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """For each case: the retrieval stage's top `candidates` (what it has seen excluded) and the
-    same posts ordered by the ranker's final score, its tables read as of `tables_at(case)` (None:
-    as they were built)."""
-    weights = [DEFAULT_TASK_WEIGHTS[task] for task in model.config.tasks]
+    same posts ordered by the ranker's final score (`weights` per task: by default the served
+    ones, an auxiliary task at 0), its tables read as of `tables_at(case)` (None: as they were built)."""
+    weights = weights or {**{t: 0.0 for t in AUXILIARY_TASKS}, **DEFAULT_TASK_WEIGHTS}
+    unweighed = [t for t in model.config.tasks if t not in weights]
+    if unweighed:
+        raise ValueError(f"no weight for the ranker's tasks {unweighed}")
+    task_weights = [weights[task] for task in model.config.tasks]
     retrieval_top, ranked_top = [], []
     for start in range(0, len(cases), batch):
         examples = []
@@ -220,7 +226,7 @@ def rank_cases(
             at = tables_at(case) if tables_at is not None else None
             examples.append(RankExample(case.member.id, case.history, member, ids, scores, labels, at))
         t = tensorize.batch(examples)
-        _, scores = final_score(model(**{k: t[k] for k in INPUTS}).numpy(), weights)
+        _, scores = final_score(model(**{k: t[k] for k in INPUTS}).numpy(), task_weights)
         for x, row in zip(examples, scores, strict=True):
             retrieval_top.append(x.candidates)
             ranked_top.append(x.candidates[np.argsort(-row[: len(x.candidates)], kind="stable")])
@@ -368,6 +374,7 @@ def evaluate(
     reference: Mapping[str, Sequence[np.ndarray]] | None = None,
     slices: Mapping[str, Mapping[str, Sequence[set[int]]]] | None = None,
     tables_at: Callable[[RankCase], int | None] | None = None,
+    weights: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[np.ndarray]]]:
     """`compare` for each protocol, the ranker reordering the retrieval stage's top `candidates`, and
     its ranked orders. With `reference` (another ranker's orders of the same cases), also this
@@ -375,12 +382,20 @@ def evaluate(
     together from member to member, so their difference is measured far more tightly than either
     one's interval over retrieval suggests. (Not on the new posts: there a few members hold every
     hit, and a resample without them has nothing to divide by.) `slices` (per protocol, `compare`'s)
-    are paired with the reference too. `tables_at`: `rank_cases`'."""
+    are paired with the reference too. `tables_at`, `weights`: `rank_cases`'."""
     report, ranked = {}, {}
     for name, cases in protocols.items():
         vectors = retriever.member_vectors([c.member for c in cases])
         retrieval_top, ranked[name] = rank_cases(
-            model, tensorize, vectors, cases, post_ids, retriever.posts, candidates, tables_at=tables_at
+            model,
+            tensorize,
+            vectors,
+            cases,
+            post_ids,
+            retriever.posts,
+            candidates,
+            tables_at=tables_at,
+            weights=weights,
         )
         parts = (slices or {}).get(name, {})
         report[name] = compare(retrieval_top, ranked[name], cases, new_posts, parts)
@@ -417,6 +432,12 @@ def main(argv: list[str] | None = None) -> int:
         help="counts and co-engagement as of each moment (engagements streamed in), not as of the cutoff (the build's)",
     )
     p.add_argument(
+        "--task-weights",
+        type=json.loads,
+        help="the final score's weight per task, JSON (default: the served ones, an auxiliary task at 0), "
+        'e.g. \'{"like": 1, "love": 0.5, "dislike": -1, "like later": 1}\'',
+    )
+    p.add_argument(
         "--transitions",
         action="store_true",
         help="also read each ranker on the targets a transition from the latest likes reaches and on the rest",
@@ -440,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         "candidates": args.candidates,
         "moments": args.moments,
         "horizon": args.horizon,
+        **({"task_weights": args.task_weights} if args.task_weights else {}),
         "tables": "as of each moment (streamed)" if args.fresh else "as of the cutoff (the build's)",
     }
     reports: list[dict[str, Any]] = []
@@ -469,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
             reference,
             slices,
             data.tables_time,
+            args.task_weights,
         )
         reference = reference or ranked
         if data.fresh:
@@ -487,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
                     data.retriever.posts,
                     args.candidates,
                     tables_at=lambda c: data.split.cutoff,
+                    weights=args.task_weights,
                 )
                 pair_with(results[name], built, ranked[name], cases, {}, key=OVER_BUILT)
         report: dict[str, Any] = {

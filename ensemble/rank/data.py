@@ -106,15 +106,21 @@ def member_interactions(member: Member) -> list[Interaction]:
 
 
 # The labels of a MovieLens example, in this order; a ranker trained on some of them reads its own
-# (`select_tasks`).
-LABELS = ("like", "love", "dislike")
+# (`select_tasks`). The first three label what the member did within the label horizon; "like
+# later", a like at any time after the moment (before the cutoff), is an auxiliary task: a longer
+# horizon's target beside the next ratings', weighted 0 in the final score unless the settings say.
+LABELS = ("like", "love", "dislike", "like later")
+MOVIELENS_TASKS = LABELS[:3]  # what a ranker is trained on unless told (`--tasks`)
+AUXILIARY_TASKS = frozenset({"like later"})
 
 
-def labels_of(rating: float | None) -> tuple[float, float, float]:
-    """LABELS for a post rated `rating`; shown and not rated (None): all 0."""
+def labels_of(rating: float | None, later: float | None = None) -> tuple[float, float, float, float]:
+    """LABELS for a post rated `rating` within the label horizon (None: not rated then) and `later`
+    at any time after the moment (None: never)."""
+    like_later = float(later is not None and later >= LIKE)
     if rating is None:
-        return (0.0, 0.0, 0.0)
-    return (float(rating >= LIKE), float(rating >= LOVE), float(rating <= DISLIKE))
+        return (0.0, 0.0, 0.0, like_later)
+    return (float(rating >= LIKE), float(rating >= LOVE), float(rating <= DISLIKE), like_later)
 
 
 @dataclass(frozen=True)
@@ -223,6 +229,7 @@ def movielens_examples(
         for i in sorted(rng.sample(moments, min(per_member, len(moments)))):
             past, window = ratings[:i], ratings[i : None if horizon is None else i + horizon]
             later = {r.movie: r.rating for r in window}
+            ever = {r.movie: r.rating for r in ratings[i:]}
             member = embed_member(user, [r for r in past if r.rating >= LIKE])
             absent = created > window[-1].timestamp
             top, _ = top_posts(member, post_ids, post_vectors, shown, [r.movie for r in past], absent)
@@ -238,7 +245,7 @@ def movielens_examples(
                     member,
                     candidates,
                     scores,
-                    np.array([labels_of(later.get(c)) for c in candidates.tolist()], np.float32),
+                    np.array([labels_of(later.get(c), ever.get(c)) for c in candidates.tolist()], np.float32),
                     ratings[i].timestamp,
                     ratings[i].timestamp - lags.randint(0, table_lag) if table_lag else None,
                 )

@@ -57,7 +57,7 @@ def test_examples_stay_before_the_cutoff_and_label_what_followed(ml: MovieLens) 
         for post, label in zip(x.candidates.tolist(), x.labels, strict=True):
             r = ratings.get((x.member_id, post))
             if label.any():  # a rated post: its rating came after the history and before the cutoff
-                assert r is not None and r.timestamp < cutoff and tuple(label) == labels_of(r.rating)
+                assert r is not None and r.timestamp < cutoff and tuple(label) == labels_of(r.rating, r.rating)
                 assert r.timestamp >= max((it.at for it in x.history), default=0)
     actions = {it.action for x in examples for it in x.history}
     assert actions == {"love", "like", "neutral", "dislike"}  # the ranker reads negatives too
@@ -72,11 +72,16 @@ def test_a_label_horizon_labels_what_the_member_rated_soon_after(ml: MovieLens) 
         return vectors[0]
 
     examples = movielens_examples(ml, cutoff, embed, ids, vectors, per_member=2, shown=20, horizon=3)
+    beyond = 0
     for x in examples[:300]:
-        next_three = {r.movie for r in by_user[x.member_id][len(x.history) : len(x.history) + 3]}
-        labelled = {int(c) for c, label in zip(x.candidates, x.labels, strict=True) if label.any()}
-        assert labelled <= next_three
-    assert sum(x.labels.any(axis=1).sum() for x in examples) > 0
+        after = by_user[x.member_id][len(x.history) :]
+        labelled = {int(c) for c, label in zip(x.candidates, x.labels, strict=True) if label[:3].any()}
+        assert labelled <= {r.movie for r in after[:3]}
+        # "like later": every like after the moment, past the horizon too.
+        liked_later = {int(c) for c, label in zip(x.candidates, x.labels, strict=True) if label[3]}
+        assert liked_later == {r.movie for r in after if r.rating >= 4} & set(x.candidates.tolist())
+        beyond += len(liked_later - {r.movie for r in after[:3]})
+    assert sum(x.labels[:, :3].any(axis=1).sum() for x in examples) > 0 and beyond > 0
 
 
 def test_impressions_are_posts_that_existed_then_and_the_example_knows_when(ml: MovieLens) -> None:
@@ -112,7 +117,8 @@ def test_actions_and_labels() -> None:
         "dislike",
         "dislike",
     ]
-    assert labels_of(5) == (1.0, 1.0, 0.0) and labels_of(1) == (0.0, 0.0, 1.0) and labels_of(None) == (0, 0, 0)
+    assert labels_of(5, 5) == (1.0, 1.0, 0.0, 1.0) and labels_of(1, 1) == (0.0, 0.0, 1.0, 0.0)
+    assert labels_of(None) == (0, 0, 0, 0) and labels_of(None, 4.5) == (0, 0, 0, 1)  # liked past the horizon
 
 
 def test_tensors_pad_and_mark_unknown_posts() -> None:
@@ -345,9 +351,9 @@ def test_a_ranker_of_fewer_tasks_reads_their_label_columns() -> None:
     from feedserve.rank.data import LABELS, select_tasks
 
     x = RankExample(
-        1, [], np.zeros(4, np.float32), np.array([1, 2]), np.ones(2), np.array([[1, 0, 0], [1, 1, 0]], np.float32)
+        1, [], np.zeros(4, np.float32), np.array([1, 2]), np.ones(2), np.array([[1, 0, 0, 1], [1, 1, 0, 1]], np.float32)
     )
-    assert LABELS == ("like", "love", "dislike")
+    assert LABELS == ("like", "love", "dislike", "like later")
     select_tasks([x], ("love", "like"))
     assert x.labels.tolist() == [[0, 1], [1, 1]]
 

@@ -380,3 +380,33 @@ def test_fresh_itemknn_is_itemknn_over_every_like_before_the_moment() -> None:
     knn = ItemKNN({0: {1, 2}, 1: {2, 5}}, ids)
     data.fresh = False
     assert np.array_equal(data.recent_itemknn(cases, knn), knn.score([c.member for c in cases]))
+
+
+def test_an_auxiliary_task_weighs_nothing_unless_the_weights_say_and_an_unweighed_task_is_refused() -> None:
+    """A ranker also trained on "like later": by default its final score is the served tasks' alone
+    (the auxiliary one at 0); `weights` can weigh it; a task the weights leave out is named."""
+    from dataclasses import replace
+
+    import torch
+
+    from feedserve.prompt.records import Member
+    from feedserve.rank.data import Interaction
+    from feedserve.rank.model import GenerativeRanker
+    from feedserve.training.rank_eval import RankCase, rank_cases
+    from tests.unit.test_rank_data import _synthetic
+
+    tensorize, _ = _synthetic(1)
+    tensorize.config = replace(tensorize.config, tasks=("like", "like later"))
+    ids, posts = np.arange(100, 160), tensorize.content.vectors[:-1]  # type: ignore[attr-defined]
+    cases = [RankCase(Member(id=i, headline="m"), {101}, [Interaction(100 + i, "like", 1)], at=None) for i in range(4)]
+    vectors = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    torch.manual_seed(0)
+    model = GenerativeRanker(tensorize.config).eval()
+
+    def order(weights: dict[str, float] | None) -> list[list[int]]:
+        return [o.tolist() for o in rank_cases(model, tensorize, vectors, cases, ids, posts, 30, weights=weights)[1]]
+
+    assert order(None) == order({"like": 1.0, "like later": 0.0})
+    assert order({"like": 0.0, "like later": 1.0}) != order(None)
+    with pytest.raises(ValueError, match="like later"):
+        order({"like": 1.0})
