@@ -206,12 +206,12 @@ class CoEngagement:
     def __len__(self) -> int:
         return len(self.members)
 
-    def _rows(self, post_ids: Sequence[int]) -> np.ndarray:
+    def _rows(self, post_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Each post's row, -1 where the table does not hold it."""
         return search_sorted(np.asarray(post_ids, np.int64), self.posts)
 
     def _entries(
-        self, post_ids: Sequence[int], own: int, before: int | None
+        self, post_ids: Sequence[int] | np.ndarray, own: int, before: int | None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """For the posts of `post_ids`: each one's row (-1 where the table does not hold it), and of
         those it holds, how many entries each has, the member column of every entry, which entries
@@ -300,6 +300,14 @@ def _union(mine: np.ndarray, theirs: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return union, np.searchsorted(extra, mine), np.searchsorted(union, theirs)
 
 
+def _distinct(history: Sequence[int], weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A history's distinct posts and each one's summed weight. A post repeated in a history is
+    gathered once: a request's read is bounded by its distinct posts' entries, not multiplied by how
+    often a popular post repeats."""
+    posts, inverse = np.unique(np.asarray(history, np.int64), return_inverse=True)
+    return posts, np.bincount(inverse.reshape(-1), weights=weights, minlength=len(posts))
+
+
 def _last_places(per_member: np.ndarray) -> np.ndarray:
     """For each place of the members' time order (member columns ascending, `per_member` entries
     each), the last place of its member: the end of its run."""
@@ -325,11 +333,13 @@ class Scorer:
         if not self.n or not len(history):
             return out
         table = self.table
-        _, sizes, columns, left, inv_norm, _ = table._entries(history, self.own, self.before)
-        # Each member's weight: the history posts they engaged with, each by 1 / sqrt(its count); the
-        # entries left out are not counted, so the left-out member's weight is 0.
+        posts, repeats = _distinct(history, np.ones(len(history)))
+        _, sizes, columns, left, inv_norm, found = table._entries(posts, self.own, self.before)
+        # Each member's weight: the history posts they engaged with, each by 1 / sqrt(its count) (times
+        # its repeats in the history); the entries left out are not counted, so the left-out member's
+        # weight is 0.
         weights = np.bincount(
-            columns[~left], weights=np.repeat(inv_norm, sizes)[~left], minlength=len(table._member_ids)
+            columns[~left], weights=np.repeat(inv_norm * repeats[found], sizes)[~left], minlength=len(table._member_ids)
         )
         running = np.concatenate([[0.0], np.cumsum(np.where(self.left, 0.0, weights[self.columns]))])
         out[self.found] = (running[self.ends] - running[self.ends - self.sizes]) * self.inv_norm
@@ -344,8 +354,9 @@ class Scorer:
         if not self.n or not len(history):
             return out
         table = self.table
-        rows, sizes, columns, _, inv_norm, found = table._entries(history, self.own, self.before)
-        weight = (decay ** np.arange(len(history) - 1, -1, -1, dtype=np.float64))[found] * inv_norm
+        posts, decayed = _distinct(history, decay ** np.arange(len(history) - 1, -1, -1, dtype=np.float64))
+        rows, sizes, columns, _, inv_norm, found = table._entries(posts, self.own, self.before)
+        weight = decayed[found] * inv_norm
         # Every other member's engagement with a history post, then the SEQUENCE_WINDOW engagements
         # after it in its member's time order (up to the member's last): the transitions from it.
         sources, _ = _ranges(table.indptr[rows[found]], sizes)

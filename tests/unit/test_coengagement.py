@@ -4,6 +4,8 @@ candidate features."""
 
 from __future__ import annotations
 
+import tracemalloc
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -183,7 +185,8 @@ def test_transitions_count_who_engaged_with_a_candidate_soon_after_a_history_pos
     rng = np.random.default_rng(4)
     events = [(m, p, int(rng.integers(0, 1000))) for m, ps in _engagements(seed=4, members=25).items() for p in ps]
     table, candidates = CoEngagement.from_events(events), list(range(-1, 61))
-    for member, before, history in ((4, None, [3, 7, 11]), (10**6, 500, [20, 3, 99, 7]), (6, 900, [5])):
+    cases = ((4, None, [3, 7, 11]), (10**6, 500, [20, 3, 99, 7]), (6, 900, [5]), (4, None, [3, 7, 3, 11, 3]))
+    for member, before, history in cases:  # the last: a post repeated counts at each of its places
         want = _transitions(events, member, history, candidates, np.inf if before is None else before, 0.7)
         got = table.against(member, candidates, before).transitions(history, 0.7)
         assert np.abs(got - want).max() < 1e-5 and want.max() > 0
@@ -215,3 +218,34 @@ def test_the_ranker_reads_transitions_from_the_latest_likes() -> None:
     assert features["coengagement"] == pytest.approx([1.0, 1.0])
     assert features["sequential_coengagement"] == pytest.approx([0.0, 1.0])
     assert features["sequential_coengagement_log_rank"] == pytest.approx([np.log(2.0), 0.0])
+
+
+def test_a_post_repeated_in_a_history_counts_each_time_and_is_read_once() -> None:
+    """A history may hold a post many times (viewed again and again); each time adds its score, and the
+    table's entries for it are gathered once, so the request's memory does not grow with the repeats."""
+    rng = np.random.default_rng(7)
+    hot = 0  # a post 20,000 members engaged with, each also with a few others
+    members = np.arange(20_000)
+    events = np.concatenate(
+        [
+            np.stack([members, np.full(len(members), hot), rng.integers(0, 1000, len(members))]),
+            np.stack([members, rng.integers(1, 200, len(members)), rng.integers(0, 1000, len(members))]),
+        ],
+        axis=1,
+    )
+    table = CoEngagement.from_arrays(*events)
+    scorer = table.against(10**6, list(range(1, 200)))
+    once, again = scorer.cooccurrence([hot]), scorer.cooccurrence([hot, 5, hot, hot])
+    assert np.allclose(again, 3 * once + scorer.cooccurrence([5]), rtol=1e-5) and once.max() > 0
+
+    def peak(read: Callable[[list[int]], np.ndarray], history: list[int]) -> int:
+        tracemalloc.start()
+        try:
+            read(history)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    for read in (scorer.cooccurrence, scorer.transitions):
+        single, repeated = peak(read, [hot]), peak(read, [hot] * 200)
+        assert repeated < 1.5 * single, (read.__name__, single, repeated)
