@@ -14,7 +14,8 @@ What it tolerates rather than refuses: an empty history (ranked by profile and f
 or candidate posts missing from the index (ranked without content), duplicate candidates (ranked
 once), -1 padding, a history longer than the ranker reads (the oldest dropped, as in the prompts).
 What it refuses by name: more candidates than `max_candidates`, K out of range, a QUERY of the
-wrong width or with NaN, ids below -1, shapes that disagree.
+wrong width, with NaN or not unit length, a candidate score that is not a cosine, ids below -1,
+shapes that disagree.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 
 from feedserve.artifacts import ArtifactLayout
 from feedserve.index.engines import Engine
+from feedserve.index.store import NORM_TOLERANCE
 from feedserve.prompt.records import Member, parse_member
 from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.data import (
@@ -74,6 +76,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_CANDIDATES = 2000
 DEFAULT_ENGAGEMENT_POLL_S = 1.0
+# Retrieval scores are inner products of unit vectors; an fp16 or bf16 GPU index rounds them a little
+# past 1 (bf16: under 1e-2), never by this much.
+MAX_RETRIEVAL_SCORE = 1.05
 
 
 @dataclass
@@ -192,6 +197,21 @@ class RankModel(BatchModel[RankRequest]):
         for spec, value in ((QUERY, queries), (CANDIDATE_SCORES, scores)):
             if not np.isfinite(value).all():
                 raise RequestError(f"{spec.name}: contains NaN or inf")
+        # The ranker reads both at the scale retrieval gives them: a member embedding is unit length and
+        # a score a cosine. A finite 1e15 would overflow its logits to NaN scores answered as a success,
+        # and a vector 100 times too long already reorders the feed at random.
+        norms = np.linalg.norm(queries.astype(np.float64), axis=1)
+        if len(norms) and (off := np.abs(norms - 1.0)).max() > NORM_TOLERANCE:
+            row = int(off.argmax())
+            raise RequestError(
+                f"{QUERY.name}: must be unit length (L2 norm 1 +- {NORM_TOLERANCE}), as the encoder gives it: "
+                f"row {row} has norm {norms[row]:.6g}"
+            )
+        if scores.size and (worst := float(np.abs(scores).max())) > MAX_RETRIEVAL_SCORE:
+            raise RequestError(
+                f"{CANDIDATE_SCORES.name}: retrieval scores are cosines, within +-{MAX_RETRIEVAL_SCORE:g}; "
+                f"got {worst:.6g}"
+            )
         for k in ks[:, 0].tolist():
             if not 1 <= k <= self.max_candidates:
                 raise RequestError(f"{K.name}: k={k} is out of range [1, {self.max_candidates}]")

@@ -190,6 +190,13 @@ CASES: list[Case] = [
     Case("rank-k-too-big", M.RANK, _rank(K=_k(5000)), "k=5000 is out of range"),
     Case("rank-query-dim", M.RANK, _rank(QUERY=np.zeros((1, 7), np.float32)), "QUERY: expected shape [1, 32]"),
     Case("rank-query-nan", M.RANK, _rank(QUERY=np.full((1, DIM), np.nan, np.float32)), "QUERY: contains NaN"),
+    Case("rank-query-huge", M.RANK, _rank(QUERY=_unit() * np.float32(1e15)), "QUERY: must be unit length"),
+    Case(
+        "rank-scores-huge",
+        M.RANK,
+        _rank(CANDIDATE_SCORES=np.array([[0.9, 1e30, 0.7]], np.float32)),
+        "CANDIDATE_SCORES: retrieval scores are cosines",
+    ),
     Case(
         "rank-scores-shape",
         M.RANK,
@@ -344,6 +351,12 @@ CASES: list[Case] = [
             ("negative-post", {"POST_ID": np.array([[-7]], np.int64)}, "post ids must be >= 0", ENV_KEY),
             ("time-in-ms", {"ENGAGED_AT": np.array([[1_700_000_000_000]], np.int64)}, "unix seconds", ENV_KEY),
             ("time-negative", {"ENGAGED_AT": np.array([[-5]], np.int64)}, "unix seconds", ENV_KEY),
+            (  # Triton refuses a batch of none before the model (it would take an lsn and an fsync)
+                "empty",
+                {c: np.zeros((0, 1), np.int64) for c in ("MEMBER_ID", "POST_ID", "ENGAGED_AT")},
+                "input byte size mismatch",
+                ENV_KEY,
+            ),
             # Shapes Triton refuses before the model sees them, naming the tensor.
             ("two-columns", {"MEMBER_ID": np.array([[1, 2]], np.int64)}, "shape for input 'MEMBER_ID'", ENV_KEY),
             ("rows-disagree", {"MEMBER_ID": np.array([[1], [2]], np.int64)}, "batch size does not match", ENV_KEY),

@@ -173,6 +173,11 @@ def _with(**changes: np.ndarray) -> dict[str, np.ndarray | None]:
         (_with(QUERY=np.full((1, DIM), np.nan, np.float32)), "QUERY: contains NaN"),
         (_with(CANDIDATE_SCORES=np.zeros((1, 3), np.float32)), "CANDIDATE_SCORES: expected shape [1, 2]"),
         (_with(CANDIDATE_SCORES=np.array([[np.inf, 0]], np.float32)), "CANDIDATE_SCORES: contains NaN or inf"),
+        # Finite but far from what retrieval gives: NaN scores answered as a success before.
+        (_with(QUERY=_unit(1, seed=100) * np.float32(1e15)), "QUERY: must be unit length"),
+        (_with(QUERY=np.zeros((1, DIM), np.float32)), "row 0 has norm 0"),
+        (_with(CANDIDATE_SCORES=np.array([[1e15, 0.5]], np.float32)), "CANDIDATE_SCORES: retrieval scores are cosines"),
+        (_with(CANDIDATE_SCORES=np.array([[0.5, -3e38]], np.float32)), "got 3e+38"),
         (_with(CANDIDATE_IDS=np.array([[505, -7]], np.int64)), "ids must be >= 0"),
         (_with(CANDIDATE_IDS=np.array([[505, 506]], np.int32)), "CANDIDATE_IDS: expected dtype int64"),
         (_with(RECORDS=np.array([[b"{not json"]], object)), "RECORDS[0]: member: invalid JSON"),
