@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sqlite3
 import sys
@@ -50,6 +51,7 @@ from typing import Any, Protocol
 from feedserve.clients.ingest import (
     BadEvent,
     EventSource,
+    SourceChanged,
     add_source_arguments,
     parse_event,
     source_from_args,
@@ -135,6 +137,11 @@ class CountStore:
         rating_sum = stored.pop(_RATING_SUM, None)
         if rating_sum is not None and stored.get(RATINGS):
             stored[MEAN_RATING] = round(rating_sum / stored[RATINGS], 3)  # as MovieLens records carry it
+        # A seed of 1e308 ratings overflows their sum: a count that is not a number is left out (the
+        # ingester would refuse the event for good), and said.
+        if not all(math.isfinite(value) for value in stored.values()):
+            logger.warning("counter: post %d: counts that overflowed are not sent: %s", post, stored)
+            stored = {name: value for name, value in stored.items() if math.isfinite(value)}
         return stored
 
     def sent(self, posts: Iterable[int]) -> None:
@@ -316,7 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         elif not args.from_zero:  # its first counts events would replace the build's with a few
             p.error(f"{store.path} is empty: --seed the posts the index was built from, or --from-zero")
     sink: Sink = RedisSink(args.redis, args.out_stream) if args.out_stream else JsonlSink(args.out)
-    stats = Counter(store, sink, counted, args.flush_s).run(source_from_args(args, args.state))
+    try:
+        stats = Counter(store, sink, counted, args.flush_s).run(source_from_args(args, args.state))
+    except SourceChanged as err:
+        p.exit(2, f"error: {err}\n")
     print(stats.line(), flush=True)
     return 0
 

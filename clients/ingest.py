@@ -30,21 +30,26 @@ between the saved offset and a crash are processed again; writes are idempotent 
 same vector, a delete of a deleted post is a
 no-op), so the index ends the same as if nothing had happened: no gaps, and no duplicated posts.
 
-A bad event (malformed JSON, an unknown type, an invalid post, counts for a post never seen, a line
-over MAX_EVENT_BYTES, 2 MiB, read to its end without being kept) is logged with its line's offset,
-counted, and skipped; the rest of its window goes on.
+A bad event (malformed JSON, a key twice in one object, an unknown type, an invalid post, counts for
+a post never seen, a line over MAX_EVENT_BYTES, 2 MiB, read to its end without being kept) is logged
+with its line's offset, counted, and skipped; the rest of its window goes on. An events file
+truncated or replaced since its offset was committed is refused by name (`SourceChanged`): the
+offset means nothing in another file.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import os
 import queue
 import sqlite3
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +63,7 @@ from feedserve.clients.online import FeedClient, records_tensor
 from feedserve.errors import ClientError
 from feedserve.files import atomic_write
 from feedserve.ops.keys import WRITE_KEY_ENV, WRITE_KEY_FILE, write_key
-from feedserve.prompt.records import MAX_RECORD_BYTES, Post
+from feedserve.prompt.records import MAX_RECORD_BYTES, Post, RecordError, parse_json
 from feedserve.rank.engagements import MAX_TIME, coengaged
 from feedserve.schema import (
     LSN,
@@ -74,6 +79,7 @@ from feedserve.schema import (
 
 logger = logging.getLogger(__name__)
 
+MAX_LAGS = 100_000  # event lags kept for the stats' p50 / p99
 MAX_ACTION = 64  # characters of an engage event's action
 POST_EVENTS = "post-events"  # the Redis Stream the ingester reads by default (the counter writes to it)
 MAX_ID = (1 << 63) - 1  # ids are int64
@@ -112,11 +118,11 @@ def parse_event(line: bytes) -> Event:
     if line == OVERSIZE or len(line) > MAX_EVENT_BYTES:
         raise BadEvent(f"an event must be at most {MAX_EVENT_BYTES:,} bytes")
     try:
-        data = json.loads(line)
-    except ValueError as err:
-        raise BadEvent(f"not JSON: {err}") from err
-    except RecursionError as err:  # thousands of nested brackets: within the size limit, beyond the parser's
-        raise BadEvent("not JSON: nested too deeply") from err
+        # Strict, as records are read: an event with a key twice (`"type": "create", "type": "delete"`)
+        # means two things, and a parser that kept the first would apply another event than this one.
+        data = parse_json(line, "event")
+    except RecordError as err:
+        raise BadEvent(str(err)) from err
     if not isinstance(data, dict):
         raise BadEvent("an event must be a JSON object")
     kind, ts = data.get("type"), data.get("ts")
@@ -175,11 +181,13 @@ class Stats:
     unserved: int = 0  # engagements dropped: the server has no engage_write (no ranker)
     batches: int = 0
     seconds: float = 0.0
-    lags_s: list[float] = field(default_factory=list)
+    # The latest events' lags (a job that runs for weeks keeps a bounded window, not one per event).
+    lags_s: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_LAGS))
 
     def line(self) -> str:
         lag = (
             f", lag p50 {np.percentile(self.lags_s, 50):.2f} s p99 {np.percentile(self.lags_s, 99):.2f} s"
+            f" (the latest {len(self.lags_s):,} events)"
             if self.lags_s
             else ""
         )
@@ -201,27 +209,54 @@ class EventSource(Protocol):
     def commit(self, positions: list[Any]) -> None: ...
 
 
+class SourceChanged(Exception):
+    """The events file is not the one its committed offset was read in (truncated, rotated, replaced):
+    reading on would skip its events or start in the middle of one, so the job stops and says so."""
+
+
 class JsonlSource:
     """A JSONL file (or a growing one, with `follow`); the position is a byte offset, committed to
-    `offset.json` in the state directory (fsync + rename)."""
+    `offset.json` in the state directory (fsync + rename) with a hash of the file's first bytes, so
+    that a file truncated or replaced since is refused by name (`SourceChanged`) instead of read
+    from an offset that means nothing in it."""
 
     def __init__(self, path: Path, state_dir: Path, follow: bool = False, idle_exit_s: float | None = None) -> None:
         self.path, self.follow, self.idle_exit_s = Path(path), follow, idle_exit_s
         state_dir.mkdir(parents=True, exist_ok=True)
         self.offset_path = state_dir / "offset.json"
+        self._head: tuple[int, str] | None = None  # (bytes, sha256) of the file's start, as last committed
 
     @property
     def offset(self) -> int:
         return _read_position(self.offset_path, "offset")
 
     def events(self) -> Iterator[tuple[int, bytes] | None]:
+        committed = json.loads(self.offset_path.read_text()) if self.offset_path.exists() else {}
+        offset = int(committed.get("offset", 0))
         with open(self.path, "rb") as source:
-            offset = self.offset
+            size = os.fstat(source.fileno()).st_size
+            if offset > size:
+                raise SourceChanged(
+                    f"{self.path} holds {size} bytes, fewer than the offset {offset} committed in "
+                    f"{self.offset_path}: it was truncated or replaced since. {_READ_ANEW}"
+                )
+            if "head_bytes" in committed:  # (an offset committed before heads were kept has none)
+                n = int(committed["head_bytes"])
+                if hashlib.sha256(source.read(n)).hexdigest() != committed.get("head_sha256"):
+                    raise SourceChanged(
+                        f"{self.path}: its first {n} bytes are not those of the file read up to offset {offset} "
+                        f"(committed in {self.offset_path}): it was replaced since. {_READ_ANEW}"
+                    )
             source.seek(offset)
             yield from _lines(source, offset, self.follow, self.idle_exit_s)
 
     def commit(self, positions: list[Any]) -> None:
-        atomic_write(self.offset_path, json.dumps({"offset": positions[-1]}))
+        offset = positions[-1]
+        n = min(offset, HEAD_BYTES)
+        if self._head is None or self._head[0] != n:  # read again until the head is whole, then kept
+            with open(self.path, "rb") as f:
+                self._head = (n, hashlib.sha256(f.read(n)).hexdigest())
+        atomic_write(self.offset_path, json.dumps({"offset": offset, "head_bytes": n, "head_sha256": self._head[1]}))
 
 
 class StdinSource:
@@ -543,6 +578,8 @@ def _lines(
             source.seek(offset)
         if not follow or (idle_exit_s is not None and time.monotonic() - idle_since >= idle_exit_s):
             return
+        if os.fstat(source.fileno()).st_size < offset:  # truncated under us (copytruncate): never waits
+            raise SourceChanged(f"{source.name} was truncated below offset {offset} while read. {_READ_ANEW}")
         yield None
         time.sleep(0.02)
 
@@ -555,6 +592,12 @@ def _pump(stream: IO[bytes], lines: queue.Queue[bytes | None]) -> None:
             line = OVERSIZE
         lines.put(line)
     lines.put(None)
+
+
+HEAD_BYTES = 4096  # of a file's start, hashed with its committed offset
+_READ_ANEW = (
+    "To read the file there now from its start, move the offset file away (a rotated file: follow the new one)."
+)
 
 
 def _read_position(path: Path, key: str) -> int:
@@ -621,7 +664,10 @@ def main(argv: list[str] | None = None) -> int:
     events = source_from_args(args, args.state, claim_idle_s=args.claim_idle_s)
     key = args.write_key or write_key(args.artifacts)
     with FeedClient(args.url, "grpc", timeout_s=60, write_key=key) as client:
-        stats = Ingester(client, args.state, args.window_ms / 1000, args.max_batch).run(events)
+        try:
+            stats = Ingester(client, args.state, args.window_ms / 1000, args.max_batch).run(events)
+        except SourceChanged as err:
+            p.exit(2, f"error: {err}\n")
     print(stats.line(), flush=True)
     return 0
 

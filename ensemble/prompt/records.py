@@ -177,6 +177,27 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def parse_json(raw: bytes | str, kind: str) -> Any:
+    """JSON read strictly, as every record and event is: UTF-8, no key twice in one object, no integer
+    literal longer than an int64's, nesting within the parser's depth; RecordError naming `kind`
+    and what is wrong otherwise (the caller bounds the size)."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise RecordError(f"{kind}: not valid UTF-8 at byte {err.start}") from err
+    try:
+        return json.loads(raw, parse_int=_parse_int, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as err:
+        raise RecordError(f"{kind}: invalid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+    except RecordError as err:
+        raise RecordError(f"{kind}: invalid JSON: {err}") from None
+    except RecursionError:  # thousands of nested brackets: within the size limit, beyond the parser's
+        raise RecordError(f"{kind}: invalid JSON: nested too deeply") from None
+    except ValueError as err:  # any other refusal of the parser (a number it cannot convert)
+        raise RecordError(f"{kind}: invalid JSON: {err}") from None
+
+
 def _parse(model: type[_Record], kind: str, raw: bytes | str | dict[str, Any]) -> Any:
     if isinstance(raw, dict):
         data: Any = raw
@@ -184,21 +205,7 @@ def _parse(model: type[_Record], kind: str, raw: bytes | str | dict[str, Any]) -
         size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
         if size > MAX_RECORD_BYTES:
             raise RecordError(f"{kind}: record of {size} bytes exceeds the limit of {MAX_RECORD_BYTES}")
-        if isinstance(raw, bytes):
-            try:
-                raw = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise RecordError(f"{kind}: not valid UTF-8 at byte {err.start}") from err
-        try:
-            data = json.loads(raw, parse_int=_parse_int, object_pairs_hook=_unique_keys)
-        except json.JSONDecodeError as err:
-            raise RecordError(f"{kind}: invalid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
-        except RecordError as err:
-            raise RecordError(f"{kind}: invalid JSON: {err}") from None
-        except RecursionError:  # thousands of nested brackets: within the size limit, beyond the parser's
-            raise RecordError(f"{kind}: invalid JSON: nested too deeply") from None
-        except ValueError as err:  # any other refusal of the parser (a number it cannot convert)
-            raise RecordError(f"{kind}: invalid JSON: {err}") from None
+        data = parse_json(raw, kind)
     if not isinstance(data, dict):
         raise RecordError(f"{kind}: expected a JSON object, got {type(data).__name__}")
     try:

@@ -177,3 +177,14 @@ def test_a_quiet_stream_is_flushed_on_time_not_at_the_next_event(tmp_path: Path)
     counter = Counter(CountStore(tmp_path / "state" / "counts.sqlite"), Timed(tmp_path / "counts.jsonl"), flush_s=0.2)
     counter.run(JsonlSource(events, tmp_path / "state", follow=True, idle_exit_s=2.0))
     assert len(written) == 1 and time.monotonic() - written[0] > 1.0  # sent while waiting, long before the end
+
+
+def test_a_count_that_overflows_is_left_out_not_sent_as_infinity(tmp_path: Path) -> None:
+    """A seed of 1e308 ratings at a mean of 4 overflows their sum: the mean came out Infinity, a
+    counts event the ingester refuses, sent again at every flush."""
+    events = tmp_path / "actions.jsonl"
+    events.write_text(_engage(5, "rated 4.5") + _engage(6, "rated 4"))
+    store = CountStore(tmp_path / "state" / "counts.sqlite")
+    store.seed({5: {"ratings": 1e308, "mean_rating": 4.0}})
+    Counter(store, JsonlSink(tmp_path / "counts.jsonl"), flush_s=3600).run(JsonlSource(events, tmp_path / "state"))
+    assert _sent(tmp_path / "counts.jsonl") == {5: {"ratings": 1e308}, 6: {"ratings": 1.0, "mean_rating": 4.0}}

@@ -10,7 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from feedserve.clients.ingest import MAX_EVENT_BYTES, OVERSIZE, BadEvent, JsonlSource, StdinSource, parse_event
+from feedserve.clients.ingest import (
+    MAX_EVENT_BYTES,
+    MAX_LAGS,
+    OVERSIZE,
+    BadEvent,
+    JsonlSource,
+    SourceChanged,
+    Stats,
+    StdinSource,
+    parse_event,
+)
 
 
 def test_stdin_yields_none_while_the_pipe_is_quiet(tmp_path: Path) -> None:
@@ -90,3 +100,61 @@ def test_a_time_that_is_not_unix_seconds_is_refused_for_every_event_type(ts: str
         with pytest.raises(BadEvent, match="ts must be unix seconds"):
             parse_event(f'{event}, "ts": {ts}}}'.encode())
     assert parse_event(b'{"type": "delete", "post_id": 1, "ts": 1700000000.5}').ts == 1700000000.5
+
+
+def test_an_event_with_a_key_twice_is_refused_not_read_as_either() -> None:
+    """Python keeps a key's last value, other parsers its first: this create-then-delete was applied
+    as a delete of post 3, and the counter counted likes for whichever post_id came last."""
+    for line in (
+        b'{"type": "create", "type": "delete", "post_id": 3, "post": {"id": 4}}',
+        b'{"type": "create", "post": {"id": 1, "id": 2}}',
+        b'{"type": "engage", "member_id": 1, "post_id": 5, "post_id": 6}',
+    ):
+        with pytest.raises(BadEvent, match="duplicate key"):
+            parse_event(line)
+
+
+def _read_all(source: JsonlSource) -> list[bytes]:
+    lines = [item for item in source.events() if item is not None]
+    if lines:
+        source.commit([position for position, _ in lines])
+    return [line for _, line in lines]
+
+
+def test_a_file_truncated_or_replaced_since_its_offset_was_committed_is_refused_by_name(tmp_path: Path) -> None:
+    """The offset committed in one file means nothing in another: reading on from it skipped the new
+    file's events without a word, or began in the middle of one."""
+    events = tmp_path / "events.jsonl"
+    first = b"".join(b'{"type": "delete", "post_id": %d}\n' % i for i in range(20))
+    events.write_bytes(first)
+    assert len(_read_all(JsonlSource(events, tmp_path / "state"))) == 20
+    events.write_bytes(first + b'{"type": "delete", "post_id": 20}\n')  # appended to: read on
+    assert _read_all(JsonlSource(events, tmp_path / "state")) == [b'{"type": "delete", "post_id": 20}\n']
+    events.write_bytes(b'{"type": "delete", "post_id": 100}\n')  # rotated: a new, shorter file
+    with pytest.raises(SourceChanged, match="fewer than the offset"):
+        _read_all(JsonlSource(events, tmp_path / "state"))
+    events.write_bytes(first.replace(b"post_id", b"post_ID") + b"\n" * 100)  # as long, other content
+    with pytest.raises(SourceChanged, match="first 704 bytes are not those"):
+        _read_all(JsonlSource(events, tmp_path / "state"))
+    (tmp_path / "state" / "offset.json").unlink()  # what the message says to do: read it from its start
+    assert len(_read_all(JsonlSource(events, tmp_path / "state"))) == 20
+
+
+def test_a_followed_file_truncated_under_the_reader_stops_it_by_name(tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b'{"type": "delete", "post_id": 1}\n' * 3)
+    items = JsonlSource(events, tmp_path / "state", follow=True, idle_exit_s=30).events()
+    assert [next(items) for _ in range(3)][-1] is not None
+    assert next(items) is None  # waiting for more
+    events.write_bytes(b"")  # copytruncate
+    with pytest.raises(SourceChanged, match="truncated below offset"):
+        for _ in range(100):  # bounded: raises at the next idle check
+            next(items)
+
+
+def test_the_stats_keep_a_bounded_window_of_lags() -> None:
+    """One float per event for as long as a followed stream ran: a job up for weeks grew without end."""
+    stats = Stats()
+    stats.lags_s.extend(float(i) for i in range(MAX_LAGS + 5000))
+    assert len(stats.lags_s) == MAX_LAGS and stats.lags_s[0] == 5000.0
+    assert f"(the latest {MAX_LAGS:,} events)" in stats.line()
