@@ -46,18 +46,20 @@ from feedserve.errors import RecordError
 from feedserve.files import atomic_write
 from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.prompt.records import (
+    INT64_MAX,
     MAX_HISTORY,
     Author,
     Engagement,
     Member,
     Post,
+    parse_json,
     parse_member,
     read_jsonl,
     read_posts_jsonl,
 )
 from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.data import RankExample, member_interactions
-from feedserve.rank.engagements import coengaged
+from feedserve.rank.engagements import MAX_TIME, coengaged
 from feedserve.rank.features import PostFeatures
 from feedserve.training.data import FIRST, LAST, TOPICS
 
@@ -183,15 +185,23 @@ def is_feed_log(directory: Path) -> bool:
 def load_feed_log(directory: Path) -> FeedLog:
     """A saved log (`FeedLog.save`); a malformed line is named by file and line number."""
     posts = read_posts_jsonl(directory / POSTS_FILE)
-    members = read_jsonl(directory / MEMBERS_FILE, parse_member)
+    members = read_jsonl(directory / MEMBERS_FILE, parse_member, key=lambda member: member.id)
     post_ids, member_ids = {p.id for p in posts}, {m.id for m in members}
 
-    def impression(line: str) -> Impression:
-        try:
-            row = json.loads(line)
-            i = Impression(int(row["member"]), int(row["post"]), int(row["at"]), frozenset(map(str, row["actions"])))
-        except (ValueError, KeyError, TypeError) as err:
-            raise RecordError(repr(err)) from err
+    def impression(line: bytes) -> Impression:
+        row = parse_json(line, "impression")
+        if not isinstance(row, dict) or set(row) != {"member", "post", "at", "actions"}:
+            raise RecordError('impression: expected {"member", "post", "at", "actions"}')
+        # As strict as what reads them later: ids are ints (never 1.9 or "12" read as one), a time is
+        # unix seconds as the co-engagement table and engage_write take it.
+        for name, most in (("member", INT64_MAX), ("post", INT64_MAX), ("at", MAX_TIME)):
+            value = row[name]
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= most:
+                raise RecordError(f"impression.{name}: {value!r} is not an integer in [0, {most}]")
+        actions = row["actions"]
+        if not isinstance(actions, list) or not all(isinstance(a, str) for a in actions):
+            raise RecordError(f"impression.actions: {actions!r} is not a list of strings")
+        i = Impression(row["member"], row["post"], row["at"], frozenset(actions))
         checks = (
             (i.actions <= set(FEED_TASKS), f"actions {sorted(i.actions)} not of {FEED_TASKS}"),
             (i.member in member_ids, f"member {i.member} not in {MEMBERS_FILE}"),

@@ -235,21 +235,33 @@ def json_schema(kind: str) -> dict[str, Any]:
 R = TypeVar("R")
 
 
-def read_jsonl(path: Path, parse: Callable[[str], R]) -> list[R]:
-    """One record a line (blank lines skipped); a bad one is named by file and line number."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(parse(line))
-                except RecordError as err:
-                    raise RecordError(f"{path}:{n}: {err}") from err
+def read_jsonl(path: Path, parse: Callable[[bytes], R], key: Callable[[R], int] | None = None) -> list[R]:
+    """One record a line (blank lines skipped); a bad one is named by file and line number: a line
+    over MAX_RECORD_BYTES (refused after reading that much of it, never the whole), and with `key`,
+    a record whose key an earlier line holds (a corpus with a post twice means two posts in one id,
+    refused before anything is embedded rather than at the index write after all of it)."""
+    records: list[R] = []
+    seen: dict[int, int] = {}  # key -> the line that first held it
+    with open(path, "rb") as f:
+        n = 0
+        while line := f.readline(MAX_RECORD_BYTES + 1):
+            n += 1
+            try:
+                if len(line) > MAX_RECORD_BYTES:
+                    raise RecordError(f"a line over the record limit of {MAX_RECORD_BYTES} bytes")
+                if not line.strip():
+                    continue
+                record = parse(line)
+                if key is not None and (first := seen.setdefault(key(record), n)) != n:
+                    raise RecordError(f"id {key(record)} again (first at line {first})")
+                records.append(record)
+            except RecordError as err:
+                raise RecordError(f"{path}:{n}: {err}") from err
     return records
 
 
 def read_posts_jsonl(path: Path) -> list[Post]:
-    return read_jsonl(path, parse_post)
+    return read_jsonl(path, parse_post, key=lambda post: post.id)
 
 
 def write_posts_jsonl(posts: Iterable[Post], path: Path) -> None:

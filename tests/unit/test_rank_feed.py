@@ -226,15 +226,29 @@ def test_a_saved_log_reads_back_and_is_named_where_malformed(tmp_path: Path) -> 
     assert back.cutoff() == LOG.cutoff()
     lines = (tmp_path / "log" / "impressions.jsonl").read_text().splitlines()
     for bad, named in (
-        ('{"member": 1, "post": 2}', "'at'"),
+        ('{"member": 1, "post": 2}', '"at"'),
         ('{"member": 1, "post": 2, "at": 3, "actions": ["x"]}', "x"),
+        # Read as something else before (1.9 as 1, "12" as 12, a dict as its keys), or crashing later.
+        ('{"member": 1, "post": 2, "at": 1.9, "actions": []}', r"impression.at: 1.9 is not an integer"),
+        ('{"member": 1, "post": 2, "at": "12", "actions": []}', "impression.at: '12'"),
+        ('{"member": 1, "post": 2, "at": 1180591620717411303424, "actions": []}', "impression.at"),
+        ('{"member": 1, "post": 2, "at": -5, "actions": []}', "impression.at: -5"),
+        ('{"member": 1e400, "post": 2, "at": 3, "actions": []}', "impression.member: inf"),
+        ('{"member": 1, "post": 2, "at": 3, "actions": {"like": 0}}', "impression.actions"),
+        ('{"member": 1, "member": 2, "post": 2, "at": 3, "actions": []}', "duplicate key 'member'"),
+        ("[" * 100_000, "nested too deeply"),
     ):
         (tmp_path / "log" / "impressions.jsonl").write_text("\n".join([*lines[:5], bad, *lines[5:]]) + "\n")
         with pytest.raises(ValueError, match=f"impressions.jsonl:6: .*{named}"):
             load_feed_log(tmp_path / "log")
+    (tmp_path / "log" / "impressions.jsonl").write_text("\n".join(lines) + "\n")
     members = (tmp_path / "log" / "members.jsonl").read_text()
     (tmp_path / "log" / "members.jsonl").write_text(members + '{"id": "x"}\n')
     with pytest.raises(ValueError, match=f"members.jsonl:{len(LOG.members) + 1}: "):
+        load_feed_log(tmp_path / "log")
+    first = members.splitlines()[0]  # a member twice: two people in one id
+    (tmp_path / "log" / "members.jsonl").write_text(members + first + "\n")
+    with pytest.raises(ValueError, match=f"members.jsonl:{len(LOG.members) + 1}: id .* again \\(first at line 1\\)"):
         load_feed_log(tmp_path / "log")
 
 

@@ -98,6 +98,24 @@ def test_jsonl_round_trip(tmp_path: Path) -> None:
         read_posts_jsonl(tmp_path / "bad.jsonl")
 
 
+@pytest.mark.parametrize(
+    "lines,words",
+    [
+        # A post twice failed only at the index write, after the whole corpus was embedded.
+        ([b'{"id": 1}', b'{"id": 2}', b'{"id": 1, "text": "again"}'], "bad.jsonl:3: id 1 again (first at line 1)"),
+        # Undecodable bytes were a UnicodeDecodeError naming neither the file nor the line.
+        ([b'{"id": 1}', b'{"id": 2, "text": "caf\xe9"}'], "bad.jsonl:2: post: not valid UTF-8 at byte"),
+        # A line of any length was read whole before it was refused.
+        ([b'{"id": 1}', b'{"id": 2, "text": "' + b"x" * MAX_RECORD_BYTES + b'"}'], "bad.jsonl:2: a line over"),
+    ],
+)
+def test_a_corpus_file_names_the_line_that_is_wrong(tmp_path: Path, lines: list[bytes], words: str) -> None:
+    (tmp_path / "bad.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(RecordError) as err:
+        read_posts_jsonl(tmp_path / "bad.jsonl")
+    assert words in str(err.value)
+
+
 _json = st.recursive(
     st.none() | st.booleans() | st.integers(-(10**20), 10**20) | st.floats() | st.text(max_size=20),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=5),
