@@ -91,6 +91,7 @@ def load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any], Fea
             sections = {k: data[k] for k in (*COLUMNS, "features") if k in data.files}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise IndexStoreError(f"cannot read index {path}: {err}") from err
+    _check_meta(path, meta)
     if meta.get("format") not in READABLE:
         raise IndexStoreError(f"{path}: unknown index format {meta.get('format')!r}")
     if vectors.ndim != 2 or len(ids) != len(vectors) or vectors.shape[1] != meta["dim"]:
@@ -118,6 +119,19 @@ def read_meta(path: Path) -> dict[str, object]:
     """An index file's metadata, without reading its vectors."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            return dict(json.loads(str(data["meta"])))
+            meta = json.loads(str(data["meta"]))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise IndexStoreError(f"cannot read index {path}: {err}") from err
+    _check_meta(path, meta)
+    return dict(meta)
+
+
+def _check_meta(path: Path, meta: Any) -> None:
+    """IndexStoreError unless the metadata is an object whose dim (and lsn, where held) are integers:
+    the metadata is outside the checksum, and a damaged one must not surface as a KeyError."""
+    if not isinstance(meta, dict):
+        raise IndexStoreError(f"{path}: its metadata is not a JSON object")
+    for name in ("dim", "lsn"):
+        value = meta.get(name, 0 if name == "lsn" else None)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise IndexStoreError(f"{path}: its metadata's {name} is {value!r}, not a non-negative integer")

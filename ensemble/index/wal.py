@@ -228,12 +228,18 @@ def scan(path: Path, codec: Codec[Any] = POSTS) -> tuple[int, int, int]:
     return base, last, end
 
 
+CHECK_BUDGET_TAILS = 64  # how many times over its tail's size a damaged log's tail is checksummed at most
+
+
 def _valid_record_in(f: BinaryIO, start: int, size: int, after_lsn: int, codec: Codec[Any]) -> bool:
     """Whether a valid record with an lsn past `after_lsn` starts anywhere in [start, size): the lsn
     field is searched for at every byte offset (with numpy), and each candidate's checksum checked."""
     f.seek(start)
-    tail = f.read(size - start)
+    tail = memoryview(f.read(size - start))
     most = after_lsn + 1 + len(tail) // (RECORD.size + BODY.size)  # no more records than fit (payloads >= 8 bytes)
+    # Checksummed bytes, bounded: candidates crafted to each claim half the tail would checksum it
+    # again at every one of them (time quadratic in the tail); past this the damage is refused as such.
+    budget = CHECK_BUDGET_TAILS * len(tail) + MAX_PAYLOAD
     for shift in range(8):
         usable = (len(tail) - shift) // 8 * 8
         if usable <= 0:
@@ -243,12 +249,16 @@ def _valid_record_in(f: BinaryIO, start: int, size: int, after_lsn: int, codec: 
             if at < 0:
                 continue
             length, crc, lsn = RECORD.unpack_from(tail, at)
-            payload = tail[at + RECORD.size : at + RECORD.size + length]
-            if (
-                len(payload) == length
-                and _crc(length, lsn, payload) == crc
-                and codec.decode(lsn, payload, 0) is not None
-            ):
+            if at + RECORD.size + length > len(tail):
+                continue
+            budget -= length
+            if budget < 0:
+                raise LogError(
+                    f"{f.name}: the bytes after lsn {after_lsn} hold more would-be records than a torn write "
+                    "leaves: that is damage; refusing to drop what may be acknowledged writes"
+                )
+            payload = bytes(tail[at + RECORD.size : at + RECORD.size + length])
+            if _crc(length, lsn, payload) == crc and codec.decode(lsn, payload, 0) is not None:
                 return True
     return False
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from feedserve.errors import IndexStoreError
 from feedserve.index.layout import IndexLayout
-from feedserve.index.wal import HEADER, LogError
+from feedserve.index.wal import HEADER, RECORD, LogError
 from feedserve.rank import engagements
 from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.engagements import EngagementFollower, EngagementWriter, LiveCoEngagement
@@ -158,6 +158,20 @@ def test_damage_that_a_valid_record_follows_is_refused_not_dropped(tmp_path: Pat
     os.remove(path)
     path.write_bytes(b"FSWAL003" + bytes(8))
     with pytest.raises(LogError, match="bad header"):
+        EngagementWriter.open(tmp_path)
+
+
+def test_a_tail_crafted_to_look_like_many_records_is_refused_not_searched_for_minutes(tmp_path: Path) -> None:
+    """Every 16 bytes a record header claiming half the tail, with a plausible lsn: the search for a
+    valid record after damage checksummed half the tail at each (8 s at 1 MiB, quadratic)."""
+    writer = EngagementWriter.open(tmp_path)
+    writer.write(np.array([1]), np.array([2]), np.array([3]))
+    writer.close()
+    path = IndexLayout(tmp_path).engagements
+    tail = 1 << 20
+    with open(path, "ab") as f:
+        f.write(RECORD.pack(tail // 2, 0, 2) * (tail // RECORD.size))
+    with pytest.raises(LogError, match="more would-be records than a torn write leaves"):
         EngagementWriter.open(tmp_path)
 
 

@@ -22,7 +22,7 @@ import pytest
 from feedserve.errors import IndexStoreError
 from feedserve.index import wal as index_log
 from feedserve.index.live import IndexFollower, IndexWriter, rebuilding
-from feedserve.index.snapshot import arrays_checksum
+from feedserve.index.snapshot import arrays_checksum, load_arrays, read_meta
 from feedserve.index.wal import HEADER, LogError, Op, WriteAheadLog, read_records
 
 DIM = 8
@@ -523,3 +523,18 @@ def test_the_features_an_index_holds_leave_the_collectors_passes(tmp_path: Path)
     assert not gc.is_tracked(again.index._features.others[1])
     assert _features(again, [1]) == {1: row}
     again.close()
+
+
+@pytest.mark.parametrize(
+    "meta,words",
+    [("[1, 2]", "not a JSON object"), ('{"format": 1}', "dim is None"), ('{"dim": 4, "lsn": "x"}', "lsn is 'x'")],
+)
+def test_a_snapshot_whose_metadata_is_damaged_is_refused_by_name(tmp_path: Path, meta: str, words: str) -> None:
+    """The metadata is outside the checksum: a list or a missing dim surfaced as AttributeError or
+    KeyError, and an lsn of "x" loaded."""
+    path = tmp_path / "posts.npz"
+    with open(path, "wb") as f:
+        np.savez(f, ids=np.arange(2), vectors=np.zeros((2, 4), np.float32), meta=np.array(meta))
+    for read in (load_arrays, read_meta):
+        with pytest.raises(IndexStoreError, match=words):
+            read(path)
