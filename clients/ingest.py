@@ -80,6 +80,10 @@ from feedserve.schema import (
 logger = logging.getLogger(__name__)
 
 MAX_LAGS = 100_000  # event lags kept for the stats' p50 / p99
+HEAD_BYTES = 4096  # of an events file's start, hashed with its committed offset
+_READ_ANEW = (
+    "To read the file there now from its start, move the offset file away (a rotated file: follow the new one)."
+)
 MAX_ACTION = 64  # characters of an engage event's action
 POST_EVENTS = "post-events"  # the Redis Stream the ingester reads by default (the counter writes to it)
 MAX_ID = (1 << 63) - 1  # ids are int64
@@ -592,12 +596,6 @@ def _pump(stream: IO[bytes], lines: queue.Queue[bytes | None]) -> None:
             line = OVERSIZE
         lines.put(line)
     lines.put(None)
-
-
-HEAD_BYTES = 4096  # of a file's start, hashed with its committed offset
-_READ_ANEW = (
-    "To read the file there now from its start, move the offset file away (a rotated file: follow the new one)."
-)
 
 
 def _read_position(path: Path, key: str) -> int:
