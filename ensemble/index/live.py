@@ -118,14 +118,16 @@ class _Replica:
         identity = file_identity(self.snapshot_path)
         if identity in (self._snapshot_identity, self._rejected_identity) or identity is None:
             return False
-        generation = read_meta(self.snapshot_path).get("generation")
-        if generation is not None and generation == self.generation:
-            self._snapshot_identity = identity  # the writer's own periodic snapshot: the log holds it all
-            return False
         try:
+            generation = read_meta(self.snapshot_path).get("generation")
+            if generation is not None and generation == self.generation:
+                self._snapshot_identity = identity  # the writer's own periodic snapshot: the log holds it all
+                return False
             self._reload()
         except Exception:
-            self._rejected_identity = identity  # reported once, not in every batch; never saved over
+            # Reported once, not in every batch; the log goes on being followed past it, and the
+            # writer's next snapshot replaces a file nobody can read.
+            self._rejected_identity = identity
             raise
         return True
 
@@ -397,8 +399,9 @@ class IndexWriter(_Replica):
             if not held:
                 logger.info("%s: a rebuild is in progress; the snapshot waits for it", self.directory)
                 return None
-            if file_identity(self.snapshot_path) != self._snapshot_identity:
-                return None  # a rebuild landed since we last looked: never save over it
+            current = file_identity(self.snapshot_path)
+            if current != self._snapshot_identity and (current is None or current != self._rejected_identity):
+                return None  # a rebuild landed since we last looked: never save over it (one unreadable, yes)
             with self._lock:  # a copy, so writes go on while it is saved
                 ids, vectors = self.index.snapshot()
                 lsn, keep_from, meta, features = self.lsn, self._wal.end, dict(self.index.meta), self.index.features()

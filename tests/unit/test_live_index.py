@@ -538,3 +538,26 @@ def test_a_snapshot_whose_metadata_is_damaged_is_refused_by_name(tmp_path: Path,
     for read in (load_arrays, read_meta):
         with pytest.raises(IndexStoreError, match=words):
             read(path)
+
+
+def test_a_snapshot_damaged_while_served_is_reported_once_and_the_log_goes_on(tmp_path: Path) -> None:
+    """A damaged posts.npz froze every follower at its lsn (each batch retried the file and never
+    read the log) and stopped the writer's snapshots, so its log grew without end."""
+    rng = np.random.default_rng(12)
+    writer = IndexWriter.open(tmp_path, DIM)
+    writer.upsert(np.arange(3), _unit(rng, 3))
+    writer.snapshot()
+    follower = IndexFollower.open(tmp_path)
+    snapshot = tmp_path / "posts.npz"
+    snapshot.write_bytes(snapshot.read_bytes()[:100])  # damaged in place
+    writer.upsert(np.array([20, 21]), _unit(rng, 2))
+    writer.delete(np.array([1]))
+    with pytest.raises(IndexStoreError, match="cannot read index"):
+        writer.refresh()
+    assert writer.refresh() == 0  # reported once
+    with pytest.raises(IndexStoreError, match="cannot read index"):
+        follower.refresh()
+    assert follower.refresh() == 2 and _state(follower) == _state(writer)  # the log, read on
+    assert writer.snapshot() == writer.lsn  # the unreadable file is replaced
+    assert _state(IndexFollower.open(tmp_path)) == _state(writer)
+    writer.close()
