@@ -21,7 +21,7 @@ from tqdm import tqdm
 from tritonclient.utils import InferenceServerException
 
 from feedserve.clients.online import Record, records_tensor
-from feedserve.errors import ClientError
+from feedserve.errors import ClientError, IndexStoreError
 from feedserve.index.live import rebuilding
 from feedserve.index.milvus import MilvusStore
 from feedserve.index.milvus import rebuilding as milvus_rebuilding
@@ -121,17 +121,21 @@ def index_corpus(
     ids: Sequence[int],
     index_path: Path | MilvusStore,
     embeddings_dir: Path | None = None,
+    dim: int | None = None,
     **kwargs: object,
 ) -> EmbedStats:
     """Embed `posts` through the server, save the embeddings, and write the index: the local index
     file at `index_path`, or a new generation of a Milvus index that replaces the serving one
     (feedserve.index.milvus.rebuilding). The rebuild starts before the first post is embedded:
     writes acknowledged meanwhile (an ingester running beside it) are newer than this corpus and
-    stay on top of it."""
+    stay on top of it. With `dim`, vectors of another width (another encoder's server) are refused
+    before the rebuild replaces anything."""
     target = milvus_rebuilding(index_path) if isinstance(index_path, MilvusStore) else rebuilding(index_path.parent)
     with target as rebuild:
         start = time.perf_counter()
         vectors = embed_records(posts, **kwargs)
+        if dim is not None and vectors.shape[1] != dim:  # another encoder's server: every later write would fail
+            raise IndexStoreError(f"the server embedded {vectors.shape[1]} dims; these artifacts serve {dim}")
         stats = EmbedStats(len(posts), time.perf_counter() - start)
         id_array = np.asarray(ids, np.int64)
         if embeddings_dir is not None:

@@ -18,11 +18,13 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from feedserve.artifacts import ArtifactLayout, default_artifacts_dir
+from feedserve.errors import FeedserveError, RecordError
 from feedserve.index.milvus import DEFAULT_COLLECTION, MilvusStore, connect
 from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.ops.launcher import DEFAULT_REPOSITORY
@@ -50,12 +52,30 @@ def _read_records(value: str) -> list[str]:
     return [value]
 
 
+def int_in(low: int, high: int = 2**31 - 1) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high], refused by the option's name otherwise (a count of
+    0 hung the embedding client, a negative --limit dropped posts, a port past 65535 overflowed)."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, {high}], got {number}")
+        return number
+
+    return parse
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from feedserve.ops.builder import BuildOptions, build_artifacts, resolve_adapter, resolve_ranker
 
     if args.untuned and args.adapter:
         logger.error("--untuned and --adapter contradict each other")
         return 2
+    if not args.corpus.exists():  # found now, not after minutes of export
+        raise RecordError(f"--corpus {args.corpus}: no such file or directory")
     adapter = resolve_adapter(args.source, args.adapter, args.untuned)
     # --dim and --pooling change the saved (or the adapter's) settings; they do not replace them.
     build_artifacts(
@@ -121,6 +141,10 @@ def cmd_index(args: argparse.Namespace) -> int:
         posts = read_posts_jsonl(args.corpus)
     if args.limit:
         posts = posts[: args.limit]
+    if not posts:
+        raise RecordError(f"--corpus {args.corpus}: no posts to index")
+    if args.embeddings_out is not None and args.embeddings_out.exists() and not args.embeddings_out.is_dir():
+        raise RecordError(f"--embeddings-out {args.embeddings_out}: a file, not a directory")  # (before embedding)
     layout = ArtifactLayout(args.artifacts)
     target = (
         layout.index
@@ -135,6 +159,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         url=args.url or "127.0.0.1:8001",
         batch_size=args.batch_size,
         concurrency=args.concurrency,
+        dim=layout.serving_dim(),
     )
     print(f"indexed {stats.posts} posts in {stats.seconds:.1f} s ({stats.posts_per_s:.1f} posts/s)")
     return 0
@@ -209,7 +234,7 @@ def parser() -> argparse.ArgumentParser:
         help="the ranker's tables (and buckets without an adapter) come from: a MovieLens dir or a feed log dir",
     )
     b.add_argument("--pooling", choices=("mean", "last"))
-    b.add_argument("--dim", type=int, help="Matryoshka dimension (default: full)")
+    b.add_argument("--dim", type=int_in(1), help="Matryoshka dimension (default: full)")
     b.add_argument("--buckets", type=Path, help="use this buckets.json (a training run's) instead of fitting")
     b.add_argument(
         "--adapter",
@@ -233,9 +258,9 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run tritonserver until interrupted")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--expose", action="store_true", help="allow a non-loopback --host")
-    s.add_argument("--http-port", type=int, default=8000)
-    s.add_argument("--grpc-port", type=int, default=8001)
-    s.add_argument("--metrics-port", type=int, default=8002)
+    s.add_argument("--http-port", type=int_in(1, 65535), default=8000)
+    s.add_argument("--grpc-port", type=int_in(1, 65535), default=8001)
+    s.add_argument("--metrics-port", type=int_in(1, 65535), default=8002)
     s.add_argument("--log-file", type=Path)
     s.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="a rendered model repository")
     s.add_argument(
@@ -247,10 +272,10 @@ def parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("index", help="embed a corpus via embed_post and build the index")
     i.add_argument("--corpus", type=Path, default=SAMPLE_CORPUS, help="posts .jsonl, a MovieLens dir or a feed log dir")
-    i.add_argument("--limit", type=int, default=0)
+    i.add_argument("--limit", type=int_in(0), default=0, help="index the first N posts (0: all)")
     i.add_argument("--url", default=None, help="gRPC host:port (default 127.0.0.1:8001)")
-    i.add_argument("--batch-size", type=int, default=8)
-    i.add_argument("--concurrency", type=int, default=4)
+    i.add_argument("--batch-size", type=int_in(1), default=8)
+    i.add_argument("--concurrency", type=int_in(1), default=4)
     i.add_argument("--embeddings-out", type=Path)
     i.add_argument("--milvus-uri", help="rebuild this Milvus index instead of the local one (a server URI or a file)")
     i.add_argument("--milvus-collection", default=DEFAULT_COLLECTION, help="the Milvus index's name")
@@ -264,14 +289,14 @@ def parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("retrieve", help="top-k posts for member records")
     q.add_argument("member", help="member JSON, a .json file or a .jsonl file")
-    q.add_argument("-k", type=int, default=10)
+    q.add_argument("-k", type=int_in(1), default=10)
     _add_server_args(q)
     q.set_defaults(func=cmd_retrieve)
 
     f = sub.add_parser("feed", help="a member's feed: retrieval, then the GR ranker")
     f.add_argument("member", help="member JSON, a .json file or a .jsonl file")
-    f.add_argument("-n", type=int, default=10, help="posts in the feed")
-    f.add_argument("--candidates", type=int, default=500, help="retrieved posts the ranker orders (<= 2000)")
+    f.add_argument("-n", type=int_in(1), default=10, help="posts in the feed")
+    f.add_argument("--candidates", type=int_in(1), default=500, help="retrieved posts the ranker orders (<= 2000)")
     _add_server_args(f)
     f.set_defaults(func=cmd_feed)
 
@@ -283,9 +308,9 @@ def parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_embed)
 
     d = sub.add_parser("demo", help="build, serve, index MovieLens, print retrievals")
-    d.add_argument("--limit", type=int, default=1000, help="movies to index (the most rated first)")
+    d.add_argument("--limit", type=int_in(1), default=1000, help="movies to index (the most rated first)")
     d.add_argument("--full", action="store_true", help="index the whole catalog (9,742 movies)")
-    d.add_argument("-k", type=int, default=10)
+    d.add_argument("-k", type=int_in(1), default=10)
     d.add_argument("--untuned", action="store_true", help="serve the base model (use another --artifacts dir)")
     d.set_defaults(func=cmd_demo)
     return p
@@ -299,7 +324,12 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except (FeedserveError, OSError, ValueError) as err:  # what an operator can mend: one line, not a traceback
+        logger.debug("%s failed", args.command, exc_info=True)
+        print(f"feedserve {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
