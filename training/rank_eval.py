@@ -61,6 +61,7 @@ from feedserve.schema import NO_ID
 from feedserve.training.baselines import ItemKNN
 from feedserve.training.data import EvalCase, Split, movielens_split, validation_movielens
 from feedserve.training.evaluate import EmbeddingRetriever, metrics, paired_ratio, per_case
+from feedserve.triton.repository import task_weights_arg
 
 logger = logging.getLogger(__name__)
 
@@ -433,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--task-weights",
-        type=json.loads,
+        type=task_weights_arg,  # finite numbers only: a NaN weight turned every ranker into the retrieval order
         help="the final score's weight per task, JSON (default: the served ones, an auxiliary task at 0), "
         'e.g. \'{"like": 1, "love": 0.5, "dislike": -1, "like later": 1}\'',
     )

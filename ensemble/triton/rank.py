@@ -117,7 +117,11 @@ def task_weights(config: RankerConfig, value: str | None) -> np.ndarray:
     weights = json.loads(value) if value else DEFAULT_TASK_WEIGHTS
     if not isinstance(weights, dict) or set(weights) != set(config.tasks):
         raise ValueError(f"task_weights must weigh exactly the ranker's tasks {list(config.tasks)}, got {weights}")
-    return np.array([float(weights[t]) for t in config.tasks], np.float32)
+    out = np.array([float(weights[t]) for t in config.tasks], np.float32)
+    if not np.isfinite(out).all() or any(isinstance(w, bool | str) for w in weights.values()):
+        # (a hand-edited config: `render` refuses these) NaN would answer every score NaN, in retrieval order
+        raise ValueError(f"task_weights must be finite numbers, got {weights}")
+    return out
 
 
 def top_k(final: np.ndarray, k: int) -> np.ndarray:

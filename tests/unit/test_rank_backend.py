@@ -337,3 +337,26 @@ def test_a_feed_ranker_serves_its_six_tasks_by_the_rendered_weights(layout: Arti
     with pytest.raises(ValueError, match="in its order"):
         RankModel().setup(feed_layout, {**params, "tasks": ",".join(reversed(config.tasks))})
     assert RankerConfig.load(feed_layout.ranker_config).tasks == config.tasks
+
+
+@pytest.mark.parametrize(
+    "bad", ['{"like": NaN, "love": 0.5, "dislike": -1}', '{"like": "1", "love": 0.5, "dislike": -1}']
+)
+def test_task_weights_that_are_not_finite_numbers_are_refused_at_load(bad: str) -> None:
+    """`render` refuses them; a hand-edited config's NaN answered every final score NaN, so the feed
+    came back in retrieval order as a success."""
+    from feedserve.rank.model import RankerConfig
+    from feedserve.triton.rank import task_weights
+
+    config = RankerConfig(content_dim=DIM, tasks=("like", "love", "dislike"))
+    assert task_weights(config, None).tolist() == [DEFAULT_TASK_WEIGHTS[t] for t in config.tasks]
+    with pytest.raises(ValueError, match="finite numbers"):
+        task_weights(config, bad)
+
+
+def test_rank_eval_refuses_a_weight_that_is_not_a_finite_number(capsys: pytest.CaptureFixture[str]) -> None:
+    from feedserve.training import rank_eval
+
+    with pytest.raises(SystemExit):
+        rank_eval.main(["--ranker", "x", "--task-weights", '{"like": NaN}'])
+    assert "argument --task-weights" in capsys.readouterr().err
