@@ -295,9 +295,12 @@ def create_collection(client: Any, name: str, schema: Any, index: Any) -> None:
             raise
 
 
-def query_all(client: Any, collection: str, filter: str, fields: list[str]) -> Iterator[dict[str, Any]]:
-    """Every row of `collection` matching `filter` (past a query's limit: through an iterator)."""
-    it = client.query_iterator(collection, batch_size=4096, filter=filter, output_fields=fields)
+def query_all(
+    client: Any, collection: str, filter: str, fields: list[str], timeout_s: float | None = None
+) -> Iterator[dict[str, Any]]:
+    """Every row of `collection` matching `filter` (past a query's limit: through an iterator), each
+    request within `timeout_s`."""
+    it = client.query_iterator(collection, batch_size=4096, filter=filter, output_fields=fields, timeout=timeout_s)
     try:
         while batch := it.next():
             yield from batch

@@ -80,6 +80,9 @@ MERGE_SPACING = 10  # a follower merges at most every this many times its last m
 # reads the rows of this window again (and skips them by id): a window of 10 s is ten polls' worth.
 OVERLAP_US = 10_000_000
 QUERY_LIMIT = 16384  # Milvus's most rows a query returns
+# A poll's query that takes longer fails, and is reported and retried: without a limit a Milvus that
+# stopped answering held the follow thread (and a model unload joining it) silently, for as long.
+QUERY_TIMEOUT_S = 30.0
 
 
 def coengaged(action: str) -> bool:
@@ -388,11 +391,11 @@ class MilvusEngagements:
         fields = ["id", "member", "post", "engaged_at", "written_at"]
         where = f"written_at >= {int(written_us)}"
         rows: list[dict[str, Any]] = self.client.query(
-            self.collection, filter=where, output_fields=fields, limit=QUERY_LIMIT
+            self.collection, filter=where, output_fields=fields, limit=QUERY_LIMIT, timeout=QUERY_TIMEOUT_S
         )
         if len(rows) < QUERY_LIMIT:
             return rows
-        return list(query_all(self.client, self.collection, where, fields))
+        return list(query_all(self.client, self.collection, where, fields, timeout_s=QUERY_TIMEOUT_S))
 
     def close(self) -> None:
         self.client.close()

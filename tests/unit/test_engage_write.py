@@ -195,3 +195,29 @@ def test_a_milvus_follower_reads_late_rows_and_no_clock_hides_the_others(
             log.write(np.array([5]), np.array([1]), np.array([5]))
         log.close()
         follower.log.close()
+
+
+def test_a_milvus_that_stops_answering_fails_a_poll_on_time_rather_than_holding_the_follower(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a timeout the follow thread waited on a stopped Milvus silently, and so would a model
+    unload joining it; now the poll fails, is reported once, and is tried again."""
+    pytest.importorskip("milvus_lite")
+    import signal
+
+    from feedserve.index.milvus import MilvusLite
+    from feedserve.rank import engagements
+
+    monkeypatch.setattr(engagements, "QUERY_TIMEOUT_S", 1.0)
+    with MilvusLite(tmp_path / "milvus" / "db.db") as lite:
+        log = engagements.MilvusEngagements(lite.uri, "posts")
+        log.write(np.array([1]), np.array([2]), np.array([3]))
+        pid = lite._server._p.pid  # the Milvus Lite process
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(Exception, match="(?i)deadline"):
+                log.since(0)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert len(log.since(0)) == 1  # answering again: read on
+        log.close()
