@@ -42,6 +42,9 @@ def check_unit(vectors: np.ndarray) -> None:
     """IndexStoreError unless every row is unit length within NORM_TOLERANCE (live writes are checked:
     the store takes what a snapshot or a rebuild from the encoder holds as it is)."""
     norms = np.linalg.norm(np.asarray(vectors, np.float64), axis=1)
+    if not np.isfinite(norms).all():  # (NaN compares false with the tolerance: it would pass)
+        row = int(np.flatnonzero(~np.isfinite(norms))[0])
+        raise IndexStoreError(f"vectors must be finite: row {row} has NaN or inf")
     if len(norms) and (off := np.abs(norms - 1.0)).max() > NORM_TOLERANCE:
         row = int(off.argmax())
         raise IndexStoreError(

@@ -33,6 +33,7 @@ from feedserve.errors import FORBIDDEN, FeedserveError, RecordError
 from feedserve.index.engines import Engine
 from feedserve.index.live import FollowedIndex
 from feedserve.index.milvus import DEFAULT_COLLECTION, MilvusFollowed, milvus_uri
+from feedserve.index.store import NORM_TOLERANCE
 from feedserve.ops.keys import WRITE_HEADER, WRITE_KEY_ENV
 from feedserve.ops.watchdog import parent_of
 from feedserve.schema import IO, RECORDS, ModelName
@@ -257,6 +258,19 @@ def check_2d(name: str, value: np.ndarray, dtype: type) -> np.ndarray:
     if value.ndim != 2:
         raise RequestError(f"{name}: expected shape [batch, n], got {list(value.shape)}")
     return value
+
+
+def check_unit_rows(name: str, vectors: np.ndarray) -> None:
+    """RequestError unless every row is unit length (within the index's NORM_TOLERANCE), as the
+    encoder gives an embedding and the index stores one: a finite 3e38 would overflow the scores to inf
+    (an fp16 GPU index at 1e5), and a vector 100 times too long reorders a ranker's features."""
+    norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
+    if len(norms) and (off := np.abs(norms - 1.0)).max() > NORM_TOLERANCE:
+        row = int(off.argmax())
+        raise RequestError(
+            f"{name}: must be unit length (L2 norm 1 +- {NORM_TOLERANCE}), as the encoder gives it: "
+            f"row {row} has norm {norms[row]:.6g}"
+        )
 
 
 R = TypeVar("R")

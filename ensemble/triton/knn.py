@@ -5,7 +5,8 @@ the writes `index_write` has acknowledged since, so a search sees every write ac
 it started. A full rebuild (a new generation of the snapshot) is loaded whole before it replaces
 the old index: no request sees a half-built index; the writer's periodic snapshots need no reload.
 The `engine` parameter picks where searches run (faiss on CPU, torch or faiss-gpu on the
-instance's GPU).
+instance's GPU). A QUERY is an embedding: finite and unit length, as the encoder gives it (scores
+are cosines); EXCLUDE_IDS holds at most a member's history (MAX_HISTORY ids a row).
 """
 
 from __future__ import annotations
@@ -20,8 +21,17 @@ from feedserve.artifacts import ArtifactLayout
 from feedserve.index.engines import Engine
 from feedserve.index.milvus import MilvusStore
 from feedserve.index.store import PostIndex, SearchResult
+from feedserve.prompt.records import MAX_HISTORY
 from feedserve.schema import EXCLUDE_IDS, IDS, QUERY, SCORES, K, ModelName
-from feedserve.triton.base import Arrays, BatchModel, RequestError, check_2d, followed_index, require
+from feedserve.triton.base import (
+    Arrays,
+    BatchModel,
+    RequestError,
+    check_2d,
+    check_unit_rows,
+    followed_index,
+    require,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +77,7 @@ class KnnModel(BatchModel[KnnRequest]):
             raise RequestError(
                 f"{QUERY.name}: dimension {queries.shape[1]} does not match the index ({self.index.dim})"
             )
+        check_unit_rows(QUERY.name, queries)
         excl = inputs.get(EXCLUDE_IDS.name)
         if excl is None:
             exclude = [np.empty(0, np.int64)] * len(queries)
@@ -74,6 +85,12 @@ class KnnModel(BatchModel[KnnRequest]):
             excl = check_2d(EXCLUDE_IDS.name, excl, np.int64)
             if len(excl) != len(queries):
                 raise RequestError(f"{EXCLUDE_IDS.name}: {len(excl)} rows for {len(queries)} queries")
+            # A member's history is at most MAX_HISTORY posts; one row of a million excluded ids made
+            # the search of every request batched with it that much deeper.
+            if excl.shape[1] > MAX_HISTORY:
+                raise RequestError(
+                    f"{EXCLUDE_IDS.name}: {excl.shape[1]} ids per row; at most {MAX_HISTORY} (a member's history)"
+                )
             exclude = list(excl)
         return KnnRequest(queries, ks, exclude)
 

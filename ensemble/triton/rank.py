@@ -30,7 +30,6 @@ import numpy as np
 
 from feedserve.artifacts import ArtifactLayout
 from feedserve.index.engines import Engine
-from feedserve.index.store import NORM_TOLERANCE
 from feedserve.prompt.records import Member, parse_member
 from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.data import (
@@ -65,6 +64,7 @@ from feedserve.triton.base import (
     RequestError,
     ServingIndex,
     check_2d,
+    check_unit_rows,
     followed_index,
     milvus_index_name,
     milvus_uri_of,
@@ -204,13 +204,7 @@ class RankModel(BatchModel[RankRequest]):
         # The ranker reads both at the scale retrieval gives them: a member embedding is unit length and
         # a score a cosine. A finite 1e15 would overflow its logits to NaN scores answered as a success,
         # and a vector 100 times too long already reorders the feed at random.
-        norms = np.linalg.norm(queries.astype(np.float64), axis=1)
-        if len(norms) and (off := np.abs(norms - 1.0)).max() > NORM_TOLERANCE:
-            row = int(off.argmax())
-            raise RequestError(
-                f"{QUERY.name}: must be unit length (L2 norm 1 +- {NORM_TOLERANCE}), as the encoder gives it: "
-                f"row {row} has norm {norms[row]:.6g}"
-            )
+        check_unit_rows(QUERY.name, queries)
         if scores.size and (worst := float(np.abs(scores).max())) > MAX_RETRIEVAL_SCORE:
             raise RequestError(
                 f"{CANDIDATE_SCORES.name}: retrieval scores are cosines, within +-{MAX_RETRIEVAL_SCORE:g}; "

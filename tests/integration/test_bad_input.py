@@ -238,6 +238,13 @@ CASES: list[Case] = [
         {"QUERY": _unit(), "K": _k(1), "EXCLUDE_IDS": np.array([[1]], np.int32)},
         "EXCLUDE_IDS",
     ),
+    Case("knn-query-huge", M.KNN, {"QUERY": np.full((1, DIM), 3e38, np.float32), "K": _k(1)}, "must be unit length"),
+    Case(
+        "knn-exclude-too-wide",
+        M.KNN,
+        {"QUERY": _unit(), "K": _k(1), "EXCLUDE_IDS": np.full((1, 2001), 7, np.int64)},
+        "at most 2000",
+    ),
     # encoder
     Case(
         "encoder-shape-mismatch",

@@ -153,6 +153,10 @@ def test_knn_model_isolates_bad_requests(index: PostIndex, tmp_path: Path) -> No
             {"QUERY": np.zeros((1, 8), np.float32), "K": np.array([[1]], np.int64)},
             {"QUERY": np.full((1, 16), np.nan, np.float32), "K": np.array([[1]], np.int64)},
             {"K": np.array([[1]], np.int64)},
+            # Finite but not an embedding: scores of inf in an arbitrary order before.
+            {"QUERY": np.full((1, 16), 3e38, np.float32), "K": np.array([[1]], np.int64)},
+            # One row of a million exclusions made every request batched with it search that deep.
+            {"QUERY": q[:1], "K": np.array([[1]], np.int64), "EXCLUDE_IDS": np.full((1, 2001), 7, np.int64)},
         ]
     )
     assert isinstance(results[0], RequestError) and "k=0 is out of range [1, 50]" in str(results[0])
@@ -163,6 +167,19 @@ def test_knn_model_isolates_bad_requests(index: PostIndex, tmp_path: Path) -> No
     assert "dimension 8 does not match the index (16)" in str(results[4])
     assert "NaN" in str(results[5])
     assert "QUERY is missing" in str(results[6])
+    assert "QUERY: must be unit length" in str(results[7])
+    assert "EXCLUDE_IDS: 2001 ids per row; at most 2000" in str(results[8])
+
+
+def test_a_vector_of_nan_is_refused_by_the_unit_check() -> None:
+    """NaN compares false with the tolerance: the check passed it, and the Milvus index_write, which
+    relies on it alone, acknowledged and stored NaN vectors."""
+    from feedserve.index.store import check_unit
+
+    unit = np.eye(2, 16, dtype=np.float32)
+    check_unit(unit)
+    with pytest.raises(IndexStoreError, match="row 1 has NaN or inf"):
+        check_unit(np.stack([unit[0], np.full(16, np.nan, np.float32)]))
 
 
 def test_knn_model_picks_up_a_rebuilt_index(index: PostIndex, tmp_path: Path) -> None:
