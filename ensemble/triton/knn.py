@@ -96,6 +96,19 @@ class KnnModel(BatchModel[KnnRequest]):
 
     def compute(self, items: Sequence[KnnRequest]) -> list[Arrays | RequestError]:
         self.followed.refresh()
+        # `parse` checked the width against the index it saw; the refresh may have brought the first
+        # index, or a rebuild of another width: a request that no longer fits fails alone.
+        dim = self.index.dim if self.index is not None else None
+        fits = [dim is None or it.queries.shape[1] == dim for it in items]
+        answers = iter(self._search([it for it, ok in zip(items, fits, strict=True) if ok]) if any(fits) else [])
+        return [
+            next(answers)
+            if ok
+            else RequestError(f"{QUERY.name}: dimension {it.queries.shape[1]} does not match the index ({dim})")
+            for it, ok in zip(items, fits, strict=True)
+        ]
+
+    def _search(self, items: Sequence[KnnRequest]) -> list[Arrays | RequestError]:
         queries = np.concatenate([it.queries for it in items])
         ks = [k for it in items for k in it.ks]
         exclude = [e for it in items for e in it.exclude]

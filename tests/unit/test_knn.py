@@ -206,3 +206,26 @@ def test_knn_model_refuses_a_bad_index_at_load_and_keeps_a_good_one_later(index:
     assert not isinstance(out, RequestError) and out["IDS"].shape == (1, 3)  # the old index still serves
     with pytest.raises(IndexStoreError, match="cannot read index"):
         KnnModel().setup(ArtifactLayout(tmp_path), {"max_k": "50"})  # a model that would answer nothing fails to load
+
+
+def test_a_query_that_no_longer_fits_after_the_refresh_fails_alone(tmp_path: Path) -> None:
+    """Loaded before any index existed, knn checked no width at parse; the refresh before the search
+    brought a 16-wide index, and a 7-wide query failed the whole batch with numpy's error."""
+    from feedserve.artifacts import ArtifactLayout
+
+    layout = ArtifactLayout(tmp_path)
+    model = KnnModel()
+    model.setup(layout, {"max_k": "50"})
+    assert model.index is None
+    index = PostIndex(16)
+    v = _unit(np.random.default_rng(6), 1, 16)
+    index.upsert(np.array([7]), v)
+    index.save(layout.index)
+    good, bad = model.run(
+        [
+            {"QUERY": v, "K": np.array([[1]], np.int64)},
+            {"QUERY": _unit(np.random.default_rng(7), 1, 7), "K": np.array([[1]], np.int64)},
+        ]
+    )
+    assert not isinstance(good, RequestError) and good["IDS"].tolist() == [[7]]
+    assert isinstance(bad, RequestError) and "dimension 7 does not match the index (16)" in str(bad)
