@@ -231,6 +231,22 @@ class TritonServer:
             )
         if not (self.options.repository / "knn" / "config.pbtxt").exists():
             raise ServerError(f"{self.options.repository} is not a rendered model repository: `feedserve render`")
+        if layout.has_ranker():
+            self._check_task_weights(layout)
+
+    def _check_task_weights(self, layout: ArtifactLayout) -> None:
+        """The rendered weights must weigh this ranker's tasks: `rank` refuses them at load otherwise,
+        and all `serve` could say then was that tritonserver exited."""
+        from feedserve.rank.model import RankerConfig
+        from feedserve.triton.repository import rendered_tasks
+
+        rendered = rendered_tasks(self.options.repository)
+        tasks = list(RankerConfig.load(layout.ranker_config).tasks)
+        if rendered is not None and set(rendered) != set(tasks):
+            raise ServerError(
+                f"{self.options.repository} weighs the tasks {rendered}, but the ranker in {layout.root} scores "
+                f"{tasks}: render it with `feedserve render --task-weights` naming those"
+            )
 
     def start(self) -> TritonServer:
         self.check_artifacts()

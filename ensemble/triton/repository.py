@@ -350,6 +350,15 @@ def _with_writer(
     return configs
 
 
+def rendered_tasks(repository: Path) -> list[str] | None:
+    """The tasks a rendered repository's `rank` weighs (its `task_weights`), None without a `rank`."""
+    path = Path(repository) / str(ModelName.RANK) / "config.pbtxt"
+    if not path.exists():
+        return None
+    config = text_format.Parse(path.read_text(), mc.ModelConfig())
+    return list(json.loads(config.parameters["task_weights"].string_value))
+
+
 def render_files(settings: RepositorySettings = RepositorySettings()) -> dict[str, str]:
     """Relative path -> file text, for every file of the repository."""
     return config_files(render_configs(settings))

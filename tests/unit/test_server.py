@@ -174,3 +174,22 @@ def test_the_launcher_gives_up_past_its_restart_budget(tmp_path: Path) -> None:
         assert server.launches == 3 and "3 times" in str(server.gave_up) and not server.running
     finally:
         server.stop()
+
+
+def test_weights_rendered_for_other_tasks_than_the_rankers_are_named_before_the_server_starts(tmp_path: Path) -> None:
+    """`rank` refuses them at load, and all `serve` said was that tritonserver exited (see its log)."""
+    from feedserve.rank.model import RankerConfig
+    from feedserve.rank.train import FEED_TASK_WEIGHTS
+    from feedserve.triton.repository import RepositorySettings, write_repository
+
+    layout = ArtifactLayout(tmp_path / "artifacts")
+    layout.root.mkdir()
+    for path in layout.ranker_files():
+        path.write_text("{}")
+    layout.ranker_config.write_text(RankerConfig(content_dim=8, tasks=tuple(FEED_TASK_WEIGHTS)).to_json())
+    write_repository(tmp_path / "repo")  # the MovieLens weights, the default
+    server = TritonServer(ServerOptions(repository=tmp_path / "repo", artifacts=layout.root))
+    with pytest.raises(ServerError, match=r"weighs the tasks \['like', 'love', 'dislike'\], but the ranker"):
+        server._check_task_weights(layout)
+    write_repository(tmp_path / "repo", RepositorySettings(task_weights=tuple(FEED_TASK_WEIGHTS.items())))
+    server._check_task_weights(layout)
