@@ -38,18 +38,28 @@ SCORE_BUDGET = 1 << 26  # floats of query x post scores computed at once (256 Mi
 NORM_TOLERANCE = 1e-3
 
 
+def off_unit(vectors: np.ndarray) -> tuple[int, float] | None:
+    """(row, its L2 norm) of a row that is not unit length within NORM_TOLERANCE (a non-finite one
+    first: NaN compares false with the tolerance and would pass), None when every row is."""
+    norms = np.linalg.norm(np.asarray(vectors, np.float64), axis=1)
+    if not np.isfinite(norms).all():
+        row = int(np.flatnonzero(~np.isfinite(norms))[0])
+        return row, float(norms[row])
+    if len(norms) and (off := np.abs(norms - 1.0)).max() > NORM_TOLERANCE:
+        row = int(off.argmax())
+        return row, float(norms[row])
+    return None
+
+
 def check_unit(vectors: np.ndarray) -> None:
     """IndexStoreError unless every row is unit length within NORM_TOLERANCE (live writes are checked:
     the store takes what a snapshot or a rebuild from the encoder holds as it is)."""
-    norms = np.linalg.norm(np.asarray(vectors, np.float64), axis=1)
-    if not np.isfinite(norms).all():  # (NaN compares false with the tolerance: it would pass)
-        row = int(np.flatnonzero(~np.isfinite(norms))[0])
+    if (bad := off_unit(vectors)) is None:
+        return
+    row, norm = bad
+    if not np.isfinite(norm):
         raise IndexStoreError(f"vectors must be finite: row {row} has NaN or inf")
-    if len(norms) and (off := np.abs(norms - 1.0)).max() > NORM_TOLERANCE:
-        row = int(off.argmax())
-        raise IndexStoreError(
-            f"vectors must be unit length (L2 norm 1 +- {NORM_TOLERANCE}): row {row} has norm {norms[row]:.6g}"
-        )
+    raise IndexStoreError(f"vectors must be unit length (L2 norm 1 +- {NORM_TOLERANCE}): row {row} has norm {norm:.6g}")
 
 
 @dataclass

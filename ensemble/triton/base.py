@@ -33,7 +33,7 @@ from feedserve.errors import FORBIDDEN, FeedserveError, RecordError
 from feedserve.index.engines import Engine
 from feedserve.index.live import FollowedIndex
 from feedserve.index.milvus import DEFAULT_COLLECTION, MilvusFollowed, milvus_uri
-from feedserve.index.store import NORM_TOLERANCE
+from feedserve.index.store import NORM_TOLERANCE, off_unit
 from feedserve.ops.keys import WRITE_HEADER, WRITE_KEY_ENV
 from feedserve.ops.watchdog import parent_of
 from feedserve.schema import IO, RECORDS, ModelName
@@ -264,12 +264,10 @@ def check_unit_rows(name: str, vectors: np.ndarray) -> None:
     """RequestError unless every row is unit length (within the index's NORM_TOLERANCE), as the
     encoder gives an embedding and the index stores one: a finite 3e38 would overflow the scores to inf
     (an fp16 GPU index at 1e5), and a vector 100 times too long reorders a ranker's features."""
-    norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
-    if len(norms) and (off := np.abs(norms - 1.0)).max() > NORM_TOLERANCE:
-        row = int(off.argmax())
+    if (bad := off_unit(vectors)) is not None:
         raise RequestError(
             f"{name}: must be unit length (L2 norm 1 +- {NORM_TOLERANCE}), as the encoder gives it: "
-            f"row {row} has norm {norms[row]:.6g}"
+            f"row {bad[0]} has norm {bad[1]:.6g}"
         )
 
 
