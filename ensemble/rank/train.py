@@ -14,6 +14,7 @@ the same member (ListNet's top-one form, as sampled-softmax retrieval losses rea
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -30,6 +31,21 @@ DEFAULT_TASK_WEIGHTS = {"like": 1.0, "love": 0.5, "dislike": -1.0}
 # The same for a feed ranker's six tasks (feedserve.training.rank_feed): active engagement counts more
 # than passive, a skip against.
 FEED_TASK_WEIGHTS = {"click": 0.2, "long dwell": 0.5, "like": 1.0, "comment": 1.5, "share": 2.0, "skip": -1.0}
+
+
+def finite_weights(weights: object) -> dict[str, float]:
+    """Task weights as given (a JSON object's): a non-empty mapping of task names to finite numbers,
+    ValueError otherwise. A NaN weight would answer every final score NaN, in retrieval order; `true`
+    or "1" are not numbers a person meant."""
+    if not isinstance(weights, dict) or not weights or any(isinstance(w, bool | str) for w in weights.values()):
+        raise ValueError(f"task weights must be a non-empty object of task names to finite numbers, got {weights}")
+    try:
+        floats = {str(task): float(w) for task, w in weights.items()}
+    except (TypeError, OverflowError) as err:
+        raise ValueError(f"task weights must be finite numbers, got {weights} ({err})") from err
+    if not all(math.isfinite(w) for w in floats.values()):
+        raise ValueError(f"task weights must be finite numbers, got {weights}")
+    return floats
 
 
 def multitask_loss(

@@ -45,7 +45,7 @@ from feedserve.rank.data import (
 from feedserve.rank.engagements import Follower, LiveCoEngagement, MilvusEngagements, MilvusFollower
 from feedserve.rank.features import FeatureReader, PostFeatures
 from feedserve.rank.model import INPUTS, OUTPUT, RankerConfig
-from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, final_score
+from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, final_score, finite_weights
 from feedserve.schema import (
     CANDIDATE_IDS,
     CANDIDATE_SCORES,
@@ -117,11 +117,8 @@ def task_weights(config: RankerConfig, value: str | None) -> np.ndarray:
     weights = json.loads(value) if value else DEFAULT_TASK_WEIGHTS
     if not isinstance(weights, dict) or set(weights) != set(config.tasks):
         raise ValueError(f"task_weights must weigh exactly the ranker's tasks {list(config.tasks)}, got {weights}")
-    out = np.array([float(weights[t]) for t in config.tasks], np.float32)
-    if not np.isfinite(out).all() or any(isinstance(w, bool | str) for w in weights.values()):
-        # (a hand-edited config: `render` refuses these) NaN would answer every score NaN, in retrieval order
-        raise ValueError(f"task_weights must be finite numbers, got {weights}")
-    return out
+    floats = finite_weights(weights)  # as `render` checks them: a hand-edited config too
+    return np.array([floats[t] for t in config.tasks], np.float32)
 
 
 def top_k(final: np.ndarray, k: int) -> np.ndarray:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from feedserve.index.milvus import DEFAULT_COLLECTION
 from feedserve.ops.launcher import DEFAULT_REPOSITORY
-from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, FEED_TASK_WEIGHTS
+from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, FEED_TASK_WEIGHTS, finite_weights
 from feedserve.schema import IO, MAX_BATCH, ModelName, RecordKind, TensorSpec
 from feedserve.triton.encoder import GROUPINGS, PRECISIONS
 
@@ -459,15 +458,9 @@ def task_weights_arg(value: str) -> dict[str, float]:
         return PRESET_TASK_WEIGHTS[value]
     expected = f"a preset ({', '.join(PRESET_TASK_WEIGHTS)}) or a JSON object of task names to finite numbers"
     try:
-        weights = json.loads(value)
-        if not isinstance(weights, dict) or not weights or any(isinstance(w, bool | str) for w in weights.values()):
-            raise ValueError(value)
-        floats = {str(task): float(w) for task, w in weights.items()}
-    except (ValueError, TypeError, OverflowError) as err:  # JSONDecodeError is a ValueError
+        return finite_weights(json.loads(value))
+    except ValueError as err:  # JSONDecodeError is a ValueError
         raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r} ({err})") from err
-    if not all(math.isfinite(w) for w in floats.values()):
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
-    return floats
 
 
 def main(argv: list[str] | None = None) -> int:
