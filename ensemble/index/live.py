@@ -53,7 +53,18 @@ from feedserve.index.engines import Engine
 from feedserve.index.layout import IndexLayout
 from feedserve.index.snapshot import read_meta, save_arrays
 from feedserve.index.store import PostIndex, check_unit
-from feedserve.index.wal import HEADER, LogError, LogRecord, Op, WriteAheadLog, logged_lsn, read_header, read_records
+from feedserve.index.wal import (
+    HEADER,
+    POSTS,
+    LogError,
+    LogRecord,
+    Op,
+    WriteAheadLog,
+    continues,
+    logged_lsn,
+    read_framed,
+    read_header,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +83,7 @@ class _Replica:
         self._log: BinaryIO | None = None  # the log being followed, kept open across a log restart
         self._log_inode = -1
         self._offset = HEADER.size
+        self._crc: int | None = None  # the checksum of record `lsn`, once one was applied from a log
         self._lock = threading.Lock()  # one write, refresh or snapshot copy at a time
 
     @property
@@ -147,6 +159,15 @@ class _Replica:
         if base > self.lsn:  # the writer snapshotted past us and the log before it is gone
             log.close()
             self._reload()
+        elif not continues(log, base, self.lsn, self._crc):
+            log.close()
+            logger.warning(
+                "%s does not hold lsn %d as this index applied it: the writer started it anew after losing "
+                "the log (deleted?); reloading the snapshot",
+                self.log_path,
+                self.lsn,
+            )
+            self._reload()
         else:
             self._forget_log()
             self._log, self._log_inode, self._offset = log, os.fstat(log.fileno()).st_ino, HEADER.size
@@ -156,11 +177,12 @@ class _Replica:
         if self._log is None:
             return 0
         applied = 0
-        for record in read_records(self._log, self._offset):
+        for crc, record in read_framed(self._log, self._offset, POSTS):
             if record.lsn > self.lsn + 1:
                 raise LogError(f"{self.log_path}: record {record.lsn} follows {self.lsn}: records are missing")
             if record.lsn == self.lsn + 1:
                 self._apply_record(record)
+                self._crc = crc
                 applied += 1
             self._offset = record.end
         return applied
@@ -195,7 +217,7 @@ class _Replica:
         logger.info(
             "%s: loaded the snapshot at lsn %d (generation %s)", self.directory, lsn, index.meta.get("generation")
         )
-        self.index, self.lsn, self._snapshot_identity = index, lsn, identity
+        self.index, self.lsn, self._crc, self._snapshot_identity = index, lsn, None, identity
         self.reloads += 1
         self._forget_log()
         if log is not None:
@@ -315,7 +337,13 @@ class IndexWriter(_Replica):
         try:
             index, identity = cls._snapshot_or_empty(files, dim, engine, save=True)
             cls._give_generation(index)
-            wal = WriteAheadLog(files.log, base_lsn=int(index.meta.get("lsn", 0)))
+            lsn = int(index.meta.get("lsn", 0))
+            wal = WriteAheadLog(files.log, base_lsn=lsn)
+            if wal.last_lsn < lsn:
+                raise LogError(
+                    f"{files.log} ends at lsn {wal.last_lsn}, before the snapshot {files.snapshot} (lsn {lsn}): "
+                    f"its next write would reuse lsn {wal.last_lsn + 1}; move it away (the snapshot holds it all)"
+                )
             writer = cls(files, index, identity, wal, lock)
             with writer._lock:
                 writer._follow()

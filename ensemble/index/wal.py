@@ -189,6 +189,11 @@ def read_records(f: BinaryIO, offset: int = ..., *, codec: Codec[R]) -> Iterator
 def read_records(f: BinaryIO, offset: int = HEADER.size, *, codec: Codec[Any] = POSTS) -> Iterator[Any]:
     """Whole, intact records of the log open as `f`, from `offset` on; stops quietly at the first
     incomplete or invalid one (a reader following a live log may see an append in progress)."""
+    return (record for _, record in read_framed(f, offset, codec))
+
+
+def read_framed(f: BinaryIO, offset: int, codec: Codec[R]) -> Iterator[tuple[int, R]]:
+    """`read_records` with each record's checksum: (crc, record)."""
     f.seek(offset)
     while True:
         head = f.read(RECORD.size)
@@ -204,7 +209,26 @@ def read_records(f: BinaryIO, offset: int = HEADER.size, *, codec: Codec[Any] = 
         if record is None:
             return
         offset = record.end
-        yield record
+        yield crc, record
+
+
+def continues(f: BinaryIO, base: int, lsn: int, crc: int | None) -> bool:
+    """Whether the log open as `f`, based at `base`, continues what a reader that read up to `lsn`
+    (its record's checksum `crc`, None when it came from a snapshot) holds: based at it, or holding
+    that very record. One based past it lacks the records between (the reader fell behind a
+    snapshot); one that ends before it, or holds another record there, is another history (its
+    writer lost the log it wrote them to and started anew): its lsns name other writes."""
+    if base >= lsn:
+        return base == lsn
+    # Record heads alone, through a buffer: a log put back after a delete may hold many records.
+    with open(f.fileno(), "rb", closefd=False) as buffered:
+        buffered.seek(HEADER.size)
+        while len(head := buffered.read(RECORD.size)) == RECORD.size:
+            length, at_crc, at = RECORD.unpack(head)
+            if at >= lsn or length > MAX_PAYLOAD:
+                return at == lsn and crc in (None, at_crc)
+            buffered.seek(length, os.SEEK_CUR)
+    return False
 
 
 def scan(path: Path, codec: Codec[Any] = POSTS) -> tuple[int, int, int]:
@@ -280,7 +304,7 @@ class WriteAheadLog:
                 size - self.end,
                 self.last_lsn,
             )
-        self._fd = os.open(self.path, os.O_WRONLY)
+        self._fd = os.open(self.path, os.O_RDWR)  # read too: a log unlinked under it is put back from it
         if size > self.end:
             os.ftruncate(self._fd, self.end)
             os.fsync(self._fd)
@@ -312,6 +336,7 @@ class WriteAheadLog:
                 raise LogError(
                     f"{self.path}: refusing writes since an earlier one failed ({self.failed}); reopen the log"
                 )
+            self._relink()
             lsn = self.last_lsn + 1
             data = record_bytes(lsn, payload)
             try:
@@ -334,29 +359,60 @@ class WriteAheadLog:
         The new file is complete, durable and open before it replaces this one: if making it fails,
         this log stays in place and in use; a failure after the rename refuses further writes."""
         with self._lock:
-            with open(self.path, "rb") as f:
-                f.seek(keep_from)
-                tail = f.read(self.end - keep_from)
-            with temporary_file(self.path) as f:
-                f.write(HEADER.pack(self.codec.magic, base_lsn) + tail)
-            tmp = temporary_path(self.path)
-            fd = os.open(tmp, os.O_WRONLY)
-            try:
-                os.replace(tmp, self.path)
-            except OSError:
-                os.close(fd)
-                raise
-            old, self._fd = self._fd, fd  # from here on, appends go to the new log
-            os.close(old)
-            self.base_lsn, self.end = base_lsn, HEADER.size + len(tail)
-            try:
-                fsync_dir(self.path.parent)
-            except OSError as err:
-                self.failed = f"the new log's directory entry may not be durable: {err}"
-                raise LogError(f"{self.path}: {self.failed}") from err
+            self._replace(base_lsn, keep_from)
+
+    def _relink(self) -> None:
+        """Put the log back at its path, whole, when the file this handle writes was unlinked (a
+        cleanup job, an operator's rm): appends to it would be acknowledged and lost at the next
+        open, which would start a log after the snapshot and hand out their lsns again."""
+        if self._fd < 0 or os.fstat(self._fd).st_nlink:
+            return
+        logger.warning(
+            "%s was deleted under its writer; putting it back (lsns %d..%d)",
+            self.path,
+            self.base_lsn + 1,
+            self.last_lsn,
+        )
+        try:
+            self._replace(self.base_lsn, HEADER.size)
+        except OSError as err:
+            raise LogError(f"{self.path} was deleted under its writer and could not be put back: {err}") from err
+
+    def _replace(self, base_lsn: int, keep_from: int) -> None:
+        """`restart`, the lock held; the records kept are read from this handle, not from the path."""
+        tail = _read_all(self._fd, keep_from, self.end - keep_from)
+        with temporary_file(self.path) as f:
+            f.write(HEADER.pack(self.codec.magic, base_lsn) + tail)
+        tmp = temporary_path(self.path)
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.replace(tmp, self.path)
+        except OSError:
+            os.close(fd)
+            raise
+        old, self._fd = self._fd, fd  # from here on, appends go to the new log
+        os.close(old)
+        self.base_lsn, self.end = base_lsn, HEADER.size + len(tail)
+        try:
+            fsync_dir(self.path.parent)
+        except OSError as err:
+            self.failed = f"the new log's directory entry may not be durable: {err}"
+            raise LogError(f"{self.path}: {self.failed}") from err
+
+    def reader(self) -> BinaryIO:
+        """The file this handle writes, to read (the path may name another by then); close it."""
+        with self._lock:
+            self._relink()
+            return os.fdopen(os.dup(self._fd), "rb", buffering=0)
 
     def close(self) -> None:
-        if self._fd >= 0:
+        with self._lock:
+            if self._fd < 0:
+                return
+            try:
+                self._relink()
+            except LogError as err:  # reported, not raised: the caller goes on releasing its locks
+                logger.error("%s", err)
             os.close(self._fd)
             self._fd = -1
 
@@ -368,6 +424,17 @@ def logged_lsn(path: Path, codec: Codec[Any] = POSTS) -> int:
 
 def _create(path: Path, base_lsn: int, magic: bytes) -> None:
     atomic_write(path, HEADER.pack(magic, base_lsn))
+
+
+def _read_all(fd: int, offset: int, size: int) -> bytes:
+    chunks = []
+    while size > 0:
+        chunk = os.pread(fd, size, offset)
+        if not chunk:
+            raise LogError(f"the log ends {size} bytes before its last record")
+        chunks.append(chunk)
+        offset, size = offset + len(chunk), size - len(chunk)
+    return b"".join(chunks)
 
 
 def _write_all(fd: int, data: bytes, offset: int) -> None:

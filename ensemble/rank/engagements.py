@@ -61,7 +61,16 @@ from feedserve.files import atomic_file
 from feedserve.index.layout import IndexLayout
 from feedserve.index.live import wait_for_lock
 from feedserve.index.milvus import WRITE_CHUNK, create_collection, now_us, query_all
-from feedserve.index.wal import HEADER, Codec, LogError, WriteAheadLog, read_header, read_records
+from feedserve.index.wal import (
+    HEADER,
+    Codec,
+    LogError,
+    WriteAheadLog,
+    continues,
+    read_framed,
+    read_header,
+    read_records,
+)
 from feedserve.prompt.records import ENGAGED_RATING, rating_of
 from feedserve.rank.coengagement import CoEngagement, first_engagements
 
@@ -250,7 +259,7 @@ class EngagementWriter:
             path = self.files.engagements_snapshot
             previous = load_snapshot(path) if path.exists() else Snapshot.empty()
             chunks = [previous.events]
-            with open(self.path, "rb") as f:
+            with self._log.reader() as f:  # the file logged to, even if the path was deleted since
                 for record in read_records(f, codec=ENGAGEMENTS):
                     if record.end > end:
                         break
@@ -287,6 +296,7 @@ class EngagementFollower:
         self._log: BinaryIO | None = None
         self._inode = -1
         self._offset = HEADER.size
+        self._crc: int | None = None  # the checksum of record `lsn`, when it was read from a log
 
     def read(self) -> tuple[bool, list[np.ndarray]]:
         """(whether what was read before no longer holds, so the reader starts again from its base;
@@ -299,11 +309,13 @@ class EngagementFollower:
             log = open(self.path, "rb", buffering=0)  # noqa: SIM115 (kept open across reads)
         except FileNotFoundError:
             return False, self._drain()
-        lsn, offset = self.lsn, self._offset
+        lsn, offset, crc = self.lsn, self._offset, self._crc
         try:
             base = read_header(log, self.path, ENGAGEMENTS)
             chunks = self._drain()  # the rest of the log followed, before the one that continues it
-            restart = self._inode == -1 or base == 0 or base > self.lsn
+            # A log that does not hold the last record read was started anew by a writer that lost
+            # the one before (deleted): its lsns name other engagements.
+            restart = self._inode == -1 or base == 0 or not continues(log, base, self.lsn, self._crc)
             snapshot = Snapshot.empty()
             if restart and base > 0:
                 snapshot = load_snapshot(self.snapshot_path)
@@ -314,13 +326,14 @@ class EngagementFollower:
                     )
         except BaseException:
             log.close()  # the log followed so far stays, unread: a new one is taken once it reads
-            self.lsn, self._offset = lsn, offset
+            self.lsn, self._offset, self._crc = lsn, offset, crc
             raise
         replaced = restart and self._inode != -1
         self.close()
         self._log, self._inode, self._offset = log, os.fstat(log.fileno()).st_ino, HEADER.size
         if restart:
-            self.lsn, chunks = snapshot.lsn, [snapshot.events] if snapshot.events.shape[1] else []
+            self.lsn, self._crc = snapshot.lsn, None
+            chunks = [snapshot.events] if snapshot.events.shape[1] else []
         return replaced, chunks + self._drain()
 
     def _drain(self) -> list[np.ndarray]:
@@ -328,10 +341,10 @@ class EngagementFollower:
         if self._log is None:
             return []
         chunks = []
-        for record in read_records(self._log, self._offset, codec=ENGAGEMENTS):
+        for crc, record in read_framed(self._log, self._offset, ENGAGEMENTS):
             if record.lsn > self.lsn:
                 chunks.append(record.events)
-                self.lsn = record.lsn
+                self.lsn, self._crc = record.lsn, crc
             self._offset = record.end
         return chunks
 

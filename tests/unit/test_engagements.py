@@ -331,6 +331,37 @@ def test_a_snapshot_that_did_not_finish_or_does_not_read_loses_nothing(
     live.close()
 
 
+def test_a_log_deleted_under_the_writer_is_put_back_and_a_log_started_anew_is_merged_anew(tmp_path: Path) -> None:
+    """`rm engagements.wal` under the writer: it puts the log back before its next write or snapshot
+    (engagements acknowledged into the unlinked file were lost at the next open, and their lsns
+    handed out again). A writer killed before it could loses them: a follower that read them finds
+    the new log does not hold its last record and merges the snapshot and the new log anew."""
+    files = IndexLayout(tmp_path)
+    writer = EngagementWriter.open(tmp_path)
+    writer.write(np.array([1]), np.array([5]), np.array([10]))
+    assert writer.snapshot() == 1
+    os.remove(files.engagements)
+    assert writer.write(np.array([2]), np.array([5]), np.array([11])) == 2
+    live = LiveCoEngagement(CoEngagement.from_events([]), files.engagements)
+    live.update()
+    _same(live.table, CoEngagement.from_events([(1, 5, 10), (2, 5, 11)]))
+    os.remove(files.engagements)
+    assert writer.snapshot() == 2  # read from the file it logged to, then put at the path anew
+    assert engagements.load_snapshot(files.engagements_snapshot).events.shape == (3, 2)
+    writer.write(np.array([3]), np.array([6]), np.array([12]))
+    live.update()
+    assert live.follower.lsn == 3
+    writer._log.close()  # killed with the log deleted: lsn 3 is lost
+    os.close(writer._lock)
+    os.remove(files.engagements)
+    writer = EngagementWriter.open(tmp_path)
+    assert writer.write(np.array([4]), np.array([7]), np.array([13])) == 3
+    live.update()
+    _same(live.table, CoEngagement.from_events([(1, 5, 10), (2, 5, 11), (4, 7, 13)]))
+    writer.close()
+    live.close()
+
+
 def test_a_log_whose_write_failed_is_not_snapshotted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A failed append may have reached the disk past where the log says it ends: a snapshot then
     would cut it off and its lsn be handed out again."""

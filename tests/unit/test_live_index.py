@@ -561,3 +561,70 @@ def test_a_snapshot_damaged_while_served_is_reported_once_and_the_log_goes_on(tm
     assert writer.snapshot() == writer.lsn  # the unreadable file is replaced
     assert _state(IndexFollower.open(tmp_path)) == _state(writer)
     writer.close()
+
+
+def test_a_log_deleted_under_the_writer_is_put_back_and_no_lsn_is_handed_out_twice(tmp_path: Path) -> None:
+    """`rm posts.wal` under a running writer (a cleanup job, an operator): the writer went on
+    acknowledging writes into the unlinked file, which a restart lost, and the log it then created
+    handed out their lsns again (followers past them skipped the new writes silently). The writer
+    puts the log back at its path before its next append, snapshot or close."""
+    rng = np.random.default_rng(3)
+    writer = IndexWriter.open(tmp_path, DIM)
+    writer.upsert(np.arange(5), _unit(rng, 5))
+    writer.snapshot()
+    writer.upsert(np.array([5]), _unit(rng, 1))
+    follower = IndexFollower.open(tmp_path)
+    assert follower.lsn == 2
+    os.remove(tmp_path / "posts.wal")
+    assert writer.upsert(np.array([6]), _unit(rng, 1)) == 3
+    assert _lsns(tmp_path / "posts.wal") == [2, 3]  # back at its path, whole
+    follower.refresh()
+    assert follower.lsn == 3 and _state(follower) == _state(writer)
+    os.remove(tmp_path / "posts.wal")
+    writer.close()  # nothing written since: the close puts it back
+    writer = IndexWriter.open(tmp_path)
+    assert writer.lsn == 3 and writer.upsert(np.array([7]), _unit(rng, 1)) == 4
+    os.remove(tmp_path / "posts.wal")
+    assert writer.snapshot() == 4 and _lsns(tmp_path / "posts.wal") == []
+    follower.refresh()
+    assert _state(follower) == _state(writer)
+    writer.close()
+    follower.close()
+
+
+def test_a_follower_ahead_of_a_log_started_anew_reloads_instead_of_skipping_its_lsns(tmp_path: Path) -> None:
+    """A log that does not hold the last record a follower applied (the writer lost it: the log was
+    deleted and the writer killed before it could put it back) is not the follower's history: its
+    lsns are the same numbers for other writes. The follower reloads the snapshot and that log."""
+    rng = np.random.default_rng(4)
+    writer = IndexWriter.open(tmp_path, DIM)
+    writer.upsert(np.arange(5), _unit(rng, 5))
+    writer.snapshot()
+    writer.upsert(np.array([5]), _unit(rng, 1))  # lsn 2: only in the log
+    follower = IndexFollower.open(tmp_path)
+    assert follower.lsn == 2 and 5 in _state(follower)
+    writer._wal.close()  # killed: nothing put back
+    os.close(writer._writer_lock or -1)
+    os.remove(tmp_path / "posts.wal")
+    writer = IndexWriter.open(tmp_path)
+    assert writer.lsn == 1
+    assert writer.upsert(np.array([9]), _unit(rng, 1)) == 2  # the same lsn, another write
+    follower.refresh()
+    assert follower.reloads == 1 and _state(follower) == _state(writer) and 5 not in _state(follower)
+    writer.close()
+    follower.close()
+
+
+def test_a_writer_refuses_a_log_that_ends_before_its_snapshot(tmp_path: Path) -> None:
+    """An old log restored beside a newer snapshot: appending after its last record would hand out
+    lsns the snapshot already holds."""
+    rng = np.random.default_rng(5)
+    writer = IndexWriter.open(tmp_path, DIM)
+    writer.upsert(np.arange(3), _unit(rng, 3))
+    old = (tmp_path / "posts.wal").read_bytes()
+    writer.upsert(np.array([3]), _unit(rng, 1))
+    writer.snapshot()
+    writer.close()
+    (tmp_path / "posts.wal").write_bytes(old)
+    with pytest.raises(LogError, match="lsn 2"):
+        IndexWriter.open(tmp_path)
