@@ -182,7 +182,7 @@ class FeatureRows(Mapping[int, Mapping[str, Any]]):
             "feature_percentiles": self.percentiles[order],
             "feature_tag_indptr": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
             "feature_tags": tags.astype(np.int32).reshape(-1),
-            "feature_vocabulary": np.frombuffer(json.dumps(names).encode(), np.uint8),
+            "feature_vocabulary": np.frombuffer(json.dumps(names, ensure_ascii=False).encode(), np.uint8),
         }
 
     @property

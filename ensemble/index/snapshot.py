@@ -64,7 +64,7 @@ def save_arrays(
     ids, vectors = np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(vectors, np.float32)
     columns = features.columns() if features is not None else {}
     others = sorted((int(p), dict(row)) for p, row in features.others.items()) if features is not None else []
-    text = json.dumps(others, separators=(",", ":"), allow_nan=False).encode() if others else b""
+    text = json.dumps(others, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode() if others else b""
     extra = {**columns, **({"features": np.frombuffer(text, np.uint8)} if text else {})}  # bytes: a str array is UTF-32
     header = json.dumps(
         {

@@ -127,7 +127,7 @@ def encode(
         return body
     if len(features) != upserts or not all(isinstance(f, Mapping) for f in features):
         raise LogError(f"a write's features are one object per upsert: {len(features)} for {upserts} upserts")
-    text = json.dumps([dict(f) for f in features], separators=(",", ":"), allow_nan=False).encode()
+    text = json.dumps([dict(f) for f in features], separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()
     return body + LENGTH.pack(len(text)) + text
 
 

@@ -392,6 +392,26 @@ def test_features_written_with_a_post_are_logged_followed_snapshotted_and_replac
     follower.close()
 
 
+def test_features_in_any_script_are_stored_as_utf_8_not_as_escapes(tmp_path: Path) -> None:
+    """JSON's ASCII escapes stored a tag in Japanese in three times its UTF-8 bytes (\\uXXXX per
+    character), in the log, the snapshot's vocabulary and its other rows."""
+    rng = np.random.default_rng(8)
+    tags = ["推薦システム", "機械学習"]
+    column = {"percentiles": [0.5, 0.25], "tags": tags}
+    other = {"percentiles": [0.5], "tags": tags}  # another width: kept as JSON beside the columns
+    live = IndexWriter.open(tmp_path, DIM)
+    live.write(np.array([Op.UPSERT] * 2), np.array([1, 2]), _unit(rng, 2), [column, other])
+    assert tags[0].encode() in (tmp_path / "posts.wal").read_bytes()
+    live.snapshot()
+    live.close()
+    with np.load(tmp_path / "posts.npz") as saved:
+        stored = b"".join(saved[name].tobytes() for name in saved.files)
+    assert stored.count(tags[0].encode()) == 2 and b"\\u" not in stored
+    again = IndexWriter.open(tmp_path)
+    assert _features(again, [1, 2]) == {1: column, 2: other}
+    again.close()
+
+
 def test_a_snapshot_checks_its_features_against_its_checksum(tmp_path: Path) -> None:
     live = IndexWriter.open(tmp_path, DIM)
     live.write(np.array([Op.UPSERT]), np.array([1]), _unit(np.random.default_rng(8), 1), [{"tags": ["a"]}])
