@@ -260,8 +260,9 @@ class PostIndex:
             total = len(self)
             if total == 0 or n == 0:
                 return [SearchResult(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in range(n)]
-            # One search for the whole batch, deep enough that every row still has k after exclusion.
-            depth = min(total, max(ks) + max((len(e) for e in excl), default=0))
+            # One search for the whole batch, deep enough that every row still has k after its own
+            # exclusions (not the batch's largest k plus its widest exclusion list).
+            depth = min(total, max(k + len(e) for k, e in zip(ks, excl, strict=True)))
             scores, ids = self._search(queries, depth)
         results = []
         for row, (k, e) in enumerate(zip(ks, excl, strict=True)):

@@ -22,7 +22,7 @@ from feedserve.index.engines import Engine
 from feedserve.index.milvus import MilvusStore
 from feedserve.index.store import PostIndex, SearchResult
 from feedserve.prompt.records import MAX_HISTORY
-from feedserve.schema import EXCLUDE_IDS, IDS, QUERY, SCORES, K, ModelName
+from feedserve.schema import CANDIDATES, EXCLUDE_IDS, IDS, QUERY, SCORES, K, ModelName
 from feedserve.triton.base import (
     Arrays,
     BatchModel,
@@ -70,7 +70,8 @@ class KnnModel(BatchModel[KnnRequest]):
         ks = [int(k) for k in ks_arr[:, 0]]
         for k in ks:
             if not 1 <= k <= self.max_k:
-                raise RequestError(f"{K.name}: k={k} is out of range [1, {self.max_k}]")
+                # feed's CANDIDATES reach knn as its K: the message names both.
+                raise RequestError(f"{K.name} ({CANDIDATES.name} in feed): k={k} is out of range [1, {self.max_k}]")
         if not np.isfinite(queries).all():
             raise RequestError(f"{QUERY.name}: contains NaN or inf")
         if self.index is not None and queries.shape[1] != self.index.dim:

@@ -214,8 +214,8 @@ CASES: list[Case] = [
     Case("rank-ids-missing", M.RANK, {k: v for k, v in GOOD[M.RANK].items() if k != "CANDIDATE_IDS"}, "CANDIDATE_IDS"),
     # feed: how many to retrieve and how many to return
     Case("feed-k-zero", M.FEED, _feed(K=_k(0)), "k=0 is out of range"),
-    Case("feed-candidates-zero", M.FEED, _feed(CANDIDATES=_k(0)), "k=0 is out of range"),
-    Case("feed-candidates-too-many", M.FEED, _feed(CANDIDATES=_k(2001)), "out of range"),
+    Case("feed-candidates-zero", M.FEED, _feed(CANDIDATES=_k(0)), "CANDIDATES in feed): k=0 is out of range"),
+    Case("feed-candidates-too-many", M.FEED, _feed(CANDIDATES=_k(2001)), "CANDIDATES in feed): k=2001 is out of range"),
     Case("feed-candidates-missing", M.FEED, {k: v for k, v in GOOD[M.FEED].items() if k != "CANDIDATES"}, "CANDIDATES"),
     Case("feed-candidates-dtype", M.FEED, _feed(CANDIDATES=_k(10, np.float32)), "CANDIDATES"),
     # raw tensors of the ensembles: shapes and dtypes (Triton checks the declared ones first)

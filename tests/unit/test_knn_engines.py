@@ -202,3 +202,17 @@ def test_gpu_torch_engine_takes_writes_in_place() -> None:
         index.delete(np.arange(11 + 7 * 100, 11 + 7 * 200, 7))
     _same_results(reference, gpu, queries, 100, none)
     assert gpu._device is device
+
+
+def test_a_batch_is_searched_as_deep_as_its_deepest_row_not_its_largest_k_plus_its_widest_exclusion() -> None:
+    """A row of k=1 excluding a member's 1,000 history posts batched with a row of k=1,000: 1,001 deep
+    (each row's k plus its own exclusions), not 2,000; every row still gets its k."""
+    rng = np.random.default_rng(3)
+    index = PostIndex(16)
+    index.upsert(np.arange(3000), _unit(rng, 3000, 16))
+    queries = _unit(rng, 2, 16)
+    history = index.search(queries[:1], [1000])[0].ids  # the first row's best 1,000, excluded
+    with mock.patch.object(index, "_search", wraps=index._search) as search:
+        first, second = index.search(queries, [1, 1000], [history, np.empty(0, np.int64)])
+    assert search.call_args.args[1] == 1001
+    assert len(first.ids) == 1 and first.ids[0] not in history and len(second.ids) == 1000
