@@ -30,7 +30,7 @@ would hide.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,11 @@ from feedserve.index.features import search_sorted
 FORMAT = "feedserve.coengagement/1"
 # Transitions: a post engaged with within this many engagements after another, by the same member.
 SEQUENCE_WINDOW = 10
+# The most entries a request reads for its history: past it, the oldest history posts are left out
+# of the co-engagement read. A history's posts are the client's choice, and 2,000 of the most
+# engaged-with posts read a whole table of millions (and SEQUENCE_WINDOW times as many transitions).
+# Six times the bundled MovieLens table (43,722 entries): it never binds there.
+MAX_HISTORY_ENTRIES = 1 << 18
 
 
 class CoEngagement:
@@ -206,6 +211,11 @@ class CoEngagement:
     def __len__(self) -> int:
         return len(self.members)
 
+    def sizes(self, post_ids: np.ndarray) -> np.ndarray:
+        """How many entries the table holds for each post (0 for one it does not hold)."""
+        rows = self._rows(post_ids)
+        return np.where(rows >= 0, np.diff(self.indptr)[rows], 0)
+
     def _rows(self, post_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Each post's row, -1 where the table does not hold it."""
         return search_sorted(np.asarray(post_ids, np.int64), self.posts)
@@ -300,12 +310,21 @@ def _union(mine: np.ndarray, theirs: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return union, np.searchsorted(extra, mine), np.searchsorted(union, theirs)
 
 
-def _distinct(history: Sequence[int], weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A history's distinct posts and each one's summed weight. A post repeated in a history is
-    gathered once: a request's read is bounded by its distinct posts' entries, not multiplied by how
-    often a popular post repeats."""
+def _distinct(
+    history: Sequence[int], weights: np.ndarray, sizes: Callable[[np.ndarray], np.ndarray], budget: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A history's distinct posts and each one's summed weight, the newest first until their
+    entries (`sizes(posts)`) would pass `budget`. A post repeated in a history is gathered once: a
+    request's read is bounded by its distinct posts' entries, not multiplied by how often a popular
+    post repeats, and by the budget however many popular posts it holds."""
     posts, inverse = np.unique(np.asarray(history, np.int64), return_inverse=True)
-    return posts, np.bincount(inverse.reshape(-1), weights=weights, minlength=len(posts))
+    inverse = inverse.reshape(-1)
+    summed = np.bincount(inverse, weights=weights, minlength=len(posts))
+    newest = np.zeros(len(posts), np.int64)
+    np.maximum.at(newest, inverse, np.arange(len(inverse)))
+    order = np.argsort(-newest, kind="stable")
+    kept = np.sort(order[np.cumsum(sizes(posts[order])) <= budget])
+    return posts[kept], summed[kept]
 
 
 def _last_places(per_member: np.ndarray) -> np.ndarray:
@@ -333,7 +352,7 @@ class Scorer:
         if not self.n or not len(history):
             return out
         table = self.table
-        posts, repeats = _distinct(history, np.ones(len(history)))
+        posts, repeats = _distinct(history, np.ones(len(history)), table.sizes, MAX_HISTORY_ENTRIES)
         _, sizes, columns, left, inv_norm, found = table._entries(posts, self.own, self.before)
         # Each member's weight: the history posts they engaged with, each by 1 / sqrt(its count) (times
         # its repeats in the history); the entries left out are not counted, so the left-out member's
@@ -354,7 +373,8 @@ class Scorer:
         if not self.n or not len(history):
             return out
         table = self.table
-        posts, decayed = _distinct(history, decay ** np.arange(len(history) - 1, -1, -1, dtype=np.float64))
+        weights = decay ** np.arange(len(history) - 1, -1, -1, dtype=np.float64)
+        posts, decayed = _distinct(history, weights, table.sizes, MAX_HISTORY_ENTRIES)
         rows, sizes, columns, _, inv_norm, found = table._entries(posts, self.own, self.before)
         weight = decayed[found] * inv_norm
         # Every other member's engagement with a history post, then the SEQUENCE_WINDOW engagements

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from feedserve.prompt.records import Engagement, Member
+from feedserve.rank import coengagement
 from feedserve.rank.coengagement import FORMAT, SEQUENCE_WINDOW, CoEngagement
 from feedserve.rank.data import FEATURES, RECENT_LIKES, Interaction, PostTable, RankExample, Tensorizer
 from feedserve.rank.model import RankerConfig
@@ -249,3 +250,28 @@ def test_a_post_repeated_in_a_history_counts_each_time_and_is_read_once() -> Non
     for read in (scorer.cooccurrence, scorer.transitions):
         single, repeated = peak(read, [hot]), peak(read, [hot] * 200)
         assert repeated < 1.5 * single, (read.__name__, single, repeated)
+
+
+def test_a_history_of_many_popular_posts_reads_its_newest_within_a_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """2,000 distinct posts each engaged with by many members read the whole table (and ten times as
+    many transitions): the read stops at MAX_HISTORY_ENTRIES, leaving the oldest history posts out,
+    and scores as the newest posts that fit would alone."""
+    rng = np.random.default_rng(8)
+    members = np.repeat(np.arange(500), 10)
+    table = CoEngagement.from_arrays(members, rng.integers(0, 40, len(members)), rng.integers(0, 1000, len(members)))
+    history, candidates = list(range(40)), list(range(40, 80)) + list(range(40))
+    scorer = table.against(10**6, candidates)
+    whole = [scorer.cooccurrence(history), scorer.transitions(history, 0.9)]
+    sizes = table.sizes(np.array(history))
+    budget = int(sizes[-15:].sum())  # the newest 15 posts fit, the 16th does not
+    monkeypatch.setattr(coengagement, "MAX_HISTORY_ENTRIES", budget)
+    read: list[int] = []
+    entries = table._entries
+    monkeypatch.setattr(table, "_entries", lambda posts, *a: (read.append(len(posts)), entries(posts, *a))[1])
+    capped = [scorer.cooccurrence(history), scorer.transitions(history, 0.9)]
+    assert read == [15, 15]
+    newest = history[-15:]
+    assert np.allclose(capped[0], scorer.cooccurrence(newest))
+    # The left-out posts' places still count in the decay (-1: a post the table does not hold).
+    assert np.allclose(capped[1], scorer.transitions([-1] * 25 + newest, 0.9))
+    assert not np.allclose(capped[0], whole[0]) and not np.allclose(capped[1], whole[1])
