@@ -14,7 +14,8 @@ engage events the ingester reads:
 
 Each event whose action is counted adds one to the post's count for it (`--count ACTION=COUNT`; by
 default a view, like, comment and share of a feed, and a MovieLens rating, `rated 4.5`, which adds
-to `ratings` and moves `mean_rating`); other actions and other event types pass by (a shared stream).
+to `ratings` and moves `mean_rating`); a `delete` event forgets the post's counts (engagements after
+it count from zero); other actions and other event types pass by (a shared stream).
 Every `flush_s` seconds, and when the source ends, each post whose counts changed is sent as one
 `counts` event with its totals: absolute, so an event sent twice changes nothing. `--seed` starts
 the counts from the corpus the index was built from (its records' counts), once, into an empty
@@ -114,9 +115,15 @@ class CountStore:
         with self.db:
             self.db.executemany("INSERT OR REPLACE INTO counts VALUES (?, ?, ?)", rows)
 
-    def add(self, increments: Mapping[int, Mapping[str, float]], through: tuple[int, int]) -> None:
-        """Add a window's increments and record its last position, in one transaction."""
+    def add(
+        self, increments: Mapping[int, Mapping[str, float]], through: tuple[int, int], deleted: Iterable[int] = ()
+    ) -> None:
+        """Forget the posts `deleted` (their counts and any event they owed), then add a window's
+        increments (those after a post's delete) and record its last position, in one transaction."""
         with self.db:
+            gone = [(post,) for post in deleted]
+            self.db.executemany("DELETE FROM counts WHERE post = ?", gone)
+            self.db.executemany("DELETE FROM dirty WHERE post = ?", gone)
             self.db.executemany(
                 "INSERT INTO counts VALUES (?, ?, ?)"
                 " ON CONFLICT (post, name) DO UPDATE SET value = value + excluded.value",
@@ -190,12 +197,13 @@ class CounterStats:
     passed: int = 0  # events of other types, or actions not counted
     bad: int = 0
     skipped: int = 0  # counted before a restart
+    deleted: int = 0  # posts forgotten at their delete event
     sent: int = 0  # counts events written
 
     def line(self) -> str:
         return (
             f"{self.events} events ({self.bad} bad, {self.skipped} counted before): {self.counted} counted, "
-            f"{self.passed} passed by; {self.sent} counts events sent"
+            f"{self.deleted} deletes, {self.passed} passed by; {self.sent} counts events sent"
         )
 
 
@@ -243,24 +251,33 @@ class Counter:
     def _add(self, window: list[tuple[Any, bytes]]) -> None:
         """Count a window's events the store has not counted, and commit them with its last position."""
         increments: dict[int, dict[str, float]] = {}
+        deleted: set[int] = set()
         for position, line in window:
             self.stats.events += 1
             if self._through is not None and position_order(position) <= self._through:
                 self.stats.skipped += 1
                 continue
-            self._count(position, line, increments)
+            self._count(position, line, increments, deleted)
         last = position_order(window[-1][0])
         if self._through is None or last > self._through:
-            self.store.add(increments, last)
+            self.store.add(increments, last, deleted)
             self._through = last
 
-    def _count(self, position: Any, line: bytes, increments: dict[int, dict[str, float]]) -> None:
+    def _count(self, position: Any, line: bytes, increments: dict[int, dict[str, float]], deleted: set[int]) -> None:
         try:
             event = parse_event(line)
             added = self.increments_of(event.action) if event.kind == "engage" and event.action else {}
         except BadEvent as err:
             self.stats.bad += 1
             logger.warning("counter: skipping the event at %s: %s", position, err)
+            return
+        if event.kind == "delete":
+            # The store holds live posts' counts: a deleted post's would be kept forever (and a post
+            # created again under its id would go on from them). Engagements after the delete count
+            # from zero.
+            increments.pop(event.post_id, None)
+            deleted.add(event.post_id)
+            self.stats.deleted += 1
             return
         if not added:
             self.stats.passed += 1

@@ -188,3 +188,23 @@ def test_a_count_that_overflows_is_left_out_not_sent_as_infinity(tmp_path: Path)
     store.seed({5: {"ratings": 1e308, "mean_rating": 4.0}})
     Counter(store, JsonlSink(tmp_path / "counts.jsonl"), flush_s=3600).run(JsonlSource(events, tmp_path / "state"))
     assert _sent(tmp_path / "counts.jsonl") == {5: {"ratings": 1e308}, 6: {"ratings": 1.0, "mean_rating": 4.0}}
+
+
+def test_a_deleted_post_is_forgotten_and_counts_from_zero_after_its_delete(tmp_path: Path) -> None:
+    """The store kept every post ever counted, deleted ones too, and a post created again under a
+    deleted one's id went on from its old counts."""
+    delete = json.dumps({"type": "delete", "post_id": 5, "ts": 2}) + "\n"
+    events = tmp_path / "actions.jsonl"
+    events.write_text(_engage(5, "like") * 3 + _engage(6, "like") + delete + _engage(5, "like"))
+    store = CountStore(tmp_path / "state" / "counts.sqlite")
+    store.seed({5: {"likes": 40.0}, 7: {"likes": 2.0}})
+    counter = Counter(store, JsonlSink(tmp_path / "counts.jsonl"), flush_s=3600, max_batch=2)
+    counter.run(JsonlSource(events, tmp_path / "state"))  # windows of 2: the delete lands in the third
+    assert _sent(tmp_path / "counts.jsonl") == {5: {"likes": 1.0}, 6: {"likes": 1.0}}
+    assert counter.stats.deleted == 1
+    # A delete with nothing after it: the post's rows are gone, the others stay.
+    with events.open("a") as f:
+        f.write(delete)
+    Counter(store, JsonlSink(tmp_path / "counts.jsonl"), flush_s=3600).run(JsonlSource(events, tmp_path / "state"))
+    posts = {row[0] for row in store.db.execute("SELECT post FROM counts")}
+    assert posts == {6, 7} and store.owed(10) == {}
