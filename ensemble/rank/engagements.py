@@ -19,7 +19,7 @@ whole records from where they stopped. A snapshot (`EngagementWriter.snapshot`, 
 lsn, each pair once: 24 bytes an engagement) and starts a new log based at it, as the post index's
 writer does; a follower reads on across it, and one that starts (a `rank` instance loading) reads
 the snapshot and the short log after it rather than every record ever logged. A new build does not
-reset either. A follower that starts merges all of it into the build's table; after that, each
+reset either; a retention (`EngagementWriter.snapshot`) drops old engagements from the snapshot. A follower that starts merges all of it into the build's table; after that, each
 poll's records are inserted into the table it serves (`CoEngagement.with_events`). A member
 engaging with a post twice counts once, from the first time, so a batch the ingester sends again
 after a crash, or a like the build's table already holds, changes nothing.
@@ -92,6 +92,9 @@ QUERY_LIMIT = 16384  # Milvus's most rows a query returns
 # A poll's query that takes longer fails, and is reported and retried: without a limit a Milvus that
 # stopped answering held the follow thread (and a model unload joining it) silently, for as long.
 QUERY_TIMEOUT_S = 30.0
+# With a retention, a snapshot drops the old engagements once the oldest is this share of the
+# retention past it: every drop makes each follower merge anew, so drops are steps, not a slide.
+RETENTION_SLACK = 0.1
 
 
 def coengaged(action: str) -> bool:
@@ -146,57 +149,109 @@ SNAPSHOT_FORMAT = "feedserve.engagements/1"
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The engagements logged up to `lsn`, each (member, post) pair once, at its first time."""
+    """The engagements logged up to `lsn`, each (member, post) pair once, at its first time; with a
+    retention, those at `since` or later (unix seconds; 0: every one)."""
 
     lsn: int
     events: np.ndarray  # int64 [3, n]: members, posts, times
+    since: int = 0
 
     @classmethod
     def empty(cls) -> Snapshot:
         return cls(0, np.empty((3, 0), np.int64))
 
 
-def _checksum(lsn: int, events: np.ndarray) -> str:
-    h = hashlib.sha256(str(lsn).encode())
+def _checksum(lsn: int, events: np.ndarray, since: int = 0) -> str:
+    h = hashlib.sha256(f"{lsn}:{since}".encode() if since else str(lsn).encode())  # files before retention: lsn
     h.update(np.ascontiguousarray(events, "<i8").data)
     return h.hexdigest()
 
 
 def save_snapshot(path: Path, snapshot: Snapshot) -> None:
     """Atomically and durably, its checksum inside it (the file is rewritten while servers run)."""
-    meta = {"format": SNAPSHOT_FORMAT, "lsn": snapshot.lsn, "sha256": _checksum(snapshot.lsn, snapshot.events)}
+    meta: dict[str, Any] = {
+        "format": SNAPSHOT_FORMAT,
+        "lsn": snapshot.lsn,
+        "sha256": _checksum(snapshot.lsn, snapshot.events, snapshot.since),
+    }
+    if snapshot.since:
+        meta["since"] = snapshot.since
     with atomic_file(path) as f:
         np.savez(f, meta=np.array(json.dumps(meta)), events=np.ascontiguousarray(snapshot.events, "<i8"))
 
 
-def load_snapshot(path: Path) -> Snapshot:
-    """IndexStoreError naming the file and what is wrong with it."""
+@dataclass(frozen=True)
+class _Meta:
+    lsn: int
+    since: int
+    sha256: object
+
+
+def _read_meta(path: Path, data: Any) -> _Meta:
+    """A snapshot's metadata, from the open file `data`; IndexStoreError when it is not a snapshot's."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            meta, events = json.loads(str(data["meta"])), data["events"].astype(np.int64)
+        meta = json.loads(str(data["meta"]))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise IndexStoreError(f"cannot read the engagement snapshot {path}: {err}") from err
-    if meta.get("format") != SNAPSHOT_FORMAT or events.ndim != 2 or events.shape[0] != COLUMNS:
+    if not isinstance(meta, dict) or meta.get("format") != SNAPSHOT_FORMAT:
         raise IndexStoreError(f"{path}: not a {SNAPSHOT_FORMAT} file")
-    if meta.get("sha256") != _checksum(int(meta["lsn"]), events):
+    return _Meta(
+        _natural(path, "lsn", meta.get("lsn")), _natural(path, "since", meta.get("since", 0)), meta.get("sha256")
+    )
+
+
+def _natural(path: Path, name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise IndexStoreError(f"{path}: {name} must be an integer >= 0, got {value!r}")
+    return value
+
+
+def _open_snapshot(path: Path) -> Any:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise IndexStoreError(f"cannot read the engagement snapshot {path}: {err}") from err
+
+
+def load_snapshot(path: Path) -> Snapshot:
+    """IndexStoreError naming the file and what is wrong with it."""
+    with _open_snapshot(path) as data:
+        meta = _read_meta(path, data)
+        try:
+            events = data["events"].astype(np.int64)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            raise IndexStoreError(f"cannot read the engagement snapshot {path}: {err}") from err
+    if events.ndim != 2 or events.shape[0] != COLUMNS:
+        raise IndexStoreError(f"{path}: not a {SNAPSHOT_FORMAT} file")
+    if meta.sha256 != _checksum(meta.lsn, events, meta.since):
         raise IndexStoreError(f"{path}: the engagements do not match the checksum saved with them")
-    return Snapshot(int(meta["lsn"]), events)
+    return Snapshot(meta.lsn, events, meta.since)
+
+
+def snapshot_since(path: Path) -> int:
+    """The retention's `since` of a snapshot, from its metadata alone (0 when there is no file): a
+    follower reads it at every new log without loading the engagements."""
+    if not path.exists():
+        return 0
+    with _open_snapshot(path) as data:
+        return _read_meta(path, data).since
 
 
 class EngagementWriter:
     """The log's one writer: a batch is checked, logged and fsynced before `write` returns its lsn.
     `snapshot()` folds what was logged into `engagements.npz` and starts a new log after it."""
 
-    def __init__(self, log: WriteAheadLog, lock: int, files: IndexLayout) -> None:
+    def __init__(self, log: WriteAheadLog, lock: int, files: IndexLayout, retention_s: int = 0) -> None:
         self._log, self._lock, self.files = log, lock, files
+        self.retention_s = retention_s  # engagements older than this are dropped at a snapshot (0: none)
         self._appending = threading.Lock()  # a snapshot reads where the log ends between two writes
         self._snapshotting = threading.Lock()
 
     @classmethod
-    def open(cls, directory: Path, lock_wait_s: float = 0.0) -> EngagementWriter:
+    def open(cls, directory: Path, lock_wait_s: float = 0.0, retention_s: int = 0) -> EngagementWriter:
         """Take `engagements.lock` (waiting up to `lock_wait_s` for a writer going away; IndexStoreError
         when another still holds it) and open the log, a torn tail cut off; a new log continues the
-        snapshot there."""
+        snapshot there. `retention_s`: see `snapshot`."""
         files = IndexLayout(Path(directory))
         files.root.mkdir(parents=True, exist_ok=True)
         lock = wait_for_lock(files.engagements_lock, lock_wait_s)
@@ -226,7 +281,7 @@ class EngagementWriter:
             os.close(lock)
             raise
         logger.info("%s: engagements logged up to lsn %d (writer)", files.engagements, log.last_lsn)
-        return cls(log, lock, files)
+        return cls(log, lock, files, retention_s)
 
     @property
     def path(self) -> Path:
@@ -248,7 +303,13 @@ class EngagementWriter:
         records after it, each pair once) and start a new log based after them, carrying over what
         was written meanwhile (writes go on). The snapshot's lsn; None when nothing was logged since
         the last. A follower reads on from where it is; one that starts reads the snapshot and the
-        log after it instead of every record ever logged."""
+        log after it instead of every record ever logged.
+
+        With a retention, the engagements older than `retention_s` before now are dropped, in steps:
+        once the oldest is RETENTION_SLACK of the retention past it, the snapshot keeps those at its
+        `since` (now less the retention) or later, and a follower that finds a later `since` merges
+        anew (a follower cannot take entries out of its table), which the slack keeps to one in a
+        tenth of the retention. Engagements logged with times before `since` are dropped too."""
         with self._snapshotting:
             with self._appending:
                 if self._log.failed:  # a failed append may be on disk past `end`: reopen first
@@ -266,11 +327,23 @@ class EngagementWriter:
                     if record.lsn > previous.lsn:
                         chunks.append(record.events)
             events = np.stack(first_engagements(*np.concatenate(chunks, axis=1)))
-            save_snapshot(path, Snapshot(lsn, events))
+            since = previous.since
+            if self.retention_s and events.shape[1]:
+                cutoff = int(time.time()) - self.retention_s
+                if int(events[2].min()) < cutoff - int(self.retention_s * RETENTION_SLACK):
+                    since = max(since, cutoff)
+            events = events[:, events[2] >= since]
+            save_snapshot(path, Snapshot(lsn, events, since))
             # A crash before the log restarts leaves the old log: its records <= lsn are read twice,
             # which changes nothing (a pair counts once).
             self._log.restart(lsn, end)
-            logger.info("%s: %d engagements snapshotted at lsn %d", path, events.shape[1], lsn)
+            logger.info(
+                "%s: %d engagements snapshotted at lsn %d%s",
+                path,
+                events.shape[1],
+                lsn,
+                f" (those since {since})" if since else "",
+            )
             return lsn
 
     def close(self) -> None:
@@ -293,6 +366,7 @@ class EngagementFollower:
         self.name = str(self.path)
         self.snapshot_path = IndexLayout(self.path.parent).engagements_snapshot
         self.lsn = 0  # the last record read
+        self.since = 0  # the retention's: engagements before it are dropped (the snapshot's when read)
         self._log: BinaryIO | None = None
         self._inode = -1
         self._offset = HEADER.size
@@ -316,6 +390,9 @@ class EngagementFollower:
             # A log that does not hold the last record read was started anew by a writer that lost
             # the one before (deleted): its lsns name other engagements.
             restart = self._inode == -1 or base == 0 or not continues(log, base, self.lsn, self._crc)
+            # A snapshot that dropped old engagements: the table holds them, and only a merge anew
+            # takes them out.
+            restart = restart or snapshot_since(self.snapshot_path) > self.since
             snapshot = Snapshot.empty()
             if restart and base > 0:
                 snapshot = load_snapshot(self.snapshot_path)
@@ -332,7 +409,7 @@ class EngagementFollower:
         self.close()
         self._log, self._inode, self._offset = log, os.fstat(log.fileno()).st_ino, HEADER.size
         if restart:
-            self.lsn, self._crc = snapshot.lsn, None
+            self.lsn, self._crc, self.since = snapshot.lsn, None, snapshot.since
             chunks = [snapshot.events] if snapshot.events.shape[1] else []
         return replaced, chunks + self._drain()
 
@@ -343,7 +420,8 @@ class EngagementFollower:
         chunks = []
         for crc, record in read_framed(self._log, self._offset, ENGAGEMENTS):
             if record.lsn > self.lsn:
-                chunks.append(record.events)
+                events = record.events
+                chunks.append(events[:, events[2] >= self.since] if self.since else events)
                 self.lsn, self._crc = record.lsn, crc
             self._offset = record.end
         return chunks

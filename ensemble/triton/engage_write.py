@@ -10,7 +10,8 @@ a post the index does not hold yet is kept for when it is written. A bad request
 time that is not unix seconds, shapes that disagree) fails alone, nothing of it logged. Every
 `snapshot_every` writes the log is folded into `engagements.npz` on a background thread (writes go
 on meanwhile) and restarted, so that the log stays short and a `rank` that starts reads the
-snapshot instead of every record ever logged. Writes need the write key, as `index_write`'s do.
+snapshot instead of every record ever logged; with `retention_days`, the snapshot drops engagements
+older than that (`EngagementWriter.snapshot`). Writes need the write key, as `index_write`'s do.
 With the `milvus` index, servers share no directory: the log is then a Milvus collection beside the
 post index's (`MilvusEngagements`), any number of replicas write it, Milvus keeps it, and the LSN
 output is the write's time in microseconds since the epoch.
@@ -62,9 +63,16 @@ class EngageWriteModel(WriteModel[Engagements]):
             return
         self.directory = layout.index_dir.root
         self.lock_wait_s = float(params.get("writer_lock_wait_s", "30"))
-        self.writer = EngagementWriter.open(self.directory, lock_wait_s=self.lock_wait_s)
+        days = float(params.get("retention_days", "0"))
+        if not 0 <= days < 1e6:  # NaN too: a negative retention would drop every engagement
+            raise ValueError(f"engage_write: retention_days must be a number of days >= 0, got {days}")
+        self.retention_s = int(days * 86400)
+        self.writer = self._open()
         every = int(params.get("snapshot_every", "1000"))
         self.snapshots = Snapshots(lambda: self.writer.snapshot(), every, "engagement-snapshot")
+
+    def _open(self) -> EngagementWriter:
+        return EngagementWriter.open(self.directory, lock_wait_s=self.lock_wait_s, retention_s=self.retention_s)
 
     def parse(self, inputs: dict[str, np.ndarray | None]) -> Engagements:
         columns = [check_2d(spec.name, require(inputs, spec.name), np.int64) for spec in ENGAGE_COLUMNS]
@@ -88,7 +96,7 @@ class EngageWriteModel(WriteModel[Engagements]):
             self.snapshots.join()
             self.writer.close()  # its lock too: a flock is per open file, even within one process
             try:
-                self.writer = EngagementWriter.open(self.directory)
+                self.writer = self._open()
             except (IndexStoreError, OSError) as err:  # still failing: retryable; the next batch tries again
                 logger.error("engage_write: could not reopen %s: %s", self.writer.path, err)
                 return [Unavailable(f"engage_write: the log could not be reopened: {err}") for _ in items]

@@ -60,6 +60,9 @@ class RepositorySettings:
     knn_dtype: str = "fp16"  # device storage of the GPU kNN
     # Writes between snapshots of the live index and of the engagement log (each restarts its log).
     snapshot_every: int = 1000
+    # Engagements older than this many days are dropped from the engagement snapshot (0: kept
+    # forever; the local index only: Milvus keeps its collection).
+    engagement_retention_days: int = 0
     encoder_cache_rows: int = 10000  # prompts whose embeddings the python encoder keeps (0: off)
     # The CPU encoder's graph: "int8" (encoder.int8.onnx, feedserve.export.onnx.quantize_int8), "fp32",
     # or "auto": int8 where `feedserve build` wrote an int8 graph that passed its parity check, else
@@ -91,6 +94,10 @@ class RepositorySettings:
             raise ValueError(f"unknown encoder grouping {self.encoder_grouping!r}; expected one of {GROUPINGS}")
         if self.index not in INDEXES:
             raise ValueError(f"unknown index {self.index!r}; expected one of {INDEXES}")
+        if self.engagement_retention_days < 0:
+            raise ValueError(f"engagement retention must be >= 0 days, got {self.engagement_retention_days}")
+        if self.engagement_retention_days and self.index != "local":
+            raise ValueError("an engagement retention applies to the local index's log; Milvus keeps its collection")
         if self.gpu and self.encoder_precision == "int8":
             raise ValueError("the int8 encoder is an ONNX Runtime CPU graph; GPU variants run bf16 or TensorRT")
 
@@ -334,9 +341,14 @@ def _with_writer(
         # The live index's single writer: one instance on purpose (see feedserve.index.live), and the
         # engagement log's writer beside it (feedserve.rank.engagements): in the local index's
         # directory (its single writer) or in Milvus. Both snapshot their logs alike.
-        for name, module in (
-            (ModelName.INDEX_WRITE, "feedserve.triton.index_write"),
-            (ModelName.ENGAGE_WRITE, "feedserve.triton.engage_write"),
+        retention = settings.engagement_retention_days
+        for name, module, params in (
+            (ModelName.INDEX_WRITE, "feedserve.triton.index_write", {}),
+            (
+                ModelName.ENGAGE_WRITE,
+                "feedserve.triton.engage_write",
+                {"retention_days": str(retention)} if retention else {},
+            ),
         ):
             configs[name] = _python_model(
                 name,
@@ -344,7 +356,7 @@ def _with_writer(
                 settings,
                 1,
                 settings.knn_queue_delay_us,
-                {"snapshot_every": str(settings.snapshot_every), **settings.index_params()},
+                {"snapshot_every": str(settings.snapshot_every), **params, **settings.index_params()},
             )
     return configs
 
@@ -441,6 +453,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "refuses weights that do not name exactly its ranker's tasks in its order",
     )
     parser.add_argument(
+        "--engagement-retention-days",
+        type=int,
+        default=0,
+        help="drop logged engagements older than this from the engagement snapshot (0: keep every one)",
+    )
+    parser.add_argument(
         "--precision",
         choices=PRECISIONS,
         default="auto",
@@ -478,6 +496,7 @@ def render(args: argparse.Namespace) -> int:
         milvus_uri=args.milvus_uri,
         milvus_collection=args.milvus_collection,
         task_weights=tuple(args.task_weights.items()),
+        engagement_retention_days=args.engagement_retention_days,
     )
     if args.check:
         stale = drift(args.out, settings)

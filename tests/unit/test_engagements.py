@@ -362,6 +362,70 @@ def test_a_log_deleted_under_the_writer_is_put_back_and_a_log_started_anew_is_me
     live.close()
 
 
+def test_a_retention_drops_old_engagements_in_steps_and_followers_merge_anew(tmp_path: Path) -> None:
+    """The snapshot kept every engagement ever logged (24 bytes each, merged by every follower that
+    starts). With a retention it drops those older than it, once the oldest is a tenth of the
+    retention past it; a follower reading along merges anew (its table holds them), and an old
+    engagement logged after the drop is dropped by followers and by the next snapshot alike."""
+    day = 86400
+    now = int(time.time())
+    files = IndexLayout(tmp_path)
+    build = [(1, 5, now - 400 * day), (2, 5, now - 400 * day)]  # the build's table keeps its own
+    old = [(3, 6, now - 40 * day), (4, 6, now - 35 * day)]
+    recent = [(5, 6, now - 2 * day), (6, 7, now - day)]
+    base = CoEngagement.from_events(build)
+    writer = EngagementWriter.open(tmp_path, retention_s=30 * day)
+    live = LiveCoEngagement(base, files.engagements)
+    writer.write(*_columns(old[1:] + recent))
+    live.update()  # reading along: its table holds the old one
+    _same(live.table, CoEngagement.from_events(build + old[1:] + recent))
+    assert writer.snapshot() == 1  # the oldest is 35 days old, past 30 + 3 (the slack): dropped
+    snapshot = engagements.load_snapshot(files.engagements_snapshot)
+    assert snapshot.since >= now - 30 * day and snapshot.events.shape == (3, 2)
+    live.update()
+    _same(live.table, CoEngagement.from_events(build + recent))
+    assert live.follower.since == snapshot.since
+    writer.write(*_columns(old[:1] + [(7, 7, now)]))  # 40 days old: dropped as it is read
+    live.update()
+    _same(live.table, CoEngagement.from_events([*build, *recent, (7, 7, now)]))
+    merges = live.merges
+    assert writer.snapshot() == 2  # nothing to drop but the old one logged: the same since
+    assert engagements.load_snapshot(files.engagements_snapshot).since == snapshot.since
+    writer.write(*_columns([(8, 7, now)]))
+    live.update()
+    assert live.merges == merges + 1 and live.logged == 4  # read on, not merged anew
+    _same(live.table, CoEngagement.from_events([*build, *recent, (7, 7, now), (8, 7, now)]))
+    fresh = LiveCoEngagement(base, files.engagements)
+    fresh.update()
+    _same(fresh.table, live.table)
+    writer.close()
+    # Steps, not a slide: 31 days old is past the retention but within its slack, and kept.
+    slack = EngagementWriter.open(tmp_path / "slack", retention_s=30 * day)
+    slack.write(*_columns([(3, 6, now - 31 * day), *recent]))
+    slack.snapshot()
+    assert engagements.load_snapshot(IndexLayout(tmp_path / "slack").engagements_snapshot).events.shape == (3, 3)
+    slack.close()
+    # Without a retention nothing is dropped (the default).
+    keep = EngagementWriter.open(tmp_path / "keep")
+    keep.write(*_columns(old))
+    keep.snapshot()
+    assert engagements.load_snapshot(IndexLayout(tmp_path / "keep").engagements_snapshot).events.shape == (3, 2)
+    keep.close()
+    live.close()
+    fresh.close()
+
+
+@pytest.mark.parametrize("meta", ['{"format": "feedserve.engagements/1", "lsn": 1, "since": "x"}', "[1]"])
+def test_an_engagement_snapshot_whose_metadata_is_damaged_is_refused_by_name(tmp_path: Path, meta: str) -> None:
+    path = tmp_path / "engagements.npz"
+    with open(path, "wb") as f:
+        np.savez(f, meta=np.array(meta), events=np.zeros((3, 0), np.int64))
+    with pytest.raises(IndexStoreError, match="engagements.npz"):
+        engagements.load_snapshot(path)
+    with pytest.raises(IndexStoreError, match="engagements.npz"):
+        engagements.snapshot_since(path)
+
+
 def test_a_log_whose_write_failed_is_not_snapshotted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A failed append may have reached the disk past where the log says it ends: a snapshot then
     would cut it off and its lsn be handed out again."""

@@ -103,3 +103,24 @@ def test_task_weights_are_a_preset_or_a_json_object_of_finite_numbers(tmp_path: 
     assert params["tasks"].string_value == ",".join(FEED_TASK_WEIGHTS)
     feed = RepositorySettings(task_weights=tuple(FEED_TASK_WEIGHTS.items()))
     assert drift(tmp_path, feed) == [] and drift(tmp_path, RepositorySettings()) == ["rank/config.pbtxt"]
+
+
+def test_an_engagement_retention_reaches_the_engagement_writer_alone(tmp_path: Path) -> None:
+    from feedserve.triton.engage_write import EngageWriteModel
+
+    configs = render_configs(RepositorySettings(engagement_retention_days=90))
+    assert configs[ModelName.ENGAGE_WRITE].parameters["retention_days"].string_value == "90"
+    assert "retention_days" not in configs[ModelName.INDEX_WRITE].parameters
+    assert "retention_days" not in render_configs()[ModelName.ENGAGE_WRITE].parameters  # kept forever
+    with pytest.raises(ValueError, match=">= 0 days"):
+        RepositorySettings(engagement_retention_days=-1)
+    with pytest.raises(ValueError, match="Milvus keeps its collection"):
+        RepositorySettings(engagement_retention_days=90, index="milvus")
+    from feedserve.artifacts import ArtifactLayout
+
+    model = EngageWriteModel()
+    model.setup(ArtifactLayout(tmp_path), {"retention_days": "90"})
+    assert model.writer.retention_s == 90 * 86400
+    model.finalize()
+    with pytest.raises(ValueError, match="retention_days"):
+        EngageWriteModel().setup(ArtifactLayout(tmp_path), {"retention_days": "-1"})
