@@ -19,8 +19,9 @@ whole records from where they stopped. A snapshot (`EngagementWriter.snapshot`, 
 lsn, each pair once: 24 bytes an engagement) and starts a new log based at it, as the post index's
 writer does; a follower reads on across it, and one that starts (a `rank` instance loading) reads
 the snapshot and the short log after it rather than every record ever logged. A new build does not
-reset either; a retention (`EngagementWriter.snapshot`) drops old engagements from the snapshot. A follower that starts merges all of it into the build's table; after that, each
-poll's records are inserted into the table it serves (`CoEngagement.with_events`). A member
+reset either; a retention (`EngagementWriter.snapshot`) drops old engagements from the snapshot.
+A follower that starts merges all of it into the build's table; after that, each poll's records
+are inserted into the table it serves (`CoEngagement.with_events`). A member
 engaging with a post twice counts once, from the first time, so a batch the ingester sends again
 after a crash, or a like the build's table already holds, changes nothing.
 
