@@ -49,6 +49,7 @@ from feedserve.rank.data import (
     Tensorizer,
     interactions,
     log_rank,
+    member_interactions,
     movielens_coengagement,
     movielens_counts,
     top_posts,
@@ -174,8 +175,24 @@ class RankingData:
 
 
 def cutoff_cases(split: Split, before: Mapping[int, Sequence[Rating]]) -> list[RankCase]:
-    """The split's own test cases (one per member, at the cutoff, every later like a target)."""
-    return [RankCase(c.member, c.targets, interactions(before.get(c.member.id, [])), split.cutoff) for c in split.test]
+    """The split's own test cases (one per member, at the cutoff, every later like a target). The
+    ranker reads the member's every rating before the cutoff and what the retrieval record holds
+    after it: a member with too few likes before the cutoff has the first half of their later likes
+    as context in the record (`movielens_split`), which retrieval and every baseline read. (Until
+    2026-12-04 the ranker read the ratings before the cutoff alone: an empty history for 52 of the
+    80 test members, the baselines reading their context.)"""
+    return [
+        RankCase(
+            c.member,
+            c.targets,
+            [
+                *interactions(before.get(c.member.id, [])),
+                *(it for it in member_interactions(c.member) if it.at >= split.cutoff),
+            ],
+            split.cutoff,
+        )
+        for c in split.test
+    ]
 
 
 def moment_cases(ml: MovieLens, cutoff: int, moments: int = 10, horizon: int = 10) -> list[RankCase]:

@@ -46,10 +46,22 @@ def test_moments_read_only_the_past_and_target_the_next_likes(ml: MovieLens) -> 
 
 
 def test_the_cutoff_protocol_is_the_splits_own(ml: MovieLens) -> None:
+    """The ranker reads every rating before the cutoff, and the record's context after it: a member
+    with too few likes before the cutoff was ranked from an empty history while retrieval and the
+    baselines read their context likes."""
     split = movielens_split(ml)
-    cases = cutoff_cases(split, ml.ratings_by_user(before=split.cutoff))
+    before = ml.ratings_by_user(before=split.cutoff)
+    cases = cutoff_cases(split, before)
     assert [(c.member.id, c.targets) for c in cases] == [(c.member.id, c.targets) for c in split.test]
-    assert all(it.at < split.cutoff for c in cases for it in c.history)
+    with_context = 0
+    for case in cases:
+        read = [it.post_id for it in case.history]
+        assert {h.post_id for h in case.member.history} <= set(read)  # what retrieval reads, the ranker too
+        assert read[: len(before.get(case.member.id, []))] == [r.movie for r in before.get(case.member.id, [])]
+        assert all(it.at >= split.cutoff for it in case.history[len(before.get(case.member.id, [])) :])
+        assert not case.targets & set(read)
+        with_context += any(it.at >= split.cutoff for it in case.history)
+    assert with_context  # the fixture's split has members whose likes are all after the cutoff
 
 
 def test_metrics_are_the_means_of_the_per_case_values() -> None:
