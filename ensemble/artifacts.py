@@ -23,10 +23,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from feedserve.files import atomic_write
 from feedserve.index.layout import IndexLayout
 
 logger = logging.getLogger(__name__)
@@ -77,15 +78,24 @@ class EncoderSettings:
     extra: dict[str, str] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        atomic_write(path, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> EncoderSettings:
-        return cls.from_dict(json.loads(path.read_text()))
+        """ValueError naming the file when it is not settings this version reads."""
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{path}: not serving settings this feedserve reads ({err})") from None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EncoderSettings:
         """Settings saved by this or an earlier version (a field added since takes its default)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown settings {unknown} (written by a newer feedserve?)")
         data = dict(data)
         data["length_buckets"] = tuple(data.get("length_buckets", cls.length_buckets))
         return cls(**data)

@@ -25,7 +25,7 @@ from typing import Any
 
 from feedserve.artifacts import ADAPTER_META
 from feedserve.errors import ExportError
-from feedserve.files import hash_file
+from feedserve.files import atomic_write, hash_file
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def import_checkpoint(source: Path, out_dir: Path, force: bool = False, adapter:
         "hidden_size": encoder.config.hidden_size,
         "vocab_size": encoder.config.vocab_size,
     }
-    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write(record_path, json.dumps(record, indent=2) + "\n")
     logger.info("imported %s -> %s (%d parameters)", source, out_dir, record["parameters"])
     return True
 

@@ -24,7 +24,7 @@ import numpy as np
 from feedserve.artifacts import EncoderSettings
 from feedserve.encode.base import Encoder
 from feedserve.errors import ExportError
-from feedserve.files import publish, sha256_file
+from feedserve.files import atomic_write, publish, sha256_file
 from feedserve.schema import ONNX_INPUTS, ONNX_OUTPUT
 
 logger = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def export_onnx(
         parity,
         {"opset": opset, "torch": torch.__version__, "onnx": onnx.__version__, **(extra or {})},
     )
-    out_path.with_name("export_report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
+    atomic_write(out_path.with_name("export_report.json"), json.dumps(asdict(report), indent=2) + "\n")
     logger.info("exported %s (%d params, %.0f s, parity %.0f s)", out_path, n_params, export_s, parity_s)
     return report
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from feedserve.artifacts import DEFAULT_ADAPTER, DEFAULT_RANKER, REPO_ROOT, ArtifactLayout, EncoderSettings, Pooling
 from feedserve.prompt.buckets import PercentileBuckets
@@ -109,7 +111,7 @@ def build_ranker(layout: ArtifactLayout, package: Path | None, corpus: Path, for
         "corpus": str(corpus.resolve()),
         "buckets": sha256_file(count_buckets),
     }
-    done = json.loads(record.read_text()) if record.exists() else None
+    done = _state(record)
     if not force and done == source and all(p.exists() for p in layout.ranker_files()):
         logger.info("ranker up to date: %s", layout.ranker_onnx)
         return
@@ -157,15 +159,16 @@ def corpus_buckets(corpus: Path) -> PercentileBuckets:
     return load_movielens(corpus).fit_buckets()
 
 
-def resolve_settings(opts: BuildOptions, layout: ArtifactLayout) -> EncoderSettings:
+def resolve_settings(opts: BuildOptions, layout: ArtifactLayout, force: bool = False) -> EncoderSettings:
     """The serving settings: given ones, else the adapter's (what it was trained with), else the
     saved ones, else defaults; then --dim / --pooling on top. A pooling the adapter was not
-    trained with is refused."""
+    trained with is refused. Saved settings that do not read are refused by name, or with `force`
+    replaced by the defaults."""
     settings = opts.settings
     if settings is None and opts.adapter is not None:
         settings = EncoderSettings.load(opts.adapter / "serving.json")
     if settings is None:
-        settings = EncoderSettings.load(layout.settings) if layout.settings.exists() else EncoderSettings()
+        settings = _saved_settings(layout, force) or EncoderSettings()
     if opts.pooling and opts.adapter is not None and opts.pooling != settings.pooling:
         raise ValueError(f"{opts.adapter} was trained with {settings.pooling} pooling; it cannot serve {opts.pooling}")
     return replace(
@@ -173,23 +176,57 @@ def resolve_settings(opts: BuildOptions, layout: ArtifactLayout) -> EncoderSetti
     )
 
 
+def _saved_settings(layout: ArtifactLayout, force: bool) -> EncoderSettings | None:
+    """The settings an earlier build saved (None: none). When they do not read (a build killed while
+    writing them), those the encoder was last exported with; else, with `force`, none (the
+    defaults, said so), without it ValueError naming the file."""
+    if not layout.settings.exists():
+        return None
+    try:
+        return EncoderSettings.load(layout.settings)
+    except ValueError as err:
+        exported = _exported_from(layout)
+        if exported is not None and isinstance(exported[1], dict):
+            logger.warning("%s; rebuilding with the settings the encoder was last exported with", err)
+            return EncoderSettings.from_dict(exported[1])
+        if not force:
+            raise ValueError(f"{err}; `feedserve build --force` rebuilds it from the defaults") from None
+        logger.warning("%s; rebuilding from the default settings", err)
+        return None
+
+
+def _state(path: Path) -> Any:
+    """A build record's JSON (an import, export or ranker record), None when there is none or it
+    does not read (a build killed while writing it): what it vouched for is then redone."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        logger.warning("%s does not read (%s): redoing what it records", path, err)
+        return None
+
+
 def _import_record(layout: ArtifactLayout) -> dict[str, object] | None:
-    path = layout.hf_dir / "import.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    record = _state(layout.hf_dir / "import.json")
+    return record if isinstance(record, dict) else None
 
 
 def _exported_from(layout: ArtifactLayout) -> tuple[object, object] | None:
     """(import record of the checkpoint, settings) the current ONNX model was exported with: the
-    model's identity, which the index's vectors belong to."""
-    report = layout.root / "export_report.json"
-    if not report.exists():
+    model's identity, which the index's vectors belong to; None when unknown."""
+    data = _state(layout.root / "export_report.json")
+    if not isinstance(data, dict):
         return None
-    data = json.loads(report.read_text())
     settings = data.get("settings")
     if isinstance(settings, dict):
         # As this version spells them: a settings field added since is not a different model.
-        settings = json.loads(json.dumps(asdict(EncoderSettings.from_dict(settings))))
-    return data.get("extra", {}).get("hf_import"), settings
+        try:
+            settings = json.loads(json.dumps(asdict(EncoderSettings.from_dict(settings))))
+        except (ValueError, TypeError):
+            return None
+    extra = data.get("extra")
+    return extra.get("hf_import") if isinstance(extra, dict) else None, settings
 
 
 def _quantize(layout: ArtifactLayout) -> None:
@@ -219,19 +256,63 @@ def _damaged(layout: ArtifactLayout) -> bool:
 
 
 def build_artifacts(opts: BuildOptions) -> ArtifactLayout:
+    layout = ArtifactLayout(opts.artifacts)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with _no_index_writer(layout):
+        return _build(opts, layout)
+
+
+@contextmanager
+def _no_index_writer(layout: ArtifactLayout) -> Iterator[None]:
+    """Hold the index's writer lock for the build: a build may retire the index (built with the
+    previous model), and a server writing it would go on serving, and logging, the old model's
+    vectors under the new one."""
+    from feedserve.index.live import wait_for_lock
+
+    if not layout.index_dir.root.is_dir():
+        yield
+        return
+    lock = wait_for_lock(layout.index_dir.writer_lock, 0.0)
+    if lock is None:
+        raise ValueError(
+            f"a server is writing {layout.index_dir.root} (it holds {layout.index_dir.writer_lock}): "
+            "stop it before building these artifacts"
+        )
+    try:
+        yield
+    finally:
+        os.close(lock)
+
+
+def _check_widths(opts: BuildOptions, layout: ArtifactLayout, settings: EncoderSettings) -> None:
+    """Before anything is written: the Matryoshka width within the model's, and a ranker that reads
+    the width served (a build that failed these after the export had already retired the index)."""
+    from feedserve.rank.model import CONFIG_FILE, RankerConfig
+
+    hidden = int(layout.model_config()["hidden_size"])  # type: ignore[call-overload]
+    if settings.dim is not None and not 1 <= settings.dim <= hidden:
+        raise ValueError(f"Matryoshka dim must be in [1, {hidden}] for this model, got {settings.dim}")
+    if opts.ranker is not None:
+        content = RankerConfig.load(opts.ranker / CONFIG_FILE).content_dim
+        if content != (settings.dim or hidden):
+            raise ValueError(
+                f"{opts.ranker}: the ranker reads {content}-wide embeddings; this encoder would serve "
+                f"{settings.dim or hidden}"
+            )
+
+
+def _build(opts: BuildOptions, layout: ArtifactLayout) -> ArtifactLayout:
     from feedserve.export.import_model import default_gguf_path, import_checkpoint
     from feedserve.export.onnx import export_onnx
 
-    layout = ArtifactLayout(opts.artifacts)
-    layout.root.mkdir(parents=True, exist_ok=True)
     force = opts.force or _damaged(layout)
-    settings = resolve_settings(opts, layout)
+    settings = resolve_settings(opts, layout, force)
     buckets = opts.buckets or (opts.adapter / "buckets.json" if opts.adapter is not None else None)
-    settings_changed = not layout.settings.exists() or EncoderSettings.load(layout.settings) != settings
-    settings.save(layout.settings)
-
     previous = _exported_from(layout)
     imported = import_checkpoint(opts.source or default_gguf_path(), layout.hf_dir, force=force, adapter=opts.adapter)
+    _check_widths(opts, layout, settings)
+    settings_changed = _saved_settings(layout, force=True) != settings
+    settings.save(layout.settings)
     model = (_import_record(layout), json.loads(json.dumps(asdict(settings))))
     if force or imported or settings_changed or not layout.onnx.exists() or previous != model:
         # Comparing with what the ONNX model was exported from, not just `imported` and

@@ -258,3 +258,53 @@ def test_the_ranker_is_built_once_checked_against_the_encoder_and_removed_withou
         build_ranker(layout, wide, SAMPLE_CORPUS)
     build_ranker(layout, None, SAMPLE_CORPUS)  # another encoder, no ranker for it: nothing stale stays
     assert not any(p.exists() for p in layout.ranker_files())
+
+
+def test_a_build_that_cannot_succeed_changes_nothing_and_a_server_writing_the_index_stops_it(
+    tiny_checkpoint: Path, tiny_ranker: Path, tmp_path: Path
+) -> None:
+    """A ranker of another width or a Matryoshka width past the model's failed after the export had
+    replaced the encoder, rewritten serving.json and deleted the index; a build beside a running
+    writer deleted the index under it (which served and logged the old model's vectors on)."""
+    from feedserve.index.live import IndexWriter
+    from feedserve.ops.builder import BuildOptions, build_artifacts
+    from feedserve.rank.model import GenerativeRanker, RankerConfig
+
+    layout = build_artifacts(BuildOptions(tmp_path, source=tiny_checkpoint, dim=32))
+    writer = IndexWriter.open(layout.index_dir.root, 32)
+    with pytest.raises(ValueError, match="a server is writing"):
+        build_artifacts(BuildOptions(tmp_path, source=tiny_checkpoint, dim=16))
+    writer.close()
+    before = {p: p.read_bytes() for p in (layout.settings, layout.onnx, layout.index_dir.snapshot)}
+    wide = tmp_path / "wide"
+    GenerativeRanker(RankerConfig(content_dim=48, d_model=8, n_heads=2, n_layers=1, id_buckets=64)).save(wide)
+    with pytest.raises(ValueError, match="reads 48-wide embeddings; this encoder would serve 16"):
+        build_artifacts(BuildOptions(tmp_path, source=tiny_checkpoint, dim=16, ranker=wide))
+    with pytest.raises(ValueError, match="Matryoshka dim must be in"):
+        build_artifacts(BuildOptions(tmp_path, source=tiny_checkpoint, dim=10**6))
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_build_records_that_do_not_read_are_redone_or_named(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A truncated serving.json blocked every build, `--force` included, with a bare JSON error; a
+    truncated export record the same."""
+    from feedserve.ops.builder import BuildOptions, build_artifacts
+
+    layout = build_artifacts(BuildOptions(tmp_path, source=tiny_checkpoint, dim=32))
+    layout.settings.write_text('{"dim": 32, ')
+    build_artifacts(BuildOptions(tmp_path, source=tiny_checkpoint))  # the last export's settings
+    assert EncoderSettings.load(layout.settings).dim == 32
+    (layout.root / "export_report.json").write_text("")
+    build_artifacts(BuildOptions(tmp_path, source=tiny_checkpoint, dim=32))  # redone, not a JSON error
+    assert json.loads((layout.root / "export_report.json").read_text())["settings"]["dim"] == 32
+    # Neither reads, and no manifest to say they changed: named, and --force starts from the defaults.
+    layout.settings.write_text('{"dim": 32, ')
+    (layout.root / "export_report.json").write_text("")
+    (layout.root / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="serving.json: not serving settings.*--force"):
+        build_artifacts(BuildOptions(tmp_path, source=tiny_checkpoint))
+    build_artifacts(BuildOptions(tmp_path, source=tiny_checkpoint, force=True))
+    assert EncoderSettings.load(layout.settings).dim is None
+    layout.settings.write_text(json.dumps({"dim": 32, "from_the_future": 1}))
+    with pytest.raises(ValueError, match="unknown settings \\['from_the_future'\\]"):
+        EncoderSettings.load(layout.settings)
