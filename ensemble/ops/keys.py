@@ -38,18 +38,37 @@ def write_key(artifacts: Path | None = None, create: bool = False) -> str | None
     if artifacts is None:
         return None
     path = Path(artifacts) / WRITE_KEY_FILE
+    if create and _empty(path):
+        # An empty key file (a start killed between creating and writing it, before keys were
+        # written whole) refused every write, silently, forever: made again.
+        logger.warning("%s is empty: making a new write key", path)
+        path.unlink(missing_ok=True)
     if create and not path.exists():
-        try:  # O_EXCL: two servers starting at once agree on the first key written
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # Written whole under another name, then linked into place: never seen half written, and
+        # two servers starting at once agree on the first key linked (a link does not replace).
+        tmp = path.with_name(f".{WRITE_KEY_FILE}.{os.getpid()}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(16) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
         except FileExistsError:
             pass
         except OSError as err:  # a read-only artifact directory (a container's mount): no key, no writes
             logger.warning("cannot create %s (%s): set %s to take writes", path, err, WRITE_KEY_ENV)
             return None
-        else:
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(16) + "\n")
+        finally:
+            tmp.unlink(missing_ok=True)
     try:
         return path.read_text().strip() or None
     except FileNotFoundError:
         return None
+
+
+def _empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except FileNotFoundError:
+        return False

@@ -122,4 +122,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run as a script this module is `__main__`, and the layout raises `feedserve.ops.manifest`'s
+    # ManifestError, not this copy's: the importable module's main catches the one raised.
+    from feedserve.ops.manifest import main as _main
+
+    raise SystemExit(_main())

@@ -151,3 +151,36 @@ def test_a_build_repairs_damaged_files_and_keeps_the_index(tiny_checkpoint: Path
     build_artifacts(BuildOptions(tmp_path / "a", source=tiny_checkpoint))
     assert layout.verify() >= 4
     assert len(PostIndex.load(layout.index)) == 3
+
+
+def test_the_verify_command_says_what_differs_in_one_line(layout: ArtifactLayout) -> None:
+    """Run as `python -m` (the GPU container's entrypoint does), a mismatch was a traceback: the
+    script's copy of the module caught its own ManifestError, not the one the layout raised."""
+    import subprocess
+    import sys
+
+    layout.settings.write_text(layout.settings.read_text() + " ")
+    run = subprocess.run(
+        [sys.executable, "-m", "feedserve.ops.manifest", "verify", str(layout.root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.startswith("feedserve.ops.manifest: ") and "serving.json" in run.stderr
+
+
+def test_an_empty_write_key_is_made_again_and_a_key_is_never_seen_half_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An empty write.key (a start killed between creating the file and writing it) refused every
+    write, silently, forever."""
+    from feedserve.ops.keys import WRITE_KEY_ENV, WRITE_KEY_FILE, write_key
+
+    monkeypatch.delenv(WRITE_KEY_ENV, raising=False)
+
+    (tmp_path / WRITE_KEY_FILE).write_text("")
+    key = write_key(tmp_path, create=True)
+    assert key and len(key) == 32 and (tmp_path / WRITE_KEY_FILE).read_text().strip() == key
+    assert write_key(tmp_path, create=True) == key  # kept once made
+    assert [p.name for p in tmp_path.iterdir()] == [WRITE_KEY_FILE]  # no temporary left
