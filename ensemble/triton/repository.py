@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -395,7 +396,9 @@ def write_repository(
 
 
 def write_files(dest: Path, files: dict[str, str]) -> list[Path]:
-    """Write a repository's files, leaving those already up to date untouched; returns those written."""
+    """Write a repository's files, leaving those already up to date untouched, and remove the models
+    an earlier render wrote that these files no longer hold (`render --no-writer` over a writer's
+    repository left `index_write` to be loaded: a second writer); returns the paths changed."""
     written = []
     for rel, text in files.items():
         path = dest / rel
@@ -403,16 +406,34 @@ def write_files(dest: Path, files: dict[str, str]) -> list[Path]:
         if not path.exists() or path.read_text() != text:
             path.write_text(text)
             written.append(path)
+    for model in _rendered_models(dest) - {rel.split("/")[0] for rel in files}:
+        shutil.rmtree(dest / model)
+        written.append(dest / model)
+        logger.info("removed %s: no longer rendered", dest / model)
     logger.info("rendered %s (%d files changed)", dest, len(written))
     return written
 
 
+def _rendered_models(dest: Path) -> set[str]:
+    """The model directories of `dest` that a render wrote (its header opens their config); a model
+    added by hand is left alone."""
+    if not dest.is_dir():
+        return set()
+    return {
+        config.parent.name
+        for config in dest.glob("*/config.pbtxt")
+        if config.read_text(errors="replace").startswith(HEADER)
+    }
+
+
 def drift(dest: Path = DEFAULT_REPOSITORY, settings: RepositorySettings = RepositorySettings()) -> list[str]:
-    """Files whose committed text differs from what the code renders."""
+    """Files whose committed text differs from what the code renders, and rendered models it no
+    longer renders."""
+    files = render_files(settings)
+    stale = _rendered_models(dest) - {rel.split("/")[0] for rel in files}
     return [
-        rel
-        for rel, text in render_files(settings).items()
-        if not (dest / rel).exists() or (dest / rel).read_text() != text
+        *(rel for rel, text in files.items() if not (dest / rel).exists() or (dest / rel).read_text() != text),
+        *(f"{model}/ (no longer rendered)" for model in sorted(stale)),
     ]
 
 

@@ -124,3 +124,17 @@ def test_an_engagement_retention_reaches_the_engagement_writer_alone(tmp_path: P
     model.finalize()
     with pytest.raises(ValueError, match="retention_days"):
         EngageWriteModel().setup(ArtifactLayout(tmp_path), {"retention_days": "-1"})
+
+
+def test_a_render_removes_the_models_it_no_longer_renders_and_check_names_them(tmp_path: Path) -> None:
+    """`render --no-writer` over a writer's repository kept `index_write` and `engage_write` (a second
+    writer once served), and `--check` passed; a model added by hand stays."""
+    write_repository(tmp_path)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.pbtxt").write_text('name: "mine"\n')
+    follower = RepositorySettings(index_writer=False)
+    write_repository(tmp_path, RepositorySettings())
+    assert drift(tmp_path, follower) == ["engage_write/ (no longer rendered)", "index_write/ (no longer rendered)"]
+    write_repository(tmp_path, follower)
+    assert not (tmp_path / "index_write").exists() and not (tmp_path / "engage_write").exists()
+    assert (tmp_path / "mine" / "config.pbtxt").exists() and drift(tmp_path, follower) == []
