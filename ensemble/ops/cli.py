@@ -113,17 +113,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with TritonServer(opts) as server:
-        print(f"tritonserver ready: http {server.http_url}  grpc {server.grpc_url}  (Ctrl-C stops)", flush=True)
-        try:
+    try:
+        with TritonServer(opts) as server:  # Ctrl-C while it starts: stopped and cleaned up, no traceback
+            print(f"tritonserver ready: http {server.http_url}  grpc {server.grpc_url}  (Ctrl-C stops)", flush=True)
             while not stop.wait(1.0):
                 if not server.running:
                     # tritonserver kept dying, or a model can only fail: exit, so that a supervisor
                     # restarts everything and the start-time checks name what is wrong.
                     logger.error("stopping: %s", server.gave_up or "the server is down")
                     return 1
-        except KeyboardInterrupt:
-            pass
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

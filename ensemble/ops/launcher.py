@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -21,6 +22,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -134,6 +137,47 @@ def on_free_ports(**options: object) -> ServerOptions:
     return ServerOptions(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), **options)  # type: ignore[arg-type]
 
 
+class OutputTail:
+    """The last lines a child wrote to its pipe, read on a thread: what tritonserver said when it
+    failed to start, without a log file (bounded in memory; nothing on disk)."""
+
+    def __init__(self, pipe: IO[bytes], lines: int = 400) -> None:
+        self.lines: deque[str] = deque(maxlen=lines)
+        self._thread = threading.Thread(target=self._read, args=(pipe,), name="tritonserver-output", daemon=True)
+        self._thread.start()
+
+    def _read(self, pipe: IO[bytes]) -> None:
+        with pipe:
+            for line in pipe:
+                self.lines.append(line.decode(errors="replace").rstrip())
+
+    def text(self, wait_s: float = 2.0) -> list[str]:
+        """The lines kept, once the child's end of the pipe closed (or after `wait_s`)."""
+        self._thread.join(wait_s)
+        return list(self.lines)
+
+
+def startup_errors(lines: Sequence[str], most: int = 4) -> str:
+    """What to quote of a failed start: the last error lines of Triton's log (`E1204 12:00:00 ...`:
+    a model that failed to load and why), else its last lines."""
+    errors = [line for line in lines if re.match(r"E\d{4} ", line)] or list(lines)
+    picked = list(dict.fromkeys(line[:600] for line in errors[-most:]))
+    return "\n  ".join(picked)
+
+
+def _servable_path(path: Path, what: str, spaces: bool = False) -> None:
+    """Triton's python backend starts each stub with the model repository's path on a command line it
+    splits at spaces, and the stubs read paths in an ASCII locale: such a path started a server with
+    no model, waiting out its start-up timeout. Refused here, by name."""
+    text = str(path.resolve())
+    if (" " in text and not spaces) or not text.isascii():
+        kind = "non-ASCII characters" if spaces else "spaces or non-ASCII characters"
+        raise ServerError(
+            f"{what} {text!r}: Triton's python backend cannot serve from a path with {kind}; "
+            "move it (or link it) under a plain path"
+        )
+
+
 class TritonServer:
     """A tritonserver child process, restarted when it dies; use as a context manager or call
     start()/stop(). `process` is the current one."""
@@ -146,6 +190,7 @@ class TritonServer:
         self.restarts = 0  # how many times tritonserver was started again after it died
         self.gave_up: str | None = None  # why the server is down for good
         self._log_handle: IO[bytes] | None = None
+        self._tail: OutputTail | None = None  # its output, without a log file
         self._stopping = threading.Event()
         self._monitor: threading.Thread | None = None
 
@@ -210,6 +255,13 @@ class TritonServer:
         return env
 
     def check_artifacts(self) -> None:
+        o = self.options
+        if len({o.http_port, o.grpc_port, o.metrics_port}) < 3:
+            raise ServerError(
+                f"the HTTP, gRPC and metrics ports must differ, got {o.http_port}, {o.grpc_port}, {o.metrics_port}"
+            )
+        _servable_path(o.repository, "the model repository")
+        _servable_path(o.artifacts, "the artifacts", spaces=True)
         layout = ArtifactLayout(self.options.artifacts)
         missing = layout.missing()
         if missing:
@@ -277,10 +329,13 @@ class TritonServer:
             self._log_handle = open(o.log_file, "ab")  # noqa: SIM115 (closed in stop)
         if self._log_handle is not None:
             stdout = self._log_handle
+        else:
+            stdout = subprocess.PIPE  # read by OutputTail: a failed start is told by its own words
         # Its own session: the server and its python stubs are one process group, ended together.
         self.process = subprocess.Popen(
             cmd, env=self.environment(), stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True
         )
+        self._tail = OutputTail(self.process.stdout) if self.process.stdout is not None else None
         try:
             self.wait_ready(o.startup_timeout_s)
         except BaseException:
@@ -323,6 +378,14 @@ class TritonServer:
             if self._stopping.wait(wait):
                 return
             try:
+                # The files may have changed since the start (a build, damage): never serve what a
+                # start would refuse. A check that fails will fail at every restart: down for good.
+                self.check_artifacts()
+            except ServerError as err:
+                self.gave_up = f"not restarting: {err}"
+                logger.error("%s", self.gave_up)
+                return
+            try:
                 self._launch()
                 self.restarts += 1
             except ServerError as err:  # counted against the budget like an exit
@@ -342,12 +405,26 @@ class TritonServer:
             assert self.process is not None
             code = self.process.poll()
             if code is not None:
+                said = startup_errors(self._output())
                 hint = f"; see {self.options.log_file}" if self.options.log_file else ""
-                raise ServerError(f"tritonserver exited with code {code} during start-up{hint}")
+                raise ServerError(
+                    f"tritonserver exited with code {code} during start-up{hint}" + (f":\n  {said}" if said else "")
+                )
             if server_ready(self.http_url, timeout_s=1.0):
                 return
             time.sleep(0.25)
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s")
+
+    def _output(self) -> list[str]:
+        """tritonserver's last lines: from its pipe, or the end of the log file."""
+        if self._tail is not None:
+            return self._tail.text()
+        log = self.options.log_file
+        if log is None or not log.exists():
+            return []
+        with open(log, "rb") as f:
+            f.seek(max(0, log.stat().st_size - (64 << 10)))
+            return f.read().decode(errors="replace").splitlines()[1:]
 
     def _end_process(self, timeout_s: float) -> None:
         """Stop the current tritonserver (SIGINT, then SIGKILL after `timeout_s`) and every process

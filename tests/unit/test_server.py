@@ -193,3 +193,68 @@ def test_weights_rendered_for_other_tasks_than_the_rankers_are_named_before_the_
         server._check_task_weights(layout)
     write_repository(tmp_path / "repo", RepositorySettings(task_weights=tuple(FEED_TASK_WEIGHTS.items())))
     server._check_task_weights(layout)
+
+
+def test_a_restart_checks_the_artifacts_again_and_gives_up_on_what_a_start_would_refuse(tmp_path: Path) -> None:
+    """A server that died was started again on files changed since (a config edited, a build): it
+    answered every request with an error, where a fresh start refuses the directory."""
+    options = ServerOptions(artifacts=tmp_path, restart_backoff_s=0.01, watch_stubs=False)
+    server = _Flaky(options, ["dies"])
+    checks: list[int] = []
+
+    def check() -> None:
+        checks.append(1)
+        if len(checks) > 1:
+            raise ServerError("refusing to serve: serving.json: checksum differs")
+
+    server.check_artifacts = check  # type: ignore[method-assign]
+    server.start()
+    try:
+        assert _wait(lambda: server.gave_up is not None)
+        assert "checksum differs" in str(server.gave_up) and server.launches == 1 and not server.running
+    finally:
+        server.stop()
+
+
+def test_ports_and_paths_triton_cannot_serve_are_refused_before_it_starts(tmp_path: Path) -> None:
+    same = TritonServer(ServerOptions(artifacts=tmp_path, http_port=18123, grpc_port=18123))
+    with pytest.raises(ServerError, match="ports must differ"):
+        same.start()
+    spaced = tmp_path / "my repo"
+    spaced.mkdir()
+    with pytest.raises(ServerError, match="my repo.*spaces or non-ASCII"):
+        TritonServer(ServerOptions(repository=spaced, artifacts=tmp_path)).start()
+    accented = tmp_path / "artéfacts"
+    accented.mkdir()
+    with pytest.raises(ServerError, match="artéfacts.*non-ASCII"):
+        TritonServer(ServerOptions(artifacts=accented)).start()
+
+
+class _Failing(TritonServer):
+    """tritonserver's start-up failing as it does when a model cannot load: its error lines on its
+    output, then exit 1 (a python script in its place)."""
+
+    def command(self, backend_dir: Path) -> list[str]:
+        import sys
+
+        script = (
+            "print('I1204 12:00:00.000 1 server.cc:1] starting');"
+            "print(\"E1204 12:00:01.000 1 model_lifecycle.cc:1] failed to load 'knn' version 1: boom\");"
+            "print('I1204 12:00:02.000 1 server.cc:2] exiting'); raise SystemExit(1)"
+        )
+        return [sys.executable, "-c", script]
+
+
+def test_a_failed_start_quotes_tritonservers_error_not_only_its_exit_code(tmp_path: Path) -> None:
+    """Without a log file its output went nowhere: all serve said was "exited with code 1"."""
+    from feedserve.ops.launcher import on_free_ports
+
+    server = _Failing(on_free_ports(artifacts=tmp_path, watch_stubs=False, supervise=False))
+    server.check_artifacts = lambda: None  # type: ignore[method-assign]
+    with pytest.raises(ServerError, match=r"exited with code 1 during start-up:\n  E1204 .*failed to load 'knn'"):
+        server.start()
+    log = tmp_path / "server.log"
+    logged = _Failing(on_free_ports(artifacts=tmp_path, watch_stubs=False, supervise=False, log_file=log))
+    logged.check_artifacts = lambda: None  # type: ignore[method-assign]
+    with pytest.raises(ServerError, match=r"see .*server.log:\n  E1204 .*boom"):
+        logged.start()
