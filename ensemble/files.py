@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 HASH_CHUNK = 1 << 20
+# The exporters' scratch directories beside the artifacts they write (the graphs are large, and a
+# rename across file systems is a copy); a build killed mid-export leaves one, which the next removes.
+EXPORT_TMP_PREFIX = ".export-"
+
+
+def remove_stale_exports(directory: Path) -> None:
+    """Remove the scratch directories a killed export left in `directory` (the caller holds it)."""
+    for stale in Path(directory).glob(f"{EXPORT_TMP_PREFIX}*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def fsync_dir(directory: Path) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 from feedserve.artifacts import EncoderSettings
 from feedserve.encode.base import Encoder
 from feedserve.errors import ExportError
-from feedserve.files import atomic_write, publish, sha256_file
+from feedserve.files import EXPORT_TMP_PREFIX, atomic_write, publish, sha256_file
 from feedserve.schema import ONNX_INPUTS, ONNX_OUTPUT
 
 logger = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def export_onnx(
     mask = torch.ones((2, 16), dtype=torch.int64)
     axes = {0: "batch", 1: "sequence"}
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=EXPORT_TMP_PREFIX) as tmp:
         # Export into a scratch dir first: a failed export or parity check never replaces a good model.
         raw = Path(tmp) / "raw.onnx"
         # no_grad, not inference_mode: the TorchScript tracer cannot trace inference tensors.
@@ -222,7 +222,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, vocab_size: int, min_cosine: 
         raise ParityError(
             f"{fp32_path}: no projection MatMuls to quantize (not a LLaMA encoder export?)", -1.0, float("inf")
         )
-    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=EXPORT_TMP_PREFIX) as tmp:
         staged = Path(tmp) / out_path.name
         quantize_dynamic(
             str(fp32_path),

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from feedserve.export.onnx import ParityError
-from feedserve.files import publish
+from feedserve.files import EXPORT_TMP_PREFIX, publish
 from feedserve.rank.model import INPUTS, OUTPUT, GenerativeRanker, RankerConfig
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def export_ranker(model: GenerativeRanker, out_path: Path, max_abs_diff: float =
     dynamic = {name: {0: "batch", 1: "history" if name.startswith("history") else "candidates"} for name in INPUTS}
     dynamic["member"] = {0: "batch"}
     dynamic[OUTPUT] = {0: "batch", 1: "candidates"}
-    with tempfile.TemporaryDirectory(dir=Path(out_path).parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=Path(out_path).parent, prefix=EXPORT_TMP_PREFIX) as tmp:
         staged = Path(tmp) / "ranker.onnx"
         torch.onnx.export(
             model,

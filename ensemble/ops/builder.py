@@ -304,7 +304,9 @@ def _check_widths(opts: BuildOptions, layout: ArtifactLayout, settings: EncoderS
 def _build(opts: BuildOptions, layout: ArtifactLayout) -> ArtifactLayout:
     from feedserve.export.import_model import default_gguf_path, import_checkpoint
     from feedserve.export.onnx import export_onnx
+    from feedserve.files import remove_stale_exports
 
+    remove_stale_exports(layout.root)
     force = opts.force or _damaged(layout)
     settings = resolve_settings(opts, layout, force)
     buckets = opts.buckets or (opts.adapter / "buckets.json" if opts.adapter is not None else None)

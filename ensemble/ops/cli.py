@@ -77,6 +77,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     if not args.corpus.exists():  # found now, not after minutes of export
         raise RecordError(f"--corpus {args.corpus}: no such file or directory")
     adapter = resolve_adapter(args.source, args.adapter, args.untuned)
+    # SIGTERM (a container stopped, `kill`) unwinds as an exit does: the export's scratch directory
+    # and the index's lock are released, not left beside the artifacts.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # --dim and --pooling change the saved (or the adapter's) settings; they do not replace them.
     build_artifacts(
         BuildOptions(

@@ -305,6 +305,12 @@ def test_build_records_that_do_not_read_are_redone_or_named(tiny_checkpoint: Pat
         build_artifacts(BuildOptions(tmp_path, source=tiny_checkpoint))
     build_artifacts(BuildOptions(tmp_path, source=tiny_checkpoint, force=True))
     assert EncoderSettings.load(layout.settings).dim is None
+    # A build killed mid-export left its scratch directory (a graph's worth) beside the artifacts.
+    stale = layout.root / ".export-k1lled"
+    stale.mkdir()
+    (stale / "raw.onnx").write_bytes(b"\0" * 1024)
+    build_artifacts(BuildOptions(tmp_path, source=tiny_checkpoint))
+    assert not stale.exists() and not list(layout.root.glob("tmp*"))
     layout.settings.write_text(json.dumps({"dim": 32, "from_the_future": 1}))
     with pytest.raises(ValueError, match="unknown settings \\['from_the_future'\\]"):
         EncoderSettings.load(layout.settings)
