@@ -178,6 +178,34 @@ def _servable_path(path: Path, what: str, spaces: bool = False) -> None:
         )
 
 
+def guard_process_group(group: int, grace_s: float = 30.0, interval_s: float = 0.5) -> int:
+    """Fork a guardian that ends process group `group` (a tritonserver and its stubs) once this
+    process is gone; returns the guardian's pid (kill it when the group is ended here).
+
+    tritonserver runs in its own session, so that it and its stubs end together; killed with
+    SIGKILL (or by the OOM killer), the launcher left them running unsupervised, holding the ports
+    and the index's writer lock. The guardian only sleeps, reads its parent and signals (no locks,
+    nothing of the launcher's state): SIGTERM, which Triton takes as a shutdown, then SIGKILL after
+    `grace_s`."""
+    launcher = os.getpid()
+    guardian = os.fork()
+    if guardian:
+        return guardian
+    try:  # the child
+        while os.getppid() == launcher:
+            time.sleep(interval_s)
+        os.killpg(group, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            time.sleep(interval_s)
+            os.killpg(group, 0)  # ProcessLookupError once every process of it is gone
+        os.killpg(group, signal.SIGKILL)
+    except BaseException:
+        pass
+    finally:
+        os._exit(0)
+
+
 class TritonServer:
     """A tritonserver child process, restarted when it dies; use as a context manager or call
     start()/stop(). `process` is the current one."""
@@ -191,6 +219,7 @@ class TritonServer:
         self.gave_up: str | None = None  # why the server is down for good
         self._log_handle: IO[bytes] | None = None
         self._tail: OutputTail | None = None  # its output, without a log file
+        self._guardian: int | None = None  # ends the server's group if this process dies
         self._stopping = threading.Event()
         self._monitor: threading.Thread | None = None
 
@@ -336,6 +365,7 @@ class TritonServer:
             cmd, env=self.environment(), stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True
         )
         self._tail = OutputTail(self.process.stdout) if self.process.stdout is not None else None
+        self._guardian = guard_process_group(self.process.pid)
         try:
             self.wait_ready(o.startup_timeout_s)
         except BaseException:
@@ -433,6 +463,10 @@ class TritonServer:
             self.watchdog.stop()
             self.watchdog = None
         proc, self.process = self.process, None
+        if self._guardian is not None:
+            os.kill(self._guardian, signal.SIGKILL)
+            os.waitpid(self._guardian, 0)
+            self._guardian = None
         if proc is None:
             return
         if proc.poll() is None:

@@ -258,3 +258,55 @@ def test_a_failed_start_quotes_tritonservers_error_not_only_its_exit_code(tmp_pa
     logged.check_artifacts = lambda: None  # type: ignore[method-assign]
     with pytest.raises(ServerError, match=r"see .*server.log:\n  E1204 .*boom"):
         logged.start()
+
+
+def test_a_server_outlives_no_launcher_killed_with_sigkill(tmp_path: Path) -> None:
+    """tritonserver runs in its own session: a launcher killed with SIGKILL (or by the OOM killer)
+    left it serving unsupervised, holding the ports and the index's writer lock. Its guardian ends
+    the group (here a `sleep` stands in for tritonserver)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    pid_file = tmp_path / "server.pid"
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from pathlib import Path
+        from feedserve.ops.launcher import ServerOptions, TritonServer, on_free_ports
+
+        class Sleeping(TritonServer):
+            def command(self, backend_dir):
+                return ["sleep", "120"]
+
+            def wait_ready(self, timeout_s):
+                Path({str(pid_file)!r}).write_text(str(self.process.pid))
+
+        server = Sleeping(on_free_ports(artifacts=Path({str(tmp_path)!r}), watch_stubs=False, supervise=False))
+        server._launch()
+        time.sleep(120)
+        """
+    )
+    launcher = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        server = int(pid_file.read_text())
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(server, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.killpg(server, signal.SIGKILL)
+            raise AssertionError("the server outlived its launcher")
+    finally:
+        launcher.kill()
