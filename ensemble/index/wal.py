@@ -298,11 +298,17 @@ class WriteAheadLog:
         self.base_lsn, self.last_lsn, self.end = scan(self.path, codec)
         size = self.path.stat().st_size
         if size > self.end:
-            logger.warning(
-                "%s: truncating a torn tail of %d bytes after lsn %d (a write that was never acknowledged)",
+            whole = _whole_record_at(self.path, self.end, self.last_lsn + 1)
+            logger.log(
+                logging.ERROR if whole else logging.WARNING,
+                "%s: truncating a torn tail of %d bytes after lsn %d (%s)",
                 self.path,
                 size - self.end,
                 self.last_lsn,
+                "a whole record of the next lsn whose checksum fails: a write cut off by a crash, never "
+                "acknowledged, or, if it was acknowledged, damage on disk (restore from a backup to keep it)"
+                if whole
+                else "a write cut off by a crash, never acknowledged",
             )
         self._fd = os.open(self.path, os.O_RDWR)  # read too: a log unlinked under it is put back from it
         if size > self.end:
@@ -415,6 +421,18 @@ class WriteAheadLog:
                 logger.error("%s", err)
             os.close(self._fd)
             self._fd = -1
+
+
+def _whole_record_at(path: Path, offset: int, lsn: int) -> bool:
+    """Whether the bytes at `offset` frame a whole record of `lsn` (its checksum aside): a torn write
+    leaves a part, or sectors out of order; a bit flipped on disk leaves it whole."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        head = f.read(RECORD.size)
+        if len(head) < RECORD.size:
+            return False
+        length, _, at = RECORD.unpack(head)
+        return at == lsn and length <= MAX_PAYLOAD and os.fstat(f.fileno()).st_size >= offset + RECORD.size + length
 
 
 def logged_lsn(path: Path, codec: Codec[Any] = POSTS) -> int:

@@ -96,6 +96,17 @@ def test_a_torn_tail_is_cut_and_damage_is_refused(tmp_path: Path, caplog: pytest
     with caplog.at_level(logging.WARNING):
         WriteAheadLog(log).close()
     assert log.read_bytes() == whole
+    # The last record whole with a byte flipped: a torn write cannot be told from damage on disk
+    # to an acknowledged write, and the log says so, as an error, rather than "never acknowledged".
+    flipped = bytearray(whole)
+    flipped[-5] ^= 0xFF
+    log.write_bytes(bytes(flipped))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        WriteAheadLog(log).close()
+    assert "damage on disk" in caplog.text and any(r.levelno == logging.ERROR for r in caplog.records)
+    assert _lsns(log) == [1, 2]
+    log.write_bytes(whole)
     # Damage in a record that whole records follow: a payload byte, the checksummed lsn, or a
     # length field that now claims the rest of the file; each is refused, not cut off as torn.
     for at, value in [(HEADER.size + 40, None), (HEADER.size + 8, None), (HEADER.size, struct.pack("<I", len(whole)))]:
