@@ -188,11 +188,15 @@ class ArtifactLayout:
         return write_manifest(self.root, self.built_files())
 
     def verify(self, *paths: Path) -> int:
-        """Check these files (default: every one the manifest lists) against the manifest;
-        feedserve.ops.manifest.ManifestError names the first that differs."""
+        """Check these files (default: every one the manifest lists, and every built file there is,
+        listed or not: a graph the manifest leaves out is refused here, not by a backend after the
+        server started) against the manifest; feedserve.ops.manifest.ManifestError names the first
+        that differs."""
         from feedserve.ops.manifest import verify
 
-        return verify(self.root, paths or None)
+        if paths:
+            return verify(self.root, paths)
+        return verify(self.root, None, also=self.built_files())
 
     def missing(self) -> list[Path]:
         return [p for p in self.required_for_serving() if not p.exists()]

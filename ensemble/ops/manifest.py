@@ -69,11 +69,13 @@ def write_manifest(root: Path, paths: Iterable[Path]) -> Path:
     return target
 
 
-def verify(root: Path, paths: Iterable[Path] | None = None) -> int:
-    """Check `paths` (files or directories; default: everything listed) against the manifest.
-    Returns the number of files checked; ManifestError names the first file that fails."""
+def verify(root: Path, paths: Iterable[Path] | None = None, also: Iterable[Path] = ()) -> int:
+    """Check `paths` (files or directories; default: everything listed), and `also` (files that must
+    be listed if they exist: what the server loads), against the manifest. Returns the number of
+    files checked; ManifestError names the first file that fails."""
     files = read_manifest(root)
     todo = [root / rel for rel in files] if paths is None else _files(paths)
+    todo = list(dict.fromkeys([*todo, *(p for p in _files(also) if p.exists())]))
     for path in todo:
         want = files.get(path.relative_to(root).as_posix())
         if not path.is_file():

@@ -184,3 +184,14 @@ def test_an_empty_write_key_is_made_again_and_a_key_is_never_seen_half_written(
     assert key and len(key) == 32 and (tmp_path / WRITE_KEY_FILE).read_text().strip() == key
     assert write_key(tmp_path, create=True) == key  # kept once made
     assert [p.name for p in tmp_path.iterdir()] == [WRITE_KEY_FILE]  # no temporary left
+
+
+def test_a_built_file_the_manifest_leaves_out_is_refused_before_the_server_starts(layout: ArtifactLayout) -> None:
+    """A graph missing from the manifest (the helper's: the int8 one): the start check said every
+    listed file matched, and the encoder refused it after tritonserver had started."""
+    from feedserve.ops.manifest import read_manifest, write_manifest
+
+    listed = read_manifest(layout.root)
+    write_manifest(layout.root, [layout.root / rel for rel in listed if rel != "ranker.onnx"])
+    with pytest.raises(ManifestError, match="ranker.onnx is not listed"):
+        layout.verify()
