@@ -604,7 +604,7 @@ def test_json_integers_are_never_wrapped(server) -> None:  # type: ignore[no-unt
     as an upsert), so K and OP are INT64: the range checks see the real value. Past int64, Triton's
     own parser refuses the body (its 500 for a body it cannot parse, README's error table)."""
     status, text = _post_json(server, "/v2/models/knn/infer", _knn_body(2**32 + 5))
-    assert status == 400 and "K: k=4294967301 is out of range" in text, (status, text)
+    assert status == 400 and "K (CANDIDATES in feed): k=4294967301 is out of range" in text, (status, text)
     status, text = _post_json(server, "/v2/models/knn/infer", _knn_body(2**64 + 5))
     assert status == 500 and "Unable to parse 'data'" in text, (status, text)
     status, text = _post_json(server, "/v2/models/knn/infer", _knn_body(3, "INT32"))
