@@ -165,6 +165,11 @@ class ArtifactLayout:
         """The width of the served embeddings: the Matryoshka `dim`, else the model's hidden size."""
         return EncoderSettings.load(self.settings).dim or int(self.model_config()["hidden_size"])  # type: ignore[call-overload]
 
+    def verified_serving_dim(self) -> int:
+        """`serving_dim`, its two files checked against the manifest first (what a backend reads)."""
+        self.verify(self.settings, self.hf_dir / "config.json")
+        return self.serving_dim()
+
     def required_for_serving(self) -> list[Path]:
         return [self.tokenizer, self.onnx, self.buckets, self.settings]
 

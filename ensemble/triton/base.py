@@ -309,4 +309,4 @@ def followed_index(layout: ArtifactLayout, params: dict[str, str], engine: Engin
     parameter, the index named `milvus_collection`)."""
     if params.get("index", "local") == "local":
         return FollowedIndex(layout.index_dir, engine, owner)
-    return MilvusFollowed(milvus_uri_of(params, owner), layout.serving_dim(), milvus_index_name(params), owner)
+    return MilvusFollowed(milvus_uri_of(params, owner), layout.verified_serving_dim(), milvus_index_name(params), owner)

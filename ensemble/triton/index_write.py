@@ -72,7 +72,7 @@ class IndexWriteModel(WriteModel[Write]):
     def setup(self, layout: ArtifactLayout, params: dict[str, str]) -> None:
         self.layout = layout
         self.snapshot_every = int(params.get("snapshot_every", "1000"))
-        self._dim = layout.serving_dim()
+        self._dim = layout.verified_serving_dim()
         self.load_write_key()
         self.lock_wait_s = float(params.get("writer_lock_wait_s", "30"))
         # The ranking stage's features of each written post, from its record, as the build's table has

@@ -16,6 +16,7 @@ from feedserve.index.engines import Engine
 from feedserve.index.store import PostIndex
 from feedserve.index.wal import read_records
 from feedserve.ops.keys import WRITE_HEADER, WRITE_KEY_ENV
+from feedserve.ops.manifest import write_manifest
 from feedserve.triton.base import RequestError
 from feedserve.triton.index_write import IndexWriteModel
 from feedserve.triton.knn import KnnModel
@@ -37,6 +38,7 @@ def layout(tiny_artifacts: ArtifactLayout, tmp_path: Path) -> ArtifactLayout:
     (tmp_path / "hf").mkdir()
     shutil.copy(tiny_artifacts.hf_dir / "config.json", out.hf_dir / "config.json")
     shutil.copy(tiny_artifacts.settings, out.settings)
+    write_manifest(out.root, [out.settings, out.hf_dir / "config.json"])  # what index_write checks it reads
     return out
 
 

@@ -195,3 +195,20 @@ def test_a_built_file_the_manifest_leaves_out_is_refused_before_the_server_start
     write_manifest(layout.root, [layout.root / rel for rel in listed if rel != "ranker.onnx"])
     with pytest.raises(ManifestError, match="ranker.onnx is not listed"):
         layout.verify()
+
+
+def test_the_settings_and_model_config_a_backend_reads_are_checked_as_its_graph_is(layout: ArtifactLayout) -> None:
+    """The encoder and index_write read serving.json and hf/config.json unchecked: a stub reloaded
+    after they changed served the graph with another width or vocabulary."""
+    from feedserve.triton.index_write import IndexWriteModel
+
+    config = layout.hf_dir / "config.json"
+    original = config.read_text()
+    config.write_text(original.replace('"vocab_size"', '"vocab_size" ', 1))
+    for model in (EncoderModel(), IndexWriteModel()):
+        with pytest.raises(ManifestError, match="config.json"):
+            model.setup(layout, {})
+    config.write_text(original)
+    layout.settings.write_text(layout.settings.read_text().replace('"dim"', '"dim" ', 1))
+    with pytest.raises(ManifestError, match="serving.json"):
+        EncoderModel().setup(layout, {})
