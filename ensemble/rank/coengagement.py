@@ -46,6 +46,10 @@ SEQUENCE_WINDOW = 10
 # engaged-with posts read a whole table of millions (and SEQUENCE_WINDOW times as many transitions).
 # Six times the bundled MovieLens table (43,722 entries): it never binds there.
 MAX_HISTORY_ENTRIES = 1 << 18
+# The most entries a request reads for its candidates (read once, not per history post): past it,
+# the candidates last in the retrieval order are scored without co-engagement, as a post the table
+# does not hold. 2,000 of the most engaged-with posts would read a table of millions whole.
+MAX_CANDIDATE_ENTRIES = 1 << 20
 
 
 class CoEngagement:
@@ -343,7 +347,11 @@ class Scorer:
 
     def __init__(self, table: CoEngagement, own: int, candidates: Sequence[int], before: int | None) -> None:
         self.table, self.own, self.before, self.n = table, own, before, len(candidates)
-        self.rows, sizes, columns, left, self.inv_norm, self.found = table._entries(candidates, own, before)
+        ids = np.asarray(candidates, np.int64).reshape(-1)
+        read = np.cumsum(table.sizes(ids)) <= MAX_CANDIDATE_ENTRIES
+        if not read.all():
+            ids = np.where(read, ids, -1)  # -1: no post's id, so none of its entries are read
+        self.rows, sizes, columns, left, self.inv_norm, self.found = table._entries(ids, own, before)
         self.sizes, self.columns, self.left, self.ends = sizes, columns, left, np.cumsum(sizes)
 
     def cooccurrence(self, history: Sequence[int]) -> np.ndarray:

@@ -275,3 +275,20 @@ def test_a_history_of_many_popular_posts_reads_its_newest_within_a_budget(monkey
     # The left-out posts' places still count in the decay (-1: a post the table does not hold).
     assert np.allclose(capped[1], scorer.transitions([-1] * 25 + newest, 0.9))
     assert not np.allclose(capped[0], whole[0]) and not np.allclose(capped[1], whole[1])
+
+
+def test_candidates_past_a_budget_of_entries_are_scored_without_co_engagement(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Candidates' entries are read whole; 2,000 of the most engaged-with posts read a table of
+    millions. Past MAX_CANDIDATE_ENTRIES the candidates last in the retrieval order are scored as
+    posts the table does not hold; those before them score as they did."""
+    rng = np.random.default_rng(9)
+    members = np.repeat(np.arange(300), 8)
+    table = CoEngagement.from_arrays(members, rng.integers(0, 30, len(members)), rng.integers(0, 1000, len(members)))
+    candidates, history = list(range(30)), [0, 1, 2, 3]
+    whole = table.against(10**6, candidates)
+    budget = int(table.sizes(np.array(candidates[:20])).sum())
+    monkeypatch.setattr(coengagement, "MAX_CANDIDATE_ENTRIES", budget)
+    capped = table.against(10**6, candidates)
+    for read in ("cooccurrence", "transitions"):
+        full, part = getattr(whole, read)(history), getattr(capped, read)(history)
+        assert np.allclose(part[:20], full[:20]) and not part[20:].any() and full[20:].any()
