@@ -192,6 +192,13 @@ def guard_process_group(group: int, grace_s: float = 30.0, interval_s: float = 0
     if guardian:
         return guardian
     try:  # the child
+        # Out of the launcher's terminal and signals: a hangup or a Ctrl-C to the launcher's group
+        # (and the CLI's SIGTERM handler, inherited) must not end the guardian first. Nothing of the
+        # launcher's files kept: tritonserver's output pipe among them.
+        os.setsid()
+        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        os.closerange(3, 1 << 16)
         while os.getppid() == launcher:
             time.sleep(interval_s)
         os.killpg(group, signal.SIGTERM)
@@ -411,7 +418,7 @@ class TritonServer:
                 # The files may have changed since the start (a build, damage): never serve what a
                 # start would refuse. A check that fails will fail at every restart: down for good.
                 self.check_artifacts()
-            except ServerError as err:
+            except Exception as err:  # a ServerError, or a file that no longer parses
                 self.gave_up = f"not restarting: {err}"
                 logger.error("%s", self.gave_up)
                 return
@@ -463,24 +470,24 @@ class TritonServer:
             self.watchdog.stop()
             self.watchdog = None
         proc, self.process = self.process, None
+        if proc is not None:
+            if proc.poll() is None:
+                # SIGINT lets Triton unload models and stop the python stubs cleanly.
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    logger.warning("tritonserver did not stop in %.0f s; killing it", timeout_s)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # the group is empty: everything exited
+            proc.wait()
+        # Only now: a launcher killed while it waited above still has its guardian to end the group.
         if self._guardian is not None:
             os.kill(self._guardian, signal.SIGKILL)
             os.waitpid(self._guardian, 0)
             self._guardian = None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            # SIGINT lets Triton unload models and stop the python stubs cleanly.
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                logger.warning("tritonserver did not stop in %.0f s; killing it", timeout_s)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # the group is empty: everything exited
-        proc.wait()
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self._stopping.set()

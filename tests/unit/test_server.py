@@ -260,10 +260,14 @@ def test_a_failed_start_quotes_tritonservers_error_not_only_its_exit_code(tmp_pa
         logged.start()
 
 
-def test_a_server_outlives_no_launcher_killed_with_sigkill(tmp_path: Path) -> None:
+@pytest.mark.parametrize("end", ["sigkill", "hangup", "ctrl-c", "sigkill-while-stopping"])
+def test_a_server_outlives_no_launcher(tmp_path: Path, end: str) -> None:
     """tritonserver runs in its own session: a launcher killed with SIGKILL (or by the OOM killer)
     left it serving unsupervised, holding the ports and the index's writer lock. Its guardian ends
-    the group (here a `sleep` stands in for tritonserver)."""
+    the group, also when the launcher's terminal hangs up or is interrupted (the guardian first
+    shared the launcher's signals), and when the launcher is killed while it waits for the server
+    to stop (the guardian was ended first). A python script that ignores SIGINT stands in for
+    tritonserver."""
     import os
     import signal
     import subprocess
@@ -271,34 +275,44 @@ def test_a_server_outlives_no_launcher_killed_with_sigkill(tmp_path: Path) -> No
     import textwrap
     import time
 
-    pid_file = tmp_path / "server.pid"
+    marker = tmp_path / "server.pid"
+    stopping = end == "sigkill-while-stopping"
     script = textwrap.dedent(
         f"""
         import sys, time
         from pathlib import Path
         from feedserve.ops.launcher import ServerOptions, TritonServer, on_free_ports
 
+        STAND_IN = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(120)"
+
         class Sleeping(TritonServer):
             def command(self, backend_dir):
-                return ["sleep", "120"]
+                return [sys.executable, "-c", STAND_IN]
 
             def wait_ready(self, timeout_s):
-                Path({str(pid_file)!r}).write_text(str(self.process.pid))
+                Path({str(marker)!r}).write_text(str(self.process.pid))
 
         server = Sleeping(on_free_ports(artifacts=Path({str(tmp_path)!r}), watch_stubs=False, supervise=False))
         server._launch()
+        if {stopping!r}:
+            time.sleep(1)
+            server.stop(timeout_s=60)  # the stand-in ignores SIGINT: this waits
         time.sleep(120)
         """
     )
-    launcher = subprocess.Popen([sys.executable, "-c", script])
+    launcher = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while not pid_file.exists() and time.monotonic() < deadline:
+        while not marker.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-        server = int(pid_file.read_text())
-        os.kill(launcher.pid, signal.SIGKILL)
-        launcher.wait()
-        deadline = time.monotonic() + 30
+        server = int(marker.read_text())
+        time.sleep(2 if stopping else 0.5)
+        if end in ("sigkill", "sigkill-while-stopping"):
+            os.kill(launcher.pid, signal.SIGKILL)
+        else:
+            os.killpg(launcher.pid, signal.SIGHUP if end == "hangup" else signal.SIGINT)
+        launcher.wait(timeout=30)
+        deadline = time.monotonic() + 45
         while time.monotonic() < deadline:
             try:
                 os.killpg(server, 0)
