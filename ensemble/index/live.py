@@ -64,6 +64,7 @@ from feedserve.index.wal import (
     logged_lsn,
     read_framed,
     read_header,
+    remember,
 )
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class _Replica:
         self._log: BinaryIO | None = None  # the log being followed, kept open across a log restart
         self._log_inode = -1
         self._offset = HEADER.size
-        self._crc: int | None = None  # the checksum of record `lsn`, once one was applied from a log
+        self._crcs: dict[int, int] = {}  # lsn -> checksum of the latest records applied from a log
         self._lock = threading.Lock()  # one write, refresh or snapshot copy at a time
 
     @property
@@ -159,7 +160,7 @@ class _Replica:
         if base > self.lsn:  # the writer snapshotted past us and the log before it is gone
             log.close()
             self._reload()
-        elif not continues(log, base, self.lsn, self._crc):
+        elif not continues(log, base, self.lsn, self._crcs):
             log.close()
             logger.warning(
                 "%s does not hold lsn %d as this index applied it: the writer started it anew after losing "
@@ -182,7 +183,7 @@ class _Replica:
                 raise LogError(f"{self.log_path}: record {record.lsn} follows {self.lsn}: records are missing")
             if record.lsn == self.lsn + 1:
                 self._apply_record(record)
-                self._crc = crc
+                remember(self._crcs, record.lsn, crc)
                 applied += 1
             self._offset = record.end
         return applied
@@ -217,7 +218,7 @@ class _Replica:
         logger.info(
             "%s: loaded the snapshot at lsn %d (generation %s)", self.directory, lsn, index.meta.get("generation")
         )
-        self.index, self.lsn, self._crc, self._snapshot_identity = index, lsn, None, identity
+        self.index, self.lsn, self._crcs, self._snapshot_identity = index, lsn, {}, identity
         self.reloads += 1
         self._forget_log()
         if log is not None:

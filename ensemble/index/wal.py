@@ -212,21 +212,35 @@ def read_framed(f: BinaryIO, offset: int, codec: Codec[R]) -> Iterator[tuple[int
         yield crc, record
 
 
-def continues(f: BinaryIO, base: int, lsn: int, crc: int | None) -> bool:
+# How many of the latest records a follower keeps the checksums of, to tell a log that continues
+# what it read from another history that reuses its lsns (`continues`).
+CHECKED_RECORDS = 64
+
+
+def remember(crcs: dict[int, int], lsn: int, crc: int) -> None:
+    """Keep record `lsn`'s checksum among a reader's latest CHECKED_RECORDS (its lsns are consecutive)."""
+    crcs[lsn] = crc
+    crcs.pop(lsn - CHECKED_RECORDS, None)
+
+
+def continues(f: BinaryIO, base: int, lsn: int, crcs: Mapping[int, int]) -> bool:
     """Whether the log open as `f`, based at `base`, continues what a reader that read up to `lsn`
-    (its record's checksum `crc`, None when it came from a snapshot) holds: based at it, or holding
-    that very record. One based past it lacks the records between (the reader fell behind a
-    snapshot); one that ends before it, or holds another record there, is another history (its
-    writer lost the log it wrote them to and started anew): its lsns name other writes."""
+    holds: based at it, or holding that very record, and every record of it the reader has the
+    checksum of (`crcs`: lsn -> crc of its latest records; none when it came from a snapshot) the
+    same. One based past it lacks the records between (the reader fell behind a snapshot); one that
+    ends before it, or holds other records there, is another history (its writer lost the log it
+    wrote them to and started anew): its lsns name other writes."""
     if base >= lsn:
         return base == lsn
     # Record heads alone, through a buffer: a log put back after a delete may hold many records.
     with open(f.fileno(), "rb", closefd=False) as buffered:
         buffered.seek(HEADER.size)
         while len(head := buffered.read(RECORD.size)) == RECORD.size:
-            length, at_crc, at = RECORD.unpack(head)
-            if at >= lsn or length > MAX_PAYLOAD:
-                return at == lsn and crc in (None, at_crc)
+            length, crc, at = RECORD.unpack(head)
+            if length > MAX_PAYLOAD or at > lsn or crcs.get(at, crc) != crc:
+                return False
+            if at == lsn:
+                return True
             buffered.seek(length, os.SEEK_CUR)
     return False
 
@@ -368,13 +382,21 @@ class WriteAheadLog:
             self._replace(base_lsn, keep_from)
 
     def _relink(self) -> None:
-        """Put the log back at its path, whole, when the file this handle writes was unlinked (a
-        cleanup job, an operator's rm): appends to it would be acknowledged and lost at the next
-        open, which would start a log after the snapshot and hand out their lsns again."""
-        if self._fd < 0 or os.fstat(self._fd).st_nlink:
+        """Put the log back at its path, whole, when the path no longer names the file this handle
+        writes (deleted by a cleanup job or an operator's rm, moved away by a log rotation): appends
+        to it would be acknowledged and lost at the next open, which would start a log after the
+        snapshot and hand out their lsns again."""
+        if self._fd < 0:
             return
+        mine = os.fstat(self._fd)
+        try:
+            there = os.stat(self.path)
+            if (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
+                return
+        except FileNotFoundError:
+            pass
         logger.warning(
-            "%s was deleted under its writer; putting it back (lsns %d..%d)",
+            "%s was deleted or moved under its writer; putting it back (lsns %d..%d)",
             self.path,
             self.base_lsn + 1,
             self.last_lsn,
@@ -382,7 +404,9 @@ class WriteAheadLog:
         try:
             self._replace(self.base_lsn, HEADER.size)
         except OSError as err:
-            raise LogError(f"{self.path} was deleted under its writer and could not be put back: {err}") from err
+            raise LogError(
+                f"{self.path} was deleted or moved under its writer and could not be put back: {err}"
+            ) from err
 
     def _replace(self, base_lsn: int, keep_from: int) -> None:
         """`restart`, the lock held; the records kept are read from this handle, not from the path."""

@@ -71,6 +71,7 @@ from feedserve.index.wal import (
     read_framed,
     read_header,
     read_records,
+    remember,
 )
 from feedserve.prompt.records import ENGAGED_RATING, rating_of
 from feedserve.rank.coengagement import CoEngagement, first_engagements
@@ -371,7 +372,7 @@ class EngagementFollower:
         self._log: BinaryIO | None = None
         self._inode = -1
         self._offset = HEADER.size
-        self._crc: int | None = None  # the checksum of record `lsn`, when it was read from a log
+        self._crcs: dict[int, int] = {}  # lsn -> checksum of the latest records read from a log
 
     def read(self) -> tuple[bool, list[np.ndarray]]:
         """(whether what was read before no longer holds, so the reader starts again from its base;
@@ -384,13 +385,13 @@ class EngagementFollower:
             log = open(self.path, "rb", buffering=0)  # noqa: SIM115 (kept open across reads)
         except FileNotFoundError:
             return False, self._drain()
-        lsn, offset, crc = self.lsn, self._offset, self._crc
+        lsn, offset, crcs = self.lsn, self._offset, dict(self._crcs)
         try:
             base = read_header(log, self.path, ENGAGEMENTS)
             chunks = self._drain()  # the rest of the log followed, before the one that continues it
             # A log that does not hold the last record read was started anew by a writer that lost
             # the one before (deleted): its lsns name other engagements.
-            restart = self._inode == -1 or base == 0 or not continues(log, base, self.lsn, self._crc)
+            restart = self._inode == -1 or base == 0 or not continues(log, base, self.lsn, self._crcs)
             # A snapshot that dropped old engagements: the table holds them, and only a merge anew
             # takes them out.
             restart = restart or snapshot_since(self.snapshot_path) > self.since
@@ -404,13 +405,13 @@ class EngagementFollower:
                     )
         except BaseException:
             log.close()  # the log followed so far stays, unread: a new one is taken once it reads
-            self.lsn, self._offset, self._crc = lsn, offset, crc
+            self.lsn, self._offset, self._crcs = lsn, offset, crcs
             raise
         replaced = restart and self._inode != -1
         self.close()
         self._log, self._inode, self._offset = log, os.fstat(log.fileno()).st_ino, HEADER.size
         if restart:
-            self.lsn, self._crc, self.since = snapshot.lsn, None, snapshot.since
+            self.lsn, self._crcs, self.since = snapshot.lsn, {}, snapshot.since
             chunks = [snapshot.events] if snapshot.events.shape[1] else []
         return replaced, chunks + self._drain()
 
@@ -423,7 +424,8 @@ class EngagementFollower:
             if record.lsn > self.lsn:
                 events = record.events
                 chunks.append(events[:, events[2] >= self.since] if self.since else events)
-                self.lsn, self._crc = record.lsn, crc
+                self.lsn = record.lsn
+                remember(self._crcs, record.lsn, crc)
             self._offset = record.end
         return chunks
 
