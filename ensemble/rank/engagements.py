@@ -94,8 +94,8 @@ QUERY_LIMIT = 16384  # Milvus's most rows a query returns
 # A poll's query that takes longer fails, and is reported and retried: without a limit a Milvus that
 # stopped answering held the follow thread (and a model unload joining it) silently, for as long.
 QUERY_TIMEOUT_S = 30.0
-# With a retention, a snapshot drops the old engagements once the oldest is this share of the
-# retention past it: every drop makes each follower merge anew, so drops are steps, not a slide.
+# With a retention, a snapshot moves its `since` (what it keeps from) in steps of this share of the
+# retention: every move makes each follower merge anew, so it is a step, not a slide.
 RETENTION_SLACK = 0.1
 
 
@@ -307,11 +307,11 @@ class EngagementWriter:
         the last. A follower reads on from where it is; one that starts reads the snapshot and the
         log after it instead of every record ever logged.
 
-        With a retention, the engagements older than `retention_s` before now are dropped, in steps:
-        once the oldest is RETENTION_SLACK of the retention past it, the snapshot keeps those at its
-        `since` (now less the retention) or later, and a follower that finds a later `since` merges
-        anew (a follower cannot take entries out of its table), which the slack keeps to one in a
-        tenth of the retention. Engagements logged with times before `since` are dropped too."""
+        With a retention, the engagements older than `retention_s` before now are dropped, in steps
+        (`_since`): the snapshot keeps those at its `since` or later, and a follower that finds a
+        later `since` merges anew (a follower cannot take entries out of its table), which the steps
+        keep to one in a tenth of the retention. Engagements logged with times before `since` are
+        dropped too."""
         with self._snapshotting:
             with self._appending:
                 if self._log.failed:  # a failed append may be on disk past `end`: reopen first
@@ -328,13 +328,11 @@ class EngagementWriter:
                         break
                     if record.lsn > previous.lsn:
                         chunks.append(record.events)
-            events = np.stack(first_engagements(*np.concatenate(chunks, axis=1)))
-            since = previous.since
-            if self.retention_s and events.shape[1]:
-                cutoff = int(time.time()) - self.retention_s
-                if int(events[2].min()) < cutoff - int(self.retention_s * RETENTION_SLACK):
-                    since = max(since, cutoff)
-            events = events[:, events[2] >= since]
+            logged = np.concatenate(chunks, axis=1)
+            since = self._since(previous.since, logged[2])
+            # Dropped before a pair is reduced to its first time: a pair engaged with again inside
+            # the retention is kept, at its latest first time within it.
+            events = np.stack(first_engagements(*logged[:, logged[2] >= since]))
             save_snapshot(path, Snapshot(lsn, events, since))
             # A crash before the log restarts leaves the old log: its records <= lsn are read twice,
             # which changes nothing (a pair counts once).
@@ -347,6 +345,18 @@ class EngagementWriter:
                 f" (those since {since})" if since else "",
             )
             return lsn
+
+    def _since(self, since: int, times: np.ndarray) -> int:
+        """The retention's `since` for a snapshot of engagements at `times`, the last one's `since`
+        given: moved to now less the retention once that is RETENTION_SLACK of it later and some
+        engagement kept falls before it; "now" never past the newest engagement logged (a clock a
+        year ahead for one snapshot dropped every engagement, for good, since `since` only grows)."""
+        if not self.retention_s or not len(times):
+            return since
+        now = min(int(time.time()), int(times.max()))
+        cutoff = now - self.retention_s
+        step = cutoff - since >= int(self.retention_s * RETENTION_SLACK)
+        return cutoff if step and ((times >= since) & (times < cutoff)).any() else since
 
     def close(self) -> None:
         self._log.close()

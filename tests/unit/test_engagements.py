@@ -362,11 +362,14 @@ def test_a_log_deleted_under_the_writer_is_put_back_and_a_log_started_anew_is_me
     live.close()
 
 
-def test_a_retention_drops_old_engagements_in_steps_and_followers_merge_anew(tmp_path: Path) -> None:
+def test_a_retention_drops_old_engagements_in_steps_and_followers_merge_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The snapshot kept every engagement ever logged (24 bytes each, merged by every follower that
-    starts). With a retention it drops those older than it, once the oldest is a tenth of the
-    retention past it; a follower reading along merges anew (its table holds them), and an old
-    engagement logged after the drop is dropped by followers and by the next snapshot alike."""
+    starts). With a retention it keeps those since "now" (the clock, never past the newest
+    engagement) less the retention, moving that `since` in steps of a tenth of it; a follower reading
+    along merges anew when it moves (its table holds what was dropped), and an old engagement logged
+    later is dropped by followers and by the next snapshot alike."""
     day = 86400
     now = int(time.time())
     files = IndexLayout(tmp_path)
@@ -379,9 +382,9 @@ def test_a_retention_drops_old_engagements_in_steps_and_followers_merge_anew(tmp
     writer.write(*_columns(old[1:] + recent))
     live.update()  # reading along: its table holds the old one
     _same(live.table, CoEngagement.from_events(build + old[1:] + recent))
-    assert writer.snapshot() == 1  # the oldest is 35 days old, past 30 + 3 (the slack): dropped
+    assert writer.snapshot() == 1
     snapshot = engagements.load_snapshot(files.engagements_snapshot)
-    assert snapshot.since >= now - 30 * day and snapshot.events.shape == (3, 2)
+    assert snapshot.since == now - 31 * day and snapshot.events.shape == (3, 2)  # "now": the newest, a day ago
     live.update()
     _same(live.table, CoEngagement.from_events(build + recent))
     assert live.follower.since == snapshot.since
@@ -389,22 +392,40 @@ def test_a_retention_drops_old_engagements_in_steps_and_followers_merge_anew(tmp
     live.update()
     _same(live.table, CoEngagement.from_events([*build, *recent, (7, 7, now)]))
     merges = live.merges
-    assert writer.snapshot() == 2  # nothing to drop but the old one logged: the same since
+    assert writer.snapshot() == 2  # a day later than the last `since`: less than a step, it stays
     assert engagements.load_snapshot(files.engagements_snapshot).since == snapshot.since
     writer.write(*_columns([(8, 7, now)]))
     live.update()
     assert live.merges == merges + 1 and live.logged == 4  # read on, not merged anew
     _same(live.table, CoEngagement.from_events([*build, *recent, (7, 7, now), (8, 7, now)]))
+    # Ten days on, nothing kept falls before the new cutoff: no step, no follower merges anew.
+    monkeypatch.setattr(engagements.time, "time", lambda: now + 10 * day)
+    writer.write(*_columns([(9, 7, now + 10 * day)]))
+    assert writer.snapshot() == 4
+    assert engagements.load_snapshot(files.engagements_snapshot).since == snapshot.since
     fresh = LiveCoEngagement(base, files.engagements)
     fresh.update()
+    live.update()
     _same(fresh.table, live.table)
     writer.close()
-    # Steps, not a slide: 31 days old is past the retention but within its slack, and kept.
-    slack = EngagementWriter.open(tmp_path / "slack", retention_s=30 * day)
-    slack.write(*_columns([(3, 6, now - 31 * day), *recent]))
-    slack.snapshot()
-    assert engagements.load_snapshot(IndexLayout(tmp_path / "slack").engagements_snapshot).events.shape == (3, 3)
-    slack.close()
+    # A clock a year ahead for one snapshot: "now" is the newest engagement, not the clock, else
+    # `since` (which only grows) dropped every engagement for good.
+    monkeypatch.setattr(engagements.time, "time", lambda: now + 365 * day)
+    ahead = EngagementWriter.open(tmp_path / "ahead", retention_s=30 * day)
+    ahead.write(*_columns([(3, 6, now - 40 * day), *recent]))
+    ahead.snapshot()
+    kept = engagements.load_snapshot(IndexLayout(tmp_path / "ahead").engagements_snapshot)
+    assert kept.since <= now and kept.events.shape == (3, 2)
+    ahead.close()
+    monkeypatch.undo()
+    # A pair engaged with again inside the retention is kept (at that time), not dropped with its
+    # first engagement.
+    again = EngagementWriter.open(tmp_path / "again", retention_s=30 * day)
+    again.write(*_columns([(1, 7, now - 40 * day), (1, 7, now - day), (2, 8, now - day)]))
+    again.snapshot()
+    events = engagements.load_snapshot(IndexLayout(tmp_path / "again").engagements_snapshot).events
+    assert sorted(map(tuple, events.T.tolist())) == [(1, 7, now - day), (2, 8, now - day)]
+    again.close()
     # Without a retention nothing is dropped (the default).
     keep = EngagementWriter.open(tmp_path / "keep")
     keep.write(*_columns(old))
