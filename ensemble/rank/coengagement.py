@@ -47,8 +47,9 @@ SEQUENCE_WINDOW = 10
 # Six times the bundled MovieLens table (43,722 entries): it never binds there.
 MAX_HISTORY_ENTRIES = 1 << 18
 # The most entries a request reads for its candidates (read once, not per history post): past it,
-# the candidates last in the retrieval order are scored without co-engagement, as a post the table
-# does not hold. 2,000 of the most engaged-with posts would read a table of millions whole.
+# the candidates last in the retrieval order (and any one larger than what is left) are scored
+# without co-engagement, as a post the table does not hold. 2,000 of the most engaged-with posts
+# would read a table of millions whole.
 MAX_CANDIDATE_ENTRIES = 1 << 20
 
 
@@ -317,8 +318,8 @@ def _union(mine: np.ndarray, theirs: np.ndarray) -> tuple[np.ndarray, np.ndarray
 def _distinct(
     history: Sequence[int], weights: np.ndarray, sizes: Callable[[np.ndarray], np.ndarray], budget: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A history's distinct posts and each one's summed weight, the newest first until their
-    entries (`sizes(posts)`) would pass `budget`. A post repeated in a history is gathered once: a
+    """A history's distinct posts and each one's summed weight, the newest first as far as their
+    entries (`sizes(posts)`) fit `budget` (`_within`). A post repeated in a history is gathered once: a
     request's read is bounded by its distinct posts' entries, not multiplied by how often a popular
     post repeats, and by the budget however many popular posts it holds."""
     posts, inverse = np.unique(np.asarray(history, np.int64), return_inverse=True)
@@ -327,8 +328,20 @@ def _distinct(
     newest = np.zeros(len(posts), np.int64)
     np.maximum.at(newest, inverse, np.arange(len(inverse)))
     order = np.argsort(-newest, kind="stable")
-    kept = np.sort(order[np.cumsum(sizes(posts[order])) <= budget])
+    kept = np.sort(order[_within(sizes(posts[order]), budget)])
     return posts[kept], summed[kept]
+
+
+def _within(sizes: np.ndarray, budget: int) -> np.ndarray:
+    """Which of these reads (in order of preference) fit a budget of entries, taken in order and
+    skipping one that does not fit (a single post past the budget does not stop the rest)."""
+    if int(sizes.sum()) <= budget:
+        return np.ones(len(sizes), bool)
+    fits, left = np.zeros(len(sizes), bool), budget
+    for i, size in enumerate(sizes.tolist()):
+        if size <= left:
+            fits[i], left = True, left - size
+    return fits
 
 
 def _last_places(per_member: np.ndarray) -> np.ndarray:
@@ -348,7 +361,7 @@ class Scorer:
     def __init__(self, table: CoEngagement, own: int, candidates: Sequence[int], before: int | None) -> None:
         self.table, self.own, self.before, self.n = table, own, before, len(candidates)
         ids = np.asarray(candidates, np.int64).reshape(-1)
-        read = np.cumsum(table.sizes(ids)) <= MAX_CANDIDATE_ENTRIES
+        read = _within(table.sizes(ids), MAX_CANDIDATE_ENTRIES)
         if not read.all():
             ids = np.where(read, ids, -1)  # -1: no post's id, so none of its entries are read
         self.rows, sizes, columns, left, self.inv_norm, self.found = table._entries(ids, own, before)

@@ -292,3 +292,18 @@ def test_candidates_past_a_budget_of_entries_are_scored_without_co_engagement(mo
     for read in ("cooccurrence", "transitions"):
         full, part = getattr(whole, read)(history), getattr(capped, read)(history)
         assert np.allclose(part[:20], full[:20]) and not part[20:].any() and full[20:].any()
+
+
+def test_one_post_past_the_budget_is_skipped_not_the_end_of_the_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A viral post as a member's newest engagement (or first candidate), larger than the budget
+    alone, zeroed every co-engagement feature: the read stopped at it."""
+    rng = np.random.default_rng(10)
+    viral = np.stack([np.arange(5000), np.full(5000, 99), rng.integers(0, 1000, 5000)])
+    rest = np.stack([rng.integers(0, 400, 3000), rng.integers(0, 20, 3000), rng.integers(0, 1000, 3000)])
+    table = CoEngagement.from_arrays(*np.concatenate([viral, rest], axis=1))
+    monkeypatch.setattr(coengagement, "MAX_HISTORY_ENTRIES", 2000)
+    monkeypatch.setattr(coengagement, "MAX_CANDIDATE_ENTRIES", 2000)
+    scorer = table.against(10**6, [99, *range(20)])
+    older = scorer.cooccurrence([1, 2, 3])
+    assert older[1:].any() and np.allclose(scorer.cooccurrence([1, 2, 3, 99]), older)
+    assert scorer.cooccurrence([1, 2, 3])[0] == 0.0  # the viral candidate itself is past the budget
