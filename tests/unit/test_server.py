@@ -279,10 +279,13 @@ def test_a_server_outlives_no_launcher(tmp_path: Path, end: str) -> None:
     stopping = end == "sigkill-while-stopping"
     script = textwrap.dedent(
         f"""
-        import sys, time
+        import signal, sys, time
         from pathlib import Path
         from feedserve.ops.launcher import ServerOptions, TritonServer, on_free_ports
 
+        # As on a terminal: a job started in the background (CI's) inherits SIGINT and SIGHUP ignored.
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         STAND_IN = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(120)"
 
         class Sleeping(TritonServer):
