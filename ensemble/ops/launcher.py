@@ -460,8 +460,10 @@ class TritonServer:
         if log is None or not log.exists():
             return []
         with open(log, "rb") as f:
-            f.seek(max(0, log.stat().st_size - (64 << 10)))
-            return f.read().decode(errors="replace").splitlines()[1:]
+            start = max(0, log.stat().st_size - (64 << 10))
+            f.seek(start)
+            lines = f.read().decode(errors="replace").splitlines()
+        return lines[1:] if start else lines  # (a line cut by the seek is no line)
 
     def _end_process(self, timeout_s: float) -> None:
         """Stop the current tritonserver (SIGINT, then SIGKILL after `timeout_s`) and every process
