@@ -131,7 +131,14 @@ def _check_meta(path: Path, meta: Any) -> None:
     the metadata is outside the checksum, and a damaged one must not surface as a KeyError."""
     if not isinstance(meta, dict):
         raise IndexStoreError(f"{path}: its metadata is not a JSON object")
-    for name in ("dim", "lsn"):
-        value = meta.get(name, 0 if name == "lsn" else None)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise IndexStoreError(f"{path}: its metadata's {name} is {value!r}, not a non-negative integer")
+    meta_count(path, meta, "dim", None)
+    meta_count(path, meta, "lsn", 0)
+
+
+def meta_count(path: Path, meta: dict[str, Any], name: str, default: int | None) -> int:
+    """A snapshot metadata's `name` (`default` where it is absent): an integer >= 0, else
+    IndexStoreError naming the file (the engagement snapshot's metadata is checked the same way)."""
+    value = meta.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise IndexStoreError(f"{path}: its metadata's {name} is {value!r}, not a non-negative integer")
+    return value

@@ -62,6 +62,7 @@ from feedserve.files import atomic_file
 from feedserve.index.layout import IndexLayout
 from feedserve.index.live import wait_for_lock
 from feedserve.index.milvus import WRITE_CHUNK, create_collection, now_us, query_all
+from feedserve.index.snapshot import meta_count
 from feedserve.index.wal import (
     HEADER,
     Codec,
@@ -197,15 +198,7 @@ def _read_meta(path: Path, data: Any) -> _Meta:
         raise IndexStoreError(f"cannot read the engagement snapshot {path}: {err}") from err
     if not isinstance(meta, dict) or meta.get("format") != SNAPSHOT_FORMAT:
         raise IndexStoreError(f"{path}: not a {SNAPSHOT_FORMAT} file")
-    return _Meta(
-        _natural(path, "lsn", meta.get("lsn")), _natural(path, "since", meta.get("since", 0)), meta.get("sha256")
-    )
-
-
-def _natural(path: Path, name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise IndexStoreError(f"{path}: {name} must be an integer >= 0, got {value!r}")
-    return value
+    return _Meta(meta_count(path, meta, "lsn", None), meta_count(path, meta, "since", 0), meta.get("sha256"))
 
 
 def _open_snapshot(path: Path) -> Any:
