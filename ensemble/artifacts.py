@@ -165,9 +165,14 @@ class ArtifactLayout:
         """The width of the served embeddings: the Matryoshka `dim`, else the model's hidden size."""
         return EncoderSettings.load(self.settings).dim or int(self.model_config()["hidden_size"])  # type: ignore[call-overload]
 
-    def verified_serving_dim(self) -> int:
-        """`serving_dim`, its two files checked against the manifest first (what a backend reads)."""
+    def verify_serving_settings(self) -> None:
+        """Check the serving settings and the model's config against the manifest (what a backend
+        reads beside its graph or index)."""
         self.verify(self.settings, self.hf_dir / "config.json")
+
+    def verified_serving_dim(self) -> int:
+        """`serving_dim`, its two files checked against the manifest first."""
+        self.verify_serving_settings()
         return self.serving_dim()
 
     def required_for_serving(self) -> list[Path]:

@@ -157,17 +157,15 @@ class _Replica:
         except BaseException:
             log.close()
             raise
-        if base > self.lsn:  # the writer snapshotted past us and the log before it is gone
+        if not continues(log, base, self.lsn, self._crcs):
             log.close()
-            self._reload()
-        elif not continues(log, base, self.lsn, self._crcs):
-            log.close()
-            logger.warning(
-                "%s does not hold lsn %d as this index applied it: the writer started it anew after losing "
-                "the log (deleted?); reloading the snapshot",
-                self.log_path,
-                self.lsn,
-            )
+            if base <= self.lsn:  # (past it: the writer snapshotted past us and the log before it is gone)
+                logger.warning(
+                    "%s does not hold lsn %d as this index applied it: the writer started it anew after "
+                    "losing the log (deleted?); reloading the snapshot",
+                    self.log_path,
+                    self.lsn,
+                )
             self._reload()
         else:
             self._forget_log()

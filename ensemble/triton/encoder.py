@@ -103,7 +103,7 @@ class EncoderModel(BatchModel[Tokens]):
     def setup(self, layout: ArtifactLayout, params: dict[str, str]) -> None:
         # What it reads beside the graph, checked as the graph is: a stub reloaded after these
         # changed would otherwise serve the graph with another vocabulary or width.
-        layout.verified_serving_dim()
+        layout.verify_serving_settings()
         self.settings = EncoderSettings.load(layout.settings)
         self.max_rows = int(params.get("max_rows_per_run", "32"))
         self.grouping = params.get("grouping", "cost")
