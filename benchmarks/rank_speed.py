@@ -75,8 +75,8 @@ def graphs(config: RankerConfig, tmp: Path) -> dict[str, Path]:
     torch.manual_seed(0)
     model = GenerativeRanker(config)
     out = {}
-    for name, split in (("split", True), ("dense", False)):
-        model.split_attention = split
+    for name in ("split", "dense"):
+        model.attention = name
         out[name] = tmp / f"ranker-{config.max_history}-{name}.onnx"
         export_ranker(model, out[name])
     return out

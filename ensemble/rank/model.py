@@ -19,12 +19,17 @@ with DCNv2 cross-network experts and one gate per task gives one logit per task.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 FORMAT = "feedserve.rank/1"
 # The forward pass's inputs, in order: the exported graph's input names too.
@@ -40,6 +45,12 @@ INPUTS = (
 )
 OUTPUT = "logits"
 POST_TOKENS = ("gated", "content", "id", "residual")
+# How shared-context attention is computed (`GenerativeRanker.attention`); each gives the same scores.
+# "split": the history causally, then each candidate against the history and itself (never the
+# candidate x candidate block); "dense": one masked product over every token pair (the reference);
+# "flex": PyTorch's FlexAttention with a block mask (blocks nothing may see are skipped; compiled
+# on a GPU).
+ATTENTIONS = ("split", "dense", "flex")
 HISTORIES = ("all", "engaged")
 # The action every interaction the ranker has no token for is read as (seen, neither liked nor not).
 NEUTRAL = "neutral"
@@ -146,9 +157,10 @@ class _Block(nn.Module):
     `split` attention (the default) computes what the shared-context mask allows and nothing else:
     the history attends causally within itself, and each candidate attends to the history keys and
     to its own key, never to another candidate's, so its cost grows as C x T_history instead of
-    (T_history + C)^2 (with `bias`, as the exported graph computes it). Without `split` the same
-    attention runs as one masked product over every pair: the reference the split path is tested
-    against, and the ablation its speed is measured against."""
+    (T_history + C)^2 (with `bias`, as the exported graph computes it). `dense` runs the same
+    attention as one masked product over every pair: the reference the other paths are tested
+    against, and the ablation their speed is measured against. `flex` takes a FlexAttention block
+    mask (`shared_context_block_mask`)."""
 
     def __init__(self, d: int, heads: int, dropout: float) -> None:
         super().__init__()
@@ -162,29 +174,77 @@ class _Block(nn.Module):
         self,
         x: torch.Tensor,
         history_tokens: torch.Tensor,
-        split: bool = True,
+        attention: str = "split",
         bias: torch.Tensor | None = None,
         history_out: bool = True,
+        block_mask: BlockMask | None = None,
     ) -> torch.Tensor:
         """x [B, T + C, d]; history_tokens bool [B, T]: the real (not padding) history tokens;
-        `bias` (`key_bias`): split attention as the exported graph computes it. Returns
-        [B, T + C, d], or the candidates' [B, C, d] alone without `history_out`: the last block's
-        history outputs are never read, and with split attention they are never computed."""
+        `bias` (`key_bias`): split attention as the exported graph computes it; `block_mask`: the
+        flex path's. Returns [B, T + C, d], or the candidates' [B, C, d] alone without
+        `history_out`: the last block's history outputs are never read, and with split attention
+        they are never computed."""
         b, t, d = x.shape
         th = history_tokens.shape[1]
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         if bias is not None:
             attended = _graph_split_attention(q, k, v, bias, history_out)
-        elif split:
+        elif attention == "split":
             attended = _split_attention(q, k, v, history_tokens, history_out)
         else:
-            candidates = torch.ones_like(x[:, th:, 0], dtype=torch.bool)
-            mask = shared_context_mask_tokens(history_tokens, candidates)
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            if attention == "flex":
+                assert block_mask is not None, "flex attention needs the forward pass's block mask"
+                attended = _flex_attention(q, k, v, block_mask)
+            else:
+                candidates = torch.ones_like(x[:, th:, 0], dtype=torch.bool)
+                mask = shared_context_mask_tokens(history_tokens, candidates)
+                attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             attended = attended if history_out else attended[:, :, th:]
         x = x if history_out else x[:, th:]
         x = x + self.dropout(self.out(attended.transpose(1, 2).reshape(b, x.shape[1], d)))
         return x + self.dropout(self.mlp(self.norm2(x)))
+
+
+def shared_context_block_mask(history_tokens: torch.Tensor, candidates: int) -> BlockMask:
+    """The shared-context mask (`shared_context_mask_tokens`) as a FlexAttention block mask over T
+    history tokens and `candidates` candidates: the blocks above the history's diagonal and the
+    candidate x candidate blocks off the diagonal are never computed."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    b, th = history_tokens.shape
+    real_key = torch.cat([history_tokens, history_tokens.new_zeros(b, candidates)], dim=1)
+
+    def visible(batch: torch.Tensor, head: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return (real_key[batch, kv] & (q >= kv)) | (q == kv)
+
+    n = th + candidates
+    # Compiled on a GPU: built eagerly, the mask is evaluated as a dense [B, n, n] tensor first.
+    compiled = history_tokens.is_cuda
+    return create_block_mask(visible, b, None, n, n, device=str(history_tokens.device), _compile=compiled)
+
+
+_compiled_flex: Callable[..., torch.Tensor] | None = None
+# FlexAttention's GPU kernel needs heads at least this wide (d_model / n_heads; the shipped ranker's are 16).
+FLEX_MIN_HEAD_DIM = 16
+
+
+def _flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
+    """FlexAttention: compiled on a GPU (its kernel is generated there; eager, it materialises
+    every score), eager elsewhere (the CPU tests' reference check)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not q.is_cuda:
+        return flex_attention(q, k, v, block_mask=block_mask)
+    if q.shape[-1] < FLEX_MIN_HEAD_DIM:
+        raise ValueError(
+            f"flex attention on a GPU needs heads of at least {FLEX_MIN_HEAD_DIM} dimensions, got {q.shape[-1]}"
+        )
+    if _compiled_flex is None:
+        # Compiled once per input shape and dtype, which is why `rank` does not serve it
+        # (feedserve.rank.runtime.SERVED_ATTENTIONS).
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex(q, k, v, block_mask=block_mask)
 
 
 def _split_attention(
@@ -321,9 +381,9 @@ class GenerativeRanker(nn.Module):
         self.gates = nn.ModuleList(nn.Linear(width, config.n_experts) for _ in config.tasks)
         self.towers = nn.ModuleList(nn.Linear(d, 1) for _ in config.tasks)
         self.wide = nn.Linear(len(config.features), len(config.tasks)) if config.wide and config.features else None
-        # Shared context computed without the candidate x candidate block (see _Block); False runs
-        # the dense masked attention instead (the reference, and the speed benchmark's ablation).
-        self.split_attention = True
+        # How shared-context attention is computed (ATTENTIONS; see _Block): the exported graph
+        # always takes the split path.
+        self.attention = "split"
         self.id_owners: torch.Tensor
         # The post id trained in each id bucket (-1: none). A post whose id does not own its bucket (never
         # trained on, or a collision) is read by its content alone.
@@ -398,11 +458,14 @@ class GenerativeRanker(nn.Module):
         tokens = _twice(history_mask)
         # PyTorch's fused attention kernels serve training and the GPU; the exported graph takes the
         # path written for ONNX Runtime (`_graph_split_attention`).
-        graph = self.split_attention and torch.onnx.is_in_onnx_export()
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        graph = self.attention == "split" and torch.onnx.is_in_onnx_export()
         bias = key_bias(tokens, x.dtype) if graph else None
+        block_mask = shared_context_block_mask(tokens, candidate_ids.shape[1]) if self.attention == "flex" else None
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x = block(x, tokens, self.split_attention, bias, history_out or i < last)
+            x = block(x, tokens, self.attention, bias, history_out or i < last, block_mask)
         return self.norm(x)
 
     def forward(

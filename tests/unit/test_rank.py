@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from feedserve.rank.model import INPUTS, GenerativeRanker, RankerConfig, hash_ids, shared_context_mask
+from feedserve.export.rank import sample_inputs
+from feedserve.rank.model import ATTENTIONS, INPUTS, GenerativeRanker, RankerConfig, hash_ids, shared_context_mask
 
 E = 16
 CONFIG = RankerConfig(content_dim=E, d_model=32, n_heads=4, n_layers=2, max_history=12, id_buckets=4096, dropout=0.0)
@@ -53,23 +54,34 @@ def test_shared_context_scores_equal_each_candidate_alone() -> None:
         assert (alone[0, 0] - together[0, i]).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("attention", ["dense", "flex"])
 @torch.no_grad()
-def test_split_attention_equals_the_dense_shared_context_mask() -> None:
+def test_split_attention_equals_the_dense_shared_context_mask(attention: str) -> None:
     """The served path skips the candidate x candidate block; it must compute the same attention as
-    the dense mask that spells the shared context out (padding, an empty history, batching)."""
+    the dense mask that spells the shared context out, and as FlexAttention's block mask (padding,
+    an empty history, batching)."""
     model = _model()
     for h, lengths in ((12, [12, 5, 0]), (0, [0])):
         inputs = _inputs(h=h, c=9, lengths=lengths)
         split = model(**inputs)
-        model.split_attention = False
-        dense = model(**inputs)
-        model.split_attention = True
-        assert split.shape == dense.shape and (split - dense).abs().max() < 1e-5
+        model.attention = attention
+        other = model(**inputs)
+        model.attention = "split"
+        assert split.shape == other.shape and (split - other).abs().max() < 1e-5
 
 
+def test_an_unknown_attention_is_refused_by_name() -> None:
+    model = _model()
+    model.attention = "sparse"
+    with pytest.raises(ValueError, match="attention must be one of"):
+        model(**_inputs(h=3, c=2))
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @torch.no_grad()
-def test_the_history_is_read_causally() -> None:
+def test_the_history_is_read_causally(attention: str) -> None:
     model, inputs = _model(), _inputs(h=10, c=3)
+    model.attention = attention
     keys = [k for k in inputs if k != "candidate_features" and k != "member"]
     before = model.encode(**{k: inputs[k] for k in keys})
     changed = dict(inputs)
@@ -86,8 +98,8 @@ def test_scoring_skips_the_last_blocks_history_outputs_and_nothing_else() -> Non
     model, inputs = _model(), _inputs(h=12, c=7, lengths=[12, 3])
     keys = [k for k in inputs if k != "candidate_features" and k != "member"]
     every = model.encode(**{k: inputs[k] for k in keys})
-    for split in (True, False):
-        model.split_attention = split
+    for attention in ATTENTIONS:
+        model.attention = attention
         scored = model.encode(**{k: inputs[k] for k in keys}, history_out=False)
         assert scored.shape == (2, 7, CONFIG.d_model) and (scored - every[:, 24:]).abs().max() < 1e-5
 
@@ -269,3 +281,20 @@ def test_the_wide_term_adds_the_features_linearly_to_every_logit() -> None:
     inputs = _inputs(h=5, c=7)
     want = model.wide(inputs["candidate_features"]) + torch.cat([t.bias for t in model.towers])
     assert torch.allclose(model(**inputs), want, atol=1e-6)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_on_the_gpu_every_attention_path_scores_as_the_cpu() -> None:
+    """The GPU variants' ranker: split, dense and compiled FlexAttention on CUDA give the CPU's
+    scores (fp32, padding and an empty history in the batch), heads 16 wide as the shipped ranker's."""
+    config = RankerConfig(content_dim=24, d_model=64, n_heads=4, n_layers=2, max_history=40, id_buckets=64, dropout=0.0)
+    torch.manual_seed(0)
+    model = GenerativeRanker(config).eval()
+    inputs = {k: torch.from_numpy(v) for k, v in sample_inputs(config, 3, 30, 200, (30, 7, 0)).items()}
+    want = model(**inputs)
+    gpu = model.to("cuda")
+    for attention in ATTENTIONS:
+        gpu.attention = attention
+        got = gpu(**{k: v.to("cuda") for k, v in inputs.items()}).cpu()
+        assert (got - want).abs().max() < 1e-4, attention
