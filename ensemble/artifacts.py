@@ -11,6 +11,7 @@ the server loads; export writes it, the Triton backends and the clients read it:
     serving.json        EncoderSettings below: pooling, dimension, token budgets
     ranker.onnx         the GR ranker (feedserve.rank), ONNX, parity checked (feedserve.export.rank)
     ranker.json         its configuration: content width, history length, features, tasks
+    ranker.pt           its weights (PyTorch): what `rank` runs on a GPU
     post_features.json  count percentiles and tags by post id, the ranker's candidate features
     coengagement.npz    who engaged with each post before the training cutoff: the co-engagement feature
     manifest.json       size and SHA-256 of each file above but the index, checked at load (feedserve.ops.manifest)
@@ -138,6 +139,12 @@ class ArtifactLayout:
         return self.root / "ranker.json"
 
     @property
+    def ranker_weights(self) -> Path:
+        """The ranker's PyTorch weights (ranker.pt beside ranker.json: a saved GenerativeRanker),
+        what the GPU variants' `rank` runs."""
+        return self.root / "ranker.pt"
+
+    @property
     def post_features(self) -> Path:
         return self.root / "post_features.json"
 
@@ -179,7 +186,7 @@ class ArtifactLayout:
         return [self.tokenizer, self.onnx, self.buckets, self.settings]
 
     def ranker_files(self) -> list[Path]:
-        return [self.ranker_onnx, self.ranker_config, self.post_features, self.coengagement]
+        return [self.ranker_onnx, self.ranker_config, self.ranker_weights, self.post_features, self.coengagement]
 
     def has_ranker(self) -> bool:
         """Whether a ranker was built here: only an encoder with a ranker trained on its embeddings

@@ -121,7 +121,7 @@ def build_ranker(layout: ArtifactLayout, package: Path | None, corpus: Path, for
         raise ValueError(f"{package}: the ranker reads the counts {uncut}, which {count_buckets} has no cut points for")
     table, engaged = ranker_tables(corpus, buckets, counts)
     export_ranker(model, layout.ranker_onnx)
-    atomic_write(layout.ranker_config, model.config.to_json())
+    model.save(layout.root)  # ranker.json and ranker.pt: the GPU variants run the PyTorch model
     table.save(layout.post_features)
     engaged.save(layout.coengagement)
     atomic_write(record, json.dumps(source, indent=1) + "\n")

@@ -1,4 +1,5 @@
-"""The `rank` model: the GR ranker (ONNX Runtime) over a member's retrieved candidates.
+"""The `rank` model: the GR ranker (ONNX Runtime on CPU, PyTorch on a GPU) over a member's retrieved
+candidates.
 
 A request row is a member record (its history: post ids with their actions, oldest first), the
 member's retrieval embedding (QUERY) and the candidates retrieval returned for it, with their
@@ -44,7 +45,8 @@ from feedserve.rank.data import (
 )
 from feedserve.rank.engagements import Follower, LiveCoEngagement, MilvusEngagements, MilvusFollower
 from feedserve.rank.features import FeatureReader, PostFeatures
-from feedserve.rank.model import INPUTS, OUTPUT, RankerConfig
+from feedserve.rank.model import RankerConfig
+from feedserve.rank.runtime import RUNTIMES, OnnxScorer, Scorer, TorchScorer
 from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, final_score, finite_weights
 from feedserve.schema import (
     CANDIDATE_IDS,
@@ -121,6 +123,19 @@ def task_weights(config: RankerConfig, value: str | None) -> np.ndarray:
     return np.array([floats[t] for t in config.tasks], np.float32)
 
 
+def scorer(layout: ArtifactLayout, params: dict[str, str]) -> Scorer:
+    """The ranker's runtime the rendered config asks for: the exported graph on ONNX Runtime (CPU),
+    or the PyTorch model on the instance's device (`device`, set for a KIND_GPU instance)."""
+    runtime = params.get("runtime", "onnxruntime")
+    if runtime == "onnxruntime":
+        return OnnxScorer(layout.ranker_onnx, int(params.get("intra_op_threads", "0")))
+    if runtime == "torch":
+        return TorchScorer(
+            layout.root, params.get("device", "cpu"), params.get("dtype", "fp32"), params.get("attention", "split")
+        )
+    raise ValueError(f"rank: unknown runtime {runtime!r} ({', '.join(RUNTIMES)})")
+
+
 def top_k(final: np.ndarray, k: int) -> np.ndarray:
     """Positions of the k highest scores, best first (ties keep retrieval order)."""
     return np.argsort(-final, kind="stable")[:k]
@@ -130,8 +145,6 @@ class RankModel(BatchModel[RankRequest]):
     name = ModelName.RANK
 
     def setup(self, layout: ArtifactLayout, params: dict[str, str]) -> None:
-        import onnxruntime as ort
-
         layout.verify(*layout.ranker_files())
         self.config = RankerConfig.load(layout.ranker_config)
         self.max_candidates = int(params.get("max_candidates", DEFAULT_MAX_CANDIDATES))
@@ -141,9 +154,7 @@ class RankModel(BatchModel[RankRequest]):
             raise ValueError(
                 f"the config's tasks {params['tasks']} are not the ranker's, in its order: {list(self.config.tasks)}"
             )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
-        self.session = ort.InferenceSession(str(layout.ranker_onnx), options, providers=["CPUExecutionProvider"])
+        self.scorer = scorer(layout, params)
         self.followed = followed_index(layout, params, Engine(), "rank")
         table = PostFeatures.load(layout.post_features)
         unread = [count_feature(c) for c in counts_read(self.config.features) if c not in table.counts]
@@ -164,8 +175,9 @@ class RankModel(BatchModel[RankRequest]):
         )
         self.coengagement.start()
         logger.info(
-            "rank: %s, up to %d candidates, history %d, tasks %s weighted %s",
-            layout.ranker_onnx,
+            "rank: %s runtime on %s, up to %d candidates, history %d, tasks %s weighted %s",
+            params.get("runtime", "onnxruntime"),
+            params.get("device", "cpu"),
             self.max_candidates,
             self.config.max_history,
             list(self.config.tasks),
@@ -249,7 +261,7 @@ class RankModel(BatchModel[RankRequest]):
                 np.concatenate([np.array(read, np.int64), *(x.candidates for x in examples)])
             )
             tensors = Tensorizer(self.config, content, features, self.coengagement.table).batch(examples)
-            (logits,) = self.session.run([OUTPUT], {name: tensors[name].numpy() for name in INPUTS})
+            logits = self.scorer(tensors)
             probabilities, scores = final_score(logits, self.weights)
             for j, i in enumerate(rows):
                 n = len(item.candidates[i])

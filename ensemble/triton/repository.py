@@ -18,6 +18,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from feedserve.index.milvus import DEFAULT_COLLECTION
 from feedserve.ops.launcher import DEFAULT_REPOSITORY
+from feedserve.rank.runtime import DTYPES, SERVED_ATTENTIONS
 from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, FEED_TASK_WEIGHTS, finite_weights
 from feedserve.schema import IO, MAX_BATCH, ModelName, RecordKind, TensorSpec
 from feedserve.triton.encoder import GROUPINGS, PRECISIONS
@@ -32,10 +33,12 @@ from {module} import TritonPythonModel  # noqa: F401
 '''
 
 
-# cpu: ONNX Runtime encoder + faiss kNN on CPU instances (what runs on these machines).
-# gpu-torch: the python encoder in PyTorch bf16 and a PyTorch kNN, on GPU instances (a GPU host
-#   without TensorRT). gpu-trt: the encoder as a TensorRT plan (`feedserve.export.tensorrt`), the
-#   PyTorch kNN; for the NVIDIA Triton container. Same models, ensembles and tensor names in all.
+# cpu: ONNX Runtime encoder, faiss kNN and ONNX Runtime ranker on CPU instances (what runs on these
+#   machines). gpu-torch: the python encoder in PyTorch bf16, a PyTorch kNN and the PyTorch ranker,
+#   on GPU instances (a GPU host without TensorRT). gpu-trt: the encoder as a TensorRT plan
+#   (`feedserve.export.tensorrt`), the PyTorch kNN and ranker; for the NVIDIA Triton container (the
+#   ranker has no TensorRT plan: no machine here has TensorRT to build or check one). Same models,
+#   ensembles and tensor names in all.
 VARIANTS = ("cpu", "gpu-torch", "gpu-trt")
 INDEXES = ("local", "milvus")
 
@@ -75,6 +78,11 @@ class RepositorySettings:
     max_candidates: int = 2000
     rank_threads: int = 0
     rank_queue_delay_us: int | None = 0
+    # The GPU variants' PyTorch ranker: its precision (feedserve.rank.runtime.DTYPES) and how it
+    # computes shared-context attention (SERVED_ATTENTIONS); fp32 split attention was the fastest on an
+    # H200 at the shipped size (benchmarks/reports/rank_gpu/).
+    rank_dtype: str = "fp32"
+    rank_attention: str = "split"
     # The final score's weight per task, in the order of the ranker's TASK_SCORES columns.
     task_weights: tuple[tuple[str, float], ...] = tuple(DEFAULT_TASK_WEIGHTS.items())
     # One server per index directory writes; others sharing the directory only follow (no index_write).
@@ -95,6 +103,10 @@ class RepositorySettings:
             raise ValueError(f"unknown encoder grouping {self.encoder_grouping!r}; expected one of {GROUPINGS}")
         if self.index not in INDEXES:
             raise ValueError(f"unknown index {self.index!r}; expected one of {INDEXES}")
+        if self.rank_dtype not in DTYPES:
+            raise ValueError(f"unknown ranker dtype {self.rank_dtype!r}; expected one of {DTYPES}")
+        if self.rank_attention not in SERVED_ATTENTIONS:
+            raise ValueError(f"unknown ranker attention {self.rank_attention!r}; expected one of {SERVED_ATTENTIONS}")
         if self.engagement_retention_days < 0:
             raise ValueError(f"engagement retention must be >= 0 days, got {self.engagement_retention_days}")
         if self.engagement_retention_days and self.index != "local":
@@ -315,14 +327,17 @@ def render_configs(settings: RepositorySettings = RepositorySettings()) -> dict[
 
 
 def _rank(settings: RepositorySettings) -> mc.ModelConfig:
-    """The ranker runs ONNX Runtime on CPU instances in every variant for now (its GPU path is to come)."""
+    """The ranker: the exported graph on ONNX Runtime in CPU instances, or the PyTorch model in GPU
+    instances (feedserve.rank.runtime)."""
     params = {
         "max_candidates": str(settings.max_candidates),
         "tasks": ",".join(task for task, _ in settings.task_weights),
         "task_weights": json.dumps(dict(settings.task_weights)),
         **settings.index_params(),
     }
-    if settings.rank_threads:
+    if settings.gpu:
+        params.update(runtime="torch", dtype=settings.rank_dtype, attention=settings.rank_attention)
+    elif settings.rank_threads:
         params["intra_op_threads"] = str(settings.rank_threads)
     return _python_model(
         ModelName.RANK,
@@ -331,6 +346,7 @@ def _rank(settings: RepositorySettings) -> mc.ModelConfig:
         1,
         settings.rank_queue_delay_us,
         params,
+        gpu=settings.gpu,
         max_batch_size=settings.rank_max_batch_size,
     )
 
@@ -480,6 +496,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="drop logged engagements older than this from the engagement snapshot (0: keep every one)",
     )
     parser.add_argument(
+        "--rank-dtype",
+        choices=DTYPES,
+        default="fp32",
+        help="the GPU variants' ranker precision (bf16: autocast; the CPU variant runs the fp32 graph)",
+    )
+    parser.add_argument(
+        "--rank-attention",
+        choices=SERVED_ATTENTIONS,
+        default="split",
+        help="how the GPU variants' ranker computes shared-context attention (dense: one masked product)",
+    )
+    parser.add_argument(
         "--precision",
         choices=PRECISIONS,
         default="auto",
@@ -518,6 +546,8 @@ def render(args: argparse.Namespace) -> int:
         milvus_collection=args.milvus_collection,
         task_weights=tuple(args.task_weights.items()),
         engagement_retention_days=args.engagement_retention_days,
+        rank_dtype=args.rank_dtype,
+        rank_attention=args.rank_attention,
     )
     if args.check:
         stale = drift(args.out, settings)

@@ -1,7 +1,7 @@
 """The gpu-torch repository on a real tritonserver, with its instances moved to the CPU: the PyTorch
-encoder backend and the PyTorch kNN engine under the same ensembles as on a GPU node. Only the
-placement differs (KIND_CPU, device "cpu", fp32 kNN storage); on a GPU host the `gpu` tests and
-benchmarks/gpu.py cover the device itself."""
+encoder backend, the PyTorch kNN engine and the PyTorch ranker under the same ensembles as on a GPU
+node. Only the placement differs (KIND_CPU, device "cpu", fp32 kNN storage); on a GPU host the `gpu`
+tests and benchmarks/gpu.py and rank_gpu.py cover the device itself."""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ import tritonclient.grpc.model_config_pb2 as mc
 
 from feedserve.artifacts import ArtifactLayout, EncoderSettings
 from feedserve.clients.batch import index_corpus
-from feedserve.clients.online import FeedClient
+from feedserve.clients.online import FeedClient, records_tensor
 from feedserve.ops.builder import SAMPLE_CORPUS
 from feedserve.ops.launcher import TritonServer, on_free_ports
 from feedserve.prompt.movielens import load_movielens
 from feedserve.schema import ModelName
+from feedserve.triton.base import RequestError
+from feedserve.triton.rank import RankModel
 from feedserve.triton.repository import RepositorySettings, config_files, render_configs, write_files
 
 pytestmark = pytest.mark.integration
@@ -33,8 +35,9 @@ def _torch_repository_on_cpu(dest: Path) -> None:
                 group.kind = mc.ModelInstanceGroup.KIND_CPU
                 config.parameters["device"].string_value = "cpu"
                 moved.append(name)
-    assert sorted(moved) == sorted([ModelName.ENCODER, ModelName.KNN])  # what the variant puts on the GPU
+    assert sorted(moved) == sorted([ModelName.ENCODER, ModelName.KNN, ModelName.RANK])  # what goes on the GPU
     assert configs[ModelName.ENCODER].parameters["runtime"].string_value == "torch"
+    assert configs[ModelName.RANK].parameters["runtime"].string_value == "torch"
     assert configs[ModelName.KNN].parameters["engine"].string_value == "torch"
     write_files(dest, config_files(configs))
 
@@ -87,6 +90,31 @@ def test_the_torch_backends_serve_the_ensembles(tiny_artifacts: ArtifactLayout, 
             seen = {h.post_id for h in member.history}
             expected = [i for i in ids[np.argsort(-(embedded @ q))] if i not in seen][:10]
             assert [h.post_id for h in hits] == expected
+
+        # The feed: retrieval's candidates ranked by the PyTorch ranker as the ONNX graph ranks them
+        # (an in-process `rank` of the cpu variant, following the same index).
+        reference = RankModel()
+        reference.setup(layout, {})
+        try:
+            for member, q in zip(members, queries, strict=True):
+                hits = client.retrieve(member, k=30)
+                fed = client.feed(member, n=10, candidates=30)
+                (want,) = reference.run(
+                    [
+                        {
+                            "RECORDS": records_tensor([member]),
+                            "QUERY": q[None].astype(np.float32),
+                            "CANDIDATE_IDS": np.array([[h.post_id for h in hits]], np.int64),
+                            "CANDIDATE_SCORES": np.array([[h.score for h in hits]], np.float32),
+                            "K": np.array([[10]], np.int64),
+                        }
+                    ]
+                )
+                assert not isinstance(want, RequestError), want
+                assert [r.post_id for r in fed] == want["IDS"][0].tolist()
+                np.testing.assert_allclose([r.score for r in fed], want["SCORES"][0], atol=1e-4)
+        finally:
+            reference.finalize()
 
         # A live write reaches the kNN's device copy in place; the next search sees it.
         target = queries[:1] / np.linalg.norm(queries[:1])

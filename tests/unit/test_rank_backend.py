@@ -20,6 +20,7 @@ from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.data import PostTable, RankExample, Tensorizer, member_interactions
 from feedserve.rank.features import PostFeatures
 from feedserve.rank.model import INPUTS, GenerativeRanker
+from feedserve.rank.runtime import SERVED_ATTENTIONS
 from feedserve.rank.train import DEFAULT_TASK_WEIGHTS
 from feedserve.schema import ModelName
 from feedserve.triton.base import RequestError
@@ -126,6 +127,66 @@ def test_it_ranks_as_the_pytorch_ranker_does(rank: RankModel, layout: ArtifactLa
     np.testing.assert_allclose(out["SCORES"][0], final[order], atol=1e-4)
     np.testing.assert_allclose(out["TASK_SCORES"][0], probabilities[order], atol=1e-4)
     assert np.all(np.diff(out["SCORES"][0]) <= 0)
+
+
+def _by_id(out: dict[str, np.ndarray], row: int) -> dict[int, tuple[float, ...]]:
+    """A row's ranked ids -> (final score, task probabilities...)."""
+    return {
+        int(i): (float(s), *map(float, t))
+        for i, s, t in zip(out["IDS"][row], out["SCORES"][row], out["TASK_SCORES"][row], strict=True)
+        if i != -1
+    }
+
+
+TORCH_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", TORCH_DEVICES)
+@pytest.mark.parametrize(
+    ("dtype", "attention", "atol"), [("fp32", a, 1e-4) for a in SERVED_ATTENTIONS] + [("bf16", "split", 3e-2)]
+)
+def test_the_pytorch_runtime_ranks_as_the_exported_graph(
+    rank: RankModel, layout: ArtifactLayout, device: str, dtype: str, attention: str, atol: float
+) -> None:
+    """What the GPU variants run (the saved PyTorch ranker, on the instance's device) gives the
+    served graph's scores: fp32 within 1e-4 whichever way it computes attention, bf16 within 3e-2;
+    rows of one batch with no history, a long one and padding included."""
+    params = {"max_candidates": "64", "runtime": "torch", "device": device, "dtype": dtype, "attention": attention}
+    torch_rank = RankModel()
+    torch_rank.setup(layout, params)
+    try:
+        long_history = [(int(p), "like") for p in np.resize(POSTS, 300)]
+        request = _request(
+            [_member(HISTORY), _member([]), _member(long_history, member_id=4)],
+            [[505, 510, 777_777, 520, 530, 531, 539], [505, 506], list(range(500, 540))],
+            k=40,
+        )
+        want, got = _ok(rank, request), _ok(torch_rank, request)
+        for row in range(3):
+            expected, actual = _by_id(want, row), _by_id(got, row)
+            assert set(actual) == set(expected), row
+            worst = max(abs(a - e) for i in expected for a, e in zip(actual[i], expected[i], strict=True))
+            assert worst < atol, (row, worst)
+        if dtype == "fp32":  # the same order; bf16 may swap posts whose scores are that close
+            np.testing.assert_array_equal(got["IDS"], want["IDS"])
+    finally:
+        torch_rank.finalize()
+
+
+@pytest.mark.parametrize(
+    ("params", "error"),
+    [
+        ({"runtime": "tensorrt"}, "unknown runtime 'tensorrt'"),
+        ({"runtime": "torch", "dtype": "fp8"}, "unknown dtype 'fp8'"),
+        ({"runtime": "torch", "attention": "sparse"}, "attention 'sparse' is not served"),
+        ({"runtime": "torch", "attention": "flex"}, "attention 'flex' is not served"),
+    ],
+)
+def test_an_unknown_ranker_runtime_is_refused_at_load(
+    layout: ArtifactLayout, params: dict[str, str], error: str
+) -> None:
+    with pytest.raises(ValueError, match=error):
+        RankModel().setup(layout, {"device": "cpu", **params})
 
 
 def test_what_real_records_hold_is_ranked_not_refused(rank: RankModel) -> None:

@@ -45,13 +45,16 @@ def test_gpu_variants_change_only_where_models_run() -> None:
     for variant in VARIANTS[1:]:
         gpu = render_configs(RepositorySettings(variant=variant))
         assert set(gpu) == set(cpu)
-        for name in (ModelName.EMBED_POST, ModelName.EMBED_MEMBER, ModelName.RETRIEVE):
+        for name in (ModelName.EMBED_POST, ModelName.EMBED_MEMBER, ModelName.RETRIEVE, ModelName.FEED):
             assert gpu[name] == cpu[name]  # the same ensembles, tensor for tensor
         for name in (ModelName.PREPROCESS_POST, ModelName.PREPROCESS_MEMBER):
             assert gpu[name] == cpu[name]  # tokenising stays on CPU instances
-        for name in (ModelName.ENCODER, ModelName.KNN):
+        for name in (ModelName.ENCODER, ModelName.KNN, ModelName.RANK):
             assert [g.kind for g in gpu[name].instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
         assert gpu[ModelName.KNN].parameters["engine"].string_value == "torch"
+        rank = {k: v.string_value for k, v in gpu[ModelName.RANK].parameters.items()}
+        assert (rank["runtime"], rank["dtype"], rank["attention"]) == ("torch", "fp32", "split")
+        assert "runtime" not in cpu[ModelName.RANK].parameters  # ONNX Runtime, the backend's default
     trt = render_configs(RepositorySettings(variant="gpu-trt"))[ModelName.ENCODER]
     assert trt.platform == "tensorrt_plan" and not trt.backend
     assert not trt.input and not trt.output  # read from the plan, whose names the exporter sets
@@ -59,6 +62,10 @@ def test_gpu_variants_change_only_where_models_run() -> None:
     assert torch_encoder.parameters["runtime"].string_value == "torch"
     with pytest.raises(ValueError, match="unknown repository variant"):
         RepositorySettings(variant="tpu")
+    with pytest.raises(ValueError, match="unknown ranker dtype"):
+        RepositorySettings(variant="gpu-torch", rank_dtype="fp8")
+    with pytest.raises(ValueError, match="unknown ranker attention"):
+        RepositorySettings(variant="gpu-torch", rank_attention="sparse")
 
 
 def test_a_follower_server_has_no_writer() -> None:
