@@ -186,7 +186,9 @@ class ArtifactLayout:
         return [self.tokenizer, self.onnx, self.buckets, self.settings]
 
     def ranker_files(self) -> list[Path]:
-        return [self.ranker_onnx, self.ranker_config, self.ranker_weights, self.post_features, self.coengagement]
+        """What every `rank` reads (the GPU variants' read `ranker_weights` too, which a build before
+        them did not write: the CPU variant ranks without it)."""
+        return [self.ranker_onnx, self.ranker_config, self.post_features, self.coengagement]
 
     def has_ranker(self) -> bool:
         """Whether a ranker was built here: only an encoder with a ranker trained on its embeddings
@@ -196,7 +198,7 @@ class ArtifactLayout:
     def built_files(self) -> list[Path]:
         """What `feedserve build` produces and the manifest lists (the checkpoint directory whole)."""
         optional = [self.onnx.with_name(self.onnx.name + ".data"), self.onnx_int8]
-        optional += self.ranker_files()
+        optional += [*self.ranker_files(), self.ranker_weights]
         return [self.hf_dir, self.onnx, self.buckets, self.settings, *(p for p in optional if p.exists())]
 
     def write_manifest(self) -> Path:

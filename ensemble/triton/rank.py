@@ -130,6 +130,12 @@ def scorer(layout: ArtifactLayout, params: dict[str, str]) -> Scorer:
     if runtime == "onnxruntime":
         return OnnxScorer(layout.ranker_onnx, int(params.get("intra_op_threads", "0")))
     if runtime == "torch":
+        if not layout.ranker_weights.exists():
+            raise ValueError(
+                f"rank: no {layout.ranker_weights} (the PyTorch ranker a GPU variant runs); "
+                "`feedserve build` writes it beside ranker.onnx"
+            )
+        layout.verify(layout.ranker_weights)
         return TorchScorer(
             layout.root, params.get("device", "cpu"), params.get("dtype", "fp32"), params.get("attention", "split")
         )

@@ -220,6 +220,7 @@ def test_int8_graph_quantizes_the_projections_except_down_proj(tiny_checkpoint: 
 def test_the_ranker_is_built_once_checked_against_the_encoder_and_removed_without_one(
     tiny_artifacts: ArtifactLayout, tiny_ranker: Path, tmp_path: Path
 ) -> None:
+
     from feedserve.ops.builder import SAMPLE_CORPUS, build_ranker
     from feedserve.rank.model import GenerativeRanker, RankerConfig
 
@@ -252,12 +253,21 @@ def test_the_ranker_is_built_once_checked_against_the_encoder_and_removed_withou
     built = layout.ranker_onnx.stat().st_mtime_ns
     build_ranker(layout, tiny_ranker, SAMPLE_CORPUS)  # up to date: not exported again
     assert layout.ranker_onnx.stat().st_mtime_ns == built
+    # Artifacts built before the GPU variants had no ranker.pt: they still rank (on the CPU), and
+    # the next build writes it.
+    layout.ranker_weights.unlink()
+    assert layout.has_ranker()
+    build_ranker(layout, tiny_ranker, SAMPLE_CORPUS)
+    assert (
+        GenerativeRanker.load(layout.root).state_dict().keys() == GenerativeRanker.load(tiny_ranker).state_dict().keys()
+    )
+    assert layout.ranker_weights.read_bytes() and layout.ranker_onnx.stat().st_mtime_ns != built
     wide = tmp_path / "wide"
     GenerativeRanker(RankerConfig(content_dim=48, d_model=8, n_heads=2, n_layers=1, id_buckets=64)).save(wide)
     with pytest.raises(ValueError, match="reads 48-wide embeddings; this encoder serves 32"):
         build_ranker(layout, wide, SAMPLE_CORPUS)
     build_ranker(layout, None, SAMPLE_CORPUS)  # another encoder, no ranker for it: nothing stale stays
-    assert not any(p.exists() for p in layout.ranker_files())
+    assert not any(p.exists() for p in (*layout.ranker_files(), layout.ranker_weights))
 
 
 def test_a_build_that_cannot_succeed_changes_nothing_and_a_server_writing_the_index_stops_it(

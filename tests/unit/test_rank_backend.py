@@ -173,6 +173,25 @@ def test_the_pytorch_runtime_ranks_as_the_exported_graph(
         torch_rank.finalize()
 
 
+def test_artifacts_without_the_pytorch_ranker_rank_on_the_cpu_and_a_gpu_variant_says_why(
+    layout: ArtifactLayout, tmp_path: Path
+) -> None:
+    """Artifacts built before the GPU variants have no ranker.pt: the ONNX runtime ranks with them,
+    the PyTorch one refuses to load by name."""
+    root = tmp_path / "old"
+    shutil.copytree(layout.root, root, ignore=shutil.ignore_patterns("ranker.pt"))
+    old = ArtifactLayout(root)
+    assert old.has_ranker()
+    cpu = RankModel()
+    cpu.setup(old, {"max_candidates": "64"})
+    try:
+        assert _ok(cpu, _request([_member(HISTORY)], [[505, 506, 507]]))["IDS"].shape == (1, 3)
+    finally:
+        cpu.finalize()
+    with pytest.raises(ValueError, match=r"no .*ranker.pt \(the PyTorch ranker a GPU variant runs\)"):
+        RankModel().setup(old, {"runtime": "torch", "device": "cpu"})
+
+
 @pytest.mark.parametrize(
     ("params", "error"),
     [
