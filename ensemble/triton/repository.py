@@ -79,8 +79,9 @@ class RepositorySettings:
     rank_threads: int = 0
     rank_queue_delay_us: int | None = 0
     # The GPU variants' PyTorch ranker: its precision (feedserve.rank.runtime.DTYPES) and how it
-    # computes shared-context attention (SERVED_ATTENTIONS); fp32 split attention was the fastest on an
-    # H200 at the shipped size (benchmarks/reports/rank_gpu/).
+    # computes shared-context attention (SERVED_ATTENTIONS). On an H200 at the shipped size
+    # (benchmarks/reports/rank_gpu/) bf16 was slower than fp32, and split attention 1.5x-1.7x faster
+    # than dense at batch 8 while dense was 0.2-0.7 ms faster at batch 1.
     rank_dtype: str = "fp32"
     rank_attention: str = "split"
     # The final score's weight per task, in the order of the ranker's TASK_SCORES columns.
@@ -103,6 +104,10 @@ class RepositorySettings:
             raise ValueError(f"unknown encoder grouping {self.encoder_grouping!r}; expected one of {GROUPINGS}")
         if self.index not in INDEXES:
             raise ValueError(f"unknown index {self.index!r}; expected one of {INDEXES}")
+        if not self.gpu and (self.rank_dtype, self.rank_attention) != ("fp32", "split"):
+            raise ValueError("the ranker's dtype and attention apply to the GPU variants; cpu runs the exported graph")
+        if self.gpu and self.rank_threads:
+            raise ValueError("rank_threads are ONNX Runtime's threads, in the cpu variant; GPU variants run PyTorch")
         if self.rank_dtype not in DTYPES:
             raise ValueError(f"unknown ranker dtype {self.rank_dtype!r}; expected one of {DTYPES}")
         if self.rank_attention not in SERVED_ATTENTIONS:

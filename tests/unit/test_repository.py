@@ -66,6 +66,13 @@ def test_gpu_variants_change_only_where_models_run() -> None:
         RepositorySettings(variant="gpu-torch", rank_dtype="fp8")
     with pytest.raises(ValueError, match="unknown ranker attention"):
         RepositorySettings(variant="gpu-torch", rank_attention="sparse")
+    # Settings of one runtime are refused where the other runs, not rendered and ignored.
+    with pytest.raises(ValueError, match="apply to the GPU variants"):
+        RepositorySettings(rank_dtype="bf16")
+    with pytest.raises(ValueError, match="apply to the GPU variants"):
+        RepositorySettings(rank_attention="dense")
+    with pytest.raises(ValueError, match="rank_threads are ONNX Runtime's"):
+        RepositorySettings(variant="gpu-torch", rank_threads=2)
 
 
 def test_a_follower_server_has_no_writer() -> None:
