@@ -52,7 +52,8 @@ logger = logging.getLogger("benchmarks.rank_gpu")
 SHAPES = ((200, 2000), (1000, 2000))  # (history items, candidates)
 BATCHES = (1, 8)
 QUICK_SHAPES, QUICK_BATCHES = ((20, 50),), (1, 2)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SKIPPED = {"skipped": "past the benchmark's time budget (--budget-s)"}
 
 
 def _sync(device: torch.device) -> None:
@@ -129,7 +130,7 @@ def forward_rows(
             for batch in batches:
                 args = tensors(model.config, batch, history, candidates, device)
                 flops = split_flops(model, args)
-                for dtype_name, dtype in DTYPES.items():
+                for dtype_name, dtype in TORCH_DTYPES.items():
                     if (kept := done.get((size, batch, history, candidates, dtype_name))) is not None:
                         rows.append(kept)
                         continue
@@ -144,16 +145,31 @@ def forward_rows(
                     }
                     for attention in ("split", "dense", "flex"):
                         if time.monotonic() > deadline:
-                            row[attention] = {"skipped": "past the benchmark's time budget (--budget-s)"}
+                            row[attention] = SKIPPED
                             continue
                         model.attention = attention
                         row[attention] = _measure(model, args, dtype, device, runs, flops, peak)
                     model.attention = "split"
-                    if batch == 1 and time.monotonic() < deadline:
-                        row["per_candidate"] = _per_candidate(model, history, candidates, dtype, device, runs, sample)
+                    if batch == 1:  # at batch 8 it would be the same candidates' cost again
+                        late = time.monotonic() > deadline
+                        row["per_candidate"] = (
+                            SKIPPED if late else _per_candidate(model, history, candidates, dtype, device, runs, sample)
+                        )
                     rows.append(row)
                     logger.info("%s", json.dumps(row))
                     save()
+
+
+def _forward(
+    model: GenerativeRanker, args: list[Any], dtype: torch.dtype, device: torch.device
+) -> Callable[[], torch.Tensor]:
+    """One forward pass of `model` on `args`, in `dtype` (bf16: autocast, as TorchScorer runs it)."""
+
+    def forward() -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return model(*args)
+
+    return forward
 
 
 def _measure(
@@ -165,10 +181,7 @@ def _measure(
     flops: float,
     peak: float,
 ) -> dict[str, Any]:
-    def forward() -> torch.Tensor:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            return model(*args)
-
+    forward = _forward(model, args, dtype, device)
     try:
         start = time.perf_counter()
         forward()
@@ -196,12 +209,7 @@ def _per_candidate(
 ) -> dict[str, Any]:
     """`sample` copies of one history, one candidate each, in one batch; scaled to `candidates`."""
     args = tensors(model.config, sample, history, 1, device)
-
-    def forward() -> torch.Tensor:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            return model(*args)
-
-    out = timings(forward, device, max(3, runs // 5))
+    out = timings(_forward(model, args, dtype, device), device, max(3, runs // 5))
     scale = candidates / sample
     return {
         "p50_ms": out["p50_ms"] * scale,

@@ -53,4 +53,4 @@ timeout $((budget + 120)) python3 -m benchmarks.rank_gpu --out "$out/rank_gpu" -
   | tee "$out/rank_gpu.log"
 bench=$?
 echo "gpu tests exit $tests, benchmark exit $bench"
-exit $((tests || bench))
+exit $((tests ? tests : bench))

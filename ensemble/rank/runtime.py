@@ -6,7 +6,6 @@ instance). Both take the Tensorizer's tensors (feedserve.rank.data) and return t
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -15,12 +14,10 @@ import torch
 
 from feedserve.rank.model import INPUTS, OUTPUT, GenerativeRanker
 
-logger = logging.getLogger(__name__)
-
 RUNTIMES = ("onnxruntime", "torch")
 # How the served ranker computes attention (feedserve.rank.model.ATTENTIONS): FlexAttention is not
-# served, since it compiles anew for every input shape (20 s to 4 min each on an H200) and ran slower
-# than split attention at every shape measured (benchmarks/reports/rank_gpu).
+# served, since it compiles on the first call of each input shape (20 s to 4 min on an H200) and ran
+# slower than split attention at every shape measured (benchmarks/reports/rank_gpu).
 SERVED_ATTENTIONS = ("split", "dense")
 # The PyTorch ranker's compute precision: fp32 (scores within 1e-4 of the exported graph's), or bf16
 # autocast (the matrix products in bf16; scores move by about 1e-2, see the GPU tests).
