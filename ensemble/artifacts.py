@@ -190,6 +190,10 @@ class ArtifactLayout:
         them did not write: the CPU variant ranks without it)."""
         return [self.ranker_onnx, self.ranker_config, self.post_features, self.coengagement]
 
+    def built_ranker_files(self) -> list[Path]:
+        """What `feedserve build` writes for a ranker: every rank's files and the PyTorch weights."""
+        return [*self.ranker_files(), self.ranker_weights]
+
     def has_ranker(self) -> bool:
         """Whether a ranker was built here: only an encoder with a ranker trained on its embeddings
         has one (`feedserve build` ships the default's); without one the server retrieves only."""
@@ -198,7 +202,7 @@ class ArtifactLayout:
     def built_files(self) -> list[Path]:
         """What `feedserve build` produces and the manifest lists (the checkpoint directory whole)."""
         optional = [self.onnx.with_name(self.onnx.name + ".data"), self.onnx_int8]
-        optional += [*self.ranker_files(), self.ranker_weights]
+        optional += self.built_ranker_files()
         return [self.hf_dir, self.onnx, self.buckets, self.settings, *(p for p in optional if p.exists())]
 
     def write_manifest(self) -> Path:

@@ -80,7 +80,7 @@ def build_ranker(layout: ArtifactLayout, package: Path | None, corpus: Path, for
 
     record = layout.root / "ranker_export.json"
     if package is None:
-        for path in (*layout.ranker_files(), layout.ranker_weights, record):
+        for path in (*layout.built_ranker_files(), record):
             if path.exists():
                 path.unlink()
                 logger.warning("removed %s: no ranker was trained for this encoder (`--ranker DIR`)", path)
@@ -112,7 +112,7 @@ def build_ranker(layout: ArtifactLayout, package: Path | None, corpus: Path, for
         "buckets": sha256_file(count_buckets),
     }
     done = _state(record)
-    if not force and done == source and all(p.exists() for p in (*layout.ranker_files(), layout.ranker_weights)):
+    if not force and done == source and all(p.exists() for p in layout.built_ranker_files()):
         logger.info("ranker up to date: %s", layout.ranker_onnx)
         return
     buckets, counts = PercentileBuckets.load(count_buckets), data.counts_read(model.config.features)
