@@ -34,7 +34,10 @@ per post would take the table's place.
 
 With `--index milvus` servers share no directory: the log is then a Milvus collection beside the
 post index's (`MilvusEngagements`), written by any `engage_write` replica and followed by every
-`rank` by queries (`MilvusFollower`); Milvus keeps it, and there is no snapshot to take.
+`rank` by queries (`MilvusFollower`); Milvus keeps it, and there is no snapshot to take. A retention
+there is a window every replica computes alike from its clock (`retention_since`): writers do not
+store engagements older than it and delete those that fall out of it, followers read inside it and
+merge anew each time it moves.
 
 What counts as an engagement here is what the build's table holds: an active, positive action
 (`coengaged`): a like, love, comment, share, repost or save, or a rating of ENGAGED_RATING or more.
@@ -98,6 +101,24 @@ QUERY_TIMEOUT_S = 30.0
 # With a retention, a snapshot moves its `since` (what it keeps from) in steps of this share of the
 # retention: every move makes each follower merge anew, so it is a step, not a slide.
 RETENTION_SLACK = 0.1
+
+
+def clock_s() -> int:
+    """This process's clock, unix seconds (what a retention counts back from)."""
+    return int(time.time())
+
+
+def retention_since(retention_s: int, now_s: int) -> int:
+    """A Milvus log's retention window at `now_s` (unix seconds): engagements from this time on are
+    kept (0: no retention, every one). Now less the retention, in steps of RETENTION_SLACK of it:
+    replicas share no snapshot to agree on a `since` through, so each computes it from its own clock
+    and they agree but for the skew at a step, and followers merge anew once a step rather than on
+    every poll."""
+    if not retention_s:
+        return 0
+    step = max(1, int(retention_s * RETENTION_SLACK))
+    cutoff = max(0, now_s - retention_s)
+    return cutoff - cutoff % step
 
 
 def coengaged(action: str) -> bool:
@@ -346,7 +367,7 @@ class EngagementWriter:
         year ahead for one snapshot dropped every engagement, for good, since `since` only grows)."""
         if not self.retention_s or not len(times):
             return since
-        now = min(int(time.time()), int(times.max()))
+        now = min(clock_s(), int(times.max()))
         cutoff = now - self.retention_s
         step = cutoff - since >= int(self.retention_s * RETENTION_SLACK)
         return cutoff if step and ((times >= since) & (times < cutoff)).any() else since
@@ -445,11 +466,22 @@ class MilvusEngagements:
     engagement (member, post, engaged_at, and written_at: microseconds since the epoch, stamped by
     the writer), an automatic id, and a placeholder vector (Milvus wants one in every collection).
     Any number of writers insert; an insert under Strong consistency is visible to every query
-    after it is acknowledged. Milvus keeps it: there is no snapshot to take."""
+    after it is acknowledged. Milvus keeps it: there is no snapshot to take.
 
-    def __init__(self, uri: str, index_name: str) -> None:
+    With `retention_s`, the window `retention_since` keeps: a write stores the engagements inside
+    it (the rest are acknowledged and dropped, as a local snapshot drops them) and deletes those
+    that fell out of it since the last delete; `since` reads inside it. A writer's "now" is never
+    past the newest engagement it was given (a delete is for good: a clock a year ahead would
+    otherwise empty the log)."""
+
+    def __init__(self, uri: str, index_name: str, retention_s: int = 0) -> None:
         from pymilvus import DataType, MilvusClient
 
+        if retention_s < 0:
+            raise ValueError(f"an engagement retention must be >= 0 seconds, got {retention_s}")
+        self.retention_s = retention_s
+        self._newest = 0  # the newest engagement time this writer was given
+        self._deleted_to = 0  # what this writer deleted before (its last window's start)
         self.client = MilvusClient(uri)
         self.collection = f"{index_name}_engagements"
         schema = self.client.create_schema(auto_id=True, enable_dynamic_field=False)
@@ -470,6 +502,11 @@ class MilvusEngagements:
         write is not acknowledged and the client's retry stamps them anew (a pair counts once)."""
         columns = [np.asarray(c, np.int64).reshape(-1) for c in (members, posts, times)]
         check(*columns)
+        kept = 0
+        if self.retention_s and len(columns[2]):
+            self._newest = max(self._newest, int(columns[2].max()))
+            kept = retention_since(self.retention_s, min(clock_s(), self._newest))
+            columns = [c[columns[2] >= kept] for c in columns]
         written = now_us()
         rows = [
             {"member": m, "post": p, "engaged_at": t, "written_at": written, "placeholder": [1.0, 0.0]}
@@ -480,13 +517,34 @@ class MilvusEngagements:
             self.client.insert(self.collection, rows[start : start + WRITE_CHUNK], timeout=budget_s)
         if now_us() - written > OVERLAP_US // 2:
             raise LogError(f"Milvus took the engagements {(now_us() - written) / 1e6:.1f} s after they were stamped")
+        if kept > self._deleted_to:
+            self._delete_before(kept)
         return written
 
-    def since(self, written_us: int) -> list[dict[str, Any]]:
-        """Every row written at `written_us` or later (id, member, post, engaged_at, written_at): one
-        query for a poll's few, the iterator past its limit (a start reads every row)."""
+    def _delete_before(self, kept: int) -> None:
+        """Delete the engagements before the window (any writer may; deleting twice changes nothing).
+        One that fails is tried again at the next write: the write itself was taken, and followers
+        read inside the window whatever is still stored."""
+        try:
+            self.client.delete(self.collection, filter=f"engaged_at < {int(kept)}", timeout=QUERY_TIMEOUT_S)
+        except Exception:
+            logger.exception("%s: could not delete the engagements before %d", self.collection, kept)
+            return
+        self._deleted_to = kept
+        logger.info("%s: engagements before %d deleted (retention %d s)", self.collection, kept, self.retention_s)
+
+    def kept_since(self) -> int:
+        """The retention window's start by this process's clock (0: no retention)."""
+        return retention_since(self.retention_s, clock_s())
+
+    def since(self, written_us: int, engaged_since: int = 0) -> list[dict[str, Any]]:
+        """Every row written at `written_us` or later (id, member, post, engaged_at, written_at), of an
+        engagement at `engaged_since` or later: one query for a poll's few, the iterator past its limit
+        (a start reads every row)."""
         fields = ["id", "member", "post", "engaged_at", "written_at"]
         where = f"written_at >= {int(written_us)}"
+        if engaged_since:
+            where += f" and engaged_at >= {int(engaged_since)}"
         rows: list[dict[str, Any]] = self.client.query(
             self.collection, filter=where, output_fields=fields, limit=QUERY_LIMIT, timeout=QUERY_TIMEOUT_S
         )
@@ -500,16 +558,28 @@ class MilvusEngagements:
 
 class MilvusFollower:
     """Reads what was written to a `MilvusEngagements` since the last read: the rows written since the
-    latest it read less OVERLAP_US, less those it read already (by id)."""
+    latest it read less OVERLAP_US, less those it read already (by id). With a retention, the rows
+    inside its window alone; when the window moves, every row inside it again, as a log replaced (a
+    follower cannot take entries out of the table it merged them into)."""
 
     def __init__(self, log: MilvusEngagements) -> None:
         self.log, self.name = log, f"Milvus collection {log.collection}"
         self.latest_us: int | None = None
+        self.kept_since = 0  # the retention window's start the rows read are inside
         self._recent: dict[int, int] = {}  # id -> written_at, of the rows read inside the overlap
 
     def read(self) -> tuple[bool, list[np.ndarray]]:
-        since = 0 if self.latest_us is None else self.latest_us - OVERLAP_US
-        rows = [r for r in self.log.since(since) if int(r["id"]) not in self._recent]
+        kept = self.log.kept_since()
+        moved = kept > self.kept_since
+        if moved:  # read the window anew; nothing changes here until the read did
+            rows, replaced = self.log.since(0, kept), self.latest_us is not None
+            self.latest_us, self._recent, self.kept_since = None, {}, kept
+        else:
+            since = 0 if self.latest_us is None else self.latest_us - OVERLAP_US
+            rows, replaced = (
+                [r for r in self.log.since(since, self.kept_since) if int(r["id"]) not in self._recent],
+                False,
+            )
         for r in rows:
             self._recent[int(r["id"])] = int(r["written_at"])
         if rows:
@@ -520,8 +590,8 @@ class MilvusFollower:
             horizon = self.latest_us - OVERLAP_US
             self._recent = {i: w for i, w in self._recent.items() if w >= horizon}
         if not rows:
-            return False, []
-        return False, [
+            return replaced, []
+        return replaced, [
             np.array(
                 [[r["member"] for r in rows], [r["post"] for r in rows], [r["engaged_at"] for r in rows]], np.int64
             )

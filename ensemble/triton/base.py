@@ -303,6 +303,15 @@ def milvus_index_name(params: dict[str, str]) -> str:
     return params.get("milvus_collection", DEFAULT_COLLECTION)
 
 
+def retention_seconds(params: dict[str, str], owner: str) -> int:
+    """The engagement log's retention (the `retention_days` parameter; 0: keep every engagement), as
+    `engage_write` drops by it and, with the Milvus log, `rank` reads by it."""
+    days = float(params.get("retention_days", "0"))
+    if not 0 <= days < 1e6:  # NaN too: a negative retention would drop every engagement
+        raise ValueError(f"{owner}: retention_days must be a number of days >= 0, got {days}")
+    return int(days * 86400)
+
+
 def followed_index(layout: ArtifactLayout, params: dict[str, str], engine: Engine, owner: str) -> ServingIndex:
     """The post index a serving model reads: the local live index it follows (`index` "local", the
     default), or a Milvus index (`index` "milvus": $FEEDSERVE_MILVUS_URI or the `milvus_uri`

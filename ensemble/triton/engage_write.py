@@ -13,8 +13,10 @@ on meanwhile) and restarted, so that the log stays short and a `rank` that start
 snapshot instead of every record ever logged; with `retention_days`, the snapshot drops engagements
 older than that (`EngagementWriter.snapshot`). Writes need the write key, as `index_write`'s do.
 With the `milvus` index, servers share no directory: the log is then a Milvus collection beside the
-post index's (`MilvusEngagements`), any number of replicas write it, Milvus keeps it, and the LSN
-output is the write's time in microseconds since the epoch.
+post index's (`MilvusEngagements`), any number of replicas write it, and the LSN output is the
+write's time in microseconds since the epoch; with `retention_days` a write stores only the
+engagements inside the window and deletes those that fell out of it (every `rank` reads by the same
+window).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from feedserve.triton.base import (
     milvus_index_name,
     milvus_uri_of,
     require,
+    retention_seconds,
 )
 
 logger = logging.getLogger(__name__)
@@ -58,15 +61,14 @@ class EngageWriteModel(WriteModel[Engagements]):
     def setup(self, layout: ArtifactLayout, params: dict[str, str]) -> None:
         self.load_write_key()
         self.milvus: MilvusEngagements | None = None
+        self.retention_s = retention_seconds(params, "engage_write")
         if params.get("index", "local") != "local":
-            self.milvus = MilvusEngagements(milvus_uri_of(params, "engage_write"), milvus_index_name(params))
+            self.milvus = MilvusEngagements(
+                milvus_uri_of(params, "engage_write"), milvus_index_name(params), self.retention_s
+            )
             return
         self.directory = layout.index_dir.root
         self.lock_wait_s = float(params.get("writer_lock_wait_s", "30"))
-        days = float(params.get("retention_days", "0"))
-        if not 0 <= days < 1e6:  # NaN too: a negative retention would drop every engagement
-            raise ValueError(f"engage_write: retention_days must be a number of days >= 0, got {days}")
-        self.retention_s = int(days * 86400)
         self.writer = self._open()
         every = int(params.get("snapshot_every", "1000"))
         self.snapshots = Snapshots(lambda: self.writer.snapshot(), every, "engagement-snapshot")

@@ -72,6 +72,7 @@ from feedserve.triton.base import (
     milvus_uri_of,
     read_records,
     require,
+    retention_seconds,
 )
 
 logger = logging.getLogger(__name__)
@@ -173,7 +174,10 @@ class RankModel(BatchModel[RankRequest]):
         # (engage_write: the local index's log, or Milvus's), merged in on a thread every `engagement_poll_s`.
         log: Path | Follower = layout.index_dir.engagements
         if params.get("index", "local") != "local":
-            log = MilvusFollower(MilvusEngagements(milvus_uri_of(params, "rank"), milvus_index_name(params)))
+            milvus = MilvusEngagements(
+                milvus_uri_of(params, "rank"), milvus_index_name(params), retention_seconds(params, "rank")
+            )
+            log = MilvusFollower(milvus)
         self.coengagement = LiveCoEngagement(
             CoEngagement.load(layout.coengagement),
             log,

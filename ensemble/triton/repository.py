@@ -64,8 +64,8 @@ class RepositorySettings:
     knn_dtype: str = "fp16"  # device storage of the GPU kNN
     # Writes between snapshots of the live index and of the engagement log (each restarts its log).
     snapshot_every: int = 1000
-    # Engagements older than this many days are dropped from the engagement snapshot (0: kept
-    # forever; the local index only: Milvus keeps its collection).
+    # Engagements older than this many days are dropped (0: kept forever): from the engagement
+    # snapshot of the local index, from the collection (and every `rank`'s reading of it) with Milvus.
     engagement_retention_days: int = 0
     encoder_cache_rows: int = 10000  # prompts whose embeddings the python encoder keeps (0: off)
     # The CPU encoder's graph: "int8" (encoder.int8.onnx, feedserve.export.onnx.quantize_int8), "fp32",
@@ -114,8 +114,6 @@ class RepositorySettings:
             raise ValueError(f"unknown ranker attention {self.rank_attention!r}; expected one of {SERVED_ATTENTIONS}")
         if self.engagement_retention_days < 0:
             raise ValueError(f"engagement retention must be >= 0 days, got {self.engagement_retention_days}")
-        if self.engagement_retention_days and self.index != "local":
-            raise ValueError("an engagement retention applies to the local index's log; Milvus keeps its collection")
         if self.gpu and self.encoder_precision == "int8":
             raise ValueError("the int8 encoder is an ONNX Runtime CPU graph; GPU variants run bf16 or TensorRT")
 
@@ -340,6 +338,9 @@ def _rank(settings: RepositorySettings) -> mc.ModelConfig:
         "task_weights": json.dumps(dict(settings.task_weights)),
         **settings.index_params(),
     }
+    if settings.engagement_retention_days and settings.index != "local":
+        # Replicas share no snapshot: each `rank` reads the Milvus log inside the retention's window.
+        params["retention_days"] = str(settings.engagement_retention_days)
     if settings.gpu:
         params.update(runtime="torch", dtype=settings.rank_dtype, attention=settings.rank_attention)
     elif settings.rank_threads:
@@ -498,7 +499,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--engagement-retention-days",
         type=int,
         default=0,
-        help="drop logged engagements older than this from the engagement snapshot (0: keep every one)",
+        help="drop logged engagements older than this, from the local log's snapshot or the Milvus collection "
+        "(0: keep every one)",
     )
     parser.add_argument(
         "--rank-dtype",

@@ -197,6 +197,58 @@ def test_a_milvus_follower_reads_late_rows_and_no_clock_hides_the_others(
         follower.log.close()
 
 
+def test_a_milvus_log_with_a_retention_keeps_the_window_every_replica_computes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--engagement-retention-days` with Milvus: a write stores the engagements inside the window and
+    deletes those that fell out of it; a `rank` reads inside it, and when it moves merges anew from the
+    build's table (even before any writer deleted); a writer whose clock runs a year ahead deletes
+    nothing inside the window of the engagements it is given."""
+    pytest.importorskip("milvus_lite")
+    from feedserve.index.milvus import MilvusLite
+    from feedserve.rank import engagements
+    from feedserve.rank.coengagement import CoEngagement
+    from feedserve.rank.engagements import LiveCoEngagement, MilvusEngagements, MilvusFollower, retention_since
+
+    day, now = 86400, 1_750_000_000
+    assert retention_since(0, now) == 0 and retention_since(10 * day, now) % day == 0
+    assert now - 11 * day < retention_since(10 * day, now) <= now - 10 * day
+    clock = [now]
+    monkeypatch.setattr(engagements, "clock_s", lambda: clock[0])
+    with MilvusLite(tmp_path / "milvus" / "db.db") as lite:
+        params = {"index": "milvus", "milvus_uri": lite.uri, "milvus_collection": "posts", "retention_days": "10"}
+        writer = EngageWriteModel()
+        writer.setup(ArtifactLayout(tmp_path), params)
+        assert writer.milvus is not None and writer.milvus.retention_s == 10 * day
+        base = CoEngagement.from_events([(100, 10, 5)])  # the build's: never dropped
+        live = LiveCoEngagement(base, MilvusFollower(MilvusEngagements(lite.uri, "posts", 10 * day)))
+
+        def stored() -> list[int]:
+            return sorted(r["member"] for r in writer.milvus.since(0))  # type: ignore[union-attr]
+
+        def members() -> list[int]:
+            return sorted(set(live.table.members.tolist()))
+
+        times = [now - 20 * day, now - 5 * day, now - day]
+        (out,) = writer.run([_batch([1, 2, 3], [10, 10, 10], times)], [KEYED])
+        assert not isinstance(out, RequestError) and out["LSN"].shape == (3, 1)  # acknowledged, 1 dropped
+        assert stored() == [2, 3]
+        assert live.update() and members() == [2, 3, 100]
+        clock[0] = now + 6 * day  # 2's engagement falls out of the window
+        assert live.update() and members() == [3, 100]  # merged anew; nothing deleted yet
+        assert stored() == [2, 3]
+        writer.run([_batch([4], [11], [now + 6 * day])], [KEYED])
+        assert stored() == [3, 4]  # the write deleted what fell out
+        assert live.update() and members() == [3, 4, 100]
+        clock[0] = now + 365 * day
+        ahead = MilvusEngagements(lite.uri, "posts", 10 * day)
+        ahead.write(np.array([5]), np.array([12]), np.array([now + 6 * day]))
+        assert stored() == [3, 4, 5]  # "now" no later than what it was given
+        ahead.close()
+        live.close()
+        writer.finalize()
+
+
 def test_a_milvus_that_stops_answering_fails_a_poll_on_time_rather_than_holding_the_follower(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -119,17 +119,22 @@ def test_task_weights_are_a_preset_or_a_json_object_of_finite_numbers(tmp_path: 
     assert drift(tmp_path, feed) == [] and drift(tmp_path, RepositorySettings()) == ["rank/config.pbtxt"]
 
 
-def test_an_engagement_retention_reaches_the_engagement_writer_alone(tmp_path: Path) -> None:
+def test_an_engagement_retention_reaches_the_engagement_writer_and_with_milvus_every_rank(tmp_path: Path) -> None:
+    """The local log's followers read the retention from its snapshot; Milvus's, sharing none, are
+    told it."""
     from feedserve.triton.engage_write import EngageWriteModel
 
     configs = render_configs(RepositorySettings(engagement_retention_days=90))
     assert configs[ModelName.ENGAGE_WRITE].parameters["retention_days"].string_value == "90"
     assert "retention_days" not in configs[ModelName.INDEX_WRITE].parameters
+    assert "retention_days" not in configs[ModelName.RANK].parameters
     assert "retention_days" not in render_configs()[ModelName.ENGAGE_WRITE].parameters  # kept forever
     with pytest.raises(ValueError, match=">= 0 days"):
         RepositorySettings(engagement_retention_days=-1)
-    with pytest.raises(ValueError, match="Milvus keeps its collection"):
-        RepositorySettings(engagement_retention_days=90, index="milvus")
+    milvus = render_configs(RepositorySettings(engagement_retention_days=90, index="milvus"))
+    for name in (ModelName.ENGAGE_WRITE, ModelName.RANK):
+        assert milvus[name].parameters["retention_days"].string_value == "90"
+    assert "retention_days" not in render_configs(RepositorySettings(index="milvus"))[ModelName.RANK].parameters
     from feedserve.artifacts import ArtifactLayout
 
     model = EngageWriteModel()
