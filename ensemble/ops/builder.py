@@ -86,10 +86,10 @@ def build_ranker(layout: ArtifactLayout, package: Path | None, corpus: Path, for
                 logger.warning("removed %s: no ranker was trained for this encoder (`--ranker DIR`)", path)
         return
     model = GenerativeRanker.load(package)
-    if model.config.content_dim != layout.serving_dim():
+    served = layout.serving_dim()
+    if model.config.content_dim != served:
         raise ValueError(
-            f"{package}: the ranker reads {model.config.content_dim}-wide embeddings; this encoder serves "
-            f"{layout.serving_dim()}"
+            f"{package}: the ranker reads {model.config.content_dim}-wide embeddings; this encoder serves {served}"
         )
     from feedserve.export import rank as exporter
     from feedserve.prompt import movielens
