@@ -40,7 +40,7 @@ from feedserve.rank.data import (
     movielens_examples,
     select_tasks,
 )
-from feedserve.rank.model import HISTORIES, NEUTRAL, POST_TOKENS, GenerativeRanker, RankerConfig
+from feedserve.rank.model import HISTORIES, NEUTRAL, NEW_POST_IDS, POST_TOKENS, GenerativeRanker, RankerConfig
 from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, multitask_loss
 from feedserve.training.rank_eval import RankingData, evaluate, evaluation_cases
 
@@ -161,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--id-dropout", type=float, default=0.0, help="share of post tokens trained as new posts (content alone)"
     )
+    p.add_argument(
+        "--new-post-id",
+        choices=NEW_POST_IDS,
+        default="none",
+        help="what a never-trained id reads as: nothing, or one learned stand-in (needs --id-dropout)",
+    )
     p.add_argument("--history", choices=HISTORIES, default="all", help="what the ranker reads of a member's history")
     p.add_argument("--no-action-tokens", action="store_true", help="ablation: every interaction read as neutral")
     p.add_argument("--no-features", action="store_true", help="ablation: no candidate features fused late")
@@ -221,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         id_buckets=args.id_buckets,
         post_tokens=args.post_tokens,
         id_dropout=args.id_dropout,
+        new_post_id=args.new_post_id,
         history=args.history,
         actions=(NEUTRAL,) if args.no_action_tokens else RankerConfig.actions,
         features=()

@@ -39,7 +39,15 @@ from feedserve.prompt.buckets import PercentileBuckets
 from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.data import PostTable, RankExample, Tensorizer, feature_names
 from feedserve.rank.features import EventCounts, PostFeatures
-from feedserve.rank.model import COUNT_BUCKETS_FILE, INPUTS, NEUTRAL, POST_TOKENS, GenerativeRanker, RankerConfig
+from feedserve.rank.model import (
+    COUNT_BUCKETS_FILE,
+    INPUTS,
+    NEUTRAL,
+    NEW_POST_IDS,
+    POST_TOKENS,
+    GenerativeRanker,
+    RankerConfig,
+)
 from feedserve.rank.train import FEED_TASK_WEIGHTS
 from feedserve.training.evaluate import EmbeddingRetriever
 from feedserve.training.feed_log import (
@@ -266,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
         "impressions' posts are (benchmarks/reports/rank_tasks: level with content alone, above ids alone; "
         "0 falls below both)",
     )
+    p.add_argument(
+        "--new-post-id",
+        choices=NEW_POST_IDS,
+        default="none",
+        help="what a never-trained id reads as: nothing (content alone), or one stand-in learned on the dropped ids",
+    )
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--validate", action="store_true", help="train and evaluate inside the training period")
@@ -292,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         max_rank=args.shown,
         post_tokens=args.post_tokens,
         id_dropout=args.id_dropout,
+        new_post_id=args.new_post_id,
         **({"actions": (NEUTRAL,)} if args.no_action_tokens else {}),
     )
     torch.manual_seed(args.seed)

@@ -52,6 +52,10 @@ POST_TOKENS = ("gated", "content", "id", "residual")
 # on a GPU).
 ATTENTIONS = ("split", "dense", "flex")
 HISTORIES = ("all", "engaged")
+# What stands for the id of a post the ranker never trained on (NEW_POST_IDS): "none", nothing (the
+# token is the content alone in the gated mix, zero in the id arm), or "learned", one trained
+# embedding for every such id, mixed by the gate as a known post's id is.
+NEW_POST_IDS = ("none", "learned")
 # The action every interaction the ranker has no token for is read as (seen, neither liked nor not).
 NEUTRAL = "neutral"
 # A saved ranker: its configuration and its weights; and, where its counts are not cut at the
@@ -82,9 +86,16 @@ class RankerConfig:
     cross_layers: int = 2
     dropout: float = 0.1
     # In training, the share of post tokens read as if their id were never trained on (content
-    # alone): at serving, every post created since the training cutoff is (half the feed log's test
-    # impressions), a token the ranker otherwise never sees while it learns.
+    # alone, or with `new_post_id` the stand-in): at serving, every post created since the training
+    # cutoff is (half the feed log's test impressions), a token the ranker otherwise never sees while
+    # it learns.
     id_dropout: float = 0.0
+    # What a new post's id reads as (NEW_POST_IDS). With "none" a new post's gated token is its
+    # content whole, while every trained post's mixes in its id and so holds part of its content:
+    # a token of another scale than any the ranker trained on, and the MovieLens rankers put new
+    # posts below where retrieval had them (benchmarks/reports/ranker/new-posts/). "learned" trains
+    # the stand-in on the tokens `id_dropout` drops, so it needs id_dropout > 0.
+    new_post_id: str = "none"
     # A linear term of the candidate features added to every task's logit beside the MMoE's (the
     # "wide" part of wide & deep): the retrieval score reaches the final score directly, so the
     # ranker learns a correction of the retrieval order rather than a replacement for it.
@@ -117,6 +128,10 @@ class RankerConfig:
             raise ValueError(f"post_tokens must be one of {POST_TOKENS}, got {self.post_tokens!r}")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
+        if self.new_post_id not in NEW_POST_IDS:
+            raise ValueError(f"new_post_id must be one of {NEW_POST_IDS}, got {self.new_post_id!r}")
+        if self.new_post_id == "learned" and not self.id_dropout:
+            raise ValueError("new_post_id 'learned' is trained on the tokens id_dropout drops: set id_dropout > 0")
         if self.history not in HISTORIES:
             raise ValueError(f"history must be one of {HISTORIES}, got {self.history!r}")
         if NEUTRAL not in self.actions:
@@ -370,6 +385,8 @@ class GenerativeRanker(nn.Module):
         self.ids = nn.Embedding(config.id_buckets, d)
         nn.init.zeros_(self.ids.weight)  # an id never trained on adds nothing
         self.gate = nn.Linear(2 * d, 1)
+        # Registered only where configured, so rankers saved before it load as they were.
+        self.new_post_id = nn.Parameter(torch.zeros(d)) if config.new_post_id == "learned" else None
         self.actions = nn.Embedding(len(config.actions), d)
         self.candidate_token = nn.Parameter(torch.zeros(d))  # marks the slots being scored
         self.positions = nn.Embedding(config.positions, d)
@@ -415,20 +432,40 @@ class GenerativeRanker(nn.Module):
         first.scatter_reduce_(0, buckets, ids, reduce="amin", include_self=False)
         self.id_owners.copy_(torch.where(self.id_owners >= 0, self.id_owners, first))
 
+    def trained(self, ids: torch.Tensor) -> torch.Tensor:
+        """Whether each post id's embedding was trained (it owns its bucket): False for a post created
+        since the training cutoff, and for a colliding id."""
+        return self.id_owners[hash_ids(ids, self.config.id_buckets)] == ids
+
+    def _post_ids(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each post's id embedding and whether the gate may mix it in (1.0/0.0): in training
+        `id_dropout` drops some; with the learned stand-in every id has one."""
+        by_id = self.ids(hash_ids(ids, self.config.id_buckets))
+        known = self.trained(ids).unsqueeze(-1).to(by_id.dtype)
+        if self.training and self.config.id_dropout > 0:
+            known = known * (torch.rand(known.shape, device=known.device) >= self.config.id_dropout).to(known.dtype)
+        if self.new_post_id is not None:
+            return known * by_id + (1 - known) * self.new_post_id, torch.ones_like(known)
+        return by_id, known
+
+    def post_gate(self, ids: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+        """[..., 1]: the share of each gated post token that is its id (0 where it has none)."""
+        by_id, known = self._post_ids(ids)
+        return self._gate(self.content(content), by_id, known)
+
+    def _gate(self, by_content: torch.Tensor, by_id: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.gate(torch.cat([by_content, by_id], dim=-1))) * known
+
     def post_tokens(self, ids: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
-        """Content and id mixed by a learned gate; ids never trained on get the content alone."""
-        buckets = hash_ids(ids, self.config.id_buckets)
+        """Content and id mixed by a learned gate; ids never trained on get the content alone, or with
+        `new_post_id` "learned" the stand-in id, mixed as a known one is."""
         by_content = self.content(content)
         if self.config.post_tokens == "content":
             return by_content
-        by_id = self.ids(buckets)
-        known = (self.id_owners[buckets] == ids).unsqueeze(-1).to(by_id.dtype)
+        by_id, known = self._post_ids(ids)
         if self.config.post_tokens == "id":
             return by_id * known
-        if self.training and self.config.id_dropout > 0:
-            known = known * (torch.rand(known.shape, device=known.device) >= self.config.id_dropout).to(known.dtype)
-        gate = torch.sigmoid(self.gate(torch.cat([by_content, by_id], dim=-1)))
-        gate = gate * known
+        gate = self._gate(by_content, by_id, known)
         if self.config.post_tokens == "residual":
             return by_content + gate * by_id
         return gate * by_id + (1 - gate) * by_content

@@ -270,6 +270,42 @@ def test_id_dropout_reads_some_known_posts_by_content_alone_in_training_only() -
 
 
 @torch.no_grad()
+def test_a_learned_stand_in_is_the_id_of_every_new_post_and_of_the_ids_dropped_in_training() -> None:
+    """`new_post_id` "learned": a post never trained on (or a dropped one, in training) is mixed by the
+    gate with one learned embedding as a known post is with its own; known posts are unchanged."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    config = replace(CONFIG, id_dropout=0.5, new_post_id="learned")
+    model = GenerativeRanker(config, known_ids=torch.arange(1000, 1400)).eval()
+    torch.nn.init.normal_(model.ids.weight)
+    torch.nn.init.normal_(model.new_post_id)  # as if trained
+    ids, content = torch.tensor([[1000, 1001, 5000, 5001]]), torch.randn(1, 4, CONFIG.content_dim)
+    by_content = model.content(content)
+    by_id = torch.where(
+        model.trained(ids).unsqueeze(-1), model.ids(hash_ids(ids, CONFIG.id_buckets)), model.new_post_id
+    )
+    gate = torch.sigmoid(model.gate(torch.cat([by_content, by_id], dim=-1)))
+    assert model.trained(ids).tolist() == [[True, True, False, False]]
+    assert torch.allclose(model.post_tokens(ids, content), gate * by_id + (1 - gate) * by_content, atol=1e-6)
+    assert torch.allclose(model.post_gate(ids, content), gate, atol=1e-6)
+    assert (model.post_gate(ids, content) > 0).all()  # a new post's token mixes in the stand-in
+    without = GenerativeRanker(CONFIG, known_ids=torch.arange(1000, 1400)).eval()
+    assert without.post_gate(ids, content)[0, 2:].eq(0).all()  # "none": nothing stands in
+    known = torch.arange(1000, 1400).reshape(1, -1)
+    content = torch.randn(1, 400, CONFIG.content_dim)
+    stand_in = model.new_post_id.expand(1, 400, -1)
+    model.train()
+    gate = torch.sigmoid(model.gate(torch.cat([model.content(content), stand_in], dim=-1)))
+    standing = torch.isclose(model.post_tokens(known, content), gate * stand_in + (1 - gate) * model.content(content))
+    assert 0.4 < standing.all(-1).float().mean() < 0.6  # about half the known ids dropped
+    with pytest.raises(ValueError, match="id_dropout"):
+        replace(CONFIG, new_post_id="learned")  # nothing would train it
+    with pytest.raises(ValueError, match="new_post_id"):
+        replace(CONFIG, id_dropout=0.1, new_post_id="mean")
+
+
+@torch.no_grad()
 def test_the_wide_term_adds_the_features_linearly_to_every_logit() -> None:
     from dataclasses import replace
 
