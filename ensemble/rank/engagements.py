@@ -34,8 +34,8 @@ per post would take the table's place.
 
 With `--index milvus` servers share no directory: the log is then a Milvus collection beside the
 post index's (`MilvusEngagements`), written by any `engage_write` replica and followed by every
-`rank` by queries (`MilvusFollower`); Milvus keeps it, and there is no snapshot to take. A retention
-there is a window every replica computes alike from its clock (`retention_since`): writers do not
+`rank` by queries (`MilvusFollower`); Milvus keeps it (there is no snapshot to take) unless a retention
+is set: a window every replica computes alike from its clock (`retention_since`): writers do not
 store engagements older than it and delete those that fall out of it, followers read inside it and
 merge anew each time it moves.
 
@@ -87,6 +87,7 @@ BODY = struct.Struct("<II")  # n, columns
 COLUMNS = 3
 # Times are unix seconds, as the co-engagement table and the count log hold them.
 MAX_TIME = (1 << 32) - 1
+FUTURE_SLACK_S = 86400  # how far past the writer's clock an engagement's time may be (clocks differ)
 COENGAGED_ACTIONS = frozenset({"like", "love", "comment", "share", "repost", "save"})
 MERGE_SPACING = 10  # a follower merges at most every this many times its last merge took
 # A Milvus follower reads again what was written this long before the latest it read: writers' clocks
@@ -148,6 +149,12 @@ def check(members: np.ndarray, posts: np.ndarray, times: np.ndarray) -> None:
             raise ValueError(f"engagements: {name} must be >= 0, got {int(values.min())}")
     if len(times) and (times.min() < 0 or times.max() > MAX_TIME):
         raise ValueError(f"engagements: times must be unix seconds in [0, {MAX_TIME}]")
+    if len(times) and times.max() > clock_s() + FUTURE_SLACK_S:
+        # A retention counts back from the newest engagement (no later than the clock): one dated
+        # years ahead would drop, or with Milvus delete for good, every engagement before it.
+        raise ValueError(
+            f"engagements: time {int(times.max())} is more than {FUTURE_SLACK_S} s past this server's clock"
+        )
 
 
 def encode(members: np.ndarray, posts: np.ndarray, times: np.ndarray) -> bytes:
@@ -466,13 +473,13 @@ class MilvusEngagements:
     engagement (member, post, engaged_at, and written_at: microseconds since the epoch, stamped by
     the writer), an automatic id, and a placeholder vector (Milvus wants one in every collection).
     Any number of writers insert; an insert under Strong consistency is visible to every query
-    after it is acknowledged. Milvus keeps it: there is no snapshot to take.
-
-    With `retention_s`, the window `retention_since` keeps: a write stores the engagements inside
-    it (the rest are acknowledged and dropped, as a local snapshot drops them) and deletes those
+    after it is acknowledged. Milvus keeps every row (there is no snapshot to take) unless
+    `retention_s` is set: then a write stores the engagements inside the window `retention_since`
+    keeps (the rest are acknowledged and dropped, as a local snapshot drops them) and deletes those
     that fell out of it since the last delete; `since` reads inside it. A writer's "now" is never
-    past the newest engagement it was given (a delete is for good: a clock a year ahead would
-    otherwise empty the log)."""
+    past the newest engagement it was given, and none is taken dated more than FUTURE_SLACK_S past
+    its clock (a delete is for good: a clock or an engagement a year ahead would otherwise empty the
+    log)."""
 
     def __init__(self, uri: str, index_name: str, retention_s: int = 0) -> None:
         from pymilvus import DataType, MilvusClient
@@ -533,9 +540,10 @@ class MilvusEngagements:
         self._deleted_to = kept
         logger.info("%s: engagements before %d deleted (retention %d s)", self.collection, kept, self.retention_s)
 
-    def kept_since(self) -> int:
-        """The retention window's start by this process's clock (0: no retention)."""
-        return retention_since(self.retention_s, clock_s())
+    def kept_since(self, newest: int = 0) -> int:
+        """The retention window's start by this process's clock, never past `newest` (the newest
+        engagement read; 0: none yet) less the retention (0: no retention)."""
+        return retention_since(self.retention_s, min(clock_s(), newest) if newest else clock_s())
 
     def since(self, written_us: int, engaged_since: int = 0) -> list[dict[str, Any]]:
         """Every row written at `written_us` or later (id, member, post, engaged_at, written_at), of an
@@ -566,20 +574,25 @@ class MilvusFollower:
         self.log, self.name = log, f"Milvus collection {log.collection}"
         self.latest_us: int | None = None
         self.kept_since = 0  # the retention window's start the rows read are inside
+        self._newest = 0  # the newest engagement time read
         self._recent: dict[int, int] = {}  # id -> written_at, of the rows read inside the overlap
 
     def read(self) -> tuple[bool, list[np.ndarray]]:
-        kept = self.log.kept_since()
-        moved = kept > self.kept_since
-        if moved:  # read the window anew; nothing changes here until the read did
-            rows, replaced = self.log.since(0, kept), self.latest_us is not None
-            self.latest_us, self._recent, self.kept_since = None, {}, kept
-        else:
-            since = 0 if self.latest_us is None else self.latest_us - OVERLAP_US
-            rows, replaced = (
-                [r for r in self.log.since(since, self.kept_since) if int(r["id"]) not in self._recent],
-                False,
-            )
+        if not self._newest:
+            # Nothing read yet, so nothing merged to take back: the window is the clock's, wherever
+            # it was before (a clock that had jumped ahead and came back).
+            self.kept_since = self.log.kept_since()
+        since = 0 if self.latest_us is None else self.latest_us - OVERLAP_US
+        rows = [r for r in self.log.since(since, self.kept_since) if int(r["id"]) not in self._recent]
+        newest = max([self._newest, *(int(r["engaged_at"]) for r in rows)])
+        # The window moves with the newest engagement read, never past it (as a writer's): a clock
+        # that jumps ahead would otherwise move it past every engagement, and for good.
+        kept = self.log.kept_since(newest) if newest else self.kept_since
+        replaced = False
+        if kept > self.kept_since:  # read the window anew; nothing changes here until the read did
+            rows, replaced = self.log.since(0, kept), self._newest > 0
+            self.latest_us, self._recent = None, {}
+        self.kept_since, self._newest = max(kept, self.kept_since), newest
         for r in rows:
             self._recent[int(r["id"])] = int(r["written_at"])
         if rows:

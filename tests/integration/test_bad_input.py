@@ -358,6 +358,12 @@ CASES: list[Case] = [
             ("negative-post", {"POST_ID": np.array([[-7]], np.int64)}, "post ids must be >= 0", ENV_KEY),
             ("time-in-ms", {"ENGAGED_AT": np.array([[1_700_000_000_000]], np.int64)}, "unix seconds", ENV_KEY),
             ("time-negative", {"ENGAGED_AT": np.array([[-5]], np.int64)}, "unix seconds", ENV_KEY),
+            (  # 2100: a retention counting back from it would drop every engagement before it
+                "time-in-the-future",
+                {"ENGAGED_AT": np.array([[4_102_444_800]], np.int64)},
+                "past this server's clock",
+                ENV_KEY,
+            ),
             (  # Triton refuses a batch of none before the model (it would take an lsn and an fsync)
                 "empty",
                 {c: np.zeros((0, 1), np.int64) for c in ("MEMBER_ID", "POST_ID", "ENGAGED_AT")},

@@ -201,9 +201,10 @@ def test_a_milvus_log_with_a_retention_keeps_the_window_every_replica_computes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`--engagement-retention-days` with Milvus: a write stores the engagements inside the window and
-    deletes those that fell out of it; a `rank` reads inside it, and when it moves merges anew from the
-    build's table (even before any writer deleted); a writer whose clock runs a year ahead deletes
-    nothing inside the window of the engagements it is given."""
+    deletes those that fell out of it; a `rank` reads inside it and, when it moves, merges anew from the
+    build's table (even before any writer deleted). The window follows the clock but never passes the
+    newest engagement given or read: a clock a year ahead deletes nothing, and an engagement dated a
+    year ahead is refused by name."""
     pytest.importorskip("milvus_lite")
     from feedserve.index.milvus import MilvusLite
     from feedserve.rank import engagements
@@ -220,11 +221,12 @@ def test_a_milvus_log_with_a_retention_keeps_the_window_every_replica_computes(
         writer = EngageWriteModel()
         writer.setup(ArtifactLayout(tmp_path), params)
         assert writer.milvus is not None and writer.milvus.retention_s == 10 * day
+        keeper = MilvusEngagements(lite.uri, "posts")  # a writer with no retention: deletes nothing
         base = CoEngagement.from_events([(100, 10, 5)])  # the build's: never dropped
         live = LiveCoEngagement(base, MilvusFollower(MilvusEngagements(lite.uri, "posts", 10 * day)))
 
         def stored() -> list[int]:
-            return sorted(r["member"] for r in writer.milvus.since(0))  # type: ignore[union-attr]
+            return sorted(r["member"] for r in keeper.since(0))
 
         def members() -> list[int]:
             return sorted(set(live.table.members.tolist()))
@@ -234,17 +236,28 @@ def test_a_milvus_log_with_a_retention_keeps_the_window_every_replica_computes(
         assert not isinstance(out, RequestError) and out["LSN"].shape == (3, 1)  # acknowledged, 1 dropped
         assert stored() == [2, 3]
         assert live.update() and members() == [2, 3, 100]
-        clock[0] = now + 6 * day  # 2's engagement falls out of the window
-        assert live.update() and members() == [3, 100]  # merged anew; nothing deleted yet
-        assert stored() == [2, 3]
-        writer.run([_batch([4], [11], [now + 6 * day])], [KEYED])
-        assert stored() == [3, 4]  # the write deleted what fell out
-        assert live.update() and members() == [3, 4, 100]
-        clock[0] = now + 365 * day
+        clock[0] = now + 6 * day
+        assert not live.update() and members() == [2, 3, 100]  # no engagement since: the window stays
+        keeper.write(np.array([4]), np.array([11]), np.array([now + 6 * day]))
+        assert live.update() and members() == [3, 4, 100]  # 2's fell out: merged anew, though still stored
+        assert stored() == [2, 3, 4]
+        writer.run([_batch([5], [11], [now + 6 * day])], [KEYED])
+        assert stored() == [3, 4, 5]  # the write deleted what fell out
+        clock[0] = now + 365 * day  # this process's clock jumps a year ahead
         ahead = MilvusEngagements(lite.uri, "posts", 10 * day)
-        ahead.write(np.array([5]), np.array([12]), np.array([now + 6 * day]))
-        assert stored() == [3, 4, 5]  # "now" no later than what it was given
-        ahead.close()
+        ahead.write(np.array([6]), np.array([12]), np.array([now + 6 * day]))
+        assert stored() == [3, 4, 5, 6]  # "now" no later than what it was given
+        assert live.update() and members() == [3, 4, 5, 6, 100]  # nor a follower's than what it read
+        late = MilvusFollower(MilvusEngagements(lite.uri, "posts", 10 * day))
+        assert late.read() == (False, [])  # a rank that starts a year ahead reads nothing yet,
+        clock[0] = now + 6 * day  # and back
+        _, chunks = late.read()
+        assert sorted(chunks[0][0].tolist()) == [3, 4, 5, 6]  # and every engagement once its clock is back
+        (future,) = writer.run([_batch([7], [13], [now + 300 * day])], [KEYED])
+        assert isinstance(future, RequestError) and "past this server's clock" in str(future)
+        assert stored() == [3, 4, 5, 6]
+        for log in (ahead, keeper, late):  # (clients of one Milvus share its connection: closed last)
+            log.close()
         live.close()
         writer.finalize()
 
