@@ -130,8 +130,11 @@ class RankerConfig:
             raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
         if self.new_post_id not in NEW_POST_IDS:
             raise ValueError(f"new_post_id must be one of {NEW_POST_IDS}, got {self.new_post_id!r}")
-        if self.new_post_id == "learned" and not self.id_dropout:
-            raise ValueError("new_post_id 'learned' is trained on the tokens id_dropout drops: set id_dropout > 0")
+        if self.new_post_id == "learned" and (not self.id_dropout or self.post_tokens not in ("gated", "residual")):
+            raise ValueError(
+                "new_post_id 'learned' is mixed by the gate and trained on the tokens id_dropout drops: it needs "
+                f"gated or residual post tokens and id_dropout > 0, got {self.post_tokens!r} and {self.id_dropout}"
+            )
         if self.history not in HISTORIES:
             raise ValueError(f"history must be one of {HISTORIES}, got {self.history!r}")
         if NEUTRAL not in self.actions:
@@ -442,7 +445,8 @@ class GenerativeRanker(nn.Module):
         `id_dropout` drops some; with the learned stand-in every id has one."""
         by_id = self.ids(hash_ids(ids, self.config.id_buckets))
         known = self.trained(ids).unsqueeze(-1).to(by_id.dtype)
-        if self.training and self.config.id_dropout > 0:
+        # The id arm trains every id it has (its ablation reads a new post as nothing).
+        if self.training and self.config.id_dropout > 0 and self.config.post_tokens != "id":
             known = known * (torch.rand(known.shape, device=known.device) >= self.config.id_dropout).to(known.dtype)
         if self.new_post_id is not None:
             return known * by_id + (1 - known) * self.new_post_id, torch.ones_like(known)

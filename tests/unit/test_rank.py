@@ -265,6 +265,9 @@ def test_id_dropout_reads_some_known_posts_by_content_alone_in_training_only() -
     assert 0.4 < alone.float().mean() < 0.6  # about half, each token drawn on its own
     model.eval()
     assert not torch.isclose(model.post_tokens(ids, content), by_content, atol=1e-6).all(-1).any()
+    id_arm = GenerativeRanker(replace(config, post_tokens="id"), known_ids=torch.arange(1000, 1400)).train()
+    id_arm.load_state_dict(model.state_dict())
+    assert not id_arm.post_tokens(ids, content).eq(0).all(-1).any()  # the id arm drops none
     with pytest.raises(ValueError, match="id_dropout"):
         replace(CONFIG, id_dropout=1.0)
 
@@ -301,6 +304,9 @@ def test_a_learned_stand_in_is_the_id_of_every_new_post_and_of_the_ids_dropped_i
     assert 0.4 < standing.all(-1).float().mean() < 0.6  # about half the known ids dropped
     with pytest.raises(ValueError, match="id_dropout"):
         replace(CONFIG, new_post_id="learned")  # nothing would train it
+    for arm in ("id", "content"):  # nothing would mix it
+        with pytest.raises(ValueError, match="gated or residual"):
+            replace(CONFIG, post_tokens=arm, id_dropout=0.1, new_post_id="learned")
     with pytest.raises(ValueError, match="new_post_id"):
         replace(CONFIG, id_dropout=0.1, new_post_id="mean")
 
