@@ -1,0 +1,197 @@
+"""Where rankers put the posts nobody had rated before the cutoff (new posts), and why.
+
+    .venv/bin/python -m benchmarks.rank_new_posts --ranker models/gr-movielens runs/test-id runs/test-content
+        [--validate] [--candidates 500] [--out benchmarks/reports/ranker/new-posts]
+
+On `rank_eval`'s moments protocol each ranker reorders retrieval's top `--candidates`. For the
+targets among them that are new posts: their median position in retrieval's order and in the
+ranker's, and how many reach its top 50 and top 100 (a finer reading than Recall@50 over a few
+dozen hits); beside it NDCG@10 over every target, which a change for new posts must not lose.
+
+Why, for rankers that mix content and id: over the catalog, the gate (the share of a token that is
+its id) on the posts the ranker trained on, and the norms of a trained post's token and of a new
+post's. A probe reads each such ranker once more with every new post's token zeroed (as the id-only
+arm reads one): how much of where new posts land is their token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks import write_report
+from feedserve.artifacts import default_artifacts_dir
+from feedserve.clients.perf import machine
+from feedserve.rank.model import GenerativeRanker
+from feedserve.training.evaluate import metrics
+from feedserve.training.rank_eval import RankCase, RankingData, evaluation_cases, rank_cases
+
+logger = logging.getLogger(__name__)
+
+
+class NewPostsZeroed(GenerativeRanker):
+    """The probe: the same ranker with the token of every post it never trained on zeroed."""
+
+    def post_tokens(self, ids: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+        return super().post_tokens(ids, content) * self.trained(ids).unsqueeze(-1).to(content.dtype)
+
+
+def new_target_positions(tops: Sequence[np.ndarray], cases: Sequence[RankCase], new: set[int]) -> np.ndarray:
+    """The position (0: first) of every new-post target in its case's order, where the order has it."""
+    out = []
+    for top, case in zip(tops, cases, strict=True):
+        at = {int(p): i for i, p in enumerate(top.tolist())}
+        out += [at[t] for t in sorted(case.targets & new) if t in at]
+    return np.array(out, np.int64)
+
+
+def base_rates(tops: Sequence[np.ndarray], cases: Sequence[RankCase], new: set[int]) -> dict[str, float]:
+    """How often a candidate is a target, new posts against the rest: what an order that knows
+    nothing but whether a post is new would do with them."""
+    counts = np.zeros((2, 2), np.int64)  # [new?, target?]
+    for top, case in zip(tops, cases, strict=True):
+        for post in top.tolist():
+            counts[int(post in new), int(post in case.targets)] += 1
+    rate = counts[:, 1] / np.maximum(counts.sum(1), 1)
+    return {
+        "new_share_of_candidates": float(counts[1].sum() / counts.sum()),
+        "new_share_of_targets": float(counts[1, 1] / max(counts[:, 1].sum(), 1)),
+        "target_rate_new": float(rate[1]),
+        "target_rate_trained": float(rate[0]),
+    }
+
+
+def placement(positions: np.ndarray) -> dict[str, Any]:
+    return {
+        "targets": len(positions),
+        "median_position": float(np.median(positions)) if len(positions) else None,
+        "top50": int(np.sum(positions < 50)),
+        "top100": int(np.sum(positions < 100)),
+    }
+
+
+@torch.no_grad()
+def token_shapes(model: GenerativeRanker, data: RankingData) -> dict[str, float] | None:
+    """The gate over trained posts and the token norms of trained and new posts, over the catalog
+    (None for a ranker that mixes nothing)."""
+    if model.config.post_tokens in ("content", "id"):
+        return None
+    ids = torch.as_tensor(data.post_ids)
+    content = torch.as_tensor(np.asarray(data.retriever.posts), dtype=torch.float32)
+    trained = model.trained(ids)
+    gate = model.post_gate(ids, content)[trained, 0]
+    norms = model.post_tokens(ids, content).norm(dim=-1)
+    return {
+        "trained_posts": int(trained.sum()),
+        "new_posts": int((~trained).sum()),
+        "gate_mean": float(gate.mean()),
+        "gate_q10": float(gate.quantile(0.1)),
+        "gate_q90": float(gate.quantile(0.9)),
+        "norm_trained": float(norms[trained].mean()),
+        "norm_new": float(norms[~trained].mean()),
+    }
+
+
+def read(
+    model: GenerativeRanker, data: RankingData, vectors: np.ndarray, cases: Sequence[RankCase], candidates: int
+) -> tuple[list[np.ndarray], dict[str, Any]]:
+    retrieved, ranked = rank_cases(
+        model, data.tensorizer(model.config), vectors, cases, data.post_ids, data.retriever.posts, candidates
+    )
+    new = data.new_posts()
+    return retrieved, {
+        **{k: metrics(ranked, cases, (10, 50))[k] for k in ("ndcg@10", "recall@10")},
+        **placement(new_target_positions(ranked, cases, new)),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ranker", type=Path, nargs="+", required=True)
+    p.add_argument("--artifacts", type=Path, default=default_artifacts_dir())
+    p.add_argument("--cache", type=Path, default=Path("runs/cache"))
+    p.add_argument("--validate", action="store_true", help="the validation split (inside the training period)")
+    p.add_argument("--candidates", type=int, default=500)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/reports/ranker/new-posts"))
+    p.add_argument("--name", default="new-posts", help="the report's file name (without extension)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    data = RankingData.load(args.artifacts, args.cache, args.validate)
+    cases = evaluation_cases(data.ml, data.split)["moments"]
+    vectors = data.retriever.member_vectors([c.member for c in cases])
+    rows: list[dict[str, Any]] = []
+    retrieved: list[np.ndarray] = []
+    for directory in args.ranker:
+        for probe, cls in (("", GenerativeRanker), (" [new posts' tokens zeroed]", NewPostsZeroed)):
+            model = cls.load(directory)
+            if probe and model.config.post_tokens not in ("gated", "residual"):
+                continue  # the id arm reads a new post as zero already; content alone has no id to mix
+            retrieved, row = read(model, data, vectors, cases, args.candidates)
+            shapes = None if probe else token_shapes(model, data)
+            rows.append(
+                {
+                    "ranker": f"{directory}{probe}",
+                    "post_tokens": model.config.post_tokens,
+                    "new_post_id": model.config.new_post_id,
+                    **row,
+                    **({"tokens": shapes} if shapes else {}),
+                }
+            )
+            logger.info("%s", rows[-1])
+    retrieval = {
+        **placement(new_target_positions(retrieved, cases, data.new_posts())),
+        **base_rates(retrieved, cases, data.new_posts()),
+    }
+    report = {
+        "command": "python -m benchmarks.rank_new_posts " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(),
+        "split": "validation" if args.validate else "test",
+        "cases": len(cases),
+        "candidates": args.candidates,
+        "retrieval": retrieval,
+        "rankers": rows,
+    }
+    write_report(args.out, args.name, report, markdown(report))
+    return 0
+
+
+def markdown(report: dict[str, Any]) -> str:
+    r = report["retrieval"]
+    lines = [
+        f"# New posts' targets among {report['candidates']} candidates ({report['split']} moments)",
+        "",
+        f"`{report['command']}`",
+        "",
+        f"{report['cases']} moments; {r['targets']} new-post targets among retrieval's candidates, at median "
+        f"position {r['median_position']} in its order, {r['top50']} in its top 50, {r['top100']} in its top 100. "
+        f"New posts are {r['new_share_of_candidates']:.1%} of the candidates and {r['new_share_of_targets']:.1%} of "
+        f"the targets among them: a new candidate is a target {r['target_rate_new']:.2%} of the time, a trained "
+        f"one {r['target_rate_trained']:.2%}.",
+        "",
+        "| ranker | tokens | NDCG@10 | Recall@10 | new targets: median position | in top 50 | in top 100 "
+        "| gate on trained posts: mean [q10, q90] | token norm: trained / new |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rankers"]:
+        t = row.get("tokens")
+        gate = f"{t['gate_mean']:.2f} [{t['gate_q10']:.2f}, {t['gate_q90']:.2f}]" if t else ""
+        norms = f"{t['norm_trained']:.2f} / {t['norm_new']:.2f}" if t else ""
+        tokens = row["post_tokens"] + (f", new id {row['new_post_id']}" if row["new_post_id"] != "none" else "")
+        lines.append(
+            f"| {row['ranker']} | {tokens} | {row['ndcg@10']:.4f} | {row['recall@10']:.4f} "
+            f"| {row['median_position']} | {row['top50']} | {row['top100']} | {gate} | {norms} |"
+        )
+    lines += ["", f"Machine: {report['machine']}", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
