@@ -540,10 +540,10 @@ class MilvusEngagements:
         self._deleted_to = kept
         logger.info("%s: engagements before %d deleted (retention %d s)", self.collection, kept, self.retention_s)
 
-    def kept_since(self, newest: int = 0) -> int:
+    def kept_since(self, newest: int) -> int:
         """The retention window's start by this process's clock, never past `newest` (the newest
-        engagement read; 0: none yet) less the retention (0: no retention)."""
-        return retention_since(self.retention_s, min(clock_s(), newest) if newest else clock_s())
+        engagement read) less the retention (0: no retention)."""
+        return retention_since(self.retention_s, min(clock_s(), newest))
 
     def since(self, written_us: int, engaged_since: int = 0) -> list[dict[str, Any]]:
         """Every row written at `written_us` or later (id, member, post, engaged_at, written_at), of an
@@ -578,20 +578,19 @@ class MilvusFollower:
         self._recent: dict[int, int] = {}  # id -> written_at, of the rows read inside the overlap
 
     def read(self) -> tuple[bool, list[np.ndarray]]:
-        if not self._newest:
-            # Nothing read yet, so nothing merged to take back: the window is the clock's, wherever
-            # it was before (a clock that had jumped ahead and came back).
-            self.kept_since = self.log.kept_since()
         since = 0 if self.latest_us is None else self.latest_us - OVERLAP_US
         rows = [r for r in self.log.since(since, self.kept_since) if int(r["id"]) not in self._recent]
         newest = max([self._newest, *(int(r["engaged_at"]) for r in rows)])
         # The window moves with the newest engagement read, never past it (as a writer's): a clock
         # that jumps ahead would otherwise move it past every engagement, and for good.
-        kept = self.log.kept_since(newest) if newest else self.kept_since
+        kept = self.log.kept_since(newest) if newest else 0
         replaced = False
-        if kept > self.kept_since:  # read the window anew; nothing changes here until the read did
-            rows, replaced = self.log.since(0, kept), self._newest > 0
-            self.latest_us, self._recent = None, {}
+        if kept > self.kept_since:
+            if self._newest:  # rows merged before fell out: read the window anew (nothing changes until read)
+                rows, replaced = self.log.since(0, kept), True
+                self.latest_us, self._recent = None, {}
+            else:  # the first rows read: those inside the window
+                rows = [r for r in rows if int(r["engaged_at"]) >= kept]
         self.kept_since, self._newest = max(kept, self.kept_since), newest
         for r in rows:
             self._recent[int(r["id"])] = int(r["written_at"])
