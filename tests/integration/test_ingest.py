@@ -405,7 +405,7 @@ def test_engagements_survive_a_snapshot_and_a_restart_of_the_server(
             before = _rank_scores(client, member, [target, control])
             for step in range(3):  # three requests: the second starts a snapshot, the third follows it
                 client.engage(
-                    [(m, p, 1_800_000_000 + step) for m in fans[10 * step : 10 * step + 10] for p in (liked, target)]
+                    [(m, p, 1_700_000_000 + step) for m in fans[10 * step : 10 * step + 10] for p in (liked, target)]
                 )
             deadline = time.monotonic() + 30
             while not files.engagements_snapshot.exists() and time.monotonic() < deadline:
