@@ -8,10 +8,15 @@ targets among them that are new posts: their median position in retrieval's orde
 ranker's, and how many reach its top 50 and top 100 (a finer reading than Recall@50 over a few
 dozen hits); beside it NDCG@10 over every target, which a change for new posts must not lose.
 
-Why, for rankers that mix content and id: over the catalog, the gate (the share of a token that is
-its id) on the posts the ranker trained on, and the norms of a trained post's token and of a new
-post's. A probe reads each such ranker once more with every new post's token zeroed (as the id-only
-arm reads one): how much of where new posts land is their token.
+Why, for rankers that mix content and id: over the catalog, the gate (how much of its id a token
+mixes in) on the posts the ranker trained on, the norms of their tokens and of their id embeddings,
+and the norm of an untrained post's token (every new post, and the older posts no training example
+showed: the ranker reads them alike). A probe reads each such ranker once more with every untrained
+post's token zeroed (as the id-only arm reads one): how much of where new posts land is their token.
+
+And what lifting new posts after the ranker would trade (`--sweep`, by default the first ranker):
+every new post's final score shifted by OFFSETS times the median within-case standard deviation of
+the final scores, the shift a server could apply to posts its ranker never trained on.
 """
 
 from __future__ import annotations
@@ -29,14 +34,15 @@ import torch
 from benchmarks import write_report
 from feedserve.artifacts import default_artifacts_dir
 from feedserve.clients.perf import machine
-from feedserve.rank.model import GenerativeRanker
-from feedserve.training.evaluate import metrics
-from feedserve.training.rank_eval import RankCase, RankingData, evaluation_cases, rank_cases
+from feedserve.rank.model import GenerativeRanker, hash_ids
+from feedserve.training.evaluate import metrics, paired_ratio, per_case
+from feedserve.training.rank_eval import RankCase, RankingData, case_scores, evaluation_cases
 
 logger = logging.getLogger(__name__)
+OFFSETS = (-1.0, 0.0, 0.5, 1.0, 2.0, 4.0)  # in within-case standard deviations of the final score
 
 
-class NewPostsZeroed(GenerativeRanker):
+class UntrainedZeroed(GenerativeRanker):
     """The probe: the same ranker with the token of every post it never trained on zeroed."""
 
     def post_tokens(self, ids: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
@@ -79,8 +85,8 @@ def placement(positions: np.ndarray) -> dict[str, Any]:
 
 @torch.no_grad()
 def token_shapes(model: GenerativeRanker, data: RankingData) -> dict[str, float] | None:
-    """The gate over trained posts and the token norms of trained and new posts, over the catalog
-    (None for a ranker that mixes nothing)."""
+    """The gate over trained posts, the norms of their tokens and id embeddings, and of untrained
+    posts' tokens, over the catalog (None for a ranker that mixes nothing)."""
     if model.config.post_tokens in ("content", "id"):
         return None
     ids = torch.as_tensor(data.post_ids)
@@ -88,28 +94,78 @@ def token_shapes(model: GenerativeRanker, data: RankingData) -> dict[str, float]
     trained = model.trained(ids)
     gate = model.post_gate(ids, content)[trained, 0]
     norms = model.post_tokens(ids, content).norm(dim=-1)
+    id_norms = model.ids(hash_ids(ids, model.config.id_buckets)).norm(dim=-1)
     return {
         "trained_posts": int(trained.sum()),
-        "new_posts": int((~trained).sum()),
+        "untrained_posts": int((~trained).sum()),
+        "norm_id_trained": float(id_norms[trained].mean()),
         "gate_mean": float(gate.mean()),
         "gate_q10": float(gate.quantile(0.1)),
         "gate_q90": float(gate.quantile(0.9)),
         "norm_trained": float(norms[trained].mean()),
-        "norm_new": float(norms[~trained].mean()),
+        "norm_untrained": float(norms[~trained].mean()),
     }
+
+
+def new_recall(tops: Sequence[np.ndarray], cases: Sequence[RankCase], new: set[int], k: int = 50) -> float:
+    """Recall@k over the new-post targets, averaged over the cases that have any."""
+    hits = [
+        len(set(top[:k].tolist()) & (c.targets & new)) / len(c.targets & new)
+        for top, c in zip(tops, cases, strict=True)
+        if c.targets & new
+    ]
+    return float(np.mean(hits)) if hits else 0.0
+
+
+def shifted(scored: Sequence[tuple[np.ndarray, np.ndarray]], new: set[int], shift: float) -> list[np.ndarray]:
+    """Each case's candidates ordered by final score, every new post's raised by `shift`."""
+    out = []
+    for ids, scores in scored:
+        is_new = np.fromiter((int(p) in new for p in ids.tolist()), bool, len(ids))
+        out.append(ids[np.argsort(-(scores + shift * is_new), kind="stable")])
+    return out
 
 
 def read(
-    model: GenerativeRanker, data: RankingData, vectors: np.ndarray, cases: Sequence[RankCase], candidates: int
+    model: GenerativeRanker,
+    data: RankingData,
+    vectors: np.ndarray,
+    cases: Sequence[RankCase],
+    candidates: int,
+    sweep: bool = False,
 ) -> tuple[list[np.ndarray], dict[str, Any]]:
-    retrieved, ranked = rank_cases(
+    scored = case_scores(
         model, data.tensorizer(model.config), vectors, cases, data.post_ids, data.retriever.posts, candidates
     )
     new = data.new_posts()
-    return retrieved, {
-        **{k: metrics(ranked, cases, (10, 50))[k] for k in ("ndcg@10", "recall@10")},
-        **placement(new_target_positions(ranked, cases, new)),
-    }
+
+    def row(tops: list[np.ndarray]) -> dict[str, Any]:
+        m = metrics(tops, cases, (10, 50))
+        return {
+            "ndcg@10": m["ndcg@10"],
+            "recall@10": m["recall@10"],
+            "new_recall@50": new_recall(tops, cases, new),
+            **placement(new_target_positions(tops, cases, new)),
+        }
+
+    unshifted = shifted(scored, new, 0.0)
+    out = row(unshifted)
+    if sweep:
+        unit = float(np.median([np.std(scores) for _, scores in scored]))
+        base, members = per_case(unshifted, cases, (10,))["ndcg@10"], [c.member.id for c in cases]
+        rows = []
+        for k in OFFSETS:
+            tops = shifted(scored, new, k * unit)
+            # Paired with the unshifted order, case by case, resampling members.
+            rows.append(
+                {
+                    "offset": k,
+                    **row(tops),
+                    "ndcg@10_paired": paired_ratio(base, per_case(tops, cases, (10,))["ndcg@10"], members),
+                }
+            )
+        out["offsets"] = {"unit": unit, "rows": rows}
+    return [ids for ids, _ in scored], out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidates", type=int, default=500)
     p.add_argument("--out", type=Path, default=Path("benchmarks/reports/ranker/new-posts"))
     p.add_argument("--name", default="new-posts", help="the report's file name (without extension)")
+    p.add_argument(
+        "--sweep", type=Path, nargs="*", help="rankers whose new posts' scores are shifted (default: the first)"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -130,11 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     retrieved: list[np.ndarray] = []
     for directory in args.ranker:
-        for probe, cls in (("", GenerativeRanker), (" [new posts' tokens zeroed]", NewPostsZeroed)):
+        for probe, cls in (("", GenerativeRanker), (" [untrained posts' tokens zeroed]", UntrainedZeroed)):
             model = cls.load(directory)
             if probe and model.config.post_tokens not in ("gated", "residual"):
                 continue  # the id arm reads a new post as zero already; content alone has no id to mix
-            retrieved, row = read(model, data, vectors, cases, args.candidates)
+            sweep = not probe and directory in (args.ranker[:1] if args.sweep is None else args.sweep)
+            retrieved, row = read(model, data, vectors, cases, args.candidates, sweep)
             shapes = None if probe else token_shapes(model, data)
             rows.append(
                 {
@@ -149,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     retrieval = {
         **placement(new_target_positions(retrieved, cases, data.new_posts())),
         **base_rates(retrieved, cases, data.new_posts()),
+        "new_recall@50": new_recall(retrieved, cases, data.new_posts()),
     }
     report = {
         "command": "python -m benchmarks.rank_new_posts " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -171,24 +232,48 @@ def markdown(report: dict[str, Any]) -> str:
         f"`{report['command']}`",
         "",
         f"{report['cases']} moments; {r['targets']} new-post targets among retrieval's candidates, at median "
-        f"position {r['median_position']} in its order, {r['top50']} in its top 50, {r['top100']} in its top 100. "
+        f"position {r['median_position']} in its order, {r['top50']} in its top 50 (their Recall@50 "
+        f"{r['new_recall@50']:.4f}), {r['top100']} in its top 100. "
         f"New posts are {r['new_share_of_candidates']:.1%} of the candidates and {r['new_share_of_targets']:.1%} of "
         f"the targets among them: a new candidate is a target {r['target_rate_new']:.2%} of the time, a trained "
         f"one {r['target_rate_trained']:.2%}.",
         "",
-        "| ranker | tokens | NDCG@10 | Recall@10 | new targets: median position | in top 50 | in top 100 "
-        "| gate on trained posts: mean [q10, q90] | token norm: trained / new |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Positions count from 0 (the top 50: positions 0-49). Gate and norms over the catalog: the gate's mean and "
+        "10th-90th percentiles over the posts the ranker trained on; the mean norms of their tokens, of their id "
+        "embeddings, and of the untrained posts' tokens (the new posts and any older post no training example showed).",
+        "",
+        "| ranker | tokens | NDCG@10 | Recall@10 | new targets: Recall@50 | median position | in top 50 | in top 100 "
+        "| gate on trained posts: mean [q10, q90] | norm: trained token / its id / untrained token |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rankers"]:
         t = row.get("tokens")
         gate = f"{t['gate_mean']:.2f} [{t['gate_q10']:.2f}, {t['gate_q90']:.2f}]" if t else ""
-        norms = f"{t['norm_trained']:.2f} / {t['norm_new']:.2f}" if t else ""
+        norms = f"{t['norm_trained']:.2f} / {t['norm_id_trained']:.2f} / {t['norm_untrained']:.2f}" if t else ""
         tokens = row["post_tokens"] + (f", new id {row['new_post_id']}" if row["new_post_id"] != "none" else "")
         lines.append(
             f"| {row['ranker']} | {tokens} | {row['ndcg@10']:.4f} | {row['recall@10']:.4f} "
-            f"| {row['median_position']} | {row['top50']} | {row['top100']} | {gate} | {norms} |"
+            f"| {row['new_recall@50']:.4f} | {row['median_position']} | {row['top50']} | {row['top100']} | {gate} | {norms} |"
         )
+    for row in report["rankers"]:
+        if "offsets" not in row:
+            continue
+        unit = row["offsets"]["unit"]
+        lines += [
+            "",
+            f"{row['ranker']} with every new post's final score raised by k within-case standard deviations "
+            f"(median {unit:.4f}):",
+            "",
+            "| k | NDCG@10 | / unshifted (paired) | Recall@10 | new targets: Recall@50 | median position | in top 50 |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in row["offsets"]["rows"]:
+            g = r["ndcg@10_paired"]
+            lines.append(
+                f"| {r['offset']:+.1f} | {r['ndcg@10']:.4f} | {g['ratio']:.3f}x [{g['low']:.3f}, {g['high']:.3f}] "
+                f"| {r['recall@10']:.4f} | {r['new_recall@50']:.4f} "
+                f"| {r['median_position']} | {r['top50']} |"
+            )
     lines += ["", f"Machine: {report['machine']}", ""]
     return "\n".join(lines)
 

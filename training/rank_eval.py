@@ -215,6 +215,40 @@ def moment_cases(ml: MovieLens, cutoff: int, moments: int = 10, horizon: int = 1
 
 
 @torch.no_grad()
+def case_scores(
+    model: GenerativeRanker,
+    tensorize: Tensorizer,
+    member_vectors: np.ndarray,
+    cases: Sequence[RankCase],
+    post_ids: np.ndarray,
+    post_vectors: np.ndarray,
+    candidates: int,
+    batch: int = 16,
+    tables_at: Callable[[RankCase], int | None] | None = None,
+    weights: Mapping[str, float] | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each case: the retrieval stage's top `candidates` (what it has seen excluded), best first,
+    and the ranker's final score of each (`weights` per task: by default the served ones, an
+    auxiliary task at 0), its tables read as of `tables_at(case)` (None: as they were built)."""
+    weights = weights or {**{t: 0.0 for t in AUXILIARY_TASKS}, **DEFAULT_TASK_WEIGHTS}
+    unweighed = [t for t in model.config.tasks if t not in weights]
+    if unweighed:
+        raise ValueError(f"no weight for the ranker's tasks {unweighed}")
+    task_weights = [weights[task] for task in model.config.tasks]
+    out = []
+    for start in range(0, len(cases), batch):
+        examples = []
+        for case, member in zip(cases[start : start + batch], member_vectors[start : start + batch], strict=True):
+            ids, scores = case.retrieved(member, post_ids, post_vectors, candidates)
+            labels = np.zeros((len(ids), len(model.config.tasks)), np.float32)
+            at = tables_at(case) if tables_at is not None else None
+            examples.append(RankExample(case.member.id, case.history, member, ids, scores, labels, at))
+        t = tensorize.batch(examples)
+        _, scores = final_score(model(**{k: t[k] for k in INPUTS}).numpy(), task_weights)
+        out += [(x.candidates, row[: len(x.candidates)]) for x, row in zip(examples, scores, strict=True)]
+    return out
+
+
 def rank_cases(
     model: GenerativeRanker,
     tensorize: Tensorizer,
@@ -227,28 +261,12 @@ def rank_cases(
     tables_at: Callable[[RankCase], int | None] | None = None,
     weights: Mapping[str, float] | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """For each case: the retrieval stage's top `candidates` (what it has seen excluded) and the
-    same posts ordered by the ranker's final score (`weights` per task: by default the served
-    ones, an auxiliary task at 0), its tables read as of `tables_at(case)` (None: as they were built)."""
-    weights = weights or {**{t: 0.0 for t in AUXILIARY_TASKS}, **DEFAULT_TASK_WEIGHTS}
-    unweighed = [t for t in model.config.tasks if t not in weights]
-    if unweighed:
-        raise ValueError(f"no weight for the ranker's tasks {unweighed}")
-    task_weights = [weights[task] for task in model.config.tasks]
-    retrieval_top, ranked_top = [], []
-    for start in range(0, len(cases), batch):
-        examples = []
-        for case, member in zip(cases[start : start + batch], member_vectors[start : start + batch], strict=True):
-            ids, scores = case.retrieved(member, post_ids, post_vectors, candidates)
-            labels = np.zeros((len(ids), len(model.config.tasks)), np.float32)
-            at = tables_at(case) if tables_at is not None else None
-            examples.append(RankExample(case.member.id, case.history, member, ids, scores, labels, at))
-        t = tensorize.batch(examples)
-        _, scores = final_score(model(**{k: t[k] for k in INPUTS}).numpy(), task_weights)
-        for x, row in zip(examples, scores, strict=True):
-            retrieval_top.append(x.candidates)
-            ranked_top.append(x.candidates[np.argsort(-row[: len(x.candidates)], kind="stable")])
-    return retrieval_top, ranked_top
+    """For each case: the retrieval stage's top `candidates` and the same posts ordered by the
+    ranker's final score (`case_scores`)."""
+    scored = case_scores(
+        model, tensorize, member_vectors, cases, post_ids, post_vectors, candidates, batch, tables_at, weights
+    )
+    return [ids for ids, _ in scored], [ids[np.argsort(-row, kind="stable")] for ids, row in scored]
 
 
 def fused(retrieval_top: Sequence[np.ndarray], ids: np.ndarray, *scores: np.ndarray) -> list[np.ndarray]:

@@ -92,9 +92,9 @@ class RankerConfig:
     id_dropout: float = 0.0
     # What a new post's id reads as (NEW_POST_IDS). With "none" a new post's gated token is its
     # content whole, while every trained post's mixes in its id and so holds part of its content:
-    # a token of another scale than any the ranker trained on, and the MovieLens rankers put new
-    # posts below where retrieval had them (benchmarks/reports/ranker/new-posts/). "learned" trains
-    # the stand-in on the tokens `id_dropout` drops, so it needs id_dropout > 0.
+    # a token of another kind than any the ranker trained on, and the shipped MovieLens ranker put
+    # new posts' targets at a lower median position than retrieval (benchmarks/reports/ranker/new-posts/).
+    # "learned" trains the stand-in on the tokens `id_dropout` drops, so it needs id_dropout > 0.
     new_post_id: str = "none"
     # A linear term of the candidate features added to every task's logit beside the MMoE's (the
     # "wide" part of wide & deep): the retrieval score reaches the final score directly, so the
