@@ -52,12 +52,13 @@ from feedserve.training.baselines import Popularity
 from feedserve.training.evaluate import metrics, rank
 from feedserve.training.rank_eval import (
     RankingData,
+    case_scores,
     compare,
     evaluation_cases,
     fused,
     new_post_cases,
+    orders,
     paired_text,
-    rank_cases,
 )
 from feedserve.training.sasrec import SASRecConfig, SASRecRecommender
 
@@ -105,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     for protocol, cases in evaluation_cases(ml, split, args.moments, args.horizon).items():
         members = [c.member for c in cases]
-        retrieval_top, feed_top = rank_cases(
-            model, tensorize, retriever.member_vectors(members), cases, ids, retriever.posts, args.candidates
+        retrieval_top, feed_top = orders(
+            case_scores(
+                model, tensorize, retriever.member_vectors(members), cases, ids, retriever.posts, args.candidates
+            )
         )
         tops: dict[str, list[np.ndarray]] = {
             f"retrieval (served int8 encoder, top {args.candidates})": retrieval_top,

@@ -249,23 +249,9 @@ def case_scores(
     return out
 
 
-def rank_cases(
-    model: GenerativeRanker,
-    tensorize: Tensorizer,
-    member_vectors: np.ndarray,
-    cases: Sequence[RankCase],
-    post_ids: np.ndarray,
-    post_vectors: np.ndarray,
-    candidates: int,
-    batch: int = 16,
-    tables_at: Callable[[RankCase], int | None] | None = None,
-    weights: Mapping[str, float] | None = None,
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """For each case: the retrieval stage's top `candidates` and the same posts ordered by the
-    ranker's final score (`case_scores`)."""
-    scored = case_scores(
-        model, tensorize, member_vectors, cases, post_ids, post_vectors, candidates, batch, tables_at, weights
-    )
+def orders(scored: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """`case_scores`' cases as orders: each one's candidates in retrieval's order, and by the ranker's
+    final score."""
     return [ids for ids, _ in scored], [ids[np.argsort(-row, kind="stable")] for ids, row in scored]
 
 
@@ -418,20 +404,22 @@ def evaluate(
     together from member to member, so their difference is measured far more tightly than either
     one's interval over retrieval suggests. (Not on the new posts: there a few members hold every
     hit, and a resample without them has nothing to divide by.) `slices` (per protocol, `compare`'s)
-    are paired with the reference too. `tables_at`, `weights`: `rank_cases`'."""
+    are paired with the reference too. `tables_at`, `weights`: `case_scores`'."""
     report, ranked = {}, {}
     for name, cases in protocols.items():
         vectors = retriever.member_vectors([c.member for c in cases])
-        retrieval_top, ranked[name] = rank_cases(
-            model,
-            tensorize,
-            vectors,
-            cases,
-            post_ids,
-            retriever.posts,
-            candidates,
-            tables_at=tables_at,
-            weights=weights,
+        retrieval_top, ranked[name] = orders(
+            case_scores(
+                model,
+                tensorize,
+                vectors,
+                cases,
+                post_ids,
+                retriever.posts,
+                candidates,
+                tables_at=tables_at,
+                weights=weights,
+            )
         )
         parts = (slices or {}).get(name, {})
         report[name] = compare(retrieval_top, ranked[name], cases, new_posts, parts)
@@ -537,16 +525,18 @@ def main(argv: list[str] | None = None) -> int:
                 if all(c.at == data.split.cutoff for c in cases):
                     continue  # read at the cutoff itself: the same tables both ways
                 vectors = data.retriever.member_vectors([c.member for c in cases])
-                _, built = rank_cases(
-                    model,
-                    tensorize,
-                    vectors,
-                    cases,
-                    data.post_ids,
-                    data.retriever.posts,
-                    args.candidates,
-                    tables_at=lambda c: data.split.cutoff,
-                    weights=args.task_weights,
+                _, built = orders(
+                    case_scores(
+                        model,
+                        tensorize,
+                        vectors,
+                        cases,
+                        data.post_ids,
+                        data.retriever.posts,
+                        args.candidates,
+                        tables_at=lambda c: data.split.cutoff,
+                        weights=args.task_weights,
+                    )
                 )
                 pair_with(results[name], built, ranked[name], cases, {}, key=OVER_BUILT)
         report: dict[str, Any] = {
@@ -561,9 +551,9 @@ def main(argv: list[str] | None = None) -> int:
             blend: dict[str, Any] = {"ranker": f"{Path(directory).name} {BLEND}", **head, "reference": FUSION}
             for name, cases in protocols.items():
                 parts = slices.get(name, {})
-                orders = blended(ranked[name], reference[name])
-                blend[name] = compare(retrieved[name], orders, cases, new_posts, parts)
-                pair_with(blend[name], reference[name], orders, cases, parts)
+                blend_orders = blended(ranked[name], reference[name])
+                blend[name] = compare(retrieved[name], blend_orders, cases, new_posts, parts)
+                pair_with(blend[name], reference[name], blend_orders, cases, parts)
             reports.append(blend)
     table = markdown_table(reports)
     print(table)

@@ -336,7 +336,7 @@ def test_fresh_tables_are_read_as_of_each_cases_moment(ml: MovieLens) -> None:
     from feedserve.prompt.records import Member
     from feedserve.rank.data import Interaction
     from feedserve.rank.model import GenerativeRanker
-    from feedserve.training.rank_eval import RankCase, rank_cases
+    from feedserve.training.rank_eval import RankCase, case_scores
     from tests.unit.test_rank_data import _synthetic
 
     split = movielens_split(ml)
@@ -362,7 +362,7 @@ def test_fresh_tables_are_read_as_of_each_cases_moment(ml: MovieLens) -> None:
     torch.manual_seed(0)
     for tables_at, want in ((lambda c: c.at, [1_000 + i for i in range(5)]), (None, [None] * 5)):
         read.clear()
-        rank_cases(model, tensorize, vectors, cases, ids, posts, 30, tables_at=tables_at)
+        case_scores(model, tensorize, vectors, cases, ids, posts, 30, tables_at=tables_at)
         assert read == want
 
 
@@ -404,7 +404,7 @@ def test_an_auxiliary_task_weighs_nothing_unless_the_weights_say_and_an_unweighe
     from feedserve.prompt.records import Member
     from feedserve.rank.data import Interaction
     from feedserve.rank.model import GenerativeRanker
-    from feedserve.training.rank_eval import RankCase, rank_cases
+    from feedserve.training.rank_eval import RankCase, case_scores, orders
     from tests.unit.test_rank_data import _synthetic
 
     tensorize, _ = _synthetic(1)
@@ -416,7 +416,8 @@ def test_an_auxiliary_task_weighs_nothing_unless_the_weights_say_and_an_unweighe
     model = GenerativeRanker(tensorize.config).eval()
 
     def order(weights: dict[str, float] | None) -> list[list[int]]:
-        return [o.tolist() for o in rank_cases(model, tensorize, vectors, cases, ids, posts, 30, weights=weights)[1]]
+        scored = case_scores(model, tensorize, vectors, cases, ids, posts, 30, weights=weights)
+        return [o.tolist() for o in orders(scored)[1]]
 
     assert order(None) == order({"like": 1.0, "like later": 0.0})
     assert order({"like": 0.0, "like later": 1.0}) != order(None)
