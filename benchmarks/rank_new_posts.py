@@ -36,7 +36,7 @@ from feedserve.artifacts import default_artifacts_dir
 from feedserve.clients.perf import machine
 from feedserve.rank.model import GenerativeRanker, hash_ids
 from feedserve.training.evaluate import metrics, paired_ratio, per_case
-from feedserve.training.rank_eval import RankCase, RankingData, case_scores, evaluation_cases
+from feedserve.training.rank_eval import RankCase, RankingData, case_scores, evaluation_cases, orders
 
 logger = logging.getLogger(__name__)
 OFFSETS = (-1.0, 0.0, 0.5, 1.0, 2.0, 4.0)  # in within-case standard deviations of the final score
@@ -132,12 +132,13 @@ def read(
     vectors: np.ndarray,
     cases: Sequence[RankCase],
     candidates: int,
+    new: set[int],
     sweep: bool = False,
 ) -> tuple[list[np.ndarray], dict[str, Any]]:
     scored = case_scores(
         model, data.tensorizer(model.config), vectors, cases, data.post_ids, data.retriever.posts, candidates
     )
-    new = data.new_posts()
+    retrieved, unshifted = orders(scored)
 
     def row(tops: list[np.ndarray]) -> dict[str, Any]:
         m = metrics(tops, cases, (10, 50))
@@ -148,7 +149,6 @@ def read(
             **placement(new_target_positions(tops, cases, new)),
         }
 
-    unshifted = shifted(scored, new, 0.0)
     out = row(unshifted)
     if sweep:
         unit = float(np.median([np.std(scores) for _, scores in scored]))
@@ -165,7 +165,7 @@ def read(
                 }
             )
         out["offsets"] = {"unit": unit, "rows": rows}
-    return [ids for ids, _ in scored], out
+    return retrieved, out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     data = RankingData.load(args.artifacts, args.cache, args.validate)
     cases = evaluation_cases(data.ml, data.split)["moments"]
     vectors = data.retriever.member_vectors([c.member for c in cases])
+    new = data.new_posts()
     rows: list[dict[str, Any]] = []
     retrieved: list[np.ndarray] = []
     for directory in args.ranker:
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             if probe and model.config.post_tokens not in ("gated", "residual"):
                 continue  # the id arm reads a new post as zero already; content alone has no id to mix
             sweep = not probe and directory in (args.ranker[:1] if args.sweep is None else args.sweep)
-            retrieved, row = read(model, data, vectors, cases, args.candidates, sweep)
+            retrieved, row = read(model, data, vectors, cases, args.candidates, new, sweep)
             shapes = None if probe else token_shapes(model, data)
             rows.append(
                 {
@@ -207,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             logger.info("%s", rows[-1])
     retrieval = {
-        **placement(new_target_positions(retrieved, cases, data.new_posts())),
-        **base_rates(retrieved, cases, data.new_posts()),
-        "new_recall@50": new_recall(retrieved, cases, data.new_posts()),
+        **placement(new_target_positions(retrieved, cases, new)),
+        **base_rates(retrieved, cases, new),
+        "new_recall@50": new_recall(retrieved, cases, new),
     }
     report = {
         "command": "python -m benchmarks.rank_new_posts " + " ".join(argv if argv is not None else sys.argv[1:]),
