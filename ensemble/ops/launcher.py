@@ -11,6 +11,7 @@ The wheel is used for its server binary and python backend only; the project tal
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -320,20 +321,29 @@ class TritonServer:
         if not (self.options.repository / "knn" / "config.pbtxt").exists():
             raise ServerError(f"{self.options.repository} is not a rendered model repository: `feedserve render`")
         if layout.has_ranker():
-            self._check_task_weights(layout)
+            self._check_ranker_settings(layout)
 
-    def _check_task_weights(self, layout: ArtifactLayout) -> None:
-        """The rendered weights must weigh this ranker's tasks: `rank` refuses them at load otherwise,
-        and all `serve` could say then was that tritonserver exited."""
+    def _check_ranker_settings(self, layout: ArtifactLayout) -> None:
+        """What `rank` would refuse at load, said before: all `serve` could say then was that
+        tritonserver exited. The rendered weights must weigh this ranker's tasks, and a new-post boost
+        needs the ranker's PyTorch weights (which posts it trained on)."""
         from feedserve.rank.model import RankerConfig
-        from feedserve.triton.repository import rendered_tasks
+        from feedserve.triton.repository import rendered_rank_params
 
-        rendered = rendered_tasks(self.options.repository)
+        params = rendered_rank_params(self.options.repository)
+        if params is None:
+            return
+        rendered = list(json.loads(params["task_weights"]))
         tasks = list(RankerConfig.load(layout.ranker_config).tasks)
-        if rendered is not None and set(rendered) != set(tasks):
+        if set(rendered) != set(tasks):
             raise ServerError(
                 f"{self.options.repository} weighs the tasks {rendered}, but the ranker in {layout.root} scores "
                 f"{tasks}: render it with `feedserve render --task-weights` naming those"
+            )
+        if float(params.get("new_post_boost", "0")) and not layout.ranker_weights.exists():
+            raise ServerError(
+                f"{self.options.repository} boosts new posts, which needs {layout.ranker_weights} (which posts the "
+                "ranker trained on): `feedserve build` writes it, or render without --new-post-boost"
             )
 
     def start(self) -> TritonServer:

@@ -146,6 +146,19 @@ def hash_ids(ids: torch.Tensor, buckets: int) -> torch.Tensor:
     return torch.remainder(ids * 0x9E3779B1, buckets)
 
 
+def owns(id_owners: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Whether each post id owns its bucket of `id_owners` (a ranker's buffer): whether the ranker
+    trained its id embedding."""
+    return id_owners[hash_ids(ids, id_owners.shape[0])] == ids
+
+
+def load_id_owners(directory: Path) -> torch.Tensor:
+    """The id owners of the ranker saved in `directory` (its ranker.pt), without building the model:
+    what a server running the exported graph asks which posts its ranker trained on."""
+    weights = torch.load(Path(directory) / WEIGHTS_FILE, weights_only=True, map_location="cpu", mmap=True)
+    return weights["id_owners"].clone()  # the rest of the file (the embeddings) is never read in
+
+
 def shared_context_mask(history_mask: torch.Tensor, candidate_mask: torch.Tensor) -> torch.Tensor:
     """[B, 1, T, T] boolean attention mask (True: may attend) over T = 2H history tokens followed by C
     candidates: a history token attends to the real history tokens up to itself (causal), a candidate
@@ -438,7 +451,7 @@ class GenerativeRanker(nn.Module):
     def trained(self, ids: torch.Tensor) -> torch.Tensor:
         """Whether each post id's embedding was trained (it owns its bucket): False for a post created
         since the training cutoff, and for a colliding id."""
-        return self.id_owners[hash_ids(ids, self.config.id_buckets)] == ids
+        return owns(self.id_owners, ids)
 
     def _post_ids(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each post's id embedding and whether the gate may mix it in (1.0/0.0): in training

@@ -85,3 +85,27 @@ def final_score(logits: np.ndarray, weights: Sequence[float] | np.ndarray) -> tu
     tasks of weight x probability). In numpy: the server and the evaluations rank by this one."""
     probabilities = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float32)))
     return probabilities, probabilities @ np.asarray(weights, np.float32)
+
+
+def finite_boost(value: object) -> float:
+    """`new_post_boost` as given (a number, or its text in a rendered config): finite in float32,
+    ValueError otherwise. A NaN would answer every untrained post's score NaN and the order at random;
+    1e39 is inf in float32."""
+    if isinstance(value, bool):
+        raise ValueError(f"new_post_boost must be a finite number, got {value!r}")
+    try:
+        boost = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"new_post_boost must be a finite number, got {value!r}") from err
+    if not abs(boost) <= float(np.finfo(np.float32).max):  # NaN fails it too
+        raise ValueError(f"new_post_boost must be a finite number (in float32), got {value!r}")
+    return boost
+
+
+def boost_untrained(scores: np.ndarray, untrained: np.ndarray, boost: float) -> np.ndarray:
+    """Final scores with `boost` added to every post the ranker never trained on (`new_post_boost` in
+    the serving settings): a post created since its training, or one no training example showed. The
+    ranker reads those by their content alone and, on MovieLens, puts the new ones lower than
+    retrieval did (benchmarks/reports/ranker/new-posts); a feed that values freshness beyond the next
+    engagement raises them by a constant, in the final score's units, the same for every request."""
+    return scores + np.float32(boost) * untrained.astype(np.float32)

@@ -9,7 +9,8 @@ too), and candidate features from the artifacts' post feature and co-engagement 
 latter merged with the engagements logged since the build, in the index's directory or in Milvus:
 feedserve.rank.engagements). It
 returns the top K candidates by the final score (a weighted sum of the task probabilities, weights
-in the `task_weights` parameter) and each one's probability per task.
+in the `task_weights` parameter, plus `new_post_boost` for a post the ranker never trained on) and
+each one's probability per task.
 
 What it tolerates rather than refuses: an empty history (ranked by profile and features), history
 or candidate posts missing from the index (ranked without content), duplicate candidates (ranked
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from feedserve.artifacts import ArtifactLayout
 from feedserve.index.engines import Engine
@@ -45,9 +47,9 @@ from feedserve.rank.data import (
 )
 from feedserve.rank.engagements import Follower, LiveCoEngagement, MilvusEngagements, MilvusFollower
 from feedserve.rank.features import FeatureReader, PostFeatures
-from feedserve.rank.model import RankerConfig
+from feedserve.rank.model import RankerConfig, load_id_owners, owns
 from feedserve.rank.runtime import RUNTIMES, OnnxScorer, Scorer, TorchScorer
-from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, final_score, finite_weights
+from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, boost_untrained, final_score, finite_boost, finite_weights
 from feedserve.schema import (
     CANDIDATE_IDS,
     CANDIDATE_SCORES,
@@ -161,6 +163,8 @@ class RankModel(BatchModel[RankRequest]):
             raise ValueError(
                 f"the config's tasks {params['tasks']} are not the ranker's, in its order: {list(self.config.tasks)}"
             )
+        self.boost = finite_boost(params.get("new_post_boost", "0"))
+        self.id_owners = self._id_owners(layout) if self.boost else None
         self.scorer = scorer(layout, params)
         self.followed = followed_index(layout, params, Engine(), "rank")
         table = PostFeatures.load(layout.post_features)
@@ -185,14 +189,26 @@ class RankModel(BatchModel[RankRequest]):
         )
         self.coengagement.start()
         logger.info(
-            "rank: %s runtime on %s, up to %d candidates, history %d, tasks %s weighted %s",
+            "rank: %s runtime on %s, up to %d candidates, history %d, tasks %s weighted %s, new-post boost %g",
             params.get("runtime", "onnxruntime"),
             params.get("device", "cpu"),
             self.max_candidates,
             self.config.max_history,
             list(self.config.tasks),
             self.weights.tolist(),
+            self.boost,
         )
+
+    @staticmethod
+    def _id_owners(layout: ArtifactLayout) -> torch.Tensor:
+        """Which posts the ranker trained on, from its PyTorch weights (the exported graph hides them)."""
+        if not layout.ranker_weights.exists():
+            raise ValueError(
+                f"rank: new_post_boost needs {layout.ranker_weights} (which posts the ranker trained on); "
+                "`feedserve build` writes it beside ranker.onnx"
+            )
+        layout.verify(layout.ranker_weights)
+        return load_id_owners(layout.root)
 
     def parse(self, inputs: dict[str, np.ndarray | None]) -> RankRequest:
         raw = require(inputs, RECORDS.name)
@@ -273,6 +289,9 @@ class RankModel(BatchModel[RankRequest]):
             tensors = Tensorizer(self.config, content, features, self.coengagement.table).batch(examples)
             logits = self.scorer(tensors)
             probabilities, scores = final_score(logits, self.weights)
+            if self.id_owners is not None:
+                untrained = ~owns(self.id_owners, tensors["candidate_ids"]).numpy()
+                scores = boost_untrained(scores, untrained, self.boost)
             for j, i in enumerate(rows):
                 n = len(item.candidates[i])
                 top = top_k(scores[j, :n], widths[i])

@@ -19,7 +19,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from feedserve.index.milvus import DEFAULT_COLLECTION
 from feedserve.ops.launcher import DEFAULT_REPOSITORY
 from feedserve.rank.runtime import DTYPES, SERVED_ATTENTIONS
-from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, FEED_TASK_WEIGHTS, finite_weights
+from feedserve.rank.train import DEFAULT_TASK_WEIGHTS, FEED_TASK_WEIGHTS, finite_boost, finite_weights
 from feedserve.schema import IO, MAX_BATCH, ModelName, RecordKind, TensorSpec
 from feedserve.triton.encoder import GROUPINGS, PRECISIONS
 
@@ -86,6 +86,9 @@ class RepositorySettings:
     rank_attention: str = "split"
     # The final score's weight per task, in the order of the ranker's TASK_SCORES columns.
     task_weights: tuple[tuple[str, float], ...] = tuple(DEFAULT_TASK_WEIGHTS.items())
+    # Added to the final score of every post the ranker never trained on (feedserve.rank.train.
+    # boost_untrained), in the final score's units: 0 ranks them as the ranker scores them.
+    new_post_boost: float = 0.0
     # One server per index directory writes; others sharing the directory only follow (no index_write).
     index_writer: bool = True
     # Where the posts live: "local" (the live index in the artifacts' directory, feedserve.index.live)
@@ -114,6 +117,7 @@ class RepositorySettings:
             raise ValueError(f"unknown ranker attention {self.rank_attention!r}; expected one of {SERVED_ATTENTIONS}")
         if self.engagement_retention_days < 0:
             raise ValueError(f"engagement retention must be >= 0 days, got {self.engagement_retention_days}")
+        finite_boost(self.new_post_boost)
         if self.gpu and self.encoder_precision == "int8":
             raise ValueError("the int8 encoder is an ONNX Runtime CPU graph; GPU variants run bf16 or TensorRT")
 
@@ -338,6 +342,8 @@ def _rank(settings: RepositorySettings) -> mc.ModelConfig:
         "task_weights": json.dumps(dict(settings.task_weights)),
         **settings.index_params(),
     }
+    if settings.new_post_boost:
+        params["new_post_boost"] = repr(float(settings.new_post_boost))
     if settings.engagement_retention_days and settings.index != "local":
         # Replicas share no snapshot: each `rank` reads the Milvus log inside the retention's window.
         params["retention_days"] = str(settings.engagement_retention_days)
@@ -384,13 +390,14 @@ def _with_writer(
     return configs
 
 
-def rendered_tasks(repository: Path) -> list[str] | None:
-    """The tasks a rendered repository's `rank` weighs (its `task_weights`), None without a `rank`."""
+def rendered_rank_params(repository: Path) -> dict[str, str] | None:
+    """The parameters of a rendered repository's `rank` (its `task_weights`, `new_post_boost`...),
+    None without a `rank`."""
     path = Path(repository) / str(ModelName.RANK) / "config.pbtxt"
     if not path.exists():
         return None
     config = text_format.Parse(path.read_text(), mc.ModelConfig())
-    return list(json.loads(config.parameters["task_weights"].string_value))
+    return {name: p.string_value for name, p in config.parameters.items()}
 
 
 def render_files(settings: RepositorySettings = RepositorySettings()) -> dict[str, str]:
@@ -496,6 +503,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "refuses weights that do not name exactly its ranker's tasks in its order",
     )
     parser.add_argument(
+        "--new-post-boost",
+        type=new_post_boost_arg,
+        default=0.0,
+        help="added to the final score of every post the ranker never trained on (created since its training): "
+        "a feed's freshness, in the final score's units (0: none; see benchmarks/reports/ranker/new-posts)",
+    )
+    parser.add_argument(
         "--engagement-retention-days",
         type=int,
         default=0,
@@ -537,6 +551,13 @@ def task_weights_arg(value: str) -> dict[str, float]:
         raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r} ({err})") from err
 
 
+def new_post_boost_arg(value: str) -> float:
+    try:
+        return finite_boost(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="feedserve render", description=__doc__)
     add_arguments(parser)
@@ -553,6 +574,7 @@ def render(args: argparse.Namespace) -> int:
         milvus_collection=args.milvus_collection,
         task_weights=tuple(args.task_weights.items()),
         engagement_retention_days=args.engagement_retention_days,
+        new_post_boost=args.new_post_boost,
         rank_dtype=args.rank_dtype,
         rank_attention=args.rank_attention,
     )

@@ -1,8 +1,8 @@
 """The six-task feed ranker through a real tritonserver, set up as a user would: a LinkedIn-shaped
 log written to disk (`python -m feedserve.training.feed_log`), a ranker trained on it
 (`feedserve.training.rank_feed --log`), its serving tables built from the log (`feedserve build
---corpus LOG`), the repository rendered with the feed's task weights, the log's posts indexed
-(`feedserve index --corpus LOG`) and feeds asked for (`feedserve feed`)."""
+--corpus LOG`), the repository rendered with the feed's task weights and a new-post boost, the log's
+posts indexed (`feedserve index --corpus LOG`) and feeds asked for (`feedserve feed`)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,13 @@ from feedserve.training.feed_log import FEED_TASKS, REQUESTS_FILE, load_feed_log
 from feedserve.triton.repository import RepositorySettings, task_weights_arg, write_repository
 
 pytestmark = pytest.mark.integration
+BOOST = 0.5  # added to the final score of the posts the ranker never trained on
+
+
+def _boosts(package: Path, ids: list[int]) -> dict[int, float]:
+    """What the server adds to each post's final score: BOOST where the ranker never trained on it."""
+    trained = GenerativeRanker.load(package).trained(torch.tensor(ids)).tolist()
+    return {i: 0.0 if t else BOOST for i, t in zip(ids, trained, strict=True)}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +58,8 @@ def served(tiny_artifacts: ArtifactLayout, tmp_path_factory: pytest.TempPathFact
     build_ranker(layout, package, log)
     layout.write_manifest()
     repo = root / "repository"
-    write_repository(repo, RepositorySettings(task_weights=tuple(task_weights_arg("feed").items())))
+    feed = tuple(task_weights_arg("feed").items())
+    write_repository(repo, RepositorySettings(task_weights=feed, new_post_boost=BOOST))
     opts = on_free_ports(repository=repo, artifacts=layout.root, log_file=root / "server.log", startup_timeout_s=180)
     with TritonServer(opts) as server:
         args = ["--artifacts", str(layout.root), "index", "--corpus", str(log), "--url", server.grpc_url]
@@ -66,8 +74,8 @@ def _members(log: Path, n: int) -> list[Member]:
 
 
 def test_feedserve_feed_serves_the_six_tasks_by_the_feeds_weights(served: dict[str, object]) -> None:
-    server, log = served["server"], served["log"]
-    assert isinstance(server, TritonServer) and isinstance(log, Path)
+    server, log, package = served["server"], served["log"], served["package"]
+    assert isinstance(server, TritonServer) and isinstance(log, Path) and isinstance(package, Path)
     members = _members(log, 10)  # more than a `feed` request takes (8): the command sends several
     requests = log.parent / "ten.jsonl"
     requests.write_text("".join(m.model_dump_json() + "\n" for m in members))
@@ -77,6 +85,7 @@ def test_feedserve_feed_serves_the_six_tasks_by_the_feeds_weights(served: dict[s
     feeds = [json.loads(line) for line in out.getvalue().splitlines()]
     assert len(feeds) == 10
     posts = {p.id for p in load_feed_log(log).posts}
+    boosts = _boosts(package, sorted(posts))
     for member, feed in zip(members, feeds, strict=True):
         assert len(feed) == 5 and {row["post_id"] for row in feed} <= posts
         assert not {row["post_id"] for row in feed} & {h.post_id for h in member.history}
@@ -84,18 +93,23 @@ def test_feedserve_feed_serves_the_six_tasks_by_the_feeds_weights(served: dict[s
         for row in feed:
             assert set(row) == {"post_id", "score", *FEED_TASKS}
             # Printed to 4 places: the sum of six rounded terms is within their rounding.
-            assert row["score"] == pytest.approx(sum(FEED_TASK_WEIGHTS[t] * row[t] for t in FEED_TASKS), abs=1e-3)
+            weighed = sum(FEED_TASK_WEIGHTS[t] * row[t] for t in FEED_TASKS)
+            assert row["score"] == pytest.approx(weighed + boosts[row["post_id"]], abs=1e-3)
 
 
 def test_the_served_ranker_scores_as_pytorch_does_on_the_logs_tables(served: dict[str, object]) -> None:
     """The served scores of a member's candidates are the trained PyTorch ranker's on the tables the
-    build made from the log (its counts at the cutoff, read through the ranker's own cut points)."""
+    build made from the log (its counts at the cutoff, read through the ranker's own cut points), and
+    the final score theirs by the feed's weights, raised by the boost where the ranker never trained
+    on the post."""
     server, layout, log, package = served["server"], served["layout"], served["log"], served["package"]
     assert isinstance(server, TritonServer) and isinstance(layout, ArtifactLayout)
     assert isinstance(log, Path) and isinstance(package, Path)
     table = PostFeatures.load(layout.post_features)
     posts = load_feed_log(log).posts
-    candidates = [p.id for p in posts[:60]]
+    candidates = [p.id for p in posts[:30] + posts[-30:]]  # the last created: some never trained on
+    boosts = _boosts(package, candidates)
+    assert set(boosts.values()) == {0.0, BOOST}
     assert table.counts == feed_log.COUNTS and (table.percentiles(candidates) > 0).any(axis=0).all()
     model = GenerativeRanker.load(package)
     with FeedClient(server.grpc_url, "grpc", timeout_s=60) as client:
@@ -123,3 +137,6 @@ def test_the_served_ranker_scores_as_pytorch_does_on_the_logs_tables(served: dic
             assert sorted(by_id) == sorted(candidates)
             got = np.array([[by_id[c].tasks[task] for task in FEED_TASKS] for c in candidates])
             np.testing.assert_allclose(got, want, atol=1e-4)
+            weights = np.array([FEED_TASK_WEIGHTS[t] for t in FEED_TASKS], np.float32)
+            final = want @ weights + np.array([boosts[c] for c in candidates], np.float32)
+            np.testing.assert_allclose([by_id[c].score for c in candidates], final, atol=1e-4)

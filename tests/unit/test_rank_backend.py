@@ -19,7 +19,7 @@ from feedserve.prompt.records import parse_member
 from feedserve.rank.coengagement import CoEngagement
 from feedserve.rank.data import PostTable, RankExample, Tensorizer, member_interactions
 from feedserve.rank.features import PostFeatures
-from feedserve.rank.model import INPUTS, GenerativeRanker
+from feedserve.rank.model import INPUTS, GenerativeRanker, load_id_owners, owns
 from feedserve.rank.runtime import SERVED_ATTENTIONS
 from feedserve.rank.train import DEFAULT_TASK_WEIGHTS
 from feedserve.schema import ModelName
@@ -190,6 +190,8 @@ def test_artifacts_without_the_pytorch_ranker_rank_on_the_cpu_and_a_gpu_variant_
         cpu.finalize()
     with pytest.raises(ValueError, match=r"no .*ranker.pt \(the PyTorch ranker a GPU variant runs\)"):
         RankModel().setup(old, {"runtime": "torch", "device": "cpu"})
+    with pytest.raises(ValueError, match=r"new_post_boost needs .*ranker.pt \(which posts the ranker trained on\)"):
+        RankModel().setup(old, {"new_post_boost": "0.1"})
 
 
 @pytest.mark.parametrize(
@@ -206,6 +208,37 @@ def test_an_unknown_ranker_runtime_is_refused_at_load(
 ) -> None:
     with pytest.raises(ValueError, match=error):
         RankModel().setup(layout, {"device": "cpu", **params})
+
+
+def test_a_new_post_boost_raises_every_post_the_ranker_never_trained_on_by_exactly_it(
+    rank: RankModel, layout: ArtifactLayout
+) -> None:
+    """Their final score gains the boost, in every row and whatever else the row holds; the trained
+    posts' scores and every task probability stay the ranker's."""
+    boosted = RankModel()
+    boosted.setup(layout, {"max_candidates": "64", "new_post_boost": "0.25"})
+    try:
+        candidates = [505, 510, 777_777, 520, 530, 10**12, 531, 539, 123_999]
+        request = _request([_member(HISTORY), _member([])], [candidates, candidates[3:]], k=9)
+        plain, up = _ok(rank, request), _ok(boosted, request)
+    finally:
+        boosted.finalize()
+    trained = owns(load_id_owners(layout.root), torch.tensor(candidates)).tolist()
+    untrained = {c for c, t in zip(candidates, trained, strict=True) if not t}
+    assert untrained == {777_777, 10**12, 123_999}  # the tiny ranker trained on 500..999
+    for row in (0, 1):
+        before, after = _by_id(plain, row), _by_id(up, row)
+        assert before.keys() == after.keys()
+        for post, (score, *tasks) in after.items():
+            assert score == pytest.approx(before[post][0] + 0.25 * (post in untrained), abs=1e-6)
+            assert tasks == pytest.approx(before[post][1:], abs=1e-7)
+        assert np.all(np.diff(up["SCORES"][row][: len(after)]) <= 0)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "1e39", "a lot", ""])
+def test_a_new_post_boost_that_is_not_a_finite_number_is_refused_at_load(layout: ArtifactLayout, bad: str) -> None:
+    with pytest.raises(ValueError, match="new_post_boost must be a finite number"):
+        RankModel().setup(layout, {"new_post_boost": bad})
 
 
 def test_what_real_records_hold_is_ranked_not_refused(rank: RankModel) -> None:

@@ -119,6 +119,25 @@ def test_task_weights_are_a_preset_or_a_json_object_of_finite_numbers(tmp_path: 
     assert drift(tmp_path, feed) == [] and drift(tmp_path, RepositorySettings()) == ["rank/config.pbtxt"]
 
 
+def test_a_new_post_boost_is_a_finite_number_rendered_into_rank_alone(tmp_path: Path) -> None:
+    import argparse
+
+    from feedserve.triton.repository import main, new_post_boost_arg, rendered_rank_params
+
+    assert new_post_boost_arg("0.01") == 0.01 and new_post_boost_arg("-2") == -2.0
+    for bad in ("nan", "-inf", "1e39", "", "0x", "true"):
+        with pytest.raises(argparse.ArgumentTypeError, match="finite number"):
+            new_post_boost_arg(bad)
+    with pytest.raises(ValueError, match="finite number"):
+        RepositorySettings(new_post_boost=float("nan"))
+    assert main(["--out", str(tmp_path), "--new-post-boost", "0.01"]) == 0
+    params = rendered_rank_params(tmp_path)
+    assert params is not None and float(params["new_post_boost"]) == 0.01
+    assert drift(tmp_path, RepositorySettings(new_post_boost=0.01)) == []
+    assert drift(tmp_path, RepositorySettings()) == ["rank/config.pbtxt"]  # no boost: no parameter at all
+    assert "new_post_boost" not in render_configs()[ModelName.RANK].parameters
+
+
 def test_an_engagement_retention_reaches_the_engagement_writer_and_with_milvus_every_rank(tmp_path: Path) -> None:
     """The local log's followers read the retention from its snapshot; Milvus's, sharing none, are
     told it."""

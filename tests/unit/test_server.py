@@ -176,8 +176,9 @@ def test_the_launcher_gives_up_past_its_restart_budget(tmp_path: Path) -> None:
         server.stop()
 
 
-def test_weights_rendered_for_other_tasks_than_the_rankers_are_named_before_the_server_starts(tmp_path: Path) -> None:
-    """`rank` refuses them at load, and all `serve` said was that tritonserver exited (see its log)."""
+def test_ranker_settings_rank_would_refuse_are_named_before_the_server_starts(tmp_path: Path) -> None:
+    """`rank` refuses them at load, and all `serve` said was that tritonserver exited (see its log):
+    weights for other tasks than the ranker's, a new-post boost without the ranker's PyTorch weights."""
     from feedserve.rank.model import RankerConfig
     from feedserve.rank.train import FEED_TASK_WEIGHTS
     from feedserve.triton.repository import RepositorySettings, write_repository
@@ -190,9 +191,16 @@ def test_weights_rendered_for_other_tasks_than_the_rankers_are_named_before_the_
     write_repository(tmp_path / "repo")  # the MovieLens weights, the default
     server = TritonServer(ServerOptions(repository=tmp_path / "repo", artifacts=layout.root))
     with pytest.raises(ServerError, match=r"weighs the tasks \['like', 'love', 'dislike'\], but the ranker"):
-        server._check_task_weights(layout)
-    write_repository(tmp_path / "repo", RepositorySettings(task_weights=tuple(FEED_TASK_WEIGHTS.items())))
-    server._check_task_weights(layout)
+        server._check_ranker_settings(layout)
+    feed = tuple(FEED_TASK_WEIGHTS.items())
+    write_repository(tmp_path / "repo", RepositorySettings(task_weights=feed))
+    server._check_ranker_settings(layout)
+    write_repository(tmp_path / "repo", RepositorySettings(task_weights=feed, new_post_boost=0.01))
+    assert not layout.ranker_weights.exists()
+    with pytest.raises(ServerError, match=r"boosts new posts, which needs .*ranker.pt"):
+        server._check_ranker_settings(layout)
+    layout.ranker_weights.write_text("{}")
+    server._check_ranker_settings(layout)
 
 
 def test_a_restart_checks_the_artifacts_again_and_gives_up_on_what_a_start_would_refuse(tmp_path: Path) -> None:
