@@ -14,9 +14,11 @@ and the norm of an untrained post's token (every new post, and the older posts n
 showed: the ranker reads them alike). A probe reads each such ranker once more with every untrained
 post's token zeroed (as the id-only arm reads one): how much of where new posts land is their token.
 
-And what lifting new posts after the ranker would trade (`--sweep`, by default the first ranker):
-every new post's final score shifted by OFFSETS times the median within-case standard deviation of
-the final scores, the shift a server could apply to posts its ranker never trained on.
+And what lifting them after the ranker trades (`--sweep`, by default the first ranker): the orders
+`rank` serves with `new_post_boost` set (`render --new-post-boost`: every post the ranker never
+trained on has its final score raised by the boost, feedserve.rank.train.boost_untrained), the
+boosts OFFSETS times the median within-case standard deviation of the final scores (each row gives
+the boost itself, the number to render).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from benchmarks import write_report
 from feedserve.artifacts import default_artifacts_dir
 from feedserve.clients.perf import machine
 from feedserve.rank.model import GenerativeRanker, hash_ids
+from feedserve.rank.train import boost_untrained
 from feedserve.training.evaluate import metrics, paired_ratio, per_case
 from feedserve.training.rank_eval import RankCase, RankingData, case_scores, evaluation_cases, orders
 
@@ -117,13 +120,11 @@ def new_recall(tops: Sequence[np.ndarray], cases: Sequence[RankCase], new: set[i
     return float(np.mean(hits)) if hits else 0.0
 
 
-def shifted(scored: Sequence[tuple[np.ndarray, np.ndarray]], new: set[int], shift: float) -> list[np.ndarray]:
-    """Each case's candidates ordered by final score, every new post's raised by `shift`."""
-    out = []
-    for ids, scores in scored:
-        is_new = np.fromiter((int(p) in new for p in ids.tolist()), bool, len(ids))
-        out.append(ids[np.argsort(-(scores + shift * is_new), kind="stable")])
-    return out
+def boosted(model: GenerativeRanker, scored: Sequence[tuple[np.ndarray, np.ndarray]], boost: float) -> list[np.ndarray]:
+    """Each case's candidates in the order `rank` serves them with `new_post_boost` = `boost`."""
+    return orders(
+        [(ids, boost_untrained(row, ~model.trained(torch.from_numpy(ids)).numpy(), boost)) for ids, row in scored]
+    )[1]
 
 
 def read(
@@ -155,11 +156,12 @@ def read(
         base, members = per_case(unshifted, cases, (10,))["ndcg@10"], [c.member.id for c in cases]
         rows = []
         for k in OFFSETS:
-            tops = shifted(scored, new, k * unit)
+            tops = boosted(model, scored, k * unit)
             # Paired with the unshifted order, case by case, resampling members.
             rows.append(
                 {
                     "offset": k,
+                    "boost": k * unit,
                     **row(tops),
                     "ndcg@10_paired": paired_ratio(base, per_case(tops, cases, (10,))["ndcg@10"], members),
                 }
@@ -262,16 +264,18 @@ def markdown(report: dict[str, Any]) -> str:
         unit = row["offsets"]["unit"]
         lines += [
             "",
-            f"{row['ranker']} with every new post's final score raised by k within-case standard deviations "
-            f"(median {unit:.4f}):",
+            f"{row['ranker']} served with `--new-post-boost` (every untrained post's final score raised by it) "
+            f"at k within-case standard deviations of the final score (median {unit:.4f}):",
             "",
-            "| k | NDCG@10 | / unshifted (paired) | Recall@10 | new targets: Recall@50 | median position | in top 50 |",
-            "|---|---|---|---|---|---|---|",
+            "| k | boost | NDCG@10 | / unboosted (paired) | Recall@10 | new targets: Recall@50 | median position "
+            "| in top 50 |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in row["offsets"]["rows"]:
             g = r["ndcg@10_paired"]
             lines.append(
-                f"| {r['offset']:+.1f} | {r['ndcg@10']:.4f} | {g['ratio']:.3f}x [{g['low']:.3f}, {g['high']:.3f}] "
+                f"| {r['offset']:+.1f} | {r['boost']:+.4f} | {r['ndcg@10']:.4f} "
+                f"| {g['ratio']:.3f}x [{g['low']:.3f}, {g['high']:.3f}] "
                 f"| {r['recall@10']:.4f} | {r['new_recall@50']:.4f} "
                 f"| {r['median_position']} | {r['top50']} |"
             )
