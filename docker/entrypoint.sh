@@ -11,7 +11,10 @@
 # requests must carry in the feedserve-write-key header; unset, every write is refused),
 # FEEDSERVE_HTTP_PORT (where the stub watchdog reaches the server on loopback, if extra arguments
 # move it from 8000), FEEDSERVE_INDEX (local | milvus: the post index in the artifacts' directory,
-# or in the Milvus at FEEDSERVE_MILVUS_URI, which every replica shares; docker/k8s).
+# or in the Milvus at FEEDSERVE_MILVUS_URI, which every replica shares; docker/k8s). The ranker's
+# serving settings, each passed to `feedserve render` as one argument (unset: render's default):
+# FEEDSERVE_TASK_WEIGHTS (--task-weights: `feed` for a feed ranker, or a JSON object),
+# FEEDSERVE_NEW_POST_BOOST (--new-post-boost), FEEDSERVE_ENGAGEMENT_RETENTION_DAYS.
 set -euo pipefail
 
 variant="${FEEDSERVE_VARIANT:-gpu-trt}"
@@ -40,12 +43,21 @@ if [[ ! -f "$artifacts/serving.json" ]]; then
 fi
 export FEEDSERVE_ARTIFACTS="$artifacts"
 
+ranker_args=()
+if [[ -n "${FEEDSERVE_TASK_WEIGHTS:-}" ]]; then ranker_args+=(--task-weights "$FEEDSERVE_TASK_WEIGHTS"); fi
+if [[ -n "${FEEDSERVE_NEW_POST_BOOST:-}" ]]; then ranker_args+=(--new-post-boost "$FEEDSERVE_NEW_POST_BOOST"); fi
+if [[ -n "${FEEDSERVE_ENGAGEMENT_RETENTION_DAYS:-}" ]]; then
+  ranker_args+=(--engagement-retention-days "$FEEDSERVE_ENGAGEMENT_RETENTION_DAYS")
+fi
+
 if [[ "$variant" == cpu ]]; then
-  # The CPU image serves through feedserve's own launcher (the tritonserver of the PyPI wheel).
-  if [[ "$index" == milvus ]]; then
-    feedserve render --variant cpu --index milvus --out "$repository"
-    exec feedserve --artifacts "$artifacts" serve --host "$listen" --expose --repository "$repository" \
-      --milvus-uri "$FEEDSERVE_MILVUS_URI" "$@"
+  # The CPU image serves through feedserve's own launcher (the tritonserver of the PyPI wheel), from
+  # the repository the image ships unless the index or a ranker setting asks for another rendering.
+  if [[ "$index" == milvus || ${#ranker_args[@]} -gt 0 ]]; then
+    feedserve render --variant cpu --index "$index" "${ranker_args[@]}" --out "$repository"
+    serve_args=(--repository "$repository")
+    if [[ "$index" == milvus ]]; then serve_args+=(--milvus-uri "$FEEDSERVE_MILVUS_URI"); fi
+    exec feedserve --artifacts "$artifacts" serve --host "$listen" --expose "${serve_args[@]}" "$@"
   fi
   exec feedserve --artifacts "$artifacts" serve --host "$listen" --expose "$@"
 fi
@@ -53,7 +65,7 @@ fi
 # Every artifact must match the manifest `feedserve build` wrote (the CPU launcher checks it itself).
 python3 -m feedserve.ops.manifest verify "$artifacts"
 # With the milvus index the backends read FEEDSERVE_MILVUS_URI from this environment.
-feedserve render --variant "$variant" --index "$index" --out "$repository"
+feedserve render --variant "$variant" --index "$index" "${ranker_args[@]}" --out "$repository"
 if [[ "$variant" == gpu-trt ]]; then
   python3 -m feedserve.export.tensorrt ensure --artifacts "$artifacts" \
     --plan "$repository/encoder/1/model.plan" --precision "$precision"

@@ -122,7 +122,8 @@ def _run_entrypoint(
     for command in ("feedserve", "python3", "tritonserver"):
         stub = bin_dir / command
         fail = '\necho "stub failed" >&2\nexit 1' if command == failing else ""
-        stub.write_text(f'#!/bin/sh\necho "{command} $*" >> "{log}"{fail}\n')
+        # Each call's words, and how many arguments they were (a JSON value must arrive as one).
+        stub.write_text(f'#!/bin/sh\necho "{command} $*" >> "{log}"\necho "$#" >> "{log}.argc"{fail}\n')
         stub.chmod(0o755)
     result = subprocess.run(
         ["bash", str(DOCKER / "entrypoint.sh"), "--log-verbose=1"],
@@ -205,6 +206,40 @@ def test_entrypoint_serves_from_milvus_on_both_paths(tmp_path: Path, artifacts: 
         f"feedserve --artifacts {artifacts} serve --host 0.0.0.0 --expose --repository {models} "
         "--milvus-uri http://milvus:19530 --log-verbose=1",
     ]
+
+
+def test_entrypoint_renders_the_rankers_settings_each_as_one_argument_on_both_paths(
+    tmp_path: Path, artifacts: Path
+) -> None:
+    """A feed ranker's weights, a new-post boost and a retention reach `feedserve render` (a JSON
+    object with spaces whole); the CPU image then serves the repository it rendered, not its own."""
+    models = tmp_path / "models"
+    weights = '{"click": 0.2, "long dwell": 0.5, "like": 1, "comment": 1.5, "share": 2, "skip": -1}'
+    ranker = {
+        "FEEDSERVE_ARTIFACTS": str(artifacts),
+        "FEEDSERVE_REPOSITORY": str(models),
+        "FEEDSERVE_TASK_WEIGHTS": weights,
+        "FEEDSERVE_NEW_POST_BOOST": "0.01",
+        "FEEDSERVE_ENGAGEMENT_RETENTION_DAYS": "90",
+    }
+    settings = f"--task-weights {weights} --new-post-boost 0.01 --engagement-retention-days 90"
+    result, calls = _run_entrypoint(tmp_path, {**ranker, "FEEDSERVE_VARIANT": "gpu-torch"})
+    assert result.returncode == 0, result.stderr
+    assert f"feedserve render --variant gpu-torch --index local {settings} --out {models}" in calls
+    argc = (tmp_path / "calls.log.argc").read_text().split()
+    assert argc[calls.index(next(c for c in calls if c.startswith("feedserve render")))] == "13"
+    for log in tmp_path.glob("calls.log*"):
+        log.unlink()
+    result, calls = _run_entrypoint(tmp_path, {**ranker, "FEEDSERVE_VARIANT": "cpu"})
+    assert result.returncode == 0, result.stderr
+    assert calls == [
+        f"feedserve render --variant cpu --index local {settings} --out {models}",
+        f"feedserve --artifacts {artifacts} serve --host 0.0.0.0 --expose --repository {models} --log-verbose=1",
+    ]
+    # A value render refuses stops the container before anything serves.
+    (tmp_path / "calls.log").unlink()
+    result, calls = _run_entrypoint(tmp_path, {**ranker, "FEEDSERVE_VARIANT": "cpu"}, failing="feedserve")
+    assert result.returncode == 1 and len(calls) == 1 and calls[0].startswith("feedserve render")
 
 
 def test_entrypoint_stops_when_the_artifacts_fail_their_manifest(tmp_path: Path, artifacts: Path) -> None:
