@@ -61,19 +61,21 @@ def new_target_positions(tops: Sequence[np.ndarray], cases: Sequence[RankCase], 
     return np.array(out, np.int64)
 
 
-def base_rates(tops: Sequence[np.ndarray], cases: Sequence[RankCase], new: set[int]) -> dict[str, float]:
-    """How often a candidate is a target, new posts against the rest: what an order that knows
-    nothing but whether a post is new would do with them."""
-    counts = np.zeros((2, 2), np.int64)  # [new?, target?]
+def base_rates(
+    tops: Sequence[np.ndarray], cases: Sequence[RankCase], group: set[int], name: str = "new", rest: str = "trained"
+) -> dict[str, float]:
+    """How often a candidate is a target, the posts of `group` (new ones by default) against the
+    rest: what an order that knows nothing but whether a post is in the group would do with them."""
+    counts = np.zeros((2, 2), np.int64)  # [in group?, target?]
     for top, case in zip(tops, cases, strict=True):
         for post in top.tolist():
-            counts[int(post in new), int(post in case.targets)] += 1
+            counts[int(post in group), int(post in case.targets)] += 1
     rate = counts[:, 1] / np.maximum(counts.sum(1), 1)
     return {
-        "new_share_of_candidates": float(counts[1].sum() / counts.sum()),
-        "new_share_of_targets": float(counts[1, 1] / max(counts[:, 1].sum(), 1)),
-        "target_rate_new": float(rate[1]),
-        "target_rate_trained": float(rate[0]),
+        f"{name}_share_of_candidates": float(counts[1].sum() / counts.sum()),
+        f"{name}_share_of_targets": float(counts[1, 1] / max(counts[:, 1].sum(), 1)),
+        f"target_rate_{name}": float(rate[1]),
+        f"target_rate_{rest}": float(rate[0]),
     }
 
 
@@ -127,6 +129,27 @@ def boosted(model: GenerativeRanker, scored: Sequence[tuple[np.ndarray, np.ndarr
     )[1]
 
 
+def older_untrained(
+    model: GenerativeRanker,
+    data: RankingData,
+    retrieved: Sequence[np.ndarray],
+    cases: Sequence[RankCase],
+    new: set[int],
+) -> dict[str, Any]:
+    """What a boost raises besides the new posts: the older posts the ranker reads by content alone,
+    how many of them share an id bucket another post owns (hashed ids collide: training read them by
+    content alone too), and how often one is a target among retrieval's candidates."""
+    ids = torch.as_tensor(data.post_ids)
+    untrained = ~model.trained(ids)
+    colliding = untrained & (model.id_owners[hash_ids(ids, model.config.id_buckets)] >= 0)
+    older = {int(p) for p in data.post_ids[untrained.numpy()]} - new
+    return {
+        "posts": len(older),
+        "colliding": len({int(p) for p in data.post_ids[colliding.numpy()]} & older),
+        **base_rates(retrieved, cases, older, "older_untrained", "other"),
+    }
+
+
 def read(
     model: GenerativeRanker,
     data: RankingData,
@@ -166,7 +189,11 @@ def read(
                     "ndcg@10_paired": paired_ratio(base, per_case(tops, cases, (10,))["ndcg@10"], members),
                 }
             )
-        out["offsets"] = {"unit": unit, "rows": rows}
+        out["offsets"] = {
+            "unit": unit,
+            "older_untrained": older_untrained(model, data, retrieved, cases, new),
+            "rows": rows,
+        }
     return retrieved, out
 
 
@@ -180,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/reports/ranker/new-posts"))
     p.add_argument("--name", default="new-posts", help="the report's file name (without extension)")
     p.add_argument(
-        "--sweep", type=Path, nargs="*", help="rankers whose new posts' scores are shifted (default: the first)"
+        "--sweep",
+        type=Path,
+        nargs="*",
+        help="rankers served with new-post boosts, every untrained post raised (default: the first)",
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -261,11 +291,14 @@ def markdown(report: dict[str, Any]) -> str:
     for row in report["rankers"]:
         if "offsets" not in row:
             continue
-        unit = row["offsets"]["unit"]
+        unit, older = row["offsets"]["unit"], row["offsets"]["older_untrained"]
         lines += [
             "",
             f"{row['ranker']} served with `--new-post-boost` (every untrained post's final score raised by it) "
-            f"at k within-case standard deviations of the final score (median {unit:.4f}):",
+            f"at k within-case standard deviations of the final score (median {unit:.4f}). Besides the new posts "
+            f"the boost raises {older['posts']} older untrained ones ({older['colliding']} of them in an id bucket "
+            f"another post owns), {older['older_untrained_share_of_candidates']:.1%} of retrieval's candidates, a "
+            f"target {older['target_rate_older_untrained']:.2%} of the time:",
             "",
             "| k | boost | NDCG@10 | / unboosted (paired) | Recall@10 | new targets: Recall@50 | median position "
             "| in top 50 |",

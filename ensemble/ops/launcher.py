@@ -11,7 +11,6 @@ The wheel is used for its server binary and python backend only; the project tal
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import re
@@ -328,19 +327,23 @@ class TritonServer:
         tritonserver exited. The rendered weights must weigh this ranker's tasks, and a new-post boost
         needs the ranker's PyTorch weights (which posts it trained on)."""
         from feedserve.rank.model import RankerConfig
+        from feedserve.rank.train import finite_boost
+        from feedserve.triton.rank import task_weights
         from feedserve.triton.repository import rendered_rank_params
 
         params = rendered_rank_params(self.options.repository)
         if params is None:
             return
-        rendered = list(json.loads(params["task_weights"]))
-        tasks = list(RankerConfig.load(layout.ranker_config).tasks)
-        if set(rendered) != set(tasks):
+        config = RankerConfig.load(layout.ranker_config)
+        try:  # as `rank` reads them at load
+            task_weights(config, params.get("task_weights"))
+            boost = finite_boost(params.get("new_post_boost", "0"))
+        except ValueError as err:
             raise ServerError(
-                f"{self.options.repository} weighs the tasks {rendered}, but the ranker in {layout.root} scores "
-                f"{tasks}: render it with `feedserve render --task-weights` naming those"
-            )
-        if float(params.get("new_post_boost", "0")) and not layout.ranker_weights.exists():
+                f"{self.options.repository / str(ModelName.RANK) / 'config.pbtxt'} does not suit the ranker in "
+                f"{layout.root}: {err}. Render it with `feedserve render` (--task-weights, --new-post-boost)"
+            ) from err
+        if boost and not layout.ranker_weights.exists():
             raise ServerError(
                 f"{self.options.repository} boosts new posts, which needs {layout.ranker_weights} (which posts the "
                 "ranker trained on): `feedserve build` writes it, or render without --new-post-boost"

@@ -95,7 +95,7 @@ def finite_boost(value: object) -> float:
         raise ValueError(f"new_post_boost must be a finite number, got {value!r}")
     try:
         boost = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:  # OverflowError: an int past any float
         raise ValueError(f"new_post_boost must be a finite number, got {value!r}") from err
     if not abs(boost) <= float(np.finfo(np.float32).max):  # NaN fails it too
         raise ValueError(f"new_post_boost must be a finite number (in float32), got {value!r}")
@@ -104,8 +104,9 @@ def finite_boost(value: object) -> float:
 
 def boost_untrained(scores: np.ndarray, untrained: np.ndarray, boost: float) -> np.ndarray:
     """Final scores with `boost` added to every post the ranker never trained on (`new_post_boost` in
-    the serving settings): a post created since its training, or one no training example showed. The
-    ranker reads those by their content alone and, on MovieLens, puts the new ones lower than
+    the serving settings): a post created since its training, one no training example showed, or one
+    whose id bucket another post's id owns (GenerativeRanker.trained). The ranker reads those by their
+    content alone and, on MovieLens, puts the new ones lower than
     retrieval did (benchmarks/reports/ranker/new-posts); a feed that values freshness beyond the next
     engagement raises them by a constant, in the final score's units, the same for every request."""
     return scores + np.float32(boost) * untrained.astype(np.float32)

@@ -506,7 +506,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--new-post-boost",
         type=new_post_boost_arg,
         default=0.0,
-        help="added to the final score of every post the ranker never trained on (created since its training): "
+        help="added to the final score of every post the ranker reads by content alone (created since its "
+        "training, never shown in it, or its id's bucket owned by another): "
         "a feed's freshness, in the final score's units (0: none; see benchmarks/reports/ranker/new-posts)",
     )
     parser.add_argument(

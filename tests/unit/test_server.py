@@ -179,6 +179,9 @@ def test_the_launcher_gives_up_past_its_restart_budget(tmp_path: Path) -> None:
 def test_ranker_settings_rank_would_refuse_are_named_before_the_server_starts(tmp_path: Path) -> None:
     """`rank` refuses them at load, and all `serve` said was that tritonserver exited (see its log):
     weights for other tasks than the ranker's, a new-post boost without the ranker's PyTorch weights."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
     from feedserve.rank.model import RankerConfig
     from feedserve.rank.train import FEED_TASK_WEIGHTS
     from feedserve.triton.repository import RepositorySettings, write_repository
@@ -190,7 +193,7 @@ def test_ranker_settings_rank_would_refuse_are_named_before_the_server_starts(tm
     layout.ranker_config.write_text(RankerConfig(content_dim=8, tasks=tuple(FEED_TASK_WEIGHTS)).to_json())
     write_repository(tmp_path / "repo")  # the MovieLens weights, the default
     server = TritonServer(ServerOptions(repository=tmp_path / "repo", artifacts=layout.root))
-    with pytest.raises(ServerError, match=r"weighs the tasks \['like', 'love', 'dislike'\], but the ranker"):
+    with pytest.raises(ServerError, match=r"must weigh exactly the ranker's tasks \['click'.*'like': 1.0, 'love'"):
         server._check_ranker_settings(layout)
     feed = tuple(FEED_TASK_WEIGHTS.items())
     write_repository(tmp_path / "repo", RepositorySettings(task_weights=feed))
@@ -201,6 +204,20 @@ def test_ranker_settings_rank_would_refuse_are_named_before_the_server_starts(tm
         server._check_ranker_settings(layout)
     layout.ranker_weights.write_text("{}")
     server._check_ranker_settings(layout)
+    # A config edited by hand: what `rank` would refuse, named; what it reads as the default, passed.
+    config = tmp_path / "repo" / "rank" / "config.pbtxt"
+    rendered = config.read_text()
+    for bad in ('"nan"', '"1e39"', '"abc"'):
+        config.write_text(rendered.replace('"0.01"', bad))
+        with pytest.raises(ServerError, match=r"rank/config.pbtxt does not suit .*new_post_boost must be a finite"):
+            server._check_ranker_settings(layout)
+    movielens = RankerConfig(content_dim=8, tasks=("like", "love", "dislike"))
+    layout.ranker_config.write_text(movielens.to_json())
+    write_repository(tmp_path / "repo")
+    parsed = text_format.Parse(config.read_text(), mc.ModelConfig())
+    del parsed.parameters["task_weights"]
+    config.write_text(text_format.MessageToString(parsed))
+    server._check_ranker_settings(layout)  # `rank` weighs the ranker's tasks by the defaults
 
 
 def test_a_restart_checks_the_artifacts_again_and_gives_up_on_what_a_start_would_refuse(tmp_path: Path) -> None:
