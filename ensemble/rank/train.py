@@ -106,7 +106,7 @@ def boost_untrained(scores: np.ndarray, untrained: np.ndarray, boost: float) -> 
     """Final scores with `boost` added to every post the ranker never trained on (`new_post_boost` in
     the serving settings): a post created since its training, one no training example showed, or one
     whose id bucket another post's id owns (GenerativeRanker.trained). The ranker reads those by their
-    content alone and, on MovieLens, puts the new ones lower than
-    retrieval did (benchmarks/reports/ranker/new-posts); a feed that values freshness beyond the next
-    engagement raises them by a constant, in the final score's units, the same for every request."""
+    content alone and, on MovieLens, puts the new ones lower than retrieval did
+    (benchmarks/reports/ranker/new-posts); a feed that values freshness beyond the next engagement
+    raises them by a constant, in the final score's units, the same for every request."""
     return scores + np.float32(boost) * untrained.astype(np.float32)
