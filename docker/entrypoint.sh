@@ -43,11 +43,12 @@ if [[ ! -f "$artifacts/serving.json" ]]; then
 fi
 export FEEDSERVE_ARTIFACTS="$artifacts"
 
+# Option and value in one word: argparse would read a value such as -1e-3 as an option.
 ranker_args=()
-if [[ -n "${FEEDSERVE_TASK_WEIGHTS:-}" ]]; then ranker_args+=(--task-weights "$FEEDSERVE_TASK_WEIGHTS"); fi
-if [[ -n "${FEEDSERVE_NEW_POST_BOOST:-}" ]]; then ranker_args+=(--new-post-boost "$FEEDSERVE_NEW_POST_BOOST"); fi
+if [[ -n "${FEEDSERVE_TASK_WEIGHTS:-}" ]]; then ranker_args+=("--task-weights=$FEEDSERVE_TASK_WEIGHTS"); fi
+if [[ -n "${FEEDSERVE_NEW_POST_BOOST:-}" ]]; then ranker_args+=("--new-post-boost=$FEEDSERVE_NEW_POST_BOOST"); fi
 if [[ -n "${FEEDSERVE_ENGAGEMENT_RETENTION_DAYS:-}" ]]; then
-  ranker_args+=(--engagement-retention-days "$FEEDSERVE_ENGAGEMENT_RETENTION_DAYS")
+  ranker_args+=("--engagement-retention-days=$FEEDSERVE_ENGAGEMENT_RETENTION_DAYS")
 fi
 
 if [[ "$variant" == cpu ]]; then

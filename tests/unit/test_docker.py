@@ -4,6 +4,7 @@ entrypoint does the right things in the right order (run as a script against stu
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
@@ -212,34 +213,50 @@ def test_entrypoint_renders_the_rankers_settings_each_as_one_argument_on_both_pa
     tmp_path: Path, artifacts: Path
 ) -> None:
     """A feed ranker's weights, a new-post boost and a retention reach `feedserve render` (a JSON
-    object with spaces whole); the CPU image then serves the repository it rendered, not its own."""
+    object with spaces whole, a negative boost in exponent form as a value, not an option); the CPU
+    image then serves the repository it rendered, not its own."""
     models = tmp_path / "models"
     weights = '{"click": 0.2, "long dwell": 0.5, "like": 1, "comment": 1.5, "share": 2, "skip": -1}'
     ranker = {
         "FEEDSERVE_ARTIFACTS": str(artifacts),
         "FEEDSERVE_REPOSITORY": str(models),
         "FEEDSERVE_TASK_WEIGHTS": weights,
-        "FEEDSERVE_NEW_POST_BOOST": "0.01",
+        "FEEDSERVE_NEW_POST_BOOST": "-1e-3",
         "FEEDSERVE_ENGAGEMENT_RETENTION_DAYS": "90",
     }
-    settings = f"--task-weights {weights} --new-post-boost 0.01 --engagement-retention-days 90"
-    result, calls = _run_entrypoint(tmp_path, {**ranker, "FEEDSERVE_VARIANT": "gpu-torch"})
-    assert result.returncode == 0, result.stderr
-    assert f"feedserve render --variant gpu-torch --index local {settings} --out {models}" in calls
-    argc = (tmp_path / "calls.log.argc").read_text().split()
-    assert argc[calls.index(next(c for c in calls if c.startswith("feedserve render")))] == "13"
+    settings = [f"--task-weights={weights}", "--new-post-boost=-1e-3", "--engagement-retention-days=90"]
+    for variant in ("gpu-torch", "cpu"):
+        for log in tmp_path.glob("calls.log*"):
+            log.unlink()
+        result, calls = _run_entrypoint(tmp_path, {**ranker, "FEEDSERVE_VARIANT": variant})
+        assert result.returncode == 0, result.stderr
+        render = next(i for i, c in enumerate(calls) if c.startswith("feedserve render"))
+        assert (
+            calls[render] == f"feedserve render --variant {variant} --index local {' '.join(settings)} --out {models}"
+        )
+        # Each setting one argument: the words above, counted as the stub received them.
+        assert (tmp_path / "calls.log.argc").read_text().split()[render] == "10"
+        # What render makes of them (the real one): each value as given.
+        args = add_arguments_parsed(["--variant", variant, *settings, "--out", str(models)])
+        assert args.task_weights["long dwell"] == 0.5 and args.new_post_boost == -1e-3
+        assert args.engagement_retention_days == 90
+    assert calls[render + 1] == (
+        f"feedserve --artifacts {artifacts} serve --host 0.0.0.0 --expose --repository {models} --log-verbose=1"
+    )
+    # A value render refuses stops the container before anything serves.
     for log in tmp_path.glob("calls.log*"):
         log.unlink()
-    result, calls = _run_entrypoint(tmp_path, {**ranker, "FEEDSERVE_VARIANT": "cpu"})
-    assert result.returncode == 0, result.stderr
-    assert calls == [
-        f"feedserve render --variant cpu --index local {settings} --out {models}",
-        f"feedserve --artifacts {artifacts} serve --host 0.0.0.0 --expose --repository {models} --log-verbose=1",
-    ]
-    # A value render refuses stops the container before anything serves.
-    (tmp_path / "calls.log").unlink()
     result, calls = _run_entrypoint(tmp_path, {**ranker, "FEEDSERVE_VARIANT": "cpu"}, failing="feedserve")
     assert result.returncode == 1 and len(calls) == 1 and calls[0].startswith("feedserve render")
+
+
+def add_arguments_parsed(argv: list[str]) -> argparse.Namespace:
+    """`feedserve render`'s parser over `argv`."""
+    from feedserve.triton.repository import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
 
 
 def test_entrypoint_stops_when_the_artifacts_fail_their_manifest(tmp_path: Path, artifacts: Path) -> None:
