@@ -6,8 +6,8 @@ are posts created after the training cutoff.
 The ranker (`python -m feedserve.training.rank_feed --log LOG`, its default recipe) scores the test
 sessions' impressions of the log it trained on (`python -m feedserve.training.feed_log --out LOG`); each session is ordered by the served final score (`FEED_TASK_WEIGHTS`) with every
 post the ranker never trained on raised by the boost (feedserve.rank.train.boost_untrained, as `rank`
-serves it), the boosts in within-session standard deviations of the final score as in
-`rank_new_posts --sweep`. Reported: NDCG@10 against the value of what each member did, paired with
+serves it), the boosts `rank_new_posts --sweep` tries (OFFSETS), in within-session standard
+deviations of the final score. Reported: NDCG@10 against the value of what each member did, paired with
 the unboosted order over the same sessions (95% bootstrap over members), and the untrained posts'
 share of each top 10. In this log a post's chance of each action does not depend on its age
 (`feedserve.training.feed_log`): a boost can gain only where the ranker scores new posts below
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from benchmarks import write_report
+from benchmarks.rank_new_posts import OFFSETS, boost_cells
 from feedserve.artifacts import default_artifacts_dir
 from feedserve.clients.perf import machine
 from feedserve.rank.data import RankExample
@@ -37,7 +38,6 @@ from feedserve.training.feed_log import FEED_TASKS, load_feed_log
 from feedserve.training.rank_feed import FeedData, load_retriever, ndcg_at, predict
 
 logger = logging.getLogger(__name__)
-OFFSETS = (-1.0, 0.0, 0.5, 1.0, 2.0)  # in within-session standard deviations of the final score
 
 
 def sessions_at(
@@ -128,11 +128,7 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for r in report["rows"]:
-        g = r["ndcg@10_paired"]
-        lines.append(
-            f"| {r['offset']:+.1f} | {r['boost']:+.4f} | {r['ndcg@10']:.4f} "
-            f"| {g['ratio']:.3f}x [{g['low']:.3f}, {g['high']:.3f}] | {r['untrained_share_of_top10']:.1%} |"
-        )
+        lines.append(f"{boost_cells(r)}| {r['untrained_share_of_top10']:.1%} |")
     lines += ["", f"Machine: {report['machine']}", ""]
     return "\n".join(lines)
 

@@ -257,6 +257,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def boost_cells(row: dict[str, Any]) -> str:
+    """A boost sweep row's first cells: k, the boost, NDCG@10 and its ratio paired with no boost."""
+    g = row["ndcg@10_paired"]
+    return (
+        f"| {row['offset']:+.1f} | {row['boost']:+.4f} | {row['ndcg@10']:.4f} "
+        f"| {g['ratio']:.3f}x [{g['low']:.3f}, {g['high']:.3f}] "
+    )
+
+
 def markdown(report: dict[str, Any]) -> str:
     r = report["retrieval"]
     lines = [
@@ -305,11 +314,8 @@ def markdown(report: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in row["offsets"]["rows"]:
-            g = r["ndcg@10_paired"]
             lines.append(
-                f"| {r['offset']:+.1f} | {r['boost']:+.4f} | {r['ndcg@10']:.4f} "
-                f"| {g['ratio']:.3f}x [{g['low']:.3f}, {g['high']:.3f}] "
-                f"| {r['recall@10']:.4f} | {r['new_recall@50']:.4f} "
+                f"{boost_cells(r)}| {r['recall@10']:.4f} | {r['new_recall@50']:.4f} "
                 f"| {r['median_position']} | {r['top50']} |"
             )
     lines += ["", f"Machine: {report['machine']}", ""]
