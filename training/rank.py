@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         max_rank=args.shown,
     )
     torch.manual_seed(args.seed)
-    model = GenerativeRanker(config, known_ids=torch.from_numpy(trained_ids))
+    model = GenerativeRanker(config)
+    colliding = model.learn_ids(torch.from_numpy(trained_ids))
     init_wide(model, args.wide_init)
     tensorize = data.tensorizer(config)
     protocols = evaluation_cases(ml, split, args.moments, args.horizon)
@@ -287,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         "cutoff": split.cutoff,
         "loss_first_100": float(np.mean(losses[:100])) if losses else None,
         "loss_last_100": float(np.mean(losses[-100:])) if losses else None,
+        # Trained post ids whose hashed bucket another id owns: read by content alone.
+        "post_ids": {"trained": len(np.unique(trained_ids)), "colliding": colliding},
         "retrieval": evaluation["cutoff"]["retrieval"],
         "ranked": evaluation["cutoff"]["ranked"],
         **evaluation,

@@ -19,6 +19,7 @@ with DCNv2 cross-network experts and one gate per task gives one logit per task.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ from torch import nn
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "feedserve.rank/1"
 # The forward pass's inputs, in order: the exported graph's input names too.
@@ -440,13 +443,25 @@ class GenerativeRanker(nn.Module):
         with atomic_file(Path(directory) / WEIGHTS_FILE) as f:
             torch.save(self.state_dict(), f)
 
-    def learn_ids(self, ids: torch.Tensor) -> None:
-        """Let these post ids' embeddings count (the training set's); the first id of a bucket owns it."""
+    def learn_ids(self, ids: torch.Tensor) -> int:
+        """Let these post ids' embeddings count (the training set's); the first id of a bucket owns it.
+        Returns how many of them lost their bucket to another id: read by content alone, in training
+        and when served, as a new post is (logged: a catalog outgrowing `id_buckets` shows here)."""
         ids = torch.unique(ids.flatten())
         buckets = hash_ids(ids, self.config.id_buckets)
         first = torch.full_like(self.id_owners, -1)
         first.scatter_reduce_(0, buckets, ids, reduce="amin", include_self=False)
         self.id_owners.copy_(torch.where(self.id_owners >= 0, self.id_owners, first))
+        lost = int((~self.trained(ids)).sum())
+        logger.info(
+            "%d of %d post ids own an id bucket; %d share one with another id and are read by content alone "
+            "(id_buckets %d)",
+            len(ids) - lost,
+            len(ids),
+            lost,
+            self.config.id_buckets,
+        )
+        return lost
 
     def trained(self, ids: torch.Tensor) -> torch.Tensor:
         """Whether each post id's embedding was trained (it owns its bucket): False for a post created

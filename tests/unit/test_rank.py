@@ -4,6 +4,8 @@ never trained on is read by its content alone."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -212,9 +214,20 @@ def test_the_listwise_loss_is_the_cross_entropy_of_each_members_likes_over_their
 
 
 @torch.no_grad()
-def test_the_post_token_ablations_read_content_alone_or_ids_alone() -> None:
-    from dataclasses import replace
+def test_learn_ids_gives_each_bucket_to_its_smallest_id_and_counts_the_others() -> None:
+    """Ids whose bucket another owns are read by content alone: `learn_ids` says how many."""
+    model = GenerativeRanker(replace(CONFIG, id_buckets=8))
+    ids = torch.arange(100, 121)
+    lost = model.learn_ids(torch.cat([ids, ids[:5]]))  # a repeated id counts once
+    buckets = hash_ids(ids, 8)
+    assert lost == len(ids) - len(torch.unique(buckets)) and lost > 0
+    for bucket in torch.unique(buckets):
+        assert model.id_owners[bucket] == ids[buckets == bucket].min()
+    assert int(model.trained(ids).sum()) == len(ids) - lost
+    assert model.learn_ids(ids) == lost  # learning them again changes nothing
 
+
+def test_the_post_token_ablations_read_content_alone_or_ids_alone() -> None:
     inputs = _inputs(h=6, c=4)
     other_ids = dict(inputs, history_ids=inputs["history_ids"] + 1, candidate_ids=inputs["candidate_ids"] + 1)
     other_content = dict(
@@ -234,8 +247,6 @@ def test_the_post_token_ablations_read_content_alone_or_ids_alone() -> None:
 def test_residual_post_tokens_keep_the_content_whole_and_add_a_known_id_by_its_gate() -> None:
     """`residual`: a post token is its content's projection plus its id embedding times the gate;
     an id never trained on adds nothing, so a new post is its content, as with the gated mix."""
-    from dataclasses import replace
-
     torch.manual_seed(0)
     model = GenerativeRanker(replace(CONFIG, post_tokens="residual"), known_ids=torch.arange(1000, 1002)).eval()
     torch.nn.init.normal_(model.ids.weight)
@@ -252,8 +263,6 @@ def test_residual_post_tokens_keep_the_content_whole_and_add_a_known_id_by_its_g
 
 @torch.no_grad()
 def test_id_dropout_reads_some_known_posts_by_content_alone_in_training_only() -> None:
-    from dataclasses import replace
-
     torch.manual_seed(0)
     config = replace(CONFIG, post_tokens="residual", id_dropout=0.5)
     model = GenerativeRanker(config, known_ids=torch.arange(1000, 1400))
@@ -276,8 +285,6 @@ def test_id_dropout_reads_some_known_posts_by_content_alone_in_training_only() -
 def test_a_learned_stand_in_is_the_id_of_every_new_post_and_of_the_ids_dropped_in_training() -> None:
     """`new_post_id` "learned": a post never trained on (or a dropped one, in training) is mixed by the
     gate with one learned embedding as a known post is with its own; known posts are unchanged."""
-    from dataclasses import replace
-
     torch.manual_seed(0)
     config = replace(CONFIG, id_dropout=0.5, new_post_id="learned")
     model = GenerativeRanker(config, known_ids=torch.arange(1000, 1400)).eval()
@@ -313,8 +320,6 @@ def test_a_learned_stand_in_is_the_id_of_every_new_post_and_of_the_ids_dropped_i
 
 @torch.no_grad()
 def test_the_wide_term_adds_the_features_linearly_to_every_logit() -> None:
-    from dataclasses import replace
-
     torch.manual_seed(0)
     model = GenerativeRanker(replace(CONFIG, wide=True)).eval()
     assert model.wide is not None and GenerativeRanker(CONFIG).wide is None

@@ -146,6 +146,8 @@ def test_the_six_task_ranker_trains_and_evaluates_end_to_end(tiny_artifacts: Art
     assert all(report["tasks"][t]["auc"] is not None for t in FEED_TASKS)
     assert report["training_sessions"] > 0 and report["test_sessions"] > 0
     model = GenerativeRanker.load(tmp_path / "a")
+    assert 0 <= report["post_ids"]["colliding"] < report["post_ids"]["trained"]
+    assert int(model.id_owners.ge(0).sum()) == report["post_ids"]["trained"] - report["post_ids"]["colliding"]
     assert model.config.tasks == FEED_TASKS
     # Stopped at 20 and resumed: the same weights as the run straight through.
     assert main([*args, "--out", str(tmp_path / "b"), "--steps", "20"]) == 0
