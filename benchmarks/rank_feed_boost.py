@@ -40,20 +40,21 @@ from feedserve.training.rank_feed import FeedData, load_retriever, ndcg_at, pred
 logger = logging.getLogger(__name__)
 
 
+# What a member's actions are worth, per column of FEED_TASKS (a skip nothing): NDCG@10's gains.
+VALUE = np.maximum(np.array([FEED_TASK_WEIGHTS[t] for t in FEED_TASKS], np.float32), 0.0)
+
+
 def sessions_at(
-    model: GenerativeRanker, examples: Sequence[RankExample], probabilities: Sequence[np.ndarray], boost: float
+    examples: Sequence[RankExample], finals: Sequence[np.ndarray], untrained: Sequence[np.ndarray], boost: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per session: NDCG@10 of the boosted order (nan where the member did nothing of value) and the
-    share of its top 10 the ranker never trained on."""
-    weights = np.array([FEED_TASK_WEIGHTS[t] for t in model.config.tasks], np.float32)
-    value = np.maximum(np.array([FEED_TASK_WEIGHTS[t] for t in FEED_TASKS], np.float32), 0.0)
+    """Per session: NDCG@10 of its final scores boosted where `untrained` (nan where the member did
+    nothing of value) and the share of its top 10 the ranker never trained on."""
     ndcg, untrained_top = [], []
-    for x, p in zip(examples, probabilities, strict=True):
-        untrained = ~model.trained(torch.from_numpy(x.candidates)).numpy()
-        order = np.argsort(-boost_untrained(p @ weights, untrained, boost), kind="stable")
-        v = ndcg_at(order, x.labels @ value)
+    for x, final, fresh in zip(examples, finals, untrained, strict=True):
+        order = np.argsort(-boost_untrained(final, fresh, boost), kind="stable")
+        v = ndcg_at(order, x.labels @ VALUE)
         ndcg.append(np.nan if v is None else v)
-        untrained_top.append(float(untrained[order[:10]].mean()))
+        untrained_top.append(float(fresh[order[:10]].mean()))
     return np.array(ndcg), np.array(untrained_top)
 
 
@@ -74,17 +75,18 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--ranker: a ranker of the feed's six tasks, got {list(model.config.tasks)}")
     probabilities = predict(model, data.tensorizer(model.config), data.test)
     weights = np.array([FEED_TASK_WEIGHTS[t] for t in model.config.tasks], np.float32)
-    unit = float(np.median([np.std(s @ weights) for s in probabilities]))
+    finals = [s @ weights for s in probabilities]  # the served final score, before any boost
+    per_session = [~model.trained(torch.from_numpy(x.candidates)).numpy() for x in data.test]
+    unit = float(np.median([np.std(f) for f in finals]))
     members = np.array([x.member_id for x in data.test])
     candidates = np.concatenate([x.candidates for x in data.test])
-    untrained = ~model.trained(torch.from_numpy(candidates)).numpy()
-    value = np.maximum(np.array([FEED_TASK_WEIGHTS[t] for t in FEED_TASKS], np.float32), 0.0)
-    valued = np.concatenate([x.labels @ value for x in data.test]) > 0
-    base, _ = sessions_at(model, data.test, probabilities, 0.0)
+    untrained = np.concatenate(per_session)
+    valued = np.concatenate([x.labels @ VALUE for x in data.test]) > 0
+    base, _ = sessions_at(data.test, finals, per_session, 0.0)
     held = ~np.isnan(base)
     rows: list[dict[str, Any]] = []
     for k in OFFSETS:
-        ndcg, top = sessions_at(model, data.test, probabilities, k * unit)
+        ndcg, top = sessions_at(data.test, finals, per_session, k * unit)
         rows.append(
             {
                 "offset": k,

@@ -311,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     torch.manual_seed(args.seed)
     model = GenerativeRanker(config)
-    colliding = model.learn_ids(torch.from_numpy(data.trained_ids()))
+    trained_ids = data.trained_ids()
+    colliding = model.learn_ids(torch.from_numpy(trained_ids))
     tensorize = data.tensorizer(config)
     losses = train_ranker(
         model,
@@ -339,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         "loss_first_100": float(np.mean(losses[:100])) if losses else None,
         "loss_last_100": float(np.mean(losses[-100:])) if losses else None,
         # Trained post ids whose hashed bucket another id owns: read by content alone.
-        "post_ids": {"trained": len(np.unique(data.trained_ids())), "colliding": colliding},
+        "post_ids": {"trained": len(np.unique(trained_ids)), "colliding": colliding},
         "tasks": task_report(data.test, scores, tasks),
         "config": json.loads((args.out / "ranker.json").read_text()),
     }

@@ -512,7 +512,7 @@ class MilvusEngagements:
         kept = 0
         if self.retention_s and len(columns[2]):
             self._newest = max(self._newest, int(columns[2].max()))
-            kept = retention_since(self.retention_s, min(clock_s(), self._newest))
+            kept = self.kept_since(self._newest)
             columns = [c[columns[2] >= kept] for c in columns]
         written = now_us()
         rows = [

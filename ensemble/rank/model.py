@@ -149,10 +149,10 @@ def hash_ids(ids: torch.Tensor, buckets: int) -> torch.Tensor:
     return torch.remainder(ids * 0x9E3779B1, buckets)
 
 
-def owns(id_owners: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def owns(id_owners: torch.Tensor, ids: torch.Tensor, buckets: torch.Tensor | None = None) -> torch.Tensor:
     """Whether each post id owns its bucket of `id_owners` (a ranker's buffer): whether the ranker
-    trained its id embedding."""
-    return id_owners[hash_ids(ids, id_owners.shape[0])] == ids
+    trained its id embedding. `buckets`: the ids' hashed buckets, where the caller has them."""
+    return id_owners[hash_ids(ids, id_owners.shape[0]) if buckets is None else buckets] == ids
 
 
 def load_id_owners(directory: Path) -> torch.Tensor:
@@ -471,8 +471,9 @@ class GenerativeRanker(nn.Module):
     def _post_ids(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each post's id embedding and whether the gate may mix it in (1.0/0.0): in training
         `id_dropout` drops some; with the learned stand-in every id has one."""
-        by_id = self.ids(hash_ids(ids, self.config.id_buckets))
-        known = self.trained(ids).unsqueeze(-1).to(by_id.dtype)
+        buckets = hash_ids(ids, self.config.id_buckets)  # once: the id lookup and the owner check share it
+        by_id = self.ids(buckets)
+        known = owns(self.id_owners, ids, buckets).unsqueeze(-1).to(by_id.dtype)
         # The id arm trains every id it has (its ablation reads a new post as nothing).
         if self.training and self.config.id_dropout > 0 and self.config.post_tokens != "id":
             known = known * (torch.rand(known.shape, device=known.device) >= self.config.id_dropout).to(known.dtype)
